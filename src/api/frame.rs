@@ -1,0 +1,129 @@
+//! Wire framing shared by every Aspen ALPN: a `u32` big-endian length, then that many bytes of
+//! postcard. Readers enforce a size limit *before* allocating, so a hostile length can cost the
+//! peer its stream but never this node's memory.
+
+use serde::{de::DeserializeOwned, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Upper bound for any frame on any ALPN (a Raft AppendEntries batch is capped well below it).
+pub const MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
+
+/// Why a frame could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
+    #[error("stream ended before a complete frame arrived")]
+    Truncated,
+    #[error("malformed frame: {0}")]
+    Decode(#[from] postcard::Error),
+    #[error("stream i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Serializes `value` into one frame (length prefix included).
+pub fn encode_frame<T: Serialize>(value: &T) -> Result<Vec<u8>, FrameError> {
+    let mut buf = postcard::to_extend(value, vec![0u8; 4])?;
+    let len = (buf.len() - 4) as u32;
+    buf[..4].copy_from_slice(&len.to_be_bytes());
+    Ok(buf)
+}
+
+/// Writes `value` as one frame.
+pub async fn write_frame<W, T>(w: &mut W, value: &T) -> Result<(), FrameError>
+where
+    W: AsyncWrite + Unpin,
+    T: Serialize,
+{
+    let buf = encode_frame(value)?;
+    w.write_all(&buf).await?;
+    Ok(())
+}
+
+/// Reads one frame's payload, refusing frames larger than `limit`.
+pub async fn read_frame_bytes<R>(r: &mut R, limit: usize) -> Result<Vec<u8>, FrameError>
+where
+    R: AsyncRead + Unpin,
+{
+    let mut len = [0u8; 4];
+    read_exact_or_truncated(r, &mut len).await?;
+    let size = u32::from_be_bytes(len) as usize;
+    if size > limit {
+        return Err(FrameError::TooLarge { size, limit });
+    }
+    let mut buf = vec![0u8; size];
+    read_exact_or_truncated(r, &mut buf).await?;
+    Ok(buf)
+}
+
+/// Reads and decodes one frame, refusing frames larger than `limit`.
+pub async fn read_frame<R, T>(r: &mut R, limit: usize) -> Result<T, FrameError>
+where
+    R: AsyncRead + Unpin,
+    T: DeserializeOwned,
+{
+    let buf = read_frame_bytes(r, limit).await?;
+    decode(&buf)
+}
+
+/// Decodes a complete payload; trailing bytes are an error (a frame holds exactly one value).
+pub fn decode<T: DeserializeOwned>(buf: &[u8]) -> Result<T, FrameError> {
+    let (value, rest) = postcard::take_from_bytes(buf)?;
+    if !rest.is_empty() {
+        return Err(FrameError::Decode(postcard::Error::DeserializeBadEncoding));
+    }
+    Ok(value)
+}
+
+async fn read_exact_or_truncated<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Result<(), FrameError> {
+    match r.read_exact(buf).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(FrameError::Truncated),
+        Err(e) => Err(FrameError::Io(e)),
+    }
+}
+
+/// Writes all bytes and flushes (used where a frame is followed by `finish`).
+pub async fn write_raw<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> Result<(), FrameError> {
+    w.write_all(bytes).await?;
+    w.flush().await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{ClientEnvelope, ClientRequest, ReadConsistency, CLIENT_PROTOCOL_VERSION};
+
+    #[tokio::test]
+    async fn round_trip_and_limits() {
+        let env = ClientEnvelope {
+            version: CLIENT_PROTOCOL_VERSION,
+            request: ClientRequest::Get {
+                key: b"k".to_vec(),
+                consistency: ReadConsistency::Stale,
+            },
+        };
+        let bytes = encode_frame(&env).unwrap();
+        let back: ClientEnvelope = read_frame(&mut bytes.as_slice(), 1024).await.unwrap();
+        assert_eq!(back, env);
+
+        let err = read_frame::<_, ClientEnvelope>(&mut bytes.as_slice(), 2)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, FrameError::TooLarge { .. }), "{err}");
+
+        let truncated = &bytes[..bytes.len() - 1];
+        let err = read_frame::<_, ClientEnvelope>(&mut &truncated[..], 1024)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, FrameError::Truncated), "{err}");
+
+        let mut garbage = 3u32.to_be_bytes().to_vec();
+        garbage.extend_from_slice(&[0xff, 0xff, 0xff]);
+        let err = read_frame::<_, ClientEnvelope>(&mut garbage.as_slice(), 1024)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, FrameError::Decode(_)), "{err}");
+    }
+}

@@ -1,0 +1,291 @@
+//! The shared vocabulary of Aspen, at the bottom of the dependency graph.
+//!
+//! This module owns the types that cross a boundary: key-value operations and their results,
+//! the client request/response enums and their wire framing, the typed client errors, ALPN
+//! names, the shard-aware Raft id codec and node tickets. Client, Raft, sharding and the
+//! protocol handlers all use it; it must never import any of them.
+
+pub mod frame;
+pub mod ticket;
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+pub use frame::{FrameError, MAX_FRAME_BYTES};
+pub use ticket::{NodeTicket, TicketError};
+
+/// ALPN of the client protocol (requests from `aspen-cli`, the Rust client and forwarding nodes).
+pub const CLIENT_ALPN: &[u8] = b"aspen-client";
+/// ALPN of the legacy, unprefixed Raft protocol (shard 0 only).
+pub const RAFT_ALPN: &[u8] = b"raft-rpc";
+/// ALPN of the sharded Raft protocol: every stream starts with a `u32` big-endian shard id.
+pub const RAFT_SHARDED_ALPN: &[u8] = b"raft-shard";
+
+/// Version of the client wire protocol, carried in every request envelope.
+pub const CLIENT_PROTOCOL_VERSION: u16 = 1;
+
+/// A node id as operators see it (`--node-id`). Must be `1 ..= 2^48 - 1`.
+pub type NodeId = u64;
+/// A shard number (`0 .. num_shards`).
+pub type ShardId = u32;
+/// A revision: the Raft log index of the entry that made a change.
+pub type Revision = u64;
+
+/// Largest node id that still leaves room for the shard in the upper 16 bits of a Raft id.
+pub const MAX_NODE_ID: NodeId = (1 << 48) - 1;
+
+/// Encodes the Raft id of `node_id` in `shard`: `(shard << 48) | node_id`. Shard 0's id equals the node id.
+pub fn shard_raft_id(shard: ShardId, node_id: NodeId) -> u64 {
+    ((shard as u64) << 48) | (node_id & MAX_NODE_ID)
+}
+
+/// Splits a shard-aware Raft id into `(shard, node_id)`.
+pub fn split_raft_id(raft_id: u64) -> (ShardId, NodeId) {
+    ((raft_id >> 48) as ShardId, raft_id & MAX_NODE_ID)
+}
+
+/// A random 16-byte id, printed as 32 hex digits (cluster ids, client session ids).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize)]
+pub struct Id128(pub [u8; 16]);
+
+impl Id128 {
+    /// A fresh random id.
+    pub fn random() -> Self {
+        Id128(rand::random())
+    }
+}
+
+impl fmt::Display for Id128 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Id128 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// A cluster id: made once when a cluster is initialized, carried by tickets and Raft messages.
+pub type ClusterId = Id128;
+
+/// One stored key with its revisions, as returned by get and scan.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyValue {
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    /// Revision of the write that created this key (since its last deletion).
+    pub create_revision: Revision,
+    /// Revision of the last write to this key.
+    pub mod_revision: Revision,
+    /// Number of writes since creation (1 after the first put).
+    pub version: u64,
+}
+
+/// One operation in an atomic batch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BatchOp {
+    Put { key: Vec<u8>, value: Vec<u8> },
+    Delete { key: Vec<u8> },
+}
+
+impl BatchOp {
+    pub fn key(&self) -> &[u8] {
+        match self {
+            BatchOp::Put { key, .. } | BatchOp::Delete { key } => key,
+        }
+    }
+}
+
+/// A state-changing command, as replicated through Raft.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WriteCommand {
+    Put {
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Delete {
+        key: Vec<u8>,
+    },
+    /// Set `key` to `new_value` only if its current value is `expected` (`None`: only if absent).
+    Cas {
+        key: Vec<u8>,
+        expected: Option<Vec<u8>>,
+        new_value: Vec<u8>,
+    },
+    /// Apply every operation atomically, in order.
+    Batch {
+        ops: Vec<BatchOp>,
+    },
+}
+
+impl WriteCommand {
+    /// Every key this command touches.
+    pub fn keys(&self) -> Vec<&[u8]> {
+        match self {
+            WriteCommand::Put { key, .. } | WriteCommand::Delete { key } | WriteCommand::Cas { key, .. } => {
+                vec![key.as_slice()]
+            }
+            WriteCommand::Batch { ops } => ops.iter().map(BatchOp::key).collect(),
+        }
+    }
+}
+
+/// A client's session for exactly-once writes: a random id and a sequence number that grows by
+/// one with every new write of that session. A session has at most one write in flight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteSession {
+    pub client_id: Id128,
+    pub seq: u64,
+}
+
+/// The outcome of a write, as stored for deduplication and returned to the client.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WriteOutcome {
+    Put {
+        revision: Revision,
+    },
+    Delete {
+        revision: Revision,
+        /// Whether the key existed.
+        deleted: bool,
+    },
+    Cas {
+        revision: Revision,
+        succeeded: bool,
+        /// On failure: the key's current value (`None` if absent).
+        current: Option<Vec<u8>>,
+    },
+    Batch {
+        revision: Revision,
+    },
+    /// The session's sequence number is older than the last one applied: the outcome of that
+    /// write is no longer known (the client moved on, or the session expired).
+    StaleSequence {
+        last_seq: u64,
+    },
+}
+
+/// Where a client wants its read served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum ReadConsistency {
+    /// Confirmed with a quorum (ReadIndex) on the shard leader. The default.
+    #[default]
+    Linearizable,
+    /// Served from the local state machine of whichever node answers; may be behind.
+    Stale,
+}
+
+/// A scan request: keys in `[start, end)` (or with `prefix`), at most `limit` of them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScanRequest {
+    /// Only keys starting with this prefix (empty: all keys).
+    pub prefix: Vec<u8>,
+    /// Inclusive lower bound (after the prefix is applied); `None`: from the start of the prefix.
+    pub start: Option<Vec<u8>>,
+    /// Exclusive upper bound; `None`: to the end of the prefix.
+    pub end: Option<Vec<u8>>,
+    pub limit: u32,
+    /// Continuation token from a previous page (the last key returned); scanning resumes after it.
+    pub continuation: Option<Vec<u8>>,
+    pub consistency: ReadConsistency,
+}
+
+/// One page of a scan.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScanPage {
+    pub entries: Vec<KeyValue>,
+    /// `Some(token)` when more keys may follow; pass it back as `continuation`.
+    pub continuation: Option<Vec<u8>>,
+}
+
+/// A shard as reported by `cluster status`. Ids are node ids (not shard-aware Raft ids).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardStatus {
+    pub shard: ShardId,
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
+    pub last_applied: u64,
+    pub last_log_index: u64,
+    /// This node's role in the shard: Leader, Follower, Candidate, Learner or Shutdown.
+    pub role: String,
+}
+
+/// What `cluster status` returns.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub node_id: NodeId,
+    pub cluster_id: ClusterId,
+    pub cluster_name: String,
+    pub shards: Vec<ShardStatus>,
+    /// Tickets of the members this node knows (for client failover).
+    pub members: Vec<String>,
+}
+
+/// A request on the client ALPN.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientRequest {
+    Get {
+        key: Vec<u8>,
+        consistency: ReadConsistency,
+    },
+    Write {
+        session: WriteSession,
+        command: WriteCommand,
+    },
+    Scan(ScanRequest),
+    ClusterStatus,
+    /// Initialize a one-node cluster on a node started with `--no-init`.
+    ClusterInit,
+}
+
+/// The envelope around every client request: protocol version plus the request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientEnvelope {
+    pub version: u16,
+    pub request: ClientRequest,
+}
+
+/// A successful answer on the client ALPN.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientResponse {
+    Get(Option<KeyValue>),
+    Write(WriteOutcome),
+    Scan(ScanPage),
+    ClusterStatus(ClusterStatus),
+    ClusterInit { initialized: bool },
+}
+
+/// The typed errors a client can receive. Every variant says what the caller can do next.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ApiError {
+    /// This node does not lead the shard; `leader` is the node it believes leads, when known.
+    #[error("not leader{}", match .leader { Some(l) => format!(" (leader is node {l})"), None => String::new() })]
+    NotLeader {
+        leader: Option<NodeId>,
+        leader_ticket: Option<String>,
+    },
+    /// No leader could be reached within the request timeout.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    #[error("timed out after {0} ms")]
+    Timeout(u64),
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    #[error("{what} too large: {size} bytes (limit {limit})")]
+    TooLarge { what: String, size: u64, limit: u64 },
+    #[error("unsupported protocol version {got} (this node speaks {supported})")]
+    UnsupportedVersion { got: u16, supported: u16 },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// The frame a server sends back for each client request.
+pub type ClientResult = Result<ClientResponse, ApiError>;

@@ -1,0 +1,330 @@
+//! `aspen-cli`: an etcdctl-like command line over [`aspen::AspenClient`].
+//!
+//! Exit codes: 0 ok, 1 not found or CAS mismatch, 2 usage or invalid request, 3 cluster error
+//! (unavailable, unreachable, timeout).
+
+use std::{io::Write, path::PathBuf, process::ExitCode, time::Duration};
+
+use aspen::{
+    api::{ApiError, KeyValue, NodeTicket, ReadConsistency},
+    client::{AspenClient, CasOutcome, ClientError},
+};
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+#[derive(Parser, Debug)]
+#[command(name = "aspen-cli", version, about = "Talk to an Aspen cluster")]
+struct Cli {
+    /// Ticket of a cluster member (repeat or comma-separate for several).
+    #[arg(long, global = true, env = "ASPEN_TICKET", value_delimiter = ',')]
+    ticket: Vec<String>,
+    /// Read the ticket from DIR/node.ticket when no --ticket is given.
+    #[arg(long, global = true, env = "ASPEN_DATA_DIR", default_value = "./aspen-data")]
+    data_dir: PathBuf,
+    /// Print results as JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Give up after this many seconds.
+    #[arg(long, global = true, default_value_t = 10.0)]
+    timeout: f64,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Set KEY to VALUE.
+    Put { key: String, value: String },
+    /// Print the value of KEY (linearizable unless --stale).
+    Get {
+        key: String,
+        /// Read this node's local state (may be behind the leader).
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Delete KEY.
+    Delete { key: String },
+    /// Set KEY to NEW only if its value is --expected OLD, or only if it is --absent.
+    Cas {
+        key: String,
+        new: String,
+        #[arg(long, conflicts_with = "absent", required_unless_present = "absent")]
+        expected: Option<String>,
+        #[arg(long)]
+        absent: bool,
+    },
+    /// List keys (and values) in key order.
+    Scan {
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// At most this many keys in total.
+        #[arg(long, default_value_t = u32::MAX as usize)]
+        limit: usize,
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Cluster administration.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCommand {
+    /// Leader, term, voters, learners and last applied index of every shard.
+    Status,
+    /// Make a node started with --no-init a one-node cluster.
+    Init,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if !(cli.timeout.is_finite() && cli.timeout > 0.0) {
+        eprintln!("aspen-cli: --timeout must be a positive number of seconds");
+        return ExitCode::from(2);
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let tickets = match resolve_tickets(&cli) {
+        Ok(t) => t,
+        Err(msg) => {
+            eprintln!("aspen-cli: {msg}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("aspen-cli: cannot start runtime: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    runtime.block_on(async move {
+        let client = match AspenClient::connect(tickets, Duration::from_secs_f64(cli.timeout)).await {
+            Ok(c) => c,
+            Err(e) => return fail(&e),
+        };
+        let code = match run(&client, &cli).await {
+            Ok(code) => code,
+            Err(e) => fail(&e),
+        };
+        client.close().await;
+        code
+    })
+}
+
+fn resolve_tickets(cli: &Cli) -> Result<Vec<NodeTicket>, String> {
+    let raw: Vec<String> = if cli.ticket.iter().any(|t| !t.trim().is_empty()) {
+        cli.ticket.iter().filter(|t| !t.trim().is_empty()).cloned().collect()
+    } else {
+        let path = cli.data_dir.join("node.ticket");
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            format!(
+                "no --ticket given and cannot read {}: {e} (is a node running there?)",
+                path.display()
+            )
+        })?;
+        text.split([',', '\n'])
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect()
+    };
+    raw.iter()
+        .map(|t| NodeTicket::decode(t).map_err(|e| format!("invalid ticket {t:?}: {e}")))
+        .collect()
+}
+
+fn fail(e: &ClientError) -> ExitCode {
+    eprintln!("aspen-cli: {e}");
+    let usage = matches!(
+        e,
+        ClientError::NoTickets
+            | ClientError::Api(
+                ApiError::InvalidRequest(_) | ApiError::TooLarge { .. } | ApiError::UnsupportedVersion { .. }
+            )
+    );
+    ExitCode::from(if usage { 2 } else { 3 })
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn kv_json(kv: &KeyValue) -> serde_json::Value {
+    json!({
+        "key": text(&kv.key),
+        "value": text(&kv.value),
+        "create_revision": kv.create_revision,
+        "mod_revision": kv.mod_revision,
+        "version": kv.version,
+    })
+}
+
+fn print_line(bytes: &[u8]) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(bytes);
+    let _ = out.write_all(b"\n");
+}
+
+async fn run(client: &AspenClient, cli: &Cli) -> Result<ExitCode, ClientError> {
+    let consistency = |stale: bool| {
+        if stale {
+            ReadConsistency::Stale
+        } else {
+            ReadConsistency::Linearizable
+        }
+    };
+    match &cli.command {
+        Command::Put { key, value } => {
+            let revision = client.put(key.as_bytes(), value.as_bytes()).await?;
+            if cli.json {
+                println!("{}", json!({ "revision": revision }));
+            } else {
+                println!("OK");
+            }
+        }
+        Command::Get { key, stale } => match client.get_with(key.as_bytes(), consistency(*stale)).await? {
+            Some(kv) if cli.json => println!("{}", kv_json(&kv)),
+            Some(kv) => print_line(&kv.value),
+            None => {
+                eprintln!("not found");
+                return Ok(ExitCode::from(1));
+            }
+        },
+        Command::Delete { key } => {
+            let deleted = client.delete(key.as_bytes()).await?;
+            if cli.json {
+                println!("{}", json!({ "deleted": deleted }));
+            } else {
+                println!("{}", u8::from(deleted));
+            }
+        }
+        Command::Cas {
+            key,
+            new,
+            expected,
+            absent,
+        } => {
+            let expected = if *absent {
+                None
+            } else {
+                expected.as_ref().map(|e| e.as_bytes().to_vec())
+            };
+            match client.cas(key.as_bytes(), expected, new.as_bytes()).await? {
+                CasOutcome::Swapped(revision) => {
+                    if cli.json {
+                        println!("{}", json!({ "succeeded": true, "revision": revision }));
+                    } else {
+                        println!("OK");
+                    }
+                }
+                CasOutcome::Mismatch(current) => {
+                    if cli.json {
+                        println!(
+                            "{}",
+                            json!({ "succeeded": false, "current": current.as_deref().map(text) })
+                        );
+                    }
+                    match current {
+                        Some(v) => eprintln!("{}", text(&v)),
+                        None => eprintln!("not found"),
+                    }
+                    return Ok(ExitCode::from(1));
+                }
+            }
+        }
+        Command::Scan { prefix, limit, stale } => {
+            let entries = client.scan(prefix.as_bytes(), *limit, consistency(*stale)).await?;
+            if cli.json {
+                println!("{}", serde_json::Value::Array(entries.iter().map(kv_json).collect()));
+            } else {
+                let mut out = std::io::stdout().lock();
+                for kv in entries {
+                    let _ = out.write_all(&kv.key);
+                    let _ = out.write_all(b"\t");
+                    let _ = out.write_all(&kv.value);
+                    let _ = out.write_all(b"\n");
+                }
+            }
+        }
+        Command::Cluster {
+            command: ClusterCommand::Status,
+        } => {
+            let status = client.cluster_status().await?;
+            if cli.json {
+                let shards: Vec<_> = status
+                    .shards
+                    .iter()
+                    .map(|s| {
+                        json!({
+                            "shard": s.shard,
+                            "leader": s.leader,
+                            "term": s.term,
+                            "voters": s.voters,
+                            "learners": s.learners,
+                            "last_applied": s.last_applied,
+                            "last_log_index": s.last_log_index,
+                            "role": s.role,
+                        })
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    json!({
+                        "node_id": status.node_id,
+                        "cluster_id": status.cluster_id.to_string(),
+                        "cluster_name": status.cluster_name,
+                        "shards": shards,
+                    })
+                );
+            } else {
+                println!(
+                    "cluster {} ({}), answered by node {}",
+                    status.cluster_name, status.cluster_id, status.node_id
+                );
+                println!(
+                    "{:>5}  {:>6}  {:>5}  {:<9}  {:<16}  {:<16}  {:>12}",
+                    "shard", "leader", "term", "role", "voters", "learners", "last_applied"
+                );
+                for s in &status.shards {
+                    let leader = s.leader.map(|l| l.to_string()).unwrap_or_else(|| "-".into());
+                    let ids = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+                    println!(
+                        "{:>5}  {:>6}  {:>5}  {:<9}  {:<16}  {:<16}  {:>12}",
+                        s.shard,
+                        leader,
+                        s.term,
+                        s.role,
+                        ids(&s.voters),
+                        ids(&s.learners),
+                        s.last_applied
+                    );
+                }
+            }
+        }
+        Command::Cluster {
+            command: ClusterCommand::Init,
+        } => {
+            let initialized = client.cluster_init().await?;
+            if cli.json {
+                println!("{}", json!({ "initialized": initialized }));
+            } else if initialized {
+                println!("initialized a new cluster");
+            } else {
+                println!("already initialized");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,414 @@
+//! [`AspenClient`]: the Rust client used by `aspen-cli`, tests and benchmarks.
+//!
+//! Owns: an ephemeral, offline-safe iroh endpoint; the list of member tickets it may talk to;
+//! one cached connection (re-dialled, or failed over to another member, when it breaks); and a
+//! pool of write sessions for exactly-once writes. A session has at most one write in flight, and
+//! every retry of that write — after a timeout, a broken connection or a failover — carries the
+//! same client id and sequence number, so the cluster applies it at most once.
+
+use std::{
+    net::SocketAddr,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use iroh::{address_lookup::MemoryLookup, endpoint::Connection, Endpoint};
+
+use crate::{
+    api::{
+        frame::{encode_frame, read_frame},
+        ApiError, BatchOp, ClientEnvelope, ClientRequest, ClientResponse, ClientResult, ClusterStatus, Id128, KeyValue,
+        NodeTicket, ReadConsistency, Revision, ScanPage, ScanRequest, WriteCommand, WriteOutcome, WriteSession,
+        CLIENT_ALPN, CLIENT_PROTOCOL_VERSION, MAX_FRAME_BYTES,
+    },
+    cluster::endpoint::bind_endpoint,
+};
+
+/// Errors a client call can end with.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The cluster answered with a typed error.
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    #[error("no node ticket given (use --ticket, ASPEN_TICKET or --data-dir)")]
+    NoTickets,
+    /// No member could be reached before the deadline.
+    #[error("could not reach any node: {0}")]
+    Unreachable(String),
+    #[error("request timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("cannot create client endpoint: {0}")]
+    Endpoint(String),
+}
+
+impl ClientError {
+    /// Whether the cluster (not the caller) is at fault: unavailable, unreachable, timed out.
+    pub fn is_cluster_error(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Unreachable(_)
+                | ClientError::Timeout(_)
+                | ClientError::Protocol(_)
+                | ClientError::Api(ApiError::Unavailable(_) | ApiError::Timeout(_) | ApiError::NotLeader { .. })
+                | ClientError::Api(ApiError::Internal(_))
+        )
+    }
+}
+
+/// The result of a compare-and-swap.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CasOutcome {
+    /// The swap happened at this revision.
+    Swapped(Revision),
+    /// The current value did not match; it is this (`None`: absent).
+    Mismatch(Option<Vec<u8>>),
+}
+
+/// Failures of one attempt, split by whether another attempt may help.
+enum Attempt {
+    Retry(String),
+    Done(Result<ClientResponse, ClientError>),
+}
+
+/// A client of an Aspen cluster.
+#[derive(Debug)]
+pub struct AspenClient {
+    endpoint: Endpoint,
+    lookup: MemoryLookup,
+    tickets: Mutex<Vec<NodeTicket>>,
+    /// Index into `tickets` and the connection to that member.
+    current: tokio::sync::Mutex<Option<(usize, Connection)>>,
+    next: Mutex<usize>,
+    sessions: Mutex<Vec<WriteSession>>,
+    timeout: Duration,
+}
+
+impl AspenClient {
+    /// A client that talks to the members named by `tickets` (at least one).
+    pub async fn connect(tickets: Vec<NodeTicket>, timeout: Duration) -> Result<Self, ClientError> {
+        if tickets.is_empty() {
+            return Err(ClientError::NoTickets);
+        }
+        let bind: SocketAddr = if tickets.iter().flat_map(|t| &t.addrs).all(|a| a.is_ipv6()) {
+            "[::]:0".parse().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)))
+        } else {
+            SocketAddr::from(([0, 0, 0, 0], 0))
+        };
+        let lookup = MemoryLookup::new();
+        for t in &tickets {
+            lookup.add_endpoint_info(t.endpoint_addr());
+        }
+        let endpoint = bind_endpoint(bind, None, lookup.clone())
+            .await
+            .map_err(|e| ClientError::Endpoint(e.to_string()))?;
+        Ok(AspenClient {
+            endpoint,
+            lookup,
+            tickets: Mutex::new(tickets),
+            current: tokio::sync::Mutex::new(None),
+            next: Mutex::new(0),
+            sessions: Mutex::new(Vec::new()),
+            timeout,
+        })
+    }
+
+    /// The tickets this client may fail over to.
+    pub fn tickets(&self) -> Vec<NodeTicket> {
+        self.tickets.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Adds members (e.g. learned from `cluster status`) to fail over to.
+    pub fn add_tickets(&self, more: impl IntoIterator<Item = NodeTicket>) {
+        let mut tickets = self.tickets.lock().unwrap_or_else(|p| p.into_inner());
+        for t in more {
+            if !tickets.iter().any(|x| x.endpoint_id == t.endpoint_id) {
+                self.lookup.add_endpoint_info(t.endpoint_addr());
+                tickets.push(t);
+            }
+        }
+    }
+
+    async fn connection(&self, deadline: Instant) -> Result<(usize, Connection), String> {
+        let mut current = self.current.lock().await;
+        if let Some((i, conn)) = current.as_ref() {
+            if conn.close_reason().is_none() {
+                return Ok((*i, conn.clone()));
+            }
+        }
+        *current = None;
+        let tickets = self.tickets();
+        let start = *self.next.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last_err = String::from("no tickets");
+        for k in 0..tickets.len() {
+            let i = (start + k) % tickets.len();
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let per_try = left.min(Duration::from_secs(3));
+            match tokio::time::timeout(per_try, self.endpoint.connect(tickets[i].endpoint_addr(), CLIENT_ALPN)).await {
+                Ok(Ok(conn)) => {
+                    *current = Some((i, conn.clone()));
+                    return Ok((i, conn));
+                }
+                Ok(Err(e)) => last_err = format!("node {}: {e}", tickets[i].node_id),
+                Err(_) => last_err = format!("node {}: connect timed out", tickets[i].node_id),
+            }
+        }
+        Err(last_err)
+    }
+
+    /// Moves to the next member after a failure of member `i`.
+    async fn fail_over(&self, i: usize) {
+        let mut current = self.current.lock().await;
+        if matches!(current.as_ref(), Some((j, _)) if *j == i) {
+            *current = None;
+        }
+        let n = self.tickets().len().max(1);
+        *self.next.lock().unwrap_or_else(|p| p.into_inner()) = (i + 1) % n;
+    }
+
+    async fn attempt(&self, frame: &[u8], deadline: Instant) -> Attempt {
+        let (i, conn) = match self.connection(deadline).await {
+            Ok(c) => c,
+            Err(e) => return Attempt::Retry(e),
+        };
+        let exchange = async {
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            send.write_all(frame).await.map_err(|e| e.to_string())?;
+            send.finish().map_err(|e| e.to_string())?;
+            read_frame::<_, ClientResult>(&mut recv, MAX_FRAME_BYTES)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, exchange).await {
+            Err(_) => Attempt::Done(Err(ClientError::Timeout(self.timeout))),
+            Ok(Err(e)) => {
+                self.fail_over(i).await;
+                Attempt::Retry(e)
+            }
+            Ok(Ok(Ok(resp))) => Attempt::Done(Ok(resp)),
+            Ok(Ok(Err(ApiError::NotLeader { leader, .. }))) => {
+                // Prefer the member the node named as leader, if we know it; else the next one.
+                let tickets = self.tickets();
+                match leader.and_then(|l| tickets.iter().position(|t| t.node_id == l)) {
+                    Some(pos) if pos != i => {
+                        self.fail_over(i).await;
+                        *self.next.lock().unwrap_or_else(|p| p.into_inner()) = pos;
+                        Attempt::Retry(format!("node {} is not the leader", tickets[i].node_id))
+                    }
+                    _ => Attempt::Done(Err(ApiError::NotLeader {
+                        leader,
+                        leader_ticket: None,
+                    }
+                    .into())),
+                }
+            }
+            Ok(Ok(Err(ApiError::Unavailable(msg)))) if self.tickets().len() > 1 => {
+                self.fail_over(i).await;
+                Attempt::Retry(msg)
+            }
+            Ok(Ok(Err(e))) => Attempt::Done(Err(e.into())),
+        }
+    }
+
+    /// Sends one request, retrying on other members until it gets an answer or the timeout
+    /// passes. Retries resend the identical frame (same write session and sequence number).
+    pub async fn request(&self, request: ClientRequest) -> Result<ClientResponse, ClientError> {
+        let frame = encode_frame(&ClientEnvelope {
+            version: CLIENT_PROTOCOL_VERSION,
+            request,
+        })
+        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let deadline = Instant::now() + self.timeout;
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            match self.attempt(&frame, deadline).await {
+                Attempt::Done(r) => return r,
+                Attempt::Retry(why) => {
+                    if Instant::now() + backoff >= deadline {
+                        return Err(ClientError::Unreachable(why));
+                    }
+                    tracing::debug!("retrying request: {why}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+            }
+        }
+    }
+
+    /// Runs one write with a session from the pool (exactly-once across retries).
+    pub async fn write(&self, command: WriteCommand) -> Result<WriteOutcome, ClientError> {
+        let mut session = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .unwrap_or(WriteSession {
+                client_id: Id128::random(),
+                seq: 0,
+            });
+        session.seq += 1;
+        let result = self.request(ClientRequest::Write { session, command }).await;
+        // Whatever happened, the next write of this session uses the next sequence number: a
+        // late arrival of this one is then either applied once or refused as stale.
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner()).push(session);
+        match result? {
+            ClientResponse::Write(WriteOutcome::StaleSequence { last_seq }) => Err(ClientError::Protocol(format!(
+                "write superseded (session at sequence {last_seq}); its outcome is unknown"
+            ))),
+            ClientResponse::Write(outcome) => Ok(outcome),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Linearizable read of one key.
+    pub async fn get(&self, key: impl Into<Vec<u8>>) -> Result<Option<KeyValue>, ClientError> {
+        self.get_with(key, ReadConsistency::Linearizable).await
+    }
+
+    /// Read of one key with the given consistency.
+    pub async fn get_with(
+        &self,
+        key: impl Into<Vec<u8>>,
+        consistency: ReadConsistency,
+    ) -> Result<Option<KeyValue>, ClientError> {
+        match self
+            .request(ClientRequest::Get {
+                key: key.into(),
+                consistency,
+            })
+            .await?
+        {
+            ClientResponse::Get(kv) => Ok(kv),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Sets `key` to `value`; returns the write's revision.
+    pub async fn put(&self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Result<Revision, ClientError> {
+        match self
+            .write(WriteCommand::Put {
+                key: key.into(),
+                value: value.into(),
+            })
+            .await?
+        {
+            WriteOutcome::Put { revision } => Ok(revision),
+            other => Err(ClientError::Protocol(format!("unexpected outcome {other:?}"))),
+        }
+    }
+
+    /// Deletes `key`; returns whether it existed.
+    pub async fn delete(&self, key: impl Into<Vec<u8>>) -> Result<bool, ClientError> {
+        match self.write(WriteCommand::Delete { key: key.into() }).await? {
+            WriteOutcome::Delete { deleted, .. } => Ok(deleted),
+            other => Err(ClientError::Protocol(format!("unexpected outcome {other:?}"))),
+        }
+    }
+
+    /// Sets `key` to `new_value` if its value is `expected` (`None`: if it is absent).
+    pub async fn cas(
+        &self,
+        key: impl Into<Vec<u8>>,
+        expected: Option<Vec<u8>>,
+        new_value: impl Into<Vec<u8>>,
+    ) -> Result<CasOutcome, ClientError> {
+        match self
+            .write(WriteCommand::Cas {
+                key: key.into(),
+                expected,
+                new_value: new_value.into(),
+            })
+            .await?
+        {
+            WriteOutcome::Cas {
+                succeeded: true,
+                revision,
+                ..
+            } => Ok(CasOutcome::Swapped(revision)),
+            WriteOutcome::Cas {
+                succeeded: false,
+                current,
+                ..
+            } => Ok(CasOutcome::Mismatch(current)),
+            other => Err(ClientError::Protocol(format!("unexpected outcome {other:?}"))),
+        }
+    }
+
+    /// Applies puts and deletes atomically; returns the batch's revision.
+    pub async fn batch(&self, ops: Vec<BatchOp>) -> Result<Revision, ClientError> {
+        match self.write(WriteCommand::Batch { ops }).await? {
+            WriteOutcome::Batch { revision } => Ok(revision),
+            other => Err(ClientError::Protocol(format!("unexpected outcome {other:?}"))),
+        }
+    }
+
+    /// One page of a scan.
+    pub async fn scan_page(&self, req: ScanRequest) -> Result<ScanPage, ClientError> {
+        match self.request(ClientRequest::Scan(req)).await? {
+            ClientResponse::Scan(page) => Ok(page),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// All keys with `prefix` (following pages), at most `limit` of them, in key order.
+    pub async fn scan(
+        &self,
+        prefix: impl Into<Vec<u8>>,
+        limit: usize,
+        consistency: ReadConsistency,
+    ) -> Result<Vec<KeyValue>, ClientError> {
+        let prefix = prefix.into();
+        let mut out = Vec::new();
+        let mut continuation = None;
+        while out.len() < limit {
+            let want = (limit - out.len()).min(u32::MAX as usize) as u32;
+            let page = self
+                .scan_page(ScanRequest {
+                    prefix: prefix.clone(),
+                    start: None,
+                    end: None,
+                    limit: want,
+                    continuation: continuation.take(),
+                    consistency,
+                })
+                .await?;
+            out.extend(page.entries);
+            match page.continuation {
+                Some(c) => continuation = Some(c),
+                None => break,
+            }
+        }
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    /// The cluster as the answering node sees it.
+    pub async fn cluster_status(&self) -> Result<ClusterStatus, ClientError> {
+        match self.request(ClientRequest::ClusterStatus).await? {
+            ClientResponse::ClusterStatus(s) => Ok(s),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Makes a node started with `--no-init` a one-node cluster. Returns whether it did.
+    pub async fn cluster_init(&self) -> Result<bool, ClientError> {
+        match self.request(ClientRequest::ClusterInit).await? {
+            ClientResponse::ClusterInit { initialized } => Ok(initialized),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Closes the client's endpoint.
+    pub async fn close(self) {
+        self.endpoint.close().await;
+    }
+}
+
+fn unexpected(resp: ClientResponse) -> ClientError {
+    ClientError::Protocol(format!("unexpected response {resp:?}"))
+}

@@ -1,0 +1,235 @@
+//! Bringing a node up and down.
+//!
+//! [`bootstrap_base_node`] builds what every shard shares: the data dir, the node key and iroh
+//! endpoint, the metadata store (checked against the config), the peer address book, the
+//! connection pool and Raft network factory, and the shutdown token. [`bootstrap_node`] adds
+//! shard 0 (`shard-0/raft-log.db`, `shard-0/state-machine.db`), the client and Raft protocol
+//! handlers, and — for a fresh data dir without `--no-init` — initializes a one-node cluster.
+
+use std::{sync::Arc, time::Duration};
+
+use iroh::{address_lookup::MemoryLookup, protocol::Router, Endpoint, SecretKey};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    api::{shard_raft_id, ClusterId, NodeTicket, CLIENT_ALPN, RAFT_ALPN},
+    cluster::{
+        endpoint::{bind_endpoint, listening_addrs, load_or_create_key, EndpointError},
+        metadata::{ClusterIdentity, MetadataStore},
+        service::NodeService,
+    },
+    config::NodeConfig,
+    protocol::{ClientProtocolHandler, RaftProtocolHandler, ShardRegistry},
+    raft::{
+        network::{ConnectionPool, SharedClusterId},
+        node::RaftNodeError,
+        IrohNetworkFactory, MemberNode, PeerBook, RaftNode, StorageError,
+    },
+};
+
+/// Why a node could not start. Each message says what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum BootstrapError {
+    #[error("data dir {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+    #[error("metadata store: {0}")]
+    Metadata(StorageError),
+    #[error(
+        "data dir {path} belongs to node {recorded}, but this node was started as node {configured}; \
+         use --node-id {recorded} or another --data-dir"
+    )]
+    NodeIdMismatch {
+        path: std::path::PathBuf,
+        recorded: u64,
+        configured: u64,
+    },
+    #[error(
+        "data dir {path} belongs to cluster {recorded:?}, but --cluster-name is {configured:?}; \
+         use --cluster-name {recorded} or another --data-dir"
+    )]
+    ClusterNameMismatch {
+        path: std::path::PathBuf,
+        recorded: String,
+        configured: String,
+    },
+    #[error(transparent)]
+    Shard(#[from] RaftNodeError),
+    #[error("cluster init: {0}")]
+    Init(crate::api::ApiError),
+}
+
+/// What every shard of a node shares.
+#[derive(Debug)]
+pub struct BaseNodeResources {
+    pub config: NodeConfig,
+    pub metadata_store: Arc<MetadataStore>,
+    /// The recorded identity at start-up (`None`: fresh node that has not initialized or joined).
+    pub identity: Option<ClusterIdentity>,
+    pub secret_key: SecretKey,
+    pub endpoint: Endpoint,
+    pub peers: PeerBook,
+    pub pool: ConnectionPool,
+    pub cluster_id: SharedClusterId,
+    /// Raft network factory for shard 0 on the legacy `raft-rpc` ALPN.
+    pub network_factory: IrohNetworkFactory,
+    pub shutdown_token: CancellationToken,
+}
+
+impl BaseNodeResources {
+    /// This node as a Raft member: endpoint id plus the addresses it listens on.
+    pub fn member(&self) -> MemberNode {
+        MemberNode {
+            endpoint_id: *self.endpoint.id().as_bytes(),
+            addrs: listening_addrs(&self.endpoint, self.config.bind_addr),
+        }
+    }
+
+    /// This node's ticket.
+    pub fn ticket(&self) -> NodeTicket {
+        NodeTicket {
+            cluster_id: *self.cluster_id.read().unwrap_or_else(|p| p.into_inner()),
+            node_id: self.config.node_id,
+            endpoint_id: self.endpoint.id(),
+            addrs: listening_addrs(&self.endpoint, self.config.bind_addr),
+        }
+    }
+}
+
+/// Creates the data dir, identity, endpoint, metadata store and Raft network of a node.
+pub async fn bootstrap_base_node(config: NodeConfig) -> Result<BaseNodeResources, BootstrapError> {
+    let dir = config.data_dir.clone();
+    std::fs::create_dir_all(&dir).map_err(|source| BootstrapError::DataDir {
+        path: dir.clone(),
+        source,
+    })?;
+    let secret_key = load_or_create_key(&dir)?;
+    let metadata_store = Arc::new(MetadataStore::open(&dir.join("metadata.db")).map_err(BootstrapError::Metadata)?);
+    let identity = metadata_store.identity().map_err(BootstrapError::Metadata)?;
+    if let Some(id) = &identity {
+        if id.node_id != config.node_id {
+            return Err(BootstrapError::NodeIdMismatch {
+                path: dir,
+                recorded: id.node_id,
+                configured: config.node_id,
+            });
+        }
+        if id.cluster_name != config.cluster_name {
+            return Err(BootstrapError::ClusterNameMismatch {
+                path: dir,
+                recorded: id.cluster_name.clone(),
+                configured: config.cluster_name.clone(),
+            });
+        }
+    }
+    let lookup = MemoryLookup::new();
+    let endpoint = bind_endpoint(config.bind_addr, Some(secret_key.clone()), lookup.clone()).await?;
+    let peers = PeerBook::new(lookup);
+    let connect_timeout = Duration::from_millis(config.raft.election_timeout_min_ms.max(1000));
+    let pool = ConnectionPool::new(endpoint.clone(), peers.clone(), connect_timeout);
+    let cluster_id: SharedClusterId = Arc::new(std::sync::RwLock::new(
+        identity.as_ref().map(|i| i.cluster_id).unwrap_or_default(),
+    ));
+    let network_factory = IrohNetworkFactory::new(pool.clone(), cluster_id.clone(), None);
+    Ok(BaseNodeResources {
+        config,
+        metadata_store,
+        identity,
+        secret_key,
+        endpoint,
+        peers,
+        pool,
+        cluster_id,
+        network_factory,
+        shutdown_token: CancellationToken::new(),
+    })
+}
+
+/// A running (non-sharded) node.
+#[derive(Debug)]
+pub struct NodeHandle {
+    pub base: BaseNodeResources,
+    pub shard0: RaftNode,
+    pub service: Arc<NodeService>,
+    router: Router,
+}
+
+impl NodeHandle {
+    /// This node's current ticket.
+    pub fn ticket(&self) -> NodeTicket {
+        self.service.ticket()
+    }
+
+    /// The cluster id this node belongs to (all zeros before init or join).
+    pub fn cluster_id(&self) -> ClusterId {
+        *self.base.cluster_id.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Graceful shutdown: stop accepting requests, let in-flight ones finish, close the endpoint,
+    /// stop Raft and close the databases.
+    pub async fn shutdown(self) {
+        self.base.shutdown_token.cancel();
+        if let Err(e) = self.router.shutdown().await {
+            tracing::warn!("router shutdown: {e}");
+        }
+        self.base.endpoint.close().await;
+        self.shard0.shutdown().await;
+    }
+}
+
+/// Starts a non-sharded node: shard 0 only, served on `aspen-client` and `raft-rpc`.
+pub async fn bootstrap_node(config: NodeConfig) -> Result<NodeHandle, BootstrapError> {
+    let base = bootstrap_base_node(config).await?;
+    let config = &base.config;
+    let shard_dir = config.data_dir.join("shard-0");
+    let shard0 = RaftNode::open(
+        0,
+        shard_raft_id(0, config.node_id),
+        &shard_dir,
+        &config.cluster_name,
+        &config.raft,
+        base.network_factory.clone(),
+        config.limits.request_timeout(),
+    )
+    .await?;
+
+    let service = Arc::new(NodeService::new(
+        config,
+        shard0.clone(),
+        base.metadata_store.clone(),
+        base.cluster_id.clone(),
+        base.member(),
+        base.ticket(),
+    ));
+    let registry = ShardRegistry::default();
+    registry.insert(0, shard0.raft().clone());
+    let client_handler = ClientProtocolHandler::new(
+        service.clone(),
+        config.max_client_frame(),
+        config.limits.request_timeout(),
+    );
+    let raft_handler = RaftProtocolHandler::new(registry, base.cluster_id.clone(), false);
+    let router = Router::builder(base.endpoint.clone())
+        .accept(CLIENT_ALPN, client_handler)
+        .accept(RAFT_ALPN, raft_handler)
+        .spawn();
+
+    if base.identity.is_none() && !config.no_init && config.join.is_empty() {
+        service.init_cluster().await.map_err(BootstrapError::Init)?;
+    }
+    service.write_ticket_file().map_err(|source| BootstrapError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    tracing::info!(node_id = config.node_id, ticket = %service.ticket(), "node is serving");
+    Ok(NodeHandle {
+        base,
+        shard0,
+        service,
+        router,
+    })
+}

@@ -1,0 +1,151 @@
+//! Raft RPC handlers: `raft-rpc` (legacy, unprefixed, always shard 0) and `raft-shard` (every
+//! stream starts with the shard id as `u32` big-endian, then the same frames).
+//!
+//! A request from another cluster, for a shard not hosted here, or that does not decode, is
+//! answered with a [`RaftRefusal`] on that stream; the connection stays up for other streams.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+};
+
+use iroh::{
+    endpoint::{Connection, RecvStream, SendStream},
+    protocol::{AcceptError, ProtocolHandler},
+};
+use tokio::io::AsyncReadExt;
+
+use crate::{
+    api::{
+        frame::{decode, encode_frame, read_frame_bytes},
+        ClusterId, ShardId, MAX_FRAME_BYTES,
+    },
+    raft::{
+        network::SharedClusterId,
+        rpc::{RaftEnvelope, RaftRefusal, RaftRequest, RaftResponse},
+        Raft,
+    },
+};
+
+/// The shards this node hosts, by shard id, for routing incoming Raft streams.
+#[derive(Clone, Default)]
+pub struct ShardRegistry {
+    shards: Arc<RwLock<HashMap<ShardId, Raft>>>,
+}
+
+impl std::fmt::Debug for ShardRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shards: Vec<ShardId> = self
+            .shards
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .copied()
+            .collect();
+        f.debug_struct("ShardRegistry").field("shards", &shards).finish()
+    }
+}
+
+impl ShardRegistry {
+    pub fn insert(&self, shard: ShardId, raft: Raft) {
+        self.shards
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(shard, raft);
+    }
+
+    pub fn get(&self, shard: ShardId) -> Option<Raft> {
+        self.shards
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&shard)
+            .cloned()
+    }
+}
+
+/// Serves `raft-rpc` (`prefixed == false`) or `raft-shard` (`prefixed == true`).
+#[derive(Clone, Debug)]
+pub struct RaftProtocolHandler {
+    registry: ShardRegistry,
+    cluster_id: SharedClusterId,
+    prefixed: bool,
+}
+
+impl RaftProtocolHandler {
+    pub fn new(registry: ShardRegistry, cluster_id: SharedClusterId, prefixed: bool) -> Self {
+        RaftProtocolHandler {
+            registry,
+            cluster_id,
+            prefixed,
+        }
+    }
+}
+
+impl ProtocolHandler for RaftProtocolHandler {
+    async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
+        let remote = conn.remote_id().fmt_short().to_string();
+        loop {
+            let (send, recv) = match conn.accept_bi().await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(%remote, "raft connection ended: {e}");
+                    return Ok(());
+                }
+            };
+            let this = self.clone();
+            tokio::spawn(async move { this.serve_stream(send, recv).await });
+        }
+    }
+}
+
+impl RaftProtocolHandler {
+    async fn serve_stream(&self, mut send: SendStream, mut recv: RecvStream) {
+        let response = self.answer(&mut recv).await;
+        if let RaftResponse::Refused(r) = &response {
+            tracing::warn!("refused raft request: {r}");
+        }
+        let bytes = match encode_frame(&response) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!("cannot encode raft response: {e}");
+                return;
+            }
+        };
+        if send.write_all(&bytes).await.is_ok() {
+            let _ = send.finish();
+        }
+    }
+
+    async fn answer(&self, recv: &mut RecvStream) -> RaftResponse {
+        let shard = if self.prefixed {
+            match recv.read_u32().await {
+                Ok(s) => s,
+                Err(e) => return RaftResponse::Refused(RaftRefusal::Malformed(format!("shard prefix: {e}"))),
+            }
+        } else {
+            0
+        };
+        let env: RaftEnvelope = match read_frame_bytes(recv, MAX_FRAME_BYTES).await.and_then(|b| decode(&b)) {
+            Ok(env) => env,
+            Err(e) => return RaftResponse::Refused(RaftRefusal::Malformed(e.to_string())),
+        };
+        let expected = *self.cluster_id.read().unwrap_or_else(|p| p.into_inner());
+        if expected == ClusterId::default() {
+            return RaftResponse::Refused(RaftRefusal::NotReady);
+        }
+        if env.cluster_id != expected {
+            return RaftResponse::Refused(RaftRefusal::WrongCluster {
+                expected,
+                got: env.cluster_id,
+            });
+        }
+        let Some(raft) = self.registry.get(shard) else {
+            return RaftResponse::Refused(RaftRefusal::UnknownShard(shard));
+        };
+        match env.request {
+            RaftRequest::AppendEntries(r) => RaftResponse::AppendEntries(raft.append_entries(r).await),
+            RaftRequest::Vote(r) => RaftResponse::Vote(raft.vote(r).await),
+            RaftRequest::InstallSnapshot(r) => RaftResponse::InstallSnapshot(raft.install_snapshot(r).await),
+        }
+    }
+}

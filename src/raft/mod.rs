@@ -1,0 +1,157 @@
+//! One shard's Raft group: the openraft type configuration, the redb log store, the redb state
+//! machine, the Raft RPC messages and the iroh network factory that carries them, and
+//! [`RaftNode`], the handle the rest of the node uses to read and write one shard.
+//!
+//! This module knows nothing about protocol handlers, sharding or bootstrap; they call into it.
+
+pub mod log_store;
+pub mod network;
+pub mod node;
+pub mod rpc;
+pub mod state_machine;
+
+use std::{fmt, io::Cursor, net::SocketAddr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::api::{WriteCommand, WriteOutcome, WriteSession};
+
+pub use log_store::RedbLogStore;
+pub use network::{IrohNetworkFactory, PeerBook};
+pub use node::RaftNode;
+pub use state_machine::RedbStateMachine;
+
+/// What a Raft log entry carries: one client write plus the leader's clock at proposal time (used
+/// to expire idle client sessions deterministically on every replica).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteRequest {
+    pub session: WriteSession,
+    pub command: WriteCommand,
+    pub timestamp_ms: u64,
+}
+
+impl fmt::Display for WriteRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "write(client={}, seq={})", self.session.client_id, self.session.seq)
+    }
+}
+
+/// The state machine's answer for one applied entry: the write's outcome, or `None` for the
+/// entries Raft makes itself (blank and membership entries).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplyResult(pub Option<WriteOutcome>);
+
+/// A member as recorded in Raft membership: how to reach it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberNode {
+    /// iroh endpoint id (32 bytes of ed25519 public key).
+    pub endpoint_id: [u8; 32],
+    /// Direct socket addresses.
+    pub addrs: Vec<SocketAddr>,
+}
+
+impl fmt::Display for MemberNode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match iroh::EndpointId::from_bytes(&self.endpoint_id) {
+            Ok(id) => write!(f, "{}@{:?}", id.fmt_short(), self.addrs),
+            Err(_) => write!(f, "<invalid endpoint>@{:?}", self.addrs),
+        }
+    }
+}
+
+impl MemberNode {
+    pub fn endpoint_addr(&self) -> Option<iroh::EndpointAddr> {
+        let id = iroh::EndpointId::from_bytes(&self.endpoint_id).ok()?;
+        Some(iroh::EndpointAddr::from_parts(
+            id,
+            self.addrs.iter().copied().map(iroh::TransportAddr::Ip),
+        ))
+    }
+}
+
+openraft::declare_raft_types!(
+    /// openraft type configuration of every Aspen shard.
+    pub TypeConfig:
+        D = WriteRequest,
+        R = ApplyResult,
+        NodeId = u64,
+        Node = MemberNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;
+pub type Entry = openraft::Entry<TypeConfig>;
+pub type LogId = openraft::LogId<u64>;
+pub type Vote = openraft::Vote<u64>;
+pub type StoredMembership = openraft::StoredMembership<u64, MemberNode>;
+pub type SnapshotMeta = openraft::SnapshotMeta<u64, MemberNode>;
+pub type OpenraftStorageError = openraft::StorageError<u64>;
+
+/// Errors of the storage layer (redb and encoding), before they are handed to openraft.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("redb: {0}")]
+    Redb(#[from] redb::Error),
+    #[error("encoding: {0}")]
+    Codec(#[from] postcard::Error),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("storage task failed: {0}")]
+    Task(String),
+    #[error("corrupt data: {0}")]
+    Corrupt(String),
+}
+
+macro_rules! redb_from {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StorageError {
+            fn from(e: $t) -> Self {
+                StorageError::Redb(e.into())
+            }
+        }
+    )*};
+}
+redb_from!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    redb::SetDurabilityError
+);
+
+impl From<tokio::task::JoinError> for StorageError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        StorageError::Task(e.to_string())
+    }
+}
+
+/// Converts a storage error into openraft's, naming what was being done.
+pub(crate) fn to_raft_err(
+    subject: openraft::ErrorSubject<u64>,
+    verb: openraft::ErrorVerb,
+    e: impl fmt::Display,
+) -> OpenraftStorageError {
+    openraft::StorageIOError::new(subject, verb, openraft::AnyError::error(e.to_string())).into()
+}
+
+/// Opens (or creates) a redb database with the settings every Aspen database uses.
+pub(crate) fn open_db(path: &std::path::Path) -> Result<redb::Database, StorageError> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    Ok(redb::Database::builder().create(path)?)
+}
+
+/// Starts a write transaction with quick repair on and the given durability.
+pub(crate) fn begin_write(
+    db: &redb::Database,
+    durability: redb::Durability,
+) -> Result<redb::WriteTransaction, StorageError> {
+    let mut txn = db.begin_write()?;
+    txn.set_durability(durability)?;
+    txn.set_quick_repair(true);
+    Ok(txn)
+}

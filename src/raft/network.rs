@@ -1,0 +1,279 @@
+//! The Raft network over iroh: one pooled QUIC connection per peer endpoint, one bi-stream per
+//! RPC, shared by every shard of the node.
+//!
+//! Owns: the connection pool, the peer address book (iroh `MemoryLookup`), and the mapping of
+//! openraft's `RaftNetwork` calls onto frames. Never: talk to anything but the endpoint ids
+//! and direct addresses it was given (no relays, no DNS; see `cluster::endpoint`).
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use iroh::{address_lookup::MemoryLookup, endpoint::Connection, Endpoint, EndpointAddr, EndpointId};
+use openraft::{
+    error::{InstallSnapshotError, NetworkError as RaftNetworkError, RPCError, RaftError, RemoteError, Unreachable},
+    network::RPCOption,
+    raft::{
+        AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+        VoteResponse,
+    },
+    RaftNetwork, RaftNetworkFactory,
+};
+
+use super::{
+    rpc::{RaftEnvelope, RaftRefusal, RaftRequest, RaftResponse},
+    MemberNode, TypeConfig,
+};
+use crate::api::{
+    frame::{encode_frame, read_frame},
+    ClusterId, ShardId, MAX_FRAME_BYTES, RAFT_ALPN, RAFT_SHARDED_ALPN,
+};
+
+/// Errors of the Raft transport.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    #[error("peer has no valid endpoint address")]
+    NoAddress,
+    #[error("connect to {peer}: {message}")]
+    Connect { peer: String, message: String },
+    #[error("stream: {0}")]
+    Stream(String),
+    #[error("frame: {0}")]
+    Frame(#[from] crate::api::FrameError),
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("peer refused: {0}")]
+    Refused(#[from] RaftRefusal),
+    #[error("unexpected response kind")]
+    UnexpectedResponse,
+}
+
+/// Where peers can be reached: feeds iroh's `MemoryLookup` so endpoints can be dialled by id.
+#[derive(Clone, Debug, Default)]
+pub struct PeerBook {
+    lookup: MemoryLookup,
+}
+
+impl PeerBook {
+    pub fn new(lookup: MemoryLookup) -> Self {
+        PeerBook { lookup }
+    }
+
+    pub fn lookup(&self) -> &MemoryLookup {
+        &self.lookup
+    }
+
+    /// Records (or refreshes) a peer's addresses.
+    pub fn add(&self, addr: EndpointAddr) {
+        if !addr.is_empty() {
+            self.lookup.add_endpoint_info(addr);
+        }
+    }
+}
+
+/// One slot per (peer, ALPN); the async mutex makes concurrent callers share one dial.
+type Slot = Arc<tokio::sync::Mutex<Option<Connection>>>;
+
+/// Pooled QUIC connections of this node to its peers.
+#[derive(Debug, Clone)]
+pub struct ConnectionPool {
+    endpoint: Endpoint,
+    peers: PeerBook,
+    slots: Arc<std::sync::Mutex<HashMap<(EndpointId, &'static [u8]), Slot>>>,
+    connect_timeout: Duration,
+}
+
+impl ConnectionPool {
+    pub fn new(endpoint: Endpoint, peers: PeerBook, connect_timeout: Duration) -> Self {
+        ConnectionPool {
+            endpoint,
+            peers,
+            slots: Default::default(),
+            connect_timeout,
+        }
+    }
+
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    pub fn peers(&self) -> &PeerBook {
+        &self.peers
+    }
+
+    /// A live connection to `addr` on `alpn`, dialling if there is none.
+    pub async fn get(&self, addr: &EndpointAddr, alpn: &'static [u8]) -> Result<Connection, NetworkError> {
+        let slot = {
+            let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+            slots.entry((addr.id, alpn)).or_default().clone()
+        };
+        let mut guard = slot.lock().await;
+        if let Some(conn) = guard.as_ref() {
+            if conn.close_reason().is_none() {
+                return Ok(conn.clone());
+            }
+        }
+        self.peers.add(addr.clone());
+        let peer = addr.id.fmt_short().to_string();
+        let conn = tokio::time::timeout(self.connect_timeout, self.endpoint.connect(addr.clone(), alpn))
+            .await
+            .map_err(|_| NetworkError::Connect {
+                peer: peer.clone(),
+                message: "timed out".into(),
+            })?
+            .map_err(|e| NetworkError::Connect {
+                peer,
+                message: e.to_string(),
+            })?;
+        *guard = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Forgets a connection that failed, so the next call dials again.
+    pub fn invalidate(&self, id: EndpointId, alpn: &'static [u8]) {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.remove(&(id, alpn));
+    }
+}
+
+/// The cluster id this node stamps on its Raft messages (set at init or join).
+pub type SharedClusterId = Arc<RwLock<ClusterId>>;
+
+/// openraft's network factory for one shard.
+#[derive(Clone, Debug)]
+pub struct IrohNetworkFactory {
+    pool: ConnectionPool,
+    cluster_id: SharedClusterId,
+    /// `None`: legacy `raft-rpc` ALPN (shard 0, no prefix). `Some(n)`: `raft-shard` with prefix n.
+    shard: Option<ShardId>,
+}
+
+impl IrohNetworkFactory {
+    pub fn new(pool: ConnectionPool, cluster_id: SharedClusterId, shard: Option<ShardId>) -> Self {
+        IrohNetworkFactory {
+            pool,
+            cluster_id,
+            shard,
+        }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for IrohNetworkFactory {
+    type Network = IrohNetwork;
+
+    async fn new_client(&mut self, target: u64, node: &MemberNode) -> IrohNetwork {
+        IrohNetwork {
+            target,
+            addr: node.endpoint_addr(),
+            factory: self.clone(),
+        }
+    }
+}
+
+/// openraft's client to one peer of one shard.
+pub struct IrohNetwork {
+    target: u64,
+    addr: Option<EndpointAddr>,
+    factory: IrohNetworkFactory,
+}
+
+impl IrohNetwork {
+    async fn call(&self, request: RaftRequest, ttl: Duration) -> Result<RaftResponse, NetworkError> {
+        let addr = self.addr.as_ref().ok_or(NetworkError::NoAddress)?;
+        let alpn: &'static [u8] = if self.factory.shard.is_some() {
+            RAFT_SHARDED_ALPN
+        } else {
+            RAFT_ALPN
+        };
+        let cluster_id = *self.factory.cluster_id.read().unwrap_or_else(|p| p.into_inner());
+        let mut frame = Vec::new();
+        if let Some(shard) = self.factory.shard {
+            frame.extend_from_slice(&shard.to_be_bytes());
+        }
+        frame.extend_from_slice(&encode_frame(&RaftEnvelope { cluster_id, request })?);
+        let pool = &self.factory.pool;
+        let exchange = async {
+            let conn = pool.get(addr, alpn).await?;
+            let result = async {
+                let (mut send, mut recv) = conn.open_bi().await.map_err(|e| NetworkError::Stream(e.to_string()))?;
+                send.write_all(&frame)
+                    .await
+                    .map_err(|e| NetworkError::Stream(e.to_string()))?;
+                send.finish().map_err(|e| NetworkError::Stream(e.to_string()))?;
+                let resp: RaftResponse = read_frame(&mut recv, MAX_FRAME_BYTES).await?;
+                Ok::<_, NetworkError>(resp)
+            }
+            .await;
+            if result.is_err() && conn.close_reason().is_some() {
+                pool.invalidate(addr.id, alpn);
+            }
+            result
+        };
+        let resp = tokio::time::timeout(ttl, exchange)
+            .await
+            .map_err(|_| NetworkError::Timeout(ttl))??;
+        if let RaftResponse::Refused(r) = resp {
+            tracing::warn!(target = self.target, "raft request refused by peer: {r}");
+            return Err(NetworkError::Refused(r));
+        }
+        Ok(resp)
+    }
+}
+
+fn rpc_err<E: std::error::Error>(e: NetworkError) -> RPCError<u64, MemberNode, E> {
+    match e {
+        NetworkError::Connect { .. } | NetworkError::NoAddress | NetworkError::Refused(_) => {
+            RPCError::Unreachable(Unreachable::new(&e))
+        }
+        other => RPCError::Network(RaftNetworkError::new(&other)),
+    }
+}
+
+impl RaftNetwork<TypeConfig> for IrohNetwork {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, MemberNode, RaftError<u64>>> {
+        match self
+            .call(RaftRequest::AppendEntries(rpc), option.hard_ttl())
+            .await
+            .map_err(rpc_err)?
+        {
+            RaftResponse::AppendEntries(r) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
+            _ => Err(rpc_err(NetworkError::UnexpectedResponse)),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<u64>, RPCError<u64, MemberNode, RaftError<u64, InstallSnapshotError>>> {
+        match self
+            .call(RaftRequest::InstallSnapshot(rpc), option.hard_ttl())
+            .await
+            .map_err(rpc_err)?
+        {
+            RaftResponse::InstallSnapshot(r) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
+            _ => Err(rpc_err(NetworkError::UnexpectedResponse)),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<u64>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<u64>, RPCError<u64, MemberNode, RaftError<u64>>> {
+        match self
+            .call(RaftRequest::Vote(rpc), option.hard_ttl())
+            .await
+            .map_err(rpc_err)?
+        {
+            RaftResponse::Vote(r) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
+            _ => Err(rpc_err(NetworkError::UnexpectedResponse)),
+        }
+    }
+}

@@ -1,0 +1,391 @@
+//! [`RaftNode`]: one shard on this node — its openraft instance, its storage and the read path.
+//!
+//! Owns: opening the shard's redb files, the openraft `Config` of the shard, turning client
+//! writes into log entries, serving reads (linearizable through `ensure_linearizable`, or stale
+//! from local state), and mapping openraft errors onto [`ApiError`]. It never forwards requests
+//! to other nodes: callers above it do that with the leader hint in [`ApiError::NotLeader`].
+
+use std::{
+    collections::BTreeMap,
+    ops::Bound,
+    path::Path,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use openraft::{
+    error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError},
+    Config, ServerState, SnapshotPolicy,
+};
+
+use super::{
+    state_machine::StateReader, ApplyResult, IrohNetworkFactory, MemberNode, Raft, RedbLogStore, RedbStateMachine,
+    StorageError, WriteRequest,
+};
+use crate::{
+    api::{
+        split_raft_id, ApiError, KeyValue, NodeId, ReadConsistency, ScanPage, ScanRequest, ShardId, ShardStatus,
+        WriteCommand, WriteOutcome, WriteSession,
+    },
+    config::RaftConfig,
+};
+
+/// Why a shard could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum RaftNodeError {
+    #[error("storage of shard {shard}: {source}")]
+    Storage { shard: ShardId, source: StorageError },
+    #[error("raft config of shard {shard}: {message}")]
+    Config { shard: ShardId, message: String },
+    #[error("raft of shard {shard} failed to start: {message}")]
+    Start { shard: ShardId, message: String },
+}
+
+/// One shard's Raft group member on this node.
+#[derive(Clone)]
+pub struct RaftNode {
+    shard: ShardId,
+    raft_id: u64,
+    raft: Raft,
+    reader: StateReader,
+    request_timeout: Duration,
+}
+
+impl std::fmt::Debug for RaftNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftNode")
+            .field("shard", &self.shard)
+            .field("raft_id", &self.raft_id)
+            .finish()
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Builds the openraft config of one shard from the node's Raft settings.
+pub fn openraft_config(cluster_name: &str, shard: ShardId, cfg: &RaftConfig) -> Result<Config, String> {
+    let config = Config {
+        cluster_name: format!("{cluster_name}-shard-{shard}"),
+        heartbeat_interval: cfg.heartbeat_interval_ms,
+        election_timeout_min: cfg.election_timeout_min_ms,
+        election_timeout_max: cfg.election_timeout_max_ms,
+        install_snapshot_timeout: cfg.election_timeout_max_ms.max(2_000) * 2,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_threshold),
+        max_in_snapshot_log_to_keep: cfg.max_in_snapshot_log_to_keep,
+        max_payload_entries: cfg.max_append_entries,
+        // Chunks stay well under the frame limit; 1 MiB chunks keep one slow stream short.
+        snapshot_max_chunk_size: 1024 * 1024,
+        ..Default::default()
+    };
+    config.validate().map_err(|e| e.to_string())
+}
+
+impl RaftNode {
+    /// Opens the shard stored in `dir` (`raft-log.db`, `state-machine.db`) and starts its Raft.
+    pub async fn open(
+        shard: ShardId,
+        raft_id: u64,
+        dir: &Path,
+        cluster_name: &str,
+        raft_cfg: &RaftConfig,
+        network: IrohNetworkFactory,
+        request_timeout: Duration,
+    ) -> Result<Self, RaftNodeError> {
+        let config = openraft_config(cluster_name, shard, raft_cfg)
+            .map_err(|message| RaftNodeError::Config { shard, message })?;
+        let log = RedbLogStore::open(&dir.join("raft-log.db"), raft_cfg.max_append_bytes)
+            .map_err(|source| RaftNodeError::Storage { shard, source })?;
+        let sm = RedbStateMachine::open(&dir.join("state-machine.db"))
+            .map_err(|source| RaftNodeError::Storage { shard, source })?;
+        let reader = sm.reader();
+        let raft = Raft::new(raft_id, Arc::new(config), network, log, sm)
+            .await
+            .map_err(|e| RaftNodeError::Start {
+                shard,
+                message: e.to_string(),
+            })?;
+        Ok(RaftNode {
+            shard,
+            raft_id,
+            raft,
+            reader,
+            request_timeout,
+        })
+    }
+
+    pub fn shard(&self) -> ShardId {
+        self.shard
+    }
+
+    pub fn raft_id(&self) -> u64 {
+        self.raft_id
+    }
+
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    pub fn reader(&self) -> &StateReader {
+        &self.reader
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
+    /// Initializes a new group with the given members (Raft ids → addresses). Returns `false`
+    /// if the group was initialized before (a restart), `true` if this call initialized it.
+    pub async fn initialize(&self, members: BTreeMap<u64, MemberNode>) -> Result<bool, ApiError> {
+        if self
+            .raft
+            .is_initialized()
+            .await
+            .map_err(|e| ApiError::Unavailable(e.to_string()))?
+        {
+            return Ok(false);
+        }
+        match self.raft.initialize(members).await {
+            Ok(()) => Ok(true),
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(false),
+            Err(e) => Err(ApiError::Internal(format!("initialize shard {}: {e}", self.shard))),
+        }
+    }
+
+    /// The node id (not Raft id) that leads this shard, as this node knows it.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.raft
+            .metrics()
+            .borrow()
+            .current_leader
+            .map(|id| split_raft_id(id).1)
+    }
+
+    /// Waits until some leader is known or the deadline passes.
+    async fn wait_for_leader(&self, deadline: Instant) -> bool {
+        let mut rx = self.raft.metrics();
+        loop {
+            if rx.borrow_and_update().current_leader.is_some() {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            match tokio::time::timeout(left, rx.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return false,
+            }
+        }
+    }
+
+    /// Runs `op` until it succeeds, fails with something other than "no leader yet", or the
+    /// request timeout passes. `op` returns `Ok(None)` for "no leader known yet".
+    async fn with_leader<T, F, Fut>(&self, mut op: F) -> Result<T, ApiError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<Option<T>, ApiError>>,
+    {
+        let deadline = Instant::now() + self.request_timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, op()).await {
+                Err(_) => return Err(ApiError::Timeout(self.request_timeout.as_millis() as u64)),
+                Ok(Err(e)) => return Err(e),
+                Ok(Ok(Some(v))) => return Ok(v),
+                Ok(Ok(None)) => {
+                    if !self.wait_for_leader(deadline).await {
+                        return Err(ApiError::Unavailable(format!(
+                            "shard {} has no leader after {} ms",
+                            self.shard,
+                            self.request_timeout.as_millis()
+                        )));
+                    }
+                    // A leader may be known but this node's view still settling; do not spin.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    }
+
+    /// Proposes a write and waits for its outcome (applied on this node, committed on a quorum).
+    pub async fn write(&self, session: WriteSession, command: WriteCommand) -> Result<WriteOutcome, ApiError> {
+        self.with_leader(|| {
+            let req = WriteRequest {
+                session,
+                command: command.clone(),
+                timestamp_ms: now_ms(),
+            };
+            async move {
+                match self.raft.client_write(req).await {
+                    Ok(resp) => match resp.data {
+                        ApplyResult(Some(outcome)) => Ok(Some(outcome)),
+                        ApplyResult(None) => Err(ApiError::Internal("write produced no outcome".into())),
+                    },
+                    Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => match f.leader_id {
+                        Some(id) => Err(ApiError::NotLeader {
+                            leader: Some(split_raft_id(id).1),
+                            leader_ticket: None,
+                        }),
+                        None => Ok(None),
+                    },
+                    Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                        Err(ApiError::InvalidRequest(e.to_string()))
+                    }
+                    Err(RaftError::Fatal(f)) => Err(ApiError::Unavailable(format!("shard {}: {f}", self.shard))),
+                }
+            }
+        })
+        .await
+    }
+
+    /// Confirms leadership with a quorum and waits until the state machine caught up with it.
+    pub async fn ensure_linearizable(&self) -> Result<(), ApiError> {
+        self.with_leader(|| async {
+            match self.raft.ensure_linearizable().await {
+                Ok(_) => Ok(Some(())),
+                Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => match f.leader_id {
+                    Some(id) => Err(ApiError::NotLeader {
+                        leader: Some(split_raft_id(id).1),
+                        leader_ticket: None,
+                    }),
+                    None => Ok(None),
+                },
+                Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => {
+                    Err(ApiError::Unavailable(format!("shard {}: {e}", self.shard)))
+                }
+                Err(RaftError::Fatal(f)) => Err(ApiError::Unavailable(format!("shard {}: {f}", self.shard))),
+            }
+        })
+        .await
+    }
+
+    /// Reads one key.
+    pub async fn get(&self, key: &[u8], consistency: ReadConsistency) -> Result<Option<KeyValue>, ApiError> {
+        if consistency == ReadConsistency::Linearizable {
+            self.ensure_linearizable().await?;
+        }
+        self.reader
+            .get(key)
+            .map_err(|e| ApiError::Internal(format!("read shard {}: {e}", self.shard)))
+    }
+
+    /// Reads one page of a scan; `page_limit` caps the page size.
+    pub async fn scan(&self, req: &ScanRequest, page_limit: usize) -> Result<ScanPage, ApiError> {
+        if req.consistency == ReadConsistency::Linearizable {
+            self.ensure_linearizable().await?;
+        }
+        scan_local(&self.reader, req, page_limit)
+            .map_err(|e| ApiError::Internal(format!("scan shard {}: {e}", self.shard)))
+    }
+
+    /// This shard as seen from this node.
+    pub fn status(&self) -> ShardStatus {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let role = match m.state {
+            ServerState::Leader => "Leader",
+            ServerState::Follower => "Follower",
+            ServerState::Candidate => "Candidate",
+            ServerState::Learner => "Learner",
+            ServerState::Shutdown => "Shutdown",
+        };
+        ShardStatus {
+            shard: self.shard,
+            leader: m.current_leader.map(|id| split_raft_id(id).1),
+            term: m.current_term,
+            voters: membership.voter_ids().map(|id| split_raft_id(id).1).collect(),
+            learners: membership.learner_ids().map(|id| split_raft_id(id).1).collect(),
+            last_applied: m.last_applied.map(|l| l.index).unwrap_or(0),
+            last_log_index: m.last_log_index.unwrap_or(0),
+            role: role.to_string(),
+        }
+    }
+
+    /// Stops this shard's Raft (storage is closed when the last handle drops).
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(shard = self.shard, "raft shutdown: {e}");
+        }
+    }
+}
+
+/// The smallest key greater than every key with `prefix`, or `None` if there is none.
+pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+/// The key bounds a scan request covers, taking prefix, start, end and continuation together.
+pub fn scan_bounds(req: &ScanRequest) -> (Bound<Vec<u8>>, Bound<Vec<u8>>) {
+    let mut lower: Bound<Vec<u8>> = Bound::Included(req.prefix.clone());
+    if let Some(start) = &req.start {
+        if start.as_slice() > req.prefix.as_slice() {
+            lower = Bound::Included(start.clone());
+        }
+    }
+    if let Some(cont) = &req.continuation {
+        let after = match &lower {
+            Bound::Included(l) => cont >= l,
+            _ => true,
+        };
+        if after {
+            lower = Bound::Excluded(cont.clone());
+        }
+    }
+    let mut upper = match prefix_end(&req.prefix) {
+        Some(e) if !req.prefix.is_empty() => Bound::Excluded(e),
+        _ => Bound::Unbounded,
+    };
+    if let Some(end) = &req.end {
+        let tighter = match &upper {
+            Bound::Excluded(u) => end < u,
+            _ => true,
+        };
+        if tighter {
+            upper = Bound::Excluded(end.clone());
+        }
+    }
+    (lower, upper)
+}
+
+/// One scan page from local state: at most `min(req.limit, page_limit)` keys, plus a
+/// continuation token when more keys may follow.
+pub fn scan_local(reader: &StateReader, req: &ScanRequest, page_limit: usize) -> Result<ScanPage, StorageError> {
+    let limit = (req.limit as usize).min(page_limit).max(1);
+    let (lower, upper) = scan_bounds(req);
+    if let (Bound::Excluded(l) | Bound::Included(l), Bound::Excluded(u)) = (&lower, &upper) {
+        if l >= u {
+            return Ok(ScanPage {
+                entries: Vec::new(),
+                continuation: None,
+            });
+        }
+    }
+    let mut entries = reader.range(bound_ref(&lower), bound_ref(&upper), limit + 1)?;
+    let continuation = if entries.len() > limit {
+        entries.truncate(limit);
+        entries.last().map(|kv| kv.key.clone())
+    } else {
+        None
+    };
+    Ok(ScanPage { entries, continuation })
+}
+
+fn bound_ref(b: &Bound<Vec<u8>>) -> Bound<&[u8]> {
+    match b {
+        Bound::Included(v) => Bound::Included(v.as_slice()),
+        Bound::Excluded(v) => Bound::Excluded(v.as_slice()),
+        Bound::Unbounded => Bound::Unbounded,
+    }
+}
