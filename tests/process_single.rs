@@ -1,0 +1,272 @@
+//! Process tests of a single node: the real `aspen-node` and `aspen-cli` binaries, every CLI
+//! command and exit code, graceful shutdown, and `kill -9` during writes.
+
+mod support;
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use aspen::{api::ReadConsistency, AspenClient};
+use support::{expect_code, stderr, stdout, NodeProc};
+
+#[test]
+fn cli_commands_and_exit_codes() {
+    let root = tempfile::tempdir().unwrap();
+    let config = root.path().join("node.toml");
+    std::fs::write(&config, "[limits]\nmax_scan_page = 3\nmax_value_bytes = 2048\n").unwrap();
+    let mut node = NodeProc::new(root.path(), 1);
+    node.extra_args = vec!["--config".into(), config.display().to_string()];
+    node.start();
+
+    let o = node.cli(&["put", "greeting", "hello"]);
+    expect_code(&o, 0, "put");
+    assert_eq!(stdout(&o).trim(), "OK");
+
+    let o = node.cli(&["get", "greeting"]);
+    expect_code(&o, 0, "get");
+    assert_eq!(stdout(&o), "hello\n");
+
+    let o = node.cli(&["get", "greeting", "--stale"]);
+    expect_code(&o, 0, "get --stale");
+    assert_eq!(stdout(&o), "hello\n");
+
+    let o = node.cli(&["--json", "get", "greeting"]);
+    expect_code(&o, 0, "get --json");
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(v["value"], "hello");
+    assert_eq!(v["version"], 1);
+
+    let o = node.cli(&["get", "missing"]);
+    expect_code(&o, 1, "get missing");
+    assert_eq!(stdout(&o), "");
+    assert!(stderr(&o).contains("not found"), "{}", stderr(&o));
+
+    // CAS: match, mismatch (current value on stderr), absent.
+    let o = node.cli(&["cas", "greeting", "hi", "--expected", "hello"]);
+    expect_code(&o, 0, "cas match");
+    let o = node.cli(&["cas", "greeting", "yo", "--expected", "hello"]);
+    expect_code(&o, 1, "cas mismatch");
+    assert!(stderr(&o).contains("hi"), "current value on stderr: {}", stderr(&o));
+    assert_eq!(stdout(&node.cli(&["get", "greeting"])), "hi\n");
+    let o = node.cli(&["cas", "fresh", "v1", "--absent"]);
+    expect_code(&o, 0, "cas absent on missing key");
+    let o = node.cli(&["cas", "fresh", "v2", "--absent"]);
+    expect_code(&o, 1, "cas absent on present key");
+    assert!(stderr(&o).contains("v1"), "{}", stderr(&o));
+
+    // delete
+    let o = node.cli(&["delete", "fresh"]);
+    expect_code(&o, 0, "delete");
+    assert_eq!(stdout(&o).trim(), "1");
+    expect_code(&node.cli(&["get", "fresh"]), 1, "get after delete");
+    let o = node.cli(&["delete", "fresh"]);
+    expect_code(&o, 0, "delete of a missing key");
+    assert_eq!(stdout(&o).trim(), "0");
+
+    // scan: several pages (page size 3 on the node), sorted, limited.
+    for i in (0..10).rev() {
+        expect_code(
+            &node.cli(&["put", &format!("scan/{i:02}"), &format!("v{i}")]),
+            0,
+            "put scan key",
+        );
+    }
+    let o = node.cli(&["scan", "--prefix", "scan/"]);
+    expect_code(&o, 0, "scan");
+    let lines: Vec<String> = stdout(&o).lines().map(String::from).collect();
+    let want: Vec<String> = (0..10).map(|i| format!("scan/{i:02}\tv{i}")).collect();
+    assert_eq!(lines, want);
+    let o = node.cli(&["scan", "--prefix", "scan/", "--limit", "7"]);
+    expect_code(&o, 0, "scan --limit");
+    assert_eq!(stdout(&o).lines().count(), 7);
+    assert_eq!(stdout(&o).lines().last(), Some("scan/06\tv6"));
+    let o = node.cli(&["scan"]);
+    assert_eq!(stdout(&o).lines().count(), 11, "all keys: {}", stdout(&o));
+
+    // cluster status --json
+    let o = node.cli(&["--json", "cluster", "status"]);
+    expect_code(&o, 0, "cluster status");
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(v["node_id"], 1);
+    let shard = &v["shards"][0];
+    assert_eq!(shard["shard"], 0);
+    assert_eq!(shard["leader"], 1);
+    assert_eq!(shard["voters"], serde_json::json!([1]));
+    assert_eq!(shard["learners"], serde_json::json!([]));
+    assert!(shard["last_applied"].as_u64().unwrap() >= 15);
+    expect_code(&node.cli(&["cluster", "status"]), 0, "cluster status (table)");
+
+    // Usage errors: exit 2.
+    expect_code(&node.cli(&["put", "only-key"]), 2, "put without value");
+    expect_code(&node.cli(&["cas", "k", "v"]), 2, "cas without --expected/--absent");
+    expect_code(&node.cli(&["frobnicate"]), 2, "unknown command");
+    let o = node.cli(&["--ticket", "not-a-ticket", "get", "x"]);
+    expect_code(&o, 2, "invalid ticket");
+    // Too large a value: typed error, exit 2; the node keeps serving.
+    let big = "x".repeat(4096);
+    let o = node.cli(&["put", "big", &big]);
+    expect_code(&o, 2, "oversized value");
+    assert!(stderr(&o).contains("too large"), "{}", stderr(&o));
+    expect_code(&node.cli(&["get", "greeting"]), 0, "still serving");
+
+    // cluster init on an initialized node is a no-op.
+    let o = node.cli(&["cluster", "init"]);
+    expect_code(&o, 0, "cluster init");
+    assert!(stdout(&o).contains("already"), "{}", stdout(&o));
+
+    // Node down: cluster error, exit 3.
+    let status = node.terminate();
+    assert!(status.success(), "SIGTERM exit status {status}");
+    let o = support::cli_with_timeout(&node, 2, &["get", "greeting"]);
+    expect_code(&o, 3, "get from a stopped node");
+}
+
+#[test]
+fn no_init_node_waits_for_cluster_init() {
+    let root = tempfile::tempdir().unwrap();
+    let mut node = NodeProc::new(root.path(), 7);
+    node.extra_args = vec!["--no-init".into(), "--request-timeout-ms".into(), "1500".into()];
+    node.start();
+    let o = support::cli_with_timeout(&node, 5, &["put", "k", "v"]);
+    expect_code(&o, 3, "write before init");
+    assert!(
+        stderr(&o).contains("unavailable") || stderr(&o).contains("leader"),
+        "{}",
+        stderr(&o)
+    );
+    let o = node.cli(&["cluster", "init"]);
+    expect_code(&o, 0, "cluster init");
+    assert!(stdout(&o).contains("initialized a new cluster"), "{}", stdout(&o));
+    expect_code(&node.cli(&["put", "k", "v"]), 0, "write after init");
+    assert_eq!(stdout(&node.cli(&["get", "k"])), "v\n");
+    // The ticket now carries the new cluster id, and restarts keep it.
+    let before = node.ticket().cluster_id;
+    assert_ne!(before, aspen::api::ClusterId::default());
+    assert!(node.terminate().success());
+    node.start();
+    assert_eq!(node.ticket().cluster_id, before);
+    assert_eq!(stdout(&node.cli(&["get", "k"])), "v\n");
+}
+
+#[test]
+fn config_errors_exit_2_with_one_line() {
+    let root = tempfile::tempdir().unwrap();
+    let node = NodeProc::new(root.path(), 1);
+    let bad_toml = root.path().join("bad.toml");
+    std::fs::write(&bad_toml, "node_id = \"one\"\n").unwrap();
+    let cases: Vec<Vec<String>> = vec![
+        vec!["--node-id".into(), "0".into()],
+        vec!["--node-id".into(), "281474976710656".into()],
+        vec!["--election-timeout-min-ms".into(), "10".into()],
+        vec!["--config".into(), bad_toml.display().to_string()],
+        vec![
+            "--config".into(),
+            root.path().join("missing.toml").display().to_string(),
+        ],
+        vec!["--bind-addr".into(), "not-an-addr".into()],
+    ];
+    for args in cases {
+        let out = std::process::Command::new(support::NODE_BIN)
+            .arg("--data-dir")
+            .arg(&node.data_dir)
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(!err.trim().is_empty(), "{args:?}: no message");
+    }
+    // ASPEN_* variables are read, and flags beat them.
+    let out = std::process::Command::new(support::NODE_BIN)
+        .env("ASPEN_NODE_ID", "0")
+        .arg("--data-dir")
+        .arg(&node.data_dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "ASPEN_NODE_ID=0: {}", stderr(&out));
+    assert!(stderr(&out).contains("node_id"), "{}", stderr(&out));
+    assert_eq!(stderr(&out).trim().lines().count(), 1, "one line: {}", stderr(&out));
+}
+
+#[test]
+fn restart_with_another_node_id_is_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let mut node = NodeProc::new(root.path(), 3);
+    node.start();
+    expect_code(&node.cli(&["put", "a", "1"]), 0, "put");
+    assert!(node.terminate().success());
+    let out = std::process::Command::new(support::NODE_BIN)
+        .args(["--node-id", "4", "--bind-addr", &node.bind.to_string()])
+        .arg("--data-dir")
+        .arg(&node.data_dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("belongs to node 3"), "{}", stderr(&out));
+    node.start();
+    assert_eq!(stdout(&node.cli(&["get", "a"])), "1\n");
+}
+
+/// `kill -9` at random moments of a stream of acknowledged writes, ten times: after each
+/// restart every acknowledged write is present with its value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_writes_loses_no_acknowledged_write() {
+    let root = tempfile::tempdir().unwrap();
+    let mut node = NodeProc::new(root.path(), 1);
+    let acked: Arc<Mutex<BTreeMap<String, String>>> = Default::default();
+    for round in 0..10 {
+        node.start();
+        let client = AspenClient::connect(vec![node.ticket()], Duration::from_secs(3))
+            .await
+            .unwrap();
+        // Everything acknowledged in earlier rounds survived the crash.
+        let stored: BTreeMap<String, String> = client
+            .scan("k/", usize::MAX, ReadConsistency::Linearizable)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|kv| (String::from_utf8(kv.key).unwrap(), String::from_utf8(kv.value).unwrap()))
+            .collect();
+        for (k, v) in acked.lock().unwrap().iter() {
+            assert_eq!(stored.get(k), Some(v), "round {round}: acknowledged write {k} lost");
+        }
+        let writer = {
+            let acked = acked.clone();
+            tokio::spawn(async move {
+                for i in 0.. {
+                    let key = format!("k/{round:02}/{i:06}");
+                    let value = format!("v{round}-{i}");
+                    match client.put(key.clone(), value.clone()).await {
+                        Ok(_) => {
+                            acked.lock().unwrap().insert(key, value);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                client.close().await;
+            })
+        };
+        let delay = 150 + rand::random::<u64>() % 1200;
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        node.kill();
+        writer.await.unwrap();
+    }
+    node.start();
+    let client = AspenClient::connect(vec![node.ticket()], Duration::from_secs(10))
+        .await
+        .unwrap();
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() > 10, "the writer made progress ({} writes)", acked.len());
+    for (k, v) in &acked {
+        let got = client
+            .get(k.clone())
+            .await
+            .unwrap()
+            .map(|kv| String::from_utf8(kv.value).unwrap());
+        assert_eq!(got.as_ref(), Some(v), "acknowledged write {k} lost");
+    }
+    client.close().await;
+}

@@ -1,0 +1,177 @@
+//! Test harness: spawn real `aspen-node` processes on loopback with their own data dirs, run
+//! `aspen-cli` against them, and stop them gracefully or with `kill -9`.
+#![allow(dead_code)]
+
+use std::{
+    net::{SocketAddr, UdpSocket},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use aspen::api::NodeTicket;
+
+pub const NODE_BIN: &str = env!("CARGO_BIN_EXE_aspen-node");
+pub const CLI_BIN: &str = env!("CARGO_BIN_EXE_aspen-cli");
+
+/// A free UDP port on 127.0.0.1 (bound and released; good enough for serial tests).
+pub fn free_port() -> u16 {
+    let sock = UdpSocket::bind("127.0.0.1:0").expect("bind probe socket");
+    sock.local_addr().expect("probe addr").port()
+}
+
+/// One `aspen-node` process and its data dir.
+pub struct NodeProc {
+    pub node_id: u64,
+    pub data_dir: PathBuf,
+    pub bind: SocketAddr,
+    pub extra_args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl NodeProc {
+    /// A node with a fresh data dir under `root` (not started yet).
+    pub fn new(root: &Path, node_id: u64) -> Self {
+        NodeProc {
+            node_id,
+            data_dir: root.join(format!("node-{node_id}")),
+            bind: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            extra_args: Vec::new(),
+            child: None,
+        }
+    }
+
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(NODE_BIN);
+        cmd.arg("--node-id")
+            .arg(self.node_id.to_string())
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--bind-addr")
+            .arg(self.bind.to_string())
+            .args(["--heartbeat-interval-ms", "200", "--election-timeout-min-ms", "1500"])
+            .args(["--election-timeout-max-ms", "3000"])
+            .args(&self.extra_args)
+            .env_remove("ASPEN_TICKET")
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        cmd
+    }
+
+    /// Starts the node and waits until its ticket file names its current address.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "node {} already running", self.node_id);
+        let _ = std::fs::remove_file(self.data_dir.join("node.ticket"));
+        self.child = Some(self.command().spawn().expect("spawn aspen-node"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Some(t) = self.read_ticket() {
+                if t.addrs.contains(&self.bind) {
+                    return;
+                }
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("aspen-node {} exited during start-up: {status}", self.node_id);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("aspen-node {} wrote no ticket within 30 s", self.node_id);
+    }
+
+    pub fn read_ticket(&self) -> Option<NodeTicket> {
+        let text = std::fs::read_to_string(self.data_dir.join("node.ticket")).ok()?;
+        NodeTicket::decode(text.trim()).ok()
+    }
+
+    pub fn ticket(&self) -> NodeTicket {
+        self.read_ticket().expect("node has a ticket")
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Sends SIGTERM and returns the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("node running");
+        let pid = c.id().to_string();
+        let ok = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill -TERM failed");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = c.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                panic!("aspen-node {} did not exit within 30 s of SIGTERM", self.node_id);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs `aspen-cli --data-dir <this node> ARGS`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(CLI_BIN)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(["--timeout", "20"])
+            .args(args)
+            .env_remove("ASPEN_TICKET")
+            .env_remove("ASPEN_DATA_DIR")
+            .output()
+            .expect("run aspen-cli")
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts the exit code, printing stdout/stderr on mismatch.
+pub fn expect_code(o: &Output, code: i32, what: &str) {
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "{what}: stdout={:?} stderr={:?}",
+        stdout(o),
+        stderr(o)
+    );
+}
+
+/// Runs `aspen-cli` with a custom `--timeout` (seconds).
+pub fn cli_with_timeout(node: &NodeProc, secs: u32, args: &[&str]) -> Output {
+    Command::new(CLI_BIN)
+        .arg("--data-dir")
+        .arg(&node.data_dir)
+        .args(["--timeout", &secs.to_string()])
+        .args(args)
+        .env_remove("ASPEN_TICKET")
+        .env_remove("ASPEN_DATA_DIR")
+        .output()
+        .expect("run aspen-cli")
+}
