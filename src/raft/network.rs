@@ -75,13 +75,14 @@ impl PeerBook {
 
 /// One slot per (peer, ALPN); the async mutex makes concurrent callers share one dial.
 type Slot = Arc<tokio::sync::Mutex<Option<Connection>>>;
+type SlotMap = HashMap<(EndpointId, &'static [u8]), Slot>;
 
 /// Pooled QUIC connections of this node to its peers.
 #[derive(Debug, Clone)]
 pub struct ConnectionPool {
     endpoint: Endpoint,
     peers: PeerBook,
-    slots: Arc<std::sync::Mutex<HashMap<(EndpointId, &'static [u8]), Slot>>>,
+    slots: Arc<std::sync::Mutex<SlotMap>>,
     connect_timeout: Duration,
 }
 
