@@ -27,10 +27,7 @@ pub enum ConfigError {
 }
 
 fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        field,
-        message: message.into(),
-    }
+    ConfigError::Invalid { field, message: message.into() }
 }
 
 /// Raft timing and log-compaction settings (per shard).
@@ -230,12 +227,7 @@ impl NodeConfig {
         set(&mut cfg.cluster_name, args.cluster_name.clone());
         cfg.no_init |= args.no_init;
         if !args.join.is_empty() {
-            cfg.join = args
-                .join
-                .iter()
-                .map(|s| s.trim().to_string())
-                .filter(|s| !s.is_empty())
-                .collect();
+            cfg.join = args.join.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
         }
         set(&mut cfg.raft.heartbeat_interval_ms, args.heartbeat_interval_ms);
         set(&mut cfg.raft.election_timeout_min_ms, args.election_timeout_min_ms);
@@ -269,10 +261,7 @@ impl NodeConfig {
             set(&mut self.raft.election_timeout_min_ms, r.election_timeout_min_ms);
             set(&mut self.raft.election_timeout_max_ms, r.election_timeout_max_ms);
             set(&mut self.raft.snapshot_threshold, r.snapshot_threshold);
-            set(
-                &mut self.raft.max_in_snapshot_log_to_keep,
-                r.max_in_snapshot_log_to_keep,
-            );
+            set(&mut self.raft.max_in_snapshot_log_to_keep, r.max_in_snapshot_log_to_keep);
             set(&mut self.raft.max_append_entries, r.max_append_entries);
             set(&mut self.raft.max_append_bytes, r.max_append_bytes);
         }
@@ -288,20 +277,14 @@ impl NodeConfig {
     /// Checks every value; the error names the field and what is wrong with it.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.node_id == 0 || self.node_id > MAX_NODE_ID {
-            return Err(invalid(
-                "node_id",
-                format!("{} is out of range 1..=2^48-1", self.node_id),
-            ));
+            return Err(invalid("node_id", format!("{} is out of range 1..=2^48-1", self.node_id)));
         }
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "must not be empty"));
         }
         let name_ok = !self.cluster_name.is_empty()
             && self.cluster_name.len() <= 64
-            && self
-                .cluster_name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+            && self.cluster_name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
         if !name_ok {
             return Err(invalid(
                 "cluster_name",
@@ -344,16 +327,10 @@ impl NodeConfig {
         }
         let l = &self.limits;
         if l.max_key_bytes == 0 || l.max_key_bytes > 64 * 1024 {
-            return Err(invalid(
-                "max_key_bytes",
-                format!("{} is out of range 1..=65536", l.max_key_bytes),
-            ));
+            return Err(invalid("max_key_bytes", format!("{} is out of range 1..=65536", l.max_key_bytes)));
         }
         if l.max_value_bytes == 0 || l.max_value_bytes > 16 * 1024 * 1024 {
-            return Err(invalid(
-                "max_value_bytes",
-                format!("{} is out of range 1..=16 MiB", l.max_value_bytes),
-            ));
+            return Err(invalid("max_value_bytes", format!("{} is out of range 1..=16 MiB", l.max_value_bytes)));
         }
         if l.max_batch_ops == 0 {
             return Err(invalid("max_batch_ops", "must be greater than 0"));
@@ -377,22 +354,15 @@ impl NodeConfig {
 }
 
 fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile { path: path.to_path_buf(), source })?;
     parse_file(&text, path)
 }
 
 fn parse_file(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
     toml::from_str(text).map_err(|e| ConfigError::Parse {
         path: path.to_path_buf(),
-        message: e
-            .to_string()
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .collect::<Vec<_>>()
-            .join("; "),
+        message: e.to_string().lines().filter(|l| !l.trim().is_empty()).collect::<Vec<_>>().join("; "),
     })
 }
 
@@ -409,16 +379,8 @@ mod tests {
     fn precedence_cli_over_file_over_default() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.toml");
-        std::fs::write(
-            &path,
-            "node_id = 5\ncluster_name = \"filec\"\n[raft]\nheartbeat_interval_ms = 200\n",
-        )
-        .unwrap();
-        let args = NodeArgs {
-            config: Some(path),
-            node_id: Some(7),
-            ..Default::default()
-        };
+        std::fs::write(&path, "node_id = 5\ncluster_name = \"filec\"\n[raft]\nheartbeat_interval_ms = 200\n").unwrap();
+        let args = NodeArgs { config: Some(path), node_id: Some(7), ..Default::default() };
         let cfg = NodeConfig::from_args(&args).unwrap();
         assert_eq!(cfg.node_id, 7);
         assert_eq!(cfg.cluster_name, "filec");
@@ -430,19 +392,13 @@ mod tests {
     fn rejects_bad_values() {
         let err = NodeConfig::from_toml_str("node_id = 0").unwrap_err().to_string();
         assert!(err.contains("node_id"), "{err}");
-        let err = NodeConfig::from_toml_str("node_id = 281474976710656")
-            .unwrap_err()
-            .to_string();
+        let err = NodeConfig::from_toml_str("node_id = 281474976710656").unwrap_err().to_string();
         assert!(err.contains("node_id"), "{err}");
         let err = NodeConfig::from_toml_str("bogus = 1").unwrap_err().to_string();
         assert!(err.contains("bogus"), "{err}");
-        let err = NodeConfig::from_toml_str("[raft]\nelection_timeout_min_ms = 50")
-            .unwrap_err()
-            .to_string();
+        let err = NodeConfig::from_toml_str("[raft]\nelection_timeout_min_ms = 50").unwrap_err().to_string();
         assert!(err.contains("election_timeout_min_ms"), "{err}");
-        let err = NodeConfig::from_toml_str("cluster_name = \"a b\"")
-            .unwrap_err()
-            .to_string();
+        let err = NodeConfig::from_toml_str("cluster_name = \"a b\"").unwrap_err().to_string();
         assert!(err.contains("cluster_name"), "{err}");
         let err = NodeConfig::from_toml_str("join = [\"nope\"]").unwrap_err().to_string();
         assert!(err.contains("join"), "{err}");

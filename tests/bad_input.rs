@@ -19,10 +19,7 @@ async fn start_node(dir: &std::path::Path) -> aspen::cluster::NodeHandle {
     let config = NodeConfig {
         data_dir: dir.to_path_buf(),
         bind_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        limits: aspen::config::LimitsConfig {
-            max_value_bytes: 64 * 1024,
-            ..Default::default()
-        },
+        limits: aspen::config::LimitsConfig { max_value_bytes: 64 * 1024, ..Default::default() },
         ..Default::default()
     };
     bootstrap_node(config).await.expect("node starts")
@@ -35,13 +32,10 @@ async fn raw_exchange(conn: &Connection, bytes: &[u8]) -> Option<ClientResult> {
     // The server may stop reading early (oversized frames); a failed write is fine then.
     let _ = send.write_all(bytes).await;
     let _ = send.finish();
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        read_frame::<_, ClientResult>(&mut recv, MAX_FRAME_BYTES),
-    )
-    .await
-    .ok()?
-    .ok()
+    tokio::time::timeout(Duration::from_secs(10), read_frame::<_, ClientResult>(&mut recv, MAX_FRAME_BYTES))
+        .await
+        .ok()?
+        .ok()
 }
 
 fn frame_of_raw_payload(payload: &[u8]) -> Vec<u8> {
@@ -57,15 +51,11 @@ async fn malformed_frames_get_typed_errors_and_node_keeps_serving() {
     let ticket = node.ticket();
 
     // A well-behaved client, connected before the garbage starts and used throughout.
-    let good = AspenClient::connect(vec![ticket.clone()], Duration::from_secs(10))
-        .await
-        .unwrap();
+    let good = AspenClient::connect(vec![ticket.clone()], Duration::from_secs(10)).await.unwrap();
     good.put("stable", "yes").await.unwrap();
 
     let lookup = MemoryLookup::new();
-    let ep = bind_endpoint(SocketAddr::from(([127, 0, 0, 1], 0)), None, lookup)
-        .await
-        .unwrap();
+    let ep = bind_endpoint(SocketAddr::from(([127, 0, 0, 1], 0)), None, lookup).await.unwrap();
     let conn = ep.connect(ticket.endpoint_addr(), CLIENT_ALPN).await.unwrap();
 
     let check_good = |what: &'static str| {
@@ -92,9 +82,7 @@ async fn malformed_frames_get_typed_errors_and_node_keeps_serving() {
 
     // 2. Random payload inside a correct length prefix.
     for _ in 0..20 {
-        let payload: Vec<u8> = (0..1 + rand::random::<u8>() as usize)
-            .map(|_| rand::random::<u8>())
-            .collect();
+        let payload: Vec<u8> = (0..1 + rand::random::<u8>() as usize).map(|_| rand::random::<u8>()).collect();
         match raw_exchange(&conn, &frame_of_raw_payload(&payload)).await {
             None => {}
             Some(Err(ApiError::InvalidRequest(_) | ApiError::UnsupportedVersion { .. })) => {}
@@ -106,37 +94,26 @@ async fn malformed_frames_get_typed_errors_and_node_keeps_serving() {
     // 3. A truncated frame: typed error.
     let full = encode_frame(&ClientEnvelope {
         version: 1,
-        request: ClientRequest::Get {
-            key: b"stable".to_vec(),
-            consistency: ReadConsistency::Stale,
-        },
+        hops: 0,
+        request: ClientRequest::Get { key: b"stable".to_vec(), consistency: ReadConsistency::Stale },
     })
     .unwrap();
     let resp = raw_exchange(&conn, &full[..full.len() - 3]).await;
-    assert!(
-        matches!(resp, Some(Err(ApiError::InvalidRequest(ref m))) if m.contains("truncated")),
-        "{resp:?}"
-    );
+    assert!(matches!(resp, Some(Err(ApiError::InvalidRequest(ref m))) if m.contains("truncated")), "{resp:?}");
     // ...and the same connection still serves a complete one.
     let resp = raw_exchange(&conn, &full).await;
     assert!(matches!(resp, Some(Ok(_))), "{resp:?}");
 
-    // 4. An unknown request variant (version 1, variant index 200).
-    let resp = raw_exchange(&conn, &frame_of_raw_payload(&[1, 200, 1, 0])).await;
+    // 4. An unknown request variant (version 1, hops 0, variant index 200).
+    let resp = raw_exchange(&conn, &frame_of_raw_payload(&[1, 0, 200, 1, 0])).await;
     assert!(matches!(resp, Some(Err(ApiError::InvalidRequest(_)))), "{resp:?}");
 
     // 5. An unsupported protocol version.
-    let mut newer = encode_frame(&ClientEnvelope {
-        version: 1,
-        request: ClientRequest::ClusterStatus,
-    })
-    .unwrap();
+    let mut newer =
+        encode_frame(&ClientEnvelope { version: 1, hops: 0, request: ClientRequest::ClusterStatus }).unwrap();
     newer[4] = 9; // postcard varint of the version
     let resp = raw_exchange(&conn, &newer).await;
-    assert!(
-        matches!(resp, Some(Err(ApiError::UnsupportedVersion { got: 9, .. }))),
-        "{resp:?}"
-    );
+    assert!(matches!(resp, Some(Err(ApiError::UnsupportedVersion { got: 9, .. }))), "{resp:?}");
 
     // 6. An oversized frame (length prefix far above the limit): typed error, nothing allocated.
     let mut huge = (u32::MAX).to_be_bytes().to_vec();
@@ -147,15 +124,9 @@ async fn malformed_frames_get_typed_errors_and_node_keeps_serving() {
 
     // 7. An oversized value inside a valid frame: typed TooLarge, nothing written.
     let err = good.put("big", vec![b'x'; 64 * 1024 + 1]).await.unwrap_err();
-    assert!(
-        matches!(err, ClientError::Api(ApiError::TooLarge { ref what, .. }) if what == "value"),
-        "{err:?}"
-    );
+    assert!(matches!(err, ClientError::Api(ApiError::TooLarge { ref what, .. }) if what == "value"), "{err:?}");
     let err = good.put(vec![b'k'; 5000], "v").await.unwrap_err();
-    assert!(
-        matches!(err, ClientError::Api(ApiError::TooLarge { ref what, .. }) if what == "key"),
-        "{err:?}"
-    );
+    assert!(matches!(err, ClientError::Api(ApiError::TooLarge { ref what, .. }) if what == "key"), "{err:?}");
     let err = good.put("", "v").await.unwrap_err();
     assert!(matches!(err, ClientError::Api(ApiError::InvalidRequest(_))), "{err:?}");
     assert_eq!(good.get("big").await.unwrap(), None);

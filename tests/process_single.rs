@@ -68,11 +68,7 @@ fn cli_commands_and_exit_codes() {
 
     // scan: several pages (page size 3 on the node), sorted, limited.
     for i in (0..10).rev() {
-        expect_code(
-            &node.cli(&["put", &format!("scan/{i:02}"), &format!("v{i}")]),
-            0,
-            "put scan key",
-        );
+        expect_code(&node.cli(&["put", &format!("scan/{i:02}"), &format!("v{i}")]), 0, "put scan key");
     }
     let o = node.cli(&["scan", "--prefix", "scan/"]);
     expect_code(&o, 0, "scan");
@@ -132,11 +128,7 @@ fn no_init_node_waits_for_cluster_init() {
     node.start();
     let o = support::cli_with_timeout(&node, 5, &["put", "k", "v"]);
     expect_code(&o, 3, "write before init");
-    assert!(
-        stderr(&o).contains("unavailable") || stderr(&o).contains("leader"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("unavailable") || stderr(&o).contains("leader"), "{}", stderr(&o));
     let o = node.cli(&["cluster", "init"]);
     expect_code(&o, 0, "cluster init");
     assert!(stdout(&o).contains("initialized a new cluster"), "{}", stdout(&o));
@@ -162,10 +154,7 @@ fn config_errors_exit_2_with_one_line() {
         vec!["--node-id".into(), "281474976710656".into()],
         vec!["--election-timeout-min-ms".into(), "10".into()],
         vec!["--config".into(), bad_toml.display().to_string()],
-        vec![
-            "--config".into(),
-            root.path().join("missing.toml").display().to_string(),
-        ],
+        vec!["--config".into(), root.path().join("missing.toml").display().to_string()],
         vec!["--bind-addr".into(), "not-an-addr".into()],
     ];
     for args in cases {
@@ -219,9 +208,7 @@ async fn kill_9_during_writes_loses_no_acknowledged_write() {
     let acked: Arc<Mutex<BTreeMap<String, String>>> = Default::default();
     for round in 0..10 {
         node.start();
-        let client = AspenClient::connect(vec![node.ticket()], Duration::from_secs(3))
-            .await
-            .unwrap();
+        let client = AspenClient::connect(vec![node.ticket()], Duration::from_secs(3)).await.unwrap();
         // Everything acknowledged in earlier rounds survived the crash.
         let stored: BTreeMap<String, String> = client
             .scan("k/", usize::MAX, ReadConsistency::Linearizable)
@@ -255,17 +242,11 @@ async fn kill_9_during_writes_loses_no_acknowledged_write() {
         writer.await.unwrap();
     }
     node.start();
-    let client = AspenClient::connect(vec![node.ticket()], Duration::from_secs(10))
-        .await
-        .unwrap();
+    let client = AspenClient::connect(vec![node.ticket()], Duration::from_secs(10)).await.unwrap();
     let acked = acked.lock().unwrap().clone();
     assert!(acked.len() > 10, "the writer made progress ({} writes)", acked.len());
     for (k, v) in &acked {
-        let got = client
-            .get(k.clone())
-            .await
-            .unwrap()
-            .map(|kv| String::from_utf8(kv.value).unwrap());
+        let got = client.get(k.clone()).await.unwrap().map(|kv| String::from_utf8(kv.value).unwrap());
         assert_eq!(got.as_ref(), Some(v), "acknowledged write {k} lost");
     }
     client.close().await;

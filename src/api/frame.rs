@@ -99,31 +99,23 @@ mod tests {
     async fn round_trip_and_limits() {
         let env = ClientEnvelope {
             version: CLIENT_PROTOCOL_VERSION,
-            request: ClientRequest::Get {
-                key: b"k".to_vec(),
-                consistency: ReadConsistency::Stale,
-            },
+            hops: 0,
+            request: ClientRequest::Get { key: b"k".to_vec(), consistency: ReadConsistency::Stale },
         };
         let bytes = encode_frame(&env).unwrap();
         let back: ClientEnvelope = read_frame(&mut bytes.as_slice(), 1024).await.unwrap();
         assert_eq!(back, env);
 
-        let err = read_frame::<_, ClientEnvelope>(&mut bytes.as_slice(), 2)
-            .await
-            .unwrap_err();
+        let err = read_frame::<_, ClientEnvelope>(&mut bytes.as_slice(), 2).await.unwrap_err();
         assert!(matches!(err, FrameError::TooLarge { .. }), "{err}");
 
         let truncated = &bytes[..bytes.len() - 1];
-        let err = read_frame::<_, ClientEnvelope>(&mut &truncated[..], 1024)
-            .await
-            .unwrap_err();
+        let err = read_frame::<_, ClientEnvelope>(&mut &truncated[..], 1024).await.unwrap_err();
         assert!(matches!(err, FrameError::Truncated), "{err}");
 
         let mut garbage = 3u32.to_be_bytes().to_vec();
         garbage.extend_from_slice(&[0xff, 0xff, 0xff]);
-        let err = read_frame::<_, ClientEnvelope>(&mut garbage.as_slice(), 1024)
-            .await
-            .unwrap_err();
+        let err = read_frame::<_, ClientEnvelope>(&mut garbage.as_slice(), 1024).await.unwrap_err();
         assert!(matches!(err, FrameError::Decode(_)), "{err}");
     }
 }

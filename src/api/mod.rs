@@ -218,15 +218,52 @@ pub struct ShardStatus {
     pub role: String,
 }
 
+/// One node's own view of its shards (answer to [`ClientRequest::NodeStatus`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub node_id: NodeId,
+    pub shards: Vec<ShardStatus>,
+}
+
+/// A member as seen from the node that answered `cluster status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeReport {
+    pub node_id: NodeId,
+    /// `None`: the node could not be reached; `error` says why.
+    pub status: Option<NodeStatus>,
+    pub error: Option<String>,
+}
+
 /// What `cluster status` returns.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterStatus {
     pub node_id: NodeId,
     pub cluster_id: ClusterId,
     pub cluster_name: String,
+    /// The answering node's view of every shard it hosts.
     pub shards: Vec<ShardStatus>,
-    /// Tickets of the members this node knows (for client failover).
-    pub members: Vec<String>,
+    /// Every member's own view (including the answering node), in node id order.
+    pub nodes: Vec<NodeReport>,
+}
+
+/// A fresh node asking a cluster to add it (sent by `aspen-node --join`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinRequest {
+    /// The cluster the joiner expects (from its ticket).
+    pub cluster_id: ClusterId,
+    pub cluster_name: String,
+    pub node_id: NodeId,
+    pub endpoint_id: [u8; 32],
+    pub addrs: Vec<std::net::SocketAddr>,
+    pub num_shards: u32,
+}
+
+/// The identity of a cluster, handed to a node that becomes a member.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterInfo {
+    pub cluster_id: ClusterId,
+    pub cluster_name: String,
+    pub num_shards: u32,
 }
 
 /// A request on the client ALPN.
@@ -241,15 +278,58 @@ pub enum ClientRequest {
         command: WriteCommand,
     },
     Scan(ScanRequest),
+    /// Every member's view of the cluster (fans out to the members).
     ClusterStatus,
+    /// This node's own view only.
+    NodeStatus,
+    /// Tickets of every member (for client failover).
+    Members,
     /// Initialize a one-node cluster on a node started with `--no-init`.
     ClusterInit,
+    /// Add the node behind this ticket as a learner (it must run, fresh or already ours).
+    AddLearner {
+        ticket: String,
+    },
+    /// Make a learner a voter.
+    Promote {
+        node_id: NodeId,
+    },
+    /// Remove a voter or learner from the cluster.
+    Remove {
+        node_id: NodeId,
+    },
+    /// A fresh node asks to join: added as learner, caught up, promoted to voter.
+    Join(JoinRequest),
+    /// Sent by a leader to a fresh node before adding it: adopt this cluster's identity.
+    AcceptMembership(ClusterInfo),
+}
+
+impl ClientRequest {
+    /// Whether only the leader can answer this request (the rest are answered locally).
+    pub fn needs_leader(&self) -> bool {
+        match self {
+            ClientRequest::Get { consistency, .. } => *consistency == ReadConsistency::Linearizable,
+            ClientRequest::Scan(s) => s.consistency == ReadConsistency::Linearizable,
+            ClientRequest::Write { .. }
+            | ClientRequest::AddLearner { .. }
+            | ClientRequest::Promote { .. }
+            | ClientRequest::Remove { .. }
+            | ClientRequest::Join(_) => true,
+            ClientRequest::ClusterStatus
+            | ClientRequest::NodeStatus
+            | ClientRequest::Members
+            | ClientRequest::ClusterInit
+            | ClientRequest::AcceptMembership(_) => false,
+        }
+    }
 }
 
 /// The envelope around every client request: protocol version plus the request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClientEnvelope {
     pub version: u16,
+    /// How often this request was forwarded already (a node forwards at most once).
+    pub hops: u8,
     pub request: ClientRequest,
 }
 
@@ -260,7 +340,15 @@ pub enum ClientResponse {
     Write(WriteOutcome),
     Scan(ScanPage),
     ClusterStatus(ClusterStatus),
-    ClusterInit { initialized: bool },
+    NodeStatus(NodeStatus),
+    Members(Vec<String>),
+    ClusterInit {
+        initialized: bool,
+    },
+    /// Membership changed (add-learner, promote, remove); the shard's view afterwards.
+    Membership(ShardStatus),
+    Joined(ClusterInfo),
+    MembershipAccepted,
 }
 
 /// The typed errors a client can receive. Every variant says what the caller can do next.
@@ -268,10 +356,7 @@ pub enum ClientResponse {
 pub enum ApiError {
     /// This node does not lead the shard; `leader` is the node it believes leads, when known.
     #[error("not leader{}", match .leader { Some(l) => format!(" (leader is node {l})"), None => String::new() })]
-    NotLeader {
-        leader: Option<NodeId>,
-        leader_ticket: Option<String>,
-    },
+    NotLeader { leader: Option<NodeId>, leader_ticket: Option<String> },
     /// No leader could be reached within the request timeout.
     #[error("unavailable: {0}")]
     Unavailable(String),
@@ -283,6 +368,9 @@ pub enum ApiError {
     TooLarge { what: String, size: u64, limit: u64 },
     #[error("unsupported protocol version {got} (this node speaks {supported})")]
     UnsupportedVersion { got: u16, supported: u16 },
+    /// A membership request that must not be retried as is (wrong cluster, duplicate node id…).
+    #[error("refused: {0}")]
+    Refused(String),
     #[error("internal error: {0}")]
     Internal(String),
 }

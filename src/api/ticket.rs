@@ -70,10 +70,7 @@ impl NodeTicket {
         };
         // Serializing plain data into a Vec cannot fail.
         let bytes = postcard::to_stdvec(&wire).unwrap_or_default();
-        format!(
-            "{PREFIX}{}",
-            data_encoding::BASE32_NOPAD.encode(&bytes).to_ascii_lowercase()
-        )
+        format!("{PREFIX}{}", data_encoding::BASE32_NOPAD.encode(&bytes).to_ascii_lowercase())
     }
 
     /// Parses a ticket string (surrounding whitespace is ignored).
@@ -95,12 +92,7 @@ impl NodeTicket {
         if wire.addrs.is_empty() {
             return Err(TicketError::NoAddrs);
         }
-        Ok(NodeTicket {
-            cluster_id: wire.cluster_id,
-            node_id: wire.node_id,
-            endpoint_id,
-            addrs: wire.addrs,
-        })
+        Ok(NodeTicket { cluster_id: wire.cluster_id, node_id: wire.node_id, endpoint_id, addrs: wire.addrs })
     }
 }
 

@@ -6,7 +6,7 @@
 use std::{io::Write, path::PathBuf, process::ExitCode, time::Duration};
 
 use aspen::{
-    api::{ApiError, KeyValue, NodeTicket, ReadConsistency},
+    api::{ApiError, KeyValue, NodeTicket, ReadConsistency, ShardStatus},
     client::{AspenClient, CasOutcome, ClientError},
 };
 use clap::{Parser, Subcommand};
@@ -76,6 +76,12 @@ enum ClusterCommand {
     Status,
     /// Make a node started with --no-init a one-node cluster.
     Init,
+    /// Add the node behind TICKET as a learner (it catches up, but does not vote).
+    AddLearner { ticket: String },
+    /// Make learner ID a voter.
+    Promote { node_id: u64 },
+    /// Remove node ID from the cluster.
+    Remove { node_id: u64 },
 }
 
 fn main() -> ExitCode {
@@ -98,11 +104,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("aspen-cli: cannot start runtime: {e}");
@@ -129,20 +131,11 @@ fn resolve_tickets(cli: &Cli) -> Result<Vec<NodeTicket>, String> {
     } else {
         let path = cli.data_dir.join("node.ticket");
         let text = std::fs::read_to_string(&path).map_err(|e| {
-            format!(
-                "no --ticket given and cannot read {}: {e} (is a node running there?)",
-                path.display()
-            )
+            format!("no --ticket given and cannot read {}: {e} (is a node running there?)", path.display())
         })?;
-        text.split([',', '\n'])
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(String::from)
-            .collect()
+        text.split([',', '\n']).map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()
     };
-    raw.iter()
-        .map(|t| NodeTicket::decode(t).map_err(|e| format!("invalid ticket {t:?}: {e}")))
-        .collect()
+    raw.iter().map(|t| NodeTicket::decode(t).map_err(|e| format!("invalid ticket {t:?}: {e}"))).collect()
 }
 
 fn fail(e: &ClientError) -> ExitCode {
@@ -151,7 +144,10 @@ fn fail(e: &ClientError) -> ExitCode {
         e,
         ClientError::NoTickets
             | ClientError::Api(
-                ApiError::InvalidRequest(_) | ApiError::TooLarge { .. } | ApiError::UnsupportedVersion { .. }
+                ApiError::InvalidRequest(_)
+                    | ApiError::TooLarge { .. }
+                    | ApiError::UnsupportedVersion { .. }
+                    | ApiError::Refused(_)
             )
     );
     ExitCode::from(if usage { 2 } else { 3 })
@@ -169,6 +165,28 @@ fn kv_json(kv: &KeyValue) -> serde_json::Value {
         "mod_revision": kv.mod_revision,
         "version": kv.version,
     })
+}
+
+fn shard_json(s: &ShardStatus) -> serde_json::Value {
+    json!({
+        "shard": s.shard,
+        "leader": s.leader,
+        "term": s.term,
+        "voters": s.voters,
+        "learners": s.learners,
+        "last_applied": s.last_applied,
+        "last_log_index": s.last_log_index,
+        "role": s.role,
+    })
+}
+
+fn print_membership(cli: &Cli, s: &ShardStatus) {
+    if cli.json {
+        println!("{}", shard_json(s));
+    } else {
+        let ids = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+        println!("voters: {}  learners: {}", ids(&s.voters), ids(&s.learners));
+    }
 }
 
 fn print_line(bytes: &[u8]) {
@@ -210,17 +228,8 @@ async fn run(client: &AspenClient, cli: &Cli) -> Result<ExitCode, ClientError> {
                 println!("{}", u8::from(deleted));
             }
         }
-        Command::Cas {
-            key,
-            new,
-            expected,
-            absent,
-        } => {
-            let expected = if *absent {
-                None
-            } else {
-                expected.as_ref().map(|e| e.as_bytes().to_vec())
-            };
+        Command::Cas { key, new, expected, absent } => {
+            let expected = if *absent { None } else { expected.as_ref().map(|e| e.as_bytes().to_vec()) };
             match client.cas(key.as_bytes(), expected, new.as_bytes()).await? {
                 CasOutcome::Swapped(revision) => {
                     if cli.json {
@@ -231,10 +240,7 @@ async fn run(client: &AspenClient, cli: &Cli) -> Result<ExitCode, ClientError> {
                 }
                 CasOutcome::Mismatch(current) => {
                     if cli.json {
-                        println!(
-                            "{}",
-                            json!({ "succeeded": false, "current": current.as_deref().map(text) })
-                        );
+                        println!("{}", json!({ "succeeded": false, "current": current.as_deref().map(text) }));
                     }
                     match current {
                         Some(v) => eprintln!("{}", text(&v)),
@@ -258,24 +264,18 @@ async fn run(client: &AspenClient, cli: &Cli) -> Result<ExitCode, ClientError> {
                 }
             }
         }
-        Command::Cluster {
-            command: ClusterCommand::Status,
-        } => {
+        Command::Cluster { command: ClusterCommand::Status } => {
             let status = client.cluster_status().await?;
             if cli.json {
-                let shards: Vec<_> = status
-                    .shards
+                let nodes: Vec<_> = status
+                    .nodes
                     .iter()
-                    .map(|s| {
+                    .map(|n| {
                         json!({
-                            "shard": s.shard,
-                            "leader": s.leader,
-                            "term": s.term,
-                            "voters": s.voters,
-                            "learners": s.learners,
-                            "last_applied": s.last_applied,
-                            "last_log_index": s.last_log_index,
-                            "role": s.role,
+                            "node_id": n.node_id,
+                            "reachable": n.status.is_some(),
+                            "error": n.error,
+                            "shards": n.status.as_ref().map(|s| s.shards.iter().map(shard_json).collect::<Vec<_>>()),
                         })
                     })
                     .collect();
@@ -285,7 +285,8 @@ async fn run(client: &AspenClient, cli: &Cli) -> Result<ExitCode, ClientError> {
                         "node_id": status.node_id,
                         "cluster_id": status.cluster_id.to_string(),
                         "cluster_name": status.cluster_name,
-                        "shards": shards,
+                        "shards": status.shards.iter().map(shard_json).collect::<Vec<_>>(),
+                        "nodes": nodes,
                     })
                 );
             } else {
@@ -294,28 +295,44 @@ async fn run(client: &AspenClient, cli: &Cli) -> Result<ExitCode, ClientError> {
                     status.cluster_name, status.cluster_id, status.node_id
                 );
                 println!(
-                    "{:>5}  {:>6}  {:>5}  {:<9}  {:<16}  {:<16}  {:>12}",
-                    "shard", "leader", "term", "role", "voters", "learners", "last_applied"
+                    "{:>5}  {:>5}  {:>6}  {:>5}  {:<9}  {:<16}  {:<16}  {:>12}",
+                    "node", "shard", "leader", "term", "role", "voters", "learners", "last_applied"
                 );
-                for s in &status.shards {
-                    let leader = s.leader.map(|l| l.to_string()).unwrap_or_else(|| "-".into());
-                    let ids = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
-                    println!(
-                        "{:>5}  {:>6}  {:>5}  {:<9}  {:<16}  {:<16}  {:>12}",
-                        s.shard,
-                        leader,
-                        s.term,
-                        s.role,
-                        ids(&s.voters),
-                        ids(&s.learners),
-                        s.last_applied
-                    );
+                for n in &status.nodes {
+                    let Some(ns) = &n.status else {
+                        println!("{:>5}  unreachable: {}", n.node_id, n.error.as_deref().unwrap_or("?"));
+                        continue;
+                    };
+                    for s in &ns.shards {
+                        let leader = s.leader.map(|l| l.to_string()).unwrap_or_else(|| "-".into());
+                        let ids = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+                        println!(
+                            "{:>5}  {:>5}  {:>6}  {:>5}  {:<9}  {:<16}  {:<16}  {:>12}",
+                            n.node_id,
+                            s.shard,
+                            leader,
+                            s.term,
+                            s.role,
+                            ids(&s.voters),
+                            ids(&s.learners),
+                            s.last_applied
+                        );
+                    }
                 }
             }
         }
-        Command::Cluster {
-            command: ClusterCommand::Init,
-        } => {
+        Command::Cluster { command: ClusterCommand::AddLearner { ticket } } => {
+            let ticket = NodeTicket::decode(ticket)
+                .map_err(|e| ClientError::Api(ApiError::InvalidRequest(format!("ticket: {e}"))))?;
+            print_membership(cli, &client.add_learner(&ticket).await?);
+        }
+        Command::Cluster { command: ClusterCommand::Promote { node_id } } => {
+            print_membership(cli, &client.promote(*node_id).await?);
+        }
+        Command::Cluster { command: ClusterCommand::Remove { node_id } } => {
+            print_membership(cli, &client.remove(*node_id).await?);
+        }
+        Command::Cluster { command: ClusterCommand::Init } => {
             let initialized = client.cluster_init().await?;
             if cli.json {
                 println!("{}", json!({ "initialized": initialized }));

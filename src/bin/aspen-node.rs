@@ -40,10 +40,7 @@ async fn run(config: NodeConfig) -> ExitCode {
         Ok(n) => n,
         Err(e) => {
             eprintln!("aspen-node: {e}");
-            let usage = matches!(
-                e,
-                BootstrapError::NodeIdMismatch { .. } | BootstrapError::ClusterNameMismatch { .. }
-            );
+            let usage = matches!(e, BootstrapError::NodeIdMismatch { .. } | BootstrapError::ClusterNameMismatch { .. });
             return ExitCode::from(if usage { 2 } else { 1 });
         }
     };

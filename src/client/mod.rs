@@ -18,8 +18,8 @@ use crate::{
     api::{
         frame::{encode_frame, read_frame},
         ApiError, BatchOp, ClientEnvelope, ClientRequest, ClientResponse, ClientResult, ClusterStatus, Id128, KeyValue,
-        NodeTicket, ReadConsistency, Revision, ScanPage, ScanRequest, WriteCommand, WriteOutcome, WriteSession,
-        CLIENT_ALPN, CLIENT_PROTOCOL_VERSION, MAX_FRAME_BYTES,
+        NodeId, NodeTicket, ReadConsistency, Revision, ScanPage, ScanRequest, ShardStatus, WriteCommand, WriteOutcome,
+        WriteSession, CLIENT_ALPN, CLIENT_PROTOCOL_VERSION, MAX_FRAME_BYTES,
     },
     cluster::endpoint::bind_endpoint,
 };
@@ -83,6 +83,8 @@ pub struct AspenClient {
     next: Mutex<usize>,
     sessions: Mutex<Vec<WriteSession>>,
     timeout: Duration,
+    /// Whether the member list was fetched from a node yet (done once, on the first connection).
+    discovered: std::sync::atomic::AtomicBool,
 }
 
 impl AspenClient {
@@ -100,9 +102,8 @@ impl AspenClient {
         for t in &tickets {
             lookup.add_endpoint_info(t.endpoint_addr());
         }
-        let endpoint = bind_endpoint(bind, None, lookup.clone())
-            .await
-            .map_err(|e| ClientError::Endpoint(e.to_string()))?;
+        let endpoint =
+            bind_endpoint(bind, None, lookup.clone()).await.map_err(|e| ClientError::Endpoint(e.to_string()))?;
         Ok(AspenClient {
             endpoint,
             lookup,
@@ -111,6 +112,7 @@ impl AspenClient {
             next: Mutex::new(0),
             sessions: Mutex::new(Vec::new()),
             timeout,
+            discovered: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -151,6 +153,9 @@ impl AspenClient {
             match tokio::time::timeout(per_try, self.endpoint.connect(tickets[i].endpoint_addr(), CLIENT_ALPN)).await {
                 Ok(Ok(conn)) => {
                     *current = Some((i, conn.clone()));
+                    if !self.discovered.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                        self.discover(&conn, deadline).await;
+                    }
                     return Ok((i, conn));
                 }
                 Ok(Err(e)) => last_err = format!("node {}: {e}", tickets[i].node_id),
@@ -170,21 +175,28 @@ impl AspenClient {
         *self.next.lock().unwrap_or_else(|p| p.into_inner()) = (i + 1) % n;
     }
 
+    /// Learns the other members from a node we reached, for failover (best effort).
+    async fn discover(&self, conn: &Connection, deadline: Instant) {
+        let Ok(frame) = encode_frame(&ClientEnvelope {
+            version: CLIENT_PROTOCOL_VERSION,
+            hops: 0,
+            request: ClientRequest::Members,
+        }) else {
+            return;
+        };
+        let left = deadline.saturating_duration_since(Instant::now()).min(Duration::from_secs(2));
+        if let Ok(Ok(Ok(ClientResponse::Members(list)))) = tokio::time::timeout(left, exchange(conn, &frame)).await {
+            self.add_tickets(list.iter().filter_map(|t| NodeTicket::decode(t).ok()));
+        }
+    }
+
     async fn attempt(&self, frame: &[u8], deadline: Instant) -> Attempt {
         let (i, conn) = match self.connection(deadline).await {
             Ok(c) => c,
             Err(e) => return Attempt::Retry(e),
         };
-        let exchange = async {
-            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-            send.write_all(frame).await.map_err(|e| e.to_string())?;
-            send.finish().map_err(|e| e.to_string())?;
-            read_frame::<_, ClientResult>(&mut recv, MAX_FRAME_BYTES)
-                .await
-                .map_err(|e| e.to_string())
-        };
         let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, exchange).await {
+        match tokio::time::timeout(left, exchange(&conn, frame)).await {
             Err(_) => Attempt::Done(Err(ClientError::Timeout(self.timeout))),
             Ok(Err(e)) => {
                 self.fail_over(i).await;
@@ -200,11 +212,7 @@ impl AspenClient {
                         *self.next.lock().unwrap_or_else(|p| p.into_inner()) = pos;
                         Attempt::Retry(format!("node {} is not the leader", tickets[i].node_id))
                     }
-                    _ => Attempt::Done(Err(ApiError::NotLeader {
-                        leader,
-                        leader_ticket: None,
-                    }
-                    .into())),
+                    _ => Attempt::Done(Err(ApiError::NotLeader { leader, leader_ticket: None }.into())),
                 }
             }
             Ok(Ok(Err(ApiError::Unavailable(msg)))) if self.tickets().len() > 1 => {
@@ -218,11 +226,8 @@ impl AspenClient {
     /// Sends one request, retrying on other members until it gets an answer or the timeout
     /// passes. Retries resend the identical frame (same write session and sequence number).
     pub async fn request(&self, request: ClientRequest) -> Result<ClientResponse, ClientError> {
-        let frame = encode_frame(&ClientEnvelope {
-            version: CLIENT_PROTOCOL_VERSION,
-            request,
-        })
-        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let frame = encode_frame(&ClientEnvelope { version: CLIENT_PROTOCOL_VERSION, hops: 0, request })
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
         let deadline = Instant::now() + self.timeout;
         let mut backoff = Duration::from_millis(20);
         loop {
@@ -247,10 +252,7 @@ impl AspenClient {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .pop()
-            .unwrap_or(WriteSession {
-                client_id: Id128::random(),
-                seq: 0,
-            });
+            .unwrap_or(WriteSession { client_id: Id128::random(), seq: 0 });
         session.seq += 1;
         let result = self.request(ClientRequest::Write { session, command }).await;
         // Whatever happened, the next write of this session uses the next sequence number: a
@@ -276,13 +278,7 @@ impl AspenClient {
         key: impl Into<Vec<u8>>,
         consistency: ReadConsistency,
     ) -> Result<Option<KeyValue>, ClientError> {
-        match self
-            .request(ClientRequest::Get {
-                key: key.into(),
-                consistency,
-            })
-            .await?
-        {
+        match self.request(ClientRequest::Get { key: key.into(), consistency }).await? {
             ClientResponse::Get(kv) => Ok(kv),
             other => Err(unexpected(other)),
         }
@@ -290,13 +286,7 @@ impl AspenClient {
 
     /// Sets `key` to `value`; returns the write's revision.
     pub async fn put(&self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Result<Revision, ClientError> {
-        match self
-            .write(WriteCommand::Put {
-                key: key.into(),
-                value: value.into(),
-            })
-            .await?
-        {
+        match self.write(WriteCommand::Put { key: key.into(), value: value.into() }).await? {
             WriteOutcome::Put { revision } => Ok(revision),
             other => Err(ClientError::Protocol(format!("unexpected outcome {other:?}"))),
         }
@@ -317,24 +307,9 @@ impl AspenClient {
         expected: Option<Vec<u8>>,
         new_value: impl Into<Vec<u8>>,
     ) -> Result<CasOutcome, ClientError> {
-        match self
-            .write(WriteCommand::Cas {
-                key: key.into(),
-                expected,
-                new_value: new_value.into(),
-            })
-            .await?
-        {
-            WriteOutcome::Cas {
-                succeeded: true,
-                revision,
-                ..
-            } => Ok(CasOutcome::Swapped(revision)),
-            WriteOutcome::Cas {
-                succeeded: false,
-                current,
-                ..
-            } => Ok(CasOutcome::Mismatch(current)),
+        match self.write(WriteCommand::Cas { key: key.into(), expected, new_value: new_value.into() }).await? {
+            WriteOutcome::Cas { succeeded: true, revision, .. } => Ok(CasOutcome::Swapped(revision)),
+            WriteOutcome::Cas { succeeded: false, current, .. } => Ok(CasOutcome::Mismatch(current)),
             other => Err(ClientError::Protocol(format!("unexpected outcome {other:?}"))),
         }
     }
@@ -395,6 +370,28 @@ impl AspenClient {
         }
     }
 
+    /// Adds the node behind `ticket` as a learner; returns shard 0's membership afterwards.
+    pub async fn add_learner(&self, ticket: &NodeTicket) -> Result<ShardStatus, ClientError> {
+        self.membership(ClientRequest::AddLearner { ticket: ticket.encode() }).await
+    }
+
+    /// Makes learner `node_id` a voter.
+    pub async fn promote(&self, node_id: NodeId) -> Result<ShardStatus, ClientError> {
+        self.membership(ClientRequest::Promote { node_id }).await
+    }
+
+    /// Removes `node_id` from the cluster.
+    pub async fn remove(&self, node_id: NodeId) -> Result<ShardStatus, ClientError> {
+        self.membership(ClientRequest::Remove { node_id }).await
+    }
+
+    async fn membership(&self, req: ClientRequest) -> Result<ShardStatus, ClientError> {
+        match self.request(req).await? {
+            ClientResponse::Membership(s) => Ok(s),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Makes a node started with `--no-init` a one-node cluster. Returns whether it did.
     pub async fn cluster_init(&self) -> Result<bool, ClientError> {
         match self.request(ClientRequest::ClusterInit).await? {
@@ -407,6 +404,14 @@ impl AspenClient {
     pub async fn close(self) {
         self.endpoint.close().await;
     }
+}
+
+/// One request/response exchange on a new stream of `conn`.
+async fn exchange(conn: &Connection, frame: &[u8]) -> Result<ClientResult, String> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    send.write_all(frame).await.map_err(|e| e.to_string())?;
+    send.finish().map_err(|e| e.to_string())?;
+    read_frame::<_, ClientResult>(&mut recv, MAX_FRAME_BYTES).await.map_err(|e| e.to_string())
 }
 
 fn unexpected(resp: ClientResponse) -> ClientError {

@@ -12,7 +12,11 @@ use iroh::{address_lookup::MemoryLookup, protocol::Router, Endpoint, SecretKey};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    api::{shard_raft_id, ClusterId, NodeTicket, CLIENT_ALPN, RAFT_ALPN},
+    api::{
+        shard_raft_id, ApiError, ClientRequest, ClientResponse, ClusterId, JoinRequest, NodeTicket, CLIENT_ALPN,
+        RAFT_ALPN,
+    },
+    client::{AspenClient, ClientError},
     cluster::{
         endpoint::{bind_endpoint, listening_addrs, load_or_create_key, EndpointError},
         metadata::{ClusterIdentity, MetadataStore},
@@ -31,10 +35,7 @@ use crate::{
 #[derive(Debug, thiserror::Error)]
 pub enum BootstrapError {
     #[error("data dir {path}: {source}")]
-    DataDir {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
+    DataDir { path: std::path::PathBuf, source: std::io::Error },
     #[error(transparent)]
     Endpoint(#[from] EndpointError),
     #[error("metadata store: {0}")]
@@ -43,24 +44,22 @@ pub enum BootstrapError {
         "data dir {path} belongs to node {recorded}, but this node was started as node {configured}; \
          use --node-id {recorded} or another --data-dir"
     )]
-    NodeIdMismatch {
-        path: std::path::PathBuf,
-        recorded: u64,
-        configured: u64,
-    },
+    NodeIdMismatch { path: std::path::PathBuf, recorded: u64, configured: u64 },
     #[error(
         "data dir {path} belongs to cluster {recorded:?}, but --cluster-name is {configured:?}; \
          use --cluster-name {recorded} or another --data-dir"
     )]
-    ClusterNameMismatch {
-        path: std::path::PathBuf,
-        recorded: String,
-        configured: String,
-    },
+    ClusterNameMismatch { path: std::path::PathBuf, recorded: String, configured: String },
     #[error(transparent)]
     Shard(#[from] RaftNodeError),
     #[error("cluster init: {0}")]
     Init(crate::api::ApiError),
+    #[error("join refused: {0}")]
+    JoinRefused(String),
+    #[error("--join tickets name different clusters ({0} and {1}); give tickets of one cluster")]
+    JoinTicketsDisagree(ClusterId, ClusterId),
+    #[error("invalid --join ticket: {0}")]
+    JoinTicket(crate::api::TicketError),
 }
 
 /// What every shard of a node shares.
@@ -103,20 +102,13 @@ impl BaseNodeResources {
 /// Creates the data dir, identity, endpoint, metadata store and Raft network of a node.
 pub async fn bootstrap_base_node(config: NodeConfig) -> Result<BaseNodeResources, BootstrapError> {
     let dir = config.data_dir.clone();
-    std::fs::create_dir_all(&dir).map_err(|source| BootstrapError::DataDir {
-        path: dir.clone(),
-        source,
-    })?;
+    std::fs::create_dir_all(&dir).map_err(|source| BootstrapError::DataDir { path: dir.clone(), source })?;
     let secret_key = load_or_create_key(&dir)?;
     let metadata_store = Arc::new(MetadataStore::open(&dir.join("metadata.db")).map_err(BootstrapError::Metadata)?);
     let identity = metadata_store.identity().map_err(BootstrapError::Metadata)?;
     if let Some(id) = &identity {
         if id.node_id != config.node_id {
-            return Err(BootstrapError::NodeIdMismatch {
-                path: dir,
-                recorded: id.node_id,
-                configured: config.node_id,
-            });
+            return Err(BootstrapError::NodeIdMismatch { path: dir, recorded: id.node_id, configured: config.node_id });
         }
         if id.cluster_name != config.cluster_name {
             return Err(BootstrapError::ClusterNameMismatch {
@@ -131,9 +123,8 @@ pub async fn bootstrap_base_node(config: NodeConfig) -> Result<BaseNodeResources
     let peers = PeerBook::new(lookup);
     let connect_timeout = Duration::from_millis(config.raft.election_timeout_min_ms.max(1000));
     let pool = ConnectionPool::new(endpoint.clone(), peers.clone(), connect_timeout);
-    let cluster_id: SharedClusterId = Arc::new(std::sync::RwLock::new(
-        identity.as_ref().map(|i| i.cluster_id).unwrap_or_default(),
-    ));
+    let cluster_id: SharedClusterId =
+        Arc::new(std::sync::RwLock::new(identity.as_ref().map(|i| i.cluster_id).unwrap_or_default()));
     let network_factory = IrohNetworkFactory::new(pool.clone(), cluster_id.clone(), None);
     Ok(BaseNodeResources {
         config,
@@ -204,32 +195,80 @@ pub async fn bootstrap_node(config: NodeConfig) -> Result<NodeHandle, BootstrapE
         base.cluster_id.clone(),
         base.member(),
         base.ticket(),
+        base.pool.clone(),
     ));
     let registry = ShardRegistry::default();
     registry.insert(0, shard0.raft().clone());
-    let client_handler = ClientProtocolHandler::new(
-        service.clone(),
-        config.max_client_frame(),
-        config.limits.request_timeout(),
-    );
+    let client_handler =
+        ClientProtocolHandler::new(service.clone(), config.max_client_frame(), config.limits.request_timeout());
     let raft_handler = RaftProtocolHandler::new(registry, base.cluster_id.clone(), false);
     let router = Router::builder(base.endpoint.clone())
         .accept(CLIENT_ALPN, client_handler)
         .accept(RAFT_ALPN, raft_handler)
         .spawn();
 
-    if base.identity.is_none() && !config.no_init && config.join.is_empty() {
+    if base.identity.is_none() && !config.join.is_empty() {
+        join_cluster(&base, &service).await?;
+    } else if base.identity.is_none() && !config.no_init {
         service.init_cluster().await.map_err(BootstrapError::Init)?;
     }
-    service.write_ticket_file().map_err(|source| BootstrapError::DataDir {
-        path: config.data_dir.clone(),
-        source,
-    })?;
+    service.write_ticket_file().map_err(|source| BootstrapError::DataDir { path: config.data_dir.clone(), source })?;
     tracing::info!(node_id = config.node_id, ticket = %service.ticket(), "node is serving");
-    Ok(NodeHandle {
-        base,
-        shard0,
-        service,
-        router,
-    })
+    Ok(NodeHandle { base, shard0, service, router })
+}
+
+/// Joins the cluster named by the `--join` tickets: asks it (through any member; requests are
+/// forwarded to the leader) to add this node as a learner, catch it up and promote it. Retries
+/// with backoff while the cluster is unreachable; a refusal (wrong cluster, duplicate node id)
+/// ends the start-up with that message. This node never initializes a cluster of its own.
+async fn join_cluster(base: &BaseNodeResources, service: &NodeService) -> Result<(), BootstrapError> {
+    let config = &base.config;
+    let tickets: Vec<NodeTicket> = config
+        .join
+        .iter()
+        .map(|t| NodeTicket::decode(t))
+        .collect::<Result<_, _>>()
+        .map_err(BootstrapError::JoinTicket)?;
+    let cluster_id = tickets[0].cluster_id;
+    if let Some(other) = tickets.iter().find(|t| t.cluster_id != cluster_id) {
+        return Err(BootstrapError::JoinTicketsDisagree(cluster_id, other.cluster_id));
+    }
+    // Accept Raft messages of that cluster from now on: the leader starts replicating to us
+    // while it handles the join.
+    *base.cluster_id.write().unwrap_or_else(|p| p.into_inner()) = cluster_id;
+    let me = base.member();
+    let request = JoinRequest {
+        cluster_id,
+        cluster_name: config.cluster_name.clone(),
+        node_id: config.node_id,
+        endpoint_id: me.endpoint_id,
+        addrs: me.addrs,
+        num_shards: 1,
+    };
+    // Joining waits for this node to catch up, which can take longer than one request.
+    let timeout = config.limits.request_timeout().max(Duration::from_secs(60));
+    let client = AspenClient::connect(tickets, timeout)
+        .await
+        .map_err(|e| BootstrapError::JoinRefused(format!("cannot create client: {e}")))?;
+    let mut backoff = Duration::from_millis(500);
+    let result = loop {
+        match client.request(ClientRequest::Join(request.clone())).await {
+            Ok(ClientResponse::Joined(info)) => break Ok(info),
+            Ok(other) => break Err(BootstrapError::JoinRefused(format!("unexpected answer {other:?}"))),
+            Err(ClientError::Api(ApiError::Refused(msg))) => break Err(BootstrapError::JoinRefused(msg)),
+            Err(ClientError::Api(e @ (ApiError::InvalidRequest(_) | ApiError::UnsupportedVersion { .. }))) => {
+                break Err(BootstrapError::JoinRefused(e.to_string()))
+            }
+            Err(e) => {
+                tracing::warn!("join not done yet ({e}); retrying in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    };
+    client.close().await;
+    let info = result?;
+    service.adopt_identity(&info).map_err(BootstrapError::Init)?;
+    tracing::info!(cluster_id = %info.cluster_id, "joined the cluster");
+    Ok(())
 }

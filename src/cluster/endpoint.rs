@@ -13,7 +13,7 @@ use std::{
 
 use iroh::{
     address_lookup::MemoryLookup,
-    endpoint::{presets, PortmapperConfig, QuicTransportConfig},
+    endpoint::{presets, IdleTimeout, PortmapperConfig, QuicTransportConfig},
     Endpoint, NetReportConfig, RelayMode, SecretKey,
 };
 
@@ -33,10 +33,7 @@ pub fn load_or_create_key(data_dir: &Path) -> Result<SecretKey, EndpointError> {
     let path = data_dir.join("node.key");
     match std::fs::read(&path) {
         Ok(bytes) => {
-            let arr: [u8; 32] = bytes
-                .as_slice()
-                .try_into()
-                .map_err(|_| EndpointError::KeyCorrupt(path.clone()))?;
+            let arr: [u8; 32] = bytes.as_slice().try_into().map_err(|_| EndpointError::KeyCorrupt(path.clone()))?;
             Ok(SecretKey::from_bytes(&arr))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -80,11 +77,15 @@ pub fn write_file_atomic(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// The QUIC transport settings every Aspen endpoint uses.
+/// The QUIC transport settings every Aspen endpoint uses. Keep-alives every second and a
+/// 6-second idle timeout let both nodes and clients notice a dead peer quickly (a request on a
+/// connection to a killed node fails instead of hanging), which drives failover.
 fn transport_config() -> QuicTransportConfig {
+    let idle = IdleTimeout::try_from(std::time::Duration::from_secs(6)).ok();
     QuicTransportConfig::builder()
         .max_concurrent_bidi_streams(1024u32.into())
-        .keep_alive_interval(std::time::Duration::from_secs(5))
+        .keep_alive_interval(std::time::Duration::from_secs(1))
+        .max_idle_timeout(idle)
         .build()
 }
 
@@ -95,10 +96,7 @@ pub async fn bind_endpoint(
     secret_key: Option<SecretKey>,
     lookup: MemoryLookup,
 ) -> Result<Endpoint, EndpointError> {
-    let bind_err = |message: String| EndpointError::Bind {
-        addr: bind_addr,
-        message,
-    };
+    let bind_err = |message: String| EndpointError::Bind { addr: bind_addr, message };
     let mut builder = Endpoint::builder(presets::Minimal)
         .relay_mode(RelayMode::Disabled)
         .clear_address_lookup()
@@ -121,13 +119,7 @@ pub fn listening_addrs(endpoint: &Endpoint, bind_addr: SocketAddr) -> Vec<Socket
     let mut addrs: Vec<SocketAddr> = bound
         .into_iter()
         .filter(|a| a.is_ipv4() == bind_addr.is_ipv4())
-        .map(|a| {
-            if a.ip().is_unspecified() {
-                SocketAddr::new(bind_addr.ip(), a.port())
-            } else {
-                a
-            }
-        })
+        .map(|a| if a.ip().is_unspecified() { SocketAddr::new(bind_addr.ip(), a.port()) } else { a })
         .collect();
     if addrs.is_empty() {
         addrs.push(bind_addr);

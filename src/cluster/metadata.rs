@@ -96,12 +96,8 @@ mod tests {
         let path = dir.path().join("metadata.db");
         let store = MetadataStore::open(&path).unwrap();
         assert_eq!(store.identity().unwrap(), None);
-        let id = ClusterIdentity {
-            cluster_id: ClusterId::random(),
-            cluster_name: "c".into(),
-            node_id: 4,
-            num_shards: 1,
-        };
+        let id =
+            ClusterIdentity { cluster_id: ClusterId::random(), cluster_name: "c".into(), node_id: 4, num_shards: 1 };
         store.set_identity(&id).unwrap();
         drop(store);
         assert_eq!(MetadataStore::open(&path).unwrap().identity().unwrap(), Some(id));

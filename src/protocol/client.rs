@@ -21,7 +21,7 @@ use crate::api::{
 /// What answers client requests (implemented by the cluster layer).
 pub trait ClientService: Send + Sync + std::fmt::Debug + 'static {
     /// Answers one request. `hops` counts how often it was forwarded already.
-    fn handle(&self, request: ClientRequest) -> impl Future<Output = ClientResult> + Send;
+    fn handle(&self, request: ClientRequest, hops: u8) -> impl Future<Output = ClientResult> + Send;
 }
 
 /// QUIC error code used when this node resets a stream whose frame it will not read.
@@ -38,12 +38,7 @@ pub struct ClientProtocolHandler<S> {
 
 impl<S: ClientService> ClientProtocolHandler<S> {
     pub fn new(service: Arc<S>, max_frame: usize, drain_timeout: Duration) -> Self {
-        ClientProtocolHandler {
-            service,
-            max_frame,
-            tracker: TaskTracker::new(),
-            drain_timeout,
-        }
+        ClientProtocolHandler { service, max_frame, tracker: TaskTracker::new(), drain_timeout }
     }
 }
 
@@ -73,23 +68,15 @@ impl<S: ClientService> ProtocolHandler for ClientProtocolHandler<S> {
 
     async fn shutdown(&self) {
         self.tracker.close();
-        if tokio::time::timeout(self.drain_timeout, self.tracker.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                "client requests still running after {:?}; stopping anyway",
-                self.drain_timeout
-            );
+        if tokio::time::timeout(self.drain_timeout, self.tracker.wait()).await.is_err() {
+            tracing::warn!("client requests still running after {:?}; stopping anyway", self.drain_timeout);
         }
     }
 }
 
 async fn reply(send: &mut SendStream, result: &ClientResult) -> Result<(), FrameError> {
     let bytes = encode_frame(result)?;
-    send.write_all(&bytes)
-        .await
-        .map_err(|e| FrameError::Io(std::io::Error::other(e)))?;
+    send.write_all(&bytes).await.map_err(|e| FrameError::Io(std::io::Error::other(e)))?;
     send.finish().map_err(|e| FrameError::Io(std::io::Error::other(e)))?;
     Ok(())
 }
@@ -97,11 +84,10 @@ async fn reply(send: &mut SendStream, result: &ClientResult) -> Result<(), Frame
 async fn serve_stream<S: ClientService>(service: Arc<S>, mut send: SendStream, mut recv: RecvStream, max_frame: usize) {
     let result: ClientResult = match read_frame_bytes(&mut recv, max_frame).await {
         Ok(bytes) => match decode::<ClientEnvelope>(&bytes) {
-            Ok(env) if env.version != CLIENT_PROTOCOL_VERSION => Err(ApiError::UnsupportedVersion {
-                got: env.version,
-                supported: CLIENT_PROTOCOL_VERSION,
-            }),
-            Ok(env) => service.handle(env.request).await,
+            Ok(env) if env.version != CLIENT_PROTOCOL_VERSION => {
+                Err(ApiError::UnsupportedVersion { got: env.version, supported: CLIENT_PROTOCOL_VERSION })
+            }
+            Ok(env) => service.handle(env.request, env.hops).await,
             Err(e) => {
                 tracing::debug!("malformed client request: {e}");
                 Err(ApiError::InvalidRequest(format!("malformed request frame: {e}")))
@@ -109,11 +95,7 @@ async fn serve_stream<S: ClientService>(service: Arc<S>, mut send: SendStream, m
         },
         Err(FrameError::TooLarge { size, limit }) => {
             let _ = recv.stop(STREAM_REFUSED.into());
-            Err(ApiError::TooLarge {
-                what: "request frame".into(),
-                size: size as u64,
-                limit: limit as u64,
-            })
+            Err(ApiError::TooLarge { what: "request frame".into(), size: size as u64, limit: limit as u64 })
         }
         Err(FrameError::Truncated) => Err(ApiError::InvalidRequest("truncated request frame".into())),
         Err(e) => {
@@ -124,4 +106,35 @@ async fn serve_stream<S: ClientService>(service: Arc<S>, mut send: SendStream, m
     if let Err(e) = reply(&mut send, &result).await {
         tracing::debug!("could not send client response: {e}");
     }
+}
+
+/// Sends one request to another node over a pooled connection (forwarding, fan-out, membership
+/// handshakes). Transport failures come back as `Err(message)`; the peer's answer as `Ok`.
+pub async fn send_request(
+    pool: &crate::raft::network::ConnectionPool,
+    addr: &iroh::EndpointAddr,
+    hops: u8,
+    request: ClientRequest,
+    timeout: Duration,
+) -> Result<ClientResult, String> {
+    let frame =
+        encode_frame(&ClientEnvelope { version: CLIENT_PROTOCOL_VERSION, hops, request }).map_err(|e| e.to_string())?;
+    let alpn = crate::api::CLIENT_ALPN;
+    let exchange = async {
+        let conn = pool.get(addr, alpn).await.map_err(|e| e.to_string())?;
+        let result = async {
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            send.write_all(&frame).await.map_err(|e| e.to_string())?;
+            send.finish().map_err(|e| e.to_string())?;
+            crate::api::frame::read_frame::<_, ClientResult>(&mut recv, crate::api::MAX_FRAME_BYTES)
+                .await
+                .map_err(|e| e.to_string())
+        }
+        .await;
+        if result.is_err() && conn.close_reason().is_some() {
+            pool.invalidate(addr.id, alpn);
+        }
+        result
+    };
+    tokio::time::timeout(timeout, exchange).await.map_err(|_| format!("timed out after {timeout:?}"))?
 }

@@ -35,31 +35,18 @@ pub struct ShardRegistry {
 
 impl std::fmt::Debug for ShardRegistry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let shards: Vec<ShardId> = self
-            .shards
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .copied()
-            .collect();
+        let shards: Vec<ShardId> = self.shards.read().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
         f.debug_struct("ShardRegistry").field("shards", &shards).finish()
     }
 }
 
 impl ShardRegistry {
     pub fn insert(&self, shard: ShardId, raft: Raft) {
-        self.shards
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(shard, raft);
+        self.shards.write().unwrap_or_else(|p| p.into_inner()).insert(shard, raft);
     }
 
     pub fn get(&self, shard: ShardId) -> Option<Raft> {
-        self.shards
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&shard)
-            .cloned()
+        self.shards.read().unwrap_or_else(|p| p.into_inner()).get(&shard).cloned()
     }
 }
 
@@ -73,11 +60,7 @@ pub struct RaftProtocolHandler {
 
 impl RaftProtocolHandler {
     pub fn new(registry: ShardRegistry, cluster_id: SharedClusterId, prefixed: bool) -> Self {
-        RaftProtocolHandler {
-            registry,
-            cluster_id,
-            prefixed,
-        }
+        RaftProtocolHandler { registry, cluster_id, prefixed }
     }
 }
 
@@ -134,10 +117,7 @@ impl RaftProtocolHandler {
             return RaftResponse::Refused(RaftRefusal::NotReady);
         }
         if env.cluster_id != expected {
-            return RaftResponse::Refused(RaftRefusal::WrongCluster {
-                expected,
-                got: env.cluster_id,
-            });
+            return RaftResponse::Refused(RaftRefusal::WrongCluster { expected, got: env.cluster_id });
         }
         let Some(raft) = self.registry.get(shard) else {
             return RaftResponse::Refused(RaftRefusal::UnknownShard(shard));

@@ -41,10 +41,7 @@ impl RedbLogStore {
         txn.open_table(LOG)?;
         txn.open_table(META)?;
         txn.commit()?;
-        Ok(RedbLogStore {
-            db: Arc::new(db),
-            max_batch_bytes,
-        })
+        Ok(RedbLogStore { db: Arc::new(db), max_batch_bytes })
     }
 
     fn read_meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StorageError> {
@@ -118,8 +115,7 @@ impl RaftLogReader<TypeConfig> for RedbLogStore {
     }
 
     async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> Result<Vec<Entry>, OpenraftStorageError> {
-        self.read_range(start..end, Some(self.max_batch_bytes))
-            .map_err(|e| logs_err(ErrorVerb::Read, e))
+        self.read_range(start..end, Some(self.max_batch_bytes)).map_err(|e| logs_err(ErrorVerb::Read, e))
     }
 }
 
@@ -127,17 +123,9 @@ impl RaftLogStorage<TypeConfig> for RedbLogStore {
     type LogReader = RedbLogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, OpenraftStorageError> {
-        let last_purged: Option<LogId> = self
-            .read_meta(KEY_LAST_PURGED)
-            .map_err(|e| logs_err(ErrorVerb::Read, e))?;
-        let last = self
-            .last_entry_id()
-            .map_err(|e| logs_err(ErrorVerb::Read, e))?
-            .or(last_purged);
-        Ok(LogState {
-            last_purged_log_id: last_purged,
-            last_log_id: last,
-        })
+        let last_purged: Option<LogId> = self.read_meta(KEY_LAST_PURGED).map_err(|e| logs_err(ErrorVerb::Read, e))?;
+        let last = self.last_entry_id().map_err(|e| logs_err(ErrorVerb::Read, e))?.or(last_purged);
+        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -151,8 +139,7 @@ impl RaftLogStorage<TypeConfig> for RedbLogStore {
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, OpenraftStorageError> {
-        self.read_meta(KEY_VOTE)
-            .map_err(|e| to_raft_err(ErrorSubject::Vote, ErrorVerb::Read, e))
+        self.read_meta(KEY_VOTE).map_err(|e| to_raft_err(ErrorSubject::Vote, ErrorVerb::Read, e))
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), OpenraftStorageError> {
@@ -162,9 +149,8 @@ impl RaftLogStorage<TypeConfig> for RedbLogStore {
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, OpenraftStorageError> {
-        let c: Option<Option<LogId>> = self
-            .read_meta(KEY_COMMITTED)
-            .map_err(|e| to_raft_err(ErrorSubject::Store, ErrorVerb::Read, e))?;
+        let c: Option<Option<LogId>> =
+            self.read_meta(KEY_COMMITTED).map_err(|e| to_raft_err(ErrorSubject::Store, ErrorVerb::Read, e))?;
         Ok(c.flatten())
     }
 

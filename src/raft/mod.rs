@@ -62,10 +62,7 @@ impl fmt::Display for MemberNode {
 impl MemberNode {
     pub fn endpoint_addr(&self) -> Option<iroh::EndpointAddr> {
         let id = iroh::EndpointId::from_bytes(&self.endpoint_id).ok()?;
-        Some(iroh::EndpointAddr::from_parts(
-            id,
-            self.addrs.iter().copied().map(iroh::TransportAddr::Ip),
-        ))
+        Some(iroh::EndpointAddr::from_parts(id, self.addrs.iter().copied().map(iroh::TransportAddr::Ip)))
     }
 }
 

@@ -88,12 +88,7 @@ pub struct ConnectionPool {
 
 impl ConnectionPool {
     pub fn new(endpoint: Endpoint, peers: PeerBook, connect_timeout: Duration) -> Self {
-        ConnectionPool {
-            endpoint,
-            peers,
-            slots: Default::default(),
-            connect_timeout,
-        }
+        ConnectionPool { endpoint, peers, slots: Default::default(), connect_timeout }
     }
 
     pub fn endpoint(&self) -> &Endpoint {
@@ -120,14 +115,8 @@ impl ConnectionPool {
         let peer = addr.id.fmt_short().to_string();
         let conn = tokio::time::timeout(self.connect_timeout, self.endpoint.connect(addr.clone(), alpn))
             .await
-            .map_err(|_| NetworkError::Connect {
-                peer: peer.clone(),
-                message: "timed out".into(),
-            })?
-            .map_err(|e| NetworkError::Connect {
-                peer,
-                message: e.to_string(),
-            })?;
+            .map_err(|_| NetworkError::Connect { peer: peer.clone(), message: "timed out".into() })?
+            .map_err(|e| NetworkError::Connect { peer, message: e.to_string() })?;
         *guard = Some(conn.clone());
         Ok(conn)
     }
@@ -153,11 +142,7 @@ pub struct IrohNetworkFactory {
 
 impl IrohNetworkFactory {
     pub fn new(pool: ConnectionPool, cluster_id: SharedClusterId, shard: Option<ShardId>) -> Self {
-        IrohNetworkFactory {
-            pool,
-            cluster_id,
-            shard,
-        }
+        IrohNetworkFactory { pool, cluster_id, shard }
     }
 }
 
@@ -165,11 +150,7 @@ impl RaftNetworkFactory<TypeConfig> for IrohNetworkFactory {
     type Network = IrohNetwork;
 
     async fn new_client(&mut self, target: u64, node: &MemberNode) -> IrohNetwork {
-        IrohNetwork {
-            target,
-            addr: node.endpoint_addr(),
-            factory: self.clone(),
-        }
+        IrohNetwork { target, addr: node.endpoint_addr(), factory: self.clone() }
     }
 }
 
@@ -183,11 +164,7 @@ pub struct IrohNetwork {
 impl IrohNetwork {
     async fn call(&self, request: RaftRequest, ttl: Duration) -> Result<RaftResponse, NetworkError> {
         let addr = self.addr.as_ref().ok_or(NetworkError::NoAddress)?;
-        let alpn: &'static [u8] = if self.factory.shard.is_some() {
-            RAFT_SHARDED_ALPN
-        } else {
-            RAFT_ALPN
-        };
+        let alpn: &'static [u8] = if self.factory.shard.is_some() { RAFT_SHARDED_ALPN } else { RAFT_ALPN };
         let cluster_id = *self.factory.cluster_id.read().unwrap_or_else(|p| p.into_inner());
         let mut frame = Vec::new();
         if let Some(shard) = self.factory.shard {
@@ -199,9 +176,7 @@ impl IrohNetwork {
             let conn = pool.get(addr, alpn).await?;
             let result = async {
                 let (mut send, mut recv) = conn.open_bi().await.map_err(|e| NetworkError::Stream(e.to_string()))?;
-                send.write_all(&frame)
-                    .await
-                    .map_err(|e| NetworkError::Stream(e.to_string()))?;
+                send.write_all(&frame).await.map_err(|e| NetworkError::Stream(e.to_string()))?;
                 send.finish().map_err(|e| NetworkError::Stream(e.to_string()))?;
                 let resp: RaftResponse = read_frame(&mut recv, MAX_FRAME_BYTES).await?;
                 Ok::<_, NetworkError>(resp)
@@ -212,9 +187,7 @@ impl IrohNetwork {
             }
             result
         };
-        let resp = tokio::time::timeout(ttl, exchange)
-            .await
-            .map_err(|_| NetworkError::Timeout(ttl))??;
+        let resp = tokio::time::timeout(ttl, exchange).await.map_err(|_| NetworkError::Timeout(ttl))??;
         if let RaftResponse::Refused(r) = resp {
             tracing::warn!(target = self.target, "raft request refused by peer: {r}");
             return Err(NetworkError::Refused(r));
@@ -238,11 +211,7 @@ impl RaftNetwork<TypeConfig> for IrohNetwork {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, MemberNode, RaftError<u64>>> {
-        match self
-            .call(RaftRequest::AppendEntries(rpc), option.hard_ttl())
-            .await
-            .map_err(rpc_err)?
-        {
+        match self.call(RaftRequest::AppendEntries(rpc), option.hard_ttl()).await.map_err(rpc_err)? {
             RaftResponse::AppendEntries(r) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
             _ => Err(rpc_err(NetworkError::UnexpectedResponse)),
         }
@@ -253,11 +222,7 @@ impl RaftNetwork<TypeConfig> for IrohNetwork {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<InstallSnapshotResponse<u64>, RPCError<u64, MemberNode, RaftError<u64, InstallSnapshotError>>> {
-        match self
-            .call(RaftRequest::InstallSnapshot(rpc), option.hard_ttl())
-            .await
-            .map_err(rpc_err)?
-        {
+        match self.call(RaftRequest::InstallSnapshot(rpc), option.hard_ttl()).await.map_err(rpc_err)? {
             RaftResponse::InstallSnapshot(r) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
             _ => Err(rpc_err(NetworkError::UnexpectedResponse)),
         }
@@ -268,11 +233,7 @@ impl RaftNetwork<TypeConfig> for IrohNetwork {
         rpc: VoteRequest<u64>,
         option: RPCOption,
     ) -> Result<VoteResponse<u64>, RPCError<u64, MemberNode, RaftError<u64>>> {
-        match self
-            .call(RaftRequest::Vote(rpc), option.hard_ttl())
-            .await
-            .map_err(rpc_err)?
-        {
+        match self.call(RaftRequest::Vote(rpc), option.hard_ttl()).await.map_err(rpc_err)? {
             RaftResponse::Vote(r) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
             _ => Err(rpc_err(NetworkError::UnexpectedResponse)),
         }

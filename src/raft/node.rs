@@ -14,8 +14,8 @@ use std::{
 };
 
 use openraft::{
-    error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError},
-    Config, ServerState, SnapshotPolicy,
+    error::{ChangeMembershipError, CheckIsLeaderError, ClientWriteError, InitializeError, RaftError},
+    ChangeMembers, Config, ServerState, SnapshotPolicy,
 };
 
 use super::{
@@ -53,18 +53,12 @@ pub struct RaftNode {
 
 impl std::fmt::Debug for RaftNode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RaftNode")
-            .field("shard", &self.shard)
-            .field("raft_id", &self.raft_id)
-            .finish()
+        f.debug_struct("RaftNode").field("shard", &self.shard).field("raft_id", &self.raft_id).finish()
     }
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// Builds the openraft config of one shard from the node's Raft settings.
@@ -105,17 +99,8 @@ impl RaftNode {
         let reader = sm.reader();
         let raft = Raft::new(raft_id, Arc::new(config), network, log, sm)
             .await
-            .map_err(|e| RaftNodeError::Start {
-                shard,
-                message: e.to_string(),
-            })?;
-        Ok(RaftNode {
-            shard,
-            raft_id,
-            raft,
-            reader,
-            request_timeout,
-        })
+            .map_err(|e| RaftNodeError::Start { shard, message: e.to_string() })?;
+        Ok(RaftNode { shard, raft_id, raft, reader, request_timeout })
     }
 
     pub fn shard(&self) -> ShardId {
@@ -141,12 +126,7 @@ impl RaftNode {
     /// Initializes a new group with the given members (Raft ids → addresses). Returns `false`
     /// if the group was initialized before (a restart), `true` if this call initialized it.
     pub async fn initialize(&self, members: BTreeMap<u64, MemberNode>) -> Result<bool, ApiError> {
-        if self
-            .raft
-            .is_initialized()
-            .await
-            .map_err(|e| ApiError::Unavailable(e.to_string()))?
-        {
+        if self.raft.is_initialized().await.map_err(|e| ApiError::Unavailable(e.to_string()))? {
             return Ok(false);
         }
         match self.raft.initialize(members).await {
@@ -158,11 +138,21 @@ impl RaftNode {
 
     /// The node id (not Raft id) that leads this shard, as this node knows it.
     pub fn leader(&self) -> Option<NodeId> {
-        self.raft
-            .metrics()
-            .borrow()
-            .current_leader
-            .map(|id| split_raft_id(id).1)
+        self.raft.metrics().borrow().current_leader.map(|id| split_raft_id(id).1)
+    }
+
+    /// Resolves once this node believes the shard's leader is no longer `node_id` (a new
+    /// election happened, or this node lost track of it).
+    pub async fn leader_changed_from(&self, node_id: NodeId) {
+        let mut rx = self.raft.metrics();
+        loop {
+            if rx.borrow_and_update().current_leader.map(|id| split_raft_id(id).1) != Some(node_id) {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
     }
 
     /// Waits until some leader is known or the deadline passes.
@@ -205,8 +195,9 @@ impl RaftNode {
                             self.request_timeout.as_millis()
                         )));
                     }
-                    // A leader may be known but this node's view still settling; do not spin.
-                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    // A leader may be known but its view still settling, or a membership change
+                    // still committing: do not spin.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
         }
@@ -215,11 +206,7 @@ impl RaftNode {
     /// Proposes a write and waits for its outcome (applied on this node, committed on a quorum).
     pub async fn write(&self, session: WriteSession, command: WriteCommand) -> Result<WriteOutcome, ApiError> {
         self.with_leader(|| {
-            let req = WriteRequest {
-                session,
-                command: command.clone(),
-                timestamp_ms: now_ms(),
-            };
+            let req = WriteRequest { session, command: command.clone(), timestamp_ms: now_ms() };
             async move {
                 match self.raft.client_write(req).await {
                     Ok(resp) => match resp.data {
@@ -227,10 +214,7 @@ impl RaftNode {
                         ApplyResult(None) => Err(ApiError::Internal("write produced no outcome".into())),
                     },
                     Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => match f.leader_id {
-                        Some(id) => Err(ApiError::NotLeader {
-                            leader: Some(split_raft_id(id).1),
-                            leader_ticket: None,
-                        }),
+                        Some(id) => Err(ApiError::NotLeader { leader: Some(split_raft_id(id).1), leader_ticket: None }),
                         None => Ok(None),
                     },
                     Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
@@ -243,16 +227,43 @@ impl RaftNode {
         .await
     }
 
+    /// Adds (or updates) a learner and waits until it has caught up with the leader's log.
+    pub async fn add_learner(&self, raft_id: u64, member: MemberNode) -> Result<(), ApiError> {
+        self.with_leader(|| {
+            let member = member.clone();
+            async move { map_membership(self.raft.add_learner(raft_id, member, true).await) }
+        })
+        .await
+    }
+
+    /// Applies a membership change (promote learners, remove voters or nodes).
+    pub async fn change_membership(&self, change: ChangeMembers<u64, MemberNode>) -> Result<(), ApiError> {
+        self.with_leader(|| {
+            let change = change.clone();
+            async move { map_membership(self.raft.change_membership(change, false).await) }
+        })
+        .await
+    }
+
+    /// Every member of this shard: Raft id, address, and whether it votes.
+    pub fn members(&self) -> Vec<(u64, MemberNode, bool)> {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        let voters: std::collections::BTreeSet<u64> = m.membership().voter_ids().collect();
+        m.nodes().map(|(id, node)| (*id, node.clone(), voters.contains(id))).collect()
+    }
+
+    /// The address of a member, by Raft id.
+    pub fn member(&self, raft_id: u64) -> Option<MemberNode> {
+        self.raft.metrics().borrow().membership_config.nodes().find(|(id, _)| **id == raft_id).map(|(_, n)| n.clone())
+    }
+
     /// Confirms leadership with a quorum and waits until the state machine caught up with it.
     pub async fn ensure_linearizable(&self) -> Result<(), ApiError> {
         self.with_leader(|| async {
             match self.raft.ensure_linearizable().await {
                 Ok(_) => Ok(Some(())),
                 Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => match f.leader_id {
-                    Some(id) => Err(ApiError::NotLeader {
-                        leader: Some(split_raft_id(id).1),
-                        leader_ticket: None,
-                    }),
+                    Some(id) => Err(ApiError::NotLeader { leader: Some(split_raft_id(id).1), leader_ticket: None }),
                     None => Ok(None),
                 },
                 Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => {
@@ -269,9 +280,7 @@ impl RaftNode {
         if consistency == ReadConsistency::Linearizable {
             self.ensure_linearizable().await?;
         }
-        self.reader
-            .get(key)
-            .map_err(|e| ApiError::Internal(format!("read shard {}: {e}", self.shard)))
+        self.reader.get(key).map_err(|e| ApiError::Internal(format!("read shard {}: {e}", self.shard)))
     }
 
     /// Reads one page of a scan; `page_limit` caps the page size.
@@ -311,6 +320,22 @@ impl RaftNode {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(shard = self.shard, "raft shutdown: {e}");
         }
+    }
+}
+
+fn map_membership<T>(r: Result<T, RaftError<u64, ClientWriteError<u64, MemberNode>>>) -> Result<Option<()>, ApiError> {
+    match r {
+        Ok(_) => Ok(Some(())),
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => match f.leader_id {
+            Some(id) => Err(ApiError::NotLeader { leader: Some(split_raft_id(id).1), leader_ticket: None }),
+            None => Ok(None),
+        },
+        // Another change is still being committed: wait and try again (until the timeout).
+        Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(ChangeMembershipError::InProgress(_)))) => {
+            Ok(None)
+        }
+        Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => Err(ApiError::Refused(e.to_string())),
+        Err(RaftError::Fatal(f)) => Err(ApiError::Unavailable(f.to_string())),
     }
 }
 
@@ -366,10 +391,7 @@ pub fn scan_local(reader: &StateReader, req: &ScanRequest, page_limit: usize) ->
     let (lower, upper) = scan_bounds(req);
     if let (Bound::Excluded(l) | Bound::Included(l), Bound::Excluded(u)) = (&lower, &upper) {
         if l >= u {
-            return Ok(ScanPage {
-                entries: Vec::new(),
-                continuation: None,
-            });
+            return Ok(ScanPage { entries: Vec::new(), continuation: None });
         }
     }
     let mut entries = reader.range(bound_ref(&lower), bound_ref(&upper), limit + 1)?;

@@ -170,10 +170,7 @@ impl RedbStateMachine {
         txn.open_table(SESSION_AGE)?;
         txn.open_table(META)?;
         txn.commit()?;
-        let dir = path
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("."));
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
         Ok(RedbStateMachine { db: Arc::new(db), dir })
     }
 
@@ -260,28 +257,16 @@ fn apply_write(
             let deleted = kv.remove(key.as_slice())?.is_some();
             WriteOutcome::Delete { revision, deleted }
         }
-        WriteCommand::Cas {
-            key,
-            expected,
-            new_value,
-        } => {
+        WriteCommand::Cas { key, expected, new_value } => {
             let current: Option<Vec<u8>> = match kv.get(key.as_slice())? {
                 Some(v) => Some(postcard::from_bytes::<StoredValue>(v.value())?.value),
                 None => None,
             };
             if current == expected {
                 put(kv, &key, new_value, revision)?;
-                WriteOutcome::Cas {
-                    revision,
-                    succeeded: true,
-                    current: None,
-                }
+                WriteOutcome::Cas { revision, succeeded: true, current: None }
             } else {
-                WriteOutcome::Cas {
-                    revision,
-                    succeeded: false,
-                    current,
-                }
+                WriteOutcome::Cas { revision, succeeded: false, current }
             }
         }
         WriteCommand::Batch { ops } => {
@@ -299,11 +284,7 @@ fn apply_write(
     if let Some(prev) = &previous {
         ages.remove((prev.last_seen_ms, client))?;
     }
-    let record = SessionRecord {
-        seq: req.session.seq,
-        outcome: outcome.clone(),
-        last_seen_ms: req.timestamp_ms,
-    };
+    let record = SessionRecord { seq: req.session.seq, outcome: outcome.clone(), last_seen_ms: req.timestamp_ms };
     sessions.insert(client, postcard::to_stdvec(&record)?.as_slice())?;
     ages.insert((req.timestamp_ms, client), ())?;
     Ok(outcome)
@@ -315,18 +296,10 @@ fn put(kv: &mut KvTable<'_>, key: &[u8], value: Vec<u8>, revision: u64) -> Resul
         None => None,
     };
     let stored = match old {
-        Some(o) => StoredValue {
-            value,
-            create_revision: o.create_revision,
-            mod_revision: revision,
-            version: o.version + 1,
-        },
-        None => StoredValue {
-            value,
-            create_revision: revision,
-            mod_revision: revision,
-            version: 1,
-        },
+        Some(o) => {
+            StoredValue { value, create_revision: o.create_revision, mod_revision: revision, version: o.version + 1 }
+        }
+        None => StoredValue { value, create_revision: revision, mod_revision: revision, version: 1 },
     };
     kv.insert(key, postcard::to_stdvec(&stored)?.as_slice())?;
     Ok(())
@@ -361,11 +334,7 @@ fn read_snapshot_payload(db: &redb::Database) -> Result<(Option<LogId>, StoredMe
     let last_applied: Option<LogId> = read_meta(&meta, KEY_LAST_APPLIED)?;
     let membership: StoredMembership = read_meta(&meta, KEY_MEMBERSHIP)?.unwrap_or_default();
     let clock_ms: u64 = read_meta(&meta, KEY_CLOCK)?.unwrap_or(0);
-    let mut payload = SnapshotPayload {
-        kv: Vec::new(),
-        sessions: Vec::new(),
-        clock_ms,
-    };
+    let mut payload = SnapshotPayload { kv: Vec::new(), sessions: Vec::new(), clock_ms };
     for item in txn.open_table(KV)?.iter()? {
         let (k, v) = item?;
         payload.kv.push((k.value().to_vec(), postcard::from_bytes(v.value())?));
@@ -461,21 +430,14 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 Some(l) => format!("{}-{}-{:016x}", l.leader_id.term, l.index, rand::random::<u64>()),
                 None => format!("empty-{:016x}", rand::random::<u64>()),
             };
-            let meta = SnapshotMeta {
-                last_log_id: last_applied,
-                last_membership: membership,
-                snapshot_id,
-            };
+            let meta = SnapshotMeta { last_log_id: last_applied, last_membership: membership, snapshot_id };
             let file = SnapshotFile { meta, data };
             write_snapshot_file(&dir, &file)?;
             Ok((file.meta, file.data))
         })
         .await
         .map_err(|e| snap_err(ErrorVerb::Write, e))?;
-        Ok(Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(data)),
-        })
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
 }
 
@@ -504,16 +466,11 @@ impl RaftStateMachine<TypeConfig> for RedbStateMachine {
             return Ok(Vec::new());
         }
         let db = self.db.clone();
-        blocking(move || apply_entries(&db, entries))
-            .await
-            .map_err(|e| sm_err(ErrorVerb::Write, e))
+        blocking(move || apply_entries(&db, entries)).await.map_err(|e| sm_err(ErrorVerb::Write, e))
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        SnapshotBuilder {
-            db: self.db.clone(),
-            dir: self.dir.clone(),
-        }
+        SnapshotBuilder { db: self.db.clone(), dir: self.dir.clone() }
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, OpenraftStorageError> {
@@ -539,12 +496,7 @@ impl RaftStateMachine<TypeConfig> for RedbStateMachine {
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, OpenraftStorageError> {
         let path = self.snapshot_path();
-        let file = blocking(move || read_snapshot_file(&path))
-            .await
-            .map_err(|e| snap_err(ErrorVerb::Read, e))?;
-        Ok(file.map(|f| Snapshot {
-            meta: f.meta,
-            snapshot: Box::new(Cursor::new(f.data)),
-        }))
+        let file = blocking(move || read_snapshot_file(&path)).await.map_err(|e| snap_err(ErrorVerb::Read, e))?;
+        Ok(file.map(|f| Snapshot { meta: f.meta, snapshot: Box::new(Cursor::new(f.data)) }))
     }
 }

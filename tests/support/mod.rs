@@ -105,11 +105,7 @@ impl NodeProc {
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut c = self.child.take().expect("node running");
         let pid = c.id().to_string();
-        let ok = Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("run kill")
-            .success();
+        let ok = Command::new("kill").args(["-TERM", &pid]).status().expect("run kill").success();
         assert!(ok, "kill -TERM failed");
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -154,13 +150,7 @@ pub fn stderr(o: &Output) -> String {
 
 /// Asserts the exit code, printing stdout/stderr on mismatch.
 pub fn expect_code(o: &Output, code: i32, what: &str) {
-    assert_eq!(
-        o.status.code(),
-        Some(code),
-        "{what}: stdout={:?} stderr={:?}",
-        stdout(o),
-        stderr(o)
-    );
+    assert_eq!(o.status.code(), Some(code), "{what}: stdout={:?} stderr={:?}", stdout(o), stderr(o));
 }
 
 /// Runs `aspen-cli` with a custom `--timeout` (seconds).
