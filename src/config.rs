@@ -33,7 +33,8 @@ fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
 /// Raft timing and log-compaction settings (per shard).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RaftConfig {
-    /// Leader heartbeat interval.
+    /// Leader heartbeat interval. openraft 0.9 also uses it as the timeout of one AppendEntries
+    /// round trip, so it must cover sending `max_append_bytes` and the follower's fsync.
     pub heartbeat_interval_ms: u64,
     /// Lower bound of the randomized election timeout.
     pub election_timeout_min_ms: u64,
@@ -58,7 +59,7 @@ impl Default for RaftConfig {
             snapshot_threshold: 20_000,
             max_in_snapshot_log_to_keep: 1_000,
             max_append_entries: 512,
-            max_append_bytes: 8 * 1024 * 1024,
+            max_append_bytes: 1024 * 1024,
         }
     }
 }

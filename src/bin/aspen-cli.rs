@@ -77,7 +77,11 @@ enum ClusterCommand {
     /// Make a node started with --no-init a one-node cluster.
     Init,
     /// Add the node behind TICKET as a learner (it catches up, but does not vote).
-    AddLearner { ticket: String },
+    AddLearner {
+        /// The new member's ticket (its `node.ticket`).
+        #[arg(value_name = "TICKET")]
+        member_ticket: String,
+    },
     /// Make learner ID a voter.
     Promote { node_id: u64 },
     /// Remove node ID from the cluster.
@@ -321,8 +325,8 @@ async fn run(client: &AspenClient, cli: &Cli) -> Result<ExitCode, ClientError> {
                 }
             }
         }
-        Command::Cluster { command: ClusterCommand::AddLearner { ticket } } => {
-            let ticket = NodeTicket::decode(ticket)
+        Command::Cluster { command: ClusterCommand::AddLearner { member_ticket } } => {
+            let ticket = NodeTicket::decode(member_ticket)
                 .map_err(|e| ClientError::Api(ApiError::InvalidRequest(format!("ticket: {e}"))))?;
             print_membership(cli, &client.add_learner(&ticket).await?);
         }

@@ -49,7 +49,7 @@ impl NodeProc {
             .arg(&self.data_dir)
             .arg("--bind-addr")
             .arg(self.bind.to_string())
-            .args(["--heartbeat-interval-ms", "200", "--election-timeout-min-ms", "1500"])
+            .args(["--heartbeat-interval-ms", "400", "--election-timeout-min-ms", "1500"])
             .args(["--election-timeout-max-ms", "3000"])
             .args(&self.extra_args)
             .env_remove("ASPEN_TICKET")
@@ -164,4 +164,83 @@ pub fn cli_with_timeout(node: &NodeProc, secs: u32, args: &[&str]) -> Output {
         .env_remove("ASPEN_DATA_DIR")
         .output()
         .expect("run aspen-cli")
+}
+
+/// An in-process node: the real bootstrap, endpoint and storage, in this test's runtime.
+pub struct InProcNode {
+    pub config: aspen::NodeConfig,
+    pub handle: Option<aspen::cluster::NodeHandle>,
+}
+
+impl InProcNode {
+    /// Config for node `node_id` under `root`, on a fixed free port, with test-friendly timing.
+    pub fn config(root: &Path, node_id: u64) -> aspen::NodeConfig {
+        let mut c = aspen::NodeConfig {
+            node_id,
+            data_dir: root.join(format!("node-{node_id}")),
+            bind_addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            ..Default::default()
+        };
+        c.raft.heartbeat_interval_ms = 400;
+        c.raft.election_timeout_min_ms = 1500;
+        c.raft.election_timeout_max_ms = 3000;
+        c.limits.request_timeout_ms = 20_000;
+        c
+    }
+
+    pub async fn start(config: aspen::NodeConfig) -> Self {
+        let handle = aspen::cluster::bootstrap_node(config.clone()).await.expect("node starts");
+        InProcNode { config, handle: Some(handle) }
+    }
+
+    pub fn handle(&self) -> &aspen::cluster::NodeHandle {
+        self.handle.as_ref().expect("node running")
+    }
+
+    pub fn ticket(&self) -> NodeTicket {
+        self.handle().ticket()
+    }
+
+    pub fn status(&self) -> aspen::api::ShardStatus {
+        self.handle().shard0.status()
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            h.shutdown().await;
+        }
+    }
+
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        self.handle = Some(aspen::cluster::bootstrap_node(self.config.clone()).await.expect("node restarts"));
+    }
+
+    pub async fn client(&self) -> aspen::AspenClient {
+        aspen::AspenClient::connect(vec![self.ticket()], Duration::from_secs(30)).await.expect("client")
+    }
+}
+
+/// Polls `check` every 100 ms until it returns true or `secs` pass; panics with `what` then.
+pub async fn wait_until(secs: u64, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out after {secs} s waiting for: {what}");
+}
+
+/// Waits until every running node has applied the same index and agrees on one leader.
+pub async fn wait_converged(nodes: &[&InProcNode], secs: u64) {
+    wait_until(secs, "replicas converge", || {
+        let st: Vec<_> = nodes.iter().map(|n| n.status()).collect();
+        let leader = st[0].leader;
+        leader.is_some()
+            && st.iter().all(|s| s.leader == leader && s.last_applied == st[0].last_applied)
+            && st.iter().any(|s| s.role == "Leader" && s.last_log_index == s.last_applied)
+    })
+    .await;
 }
