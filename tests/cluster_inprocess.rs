@@ -4,10 +4,10 @@
 
 mod support;
 
-use std::{collections::BTreeMap, time::Duration};
+use std::collections::BTreeMap;
 
 use aspen::{
-    api::{ClusterId, ReadConsistency},
+    api::{ClientRequest, ClusterId, Id128, ReadConsistency, WriteCommand, WriteSession},
     cluster::{bootstrap_node, BootstrapError},
 };
 use support::{wait_converged, wait_until, InProcNode};
@@ -59,26 +59,37 @@ async fn three_nodes_replicate_fail_over_and_catch_up_by_snapshot() {
     for n in &nodes {
         assert_all_present(n, &acked, "after convergence").await;
     }
+
+    // Exactly-once: the same write (same session and sequence number) sent again, through
+    // another node, is answered with its first outcome and not applied a second time.
+    let session = WriteSession { client_id: Id128::random(), seq: 1 };
+    let write =
+        ClientRequest::Write { session, command: WriteCommand::Put { key: b"once".to_vec(), value: b"x".to_vec() } };
+    let first = clients[0].request(write.clone()).await.unwrap();
+    let again = clients[2].request(write).await.unwrap();
+    assert_eq!(first, again, "a retried write returns its first outcome");
+    let kv = clients[1].get("once").await.unwrap().unwrap();
+    assert_eq!(kv.version, 1, "the retry was not applied again");
+    acked.insert("once".into(), b"x".to_vec());
     for c in clients {
         c.close().await;
     }
 
-    // Stop the leader: a new one is elected and writes continue.
+    // A client that knows only the leader's ticket (and learns the rest from it).
     let old_leader = nodes[0].status().leader.unwrap();
     let li = nodes.iter().position(|n| n.config.node_id == old_leader).unwrap();
+    let client = nodes[li].client().await;
+    client.put("via-leader", "1").await.unwrap();
+    acked.insert("via-leader".into(), b"1".to_vec());
+
+    // Stop the leader: a new one is elected and writes continue, through the same client.
     nodes[li].stop().await;
     let survivors: Vec<usize> = (0..3).filter(|&i| i != li).collect();
-    let stopped_at = 0;
-    let _ = stopped_at;
     wait_until(60, "a new leader among the survivors", || {
         let s = nodes[survivors[0]].status();
         s.leader.is_some() && s.leader != Some(old_leader)
     })
     .await;
-    let client =
-        aspen::AspenClient::connect(survivors.iter().map(|&i| nodes[i].ticket()).collect(), Duration::from_secs(30))
-            .await
-            .unwrap();
     for i in 60..200 {
         let (k, v) = (format!("key/{i:03}"), format!("value-{i}").into_bytes());
         client.put(k.clone(), v.clone()).await.unwrap();
@@ -142,5 +153,42 @@ async fn refused_joins_leave_the_cluster_unaffected() {
     client.close().await;
     let (mut n1, mut n2) = (n1, n2);
     n2.stop().await;
+    n1.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn raft_messages_from_another_cluster_are_refused() {
+    use aspen::raft::{network::ConnectionPool, IrohNetworkFactory, MemberNode, PeerBook};
+    use openraft::{network::RPCOption, RaftNetwork, RaftNetworkFactory};
+
+    let root = tempfile::tempdir().unwrap();
+    let n1 = InProcNode::start(InProcNode::config(root.path(), 1)).await;
+    let t1 = n1.ticket();
+    let ep = aspen::cluster::endpoint::bind_endpoint(
+        "127.0.0.1:0".parse().unwrap(),
+        None,
+        iroh::address_lookup::MemoryLookup::new(),
+    )
+    .await
+    .unwrap();
+    let pool = ConnectionPool::new(ep.clone(), PeerBook::default(), std::time::Duration::from_secs(5));
+    let foreign = std::sync::Arc::new(std::sync::RwLock::new(ClusterId::random()));
+    let mut factory = IrohNetworkFactory::new(pool, foreign, None);
+    let member = MemberNode { endpoint_id: *t1.endpoint_id.as_bytes(), addrs: t1.addrs.clone() };
+    let mut net = factory.new_client(1, &member).await;
+    let vote = openraft::raft::VoteRequest::new(openraft::Vote::new(99, 42), None);
+    let err = net.vote(vote, RPCOption::new(std::time::Duration::from_secs(5))).await.unwrap_err();
+    let msg = err.to_string();
+    let expected = format!("this node belongs to cluster {}", t1.cluster_id);
+    assert!(msg.contains(&expected), "typed refusal expected, got: {msg}");
+    // The foreign vote changed nothing: same term, same leader, still serving.
+    let s = n1.status();
+    assert_eq!(s.leader, Some(1));
+    assert!(s.term < 99, "term untouched by the foreign vote: {}", s.term);
+    let client = n1.client().await;
+    client.put("still", "ok").await.unwrap();
+    client.close().await;
+    ep.close().await;
+    let mut n1 = n1;
     n1.stop().await;
 }

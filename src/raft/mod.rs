@@ -152,3 +152,6 @@ pub(crate) fn begin_write(
     txn.set_quick_repair(true);
     Ok(txn)
 }
+
+#[cfg(test)]
+mod tests;
