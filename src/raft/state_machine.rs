@@ -366,7 +366,15 @@ fn install_payload(db: &redb::Database, meta: &SnapshotMeta, data: &[u8]) -> Res
         }
         let mut m = txn.open_table(META)?;
         m.insert(KEY_CLOCK, postcard::to_stdvec(&payload.clock_ms)?.as_slice())?;
-        m.insert(KEY_LAST_APPLIED, postcard::to_stdvec(&meta.last_log_id)?.as_slice())?;
+        // Stored as a plain `LogId` everywhere (not `Option<LogId>`).
+        match &meta.last_log_id {
+            Some(l) => {
+                m.insert(KEY_LAST_APPLIED, postcard::to_stdvec(l)?.as_slice())?;
+            }
+            None => {
+                m.remove(KEY_LAST_APPLIED)?;
+            }
+        }
         m.insert(KEY_MEMBERSHIP, postcard::to_stdvec(&meta.last_membership)?.as_slice())?;
     }
     txn.commit()?;

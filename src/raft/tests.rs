@@ -1,0 +1,718 @@
+//! Storage tests of one shard: the redb Raft log ([`RedbLogStore`]) and the redb state machine
+//! ([`RedbStateMachine`]), driven through the openraft storage-v2 traits exactly as openraft drives
+//! them, plus openraft's own storage conformance suite.
+//!
+//! Crash tests copy the database files while the store is still open: a clean close (drop) makes
+//! every pending non-durable commit durable, so only a copy shows what a power cut would leave.
+
+use std::{collections::BTreeSet, io::Cursor, ops::Bound, path::Path};
+
+use openraft::{
+    storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine},
+    testing::{StoreBuilder, Suite},
+    CommittedLeaderId, EntryPayload, Membership, RaftLogReader, RaftSnapshotBuilder,
+};
+use tempfile::TempDir;
+
+use super::{
+    state_machine::StateReader, ApplyResult, Entry, LogId, MemberNode, OpenraftStorageError, RedbLogStore,
+    RedbStateMachine, StoredMembership, TypeConfig, Vote, WriteRequest,
+};
+use crate::api::{BatchOp, Id128, KeyValue, WriteCommand, WriteOutcome, WriteSession};
+
+const LEADER: u64 = 1;
+const LOG_FILE: &str = "raft-log.db";
+const SM_FILE: &str = "state-machine.db";
+const SNAPSHOT_FILE: &str = "snapshot.bin";
+/// Large enough that no test hits it unless it means to.
+const NO_CAP: u64 = 1 << 30;
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+fn log_id(term: u64, index: u64) -> LogId {
+    LogId::new(CommittedLeaderId::new(term, LEADER), index)
+}
+
+fn client(n: u8) -> Id128 {
+    Id128([n; 16])
+}
+
+fn request(client_id: Id128, seq: u64, command: WriteCommand) -> WriteRequest {
+    WriteRequest { session: WriteSession { client_id, seq }, command, timestamp_ms: 1_000 }
+}
+
+fn normal(term: u64, index: u64, req: WriteRequest) -> Entry {
+    Entry { log_id: log_id(term, index), payload: EntryPayload::Normal(req) }
+}
+
+fn blank(term: u64, index: u64) -> Entry {
+    Entry { log_id: log_id(term, index), payload: EntryPayload::Blank }
+}
+
+fn membership_of(voters: &[u64]) -> Membership<u64, MemberNode> {
+    Membership::new(vec![voters.iter().copied().collect::<BTreeSet<u64>>()], None)
+}
+
+fn membership(term: u64, index: u64, voters: &[u64]) -> Entry {
+    Entry { log_id: log_id(term, index), payload: EntryPayload::Membership(membership_of(voters)) }
+}
+
+fn put_cmd(key: &str, value: &[u8]) -> WriteCommand {
+    WriteCommand::Put { key: key.as_bytes().to_vec(), value: value.to_vec() }
+}
+
+/// A put by a client of its own (one write per session), so sessions never interfere.
+fn put(term: u64, index: u64, key: &str, value: &[u8]) -> Entry {
+    normal(term, index, request(unique_client(index), 1, put_cmd(key, value)))
+}
+
+fn delete(term: u64, index: u64, key: &str) -> Entry {
+    let cmd = WriteCommand::Delete { key: key.as_bytes().to_vec() };
+    normal(term, index, request(unique_client(index), 1, cmd))
+}
+
+fn cas(term: u64, index: u64, key: &str, expected: Option<&[u8]>, new_value: &[u8]) -> Entry {
+    let cmd = WriteCommand::Cas {
+        key: key.as_bytes().to_vec(),
+        expected: expected.map(<[u8]>::to_vec),
+        new_value: new_value.to_vec(),
+    };
+    normal(term, index, request(unique_client(index), 1, cmd))
+}
+
+fn batch(term: u64, index: u64, ops: Vec<BatchOp>) -> Entry {
+    normal(term, index, request(unique_client(index), 1, WriteCommand::Batch { ops }))
+}
+
+fn bput(key: &str, value: &[u8]) -> BatchOp {
+    BatchOp::Put { key: key.as_bytes().to_vec(), value: value.to_vec() }
+}
+
+fn bdel(key: &str) -> BatchOp {
+    BatchOp::Delete { key: key.as_bytes().to_vec() }
+}
+
+/// A client id derived from the log index; the leading 0xAA keeps it apart from `client(n)`.
+fn unique_client(index: u64) -> Id128 {
+    let mut id = [0xAA; 16];
+    id[8..].copy_from_slice(&index.to_be_bytes());
+    Id128(id)
+}
+
+fn open_log(dir: &Path, max_batch_bytes: u64) -> RedbLogStore {
+    RedbLogStore::open(&dir.join(LOG_FILE), max_batch_bytes).expect("open log store")
+}
+
+fn open_sm(dir: &Path) -> RedbStateMachine {
+    RedbStateMachine::open(&dir.join(SM_FILE)).expect("open state machine")
+}
+
+async fn read_all(store: &mut RedbLogStore) -> Vec<Entry> {
+    store.try_get_log_entries(..).await.expect("read log")
+}
+
+fn indexes(entries: &[Entry]) -> Vec<u64> {
+    entries.iter().map(|e| e.log_id.index).collect()
+}
+
+async fn apply(sm: &mut RedbStateMachine, entries: Vec<Entry>) -> Vec<ApplyResult> {
+    sm.apply(entries).await.expect("apply")
+}
+
+/// Applies one normal entry and returns its outcome.
+async fn apply_write(sm: &mut RedbStateMachine, entry: Entry) -> WriteOutcome {
+    let mut results = apply(sm, vec![entry]).await;
+    assert_eq!(results.len(), 1);
+    results.pop().and_then(|r| r.0).expect("a normal entry yields an outcome")
+}
+
+fn get(reader: &StateReader, key: &str) -> Option<KeyValue> {
+    reader.get(key.as_bytes()).expect("get")
+}
+
+fn kv(key: &str, value: &[u8], create_revision: u64, mod_revision: u64, version: u64) -> KeyValue {
+    KeyValue { key: key.as_bytes().to_vec(), value: value.to_vec(), create_revision, mod_revision, version }
+}
+
+fn all_keys(reader: &StateReader) -> Vec<KeyValue> {
+    reader.range(Bound::Unbounded, Bound::Unbounded, usize::MAX).expect("range")
+}
+
+/// Copies the files of a shard directory, as a crash would leave them, to a new directory.
+fn copy_dir_files(from: &Path, names: &[&str]) -> TempDir {
+    let to = tempfile::tempdir().expect("tempdir");
+    for name in names {
+        let src = from.join(name);
+        if src.exists() {
+            std::fs::copy(&src, to.path().join(name)).expect("copy file");
+        }
+    }
+    to
+}
+
+// ---------------------------------------------------------------------------------------------
+// Log store
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_append_read_truncate_purge() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open_log(dir.path(), NO_CAP);
+
+    let state = store.get_log_state().await.unwrap();
+    assert_eq!((state.last_purged_log_id, state.last_log_id), (None, None), "a new log is empty");
+    assert!(read_all(&mut store).await.is_empty());
+
+    // Two appends: a membership entry and writes of term 1, then writes of term 2.
+    let mut first = vec![membership(1, 1, &[1])];
+    first.extend((2..=5).map(|i| put(1, i, &format!("k{i}"), b"v")));
+    let second: Vec<Entry> = (6..=10).map(|i| put(2, i, &format!("k{i}"), b"v")).collect();
+    store.blocking_append(first.clone()).await.unwrap();
+    store.blocking_append(second.clone()).await.unwrap();
+    let all: Vec<Entry> = first.into_iter().chain(second).collect();
+
+    assert_eq!(read_all(&mut store).await, all, "entries read back as appended");
+    let mut reader = store.get_log_reader().await;
+    assert_eq!(reader.try_get_log_entries(3..6).await.unwrap(), all[2..5].to_vec());
+    assert_eq!(indexes(&reader.try_get_log_entries(8..=10).await.unwrap()), vec![8, 9, 10]);
+    assert_eq!(indexes(&reader.try_get_log_entries(9..).await.unwrap()), vec![9, 10]);
+    assert!(reader.try_get_log_entries(11..20).await.unwrap().is_empty());
+
+    let state = store.get_log_state().await.unwrap();
+    assert_eq!(state.last_log_id, Some(log_id(2, 10)));
+    assert_eq!(state.last_purged_log_id, None);
+
+    // Truncate at 7: 7.. goes, ..7 stays.
+    store.truncate(log_id(2, 7)).await.unwrap();
+    assert_eq!(read_all(&mut store).await, all[..6].to_vec());
+    assert_eq!(store.get_log_state().await.unwrap().last_log_id, Some(log_id(2, 6)));
+
+    // A new leader's entries replace the truncated ones.
+    let replaced: Vec<Entry> = (7..=8).map(|i| put(3, i, &format!("new{i}"), b"w")).collect();
+    store.blocking_append(replaced.clone()).await.unwrap();
+    let entries = read_all(&mut store).await;
+    assert_eq!(indexes(&entries), (1..=8).collect::<Vec<_>>());
+    assert_eq!(entries[6..].to_vec(), replaced);
+    assert_eq!(store.get_log_state().await.unwrap().last_log_id, Some(log_id(3, 8)));
+
+    // Purge up to 3: ..=3 goes, 4.. stays.
+    store.purge(log_id(1, 3)).await.unwrap();
+    assert_eq!(indexes(&read_all(&mut store).await), vec![4, 5, 6, 7, 8]);
+    assert!(reader.try_get_log_entries(1..4).await.unwrap().is_empty(), "the reader sees the purge");
+    let state = store.get_log_state().await.unwrap();
+    assert_eq!(state.last_purged_log_id, Some(log_id(1, 3)));
+    assert_eq!(state.last_log_id, Some(log_id(3, 8)));
+
+    // Purge everything: the last log id is the last purged one.
+    store.purge(log_id(3, 8)).await.unwrap();
+    assert!(read_all(&mut store).await.is_empty());
+    let state = store.get_log_state().await.unwrap();
+    assert_eq!(state.last_purged_log_id, Some(log_id(3, 8)));
+    assert_eq!(state.last_log_id, Some(log_id(3, 8)));
+
+    // Appending after a full purge continues the log.
+    store.blocking_append(vec![blank(4, 9)]).await.unwrap();
+    let state = store.get_log_state().await.unwrap();
+    assert_eq!(state.last_purged_log_id, Some(log_id(3, 8)));
+    assert_eq!(state.last_log_id, Some(log_id(4, 9)));
+    assert_eq!(read_all(&mut store).await, vec![blank(4, 9)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limited_get_log_entries_respects_byte_cap() {
+    let big = vec![b'x'; 600];
+    let entries: Vec<Entry> = (1..=5).map(|i| put(1, i, &format!("k{i}"), &big)).collect();
+
+    // Cap below two entries: one entry per call, even though that one alone exceeds the cap.
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open_log(dir.path(), 1000);
+    store.blocking_append(entries.clone()).await.unwrap();
+    let mut reader = store.get_log_reader().await;
+    for start in 1..=5 {
+        let got = reader.limited_get_log_entries(start, 6).await.unwrap();
+        assert_eq!(got, vec![entries[start as usize - 1].clone()], "one entry from {start}");
+    }
+    // Paging the way replication does returns every entry exactly once, in order.
+    let mut paged = Vec::new();
+    let mut next = 1;
+    while next < 6 {
+        let got = reader.limited_get_log_entries(next, 6).await.unwrap();
+        assert!(!got.is_empty(), "no progress at {next}");
+        next = got.last().unwrap().log_id.index + 1;
+        paged.extend(got);
+    }
+    assert_eq!(paged, entries);
+    // A cap smaller than one entry still returns exactly that entry.
+    drop((reader, store));
+    let mut tiny = open_log(dir.path(), 1);
+    assert_eq!(indexes(&tiny.limited_get_log_entries(2, 6).await.unwrap()), vec![2]);
+    drop(tiny);
+
+    // A large cap returns the whole range, and never more than the range.
+    let mut store = open_log(dir.path(), NO_CAP);
+    assert_eq!(store.limited_get_log_entries(1, 6).await.unwrap(), entries);
+    assert_eq!(indexes(&store.limited_get_log_entries(2, 4).await.unwrap()), vec![2, 3]);
+    drop(store);
+
+    // A cap that fits several entries returns as many as fit, and the next one would not fit.
+    let small = vec![b'y'; 250];
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open_log(dir.path(), 1000);
+    let entries: Vec<Entry> = (1..=10).map(|i| put(1, i, &format!("s{i}"), &small)).collect();
+    store.blocking_append(entries.clone()).await.unwrap();
+    let got = store.limited_get_log_entries(1, 11).await.unwrap();
+    let size = |e: &Entry| postcard::to_stdvec(e).unwrap().len() as u64;
+    let got_bytes: u64 = got.iter().map(size).sum();
+    assert!(got.len() > 1 && got.len() < 10, "several but not all entries fit, got {}", got.len());
+    assert!(got_bytes <= 1000, "returned {got_bytes} bytes");
+    assert!(got_bytes + size(&entries[got.len()]) > 1000, "stopped although the next entry fit");
+    assert_eq!(got, entries[..got.len()].to_vec());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vote_and_committed_persist_across_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let vote = Vote::new_committed(3, 2);
+    {
+        let mut store = open_log(dir.path(), NO_CAP);
+        assert_eq!(store.read_vote().await.unwrap(), None);
+        assert_eq!(store.read_committed().await.unwrap(), None);
+        store.save_vote(&Vote::new(2, 1)).await.unwrap();
+        store.save_vote(&vote).await.unwrap();
+        store.save_committed(Some(log_id(3, 5))).await.unwrap();
+        assert_eq!(store.read_vote().await.unwrap(), Some(vote));
+        assert_eq!(store.read_committed().await.unwrap(), Some(log_id(3, 5)));
+    }
+    {
+        let mut store = open_log(dir.path(), NO_CAP);
+        assert_eq!(store.read_vote().await.unwrap(), Some(vote), "the latest vote survives a restart");
+        assert_eq!(store.read_committed().await.unwrap(), Some(log_id(3, 5)));
+        store.save_committed(None).await.unwrap();
+    }
+    let mut store = open_log(dir.path(), NO_CAP);
+    assert_eq!(store.read_committed().await.unwrap(), None, "a cleared committed id stays cleared");
+    assert_eq!(store.read_vote().await.unwrap(), Some(vote));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vote_survives_crash() {
+    // `save_vote` must be durable when it returns: a copy of the files taken right after it (the
+    // store still open) has the vote.
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open_log(dir.path(), NO_CAP);
+    store.blocking_append(vec![blank(1, 1), put(1, 2, "a", b"1")]).await.unwrap();
+    store.save_vote(&Vote::new_committed(7, 3)).await.unwrap();
+    let crashed = copy_dir_files(dir.path(), &[LOG_FILE]);
+    let mut recovered = open_log(crashed.path(), NO_CAP);
+    assert_eq!(recovered.read_vote().await.unwrap(), Some(Vote::new_committed(7, 3)));
+    assert_eq!(indexes(&read_all(&mut recovered).await), vec![1, 2], "acknowledged appends are durable");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut entries = vec![membership(1, 1, &[1, 2, 3])];
+    entries.extend((2..=20).map(|i| put(1, i, &format!("k{i}"), format!("v{i}").as_bytes())));
+    {
+        let mut store = open_log(dir.path(), NO_CAP);
+        store.blocking_append(entries[..10].to_vec()).await.unwrap();
+        store.blocking_append(entries[10..].to_vec()).await.unwrap();
+        store.purge(log_id(1, 4)).await.unwrap();
+        let _reader = store.get_log_reader().await;
+    }
+    let mut store = open_log(dir.path(), NO_CAP);
+    assert_eq!(read_all(&mut store).await, entries[4..].to_vec());
+    let state = store.get_log_state().await.unwrap();
+    assert_eq!(state.last_purged_log_id, Some(log_id(1, 4)));
+    assert_eq!(state.last_log_id, Some(log_id(1, 20)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// State machine
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_put_delete_cas_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = open_sm(dir.path());
+    let r = sm.reader();
+    assert_eq!(sm.applied_state().await.unwrap(), (None, StoredMembership::default()));
+
+    let results = apply(&mut sm, vec![blank(1, 1), membership(1, 2, &[1, 2])]).await;
+    assert_eq!(results, vec![ApplyResult(None), ApplyResult(None)], "Raft's own entries have no outcome");
+
+    // Put: creates, then modifies; mod_revision is the log index, version counts writes.
+    assert_eq!(apply_write(&mut sm, put(1, 3, "a", b"v1")).await, WriteOutcome::Put { revision: 3 });
+    assert_eq!(get(&r, "a"), Some(kv("a", b"v1", 3, 3, 1)));
+    assert_eq!(apply_write(&mut sm, put(1, 4, "a", b"v2")).await, WriteOutcome::Put { revision: 4 });
+    assert_eq!(get(&r, "a"), Some(kv("a", b"v2", 3, 4, 2)));
+
+    // Cas with the current value succeeds.
+    assert_eq!(
+        apply_write(&mut sm, cas(1, 5, "a", Some(b"v2"), b"v3")).await,
+        WriteOutcome::Cas { revision: 5, succeeded: true, current: None }
+    );
+    assert_eq!(get(&r, "a"), Some(kv("a", b"v3", 3, 5, 3)));
+    // Cas with a stale value fails, reports the current value and changes nothing.
+    assert_eq!(
+        apply_write(&mut sm, cas(1, 6, "a", Some(b"v2"), b"v4")).await,
+        WriteOutcome::Cas { revision: 6, succeeded: false, current: Some(b"v3".to_vec()) }
+    );
+    assert_eq!(get(&r, "a"), Some(kv("a", b"v3", 3, 5, 3)));
+    // Cas expecting absence succeeds only when the key is absent.
+    assert_eq!(
+        apply_write(&mut sm, cas(1, 7, "b", None, b"b1")).await,
+        WriteOutcome::Cas { revision: 7, succeeded: true, current: None }
+    );
+    assert_eq!(get(&r, "b"), Some(kv("b", b"b1", 7, 7, 1)));
+    assert_eq!(
+        apply_write(&mut sm, cas(1, 8, "b", None, b"b2")).await,
+        WriteOutcome::Cas { revision: 8, succeeded: false, current: Some(b"b1".to_vec()) }
+    );
+    assert_eq!(get(&r, "b"), Some(kv("b", b"b1", 7, 7, 1)));
+    // Cas expecting a value of an absent key fails and does not create it.
+    assert_eq!(
+        apply_write(&mut sm, cas(1, 9, "c", Some(b"x"), b"c1")).await,
+        WriteOutcome::Cas { revision: 9, succeeded: false, current: None }
+    );
+    assert_eq!(get(&r, "c"), None);
+
+    // Delete reports whether the key existed; a put after a delete starts a new life.
+    assert_eq!(apply_write(&mut sm, delete(2, 10, "a")).await, WriteOutcome::Delete { revision: 10, deleted: true });
+    assert_eq!(get(&r, "a"), None);
+    assert_eq!(apply_write(&mut sm, delete(2, 11, "a")).await, WriteOutcome::Delete { revision: 11, deleted: false });
+    assert_eq!(apply_write(&mut sm, put(2, 12, "a", b"v5")).await, WriteOutcome::Put { revision: 12 });
+    assert_eq!(get(&r, "a"), Some(kv("a", b"v5", 12, 12, 1)), "version and create_revision reset");
+
+    // Batch: every op at the batch's revision, in order.
+    let ops = vec![bput("x", b"x1"), bput("y", b"y1"), bdel("b"), bput("a", b"v6")];
+    assert_eq!(apply_write(&mut sm, batch(2, 13, ops)).await, WriteOutcome::Batch { revision: 13 });
+    assert_eq!(get(&r, "x"), Some(kv("x", b"x1", 13, 13, 1)));
+    assert_eq!(get(&r, "y"), Some(kv("y", b"y1", 13, 13, 1)));
+    assert_eq!(get(&r, "b"), None);
+    assert_eq!(get(&r, "a"), Some(kv("a", b"v6", 12, 13, 2)));
+    let ops = vec![bput("z", b"z1"), bdel("z"), bdel("y"), bput("y", b"y2"), bput("x", b"x2"), bput("x", b"x3")];
+    assert_eq!(apply_write(&mut sm, batch(2, 14, ops)).await, WriteOutcome::Batch { revision: 14 });
+    assert_eq!(get(&r, "z"), None, "put then delete in one batch leaves nothing");
+    assert_eq!(get(&r, "y"), Some(kv("y", b"y2", 14, 14, 1)), "delete then put in one batch recreates");
+    assert_eq!(get(&r, "x"), Some(kv("x", b"x3", 13, 14, 3)), "each put of a batch counts as a write");
+
+    // Several entries in one apply: one result each, in order, each seeing the ones before.
+    let results = apply(
+        &mut sm,
+        vec![put(3, 15, "m", b"1"), cas(3, 16, "m", Some(b"1"), b"2"), blank(3, 17), delete(3, 18, "m")],
+    )
+    .await;
+    assert_eq!(
+        results,
+        vec![
+            ApplyResult(Some(WriteOutcome::Put { revision: 15 })),
+            ApplyResult(Some(WriteOutcome::Cas { revision: 16, succeeded: true, current: None })),
+            ApplyResult(None),
+            ApplyResult(Some(WriteOutcome::Delete { revision: 18, deleted: true })),
+        ]
+    );
+    assert_eq!(get(&r, "m"), None);
+
+    let (last_applied, stored) = sm.applied_state().await.unwrap();
+    assert_eq!(last_applied, Some(log_id(3, 18)));
+    assert_eq!(stored, StoredMembership::new(Some(log_id(1, 2)), membership_of(&[1, 2])));
+    assert_eq!(r.last_applied().unwrap(), Some(log_id(3, 18)));
+    let keys: Vec<Vec<u8>> = all_keys(&r).into_iter().map(|k| k.key).collect();
+    assert_eq!(keys, vec![b"a".to_vec(), b"x".to_vec(), b"y".to_vec()]);
+    assert_eq!(r.key_count().unwrap(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retried_writes_apply_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = open_sm(dir.path());
+    let r = sm.reader();
+    let x = client(1);
+    let y = client(2);
+    let z = client(3);
+
+    // A CAS that succeeded, retried at a later index: the first outcome again, nothing re-applied
+    // (re-applying would now fail the CAS and report the current value).
+    let cas_req = request(x, 1, WriteCommand::Cas { key: b"k".to_vec(), expected: None, new_value: b"v1".to_vec() });
+    let first = apply_write(&mut sm, normal(1, 1, cas_req.clone())).await;
+    assert_eq!(first, WriteOutcome::Cas { revision: 1, succeeded: true, current: None });
+    assert_eq!(apply_write(&mut sm, normal(1, 2, cas_req.clone())).await, first);
+    assert_eq!(get(&r, "k"), Some(kv("k", b"v1", 1, 1, 1)));
+
+    // A put retried does not bump the version or the mod revision.
+    let put_req = request(y, 1, put_cmd("p", b"a"));
+    assert_eq!(apply_write(&mut sm, normal(1, 3, put_req.clone())).await, WriteOutcome::Put { revision: 3 });
+    assert_eq!(apply_write(&mut sm, normal(2, 4, put_req.clone())).await, WriteOutcome::Put { revision: 3 });
+    assert_eq!(get(&r, "p"), Some(kv("p", b"a", 3, 3, 1)));
+
+    // The session moves on; an older sequence number is stale and changes nothing.
+    assert_eq!(
+        apply_write(&mut sm, normal(2, 5, request(y, 2, put_cmd("p", b"b")))).await,
+        WriteOutcome::Put { revision: 5 }
+    );
+    assert_eq!(apply_write(&mut sm, normal(2, 6, put_req.clone())).await, WriteOutcome::StaleSequence { last_seq: 2 });
+    assert_eq!(get(&r, "p"), Some(kv("p", b"b", 3, 5, 2)));
+    // The current sequence number still answers with its outcome after a stale one.
+    assert_eq!(
+        apply_write(&mut sm, normal(2, 7, request(y, 2, put_cmd("p", b"b")))).await,
+        WriteOutcome::Put { revision: 5 }
+    );
+    assert_eq!(get(&r, "p"), Some(kv("p", b"b", 3, 5, 2)));
+
+    // A retry in the same apply batch as the original is deduplicated too.
+    let z_req = request(z, 1, put_cmd("q", b"z"));
+    let results = apply(&mut sm, vec![normal(2, 8, z_req.clone()), normal(2, 9, z_req.clone())]).await;
+    assert_eq!(results, vec![ApplyResult(Some(WriteOutcome::Put { revision: 8 })); 2]);
+    assert_eq!(get(&r, "q"), Some(kv("q", b"z", 8, 8, 1)));
+
+    // Sessions survive a restart.
+    drop((r, sm));
+    let mut sm = open_sm(dir.path());
+    assert_eq!(apply_write(&mut sm, normal(3, 10, cas_req)).await, first);
+    assert_eq!(apply_write(&mut sm, normal(3, 11, put_req)).await, WriteOutcome::StaleSequence { last_seq: 2 });
+    assert_eq!(get(&sm.reader(), "k"), Some(kv("k", b"v1", 1, 1, 1)));
+    assert_eq!(get(&sm.reader(), "p"), Some(kv("p", b"b", 3, 5, 2)));
+    assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id(3, 11)), "deduplicated entries are applied");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Snapshots
+// ---------------------------------------------------------------------------------------------
+
+/// Applies a membership entry and a mix of writes at indexes 1..=8; returns the last log id.
+async fn populate(sm: &mut RedbStateMachine) -> LogId {
+    let session_write = normal(1, 7, request(client(9), 4, put_cmd("s", b"session")));
+    apply(
+        sm,
+        vec![
+            membership(1, 1, &[1]),
+            put(1, 2, "a", b"a1"),
+            put(1, 3, "b", b"b1"),
+            put(1, 4, "a", b"a2"),
+            batch(1, 5, vec![bput("c", b"c1"), bput("d", b"d1")]),
+            delete(1, 6, "d"),
+            session_write,
+            membership(2, 8, &[1, 2]),
+        ],
+    )
+    .await;
+    log_id(2, 8)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_round_trip() {
+    let dir_a = tempfile::tempdir().unwrap();
+    let mut sm_a = open_sm(dir_a.path());
+    assert!(sm_a.get_current_snapshot().await.unwrap().is_none(), "no snapshot before the first build");
+    let last = populate(&mut sm_a).await;
+
+    let snap = sm_a.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    assert_eq!(snap.meta.last_log_id, Some(last));
+    assert_eq!(snap.meta.last_membership, StoredMembership::new(Some(log_id(2, 8)), membership_of(&[1, 2])));
+    let data = snap.snapshot.get_ref().clone();
+    let current_a = sm_a.get_current_snapshot().await.unwrap().expect("snapshot after build");
+    assert_eq!(current_a.meta, snap.meta);
+    assert_eq!(current_a.snapshot.get_ref(), &data);
+
+    // Install into a fresh state machine.
+    let dir_b = tempfile::tempdir().unwrap();
+    let mut sm_b = open_sm(dir_b.path());
+    let mut rx = sm_b.begin_receiving_snapshot().await.unwrap();
+    std::io::Write::write_all(&mut *rx, &data).unwrap();
+    sm_b.install_snapshot(&snap.meta, rx).await.unwrap();
+
+    // (`last_applied` after an install: see `install_snapshot_sets_last_applied`.)
+    assert_eq!(sm_b.applied_state().await.unwrap().1, snap.meta.last_membership);
+    let keys_a = all_keys(&sm_a.reader());
+    assert_eq!(keys_a.len(), 4, "a, b, c, s");
+    assert_eq!(all_keys(&sm_b.reader()), keys_a, "every key with the same value and revisions");
+    let current_b = sm_b.get_current_snapshot().await.unwrap().expect("snapshot after install");
+    assert_eq!(current_b.meta, snap.meta);
+    assert_eq!(current_b.snapshot.get_ref(), &data);
+
+    // Sessions travel with the snapshot: a retry on the new replica is still deduplicated.
+    let retry = normal(2, 9, request(client(9), 4, put_cmd("s", b"session")));
+    assert_eq!(apply_write(&mut sm_b, retry).await, WriteOutcome::Put { revision: 7 });
+    assert_eq!(get(&sm_b.reader(), "s"), Some(kv("s", b"session", 7, 7, 1)));
+
+    // Installing over a state machine with other state replaces all of it.
+    let dir_c = tempfile::tempdir().unwrap();
+    let mut sm_c = open_sm(dir_c.path());
+    apply(
+        &mut sm_c,
+        vec![
+            membership(1, 1, &[5]),
+            put(1, 2, "only-in-c", b"x"),
+            put(1, 3, "a", b"from-c"),
+            normal(1, 4, request(client(7), 50, put_cmd("w", b"1"))),
+        ],
+    )
+    .await;
+    let mut rx = sm_c.begin_receiving_snapshot().await.unwrap();
+    *rx = Cursor::new(data.clone());
+    sm_c.install_snapshot(&snap.meta, rx).await.unwrap();
+    assert_eq!(get(&sm_c.reader(), "only-in-c"), None, "keys absent from the snapshot are removed");
+    assert_eq!(get(&sm_c.reader(), "w"), None);
+    assert_eq!(all_keys(&sm_c.reader()), keys_a);
+    assert_eq!(sm_c.applied_state().await.unwrap().1, snap.meta.last_membership, "membership replaced");
+    // Its old session went with it: client 7 starting over at seq 1 is not stale.
+    let fresh = normal(2, 9, request(client(7), 1, put_cmd("w", b"2")));
+    assert_eq!(apply_write(&mut sm_c, fresh).await, WriteOutcome::Put { revision: 9 });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_after_snapshot_and_purge() {
+    let dir = tempfile::tempdir().unwrap();
+    let entries: Vec<Entry> = std::iter::once(membership(1, 1, &[1]))
+        .chain((2..=10).map(|i| put(1, i, &format!("k{i}"), format!("v{i}").as_bytes())))
+        .collect();
+    let later: Vec<Entry> = (11..=12).map(|i| put(2, i, &format!("k{i}"), format!("v{i}").as_bytes())).collect();
+    let snap_meta = {
+        let mut store = open_log(dir.path(), NO_CAP);
+        let mut sm = open_sm(dir.path());
+        store.blocking_append(entries.clone()).await.unwrap();
+        apply(&mut sm, entries.clone()).await;
+        let snap = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        assert_eq!(snap.meta.last_log_id, Some(log_id(1, 10)));
+        store.purge(log_id(1, 10)).await.unwrap();
+        store.blocking_append(later.clone()).await.unwrap();
+        apply(&mut sm, later.clone()).await;
+        snap.meta
+    };
+
+    let mut store = open_log(dir.path(), NO_CAP);
+    let mut sm = open_sm(dir.path());
+    let current = sm.get_current_snapshot().await.unwrap().expect("snapshot survives a restart");
+    assert_eq!(current.meta, snap_meta);
+    assert_eq!(current.meta.last_log_id, Some(log_id(1, 10)));
+    let state = store.get_log_state().await.unwrap();
+    assert_eq!(state.last_purged_log_id, Some(log_id(1, 10)));
+    assert_eq!(state.last_log_id, Some(log_id(2, 12)));
+    assert_eq!(read_all(&mut store).await, later);
+
+    let (applied, stored) = sm.applied_state().await.unwrap();
+    let applied = applied.expect("something applied");
+    assert!(applied.index >= 10, "applied {applied} is behind the purged log");
+    assert_eq!(stored, StoredMembership::new(Some(log_id(1, 1)), membership_of(&[1])));
+    for i in 2..=applied.index {
+        let key = format!("k{i}");
+        let v = get(&sm.reader(), &key).unwrap_or_else(|| panic!("{key} lost"));
+        assert_eq!(v.value, format!("v{i}").into_bytes());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn build_snapshot_makes_applied_state_durable() {
+    // Clean restart.
+    let dir = tempfile::tempdir().unwrap();
+    let snap = {
+        let mut sm = open_sm(dir.path());
+        populate(&mut sm).await;
+        sm.get_snapshot_builder().await.build_snapshot().await.unwrap()
+    };
+    let mut sm = open_sm(dir.path());
+    assert_eq!(sm.reader().last_applied().unwrap(), snap.meta.last_log_id);
+    assert_eq!(sm.applied_state().await.unwrap().0, snap.meta.last_log_id);
+    drop(sm);
+
+    // Crash right after the build (files copied while open): applies before the build, made with
+    // `Durability::None`, must be on disk, or openraft would purge log entries nobody can replay.
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = open_sm(dir.path());
+    let last = populate(&mut sm).await;
+    let snap = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    assert_eq!(snap.meta.last_log_id, Some(last));
+    apply(&mut sm, vec![put(2, 9, "after", b"1"), put(2, 10, "a", b"a3")]).await;
+    let crashed = copy_dir_files(dir.path(), &[SM_FILE, SNAPSHOT_FILE]);
+    let mut recovered = open_sm(crashed.path());
+    let (applied, stored) = recovered.applied_state().await.unwrap();
+    let applied = applied.expect("applied state is durable");
+    assert!(applied >= last, "durable last_applied {applied} is behind the snapshot {last}");
+    assert_eq!(stored, snap.meta.last_membership);
+    let r = recovered.reader();
+    for key in ["b", "c"] {
+        assert_eq!(get(&r, key), get(&sm.reader(), key), "{key}");
+    }
+    // Whatever survived is one consistent state: the one at `applied`.
+    if applied == last {
+        assert_eq!(get(&r, "after"), None);
+        assert_eq!(get(&r, "a").map(|k| k.value), Some(b"a2".to_vec()));
+    } else {
+        assert_eq!(applied, log_id(2, 10));
+        assert_eq!(all_keys(&r), all_keys(&sm.reader()));
+    }
+    let current = recovered.get_current_snapshot().await.unwrap().expect("snapshot file is durable");
+    assert_eq!(current.meta, snap.meta);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn installed_snapshot_survives_crash() {
+    let dir_a = tempfile::tempdir().unwrap();
+    let mut sm_a = open_sm(dir_a.path());
+    populate(&mut sm_a).await;
+    let snap = sm_a.get_snapshot_builder().await.build_snapshot().await.unwrap();
+
+    let dir_b = tempfile::tempdir().unwrap();
+    let mut sm_b = open_sm(dir_b.path());
+    apply(&mut sm_b, vec![put(1, 1, "old", b"x")]).await;
+    sm_b.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
+    let crashed = copy_dir_files(dir_b.path(), &[SM_FILE, SNAPSHOT_FILE]);
+    let mut recovered = open_sm(crashed.path());
+    assert_eq!(recovered.applied_state().await.unwrap().1, snap.meta.last_membership);
+    assert_eq!(all_keys(&recovered.reader()), all_keys(&sm_a.reader()));
+    assert_eq!(recovered.get_current_snapshot().await.unwrap().map(|s| s.meta), Some(snap.meta));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_snapshot_sets_last_applied() {
+    let dir_a = tempfile::tempdir().unwrap();
+    let mut sm_a = open_sm(dir_a.path());
+    let last = populate(&mut sm_a).await;
+    let snap = sm_a.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    let data = snap.snapshot.get_ref().clone();
+    let expected = sm_a.applied_state().await.unwrap();
+    assert_eq!(expected.0, Some(last));
+
+    // Into a fresh state machine.
+    let dir_b = tempfile::tempdir().unwrap();
+    let mut sm_b = open_sm(dir_b.path());
+    let mut rx = sm_b.begin_receiving_snapshot().await.unwrap();
+    *rx = Cursor::new(data.clone());
+    sm_b.install_snapshot(&snap.meta, rx).await.unwrap();
+    assert_eq!(sm_b.applied_state().await.unwrap(), expected);
+    assert_eq!(sm_b.reader().last_applied().unwrap(), Some(last));
+
+    // Over a state machine that applied something else, then through a crash.
+    let dir_c = tempfile::tempdir().unwrap();
+    let mut sm_c = open_sm(dir_c.path());
+    apply(&mut sm_c, vec![put(1, 1, "old", b"x")]).await;
+    let mut rx = sm_c.begin_receiving_snapshot().await.unwrap();
+    *rx = Cursor::new(data);
+    sm_c.install_snapshot(&snap.meta, rx).await.unwrap();
+    assert_eq!(sm_c.applied_state().await.unwrap(), expected);
+    let crashed = copy_dir_files(dir_c.path(), &[SM_FILE, SNAPSHOT_FILE]);
+    assert_eq!(open_sm(crashed.path()).applied_state().await.unwrap(), expected);
+}
+
+// ---------------------------------------------------------------------------------------------
+// openraft's conformance suite
+// ---------------------------------------------------------------------------------------------
+
+struct Builder;
+
+impl StoreBuilder<TypeConfig, RedbLogStore, RedbStateMachine, TempDir> for Builder {
+    async fn build(&self) -> Result<(TempDir, RedbLogStore, RedbStateMachine), OpenraftStorageError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = open_log(dir.path(), NO_CAP);
+        let sm = open_sm(dir.path());
+        Ok((dir, log, sm))
+    }
+}
+
+#[test]
+fn openraft_storage_suite() {
+    Suite::test_all(Builder).expect("openraft storage suite");
+}
