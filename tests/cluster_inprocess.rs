@@ -192,3 +192,28 @@ async fn raft_messages_from_another_cluster_are_refused() {
     let mut n1 = n1;
     n1.stop().await;
 }
+
+/// A joiner started while the cluster is down keeps retrying, and joins once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn join_retries_until_the_cluster_is_reachable() {
+    let root = tempfile::tempdir().unwrap();
+    let mut n1 = InProcNode::start(InProcNode::config(root.path(), 1)).await;
+    let t1 = n1.ticket();
+    n1.stop().await;
+    let mut c2 = InProcNode::config(root.path(), 2);
+    c2.join = vec![t1.encode()];
+    let joiner = tokio::spawn(InProcNode::start(c2));
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert!(!joiner.is_finished(), "the joiner must wait for the cluster, not give up or init its own");
+    n1.restart().await;
+    let n2 = tokio::time::timeout(std::time::Duration::from_secs(90), joiner)
+        .await
+        .expect("joined after the cluster came back")
+        .unwrap();
+    assert_eq!(n2.ticket().cluster_id, t1.cluster_id);
+    wait_converged(&[&n1, &n2], 60).await;
+    assert_eq!(n1.status().voters, vec![1, 2]);
+    let mut n2 = n2;
+    n2.stop().await;
+    n1.stop().await;
+}

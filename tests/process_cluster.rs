@@ -99,6 +99,26 @@ fn three_processes_survive_kill_9_of_the_leader() {
         std::thread::sleep(Duration::from_millis(300));
     }
 
+    // A joined node restarted with --join still in its flags simply restarts.
+    let ji = if li == 2 { 1 } else { 2 };
+    assert!(nodes[ji].terminate().success());
+    nodes[ji].start();
+    let o = nodes[ji].cli(&["put", "after-restart", "yes"]);
+    expect_code(&o, 0, "write through the restarted joiner");
+    acked.insert("after-restart".into(), "yes".into());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        assert!(Instant::now() < deadline, "replicas did not converge after the joiner restart");
+        if let Some(status) = status_json(&nodes[ji]) {
+            let (leaders, applied) = leaders_and_applied(&status);
+            if leaders.len() == 1 && applied.len() == 3 && applied.iter().all(|a| a.is_some() && *a == applied[0]) {
+                assert_eq!(status["shards"][0]["voters"], serde_json::json!([1, 2, 3]), "{status}");
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
     // Every acknowledged key is on every node, read from each node's local state.
     for n in &nodes {
         let o = n.cli(&["scan", "--stale", "--prefix", "k"]);

@@ -121,6 +121,28 @@ fn cli_commands_and_exit_codes() {
 }
 
 #[test]
+fn identity_is_stable_and_private() {
+    let root = tempfile::tempdir().unwrap();
+    let mut node = NodeProc::new(root.path(), 1);
+    node.start();
+    let key = node.data_dir.join("node.key");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "node.key must be private");
+    }
+    let first = node.ticket();
+    assert_ne!(first.cluster_id, aspen::api::ClusterId::default(), "a fresh node initializes a cluster");
+    assert!(node.terminate().success());
+    node.start();
+    let second = node.ticket();
+    assert_eq!(first.endpoint_id, second.endpoint_id, "endpoint id survives restarts");
+    assert_eq!(first.cluster_id, second.cluster_id, "cluster id survives restarts");
+    assert_eq!(first.node_id, 1);
+}
+
+#[test]
 fn no_init_node_waits_for_cluster_init() {
     let root = tempfile::tempdir().unwrap();
     let mut node = NodeProc::new(root.path(), 7);
