@@ -103,9 +103,9 @@ fn three_processes_survive_kill_9_of_the_leader() {
     let ji = if li == 2 { 1 } else { 2 };
     assert!(nodes[ji].terminate().success());
     nodes[ji].start();
-    let o = nodes[ji].cli(&["put", "after-restart", "yes"]);
+    let o = nodes[ji].cli(&["put", "k-after-restart", "yes"]);
     expect_code(&o, 0, "write through the restarted joiner");
-    acked.insert("after-restart".into(), "yes".into());
+    acked.insert("k-after-restart".into(), "yes".into());
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         assert!(Instant::now() < deadline, "replicas did not converge after the joiner restart");
