@@ -22,6 +22,7 @@ pub mod cluster;
 pub mod config;
 pub mod protocol;
 pub mod raft;
+pub mod sharding;
 
 pub use api::{ApiError, KeyValue, NodeTicket};
 

@@ -144,10 +144,10 @@ fn three_processes_survive_kill_9_of_the_leader() {
 fn membership_commands_add_learner_promote_remove() {
     let root = tempfile::tempdir().unwrap();
     let mut n1 = NodeProc::new(root.path(), 1);
-    n1.extra_args = vec!["--request-timeout-ms".into(), "3000".into()];
+    n1.extra_args = vec!["--request-timeout-ms".into(), "8000".into()];
     n1.start();
     let mut n2 = NodeProc::new(root.path(), 2);
-    n2.extra_args = vec!["--no-init".into(), "--request-timeout-ms".into(), "3000".into()];
+    n2.extra_args = vec!["--no-init".into(), "--request-timeout-ms".into(), "8000".into()];
     n2.start();
     expect_code(&n1.cli(&["put", "a", "1"]), 0, "put");
 
@@ -184,6 +184,18 @@ fn membership_commands_add_learner_promote_remove() {
     let o = support::cli_with_timeout(&n1, 20, &["put", "b", "2"]);
     expect_code(&o, 3, "write without quorum");
     n2.start();
+    // Let the two-voter cluster settle (node 2 may campaign after its restart) before removing.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(Instant::now() < deadline, "cluster did not settle after node 2 restarted");
+        if let Some(status) = status_json(&n1) {
+            let (leaders, applied) = leaders_and_applied(&status);
+            if leaders.len() == 1 && applied.len() == 2 && applied.iter().all(|a| a.is_some() && *a == applied[0]) {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     let o = n1.cli(&["--json", "cluster", "remove", "2"]);
     expect_code(&o, 0, "remove");
