@@ -204,4 +204,7 @@ fn membership_commands_add_learner_promote_remove() {
     assert_eq!(v["learners"], serde_json::json!([]));
     expect_code(&n1.cli(&["put", "c", "3"]), 0, "write after remove");
     expect_code(&n1.cli(&["cluster", "remove", "1"]), 2, "removing the last voter is refused");
+    // 2^48 + 1 would alias node 1 in the shard-aware id: refused, not masked.
+    expect_code(&n1.cli(&["cluster", "remove", "281474976710657"]), 2, "node id out of range");
+    expect_code(&n1.cli(&["cluster", "promote", "0"]), 2, "node id 0");
 }

@@ -24,7 +24,11 @@ pub enum FrameError {
 /// Serializes `value` into one frame (length prefix included).
 pub fn encode_frame<T: Serialize>(value: &T) -> Result<Vec<u8>, FrameError> {
     let mut buf = postcard::to_extend(value, vec![0u8; 4])?;
-    let len = (buf.len() - 4) as u32;
+    let size = buf.len() - 4;
+    if size > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge { size, limit: MAX_FRAME_BYTES });
+    }
+    let len = size as u32;
     buf[..4].copy_from_slice(&len.to_be_bytes());
     Ok(buf)
 }

@@ -51,6 +51,8 @@ pub enum TicketError {
     EndpointId,
     #[error("ticket holds no addresses")]
     NoAddrs,
+    #[error("ticket holds node id {0}, outside 1..=2^48-1")]
+    NodeId(u64),
 }
 
 impl NodeTicket {
@@ -91,6 +93,9 @@ impl NodeTicket {
         let endpoint_id = EndpointId::from_bytes(&wire.endpoint_id).map_err(|_| TicketError::EndpointId)?;
         if wire.addrs.is_empty() {
             return Err(TicketError::NoAddrs);
+        }
+        if wire.node_id == 0 || wire.node_id > super::MAX_NODE_ID {
+            return Err(TicketError::NodeId(wire.node_id));
         }
         Ok(NodeTicket { cluster_id: wire.cluster_id, node_id: wire.node_id, endpoint_id, addrs: wire.addrs })
     }
@@ -139,5 +144,10 @@ mod tests {
         let s = sample().encode();
         assert!(NodeTicket::decode(&s[..s.len() - 8]).is_err());
         assert_eq!(NodeTicket::decode(&"a".repeat(5000)), Err(TicketError::TooLong(5000)));
+        let mut t = sample();
+        t.node_id = 0;
+        assert_eq!(NodeTicket::decode(&t.encode()), Err(TicketError::NodeId(0)));
+        t.node_id = 1 << 48;
+        assert_eq!(NodeTicket::decode(&t.encode()), Err(TicketError::NodeId(1 << 48)));
     }
 }

@@ -153,8 +153,10 @@ impl AspenClient {
             match tokio::time::timeout(per_try, self.endpoint.connect(tickets[i].endpoint_addr(), CLIENT_ALPN)).await {
                 Ok(Ok(conn)) => {
                     *current = Some((i, conn.clone()));
-                    if !self.discovered.swap(true, std::sync::atomic::Ordering::SeqCst) {
-                        self.discover(&conn, deadline).await;
+                    if !self.discovered.load(std::sync::atomic::Ordering::SeqCst)
+                        && self.discover(&conn, deadline).await
+                    {
+                        self.discovered.store(true, std::sync::atomic::Ordering::SeqCst);
                     }
                     return Ok((i, conn));
                 }
@@ -175,18 +177,23 @@ impl AspenClient {
         *self.next.lock().unwrap_or_else(|p| p.into_inner()) = (i + 1) % n;
     }
 
-    /// Learns the other members from a node we reached, for failover (best effort).
-    async fn discover(&self, conn: &Connection, deadline: Instant) {
+    /// Learns the other members from a node we reached, for failover (best effort). Returns
+    /// whether it got an answer.
+    async fn discover(&self, conn: &Connection, deadline: Instant) -> bool {
         let Ok(frame) = encode_frame(&ClientEnvelope {
             version: CLIENT_PROTOCOL_VERSION,
             hops: 0,
             request: ClientRequest::Members,
         }) else {
-            return;
+            return false;
         };
         let left = deadline.saturating_duration_since(Instant::now()).min(Duration::from_secs(2));
-        if let Ok(Ok(Ok(ClientResponse::Members(list)))) = tokio::time::timeout(left, exchange(conn, &frame)).await {
-            self.add_tickets(list.iter().filter_map(|t| NodeTicket::decode(t).ok()));
+        match tokio::time::timeout(left, exchange(conn, &frame)).await {
+            Ok(Ok(Ok(ClientResponse::Members(list)))) => {
+                self.add_tickets(list.iter().filter_map(|t| NodeTicket::decode(t).ok()));
+                true
+            }
+            _ => false,
         }
     }
 

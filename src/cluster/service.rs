@@ -46,6 +46,7 @@ pub struct NodeService {
     me: MemberNode,
     ticket: RwLock<NodeTicket>,
     init_lock: tokio::sync::Mutex<()>,
+    membership_lock: tokio::sync::Mutex<()>,
     pool: ConnectionPool,
 }
 
@@ -71,6 +72,7 @@ impl NodeService {
             me,
             ticket: RwLock::new(ticket),
             init_lock: tokio::sync::Mutex::new(()),
+            membership_lock: tokio::sync::Mutex::new(()),
             pool,
         }
     }
@@ -311,8 +313,9 @@ impl NodeService {
     }
 
     fn cluster_info(&self) -> Result<ClusterInfo, ApiError> {
+        // Retryable: the node may be in the middle of joining (its identity is recorded last).
         let id = self.identity()?.ok_or_else(|| {
-            ApiError::Refused(format!("node {} has not initialized or joined a cluster", self.node_id))
+            ApiError::Unavailable(format!("node {} has not initialized or joined a cluster yet", self.node_id))
         })?;
         Ok(ClusterInfo { cluster_id: id.cluster_id, cluster_name: id.cluster_name, num_shards: id.num_shards })
     }
@@ -361,23 +364,53 @@ impl NodeService {
                 req.num_shards, info.num_shards
             )));
         }
-        if req.node_id == 0 || req.node_id > crate::api::MAX_NODE_ID {
-            return Err(ApiError::Refused(format!("node id {} is out of range", req.node_id)));
-        }
+        check_node_id(req.node_id)?;
+        // One membership change at a time on this node: two joiners with the same node id must
+        // not both pass the duplicate check.
+        let _guard = self.membership_lock.lock().await;
+        let member = MemberNode { endpoint_id: req.endpoint_id, addrs: req.addrs.clone() };
         let existing = self.check_new_member(req.node_id, &req.endpoint_id)?;
         let raft_id = shard_raft_id(0, req.node_id);
+        match existing {
+            None => self.shard0.add_learner(raft_id, member.clone()).await?,
+            // A re-join (e.g. after a crash mid-join): refresh the address if it moved.
+            Some(_) => self.refresh_address(raft_id, &member).await?,
+        }
+        self.verify_member(raft_id, &req.endpoint_id)?;
         if existing != Some(true) {
-            let member = MemberNode { endpoint_id: req.endpoint_id, addrs: req.addrs.clone() };
-            self.shard0.add_learner(raft_id, member).await?;
             self.shard0.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([raft_id]))).await?;
             tracing::info!(node_id = req.node_id, "node joined as voter");
         }
         Ok(ClientResponse::Joined(info))
     }
 
+    /// Updates a member's addresses in the membership if they changed.
+    async fn refresh_address(&self, raft_id: u64, member: &MemberNode) -> Result<(), ApiError> {
+        if self.shard0.member(raft_id).is_some_and(|m| m.addrs != member.addrs) {
+            let nodes = BTreeMap::from([(raft_id, member.clone())]);
+            self.shard0.change_membership(ChangeMembers::SetNodes(nodes)).await?;
+        }
+        Ok(())
+    }
+
+    /// Confirms that `raft_id` is in the membership with this endpoint id (`add_learner` leaves
+    /// an existing entry alone, so a race must not be reported as success).
+    fn verify_member(&self, raft_id: u64, endpoint_id: &[u8; 32]) -> Result<(), ApiError> {
+        match self.shard0.member(raft_id) {
+            Some(m) if &m.endpoint_id == endpoint_id => Ok(()),
+            Some(_) => Err(ApiError::Refused(format!(
+                "node id {} is already a member of this cluster with another endpoint id",
+                split_raft_id(raft_id).1
+            ))),
+            None => Err(ApiError::Unavailable(format!("node {} was not added; retry", split_raft_id(raft_id).1))),
+        }
+    }
+
     /// `cluster add-learner TICKET`: hands the node our identity, then adds it as a learner.
     async fn add_learner(&self, ticket: &str) -> Result<ClientResponse, ApiError> {
         let ticket = NodeTicket::decode(ticket).map_err(|e| ApiError::InvalidRequest(format!("ticket: {e}")))?;
+        check_node_id(ticket.node_id)?;
+        let _guard = self.membership_lock.lock().await;
         let info = self.cluster_info()?;
         if ticket.cluster_id != ClusterId::default() && ticket.cluster_id != info.cluster_id {
             return Err(ApiError::Refused(format!(
@@ -396,11 +429,15 @@ impl NodeService {
             Err(e) => return Err(ApiError::Unavailable(format!("node {} unreachable: {e}", ticket.node_id))),
         }
         let member = MemberNode { endpoint_id, addrs: ticket.addrs.clone() };
-        self.shard0.add_learner(shard_raft_id(0, ticket.node_id), member).await?;
+        let raft_id = shard_raft_id(0, ticket.node_id);
+        self.shard0.add_learner(raft_id, member).await?;
+        self.verify_member(raft_id, &endpoint_id)?;
         Ok(ClientResponse::Membership(self.shard0.status()))
     }
 
     async fn promote(&self, node_id: NodeId) -> Result<ClientResponse, ApiError> {
+        check_node_id(node_id)?;
+        let _guard = self.membership_lock.lock().await;
         let raft_id = shard_raft_id(0, node_id);
         match self.shard0.members().into_iter().find(|(id, _, _)| *id == raft_id) {
             None => return Err(ApiError::InvalidRequest(format!("node {node_id} is not a member; add it first"))),
@@ -411,6 +448,8 @@ impl NodeService {
     }
 
     async fn remove(&self, node_id: NodeId) -> Result<ClientResponse, ApiError> {
+        check_node_id(node_id)?;
+        let _guard = self.membership_lock.lock().await;
         let raft_id = shard_raft_id(0, node_id);
         let Some((_, _, voter)) = self.shard0.members().into_iter().find(|(id, _, _)| *id == raft_id) else {
             return Err(ApiError::InvalidRequest(format!("node {node_id} is not a member")));
@@ -454,6 +493,13 @@ impl NodeService {
             ClientRequest::AcceptMembership(info) => self.accept_membership(info),
         }
     }
+}
+
+fn check_node_id(node_id: NodeId) -> Result<(), ApiError> {
+    if node_id == 0 || node_id > crate::api::MAX_NODE_ID {
+        return Err(ApiError::InvalidRequest(format!("node id {node_id} is out of range 1..=2^48-1")));
+    }
+    Ok(())
 }
 
 impl ClientService for NodeService {

@@ -339,6 +339,9 @@ fn map_membership<T>(r: Result<T, RaftError<u64, ClientWriteError<u64, MemberNod
     }
 }
 
+/// Most key+value bytes in one scan page (a quarter of the frame limit).
+pub const SCAN_PAGE_MAX_BYTES: usize = crate::api::MAX_FRAME_BYTES / 4;
+
 /// The smallest key greater than every key with `prefix`, or `None` if there is none.
 pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
     let mut end = prefix.to_vec();
@@ -394,9 +397,14 @@ pub fn scan_local(reader: &StateReader, req: &ScanRequest, page_limit: usize) ->
             return Ok(ScanPage { entries: Vec::new(), continuation: None });
         }
     }
-    let mut entries = reader.range(bound_ref(&lower), bound_ref(&upper), limit + 1)?;
+    // One more than asked tells whether more keys follow; the byte cap keeps a page of large
+    // values well inside one frame (the page then ends early, with a continuation).
+    let mut entries = reader.range(bound_ref(&lower), bound_ref(&upper), limit + 1, SCAN_PAGE_MAX_BYTES)?;
     let continuation = if entries.len() > limit {
         entries.truncate(limit);
+        entries.last().map(|kv| kv.key.clone())
+    } else if entries.iter().map(|kv| kv.key.len() + kv.value.len()).sum::<usize>() >= SCAN_PAGE_MAX_BYTES {
+        // Cut by bytes: more keys may follow.
         entries.last().map(|kv| kv.key.clone())
     } else {
         None

@@ -99,8 +99,15 @@ impl StateReader {
         }
     }
 
-    /// Keys in `(lower, upper)` in order, at most `limit` of them.
-    pub fn range(&self, lower: Bound<&[u8]>, upper: Bound<&[u8]>, limit: usize) -> Result<Vec<KeyValue>, StorageError> {
+    /// Keys in `(lower, upper)` in order: at most `limit` of them, and none after their keys and
+    /// values reach `max_bytes` (so at least one key is returned if there is one).
+    pub fn range(
+        &self,
+        lower: Bound<&[u8]>,
+        upper: Bound<&[u8]>,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<KeyValue>, StorageError> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(KV)?;
         let mut out = Vec::new();
@@ -109,12 +116,15 @@ impl StateReader {
                 return Ok(out);
             }
         }
+        let mut bytes = 0usize;
         for item in table.range::<&[u8]>((lower, upper))? {
-            if out.len() >= limit {
+            if out.len() >= limit || (!out.is_empty() && bytes >= max_bytes) {
                 break;
             }
             let (k, v) = item?;
-            out.push(to_kv(k.value().to_vec(), postcard::from_bytes(v.value())?));
+            let kv = to_kv(k.value().to_vec(), postcard::from_bytes(v.value())?);
+            bytes += kv.key.len() + kv.value.len();
+            out.push(kv);
         }
         Ok(out)
     }
@@ -153,11 +163,17 @@ fn read_meta<T: serde::de::DeserializeOwned>(
     }
 }
 
+/// Serializes writes of the snapshot file (the builder task and the state machine worker may
+/// both write one) and remembers the last log id of the file on disk, so an older snapshot never
+/// replaces a newer one.
+type SnapshotFileGuard = Arc<std::sync::Mutex<Option<LogId>>>;
+
 /// The redb-backed state machine of one shard.
 #[derive(Debug)]
 pub struct RedbStateMachine {
     db: Arc<redb::Database>,
     dir: PathBuf,
+    snapshot_guard: SnapshotFileGuard,
 }
 
 impl RedbStateMachine {
@@ -171,7 +187,7 @@ impl RedbStateMachine {
         txn.open_table(META)?;
         txn.commit()?;
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
-        Ok(RedbStateMachine { db: Arc::new(db), dir })
+        Ok(RedbStateMachine { db: Arc::new(db), dir, snapshot_guard: Default::default() })
     }
 
     /// A read handle for the request path.
@@ -207,12 +223,14 @@ fn apply_entries(db: &redb::Database, entries: Vec<Entry>) -> Result<Vec<ApplyRe
                 }
                 EntryPayload::Normal(req) => {
                     clock = clock.max(req.timestamp_ms);
+                    // Expire per entry (not per batch): replicas batch entries differently, and
+                    // every replica must make the same dedup decision for every entry.
+                    expire_sessions(&mut sessions, &mut ages, clock)?;
                     let outcome = apply_write(&mut kv, &mut sessions, &mut ages, log_id.index, req)?;
                     results.push(ApplyResult(Some(outcome)));
                 }
             }
         }
-        expire_sessions(&mut sessions, &mut ages, clock)?;
         meta.insert(KEY_CLOCK, postcard::to_stdvec(&clock)?.as_slice())?;
         if let Some(la) = last_applied {
             meta.insert(KEY_LAST_APPLIED, postcard::to_stdvec(&la)?.as_slice())?;
@@ -328,8 +346,9 @@ fn expire_sessions(
 }
 
 /// Builds the snapshot bytes from a consistent read of the whole state.
-fn read_snapshot_payload(db: &redb::Database) -> Result<(Option<LogId>, StoredMembership, Vec<u8>), StorageError> {
-    let txn = db.begin_read()?;
+fn read_snapshot_payload(
+    txn: &redb::ReadTransaction,
+) -> Result<(Option<LogId>, StoredMembership, Vec<u8>), StorageError> {
     let meta = txn.open_table(META)?;
     let last_applied: Option<LogId> = read_meta(&meta, KEY_LAST_APPLIED)?;
     let membership: StoredMembership = read_meta(&meta, KEY_MEMBERSHIP)?.unwrap_or_default();
@@ -381,10 +400,15 @@ fn install_payload(db: &redb::Database, meta: &SnapshotMeta, data: &[u8]) -> Res
     Ok(())
 }
 
-/// Writes the snapshot file atomically (temp file, fsync, rename, fsync dir).
-fn write_snapshot_file(dir: &Path, file: &SnapshotFile) -> Result<(), StorageError> {
+/// Writes the snapshot file atomically (temp file, fsync, rename, fsync dir), unless the file
+/// on disk is already newer.
+fn write_snapshot_file(dir: &Path, file: &SnapshotFile, guard: &SnapshotFileGuard) -> Result<(), StorageError> {
     use std::io::Write;
-    let tmp = dir.join(format!("{SNAPSHOT_FILE}.tmp"));
+    let mut current = guard.lock().unwrap_or_else(|p| p.into_inner());
+    if current.is_some() && *current > file.meta.last_log_id {
+        return Ok(());
+    }
+    let tmp = dir.join(format!("{SNAPSHOT_FILE}.{}.tmp", file.meta.snapshot_id));
     let bytes = postcard::to_stdvec(file)?;
     {
         let mut f = std::fs::File::create(&tmp)?;
@@ -393,6 +417,7 @@ fn write_snapshot_file(dir: &Path, file: &SnapshotFile) -> Result<(), StorageErr
     }
     std::fs::rename(&tmp, dir.join(SNAPSHOT_FILE))?;
     std::fs::File::open(dir)?.sync_all()?;
+    *current = file.meta.last_log_id;
     Ok(())
 }
 
@@ -423,24 +448,29 @@ async fn blocking<T: Send + 'static>(
 pub struct SnapshotBuilder {
     db: Arc<redb::Database>,
     dir: PathBuf,
+    snapshot_guard: SnapshotFileGuard,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, OpenraftStorageError> {
         let db = self.db.clone();
         let dir = self.dir.clone();
+        let guard = self.snapshot_guard.clone();
         let (meta, data) = blocking(move || {
-            // Make every applied entry durable before openraft may purge the log behind it.
+            // Read first, then make durable: `apply` runs concurrently, and a durable commit
+            // persists every earlier commit, so everything this read sees is on disk before
+            // openraft may purge the log behind the snapshot.
+            let read = db.begin_read()?;
             let txn = begin_write(&db, Durability::Immediate)?;
             txn.commit()?;
-            let (last_applied, membership, data) = read_snapshot_payload(&db)?;
+            let (last_applied, membership, data) = read_snapshot_payload(&read)?;
             let snapshot_id = match last_applied {
                 Some(l) => format!("{}-{}-{:016x}", l.leader_id.term, l.index, rand::random::<u64>()),
                 None => format!("empty-{:016x}", rand::random::<u64>()),
             };
             let meta = SnapshotMeta { last_log_id: last_applied, last_membership: membership, snapshot_id };
             let file = SnapshotFile { meta, data };
-            write_snapshot_file(&dir, &file)?;
+            write_snapshot_file(&dir, &file, &guard)?;
             Ok((file.meta, file.data))
         })
         .await
@@ -478,7 +508,7 @@ impl RaftStateMachine<TypeConfig> for RedbStateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        SnapshotBuilder { db: self.db.clone(), dir: self.dir.clone() }
+        SnapshotBuilder { db: self.db.clone(), dir: self.dir.clone(), snapshot_guard: self.snapshot_guard.clone() }
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, OpenraftStorageError> {
@@ -492,11 +522,12 @@ impl RaftStateMachine<TypeConfig> for RedbStateMachine {
     ) -> Result<(), OpenraftStorageError> {
         let db = self.db.clone();
         let dir = self.dir.clone();
+        let guard = self.snapshot_guard.clone();
         let meta = meta.clone();
         let data = snapshot.into_inner();
         blocking(move || {
             install_payload(&db, &meta, &data)?;
-            write_snapshot_file(&dir, &SnapshotFile { meta, data })
+            write_snapshot_file(&dir, &SnapshotFile { meta, data }, &guard)
         })
         .await
         .map_err(|e| snap_err(ErrorVerb::Write, e))
