@@ -95,6 +95,50 @@ impl LimitsConfig {
     }
 }
 
+/// Sharding: how many shards the cluster has and which of them this node hosts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardingConfig {
+    /// Run several shards (Raft groups) on this node, routed by key hash.
+    pub enabled: bool,
+    /// Number of shards of the whole cluster (1..=256), recorded at first start.
+    pub num_shards: u32,
+    /// Shards this node hosts; `None`: all of them.
+    pub local_shards: Option<Vec<u32>>,
+}
+
+impl Default for ShardingConfig {
+    fn default() -> Self {
+        ShardingConfig { enabled: false, num_shards: 1, local_shards: None }
+    }
+}
+
+/// Most shards a cluster can have.
+pub const MAX_SHARDS: u32 = 256;
+
+impl ShardingConfig {
+    /// Number of shards in effect (1 when sharding is disabled).
+    pub fn effective_num_shards(&self) -> u32 {
+        if self.enabled {
+            self.num_shards
+        } else {
+            1
+        }
+    }
+
+    /// The shards this node hosts, sorted.
+    pub fn local_shard_ids(&self) -> Vec<u32> {
+        match (&self.local_shards, self.enabled) {
+            (_, false) => vec![0],
+            (None, true) => (0..self.num_shards).collect(),
+            (Some(l), true) => {
+                let mut l = l.clone();
+                l.sort_unstable();
+                l
+            }
+        }
+    }
+}
+
 /// The complete, validated configuration of one `aspen-node`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeConfig {
@@ -108,6 +152,7 @@ pub struct NodeConfig {
     pub join: Vec<String>,
     pub raft: RaftConfig,
     pub limits: LimitsConfig,
+    pub sharding: ShardingConfig,
 }
 
 impl Default for NodeConfig {
@@ -121,6 +166,7 @@ impl Default for NodeConfig {
             join: Vec::new(),
             raft: RaftConfig::default(),
             limits: LimitsConfig::default(),
+            sharding: ShardingConfig::default(),
         }
     }
 }
@@ -171,6 +217,15 @@ pub struct NodeArgs {
     /// Request timeout in milliseconds. [default: 10000]
     #[arg(long, env = "ASPEN_REQUEST_TIMEOUT_MS")]
     pub request_timeout_ms: Option<u64>,
+    /// Run several shards (Raft groups) on this node.
+    #[arg(long, env = "ASPEN_SHARDING_ENABLED")]
+    pub sharding_enabled: bool,
+    /// Number of shards in the cluster (1..=256). [default: 1]
+    #[arg(long, env = "ASPEN_SHARDING_NUM_SHARDS")]
+    pub sharding_num_shards: Option<u32>,
+    /// Shards this node hosts, comma-separated. [default: all]
+    #[arg(long, env = "ASPEN_SHARDING_LOCAL_SHARDS", value_delimiter = ',')]
+    pub sharding_local_shards: Option<Vec<u32>>,
 }
 
 #[derive(Deserialize, Default, Debug)]
@@ -184,6 +239,15 @@ struct FileConfig {
     join: Option<Vec<String>>,
     raft: Option<FileRaft>,
     limits: Option<FileLimits>,
+    sharding: Option<FileSharding>,
+}
+
+#[derive(Deserialize, Default, Debug)]
+#[serde(deny_unknown_fields)]
+struct FileSharding {
+    enabled: Option<bool>,
+    num_shards: Option<u32>,
+    local_shards: Option<Vec<u32>>,
 }
 
 #[derive(Deserialize, Default, Debug)]
@@ -237,6 +301,11 @@ impl NodeConfig {
         set(&mut cfg.limits.max_key_bytes, args.max_key_bytes);
         set(&mut cfg.limits.max_value_bytes, args.max_value_bytes);
         set(&mut cfg.limits.request_timeout_ms, args.request_timeout_ms);
+        cfg.sharding.enabled |= args.sharding_enabled;
+        set(&mut cfg.sharding.num_shards, args.sharding_num_shards);
+        if args.sharding_local_shards.is_some() {
+            cfg.sharding.local_shards = args.sharding_local_shards.clone();
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -265,6 +334,13 @@ impl NodeConfig {
             set(&mut self.raft.max_in_snapshot_log_to_keep, r.max_in_snapshot_log_to_keep);
             set(&mut self.raft.max_append_entries, r.max_append_entries);
             set(&mut self.raft.max_append_bytes, r.max_append_bytes);
+        }
+        if let Some(sh) = &f.sharding {
+            set(&mut self.sharding.enabled, sh.enabled);
+            set(&mut self.sharding.num_shards, sh.num_shards);
+            if sh.local_shards.is_some() {
+                self.sharding.local_shards = sh.local_shards.clone();
+            }
         }
         if let Some(l) = &f.limits {
             set(&mut self.limits.max_key_bytes, l.max_key_bytes);
@@ -325,6 +401,37 @@ impl NodeConfig {
         }
         if r.max_append_bytes < 64 * 1024 || r.max_append_bytes > (crate::api::MAX_FRAME_BYTES / 2) as u64 {
             return Err(invalid("max_append_bytes", "must be between 64 KiB and 32 MiB"));
+        }
+        let sh = &self.sharding;
+        if sh.num_shards == 0 || sh.num_shards > MAX_SHARDS {
+            return Err(invalid("num_shards", format!("{} is out of range 1..={MAX_SHARDS}", sh.num_shards)));
+        }
+        if !sh.enabled && (sh.num_shards != 1 || sh.local_shards.is_some()) {
+            return Err(invalid(
+                "sharding",
+                "num_shards and local_shards need sharding enabled (--sharding-enabled or [sharding] enabled = true)",
+            ));
+        }
+        if let Some(local) = &sh.local_shards {
+            if local.is_empty() {
+                return Err(invalid("local_shards", "must name at least one shard"));
+            }
+            let mut seen = std::collections::BTreeSet::new();
+            for &s in local {
+                if s >= sh.num_shards {
+                    return Err(invalid(
+                        "local_shards",
+                        format!(
+                            "shard {s} does not exist (num_shards is {}, shards are 0..={})",
+                            sh.num_shards,
+                            sh.num_shards - 1
+                        ),
+                    ));
+                }
+                if !seen.insert(s) {
+                    return Err(invalid("local_shards", format!("shard {s} is listed twice")));
+                }
+            }
         }
         let l = &self.limits;
         if l.max_key_bytes == 0 || l.max_key_bytes > 64 * 1024 {
@@ -403,6 +510,28 @@ mod tests {
         assert!(err.contains("cluster_name"), "{err}");
         let err = NodeConfig::from_toml_str("join = [\"nope\"]").unwrap_err().to_string();
         assert!(err.contains("join"), "{err}");
+    }
+
+    #[test]
+    fn sharding_validation() {
+        let ok =
+            NodeConfig::from_toml_str("[sharding]\nenabled = true\nnum_shards = 4\nlocal_shards = [2, 0]").unwrap();
+        assert_eq!(ok.sharding.local_shard_ids(), vec![0, 2]);
+        assert_eq!(ok.sharding.effective_num_shards(), 4);
+        let all = NodeConfig::from_toml_str("[sharding]\nenabled = true\nnum_shards = 3").unwrap();
+        assert_eq!(all.sharding.local_shard_ids(), vec![0, 1, 2]);
+        assert_eq!(NodeConfig::default().sharding.local_shard_ids(), vec![0]);
+        for (toml, field) in [
+            ("[sharding]\nenabled = true\nnum_shards = 0", "num_shards"),
+            ("[sharding]\nenabled = true\nnum_shards = 257", "num_shards"),
+            ("[sharding]\nenabled = true\nnum_shards = 4\nlocal_shards = [1, 1]", "listed twice"),
+            ("[sharding]\nenabled = true\nnum_shards = 4\nlocal_shards = [4]", "does not exist"),
+            ("[sharding]\nenabled = true\nnum_shards = 4\nlocal_shards = []", "at least one"),
+            ("[sharding]\nnum_shards = 4", "sharding enabled"),
+        ] {
+            let err = NodeConfig::from_toml_str(toml).unwrap_err().to_string();
+            assert!(err.contains(field), "{toml:?}: {err}");
+        }
     }
 
     #[test]

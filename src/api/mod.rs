@@ -258,6 +258,25 @@ pub struct JoinRequest {
     pub num_shards: u32,
 }
 
+/// How to reach a member (endpoint id + direct addresses), as carried in membership changes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberAddr {
+    pub endpoint_id: [u8; 32],
+    pub addrs: Vec<std::net::SocketAddr>,
+}
+
+/// One membership change of one shard (sent to that shard's leader by the node coordinating a
+/// join, add-learner, promote or remove).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MembershipChange {
+    /// Add as learner and wait until it caught up; refresh its address if it is a member already.
+    AddLearner { node_id: NodeId, member: MemberAddr },
+    /// Make a learner a voter (no-op for a voter).
+    AddVoter { node_id: NodeId },
+    /// Remove from voters (if a voter), then from the membership.
+    Remove { node_id: NodeId },
+}
+
 /// The identity of a cluster, handed to a node that becomes a member.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterInfo {
@@ -302,6 +321,16 @@ pub enum ClientRequest {
     Join(JoinRequest),
     /// Sent by a leader to a fresh node before adding it: adopt this cluster's identity.
     AcceptMembership(ClusterInfo),
+    /// One page of a scan of one shard (a node merging a scan over all shards sends these).
+    ShardScan {
+        shard: ShardId,
+        scan: ScanRequest,
+    },
+    /// A membership change of one shard, for that shard's leader.
+    ShardMembership {
+        shard: ShardId,
+        change: MembershipChange,
+    },
 }
 
 impl ClientRequest {
@@ -309,8 +338,11 @@ impl ClientRequest {
     pub fn needs_leader(&self) -> bool {
         match self {
             ClientRequest::Get { consistency, .. } => *consistency == ReadConsistency::Linearizable,
-            ClientRequest::Scan(s) => s.consistency == ReadConsistency::Linearizable,
+            ClientRequest::Scan(s) | ClientRequest::ShardScan { scan: s, .. } => {
+                s.consistency == ReadConsistency::Linearizable
+            }
             ClientRequest::Write { .. }
+            | ClientRequest::ShardMembership { .. }
             | ClientRequest::AddLearner { .. }
             | ClientRequest::Promote { .. }
             | ClientRequest::Remove { .. }

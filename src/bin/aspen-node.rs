@@ -4,9 +4,32 @@
 use std::process::ExitCode;
 
 use aspen::{
-    cluster::{bootstrap_node, BootstrapError},
+    api::NodeTicket,
+    cluster::{bootstrap_node, bootstrap_sharded_node, BootstrapError, NodeHandle, ShardedNodeHandle},
     config::{NodeArgs, NodeConfig},
 };
+
+/// The two ways a node runs: one shard (the default), or several behind one endpoint.
+enum NodeMode {
+    Single(NodeHandle),
+    Sharded(ShardedNodeHandle),
+}
+
+impl NodeMode {
+    fn ticket(&self) -> NodeTicket {
+        match self {
+            NodeMode::Single(n) => n.ticket(),
+            NodeMode::Sharded(n) => n.ticket(),
+        }
+    }
+
+    async fn shutdown(self) {
+        match self {
+            NodeMode::Single(n) => n.shutdown().await,
+            NodeMode::Sharded(n) => n.shutdown().await,
+        }
+    }
+}
 use clap::Parser;
 
 fn main() -> ExitCode {
@@ -36,11 +59,23 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: NodeConfig) -> ExitCode {
-    let node = match bootstrap_node(config).await {
+    let started = if config.sharding.enabled {
+        bootstrap_sharded_node(config).await.map(NodeMode::Sharded)
+    } else {
+        bootstrap_node(config).await.map(NodeMode::Single)
+    };
+    let node = match started {
         Ok(n) => n,
         Err(e) => {
             eprintln!("aspen-node: {e}");
-            let usage = matches!(e, BootstrapError::NodeIdMismatch { .. } | BootstrapError::ClusterNameMismatch { .. });
+            let usage = matches!(
+                e,
+                BootstrapError::NodeIdMismatch { .. }
+                    | BootstrapError::ClusterNameMismatch { .. }
+                    | BootstrapError::NumShardsMismatch { .. }
+                    | BootstrapError::Sharding(_)
+                    | BootstrapError::JoinRefused(_)
+            );
             return ExitCode::from(if usage { 2 } else { 1 });
         }
     };

@@ -6,15 +6,15 @@
 //! shard 0 (`shard-0/raft-log.db`, `shard-0/state-machine.db`), the client and Raft protocol
 //! handlers, and — for a fresh data dir without `--no-init` — initializes a one-node cluster.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use iroh::{address_lookup::MemoryLookup, protocol::Router, Endpoint, SecretKey};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     api::{
-        shard_raft_id, ApiError, ClientRequest, ClientResponse, ClusterId, JoinRequest, NodeTicket, CLIENT_ALPN,
-        RAFT_ALPN,
+        shard_raft_id, ApiError, ClientRequest, ClientResponse, ClusterId, JoinRequest, NodeTicket, ShardId,
+        CLIENT_ALPN, RAFT_ALPN, RAFT_SHARDED_ALPN,
     },
     client::{AspenClient, ClientError},
     cluster::{
@@ -60,6 +60,13 @@ pub enum BootstrapError {
     JoinTicketsDisagree(ClusterId, ClusterId),
     #[error("invalid --join ticket: {0}")]
     JoinTicket(crate::api::TicketError),
+    #[error("sharding: {0}")]
+    Sharding(String),
+    #[error(
+        "data dir {path} was initialized with {recorded} shard(s), but this node is configured for {configured}; \
+         the number of shards cannot change (use --sharding-num-shards {recorded})"
+    )]
+    NumShardsMismatch { path: std::path::PathBuf, recorded: u32, configured: u32 },
 }
 
 /// What every shard of a node shares.
@@ -110,6 +117,13 @@ pub async fn bootstrap_base_node(config: NodeConfig) -> Result<BaseNodeResources
         if id.node_id != config.node_id {
             return Err(BootstrapError::NodeIdMismatch { path: dir, recorded: id.node_id, configured: config.node_id });
         }
+        if id.num_shards != config.sharding.effective_num_shards() {
+            return Err(BootstrapError::NumShardsMismatch {
+                path: dir,
+                recorded: id.num_shards,
+                configured: config.sharding.effective_num_shards(),
+            });
+        }
         if id.cluster_name != config.cluster_name {
             return Err(BootstrapError::ClusterNameMismatch {
                 path: dir,
@@ -140,11 +154,14 @@ pub async fn bootstrap_base_node(config: NodeConfig) -> Result<BaseNodeResources
     })
 }
 
-/// A running (non-sharded) node.
+/// A running node (non-sharded: shard 0 only).
 #[derive(Debug)]
 pub struct NodeHandle {
     pub base: BaseNodeResources,
+    /// Shard 0 (in sharded mode: when hosted here).
     pub shard0: RaftNode,
+    /// Every shard this node hosts.
+    pub shards: BTreeMap<ShardId, RaftNode>,
     pub service: Arc<NodeService>,
     router: Router,
 }
@@ -168,29 +185,97 @@ impl NodeHandle {
             tracing::warn!("router shutdown: {e}");
         }
         self.base.endpoint.close().await;
-        self.shard0.shutdown().await;
+        for shard in self.shards.values() {
+            shard.shutdown().await;
+        }
+    }
+}
+
+/// A running sharded node: several Raft groups behind one endpoint.
+#[derive(Debug)]
+pub struct ShardedNodeHandle {
+    pub node: NodeHandle,
+}
+
+impl ShardedNodeHandle {
+    /// Shard 0, the shard that also records cluster membership.
+    pub fn primary_shard(&self) -> &RaftNode {
+        &self.node.shard0
+    }
+
+    /// Number of shards hosted on this node.
+    pub fn shard_count(&self) -> usize {
+        self.node.shards.len()
+    }
+
+    /// The shards hosted on this node, in order.
+    pub fn local_shard_ids(&self) -> Vec<ShardId> {
+        self.node.shards.keys().copied().collect()
+    }
+
+    pub fn ticket(&self) -> NodeTicket {
+        self.node.ticket()
+    }
+
+    pub async fn shutdown(self) {
+        self.node.shutdown().await
     }
 }
 
 /// Starts a non-sharded node: shard 0 only, served on `aspen-client` and `raft-rpc`.
 pub async fn bootstrap_node(config: NodeConfig) -> Result<NodeHandle, BootstrapError> {
+    if config.sharding.enabled {
+        return Err(BootstrapError::Sharding(
+            "bootstrap_node starts non-sharded nodes; use bootstrap_sharded_node".into(),
+        ));
+    }
+    start_node(config).await
+}
+
+/// Starts a sharded node: every local shard in `shard-N/`, Raft on `raft-shard` (and legacy
+/// `raft-rpc` for shard 0), keys routed to their shard.
+pub async fn bootstrap_sharded_node(config: NodeConfig) -> Result<ShardedNodeHandle, BootstrapError> {
+    if !config.sharding.enabled {
+        return Err(BootstrapError::Sharding("sharding is not enabled in this config".into()));
+    }
+    config.validate().map_err(|e| BootstrapError::Sharding(e.to_string()))?;
+    let ids = config.sharding.local_shard_ids();
+    if ids.len() as u32 != config.sharding.num_shards {
+        // Nodes hosting a subset need leader discovery for the shards they lack (gossip): not
+        // built yet, so refuse rather than start a node that cannot serve every key.
+        return Err(BootstrapError::Sharding(format!(
+            "hosting a subset of shards ({ids:?} of {}) is not supported yet; omit local_shards to host all",
+            config.sharding.num_shards
+        )));
+    }
+    Ok(ShardedNodeHandle { node: start_node(config).await? })
+}
+
+async fn start_node(config: NodeConfig) -> Result<NodeHandle, BootstrapError> {
     let base = bootstrap_base_node(config).await?;
     let config = &base.config;
-    let shard_dir = config.data_dir.join("shard-0");
-    let shard0 = RaftNode::open(
-        0,
-        shard_raft_id(0, config.node_id),
-        &shard_dir,
-        &config.cluster_name,
-        &config.raft,
-        base.network_factory.clone(),
-        config.limits.request_timeout(),
-    )
-    .await?;
+    let sharded = config.sharding.enabled;
+    let mut shards = BTreeMap::new();
+    for shard in config.sharding.local_shard_ids() {
+        // Sharded nodes send every shard's Raft traffic on `raft-shard` with its own prefix.
+        let network = IrohNetworkFactory::new(base.pool.clone(), base.cluster_id.clone(), sharded.then_some(shard));
+        let node = RaftNode::open(
+            shard,
+            shard_raft_id(shard, config.node_id),
+            &config.data_dir.join(format!("shard-{shard}")),
+            &config.cluster_name,
+            &config.raft,
+            network,
+            config.limits.request_timeout(),
+        )
+        .await?;
+        shards.insert(shard, node);
+    }
+    let shard0 = shards.get(&0).cloned().ok_or_else(|| BootstrapError::Sharding("every node hosts shard 0".into()))?;
 
     let service = Arc::new(NodeService::new(
         config,
-        shard0.clone(),
+        shards.clone(),
         base.metadata_store.clone(),
         base.cluster_id.clone(),
         base.member(),
@@ -198,14 +283,18 @@ pub async fn bootstrap_node(config: NodeConfig) -> Result<NodeHandle, BootstrapE
         base.pool.clone(),
     ));
     let registry = ShardRegistry::default();
-    registry.insert(0, shard0.raft().clone());
+    for (id, node) in &shards {
+        registry.insert(*id, node.raft().clone());
+    }
     let client_handler =
         ClientProtocolHandler::new(service.clone(), config.max_client_frame(), config.limits.request_timeout());
-    let raft_handler = RaftProtocolHandler::new(registry, base.cluster_id.clone(), false);
-    let router = Router::builder(base.endpoint.clone())
+    let mut builder = Router::builder(base.endpoint.clone())
         .accept(CLIENT_ALPN, client_handler)
-        .accept(RAFT_ALPN, raft_handler)
-        .spawn();
+        .accept(RAFT_ALPN, RaftProtocolHandler::new(registry.clone(), base.cluster_id.clone(), false));
+    if sharded {
+        builder = builder.accept(RAFT_SHARDED_ALPN, RaftProtocolHandler::new(registry, base.cluster_id.clone(), true));
+    }
+    let router = builder.spawn();
 
     if base.identity.is_none() && !config.join.is_empty() {
         join_cluster(&base, &service).await?;
@@ -213,8 +302,8 @@ pub async fn bootstrap_node(config: NodeConfig) -> Result<NodeHandle, BootstrapE
         service.init_cluster().await.map_err(BootstrapError::Init)?;
     }
     service.write_ticket_file().map_err(|source| BootstrapError::DataDir { path: config.data_dir.clone(), source })?;
-    tracing::info!(node_id = config.node_id, ticket = %service.ticket(), "node is serving");
-    Ok(NodeHandle { base, shard0, service, router })
+    tracing::info!(node_id = config.node_id, shards = shards.len(), ticket = %service.ticket(), "node is serving");
+    Ok(NodeHandle { base, shard0, shards, service, router })
 }
 
 /// Joins the cluster named by the `--join` tickets: asks it (through any member; requests are
@@ -243,7 +332,7 @@ async fn join_cluster(base: &BaseNodeResources, service: &NodeService) -> Result
         node_id: config.node_id,
         endpoint_id: me.endpoint_id,
         addrs: me.addrs,
-        num_shards: 1,
+        num_shards: config.sharding.effective_num_shards(),
     };
     // Joining waits for this node to catch up, which can take longer than one request.
     let timeout = config.limits.request_timeout().max(Duration::from_secs(60));

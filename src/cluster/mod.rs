@@ -7,5 +7,8 @@ pub mod endpoint;
 pub mod metadata;
 pub mod service;
 
-pub use bootstrap::{bootstrap_base_node, bootstrap_node, BaseNodeResources, BootstrapError, NodeHandle};
+pub use bootstrap::{
+    bootstrap_base_node, bootstrap_node, bootstrap_sharded_node, BaseNodeResources, BootstrapError, NodeHandle,
+    ShardedNodeHandle,
+};
 pub use metadata::MetadataStore;

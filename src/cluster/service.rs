@@ -1,10 +1,12 @@
 //! The client-facing service of a node: validates every request against the configured limits,
 //! then answers it from the shard that owns the key.
 //!
-//! Owns: request validation; forwarding leader-bound requests (writes, linearizable reads,
-//! membership changes) once to the leader; `cluster init`; joins and membership changes; and
-//! `cluster status`, which asks every member for its own view. Reads and writes go to
-//! [`RaftNode`]; nothing here touches storage directly.
+//! Owns: request validation; routing each key to its shard (`ShardRouter`); forwarding
+//! leader-bound requests (writes, linearizable reads, membership changes) once to the shard's
+//! leader; scans merged over all shards in key order; `cluster init`; joins and membership
+//! changes, applied to every shard on that shard's leader; and `cluster status`, which asks
+//! every member for its own view. Reads and writes go to [`RaftNode`]; nothing here touches
+//! storage directly.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -18,7 +20,8 @@ use openraft::ChangeMembers;
 use crate::{
     api::{
         shard_raft_id, split_raft_id, ApiError, BatchOp, ClientRequest, ClientResponse, ClientResult, ClusterId,
-        ClusterInfo, ClusterStatus, JoinRequest, NodeId, NodeReport, NodeStatus, NodeTicket, ScanRequest, WriteCommand,
+        ClusterInfo, ClusterStatus, JoinRequest, MemberAddr, MembershipChange, NodeId, NodeReport, NodeStatus,
+        NodeTicket, ScanPage, ScanRequest, ShardId, ShardStatus, WriteCommand,
     },
     cluster::{
         endpoint::write_file_atomic,
@@ -30,6 +33,7 @@ use crate::{
         network::{ConnectionPool, SharedClusterId},
         MemberNode, RaftNode,
     },
+    sharding::ShardRouter,
 };
 
 /// Serves client requests for one node.
@@ -39,7 +43,10 @@ pub struct NodeService {
     cluster_name: String,
     data_dir: PathBuf,
     limits: LimitsConfig,
-    shard0: RaftNode,
+    /// The shards this node hosts.
+    shards: BTreeMap<ShardId, RaftNode>,
+    /// Key → shard for the cluster's number of shards.
+    router: ShardRouter,
     metadata: Arc<MetadataStore>,
     cluster_id: SharedClusterId,
     /// This node as a Raft member (endpoint id + addresses).
@@ -54,7 +61,7 @@ impl NodeService {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: &NodeConfig,
-        shard0: RaftNode,
+        shards: BTreeMap<ShardId, RaftNode>,
         metadata: Arc<MetadataStore>,
         cluster_id: SharedClusterId,
         me: MemberNode,
@@ -66,7 +73,8 @@ impl NodeService {
             cluster_name: config.cluster_name.clone(),
             data_dir: config.data_dir.clone(),
             limits: config.limits.clone(),
-            shard0,
+            shards,
+            router: ShardRouter::new(config.sharding.effective_num_shards()),
             metadata,
             cluster_id,
             me,
@@ -87,7 +95,35 @@ impl NodeService {
         write_file_atomic(&self.data_dir.join("node.ticket"), format!("{ticket}\n").as_bytes())
     }
 
-    /// Makes this node a one-node cluster, unless it already belongs to one.
+    /// A hosted shard, or a typed error.
+    fn local_shard(&self, shard: ShardId) -> Result<&RaftNode, ApiError> {
+        self.shards
+            .get(&shard)
+            .ok_or_else(|| ApiError::Unavailable(format!("shard {shard} is not hosted on node {}", self.node_id)))
+    }
+
+    /// Shard 0: its membership lists every member of the cluster.
+    fn primary(&self) -> Result<&RaftNode, ApiError> {
+        self.local_shard(0)
+    }
+
+    fn first_status(&self) -> ShardStatus {
+        match self.shards.values().next() {
+            Some(s) => s.status(),
+            None => ShardStatus {
+                shard: 0,
+                leader: None,
+                term: 0,
+                voters: Vec::new(),
+                learners: Vec::new(),
+                last_applied: 0,
+                last_log_index: 0,
+                role: "Unknown".into(),
+            },
+        }
+    }
+
+    /// Makes this node a one-node cluster (every shard), unless it already belongs to one.
     /// Returns whether this call initialized it.
     pub async fn init_cluster(&self) -> Result<bool, ApiError> {
         let _guard = self.init_lock.lock().await;
@@ -95,24 +131,34 @@ impl NodeService {
         if self.metadata.identity().map_err(internal)?.is_some() {
             return Ok(false);
         }
-        let raft = self.shard0.raft();
-        if raft.is_initialized().await.map_err(|e| ApiError::Unavailable(e.to_string()))? {
-            // Identity is recorded after Raft is initialized; a crash in between leaves a one-node
-            // group of our own, which we adopt. Anything else belongs to someone else's cluster.
-            let voters: Vec<u64> = raft.metrics().borrow().membership_config.membership().voter_ids().collect();
-            if voters != [self.shard0.raft_id()] {
-                return Err(ApiError::InvalidRequest("this node's Raft state belongs to a cluster already".into()));
+        if self.shards.len() as u32 != self.router.num_shards() {
+            return Err(ApiError::Refused(format!(
+                "the node that initializes a cluster must host all {} shards; this one hosts {:?}",
+                self.router.num_shards(),
+                self.shards.keys().collect::<Vec<_>>()
+            )));
+        }
+        for shard in self.shards.values() {
+            let raft = shard.raft();
+            if raft.is_initialized().await.map_err(|e| ApiError::Unavailable(e.to_string()))? {
+                // Identity is recorded after Raft is initialized; a crash in between leaves
+                // one-node groups of our own, which we adopt. Anything else is another cluster's.
+                let voters: Vec<u64> = raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+                if voters != [shard.raft_id()] {
+                    return Err(ApiError::InvalidRequest("this node's Raft state belongs to a cluster already".into()));
+                }
             }
         }
         let cluster_id = ClusterId::random();
-        let members = BTreeMap::from([(self.shard0.raft_id(), self.me.clone())]);
-        self.shard0.initialize(members).await?;
+        for shard in self.shards.values() {
+            shard.initialize(BTreeMap::from([(shard.raft_id(), self.me.clone())])).await?;
+        }
         self.metadata
             .set_identity(&ClusterIdentity {
                 cluster_id,
                 cluster_name: self.cluster_name.clone(),
                 node_id: self.node_id,
-                num_shards: 1,
+                num_shards: self.router.num_shards(),
             })
             .map_err(internal)?;
         *self.cluster_id.write().unwrap_or_else(|p| p.into_inner()) = cluster_id;
@@ -120,7 +166,7 @@ impl NodeService {
         if let Err(e) = self.write_ticket_file() {
             tracing::warn!("could not rewrite node.ticket: {e}");
         }
-        tracing::info!(%cluster_id, "initialized a new cluster");
+        tracing::info!(%cluster_id, shards = self.shards.len(), "initialized a new cluster");
         Ok(true)
     }
 
@@ -211,7 +257,7 @@ impl NodeService {
     }
 
     fn node_status(&self) -> NodeStatus {
-        NodeStatus { node_id: self.node_id, shards: vec![self.shard0.status()] }
+        NodeStatus { node_id: self.node_id, shards: self.shards.values().map(RaftNode::status).collect() }
     }
 
     fn identity(&self) -> Result<Option<ClusterIdentity>, ApiError> {
@@ -225,10 +271,8 @@ impl NodeService {
             None => (ClusterId::default(), self.cluster_name.clone()),
         };
         let timeout = self.limits.request_timeout().min(Duration::from_secs(3));
-        let mut reports = Vec::new();
         let mut asks = Vec::new();
-        for (raft_id, member, _) in self.shard0.members() {
-            let node_id = split_raft_id(raft_id).1;
+        for (node_id, member) in self.known_nodes() {
             if node_id == self.node_id {
                 continue;
             }
@@ -244,30 +288,47 @@ impl NodeService {
                 }
             });
         }
-        reports.extend(futures::future::join_all(asks).await);
+        let mut reports = futures::future::join_all(asks).await;
         reports.push(NodeReport { node_id: self.node_id, status: Some(self.node_status()), error: None });
         reports.sort_by_key(|r| r.node_id);
         Ok(ClusterStatus {
             node_id: self.node_id,
             cluster_id,
             cluster_name,
-            shards: vec![self.shard0.status()],
+            shards: self.shards.values().map(RaftNode::status).collect(),
             nodes: reports,
         })
     }
 
-    /// Tickets of every member of shard 0.
+    /// Every node this node knows from the membership of the shards it hosts, by node id.
+    fn known_nodes(&self) -> BTreeMap<NodeId, MemberNode> {
+        let mut nodes = BTreeMap::new();
+        for shard in self.shards.values() {
+            for (raft_id, member, _) in shard.members() {
+                nodes.entry(split_raft_id(raft_id).1).or_insert(member);
+            }
+        }
+        nodes
+    }
+
+    /// Where to reach `node_id`, from any hosted shard's membership.
+    fn node_addr(&self, node_id: NodeId) -> Option<iroh::EndpointAddr> {
+        self.shards
+            .iter()
+            .find_map(|(s, shard)| shard.member(shard_raft_id(*s, node_id)))
+            .and_then(|m| m.endpoint_addr())
+    }
+
+    /// Tickets of every member.
     fn members(&self) -> Vec<String> {
         let cluster_id = *self.cluster_id.read().unwrap_or_else(|p| p.into_inner());
-        self.shard0
-            .members()
+        self.known_nodes()
             .into_iter()
-            .filter_map(|(raft_id, member, _)| {
+            .filter_map(|(node_id, member)| {
                 let endpoint_id = iroh::EndpointId::from_bytes(&member.endpoint_id).ok()?;
                 if member.addrs.is_empty() {
                     return None;
                 }
-                let node_id = split_raft_id(raft_id).1;
                 Some(NodeTicket { cluster_id, node_id, endpoint_id, addrs: member.addrs }.encode())
             })
             .collect()
@@ -322,28 +383,26 @@ impl NodeService {
 
     /// Checks that `node_id`/`endpoint_id` can be added: a node id already in use by another
     /// endpoint, or an endpoint already a member under another node id, is refused.
-    fn check_new_member(&self, node_id: NodeId, endpoint_id: &[u8; 32]) -> Result<Option<bool>, ApiError> {
-        for (raft_id, member, voter) in self.shard0.members() {
+    fn check_new_member(&self, node_id: NodeId, endpoint_id: &[u8; 32]) -> Result<(), ApiError> {
+        for (raft_id, member, _) in self.primary()?.members() {
             let id = split_raft_id(raft_id).1;
-            if id == node_id {
-                if &member.endpoint_id != endpoint_id {
-                    return Err(ApiError::Refused(format!(
-                        "node id {node_id} is already a member of this cluster with another endpoint id; \
-                         give the new node an unused --node-id"
-                    )));
-                }
-                return Ok(Some(voter));
+            if id == node_id && &member.endpoint_id != endpoint_id {
+                return Err(ApiError::Refused(format!(
+                    "node id {node_id} is already a member of this cluster with another endpoint id; \
+                     give the new node an unused --node-id"
+                )));
             }
-            if &member.endpoint_id == endpoint_id {
+            if id != node_id && &member.endpoint_id == endpoint_id {
                 return Err(ApiError::Refused(format!(
                     "this endpoint is already a member of this cluster as node {id}, not node {node_id}"
                 )));
             }
         }
-        Ok(None)
+        Ok(())
     }
 
-    /// Handles a join on the leader: checks, adds as learner (waits for catch-up), promotes.
+    /// Handles a join (on shard 0's leader): checks, then on every shard adds the node as a
+    /// learner (waiting for it to catch up) and promotes it to voter.
     async fn join(&self, req: JoinRequest) -> Result<ClientResponse, ApiError> {
         let info = self.cluster_info()?;
         if req.cluster_id != info.cluster_id {
@@ -368,42 +427,97 @@ impl NodeService {
         // One membership change at a time on this node: two joiners with the same node id must
         // not both pass the duplicate check.
         let _guard = self.membership_lock.lock().await;
-        let member = MemberNode { endpoint_id: req.endpoint_id, addrs: req.addrs.clone() };
-        let existing = self.check_new_member(req.node_id, &req.endpoint_id)?;
-        let raft_id = shard_raft_id(0, req.node_id);
-        match existing {
-            None => self.shard0.add_learner(raft_id, member.clone()).await?,
-            // A re-join (e.g. after a crash mid-join): refresh the address if it moved.
-            Some(_) => self.refresh_address(raft_id, &member).await?,
+        self.check_new_member(req.node_id, &req.endpoint_id)?;
+        let member = MemberAddr { endpoint_id: req.endpoint_id, addrs: req.addrs.clone() };
+        self.add_everywhere(req.node_id, &member).await?;
+        for shard in 0..self.router.num_shards() {
+            self.change_shard(shard, MembershipChange::AddVoter { node_id: req.node_id }).await?;
         }
-        self.verify_member(raft_id, &req.endpoint_id)?;
-        if existing != Some(true) {
-            self.shard0.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([raft_id]))).await?;
-            tracing::info!(node_id = req.node_id, "node joined as voter");
-        }
+        tracing::info!(node_id = req.node_id, "node joined as voter");
         Ok(ClientResponse::Joined(info))
     }
 
-    /// Updates a member's addresses in the membership if they changed.
-    async fn refresh_address(&self, raft_id: u64, member: &MemberNode) -> Result<(), ApiError> {
-        if self.shard0.member(raft_id).is_some_and(|m| m.addrs != member.addrs) {
-            let nodes = BTreeMap::from([(raft_id, member.clone())]);
-            self.shard0.change_membership(ChangeMembers::SetNodes(nodes)).await?;
+    /// Adds a node as learner on every shard, then confirms shard 0 lists it with this endpoint.
+    async fn add_everywhere(&self, node_id: NodeId, member: &MemberAddr) -> Result<ShardStatus, ApiError> {
+        let mut first = None;
+        for shard in 0..self.router.num_shards() {
+            let change = MembershipChange::AddLearner { node_id, member: member.clone() };
+            let status = self.change_shard(shard, change).await?;
+            first.get_or_insert(status);
         }
-        Ok(())
+        match self.primary()?.member(shard_raft_id(0, node_id)) {
+            Some(m) if m.endpoint_id == member.endpoint_id => {}
+            Some(_) => {
+                return Err(ApiError::Refused(format!(
+                    "node id {node_id} is already a member of this cluster with another endpoint id"
+                )))
+            }
+            None => return Err(ApiError::Unavailable(format!("node {node_id} was not added yet; retry"))),
+        }
+        Ok(first.unwrap_or_else(|| self.first_status()))
     }
 
-    /// Confirms that `raft_id` is in the membership with this endpoint id (`add_learner` leaves
-    /// an existing entry alone, so a race must not be reported as success).
-    fn verify_member(&self, raft_id: u64, endpoint_id: &[u8; 32]) -> Result<(), ApiError> {
-        match self.shard0.member(raft_id) {
-            Some(m) if &m.endpoint_id == endpoint_id => Ok(()),
-            Some(_) => Err(ApiError::Refused(format!(
-                "node id {} is already a member of this cluster with another endpoint id",
-                split_raft_id(raft_id).1
-            ))),
-            None => Err(ApiError::Unavailable(format!("node {} was not added; retry", split_raft_id(raft_id).1))),
+    /// Applies one membership change to one shard, on that shard's leader (here or forwarded).
+    async fn change_shard(&self, shard: ShardId, change: MembershipChange) -> Result<ShardStatus, ApiError> {
+        match self.route(ClientRequest::ShardMembership { shard, change }, 0).await? {
+            ClientResponse::Membership(status) => Ok(status),
+            other => Err(ApiError::Internal(format!("unexpected answer {other:?}"))),
         }
+    }
+
+    /// Applies a membership change to a shard this node hosts (it must lead it).
+    async fn apply_shard_change(&self, shard_id: ShardId, change: MembershipChange) -> ClientResult {
+        let shard = self.local_shard(shard_id)?;
+        match change {
+            MembershipChange::AddLearner { node_id, member } => {
+                check_node_id(node_id)?;
+                let raft_id = shard_raft_id(shard_id, node_id);
+                let member = MemberNode { endpoint_id: member.endpoint_id, addrs: member.addrs };
+                match shard.member(raft_id) {
+                    None => shard.add_learner(raft_id, member.clone()).await?,
+                    Some(m) if m.endpoint_id != member.endpoint_id => {
+                        return Err(ApiError::Refused(format!(
+                            "node id {node_id} is already a member of this cluster with another endpoint id; \
+                             give the new node an unused --node-id"
+                        )))
+                    }
+                    // A re-join (e.g. after a crash mid-join): refresh the address if it moved.
+                    Some(m) if m.addrs != member.addrs => {
+                        let nodes = BTreeMap::from([(raft_id, member.clone())]);
+                        shard.change_membership(ChangeMembers::SetNodes(nodes)).await?
+                    }
+                    Some(_) => {}
+                }
+            }
+            MembershipChange::AddVoter { node_id } => {
+                let raft_id = shard_raft_id(shard_id, node_id);
+                match shard.members().into_iter().find(|(id, _, _)| *id == raft_id) {
+                    None => {
+                        return Err(ApiError::InvalidRequest(format!(
+                            "node {node_id} is not a member of shard {shard_id}; add it first"
+                        )))
+                    }
+                    Some((_, _, true)) => {}
+                    Some(_) => shard.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([raft_id]))).await?,
+                }
+            }
+            MembershipChange::Remove { node_id } => {
+                let raft_id = shard_raft_id(shard_id, node_id);
+                let members = shard.members();
+                if let Some((_, _, voter)) = members.iter().find(|(id, _, _)| *id == raft_id) {
+                    if *voter {
+                        if members.iter().filter(|(_, _, v)| *v).count() <= 1 {
+                            return Err(ApiError::Refused(format!(
+                                "node {node_id} is the last voter of shard {shard_id}; it cannot be removed"
+                            )));
+                        }
+                        shard.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([raft_id]))).await?;
+                    }
+                    shard.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([raft_id]))).await?;
+                }
+            }
+        }
+        Ok(ClientResponse::Membership(shard.status()))
     }
 
     /// `cluster add-learner TICKET`: hands the node our identity, then adds it as a learner.
@@ -428,41 +542,72 @@ impl NodeService {
             Ok(Err(e)) => return Err(e),
             Err(e) => return Err(ApiError::Unavailable(format!("node {} unreachable: {e}", ticket.node_id))),
         }
-        let member = MemberNode { endpoint_id, addrs: ticket.addrs.clone() };
-        let raft_id = shard_raft_id(0, ticket.node_id);
-        self.shard0.add_learner(raft_id, member).await?;
-        self.verify_member(raft_id, &endpoint_id)?;
-        Ok(ClientResponse::Membership(self.shard0.status()))
+        let member = MemberAddr { endpoint_id, addrs: ticket.addrs.clone() };
+        self.add_everywhere(ticket.node_id, &member).await.map(ClientResponse::Membership)
     }
 
     async fn promote(&self, node_id: NodeId) -> Result<ClientResponse, ApiError> {
         check_node_id(node_id)?;
         let _guard = self.membership_lock.lock().await;
-        let raft_id = shard_raft_id(0, node_id);
-        match self.shard0.members().into_iter().find(|(id, _, _)| *id == raft_id) {
-            None => return Err(ApiError::InvalidRequest(format!("node {node_id} is not a member; add it first"))),
-            Some((_, _, true)) => {}
-            Some(_) => self.shard0.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([raft_id]))).await?,
+        if self.primary()?.member(shard_raft_id(0, node_id)).is_none() {
+            return Err(ApiError::InvalidRequest(format!("node {node_id} is not a member; add it first")));
         }
-        Ok(ClientResponse::Membership(self.shard0.status()))
+        let mut first = None;
+        for shard in 0..self.router.num_shards() {
+            let status = self.change_shard(shard, MembershipChange::AddVoter { node_id }).await?;
+            first.get_or_insert(status);
+        }
+        Ok(ClientResponse::Membership(first.unwrap_or_else(|| self.first_status())))
     }
 
     async fn remove(&self, node_id: NodeId) -> Result<ClientResponse, ApiError> {
         check_node_id(node_id)?;
         let _guard = self.membership_lock.lock().await;
-        let raft_id = shard_raft_id(0, node_id);
-        let Some((_, _, voter)) = self.shard0.members().into_iter().find(|(id, _, _)| *id == raft_id) else {
+        if self.primary()?.member(shard_raft_id(0, node_id)).is_none() {
             return Err(ApiError::InvalidRequest(format!("node {node_id} is not a member")));
-        };
-        if voter {
-            let voters = self.shard0.members().iter().filter(|(_, _, v)| *v).count();
-            if voters <= 1 {
-                return Err(ApiError::Refused(format!("node {node_id} is the last voter; it cannot be removed")));
-            }
-            self.shard0.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([raft_id]))).await?;
         }
-        self.shard0.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([raft_id]))).await?;
-        Ok(ClientResponse::Membership(self.shard0.status()))
+        let mut first = None;
+        for shard in 0..self.router.num_shards() {
+            let status = self.change_shard(shard, MembershipChange::Remove { node_id }).await?;
+            first.get_or_insert(status);
+        }
+        Ok(ClientResponse::Membership(first.unwrap_or_else(|| self.first_status())))
+    }
+
+    /// The shard a leader-bound request belongs to (membership coordination runs on shard 0).
+    fn request_shard(&self, request: &ClientRequest) -> Result<ShardId, ApiError> {
+        match request {
+            ClientRequest::Get { key, .. } => Ok(self.router.shard_for_key(key)),
+            ClientRequest::Write { command, .. } => self.write_shard(command),
+            ClientRequest::ShardScan { shard, .. } | ClientRequest::ShardMembership { shard, .. } => {
+                if *shard >= self.router.num_shards() {
+                    return Err(ApiError::InvalidRequest(format!(
+                        "shard {shard} does not exist (the cluster has {})",
+                        self.router.num_shards()
+                    )));
+                }
+                Ok(*shard)
+            }
+            _ => Ok(0),
+        }
+    }
+
+    /// The one shard every key of a write falls into (a batch may not span shards).
+    fn write_shard(&self, command: &WriteCommand) -> Result<ShardId, ApiError> {
+        {
+            {
+                let mut shards: Vec<ShardId> = command.keys().iter().map(|k| self.router.shard_for_key(k)).collect();
+                shards.sort_unstable();
+                shards.dedup();
+                match shards.as_slice() {
+                    [one] => Ok(*one),
+                    [] => Err(ApiError::InvalidRequest("a write must name at least one key".into())),
+                    many => Err(ApiError::InvalidRequest(format!(
+                        "a batch must stay within one shard; its keys fall into shards {many:?}"
+                    ))),
+                }
+            }
+        }
     }
 
     /// Answers a request on this node, without forwarding.
@@ -470,16 +615,24 @@ impl NodeService {
         match request {
             ClientRequest::Get { key, consistency } => {
                 self.check_key(&key)?;
-                self.shard0.get(&key, consistency).await.map(ClientResponse::Get)
+                let shard = self.local_shard(self.router.shard_for_key(&key))?;
+                shard.get(&key, consistency).await.map(ClientResponse::Get)
             }
             ClientRequest::Write { session, command } => {
                 self.validate_write(&command)?;
-                self.shard0.write(session, command).await.map(ClientResponse::Write)
+                let shard = self.local_shard(self.write_shard(&command)?)?;
+                shard.write(session, command).await.map(ClientResponse::Write)
             }
             ClientRequest::Scan(req) => {
                 self.validate_scan(&req)?;
-                self.shard0.scan(&req, self.limits.max_scan_page as usize).await.map(ClientResponse::Scan)
+                self.scan_all(req).await.map(ClientResponse::Scan)
             }
+            ClientRequest::ShardScan { shard, scan } => {
+                self.validate_scan(&scan)?;
+                let shard = self.local_shard(shard)?;
+                shard.scan(&scan, self.limits.max_scan_page as usize).await.map(ClientResponse::Scan)
+            }
+            ClientRequest::ShardMembership { shard, change } => self.apply_shard_change(shard, change).await,
             ClientRequest::ClusterStatus => self.cluster_status().await.map(ClientResponse::ClusterStatus),
             ClientRequest::NodeStatus => Ok(ClientResponse::NodeStatus(self.node_status())),
             ClientRequest::Members => Ok(ClientResponse::Members(self.members())),
@@ -493,6 +646,48 @@ impl NodeService {
             ClientRequest::AcceptMembership(info) => self.accept_membership(info),
         }
     }
+
+    /// A scan over every shard, merged in key order. Each shard returns a page from the same
+    /// lower bound; the merged page stops at the smallest last key of any shard that has more,
+    /// so no key of any shard is skipped, and at `limit` keys.
+    async fn scan_all(&self, req: ScanRequest) -> Result<ScanPage, ApiError> {
+        let num = self.router.num_shards();
+        if num == 1 {
+            return match self.route(ClientRequest::ShardScan { shard: 0, scan: req }, 0).await? {
+                ClientResponse::Scan(page) => Ok(page),
+                other => Err(ApiError::Internal(format!("unexpected answer {other:?}"))),
+            };
+        }
+        let limit = (req.limit as usize).min(self.limits.max_scan_page as usize).max(1);
+        let pages = futures::future::join_all((0..num).map(|shard| {
+            let scan = ScanRequest { limit: limit as u32, ..req.clone() };
+            self.route(ClientRequest::ShardScan { shard, scan }, 0)
+        }))
+        .await;
+        let mut entries = Vec::new();
+        let mut bound: Option<Vec<u8>> = None;
+        for page in pages {
+            match page? {
+                ClientResponse::Scan(p) => {
+                    if let Some(c) = &p.continuation {
+                        if bound.as_ref().is_none_or(|b| c < b) {
+                            bound = Some(c.clone());
+                        }
+                    }
+                    entries.extend(p.entries);
+                }
+                other => return Err(ApiError::Internal(format!("unexpected answer {other:?}"))),
+            }
+        }
+        entries.sort_by(|a, b| a.key.cmp(&b.key));
+        if let Some(b) = &bound {
+            entries.retain(|kv| &kv.key <= b);
+        }
+        let more = bound.is_some() || entries.len() > limit;
+        entries.truncate(limit);
+        let continuation = if more { entries.last().map(|kv| kv.key.clone()) } else { None };
+        Ok(ScanPage { entries, continuation })
+    }
 }
 
 fn check_node_id(node_id: NodeId) -> Result<(), ApiError> {
@@ -504,12 +699,28 @@ fn check_node_id(node_id: NodeId) -> Result<(), ApiError> {
 
 impl ClientService for NodeService {
     async fn handle(&self, request: ClientRequest, hops: u8) -> ClientResult {
-        if !request.needs_leader() {
+        self.route(request, hops).await
+    }
+}
+
+type BoxedResult<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ClientResult> + Send + 'a>>;
+
+impl NodeService {
+    /// Routes a request: answered here, or forwarded once to its shard's leader. (Boxed: scans
+    /// and membership changes route their per-shard parts through it again.)
+    fn route(&self, request: ClientRequest, hops: u8) -> BoxedResult<'_> {
+        Box::pin(self.route_inner(request, hops))
+    }
+
+    async fn route_inner(&self, request: ClientRequest, hops: u8) -> ClientResult {
+        if !request.needs_leader() || matches!(request, ClientRequest::Scan(_)) {
             return self.handle_local(request).await;
         }
-        // Leader-bound: answer here if we lead; otherwise forward once to the leader we know.
-        // If the leader cannot be reached (it may just have died), wait for Raft to learn a new
-        // one and try again, until the request timeout.
+        // Leader-bound: answer here if we lead the request's shard; otherwise forward once to
+        // that shard's leader. If the leader cannot be reached (it may just have died), wait for
+        // Raft to learn a new one and try again, until the request timeout.
+        let shard_id = self.request_shard(&request)?;
+        let shard = self.local_shard(shard_id)?;
         let deadline = Instant::now() + self.limits.request_timeout();
         loop {
             let leader = match self.handle_local(request.clone()).await {
@@ -517,19 +728,19 @@ impl ClientService for NodeService {
                 other => return other,
             };
             let left = deadline.saturating_duration_since(Instant::now());
-            let why = match self.shard0.member(shard_raft_id(0, leader)).and_then(|m| m.endpoint_addr()) {
-                None => format!("leader {leader} has no known address"),
+            let why = match self.node_addr(leader) {
+                None => format!("leader {leader} of shard {shard_id} has no known address"),
                 Some(addr) => {
                     // Give up on this leader as soon as Raft tells us it changed: a dead leader's
                     // connection may hang until the QUIC idle timeout.
                     let forward = send_request(&self.pool, &addr, hops + 1, request.clone(), left);
                     tokio::select! {
                         answer = forward => match answer {
-                            Ok(Err(ApiError::NotLeader { .. })) => format!("node {leader} is no longer the leader"),
+                            Ok(Err(ApiError::NotLeader { .. })) => format!("node {leader} no longer leads shard {shard_id}"),
                             Ok(answer) => return answer,
-                            Err(e) => format!("leader {leader} unreachable: {e}"),
+                            Err(e) => format!("leader {leader} of shard {shard_id} unreachable: {e}"),
                         },
-                        _ = self.shard0.leader_changed_from(leader) => format!("leadership moved away from node {leader}"),
+                        _ = shard.leader_changed_from(leader) => format!("leadership of shard {shard_id} moved away from node {leader}"),
                     }
                 }
             };

@@ -189,8 +189,16 @@ impl InProcNode {
     }
 
     pub async fn start(config: aspen::NodeConfig) -> Self {
-        let handle = aspen::cluster::bootstrap_node(config.clone()).await.expect("node starts");
+        let handle = Self::boot(&config).await;
         InProcNode { config, handle: Some(handle) }
+    }
+
+    async fn boot(config: &aspen::NodeConfig) -> aspen::cluster::NodeHandle {
+        if config.sharding.enabled {
+            aspen::cluster::bootstrap_sharded_node(config.clone()).await.expect("sharded node starts").node
+        } else {
+            aspen::cluster::bootstrap_node(config.clone()).await.expect("node starts")
+        }
     }
 
     pub fn handle(&self) -> &aspen::cluster::NodeHandle {
@@ -213,7 +221,7 @@ impl InProcNode {
 
     pub async fn restart(&mut self) {
         self.stop().await;
-        self.handle = Some(aspen::cluster::bootstrap_node(self.config.clone()).await.expect("node restarts"));
+        self.handle = Some(Self::boot(&self.config).await);
     }
 
     pub async fn client(&self) -> aspen::AspenClient {
@@ -241,6 +249,21 @@ pub async fn wait_converged(nodes: &[&InProcNode], secs: u64) {
         leader.is_some()
             && st.iter().all(|s| s.leader == leader && s.last_applied == st[0].last_applied)
             && st.iter().any(|s| s.role == "Leader" && s.last_log_index == s.last_applied)
+    })
+    .await;
+}
+
+/// Waits until, on every shard, all running nodes agree on one leader and have applied the same
+/// index.
+pub async fn wait_shards_converged(nodes: &[&InProcNode], secs: u64) {
+    wait_until(secs, "every shard converges", || {
+        let first = nodes[0].handle();
+        first.shards.keys().all(|shard| {
+            let st: Vec<_> = nodes.iter().map(|n| n.handle().shards[shard].status()).collect();
+            st[0].leader.is_some()
+                && st.iter().all(|s| s.leader == st[0].leader && s.last_applied == st[0].last_applied)
+                && st.iter().any(|s| s.role == "Leader" && s.last_log_index == s.last_applied)
+        })
     })
     .await;
 }
