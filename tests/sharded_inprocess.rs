@@ -146,3 +146,76 @@ async fn three_nodes_four_shards() {
         n.stop().await;
     }
 }
+
+async fn start_three(root: &std::path::Path) -> [InProcNode; 3] {
+    let n1 = InProcNode::start(sharded_config(root, 1)).await;
+    let t1 = n1.ticket().encode();
+    let (mut c2, mut c3) = (sharded_config(root, 2), sharded_config(root, 3));
+    c2.join = vec![t1.clone()];
+    c3.join = vec![t1];
+    let (n2, n3) = tokio::join!(InProcNode::start(c2), InProcNode::start(c3));
+    [n1, n2, n3]
+}
+
+fn leader_of(node: &InProcNode, shard: u32) -> Option<u64> {
+    node.handle().shards[&shard].status().leader
+}
+
+fn key_in_shard(shard: u32, tag: &str) -> String {
+    let router = ShardRouter::new(4);
+    (0..10_000).map(|i| format!("{tag}/{i}")).find(|k| router.shard_for_key(k.as_bytes()) == shard).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leaders_balance_and_shards_fail_independently() {
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = start_three(root.path()).await;
+    wait_shards_converged(&[&nodes[0], &nodes[1], &nodes[2]], 60).await;
+    let client = nodes[1].client().await;
+
+    // balance-leaders: no node leads more than ceil(4 / 3) = 2 shards.
+    client.balance_leaders().await.unwrap();
+    wait_shards_converged(&[&nodes[0], &nodes[1], &nodes[2]], 60).await;
+    let mut count = BTreeMap::new();
+    for s in 0..4 {
+        *count.entry(leader_of(&nodes[0], s).unwrap()).or_insert(0) += 1;
+    }
+    assert!(count.values().all(|&c| c <= 2), "leaders per node after balancing: {count:?}");
+    assert!(count.len() >= 2, "leadership spread over several nodes: {count:?}");
+
+    // Make sure the node leading shard 1 does not lead shard 2 (move-leader if it does).
+    let l1 = leader_of(&nodes[0], 1).unwrap();
+    if leader_of(&nodes[0], 2) == Some(l1) {
+        let other = [1, 2, 3].into_iter().find(|&n| n != l1).unwrap();
+        let after = client.move_leader(2, other).await.unwrap();
+        assert_eq!(after.iter().find(|s| s.shard == 2).unwrap().leader, Some(other));
+    }
+    wait_shards_converged(&[&nodes[0], &nodes[1], &nodes[2]], 60).await;
+    let l2 = leader_of(&nodes[0], 2).unwrap();
+    assert_ne!(l1, l2);
+    let term2 = nodes[0].handle().shards[&2].status().term;
+    client.close().await;
+
+    // Stop the node leading shard 1: shard 1 re-elects, shard 2's leader and term stay and it
+    // keeps serving.
+    let li = (l1 - 1) as usize;
+    let survivors: Vec<usize> = (0..3).filter(|&i| i != li).collect();
+    let client = aspen::AspenClient::connect(
+        survivors.iter().map(|&i| nodes[i].ticket()).collect(),
+        std::time::Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    nodes[li].stop().await;
+    client.put(key_in_shard(2, "during"), "x").await.unwrap();
+    wait_until(60, "shard 1 elects a new leader", || leader_of(&nodes[survivors[0]], 1).is_some_and(|l| l != l1)).await;
+    let s2 = nodes[survivors[0]].handle().shards[&2].status();
+    assert_eq!(s2.leader, Some(l2), "shard 2's leader unchanged");
+    assert_eq!(s2.term, term2, "shard 2 held no election");
+    client.put(key_in_shard(1, "after"), "y").await.unwrap();
+    assert_eq!(client.get(key_in_shard(2, "during")).await.unwrap().unwrap().value, b"x");
+    client.close().await;
+    for n in &mut nodes {
+        n.stop().await;
+    }
+}

@@ -331,6 +331,22 @@ pub enum ClientRequest {
         shard: ShardId,
         change: MembershipChange,
     },
+    /// Move the leadership of one shard to a voter (retried until it holds or times out).
+    MoveLeader {
+        shard: ShardId,
+        node_id: NodeId,
+    },
+    /// One attempt of a leadership move, run on the shard's current leader.
+    MoveLeaderAttempt {
+        shard: ShardId,
+        node_id: NodeId,
+    },
+    /// Sent by a shard leader handing over: start an election for this shard now.
+    TriggerElect {
+        shard: ShardId,
+    },
+    /// Spread shard leaders evenly over the voters.
+    BalanceLeaders,
 }
 
 impl ClientRequest {
@@ -343,6 +359,7 @@ impl ClientRequest {
             }
             ClientRequest::Write { .. }
             | ClientRequest::ShardMembership { .. }
+            | ClientRequest::MoveLeaderAttempt { .. }
             | ClientRequest::AddLearner { .. }
             | ClientRequest::Promote { .. }
             | ClientRequest::Remove { .. }
@@ -351,7 +368,10 @@ impl ClientRequest {
             | ClientRequest::NodeStatus
             | ClientRequest::Members
             | ClientRequest::ClusterInit
-            | ClientRequest::AcceptMembership(_) => false,
+            | ClientRequest::AcceptMembership(_)
+            | ClientRequest::MoveLeader { .. }
+            | ClientRequest::TriggerElect { .. }
+            | ClientRequest::BalanceLeaders => false,
         }
     }
 }
@@ -381,6 +401,9 @@ pub enum ClientResponse {
     Membership(ShardStatus),
     Joined(ClusterInfo),
     MembershipAccepted,
+    /// Leadership after move-leader / balance-leaders: every shard's status on the answering node.
+    Leaders(Vec<ShardStatus>),
+    ElectionTriggered,
 }
 
 /// The typed errors a client can receive. Every variant says what the caller can do next.

@@ -86,6 +86,10 @@ enum ClusterCommand {
     Promote { node_id: u64 },
     /// Remove node ID from the cluster.
     Remove { node_id: u64 },
+    /// Move the leadership of SHARD to voter NODE.
+    MoveLeader { shard: u32, node_id: u64 },
+    /// Spread shard leaders evenly over the voters.
+    BalanceLeaders,
 }
 
 fn main() -> ExitCode {
@@ -190,6 +194,17 @@ fn print_membership(cli: &Cli, s: &ShardStatus) {
     } else {
         let ids = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
         println!("voters: {}  learners: {}", ids(&s.voters), ids(&s.learners));
+    }
+}
+
+fn print_leaders(cli: &Cli, shards: &[ShardStatus]) {
+    if cli.json {
+        println!("{}", serde_json::Value::Array(shards.iter().map(shard_json).collect()));
+    } else {
+        for s in shards {
+            let leader = s.leader.map(|l| l.to_string()).unwrap_or_else(|| "-".into());
+            println!("shard {}: leader {leader} (term {})", s.shard, s.term);
+        }
     }
 }
 
@@ -335,6 +350,12 @@ async fn run(client: &AspenClient, cli: &Cli) -> Result<ExitCode, ClientError> {
         }
         Command::Cluster { command: ClusterCommand::Remove { node_id } } => {
             print_membership(cli, &client.remove(*node_id).await?);
+        }
+        Command::Cluster { command: ClusterCommand::MoveLeader { shard, node_id } } => {
+            print_leaders(cli, &client.move_leader(*shard, *node_id).await?);
+        }
+        Command::Cluster { command: ClusterCommand::BalanceLeaders } => {
+            print_leaders(cli, &client.balance_leaders().await?);
         }
         Command::Cluster { command: ClusterCommand::Init } => {
             let initialized = client.cluster_init().await?;

@@ -18,8 +18,8 @@ use crate::{
     api::{
         frame::{encode_frame, read_frame},
         ApiError, BatchOp, ClientEnvelope, ClientRequest, ClientResponse, ClientResult, ClusterStatus, Id128, KeyValue,
-        NodeId, NodeTicket, ReadConsistency, Revision, ScanPage, ScanRequest, ShardStatus, WriteCommand, WriteOutcome,
-        WriteSession, CLIENT_ALPN, CLIENT_PROTOCOL_VERSION, MAX_FRAME_BYTES,
+        NodeId, NodeTicket, ReadConsistency, Revision, ScanPage, ScanRequest, ShardId, ShardStatus, WriteCommand,
+        WriteOutcome, WriteSession, CLIENT_ALPN, CLIENT_PROTOCOL_VERSION, MAX_FRAME_BYTES,
     },
     cluster::endpoint::bind_endpoint,
 };
@@ -395,6 +395,23 @@ impl AspenClient {
     async fn membership(&self, req: ClientRequest) -> Result<ShardStatus, ClientError> {
         match self.request(req).await? {
             ClientResponse::Membership(s) => Ok(s),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Moves the leadership of `shard` to `node_id`; returns every shard's status afterwards.
+    pub async fn move_leader(&self, shard: ShardId, node_id: NodeId) -> Result<Vec<ShardStatus>, ClientError> {
+        self.leaders(ClientRequest::MoveLeader { shard, node_id }).await
+    }
+
+    /// Spreads shard leaders evenly over the voters; returns every shard's status afterwards.
+    pub async fn balance_leaders(&self) -> Result<Vec<ShardStatus>, ClientError> {
+        self.leaders(ClientRequest::BalanceLeaders).await
+    }
+
+    async fn leaders(&self, req: ClientRequest) -> Result<Vec<ShardStatus>, ClientError> {
+        match self.request(req).await? {
+            ClientResponse::Leaders(s) => Ok(s),
             other => Err(unexpected(other)),
         }
     }
