@@ -45,6 +45,16 @@ pub fn split_raft_id(raft_id: u64) -> (ShardId, NodeId) {
     ((raft_id >> 48) as ShardId, raft_id & MAX_NODE_ID)
 }
 
+/// The 4-byte prefix that opens every `raft-shard` stream: the shard id, big-endian.
+pub fn encode_shard_prefix(shard: ShardId) -> [u8; 4] {
+    shard.to_be_bytes()
+}
+
+/// Reads the shard id from the first 4 bytes of a `raft-shard` stream.
+pub fn decode_shard_prefix(bytes: [u8; 4]) -> ShardId {
+    ShardId::from_be_bytes(bytes)
+}
+
 /// A random 16-byte id, printed as 32 hex digits (cluster ids, client session ids).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize)]
 pub struct Id128(pub [u8; 16]);
@@ -432,3 +442,26 @@ pub enum ApiError {
 
 /// The frame a server sends back for each client request.
 pub type ClientResult = Result<ClientResponse, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_aware_ids_round_trip() {
+        assert_eq!(shard_raft_id(0, 7), 7, "shard 0's Raft id is the node id");
+        assert_eq!(shard_raft_id(3, 7), (3 << 48) | 7);
+        for (shard, node) in [(0, 1), (1, 1), (255, MAX_NODE_ID), (65535, 42)] {
+            assert_eq!(split_raft_id(shard_raft_id(shard, node)), (shard, node));
+        }
+    }
+
+    #[test]
+    fn shard_prefix_is_u32_big_endian() {
+        assert_eq!(encode_shard_prefix(3), [0, 0, 0, 3]);
+        assert_eq!(encode_shard_prefix(0x0102_0304), [1, 2, 3, 4]);
+        for s in [0, 1, 255, 256, u32::MAX] {
+            assert_eq!(decode_shard_prefix(encode_shard_prefix(s)), s);
+        }
+    }
+}

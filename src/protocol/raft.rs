@@ -13,7 +13,6 @@ use iroh::{
     endpoint::{Connection, RecvStream, SendStream},
     protocol::{AcceptError, ProtocolHandler},
 };
-use tokio::io::AsyncReadExt;
 
 use crate::{
     api::{
@@ -123,8 +122,9 @@ impl RaftProtocolHandler {
 
     async fn answer(&self, recv: &mut RecvStream) -> RaftResponse {
         let shard = if self.prefixed {
-            match recv.read_u32().await {
-                Ok(s) => s,
+            let mut prefix = [0u8; 4];
+            match recv.read_exact(&mut prefix).await {
+                Ok(_) => crate::api::decode_shard_prefix(prefix),
                 Err(e) => return RaftResponse::Refused(RaftRefusal::Malformed(format!("shard prefix: {e}"))),
             }
         } else {

@@ -168,7 +168,7 @@ impl IrohNetwork {
         let cluster_id = *self.factory.cluster_id.read().unwrap_or_else(|p| p.into_inner());
         let mut frame = Vec::new();
         if let Some(shard) = self.factory.shard {
-            frame.extend_from_slice(&shard.to_be_bytes());
+            frame.extend_from_slice(&crate::api::encode_shard_prefix(shard));
         }
         frame.extend_from_slice(&encode_frame(&RaftEnvelope { cluster_id, request })?);
         let pool = &self.factory.pool;
