@@ -416,6 +416,9 @@ impl NodeConfig {
             if local.is_empty() {
                 return Err(invalid("local_shards", "must name at least one shard"));
             }
+            if !local.contains(&0) {
+                return Err(invalid("local_shards", "must include shard 0, which records the cluster's members"));
+            }
             let mut seen = std::collections::BTreeSet::new();
             for &s in local {
                 if s >= sh.num_shards {
@@ -524,8 +527,8 @@ mod tests {
         for (toml, field) in [
             ("[sharding]\nenabled = true\nnum_shards = 0", "num_shards"),
             ("[sharding]\nenabled = true\nnum_shards = 257", "num_shards"),
-            ("[sharding]\nenabled = true\nnum_shards = 4\nlocal_shards = [1, 1]", "listed twice"),
-            ("[sharding]\nenabled = true\nnum_shards = 4\nlocal_shards = [4]", "does not exist"),
+            ("[sharding]\nenabled = true\nnum_shards = 4\nlocal_shards = [0, 1, 1]", "listed twice"),
+            ("[sharding]\nenabled = true\nnum_shards = 4\nlocal_shards = [0, 4]", "does not exist"),
             ("[sharding]\nenabled = true\nnum_shards = 4\nlocal_shards = []", "at least one"),
             ("[sharding]\nnum_shards = 4", "sharding enabled"),
         ] {

@@ -256,3 +256,54 @@ async fn unknown_shard_is_refused_and_connection_stays_up() {
     ep.close().await;
     n1.stop().await;
 }
+
+/// Node 3 hosts only shards 0 and 1 and still serves keys of shards 2 and 3 by forwarding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn node_hosting_a_subset_serves_every_key() {
+    let root = tempfile::tempdir().unwrap();
+    let n1 = InProcNode::start(sharded_config(root.path(), 1)).await;
+    let t1 = n1.ticket().encode();
+    let (mut c2, mut c3) = (sharded_config(root.path(), 2), sharded_config(root.path(), 3));
+    c2.join = vec![t1.clone()];
+    c3.join = vec![t1];
+    c3.sharding.local_shards = Some(vec![0, 1]);
+    let (n2, n3) = tokio::join!(InProcNode::start(c2), InProcNode::start(c3));
+    let mut nodes = [n1, n2, n3];
+    assert_eq!(nodes[2].handle().shards.keys().copied().collect::<Vec<_>>(), vec![0, 1]);
+    // Node 3 is a voter of shards 0 and 1 only.
+    let s1 = nodes[0].handle().shards[&1].status();
+    let s2 = nodes[0].handle().shards[&2].status();
+    assert_eq!(s1.voters, vec![1, 2, 3]);
+    assert_eq!(s2.voters, vec![1, 2]);
+
+    let client = nodes[2].client().await; // talks to node 3 only (plus discovered members)
+    let router = ShardRouter::new(4);
+    let mut acked = BTreeMap::new();
+    for shard in 0..4 {
+        for i in 0..5 {
+            let key = key_in_shard(shard, &format!("s{shard}-{i}"));
+            client.put(key.clone(), format!("v{shard}{i}")).await.unwrap();
+            acked.insert(key, format!("v{shard}{i}"));
+        }
+    }
+    // Reads of keys in shards 2 and 3 through node 3: linearizable and stale.
+    for (k, v) in &acked {
+        assert!(router.shard_for_key(k.as_bytes()) < 4);
+        for consistency in [ReadConsistency::Linearizable, ReadConsistency::Stale] {
+            let kv = client.get_with(k.clone(), consistency).await.unwrap();
+            assert_eq!(kv.map(|kv| kv.value), Some(v.clone().into_bytes()), "key {k} ({consistency:?})");
+        }
+    }
+    // A scan through node 3 covers every shard.
+    let all = client.scan("", usize::MAX, ReadConsistency::Linearizable).await.unwrap();
+    let keys: Vec<String> = all.into_iter().map(|kv| String::from_utf8(kv.key).unwrap()).collect();
+    assert_eq!(keys, acked.keys().cloned().collect::<Vec<_>>());
+    // cluster status through node 3 lists each node's own shards.
+    let status = client.cluster_status().await.unwrap();
+    let n3 = status.nodes.iter().find(|n| n.node_id == 3).unwrap();
+    assert_eq!(n3.status.as_ref().unwrap().shards.len(), 2);
+    client.close().await;
+    for n in &mut nodes {
+        n.stop().await;
+    }
+}

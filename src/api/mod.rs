@@ -266,6 +266,8 @@ pub struct JoinRequest {
     pub endpoint_id: [u8; 32],
     pub addrs: Vec<std::net::SocketAddr>,
     pub num_shards: u32,
+    /// The shards the joining node hosts (it is added to these only).
+    pub local_shards: Vec<ShardId>,
 }
 
 /// How to reach a member (endpoint id + direct addresses), as carried in membership changes.
@@ -410,7 +412,10 @@ pub enum ClientResponse {
     /// Membership changed (add-learner, promote, remove); the shard's view afterwards.
     Membership(ShardStatus),
     Joined(ClusterInfo),
-    MembershipAccepted,
+    /// The node adopted the cluster identity; it hosts these shards.
+    MembershipAccepted {
+        local_shards: Vec<ShardId>,
+    },
     /// Leadership after move-leader / balance-leaders: every shard's status on the answering node.
     Leaders(Vec<ShardStatus>),
     ElectionTriggered,

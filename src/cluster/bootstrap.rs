@@ -239,15 +239,6 @@ pub async fn bootstrap_sharded_node(config: NodeConfig) -> Result<ShardedNodeHan
         return Err(BootstrapError::Sharding("sharding is not enabled in this config".into()));
     }
     config.validate().map_err(|e| BootstrapError::Sharding(e.to_string()))?;
-    let ids = config.sharding.local_shard_ids();
-    if ids.len() as u32 != config.sharding.num_shards {
-        // Nodes hosting a subset need leader discovery for the shards they lack (gossip): not
-        // built yet, so refuse rather than start a node that cannot serve every key.
-        return Err(BootstrapError::Sharding(format!(
-            "hosting a subset of shards ({ids:?} of {}) is not supported yet; omit local_shards to host all",
-            config.sharding.num_shards
-        )));
-    }
     Ok(ShardedNodeHandle { node: start_node(config).await? })
 }
 
@@ -333,6 +324,7 @@ async fn join_cluster(base: &BaseNodeResources, service: &NodeService) -> Result
         endpoint_id: me.endpoint_id,
         addrs: me.addrs,
         num_shards: config.sharding.effective_num_shards(),
+        local_shards: config.sharding.local_shard_ids(),
     };
     // Joining waits for this node to catch up, which can take longer than one request.
     let timeout = config.limits.request_timeout().max(Duration::from_secs(60));

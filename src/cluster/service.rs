@@ -55,6 +55,8 @@ pub struct NodeService {
     init_lock: tokio::sync::Mutex<()>,
     membership_lock: tokio::sync::Mutex<()>,
     pool: ConnectionPool,
+    /// For shards not hosted here: the node believed to lead (or at least host) each.
+    leader_hints: std::sync::Mutex<std::collections::HashMap<ShardId, NodeId>>,
 }
 
 impl NodeService {
@@ -82,6 +84,7 @@ impl NodeService {
             init_lock: tokio::sync::Mutex::new(()),
             membership_lock: tokio::sync::Mutex::new(()),
             pool,
+            leader_hints: Default::default(),
         }
     }
 
@@ -337,7 +340,7 @@ impl NodeService {
     /// Adopts a cluster identity offered by a leader that is about to add this node.
     fn accept_membership(&self, info: ClusterInfo) -> Result<ClientResponse, ApiError> {
         match self.identity()? {
-            Some(id) if id.cluster_id == info.cluster_id => Ok(ClientResponse::MembershipAccepted),
+            Some(id) if id.cluster_id == info.cluster_id => Ok(self.accepted()),
             Some(id) => Err(ApiError::Refused(format!(
                 "node {} belongs to cluster {} ({}), not {}",
                 self.node_id, id.cluster_id, id.cluster_name, info.cluster_id
@@ -350,9 +353,13 @@ impl NodeService {
                     )));
                 }
                 self.adopt_identity(&info)?;
-                Ok(ClientResponse::MembershipAccepted)
+                Ok(self.accepted())
             }
         }
+    }
+
+    fn accepted(&self) -> ClientResponse {
+        ClientResponse::MembershipAccepted { local_shards: self.shards.keys().copied().collect() }
     }
 
     /// Records a cluster identity this node now belongs to (after a join or an accepted add).
@@ -428,9 +435,10 @@ impl NodeService {
         // not both pass the duplicate check.
         let _guard = self.membership_lock.lock().await;
         self.check_new_member(req.node_id, &req.endpoint_id)?;
+        self.check_shard_list(&req.local_shards)?;
         let member = MemberAddr { endpoint_id: req.endpoint_id, addrs: req.addrs.clone() };
-        self.add_everywhere(req.node_id, &member).await?;
-        for shard in 0..self.router.num_shards() {
+        self.add_everywhere(req.node_id, &member, &req.local_shards).await?;
+        for &shard in &req.local_shards {
             self.change_shard(shard, MembershipChange::AddVoter { node_id: req.node_id }).await?;
         }
         tracing::info!(node_id = req.node_id, "node joined as voter");
@@ -438,9 +446,14 @@ impl NodeService {
     }
 
     /// Adds a node as learner on every shard, then confirms shard 0 lists it with this endpoint.
-    async fn add_everywhere(&self, node_id: NodeId, member: &MemberAddr) -> Result<ShardStatus, ApiError> {
+    async fn add_everywhere(
+        &self,
+        node_id: NodeId,
+        member: &MemberAddr,
+        shards: &[ShardId],
+    ) -> Result<ShardStatus, ApiError> {
         let mut first = None;
-        for shard in 0..self.router.num_shards() {
+        for &shard in shards {
             let change = MembershipChange::AddLearner { node_id, member: member.clone() };
             let status = self.change_shard(shard, change).await?;
             first.get_or_insert(status);
@@ -455,6 +468,19 @@ impl NodeService {
             None => return Err(ApiError::Unavailable(format!("node {node_id} was not added yet; retry"))),
         }
         Ok(first.unwrap_or_else(|| self.first_status()))
+    }
+
+    /// Checks a node's list of hosted shards: shard 0 included, every shard exists, no repeats.
+    fn check_shard_list(&self, shards: &[ShardId]) -> Result<(), ApiError> {
+        let unique: BTreeSet<&ShardId> = shards.iter().collect();
+        if !shards.contains(&0) || unique.len() != shards.len() || shards.iter().any(|s| *s >= self.router.num_shards())
+        {
+            return Err(ApiError::Refused(format!(
+                "the node's shard list {shards:?} must include shard 0, name each shard once, and stay below {}",
+                self.router.num_shards()
+            )));
+        }
+        Ok(())
     }
 
     /// Applies one membership change to one shard, on that shard's leader (here or forwarded).
@@ -492,11 +518,8 @@ impl NodeService {
             MembershipChange::AddVoter { node_id } => {
                 let raft_id = shard_raft_id(shard_id, node_id);
                 match shard.members().into_iter().find(|(id, _, _)| *id == raft_id) {
-                    None => {
-                        return Err(ApiError::InvalidRequest(format!(
-                            "node {node_id} is not a member of shard {shard_id}; add it first"
-                        )))
-                    }
+                    // The node does not host this shard: nothing to promote here.
+                    None => {}
                     Some((_, _, true)) => {}
                     Some(_) => shard.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([raft_id]))).await?,
                 }
@@ -535,15 +558,18 @@ impl NodeService {
         let endpoint_id = *ticket.endpoint_id.as_bytes();
         self.check_new_member(ticket.node_id, &endpoint_id)?;
         let timeout = self.limits.request_timeout();
-        match send_request(&self.pool, &ticket.endpoint_addr(), 1, ClientRequest::AcceptMembership(info), timeout).await
-        {
-            Ok(Ok(ClientResponse::MembershipAccepted)) => {}
-            Ok(Ok(other)) => return Err(ApiError::Internal(format!("unexpected answer {other:?}"))),
-            Ok(Err(e)) => return Err(e),
-            Err(e) => return Err(ApiError::Unavailable(format!("node {} unreachable: {e}", ticket.node_id))),
-        }
+        let local_shards =
+            match send_request(&self.pool, &ticket.endpoint_addr(), 1, ClientRequest::AcceptMembership(info), timeout)
+                .await
+            {
+                Ok(Ok(ClientResponse::MembershipAccepted { local_shards })) => local_shards,
+                Ok(Ok(other)) => return Err(ApiError::Internal(format!("unexpected answer {other:?}"))),
+                Ok(Err(e)) => return Err(e),
+                Err(e) => return Err(ApiError::Unavailable(format!("node {} unreachable: {e}", ticket.node_id))),
+            };
+        self.check_shard_list(&local_shards)?;
         let member = MemberAddr { endpoint_id, addrs: ticket.addrs.clone() };
-        self.add_everywhere(ticket.node_id, &member).await.map(ClientResponse::Membership)
+        self.add_everywhere(ticket.node_id, &member, &local_shards).await.map(ClientResponse::Membership)
     }
 
     async fn promote(&self, node_id: NodeId) -> Result<ClientResponse, ApiError> {
@@ -581,6 +607,7 @@ impl NodeService {
             ClientRequest::Write { command, .. } => self.write_shard(command),
             ClientRequest::ShardScan { shard, .. }
             | ClientRequest::ShardMembership { shard, .. }
+            | ClientRequest::MoveLeader { shard, .. }
             | ClientRequest::MoveLeaderAttempt { shard, .. } => {
                 if *shard >= self.router.num_shards() {
                     return Err(ApiError::InvalidRequest(format!(
@@ -820,6 +847,10 @@ impl ClientService for NodeService {
     }
 }
 
+/// Most times a request is forwarded between nodes: a node that does not host the shard sends it
+/// to a node that does, which may send it on to the shard's leader.
+const MAX_HOPS: u8 = 2;
+
 type BoxedResult<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ClientResult> + Send + 'a>>;
 
 impl NodeService {
@@ -829,19 +860,115 @@ impl NodeService {
         Box::pin(self.route_inner(request, hops))
     }
 
+    /// Sends a request for a shard this node does not host to a node that does (preferably its
+    /// leader), found from leader hints or by asking the members.
+    async fn route_to_remote_shard(&self, shard_id: ShardId, request: ClientRequest, hops: u8) -> ClientResult {
+        if hops >= MAX_HOPS {
+            return Err(ApiError::Unavailable(format!("shard {shard_id} is not hosted on node {}", self.node_id)));
+        }
+        let deadline = Instant::now() + self.limits.request_timeout();
+        loop {
+            let why = match self.shard_host(shard_id).await {
+                None => format!("no reachable node hosts shard {shard_id}"),
+                Some(target) => match self.node_addr(target) {
+                    None => format!("node {target} has no known address"),
+                    Some(addr) => {
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        match send_request(&self.pool, &addr, hops + 1, request.clone(), left).await {
+                            Ok(Err(ApiError::NotLeader { leader: Some(l), .. })) => {
+                                self.set_hint(shard_id, Some(l));
+                                format!("node {target} does not lead shard {shard_id}")
+                            }
+                            Ok(Err(ApiError::Unavailable(m))) => {
+                                self.set_hint(shard_id, None);
+                                m
+                            }
+                            Ok(answer) => return answer,
+                            Err(e) => {
+                                self.set_hint(shard_id, None);
+                                format!("node {target} unreachable: {e}")
+                            }
+                        }
+                    }
+                },
+            };
+            if Instant::now() + Duration::from_millis(200) >= deadline {
+                return Err(ApiError::Unavailable(why));
+            }
+            tracing::debug!("routing to shard {shard_id} failed, retrying: {why}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    fn set_hint(&self, shard: ShardId, node: Option<NodeId>) {
+        let mut hints = self.leader_hints.lock().unwrap_or_else(|p| p.into_inner());
+        match node {
+            Some(n) => hints.insert(shard, n),
+            None => hints.remove(&shard),
+        };
+    }
+
+    /// A node that hosts `shard` — its leader if anyone reports one — from the hint cache, or
+    /// by asking every member for its status.
+    async fn shard_host(&self, shard: ShardId) -> Option<NodeId> {
+        if let Some(n) = self.leader_hints.lock().unwrap_or_else(|p| p.into_inner()).get(&shard) {
+            return Some(*n);
+        }
+        let timeout = self.limits.request_timeout().min(Duration::from_secs(3));
+        let asks =
+            self.known_nodes().into_iter().filter(|(id, _)| *id != self.node_id).map(|(id, member)| async move {
+                let addr = member.endpoint_addr()?;
+                match send_request(&self.pool, &addr, 1, ClientRequest::NodeStatus, timeout).await {
+                    Ok(Ok(ClientResponse::NodeStatus(st))) => Some((id, st)),
+                    _ => None,
+                }
+            });
+        let mut host = None;
+        let mut leader = None;
+        for (id, st) in futures::future::join_all(asks).await.into_iter().flatten() {
+            if let Some(s) = st.shards.iter().find(|s| s.shard == shard) {
+                host.get_or_insert(id);
+                if s.role == "Leader" {
+                    leader = Some(id);
+                }
+            }
+        }
+        let found = leader.or(host);
+        self.set_hint(shard, found);
+        found
+    }
+
     async fn route_inner(&self, request: ClientRequest, hops: u8) -> ClientResult {
+        let shard_bound = matches!(
+            request,
+            ClientRequest::Get { .. }
+                | ClientRequest::Write { .. }
+                | ClientRequest::ShardScan { .. }
+                | ClientRequest::ShardMembership { .. }
+                | ClientRequest::MoveLeader { .. }
+                | ClientRequest::MoveLeaderAttempt { .. }
+        );
+        if shard_bound {
+            let shard_id = self.request_shard(&request)?;
+            if !self.shards.contains_key(&shard_id) {
+                return self.route_to_remote_shard(shard_id, request, hops).await;
+            }
+        }
         if !request.needs_leader() || matches!(request, ClientRequest::Scan(_)) {
             return self.handle_local(request).await;
         }
-        // Leader-bound: answer here if we lead the request's shard; otherwise forward once to
-        // that shard's leader. If the leader cannot be reached (it may just have died), wait for
-        // Raft to learn a new one and try again, until the request timeout.
+        // Leader-bound: answer here if we lead the request's shard; otherwise forward to that
+        // shard's leader (at most MAX_HOPS hops in all, so never a loop). If the leader cannot be
+        // reached (it may just have died), wait for Raft to learn a new one and try again, until
+        // the request timeout.
         let shard_id = self.request_shard(&request)?;
-        let shard = self.local_shard(shard_id)?;
+        let Some(shard) = self.shards.get(&shard_id) else {
+            return self.route_to_remote_shard(shard_id, request, hops).await;
+        };
         let deadline = Instant::now() + self.limits.request_timeout();
         loop {
             let leader = match self.handle_local(request.clone()).await {
-                Err(ApiError::NotLeader { leader: Some(leader), .. }) if hops == 0 => leader,
+                Err(ApiError::NotLeader { leader: Some(leader), .. }) if hops < MAX_HOPS => leader,
                 other => return other,
             };
             let left = deadline.saturating_duration_since(Instant::now());
