@@ -151,8 +151,18 @@ async fn refused_joins_leave_the_cluster_unaffected() {
     assert_eq!(client.get("before").await.unwrap().map(|kv| kv.value), Some(b"1".to_vec()));
     wait_converged(&[&n1, &n2], 30).await;
     client.close().await;
+    // Health: both shards healthy while both voters are up...
+    wait_until(30, "both nodes report a healthy shard", || n1.status().health.healthy && n2.status().health.healthy)
+        .await;
+    assert!(n2.status().health.heartbeat_age_ms.is_some(), "the follower saw heartbeats");
+    // ...and with one of two voters gone, the leader loses its quorum and says so.
     let (mut n1, mut n2) = (n1, n2);
     n2.stop().await;
+    wait_until(60, "the leader reports its missing quorum", || {
+        let h = n1.status().health;
+        !h.healthy && h.reason.contains("heartbeat")
+    })
+    .await;
     n1.stop().await;
 }
 

@@ -226,6 +226,21 @@ pub struct ShardStatus {
     pub last_log_index: u64,
     /// This node's role in the shard: Leader, Follower, Candidate, Learner or Shutdown.
     pub role: String,
+    pub health: ShardHealth,
+}
+
+/// How one shard is doing on one node (see `cluster::supervisor`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardHealth {
+    pub healthy: bool,
+    pub leader_known: bool,
+    /// Leader: ms since a quorum last acknowledged it. Follower: ms since the leader's last
+    /// AppendEntries (heartbeat) arrived. `None`: never.
+    pub heartbeat_age_ms: Option<u64>,
+    /// Log entries stored here but not yet applied to the state machine.
+    pub apply_lag: u64,
+    /// Why the shard is unhealthy (empty when healthy).
+    pub reason: String,
 }
 
 /// One node's own view of its shards (answer to [`ClientRequest::NodeStatus`]).

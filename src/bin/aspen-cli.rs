@@ -185,6 +185,13 @@ fn shard_json(s: &ShardStatus) -> serde_json::Value {
         "last_applied": s.last_applied,
         "last_log_index": s.last_log_index,
         "role": s.role,
+        "health": {
+            "healthy": s.health.healthy,
+            "leader_known": s.health.leader_known,
+            "heartbeat_age_ms": s.health.heartbeat_age_ms,
+            "apply_lag": s.health.apply_lag,
+            "reason": s.health.reason,
+        },
     })
 }
 
@@ -314,7 +321,7 @@ async fn run(client: &AspenClient, cli: &Cli) -> Result<ExitCode, ClientError> {
                     status.cluster_name, status.cluster_id, status.node_id
                 );
                 println!(
-                    "{:>5}  {:>5}  {:>6}  {:>5}  {:<9}  {:<16}  {:<16}  {:>12}",
+                    "{:>5}  {:>5}  {:>6}  {:>5}  {:<9}  {:<16}  {:<16}  {:>12}  health",
                     "node", "shard", "leader", "term", "role", "voters", "learners", "last_applied"
                 );
                 for n in &status.nodes {
@@ -326,7 +333,7 @@ async fn run(client: &AspenClient, cli: &Cli) -> Result<ExitCode, ClientError> {
                         let leader = s.leader.map(|l| l.to_string()).unwrap_or_else(|| "-".into());
                         let ids = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
                         println!(
-                            "{:>5}  {:>5}  {:>6}  {:>5}  {:<9}  {:<16}  {:<16}  {:>12}",
+                            "{:>5}  {:>5}  {:>6}  {:>5}  {:<9}  {:<16}  {:<16}  {:>12}  {}",
                             n.node_id,
                             s.shard,
                             leader,
@@ -334,7 +341,8 @@ async fn run(client: &AspenClient, cli: &Cli) -> Result<ExitCode, ClientError> {
                             s.role,
                             ids(&s.voters),
                             ids(&s.learners),
-                            s.last_applied
+                            s.last_applied,
+                            if s.health.healthy { "ok".to_string() } else { s.health.reason.clone() }
                         );
                     }
                 }

@@ -21,6 +21,7 @@ use crate::{
         endpoint::{bind_endpoint, listening_addrs, load_or_create_key, EndpointError},
         metadata::{ClusterIdentity, MetadataStore},
         service::NodeService,
+        supervisor::Supervisor,
     },
     config::NodeConfig,
     protocol::{ClientProtocolHandler, RaftProtocolHandler, ShardRegistry},
@@ -164,6 +165,7 @@ pub struct NodeHandle {
     pub shards: BTreeMap<ShardId, RaftNode>,
     pub service: Arc<NodeService>,
     router: Router,
+    supervisor: Supervisor,
 }
 
 impl NodeHandle {
@@ -181,6 +183,7 @@ impl NodeHandle {
     /// stop Raft and close the databases.
     pub async fn shutdown(self) {
         self.base.shutdown_token.cancel();
+        self.supervisor.abort();
         if let Err(e) = self.router.shutdown().await {
             tracing::warn!("router shutdown: {e}");
         }
@@ -275,7 +278,7 @@ async fn start_node(config: NodeConfig) -> Result<NodeHandle, BootstrapError> {
     ));
     let registry = ShardRegistry::default();
     for (id, node) in &shards {
-        registry.insert(*id, node.raft().clone());
+        registry.insert(*id, node.clone());
     }
     let client_handler =
         ClientProtocolHandler::new(service.clone(), config.max_client_frame(), config.limits.request_timeout());
@@ -294,7 +297,8 @@ async fn start_node(config: NodeConfig) -> Result<NodeHandle, BootstrapError> {
     }
     service.write_ticket_file().map_err(|source| BootstrapError::DataDir { path: config.data_dir.clone(), source })?;
     tracing::info!(node_id = config.node_id, shards = shards.len(), ticket = %service.ticket(), "node is serving");
-    Ok(NodeHandle { base, shard0, shards, service, router })
+    let supervisor = Supervisor::spawn(config.node_id, shards.clone(), base.shutdown_token.clone());
+    Ok(NodeHandle { base, shard0, shards, service, router, supervisor })
 }
 
 /// Joins the cluster named by the `--join` tickets: asks it (through any member; requests are

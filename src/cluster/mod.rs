@@ -6,6 +6,7 @@ pub mod bootstrap;
 pub mod endpoint;
 pub mod metadata;
 pub mod service;
+pub mod supervisor;
 
 pub use bootstrap::{
     bootstrap_base_node, bootstrap_node, bootstrap_sharded_node, BaseNodeResources, BootstrapError, NodeHandle,

@@ -122,6 +122,7 @@ impl NodeService {
                 last_applied: 0,
                 last_log_index: 0,
                 role: "Unknown".into(),
+                health: Default::default(),
             },
         }
     }

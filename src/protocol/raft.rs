@@ -22,14 +22,14 @@ use crate::{
     raft::{
         network::SharedClusterId,
         rpc::{RaftEnvelope, RaftRefusal, RaftRequest, RaftResponse},
-        Raft,
+        RaftNode,
     },
 };
 
 /// The shards this node hosts, by shard id, for routing incoming Raft streams.
 #[derive(Clone, Default)]
 pub struct ShardRegistry {
-    shards: Arc<RwLock<HashMap<ShardId, Raft>>>,
+    shards: Arc<RwLock<HashMap<ShardId, RaftNode>>>,
 }
 
 impl std::fmt::Debug for ShardRegistry {
@@ -40,11 +40,11 @@ impl std::fmt::Debug for ShardRegistry {
 }
 
 impl ShardRegistry {
-    pub fn insert(&self, shard: ShardId, raft: Raft) {
-        self.shards.write().unwrap_or_else(|p| p.into_inner()).insert(shard, raft);
+    pub fn insert(&self, shard: ShardId, node: RaftNode) {
+        self.shards.write().unwrap_or_else(|p| p.into_inner()).insert(shard, node);
     }
 
-    pub fn get(&self, shard: ShardId) -> Option<Raft> {
+    pub fn get(&self, shard: ShardId) -> Option<RaftNode> {
         self.shards.read().unwrap_or_else(|p| p.into_inner()).get(&shard).cloned()
     }
 }
@@ -141,11 +141,20 @@ impl RaftProtocolHandler {
         if env.cluster_id != expected {
             return RaftResponse::Refused(RaftRefusal::WrongCluster { expected, got: env.cluster_id });
         }
-        let Some(raft) = self.registry.get(shard) else {
+        let Some(node) = self.registry.get(shard) else {
             return RaftResponse::Refused(RaftRefusal::UnknownShard(shard));
         };
+        let raft = node.raft();
         match env.request {
-            RaftRequest::AppendEntries(r) => RaftResponse::AppendEntries(raft.append_entries(r).await),
+            RaftRequest::AppendEntries(r) => {
+                let result = raft.append_entries(r).await;
+                if matches!(&result, Ok(resp) if !matches!(resp, openraft::raft::AppendEntriesResponse::HigherVote(_)))
+                {
+                    // A current leader reached us: the heartbeat age in health reports restarts.
+                    node.record_leader_contact();
+                }
+                RaftResponse::AppendEntries(result)
+            }
             RaftRequest::Vote(r) => RaftResponse::Vote(raft.vote(r).await),
             RaftRequest::InstallSnapshot(r) => {
                 if let Err(refusal) =

@@ -9,7 +9,10 @@ use std::{
     collections::BTreeMap,
     ops::Bound,
     path::Path,
-    sync::Arc,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -24,8 +27,8 @@ use super::{
 };
 use crate::{
     api::{
-        split_raft_id, ApiError, KeyValue, NodeId, ReadConsistency, ScanPage, ScanRequest, ShardId, ShardStatus,
-        WriteCommand, WriteOutcome, WriteSession,
+        split_raft_id, ApiError, KeyValue, NodeId, ReadConsistency, ScanPage, ScanRequest, ShardHealth, ShardId,
+        ShardStatus, WriteCommand, WriteOutcome, WriteSession,
     },
     config::RaftConfig,
 };
@@ -49,6 +52,9 @@ pub struct RaftNode {
     raft: Raft,
     reader: StateReader,
     request_timeout: Duration,
+    /// When this node last received AppendEntries for this shard (ms since `epoch`; 0: never).
+    leader_contact_ms: Arc<AtomicU64>,
+    epoch: Instant,
 }
 
 impl std::fmt::Debug for RaftNode {
@@ -100,7 +106,15 @@ impl RaftNode {
         let raft = Raft::new(raft_id, Arc::new(config), network, log, sm)
             .await
             .map_err(|e| RaftNodeError::Start { shard, message: e.to_string() })?;
-        Ok(RaftNode { shard, raft_id, raft, reader, request_timeout })
+        Ok(RaftNode {
+            shard,
+            raft_id,
+            raft,
+            reader,
+            request_timeout,
+            leader_contact_ms: Arc::new(AtomicU64::new(0)),
+            epoch: Instant::now(),
+        })
     }
 
     pub fn shard(&self) -> ShardId {
@@ -292,8 +306,42 @@ impl RaftNode {
             .map_err(|e| ApiError::Internal(format!("scan shard {}: {e}", self.shard)))
     }
 
+    /// Records that AppendEntries (a heartbeat or entries) for this shard arrived from a leader.
+    pub fn record_leader_contact(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.leader_contact_ms.store(ms.max(1), Ordering::Relaxed);
+    }
+
+    /// The shard's health on this node: a leader known, recent heartbeats, small apply lag.
+    pub fn health(&self) -> ShardHealth {
+        let m = self.raft.metrics().borrow().clone();
+        let election_max = self.raft.config().election_timeout_max;
+        let leader_known = m.current_leader.is_some();
+        let heartbeat_age_ms = if m.state == ServerState::Leader {
+            m.millis_since_quorum_ack
+        } else {
+            match self.leader_contact_ms.load(Ordering::Relaxed) {
+                0 => None,
+                at => Some((self.epoch.elapsed().as_millis() as u64).saturating_sub(at)),
+            }
+        };
+        let apply_lag = m.last_log_index.unwrap_or(0).saturating_sub(m.last_applied.map(|l| l.index).unwrap_or(0));
+        let voters = m.membership_config.membership().voter_ids().count();
+        let reason = if !leader_known {
+            "no leader known".to_string()
+        } else if voters > 1 && heartbeat_age_ms.is_none_or(|a| a > 2 * election_max) {
+            format!("no heartbeat for {} ms", heartbeat_age_ms.map(|a| a.to_string()).unwrap_or_else(|| "ever".into()))
+        } else if apply_lag > APPLY_LAG_LIMIT {
+            format!("{apply_lag} entries not applied yet")
+        } else {
+            String::new()
+        };
+        ShardHealth { healthy: reason.is_empty(), leader_known, heartbeat_age_ms, apply_lag, reason }
+    }
+
     /// This shard as seen from this node.
     pub fn status(&self) -> ShardStatus {
+        let health = self.health();
         let m = self.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
         let role = match m.state {
@@ -312,6 +360,7 @@ impl RaftNode {
             last_applied: m.last_applied.map(|l| l.index).unwrap_or(0),
             last_log_index: m.last_log_index.unwrap_or(0),
             role: role.to_string(),
+            health,
         }
     }
 
@@ -338,6 +387,9 @@ fn map_membership<T>(r: Result<T, RaftError<u64, ClientWriteError<u64, MemberNod
         Err(RaftError::Fatal(f)) => Err(ApiError::Unavailable(f.to_string())),
     }
 }
+
+/// A shard whose state machine trails its log by more than this is reported unhealthy.
+pub const APPLY_LAG_LIMIT: u64 = 10_000;
 
 /// Most key+value bytes in one scan page (a quarter of the frame limit).
 pub const SCAN_PAGE_MAX_BYTES: usize = crate::api::MAX_FRAME_BYTES / 4;
