@@ -168,24 +168,13 @@ async fn refused_joins_leave_the_cluster_unaffected() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn raft_messages_from_another_cluster_are_refused() {
-    use aspen::raft::{network::ConnectionPool, IrohNetworkFactory, MemberNode, PeerBook};
-    use openraft::{network::RPCOption, RaftNetwork, RaftNetworkFactory};
+    use openraft::{network::RPCOption, RaftNetwork};
 
     let root = tempfile::tempdir().unwrap();
     let n1 = InProcNode::start(InProcNode::config(root.path(), 1)).await;
     let t1 = n1.ticket();
-    let ep = aspen::cluster::endpoint::bind_endpoint(
-        "127.0.0.1:0".parse().unwrap(),
-        None,
-        iroh::address_lookup::MemoryLookup::new(),
-    )
-    .await
-    .unwrap();
-    let pool = ConnectionPool::new(ep.clone(), PeerBook::default(), std::time::Duration::from_secs(5));
-    let foreign = std::sync::Arc::new(std::sync::RwLock::new(ClusterId::random()));
-    let mut factory = IrohNetworkFactory::new(pool, foreign, None);
-    let member = MemberNode { endpoint_id: *t1.endpoint_id.as_bytes(), addrs: t1.addrs.clone() };
-    let mut net = factory.new_client(1, &member).await;
+    let (ep, mut nets) = support::raw_raft_clients(&t1, ClusterId::random(), &[None]).await;
+    let net = &mut nets[0];
     let vote = openraft::raft::VoteRequest::new(openraft::Vote::new(99, 42), None);
     let err = net.vote(vote, RPCOption::new(std::time::Duration::from_secs(5))).await.unwrap_err();
     let msg = err.to_string();

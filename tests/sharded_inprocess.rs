@@ -224,32 +224,21 @@ async fn leaders_balance_and_shards_fail_independently() {
 /// same connection keeps carrying other shards' streams.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn unknown_shard_is_refused_and_connection_stays_up() {
-    use aspen::raft::{network::ConnectionPool, IrohNetworkFactory, MemberNode, PeerBook};
-    use openraft::{network::RPCOption, RaftNetwork, RaftNetworkFactory};
+    use openraft::{network::RPCOption, RaftNetwork};
 
     let root = tempfile::tempdir().unwrap();
     let mut n1 = InProcNode::start(sharded_config(root.path(), 1)).await;
     let t1 = n1.ticket();
-    let ep = aspen::cluster::endpoint::bind_endpoint(
-        "127.0.0.1:0".parse().unwrap(),
-        None,
-        iroh::address_lookup::MemoryLookup::new(),
-    )
-    .await
-    .unwrap();
-    let pool = ConnectionPool::new(ep.clone(), PeerBook::default(), std::time::Duration::from_secs(5));
-    let cluster = std::sync::Arc::new(std::sync::RwLock::new(t1.cluster_id));
-    let member = MemberNode { endpoint_id: *t1.endpoint_id.as_bytes(), addrs: t1.addrs.clone() };
     let ttl = RPCOption::new(std::time::Duration::from_secs(5));
     // A vote for a term far in the past: a hosted shard answers it (and rejects the vote).
     let stale_vote = || openraft::raft::VoteRequest::new(openraft::Vote::new(0, 99), None);
 
-    let mut unknown = IrohNetworkFactory::new(pool.clone(), cluster.clone(), Some(9)).new_client(1, &member).await;
+    let (ep, mut nets) = support::raw_raft_clients(&t1, t1.cluster_id, &[Some(9), Some(3)]).await;
+    let (unknown, shard3) = nets.split_at_mut(1);
+    let (unknown, shard3) = (&mut unknown[0], &mut shard3[0]);
     let err = unknown.vote(stale_vote(), ttl.clone()).await.unwrap_err();
     assert!(err.to_string().contains("shard 9 is not hosted"), "{err}");
 
-    let mut shard3 =
-        IrohNetworkFactory::new(pool.clone(), cluster.clone(), Some(3)).new_client(3 << 48 | 1, &member).await;
     let resp = shard3.vote(stale_vote(), ttl.clone()).await.expect("shard 3 answers on the same connection");
     assert!(!resp.vote_granted);
     assert!(resp.vote.leader_id().term >= 1, "answered by shard 3's Raft: {resp:?}");

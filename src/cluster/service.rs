@@ -573,7 +573,19 @@ impl NodeService {
         self.add_everywhere(ticket.node_id, &member, &local_shards).await.map(ClientResponse::Membership)
     }
 
+    /// `cluster promote ID`: learner → voter on every shard it hosts.
     async fn promote(&self, node_id: NodeId) -> Result<ClientResponse, ApiError> {
+        self.change_member_everywhere(node_id, MembershipChange::AddVoter { node_id }).await
+    }
+
+    /// `cluster remove ID`: out of every shard's membership.
+    async fn remove(&self, node_id: NodeId) -> Result<ClientResponse, ApiError> {
+        self.change_member_everywhere(node_id, MembershipChange::Remove { node_id }).await
+    }
+
+    /// Applies `change` about member `node_id` on every shard (a no-op on shards it does not
+    /// host); answers with shard 0's membership afterwards.
+    async fn change_member_everywhere(&self, node_id: NodeId, change: MembershipChange) -> ClientResult {
         check_node_id(node_id)?;
         let _guard = self.membership_lock.lock().await;
         if self.primary()?.member(shard_raft_id(0, node_id)).is_none() {
@@ -581,21 +593,7 @@ impl NodeService {
         }
         let mut first = None;
         for shard in 0..self.router.num_shards() {
-            let status = self.change_shard(shard, MembershipChange::AddVoter { node_id }).await?;
-            first.get_or_insert(status);
-        }
-        Ok(ClientResponse::Membership(first.unwrap_or_else(|| self.first_status())))
-    }
-
-    async fn remove(&self, node_id: NodeId) -> Result<ClientResponse, ApiError> {
-        check_node_id(node_id)?;
-        let _guard = self.membership_lock.lock().await;
-        if self.primary()?.member(shard_raft_id(0, node_id)).is_none() {
-            return Err(ApiError::InvalidRequest(format!("node {node_id} is not a member")));
-        }
-        let mut first = None;
-        for shard in 0..self.router.num_shards() {
-            let status = self.change_shard(shard, MembershipChange::Remove { node_id }).await?;
+            let status = self.change_shard(shard, change.clone()).await?;
             first.get_or_insert(status);
         }
         Ok(ClientResponse::Membership(first.unwrap_or_else(|| self.first_status())))

@@ -267,3 +267,31 @@ pub async fn wait_shards_converged(nodes: &[&InProcNode], secs: u64) {
     })
     .await;
 }
+
+/// Raft network clients of our own (one ephemeral endpoint, one pooled connection) to the node
+/// behind `ticket`, stamping `cluster_id` on their messages; one client per entry of `shards`
+/// (`Some(n)`: `raft-shard` with prefix n; `None`: legacy `raft-rpc`).
+pub async fn raw_raft_clients(
+    ticket: &NodeTicket,
+    cluster_id: aspen::api::ClusterId,
+    shards: &[Option<u32>],
+) -> (iroh::Endpoint, Vec<aspen::raft::network::IrohNetwork>) {
+    use aspen::raft::{network::ConnectionPool, IrohNetworkFactory, MemberNode, PeerBook};
+    use openraft::RaftNetworkFactory;
+    let ep = aspen::cluster::endpoint::bind_endpoint(
+        "127.0.0.1:0".parse().unwrap(),
+        None,
+        iroh::address_lookup::MemoryLookup::new(),
+    )
+    .await
+    .unwrap();
+    let pool = ConnectionPool::new(ep.clone(), PeerBook::default(), Duration::from_secs(5));
+    let cluster = std::sync::Arc::new(std::sync::RwLock::new(cluster_id));
+    let member = MemberNode { endpoint_id: *ticket.endpoint_id.as_bytes(), addrs: ticket.addrs.clone() };
+    let mut nets = Vec::new();
+    for shard in shards {
+        let target = aspen::api::shard_raft_id(shard.unwrap_or(0), ticket.node_id);
+        nets.push(IrohNetworkFactory::new(pool.clone(), cluster.clone(), *shard).new_client(target, &member).await);
+    }
+    (ep, nets)
+}
