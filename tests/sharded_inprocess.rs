@@ -23,13 +23,7 @@ fn sharded_config(root: &std::path::Path, id: u64) -> aspen::NodeConfig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_nodes_four_shards() {
     let root = tempfile::tempdir().unwrap();
-    let n1 = InProcNode::start(sharded_config(root.path(), 1)).await;
-    let t1 = n1.ticket().encode();
-    let (mut c2, mut c3) = (sharded_config(root.path(), 2), sharded_config(root.path(), 3));
-    c2.join = vec![t1.clone()];
-    c3.join = vec![t1];
-    let (n2, n3) = tokio::join!(InProcNode::start(c2), InProcNode::start(c3));
-    let mut nodes = [n1, n2, n3];
+    let mut nodes = start_three(root.path(), None).await;
     for n in &nodes {
         assert_eq!(n.handle().shards.len(), 4);
         for (shard, node) in &n.handle().shards {
@@ -147,12 +141,15 @@ async fn three_nodes_four_shards() {
     }
 }
 
-async fn start_three(root: &std::path::Path) -> [InProcNode; 3] {
+/// Node 1 initializes a 4-shard cluster; nodes 2 and 3 join it at once (node 3 hosting only
+/// `node3_shards`, if given).
+async fn start_three(root: &std::path::Path, node3_shards: Option<Vec<u32>>) -> [InProcNode; 3] {
     let n1 = InProcNode::start(sharded_config(root, 1)).await;
     let t1 = n1.ticket().encode();
     let (mut c2, mut c3) = (sharded_config(root, 2), sharded_config(root, 3));
     c2.join = vec![t1.clone()];
     c3.join = vec![t1];
+    c3.sharding.local_shards = node3_shards;
     let (n2, n3) = tokio::join!(InProcNode::start(c2), InProcNode::start(c3));
     [n1, n2, n3]
 }
@@ -169,7 +166,7 @@ fn key_in_shard(shard: u32, tag: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn leaders_balance_and_shards_fail_independently() {
     let root = tempfile::tempdir().unwrap();
-    let mut nodes = start_three(root.path()).await;
+    let mut nodes = start_three(root.path(), None).await;
     wait_shards_converged(&[&nodes[0], &nodes[1], &nodes[2]], 60).await;
     let client = nodes[1].client().await;
 
@@ -250,14 +247,7 @@ async fn unknown_shard_is_refused_and_connection_stays_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn node_hosting_a_subset_serves_every_key() {
     let root = tempfile::tempdir().unwrap();
-    let n1 = InProcNode::start(sharded_config(root.path(), 1)).await;
-    let t1 = n1.ticket().encode();
-    let (mut c2, mut c3) = (sharded_config(root.path(), 2), sharded_config(root.path(), 3));
-    c2.join = vec![t1.clone()];
-    c3.join = vec![t1];
-    c3.sharding.local_shards = Some(vec![0, 1]);
-    let (n2, n3) = tokio::join!(InProcNode::start(c2), InProcNode::start(c3));
-    let mut nodes = [n1, n2, n3];
+    let mut nodes = start_three(root.path(), Some(vec![0, 1])).await;
     assert_eq!(nodes[2].handle().shards.keys().copied().collect::<Vec<_>>(), vec![0, 1]);
     // Node 3 is a voter of shards 0 and 1 only.
     let s1 = nodes[0].handle().shards[&1].status();
