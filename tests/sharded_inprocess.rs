@@ -112,12 +112,7 @@ async fn three_nodes_four_shards() {
     let leader = nodes[0].handle().shards[&0].status().leader.unwrap();
     let li = (leader - 1) as usize;
     let survivors: Vec<usize> = (0..3).filter(|&i| i != li).collect();
-    let client = aspen::AspenClient::connect(
-        survivors.iter().map(|&i| nodes[i].ticket()).collect(),
-        std::time::Duration::from_secs(30),
-    )
-    .await
-    .unwrap();
+    let client = support::client_of(&survivors.iter().map(|&i| &nodes[i]).collect::<Vec<_>>()).await;
     nodes[li].stop().await;
     wait_until(60, "every shard has a leader among the survivors", || {
         nodes[survivors[0]].handle().shards.values().all(|s| s.status().leader.is_some_and(|l| l != leader))
@@ -197,12 +192,7 @@ async fn leaders_balance_and_shards_fail_independently() {
     // keeps serving.
     let li = (l1 - 1) as usize;
     let survivors: Vec<usize> = (0..3).filter(|&i| i != li).collect();
-    let client = aspen::AspenClient::connect(
-        survivors.iter().map(|&i| nodes[i].ticket()).collect(),
-        std::time::Duration::from_secs(30),
-    )
-    .await
-    .unwrap();
+    let client = support::client_of(&survivors.iter().map(|&i| &nodes[i]).collect::<Vec<_>>()).await;
     nodes[li].stop().await;
     client.put(key_in_shard(2, "during"), "x").await.unwrap();
     wait_until(60, "shard 1 elects a new leader", || leader_of(&nodes[survivors[0]], 1).is_some_and(|l| l != l1)).await;

@@ -295,3 +295,9 @@ pub async fn raw_raft_clients(
     }
     (ep, nets)
 }
+
+/// A client that knows the tickets of `nodes` (and fails over between them).
+pub async fn client_of(nodes: &[&InProcNode]) -> aspen::AspenClient {
+    let tickets = nodes.iter().map(|n| n.ticket()).collect();
+    aspen::AspenClient::connect(tickets, Duration::from_secs(30)).await.expect("client")
+}
