@@ -251,8 +251,13 @@ async fn start_node(config: NodeConfig) -> Result<NodeHandle, BootstrapError> {
     let sharded = config.sharding.enabled;
     let mut shards = BTreeMap::new();
     for shard in config.sharding.local_shard_ids() {
-        // Sharded nodes send every shard's Raft traffic on `raft-shard` with its own prefix.
-        let network = IrohNetworkFactory::new(base.pool.clone(), base.cluster_id.clone(), sharded.then_some(shard));
+        // Sharded nodes send every shard's Raft traffic on `raft-shard` with its own prefix;
+        // a non-sharded node uses the base factory (legacy `raft-rpc`, shard 0).
+        let network = if sharded {
+            IrohNetworkFactory::new(base.pool.clone(), base.cluster_id.clone(), Some(shard))
+        } else {
+            base.network_factory.clone()
+        };
         let node = RaftNode::open(
             shard,
             shard_raft_id(shard, config.node_id),
