@@ -112,6 +112,21 @@ impl Default for ShardingConfig {
     }
 }
 
+/// Gossip discovery: signed address and leader announcements among the cluster's members.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GossipConfig {
+    /// Announce this node and learn peers' current addresses and shard leaders over iroh-gossip.
+    pub enabled: bool,
+    /// How often this node announces itself.
+    pub interval_ms: u64,
+}
+
+impl Default for GossipConfig {
+    fn default() -> Self {
+        GossipConfig { enabled: true, interval_ms: 1000 }
+    }
+}
+
 /// Most shards a cluster can have.
 pub const MAX_SHARDS: u32 = 256;
 
@@ -153,6 +168,7 @@ pub struct NodeConfig {
     pub raft: RaftConfig,
     pub limits: LimitsConfig,
     pub sharding: ShardingConfig,
+    pub gossip: GossipConfig,
 }
 
 impl Default for NodeConfig {
@@ -167,6 +183,7 @@ impl Default for NodeConfig {
             raft: RaftConfig::default(),
             limits: LimitsConfig::default(),
             sharding: ShardingConfig::default(),
+            gossip: GossipConfig::default(),
         }
     }
 }
@@ -240,6 +257,14 @@ struct FileConfig {
     raft: Option<FileRaft>,
     limits: Option<FileLimits>,
     sharding: Option<FileSharding>,
+    gossip: Option<FileGossip>,
+}
+
+#[derive(Deserialize, Default, Debug)]
+#[serde(deny_unknown_fields)]
+struct FileGossip {
+    enabled: Option<bool>,
+    interval_ms: Option<u64>,
 }
 
 #[derive(Deserialize, Default, Debug)]
@@ -342,6 +367,10 @@ impl NodeConfig {
                 self.sharding.local_shards = sh.local_shards.clone();
             }
         }
+        if let Some(g) = &f.gossip {
+            set(&mut self.gossip.enabled, g.enabled);
+            set(&mut self.gossip.interval_ms, g.interval_ms);
+        }
         if let Some(l) = &f.limits {
             set(&mut self.limits.max_key_bytes, l.max_key_bytes);
             set(&mut self.limits.max_value_bytes, l.max_value_bytes);
@@ -401,6 +430,9 @@ impl NodeConfig {
         }
         if r.max_append_bytes < 64 * 1024 || r.max_append_bytes > (crate::api::MAX_FRAME_BYTES / 2) as u64 {
             return Err(invalid("max_append_bytes", "must be between 64 KiB and 32 MiB"));
+        }
+        if self.gossip.interval_ms < 100 || self.gossip.interval_ms > 600_000 {
+            return Err(invalid("gossip.interval_ms", "must be between 100 and 600000"));
         }
         let sh = &self.sharding;
         if sh.num_shards == 0 || sh.num_shards > MAX_SHARDS {
@@ -542,5 +574,10 @@ mod tests {
         let text = include_str!("../config/aspen-node.toml");
         let cfg = NodeConfig::from_toml_str(text).unwrap();
         assert_eq!(cfg.node_id, 1);
+        assert_eq!(cfg.gossip, GossipConfig::default());
+        let off = NodeConfig::from_toml_str("[gossip]\nenabled = false\ninterval_ms = 500").unwrap();
+        assert_eq!(off.gossip, GossipConfig { enabled: false, interval_ms: 500 });
+        let err = NodeConfig::from_toml_str("[gossip]\ninterval_ms = 5").unwrap_err().to_string();
+        assert!(err.contains("gossip.interval_ms"), "{err}");
     }
 }

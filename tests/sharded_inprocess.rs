@@ -276,3 +276,68 @@ async fn node_hosting_a_subset_serves_every_key() {
         n.stop().await;
     }
 }
+
+/// Gossip discovery: node 3 restarts on another port with no reconfiguration anywhere; the other
+/// nodes learn its new address from its signed announcement, every shard's leader reaches it
+/// again (it catches up on writes made while it was away), and member discovery hands clients
+/// the new address. Identity still comes from Raft: membership keeps node 3's endpoint id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn node_restarted_on_a_new_port_is_found_again_by_gossip() {
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = start_three(root.path(), None).await;
+    wait_shards_converged(&[&nodes[0], &nodes[1], &nodes[2]], 60).await;
+    let topic = nodes[0].handle().base.gossip_topic_id().expect("gossip topic once in a cluster");
+    assert_eq!(Some(topic), nodes[2].handle().base.gossip_topic_id(), "one topic per cluster");
+    let endpoint3 = nodes[2].handle().base.endpoint.id();
+
+    nodes[2].stop().await;
+    let old_addr = nodes[2].config.bind_addr;
+    let new_addr = std::net::SocketAddr::from(([127, 0, 0, 1], support::free_port()));
+    assert_ne!(old_addr, new_addr);
+    nodes[2].config.bind_addr = new_addr;
+    let client = support::client_of(&[&nodes[0], &nodes[1]]).await;
+    let mut acked = BTreeMap::new();
+    for shard in 0..4 {
+        for i in 0..5 {
+            let key = key_in_shard(shard, &format!("moved-{shard}-{i}"));
+            client.put(key.clone(), format!("v{i}")).await.unwrap();
+            acked.insert(key, format!("v{i}"));
+        }
+    }
+    nodes[2].restart().await;
+    assert_eq!(nodes[2].handle().base.endpoint.id(), endpoint3, "same node key after restart");
+
+    // Nodes 1 and 2 learn the new address from gossip...
+    wait_until(60, "peers learn node 3's new address", || {
+        nodes[..2].iter().all(|n| n.handle().base.peers.announced(&endpoint3) == Some(vec![new_addr]))
+    })
+    .await;
+    // ...and every shard's leader replicates to node 3 there.
+    wait_shards_converged(&[&nodes[0], &nodes[1], &nodes[2]], 90).await;
+    let router = ShardRouter::new(4);
+    for (k, v) in &acked {
+        let shard = &nodes[2].handle().shards[&router.shard_for_key(k.as_bytes())];
+        let got = shard.get(k.as_bytes(), ReadConsistency::Stale).await.unwrap().map(|kv| kv.value);
+        assert_eq!(got, Some(v.clone().into_bytes()), "node 3 caught up on {k}");
+    }
+    // Member discovery through node 1 hands out node 3's new address; membership keeps its key.
+    let members = match client.request(aspen::api::ClientRequest::Members).await.unwrap() {
+        aspen::api::ClientResponse::Members(m) => m,
+        other => panic!("unexpected {other:?}"),
+    };
+    let t3 = members
+        .iter()
+        .map(|t| aspen::api::NodeTicket::decode(t).unwrap())
+        .find(|t| t.node_id == 3)
+        .expect("node 3 listed");
+    assert_eq!(t3.addrs, vec![new_addr]);
+    assert_eq!(t3.endpoint_id, endpoint3);
+    // A fresh client that knows only node 3's new ticket reaches the cluster.
+    let c3 = nodes[2].client().await;
+    c3.put(key_in_shard(2, "after-move"), "ok").await.unwrap();
+    c3.close().await;
+    client.close().await;
+    for n in &mut nodes {
+        n.stop().await;
+    }
+}

@@ -19,6 +19,7 @@ use crate::{
     client::{AspenClient, ClientError},
     cluster::{
         endpoint::{bind_endpoint, listening_addrs, load_or_create_key, EndpointError},
+        gossip::{AnnounceContext, GossipDiscovery},
         metadata::{ClusterIdentity, MetadataStore},
         service::NodeService,
         supervisor::Supervisor,
@@ -84,10 +85,17 @@ pub struct BaseNodeResources {
     pub cluster_id: SharedClusterId,
     /// Raft network factory for shard 0 on the legacy `raft-rpc` ALPN.
     pub network_factory: IrohNetworkFactory,
+    /// Signed address/leader announcements over iroh-gossip (`None` when `[gossip] enabled = false`).
+    pub gossip_discovery: Option<Arc<GossipDiscovery>>,
     pub shutdown_token: CancellationToken,
 }
 
 impl BaseNodeResources {
+    /// The gossip topic of this node's cluster (`None` before init or join, or with gossip off).
+    pub fn gossip_topic_id(&self) -> Option<iroh_gossip::TopicId> {
+        self.gossip_discovery.as_ref().and_then(|g| g.topic_id())
+    }
+
     /// This node as a Raft member: endpoint id plus the addresses it listens on.
     pub fn member(&self) -> MemberNode {
         MemberNode {
@@ -141,6 +149,9 @@ pub async fn bootstrap_base_node(config: NodeConfig) -> Result<BaseNodeResources
     let cluster_id: SharedClusterId =
         Arc::new(std::sync::RwLock::new(identity.as_ref().map(|i| i.cluster_id).unwrap_or_default()));
     let network_factory = IrohNetworkFactory::new(pool.clone(), cluster_id.clone(), None);
+    let gossip_discovery = config.gossip.enabled.then(|| {
+        Arc::new(GossipDiscovery::new(&endpoint, cluster_id.clone(), Duration::from_millis(config.gossip.interval_ms)))
+    });
     Ok(BaseNodeResources {
         config,
         metadata_store,
@@ -151,6 +162,7 @@ pub async fn bootstrap_base_node(config: NodeConfig) -> Result<BaseNodeResources
         pool,
         cluster_id,
         network_factory,
+        gossip_discovery,
         shutdown_token: CancellationToken::new(),
     })
 }
@@ -184,6 +196,9 @@ impl NodeHandle {
     pub async fn shutdown(self) {
         self.base.shutdown_token.cancel();
         self.supervisor.abort();
+        if let Some(g) = &self.base.gossip_discovery {
+            g.shutdown().await;
+        }
         if let Err(e) = self.router.shutdown().await {
             tracing::warn!("router shutdown: {e}");
         }
@@ -293,12 +308,30 @@ async fn start_node(config: NodeConfig) -> Result<NodeHandle, BootstrapError> {
     if sharded {
         builder = builder.accept(RAFT_SHARDED_ALPN, RaftProtocolHandler::new(registry, base.cluster_id.clone(), true));
     }
+    if let Some(g) = &base.gossip_discovery {
+        builder = builder.accept(iroh_gossip::ALPN, g.protocol());
+    }
     let router = builder.spawn();
 
     if base.identity.is_none() && !config.join.is_empty() {
         join_cluster(&base, &service).await?;
     } else if base.identity.is_none() && !config.no_init {
         service.init_cluster().await.map_err(BootstrapError::Init)?;
+    }
+    if let Some(g) = &base.gossip_discovery {
+        // Waits for a cluster id when the node has neither initialized nor joined yet.
+        g.start(
+            AnnounceContext {
+                node_id: config.node_id,
+                secret_key: base.secret_key.clone(),
+                endpoint: base.endpoint.clone(),
+                bind_addr: config.bind_addr,
+                cluster_id: base.cluster_id.clone(),
+                peers: base.peers.clone(),
+                service: service.clone(),
+            },
+            base.shutdown_token.child_token(),
+        );
     }
     service.write_ticket_file().map_err(|source| BootstrapError::DataDir { path: config.data_dir.clone(), source })?;
     tracing::info!(node_id = config.node_id, shards = shards.len(), ticket = %service.ticket(), "node is serving");

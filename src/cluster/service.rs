@@ -57,6 +57,15 @@ pub struct NodeService {
     pool: ConnectionPool,
     /// For shards not hosted here: the node believed to lead (or at least host) each.
     leader_hints: std::sync::Mutex<std::collections::HashMap<ShardId, NodeId>>,
+    /// From gossip: the highest term a leader was announced for, per shard, and which nodes
+    /// announced hosting each shard.
+    gossip_hints: std::sync::Mutex<GossipHints>,
+}
+
+#[derive(Debug, Default)]
+struct GossipHints {
+    leader_terms: std::collections::HashMap<ShardId, u64>,
+    hosts: std::collections::HashMap<ShardId, std::collections::BTreeSet<NodeId>>,
 }
 
 impl NodeService {
@@ -85,6 +94,7 @@ impl NodeService {
             membership_lock: tokio::sync::Mutex::new(()),
             pool,
             leader_hints: Default::default(),
+            gossip_hints: Default::default(),
         }
     }
 
@@ -305,7 +315,35 @@ impl NodeService {
     }
 
     /// Every node this node knows from the membership of the shards it hosts, by node id.
-    fn known_nodes(&self) -> BTreeMap<NodeId, MemberNode> {
+    /// The shards this node hosts.
+    pub fn shards(&self) -> &BTreeMap<ShardId, RaftNode> {
+        &self.shards
+    }
+
+    /// Applies a verified gossip announcement: leader hints (for shards not hosted here, when the
+    /// announced term is not older than any seen) and which shards the node hosts.
+    pub fn note_gossip(&self, a: &crate::cluster::gossip::Announcement) {
+        let mut g = self.gossip_hints.lock().unwrap_or_else(|p| p.into_inner());
+        for hosts in g.hosts.values_mut() {
+            hosts.remove(&a.node_id);
+        }
+        for shard in &a.local_shards {
+            g.hosts.entry(*shard).or_default().insert(a.node_id);
+        }
+        for hint in &a.leaders {
+            if self.shards.contains_key(&hint.shard) {
+                continue;
+            }
+            let seen = g.leader_terms.entry(hint.shard).or_default();
+            if hint.term >= *seen {
+                *seen = hint.term;
+                self.set_hint(hint.shard, Some(hint.leader));
+            }
+        }
+    }
+
+    /// Every member of the cluster (from the membership of the shards hosted here).
+    pub(crate) fn known_nodes(&self) -> BTreeMap<NodeId, MemberNode> {
         let mut nodes = BTreeMap::new();
         for shard in self.shards.values() {
             for (raft_id, member, _) in shard.members() {
@@ -330,10 +368,12 @@ impl NodeService {
             .into_iter()
             .filter_map(|(node_id, member)| {
                 let endpoint_id = iroh::EndpointId::from_bytes(&member.endpoint_id).ok()?;
-                if member.addrs.is_empty() {
+                // Prefer where the member last announced itself (gossip) over membership's record.
+                let addrs = self.pool.peers().announced(&endpoint_id).unwrap_or(member.addrs);
+                if addrs.is_empty() {
                     return None;
                 }
-                Some(NodeTicket { cluster_id, node_id, endpoint_id, addrs: member.addrs }.encode())
+                Some(NodeTicket { cluster_id, node_id, endpoint_id, addrs }.encode())
             })
             .collect()
     }
@@ -912,6 +952,10 @@ impl NodeService {
     async fn shard_host(&self, shard: ShardId) -> Option<NodeId> {
         if let Some(n) = self.leader_hints.lock().unwrap_or_else(|p| p.into_inner()).get(&shard) {
             return Some(*n);
+        }
+        let announced = self.gossip_hints.lock().unwrap_or_else(|p| p.into_inner()).hosts.get(&shard).cloned();
+        if let Some(host) = announced.and_then(|h| h.into_iter().find(|n| *n != self.node_id)) {
+            return Some(host);
         }
         let timeout = self.limits.request_timeout().min(Duration::from_secs(3));
         let asks =

@@ -50,15 +50,51 @@ pub enum NetworkError {
     UnexpectedResponse,
 }
 
-/// Where peers can be reached: feeds iroh's `MemoryLookup` so endpoints can be dialled by id.
+/// Where peers can be reached: feeds iroh's `MemoryLookup` so endpoints can be dialled by id,
+/// and remembers the addresses each peer last announced over gossip, which are added to the
+/// (possibly stale) addresses recorded in Raft membership whenever a peer is dialled.
 #[derive(Clone, Debug, Default)]
 pub struct PeerBook {
     lookup: MemoryLookup,
+    announced: Arc<RwLock<HashMap<EndpointId, Vec<std::net::SocketAddr>>>>,
 }
 
 impl PeerBook {
     pub fn new(lookup: MemoryLookup) -> Self {
-        PeerBook { lookup }
+        PeerBook { lookup, announced: Default::default() }
+    }
+
+    /// Records the addresses a peer announced (verified by the caller); they replace the ones it
+    /// announced before. Returns `true` when they differ from what was known.
+    pub fn refresh(&self, id: EndpointId, addrs: Vec<std::net::SocketAddr>) -> bool {
+        if addrs.is_empty() {
+            return false;
+        }
+        let changed = {
+            let mut announced = self.announced.write().unwrap_or_else(|p| p.into_inner());
+            let changed = announced.get(&id) != Some(&addrs);
+            announced.insert(id, addrs.clone());
+            changed
+        };
+        self.add(EndpointAddr::from_parts(id, addrs.into_iter().map(iroh::TransportAddr::Ip)));
+        changed
+    }
+
+    /// The addresses `id` last announced over gossip, if any.
+    pub fn announced(&self, id: &EndpointId) -> Option<Vec<std::net::SocketAddr>> {
+        self.announced.read().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
+    }
+
+    /// `addr` plus the addresses its endpoint announced most recently.
+    pub fn resolve(&self, addr: &EndpointAddr) -> EndpointAddr {
+        match self.announced(&addr.id) {
+            Some(fresh) => {
+                let mut out = addr.clone();
+                out.addrs.extend(fresh.into_iter().map(iroh::TransportAddr::Ip));
+                out
+            }
+            None => addr.clone(),
+        }
     }
 
     pub fn lookup(&self) -> &MemoryLookup {
@@ -111,6 +147,7 @@ impl ConnectionPool {
                 return Ok(conn.clone());
             }
         }
+        let addr = self.peers.resolve(addr);
         self.peers.add(addr.clone());
         let peer = addr.id.fmt_short().to_string();
         let conn = tokio::time::timeout(self.connect_timeout, self.endpoint.connect(addr.clone(), alpn))
