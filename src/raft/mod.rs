@@ -7,6 +7,8 @@
 pub mod log_store;
 pub mod network;
 pub mod node;
+#[cfg(any(test, feature = "fault-injection"))]
+pub mod powercut;
 pub mod rpc;
 pub mod state_machine;
 
@@ -140,6 +142,12 @@ pub(crate) fn open_db(path: &std::path::Path) -> Result<redb::Database, StorageE
         std::fs::create_dir_all(parent)?;
     }
     Ok(redb::Database::builder().create(path)?)
+}
+
+/// Opens (or creates) a redb database over any storage backend, with the same settings as
+/// [`open_db`]. Tests use it to put the storage on a simulated disk.
+pub(crate) fn open_db_with_backend(backend: impl redb::StorageBackend) -> Result<redb::Database, StorageError> {
+    Ok(redb::Database::builder().create_with_backend(backend)?)
 }
 
 /// Starts a write transaction with quick repair on and the given durability.
