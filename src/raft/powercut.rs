@@ -64,6 +64,7 @@ struct Disk {
     pending: Vec<Op>,
     /// `sync_data` reports success without making anything durable (a lying write cache).
     lying_sync: bool,
+    bytes_written: u64,
 }
 
 fn apply(image: &mut Vec<u8>, op: &Op) {
@@ -230,6 +231,11 @@ impl PowerSwitch {
         self.lock().io_calls
     }
 
+    /// Bytes written so far, over all disks.
+    pub fn bytes_written(&self) -> u64 {
+        self.lock().disks.iter().map(|d| d.bytes_written).sum()
+    }
+
     /// A copy of the durable image of `disk`.
     pub fn durable_image(&self, disk: DiskId) -> Vec<u8> {
         self.lock().disks[disk.0].durable.clone()
@@ -316,6 +322,7 @@ impl StorageBackend for PowerCutBackend {
         self.io(|d| {
             let offset = usize::try_from(offset).map_err(|_| io::Error::from(ErrorKind::InvalidInput))?;
             write_at(&mut d.current, offset, data);
+            d.bytes_written += data.len() as u64;
             d.pending.push(Op::Write { offset, data: data.to_vec() });
             Ok(())
         })

@@ -210,6 +210,21 @@ impl RedbStateMachine {
     }
 }
 
+#[cfg(test)]
+impl RedbStateMachine {
+    /// Everything the state machine holds (including the session expiry index), canonically
+    /// encoded: two replicas in the same state have equal fingerprints.
+    pub(crate) fn fingerprint(&self) -> Result<Vec<u8>, StorageError> {
+        let txn = self.db.begin_read()?;
+        let (last_applied, membership, data) = read_snapshot_payload(&txn)?;
+        let mut ages = Vec::new();
+        for item in txn.open_table(SESSION_AGE)?.iter()? {
+            ages.push(item?.0.value());
+        }
+        Ok(postcard::to_stdvec(&(last_applied, membership, data, ages))?)
+    }
+}
+
 /// Applies a batch of entries in one transaction. Returns one result per entry.
 fn apply_entries(db: &redb::Database, entries: Vec<Entry>) -> Result<Vec<ApplyResult>, StorageError> {
     let txn = begin_write(db, Durability::None)?;
