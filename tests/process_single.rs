@@ -10,6 +10,7 @@ use std::{
 };
 
 use aspen::{api::ReadConsistency, AspenClient};
+use rand::{rngs::StdRng, Rng, SeedableRng};
 use support::{expect_code, stderr, stdout, NodeProc};
 
 #[test]
@@ -221,16 +222,22 @@ fn restart_with_another_node_id_is_refused() {
     assert_eq!(stdout(&node.cli(&["get", "a"])), "1\n");
 }
 
-/// `kill -9` at random moments of a stream of acknowledged writes, ten times: after each
-/// restart every acknowledged write is present with its value.
+/// `kill -9` at random moments of heavy write traffic (several concurrent writers), twenty
+/// times: after each restart every acknowledged write is present with its value. The kill
+/// moments come from a seed that is printed; `KILL9_SEED=<seed>` replays the same moments.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_writes_loses_no_acknowledged_write() {
+    const ROUNDS: usize = 20;
+    const WRITERS: usize = 4;
+    let seed: u64 = std::env::var("KILL9_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+    println!("kill -9 test seed {seed} (KILL9_SEED={seed} replays the kill moments)");
+    let mut rng = StdRng::seed_from_u64(seed);
     let root = tempfile::tempdir().unwrap();
     let mut node = NodeProc::new(root.path(), 1);
     let acked: Arc<Mutex<BTreeMap<String, String>>> = Default::default();
-    for round in 0..10 {
+    for round in 0..ROUNDS {
         node.start();
-        let client = AspenClient::connect(vec![node.ticket()], Duration::from_secs(3)).await.unwrap();
+        let client = Arc::new(AspenClient::connect(vec![node.ticket()], Duration::from_secs(3)).await.unwrap());
         // Everything acknowledged in earlier rounds survived the crash.
         let stored: BTreeMap<String, String> = client
             .scan("k/", usize::MAX, ReadConsistency::Linearizable)
@@ -240,36 +247,44 @@ async fn kill_9_during_writes_loses_no_acknowledged_write() {
             .map(|kv| (String::from_utf8(kv.key).unwrap(), String::from_utf8(kv.value).unwrap()))
             .collect();
         for (k, v) in acked.lock().unwrap().iter() {
-            assert_eq!(stored.get(k), Some(v), "round {round}: acknowledged write {k} lost");
+            assert_eq!(stored.get(k), Some(v), "seed {seed} round {round}: acknowledged write {k} lost");
         }
-        let writer = {
-            let acked = acked.clone();
-            tokio::spawn(async move {
-                for i in 0.. {
-                    let key = format!("k/{round:02}/{i:06}");
-                    let value = format!("v{round}-{i}");
-                    match client.put(key.clone(), value.clone()).await {
-                        Ok(_) => {
-                            acked.lock().unwrap().insert(key, value);
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|w| {
+                let acked = acked.clone();
+                let client = client.clone();
+                tokio::spawn(async move {
+                    for i in 0.. {
+                        let key = format!("k/{round:02}/{w}/{i:06}");
+                        let value = format!("v{round}-{w}-{i}");
+                        match client.put(key.clone(), value.clone()).await {
+                            Ok(_) => {
+                                acked.lock().unwrap().insert(key, value);
+                            }
+                            Err(_) => break,
                         }
-                        Err(_) => break,
                     }
-                }
-                client.close().await;
+                })
             })
-        };
-        let delay = 150 + rand::random::<u64>() % 1200;
+            .collect();
+        let delay = rng.random_range(150..1350);
         tokio::time::sleep(Duration::from_millis(delay)).await;
         node.kill();
-        writer.await.unwrap();
+        for w in writers {
+            w.await.unwrap();
+        }
+        if let Ok(client) = Arc::try_unwrap(client) {
+            client.close().await;
+        }
     }
     node.start();
     let client = AspenClient::connect(vec![node.ticket()], Duration::from_secs(10)).await.unwrap();
     let acked = acked.lock().unwrap().clone();
-    assert!(acked.len() > 10, "the writer made progress ({} writes)", acked.len());
+    assert!(acked.len() > ROUNDS * WRITERS, "the writers made progress ({} writes)", acked.len());
     for (k, v) in &acked {
         let got = client.get(k.clone()).await.unwrap().map(|kv| String::from_utf8(kv.value).unwrap());
-        assert_eq!(got.as_ref(), Some(v), "acknowledged write {k} lost");
+        assert_eq!(got.as_ref(), Some(v), "seed {seed}: acknowledged write {k} lost");
     }
+    println!("{} acknowledged writes survived {ROUNDS} kills", acked.len());
     client.close().await;
 }

@@ -16,7 +16,10 @@ use openraft::{
 };
 use redb::{Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::{begin_write, open_db, to_raft_err, Entry, LogId, OpenraftStorageError, StorageError, TypeConfig, Vote};
+use super::{
+    begin_write, open_db, open_db_with_backend, to_raft_err, Entry, LogId, OpenraftStorageError, StorageError,
+    TypeConfig, Vote,
+};
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -36,7 +39,15 @@ pub struct RedbLogStore {
 impl RedbLogStore {
     /// Opens or creates the log at `path`.
     pub fn open(path: &std::path::Path, max_batch_bytes: u64) -> Result<Self, StorageError> {
-        let db = open_db(path)?;
+        Self::from_db(open_db(path)?, max_batch_bytes)
+    }
+
+    /// Opens or creates the log on any redb storage backend (tests put it on a simulated disk).
+    pub fn open_with_backend(backend: impl redb::StorageBackend, max_batch_bytes: u64) -> Result<Self, StorageError> {
+        Self::from_db(open_db_with_backend(backend)?, max_batch_bytes)
+    }
+
+    fn from_db(db: redb::Database, max_batch_bytes: u64) -> Result<Self, StorageError> {
         let txn = begin_write(&db, Durability::Immediate)?;
         txn.open_table(LOG)?;
         txn.open_table(META)?;

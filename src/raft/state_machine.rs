@@ -27,8 +27,8 @@ use redb::{Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, T
 use serde::{Deserialize, Serialize};
 
 use super::{
-    begin_write, open_db, to_raft_err, ApplyResult, Entry, LogId, OpenraftStorageError, SnapshotMeta, StorageError,
-    StoredMembership, TypeConfig, WriteRequest,
+    begin_write, open_db, open_db_with_backend, to_raft_err, ApplyResult, Entry, LogId, OpenraftStorageError,
+    SnapshotMeta, StorageError, StoredMembership, TypeConfig, WriteRequest,
 };
 use crate::api::{BatchOp, KeyValue, WriteCommand, WriteOutcome};
 
@@ -179,14 +179,24 @@ pub struct RedbStateMachine {
 impl RedbStateMachine {
     /// Opens or creates the state machine at `path`; snapshots are kept beside it.
     pub fn open(path: &Path) -> Result<Self, StorageError> {
-        let db = open_db(path)?;
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+        Self::from_db(open_db(path)?, dir)
+    }
+
+    /// Opens or creates the state machine on any redb storage backend (tests put it on a
+    /// simulated disk); the snapshot file is kept in `snapshot_dir` on the real file system.
+    pub fn open_with_backend(backend: impl redb::StorageBackend, snapshot_dir: &Path) -> Result<Self, StorageError> {
+        std::fs::create_dir_all(snapshot_dir)?;
+        Self::from_db(open_db_with_backend(backend)?, snapshot_dir.to_path_buf())
+    }
+
+    fn from_db(db: redb::Database, dir: PathBuf) -> Result<Self, StorageError> {
         let txn = begin_write(&db, Durability::Immediate)?;
         txn.open_table(KV)?;
         txn.open_table(SESSIONS)?;
         txn.open_table(SESSION_AGE)?;
         txn.open_table(META)?;
         txn.commit()?;
-        let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
         Ok(RedbStateMachine { db: Arc::new(db), dir, snapshot_guard: Default::default() })
     }
 
@@ -197,6 +207,21 @@ impl RedbStateMachine {
 
     fn snapshot_path(&self) -> PathBuf {
         self.dir.join(SNAPSHOT_FILE)
+    }
+}
+
+#[cfg(test)]
+impl RedbStateMachine {
+    /// Everything the state machine holds (including the session expiry index), canonically
+    /// encoded: two replicas in the same state have equal fingerprints.
+    pub(crate) fn fingerprint(&self) -> Result<Vec<u8>, StorageError> {
+        let txn = self.db.begin_read()?;
+        let (last_applied, membership, data) = read_snapshot_payload(&txn)?;
+        let mut ages = Vec::new();
+        for item in txn.open_table(SESSION_AGE)?.iter()? {
+            ages.push(item?.0.value());
+        }
+        Ok(postcard::to_stdvec(&(last_applied, membership, data, ages))?)
     }
 }
 
