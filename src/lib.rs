@@ -20,6 +20,7 @@ pub mod api;
 pub mod client;
 pub mod cluster;
 pub mod config;
+pub mod fault;
 pub mod protocol;
 pub mod raft;
 pub mod sharding;

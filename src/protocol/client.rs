@@ -120,15 +120,19 @@ pub async fn send_request(
     let frame =
         encode_frame(&ClientEnvelope { version: CLIENT_PROTOCOL_VERSION, hops, request }).map_err(|e| e.to_string())?;
     let alpn = crate::api::CLIENT_ALPN;
+    let me = pool.endpoint().id();
     let exchange = async {
+        crate::fault::on_send(me, addr.id, None).await.map_err(|e| e.to_string())?;
         let conn = pool.get(addr, alpn).await.map_err(|e| e.to_string())?;
         let result = async {
             let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
             send.write_all(&frame).await.map_err(|e| e.to_string())?;
             send.finish().map_err(|e| e.to_string())?;
-            crate::api::frame::read_frame::<_, ClientResult>(&mut recv, crate::api::MAX_FRAME_BYTES)
+            let reply = crate::api::frame::read_frame::<_, ClientResult>(&mut recv, crate::api::MAX_FRAME_BYTES)
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(|e| e.to_string())?;
+            crate::fault::on_reply(me, addr.id, None).await.map_err(|e| e.to_string())?;
+            Ok(reply)
         }
         .await;
         if result.is_err() && conn.close_reason().is_some() {

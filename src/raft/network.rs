@@ -209,13 +209,16 @@ impl IrohNetwork {
         }
         frame.extend_from_slice(&encode_frame(&RaftEnvelope { cluster_id, request })?);
         let pool = &self.factory.pool;
+        let (me, shard) = (pool.endpoint().id(), Some(self.factory.shard.unwrap_or(0)));
         let exchange = async {
+            crate::fault::on_send(me, addr.id, shard).await.map_err(|e| NetworkError::Stream(e.to_string()))?;
             let conn = pool.get(addr, alpn).await?;
             let result = async {
                 let (mut send, mut recv) = conn.open_bi().await.map_err(|e| NetworkError::Stream(e.to_string()))?;
                 send.write_all(&frame).await.map_err(|e| NetworkError::Stream(e.to_string()))?;
                 send.finish().map_err(|e| NetworkError::Stream(e.to_string()))?;
                 let resp: RaftResponse = read_frame(&mut recv, MAX_FRAME_BYTES).await?;
+                crate::fault::on_reply(me, addr.id, shard).await.map_err(|e| NetworkError::Stream(e.to_string()))?;
                 Ok::<_, NetworkError>(resp)
             }
             .await;

@@ -55,6 +55,9 @@ pub struct RaftNode {
     /// When this node last received AppendEntries for this shard (ms since `epoch`; 0: never).
     leader_contact_ms: Arc<AtomicU64>,
     epoch: Instant,
+    /// Fault injection only: serve linearizable reads from local state without ReadIndex.
+    #[cfg(feature = "fault-injection")]
+    broken_reads: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for RaftNode {
@@ -114,6 +117,8 @@ impl RaftNode {
             request_timeout,
             leader_contact_ms: Arc::new(AtomicU64::new(0)),
             epoch: Instant::now(),
+            #[cfg(feature = "fault-injection")]
+            broken_reads: Default::default(),
         })
     }
 
@@ -291,10 +296,29 @@ impl RaftNode {
 
     /// Reads one key.
     pub async fn get(&self, key: &[u8], consistency: ReadConsistency) -> Result<Option<KeyValue>, ApiError> {
-        if consistency == ReadConsistency::Linearizable {
+        if consistency == ReadConsistency::Linearizable && !self.reads_broken() {
             self.ensure_linearizable().await?;
         }
         self.reader.get(key).map_err(|e| ApiError::Internal(format!("read shard {}: {e}", self.shard)))
+    }
+
+    /// Fault injection only: a deliberately wrong read mode in which this replica answers
+    /// linearizable reads from its local state without confirming leadership (no ReadIndex).
+    /// It exists so the linearizability checker's self-test can show that it catches stale reads.
+    #[cfg(feature = "fault-injection")]
+    pub fn set_broken_reads(&self, on: bool) {
+        self.broken_reads.store(on, Ordering::SeqCst);
+    }
+
+    fn reads_broken(&self) -> bool {
+        #[cfg(feature = "fault-injection")]
+        {
+            self.broken_reads.load(Ordering::SeqCst)
+        }
+        #[cfg(not(feature = "fault-injection"))]
+        {
+            false
+        }
     }
 
     /// Reads one page of a scan; `page_limit` caps the page size.
