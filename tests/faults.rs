@@ -1,0 +1,534 @@
+//! Seeded fault scenarios over real iroh, in one process (feature `fault-injection`).
+//!
+//! Each scenario starts 3 nodes (non-sharded, or 4 shards with balanced leaders), runs
+//! concurrent clients on a small key space while recording every operation, injects its faults
+//! (partitions, loss, crashes, restarts, membership changes) on a schedule drawn from its seed,
+//! heals, and then asserts: the history is linearizable (Wing–Gong–Lowe, `aspen::checker`), the
+//! final value of every key is what the history allows (so no acknowledged write is lost),
+//! every shard has a leader, and every replica of every shard has the same digest.
+//!
+//! Each test prints `scenario <name> seed <seed>`; `ASPEN_FAULT_SEED=<seed>` replays that
+//! schedule. `ASPEN_SOAK_SECS=<s>` makes the ignored `soak` test loop over random seeds and all
+//! scenarios for that long (`cargo test --release --features fault-injection --test faults -- --ignored soak`).
+
+mod support;
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use aspen::{
+    api::ReadConsistency,
+    checker::{CheckConfig, History, Op, OpResult},
+    client::CasOutcome,
+    fault::{self, Rule},
+    AspenClient, ApiError, ClientError,
+};
+use iroh::EndpointId;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use support::{wait_until, InProcNode};
+
+const KEYS: usize = 6;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Scenario {
+    LeaderIsolated,
+    MinorityMajoritySplit,
+    RandomLoss,
+    FlappingPartitions,
+    LeaderCrashRestart,
+    RollingRestart,
+    MembershipChange,
+    LeaderOfSomeShardsPartitioned,
+}
+
+const ALL: [Scenario; 8] = [
+    Scenario::LeaderIsolated,
+    Scenario::MinorityMajoritySplit,
+    Scenario::RandomLoss,
+    Scenario::FlappingPartitions,
+    Scenario::LeaderCrashRestart,
+    Scenario::RollingRestart,
+    Scenario::MembershipChange,
+    Scenario::LeaderOfSomeShardsPartitioned,
+];
+
+struct Cluster {
+    root: tempfile::TempDir,
+    nodes: Vec<InProcNode>,
+    shards: u32,
+}
+
+impl Cluster {
+    fn config(&self, id: u64) -> aspen::NodeConfig {
+        let mut c = InProcNode::config(self.root.path(), id);
+        if self.shards > 1 {
+            c.sharding.enabled = true;
+            c.sharding.num_shards = self.shards;
+        }
+        c.limits.request_timeout_ms = 8_000;
+        c
+    }
+
+    async fn start(shards: u32) -> Cluster {
+        let mut cluster = Cluster { root: tempfile::tempdir().unwrap(), nodes: Vec::new(), shards };
+        let n1 = InProcNode::start(cluster.config(1)).await;
+        let t1 = n1.ticket().encode();
+        let (mut c2, mut c3) = (cluster.config(2), cluster.config(3));
+        c2.join = vec![t1.clone()];
+        c3.join = vec![t1];
+        let (n2, n3) = tokio::join!(InProcNode::start(c2), InProcNode::start(c3));
+        cluster.nodes = vec![n1, n2, n3];
+        if shards > 1 {
+            let client = cluster.client().await;
+            client.balance_leaders().await.expect("balance leaders");
+            client.close().await;
+        }
+        cluster
+    }
+
+    fn running(&self) -> Vec<&InProcNode> {
+        self.nodes.iter().filter(|n| n.handle.is_some()).collect()
+    }
+
+    fn endpoint(&self, i: usize) -> EndpointId {
+        self.nodes[i].handle().base.endpoint.id()
+    }
+
+    fn endpoints(&self) -> Vec<EndpointId> {
+        self.running().iter().map(|n| n.handle().base.endpoint.id()).collect()
+    }
+
+    /// Index of the node that leads `shard`, if the running nodes agree on one.
+    fn leader_index(&self, shard: u32) -> Option<usize> {
+        let leader = self.running().iter().find_map(|n| {
+            let st = n.handle().shards.get(&shard)?.status();
+            (st.role == "Leader").then_some(st.leader).flatten()
+        })?;
+        self.nodes.iter().position(|n| n.config.node_id == leader && n.handle.is_some())
+    }
+
+    async fn client(&self) -> AspenClient {
+        let tickets = self.running().iter().map(|n| n.ticket()).collect();
+        AspenClient::connect(tickets, Duration::from_secs(8)).await.expect("client")
+    }
+
+    /// Heals every fault, waits until every shard has a leader and all replicas applied the same
+    /// index with equal digests.
+    async fn heal_and_settle(&self, secs: u64) {
+        fault::heal(&self.endpoints());
+        let nodes = self.running();
+        let shards: Vec<u32> = nodes[0].handle().shards.keys().copied().collect();
+        wait_until(secs, "every shard has one leader and equal replicas", || {
+            shards.iter().all(|shard| {
+                let st: Vec<_> = nodes.iter().map(|n| n.handle().shards[shard].status()).collect();
+                st[0].leader.is_some()
+                    && st.iter().all(|s| s.leader == st[0].leader && s.last_applied == st[0].last_applied)
+                    && st.iter().any(|s| s.role == "Leader" && s.last_log_index == s.last_applied)
+                    && st.iter().all(|s| s.digest == st[0].digest)
+            })
+        })
+        .await;
+    }
+
+    async fn stop_all(mut self) {
+        fault::heal(&self.endpoints());
+        for n in &mut self.nodes {
+            n.stop().await;
+        }
+    }
+}
+
+fn key(i: usize) -> Vec<u8> {
+    format!("k{i}").into_bytes()
+}
+
+/// Concurrent clients recording every op into `history` until `stop`.
+struct Workload {
+    history: History,
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    acked: Arc<AtomicU64>,
+}
+
+impl Workload {
+    async fn start(cluster: &Cluster, clients: usize, seed: u64) -> Workload {
+        let history = History::new();
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        let nodes = cluster.running();
+        for c in 0..clients {
+            // Client c starts at node c % n (and fails over to the others it discovers).
+            let mut tickets: Vec<_> = nodes.iter().map(|n| n.ticket()).collect();
+            tickets.rotate_left(c % nodes.len());
+            let client = AspenClient::connect(tickets, Duration::from_secs(8)).await.expect("client");
+            let (history, stop, acked) = (history.clone(), stop.clone(), acked.clone());
+            let mut rng = StdRng::seed_from_u64(seed ^ (c as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            tasks.push(tokio::spawn(async move {
+                let mut n = 0u64;
+                let mut last_seen: BTreeMap<usize, Option<Vec<u8>>> = BTreeMap::new();
+                while !stop.load(Ordering::SeqCst) {
+                    n += 1;
+                    let k = rng.random_range(0..KEYS);
+                    let value = format!("c{c}-{n}").into_bytes();
+                    let roll = rng.random_range(0..100);
+                    run_op(&client, &history, c as u64, k, value, roll, &mut last_seen, &acked).await;
+                }
+                client.close().await;
+            }));
+        }
+        Workload { history, stop, tasks, acked }
+    }
+
+    async fn finish(self) -> History {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.history
+    }
+}
+
+/// Whether a failed write may still have taken effect.
+fn write_outcome_unknown(e: &ClientError) -> bool {
+    !matches!(e, ClientError::Api(ApiError::InvalidRequest(_) | ApiError::TooLarge { .. }))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_op(
+    client: &AspenClient,
+    history: &History,
+    c: u64,
+    k: usize,
+    value: Vec<u8>,
+    roll: u32,
+    last_seen: &mut BTreeMap<usize, Option<Vec<u8>>>,
+    acked: &AtomicU64,
+) {
+    let key = key(k);
+    if roll < 45 {
+        let h = history.invoke(c, Op::Get { key: key.clone() });
+        match client.get(key).await {
+            Ok(kv) => {
+                let v = kv.map(|kv| kv.value);
+                last_seen.insert(k, v.clone());
+                h.ok(OpResult::Get(v));
+            }
+            // A read that failed had no effect.
+            Err(_) => h.failed(),
+        }
+    } else if roll < 80 {
+        let h = history.invoke(c, Op::Put { key: key.clone(), value: value.clone() });
+        match client.put(key, value).await {
+            Ok(_) => {
+                acked.fetch_add(1, Ordering::Relaxed);
+                h.ok(OpResult::Put)
+            }
+            Err(e) if write_outcome_unknown(&e) => h.unknown(),
+            Err(_) => h.failed(),
+        }
+    } else if roll < 90 {
+        let expected = last_seen.get(&k).cloned().flatten();
+        let h = history.invoke(c, Op::Cas { key: key.clone(), expected: expected.clone(), new: Some(value.clone()) });
+        match client.cas(key, expected, value).await {
+            Ok(CasOutcome::Swapped(_)) => {
+                acked.fetch_add(1, Ordering::Relaxed);
+                h.ok(OpResult::Cas(true))
+            }
+            Ok(CasOutcome::Mismatch(_)) => h.ok(OpResult::Cas(false)),
+            Err(e) if write_outcome_unknown(&e) => h.unknown(),
+            Err(_) => h.failed(),
+        }
+    } else {
+        let h = history.invoke(c, Op::Delete { key: key.clone() });
+        match client.delete(key).await {
+            Ok(existed) => {
+                acked.fetch_add(1, Ordering::Relaxed);
+                h.ok(OpResult::Delete(Some(existed)))
+            }
+            Err(e) if write_outcome_unknown(&e) => h.unknown(),
+            Err(_) => h.failed(),
+        }
+    }
+}
+
+fn seed_for(name: &str) -> u64 {
+    std::env::var("ASPEN_FAULT_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+        t.as_nanos() as u64 ^ name.len() as u64
+    })
+}
+
+async fn sleep_ms(ms: u64) {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+}
+
+/// Applies the scenario's faults while the workload runs. Returns a description of what it did.
+async fn inject(cluster: &mut Cluster, scenario: Scenario, rng: &mut StdRng) -> String {
+    let mut log = Vec::new();
+    match scenario {
+        Scenario::LeaderIsolated => {
+            let l = cluster.leader_index(0).unwrap_or(0);
+            let others: Vec<_> = (0..3).filter(|i| *i != l).map(|i| cluster.endpoint(i)).collect();
+            fault::split(&[cluster.endpoint(l)], &others);
+            log.push(format!("isolated leader node {}", l + 1));
+            sleep_ms(rng.random_range(4000..7000)).await;
+        }
+        Scenario::MinorityMajoritySplit => {
+            let minority = rng.random_range(0..3);
+            let majority: Vec<_> = (0..3).filter(|i| *i != minority).map(|i| cluster.endpoint(i)).collect();
+            fault::split(&[cluster.endpoint(minority)], &majority);
+            log.push(format!("split node {} | rest", minority + 1));
+            sleep_ms(rng.random_range(3000..6000)).await;
+            fault::heal(&cluster.endpoints());
+            let minority = rng.random_range(0..3);
+            let majority: Vec<_> = (0..3).filter(|i| *i != minority).map(|i| cluster.endpoint(i)).collect();
+            fault::split(&[cluster.endpoint(minority)], &majority);
+            log.push(format!("split node {} | rest", minority + 1));
+            sleep_ms(rng.random_range(3000..6000)).await;
+        }
+        Scenario::RandomLoss => {
+            let loss = rng.random_range(0.2..0.4);
+            fault::seed(rng.random());
+            let eps = cluster.endpoints();
+            for a in &eps {
+                for b in &eps {
+                    if a != b {
+                        fault::set(*a, *b, None, Rule { drop: loss, delay: Duration::from_millis(rng.random_range(0..20)) });
+                    }
+                }
+            }
+            log.push(format!("{:.0}% loss on every link", loss * 100.0));
+            sleep_ms(rng.random_range(6000..9000)).await;
+        }
+        Scenario::FlappingPartitions => {
+            for _ in 0..rng.random_range(4..8) {
+                let a = rng.random_range(0..3);
+                let b = (a + rng.random_range(1..3)) % 3;
+                fault::partition(cluster.endpoint(a), cluster.endpoint(b));
+                log.push(format!("cut {}-{}", a + 1, b + 1));
+                sleep_ms(rng.random_range(500..2000)).await;
+                if rng.random_bool(0.6) {
+                    fault::heal(&cluster.endpoints());
+                    log.push("heal".into());
+                    sleep_ms(rng.random_range(200..1000)).await;
+                }
+            }
+        }
+        Scenario::LeaderCrashRestart => {
+            let l = cluster.leader_index(0).unwrap_or(0);
+            cluster.nodes[l].stop().await;
+            log.push(format!("stopped leader node {}", l + 1));
+            sleep_ms(rng.random_range(3000..6000)).await;
+            cluster.nodes[l].restart().await;
+            log.push(format!("restarted node {}", l + 1));
+            sleep_ms(2000).await;
+        }
+        Scenario::RollingRestart => {
+            for i in 0..3 {
+                cluster.nodes[i].stop().await;
+                log.push(format!("stopped node {}", i + 1));
+                sleep_ms(rng.random_range(1000..3000)).await;
+                cluster.nodes[i].restart().await;
+                log.push(format!("restarted node {}", i + 1));
+                // Let it catch up before the next one goes down, as an operator would.
+                let running = cluster.running();
+                let shards: Vec<u32> = running[0].handle().shards.keys().copied().collect();
+                wait_until(60, "restarted node catches up", || {
+                    shards.iter().all(|s| {
+                        let st: Vec<_> = running.iter().map(|n| n.handle().shards[s].status()).collect();
+                        st[0].leader.is_some() && st.iter().all(|x| x.leader == st[0].leader)
+                    })
+                })
+                .await;
+            }
+        }
+        Scenario::MembershipChange => {
+            let mut c4 = cluster.config(4);
+            c4.no_init = true;
+            let n4 = InProcNode::start(c4).await;
+            let admin = cluster.client().await;
+            admin.add_learner(&n4.ticket()).await.expect("add learner");
+            log.push("added learner 4".into());
+            sleep_ms(rng.random_range(500..2000)).await;
+            admin.promote(4).await.expect("promote 4");
+            log.push("promoted 4".into());
+            let old = rng.random_range(1..=3u64);
+            admin.remove(old).await.expect("remove old voter");
+            log.push(format!("removed voter {old}"));
+            admin.close().await;
+            cluster.nodes.push(n4);
+            sleep_ms(rng.random_range(1000..3000)).await;
+            let idx = (old - 1) as usize;
+            cluster.nodes[idx].stop().await;
+            log.push(format!("stopped removed node {old}"));
+        }
+        Scenario::LeaderOfSomeShardsPartitioned => {
+            // The node leading shard 1 (with 4 shards and balanced leaders it leads some, not all).
+            let l = cluster.leader_index(if cluster.shards > 1 { 1 } else { 0 }).unwrap_or(0);
+            let led: Vec<u32> = cluster.nodes[l]
+                .handle()
+                .shards
+                .iter()
+                .filter(|(_, s)| s.status().role == "Leader")
+                .map(|(id, _)| *id)
+                .collect();
+            let others: Vec<_> = (0..3).filter(|i| *i != l).map(|i| cluster.endpoint(i)).collect();
+            fault::split(&[cluster.endpoint(l)], &others);
+            log.push(format!("partitioned node {} leading shards {led:?}", l + 1));
+            sleep_ms(rng.random_range(4000..7000)).await;
+        }
+    }
+    log.join(", ")
+}
+
+async fn run_scenario(scenario: Scenario, shards: u32, seed: u64) {
+    println!("scenario {scenario:?} shards {shards} seed {seed} (replay: ASPEN_FAULT_SEED={seed})");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut cluster = Cluster::start(shards).await;
+    let workload = Workload::start(&cluster, 6, rng.random()).await;
+    sleep_ms(1500).await;
+    let what = inject(&mut cluster, scenario, &mut rng).await;
+    println!("faults: {what}");
+    fault::heal(&cluster.endpoints());
+    sleep_ms(2000).await;
+    let acked_during = workload.acked.load(Ordering::Relaxed);
+    let history = workload.finish().await;
+    cluster.heal_and_settle(120).await;
+
+    // Final linearizable reads of every key, recorded in the history: a lost acknowledged write
+    // shows up as a read the history cannot explain.
+    let reader = cluster.client().await;
+    let mut finals = BTreeMap::new();
+    for k in 0..KEYS {
+        let h = history.invoke(1000, Op::Get { key: key(k) });
+        let v = reader.get(key(k)).await.expect("final read after heal").map(|kv| kv.value);
+        h.ok(OpResult::Get(v.clone()));
+        finals.insert(k, v);
+    }
+    reader.close().await;
+    // Every replica holds those values.
+    let router = aspen::sharding::ShardRouter::new(shards);
+    for n in cluster.running() {
+        for (k, v) in &finals {
+            let shard = &n.handle().shards[&router.shard_for_key(&key(*k))];
+            let got = shard.get(&key(*k), ReadConsistency::Stale).await.unwrap().map(|kv| kv.value);
+            assert_eq!(&got, v, "node {} key k{k} (seed {seed})", n.config.node_id);
+        }
+    }
+
+    let report = history.check(&CheckConfig::default()).expect("well-formed history");
+    if !report.is_ok() {
+        let path = std::env::temp_dir().join(format!("aspen-history-{scenario:?}-{shards}-{seed}.json"));
+        let _ = std::fs::write(&path, history.to_json().unwrap_or_default());
+        panic!(
+            "scenario {scenario:?} shards {shards} seed {seed}: {}\nhistory written to {}",
+            report.result,
+            path.display()
+        );
+    }
+    println!("{} ops, {acked_during} acknowledged writes, linearizable ({} states)", history.len(), report.states_explored);
+    assert!(acked_during > 0, "the workload made progress (seed {seed})");
+    cluster.stop_all().await;
+}
+
+macro_rules! scenario_tests {
+    ($($name:ident: $scenario:expr, $shards:expr;)*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn $name() {
+            run_scenario($scenario, $shards, seed_for(stringify!($name))).await;
+        }
+    )*};
+}
+
+scenario_tests! {
+    leader_isolated: Scenario::LeaderIsolated, 1;
+    leader_isolated_sharded: Scenario::LeaderIsolated, 4;
+    minority_majority_split: Scenario::MinorityMajoritySplit, 1;
+    minority_majority_split_sharded: Scenario::MinorityMajoritySplit, 4;
+    random_loss: Scenario::RandomLoss, 1;
+    random_loss_sharded: Scenario::RandomLoss, 4;
+    flapping_partitions: Scenario::FlappingPartitions, 1;
+    flapping_partitions_sharded: Scenario::FlappingPartitions, 4;
+    leader_crash_restart: Scenario::LeaderCrashRestart, 1;
+    leader_crash_restart_sharded: Scenario::LeaderCrashRestart, 4;
+    rolling_restart: Scenario::RollingRestart, 1;
+    rolling_restart_sharded: Scenario::RollingRestart, 4;
+    membership_change: Scenario::MembershipChange, 1;
+    membership_change_sharded: Scenario::MembershipChange, 4;
+    partitioned_leader_of_some_shards: Scenario::LeaderOfSomeShardsPartitioned, 1;
+    partitioned_leader_of_some_shards_sharded: Scenario::LeaderOfSomeShardsPartitioned, 4;
+}
+
+/// The checker's self-test: with the deliberately broken read mode (reads served from local
+/// state, no ReadIndex) on an isolated old leader, readers pinned to it see stale values while
+/// the majority moves on, and the checker must report a violation. A checker that never fails
+/// proves nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn checker_catches_stale_reads_of_the_broken_read_mode() {
+    let seed = seed_for("self_test");
+    println!("scenario broken-reads self-test seed {seed}");
+    let cluster = Cluster::start(1).await;
+    let l = cluster.leader_index(0).expect("leader");
+    for shard in cluster.nodes[l].handle().shards.values() {
+        shard.set_broken_reads(true);
+    }
+    let history = History::new();
+    let k = key(0);
+    // A writer on the majority side, readers that talk only to the old leader.
+    let majority: Vec<_> = (0..3).filter(|i| *i != l).collect();
+    let writer = AspenClient::connect(
+        majority.iter().map(|i| cluster.nodes[*i].ticket()).collect(),
+        Duration::from_secs(8),
+    )
+    .await
+    .unwrap();
+    let h = history.invoke(1, Op::Put { key: k.clone(), value: b"before".to_vec() });
+    writer.put(k.clone(), "before").await.unwrap();
+    h.ok(OpResult::Put);
+    wait_until(30, "old leader applied the first write", || {
+        cluster.nodes[l].handle().shard0.status().last_applied == cluster.nodes[majority[0]].status().last_applied
+    })
+    .await;
+
+    let others: Vec<_> = majority.iter().map(|i| cluster.endpoint(*i)).collect();
+    fault::split(&[cluster.endpoint(l)], &others);
+    // The majority elects a new leader and takes a write the old leader never sees.
+    let h = history.invoke(1, Op::Put { key: k.clone(), value: b"after".to_vec() });
+    writer.put(k.clone(), "after").await.expect("majority accepts writes");
+    h.ok(OpResult::Put);
+    // The old leader, reading without ReadIndex, still answers with the old value.
+    let reader_ep = cluster.nodes[l].handle().shards[&0].clone();
+    let h = history.invoke(2, Op::Get { key: k.clone() });
+    let got = reader_ep.get(&k, ReadConsistency::Linearizable).await.expect("broken read answers locally");
+    h.ok(OpResult::Get(got.map(|kv| kv.value)));
+    let report = history.check(&CheckConfig::default()).unwrap();
+    assert!(report.result.is_violation(), "the checker must flag the stale read: {}", report.result);
+
+    // Without the broken mode the same read is refused instead of answered stale.
+    reader_ep.set_broken_reads(false);
+    let refused = tokio::time::timeout(Duration::from_secs(30), reader_ep.get(&k, ReadConsistency::Linearizable)).await;
+    assert!(!matches!(refused, Ok(Ok(_))), "an isolated old leader must not serve a linearizable read");
+    writer.close().await;
+    cluster.stop_all().await;
+}
+
+/// Many seeds of every scenario for `ASPEN_SOAK_SECS` (default 600) seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "soak: run with --ignored soak"]
+async fn soak() {
+    let secs = std::env::var("ASPEN_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(600);
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut rng = StdRng::seed_from_u64(seed_for("soak"));
+    while Instant::now() < deadline {
+        let scenario = ALL[rng.random_range(0..ALL.len())];
+        let shards = if rng.random_bool(0.5) { 1 } else { 4 };
+        run_scenario(scenario, shards, rng.random()).await;
+    }
+}
