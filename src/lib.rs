@@ -15,8 +15,10 @@
 //!
 //! Layers, top to bottom (a lower one never imports a higher one):
 //! binaries → [`cluster`] → [`protocol`] → [`raft`] / [`client`] → [`api`], [`config`].
+//! [`checker`] (linearizability checking of recorded client histories, for tests) stands apart and imports none.
 
 pub mod api;
+pub mod checker;
 pub mod client;
 pub mod cluster;
 pub mod config;
