@@ -6,7 +6,7 @@ use std::fmt;
 use super::{Op, OpResult, Operation, Outcome};
 
 /// Renders bytes as text: printable ASCII as is, `\` and `"` escaped with a backslash, anything else as
-/// `\xNN`. [`unescape_bytes`] reverses it.
+/// `\xNN`. [`History::from_json`](super::History::from_json) parses it back.
 pub fn escape_bytes(bytes: &[u8]) -> String {
     let mut out = String::with_capacity(bytes.len());
     for &b in bytes {

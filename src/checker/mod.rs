@@ -9,7 +9,11 @@
 //!
 //! Ops whose outcome the client does not know (timeout, crash, ambiguous error) — and ops never completed —
 //! are *unknown*: they may take effect at any point after their invocation, or never, and their results are
-//! unconstrained. The search succeeds once every *known* op is linearized.
+//! unconstrained. They never return, so they stay candidates for ever, and the search succeeds once every
+//! *known* op is linearized (unknown ops left over never took effect). To keep unknown ops from multiplying
+//! the search, it only places an unknown op where it changes the state and right before an op that observes
+//! it (any linearization can be rewritten into that form), tries known ops first, and lets a failed point
+//! rule out the points that differ only by having used up more unknown ops (see `search.rs`).
 //!
 //! It must never talk to a cluster or import any other Aspen layer: it only judges what it is given, and it
 //! must never panic on any input (malformed histories are a [`CheckError`]).

@@ -1,6 +1,13 @@
 //! The Wing–Gong–Lowe linearizability search over one key's register, with Lowe's memoization of
-//! (linearized set, model state) and porcupine's doubly-linked entry list, plus the per-history driver that
+//! (linearized set, model state) and porcupine's doubly-linked entry lists, plus the per-history driver that
 //! validates ops, splits them by key and assembles the [`CheckReport`].
+//!
+//! Unknown ops live in a list of their own (they have no return entry); they are candidates while their
+//! invocation is not after the first pending return. Three reductions keep them cheap, each preserving the
+//! verdict: unknown ops no result can observe are left out up front, an unknown op is only placed where it
+//! changes the state and right before an op that observes it, and a failed point also rules out points with
+//! the same known set and state that used up a superset of its unknown ops. The cross-check against a
+//! brute-force oracle in `tests.rs` guards all three.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -196,33 +203,104 @@ struct KeyOp<'a> {
     step: Step,
 }
 
-const HEAD: usize = 0;
+/// Sentinels of the two entry lists: known ops' calls and returns by time, and unknown ops' calls.
+const MAIN_HEAD: usize = 0;
+const MAIN_TAIL: usize = 1;
+const UNKNOWN_HEAD: usize = 2;
+const UNKNOWN_TAIL: usize = 3;
 const NONE: usize = usize::MAX;
 
-/// One node of the entry list: the call or return of an op. Unknown ops have no return node.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Call,
+    Return,
+    Sentinel,
+}
+
+/// One node of an entry list: the call or return of an op.
 #[derive(Clone, Copy)]
 struct Node {
     prev: usize,
     next: usize,
+    kind: Kind,
     op: usize,
-    is_call: bool,
-    /// For a call, its return node (or `NONE`).
+    time: u64,
+    /// For a known op's call, its return node; otherwise `NONE`.
     ret: usize,
 }
 
-/// The memo key: which ops are linearized and the register state after them.
-#[derive(PartialEq, Eq)]
-struct Memo {
-    bits: Vec<u64>,
+/// A point of the search: the ops linearized, the register state after them and, when the last op linearized
+/// is unknown, that op and the state before it (which restricts the next op, see [`KeyCheck::useless_after`]).
+#[derive(PartialEq, Eq, Hash)]
+struct Point {
+    known: Vec<u64>,
+    unknown: Vec<u64>,
     state: State,
+    after: Option<(usize, State)>,
 }
 
-impl Hash for Memo {
-    fn hash<H: Hasher>(&self, h: &mut H) {
-        h.write_u32(self.state);
-        for w in &self.bits {
+/// A point all of whose continuations failed.
+struct Failed {
+    known: Vec<u64>,
+    state: State,
+    unknown: Vec<u64>,
+    after: Option<(usize, State)>,
+}
+
+/// Lowe's memo of points already visited (each one failed, or is on the search path, where the sets strictly
+/// grow, so meeting it again is never useful), plus the failed points by (known set, state): one that has
+/// linearized a subset of the unknown ops, with no restriction or the same one, had at least as many choices,
+/// so it rules out the point too.
+struct Memo {
+    seen: HashSet<Point, FxBuild>,
+    /// By hash of (known set, state); `None` when the key has no unknown ops.
+    failed: Option<HashMap<u64, Vec<Failed>, FxBuild>>,
+}
+
+type FxBuild = BuildHasherDefault<FxHasher>;
+
+impl Memo {
+    fn new(with_unknown: bool) -> Self {
+        Memo { seen: HashSet::default(), failed: with_unknown.then(HashMap::default) }
+    }
+
+    fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    fn base_hash(known: &[u64], state: State) -> u64 {
+        let mut h = FxHasher::default();
+        h.write_u32(state);
+        for w in known {
             h.write_u64(*w);
         }
+        h.finish()
+    }
+
+    fn covers(&self, p: &Point) -> bool {
+        if self.seen.contains(p) {
+            return true;
+        }
+        let Some(failed) = &self.failed else { return false };
+        failed.get(&Self::base_hash(&p.known, p.state)).is_some_and(|list| {
+            list.iter().any(|f| f.known == p.known && f.state == p.state && Self::dominates(f, &p.unknown, p.after))
+        })
+    }
+
+    fn dominates(f: &Failed, unknown: &[u64], after: Option<(usize, State)>) -> bool {
+        (f.after.is_none() || f.after == after) && is_subset(&f.unknown, unknown)
+    }
+
+    fn mark_failed(&mut self, p: &Point) {
+        let Some(failed) = &mut self.failed else { return };
+        let list = failed.entry(Self::base_hash(&p.known, p.state)).or_default();
+        let same_base = |f: &Failed| f.known == p.known && f.state == p.state;
+        if list.iter().any(|f| same_base(f) && Self::dominates(f, &p.unknown, p.after)) {
+            return;
+        }
+        let new = Failed { known: p.known.clone(), state: p.state, unknown: p.unknown.clone(), after: p.after };
+        list.retain(|f| !(same_base(f) && Self::dominates(&new, &f.unknown, f.after)));
+        list.push(new);
     }
 }
 
@@ -238,9 +316,18 @@ impl FxHasher {
 
 impl Hasher for FxHasher {
     fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            self.add(u64::from_le_bytes(word));
+        }
+        for &b in chunks.remainder() {
             self.add(u64::from(b));
         }
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.add(n as u64);
     }
     fn write_u32(&mut self, n: u32) {
         self.add(u64::from(n));
@@ -253,21 +340,61 @@ impl Hasher for FxHasher {
     }
 }
 
+fn bit(bits: &[u64], i: usize) -> bool {
+    bits.get(i / 64).is_some_and(|w| w & (1u64 << (i % 64)) != 0)
+}
+
+fn set_bit(bits: &mut [u64], i: usize, on: bool) {
+    if let Some(w) = bits.get_mut(i / 64) {
+        if on {
+            *w |= 1u64 << (i % 64);
+        } else {
+            *w &= !(1u64 << (i % 64));
+        }
+    }
+}
+
+fn is_subset(small: &[u64], big: &[u64]) -> bool {
+    small.iter().zip(big).all(|(s, b)| s & !b == 0)
+}
+
 /// The check of one key's sub-history.
 struct KeyCheck<'a> {
     key: &'a [u8],
+    /// Known ops first (`0..known`), then unknown ones.
     ops: Vec<KeyOp<'a>>,
+    known: usize,
     /// Value of each state (index = state); index 0 (absent) is unused.
     values: Vec<Option<&'a [u8]>>,
-    /// Unknown ops left out because no result can observe them (see [`KeyCheck::new`]).
+    /// Unknown ops left out because no result can observe them (see [`KeyCheck::drop_unobservable`]).
     dropped: usize,
 }
 
 /// The deepest point the search reached: the longest linearizable prefix it found.
 struct Deepest {
     path: Vec<usize>,
-    bits: Vec<u64>,
+    known: Vec<u64>,
+    unknown: Vec<u64>,
     state: State,
+}
+
+/// Where the search looks for the next op to linearize. Known ops are tried before unknown ones: a valid
+/// history rarely needs an unknown op, and exploring without them first lets a failed visit rule out the
+/// visits that differ only by having used up more unknown ops.
+#[derive(Clone, Copy)]
+enum Cursor {
+    /// Walking the main list: calls before its first return node are candidates.
+    Known(usize),
+    /// Walking the unknown list: calls invoked by `deadline` (the first pending return) are candidates.
+    Unknown { node: usize, deadline: u64 },
+}
+
+struct Frame {
+    /// The call node linearized.
+    node: usize,
+    prev_state: State,
+    /// The unknown phase's deadline when `node` is an unknown op's call.
+    deadline: Option<u64>,
 }
 
 impl<'a> KeyCheck<'a> {
@@ -311,7 +438,9 @@ impl<'a> KeyCheck<'a> {
             ops = Self::drop_unobservable(ops);
         }
         let dropped = before - ops.len();
-        KeyCheck { key, ops, values, dropped }
+        ops.sort_by_key(|o| o.ret.is_none());
+        let known = ops.iter().filter(|o| o.ret.is_some()).count();
+        KeyCheck { key, ops, known, values, dropped }
     }
 
     /// Leaves out unknown ops that no linearization needs, which keeps the search from trying them at every
@@ -364,24 +493,31 @@ impl<'a> KeyCheck<'a> {
             .collect()
     }
 
-    /// Builds the entry list: calls and returns by time, a call before a return at the same time (such ops
-    /// count as concurrent, the lenient reading).
-    fn entry_list(&self) -> Vec<Node> {
-        let mut events: Vec<(u64, bool, usize)> = Vec::with_capacity(self.ops.len() * 2);
+    /// Builds the two entry lists. The main one holds known ops' calls and returns by time, a call before a
+    /// return at the same time (such ops count as concurrent, the lenient reading); the unknown one holds
+    /// unknown ops' calls by time (they never return).
+    fn entry_lists(&self) -> Vec<Node> {
+        let sentinel = Node { prev: NONE, next: NONE, kind: Kind::Sentinel, op: NONE, time: u64::MAX, ret: NONE };
+        let mut nodes = vec![sentinel; 4];
+        let mut main: Vec<(u64, bool, usize)> = Vec::with_capacity(self.known * 2);
+        let mut unknown: Vec<(u64, usize)> = Vec::with_capacity(self.ops.len() - self.known);
         for (i, o) in self.ops.iter().enumerate() {
-            events.push((o.src.invoke, false, i));
-            if let Some(ret) = o.ret {
-                events.push((ret, true, i));
+            match o.ret {
+                Some(ret) => {
+                    main.push((o.src.invoke, false, i));
+                    main.push((ret, true, i));
+                }
+                None => unknown.push((o.src.invoke, i)),
             }
         }
-        events.sort_unstable();
-        let tail = events.len() + 1;
-        let mut nodes = Vec::with_capacity(events.len() + 2);
-        nodes.push(Node { prev: NONE, next: 1, op: NONE, is_call: false, ret: NONE });
+        main.sort_unstable();
+        unknown.sort_unstable();
         let mut call_node = vec![NONE; self.ops.len()];
-        for (pos, &(_, is_return, op)) in events.iter().enumerate() {
-            let index = pos + 1;
-            nodes.push(Node { prev: index - 1, next: index + 1, op, is_call: !is_return, ret: NONE });
+        let mut chain = vec![MAIN_HEAD];
+        for (time, is_return, op) in main {
+            let index = nodes.len();
+            let kind = if is_return { Kind::Return } else { Kind::Call };
+            nodes.push(Node { prev: NONE, next: NONE, kind, op, time, ret: NONE });
             if is_return {
                 if let Some(call) = call_node.get(op).copied().and_then(|c| nodes.get_mut(c)) {
                     call.ret = index;
@@ -389,27 +525,55 @@ impl<'a> KeyCheck<'a> {
             } else if let Some(slot) = call_node.get_mut(op) {
                 *slot = index;
             }
+            chain.push(index);
         }
-        nodes.push(Node { prev: tail - 1, next: NONE, op: NONE, is_call: false, ret: NONE });
+        chain.push(MAIN_TAIL);
+        link(&mut nodes, &chain);
+        let mut chain = vec![UNKNOWN_HEAD];
+        for (time, op) in unknown {
+            chain.push(nodes.len());
+            nodes.push(Node { prev: NONE, next: NONE, kind: Kind::Call, op, time, ret: NONE });
+        }
+        chain.push(UNKNOWN_TAIL);
+        link(&mut nodes, &chain);
         nodes
     }
 
+    /// Whether linearizing `next` (result `next_state`) right after the unknown op `unknown`, which moved the
+    /// register from `before` to `state`, is pointless because a linearization without that adjacency exists.
+    ///
+    /// If `next` also fits `before` and ends in the same state either way, `unknown` can be dropped. If `next`
+    /// fits `before` and `unknown` applied after it ends where the pair did, the two can be swapped: `unknown`
+    /// never has to take effect by any time and nothing must follow it, so moving it later keeps real-time
+    /// order. Repeating both moves turns any linearization into one where each unknown op is followed by an
+    /// op that observes it, so the search only tries those (exchange of two unknown ops always leaves the
+    /// first a no-op, which is dropped, so the rewriting ends).
+    fn useless_after(&self, unknown: usize, before: State, next: usize, next_state: State) -> bool {
+        match self.ops[next].step.apply(before) {
+            Some(alone) => alone == next_state || self.ops[unknown].step.apply(alone) == Some(next_state),
+            None => false,
+        }
+    }
+
     fn run(&self, config: &CheckConfig, deadline: Option<Instant>) -> (CheckResult, u64) {
-        let known = self.ops.iter().filter(|o| o.ret.is_some()).count();
-        if known == 0 {
+        if self.known == 0 {
             return (CheckResult::Ok, 0);
         }
-        let mut nodes = self.entry_list();
-        let tail = nodes.len() - 1;
-        let words = self.ops.len().div_ceil(64);
-        let mut bits = vec![0u64; words];
-        let mut memo: HashSet<Memo, BuildHasherDefault<FxHasher>> = HashSet::default();
-        let mut stack: Vec<(usize, State)> = Vec::new();
-        let mut deepest = Deepest { path: vec![], bits: bits.clone(), state: ABSENT };
+        let mut nodes = self.entry_lists();
+        let mut known_bits = vec![0u64; self.known.div_ceil(64)];
+        let mut unknown_bits = vec![0u64; (self.ops.len() - self.known).div_ceil(64)];
+        let mut memo = Memo::new(self.known < self.ops.len());
+        let mut stack: Vec<Frame> = Vec::new();
+        let mut deepest =
+            Deepest { path: vec![], known: known_bits.clone(), unknown: unknown_bits.clone(), state: ABSENT };
         let mut state = ABSENT;
         let mut linearized_known = 0;
-        let mut entry = nodes[HEAD].next;
+        let mut cursor = Cursor::Known(nodes[MAIN_HEAD].next);
         let mut iterations: u64 = 0;
+        // The restriction of the current point: the last op linearized when unknown, and the state before it.
+        let restriction = |stack: &[Frame], nodes: &[Node]| {
+            stack.last().map(|f| (nodes[f.node].op, f.prev_state)).filter(|&(op, _)| op >= self.known)
+        };
 
         loop {
             iterations += 1;
@@ -417,61 +581,115 @@ impl<'a> KeyCheck<'a> {
                 let reason = format!("time limit reached after {} states", memo.len());
                 return (CheckResult::Incomplete { key: self.key.to_vec(), reason }, memo.len() as u64);
             }
-            let node = nodes[entry];
-            if node.is_call {
-                let op = &self.ops[node.op];
-                if let Some(next_state) = op.step.apply(state) {
-                    let (word, mask) = (node.op / 64, 1u64 << (node.op % 64));
-                    bits[word] |= mask;
-                    let probe = Memo { bits: std::mem::take(&mut bits), state: next_state };
-                    let fresh = !memo.contains(&probe);
-                    bits = probe.bits;
-                    if fresh {
-                        if memo.len() >= config.max_states_per_key {
-                            let reason =
-                                format!("explored {} states (limit {})", memo.len(), config.max_states_per_key);
-                            return (CheckResult::Incomplete { key: self.key.to_vec(), reason }, memo.len() as u64);
-                        }
-                        memo.insert(Memo { bits: bits.clone(), state: next_state });
-                        stack.push((entry, state));
-                        state = next_state;
-                        lift(&mut nodes, entry);
-                        if op.ret.is_some() {
-                            linearized_known += 1;
-                            if linearized_known == known {
-                                return (CheckResult::Ok, memo.len() as u64);
-                            }
-                        }
-                        if stack.len() > deepest.path.len() {
-                            deepest.path = stack.iter().map(|&(e, _)| nodes[e].op).collect();
-                            deepest.bits.clone_from(&bits);
-                            deepest.state = state;
-                        }
-                        entry = nodes[HEAD].next;
-                        continue;
-                    }
-                    bits[word] &= !mask;
+            let candidate = match cursor {
+                Cursor::Known(n) if nodes[n].kind == Kind::Call => Some((n, None)),
+                Cursor::Known(n) => {
+                    // The first pending return: unknown ops invoked by then are the other candidates.
+                    cursor = Cursor::Unknown { node: nodes[UNKNOWN_HEAD].next, deadline: nodes[n].time };
+                    continue;
                 }
-                entry = node.next;
-            } else {
-                // A return (or the end of the list) while known ops remain: the op it closes had to be
-                // linearized before here, so undo the latest choice and try the next candidate instead.
-                let Some((call, prev_state)) = stack.pop() else {
+                Cursor::Unknown { node, deadline } => {
+                    (nodes[node].kind == Kind::Call && nodes[node].time <= deadline).then_some((node, Some(deadline)))
+                }
+            };
+            let Some((node, phase_deadline)) = candidate else {
+                // No candidate left: the op whose return was reached cannot be linearized after this prefix,
+                // so undo the latest choice and try the next candidate instead.
+                let after = restriction(&stack, &nodes);
+                let Some(frame) = stack.pop() else {
                     let explanation = self.explain(&deepest, config);
                     return (CheckResult::Violation { key: self.key.to_vec(), explanation }, memo.len() as u64);
                 };
-                let op = nodes[call].op;
-                bits[op / 64] &= !(1u64 << (op % 64));
-                unlift(&mut nodes, call);
-                state = prev_state;
-                if self.ops[op].ret.is_some() {
+                let point = Point {
+                    known: std::mem::take(&mut known_bits),
+                    unknown: std::mem::take(&mut unknown_bits),
+                    state,
+                    after,
+                };
+                memo.mark_failed(&point);
+                (known_bits, unknown_bits) = (point.known, point.unknown);
+                let op = nodes[frame.node].op;
+                if op < self.known {
+                    set_bit(&mut known_bits, op, false);
                     linearized_known -= 1;
+                } else {
+                    set_bit(&mut unknown_bits, op - self.known, false);
                 }
-                entry = nodes[call].next;
+                unlift(&mut nodes, frame.node);
+                state = frame.prev_state;
+                cursor = advance(&nodes, frame.node, frame.deadline);
+                continue;
+            };
+            let op = nodes[node].op;
+            let is_unknown = op >= self.known;
+            let pointless = match self.ops[op].step.apply(state) {
+                None => None,
+                // An unknown op that changes nothing can as well not happen.
+                Some(next_state) if is_unknown && next_state == state => None,
+                Some(next_state) => match restriction(&stack, &nodes) {
+                    Some((unknown, before)) if self.useless_after(unknown, before, op, next_state) => None,
+                    _ => Some(next_state),
+                },
+            };
+            let Some(next_state) = pointless else {
+                cursor = advance(&nodes, node, phase_deadline);
+                continue;
+            };
+            let (bits, bit_index) =
+                if is_unknown { (&mut unknown_bits, op - self.known) } else { (&mut known_bits, op) };
+            set_bit(bits, bit_index, true);
+            let after = is_unknown.then_some((op, state));
+            let point = Point {
+                known: std::mem::take(&mut known_bits),
+                unknown: std::mem::take(&mut unknown_bits),
+                state: next_state,
+                after,
+            };
+            let seen = memo.covers(&point);
+            if !seen {
+                if memo.len() >= config.max_states_per_key {
+                    let reason = format!("explored {} states (limit {})", memo.len(), config.max_states_per_key);
+                    return (CheckResult::Incomplete { key: self.key.to_vec(), reason }, memo.len() as u64);
+                }
+                memo.seen.insert(Point {
+                    known: point.known.clone(),
+                    unknown: point.unknown.clone(),
+                    state: next_state,
+                    after,
+                });
             }
-            if entry == NONE {
-                entry = tail;
+            (known_bits, unknown_bits) = (point.known, point.unknown);
+            if seen {
+                let (bits, bit_index) =
+                    if is_unknown { (&mut unknown_bits, op - self.known) } else { (&mut known_bits, op) };
+                set_bit(bits, bit_index, false);
+                cursor = advance(&nodes, node, phase_deadline);
+                continue;
             }
+            stack.push(Frame { node, prev_state: state, deadline: phase_deadline });
+            state = next_state;
+            lift(&mut nodes, node);
+            if !is_unknown {
+                linearized_known += 1;
+                if linearized_known == self.known {
+                    return (CheckResult::Ok, memo.len() as u64);
+                }
+            }
+            if stack.len() > deepest.path.len() {
+                deepest.path = stack.iter().map(|f| nodes[f.node].op).collect();
+                deepest.known.clone_from(&known_bits);
+                deepest.unknown.clone_from(&unknown_bits);
+                deepest.state = state;
+            }
+            cursor = Cursor::Known(nodes[MAIN_HEAD].next);
+        }
+    }
+
+    fn is_linearized(&self, deepest: &Deepest, op: usize) -> bool {
+        if op < self.known {
+            bit(&deepest.known, op)
+        } else {
+            bit(&deepest.unknown, op - self.known)
         }
     }
 
@@ -498,7 +716,7 @@ impl<'a> KeyCheck<'a> {
 
     fn explain(&self, deepest: &Deepest, config: &CheckConfig) -> String {
         use std::fmt::Write;
-        let known = self.ops.iter().filter(|o| o.ret.is_some()).count();
+        let known = self.known;
         let mut out = String::new();
         let _ = writeln!(
             out,
@@ -521,7 +739,7 @@ impl<'a> KeyCheck<'a> {
         for (n, &op) in deepest.path.iter().enumerate().skip(skip) {
             let _ = writeln!(out, "  {:>5}. {}", n + 1, self.ops[op].src);
         }
-        let is_linearized = |i: usize| deepest.bits.get(i / 64).is_some_and(|w| w & (1u64 << (i % 64)) != 0);
+        let is_linearized = |i: usize| self.is_linearized(deepest, i);
         // The earliest-returning op left out: it must take effect before its return, so one of the ops invoked
         // by then must come next; none of them leads to a full linearization.
         let blocker =
@@ -550,6 +768,22 @@ impl<'a> KeyCheck<'a> {
     }
 }
 
+/// The candidate after `node` in the same phase.
+fn advance(nodes: &[Node], node: usize, deadline: Option<u64>) -> Cursor {
+    match deadline {
+        None => Cursor::Known(nodes[node].next),
+        Some(deadline) => Cursor::Unknown { node: nodes[node].next, deadline },
+    }
+}
+
+/// Chains `order` into a doubly-linked list (its first and last entries are the sentinels).
+fn link(nodes: &mut [Node], order: &[usize]) {
+    for pair in order.windows(2) {
+        nodes[pair[0]].next = pair[1];
+        nodes[pair[1]].prev = pair[0];
+    }
+}
+
 /// Unlinks a call node and its return node (dancing links: [`unlift`] restores them in LIFO order).
 fn lift(nodes: &mut [Node], call: usize) {
     unlink(nodes, call);
@@ -570,15 +804,11 @@ fn unlift(nodes: &mut [Node], call: usize) {
 fn unlink(nodes: &mut [Node], x: usize) {
     let Node { prev, next, .. } = nodes[x];
     nodes[prev].next = next;
-    if next != NONE {
-        nodes[next].prev = prev;
-    }
+    nodes[next].prev = prev;
 }
 
 fn relink(nodes: &mut [Node], x: usize) {
     let Node { prev, next, .. } = nodes[x];
     nodes[prev].next = x;
-    if next != NONE {
-        nodes[next].prev = x;
-    }
+    nodes[next].prev = x;
 }
