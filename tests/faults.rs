@@ -27,7 +27,7 @@ use aspen::{
     checker::{CheckConfig, History, Op, OpResult},
     client::CasOutcome,
     fault::{self, Rule},
-    AspenClient, ApiError, ClientError,
+    ApiError, AspenClient, ClientError,
 };
 use iroh::EndpointId;
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -130,7 +130,7 @@ impl Cluster {
                 st[0].leader.is_some()
                     && st.iter().all(|s| s.leader == st[0].leader && s.last_applied == st[0].last_applied)
                     && st.iter().any(|s| s.role == "Leader" && s.last_log_index == s.last_applied)
-                    //DIGEST && st.iter().all(|s| s.digest == st[0].digest)
+                //DIGEST && st.iter().all(|s| s.digest == st[0].digest)
             })
         })
         .await;
@@ -140,6 +140,16 @@ impl Cluster {
         fault::heal(&self.endpoints());
         for n in &mut self.nodes {
             n.stop().await;
+        }
+    }
+}
+
+/// No shard's Raft core on `nodes` has died (a panic inside openraft shows up here).
+fn assert_cores_running(nodes: &[&InProcNode], what: &str) {
+    for n in nodes {
+        for (shard, node) in &n.handle().shards {
+            let state = node.raft().metrics().borrow().running_state.clone();
+            assert!(state.is_ok(), "{what}: node {} shard {shard} Raft core stopped: {state:?}", n.config.node_id);
         }
     }
 }
@@ -300,7 +310,12 @@ async fn inject(cluster: &mut Cluster, scenario: Scenario, rng: &mut StdRng) -> 
             for a in &eps {
                 for b in &eps {
                     if a != b {
-                        fault::set(*a, *b, None, Rule { drop: loss, delay: Duration::from_millis(rng.random_range(0..20)) });
+                        fault::set(
+                            *a,
+                            *b,
+                            None,
+                            Rule { drop: loss, delay: Duration::from_millis(rng.random_range(0..20)) },
+                        );
                     }
                 }
             }
@@ -364,6 +379,7 @@ async fn inject(cluster: &mut Cluster, scenario: Scenario, rng: &mut StdRng) -> 
             log.push(format!("removed voter {old}"));
             admin.close().await;
             cluster.nodes.push(n4);
+            assert_cores_running(&cluster.running(), "after the membership change");
             sleep_ms(rng.random_range(1000..3000)).await;
             let idx = (old - 1) as usize;
             cluster.nodes[idx].stop().await;
@@ -401,6 +417,7 @@ async fn run_scenario(scenario: Scenario, shards: u32, seed: u64) {
     let acked_during = workload.acked.load(Ordering::Relaxed);
     let history = workload.finish().await;
     cluster.heal_and_settle(120).await;
+    assert_cores_running(&cluster.running(), &format!("seed {seed}"));
 
     // Final linearizable reads of every key, recorded in the history: a lost acknowledged write
     // shows up as a read the history cannot explain.
@@ -433,7 +450,11 @@ async fn run_scenario(scenario: Scenario, shards: u32, seed: u64) {
             path.display()
         );
     }
-    println!("{} ops, {acked_during} acknowledged writes, linearizable ({} states)", history.len(), report.states_explored);
+    println!(
+        "{} ops, {acked_during} acknowledged writes, linearizable ({} states)",
+        history.len(),
+        report.states_explored
+    );
     assert!(acked_during > 0, "the workload made progress (seed {seed})");
     cluster.stop_all().await;
 }
@@ -483,12 +504,10 @@ async fn checker_catches_stale_reads_of_the_broken_read_mode() {
     let k = key(0);
     // A writer on the majority side, readers that talk only to the old leader.
     let majority: Vec<_> = (0..3).filter(|i| *i != l).collect();
-    let writer = AspenClient::connect(
-        majority.iter().map(|i| cluster.nodes[*i].ticket()).collect(),
-        Duration::from_secs(8),
-    )
-    .await
-    .unwrap();
+    let writer =
+        AspenClient::connect(majority.iter().map(|i| cluster.nodes[*i].ticket()).collect(), Duration::from_secs(8))
+            .await
+            .unwrap();
     let h = history.invoke(1, Op::Put { key: k.clone(), value: b"before".to_vec() });
     writer.put(k.clone(), "before").await.unwrap();
     h.ok(OpResult::Put);

@@ -341,3 +341,47 @@ async fn node_restarted_on_a_new_port_is_found_again_by_gossip() {
         n.stop().await;
     }
 }
+
+/// Removing a node that leads shards: it hands each shard it leads to another voter first and
+/// the new leader removes it (openraft 0.9 trips a leadership check when a leader removes
+/// itself). Found by the fault scenario `membership_change_sharded`. No Raft core panics, the
+/// cluster keeps serving every shard, and the removed node is gone from every membership.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn removing_a_node_that_leads_shards_hands_them_over_first() {
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = start_three(root.path(), None).await;
+    wait_shards_converged(&[&nodes[0], &nodes[1], &nodes[2]], 60).await;
+    // Node 1 initialized the cluster, so it leads every shard.
+    for shard in 0..4 {
+        assert_eq!(leader_of(&nodes[0], shard), Some(1), "shard {shard}");
+    }
+    let client = support::client_of(&[&nodes[1], &nodes[2]]).await;
+    client.remove(1).await.expect("remove the leader of every shard");
+    for n in &nodes {
+        for (shard, node) in &n.handle().shards {
+            let metrics = node.raft().metrics().borrow().clone();
+            assert!(
+                metrics.running_state.is_ok(),
+                "node {} shard {shard}: {:?}",
+                n.config.node_id,
+                metrics.running_state
+            );
+        }
+    }
+    wait_until(60, "node 1 left every shard", || {
+        nodes[1..].iter().all(|n| {
+            n.handle().shards.values().all(|s| {
+                let st = s.status();
+                st.voters == vec![2, 3] && !st.learners.contains(&1) && st.leader.is_some_and(|l| l != 1)
+            })
+        })
+    })
+    .await;
+    for shard in 0..4 {
+        client.put(key_in_shard(shard, "after-removal"), "ok").await.unwrap();
+    }
+    client.close().await;
+    for n in &mut nodes {
+        n.stop().await;
+    }
+}
