@@ -15,8 +15,10 @@
 //!
 //! Layers, top to bottom (a lower one never imports a higher one):
 //! binaries → [`cluster`] → [`protocol`] → [`raft`] / [`client`] → [`api`], [`config`].
+//! [`bench`] (the load generator behind `aspen-cli bench`) sits beside the binaries, on [`client`].
 
 pub mod api;
+pub mod bench;
 pub mod client;
 pub mod cluster;
 pub mod config;
