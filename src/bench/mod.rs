@@ -35,8 +35,8 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::{
-    api::{NodeTicket, ReadConsistency},
-    client::AspenClient,
+    api::{ApiError, BatchOp, NodeTicket, ReadConsistency},
+    client::{AspenClient, ClientError},
 };
 
 /// The error of one request, as a backend reports it (only its message is kept).
@@ -51,6 +51,16 @@ pub trait BenchClient: Send + Sync + 'static {
     /// Reads `key` with the given consistency (`Stale`: the store's serializable / local read).
     /// Returns whether the key exists.
     fn get(&self, key: Vec<u8>, consistency: ReadConsistency) -> impl Future<Output = Result<bool, OpError>> + Send;
+    /// Writes several keys; used only by the prefill, so it need not be atomic. The default
+    /// puts them one after another; a store with batches or transactions should use them.
+    fn put_many(&self, kvs: Vec<(Vec<u8>, Vec<u8>)>) -> impl Future<Output = Result<(), OpError>> + Send {
+        async move {
+            for (key, value) in kvs {
+                self.put(key, value).await?;
+            }
+            Ok(())
+        }
+    }
     /// Closes the connection at the end of a run.
     fn close(self) -> impl Future<Output = ()> + Send;
 }
@@ -105,6 +115,22 @@ impl BenchClient for AspenClient {
 
     async fn get(&self, key: Vec<u8>, consistency: ReadConsistency) -> Result<bool, OpError> {
         Ok(self.get_with(key, consistency).await?.is_some())
+    }
+
+    /// One atomic batch; key by key if the cluster refuses it (with sharding, a batch must stay
+    /// within one shard).
+    async fn put_many(&self, kvs: Vec<(Vec<u8>, Vec<u8>)>) -> Result<(), OpError> {
+        let ops = kvs.iter().map(|(key, value)| BatchOp::Put { key: key.clone(), value: value.clone() }).collect();
+        match self.batch(ops).await {
+            Ok(_) => Ok(()),
+            Err(ClientError::Api(ApiError::InvalidRequest(_))) => {
+                for (key, value) in kvs {
+                    AspenClient::put(self, key, value).await?;
+                }
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     async fn close(self) {
@@ -536,8 +562,13 @@ async fn drive<C: BenchClient>(
     Ok((prefilled, measured))
 }
 
-/// Writes every key of the key space once, with `prefill_concurrency` puts in flight spread over
-/// the clients. Stops at the first error.
+/// Keys per prefill write (fewer for large values).
+const PREFILL_CHUNK_KEYS: u64 = 100;
+/// Value bytes per prefill write.
+const PREFILL_CHUNK_BYTES: u64 = 256 * 1024;
+
+/// Writes every key of the key space once, in chunks ([`BenchClient::put_many`]), with
+/// `prefill_concurrency` chunks in flight spread over the clients. Stops at the first error.
 async fn prefill<C: BenchClient>(
     config: &Arc<BenchConfig>,
     clients: &[Arc<C>],
@@ -579,14 +610,18 @@ async fn prefill<C: BenchClient>(
             let (next, counters, failed, first_error, value, config) =
                 (next.clone(), counters.clone(), failed.clone(), first_error.clone(), value.clone(), config.clone());
             tokio::spawn(async move {
+                let chunk = (PREFILL_CHUNK_BYTES / (config.value_size as u64 + 16)).clamp(1, PREFILL_CHUNK_KEYS);
                 while !failed.load(Ordering::Relaxed) {
-                    let n = next.fetch_add(1, Ordering::Relaxed);
-                    if n >= total {
+                    let first = next.fetch_add(chunk, Ordering::Relaxed);
+                    if first >= total {
                         break;
                     }
-                    match client.put(config.key(n), value.to_vec()).await {
+                    let keys = first..(first + chunk).min(total);
+                    let len = keys.end - keys.start;
+                    let kvs = keys.map(|n| (config.key(n), value.to_vec())).collect();
+                    match client.put_many(kvs).await {
                         Ok(()) => {
-                            counters.ops.fetch_add(1, Ordering::Relaxed);
+                            counters.ops.fetch_add(len, Ordering::Relaxed);
                         }
                         Err(e) => {
                             counters.errors.fetch_add(1, Ordering::Relaxed);
