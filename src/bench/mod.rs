@@ -460,11 +460,10 @@ pub async fn run<B: BenchBackend>(
     config.validate()?;
     let config = Arc::new(config.clone());
     let mut clients = Vec::with_capacity(config.clients);
-    for index in 0..config.clients {
-        let client = backend.connect(index).await.map_err(|e| BenchError::Connect { index, message: e.to_string() })?;
-        clients.push(Arc::new(client));
-    }
-    let result = drive(&config, &clients, progress).await;
+    let result = match connect_all(backend, config.clients, &mut clients).await {
+        Ok(()) => drive(&config, &clients, progress).await,
+        Err(e) => Err(e),
+    };
     for client in clients {
         if let Some(client) = Arc::into_inner(client) {
             client.close().await;
@@ -472,6 +471,16 @@ pub async fn run<B: BenchBackend>(
     }
     let (prefilled, stats) = result?;
     Ok(report(backend.name(), &config, prefilled, stats))
+}
+
+/// Opens `n` clients into `out`; stops at the first that fails (those opened stay in `out`, to
+/// be closed by the caller).
+async fn connect_all<B: BenchBackend>(backend: &B, n: usize, out: &mut Vec<Arc<B::Client>>) -> Result<(), BenchError> {
+    for index in 0..n {
+        let client = backend.connect(index).await.map_err(|e| BenchError::Connect { index, message: e.to_string() })?;
+        out.push(Arc::new(client));
+    }
+    Ok(())
 }
 
 /// Counters the progress ticker reads.
