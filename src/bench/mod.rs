@@ -525,6 +525,9 @@ async fn drive<C: BenchClient>(
                 } else {
                     (Phase::Measure, &shared.measured, shared.measure_from)
                 };
+                if now.duration_since(since) < Duration::from_millis(100) {
+                    continue; // the phase just began: nothing to say yet
+                }
                 let ops = counters.ops.load(Ordering::Relaxed);
                 let base = if phase == last.2 { last.1 } else { 0 };
                 let base_time = if phase == last.2 { last.0 } else { since };
