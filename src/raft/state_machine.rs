@@ -401,8 +401,9 @@ impl RedbStateMachine {
 
 #[cfg(test)]
 impl RedbStateMachine {
-    /// Everything the state machine holds (including the session expiry index), canonically
-    /// encoded: two replicas in the same state have equal fingerprints.
+    /// Everything the state machine holds (including the session expiry index and the state
+    /// digest), canonically encoded: two replicas in the same state have equal fingerprints.
+    /// Fails if the incrementally kept digest differs from a recount of the items.
     pub(crate) fn fingerprint(&self) -> Result<Vec<u8>, StorageError> {
         let txn = self.db.begin_read()?;
         let (last_applied, membership, data) = read_snapshot_payload(&txn)?;
@@ -410,7 +411,14 @@ impl RedbStateMachine {
         for item in txn.open_table(SESSION_AGE)?.iter()? {
             ages.push(item?.0.value());
         }
-        Ok(postcard::to_stdvec(&(last_applied, membership, data, ages))?)
+        let meta = txn.open_table(META)?;
+        let kept = read_sum(&meta)?.ok_or_else(|| StorageError::Corrupt("state digest sum missing".into()))?;
+        let digest = final_digest(&meta, &kept)?;
+        let recount = final_digest(&meta, &sum_of_tables(&txn.open_table(KV)?, &txn.open_table(SESSIONS)?)?)?;
+        if digest != recount {
+            return Err(StorageError::Corrupt(format!("state digest {digest} differs from a recount {recount}")));
+        }
+        Ok(postcard::to_stdvec(&(last_applied, membership, data, ages, digest.digest))?)
     }
 
     /// Removes the stored digest sum, as in a database written before digests existed.
