@@ -365,6 +365,10 @@ fn shard_json(s: &ShardStatus) -> serde_json::Value {
         "last_applied": s.last_applied,
         "last_log_index": s.last_log_index,
         "role": s.role,
+        // The replica's state digest and the applied index it describes (equal on replicas
+        // that applied the same index).
+        "digest": s.digest.map(|d| d.hex()),
+        "digest_index": s.digest.map(|d| d.applied_index),
         "health": {
             "healthy": s.health.healthy,
             "leader_known": s.health.leader_known,
@@ -501,8 +505,8 @@ async fn run(client: &AspenClient, cli: &Cli) -> Result<ExitCode, ClientError> {
                     status.cluster_name, status.cluster_id, status.node_id
                 );
                 println!(
-                    "{:>5}  {:>5}  {:>6}  {:>5}  {:<9}  {:<16}  {:<16}  {:>12}  health",
-                    "node", "shard", "leader", "term", "role", "voters", "learners", "last_applied"
+                    "{:>5}  {:>5}  {:>6}  {:>5}  {:<9}  {:<16}  {:<16}  {:>12}  {:<24}  health",
+                    "node", "shard", "leader", "term", "role", "voters", "learners", "last_applied", "digest"
                 );
                 for n in &status.nodes {
                     let Some(ns) = &n.status else {
@@ -513,7 +517,7 @@ async fn run(client: &AspenClient, cli: &Cli) -> Result<ExitCode, ClientError> {
                         let leader = s.leader.map(|l| l.to_string()).unwrap_or_else(|| "-".into());
                         let ids = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
                         println!(
-                            "{:>5}  {:>5}  {:>6}  {:>5}  {:<9}  {:<16}  {:<16}  {:>12}  {}",
+                            "{:>5}  {:>5}  {:>6}  {:>5}  {:<9}  {:<16}  {:<16}  {:>12}  {:<24}  {}",
                             n.node_id,
                             s.shard,
                             leader,
@@ -522,6 +526,9 @@ async fn run(client: &AspenClient, cli: &Cli) -> Result<ExitCode, ClientError> {
                             ids(&s.voters),
                             ids(&s.learners),
                             s.last_applied,
+                            s.digest
+                                .map(|d| format!("{}@{}", &d.hex()[..12], d.applied_index))
+                                .unwrap_or_else(|| "-".into()),
                             if s.health.healthy { "ok".to_string() } else { s.health.reason.clone() }
                         );
                     }

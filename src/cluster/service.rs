@@ -133,6 +133,7 @@ impl NodeService {
                 last_log_index: 0,
                 role: "Unknown".into(),
                 health: Default::default(),
+                digest: None,
             },
         }
     }
