@@ -140,7 +140,7 @@ impl Cluster {
                 st[0].leader.is_some()
                     && st.iter().all(|s| s.leader == st[0].leader && s.last_applied == st[0].last_applied)
                     && st.iter().any(|s| s.role == "Leader" && s.last_log_index == s.last_applied)
-                //DIGEST && st.iter().all(|s| s.digest == st[0].digest)
+                    && st.iter().all(|s| s.digest == st[0].digest)
             })
         })
         .await;
