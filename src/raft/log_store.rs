@@ -78,7 +78,7 @@ enum Job {
 pub struct RedbLogStore {
     db: Arc<redb::Database>,
     pending: Arc<Mutex<Pending>>,
-    jobs: mpsc::Sender<Job>,
+    writer: Arc<WriterHandle>,
     /// Cap on the payload bytes returned by one `limited_get_log_entries` (one AppendEntries).
     max_batch_bytes: u64,
 }
@@ -109,8 +109,9 @@ impl RedbLogStore {
         let pending: Arc<Mutex<Pending>> = Default::default();
         let (jobs, rx) = mpsc::channel();
         let writer = Writer { db: db.clone(), pending: pending.clone() };
-        std::thread::Builder::new().name("aspen-log-writer".into()).spawn(move || writer.run(rx))?;
-        Ok(RedbLogStore { db, pending, jobs, max_batch_bytes })
+        let thread = std::thread::Builder::new().name("aspen-log-writer".into()).spawn(move || writer.run(rx))?;
+        let writer = Arc::new(WriterHandle { jobs: Some(jobs), thread: Some(thread) });
+        Ok(RedbLogStore { db, pending, writer, max_batch_bytes })
     }
 
     fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
@@ -132,7 +133,7 @@ impl RedbLogStore {
         make: impl FnOnce(tokio::sync::oneshot::Sender<Result<(), String>>) -> Job,
     ) -> Result<(), StorageError> {
         let (done, wait) = tokio::sync::oneshot::channel();
-        self.jobs.send(make(done)).map_err(|_| StorageError::Task("log writer stopped".into()))?;
+        self.writer.send(make(done)).map_err(|_| StorageError::Task("log writer stopped".into()))?;
         match wait.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(StorageError::Task(e)),
@@ -202,6 +203,29 @@ fn clone_bound(b: Bound<&u64>) -> Bound<u64> {
         Bound::Included(v) => Bound::Included(*v),
         Bound::Excluded(v) => Bound::Excluded(*v),
         Bound::Unbounded => Bound::Unbounded,
+    }
+}
+
+/// The writer thread's queue; dropping the last store handle drains the queue, stops the thread
+/// and so closes the database before the drop returns (a reopen right after must not find it
+/// still open).
+struct WriterHandle {
+    jobs: Option<mpsc::Sender<Job>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl WriterHandle {
+    fn send(&self, job: Job) -> Result<(), ()> {
+        self.jobs.as_ref().ok_or(())?.send(job).map_err(|_| ())
+    }
+}
+
+impl Drop for WriterHandle {
+    fn drop(&mut self) {
+        self.jobs.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
@@ -354,7 +378,7 @@ impl RaftLogStorage<TypeConfig> for RedbLogStore {
                 pending.insert(id.index, (*id, bytes.clone()));
             }
         }
-        self.jobs
+        self.writer
             .send(Job::Append { entries: encoded, callback })
             .map_err(|_| logs_err(ErrorVerb::Write, "log writer stopped"))?;
         Ok(())
