@@ -20,7 +20,7 @@ fn status_json(node: &NodeProc) -> Option<serde_json::Value> {
 }
 
 /// True when every node reports 4 shards, each shard has one leader agreed by all, 3 voters,
-/// and the same last applied index on every node.
+/// the same last applied index on every node, and the same state digest at the same index.
 fn converged(status: &serde_json::Value) -> bool {
     let nodes = status["nodes"].as_array().cloned().unwrap_or_default();
     if nodes.len() != 3 || nodes.iter().any(|n| n["shards"].as_array().map(|s| s.len()) != Some(4)) {
@@ -33,6 +33,9 @@ fn converged(status: &serde_json::Value) -> bool {
                 && !v["leader"].is_null()
                 && v["last_applied"] == views[0]["last_applied"]
                 && v["voters"] == serde_json::json!([1, 2, 3])
+                && v["digest"].is_string()
+                && v["digest"] == views[0]["digest"]
+                && v["digest_index"] == views[0]["digest_index"]
         })
     })
 }
@@ -86,7 +89,11 @@ async fn sharded_processes_survive_kill_9() {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         assert!(Instant::now() < deadline, "shards did not converge after the restart");
-        if status_json(&nodes[victim - 1]).is_some_and(|s| converged(&s)) {
+        if let Some(status) = status_json(&nodes[victim - 1]).filter(converged) {
+            // The node killed with -9 replayed its log (or took a snapshot) to the very same state.
+            let digests: std::collections::BTreeSet<_> =
+                (0..4).map(|s| status["nodes"][0]["shards"][s]["digest"].to_string()).collect();
+            assert_eq!(digests.len(), 4, "each shard has its own state: {status}");
             break;
         }
         tokio::time::sleep(Duration::from_millis(300)).await;

@@ -303,18 +303,26 @@ pub async fn client_of(nodes: &[&InProcNode]) -> aspen::AspenClient {
     aspen::AspenClient::connect(tickets, Duration::from_secs(30)).await.expect("client")
 }
 
-/// Every running node's digest of every shard it hosts, read once: shard → (node id, digest, the
-/// digest recomputed from every item). `None` where the state machine could not be read.
-pub fn shard_digests(nodes: &[&InProcNode]) -> BTreeMap<u32, Vec<(u64, Option<StateDigest>, Option<StateDigest>)>> {
+/// One node's digest of one shard: the incrementally kept one and a full recount of its items
+/// (`None` where the state machine could not be read).
+#[derive(Debug)]
+pub struct ReplicaDigest {
+    pub node_id: u64,
+    pub kept: Option<StateDigest>,
+    pub recount: Option<StateDigest>,
+}
+
+/// Every running node's digest of every shard it hosts, read once, by shard.
+pub fn shard_digests(nodes: &[&InProcNode]) -> BTreeMap<u32, Vec<ReplicaDigest>> {
     let mut out: BTreeMap<u32, Vec<_>> = BTreeMap::new();
     for n in nodes {
         for (shard, raft) in &n.handle().shards {
             let reader = raft.reader();
-            out.entry(*shard).or_default().push((
-                n.config.node_id,
-                reader.digest().ok(),
-                reader.recompute_digest().ok(),
-            ));
+            out.entry(*shard).or_default().push(ReplicaDigest {
+                node_id: n.config.node_id,
+                kept: reader.digest().ok(),
+                recount: reader.recompute_digest().ok(),
+            });
         }
     }
     out
@@ -330,8 +338,8 @@ pub async fn wait_digests_equal(nodes: &[&InProcNode], secs: u64) -> BTreeMap<u3
         let agreed: Option<BTreeMap<u32, StateDigest>> = all
             .iter()
             .map(|(shard, views)| {
-                let first = views.first().and_then(|v| v.1)?;
-                views.iter().all(|(_, d, full)| *d == Some(first) && *full == Some(first)).then_some((*shard, first))
+                let first = views.first().and_then(|v| v.kept)?;
+                views.iter().all(|v| v.kept == Some(first) && v.recount == Some(first)).then_some((*shard, first))
             })
             .collect();
         if let Some(agreed) = agreed {
