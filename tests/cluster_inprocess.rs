@@ -179,6 +179,7 @@ async fn raft_messages_from_another_cluster_are_refused() {
 
     let root = tempfile::tempdir().unwrap();
     let n1 = InProcNode::start(InProcNode::config(root.path(), 1)).await;
+    wait_until(30, "node 1 leads its new cluster", || n1.status().leader == Some(1)).await;
     let t1 = n1.ticket();
     let (ep, mut nets) = support::raw_raft_clients(&t1, ClusterId::random(), &[None]).await;
     let net = &mut nets[0];

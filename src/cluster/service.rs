@@ -671,10 +671,19 @@ impl NodeService {
         if self.primary()?.member(shard_raft_id(0, node_id)).is_none() {
             return Err(ApiError::InvalidRequest(format!("node {node_id} is not a member; add it first")));
         }
+        // Shard 0's membership says who is a member, so a removal leaves it for last: if the
+        // removal stops half-way (a timeout during a leader hand-over, say), a retry still finds
+        // the node a member and finishes the other shards.
+        let shards: Vec<ShardId> = match change {
+            MembershipChange::Remove { .. } => (0..self.router.num_shards()).rev().collect(),
+            _ => (0..self.router.num_shards()).collect(),
+        };
         let mut first = None;
-        for shard in 0..self.router.num_shards() {
+        for shard in shards {
             let status = self.change_shard(shard, change.clone()).await?;
-            first.get_or_insert(status);
+            if shard == 0 || first.is_none() {
+                first = Some(status);
+            }
         }
         Ok(ClientResponse::Membership(first.unwrap_or_else(|| self.first_status())))
     }
