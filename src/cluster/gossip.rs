@@ -174,8 +174,7 @@ impl SignedAnnouncement {
             return Err(GossipError::EndpointMismatch(a.node_id));
         }
         let key = PublicKey::from_bytes(&recorded).map_err(|_| GossipError::EndpointMismatch(a.node_id))?;
-        let sig: [u8; 64] =
-            self.signature.as_slice().try_into().map_err(|_| GossipError::BadSignature(a.node_id))?;
+        let sig: [u8; 64] = self.signature.as_slice().try_into().map_err(|_| GossipError::BadSignature(a.node_id))?;
         key.verify(&signing_bytes(&self.payload), &Signature::from_bytes(&sig))
             .map_err(|_| GossipError::BadSignature(a.node_id))?;
         Ok(a)
