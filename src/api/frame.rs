@@ -55,9 +55,38 @@ where
     if size > limit {
         return Err(FrameError::TooLarge { size, limit });
     }
-    let mut buf = vec![0u8; size];
-    read_exact_or_truncated(r, &mut buf).await?;
+    // Grow the buffer as bytes arrive: a length prefix alone (say 60 MiB on a Raft stream, then
+    // silence) must not make this node hold the claimed size for every such stream.
+    let mut buf = Vec::with_capacity(size.min(INITIAL_READ_CAPACITY));
+    r.take(size as u64).read_to_end(&mut buf).await?;
+    if buf.len() < size {
+        return Err(FrameError::Truncated);
+    }
     Ok(buf)
+}
+
+/// Most a reader reserves before the bytes of a frame arrive.
+const INITIAL_READ_CAPACITY: usize = 64 * 1024;
+
+/// Splits one frame off the front of `buf`: its payload and the bytes after it, refusing frames
+/// larger than `limit`. The in-memory twin of [`read_frame_bytes`] (same errors for the same bytes).
+pub fn split_frame(buf: &[u8], limit: usize) -> Result<(&[u8], &[u8]), FrameError> {
+    let (len, rest) = buf.split_first_chunk::<4>().ok_or(FrameError::Truncated)?;
+    let size = u32::from_be_bytes(*len) as usize;
+    if size > limit {
+        return Err(FrameError::TooLarge { size, limit });
+    }
+    if rest.len() < size {
+        return Err(FrameError::Truncated);
+    }
+    Ok(rest.split_at(size))
+}
+
+/// Decodes the frame at the front of `buf` (see [`split_frame`]) and returns the bytes after it.
+/// The in-memory twin of [`read_frame`].
+pub fn decode_frame<T: DeserializeOwned>(buf: &[u8], limit: usize) -> Result<(T, &[u8]), FrameError> {
+    let (payload, rest) = split_frame(buf, limit)?;
+    Ok((decode(payload)?, rest))
 }
 
 /// Reads and decodes one frame, refusing frames larger than `limit`.
@@ -121,5 +150,34 @@ mod tests {
         garbage.extend_from_slice(&[0xff, 0xff, 0xff]);
         let err = read_frame::<_, ClientEnvelope>(&mut garbage.as_slice(), 1024).await.unwrap_err();
         assert!(matches!(err, FrameError::Decode(_)), "{err}");
+    }
+
+    #[test]
+    fn split_frame_matches_the_stream_reader() {
+        let env = ClientEnvelope { version: 1, hops: 2, request: ClientRequest::ClusterStatus };
+        let mut two = encode_frame(&env).unwrap();
+        let first_len = two.len();
+        two.extend_from_slice(&encode_frame(&env).unwrap());
+        let (back, rest) = decode_frame::<ClientEnvelope>(&two, 1024).unwrap();
+        assert_eq!(back, env);
+        assert_eq!(rest, &two[first_len..]);
+        let (back, rest) = decode_frame::<ClientEnvelope>(rest, 1024).unwrap();
+        assert_eq!((back, rest.len()), (env, 0));
+
+        for short in [&[][..], &[0, 0], &[0, 0, 0, 5, 1]] {
+            assert!(matches!(split_frame(short, 1024), Err(FrameError::Truncated)), "{short:?}");
+        }
+        assert!(matches!(split_frame(&[0, 0, 4, 1], 1024), Err(FrameError::TooLarge { size: 1025, limit: 1024 })));
+        assert_eq!(split_frame(&[0, 0, 0, 0], 0).unwrap(), (&[][..], &[][..]));
+    }
+
+    /// A length prefix near the limit followed by nothing costs a truncated-frame error, not
+    /// the claimed size in memory.
+    #[tokio::test]
+    async fn claimed_length_is_not_allocated_up_front() {
+        let mut bytes = (48u32 << 20).to_be_bytes().to_vec();
+        bytes.extend_from_slice(&[7; 10]);
+        let err = read_frame_bytes(&mut bytes.as_slice(), MAX_FRAME_BYTES).await.unwrap_err();
+        assert!(matches!(err, FrameError::Truncated), "{err}");
     }
 }

@@ -55,6 +55,13 @@ pub fn decode_shard_prefix(bytes: [u8; 4]) -> ShardId {
     ShardId::from_be_bytes(bytes)
 }
 
+/// Splits the shard prefix off the front of a `raft-shard` stream held in memory: the shard id
+/// and the frames after it. `None` when fewer than 4 bytes arrived.
+pub fn split_shard_prefix(bytes: &[u8]) -> Option<(ShardId, &[u8])> {
+    let (prefix, rest) = bytes.split_first_chunk::<4>()?;
+    Some((decode_shard_prefix(*prefix), rest))
+}
+
 /// A random 16-byte id, printed as 32 hex digits (cluster ids, client session ids).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize)]
 pub struct Id128(pub [u8; 16]);
@@ -517,5 +524,8 @@ mod tests {
         for s in [0, 1, 255, 256, u32::MAX] {
             assert_eq!(decode_shard_prefix(encode_shard_prefix(s)), s);
         }
+        assert_eq!(split_shard_prefix(&[0, 0, 1, 2, 9, 9]), Some((258, &[9, 9][..])));
+        assert_eq!(split_shard_prefix(&[0, 0, 1, 2]), Some((258, &[][..])));
+        assert_eq!(split_shard_prefix(&[0, 0, 1]), None);
     }
 }

@@ -15,13 +15,10 @@ use iroh::{
 };
 
 use crate::{
-    api::{
-        frame::{decode, encode_frame, read_frame_bytes},
-        ClusterId, ShardId, MAX_FRAME_BYTES,
-    },
+    api::{frame::encode_frame, ClusterId, ShardId, MAX_FRAME_BYTES},
     raft::{
         network::SharedClusterId,
-        rpc::{RaftEnvelope, RaftRefusal, RaftRequest, RaftResponse},
+        rpc::{read_raft_request, RaftRefusal, RaftRequest, RaftResponse},
         RaftNode,
     },
 };
@@ -121,18 +118,9 @@ impl RaftProtocolHandler {
     }
 
     async fn answer(&self, recv: &mut RecvStream) -> RaftResponse {
-        let shard = if self.prefixed {
-            let mut prefix = [0u8; 4];
-            match recv.read_exact(&mut prefix).await {
-                Ok(_) => crate::api::decode_shard_prefix(prefix),
-                Err(e) => return RaftResponse::Refused(RaftRefusal::Malformed(format!("shard prefix: {e}"))),
-            }
-        } else {
-            0
-        };
-        let env: RaftEnvelope = match read_frame_bytes(recv, MAX_FRAME_BYTES).await.and_then(|b| decode(&b)) {
-            Ok(env) => env,
-            Err(e) => return RaftResponse::Refused(RaftRefusal::Malformed(e.to_string())),
+        let (shard, env) = match read_raft_request(recv, self.prefixed, MAX_FRAME_BYTES).await {
+            Ok(request) => request,
+            Err(refusal) => return RaftResponse::Refused(refusal),
         };
         let expected = *self.cluster_id.read().unwrap_or_else(|p| p.into_inner());
         if expected == ClusterId::default() {
