@@ -409,7 +409,8 @@ impl Workload {
         let mut tasks = Vec::new();
         for c in 0..CLIENTS {
             let mut tickets = tickets.clone();
-            tickets.rotate_left(c % tickets.len());
+            let n = tickets.len();
+            tickets.rotate_left(c % n);
             let client = AspenClient::connect(tickets, Duration::from_secs(8)).await.expect("client");
             let (history, stop, acked) = (history.clone(), stop.clone(), acked.clone());
             let mut rng = StdRng::seed_from_u64(seed ^ (c as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
