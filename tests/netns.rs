@@ -15,8 +15,8 @@
 //!
 //! Each test prints its seed; `ASPEN_NETNS_SEED=<seed>` replays the schedule. The tests print one
 //! `skipping netns test: …` line and pass when not root, when `ip netns add` fails or when `nft` is
-//! missing. A guard removes namespaces, links and processes even when a test panics; every test
-//! first removes what earlier runs that died (their pid is gone) left behind.
+//! missing. A guard removes namespaces, links, processes and data dirs even when a test panics;
+//! every test first removes what earlier runs that died (their pid is gone) left behind.
 
 mod support;
 
@@ -38,7 +38,7 @@ use aspen::{
     api::{ClusterStatus, NodeTicket, ReadConsistency},
     checker::{CheckConfig, History, Op, OpResult},
     client::CasOutcome,
-    AspenClient, ApiError, ClientError,
+    ApiError, AspenClient, ClientError,
 };
 use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 use support::NODE_BIN;
@@ -55,11 +55,7 @@ const CLIENTS: usize = 5;
 // Shell helpers
 
 fn run(cmd: &str, args: &[&str]) -> Result<String, String> {
-    let out = Command::new(cmd)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("{cmd}: {e}"))?;
+    let out = Command::new(cmd).args(args).stdin(Stdio::null()).output().map_err(|e| format!("{cmd}: {e}"))?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
@@ -138,6 +134,15 @@ fn cleanup_leftovers() {
             delete_netns(&ns);
         }
     }
+    if let Ok(dir) = std::fs::read_dir(std::env::temp_dir()) {
+        for entry in dir.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if pid_in(&name, NS_PREFIX).is_some_and(|pid| !pid_alive(pid)) {
+                println!("removing leftover data dir {}", entry.path().display());
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
     for link in link_names() {
         if pid_in(&link, LINK_PREFIX).is_some_and(|pid| !pid_alive(pid)) {
             println!("removing leftover link {link}");
@@ -192,6 +197,7 @@ impl Node {
             .args(&self.args)
             .env_remove("ASPEN_TICKET")
             .env("RUST_LOG", "warn")
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -263,7 +269,7 @@ impl Net {
             bridge: None,
             veths: Vec::new(),
             nodes: Vec::new(),
-            root: Some(tempfile::tempdir().expect("tempdir")),
+            root: Some(tempfile::Builder::new().prefix(&format!("{name}-")).tempdir().expect("tempdir")),
         };
         let first = format!("{name}-n1");
         ip(&["netns", "add", &first])?;
@@ -511,9 +517,10 @@ async fn cluster_status(client: &AspenClient) -> Option<ClusterStatus> {
 
 /// The node that reports itself leader of shard 0, if any.
 fn shard0_leader(st: &ClusterStatus) -> Option<u64> {
-    st.nodes.iter().filter_map(|n| n.status.as_ref()).find_map(|s| {
-        s.shards.iter().any(|sh| sh.shard == 0 && sh.role == "Leader").then_some(s.node_id)
-    })
+    st.nodes
+        .iter()
+        .filter_map(|n| n.status.as_ref())
+        .find_map(|s| s.shards.iter().any(|sh| sh.shard == 0 && sh.role == "Leader").then_some(s.node_id))
 }
 
 /// Every node reports `shards` shards; on each, all agree on one leader, have applied the same
@@ -786,6 +793,7 @@ fn netns_guard_cleans_up_after_panics_and_dead_runs() {
     let bridge = net.bridge.clone().unwrap();
     // A process inside a namespace, as a node would be.
     let mut sleeper = Command::new("ip").args(["netns", "exec", &names[1], "sleep", "600"]).spawn().unwrap();
+    println!("injecting a panic (its message and backtrace below are expected)");
     let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
         let _net = net;
         panic!("injected panic");
@@ -804,10 +812,13 @@ fn netns_guard_cleans_up_after_panics_and_dead_runs() {
     let link = format!("{LINK_PREFIX}{dead}xbr");
     ip(&["netns", "add", &ns]).unwrap();
     ip(&["link", "add", &link, "type", "bridge"]).unwrap();
+    let dir = std::env::temp_dir().join(format!("{NS_PREFIX}{dead}x-data"));
+    std::fs::create_dir_all(dir.join("node-1")).unwrap();
     let mut orphan = Command::new("ip").args(["netns", "exec", &ns, "sleep", "600"]).spawn().unwrap();
     cleanup_leftovers();
     assert!(!netns_names().contains(&ns), "leftover namespace removed");
     assert!(!link_names().contains(&link), "leftover link removed");
+    assert!(!dir.exists(), "leftover data dir removed");
     assert!(exits_soon(&mut orphan), "process in the leftover namespace killed");
 }
 
