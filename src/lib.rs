@@ -16,8 +16,10 @@
 //! Layers, top to bottom (a lower one never imports a higher one):
 //! binaries → [`cluster`] → [`protocol`] → [`raft`] / [`client`] → [`api`], [`config`].
 //! [`checker`] (linearizability checking of recorded client histories, for tests) stands apart and imports none.
+//! [`bench`] (the load generator behind `aspen-cli bench`) sits beside the binaries, on [`client`].
 
 pub mod api;
+pub mod bench;
 pub mod checker;
 pub mod client;
 pub mod cluster;

@@ -10,7 +10,7 @@ use aspen::{
     api::{ClientRequest, ClusterId, Id128, ReadConsistency, WriteCommand, WriteSession},
     cluster::{bootstrap_node, BootstrapError},
 };
-use support::{wait_converged, wait_until, InProcNode};
+use support::{wait_converged, wait_digests_equal, wait_until, InProcNode};
 
 async fn stale_get(node: &InProcNode, key: &str) -> Option<Vec<u8>> {
     node.handle().shard0.get(key.as_bytes(), ReadConsistency::Stale).await.unwrap().map(|kv| kv.value)
@@ -59,6 +59,9 @@ async fn three_nodes_replicate_fail_over_and_catch_up_by_snapshot() {
     for n in &nodes {
         assert_all_present(n, &acked, "after convergence").await;
     }
+    // Not only the same keys: the same state (revisions, sessions, membership) at the same index.
+    let digests = wait_digests_equal(&[&nodes[0], &nodes[1], &nodes[2]], 30).await;
+    assert_eq!(digests[&0].applied_index, nodes[0].status().last_applied);
 
     // Exactly-once: the same write (same session and sequence number) sent again, through
     // another node, is answered with its first outcome and not applied a second time.
@@ -111,6 +114,10 @@ async fn three_nodes_replicate_fail_over_and_catch_up_by_snapshot() {
     for n in &nodes {
         assert_all_present(n, &acked, "after restart and catch-up").await;
     }
+    // The replica that caught up through a snapshot has the same state as those that replayed.
+    let after = wait_digests_equal(&[&nodes[0], &nodes[1], &nodes[2]], 30).await;
+    assert!(after[&0].applied_index > digests[&0].applied_index);
+    assert_ne!(after[&0].digest, digests[&0].digest);
     for n in &mut nodes {
         n.stop().await;
     }

@@ -27,7 +27,7 @@ use aspen::{
     checker::{CheckConfig, History, Op, OpResult},
     client::CasOutcome,
     fault::{self, Rule},
-    AspenClient, ApiError, ClientError,
+    ApiError, AspenClient, ClientError,
 };
 use iroh::EndpointId;
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -62,6 +62,8 @@ struct Cluster {
     root: tempfile::TempDir,
     nodes: Vec<InProcNode>,
     shards: u32,
+    /// Nodes the cluster started with (3, or 5 in the soak).
+    size: usize,
 }
 
 impl Cluster {
@@ -75,17 +77,19 @@ impl Cluster {
         c
     }
 
-    async fn start(shards: u32) -> Cluster {
-        let mut cluster = Cluster { root: tempfile::tempdir().unwrap(), nodes: Vec::new(), shards };
+    async fn start(size: usize, shards: u32) -> Cluster {
+        let mut cluster = Cluster { root: tempfile::tempdir().unwrap(), nodes: Vec::new(), shards, size };
         let n1 = InProcNode::start(cluster.config(1)).await;
         let t1 = n1.ticket().encode();
-        let (mut c2, mut c3) = (cluster.config(2), cluster.config(3));
-        c2.join = vec![t1.clone()];
-        c3.join = vec![t1];
-        let (n2, n3) = tokio::join!(InProcNode::start(c2), InProcNode::start(c3));
-        cluster.nodes = vec![n1, n2, n3];
+        let joiners = (2..=size as u64).map(|id| {
+            let mut c = cluster.config(id);
+            c.join = vec![t1.clone()];
+            InProcNode::start(c)
+        });
+        let joined = futures::future::join_all(joiners).await;
+        cluster.nodes = std::iter::once(n1).chain(joined).collect();
         if shards > 1 {
-            let client = cluster.client().await;
+            let client = cluster.admin_client().await;
             client.balance_leaders().await.expect("balance leaders");
             client.close().await;
         }
@@ -118,6 +122,12 @@ impl Cluster {
         AspenClient::connect(tickets, Duration::from_secs(8)).await.expect("client")
     }
 
+    /// A client for membership and leadership changes, which take several election timeouts.
+    async fn admin_client(&self) -> AspenClient {
+        let tickets = self.running().iter().map(|n| n.ticket()).collect();
+        AspenClient::connect(tickets, Duration::from_secs(90)).await.expect("client")
+    }
+
     /// Heals every fault, waits until every shard has a leader and all replicas applied the same
     /// index with equal digests.
     async fn heal_and_settle(&self, secs: u64) {
@@ -130,7 +140,7 @@ impl Cluster {
                 st[0].leader.is_some()
                     && st.iter().all(|s| s.leader == st[0].leader && s.last_applied == st[0].last_applied)
                     && st.iter().any(|s| s.role == "Leader" && s.last_log_index == s.last_applied)
-                    //DIGEST && st.iter().all(|s| s.digest == st[0].digest)
+                    && st.iter().all(|s| s.digest == st[0].digest)
             })
         })
         .await;
@@ -140,6 +150,16 @@ impl Cluster {
         fault::heal(&self.endpoints());
         for n in &mut self.nodes {
             n.stop().await;
+        }
+    }
+}
+
+/// No shard's Raft core on `nodes` has died (a panic inside openraft shows up here).
+fn assert_cores_running(nodes: &[&InProcNode], what: &str) {
+    for n in nodes {
+        for (shard, node) in &n.handle().shards {
+            let state = node.raft().metrics().borrow().running_state.clone();
+            assert!(state.is_ok(), "{what}: node {} shard {shard} Raft core stopped: {state:?}", n.config.node_id);
         }
     }
 }
@@ -272,25 +292,26 @@ async fn sleep_ms(ms: u64) {
 /// Applies the scenario's faults while the workload runs. Returns a description of what it did.
 async fn inject(cluster: &mut Cluster, scenario: Scenario, rng: &mut StdRng) -> String {
     let mut log = Vec::new();
+    let n = cluster.size;
     match scenario {
         Scenario::LeaderIsolated => {
             let l = cluster.leader_index(0).unwrap_or(0);
-            let others: Vec<_> = (0..3).filter(|i| *i != l).map(|i| cluster.endpoint(i)).collect();
+            let others: Vec<_> = (0..n).filter(|i| *i != l).map(|i| cluster.endpoint(i)).collect();
             fault::split(&[cluster.endpoint(l)], &others);
             log.push(format!("isolated leader node {}", l + 1));
             sleep_ms(rng.random_range(4000..7000)).await;
         }
         Scenario::MinorityMajoritySplit => {
-            let minority = rng.random_range(0..3);
-            let majority: Vec<_> = (0..3).filter(|i| *i != minority).map(|i| cluster.endpoint(i)).collect();
-            fault::split(&[cluster.endpoint(minority)], &majority);
-            log.push(format!("split node {} | rest", minority + 1));
+            let minority = pick_minority(n, rng);
+            let (a, b) = sides(cluster, &minority);
+            fault::split(&a, &b);
+            log.push(format!("split nodes {:?} | rest", minority.iter().map(|i| i + 1).collect::<Vec<_>>()));
             sleep_ms(rng.random_range(3000..6000)).await;
             fault::heal(&cluster.endpoints());
-            let minority = rng.random_range(0..3);
-            let majority: Vec<_> = (0..3).filter(|i| *i != minority).map(|i| cluster.endpoint(i)).collect();
-            fault::split(&[cluster.endpoint(minority)], &majority);
-            log.push(format!("split node {} | rest", minority + 1));
+            let minority = pick_minority(n, rng);
+            let (a, b) = sides(cluster, &minority);
+            fault::split(&a, &b);
+            log.push(format!("split nodes {:?} | rest", minority.iter().map(|i| i + 1).collect::<Vec<_>>()));
             sleep_ms(rng.random_range(3000..6000)).await;
         }
         Scenario::RandomLoss => {
@@ -300,7 +321,12 @@ async fn inject(cluster: &mut Cluster, scenario: Scenario, rng: &mut StdRng) -> 
             for a in &eps {
                 for b in &eps {
                     if a != b {
-                        fault::set(*a, *b, None, Rule { drop: loss, delay: Duration::from_millis(rng.random_range(0..20)) });
+                        fault::set(
+                            *a,
+                            *b,
+                            None,
+                            Rule { drop: loss, delay: Duration::from_millis(rng.random_range(0..20)) },
+                        );
                     }
                 }
             }
@@ -309,8 +335,8 @@ async fn inject(cluster: &mut Cluster, scenario: Scenario, rng: &mut StdRng) -> 
         }
         Scenario::FlappingPartitions => {
             for _ in 0..rng.random_range(4..8) {
-                let a = rng.random_range(0..3);
-                let b = (a + rng.random_range(1..3)) % 3;
+                let a = rng.random_range(0..n);
+                let b = (a + rng.random_range(1..n)) % n;
                 fault::partition(cluster.endpoint(a), cluster.endpoint(b));
                 log.push(format!("cut {}-{}", a + 1, b + 1));
                 sleep_ms(rng.random_range(500..2000)).await;
@@ -331,7 +357,7 @@ async fn inject(cluster: &mut Cluster, scenario: Scenario, rng: &mut StdRng) -> 
             sleep_ms(2000).await;
         }
         Scenario::RollingRestart => {
-            for i in 0..3 {
+            for i in 0..n {
                 cluster.nodes[i].stop().await;
                 log.push(format!("stopped node {}", i + 1));
                 sleep_ms(rng.random_range(1000..3000)).await;
@@ -350,20 +376,22 @@ async fn inject(cluster: &mut Cluster, scenario: Scenario, rng: &mut StdRng) -> 
             }
         }
         Scenario::MembershipChange => {
-            let mut c4 = cluster.config(4);
-            c4.no_init = true;
-            let n4 = InProcNode::start(c4).await;
-            let admin = cluster.client().await;
-            admin.add_learner(&n4.ticket()).await.expect("add learner");
-            log.push("added learner 4".into());
+            let new_id = n as u64 + 1;
+            let mut config = cluster.config(new_id);
+            config.no_init = true;
+            let newcomer = InProcNode::start(config).await;
+            let admin = cluster.admin_client().await;
+            admin.add_learner(&newcomer.ticket()).await.expect("add learner");
+            log.push(format!("added learner {new_id}"));
             sleep_ms(rng.random_range(500..2000)).await;
-            admin.promote(4).await.expect("promote 4");
-            log.push("promoted 4".into());
-            let old = rng.random_range(1..=3u64);
+            admin.promote(new_id).await.expect("promote the learner");
+            log.push(format!("promoted {new_id}"));
+            let old = rng.random_range(1..=n as u64);
             admin.remove(old).await.expect("remove old voter");
             log.push(format!("removed voter {old}"));
             admin.close().await;
-            cluster.nodes.push(n4);
+            cluster.nodes.push(newcomer);
+            assert_cores_running(&cluster.running(), "after the membership change");
             sleep_ms(rng.random_range(1000..3000)).await;
             let idx = (old - 1) as usize;
             cluster.nodes[idx].stop().await;
@@ -379,7 +407,7 @@ async fn inject(cluster: &mut Cluster, scenario: Scenario, rng: &mut StdRng) -> 
                 .filter(|(_, s)| s.status().role == "Leader")
                 .map(|(id, _)| *id)
                 .collect();
-            let others: Vec<_> = (0..3).filter(|i| *i != l).map(|i| cluster.endpoint(i)).collect();
+            let others: Vec<_> = (0..n).filter(|i| *i != l).map(|i| cluster.endpoint(i)).collect();
             fault::split(&[cluster.endpoint(l)], &others);
             log.push(format!("partitioned node {} leading shards {led:?}", l + 1));
             sleep_ms(rng.random_range(4000..7000)).await;
@@ -388,10 +416,33 @@ async fn inject(cluster: &mut Cluster, scenario: Scenario, rng: &mut StdRng) -> 
     log.join(", ")
 }
 
-async fn run_scenario(scenario: Scenario, shards: u32, seed: u64) {
-    println!("scenario {scenario:?} shards {shards} seed {seed} (replay: ASPEN_FAULT_SEED={seed})");
+/// Up to half the nodes (less than a majority), at random.
+fn pick_minority(n: usize, rng: &mut StdRng) -> Vec<usize> {
+    let k = rng.random_range(1..=(n - 1) / 2);
+    let mut all: Vec<usize> = (0..n).collect();
+    for i in 0..k {
+        let j = rng.random_range(i..n);
+        all.swap(i, j);
+    }
+    all.truncate(k);
+    all
+}
+
+/// Endpoints of `group` and of every other original node.
+fn sides(cluster: &Cluster, group: &[usize]) -> (Vec<EndpointId>, Vec<EndpointId>) {
+    let a = group.iter().map(|i| cluster.endpoint(*i)).collect();
+    let b = (0..cluster.size).filter(|i| !group.contains(i)).map(|i| cluster.endpoint(i)).collect();
+    (a, b)
+}
+
+async fn run_scenario(scenario: Scenario, size: usize, shards: u32, seed: u64) {
+    println!(
+        "scenario {scenario:?} nodes {size} shards {shards} seed {seed}\n  replay: ASPEN_FAULT_SCENARIO={scenario:?} \
+         ASPEN_FAULT_NODES={size} ASPEN_FAULT_SHARDS={shards} ASPEN_FAULT_SEED={seed} \
+         cargo nextest run --features fault-injection --test faults --run-ignored ignored-only replay"
+    );
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut cluster = Cluster::start(shards).await;
+    let mut cluster = Cluster::start(size, shards).await;
     let workload = Workload::start(&cluster, 6, rng.random()).await;
     sleep_ms(1500).await;
     let what = inject(&mut cluster, scenario, &mut rng).await;
@@ -401,6 +452,7 @@ async fn run_scenario(scenario: Scenario, shards: u32, seed: u64) {
     let acked_during = workload.acked.load(Ordering::Relaxed);
     let history = workload.finish().await;
     cluster.heal_and_settle(120).await;
+    assert_cores_running(&cluster.running(), &format!("seed {seed}"));
 
     // Final linearizable reads of every key, recorded in the history: a lost acknowledged write
     // shows up as a read the history cannot explain.
@@ -433,7 +485,11 @@ async fn run_scenario(scenario: Scenario, shards: u32, seed: u64) {
             path.display()
         );
     }
-    println!("{} ops, {acked_during} acknowledged writes, linearizable ({} states)", history.len(), report.states_explored);
+    println!(
+        "{} ops, {acked_during} acknowledged writes, linearizable ({} states)",
+        history.len(),
+        report.states_explored
+    );
     assert!(acked_during > 0, "the workload made progress (seed {seed})");
     cluster.stop_all().await;
 }
@@ -442,7 +498,7 @@ macro_rules! scenario_tests {
     ($($name:ident: $scenario:expr, $shards:expr;)*) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
         async fn $name() {
-            run_scenario($scenario, $shards, seed_for(stringify!($name))).await;
+            run_scenario($scenario, 3, $shards, seed_for(stringify!($name))).await;
         }
     )*};
 }
@@ -474,7 +530,7 @@ scenario_tests! {
 async fn checker_catches_stale_reads_of_the_broken_read_mode() {
     let seed = seed_for("self_test");
     println!("scenario broken-reads self-test seed {seed}");
-    let cluster = Cluster::start(1).await;
+    let cluster = Cluster::start(3, 1).await;
     let l = cluster.leader_index(0).expect("leader");
     for shard in cluster.nodes[l].handle().shards.values() {
         shard.set_broken_reads(true);
@@ -483,12 +539,10 @@ async fn checker_catches_stale_reads_of_the_broken_read_mode() {
     let k = key(0);
     // A writer on the majority side, readers that talk only to the old leader.
     let majority: Vec<_> = (0..3).filter(|i| *i != l).collect();
-    let writer = AspenClient::connect(
-        majority.iter().map(|i| cluster.nodes[*i].ticket()).collect(),
-        Duration::from_secs(8),
-    )
-    .await
-    .unwrap();
+    let writer =
+        AspenClient::connect(majority.iter().map(|i| cluster.nodes[*i].ticket()).collect(), Duration::from_secs(8))
+            .await
+            .unwrap();
     let h = history.invoke(1, Op::Put { key: k.clone(), value: b"before".to_vec() });
     writer.put(k.clone(), "before").await.unwrap();
     h.ok(OpResult::Put);
@@ -521,7 +575,25 @@ async fn checker_catches_stale_reads_of_the_broken_read_mode() {
     cluster.stop_all().await;
 }
 
-/// Many seeds of every scenario for `ASPEN_SOAK_SECS` (default 600) seconds.
+/// Replays one scenario run: `ASPEN_FAULT_SCENARIO` (e.g. `RandomLoss`), `ASPEN_FAULT_NODES`
+/// (3), `ASPEN_FAULT_SHARDS` (1) and `ASPEN_FAULT_SEED`, as printed by every run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "replay: run with --ignored replay and the ASPEN_FAULT_* variables"]
+async fn replay() {
+    let name = std::env::var("ASPEN_FAULT_SCENARIO").expect("set ASPEN_FAULT_SCENARIO");
+    let scenario = *ALL.iter().find(|s| format!("{s:?}") == name).unwrap_or_else(|| panic!("unknown scenario {name}"));
+    let env = |k: &str, default: u64| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
+    run_scenario(
+        scenario,
+        env("ASPEN_FAULT_NODES", 3) as usize,
+        env("ASPEN_FAULT_SHARDS", 1) as u32,
+        seed_for("replay"),
+    )
+    .await;
+}
+
+/// Many seeds of every scenario, on 3- and 5-node clusters with 1 or 4 shards, for
+/// `ASPEN_SOAK_SECS` (default 600) seconds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "soak: run with --ignored soak"]
 async fn soak() {
@@ -531,6 +603,7 @@ async fn soak() {
     while Instant::now() < deadline {
         let scenario = ALL[rng.random_range(0..ALL.len())];
         let shards = if rng.random_bool(0.5) { 1 } else { 4 };
-        run_scenario(scenario, shards, rng.random()).await;
+        let size = if rng.random_bool(0.5) { 3 } else { 5 };
+        run_scenario(scenario, size, shards, rng.random()).await;
     }
 }

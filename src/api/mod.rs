@@ -227,6 +227,40 @@ pub struct ShardStatus {
     /// This node's role in the shard: Leader, Follower, Candidate, Learner or Shutdown.
     pub role: String,
     pub health: ShardHealth,
+    /// A digest of this node's replica of the shard, at the index it was read at (`None`: the
+    /// state machine could not be read). Replicas at the same `applied_index` must have equal
+    /// digests.
+    pub digest: Option<StateDigest>,
+}
+
+/// A digest of one replica's state machine (keys with their revisions, client sessions, the
+/// replicated clock and the last membership) at one applied log index. Defined in
+/// `raft::state_machine`; independent of the storage layout, so equal on every replica that
+/// applied the same log, whether entry by entry or through a snapshot.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct StateDigest {
+    /// Index of the last applied log entry the digest describes (0: nothing applied yet).
+    pub applied_index: u64,
+    pub digest: [u8; 32],
+}
+
+impl StateDigest {
+    /// The digest as 64 lowercase hex digits.
+    pub fn hex(&self) -> String {
+        data_encoding::HEXLOWER.encode(&self.digest)
+    }
+}
+
+impl fmt::Display for StateDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.hex(), self.applied_index)
+    }
+}
+
+impl fmt::Debug for StateDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
 }
 
 /// How one shard is doing on one node (see `cluster::supervisor`).

@@ -3,13 +3,20 @@
 //! Exit codes: 0 ok, 1 not found or CAS mismatch, 2 usage or invalid request, 3 cluster error
 //! (unavailable, unreachable, timeout).
 
-use std::{io::Write, path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    io::{IsTerminal, Write},
+    path::PathBuf,
+    process::ExitCode,
+    sync::Arc,
+    time::Duration,
+};
 
 use aspen::{
     api::{ApiError, KeyValue, NodeTicket, ReadConsistency, ShardStatus},
+    bench::{AspenBackend, BenchConfig, BenchError, Progress, ProgressFn, Stop, Workload},
     client::{AspenClient, CasOutcome, ClientError},
 };
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
 #[derive(Parser, Debug)]
@@ -68,6 +75,109 @@ enum Command {
         #[command(subcommand)]
         command: ClusterCommand,
     },
+    /// Closed-loop load generator: N clients, one connection and one request in flight each.
+    ///
+    /// Prints a summary (ops, errors, elapsed, throughput, latency p50/p90/p99/p99.9/max of
+    /// successful requests); with --json exactly one JSON object on stdout. Exits 3 if no
+    /// request succeeded.
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug)]
+struct BenchArgs {
+    /// Concurrent clients, each with its own connection; client i dials ticket i % tickets first.
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=aspen::bench::MAX_CLIENTS as u64))]
+    clients: u64,
+    /// Stop after this many requests in total (not counting warm-up).
+    #[arg(long, conflicts_with = "duration", value_parser = clap::value_parser!(u64).range(1..))]
+    requests: Option<u64>,
+    /// Stop after this many seconds of measurement [default: 10, unless --requests].
+    #[arg(long, value_name = "SECONDS")]
+    duration: Option<f64>,
+    /// Bytes per value written.
+    #[arg(long, default_value_t = 256, value_name = "BYTES")]
+    value_size: usize,
+    /// Number of distinct keys (KEY_PREFIX + an 8-digit number).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    key_space: u64,
+    /// Request mix; get and mixed pre-populate the key space first (not counted).
+    #[arg(long, value_enum, default_value_t = BenchOp::Put)]
+    op: BenchOp,
+    /// Fraction of gets for --op mixed (0..1).
+    #[arg(long, default_value_t = 0.5, value_name = "R")]
+    read_ratio: f64,
+    /// Consistency of the gets.
+    #[arg(long, value_enum, default_value_t = BenchConsistency::Linearizable)]
+    consistency: BenchConsistency,
+    /// Seconds to run the workload before measuring (not counted).
+    #[arg(long, default_value_t = 1.0, value_name = "SECONDS")]
+    warmup: f64,
+    /// Use keys in order (0, 1, 2, … wrapping) instead of uniformly at random.
+    #[arg(long)]
+    sequential_keys: bool,
+    #[arg(long, default_value = "bench/")]
+    key_prefix: String,
+    /// Print ops/s every second on stderr even when stderr is not a terminal.
+    #[arg(long)]
+    progress: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum BenchOp {
+    Put,
+    Get,
+    Mixed,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum BenchConsistency {
+    Linearizable,
+    Stale,
+}
+
+impl BenchArgs {
+    fn to_config(&self) -> Result<BenchConfig, String> {
+        let seconds = |flag: &str, v: f64, zero_ok: bool| {
+            if v.is_finite() && (v > 0.0 || (zero_ok && v == 0.0)) && v < 1e9 {
+                Ok(Duration::from_secs_f64(v))
+            } else {
+                Err(format!(
+                    "--{flag} must be a {} number of seconds (got {v})",
+                    if zero_ok { "non-negative" } else { "positive" }
+                ))
+            }
+        };
+        let stop = match (self.requests, self.duration) {
+            (Some(n), _) => Stop::Requests(n),
+            (None, Some(d)) => Stop::Duration(seconds("duration", d, false)?),
+            (None, None) => Stop::Duration(Duration::from_secs(10)),
+        };
+        if !(0.0..=1.0).contains(&self.read_ratio) {
+            return Err(format!("--read-ratio must be between 0 and 1 (got {})", self.read_ratio));
+        }
+        let config = BenchConfig {
+            clients: self.clients as usize,
+            stop,
+            value_size: self.value_size,
+            key_space: self.key_space,
+            workload: match self.op {
+                BenchOp::Put => Workload::Put,
+                BenchOp::Get => Workload::Get,
+                BenchOp::Mixed => Workload::Mixed,
+            },
+            read_ratio: self.read_ratio,
+            consistency: match self.consistency {
+                BenchConsistency::Linearizable => ReadConsistency::Linearizable,
+                BenchConsistency::Stale => ReadConsistency::Stale,
+            },
+            warmup: seconds("warmup", self.warmup, true)?,
+            sequential_keys: self.sequential_keys,
+            key_prefix: self.key_prefix.clone(),
+            ..BenchConfig::default()
+        };
+        config.validate().map_err(|e| e.to_string())?;
+        Ok(config)
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -105,6 +215,16 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    let bench = match &cli.command {
+        Command::Bench(args) => match args.to_config() {
+            Ok(config) => Some((config, args.progress || std::io::stderr().is_terminal())),
+            Err(msg) => {
+                eprintln!("aspen-cli bench: {msg}");
+                return ExitCode::from(2);
+            }
+        },
+        _ => None,
+    };
     let tickets = match resolve_tickets(&cli) {
         Ok(t) => t,
         Err(msg) => {
@@ -119,6 +239,9 @@ fn main() -> ExitCode {
             return ExitCode::from(3);
         }
     };
+    if let Some((config, progress)) = bench {
+        return runtime.block_on(run_bench(tickets, &cli, config, progress));
+    }
     runtime.block_on(async move {
         let client = match AspenClient::connect(tickets, Duration::from_secs_f64(cli.timeout)).await {
             Ok(c) => c,
@@ -131,6 +254,63 @@ fn main() -> ExitCode {
         client.close().await;
         code
     })
+}
+
+/// `aspen-cli bench`: runs the load generator of [`aspen::bench`] and prints its report.
+async fn run_bench(tickets: Vec<NodeTicket>, cli: &Cli, config: BenchConfig, progress: bool) -> ExitCode {
+    let backend = match AspenBackend::new(tickets, Duration::from_secs_f64(cli.timeout)) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("aspen-cli bench: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let tty = std::io::stderr().is_terminal();
+    let progress: Option<ProgressFn> = progress.then(|| {
+        Arc::new(move |p: &Progress| {
+            let target = p.target.map(|t| format!("/{t}")).unwrap_or_default();
+            let line = format!(
+                "[{}] {:>5.1} s  {:>8.0} ops/s  {}{target} done  {} errors",
+                p.phase,
+                p.elapsed.as_secs_f64(),
+                p.ops_per_sec,
+                p.ops,
+                p.errors
+            );
+            if tty {
+                eprint!("\r\x1b[K{line}");
+            } else {
+                eprintln!("{line}");
+            }
+        }) as ProgressFn
+    });
+    let result = aspen::bench::run(&backend, &config, progress).await;
+    if tty && std::io::stderr().is_terminal() {
+        eprint!("\r\x1b[K");
+    }
+    match result {
+        Err(e @ BenchError::Config(_)) => {
+            eprintln!("aspen-cli bench: {e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("aspen-cli bench: {e}");
+            ExitCode::from(3)
+        }
+        Ok(report) => {
+            if cli.json {
+                println!("{}", report.to_json());
+            } else {
+                print!("{}", report.to_text());
+            }
+            if report.all_failed() {
+                let why = report.error_samples.first().map(|e| e.message.as_str()).unwrap_or("no request completed");
+                eprintln!("aspen-cli bench: all {} requests failed: {why}", report.ops);
+                return ExitCode::from(3);
+            }
+            ExitCode::SUCCESS
+        }
+    }
 }
 
 fn resolve_tickets(cli: &Cli) -> Result<Vec<NodeTicket>, String> {
@@ -185,6 +365,10 @@ fn shard_json(s: &ShardStatus) -> serde_json::Value {
         "last_applied": s.last_applied,
         "last_log_index": s.last_log_index,
         "role": s.role,
+        // The replica's state digest and the applied index it describes (equal on replicas
+        // that applied the same index).
+        "digest": s.digest.map(|d| d.hex()),
+        "digest_index": s.digest.map(|d| d.applied_index),
         "health": {
             "healthy": s.health.healthy,
             "leader_known": s.health.leader_known,
@@ -321,8 +505,8 @@ async fn run(client: &AspenClient, cli: &Cli) -> Result<ExitCode, ClientError> {
                     status.cluster_name, status.cluster_id, status.node_id
                 );
                 println!(
-                    "{:>5}  {:>5}  {:>6}  {:>5}  {:<9}  {:<16}  {:<16}  {:>12}  health",
-                    "node", "shard", "leader", "term", "role", "voters", "learners", "last_applied"
+                    "{:>5}  {:>5}  {:>6}  {:>5}  {:<9}  {:<16}  {:<16}  {:>12}  {:<24}  health",
+                    "node", "shard", "leader", "term", "role", "voters", "learners", "last_applied", "digest"
                 );
                 for n in &status.nodes {
                     let Some(ns) = &n.status else {
@@ -333,7 +517,7 @@ async fn run(client: &AspenClient, cli: &Cli) -> Result<ExitCode, ClientError> {
                         let leader = s.leader.map(|l| l.to_string()).unwrap_or_else(|| "-".into());
                         let ids = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
                         println!(
-                            "{:>5}  {:>5}  {:>6}  {:>5}  {:<9}  {:<16}  {:<16}  {:>12}  {}",
+                            "{:>5}  {:>5}  {:>6}  {:>5}  {:<9}  {:<16}  {:<16}  {:>12}  {:<24}  {}",
                             n.node_id,
                             s.shard,
                             leader,
@@ -342,6 +526,9 @@ async fn run(client: &AspenClient, cli: &Cli) -> Result<ExitCode, ClientError> {
                             ids(&s.voters),
                             ids(&s.learners),
                             s.last_applied,
+                            s.digest
+                                .map(|d| format!("{}@{}", &d.hex()[..12], d.applied_index))
+                                .unwrap_or_else(|| "-".into()),
                             if s.health.healthy { "ok".to_string() } else { s.health.reason.clone() }
                         );
                     }
@@ -375,6 +562,8 @@ async fn run(client: &AspenClient, cli: &Cli) -> Result<ExitCode, ClientError> {
                 println!("already initialized");
             }
         }
+        // Runs without a shared client, in `run_bench`.
+        Command::Bench(_) => {}
     }
     Ok(ExitCode::SUCCESS)
 }

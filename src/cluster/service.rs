@@ -133,6 +133,7 @@ impl NodeService {
                 last_log_index: 0,
                 role: "Unknown".into(),
                 health: Default::default(),
+                digest: None,
             },
         }
     }
@@ -568,6 +569,13 @@ impl NodeService {
             MembershipChange::Remove { node_id } => {
                 let raft_id = shard_raft_id(shard_id, node_id);
                 let members = shard.members();
+                if raft_id == shard.raft_id() && shard.leader() == Some(self.node_id) {
+                    // The leader is asked to remove itself. openraft 0.9 steps a removed leader
+                    // down on its next tick, between the two membership entries of a removal,
+                    // and then trips over its own leadership check. Hand the shard to another
+                    // voter first; the request is then forwarded to the new leader.
+                    return self.hand_over_before_removal(shard_id, &members).await;
+                }
                 if let Some((_, _, voter)) = members.iter().find(|(id, _, _)| *id == raft_id) {
                     if *voter {
                         if members.iter().filter(|(_, _, v)| *v).count() <= 1 {
@@ -582,6 +590,38 @@ impl NodeService {
             }
         }
         Ok(ClientResponse::Membership(shard.status()))
+    }
+
+    /// Moves the leadership of `shard_id` from this node to another voter, so that this node
+    /// can be removed by the new leader; answers `NotLeader` naming the new leader.
+    async fn hand_over_before_removal(&self, shard_id: ShardId, members: &[(u64, MemberNode, bool)]) -> ClientResult {
+        let shard = self.local_shard(shard_id)?;
+        let targets: Vec<NodeId> = members
+            .iter()
+            .filter(|(id, _, voter)| *voter && *id != shard.raft_id())
+            .map(|(id, _, _)| split_raft_id(*id).1)
+            .collect();
+        if targets.is_empty() {
+            return Err(ApiError::Refused(format!(
+                "node {} is the last voter of shard {shard_id}; it cannot be removed",
+                self.node_id
+            )));
+        }
+        let mut last = String::new();
+        for target in targets.iter().cycle().take(targets.len() * 2) {
+            match self.move_leader_attempt(shard_id, *target).await {
+                Ok(_) | Err(ApiError::NotLeader { .. }) => {}
+                Err(e) => last = e.to_string(),
+            }
+            if let Some(leader) = shard.leader().filter(|l| *l != self.node_id) {
+                return Err(ApiError::NotLeader { leader: Some(leader), leader_ticket: None });
+            }
+        }
+        Err(ApiError::Unavailable(format!(
+            "node {} leads shard {shard_id} and could not hand it over before its removal{}",
+            self.node_id,
+            if last.is_empty() { String::new() } else { format!(" (last error: {last})") }
+        )))
     }
 
     /// `cluster add-learner TICKET`: hands the node our identity, then adds it as a learner.

@@ -1,14 +1,28 @@
 //! The Raft log of one shard in redb (`shard-N/raft-log.db`).
 //!
-//! Owns: log entries, the vote, the committed log id and the last purged log id. An append is
-//! acknowledged to openraft (`log_io_completed`) only after its transaction was committed with
+//! Owns: log entries, the vote, the committed log id and the last purged log id, and the
+//! writer thread that makes them durable. An append is acknowledged to openraft
+//! (`log_io_completed`) only after the transaction holding it was committed with
 //! `Durability::Immediate` (fsync). The vote is fsync'd before `save_vote` returns. The committed
-//! id is written without fsync: losing it only makes a restart re-apply a little less eagerly.
+//! id is written without its own fsync: losing it only makes a restart re-apply less eagerly.
+//!
+//! Group commit: `append` hands the encoded entries to the store's writer thread and returns at
+//! once (openraft 0.9 calls `append` once per client write); the entries are readable from
+//! memory until they are durable. The writer takes every job queued since its last commit —
+//! appends, truncations, purges, votes — applies them in order in ONE write transaction, commits
+//! it with one fsync, and only then acknowledges each of them. Under concurrent writes many
+//! entries share one fsync; a single writer sees no added latency. Truncation, purge and vote
+//! wait for their commit before returning, so readers never see a truncated entry.
 //!
 //! Never: interpret entries (that is the state machine's job) or block the async runtime on
-//! fsync (writes run on the blocking pool).
+//! fsync.
 
-use std::{fmt::Debug, ops::RangeBounds, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    fmt::Debug,
+    ops::{Bound, RangeBounds},
+    sync::{mpsc, Arc, Mutex},
+};
 
 use openraft::{
     storage::{LogFlushed, RaftLogStorage},
@@ -28,12 +42,51 @@ const KEY_VOTE: &str = "vote";
 const KEY_COMMITTED: &str = "committed";
 const KEY_LAST_PURGED: &str = "last_purged";
 
-/// The redb-backed log store. Cloning shares the database (the clone serves as log reader).
-#[derive(Clone, Debug)]
+/// Most jobs the writer folds into one transaction.
+const MAX_JOBS_PER_COMMIT: usize = 4096;
+
+/// Entries handed to `append` and not yet durable: index → (log id, encoded entry).
+type Pending = BTreeMap<u64, (LogId, Vec<u8>)>;
+
+/// One unit of work for the writer thread.
+enum Job {
+    Append {
+        entries: Vec<(LogId, Vec<u8>)>,
+        callback: LogFlushed<TypeConfig>,
+    },
+    /// Delete every entry from this index on.
+    Truncate {
+        from: u64,
+        done: tokio::sync::oneshot::Sender<Result<(), String>>,
+    },
+    /// Delete every entry up to this log id and record it as the last purged.
+    Purge {
+        upto: LogId,
+        done: tokio::sync::oneshot::Sender<Result<(), String>>,
+    },
+    /// Write a meta key.
+    Meta {
+        key: &'static str,
+        value: Vec<u8>,
+        done: tokio::sync::oneshot::Sender<Result<(), String>>,
+    },
+}
+
+/// The redb-backed log store. Cloning shares the database, the in-memory pending entries and the
+/// writer (the clone serves as log reader).
+#[derive(Clone)]
 pub struct RedbLogStore {
     db: Arc<redb::Database>,
+    pending: Arc<Mutex<Pending>>,
+    jobs: mpsc::Sender<Job>,
     /// Cap on the payload bytes returned by one `limited_get_log_entries` (one AppendEntries).
     max_batch_bytes: u64,
+}
+
+impl Debug for RedbLogStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedbLogStore").field("max_batch_bytes", &self.max_batch_bytes).finish()
+    }
 }
 
 impl RedbLogStore {
@@ -52,7 +105,16 @@ impl RedbLogStore {
         txn.open_table(LOG)?;
         txn.open_table(META)?;
         txn.commit()?;
-        Ok(RedbLogStore { db: Arc::new(db), max_batch_bytes })
+        let db = Arc::new(db);
+        let pending: Arc<Mutex<Pending>> = Default::default();
+        let (jobs, rx) = mpsc::channel();
+        let writer = Writer { db: db.clone(), pending: pending.clone() };
+        std::thread::Builder::new().name("aspen-log-writer".into()).spawn(move || writer.run(rx))?;
+        Ok(RedbLogStore { db, pending, jobs, max_batch_bytes })
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn read_meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StorageError> {
@@ -64,44 +126,66 @@ impl RedbLogStore {
         }
     }
 
-    async fn write_meta<T: serde::Serialize>(
+    /// Queues `make(done)` for the writer and waits until it is committed.
+    async fn run_job(
         &self,
-        key: &'static str,
-        value: &T,
-        durability: Durability,
+        make: impl FnOnce(tokio::sync::oneshot::Sender<Result<(), String>>) -> Job,
     ) -> Result<(), StorageError> {
-        let bytes = postcard::to_stdvec(value)?;
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || -> Result<(), StorageError> {
-            let txn = begin_write(&db, durability)?;
-            txn.open_table(META)?.insert(key, bytes.as_slice())?;
-            txn.commit()?;
-            Ok(())
-        })
-        .await?
+        let (done, wait) = tokio::sync::oneshot::channel();
+        self.jobs.send(make(done)).map_err(|_| StorageError::Task("log writer stopped".into()))?;
+        match wait.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(StorageError::Task(e)),
+            Err(_) => Err(StorageError::Task("log writer stopped".into())),
+        }
     }
 
+    async fn write_meta<T: serde::Serialize>(&self, key: &'static str, value: &T) -> Result<(), StorageError> {
+        let value = postcard::to_stdvec(value)?;
+        self.run_job(|done| Job::Meta { key, value, done }).await
+    }
+
+    /// Entries in `range` (durable ones from redb, newer ones from memory), at most `byte_cap`
+    /// encoded bytes (but at least one entry).
     fn read_range<RB: RangeBounds<u64>>(&self, range: RB, byte_cap: Option<u64>) -> Result<Vec<Entry>, StorageError> {
+        let bounds = (clone_bound(range.start_bound()), clone_bound(range.end_bound()));
+        // Pending first: an entry that becomes durable after this copy is in the read below.
+        let pending: Vec<(u64, Vec<u8>)> =
+            self.pending().range(bounds.clone()).map(|(i, (_, bytes))| (*i, bytes.clone())).collect();
+        let first_pending = pending.first().map(|(i, _)| *i);
         let txn = self.db.begin_read()?;
         let table = txn.open_table(LOG)?;
         let mut out = Vec::new();
         let mut bytes = 0u64;
-        for item in table.range(range)? {
-            let (_, v) = item?;
-            let raw = v.value();
+        let mut push = |raw: &[u8], out: &mut Vec<Entry>| -> Result<bool, StorageError> {
             if let Some(cap) = byte_cap {
-                // Always send at least one entry, even if it alone exceeds the cap.
                 if !out.is_empty() && bytes + raw.len() as u64 > cap {
-                    break;
+                    return Ok(false);
                 }
             }
             bytes += raw.len() as u64;
             out.push(postcard::from_bytes(raw)?);
+            Ok(true)
+        };
+        for item in table.range(bounds)? {
+            let (k, v) = item?;
+            // From the first pending index on, memory is newer than redb.
+            if first_pending.is_some_and(|p| k.value() >= p) {
+                break;
+            }
+            if !push(v.value(), &mut out)? {
+                return Ok(out);
+            }
+        }
+        for (_, raw) in &pending {
+            if !push(raw, &mut out)? {
+                break;
+            }
         }
         Ok(out)
     }
 
-    fn last_entry_id(&self) -> Result<Option<LogId>, StorageError> {
+    fn last_durable_id(&self) -> Result<Option<LogId>, StorageError> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(LOG)?;
         let last = table.last()?;
@@ -110,6 +194,88 @@ impl RedbLogStore {
             None => None,
         };
         Ok(id)
+    }
+}
+
+fn clone_bound(b: Bound<&u64>) -> Bound<u64> {
+    match b {
+        Bound::Included(v) => Bound::Included(*v),
+        Bound::Excluded(v) => Bound::Excluded(*v),
+        Bound::Unbounded => Bound::Unbounded,
+    }
+}
+
+/// The thread that owns every write to the log database.
+struct Writer {
+    db: Arc<redb::Database>,
+    pending: Arc<Mutex<Pending>>,
+}
+
+impl Writer {
+    fn run(self, rx: mpsc::Receiver<Job>) {
+        while let Ok(first) = rx.recv() {
+            let mut jobs = vec![first];
+            while jobs.len() < MAX_JOBS_PER_COMMIT {
+                match rx.try_recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => break,
+                }
+            }
+            let result = self.commit(&jobs).map_err(|e| e.to_string());
+            if result.is_ok() {
+                // Entries now durable leave memory (unless a later append replaced them).
+                let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+                for job in &jobs {
+                    if let Job::Append { entries, .. } = job {
+                        for (id, _) in entries {
+                            if pending.get(&id.index).is_some_and(|(p, _)| p == id) {
+                                pending.remove(&id.index);
+                            }
+                        }
+                    }
+                }
+            }
+            for job in jobs {
+                match job {
+                    Job::Append { callback, .. } => {
+                        callback.log_io_completed(result.clone().map_err(std::io::Error::other));
+                    }
+                    Job::Truncate { done, .. } | Job::Purge { done, .. } | Job::Meta { done, .. } => {
+                        let _ = done.send(result.clone());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies `jobs` in order in one transaction and commits it with fsync.
+    fn commit(&self, jobs: &[Job]) -> Result<(), StorageError> {
+        let txn = begin_write(&self.db, Durability::Immediate)?;
+        {
+            let mut log = txn.open_table(LOG)?;
+            let mut meta = txn.open_table(META)?;
+            for job in jobs {
+                match job {
+                    Job::Append { entries, .. } => {
+                        for (id, bytes) in entries {
+                            log.insert(id.index, bytes.as_slice())?;
+                        }
+                    }
+                    Job::Truncate { from, .. } => {
+                        log.retain_in(*from.., |_, _| false)?;
+                    }
+                    Job::Purge { upto, .. } => {
+                        meta.insert(KEY_LAST_PURGED, postcard::to_stdvec(upto)?.as_slice())?;
+                        log.retain_in(..=upto.index, |_, _| false)?;
+                    }
+                    Job::Meta { key, value, .. } => {
+                        meta.insert(*key, value.as_slice())?;
+                    }
+                }
+            }
+        }
+        txn.commit()?;
+        Ok(())
     }
 }
 
@@ -135,8 +301,12 @@ impl RaftLogStorage<TypeConfig> for RedbLogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, OpenraftStorageError> {
         let last_purged: Option<LogId> = self.read_meta(KEY_LAST_PURGED).map_err(|e| logs_err(ErrorVerb::Read, e))?;
-        let last = self.last_entry_id().map_err(|e| logs_err(ErrorVerb::Read, e))?.or(last_purged);
-        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
+        let last_pending = self.pending().last_key_value().map(|(_, (id, _))| *id);
+        let last = match last_pending {
+            Some(id) => Some(id),
+            None => self.last_durable_id().map_err(|e| logs_err(ErrorVerb::Read, e))?,
+        };
+        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last.or(last_purged) })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -144,9 +314,7 @@ impl RaftLogStorage<TypeConfig> for RedbLogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), OpenraftStorageError> {
-        self.write_meta(KEY_VOTE, vote, Durability::Immediate)
-            .await
-            .map_err(|e| to_raft_err(ErrorSubject::Vote, ErrorVerb::Write, e))
+        self.write_meta(KEY_VOTE, vote).await.map_err(|e| to_raft_err(ErrorSubject::Vote, ErrorVerb::Write, e))
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, OpenraftStorageError> {
@@ -154,7 +322,7 @@ impl RaftLogStorage<TypeConfig> for RedbLogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), OpenraftStorageError> {
-        self.write_meta(KEY_COMMITTED, &committed, Durability::None)
+        self.write_meta(KEY_COMMITTED, &committed)
             .await
             .map_err(|e| to_raft_err(ErrorSubject::Store, ErrorVerb::Write, e))
     }
@@ -173,62 +341,38 @@ impl RaftLogStorage<TypeConfig> for RedbLogStore {
         let mut encoded = Vec::new();
         for entry in entries {
             let bytes = postcard::to_stdvec(&entry).map_err(|e| logs_err(ErrorVerb::Write, e))?;
-            encoded.push((entry.get_log_id().index, bytes));
+            encoded.push((*entry.get_log_id(), bytes));
         }
-        let db = self.db.clone();
-        let res = tokio::task::spawn_blocking(move || -> Result<(), StorageError> {
-            let txn = begin_write(&db, Durability::Immediate)?;
-            {
-                let mut table = txn.open_table(LOG)?;
-                for (index, bytes) in &encoded {
-                    table.insert(*index, bytes.as_slice())?;
-                }
-            }
-            txn.commit()?;
-            Ok(())
-        })
-        .await
-        .map_err(StorageError::from)
-        .and_then(|r| r);
-        match res {
-            Ok(()) => {
-                callback.log_io_completed(Ok(()));
-                Ok(())
-            }
-            Err(e) => {
-                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
-                Err(logs_err(ErrorVerb::Write, e))
+        if encoded.is_empty() {
+            callback.log_io_completed(Ok(()));
+            return Ok(());
+        }
+        // Readable at once (openraft requires it), durable when the writer acknowledges.
+        {
+            let mut pending = self.pending();
+            for (id, bytes) in &encoded {
+                pending.insert(id.index, (*id, bytes.clone()));
             }
         }
+        self.jobs
+            .send(Job::Append { entries: encoded, callback })
+            .map_err(|_| logs_err(ErrorVerb::Write, "log writer stopped"))?;
+        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), OpenraftStorageError> {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || -> Result<(), StorageError> {
-            let txn = begin_write(&db, Durability::Immediate)?;
-            txn.open_table(LOG)?.retain_in(log_id.index.., |_, _| false)?;
-            txn.commit()?;
-            Ok(())
-        })
-        .await
-        .map_err(StorageError::from)
-        .and_then(|r| r)
-        .map_err(|e| logs_err(ErrorVerb::Delete, e))
+        self.pending().split_off(&log_id.index);
+        self.run_job(|done| Job::Truncate { from: log_id.index, done })
+            .await
+            .map_err(|e| logs_err(ErrorVerb::Delete, e))
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), OpenraftStorageError> {
-        let db = self.db.clone();
-        let bytes = postcard::to_stdvec(&log_id).map_err(|e| logs_err(ErrorVerb::Delete, e))?;
-        tokio::task::spawn_blocking(move || -> Result<(), StorageError> {
-            let txn = begin_write(&db, Durability::Immediate)?;
-            txn.open_table(META)?.insert(KEY_LAST_PURGED, bytes.as_slice())?;
-            txn.open_table(LOG)?.retain_in(..=log_id.index, |_, _| false)?;
-            txn.commit()?;
-            Ok(())
-        })
-        .await
-        .map_err(StorageError::from)
-        .and_then(|r| r)
-        .map_err(|e| logs_err(ErrorVerb::Delete, e))
+        {
+            let mut pending = self.pending();
+            let keep = pending.split_off(&(log_id.index + 1));
+            *pending = keep;
+        }
+        self.run_job(|done| Job::Purge { upto: log_id, done }).await.map_err(|e| logs_err(ErrorVerb::Delete, e))
     }
 }

@@ -28,7 +28,7 @@ use super::{
 use crate::{
     api::{
         split_raft_id, ApiError, KeyValue, NodeId, ReadConsistency, ScanPage, ScanRequest, ShardHealth, ShardId,
-        ShardStatus, WriteCommand, WriteOutcome, WriteSession,
+        ShardStatus, StateDigest, WriteCommand, WriteOutcome, WriteSession,
     },
     config::RaftConfig,
 };
@@ -363,8 +363,21 @@ impl RaftNode {
         ShardHealth { healthy: reason.is_empty(), leader_known, heartbeat_age_ms, apply_lag, reason }
     }
 
+    /// The digest of this replica's state machine at the index it has applied (one read
+    /// transaction, O(1)); `None` (logged) if the state machine cannot be read.
+    pub fn digest(&self) -> Option<StateDigest> {
+        match self.reader.digest() {
+            Ok(d) => Some(d),
+            Err(e) => {
+                tracing::warn!(shard = self.shard, "state digest: {e}");
+                None
+            }
+        }
+    }
+
     /// This shard as seen from this node.
     pub fn status(&self) -> ShardStatus {
+        let digest = self.digest();
         let health = self.health();
         let m = self.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
@@ -385,6 +398,7 @@ impl RaftNode {
             last_log_index: m.last_log_index.unwrap_or(0),
             role: role.to_string(),
             health,
+            digest,
         }
     }
 

@@ -11,6 +11,36 @@
 //!
 //! Never: make a decision that differs between replicas (no local clock, no randomness; session
 //! expiry uses the leader's timestamp carried in the log entry).
+//!
+//! # State digest
+//!
+//! Every replica keeps a digest of its replicated state so that tests (and operators, through
+//! `cluster status`) can check that replicas are equal, not only that a leader answers. It is a
+//! function of the logical state alone (never of redb's pages), so every replica that applied the
+//! same log has the same digest, whether it applied entry by entry or installed a snapshot.
+//!
+//! All integers below are little-endian; `len(x)` is `x`'s length as a `u64`;
+//! `H(context, bytes)` is BLAKE3 in key-derivation mode (`blake3::derive_key`-style hasher made
+//! with `Hasher::new_derive_key(context)`).
+//!
+//! - a key: `H("aspen state digest v1 kv", len(key) ‖ key ‖ len(value) ‖ value ‖ create_revision ‖
+//!   mod_revision ‖ version)`;
+//! - a client session: `H("aspen state digest v1 session", client_id (16 bytes as stored) ‖ seq ‖
+//!   last_seen_ms ‖ len(o) ‖ o)` with `o` the postcard encoding of the session's last outcome;
+//! - `sum`: the sum modulo 2^256 of the item hashes of every key and every session, each hash read
+//!   as a 256-bit little-endian integer. Addition is order-independent and, unlike XOR, does not
+//!   cancel equal items. It is kept incrementally in the `meta` table (`digest_sum`), in the same
+//!   write transaction as every apply (subtract the old item's hash, add the new one), rebuilt
+//!   from the items on snapshot install and when a database without it is opened;
+//! - the digest: `H("aspen state digest v1", a ‖ clock_ms ‖ len(m) ‖ m ‖ sum)` where `a` is the
+//!   byte 0 if nothing was applied, else the byte 1 followed by the `last_applied` index, and `m`
+//!   is the postcard encoding of the last membership (default if none).
+//!
+//! The session expiry index (`session_age`) is derived from the sessions and not hashed
+//! separately. [`StateReader::digest`] reads `last_applied`, clock, membership and `sum` in one
+//! read transaction, so a digest always describes exactly the index it names;
+//! [`StateReader::recompute_digest`] recomputes `sum` from the items instead (O(n)), to check the
+//! incremental one.
 
 use std::{
     io::Cursor,
@@ -30,7 +60,7 @@ use super::{
     begin_write, open_db, open_db_with_backend, to_raft_err, ApplyResult, Entry, LogId, OpenraftStorageError,
     SnapshotMeta, StorageError, StoredMembership, TypeConfig, WriteRequest,
 };
-use crate::api::{BatchOp, KeyValue, WriteCommand, WriteOutcome};
+use crate::api::{BatchOp, KeyValue, StateDigest, WriteCommand, WriteOutcome};
 
 const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
 /// client id → last write of that session.
@@ -42,6 +72,12 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const KEY_LAST_APPLIED: &str = "last_applied";
 const KEY_MEMBERSHIP: &str = "membership";
 const KEY_CLOCK: &str = "clock";
+/// The 32-byte sum of item hashes (see the module docs).
+const KEY_DIGEST_SUM: &str = "digest_sum";
+
+const DIGEST_CONTEXT: &str = "aspen state digest v1";
+const DIGEST_KV_CONTEXT: &str = "aspen state digest v1 kv";
+const DIGEST_SESSION_CONTEXT: &str = "aspen state digest v1 session";
 
 /// A session idle for longer than this (by the leaders' clocks in the log) is forgotten.
 pub const SESSION_TTL_MS: u64 = 60 * 60 * 1000;
@@ -141,6 +177,153 @@ impl StateReader {
         let txn = self.db.begin_read()?;
         Ok(txn.open_table(KV)?.len()?)
     }
+
+    /// The digest of the applied state and the index it describes, read in one transaction
+    /// (O(1): the incrementally kept sum).
+    pub fn digest(&self) -> Result<StateDigest, StorageError> {
+        let txn = self.db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        let sum = read_sum(&meta)?.ok_or_else(|| StorageError::Corrupt("state digest sum missing".into()))?;
+        final_digest(&meta, &sum)
+    }
+
+    /// The same digest, with the sum recomputed from every stored key and session (O(n)); equal
+    /// to [`Self::digest`] unless the incremental sum went wrong.
+    pub fn recompute_digest(&self) -> Result<StateDigest, StorageError> {
+        let txn = self.db.begin_read()?;
+        let sum = sum_of_tables(&txn.open_table(KV)?, &txn.open_table(SESSIONS)?)?;
+        final_digest(&txn.open_table(META)?, &sum)
+    }
+}
+
+/// A 256-bit integer (four little-endian `u64` limbs), added and subtracted modulo 2^256.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct DigestSum([u64; 4]);
+
+impl DigestSum {
+    fn limbs(h: &[u8; 32]) -> [u64; 4] {
+        let mut out = [0u64; 4];
+        for (i, limb) in out.iter_mut().enumerate() {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&h[i * 8..i * 8 + 8]);
+            *limb = u64::from_le_bytes(b);
+        }
+        out
+    }
+
+    fn add(&mut self, h: &[u8; 32]) {
+        let mut carry = false;
+        for (a, b) in self.0.iter_mut().zip(Self::limbs(h)) {
+            let (s1, c1) = a.overflowing_add(b);
+            let (s2, c2) = s1.overflowing_add(carry as u64);
+            *a = s2;
+            carry = c1 || c2;
+        }
+    }
+
+    fn sub(&mut self, h: &[u8; 32]) {
+        let mut borrow = false;
+        for (a, b) in self.0.iter_mut().zip(Self::limbs(h)) {
+            let (d1, b1) = a.overflowing_sub(b);
+            let (d2, b2) = d1.overflowing_sub(borrow as u64);
+            *a = d2;
+            borrow = b1 || b2;
+        }
+    }
+
+    fn to_bytes(self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        for (i, limb) in self.0.iter().enumerate() {
+            out[i * 8..i * 8 + 8].copy_from_slice(&limb.to_le_bytes());
+        }
+        out
+    }
+
+    fn from_bytes(bytes: &[u8]) -> Result<Self, StorageError> {
+        let h: &[u8; 32] = bytes
+            .try_into()
+            .map_err(|_| StorageError::Corrupt(format!("state digest sum of {} bytes", bytes.len())))?;
+        Ok(DigestSum(Self::limbs(h)))
+    }
+}
+
+fn update_len_prefixed(h: &mut blake3::Hasher, bytes: &[u8]) {
+    h.update(&(bytes.len() as u64).to_le_bytes());
+    h.update(bytes);
+}
+
+/// The item hash of one key (see the module docs).
+fn kv_item_hash(key: &[u8], v: &StoredValue) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_derive_key(DIGEST_KV_CONTEXT);
+    update_len_prefixed(&mut h, key);
+    update_len_prefixed(&mut h, &v.value);
+    h.update(&v.create_revision.to_le_bytes());
+    h.update(&v.mod_revision.to_le_bytes());
+    h.update(&v.version.to_le_bytes());
+    *h.finalize().as_bytes()
+}
+
+/// The item hash of one client session (see the module docs).
+fn session_item_hash(client: u128, rec: &SessionRecord) -> Result<[u8; 32], StorageError> {
+    let mut h = blake3::Hasher::new_derive_key(DIGEST_SESSION_CONTEXT);
+    h.update(&client.to_be_bytes());
+    h.update(&rec.seq.to_le_bytes());
+    h.update(&rec.last_seen_ms.to_le_bytes());
+    update_len_prefixed(&mut h, &postcard::to_stdvec(&rec.outcome)?);
+    Ok(*h.finalize().as_bytes())
+}
+
+fn read_sum(meta: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<Option<DigestSum>, StorageError> {
+    match meta.get(KEY_DIGEST_SUM)? {
+        Some(v) => Ok(Some(DigestSum::from_bytes(v.value())?)),
+        None => Ok(None),
+    }
+}
+
+fn write_sum(meta: &mut redb::Table<'_, &'static str, &'static [u8]>, sum: &DigestSum) -> Result<(), StorageError> {
+    meta.insert(KEY_DIGEST_SUM, sum.to_bytes().as_slice())?;
+    Ok(())
+}
+
+/// The sum over every stored key and session.
+fn sum_of_tables(
+    kv: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    sessions: &impl ReadableTable<u128, &'static [u8]>,
+) -> Result<DigestSum, StorageError> {
+    let mut sum = DigestSum::default();
+    for item in kv.iter()? {
+        let (k, v) = item?;
+        sum.add(&kv_item_hash(k.value(), &postcard::from_bytes(v.value())?));
+    }
+    for item in sessions.iter()? {
+        let (k, v) = item?;
+        sum.add(&session_item_hash(k.value(), &postcard::from_bytes(v.value())?)?);
+    }
+    Ok(sum)
+}
+
+/// The digest from the meta table's `last_applied`, clock and membership, and `sum`.
+fn final_digest(
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+    sum: &DigestSum,
+) -> Result<StateDigest, StorageError> {
+    let last_applied: Option<LogId> = read_meta(meta, KEY_LAST_APPLIED)?;
+    let clock: u64 = read_meta(meta, KEY_CLOCK)?.unwrap_or(0);
+    let membership: StoredMembership = read_meta(meta, KEY_MEMBERSHIP)?.unwrap_or_default();
+    let mut h = blake3::Hasher::new_derive_key(DIGEST_CONTEXT);
+    match last_applied {
+        Some(l) => {
+            h.update(&[1]);
+            h.update(&l.index.to_le_bytes());
+        }
+        None => {
+            h.update(&[0]);
+        }
+    }
+    h.update(&clock.to_le_bytes());
+    update_len_prefixed(&mut h, &postcard::to_stdvec(&membership)?);
+    h.update(&sum.to_bytes());
+    Ok(StateDigest { applied_index: last_applied.map(|l| l.index).unwrap_or(0), digest: *h.finalize().as_bytes() })
 }
 
 fn to_kv(key: Vec<u8>, s: StoredValue) -> KeyValue {
@@ -192,10 +375,16 @@ impl RedbStateMachine {
 
     fn from_db(db: redb::Database, dir: PathBuf) -> Result<Self, StorageError> {
         let txn = begin_write(&db, Durability::Immediate)?;
-        txn.open_table(KV)?;
-        txn.open_table(SESSIONS)?;
         txn.open_table(SESSION_AGE)?;
-        txn.open_table(META)?;
+        {
+            let kv = txn.open_table(KV)?;
+            let sessions = txn.open_table(SESSIONS)?;
+            let mut meta = txn.open_table(META)?;
+            // A new database, or one written before digests existed: sum what it holds.
+            if read_sum(&meta)?.is_none() {
+                write_sum(&mut meta, &sum_of_tables(&kv, &sessions)?)?;
+            }
+        }
         txn.commit()?;
         Ok(RedbStateMachine { db: Arc::new(db), dir, snapshot_guard: Default::default() })
     }
@@ -212,8 +401,9 @@ impl RedbStateMachine {
 
 #[cfg(test)]
 impl RedbStateMachine {
-    /// Everything the state machine holds (including the session expiry index), canonically
-    /// encoded: two replicas in the same state have equal fingerprints.
+    /// Everything the state machine holds (including the session expiry index and the state
+    /// digest), canonically encoded: two replicas in the same state have equal fingerprints.
+    /// Fails if the incrementally kept digest differs from a recount of the items.
     pub(crate) fn fingerprint(&self) -> Result<Vec<u8>, StorageError> {
         let txn = self.db.begin_read()?;
         let (last_applied, membership, data) = read_snapshot_payload(&txn)?;
@@ -221,7 +411,22 @@ impl RedbStateMachine {
         for item in txn.open_table(SESSION_AGE)?.iter()? {
             ages.push(item?.0.value());
         }
-        Ok(postcard::to_stdvec(&(last_applied, membership, data, ages))?)
+        let meta = txn.open_table(META)?;
+        let kept = read_sum(&meta)?.ok_or_else(|| StorageError::Corrupt("state digest sum missing".into()))?;
+        let digest = final_digest(&meta, &kept)?;
+        let recount = final_digest(&meta, &sum_of_tables(&txn.open_table(KV)?, &txn.open_table(SESSIONS)?)?)?;
+        if digest != recount {
+            return Err(StorageError::Corrupt(format!("state digest {digest} differs from a recount {recount}")));
+        }
+        Ok(postcard::to_stdvec(&(last_applied, membership, data, ages, digest.digest))?)
+    }
+
+    /// Removes the stored digest sum, as in a database written before digests existed.
+    pub(crate) fn forget_digest_sum(&self) -> Result<(), StorageError> {
+        let txn = begin_write(&self.db, Durability::Immediate)?;
+        txn.open_table(META)?.remove(KEY_DIGEST_SUM)?;
+        txn.commit()?;
+        Ok(())
     }
 }
 
@@ -235,6 +440,7 @@ fn apply_entries(db: &redb::Database, entries: Vec<Entry>) -> Result<Vec<ApplyRe
         let mut ages = txn.open_table(SESSION_AGE)?;
         let mut meta = txn.open_table(META)?;
         let mut clock: u64 = read_meta(&meta, KEY_CLOCK)?.unwrap_or(0);
+        let mut sum = read_sum(&meta)?.ok_or_else(|| StorageError::Corrupt("state digest sum missing".into()))?;
         let mut last_applied: Option<LogId> = None;
         let mut membership: Option<StoredMembership> = None;
         for entry in entries {
@@ -250,13 +456,16 @@ fn apply_entries(db: &redb::Database, entries: Vec<Entry>) -> Result<Vec<ApplyRe
                     clock = clock.max(req.timestamp_ms);
                     // Expire per entry (not per batch): replicas batch entries differently, and
                     // every replica must make the same dedup decision for every entry.
-                    expire_sessions(&mut sessions, &mut ages, clock)?;
-                    let outcome = apply_write(&mut kv, &mut sessions, &mut ages, log_id.index, req)?;
+                    expire_sessions(&mut sessions, &mut ages, &mut sum, clock)?;
+                    let mut tables =
+                        WriteTables { kv: &mut kv, sessions: &mut sessions, ages: &mut ages, sum: &mut sum };
+                    let outcome = apply_write(&mut tables, log_id.index, req)?;
                     results.push(ApplyResult(Some(outcome)));
                 }
             }
         }
         meta.insert(KEY_CLOCK, postcard::to_stdvec(&clock)?.as_slice())?;
+        write_sum(&mut meta, &sum)?;
         if let Some(la) = last_applied {
             meta.insert(KEY_LAST_APPLIED, postcard::to_stdvec(&la)?.as_slice())?;
         }
@@ -269,16 +478,20 @@ fn apply_entries(db: &redb::Database, entries: Vec<Entry>) -> Result<Vec<ApplyRe
 }
 
 type KvTable<'t> = redb::Table<'t, &'static [u8], &'static [u8]>;
+type SessionTable<'t> = redb::Table<'t, u128, &'static [u8]>;
+type AgeTable<'t> = redb::Table<'t, (u64, u128), ()>;
 
-fn apply_write(
-    kv: &mut KvTable<'_>,
-    sessions: &mut redb::Table<'_, u128, &'static [u8]>,
-    ages: &mut redb::Table<'_, (u64, u128), ()>,
-    revision: u64,
-    req: WriteRequest,
-) -> Result<WriteOutcome, StorageError> {
+/// The tables a write changes, and the digest sum kept in step with them.
+struct WriteTables<'a, 't> {
+    kv: &'a mut KvTable<'t>,
+    sessions: &'a mut SessionTable<'t>,
+    ages: &'a mut AgeTable<'t>,
+    sum: &'a mut DigestSum,
+}
+
+fn apply_write(t: &mut WriteTables<'_, '_>, revision: u64, req: WriteRequest) -> Result<WriteOutcome, StorageError> {
     let client = u128::from_be_bytes(req.session.client_id.0);
-    let previous: Option<SessionRecord> = match sessions.get(client)? {
+    let previous: Option<SessionRecord> = match t.sessions.get(client)? {
         Some(v) => Some(postcard::from_bytes(v.value())?),
         None => None,
     };
@@ -293,20 +506,20 @@ fn apply_write(
     }
     let outcome = match req.command {
         WriteCommand::Put { key, value } => {
-            put(kv, &key, value, revision)?;
+            put(t.kv, t.sum, &key, value, revision)?;
             WriteOutcome::Put { revision }
         }
         WriteCommand::Delete { key } => {
-            let deleted = kv.remove(key.as_slice())?.is_some();
+            let deleted = remove(t.kv, t.sum, &key)?;
             WriteOutcome::Delete { revision, deleted }
         }
         WriteCommand::Cas { key, expected, new_value } => {
-            let current: Option<Vec<u8>> = match kv.get(key.as_slice())? {
+            let current: Option<Vec<u8>> = match t.kv.get(key.as_slice())? {
                 Some(v) => Some(postcard::from_bytes::<StoredValue>(v.value())?.value),
                 None => None,
             };
             if current == expected {
-                put(kv, &key, new_value, revision)?;
+                put(t.kv, t.sum, &key, new_value, revision)?;
                 WriteOutcome::Cas { revision, succeeded: true, current: None }
             } else {
                 WriteOutcome::Cas { revision, succeeded: false, current }
@@ -315,9 +528,9 @@ fn apply_write(
         WriteCommand::Batch { ops } => {
             for op in ops {
                 match op {
-                    BatchOp::Put { key, value } => put(kv, &key, value, revision)?,
+                    BatchOp::Put { key, value } => put(t.kv, t.sum, &key, value, revision)?,
                     BatchOp::Delete { key } => {
-                        kv.remove(key.as_slice())?;
+                        remove(t.kv, t.sum, &key)?;
                     }
                 }
             }
@@ -325,33 +538,59 @@ fn apply_write(
         }
     };
     if let Some(prev) = &previous {
-        ages.remove((prev.last_seen_ms, client))?;
+        t.ages.remove((prev.last_seen_ms, client))?;
+        t.sum.sub(&session_item_hash(client, prev)?);
     }
     let record = SessionRecord { seq: req.session.seq, outcome: outcome.clone(), last_seen_ms: req.timestamp_ms };
-    sessions.insert(client, postcard::to_stdvec(&record)?.as_slice())?;
-    ages.insert((req.timestamp_ms, client), ())?;
+    t.sum.add(&session_item_hash(client, &record)?);
+    t.sessions.insert(client, postcard::to_stdvec(&record)?.as_slice())?;
+    t.ages.insert((req.timestamp_ms, client), ())?;
     Ok(outcome)
 }
 
-fn put(kv: &mut KvTable<'_>, key: &[u8], value: Vec<u8>, revision: u64) -> Result<(), StorageError> {
+fn put(
+    kv: &mut KvTable<'_>,
+    sum: &mut DigestSum,
+    key: &[u8],
+    value: Vec<u8>,
+    revision: u64,
+) -> Result<(), StorageError> {
     let old: Option<StoredValue> = match kv.get(key)? {
         Some(v) => Some(postcard::from_bytes(v.value())?),
         None => None,
     };
     let stored = match old {
         Some(o) => {
+            sum.sub(&kv_item_hash(key, &o));
             StoredValue { value, create_revision: o.create_revision, mod_revision: revision, version: o.version + 1 }
         }
         None => StoredValue { value, create_revision: revision, mod_revision: revision, version: 1 },
     };
+    sum.add(&kv_item_hash(key, &stored));
     kv.insert(key, postcard::to_stdvec(&stored)?.as_slice())?;
     Ok(())
 }
 
+/// Removes `key`; returns whether it existed.
+fn remove(kv: &mut KvTable<'_>, sum: &mut DigestSum, key: &[u8]) -> Result<bool, StorageError> {
+    let old: Option<StoredValue> = match kv.remove(key)? {
+        Some(v) => Some(postcard::from_bytes(v.value())?),
+        None => None,
+    };
+    match old {
+        Some(o) => {
+            sum.sub(&kv_item_hash(key, &o));
+            Ok(true)
+        }
+        None => Ok(false),
+    }
+}
+
 /// Forgets sessions idle longer than [`SESSION_TTL_MS`] and the oldest beyond [`MAX_SESSIONS`].
 fn expire_sessions(
-    sessions: &mut redb::Table<'_, u128, &'static [u8]>,
-    ages: &mut redb::Table<'_, (u64, u128), ()>,
+    sessions: &mut SessionTable<'_>,
+    ages: &mut AgeTable<'_>,
+    sum: &mut DigestSum,
     clock: u64,
 ) -> Result<(), StorageError> {
     let cutoff = clock.saturating_sub(SESSION_TTL_MS);
@@ -365,7 +604,13 @@ fn expire_sessions(
             break;
         }
         ages.remove(oldest)?;
-        sessions.remove(oldest.1)?;
+        let expired: Option<SessionRecord> = match sessions.remove(oldest.1)? {
+            Some(v) => Some(postcard::from_bytes(v.value())?),
+            None => None,
+        };
+        if let Some(rec) = expired {
+            sum.sub(&session_item_hash(oldest.1, &rec)?);
+        }
     }
     Ok(())
 }
@@ -408,8 +653,12 @@ fn install_payload(db: &redb::Database, meta: &SnapshotMeta, data: &[u8]) -> Res
             sessions.insert(*id, postcard::to_stdvec(rec)?.as_slice())?;
             ages.insert((rec.last_seen_ms, *id), ())?;
         }
+        // From the tables just written, not the payload: a payload that repeats a key must
+        // count it once, as the table does.
+        let sum = sum_of_tables(&kv, &sessions)?;
         let mut m = txn.open_table(META)?;
         m.insert(KEY_CLOCK, postcard::to_stdvec(&payload.clock_ms)?.as_slice())?;
+        write_sum(&mut m, &sum)?;
         // Stored as a plain `LogId` everywhere (not `Option<LogId>`).
         match &meta.last_log_id {
             Some(l) => {

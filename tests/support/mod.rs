@@ -3,13 +3,14 @@
 #![allow(dead_code)]
 
 use std::{
+    collections::BTreeMap,
     net::{SocketAddr, UdpSocket},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
-use aspen::api::NodeTicket;
+use aspen::api::{NodeTicket, StateDigest};
 
 pub const NODE_BIN: &str = env!("CARGO_BIN_EXE_aspen-node");
 pub const CLI_BIN: &str = env!("CARGO_BIN_EXE_aspen-cli");
@@ -300,4 +301,47 @@ pub async fn raw_raft_clients(
 pub async fn client_of(nodes: &[&InProcNode]) -> aspen::AspenClient {
     let tickets = nodes.iter().map(|n| n.ticket()).collect();
     aspen::AspenClient::connect(tickets, Duration::from_secs(30)).await.expect("client")
+}
+
+/// Every running node's digest of every shard it hosts, read once: shard → (node id, digest, the
+/// digest recomputed from every item). `None` where the state machine could not be read.
+pub fn shard_digests(nodes: &[&InProcNode]) -> BTreeMap<u32, Vec<(u64, Option<StateDigest>, Option<StateDigest>)>> {
+    let mut out: BTreeMap<u32, Vec<_>> = BTreeMap::new();
+    for n in nodes {
+        for (shard, raft) in &n.handle().shards {
+            let reader = raft.reader();
+            out.entry(*shard).or_default().push((
+                n.config.node_id,
+                reader.digest().ok(),
+                reader.recompute_digest().ok(),
+            ));
+        }
+    }
+    out
+}
+
+/// Waits until, on every shard, every running node that hosts it has applied the same index and
+/// has the same state digest there (and each node's incremental digest equals a full recount);
+/// returns the agreed digest of each shard. Panics after `secs` with every node's digests.
+pub async fn wait_digests_equal(nodes: &[&InProcNode], secs: u64) -> BTreeMap<u32, StateDigest> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let all = shard_digests(nodes);
+        let agreed: Option<BTreeMap<u32, StateDigest>> = all
+            .iter()
+            .map(|(shard, views)| {
+                let first = views.first().and_then(|v| v.1)?;
+                views.iter().all(|(_, d, full)| *d == Some(first) && *full == Some(first)).then_some((*shard, first))
+            })
+            .collect();
+        if let Some(agreed) = agreed {
+            if !agreed.is_empty() {
+                return agreed;
+            }
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {secs} s waiting for equal replica digests: {all:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

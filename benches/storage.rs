@@ -1,0 +1,101 @@
+//! Storage of one shard, without Raft or network:
+//! - `log_append`: [`RedbLogStore`] append of 1 / 16 / 256 entries (256-byte put values), each
+//!   append one fsync'd redb transaction, timed until openraft would be told it is durable;
+//! - `apply`: [`RedbStateMachine`] apply of 1 / 16 / 256 put entries (one redb commit without
+//!   fsync per call, as in the node).
+//!
+//! Run with `cargo bench --bench storage`. Throughput is in entries per second.
+
+use std::time::{Duration, Instant};
+
+use aspen::{
+    api::{Id128, WriteCommand, WriteSession},
+    raft::{Entry, LogId, RedbLogStore, RedbStateMachine, WriteRequest},
+};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use openraft::{
+    storage::{RaftLogStorageExt, RaftStateMachine},
+    CommittedLeaderId, EntryPayload,
+};
+
+const BATCHES: [u64; 3] = [1, 16, 256];
+const VALUE_BYTES: usize = 256;
+
+/// A put of a 256-byte value at `index`, by a client session of its own.
+fn put_entry(index: u64) -> Entry {
+    let mut id = [0xAB; 16];
+    id[8..].copy_from_slice(&index.to_be_bytes());
+    Entry {
+        log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+        payload: EntryPayload::Normal(WriteRequest {
+            session: WriteSession { client_id: Id128(id), seq: 1 },
+            command: WriteCommand::Put { key: format!("key/{index:010}").into_bytes(), value: vec![b'v'; VALUE_BYTES] },
+            timestamp_ms: 1_000,
+        }),
+    }
+}
+
+fn batch(first: u64, len: u64) -> Vec<Entry> {
+    (first..first + len).map(put_entry).collect()
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
+}
+
+fn log_append(c: &mut Criterion) {
+    let rt = runtime();
+    let mut group = c.benchmark_group("log_append");
+    group.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
+    for len in BATCHES {
+        // A fresh log per batch size, so that one size's file growth does not slow the next.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = RedbLogStore::open(&dir.path().join("raft-log.db"), 1 << 20).expect("open log");
+        let mut next = 1u64;
+        group.throughput(Throughput::Elements(len));
+        group.bench_function(BenchmarkId::from_parameter(len), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let entries = batch(next, len);
+                    next += len;
+                    let start = Instant::now();
+                    rt.block_on(store.blocking_append(entries)).expect("append");
+                    total += start.elapsed();
+                }
+                total
+            })
+        });
+    }
+    group.finish();
+}
+
+fn apply(c: &mut Criterion) {
+    let rt = runtime();
+    let mut group = c.benchmark_group("apply");
+    group.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
+    for len in BATCHES {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut sm = RedbStateMachine::open(&dir.path().join("state-machine.db")).expect("open state machine");
+        let mut next = 1u64;
+        group.throughput(Throughput::Elements(len));
+        group.bench_function(BenchmarkId::from_parameter(len), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let entries = batch(next, len);
+                    next += len;
+                    let start = Instant::now();
+                    let results = rt.block_on(sm.apply(entries)).expect("apply");
+                    total += start.elapsed();
+                    assert_eq!(results.len() as u64, len);
+                }
+                total
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, log_append, apply);
+criterion_main!(benches);
