@@ -9,9 +9,10 @@
 //! [`aspen::checker::History`], while a seeded schedule injects, one after the other and healed
 //! in between: a node cut off from its peers (client path up), a node cut off from everyone, 20–35 %
 //! random loss on every node, `kill -9` and a restart from the data dir, and `SIGSTOP`/`SIGCONT` of
-//! a leader. After healing: every shard has one leader and equal replicas, final linearizable reads
-//! of every key go into the history, the history is linearizable, and stale reads of every key on
-//! every node (each through a client that only knows that node) agree with them.
+//! a leader. After healing: every shard has one leader and replicas with equal applied indexes
+//! and state digests, final linearizable reads of every key go into the history, the history is
+//! linearizable, and stale reads of every key on every node (each through a client that only
+//! knows that node) agree with them.
 //!
 //! Each test prints its seed; `ASPEN_NETNS_SEED=<seed>` replays the schedule. The tests print one
 //! `skipping netns test: …` line and pass when not root, when `ip netns add` fails or when `nft` is
@@ -524,7 +525,7 @@ fn shard0_leader(st: &ClusterStatus) -> Option<u64> {
 }
 
 /// Every node reports `shards` shards; on each, all agree on one leader, have applied the same
-/// index, and the leader has applied its whole log.
+/// index with equal state digests, and the leader has applied its whole log.
 fn converged(st: &ClusterStatus, shards: u32) -> bool {
     let views: Vec<_> = st.nodes.iter().filter_map(|n| n.status.as_ref()).collect();
     if views.len() != NODES || views.iter().any(|v| v.shards.len() != shards as usize) {
@@ -535,7 +536,7 @@ fn converged(st: &ClusterStatus, shards: u32) -> bool {
         sh[0].leader.is_some()
             && sh.iter().all(|x| x.leader == sh[0].leader && x.last_applied == sh[0].last_applied)
             && sh.iter().any(|x| x.role == "Leader" && x.last_log_index == x.last_applied)
-        // Once `ShardStatus` carries a per-shard digest, compare it here as well.
+            && sh.iter().all(|x| x.digest.is_some() && x.digest == sh[0].digest)
     })
 }
 
