@@ -1,0 +1,838 @@
+//! Real `aspen-node` processes in Linux network namespaces, with faults injected by nftables and
+//! signals, checked for linearizability.
+//!
+//! Each test builds its own network: one `ip netns` per node (`aspen-nt<pid><tag>-n<i>`), a veth
+//! pair per node into a bridge in the root namespace. The bridge has `10.201.X.254/24`, so this
+//! test process is a client of the nodes at `10.201.X.1..3`; nothing else is addressed. Three
+//! nodes start with `ip netns exec`, node 1 initializes and 2, 3 `--join` it. Concurrent clients
+//! run get/put/cas/delete on a small key space and record every op in an
+//! [`aspen::checker::History`], while a seeded schedule injects, one after the other and healed
+//! in between: a node cut off from its peers (client path up), a node cut off from everyone, 20–35 %
+//! random loss on every node, `kill -9` and a restart from the data dir, and `SIGSTOP`/`SIGCONT` of
+//! a leader. After healing: every shard has one leader and replicas with equal applied indexes
+//! and state digests, final linearizable reads of every key go into the history, the history is
+//! linearizable, and stale reads of every key on every node (each through a client that only
+//! knows that node) agree with them.
+//!
+//! Each test prints its seed; `ASPEN_NETNS_SEED=<seed>` replays the schedule. The tests print one
+//! `skipping netns test: …` line and pass when not root, when `ip netns add` fails or when `nft` is
+//! missing. A guard removes namespaces, links, processes and data dirs even when a test panics;
+//! every test first removes what earlier runs that died (their pid is gone) left behind.
+
+mod support;
+
+use std::{
+    collections::BTreeMap,
+    fs::OpenOptions,
+    io::Write,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use aspen::{
+    api::{ClusterStatus, NodeTicket, ReadConsistency},
+    checker::{CheckConfig, History, Op, OpResult},
+    client::CasOutcome,
+    ApiError, AspenClient, ClientError,
+};
+use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
+use support::NODE_BIN;
+
+/// Network namespace names start with this (then the pid of the test process).
+const NS_PREFIX: &str = "aspen-nt";
+/// Host-side link names (bridge, veths) start with this (then the pid); at most 15 bytes in all.
+const LINK_PREFIX: &str = "asnt";
+const NODES: usize = 3;
+const KEYS: usize = 6;
+const CLIENTS: usize = 5;
+
+// ---------------------------------------------------------------------------------------------
+// Shell helpers
+
+fn run(cmd: &str, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(cmd).args(args).stdin(Stdio::null()).output().map_err(|e| format!("{cmd}: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!("`{cmd} {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+fn ip(args: &[&str]) -> Result<String, String> {
+    run("ip", args)
+}
+
+/// Loads an nft script inside namespace `ns`.
+fn nft(ns: &str, script: &str) -> Result<(), String> {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("nft in {ns}: {e}"))?;
+    child.stdin.take().expect("stdin").write_all(script.as_bytes()).map_err(|e| e.to_string())?;
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("nft in {ns}: {}\n{script}", String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+fn effective_uid() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+    line.split_whitespace().nth(2)?.parse().ok()
+}
+
+fn pid_alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// The pid embedded after `prefix` in `name` (`aspen-nt1234a-n1` → 1234).
+fn pid_in(name: &str, prefix: &str) -> Option<u32> {
+    let rest = name.strip_prefix(prefix)?;
+    let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+    digits.parse().ok()
+}
+
+fn netns_names() -> Vec<String> {
+    ip(&["netns", "list"])
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(String::from))
+        .collect()
+}
+
+fn link_names() -> Vec<String> {
+    ip(&["-o", "link", "show"])
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1).map(|n| n.split('@').next().unwrap_or(n).to_string()))
+        .collect()
+}
+
+/// Kills every process inside `ns` and deletes it.
+fn delete_netns(ns: &str) {
+    for pid in ip(&["netns", "pids", ns]).unwrap_or_default().split_whitespace() {
+        let _ = run("kill", &["-KILL", pid]);
+    }
+    let _ = ip(&["netns", "del", ns]);
+}
+
+/// Removes namespaces and links that earlier runs of this test left behind (their pid is gone).
+fn cleanup_leftovers() {
+    for ns in netns_names() {
+        if pid_in(&ns, NS_PREFIX).is_some_and(|pid| !pid_alive(pid)) {
+            println!("removing leftover namespace {ns}");
+            delete_netns(&ns);
+        }
+    }
+    if let Ok(dir) = std::fs::read_dir(std::env::temp_dir()) {
+        for entry in dir.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if pid_in(&name, NS_PREFIX).is_some_and(|pid| !pid_alive(pid)) {
+                println!("removing leftover data dir {}", entry.path().display());
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    for link in link_names() {
+        if pid_in(&link, LINK_PREFIX).is_some_and(|pid| !pid_alive(pid)) {
+            println!("removing leftover link {link}");
+            let _ = ip(&["link", "del", &link]);
+        }
+    }
+}
+
+/// Why this machine cannot run the test, if it cannot.
+fn skip_reason() -> Option<String> {
+    if effective_uid() != Some(0) {
+        return Some("not running as root".into());
+    }
+    if run("nft", &["--version"]).is_err() {
+        return Some("nft (nftables) is not installed".into());
+    }
+    if run("ip", &["-V"]).is_err() {
+        return Some("ip (iproute2) is not installed".into());
+    }
+    None
+}
+
+// ---------------------------------------------------------------------------------------------
+// The network and its guard
+
+/// One `aspen-node` process inside its namespace.
+struct Node {
+    id: u64,
+    ns: String,
+    addr: SocketAddr,
+    data_dir: PathBuf,
+    log: PathBuf,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Node {
+    fn spawn(&mut self) {
+        assert!(self.child.is_none(), "node {} already running", self.id);
+        let _ = std::fs::remove_file(self.data_dir.join("node.ticket"));
+        let log = OpenOptions::new().create(true).append(true).open(&self.log).expect("node log");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns, NODE_BIN])
+            .arg("--node-id")
+            .arg(self.id.to_string())
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--bind-addr")
+            .arg(self.addr.to_string())
+            .args(["--heartbeat-interval-ms", "400", "--election-timeout-min-ms", "1500"])
+            .args(["--election-timeout-max-ms", "3000", "--request-timeout-ms", "8000"])
+            .args(&self.args)
+            .env_remove("ASPEN_TICKET")
+            .env("RUST_LOG", "warn")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn ip netns exec aspen-node");
+        self.child = Some(child);
+    }
+
+    /// Waits until the node wrote a ticket naming its address.
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if self.read_ticket().is_some_and(|t| t.addrs.contains(&self.addr)) {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("aspen-node {} exited during start-up: {status} (log {})", self.id, self.log.display());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("aspen-node {} wrote no ticket within 60 s (log {})", self.id, self.log.display());
+    }
+
+    fn read_ticket(&self) -> Option<NodeTicket> {
+        let text = std::fs::read_to_string(self.data_dir.join("node.ticket")).ok()?;
+        NodeTicket::decode(text.trim()).ok()
+    }
+
+    fn ticket(&self) -> NodeTicket {
+        self.read_ticket().expect("node has a ticket")
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("node running").id().to_string();
+        run("kill", &[sig, &pid]).expect("kill");
+    }
+
+    /// `kill -9` (also works on a stopped process).
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The namespaces, bridge, veths and node processes of one test; [`Drop`] removes them all.
+struct Net {
+    name: String,
+    subnet: u8,
+    namespaces: Vec<String>,
+    bridge: Option<String>,
+    veths: Vec<String>,
+    nodes: Vec<Node>,
+    root: Option<tempfile::TempDir>,
+}
+
+impl Net {
+    /// Creates namespaces `<name>-n1..n{count}` joined by a bridge. `Err` when `ip netns add`
+    /// fails (the caller skips); panics on later failures (after the guard exists).
+    fn create(tag: char, count: usize) -> Result<Net, String> {
+        let pid = std::process::id();
+        let name = format!("{NS_PREFIX}{pid}{tag}");
+        let links = format!("{LINK_PREFIX}{pid}{tag}");
+        let mut net = Net {
+            name: name.clone(),
+            subnet: pick_subnet(pid, tag),
+            namespaces: Vec::new(),
+            bridge: None,
+            veths: Vec::new(),
+            nodes: Vec::new(),
+            root: Some(tempfile::Builder::new().prefix(&format!("{name}-")).tempdir().expect("tempdir")),
+        };
+        let first = format!("{name}-n1");
+        ip(&["netns", "add", &first])?;
+        net.namespaces.push(first);
+        let bridge = format!("{links}br");
+        ip(&["link", "add", &bridge, "type", "bridge"]).expect("bridge");
+        net.bridge = Some(bridge.clone());
+        ip(&["addr", "add", &format!("{}/24", net.client_ip()), "dev", &bridge]).expect("bridge address");
+        ip(&["link", "set", &bridge, "up"]).expect("bridge up");
+        for i in 0..count {
+            let ns = format!("{name}-n{}", i + 1);
+            if i > 0 {
+                ip(&["netns", "add", &ns]).expect("netns add");
+                net.namespaces.push(ns.clone());
+            }
+            let (host, peer) = (format!("{links}v{}", i + 1), format!("{links}p{}", i + 1));
+            ip(&["link", "add", &host, "type", "veth", "peer", "name", &peer]).expect("veth");
+            net.veths.push(host.clone());
+            ip(&["link", "set", &peer, "netns", &ns]).expect("veth into netns");
+            ip(&["link", "set", &host, "master", &bridge, "up"]).expect("veth on bridge");
+            let addr = format!("{}/24", net.node_ip(i));
+            ip(&["netns", "exec", &ns, "ip", "link", "set", "lo", "up"]).expect("lo up");
+            ip(&["netns", "exec", &ns, "ip", "addr", "add", &addr, "dev", &peer]).expect("node address");
+            ip(&["netns", "exec", &ns, "ip", "link", "set", &peer, "up"]).expect("node link up");
+        }
+        Ok(net)
+    }
+
+    fn node_ip(&self, i: usize) -> Ipv4Addr {
+        Ipv4Addr::new(10, 201, self.subnet, i as u8 + 1)
+    }
+
+    fn client_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 201, self.subnet, 254)
+    }
+
+    fn root(&self) -> PathBuf {
+        self.root.as_ref().expect("root dir").path().to_path_buf()
+    }
+
+    /// Adds (not starts) node `i + 1` in namespace `i`, on a fixed port.
+    fn add_node(&mut self, i: usize, args: Vec<String>) {
+        let root = self.root();
+        self.nodes.push(Node {
+            id: i as u64 + 1,
+            ns: self.namespaces[i].clone(),
+            addr: SocketAddr::V4(SocketAddrV4::new(self.node_ip(i), 7400 + i as u16)),
+            data_dir: root.join(format!("node-{}", i + 1)),
+            log: root.join(format!("node-{}.log", i + 1)),
+            args,
+            child: None,
+        });
+    }
+
+    /// Replaces the firewall of node `i`'s namespace: drop traffic from and to `cut`, and drop
+    /// `loss_pct` % of incoming packets at random.
+    fn firewall(&self, i: usize, cut: &[Ipv4Addr], loss_pct: u32) {
+        let mut input = String::new();
+        let mut output = String::new();
+        if loss_pct > 0 {
+            input.push_str(&format!("    numgen random mod 100 < {loss_pct} drop\n"));
+        }
+        if !cut.is_empty() {
+            let set = cut.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ");
+            input.push_str(&format!("    ip saddr {{ {set} }} drop\n"));
+            output.push_str(&format!("    ip daddr {{ {set} }} drop\n"));
+        }
+        let script = format!(
+            "flush ruleset\ntable inet aspen {{\n  chain input {{\n    type filter hook input priority 0; policy accept;\n{input}  }}\n  chain output {{\n    type filter hook output priority 0; policy accept;\n{output}  }}\n}}\n"
+        );
+        nft(&self.namespaces[i], &script).expect("load nft rules");
+    }
+
+    fn heal_firewalls(&self) {
+        for ns in &self.namespaces {
+            nft(ns, "flush ruleset\n").expect("flush nft rules");
+        }
+    }
+
+    fn teardown(&mut self) {
+        for n in &mut self.nodes {
+            n.kill();
+        }
+        if std::thread::panicking() {
+            for n in &self.nodes {
+                let log = std::fs::read_to_string(&n.log).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!("--- node {} log (last {} lines)", n.id, tail.len());
+                for l in tail.iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+        for ns in self.namespaces.drain(..) {
+            delete_netns(&ns);
+        }
+        for v in self.veths.drain(..) {
+            // Usually gone with its peer's namespace already.
+            let _ = ip(&["link", "del", &v]);
+        }
+        if let Some(b) = self.bridge.take() {
+            let _ = ip(&["link", "del", &b]);
+        }
+        self.root.take();
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+/// A third octet for `10.201.X.0/24` that no interface or route here uses yet.
+fn pick_subnet(pid: u32, tag: char) -> u8 {
+    let used = format!("{}{}", ip(&["-4", "-o", "addr"]).unwrap_or_default(), ip(&["-4", "route"]).unwrap_or_default());
+    let start = (pid.wrapping_mul(7).wrapping_add(tag as u32)) % 240;
+    (0..240)
+        .map(|k| 10 + ((start + k) % 240) as u8)
+        .find(|x| !used.contains(&format!("10.201.{x}.")))
+        .expect("a free 10.201.X.0/24")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Workload (as in tests/faults.rs)
+
+fn key(i: usize) -> Vec<u8> {
+    format!("k{i}").into_bytes()
+}
+
+struct Workload {
+    history: History,
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    acked: Arc<AtomicU64>,
+}
+
+impl Workload {
+    async fn start(tickets: Vec<NodeTicket>, seed: u64) -> Workload {
+        let history = History::new();
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for c in 0..CLIENTS {
+            let mut tickets = tickets.clone();
+            let n = tickets.len();
+            tickets.rotate_left(c % n);
+            let client = AspenClient::connect(tickets, Duration::from_secs(8)).await.expect("client");
+            let (history, stop, acked) = (history.clone(), stop.clone(), acked.clone());
+            let mut rng = StdRng::seed_from_u64(seed ^ (c as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            tasks.push(tokio::spawn(async move {
+                let mut n = 0u64;
+                let mut last_seen: BTreeMap<usize, Option<Vec<u8>>> = BTreeMap::new();
+                while !stop.load(Ordering::SeqCst) {
+                    n += 1;
+                    let k = rng.random_range(0..KEYS);
+                    let value = format!("c{c}-{n}").into_bytes();
+                    let roll = rng.random_range(0..100);
+                    run_op(&client, &history, c as u64, k, value, roll, &mut last_seen, &acked).await;
+                }
+                client.close().await;
+            }));
+        }
+        Workload { history, stop, tasks, acked }
+    }
+
+    async fn finish(self) -> History {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.history
+    }
+}
+
+/// Whether a failed write may still have taken effect.
+fn write_outcome_unknown(e: &ClientError) -> bool {
+    !matches!(e, ClientError::Api(ApiError::InvalidRequest(_) | ApiError::TooLarge { .. }))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_op(
+    client: &AspenClient,
+    history: &History,
+    c: u64,
+    k: usize,
+    value: Vec<u8>,
+    roll: u32,
+    last_seen: &mut BTreeMap<usize, Option<Vec<u8>>>,
+    acked: &AtomicU64,
+) {
+    let key = key(k);
+    if roll < 45 {
+        let h = history.invoke(c, Op::Get { key: key.clone() });
+        match client.get(key).await {
+            Ok(kv) => {
+                let v = kv.map(|kv| kv.value);
+                last_seen.insert(k, v.clone());
+                h.ok(OpResult::Get(v));
+            }
+            // A read that failed had no effect.
+            Err(_) => h.failed(),
+        }
+    } else if roll < 80 {
+        let h = history.invoke(c, Op::Put { key: key.clone(), value: value.clone() });
+        match client.put(key, value).await {
+            Ok(_) => {
+                acked.fetch_add(1, Ordering::Relaxed);
+                h.ok(OpResult::Put)
+            }
+            Err(e) if write_outcome_unknown(&e) => h.unknown(),
+            Err(_) => h.failed(),
+        }
+    } else if roll < 90 {
+        let expected = last_seen.get(&k).cloned().flatten();
+        let h = history.invoke(c, Op::Cas { key: key.clone(), expected: expected.clone(), new: Some(value.clone()) });
+        match client.cas(key, expected, value).await {
+            Ok(CasOutcome::Swapped(_)) => {
+                acked.fetch_add(1, Ordering::Relaxed);
+                h.ok(OpResult::Cas(true))
+            }
+            Ok(CasOutcome::Mismatch(_)) => h.ok(OpResult::Cas(false)),
+            Err(e) if write_outcome_unknown(&e) => h.unknown(),
+            Err(_) => h.failed(),
+        }
+    } else {
+        let h = history.invoke(c, Op::Delete { key: key.clone() });
+        match client.delete(key).await {
+            Ok(existed) => {
+                acked.fetch_add(1, Ordering::Relaxed);
+                h.ok(OpResult::Delete(Some(existed)))
+            }
+            Err(e) if write_outcome_unknown(&e) => h.unknown(),
+            Err(_) => h.failed(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cluster status
+
+async fn cluster_status(client: &AspenClient) -> Option<ClusterStatus> {
+    tokio::time::timeout(Duration::from_secs(10), client.cluster_status()).await.ok()?.ok()
+}
+
+/// The node that reports itself leader of shard 0, if any.
+fn shard0_leader(st: &ClusterStatus) -> Option<u64> {
+    st.nodes
+        .iter()
+        .filter_map(|n| n.status.as_ref())
+        .find_map(|s| s.shards.iter().any(|sh| sh.shard == 0 && sh.role == "Leader").then_some(s.node_id))
+}
+
+/// Every node reports `shards` shards; on each, all agree on one leader, have applied the same
+/// index with equal state digests, and the leader has applied its whole log.
+fn converged(st: &ClusterStatus, shards: u32) -> bool {
+    let views: Vec<_> = st.nodes.iter().filter_map(|n| n.status.as_ref()).collect();
+    if views.len() != NODES || views.iter().any(|v| v.shards.len() != shards as usize) {
+        return false;
+    }
+    (0..shards as usize).all(|s| {
+        let sh: Vec<_> = views.iter().map(|v| &v.shards[s]).collect();
+        sh[0].leader.is_some()
+            && sh.iter().all(|x| x.leader == sh[0].leader && x.last_applied == sh[0].last_applied)
+            && sh.iter().any(|x| x.role == "Leader" && x.last_log_index == x.last_applied)
+            && sh.iter().all(|x| x.digest.is_some() && x.digest == sh[0].digest)
+    })
+}
+
+async fn wait_converged(tickets: &[NodeTicket], shards: u32, secs: u64) -> ClusterStatus {
+    let admin = AspenClient::connect(tickets.to_vec(), Duration::from_secs(10)).await.expect("admin client");
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut last = None;
+    while Instant::now() < deadline {
+        if let Some(st) = cluster_status(&admin).await {
+            if converged(&st, shards) {
+                admin.close().await;
+                return st;
+            }
+            last = Some(st);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    panic!("shards did not converge within {secs} s; last status: {last:#?}");
+}
+
+async fn leader_node(tickets: &[NodeTicket]) -> Option<u64> {
+    let admin = AspenClient::connect(tickets.to_vec(), Duration::from_secs(10)).await.ok()?;
+    let st = cluster_status(&admin).await;
+    admin.close().await;
+    shard0_leader(&st?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Faults
+
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// Node cut off from the other nodes; clients still reach it.
+    PartitionFromPeers,
+    /// Node cut off from the other nodes and from clients.
+    Isolate,
+    /// Random loss of incoming packets on every node.
+    RandomLoss,
+    /// `kill -9`, then a restart from the data dir on the same address.
+    KillRestart,
+    /// `SIGSTOP` of the shard-0 leader, then `SIGCONT`.
+    StopLeader,
+}
+
+const FAULTS: [Fault; 5] =
+    [Fault::PartitionFromPeers, Fault::Isolate, Fault::RandomLoss, Fault::KillRestart, Fault::StopLeader];
+
+async fn sleep_ms(ms: u64) {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+}
+
+/// Runs every fault once, in seeded order, healing after each. Returns what it did.
+async fn inject(net: &mut Net, tickets: &[NodeTicket], rng: &mut StdRng) -> Vec<String> {
+    let mut order = FAULTS.to_vec();
+    order.shuffle(rng);
+    let mut log = Vec::new();
+    for fault in order {
+        // Half the time the victim is the leader of shard 0, else any node.
+        let random_node = rng.random_range(0..NODES);
+        let prefer_leader = rng.random_bool(0.5);
+        let hold = rng.random_range(3000..6000);
+        let victim = if prefer_leader || matches!(fault, Fault::StopLeader) {
+            match leader_node(tickets).await {
+                Some(l) => l as usize - 1,
+                None => random_node,
+            }
+        } else {
+            random_node
+        };
+        let peers: Vec<Ipv4Addr> = (0..NODES).filter(|&j| j != victim).map(|j| net.node_ip(j)).collect();
+        match fault {
+            Fault::PartitionFromPeers => {
+                net.firewall(victim, &peers, 0);
+                log.push(format!("node {} cut from its peers for {hold} ms", victim + 1));
+                sleep_ms(hold).await;
+            }
+            Fault::Isolate => {
+                let mut all = peers.clone();
+                all.push(net.client_ip());
+                net.firewall(victim, &all, 0);
+                log.push(format!("node {} isolated (clients too) for {hold} ms", victim + 1));
+                sleep_ms(hold).await;
+            }
+            Fault::RandomLoss => {
+                let pct = rng.random_range(20..=35);
+                for i in 0..NODES {
+                    net.firewall(i, &[], pct);
+                }
+                log.push(format!("{pct}% loss on every node for {hold} ms"));
+                sleep_ms(hold).await;
+            }
+            Fault::KillRestart => {
+                net.nodes[victim].kill();
+                log.push(format!("kill -9 node {}, restart after {hold} ms", victim + 1));
+                sleep_ms(hold).await;
+                net.nodes[victim].spawn();
+                net.nodes[victim].wait_ready().await;
+            }
+            Fault::StopLeader => {
+                net.nodes[victim].signal("-STOP");
+                log.push(format!("SIGSTOP leader node {} for {hold} ms", victim + 1));
+                sleep_ms(hold).await;
+                net.nodes[victim].signal("-CONT");
+            }
+        }
+        net.heal_firewalls();
+        sleep_ms(rng.random_range(1000..2500)).await;
+    }
+    log
+}
+
+// ---------------------------------------------------------------------------------------------
+// The scenario
+
+fn seed() -> u64 {
+    std::env::var("ASPEN_NETNS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+        t.as_nanos() as u64 ^ ((std::process::id() as u64) << 20)
+    })
+}
+
+/// Sets up the network (or says why not); `None`: skip.
+fn setup(tag: char) -> Option<Net> {
+    if let Some(why) = skip_reason() {
+        println!("skipping netns test: {why}");
+        return None;
+    }
+    cleanup_leftovers();
+    let net = match Net::create(tag, NODES) {
+        Ok(net) => net,
+        Err(e) => {
+            println!("skipping netns test: cannot create a network namespace: {e}");
+            return None;
+        }
+    };
+    // nft must work inside the namespaces too (the kernel may lack nf_tables).
+    if let Err(e) = nft(&net.namespaces[0], "table inet aspen_probe { }\ndelete table inet aspen_probe\n") {
+        println!("skipping netns test: nftables does not work in a namespace: {e}");
+        return None;
+    }
+    Some(net)
+}
+
+async fn run_netns_scenario(tag: char, shards: u32) {
+    let Some(mut net) = setup(tag) else { return };
+    let seed = seed();
+    println!(
+        "netns shards {shards} seed {seed} (replay: ASPEN_NETNS_SEED={seed}); nodes at {}..{} in {}-n*",
+        net.node_ip(0),
+        net.node_ip(NODES - 1),
+        net.name
+    );
+    let mut rng = StdRng::seed_from_u64(seed);
+    let started = Instant::now();
+
+    let shard_args: Vec<String> = if shards > 1 {
+        vec!["--sharding-enabled".into(), "--sharding-num-shards".into(), shards.to_string()]
+    } else {
+        Vec::new()
+    };
+    net.add_node(0, shard_args.clone());
+    net.nodes[0].spawn();
+    net.nodes[0].wait_ready().await;
+    let t1 = net.nodes[0].ticket().encode();
+    for i in 1..NODES {
+        let mut args = shard_args.clone();
+        args.extend(["--join".to_string(), t1.clone()]);
+        net.add_node(i, args);
+        net.nodes[i].spawn();
+    }
+    for i in 1..NODES {
+        net.nodes[i].wait_ready().await;
+    }
+    let tickets: Vec<NodeTicket> = net.nodes.iter().map(|n| n.ticket()).collect();
+    wait_converged(&tickets, shards, 120).await;
+    if shards > 1 {
+        let admin = AspenClient::connect(tickets.clone(), Duration::from_secs(20)).await.unwrap();
+        admin.balance_leaders().await.expect("balance leaders");
+        admin.close().await;
+    }
+    println!("cluster up after {:?}", started.elapsed());
+
+    let workload = Workload::start(tickets.clone(), rng.random()).await;
+    sleep_ms(1500).await;
+    let what = inject(&mut net, &tickets, &mut rng).await;
+    println!("faults: {}", what.join("; "));
+    let acked = workload.acked.load(Ordering::Relaxed);
+    let history = workload.finish().await;
+    wait_converged(&tickets, shards, 120).await;
+
+    // Final linearizable reads of every key, recorded: a lost acknowledged write shows up as a
+    // read the history cannot explain.
+    let reader = AspenClient::connect(tickets.clone(), Duration::from_secs(20)).await.unwrap();
+    let mut finals = BTreeMap::new();
+    for k in 0..KEYS {
+        let h = history.invoke(1000, Op::Get { key: key(k) });
+        let v = reader.get(key(k)).await.expect("final read after heal").map(|kv| kv.value);
+        h.ok(OpResult::Get(v.clone()));
+        finals.insert(k, v);
+    }
+    reader.close().await;
+
+    // The replicas agree: same applied index per shard (and one leader) before and after, and
+    // every node's own state machine holds the final values.
+    let before = wait_converged(&tickets, shards, 60).await;
+    for (i, t) in tickets.iter().enumerate() {
+        let one = AspenClient::connect(vec![t.clone()], Duration::from_secs(10)).await.unwrap();
+        for (k, v) in &finals {
+            let got = one.get_with(key(*k), ReadConsistency::Stale).await.expect("stale read").map(|kv| kv.value);
+            assert_eq!(&got, v, "node {} key k{k} (seed {seed})", i + 1);
+        }
+        one.close().await;
+    }
+    let after = wait_converged(&tickets, shards, 60).await;
+    let applied = |st: &ClusterStatus| -> Vec<Vec<u64>> {
+        st.nodes
+            .iter()
+            .filter_map(|n| n.status.as_ref())
+            .map(|s| s.shards.iter().map(|sh| sh.last_applied).collect())
+            .collect()
+    };
+    assert_eq!(applied(&before), applied(&after), "nothing applied during the replica comparison (seed {seed})");
+
+    let report = history.check(&CheckConfig::default()).expect("well-formed history");
+    if !report.is_ok() {
+        let path = std::env::temp_dir().join(format!("aspen-netns-history-{shards}-{seed}.json"));
+        let _ = std::fs::write(&path, history.to_json().unwrap_or_default());
+        panic!("netns shards {shards} seed {seed}: {}\nhistory written to {}", report.result, path.display());
+    }
+    println!(
+        "{} ops, {acked} acknowledged writes, linearizable ({} states); {:?} in all",
+        history.len(),
+        report.states_explored,
+        started.elapsed()
+    );
+    assert!(acked > 0, "the workload made progress (seed {seed})");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn netns_faults_non_sharded() {
+    run_netns_scenario('a', 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn netns_faults_sharded() {
+    run_netns_scenario('b', 4).await;
+}
+
+/// The guard removes namespaces, links and processes when a test panics, and start-up removes
+/// what a run that died without unwinding left behind.
+#[test]
+fn netns_guard_cleans_up_after_panics_and_dead_runs() {
+    let Some(net) = setup('c') else { return };
+    let names = net.namespaces.clone();
+    let bridge = net.bridge.clone().unwrap();
+    // A process inside a namespace, as a node would be.
+    let mut sleeper = Command::new("ip").args(["netns", "exec", &names[1], "sleep", "600"]).spawn().unwrap();
+    println!("injecting a panic (its message and backtrace below are expected)");
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        let _net = net;
+        panic!("injected panic");
+    }));
+    assert!(panicked.is_err());
+    let left = netns_names();
+    assert!(names.iter().all(|n| !left.contains(n)), "namespaces left after a panic: {left:?}");
+    assert!(!link_names().contains(&bridge), "bridge left after a panic");
+    assert!(exits_soon(&mut sleeper), "process in the namespace killed");
+
+    // Leftovers of a run whose pid is gone: a namespace with a process in it, and a link.
+    let pid_max: u32 =
+        std::fs::read_to_string("/proc/sys/kernel/pid_max").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(32768);
+    let dead = (2..pid_max).rev().find(|p| !pid_alive(*p)).unwrap();
+    let ns = format!("{NS_PREFIX}{dead}x-n1");
+    let link = format!("{LINK_PREFIX}{dead}xbr");
+    ip(&["netns", "add", &ns]).unwrap();
+    ip(&["link", "add", &link, "type", "bridge"]).unwrap();
+    let dir = std::env::temp_dir().join(format!("{NS_PREFIX}{dead}x-data"));
+    std::fs::create_dir_all(dir.join("node-1")).unwrap();
+    let mut orphan = Command::new("ip").args(["netns", "exec", &ns, "sleep", "600"]).spawn().unwrap();
+    cleanup_leftovers();
+    assert!(!netns_names().contains(&ns), "leftover namespace removed");
+    assert!(!link_names().contains(&link), "leftover link removed");
+    assert!(!dir.exists(), "leftover data dir removed");
+    assert!(exits_soon(&mut orphan), "process in the leftover namespace killed");
+}
+
+/// Whether `child` exits within 10 s.
+fn exits_soon(child: &mut Child) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if child.try_wait().ok().flatten().is_some() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    false
+}
