@@ -361,7 +361,7 @@ async fn node_restarted_on_a_new_port_is_found_again_by_gossip() {
 
 /// Removing a node that leads shards: it hands each shard it leads to another voter first and
 /// the new leader removes it (openraft 0.9 trips a leadership check when a leader removes
-/// itself). Found by the fault scenario `membership_change_sharded`. No Raft core panics, the
+/// itself). Found by the fault scenario `membership_change_sharded`, seed 1795700311242370844. No Raft core panics, the
 /// cluster keeps serving every shard, and the removed node is gone from every membership.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn removing_a_node_that_leads_shards_hands_them_over_first() {
