@@ -152,7 +152,7 @@ impl RedbLogStore {
         let bounds = (clone_bound(range.start_bound()), clone_bound(range.end_bound()));
         // Pending first: an entry that becomes durable after this copy is in the read below.
         let pending: Vec<(u64, Vec<u8>)> =
-            self.pending().range(bounds.clone()).map(|(i, (_, bytes))| (*i, bytes.clone())).collect();
+            self.pending().range(bounds).map(|(i, (_, bytes))| (*i, bytes.clone())).collect();
         let first_pending = pending.first().map(|(i, _)| *i);
         let txn = self.db.begin_read()?;
         let table = txn.open_table(LOG)?;
