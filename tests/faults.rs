@@ -387,7 +387,26 @@ async fn inject(cluster: &mut Cluster, scenario: Scenario, rng: &mut StdRng) -> 
             admin.promote(new_id).await.expect("promote the learner");
             log.push(format!("promoted {new_id}"));
             let old = rng.random_range(1..=n as u64);
-            admin.remove(old).await.expect("remove old voter");
+            // Removing a node that leads shards hands them over first, which takes a few
+            // election timeouts per shard; under load the request can time out part-way. An
+            // operator retries until the node is gone; so does the test (at most 4 times).
+            let mut attempts = 0;
+            loop {
+                attempts += 1;
+                match admin.remove(old).await {
+                    Ok(_) => break,
+                    Err(e) if attempts < 4 => log.push(format!("remove {old} attempt {attempts}: {e}")),
+                    Err(e) => panic!("remove old voter {old} after {attempts} attempts: {e}"),
+                }
+                let gone = cluster
+                    .running()
+                    .iter()
+                    .filter(|n| n.config.node_id != old)
+                    .all(|n| n.handle().shards.values().all(|s| !s.status().voters.contains(&old)));
+                if gone {
+                    break;
+                }
+            }
             log.push(format!("removed voter {old}"));
             admin.close().await;
             cluster.nodes.push(newcomer);
