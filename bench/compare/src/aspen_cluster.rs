@@ -82,19 +82,18 @@ impl AspenCluster {
     /// and the same applied index; returns the leader of each shard.
     async fn wait_converged(&mut self, limit: Duration) -> Result<BTreeMap<u32, u64>, String> {
         let deadline = Instant::now() + limit;
-        let mut last = String::from("not asked yet");
         let client = self.client().await?;
         let result = loop {
             if let Some(e) = self.exited_node() {
                 break Err(e);
             }
-            match client.cluster_status().await {
+            let last = match client.cluster_status().await {
                 Ok(status) => match self.leaders_if_converged(&status) {
                     Ok(leaders) => break Ok(leaders),
-                    Err(e) => last = e,
+                    Err(e) => e,
                 },
-                Err(e) => last = e.to_string(),
-            }
+                Err(e) => e.to_string(),
+            };
             if Instant::now() > deadline {
                 break Err(format!("Aspen cluster did not converge within {limit:?}: {last}"));
             }

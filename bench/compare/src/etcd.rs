@@ -63,17 +63,16 @@ impl EtcdCluster {
     /// Waits until every member reports the same leader and accepts a put.
     async fn wait_ready(&mut self, limit: Duration) -> Result<(), String> {
         let deadline = Instant::now() + limit;
-        let mut last_error = String::from("not asked yet");
         loop {
             for m in &mut self.members {
                 if let Some(status) = m.exited() {
                     return Err(format!("{} exited during start-up ({status}):\n{}", m.name, m.log_tail(20)));
                 }
             }
-            match self.check_ready().await {
+            let last_error = match self.check_ready().await {
                 Ok(()) => return Ok(()),
-                Err(e) => last_error = e,
-            }
+                Err(e) => e,
+            };
             if Instant::now() > deadline {
                 return Err(format!("etcd cluster not ready within {limit:?}: {last_error}"));
             }

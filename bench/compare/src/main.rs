@@ -287,6 +287,7 @@ async fn run(args: Args) -> Result<(), String> {
     let table = table::format_table(&rows);
     println!("{table}");
     if let Some(path) = output {
+        let ctx = Context { load_after: load_average(), ..ctx };
         let page = table::results_page(&ctx, &rows);
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
@@ -458,11 +459,22 @@ fn context(args: &Args, plan: &Plan, etcd: Option<&Path>, node: Option<&Path>) -
         date: table::utc_timestamp(now),
         command,
         machine: format!("{cores} cores (nproc), {model}, {mem_gib}, Linux {kernel}"),
-        load_before: read("/proc/loadavg").split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+        load_before: load_average(),
         etcd_version,
         aspen_version,
         build,
         workload,
         quick: args.quick,
+        ..Context::default()
     }
+}
+
+/// The 1, 5 and 15 minute load averages.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }

@@ -139,6 +139,7 @@ pub struct Context {
     pub command: String,
     pub machine: String,
     pub load_before: String,
+    pub load_after: String,
     pub etcd_version: String,
     pub aspen_version: String,
     pub build: String,
@@ -160,7 +161,12 @@ pub fn results_page(ctx: &Context, rows: &[Row]) -> String {
     );
     let _ = writeln!(s, "```sh\n{}\n```\n", ctx.command);
     let _ = writeln!(s, "- Machine: {}", ctx.machine);
-    let _ = writeln!(s, "- Load average when the run started (1/5/15 min): {}", ctx.load_before);
+    let _ = writeln!(
+        s,
+        "- Load average (1/5/15 min) when the run started: {}; when it ended: {} (the machine is shared: \
+         other jobs' load is in these numbers)",
+        ctx.load_before, ctx.load_after
+    );
     let _ = writeln!(s, "- etcd: {}", ctx.etcd_version);
     let _ = writeln!(s, "- Aspen: {}", ctx.aspen_version);
     let _ = writeln!(s, "- Build: {}", ctx.build);
