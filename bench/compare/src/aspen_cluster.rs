@@ -4,7 +4,7 @@
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
-    path::{Path, PathBuf},
+    path::Path,
     process::Command,
     time::{Duration, Instant},
 };
@@ -154,7 +154,7 @@ impl AspenCluster {
 }
 
 /// Waits until the node has written a ticket naming its bind address.
-async fn wait_for_ticket(proc: &mut Proc, data_dir: &PathBuf, bind: SocketAddr) -> Result<NodeTicket, String> {
+async fn wait_for_ticket(proc: &mut Proc, data_dir: &Path, bind: SocketAddr) -> Result<NodeTicket, String> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let text = std::fs::read_to_string(data_dir.join("node.ticket")).unwrap_or_default();
