@@ -1,0 +1,174 @@
+//! Aspen under test: a 3-node cluster of real `aspen-node` processes on 127.0.0.1 (one shard,
+//! or several with `--sharding-enabled`), formed with `--join` exactly as the README shows.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use aspen::{api::NodeTicket, AspenClient};
+
+use crate::procs::{free_udp_addrs, Proc};
+
+/// A running Aspen cluster; its processes are stopped and its data dirs removed on drop.
+pub struct AspenCluster {
+    /// Node tickets in node id order (node 1 first).
+    pub tickets: Vec<NodeTicket>,
+    pub num_shards: u32,
+    // Field order matters: the processes stop before their data dirs are removed.
+    nodes: Vec<Proc>,
+    _dir: tempfile::TempDir,
+}
+
+impl AspenCluster {
+    /// Starts node 1 (which initializes the cluster), then nodes 2..=n with `--join` through
+    /// node 1's ticket, and waits until every node votes in every shard and all agree on each
+    /// shard's leader. `num_shards > 1` starts every node with `--sharding-enabled
+    /// --sharding-num-shards N`. Raft timing and everything else are the product's defaults.
+    pub async fn start(node_bin: &Path, n: usize, num_shards: u32) -> Result<AspenCluster, String> {
+        let dir = tempfile::Builder::new()
+            .prefix("aspen-compare-aspen-")
+            .tempdir()
+            .map_err(|e| format!("cannot create a temp dir: {e}"))?;
+        let addrs = free_udp_addrs(n)?;
+        let mut cluster = AspenCluster { tickets: Vec::new(), num_shards, nodes: Vec::new(), _dir: dir };
+        let root = cluster._dir.path().to_path_buf();
+        for (i, addr) in addrs.iter().enumerate() {
+            let node_id = i as u64 + 1;
+            let data_dir = root.join(format!("node-{node_id}"));
+            let mut cmd = Command::new(node_bin);
+            cmd.arg("--node-id")
+                .arg(node_id.to_string())
+                .arg("--data-dir")
+                .arg(&data_dir)
+                .arg("--bind-addr")
+                .arg(addr.to_string())
+                .env("RUST_LOG", "warn");
+            if num_shards > 1 {
+                cmd.args(["--sharding-enabled", "--sharding-num-shards", &num_shards.to_string()]);
+            }
+            if let Some(first) = cluster.tickets.first() {
+                cmd.arg("--join").arg(first.encode());
+            }
+            let log = root.join(format!("node-{node_id}.log"));
+            cluster.nodes.push(Proc::spawn(format!("aspen-node {node_id}"), cmd, &log)?);
+            let ticket = wait_for_ticket(cluster.nodes.last_mut().expect("just pushed"), &data_dir, *addr).await?;
+            cluster.tickets.push(ticket);
+        }
+        cluster.wait_converged(Duration::from_secs(120)).await?;
+        Ok(cluster)
+    }
+
+    /// Spreads the shard leaders over the nodes (`aspen-cli cluster balance-leaders`, through the
+    /// same client call) and waits for the cluster to settle; returns the leader of each shard.
+    pub async fn balance_leaders(&mut self) -> Result<BTreeMap<u32, u64>, String> {
+        let client = self.client().await?;
+        let result = client.balance_leaders().await.map_err(|e| format!("balance-leaders: {e}"));
+        client.close().await;
+        result?;
+        self.wait_converged(Duration::from_secs(60)).await
+    }
+
+    async fn client(&self) -> Result<AspenClient, String> {
+        AspenClient::connect(self.tickets.clone(), Duration::from_secs(10))
+            .await
+            .map_err(|e| format!("cannot connect to the Aspen cluster: {e}"))
+    }
+
+    /// Waits until every node reports every shard with all nodes as voters, one agreed leader
+    /// and the same applied index; returns the leader of each shard.
+    async fn wait_converged(&mut self, limit: Duration) -> Result<BTreeMap<u32, u64>, String> {
+        let deadline = Instant::now() + limit;
+        let client = self.client().await?;
+        let result = loop {
+            if let Some(e) = self.exited_node() {
+                break Err(e);
+            }
+            let last = match client.cluster_status().await {
+                Ok(status) => match self.leaders_if_converged(&status) {
+                    Ok(leaders) => break Ok(leaders),
+                    Err(e) => e,
+                },
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() > deadline {
+                break Err(format!("Aspen cluster did not converge within {limit:?}: {last}"));
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        };
+        client.close().await;
+        result
+    }
+
+    fn leaders_if_converged(&self, status: &aspen::api::ClusterStatus) -> Result<BTreeMap<u32, u64>, String> {
+        let want_voters: Vec<u64> = (1..=self.nodes.len() as u64).collect();
+        if status.nodes.len() != self.nodes.len() {
+            return Err(format!("{} of {} nodes are members", status.nodes.len(), self.nodes.len()));
+        }
+        let mut leaders = BTreeMap::new();
+        for shard in 0..self.num_shards {
+            let mut seen = None;
+            for report in &status.nodes {
+                let node = report.status.as_ref().ok_or_else(|| {
+                    format!("node {} unreachable: {}", report.node_id, report.error.clone().unwrap_or_default())
+                })?;
+                let s = node
+                    .shards
+                    .iter()
+                    .find(|s| s.shard == shard)
+                    .ok_or_else(|| format!("node {} does not host shard {shard} yet", report.node_id))?;
+                let mut voters = s.voters.clone();
+                voters.sort_unstable();
+                if voters != want_voters || s.leader.is_none() {
+                    return Err(format!(
+                        "shard {shard} on node {}: voters {voters:?}, leader {:?}",
+                        report.node_id, s.leader
+                    ));
+                }
+                match seen {
+                    None => seen = Some((s.leader, s.last_applied)),
+                    Some(v) if v == (s.leader, s.last_applied) => {}
+                    Some(v) => {
+                        return Err(format!(
+                            "shard {shard}: nodes disagree ({v:?} vs {:?})",
+                            (s.leader, s.last_applied)
+                        ))
+                    }
+                }
+            }
+            if let Some((Some(leader), _)) = seen {
+                leaders.insert(shard, leader);
+            }
+        }
+        Ok(leaders)
+    }
+
+    fn exited_node(&mut self) -> Option<String> {
+        self.nodes
+            .iter_mut()
+            .find_map(|p| p.exited().map(|status| format!("{} exited ({status}):\n{}", p.name, p.log_tail(20))))
+    }
+}
+
+/// Waits until the node has written a ticket naming its bind address.
+async fn wait_for_ticket(proc: &mut Proc, data_dir: &Path, bind: SocketAddr) -> Result<NodeTicket, String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(data_dir.join("node.ticket")).unwrap_or_default();
+        if let Ok(ticket) = NodeTicket::decode(text.trim()) {
+            if ticket.addrs.contains(&bind) {
+                return Ok(ticket);
+            }
+        }
+        if let Some(status) = proc.exited() {
+            return Err(format!("{} exited during start-up ({status}):\n{}", proc.name, proc.log_tail(20)));
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{} wrote no ticket within 60 s:\n{}", proc.name, proc.log_tail(20)));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,480 @@
+//! `aspen-compare`: Aspen and etcd side by side on this machine.
+//!
+//! Starts a 3-member etcd cluster, a 3-node Aspen cluster (one shard) and a 3-node Aspen cluster
+//! with `--shards` shards and balanced shard leaders, one after another, each on 127.0.0.1 with
+//! fresh temp data dirs and default settings (fsync on), and drives each with the same load
+//! generator ([`aspen::bench::run`]) at every `--clients` count for every `--ops` operation.
+//! Prints one table (system, op, clients, ops/s, p50, p99, errors, Aspen/etcd throughput ratio)
+//! and writes it with the machine description and the command to `benches/RESULTS.md`.
+//!
+//! Every process it starts is stopped, and every temp dir removed, when the run ends, fails,
+//! panics, or is interrupted (SIGINT, SIGTERM, SIGHUP).
+//!
+//! `scripts/compare-etcd.sh` installs what is missing (etcd, protoc), builds this and
+//! `aspen-node` in release mode and runs it.
+
+mod aspen_cluster;
+mod etcd;
+mod procs;
+mod table;
+
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use aspen::{
+    api::ReadConsistency,
+    bench::{AspenBackend, BenchBackend, BenchConfig, Progress, ProgressFn, Stop, Workload},
+};
+use clap::{Parser, ValueEnum};
+
+use crate::{
+    aspen_cluster::AspenCluster,
+    etcd::{EtcdBackend, EtcdCluster},
+    table::{Context, Measurement, Row},
+};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "aspen-compare",
+    about = "Aspen and etcd side by side: same load generator, 3-member clusters on 127.0.0.1"
+)]
+struct Args {
+    /// Seconds of measurement per row.
+    #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
+    duration: f64,
+    /// Seconds of load before each row's measurement (not counted).
+    #[arg(long, default_value_t = 2.0, value_name = "SECONDS")]
+    warmup: f64,
+    /// Numbers of concurrent clients, one row each.
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 16, 64, 256], value_name = "N,…")]
+    clients: Vec<usize>,
+    /// Operations to measure (`get`: linearizable; `stale`: serializable / local reads).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Op::Put, Op::Get], value_name = "OP,…")]
+    ops: Vec<Op>,
+    /// Systems to measure, in this order.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [System::Etcd, System::Aspen, System::AspenSharded], value_name = "SYSTEM,…")]
+    systems: Vec<System>,
+    /// Members (etcd) and nodes (Aspen) per cluster.
+    #[arg(long, default_value_t = 3)]
+    members: usize,
+    /// Shards of the sharded Aspen cluster.
+    #[arg(long, default_value_t = 4)]
+    shards: u32,
+    /// Bytes per value written.
+    #[arg(long, default_value_t = 256, value_name = "BYTES")]
+    value_size: usize,
+    /// Distinct keys (get rows write them all first, not counted).
+    #[arg(long, default_value_t = 1000)]
+    key_space: u64,
+    /// Seconds one request may take (retries included) before it counts as an error.
+    #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
+    timeout: f64,
+    /// Smoke run: 2 s per row after 0.5 s warm-up, 1 and 16 clients (overrides --duration,
+    /// --warmup, --clients); writes a file only with an explicit --output.
+    #[arg(long)]
+    quick: bool,
+    /// Where to write the results page [default: benches/RESULTS.md, none with --quick].
+    #[arg(long, value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// Print the table only; write no file.
+    #[arg(long, conflicts_with = "output")]
+    no_output: bool,
+    /// The etcd server binary [default: `etcd` on PATH].
+    #[arg(long, value_name = "PATH")]
+    etcd_bin: Option<PathBuf>,
+    /// The aspen-node binary [default: `aspen-node` next to this binary].
+    #[arg(long, value_name = "PATH")]
+    node_bin: Option<PathBuf>,
+    /// Print ops/s every second while a row runs.
+    #[arg(long)]
+    progress: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Op {
+    Put,
+    Get,
+    Stale,
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Op::Put => "put",
+            Op::Get => "get",
+            Op::Stale => "stale get",
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum System {
+    Etcd,
+    Aspen,
+    AspenSharded,
+}
+
+/// What every row shares.
+struct Plan {
+    duration: Duration,
+    warmup: Duration,
+    clients: Vec<usize>,
+    ops: Vec<Op>,
+    value_size: usize,
+    key_space: u64,
+    progress: Option<ProgressFn>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("aspen-compare: cannot start runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let outcome = runtime.block_on(async {
+        tokio::select! {
+            r = run(args) => r.map_err(|e| (e, 1)),
+            s = shutdown_signal() => Err((format!("{s}: stopped every process started and removed the temp dirs"), 130)),
+        }
+    });
+    // Client tasks that were still running when a run was abandoned end with the runtime.
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err((message, code)) => {
+            eprintln!("aspen-compare: {message}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut hup)) = (signal(SignalKind::terminate()), signal(SignalKind::hangup())) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return "SIGINT";
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+        _ = hup.recv() => "SIGHUP",
+    }
+}
+
+fn seconds(flag: &str, v: f64, zero_ok: bool) -> Result<Duration, String> {
+    if v.is_finite() && (v > 0.0 || (zero_ok && v == 0.0)) && v < 1e6 {
+        Ok(Duration::from_secs_f64(v))
+    } else {
+        Err(format!(
+            "--{flag} must be a {} number of seconds (got {v})",
+            if zero_ok { "non-negative" } else { "positive" }
+        ))
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let (duration, warmup, clients) = if args.quick {
+        (Duration::from_secs(2), Duration::from_millis(500), vec![1, 16])
+    } else {
+        (seconds("duration", args.duration, false)?, seconds("warmup", args.warmup, true)?, args.clients.clone())
+    };
+    if clients.is_empty() || clients.contains(&0) || args.ops.is_empty() || args.systems.is_empty() {
+        return Err("--clients, --ops and --systems need at least one value each, and clients must be positive".into());
+    }
+    if args.members == 0 || args.shards < 2 {
+        return Err("--members must be at least 1 and --shards at least 2".into());
+    }
+    let timeout = seconds("timeout", args.timeout, false)?;
+    let output = match (&args.output, args.no_output, args.quick) {
+        (Some(path), _, _) => Some(path.clone()),
+        (None, false, false) => Some(PathBuf::from("benches/RESULTS.md")),
+        _ => None,
+    };
+    let progress: Option<ProgressFn> = args.progress.then(|| {
+        Arc::new(|p: &Progress| {
+            eprintln!(
+                "    [{}] {:>5.1} s  {:>8.0} ops/s  {} done  {} errors",
+                p.phase,
+                p.elapsed.as_secs_f64(),
+                p.ops_per_sec,
+                p.ops,
+                p.errors
+            )
+        }) as ProgressFn
+    });
+    let plan = Plan {
+        duration,
+        warmup,
+        clients,
+        ops: args.ops.clone(),
+        value_size: args.value_size,
+        key_space: args.key_space,
+        progress,
+    };
+    let etcd_bin = if args.systems.contains(&System::Etcd) { Some(find_etcd(args.etcd_bin.as_deref())?) } else { None };
+    let node_bin =
+        if args.systems.iter().any(|s| *s != System::Etcd) { Some(find_node(args.node_bin.as_deref())?) } else { None };
+
+    let ctx = context(&args, &plan, etcd_bin.as_deref(), node_bin.as_deref());
+    eprintln!("aspen-compare: {}", ctx.machine);
+    eprintln!(
+        "aspen-compare: load average {}; {} s per row after {} s warm-up",
+        ctx.load_before,
+        plan.duration.as_secs_f64(),
+        plan.warmup.as_secs_f64()
+    );
+
+    let mut rows = Vec::new();
+    for system in &args.systems {
+        match system {
+            System::Etcd => {
+                let etcd = etcd_bin.as_deref().expect("resolved above");
+                let name = "etcd";
+                eprintln!("aspen-compare: starting {} etcd members", args.members);
+                match EtcdCluster::start(etcd, args.members).await {
+                    Ok(cluster) => {
+                        let backend = EtcdBackend::new(cluster.endpoints.clone(), timeout);
+                        measure(&backend, name, true, &plan, &mut rows).await;
+                    }
+                    Err(e) => fail_all(name, true, &plan, &e, &mut rows),
+                }
+            }
+            System::Aspen | System::AspenSharded => {
+                let node = node_bin.as_deref().expect("resolved above");
+                let shards = if *system == System::Aspen { 1 } else { args.shards };
+                let name = if shards == 1 { "aspen".to_string() } else { format!("aspen ({shards} shards)") };
+                eprintln!("aspen-compare: starting {} aspen-node processes ({shards} shard(s))", args.members);
+                let started = match AspenCluster::start(node, args.members, shards).await {
+                    Ok(mut cluster) if shards > 1 => match cluster.balance_leaders().await {
+                        Ok(leaders) => {
+                            eprintln!("aspen-compare: shard leaders after balance-leaders: {leaders:?}");
+                            Ok(cluster)
+                        }
+                        Err(e) => Err(e),
+                    },
+                    other => other,
+                };
+                match started
+                    .and_then(|c| Ok((AspenBackend::new(c.tickets.clone(), timeout).map_err(|e| e.to_string())?, c)))
+                {
+                    Ok((backend, _cluster)) => measure(&backend, &name, false, &plan, &mut rows).await,
+                    Err(e) => fail_all(&name, false, &plan, &e, &mut rows),
+                }
+            }
+        }
+    }
+
+    // Group the rows by op, then clients, then system, so each Aspen row sits under its etcd row.
+    let system_order: Vec<String> = rows.iter().map(|r| r.system.clone()).fold(Vec::new(), |mut v, s| {
+        if !v.contains(&s) {
+            v.push(s);
+        }
+        v
+    });
+    rows.sort_by_key(|r| {
+        let op = plan.ops.iter().position(|o| o.to_string() == r.op).unwrap_or(usize::MAX);
+        let system = system_order.iter().position(|s| *s == r.system).unwrap_or(usize::MAX);
+        (op, r.clients, system)
+    });
+    let table = table::format_table(&rows);
+    println!("{table}");
+    if let Some(path) = output {
+        let ctx = Context { load_after: load_average(), ..ctx };
+        let page = table::results_page(&ctx, &rows);
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        }
+        std::fs::write(&path, page).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        eprintln!("aspen-compare: wrote {}", path.display());
+    }
+    let failed = rows.iter().filter(|r| r.result.is_err()).count();
+    if failed > 0 {
+        return Err(format!("{failed} of {} rows failed (see the table)", rows.len()));
+    }
+    Ok(())
+}
+
+/// Runs every (op, clients) row of `plan` against `backend`.
+async fn measure<B: BenchBackend>(backend: &B, system: &str, baseline: bool, plan: &Plan, rows: &mut Vec<Row>) {
+    for &op in &plan.ops {
+        for &clients in &plan.clients {
+            let config = BenchConfig {
+                clients,
+                stop: Stop::Duration(plan.duration),
+                value_size: plan.value_size,
+                key_space: plan.key_space,
+                workload: if op == Op::Put { Workload::Put } else { Workload::Get },
+                consistency: if op == Op::Stale { ReadConsistency::Stale } else { ReadConsistency::Linearizable },
+                warmup: plan.warmup,
+                ..BenchConfig::default()
+            };
+            eprint!("aspen-compare: {system:<16} {op:<9} {clients:>4} client(s): ");
+            let result = match aspen::bench::run(backend, &config, plan.progress.clone()).await {
+                Ok(r) if r.all_failed() => Err(format!(
+                    "all {} requests failed: {}",
+                    r.ops,
+                    r.error_samples.first().map(|e| e.message.as_str()).unwrap_or("none completed")
+                )),
+                Ok(r) => Ok(Measurement {
+                    ops_per_sec: r.throughput_ops_per_sec,
+                    p50_us: r.latency_us.p50,
+                    p99_us: r.latency_us.p99,
+                    ok: r.ok,
+                    errors: r.errors,
+                }),
+                Err(e) => Err(e.to_string()),
+            };
+            match &result {
+                Ok(m) => eprintln!(
+                    "{:>7} ops/s  p50 {:>7} ms  p99 {:>7} ms  {} ok, {} errors",
+                    table::thousands(m.ops_per_sec.round() as u64),
+                    table::ms(m.p50_us),
+                    table::ms(m.p99_us),
+                    m.ok,
+                    m.errors
+                ),
+                Err(e) => eprintln!("FAILED: {e}"),
+            }
+            rows.push(Row { system: system.to_string(), baseline, op: op.to_string(), clients, result });
+        }
+    }
+}
+
+/// A system that could not be started: every one of its rows failed with `why`.
+fn fail_all(system: &str, baseline: bool, plan: &Plan, why: &str, rows: &mut Vec<Row>) {
+    eprintln!("aspen-compare: {system} did not start: {why}");
+    let first_line = why.lines().next().unwrap_or(why).to_string();
+    for &op in &plan.ops {
+        for &clients in &plan.clients {
+            rows.push(Row {
+                system: system.to_string(),
+                baseline,
+                op: op.to_string(),
+                clients,
+                result: Err(format!("did not start: {first_line}")),
+            });
+        }
+    }
+}
+
+fn find_etcd(given: Option<&Path>) -> Result<PathBuf, String> {
+    if let Some(p) = given {
+        return Ok(p.to_path_buf());
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).map(|dir| dir.join("etcd")).find(|p| p.is_file()).ok_or_else(|| {
+        "no `etcd` on PATH: install it (`apt-get install etcd-server`), pass --etcd-bin, or run scripts/compare-etcd.sh"
+            .to_string()
+    })
+}
+
+fn find_node(given: Option<&Path>) -> Result<PathBuf, String> {
+    let path = match given {
+        Some(p) => p.to_path_buf(),
+        None => {
+            std::env::current_exe().map_err(|e| format!("cannot locate this binary: {e}"))?.with_file_name("aspen-node")
+        }
+    };
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!(
+            "no aspen-node at {}: build it (`cargo build --release --bin aspen-node`) or pass --node-bin",
+            path.display()
+        ))
+    }
+}
+
+/// The page's context: date, command, machine, versions, build and workload.
+fn context(args: &Args, plan: &Plan, etcd: Option<&Path>, node: Option<&Path>) -> Context {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let cpuinfo = read("/proc/cpuinfo");
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, m)| m.trim().to_string()))
+        .unwrap_or_else(|| "unknown CPU".into());
+    let mem_gib = read("/proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|r| r.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map(|kib| format!("{:.1} GiB RAM", kib / 1024.0 / 1024.0))
+        .unwrap_or_else(|| "unknown RAM".into());
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let kernel = read("/proc/sys/kernel/osrelease").trim().to_string();
+    let command = std::env::var("ASPEN_COMPARE_COMMAND").ok().filter(|c| !c.trim().is_empty()).unwrap_or_else(|| {
+        std::env::args().map(|a| if a.contains(' ') { format!("'{a}'") } else { a }).collect::<Vec<_>>().join(" ")
+    });
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let aspen_version = match git(&["describe", "--always", "--dirty"]) {
+        Some(rev) => {
+            format!("commit {rev}, 3 `aspen-node` processes with default settings (fsync on every Raft log append)")
+        }
+        None => "3 `aspen-node` processes with default settings (fsync on every Raft log append)".into(),
+    };
+    let build = format!(
+        "{} (`aspen-node`: {})",
+        if cfg!(debug_assertions) { "DEBUG build of the harness — not representative" } else { "release" },
+        node.map(|p| p.display().to_string()).unwrap_or_else(|| "not used".into())
+    );
+    let etcd_version = match etcd {
+        Some(p) => format!(
+            "{} ({}), {} members with default settings (fsync on every commit)",
+            procs::version_line(p, "--version").unwrap_or_else(|| "version unknown".into()),
+            p.display(),
+            args.members
+        ),
+        None => "not measured".into(),
+    };
+    let workload = format!(
+        "closed loop, {} s measured per row after {} s of warm-up; {}-byte values; {} keys picked uniformly \
+         at random (get rows write every key first, not counted); client i has its own connection to member \
+         i mod {} and one request in flight; the same load generator (`aspen::bench::run`) for every system, \
+         on the same machine as the servers; `aspen ({} shards)` is started with `--sharding-enabled \
+         --sharding-num-shards {}` and its shard leaders spread with `cluster balance-leaders`",
+        plan.duration.as_secs_f64(),
+        plan.warmup.as_secs_f64(),
+        plan.value_size,
+        plan.key_space,
+        args.members,
+        args.shards,
+        args.shards,
+    );
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    Context {
+        date: table::utc_timestamp(now),
+        command,
+        machine: format!("{cores} cores (nproc), {model}, {mem_gib}, Linux {kernel}"),
+        load_before: load_average(),
+        etcd_version,
+        aspen_version,
+        build,
+        workload,
+        quick: args.quick,
+        ..Context::default()
+    }
+}
+
+/// The 1, 5 and 15 minute load averages.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}

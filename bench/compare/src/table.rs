@@ -1,0 +1,323 @@
+//! The comparison table: rows of measurements, the Aspen/etcd throughput ratio per row, the
+//! markdown table and the `benches/RESULTS.md` page around it. Pure functions, unit-tested.
+
+use std::fmt::Write;
+
+/// What one successful run measured.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Measurement {
+    /// Successful requests per second.
+    pub ops_per_sec: f64,
+    /// Latency percentiles of successful requests, in microseconds.
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub ok: u64,
+    pub errors: u64,
+}
+
+/// One line of the table: a system, an operation and a number of clients.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Row {
+    /// As shown, e.g. `etcd`, `aspen`, `aspen (4 shards)`.
+    pub system: String,
+    /// Whether this is the system the others are compared with (etcd).
+    pub baseline: bool,
+    /// As shown, e.g. `put`, `get`.
+    pub op: String,
+    pub clients: usize,
+    /// The measurement, or why the run failed.
+    pub result: Result<Measurement, String>,
+}
+
+/// The ratio of `row`'s throughput to the baseline row with the same op and clients: `None`
+/// for a baseline row, or when either run failed, or the baseline measured nothing.
+pub fn ratio(row: &Row, rows: &[Row]) -> Option<f64> {
+    if row.baseline {
+        return None;
+    }
+    let mine = row.result.as_ref().ok()?;
+    let base = rows.iter().find(|r| r.baseline && r.op == row.op && r.clients == row.clients)?;
+    let base = base.result.as_ref().ok()?;
+    (base.ops_per_sec > 0.0).then(|| mine.ops_per_sec / base.ops_per_sec)
+}
+
+/// `1234567` → `1,234,567`.
+pub fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Microseconds as milliseconds with two decimals.
+pub fn ms(us: u64) -> String {
+    format!("{:.2}", us as f64 / 1000.0)
+}
+
+pub const HEADER: [&str; 8] = ["system", "op", "clients", "ops/s", "p50 ms", "p99 ms", "errors", "Aspen/etcd"];
+
+/// The cells of one row, in [`HEADER`] order.
+pub fn cells(row: &Row, rows: &[Row]) -> [String; 8] {
+    let ratio = match (row.baseline, ratio(row, rows)) {
+        (true, _) => "—".to_string(),
+        (false, Some(r)) => format!("{r:.2}×"),
+        (false, None) => "n/a".to_string(),
+    };
+    match &row.result {
+        Ok(m) => [
+            row.system.clone(),
+            row.op.clone(),
+            row.clients.to_string(),
+            thousands(m.ops_per_sec.round() as u64),
+            ms(m.p50_us),
+            ms(m.p99_us),
+            thousands(m.errors),
+            ratio,
+        ],
+        Err(e) => [
+            row.system.clone(),
+            row.op.clone(),
+            row.clients.to_string(),
+            format!("failed: {}", e.replace('|', "/").replace('\n', " ")),
+            "—".into(),
+            "—".into(),
+            "—".into(),
+            ratio,
+        ],
+    }
+}
+
+/// A markdown table of `rows` in the given order, columns padded to line up in a terminal
+/// (text left-aligned, numbers right-aligned).
+pub fn format_table(rows: &[Row]) -> String {
+    let body: Vec<[String; 8]> = rows.iter().map(|r| cells(r, rows)).collect();
+    let mut widths = HEADER.map(|h| h.chars().count());
+    for line in &body {
+        for (w, cell) in widths.iter_mut().zip(line) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let numeric = |col: usize| col >= 2;
+    let pad = |col: usize, text: &str| {
+        let fill = " ".repeat(widths[col] - text.chars().count());
+        if numeric(col) {
+            format!("{fill}{text}")
+        } else {
+            format!("{text}{fill}")
+        }
+    };
+    let mut out = String::new();
+    let line = |cells: Vec<String>| format!("| {} |\n", cells.join(" | "));
+    out += &line(HEADER.iter().enumerate().map(|(c, h)| pad(c, h)).collect());
+    out += &line(
+        (0..HEADER.len())
+            .map(|c| {
+                let dashes = "-".repeat(widths[c] - 1);
+                if numeric(c) {
+                    format!("{dashes}:")
+                } else {
+                    format!("{dashes}-")
+                }
+            })
+            .collect(),
+    );
+    for cells in &body {
+        out += &line(cells.iter().enumerate().map(|(c, t)| pad(c, t)).collect());
+    }
+    out
+}
+
+/// Everything `benches/RESULTS.md` says besides the table.
+#[derive(Clone, Debug, Default)]
+pub struct Context {
+    pub date: String,
+    pub command: String,
+    pub machine: String,
+    pub load_before: String,
+    pub load_after: String,
+    pub etcd_version: String,
+    pub aspen_version: String,
+    pub build: String,
+    pub workload: String,
+    pub quick: bool,
+}
+
+/// The `benches/RESULTS.md` page.
+pub fn results_page(ctx: &Context, rows: &[Row]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# Aspen and etcd side by side\n");
+    if ctx.quick {
+        let _ = writeln!(s, "**Quick smoke run (`--quick`): too short to be a measurement.**\n");
+    }
+    let _ = writeln!(
+        s,
+        "Written by `aspen-compare` (`bench/compare/`) on {}. Reproduce from a clean checkout with:\n",
+        ctx.date
+    );
+    let _ = writeln!(s, "```sh\n{}\n```\n", ctx.command);
+    let _ = writeln!(s, "- Machine: {}", ctx.machine);
+    let _ = writeln!(
+        s,
+        "- Load average (1/5/15 min) when the run started: {}; when it ended: {} (the machine is shared: \
+         other jobs' load is in these numbers)",
+        ctx.load_before, ctx.load_after
+    );
+    let _ = writeln!(s, "- etcd: {}", ctx.etcd_version);
+    let _ = writeln!(s, "- Aspen: {}", ctx.aspen_version);
+    let _ = writeln!(s, "- Build: {}", ctx.build);
+    let _ = writeln!(s, "- Workload: {}\n", ctx.workload);
+    s += &format_table(rows);
+    let _ = writeln!(
+        s,
+        "\nops/s counts successful requests; p50/p99 are their latencies (HDR histogram). \
+         Aspen/etcd is the row's throughput divided by etcd's for the same op and clients \
+         (above 1: Aspen is faster). `get` is a linearizable read on both systems."
+    );
+    s
+}
+
+/// Days since 1970-01-01 → (year, month, day) in the proleptic Gregorian calendar (Howard
+/// Hinnant's `civil_from_days`).
+pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// Seconds since the Unix epoch → `YYYY-MM-DD HH:MM UTC`.
+pub fn utc_timestamp(unix_secs: u64) -> String {
+    let days = (unix_secs / 86_400) as i64;
+    let rem = unix_secs % 86_400;
+    let (y, m, d) = civil_from_days(days);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02} UTC", rem / 3600, rem % 3600 / 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(system: &str, baseline: bool, op: &str, clients: usize, ops: f64) -> Row {
+        Row {
+            system: system.into(),
+            baseline,
+            op: op.into(),
+            clients,
+            result: Ok(Measurement { ops_per_sec: ops, p50_us: 1090, p99_us: 5300, ok: 8050, errors: 0 }),
+        }
+    }
+
+    #[test]
+    fn ratio_is_against_the_baseline_row_of_the_same_op_and_clients() {
+        let rows = vec![
+            row("etcd", true, "put", 1, 800.0),
+            row("etcd", true, "put", 16, 3000.0),
+            row("etcd", true, "get", 1, 1250.0),
+            row("aspen", false, "put", 1, 200.0),
+            row("aspen", false, "put", 16, 4500.0),
+            row("aspen", false, "get", 1, 2500.0),
+            row("aspen", false, "get", 64, 100.0),
+        ];
+        assert_eq!(ratio(&rows[0], &rows), None, "baseline rows have no ratio");
+        assert_eq!(ratio(&rows[3], &rows), Some(0.25));
+        assert_eq!(ratio(&rows[4], &rows), Some(1.5));
+        assert_eq!(ratio(&rows[5], &rows), Some(2.0), "get compares with get, not put");
+        assert_eq!(ratio(&rows[6], &rows), None, "no etcd row with 64 clients");
+
+        let mut failed = rows.clone();
+        failed[0].result = Err("connect refused".into());
+        assert_eq!(ratio(&failed[3], &failed), None, "failed baseline");
+        failed[1].result = Ok(Measurement { ops_per_sec: 0.0, p50_us: 0, p99_us: 0, ok: 0, errors: 5 });
+        assert_eq!(ratio(&failed[4], &failed), None, "baseline measured nothing");
+    }
+
+    #[test]
+    fn numbers_are_formatted_for_reading() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(4707), "4,707");
+        assert_eq!(thousands(1_234_567), "1,234,567");
+        assert_eq!(ms(1090), "1.09");
+        assert_eq!(ms(46_000), "46.00");
+        assert_eq!(ms(5), "0.01");
+    }
+
+    #[test]
+    fn table_has_aligned_columns_ratios_and_failures() {
+        let mut rows = vec![row("etcd", true, "put", 1, 805.4), row("aspen (4 shards)", false, "put", 1, 161.08)];
+        rows.push(Row {
+            system: "aspen".into(),
+            baseline: false,
+            op: "put".into(),
+            clients: 1,
+            result: Err("cannot open client 0: refused | gone\nreally".into()),
+        });
+        let table = format_table(&rows);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 5, "{table}");
+        assert!(lines[0].starts_with("| system           | op  | clients | "), "{}", lines[0]);
+        assert!(lines[0].ends_with("  ops/s | p50 ms | p99 ms | errors | Aspen/etcd |"), "{}", lines[0]);
+        assert!(lines[1].starts_with("| ---------------- | --- | ------: |"), "{}", lines[1]);
+        assert!(lines[1].ends_with("| ---------: |"), "{}", lines[1]);
+        assert!(lines[2].starts_with("| etcd             | put |       1 |"), "{}", lines[2]);
+        assert!(lines[2].contains(" 805 |"), "{}", lines[2]);
+        assert!(lines[3].contains(" 161 |"), "{}", lines[3]);
+        assert!(lines[2].ends_with("|   1.09 |   5.30 |      0 |          — |"), "{}", lines[2]);
+        assert!(lines[3].ends_with("|   1.09 |   5.30 |      0 |      0.20× |"), "{}", lines[3]);
+        assert!(
+            lines[4].contains("failed: cannot open client 0: refused / gone really |"),
+            "no pipe or newline may break the table: {}",
+            lines[4]
+        );
+        assert!(lines[4].ends_with("|      — |      — |      — |        n/a |"), "{}", lines[4]);
+        // Every line has the same width and the same number of cells.
+        let width = lines[0].chars().count();
+        for l in &lines {
+            assert_eq!(l.chars().count(), width, "{l}");
+            assert_eq!(l.matches('|').count(), 9, "{l}");
+        }
+    }
+
+    #[test]
+    fn results_page_carries_the_context_and_the_table() {
+        let rows = vec![row("etcd", true, "put", 1, 800.0), row("aspen", false, "put", 1, 400.0)];
+        let ctx = Context {
+            date: "2026-11-26 14:00 UTC".into(),
+            command: "scripts/compare-etcd.sh".into(),
+            machine: "2 cores".into(),
+            quick: true,
+            ..Default::default()
+        };
+        let page = results_page(&ctx, &rows);
+        assert!(page.starts_with("# Aspen and etcd side by side\n"));
+        assert!(page.contains("Quick smoke run"));
+        assert!(page.contains("```sh\nscripts/compare-etcd.sh\n```"));
+        assert!(page.contains("on 2026-11-26 14:00 UTC"));
+        assert!(page.contains("- Machine: 2 cores"));
+        assert!(page.contains(&format_table(&rows)));
+        assert!(page.contains("0.50×"));
+    }
+
+    #[test]
+    fn dates_are_civil_utc() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(-1), (1969, 12, 31));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
+        assert_eq!(utc_timestamp(0), "1970-01-01 00:00 UTC");
+        // 2026-11-26 13:54:34 UTC
+        assert_eq!(utc_timestamp(1_795_701_274), "2026-11-26 13:54 UTC");
+    }
+}
