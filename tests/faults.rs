@@ -387,6 +387,17 @@ async fn inject(cluster: &mut Cluster, scenario: Scenario, rng: &mut StdRng) -> 
             admin.promote(new_id).await.expect("promote the learner");
             log.push(format!("promoted {new_id}"));
             let old = rng.random_range(1..=n as u64);
+            // Drain first, as an operator would: move away the leadership of every shard the
+            // node leads (removal would otherwise hand them over itself, which is slow under load).
+            let target = old % n as u64 + 1;
+            for shard in 0..cluster.shards.max(1) {
+                if cluster.leader_index(shard) == Some(old as usize - 1) {
+                    match admin.move_leader(shard, target).await {
+                        Ok(_) => log.push(format!("moved shard {shard} to {target}")),
+                        Err(e) => log.push(format!("move shard {shard} to {target}: {e}")),
+                    }
+                }
+            }
             // Removing a node that leads shards hands them over first, which takes a few
             // election timeouts per shard; under load the request can time out part-way. An
             // operator retries until the node is gone; so does the test (at most 4 times).
