@@ -27,11 +27,17 @@ fn put_entry(index: u64) -> Entry {
     id[8..].copy_from_slice(&index.to_be_bytes());
     Entry {
         log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
-        payload: EntryPayload::Normal(WriteRequest {
-            session: WriteSession { client_id: Id128(id), seq: 1 },
-            command: WriteCommand::Put { key: format!("key/{index:010}").into_bytes(), value: vec![b'v'; VALUE_BYTES] },
-            timestamp_ms: 1_000,
-        }),
+        payload: EntryPayload::Normal(
+            WriteRequest {
+                session: WriteSession { client_id: Id128(id), seq: 1 },
+                command: WriteCommand::Put {
+                    key: format!("key/{index:010}").into_bytes(),
+                    value: vec![b'v'; VALUE_BYTES],
+                },
+                timestamp_ms: 1_000,
+            }
+            .into(),
+        ),
     }
 }
 

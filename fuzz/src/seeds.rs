@@ -57,7 +57,7 @@ fn raft_requests() -> Vec<RaftRequest> {
             vote: Vote::new_committed(4, 1),
             prev_log_id: Some(log_id(4, 10)),
             entries: vec![
-                Entry { log_id: log_id(4, 11), payload: EntryPayload::Normal(write()) },
+                Entry { log_id: log_id(4, 11), payload: EntryPayload::Normal(write().into()) },
                 Entry { log_id: log_id(4, 12), payload: EntryPayload::Membership(membership.clone()) },
                 Entry { log_id: log_id(4, 13), payload: EntryPayload::Blank },
             ],

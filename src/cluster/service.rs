@@ -569,12 +569,15 @@ impl NodeService {
             MembershipChange::Remove { node_id } => {
                 let raft_id = shard_raft_id(shard_id, node_id);
                 let members = shard.members();
-                if raft_id == shard.raft_id() && shard.leader() == Some(self.node_id) {
-                    // The leader is asked to remove itself. openraft 0.9 steps a removed leader
-                    // down on its next tick, between the two membership entries of a removal,
-                    // and then trips over its own leadership check. Hand the shard to another
-                    // voter first; the request is then forwarded to the new leader.
-                    return self.hand_over_before_removal(shard_id, &members).await;
+                if raft_id == shard.raft_id() {
+                    // A node never proposes its own removal. openraft 0.9 steps a removed leader
+                    // down between the two membership entries of a removal and then trips over
+                    // its own leadership check. Checking "am I the leader?" once is not enough:
+                    // leadership can come back to this node while the change waits for a leader
+                    // (seed 1795704930358377447). So the removal is always proposed by another
+                    // voter: if this node leads, it hands the shard over first; otherwise it
+                    // names the leader and the request is forwarded there.
+                    return self.remove_self(shard_id, &members).await;
                 }
                 if let Some((_, _, voter)) = members.iter().find(|(id, _, _)| *id == raft_id) {
                     if *voter {
@@ -590,6 +593,21 @@ impl NodeService {
             }
         }
         Ok(ClientResponse::Membership(shard.status()))
+    }
+
+    /// The removal of this node from `shard_id`, asked of this node: answers `NotLeader` naming
+    /// the shard's leader (after handing the leadership over if this node holds it), so that the
+    /// request is forwarded to a node that can propose it.
+    async fn remove_self(&self, shard_id: ShardId, members: &[(u64, MemberNode, bool)]) -> ClientResult {
+        let shard = self.local_shard(shard_id)?;
+        let deadline = Instant::now() + self.limits.request_timeout();
+        if !shard.wait_for_leader(deadline).await {
+            return Err(ApiError::Unavailable(format!("shard {shard_id} has no leader")));
+        }
+        match shard.leader() {
+            Some(leader) if leader == self.node_id => self.hand_over_before_removal(shard_id, members).await,
+            leader => Err(ApiError::NotLeader { leader, leader_ticket: None }),
+        }
     }
 
     /// Moves the leadership of `shard_id` from this node to another voter, so that this node
@@ -824,6 +842,15 @@ impl NodeService {
             .ok_or_else(|| ApiError::InvalidRequest(format!("node {node_id} has no known address")))?;
         let raft = shard.raft();
         let lease = Duration::from_millis(raft.config().election_timeout_max);
+        // Under load, every client write and linearizable read sends AppendEntries, which renew
+        // the followers' leader lease: they would refuse to vote for the target and this node
+        // would win the next election again. So hold new writes and reads, let the target catch
+        // up with the log (a lagging target cannot win a vote either), then go quiet.
+        let _paused = shard.pause_for_handover();
+        let target_raft_id = shard_raft_id(shard_id, node_id);
+        if !shard.wait_replicated_to(target_raft_id, Instant::now() + lease).await {
+            tracing::debug!(shard = shard_id, to = node_id, "hand-over: the target has not caught up; trying anyway");
+        }
         raft.runtime_config().heartbeat(false);
         let result = async {
             tokio::time::sleep(lease + Duration::from_millis(100)).await;

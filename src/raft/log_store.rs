@@ -4,7 +4,10 @@
 //! writer thread that makes them durable. An append is acknowledged to openraft
 //! (`log_io_completed`) only after the transaction holding it was committed with
 //! `Durability::Immediate` (fsync). The vote is fsync'd before `save_vote` returns. The committed
-//! id is written without its own fsync: losing it only makes a restart re-apply less eagerly.
+//! id is queued and `save_committed` returns at once (openraft 0.9 awaits it inside its core
+//! loop, before applying, on every commit): it rides along with the next transaction, and a
+//! transaction holding nothing else commits without fsync. Losing it only makes a restart
+//! re-apply less eagerly.
 //!
 //! Group commit: `append` hands the encoded entries to the store's writer thread and returns at
 //! once (openraft 0.9 calls `append` once per client write); the entries are readable from
@@ -31,7 +34,7 @@ use openraft::{
 use redb::{Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::{
-    begin_write, open_db, open_db_with_backend, to_raft_err, Entry, LogId, OpenraftStorageError, StorageError,
+    begin_log_write, open_db, open_db_with_backend, to_raft_err, Entry, LogId, OpenraftStorageError, StorageError,
     TypeConfig, Vote,
 };
 
@@ -41,6 +44,9 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const KEY_VOTE: &str = "vote";
 const KEY_COMMITTED: &str = "committed";
 const KEY_LAST_PURGED: &str = "last_purged";
+
+/// How long a committed id alone waits for other jobs before it is written by itself.
+const COMMITTED_DEFER: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Most jobs the writer folds into one transaction.
 const MAX_JOBS_PER_COMMIT: usize = 4096;
@@ -64,6 +70,10 @@ enum Job {
         upto: LogId,
         done: tokio::sync::oneshot::Sender<Result<(), String>>,
     },
+    /// Record the committed log id (needs no fsync of its own).
+    Committed {
+        value: Vec<u8>,
+    },
     /// Write a meta key.
     Meta {
         key: &'static str,
@@ -79,6 +89,8 @@ pub struct RedbLogStore {
     db: Arc<redb::Database>,
     pending: Arc<Mutex<Pending>>,
     writer: Arc<WriterHandle>,
+    /// The last committed id handed to `save_committed` (it may not be in redb yet).
+    committed: Arc<Mutex<Option<Option<LogId>>>>,
     /// Cap on the payload bytes returned by one `limited_get_log_entries` (one AppendEntries).
     max_batch_bytes: u64,
 }
@@ -101,7 +113,7 @@ impl RedbLogStore {
     }
 
     fn from_db(db: redb::Database, max_batch_bytes: u64) -> Result<Self, StorageError> {
-        let txn = begin_write(&db, Durability::Immediate)?;
+        let txn = begin_log_write(&db, Durability::Immediate)?;
         txn.open_table(LOG)?;
         txn.open_table(META)?;
         txn.commit()?;
@@ -111,7 +123,7 @@ impl RedbLogStore {
         let writer = Writer { db: db.clone(), pending: pending.clone() };
         let thread = std::thread::Builder::new().name("aspen-log-writer".into()).spawn(move || writer.run(rx))?;
         let writer = Arc::new(WriterHandle { jobs: Some(jobs), thread: Some(thread) });
-        Ok(RedbLogStore { db, pending, writer, max_batch_bytes })
+        Ok(RedbLogStore { db, pending, writer, committed: Default::default(), max_batch_bytes })
     }
 
     fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
@@ -237,13 +249,41 @@ struct Writer {
 
 impl Writer {
     fn run(self, rx: mpsc::Receiver<Job>) {
-        while let Ok(first) = rx.recv() {
-            let mut jobs = vec![first];
+        // A batch holding only the committed id is not worth a transaction of its own (it would
+        // delay the next append behind it): it waits, briefly, for the next job to ride along.
+        let mut deferred: Option<Job> = None;
+        loop {
+            let mut jobs = Vec::new();
+            let mut waited = false;
+            match deferred.take() {
+                None => match rx.recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => return,
+                },
+                Some(committed) => {
+                    jobs.push(committed);
+                    match rx.recv_timeout(COMMITTED_DEFER) {
+                        Ok(job) => jobs.push(job),
+                        Err(mpsc::RecvTimeoutError::Timeout) => waited = true,
+                        Err(mpsc::RecvTimeoutError::Disconnected) => {
+                            if let Err(e) = self.commit(&jobs) {
+                                tracing::warn!("could not record the committed log id: {e}");
+                            }
+                            return;
+                        }
+                    }
+                }
+            }
             while jobs.len() < MAX_JOBS_PER_COMMIT {
                 match rx.try_recv() {
                     Ok(job) => jobs.push(job),
                     Err(_) => break,
                 }
+            }
+            if !waited && jobs.iter().all(|j| matches!(j, Job::Committed { .. })) {
+                // Only the newest committed id matters.
+                deferred = jobs.pop();
+                continue;
             }
             let result = self.commit(&jobs).map_err(|e| e.to_string());
             if result.is_ok() {
@@ -267,14 +307,21 @@ impl Writer {
                     Job::Truncate { done, .. } | Job::Purge { done, .. } | Job::Meta { done, .. } => {
                         let _ = done.send(result.clone());
                     }
+                    Job::Committed { .. } => {
+                        if let Err(e) = &result {
+                            tracing::warn!("could not record the committed log id: {e}");
+                        }
+                    }
                 }
             }
         }
     }
 
-    /// Applies `jobs` in order in one transaction and commits it with fsync.
+    /// Applies `jobs` in order in one transaction and commits it, with fsync unless it only
+    /// records the committed log id.
     fn commit(&self, jobs: &[Job]) -> Result<(), StorageError> {
-        let txn = begin_write(&self.db, Durability::Immediate)?;
+        let durable = jobs.iter().any(|j| !matches!(j, Job::Committed { .. }));
+        let txn = begin_log_write(&self.db, if durable { Durability::Immediate } else { Durability::None })?;
         {
             let mut log = txn.open_table(LOG)?;
             let mut meta = txn.open_table(META)?;
@@ -294,6 +341,9 @@ impl Writer {
                     }
                     Job::Meta { key, value, .. } => {
                         meta.insert(*key, value.as_slice())?;
+                    }
+                    Job::Committed { value } => {
+                        meta.insert(KEY_COMMITTED, value.as_slice())?;
                     }
                 }
             }
@@ -346,12 +396,16 @@ impl RaftLogStorage<TypeConfig> for RedbLogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), OpenraftStorageError> {
-        self.write_meta(KEY_COMMITTED, &committed)
-            .await
-            .map_err(|e| to_raft_err(ErrorSubject::Store, ErrorVerb::Write, e))
+        let err = |e: String| to_raft_err(ErrorSubject::Store, ErrorVerb::Write, e);
+        let value = postcard::to_stdvec(&committed).map_err(|e| err(e.to_string()))?;
+        *self.committed.lock().unwrap_or_else(|p| p.into_inner()) = Some(committed);
+        self.writer.send(Job::Committed { value }).map_err(|_| err("log writer stopped".into()))
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, OpenraftStorageError> {
+        if let Some(c) = *self.committed.lock().unwrap_or_else(|p| p.into_inner()) {
+            return Ok(c);
+        }
         let c: Option<Option<LogId>> =
             self.read_meta(KEY_COMMITTED).map_err(|e| to_raft_err(ErrorSubject::Store, ErrorVerb::Read, e))?;
         Ok(c.flatten())

@@ -4,6 +4,7 @@
 //!
 //! This module knows nothing about protocol handlers, sharding or bootstrap; they call into it.
 
+pub mod batcher;
 pub mod log_store;
 pub mod network;
 pub mod node;
@@ -23,8 +24,8 @@ pub use network::{IrohNetworkFactory, PeerBook};
 pub use node::RaftNode;
 pub use state_machine::RedbStateMachine;
 
-/// What a Raft log entry carries: one client write plus the leader's clock at proposal time (used
-/// to expire idle client sessions deterministically on every replica).
+/// One client write plus the leader's clock when it was queued (used to expire idle client
+/// sessions deterministically on every replica).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WriteRequest {
     pub session: WriteSession,
@@ -38,10 +39,30 @@ impl fmt::Display for WriteRequest {
     }
 }
 
-/// The state machine's answer for one applied entry: the write's outcome, or `None` for the
-/// entries Raft makes itself (blank and membership entries).
+/// What a Raft log entry carries: the client writes proposed together (see
+/// [`batcher`]), applied in order. Writes in one entry never touch the same key.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ApplyResult(pub Option<WriteOutcome>);
+pub struct WriteBatch(pub Vec<WriteRequest>);
+
+impl From<WriteRequest> for WriteBatch {
+    fn from(req: WriteRequest) -> Self {
+        WriteBatch(vec![req])
+    }
+}
+
+impl fmt::Display for WriteBatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0.as_slice() {
+            [one] => one.fmt(f),
+            many => write!(f, "{} writes", many.len()),
+        }
+    }
+}
+
+/// The state machine's answer for one applied entry: one outcome per write of a
+/// [`WriteBatch`], in order; empty for the entries Raft makes itself (blank and membership).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplyResult(pub Vec<WriteOutcome>);
 
 /// A member as recorded in Raft membership: how to reach it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,7 +92,7 @@ impl MemberNode {
 openraft::declare_raft_types!(
     /// openraft type configuration of every Aspen shard.
     pub TypeConfig:
-        D = WriteRequest,
+        D = WriteBatch,
         R = ApplyResult,
         NodeId = u64,
         Node = MemberNode,
@@ -184,7 +205,8 @@ pub(crate) fn open_db_with_backend(backend: impl redb::StorageBackend) -> Result
     Ok(redb::Database::builder().create_with_backend(backend)?)
 }
 
-/// Starts a write transaction with quick repair on and the given durability.
+/// Starts a write transaction of the state machine: quick repair on (a crash never makes a
+/// restart walk the whole, possibly large, database), with the given durability.
 pub(crate) fn begin_write(
     db: &redb::Database,
     durability: redb::Durability,
@@ -192,6 +214,21 @@ pub(crate) fn begin_write(
     let mut txn = db.begin_write()?;
     txn.set_durability(durability)?;
     txn.set_quick_repair(true);
+    Ok(txn)
+}
+
+/// Starts a write transaction of the Raft log: quick repair off. Quick repair saves the
+/// allocator state and forces a two-phase commit (two fsyncs) on every commit; without it a
+/// durable commit is one fsync (redb's checksummed one-phase commit) and writes fewer pages. The
+/// price, a full check of the file when it is opened after a crash, is small for the log: it
+/// is purged behind every snapshot.
+pub(crate) fn begin_log_write(
+    db: &redb::Database,
+    durability: redb::Durability,
+) -> Result<redb::WriteTransaction, StorageError> {
+    let mut txn = db.begin_write()?;
+    txn.set_durability(durability)?;
+    txn.set_quick_repair(false);
     Ok(txn)
 }
 

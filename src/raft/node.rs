@@ -17,13 +17,14 @@ use std::{
 };
 
 use openraft::{
-    error::{ChangeMembershipError, CheckIsLeaderError, ClientWriteError, InitializeError, RaftError},
+    error::{ChangeMembershipError, ClientWriteError, InitializeError, RaftError},
     ChangeMembers, Config, ServerState, SnapshotPolicy,
 };
 
 use super::{
-    state_machine::StateReader, ApplyResult, IrohNetworkFactory, MemberNode, Raft, RedbLogStore, RedbStateMachine,
-    StorageError, WriteRequest,
+    batcher::{ReadGate, WriteBatcher},
+    state_machine::StateReader,
+    IrohNetworkFactory, MemberNode, Raft, RedbLogStore, RedbStateMachine, StorageError, WriteRequest,
 };
 use crate::{
     api::{
@@ -51,10 +52,18 @@ pub struct RaftNode {
     raft_id: u64,
     raft: Raft,
     reader: StateReader,
+    /// Concurrent writes share log entries (see [`super::batcher`]).
+    writes: WriteBatcher,
+    /// Concurrent linearizable reads share ReadIndex rounds.
+    reads: ReadGate,
     request_timeout: Duration,
     /// When this node last received AppendEntries for this shard (ms since `epoch`; 0: never).
     leader_contact_ms: Arc<AtomicU64>,
     epoch: Instant,
+    /// Set while this node hands the shard's leadership to another voter: new writes and
+    /// linearizable reads wait (they would send AppendEntries, which renew the followers' leader
+    /// lease, and no follower would then vote for the hand-over's target).
+    handover: Arc<std::sync::atomic::AtomicBool>,
     /// Fault injection only: serve linearizable reads from local state without ReadIndex.
     #[cfg(feature = "fault-injection")]
     broken_reads: Arc<std::sync::atomic::AtomicBool>,
@@ -68,6 +77,15 @@ impl std::fmt::Debug for RaftNode {
 
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Resumes writes and linearizable reads paused by [`RaftNode::pause_for_handover`] when dropped.
+pub(crate) struct HandoverGuard(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for HandoverGuard {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
 }
 
 /// Builds the openraft config of one shard from the node's Raft settings.
@@ -109,14 +127,19 @@ impl RaftNode {
         let raft = Raft::new(raft_id, Arc::new(config), network, log, sm)
             .await
             .map_err(|e| RaftNodeError::Start { shard, message: e.to_string() })?;
+        let writes = WriteBatcher::start(raft.clone(), shard);
+        let reads = ReadGate::new(raft.clone(), shard, request_timeout);
         Ok(RaftNode {
             shard,
             raft_id,
             raft,
             reader,
+            writes,
+            reads,
             request_timeout,
             leader_contact_ms: Arc::new(AtomicU64::new(0)),
             epoch: Instant::now(),
+            handover: Default::default(),
             #[cfg(feature = "fault-injection")]
             broken_reads: Default::default(),
         })
@@ -174,8 +197,44 @@ impl RaftNode {
         }
     }
 
+    /// Holds new writes and linearizable reads of this shard until the guard is dropped (they
+    /// wait, then go to whichever node leads by then). Used while handing the leadership over.
+    pub(crate) fn pause_for_handover(&self) -> HandoverGuard {
+        self.handover.store(true, Ordering::SeqCst);
+        HandoverGuard(self.handover.clone())
+    }
+
+    fn handing_over(&self) -> bool {
+        self.handover.load(Ordering::SeqCst)
+    }
+
+    /// Waits until this node, as leader, knows that member `raft_id` holds every entry of its
+    /// log, or the deadline passes. Returns whether it did.
+    pub(crate) async fn wait_replicated_to(&self, raft_id: u64, deadline: Instant) -> bool {
+        let mut rx = self.raft.metrics();
+        loop {
+            let caught_up = {
+                let m = rx.borrow_and_update();
+                let last = m.last_log_index;
+                let matched = m.replication.as_ref().and_then(|r| r.get(&raft_id).cloned()).flatten();
+                last.is_some() && matched.map(|l| l.index) >= last
+            };
+            if caught_up {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            match tokio::time::timeout(left, rx.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return false,
+            }
+        }
+    }
+
     /// Waits until some leader is known or the deadline passes.
-    async fn wait_for_leader(&self, deadline: Instant) -> bool {
+    pub(crate) async fn wait_for_leader(&self, deadline: Instant) -> bool {
         let mut rx = self.raft.metrics();
         loop {
             if rx.borrow_and_update().current_leader.is_some() {
@@ -223,24 +282,15 @@ impl RaftNode {
     }
 
     /// Proposes a write and waits for its outcome (applied on this node, committed on a quorum).
+    /// Concurrent writes are proposed together, in one log entry.
     pub async fn write(&self, session: WriteSession, command: WriteCommand) -> Result<WriteOutcome, ApiError> {
         self.with_leader(|| {
             let req = WriteRequest { session, command: command.clone(), timestamp_ms: now_ms() };
             async move {
-                match self.raft.client_write(req).await {
-                    Ok(resp) => match resp.data {
-                        ApplyResult(Some(outcome)) => Ok(Some(outcome)),
-                        ApplyResult(None) => Err(ApiError::Internal("write produced no outcome".into())),
-                    },
-                    Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => match f.leader_id {
-                        Some(id) => Err(ApiError::NotLeader { leader: Some(split_raft_id(id).1), leader_ticket: None }),
-                        None => Ok(None),
-                    },
-                    Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
-                        Err(ApiError::InvalidRequest(e.to_string()))
-                    }
-                    Err(RaftError::Fatal(f)) => Err(ApiError::Unavailable(format!("shard {}: {f}", self.shard))),
+                if self.handing_over() {
+                    return Ok(None);
                 }
+                self.writes.submit(req).await
             }
         })
         .await
@@ -277,19 +327,13 @@ impl RaftNode {
     }
 
     /// Confirms leadership with a quorum and waits until the state machine caught up with it.
+    /// Concurrent callers share one confirmation round (one that started after they called).
     pub async fn ensure_linearizable(&self) -> Result<(), ApiError> {
         self.with_leader(|| async {
-            match self.raft.ensure_linearizable().await {
-                Ok(_) => Ok(Some(())),
-                Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => match f.leader_id {
-                    Some(id) => Err(ApiError::NotLeader { leader: Some(split_raft_id(id).1), leader_ticket: None }),
-                    None => Ok(None),
-                },
-                Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => {
-                    Err(ApiError::Unavailable(format!("shard {}: {e}", self.shard)))
-                }
-                Err(RaftError::Fatal(f)) => Err(ApiError::Unavailable(format!("shard {}: {f}", self.shard))),
+            if self.handing_over() {
+                return Ok(None);
             }
+            self.reads.confirm().await
         })
         .await
     }

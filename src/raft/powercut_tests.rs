@@ -211,7 +211,7 @@ fn random_entries(rng: &mut StdRng, model: &mut Model) -> Vec<Entry> {
                     let voters: BTreeSet<u64> = (1..=rng.random_range(1..4)).collect();
                     EntryPayload::Membership(Membership::new(vec![voters], None))
                 }
-                _ => EntryPayload::Normal(random_request(rng, model)),
+                _ => EntryPayload::Normal(random_request(rng, model).into()),
             };
             Entry { log_id: log_id(model.term, index), payload }
         })

@@ -58,7 +58,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     begin_write, open_db, open_db_with_backend, to_raft_err, ApplyResult, Entry, LogId, OpenraftStorageError,
-    SnapshotMeta, StorageError, StoredMembership, TypeConfig, WriteRequest,
+    SnapshotMeta, StorageError, StoredMembership, TypeConfig, WriteBatch, WriteRequest,
 };
 use crate::api::{BatchOp, KeyValue, StateDigest, WriteCommand, WriteOutcome};
 
@@ -447,20 +447,24 @@ fn apply_entries(db: &redb::Database, entries: Vec<Entry>) -> Result<Vec<ApplyRe
             let log_id = *entry.get_log_id();
             last_applied = Some(log_id);
             match entry.payload {
-                EntryPayload::Blank => results.push(ApplyResult(None)),
+                EntryPayload::Blank => results.push(ApplyResult(Vec::new())),
                 EntryPayload::Membership(m) => {
                     membership = Some(StoredMembership::new(Some(log_id), m));
-                    results.push(ApplyResult(None));
+                    results.push(ApplyResult(Vec::new()));
                 }
-                EntryPayload::Normal(req) => {
-                    clock = clock.max(req.timestamp_ms);
-                    // Expire per entry (not per batch): replicas batch entries differently, and
-                    // every replica must make the same dedup decision for every entry.
-                    expire_sessions(&mut sessions, &mut ages, &mut sum, clock)?;
-                    let mut tables =
-                        WriteTables { kv: &mut kv, sessions: &mut sessions, ages: &mut ages, sum: &mut sum };
-                    let outcome = apply_write(&mut tables, log_id.index, req)?;
-                    results.push(ApplyResult(Some(outcome)));
+                EntryPayload::Normal(WriteBatch(writes)) => {
+                    let mut outcomes = Vec::with_capacity(writes.len());
+                    for req in writes {
+                        clock = clock.max(req.timestamp_ms);
+                        // Expire per write (not per apply call): replicas hand entries to apply
+                        // in different groups, and every replica must make the same dedup
+                        // decision for every write.
+                        expire_sessions(&mut sessions, &mut ages, &mut sum, clock)?;
+                        let mut tables =
+                            WriteTables { kv: &mut kv, sessions: &mut sessions, ages: &mut ages, sum: &mut sum };
+                        outcomes.push(apply_write(&mut tables, log_id.index, req)?);
+                    }
+                    results.push(ApplyResult(outcomes));
                 }
             }
         }

@@ -16,7 +16,7 @@ use tempfile::TempDir;
 
 use super::{
     state_machine::StateReader, ApplyResult, Entry, LogId, MemberNode, OpenraftStorageError, RedbLogStore,
-    RedbStateMachine, StoredMembership, TypeConfig, Vote, WriteRequest,
+    RedbStateMachine, StoredMembership, TypeConfig, Vote, WriteBatch, WriteRequest,
 };
 use crate::api::{BatchOp, Id128, KeyValue, StateDigest, WriteCommand, WriteOutcome, WriteSession};
 
@@ -44,7 +44,7 @@ fn request(client_id: Id128, seq: u64, command: WriteCommand) -> WriteRequest {
 }
 
 fn normal(term: u64, index: u64, req: WriteRequest) -> Entry {
-    Entry { log_id: log_id(term, index), payload: EntryPayload::Normal(req) }
+    Entry { log_id: log_id(term, index), payload: EntryPayload::Normal(req.into()) }
 }
 
 fn blank(term: u64, index: u64) -> Entry {
@@ -125,7 +125,7 @@ async fn apply(sm: &mut RedbStateMachine, entries: Vec<Entry>) -> Vec<ApplyResul
 async fn apply_write(sm: &mut RedbStateMachine, entry: Entry) -> WriteOutcome {
     let mut results = apply(sm, vec![entry]).await;
     assert_eq!(results.len(), 1);
-    results.pop().and_then(|r| r.0).expect("a normal entry yields an outcome")
+    results.pop().and_then(|r| r.0.into_iter().next()).expect("a normal entry yields an outcome")
 }
 
 fn get(reader: &StateReader, key: &str) -> Option<KeyValue> {
@@ -341,7 +341,7 @@ async fn apply_put_delete_cas_batch() {
     assert_eq!(sm.applied_state().await.unwrap(), (None, StoredMembership::default()));
 
     let results = apply(&mut sm, vec![blank(1, 1), membership(1, 2, &[1, 2])]).await;
-    assert_eq!(results, vec![ApplyResult(None), ApplyResult(None)], "Raft's own entries have no outcome");
+    assert_eq!(results, vec![ApplyResult(vec![]), ApplyResult(vec![])], "Raft's own entries have no outcome");
 
     // Put: creates, then modifies; mod_revision is the log index, version counts writes.
     assert_eq!(apply_write(&mut sm, put(1, 3, "a", b"v1")).await, WriteOutcome::Put { revision: 3 });
@@ -408,10 +408,10 @@ async fn apply_put_delete_cas_batch() {
     assert_eq!(
         results,
         vec![
-            ApplyResult(Some(WriteOutcome::Put { revision: 15 })),
-            ApplyResult(Some(WriteOutcome::Cas { revision: 16, succeeded: true, current: None })),
-            ApplyResult(None),
-            ApplyResult(Some(WriteOutcome::Delete { revision: 18, deleted: true })),
+            ApplyResult(vec![WriteOutcome::Put { revision: 15 }]),
+            ApplyResult(vec![WriteOutcome::Cas { revision: 16, succeeded: true, current: None }]),
+            ApplyResult(vec![]),
+            ApplyResult(vec![WriteOutcome::Delete { revision: 18, deleted: true }]),
         ]
     );
     assert_eq!(get(&r, "m"), None);
@@ -465,8 +465,39 @@ async fn retried_writes_apply_once() {
     // A retry in the same apply batch as the original is deduplicated too.
     let z_req = request(z, 1, put_cmd("q", b"z"));
     let results = apply(&mut sm, vec![normal(2, 8, z_req.clone()), normal(2, 9, z_req.clone())]).await;
-    assert_eq!(results, vec![ApplyResult(Some(WriteOutcome::Put { revision: 8 })); 2]);
+    assert_eq!(results, vec![ApplyResult(vec![WriteOutcome::Put { revision: 8 }]); 2]);
     assert_eq!(get(&r, "q"), Some(kv("q", b"z", 8, 8, 1)));
+
+    // One entry carrying several writes (concurrent client writes proposed together): each write
+    // gets its own outcome, in order, with the entry's index as revision, and a retry inside the
+    // same entry is answered with the first outcome.
+    let w = client(0x57);
+    let multi = Entry {
+        log_id: log_id(2, 10),
+        payload: EntryPayload::Normal(WriteBatch(vec![
+            request(w, 1, put_cmd("m1", b"a")),
+            request(client(0x58), 1, WriteCommand::Delete { key: b"q".to_vec() }),
+            request(w, 1, put_cmd("m1", b"a")),
+            request(
+                client(0x59),
+                1,
+                WriteCommand::Cas { key: b"m2".to_vec(), expected: None, new_value: b"c".to_vec() },
+            ),
+        ])),
+    };
+    let results = apply(&mut sm, vec![multi]).await;
+    assert_eq!(
+        results,
+        vec![ApplyResult(vec![
+            WriteOutcome::Put { revision: 10 },
+            WriteOutcome::Delete { revision: 10, deleted: true },
+            WriteOutcome::Put { revision: 10 },
+            WriteOutcome::Cas { revision: 10, succeeded: true, current: None },
+        ])]
+    );
+    assert_eq!(get(&r, "m1"), Some(kv("m1", b"a", 10, 10, 1)));
+    assert_eq!(get(&r, "q"), None);
+    assert_eq!(get(&r, "m2"), Some(kv("m2", b"c", 10, 10, 1)));
 
     // Sessions survive a restart.
     drop((r, sm));
