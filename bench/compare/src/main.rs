@@ -288,7 +288,8 @@ async fn run(args: Args) -> Result<(), String> {
     println!("{table}");
     if let Some(path) = output {
         let ctx = Context { load_after: load_average(), ..ctx };
-        let page = table::results_page(&ctx, &rows);
+        let previous = std::fs::read_to_string(&path).ok();
+        let page = table::keep_notes(table::results_page(&ctx, &rows), previous.as_deref());
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         }

@@ -132,6 +132,18 @@ pub fn format_table(rows: &[Row]) -> String {
     out
 }
 
+/// The line after which `benches/RESULTS.md` holds hand-written notes (the performance history)
+/// that a new run keeps.
+pub const KEEP_MARKER: &str = "<!-- kept by aspen-compare: everything below this line -->";
+
+/// `page` followed by the part of `previous` (the page being replaced) from [`KEEP_MARKER`] on.
+pub fn keep_notes(page: String, previous: Option<&str>) -> String {
+    match previous.and_then(|p| p.find(KEEP_MARKER).map(|i| &p[i..])) {
+        Some(kept) => format!("{page}\n{kept}"),
+        None => page,
+    }
+}
+
 /// Everything `benches/RESULTS.md` says besides the table.
 #[derive(Clone, Debug, Default)]
 pub struct Context {
@@ -207,6 +219,17 @@ pub fn utc_timestamp(unix_secs: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn notes_below_the_marker_survive_a_new_run() {
+        let old = format!("# old table\n\n{KEEP_MARKER}\n## History\n- a change: 2x\n");
+        let page = keep_notes("# new table\n".to_string(), Some(&old));
+        assert!(page.starts_with("# new table\n"));
+        assert!(page.ends_with(&format!("{KEEP_MARKER}\n## History\n- a change: 2x\n")));
+        assert!(!page.contains("old table"));
+        assert_eq!(keep_notes("# new\n".to_string(), Some("# no marker\n")), "# new\n");
+        assert_eq!(keep_notes("# new\n".to_string(), None), "# new\n");
+    }
 
     fn row(system: &str, baseline: bool, op: &str, clients: usize, ops: f64) -> Row {
         Row {
