@@ -29,7 +29,8 @@ pub const CLIENT_PROTOCOL_VERSION: u16 = 1;
 pub type NodeId = u64;
 /// A shard number (`0 .. num_shards`).
 pub type ShardId = u32;
-/// A revision: the Raft log index of the entry that made a change.
+/// A revision: the Raft log index of the entry that made a change. Concurrent writes to
+/// different keys may share an entry, and so a revision; two writes to one key never do.
 pub type Revision = u64;
 
 /// Largest node id that still leaves room for the shard in the upper 16 bits of a Raft id.
