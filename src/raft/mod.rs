@@ -211,10 +211,7 @@ pub(crate) fn begin_write(
     db: &redb::Database,
     durability: redb::Durability,
 ) -> Result<redb::WriteTransaction, StorageError> {
-    let mut txn = db.begin_write()?;
-    txn.set_durability(durability)?;
-    txn.set_quick_repair(true);
-    Ok(txn)
+    begin(db, durability, true)
 }
 
 /// Starts a write transaction of the Raft log: quick repair off. Quick repair saves the
@@ -226,9 +223,17 @@ pub(crate) fn begin_log_write(
     db: &redb::Database,
     durability: redb::Durability,
 ) -> Result<redb::WriteTransaction, StorageError> {
+    begin(db, durability, false)
+}
+
+fn begin(
+    db: &redb::Database,
+    durability: redb::Durability,
+    quick_repair: bool,
+) -> Result<redb::WriteTransaction, StorageError> {
     let mut txn = db.begin_write()?;
     txn.set_durability(durability)?;
-    txn.set_quick_repair(false);
+    txn.set_quick_repair(quick_repair);
     Ok(txn)
 }
 

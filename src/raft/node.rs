@@ -211,33 +211,28 @@ impl RaftNode {
     /// Waits until this node, as leader, knows that member `raft_id` holds every entry of its
     /// log, or the deadline passes. Returns whether it did.
     pub(crate) async fn wait_replicated_to(&self, raft_id: u64, deadline: Instant) -> bool {
-        let mut rx = self.raft.metrics();
-        loop {
-            let caught_up = {
-                let m = rx.borrow_and_update();
-                let last = m.last_log_index;
-                let matched = m.replication.as_ref().and_then(|r| r.get(&raft_id).cloned()).flatten();
-                last.is_some() && matched.map(|l| l.index) >= last
-            };
-            if caught_up {
-                return true;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            match tokio::time::timeout(left, rx.changed()).await {
-                Ok(Ok(())) => continue,
-                _ => return false,
-            }
-        }
+        self.wait_metrics(deadline, |m| {
+            let matched = m.replication.as_ref().and_then(|r| r.get(&raft_id).cloned()).flatten();
+            m.last_log_index.is_some() && matched.map(|l| l.index) >= m.last_log_index
+        })
+        .await
     }
 
     /// Waits until some leader is known or the deadline passes.
     pub(crate) async fn wait_for_leader(&self, deadline: Instant) -> bool {
+        self.wait_metrics(deadline, |m| m.current_leader.is_some()).await
+    }
+
+    /// Waits until `holds` is true of this shard's Raft metrics or the deadline passes; returns
+    /// whether it held.
+    async fn wait_metrics(
+        &self,
+        deadline: Instant,
+        holds: impl Fn(&openraft::RaftMetrics<u64, MemberNode>) -> bool,
+    ) -> bool {
         let mut rx = self.raft.metrics();
         loop {
-            if rx.borrow_and_update().current_leader.is_some() {
+            if holds(&rx.borrow_and_update()) {
                 return true;
             }
             let left = deadline.saturating_duration_since(Instant::now());
