@@ -1,13 +1,14 @@
 //! The Raft log of one shard in redb (`shard-N/raft-log.db`).
 //!
-//! Owns: log entries, the vote, the committed log id and the last purged log id, and the
-//! writer thread that makes them durable. An append is acknowledged to openraft
-//! (`log_io_completed`) only after the transaction holding it was committed with
-//! `Durability::Immediate` (fsync). The vote is fsync'd before `save_vote` returns. The committed
-//! id is queued and `save_committed` returns at once (openraft 0.9 awaits it inside its core
-//! loop, before applying, on every commit): it rides along with the next transaction, and a
-//! transaction holding nothing else commits without fsync. Losing it only makes a restart
-//! re-apply less eagerly.
+//! Owns: log entries, the vote, the committed log id and the last purged log id, the writer
+//! thread that makes them durable, and the [`DurableWatch`] that tells the rest of the shard how
+//! far the file is durable. An append is acknowledged to openraft (`log_io_completed`) only after
+//! the transaction holding it was committed with `Durability::Immediate` (fsync) — with one
+//! exception, below. The vote is fsync'd before `save_vote` returns. The committed id is queued
+//! and `save_committed` returns at once (openraft 0.9 awaits it inside its core loop, before
+//! applying, on every commit): it rides along with the next transaction, and a transaction
+//! holding nothing else commits without fsync. Losing it only makes a restart re-apply less
+//! eagerly.
 //!
 //! Group commit: `append` hands the encoded entries to the store's writer thread and returns at
 //! once (openraft 0.9 calls `append` once per client write); the entries are readable from
@@ -17,8 +18,22 @@
 //! entries share one fsync; a single writer sees no added latency. Truncation, purge and vote
 //! wait for their commit before returning, so readers never see a truncated entry.
 //!
-//! Never: interpret entries (that is the state machine's job) or block the async runtime on
-//! fsync.
+//! The leader's own appends ([`RedbLogStore::overlap_own_appends`]): openraft 0.9 awaits the
+//! fsync of every append inside its core loop before it even starts replicating the entries, so
+//! the leader's fsync and the followers' fsync would run one after the other on every write. A
+//! store told its node id acknowledges an append of normal entries that its own node created as
+//! leader of the current term at once, and fsyncs it in the background, overlapping the
+//! followers' appends. What keeps "every acknowledged write is fsync'd on a quorum" true:
+//! nothing acts on such an entry before it is durable here — the state machine applies an entry
+//! only once the log holds it durably (`RedbStateMachine::wait_for_log`), and the commit index
+//! the leader sends to followers is capped at its durable log (`IrohNetworkFactory::cap_commit_at`),
+//! so neither a client acknowledgement nor a follower's apply can run ahead of the leader's
+//! disk. Membership and blank entries are never acknowledged early (openraft acts on a committed
+//! membership at once), and neither is anything a follower appends. A failed background fsync
+//! is reported through the watch: the state machine then refuses to apply and the shard stops.
+//!
+//! Never: interpret entries beyond their kind and leader id (that is the state machine's job)
+//! or block the async runtime on fsync.
 
 use std::{
     collections::BTreeMap,
@@ -29,7 +44,7 @@ use std::{
 
 use openraft::{
     storage::{LogFlushed, RaftLogStorage},
-    ErrorSubject, ErrorVerb, LogState, OptionalSend, RaftLogId, RaftLogReader,
+    EntryPayload, ErrorSubject, ErrorVerb, LogState, OptionalSend, RaftLogId, RaftLogReader,
 };
 use redb::{Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
@@ -58,28 +73,40 @@ type Pending = BTreeMap<u64, (LogId, Vec<u8>)>;
 enum Job {
     Append {
         entries: Vec<(LogId, Vec<u8>)>,
-        callback: LogFlushed<TypeConfig>,
+        /// `None`: openraft was already told (the leader's own entries, see the module docs).
+        callback: Option<LogFlushed<TypeConfig>>,
     },
     /// Delete every entry from this index on.
-    Truncate {
-        from: u64,
-        done: tokio::sync::oneshot::Sender<Result<(), String>>,
-    },
+    Truncate { from: u64, done: tokio::sync::oneshot::Sender<Result<(), String>> },
     /// Delete every entry up to this log id and record it as the last purged.
-    Purge {
-        upto: LogId,
-        done: tokio::sync::oneshot::Sender<Result<(), String>>,
-    },
+    Purge { upto: LogId, done: tokio::sync::oneshot::Sender<Result<(), String>> },
     /// Record the committed log id (needs no fsync of its own).
-    Committed {
-        value: Vec<u8>,
-    },
+    Committed { value: Vec<u8> },
     /// Write a meta key.
-    Meta {
-        key: &'static str,
-        value: Vec<u8>,
-        done: tokio::sync::oneshot::Sender<Result<(), String>>,
-    },
+    Meta { key: &'static str, value: Vec<u8>, done: tokio::sync::oneshot::Sender<Result<(), String>> },
+}
+
+/// How far the log file is durable: the last log id it holds after the writer's latest commit,
+/// or the error that stopped the writer.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Durable {
+    pub last: Option<LogId>,
+    pub failed: Option<String>,
+}
+
+/// Follows [`Durable`] as the writer commits.
+pub type DurableWatch = tokio::sync::watch::Receiver<Durable>;
+
+/// Waits until the log holds every entry up to `index` durably.
+pub async fn wait_durable(watch: &mut DurableWatch, index: u64) -> Result<(), StorageError> {
+    let durable = watch
+        .wait_for(|d| d.failed.is_some() || d.last.is_some_and(|l| l.index >= index))
+        .await
+        .map_err(|_| StorageError::Task("log writer stopped".into()))?;
+    match &durable.failed {
+        Some(e) => Err(StorageError::Task(format!("the Raft log could not be written: {e}"))),
+        None => Ok(()),
+    }
 }
 
 /// The redb-backed log store. Cloning shares the database, the in-memory pending entries and the
@@ -89,6 +116,11 @@ pub struct RedbLogStore {
     db: Arc<redb::Database>,
     pending: Arc<Mutex<Pending>>,
     writer: Arc<WriterHandle>,
+    durable: Arc<tokio::sync::watch::Sender<Durable>>,
+    /// This node's Raft id, when its own appends as leader may be acknowledged before their fsync.
+    own_id: Option<u64>,
+    /// The last vote saved (the leader id of the current term).
+    vote: Arc<Mutex<Option<Vote>>>,
     /// The last committed id handed to `save_committed` (it may not be in redb yet).
     committed: Arc<Mutex<Option<Option<LogId>>>>,
     /// Cap on the payload bytes returned by one `limited_get_log_entries` (one AppendEntries).
@@ -118,12 +150,50 @@ impl RedbLogStore {
         txn.open_table(META)?;
         txn.commit()?;
         let db = Arc::new(db);
+        let durable = Arc::new(tokio::sync::watch::Sender::new(Durable { last: last_log_id(&db)?, failed: None }));
+        let vote = Arc::new(Mutex::new(read_meta(&db, KEY_VOTE)?));
         let pending: Arc<Mutex<Pending>> = Default::default();
         let (jobs, rx) = mpsc::channel();
-        let writer = Writer { db: db.clone(), pending: pending.clone() };
+        let writer = Writer { db: db.clone(), pending: pending.clone(), durable: durable.clone() };
         let thread = std::thread::Builder::new().name("aspen-log-writer".into()).spawn(move || writer.run(rx))?;
         let writer = Arc::new(WriterHandle { jobs: Some(jobs), thread: Some(thread) });
-        Ok(RedbLogStore { db, pending, writer, committed: Default::default(), max_batch_bytes })
+        Ok(RedbLogStore {
+            db,
+            pending,
+            writer,
+            durable,
+            own_id: None,
+            vote,
+            committed: Default::default(),
+            max_batch_bytes,
+        })
+    }
+
+    /// Lets the store acknowledge the appends node `own_id` makes as leader of the current term
+    /// before their fsync (see the module docs). Only for a store whose state machine waits for
+    /// [`Self::durable`] and whose network caps the commit index it sends at it.
+    pub fn overlap_own_appends(mut self, own_id: u64) -> Self {
+        self.own_id = Some(own_id);
+        self
+    }
+
+    /// How far the file is durable, updated after every commit of the writer.
+    pub fn durable(&self) -> DurableWatch {
+        self.durable.subscribe()
+    }
+
+    /// Whether `entries` may be acknowledged before their fsync: normal entries created by this
+    /// node as leader of the term of the last saved vote.
+    fn own_fresh_entries(&self, entries: &[Entry]) -> bool {
+        let Some(me) = self.own_id else { return false };
+        let Some(vote) = *self.vote.lock().unwrap_or_else(|p| p.into_inner()) else { return false };
+        let leader = vote.leader_id();
+        leader.node_id == me
+            && entries.iter().all(|e| {
+                matches!(e.payload, EntryPayload::Normal(_))
+                    && e.log_id.leader_id.node_id == me
+                    && e.log_id.leader_id.term == leader.term
+            })
     }
 
     fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
@@ -131,12 +201,7 @@ impl RedbLogStore {
     }
 
     fn read_meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StorageError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(META)?;
-        match table.get(key)? {
-            Some(v) => Ok(Some(postcard::from_bytes(v.value())?)),
-            None => Ok(None),
-        }
+        read_meta(&self.db, key)
     }
 
     /// Queues `make(done)` for the writer and waits until it is committed.
@@ -200,13 +265,32 @@ impl RedbLogStore {
 
     fn last_durable_id(&self) -> Result<Option<LogId>, StorageError> {
         let txn = self.db.begin_read()?;
-        let table = txn.open_table(LOG)?;
-        let last = table.last()?;
-        let id = match last {
-            Some((_, v)) => Some(*postcard::from_bytes::<Entry>(v.value())?.get_log_id()),
-            None => None,
-        };
-        Ok(id)
+        last_entry_id(&txn.open_table(LOG)?)
+    }
+}
+
+fn read_meta<T: serde::de::DeserializeOwned>(db: &redb::Database, key: &str) -> Result<Option<T>, StorageError> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(META)?;
+    match table.get(key)? {
+        Some(v) => Ok(Some(postcard::from_bytes(v.value())?)),
+        None => Ok(None),
+    }
+}
+
+fn last_entry_id(table: &impl ReadableTable<u64, &'static [u8]>) -> Result<Option<LogId>, StorageError> {
+    match table.last()? {
+        Some((_, v)) => Ok(Some(*postcard::from_bytes::<Entry>(v.value())?.get_log_id())),
+        None => Ok(None),
+    }
+}
+
+/// The last log id the file holds: its last entry, or the last purged id when it holds none.
+fn last_log_id(db: &redb::Database) -> Result<Option<LogId>, StorageError> {
+    let txn = db.begin_read()?;
+    match last_entry_id(&txn.open_table(LOG)?)? {
+        Some(id) => Ok(Some(id)),
+        None => read_meta(db, KEY_LAST_PURGED),
     }
 }
 
@@ -245,6 +329,7 @@ impl Drop for WriterHandle {
 struct Writer {
     db: Arc<redb::Database>,
     pending: Arc<Mutex<Pending>>,
+    durable: Arc<tokio::sync::watch::Sender<Durable>>,
 }
 
 impl Writer {
@@ -286,6 +371,19 @@ impl Writer {
                 continue;
             }
             let result = self.commit(&jobs).map_err(|e| e.to_string());
+            match &result {
+                Ok(Some(last)) => self.durable.send_if_modified(|d| {
+                    let changed = d.last != *last;
+                    d.last = *last;
+                    changed
+                }),
+                Ok(None) => false,
+                Err(e) => {
+                    tracing::error!("the Raft log could not be written: {e}");
+                    self.durable.send_modify(|d| d.failed = Some(e.clone()));
+                    true
+                }
+            };
             if result.is_ok() {
                 // Entries now durable leave memory (unless a later append replaced them).
                 let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
@@ -299,10 +397,13 @@ impl Writer {
                     }
                 }
             }
+            let result = result.map(|_| ());
             for job in jobs {
                 match job {
                     Job::Append { callback, .. } => {
-                        callback.log_io_completed(result.clone().map_err(std::io::Error::other));
+                        if let Some(callback) = callback {
+                            callback.log_io_completed(result.clone().map_err(std::io::Error::other));
+                        }
                     }
                     Job::Truncate { done, .. } | Job::Purge { done, .. } | Job::Meta { done, .. } => {
                         let _ = done.send(result.clone());
@@ -318,9 +419,10 @@ impl Writer {
     }
 
     /// Applies `jobs` in order in one transaction and commits it, with fsync unless it only
-    /// records the committed log id.
-    fn commit(&self, jobs: &[Job]) -> Result<(), StorageError> {
+    /// records the committed log id. Returns the log's last id when the jobs changed the log.
+    fn commit(&self, jobs: &[Job]) -> Result<Option<Option<LogId>>, StorageError> {
         let durable = jobs.iter().any(|j| !matches!(j, Job::Committed { .. }));
+        let mut last = None;
         let txn = begin_log_write(&self.db, if durable { Durability::Immediate } else { Durability::None })?;
         {
             let mut log = txn.open_table(LOG)?;
@@ -347,9 +449,21 @@ impl Writer {
                     }
                 }
             }
+            if durable {
+                let purged = || -> Result<Option<LogId>, StorageError> {
+                    match meta.get(KEY_LAST_PURGED)? {
+                        Some(v) => Ok(Some(postcard::from_bytes(v.value())?)),
+                        None => Ok(None),
+                    }
+                };
+                last = Some(match last_entry_id(&log)? {
+                    Some(id) => Some(id),
+                    None => purged()?,
+                });
+            }
         }
         txn.commit()?;
-        Ok(())
+        Ok(last)
     }
 }
 
@@ -388,7 +502,9 @@ impl RaftLogStorage<TypeConfig> for RedbLogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), OpenraftStorageError> {
-        self.write_meta(KEY_VOTE, vote).await.map_err(|e| to_raft_err(ErrorSubject::Vote, ErrorVerb::Write, e))
+        self.write_meta(KEY_VOTE, vote).await.map_err(|e| to_raft_err(ErrorSubject::Vote, ErrorVerb::Write, e))?;
+        *self.vote.lock().unwrap_or_else(|p| p.into_inner()) = Some(*vote);
+        Ok(())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, OpenraftStorageError> {
@@ -416,14 +532,16 @@ impl RaftLogStorage<TypeConfig> for RedbLogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut encoded = Vec::new();
-        for entry in entries {
-            let bytes = postcard::to_stdvec(&entry).map_err(|e| logs_err(ErrorVerb::Write, e))?;
-            encoded.push((*entry.get_log_id(), bytes));
-        }
-        if encoded.is_empty() {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        if entries.is_empty() {
             callback.log_io_completed(Ok(()));
             return Ok(());
+        }
+        let early = self.own_fresh_entries(&entries);
+        let mut encoded = Vec::with_capacity(entries.len());
+        for entry in &entries {
+            let bytes = postcard::to_stdvec(entry).map_err(|e| logs_err(ErrorVerb::Write, e))?;
+            encoded.push((*entry.get_log_id(), bytes));
         }
         // Readable at once (openraft requires it), durable when the writer acknowledges.
         {
@@ -432,9 +550,15 @@ impl RaftLogStorage<TypeConfig> for RedbLogStore {
                 pending.insert(id.index, (*id, bytes.clone()));
             }
         }
+        let (callback, early) = if early { (None, Some(callback)) } else { (Some(callback), None) };
         self.writer
             .send(Job::Append { entries: encoded, callback })
             .map_err(|_| logs_err(ErrorVerb::Write, "log writer stopped"))?;
+        // The leader's own entries: durable in the background; see the module docs for why
+        // nothing acts on them before.
+        if let Some(callback) = early {
+            callback.log_io_completed(Ok(()));
+        }
         Ok(())
     }
 

@@ -23,8 +23,9 @@ use openraft::{
 };
 
 use super::{
+    log_store::DurableWatch,
     rpc::{RaftEnvelope, RaftRefusal, RaftRequest, RaftResponse},
-    MemberNode, TypeConfig,
+    LogId, MemberNode, TypeConfig,
 };
 use crate::api::{
     frame::{encode_frame, read_frame},
@@ -175,11 +176,32 @@ pub struct IrohNetworkFactory {
     cluster_id: SharedClusterId,
     /// `None`: legacy `raft-rpc` ALPN (shard 0, no prefix). `Some(n)`: `raft-shard` with prefix n.
     shard: Option<ShardId>,
+    /// The shard's own log: the commit index sent to followers never runs ahead of it.
+    commit_cap: Option<DurableWatch>,
 }
 
 impl IrohNetworkFactory {
     pub fn new(pool: ConnectionPool, cluster_id: SharedClusterId, shard: Option<ShardId>) -> Self {
-        IrohNetworkFactory { pool, cluster_id, shard }
+        IrohNetworkFactory { pool, cluster_id, shard, commit_cap: None }
+    }
+
+    /// Caps the commit index this shard's AppendEntries carry at what `log` holds durably: the
+    /// leader acknowledges its own appends before their fsync
+    /// ([`super::RedbLogStore::overlap_own_appends`]), and a follower must not apply an entry
+    /// the leader could still lose.
+    pub fn cap_commit_at(mut self, log: DurableWatch) -> Self {
+        self.commit_cap = Some(log);
+        self
+    }
+}
+
+/// The commit index to send: `committed`, or the leader's last durable log id if that is older.
+/// Both lie on the leader's own log, so the smaller index is the older of the two.
+pub(crate) fn capped_commit(committed: Option<LogId>, durable: Option<LogId>) -> Option<LogId> {
+    match (committed, durable) {
+        (Some(c), Some(d)) if d.index < c.index => Some(d),
+        (Some(_), None) => None,
+        (c, _) => c,
     }
 }
 
@@ -248,9 +270,12 @@ fn rpc_err<E: std::error::Error>(e: NetworkError) -> RPCError<u64, MemberNode, E
 impl RaftNetwork<TypeConfig> for IrohNetwork {
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, MemberNode, RaftError<u64>>> {
+        if let Some(log) = &self.factory.commit_cap {
+            rpc.leader_commit = capped_commit(rpc.leader_commit, log.borrow().last);
+        }
         match self.call(RaftRequest::AppendEntries(rpc), option.hard_ttl()).await.map_err(rpc_err)? {
             RaftResponse::AppendEntries(r) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
             _ => Err(rpc_err(NetworkError::UnexpectedResponse)),

@@ -119,10 +119,15 @@ impl RaftNode {
     ) -> Result<Self, RaftNodeError> {
         let config = openraft_config(cluster_name, shard, raft_cfg)
             .map_err(|message| RaftNodeError::Config { shard, message })?;
+        // The leader's fsync overlaps replication; the state machine and the commit index sent
+        // to followers wait for it (see `log_store`).
         let log = RedbLogStore::open(&dir.join("raft-log.db"), raft_cfg.max_append_bytes)
-            .map_err(|source| RaftNodeError::Storage { shard, source })?;
+            .map_err(|source| RaftNodeError::Storage { shard, source })?
+            .overlap_own_appends(raft_id);
         let sm = RedbStateMachine::open(&dir.join("state-machine.db"))
-            .map_err(|source| RaftNodeError::Storage { shard, source })?;
+            .map_err(|source| RaftNodeError::Storage { shard, source })?
+            .wait_for_log(log.durable());
+        let network = network.cap_commit_at(log.durable());
         let reader = sm.reader();
         let raft = Raft::new(raft_id, Arc::new(config), network, log, sm)
             .await
@@ -276,6 +281,20 @@ impl RaftNode {
         }
     }
 
+    /// `NotLeader` at once when this node follows a known leader: a request for the leader
+    /// goes to it without a trip through this node's write queue and Raft core (which would
+    /// answer the same). A node that leads, or knows no leader, lets Raft decide.
+    fn not_leader(&self) -> Result<(), ApiError> {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        match m.current_leader {
+            Some(leader) if leader != self.raft_id && m.state != openraft::ServerState::Leader => {
+                Err(ApiError::NotLeader { leader: Some(split_raft_id(leader).1), leader_ticket: None })
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Proposes a write and waits for its outcome (applied on this node, committed on a quorum).
     /// Concurrent writes are proposed together, in one log entry.
     pub async fn write(&self, session: WriteSession, command: WriteCommand) -> Result<WriteOutcome, ApiError> {
@@ -285,6 +304,7 @@ impl RaftNode {
                 if self.handing_over() {
                     return Ok(None);
                 }
+                self.not_leader()?;
                 self.writes.submit(req).await
             }
         })
@@ -328,6 +348,7 @@ impl RaftNode {
             if self.handing_over() {
                 return Ok(None);
             }
+            self.not_leader()?;
             self.reads.confirm().await
         })
         .await

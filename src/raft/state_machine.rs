@@ -57,8 +57,10 @@ use redb::{Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, T
 use serde::{Deserialize, Serialize};
 
 use super::{
-    begin_write, open_db, open_db_with_backend, to_raft_err, ApplyResult, Entry, LogId, OpenraftStorageError,
-    SnapshotMeta, StorageError, StoredMembership, TypeConfig, WriteBatch, WriteRequest,
+    begin_write,
+    log_store::{wait_durable, DurableWatch},
+    open_db, open_db_with_backend, to_raft_err, ApplyResult, Entry, LogId, OpenraftStorageError, SnapshotMeta,
+    StorageError, StoredMembership, TypeConfig, WriteBatch, WriteRequest,
 };
 use crate::api::{BatchOp, KeyValue, StateDigest, WriteCommand, WriteOutcome};
 
@@ -357,6 +359,8 @@ pub struct RedbStateMachine {
     db: Arc<redb::Database>,
     dir: PathBuf,
     snapshot_guard: SnapshotFileGuard,
+    /// When set, an entry is applied only once the Raft log holds it durably.
+    log: Option<DurableWatch>,
 }
 
 impl RedbStateMachine {
@@ -386,7 +390,16 @@ impl RedbStateMachine {
             }
         }
         txn.commit()?;
-        Ok(RedbStateMachine { db: Arc::new(db), dir, snapshot_guard: Default::default() })
+        Ok(RedbStateMachine { db: Arc::new(db), dir, snapshot_guard: Default::default(), log: None })
+    }
+
+    /// Applies an entry only once `log` says the Raft log holds it durably: the leader's log
+    /// store acknowledges its own appends before their fsync
+    /// ([`super::RedbLogStore::overlap_own_appends`]), and no client may see a write the leader
+    /// could still lose.
+    pub fn wait_for_log(mut self, log: DurableWatch) -> Self {
+        self.log = Some(log);
+        self
     }
 
     /// A read handle for the request path.
@@ -778,8 +791,9 @@ impl RaftStateMachine<TypeConfig> for RedbStateMachine {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
-        if entries.is_empty() {
-            return Ok(Vec::new());
+        let Some(last) = entries.last() else { return Ok(Vec::new()) };
+        if let Some(log) = self.log.as_mut() {
+            wait_durable(log, last.log_id.index).await.map_err(|e| sm_err(ErrorVerb::Write, e))?;
         }
         let db = self.db.clone();
         blocking(move || apply_entries(&db, entries)).await.map_err(|e| sm_err(ErrorVerb::Write, e))
