@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use aspen::{
     api::{ClientRequest, ClusterId, Id128, ReadConsistency, WriteCommand, WriteSession},
+    client::CasOutcome,
     cluster::{bootstrap_node, BootstrapError},
 };
 use support::{wait_converged, wait_digests_equal, wait_until, InProcNode};
@@ -20,6 +21,47 @@ async fn assert_all_present(node: &InProcNode, acked: &BTreeMap<String, Vec<u8>>
     for (k, v) in acked {
         assert_eq!(stale_get(node, k).await.as_ref(), Some(v), "node {} {when}: key {k}", node.config.node_id);
     }
+}
+
+/// Gets and writes that reach a follower travel to the leader in batches (one stream for many
+/// requests), and every request still gets its own answer: its revision, a failed
+/// compare-and-swap's current value, a read of its own write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn followers_forward_concurrent_requests_in_batches() {
+    let root = tempfile::tempdir().unwrap();
+    let mut configs: Vec<_> = (1..=3).map(|id| InProcNode::config(root.path(), id)).collect();
+    let n1 = InProcNode::start(configs[0].clone()).await;
+    configs[1].join = vec![n1.ticket().encode()];
+    configs[2].join = vec![n1.ticket().encode()];
+    let (n2, n3) = tokio::join!(InProcNode::start(configs[1].clone()), InProcNode::start(configs[2].clone()));
+    let nodes = [n1, n2, n3];
+    let leader = nodes[0].status().leader.expect("a leader");
+    let follower = nodes.iter().find(|n| n.config.node_id != leader).unwrap();
+    let client = follower.client().await;
+    let before = follower.handle().service.forward_stats();
+
+    const CLIENTS: usize = 64;
+    let ops = (0..CLIENTS).map(|i| {
+        let client = &client;
+        async move {
+            let (key, value) = (format!("fwd/{i:02}"), format!("value-{i}").into_bytes());
+            let revision = client.put(key.clone(), value.clone()).await.expect("put");
+            match client.cas(key.clone(), Some(b"not it".to_vec()), "x").await.expect("cas") {
+                CasOutcome::Mismatch(current) => assert_eq!(current, Some(value.clone()), "{key}: current value"),
+                other => panic!("{key}: a compare-and-swap with the wrong value swapped: {other:?}"),
+            }
+            let kv = client.get(key.clone()).await.expect("get").expect("the key was written");
+            assert_eq!((kv.value, kv.mod_revision, kv.version), (value, revision, 1), "{key}");
+            revision
+        }
+    });
+    let revisions: std::collections::BTreeSet<u64> = futures::future::join_all(ops).await.into_iter().collect();
+    assert!(!revisions.is_empty());
+    let after = follower.handle().service.forward_stats();
+    let (batches, requests) = (after.batches - before.batches, after.batched_requests - before.batched_requests);
+    assert!(batches > 0, "{} concurrent requests through a follower, none forwarded in a batch", CLIENTS * 3);
+    assert!(requests >= 2 * batches, "a batch holds two requests or more: {after:?}");
+    client.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

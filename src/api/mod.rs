@@ -416,6 +416,11 @@ pub enum ClientRequest {
     },
     /// Spread shard leaders evenly over the voters.
     BalanceLeaders,
+    /// Several gets and writes forwarded together by another node (see `cluster::forward`):
+    /// each is answered as if sent alone, in order, in one [`ClientResponse::Forwarded`].
+    Forwarded {
+        requests: Vec<ClientRequest>,
+    },
 }
 
 impl ClientRequest {
@@ -440,7 +445,8 @@ impl ClientRequest {
             | ClientRequest::AcceptMembership(_)
             | ClientRequest::MoveLeader { .. }
             | ClientRequest::TriggerElect { .. }
-            | ClientRequest::BalanceLeaders => false,
+            | ClientRequest::BalanceLeaders
+            | ClientRequest::Forwarded { .. } => false,
         }
     }
 }
@@ -476,6 +482,8 @@ pub enum ClientResponse {
     /// Leadership after move-leader / balance-leaders: every shard's status on the answering node.
     Leaders(Vec<ShardStatus>),
     ElectionTriggered,
+    /// One answer per request of a [`ClientRequest::Forwarded`], in its order.
+    Forwarded(Vec<ClientResult>),
 }
 
 /// The typed errors a client can receive. Every variant says what the caller can do next.

@@ -4,6 +4,7 @@
 
 pub mod bootstrap;
 pub mod endpoint;
+pub mod forward;
 pub mod gossip;
 pub mod metadata;
 pub mod service;

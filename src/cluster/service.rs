@@ -3,7 +3,8 @@
 //!
 //! Owns: request validation; routing each key to its shard (`ShardRouter`); forwarding
 //! leader-bound requests (writes, linearizable reads, membership changes) once to the shard's
-//! leader; scans merged over all shards in key order; `cluster init`; joins and membership
+//! leader (gets and writes straight from clients in per-peer batches, `cluster::forward`, and
+//! answering such batches); scans merged over all shards in key order; `cluster init`; joins and membership
 //! changes, applied to every shard on that shard's leader; and `cluster status`, which asks
 //! every member for its own view. Reads and writes go to [`RaftNode`]; nothing here touches
 //! storage directly.
@@ -25,6 +26,7 @@ use crate::{
     },
     cluster::{
         endpoint::write_file_atomic,
+        forward::{batchable, check_forwarded, fit_answers, max_batch_items, Forwarder},
         metadata::{ClusterIdentity, MetadataStore},
     },
     config::{LimitsConfig, NodeConfig},
@@ -60,6 +62,8 @@ pub struct NodeService {
     /// From gossip: the highest term a leader was announced for, per shard, and which nodes
     /// announced hosting each shard.
     gossip_hints: std::sync::Mutex<GossipHints>,
+    /// Gets and writes on their way to a shard leader on another node, batched per peer.
+    forwarder: Forwarder,
 }
 
 #[derive(Debug, Default)]
@@ -92,10 +96,19 @@ impl NodeService {
             ticket: RwLock::new(ticket),
             init_lock: tokio::sync::Mutex::new(()),
             membership_lock: tokio::sync::Mutex::new(()),
+            forwarder: Forwarder::new(
+                pool.clone(),
+                max_batch_items(config.limits.max_key_bytes, config.limits.max_value_bytes),
+            ),
             pool,
             leader_hints: Default::default(),
             gossip_hints: Default::default(),
         }
+    }
+
+    /// How much of this node's forwarding to shard leaders went out in batches.
+    pub fn forward_stats(&self) -> crate::cluster::forward::ForwardStats {
+        self.forwarder.stats()
     }
 
     pub fn ticket(&self) -> NodeTicket {
@@ -788,6 +801,10 @@ impl NodeService {
                 Ok(ClientResponse::ElectionTriggered)
             }
             ClientRequest::BalanceLeaders => self.balance_leaders().await,
+            // Unpacked by `handle` before routing; never inside a batch.
+            ClientRequest::Forwarded { .. } => {
+                Err(ApiError::InvalidRequest("a forwarded batch cannot be nested or routed".into()))
+            }
         }
     }
 
@@ -958,7 +975,14 @@ fn check_node_id(node_id: NodeId) -> Result<(), ApiError> {
 
 impl ClientService for NodeService {
     async fn handle(&self, request: ClientRequest, hops: u8) -> ClientResult {
-        self.route(request, hops).await
+        match request {
+            ClientRequest::Forwarded { requests } => {
+                check_forwarded(&requests)?;
+                let answers = futures::future::join_all(requests.into_iter().map(|r| self.route(r, hops))).await;
+                Ok(ClientResponse::Forwarded(fit_answers(answers)))
+            }
+            request => self.route(request, hops).await,
+        }
     }
 }
 
@@ -1096,7 +1120,14 @@ impl NodeService {
                 Some(addr) => {
                     // Give up on this leader as soon as Raft tells us it changed: a dead leader's
                     // connection may hang until the QUIC idle timeout.
-                    let forward = send_request(&self.pool, &addr, hops + 1, request.clone(), left);
+                    // Straight from a client: batched with other requests for that leader.
+                    let forward = async {
+                        if hops == 0 && batchable(&request) {
+                            self.forwarder.send(leader, &addr, request.clone(), left).await
+                        } else {
+                            send_request(&self.pool, &addr, hops + 1, request.clone(), left).await
+                        }
+                    };
                     tokio::select! {
                         answer = forward => match answer {
                             Ok(Err(ApiError::NotLeader { .. })) => format!("node {leader} no longer leads shard {shard_id}"),
