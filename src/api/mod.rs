@@ -419,8 +419,70 @@ pub enum ClientRequest {
     /// Several gets and writes forwarded together by another node (see `cluster::forward`):
     /// each is answered as if sent alone, in order, in one [`ClientResponse::Forwarded`].
     Forwarded {
-        requests: Vec<ClientRequest>,
+        requests: Vec<ForwardedRequest>,
     },
+}
+
+/// A request that can travel in a [`ClientRequest::Forwarded`] batch. Its own type (not a
+/// `ClientRequest`) so that batches cannot nest: a decoder never recurses on input.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ForwardedRequest {
+    Get { key: Vec<u8>, consistency: ReadConsistency },
+    Write { session: WriteSession, command: WriteCommand },
+}
+
+impl ForwardedRequest {
+    /// The batchable form of `request`, if it is a get or a write.
+    pub fn of(request: &ClientRequest) -> Option<Self> {
+        match request {
+            ClientRequest::Get { key, consistency } => {
+                Some(ForwardedRequest::Get { key: key.clone(), consistency: *consistency })
+            }
+            ClientRequest::Write { session, command } => {
+                Some(ForwardedRequest::Write { session: *session, command: command.clone() })
+            }
+            _ => None,
+        }
+    }
+}
+
+impl From<ForwardedRequest> for ClientRequest {
+    fn from(r: ForwardedRequest) -> Self {
+        match r {
+            ForwardedRequest::Get { key, consistency } => ClientRequest::Get { key, consistency },
+            ForwardedRequest::Write { session, command } => ClientRequest::Write { session, command },
+        }
+    }
+}
+
+/// The answer to one [`ForwardedRequest`].
+pub type ForwardedAnswer = Result<ForwardedResponse, ApiError>;
+
+/// A successful answer to one [`ForwardedRequest`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ForwardedResponse {
+    Get(Option<KeyValue>),
+    Write(WriteOutcome),
+}
+
+impl ForwardedResponse {
+    /// The answer of a get or a write in batch form; any other answer is an internal error.
+    pub fn of(result: ClientResult) -> ForwardedAnswer {
+        match result? {
+            ClientResponse::Get(kv) => Ok(ForwardedResponse::Get(kv)),
+            ClientResponse::Write(outcome) => Ok(ForwardedResponse::Write(outcome)),
+            other => Err(ApiError::Internal(format!("a forwarded get or write was answered with {other:?}"))),
+        }
+    }
+}
+
+impl From<ForwardedResponse> for ClientResponse {
+    fn from(r: ForwardedResponse) -> Self {
+        match r {
+            ForwardedResponse::Get(kv) => ClientResponse::Get(kv),
+            ForwardedResponse::Write(outcome) => ClientResponse::Write(outcome),
+        }
+    }
 }
 
 impl ClientRequest {
@@ -483,7 +545,7 @@ pub enum ClientResponse {
     Leaders(Vec<ShardStatus>),
     ElectionTriggered,
     /// One answer per request of a [`ClientRequest::Forwarded`], in its order.
-    Forwarded(Vec<ClientResult>),
+    Forwarded(Vec<ForwardedAnswer>),
 }
 
 /// The typed errors a client can receive. Every variant says what the caller can do next.

@@ -11,7 +11,9 @@
 //!
 //! Bounds: a batch holds at most [`max_batch_items`] requests, chosen so that both the batch
 //! and its answer fit a frame even when every request carries (or returns) a value of the
-//! largest allowed size. A peer that does not understand batches (an older version) gets each
+//! largest allowed size. Batched requests and answers have their own types
+//! ([`ForwardedRequest`], [`crate::api::ForwardedAnswer`]): batches cannot nest, so decoding
+//! one never recurses. A peer that does not understand batches (an older version) gets each
 //! request alone.
 //!
 //! Never: decide where a request goes (the service does) or retry (its caller does).
@@ -29,7 +31,10 @@ use iroh::EndpointAddr;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::{
-    api::{ApiError, ClientRequest, ClientResponse, ClientResult, NodeId, MAX_FRAME_BYTES},
+    api::{
+        ApiError, ClientRequest, ClientResponse, ClientResult, ForwardedAnswer, ForwardedRequest, ForwardedResponse,
+        NodeId, MAX_FRAME_BYTES,
+    },
     protocol::client::send_request,
     raft::network::ConnectionPool,
 };
@@ -50,13 +55,8 @@ pub fn max_batch_items(max_key_bytes: u64, max_value_bytes: u64) -> usize {
     ((MAX_FRAME_BYTES as u64 / 2) / per_item).clamp(1, MAX_ITEMS as u64) as usize
 }
 
-/// Whether a request may travel in a batch: gets and writes (bounded answers, no fan-out).
-pub fn batchable(request: &ClientRequest) -> bool {
-    matches!(request, ClientRequest::Get { .. } | ClientRequest::Write { .. })
-}
-
 struct Item {
-    request: ClientRequest,
+    request: ForwardedRequest,
     addr: EndpointAddr,
     deadline: Instant,
     reply: oneshot::Sender<Result<ClientResult, String>>,
@@ -98,13 +98,14 @@ impl Forwarder {
         }
     }
 
-    /// Sends `request` to node `node` at `addr`, batched with other requests for that node, and
-    /// waits up to `timeout` for its answer. Transport failures come back as `Err(message)`.
+    /// Sends `request` (a get or a write) to node `node` at `addr`, batched with other requests
+    /// for that node, and waits up to `timeout` for its answer. Transport failures come back as
+    /// `Err(message)`.
     pub async fn send(
         &self,
         node: NodeId,
         addr: &EndpointAddr,
-        request: ClientRequest,
+        request: ForwardedRequest,
         timeout: Duration,
     ) -> Result<ClientResult, String> {
         let (reply, answer) = oneshot::channel();
@@ -163,14 +164,14 @@ async fn send_batch(pool: &ConnectionPool, mut batch: Vec<Item>, counters: &Coun
     let addr = batch[0].addr.clone();
     let deadline = batch.iter().map(|i| i.deadline).max().unwrap_or_else(Instant::now);
     let timeout = deadline.saturating_duration_since(Instant::now());
-    let requests: Vec<ClientRequest> = batch.iter().map(|i| i.request.clone()).collect();
+    let requests: Vec<ForwardedRequest> = batch.iter().map(|i| i.request.clone()).collect();
     let n = requests.len();
     counters.batches.fetch_add(1, Ordering::Relaxed);
     counters.batched_requests.fetch_add(n as u64, Ordering::Relaxed);
     match send_request(pool, &addr, 1, ClientRequest::Forwarded { requests }, timeout).await {
         Ok(Ok(ClientResponse::Forwarded(answers))) if answers.len() == n => {
             for (item, answer) in batch.into_iter().zip(answers) {
-                let _ = item.reply.send(Ok(answer));
+                let _ = item.reply.send(Ok(answer.map(ClientResponse::from)));
             }
         }
         // A peer that does not know batches: each request alone.
@@ -200,52 +201,37 @@ async fn send_batch(pool: &ConnectionPool, mut batch: Vec<Item>, counters: &Coun
 
 async fn send_alone(pool: &ConnectionPool, item: Item) {
     let timeout = item.deadline.saturating_duration_since(Instant::now());
-    let answer = send_request(pool, &item.addr, 1, item.request, timeout).await;
+    let answer = send_request(pool, &item.addr, 1, item.request.into(), timeout).await;
     let _ = item.reply.send(answer);
 }
 
 /// Roughly how many bytes `answer` takes in a frame.
-fn answer_bytes(answer: &ClientResult) -> u64 {
+fn answer_bytes(answer: &ForwardedAnswer) -> u64 {
     use crate::api::WriteOutcome;
     let data = match answer {
-        Ok(ClientResponse::Get(Some(kv))) => kv.key.len() + kv.value.len(),
-        Ok(ClientResponse::Write(WriteOutcome::Cas { current: Some(v), .. })) => v.len(),
+        Ok(ForwardedResponse::Get(Some(kv))) => kv.key.len() + kv.value.len(),
+        Ok(ForwardedResponse::Write(WriteOutcome::Cas { current: Some(v), .. })) => v.len(),
         _ => 0,
     };
     data as u64 + ITEM_OVERHEAD
 }
 
-/// Checks a forwarded batch before it is answered: at most [`MAX_ITEMS`] requests, each a get
-/// or a write. `Err` refuses the whole batch.
-pub fn check_forwarded(requests: &[ClientRequest]) -> Result<(), ApiError> {
+/// Checks a forwarded batch before it is answered: at most [`MAX_ITEMS`] requests. `Err`
+/// refuses the whole batch.
+pub fn check_forwarded(requests: &[ForwardedRequest]) -> Result<(), ApiError> {
     if requests.len() > MAX_ITEMS {
         return Err(ApiError::InvalidRequest(format!(
             "{} forwarded requests in one batch (at most {MAX_ITEMS})",
             requests.len()
         )));
     }
-    if let Some(bad) = requests.iter().find(|r| !batchable(r)) {
-        return Err(ApiError::InvalidRequest(format!(
-            "only gets and writes can be forwarded in a batch, not {}",
-            request_kind(bad)
-        )));
-    }
     Ok(())
-}
-
-fn request_kind(request: &ClientRequest) -> &'static str {
-    match request {
-        ClientRequest::Forwarded { .. } => "a batch",
-        ClientRequest::Get { .. } => "a get",
-        ClientRequest::Write { .. } => "a write",
-        _ => "an administrative request",
-    }
 }
 
 /// Makes the answers of a forwarded batch fit one frame: an answer that would push the total
 /// past half a frame (possible only for values stored under a larger value limit than today's)
 /// is replaced by a `TooLarge` error; the client can read that key alone.
-pub fn fit_answers(mut answers: Vec<ClientResult>) -> Vec<ClientResult> {
+pub fn fit_answers(mut answers: Vec<ForwardedAnswer>) -> Vec<ForwardedAnswer> {
     let budget = MAX_FRAME_BYTES as u64 / 2;
     let mut total = 0u64;
     for answer in answers.iter_mut() {
@@ -276,18 +262,19 @@ mod tests {
     #[test]
     fn only_gets_and_writes_travel_in_batches() {
         let get = ClientRequest::Get { key: b"k".to_vec(), consistency: ReadConsistency::Linearizable };
-        assert!(check_forwarded(&[get.clone(), get.clone()]).is_ok());
-        let nested = ClientRequest::Forwarded { requests: vec![get.clone()] };
-        assert!(matches!(check_forwarded(&[get.clone(), nested]), Err(ApiError::InvalidRequest(_))));
-        assert!(matches!(check_forwarded(&[ClientRequest::BalanceLeaders]), Err(ApiError::InvalidRequest(_))));
-        let many = vec![get; MAX_ITEMS + 1];
+        let fwd = ForwardedRequest::of(&get).expect("a get travels in batches");
+        assert_eq!(ClientRequest::from(fwd.clone()), get, "and arrives unchanged");
+        assert_eq!(ForwardedRequest::of(&ClientRequest::BalanceLeaders), None);
+        assert_eq!(ForwardedRequest::of(&ClientRequest::Forwarded { requests: vec![fwd.clone()] }), None);
+        assert!(check_forwarded(&[fwd.clone(), fwd.clone()]).is_ok());
+        let many = vec![fwd; MAX_ITEMS + 1];
         assert!(matches!(check_forwarded(&many), Err(ApiError::InvalidRequest(_))));
     }
 
     #[test]
     fn oversized_answers_become_errors_and_the_rest_is_kept() {
-        let big = |n: usize| -> ClientResult {
-            Ok(ClientResponse::Get(Some(KeyValue {
+        let big = |n: usize| -> ForwardedAnswer {
+            Ok(ForwardedResponse::Get(Some(KeyValue {
                 key: b"k".to_vec(),
                 value: vec![0; n],
                 create_revision: 1,
@@ -296,9 +283,9 @@ mod tests {
             })))
         };
         let half = MAX_FRAME_BYTES / 2;
-        let answers = fit_answers(vec![big(half / 2), big(half / 2), Ok(ClientResponse::Get(None))]);
+        let answers = fit_answers(vec![big(half / 2), big(half / 2), Ok(ForwardedResponse::Get(None))]);
         assert!(answers[0].is_ok());
         assert!(matches!(answers[1], Err(ApiError::TooLarge { .. })));
-        assert_eq!(answers[2], Ok(ClientResponse::Get(None)), "small answers after it still fit");
+        assert_eq!(answers[2], Ok(ForwardedResponse::Get(None)), "small answers after it still fit");
     }
 }

@@ -21,12 +21,12 @@ use openraft::ChangeMembers;
 use crate::{
     api::{
         shard_raft_id, split_raft_id, ApiError, BatchOp, ClientRequest, ClientResponse, ClientResult, ClusterId,
-        ClusterInfo, ClusterStatus, JoinRequest, MemberAddr, MembershipChange, NodeId, NodeReport, NodeStatus,
-        NodeTicket, ScanPage, ScanRequest, ShardId, ShardStatus, WriteCommand,
+        ClusterInfo, ClusterStatus, ForwardedRequest, ForwardedResponse, JoinRequest, MemberAddr, MembershipChange,
+        NodeId, NodeReport, NodeStatus, NodeTicket, ScanPage, ScanRequest, ShardId, ShardStatus, WriteCommand,
     },
     cluster::{
         endpoint::write_file_atomic,
-        forward::{batchable, check_forwarded, fit_answers, max_batch_items, Forwarder},
+        forward::{check_forwarded, fit_answers, max_batch_items, Forwarder},
         metadata::{ClusterIdentity, MetadataStore},
     },
     config::{LimitsConfig, NodeConfig},
@@ -978,7 +978,12 @@ impl ClientService for NodeService {
         match request {
             ClientRequest::Forwarded { requests } => {
                 check_forwarded(&requests)?;
-                let answers = futures::future::join_all(requests.into_iter().map(|r| self.route(r, hops))).await;
+                let answers = futures::future::join_all(
+                    requests
+                        .into_iter()
+                        .map(|r| async move { ForwardedResponse::of(self.route(r.into(), hops).await) }),
+                )
+                .await;
                 Ok(ClientResponse::Forwarded(fit_answers(answers)))
             }
             request => self.route(request, hops).await,
@@ -1122,10 +1127,9 @@ impl NodeService {
                     // connection may hang until the QUIC idle timeout.
                     // Straight from a client: batched with other requests for that leader.
                     let forward = async {
-                        if hops == 0 && batchable(&request) {
-                            self.forwarder.send(leader, &addr, request.clone(), left).await
-                        } else {
-                            send_request(&self.pool, &addr, hops + 1, request.clone(), left).await
+                        match ForwardedRequest::of(&request).filter(|_| hops == 0) {
+                            Some(batchable) => self.forwarder.send(leader, &addr, batchable, left).await,
+                            None => send_request(&self.pool, &addr, hops + 1, request.clone(), left).await,
                         }
                     };
                     tokio::select! {
