@@ -50,6 +50,15 @@ const QUEUE: usize = 8192;
 /// waits for one and retries), or an error.
 pub type Answer<T> = Result<Option<T>, ApiError>;
 
+/// openraft's "forward to the leader" as an answer: `NotLeader` naming the leader's node, or
+/// "no leader known yet".
+pub fn forward_to<T>(leader: Option<u64>) -> Answer<T> {
+    match leader {
+        Some(id) => Err(ApiError::NotLeader { leader: Some(split_raft_id(id).1), leader_ticket: None }),
+        None => Ok(None),
+    }
+}
+
 struct Queued {
     req: WriteRequest,
     reply: oneshot::Sender<Answer<WriteOutcome>>,
@@ -147,10 +156,7 @@ async fn propose(raft: &Raft, shard: ShardId, batch: Vec<Queued>) {
                 Err(Err(ApiError::Internal(format!("an entry of {n} writes produced {} outcomes", outcomes.len()))))
             }
         },
-        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(match f.leader_id {
-            Some(id) => Err(ApiError::NotLeader { leader: Some(split_raft_id(id).1), leader_ticket: None }),
-            None => Ok(None),
-        }),
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(forward_to(f.leader_id)),
         Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
             Err(Err(ApiError::InvalidRequest(e.to_string())))
         }
@@ -220,10 +226,7 @@ impl ReadGate {
             let answer = match tokio::time::timeout(self.round_timeout, self.raft.ensure_linearizable()).await {
                 Err(_) => Err(ApiError::Timeout(self.round_timeout.as_millis() as u64)),
                 Ok(Ok(_)) => Ok(Some(())),
-                Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => match f.leader_id {
-                    Some(id) => Err(ApiError::NotLeader { leader: Some(split_raft_id(id).1), leader_ticket: None }),
-                    None => Ok(None),
-                },
+                Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => forward_to(f.leader_id),
                 Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e)))) => {
                     Err(ApiError::Unavailable(format!("shard {}: {e}", self.shard)))
                 }

@@ -22,7 +22,7 @@ use openraft::{
 };
 
 use super::{
-    batcher::{ReadGate, WriteBatcher},
+    batcher::{forward_to, ReadGate, WriteBatcher},
     state_machine::StateReader,
     IrohNetworkFactory, MemberNode, Raft, RedbLogStore, RedbStateMachine, StorageError, WriteRequest,
 };
@@ -289,7 +289,7 @@ impl RaftNode {
         let m = metrics.borrow();
         match m.current_leader {
             Some(leader) if leader != self.raft_id && m.state != openraft::ServerState::Leader => {
-                Err(ApiError::NotLeader { leader: Some(split_raft_id(leader).1), leader_ticket: None })
+                forward_to::<()>(Some(leader)).map(|_| ())
             }
             _ => Ok(()),
         }
@@ -473,10 +473,7 @@ impl RaftNode {
 fn map_membership<T>(r: Result<T, RaftError<u64, ClientWriteError<u64, MemberNode>>>) -> Result<Option<()>, ApiError> {
     match r {
         Ok(_) => Ok(Some(())),
-        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => match f.leader_id {
-            Some(id) => Err(ApiError::NotLeader { leader: Some(split_raft_id(id).1), leader_ticket: None }),
-            None => Ok(None),
-        },
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => forward_to(f.leader_id),
         // Another change is still being committed: wait and try again (until the timeout).
         Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(ChangeMembershipError::InProgress(_)))) => {
             Ok(None)

@@ -1058,16 +1058,23 @@ async fn settle() {
 
 const WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn leader_appends_are_acknowledged_before_fsync_and_applied_after_it() {
+/// A leader's stores (node 1, leader of `term`): the log on a gated disk with overlapped own
+/// appends, the state machine waiting for it.
+async fn overlapping_leader(term: u64) -> (GatedDisk, RedbLogStore, RedbStateMachine, TempDir) {
     let disk = GatedDisk::new();
     let mut log = RedbLogStore::open_with_backend(disk.clone(), NO_CAP).unwrap().overlap_own_appends(1);
-    log.save_vote(&Vote::new_committed(2, 1)).await.unwrap();
-    let durable = log.durable();
+    log.save_vote(&Vote::new_committed(term, 1)).await.unwrap();
     let snap = tempfile::tempdir().unwrap();
-    let mut sm = RedbStateMachine::open_with_backend(redb::backends::InMemoryBackend::new(), snap.path())
+    let sm = RedbStateMachine::open_with_backend(redb::backends::InMemoryBackend::new(), snap.path())
         .unwrap()
         .wait_for_log(log.durable());
+    (disk, log, sm, snap)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_appends_are_acknowledged_before_fsync_and_applied_after_it() {
+    let (disk, mut log, mut sm, _snap) = overlapping_leader(2).await;
+    let durable = log.durable();
     let reader = sm.reader();
 
     disk.set(Gate::Closed);
@@ -1128,13 +1135,7 @@ async fn follower_appends_wait_for_their_fsync() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_background_fsync_stops_the_state_machine() {
-    let disk = GatedDisk::new();
-    let mut log = RedbLogStore::open_with_backend(disk.clone(), NO_CAP).unwrap().overlap_own_appends(1);
-    log.save_vote(&Vote::new_committed(1, 1)).await.unwrap();
-    let snap = tempfile::tempdir().unwrap();
-    let mut sm = RedbStateMachine::open_with_backend(redb::backends::InMemoryBackend::new(), snap.path())
-        .unwrap()
-        .wait_for_log(log.durable());
+    let (disk, mut log, mut sm, _snap) = overlapping_leader(1).await;
     let reader = sm.reader();
     disk.set(Gate::Failing);
     let own = entry_by(1, 1, 1, put_payload("lost"));
