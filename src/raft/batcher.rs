@@ -54,9 +54,14 @@ pub type Answer<T> = Result<Option<T>, ApiError>;
 /// "no leader known yet".
 pub fn forward_to<T>(leader: Option<u64>) -> Answer<T> {
     match leader {
-        Some(id) => Err(ApiError::NotLeader { leader: Some(split_raft_id(id).1), leader_ticket: None }),
+        Some(raft_id) => Err(not_leader(raft_id)),
         None => Ok(None),
     }
+}
+
+/// `NotLeader` naming the node of the member with Raft id `leader`.
+pub fn not_leader(leader: u64) -> ApiError {
+    ApiError::NotLeader { leader: Some(split_raft_id(leader).1), leader_ticket: None }
 }
 
 struct Queued {

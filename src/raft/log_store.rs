@@ -288,9 +288,20 @@ fn last_entry_id(table: &impl ReadableTable<u64, &'static [u8]>) -> Result<Optio
 /// The last log id the file holds: its last entry, or the last purged id when it holds none.
 fn last_log_id(db: &redb::Database) -> Result<Option<LogId>, StorageError> {
     let txn = db.begin_read()?;
-    match last_entry_id(&txn.open_table(LOG)?)? {
+    last_id_in(&txn.open_table(LOG)?, &txn.open_table(META)?)
+}
+
+/// [`last_log_id`] of the given tables (of a read or a write transaction).
+fn last_id_in(
+    log: &impl ReadableTable<u64, &'static [u8]>,
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<Option<LogId>, StorageError> {
+    match last_entry_id(log)? {
         Some(id) => Ok(Some(id)),
-        None => read_meta(db, KEY_LAST_PURGED),
+        None => match meta.get(KEY_LAST_PURGED)? {
+            Some(v) => Ok(Some(postcard::from_bytes(v.value())?)),
+            None => Ok(None),
+        },
     }
 }
 
@@ -449,17 +460,14 @@ impl Writer {
                     }
                 }
             }
-            if durable {
-                let purged = || -> Result<Option<LogId>, StorageError> {
-                    match meta.get(KEY_LAST_PURGED)? {
-                        Some(v) => Ok(Some(postcard::from_bytes(v.value())?)),
-                        None => Ok(None),
-                    }
-                };
-                last = Some(match last_entry_id(&log)? {
-                    Some(id) => Some(id),
-                    None => purged()?,
-                });
+            // The log's new end: known from the appends, unless a truncation or purge moved it
+            // (then read back, once). Commits that only hold a vote or meta leave it alone.
+            if jobs.iter().any(|j| matches!(j, Job::Truncate { .. } | Job::Purge { .. })) {
+                last = Some(last_id_in(&log, &meta)?);
+            } else if let Some(Job::Append { entries, .. }) =
+                jobs.iter().rev().find(|j| matches!(j, Job::Append { .. }))
+            {
+                last = entries.last().map(|(id, _)| Some(*id));
             }
         }
         txn.commit()?;

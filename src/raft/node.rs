@@ -22,7 +22,7 @@ use openraft::{
 };
 
 use super::{
-    batcher::{forward_to, ReadGate, WriteBatcher},
+    batcher::{forward_to, not_leader, ReadGate, WriteBatcher},
     state_machine::StateReader,
     IrohNetworkFactory, MemberNode, Raft, RedbLogStore, RedbStateMachine, StorageError, WriteRequest,
 };
@@ -289,7 +289,7 @@ impl RaftNode {
         let m = metrics.borrow();
         match m.current_leader {
             Some(leader) if leader != self.raft_id && m.state != openraft::ServerState::Leader => {
-                forward_to::<()>(Some(leader)).map(|_| ())
+                Err(not_leader(leader))
             }
             _ => Ok(()),
         }

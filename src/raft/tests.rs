@@ -1155,3 +1155,22 @@ fn commit_index_sent_to_followers_never_passes_the_durable_log() {
     assert_eq!(capped_commit(None, d), None);
     assert_eq!(capped_commit(c, c), c);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_durable_watch_follows_appends_truncations_and_purges() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open_log(dir.path(), NO_CAP);
+    let durable = log.durable();
+    assert_eq!(durable.borrow().last, None);
+    log.blocking_append((1..=3).map(|i| put(1, i, "k", b"v"))).await.unwrap();
+    assert_eq!(durable.borrow().last, Some(log_id(1, 3)));
+    log.save_vote(&Vote::new_committed(2, 2)).await.unwrap();
+    assert_eq!(durable.borrow().last, Some(log_id(1, 3)), "a vote leaves the log's end alone");
+    log.truncate(log_id(1, 2)).await.unwrap();
+    assert_eq!(durable.borrow().last, Some(log_id(1, 1)), "truncation moves the end back");
+    log.purge(log_id(1, 1)).await.unwrap();
+    assert_eq!(durable.borrow().last, Some(log_id(1, 1)), "an emptied log ends at its last purged id");
+    drop(log);
+    let reopened = open_log(dir.path(), NO_CAP);
+    assert_eq!(reopened.durable().borrow().last, Some(log_id(1, 1)), "and says so after a restart");
+}
