@@ -1,22 +1,26 @@
-//! The Raft log of one shard in redb (`shard-N/raft-log.db`).
+//! The Raft log of one shard: redb (`shard-N/raft-log.db`) behind a journal
+//! (`shard-N/raft-log.journal`, [`super::journal`]).
 //!
 //! Owns: log entries, the vote, the committed log id and the last purged log id, the writer
 //! thread that makes them durable, and the [`DurableWatch`] that tells the rest of the shard how
-//! far the file is durable. An append is acknowledged to openraft (`log_io_completed`) only after
-//! the transaction holding it was committed with `Durability::Immediate` (fsync) — with one
-//! exception, below. The vote is fsync'd before `save_vote` returns. The committed id is queued
-//! and `save_committed` returns at once (openraft 0.9 awaits it inside its core loop, before
-//! applying, on every commit): it rides along with the next transaction, and a transaction
-//! holding nothing else commits without fsync. Losing it only makes a restart re-apply less
-//! eagerly.
+//! far the log is durable. An append is acknowledged to openraft (`log_io_completed`) only once
+//! it is durable — in the journal or in redb — with one exception, below. The vote is fsync'd
+//! in redb before `save_vote` returns. The committed id is kept by the writer and written with
+//! the next checkpoint (openraft 0.9 awaits `save_committed` inside its core loop on every
+//! commit, so it must not wait for a disk): losing it only makes a restart re-apply less eagerly.
 //!
 //! Group commit: `append` hands the encoded entries to the store's writer thread and returns at
 //! once (openraft 0.9 calls `append` once per client write); the entries are readable from
-//! memory until they are durable. The writer takes every job queued since its last commit —
-//! appends, truncations, purges, votes — applies them in order in ONE write transaction, commits
-//! it with one fsync, and only then acknowledges each of them. Under concurrent writes many
-//! entries share one fsync; a single writer sees no added latency. Truncation, purge and vote
-//! wait for their commit before returning, so readers never see a truncated entry.
+//! memory until they are in redb. The writer takes every job queued since its last write. When
+//! they are only appends, it writes them as one journal record with one fsync of a page or two
+//! and acknowledges them. Otherwise — a truncation, purge or vote among them — and about once a
+//! second, and when the journal is full, it *checkpoints*: one fsync'd redb transaction holding
+//! everything the journal held, then the jobs in order, the committed id and the next journal
+//! epoch; the journal then starts over. So redb holds the log up to the last checkpoint, the
+//! journal's records of the current epoch hold the rest, and opening the log moves those into
+//! redb first (`recover_journal`). Truncation, purge and vote wait for their checkpoint before
+//! returning, so readers never see a truncated entry. Under concurrent writes many entries
+//! share one fsync; a single writer sees no added latency.
 //!
 //! The leader's own appends ([`RedbLogStore::overlap_own_appends`]): openraft 0.9 awaits the
 //! fsync of every append inside its core loop before it even starts replicating the entries, so
@@ -49,8 +53,9 @@ use openraft::{
 use redb::{Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::{
-    begin_log_write, open_db, open_db_with_backend, to_raft_err, Entry, LogId, OpenraftStorageError, StorageError,
-    TypeConfig, Vote,
+    begin_log_write,
+    journal::{self, Journal},
+    open_db, open_db_with_backend, to_raft_err, Entry, LogId, OpenraftStorageError, StorageError, TypeConfig, Vote,
 };
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
@@ -59,9 +64,13 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const KEY_VOTE: &str = "vote";
 const KEY_COMMITTED: &str = "committed";
 const KEY_LAST_PURGED: &str = "last_purged";
+/// The journal epoch: the journal's records of this epoch are the log's entries after those in
+/// redb (see [`super::journal`]).
+const KEY_JOURNAL_EPOCH: &str = "journal_epoch";
 
-/// How long a committed id alone waits for other jobs before it is written by itself.
-const COMMITTED_DEFER: std::time::Duration = std::time::Duration::from_millis(20);
+/// How often, at most, the journal is checkpointed into redb while it holds entries (or a newer
+/// committed id).
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Most jobs the writer folds into one transaction.
 const MAX_JOBS_PER_COMMIT: usize = 4096;
@@ -134,27 +143,54 @@ impl Debug for RedbLogStore {
 }
 
 impl RedbLogStore {
-    /// Opens or creates the log at `path`.
+    /// Opens or creates the log at `path`, with its journal beside it
+    /// ([`journal::path_beside`]).
     pub fn open(path: &std::path::Path, max_batch_bytes: u64) -> Result<Self, StorageError> {
-        Self::from_db(open_db(path)?, max_batch_bytes)
+        let db = open_db(path)?;
+        let journal_path = journal::path_beside(path);
+        let existed = journal_path.exists();
+        let journal = Journal::open(journal::FileDisk::open(&journal_path)?, journal::CAPACITY)?;
+        if !existed {
+            // The new file's directory entry must be durable before anything in it is acknowledged.
+            let dir = match path.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => std::path::Path::new("."),
+            };
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Self::from_db(db, journal, max_batch_bytes)
     }
 
-    /// Opens or creates the log on any redb storage backend (tests put it on a simulated disk).
-    pub fn open_with_backend(backend: impl redb::StorageBackend, max_batch_bytes: u64) -> Result<Self, StorageError> {
-        Self::from_db(open_db_with_backend(backend)?, max_batch_bytes)
+    /// Opens or creates the log on any redb storage backends, one for the database and one for
+    /// its journal of `journal_capacity` bytes (tests put them on simulated disks, and use small
+    /// journals to make them fill up).
+    pub fn open_with_backends(
+        backend: impl redb::StorageBackend,
+        journal: impl redb::StorageBackend,
+        journal_capacity: u64,
+        max_batch_bytes: u64,
+    ) -> Result<Self, StorageError> {
+        let db = open_db_with_backend(backend)?;
+        Self::from_db(db, Journal::open(journal, journal_capacity)?, max_batch_bytes)
     }
 
-    fn from_db(db: redb::Database, max_batch_bytes: u64) -> Result<Self, StorageError> {
-        let txn = begin_log_write(&db, Durability::Immediate)?;
-        txn.open_table(LOG)?;
-        txn.open_table(META)?;
-        txn.commit()?;
+    fn from_db(db: redb::Database, mut journal: Journal, max_batch_bytes: u64) -> Result<Self, StorageError> {
+        let epoch = recover_journal(&db, &journal)?;
+        journal.reset(epoch);
         let db = Arc::new(db);
         let durable = Arc::new(tokio::sync::watch::Sender::new(Durable { last: last_log_id(&db)?, failed: None }));
         let vote = Arc::new(Mutex::new(read_meta(&db, KEY_VOTE)?));
         let pending: Arc<Mutex<Pending>> = Default::default();
         let (jobs, rx) = mpsc::channel();
-        let writer = Writer { db: db.clone(), pending: pending.clone(), durable: durable.clone() };
+        let writer = Writer {
+            db: db.clone(),
+            pending: pending.clone(),
+            durable: durable.clone(),
+            journal,
+            journaled: BTreeMap::new(),
+            committed: None,
+            dirty_since: None,
+        };
         let thread = std::thread::Builder::new().name("aspen-log-writer".into()).spawn(move || writer.run(rx))?;
         let writer = Arc::new(WriterHandle { jobs: Some(jobs), thread: Some(thread) });
         Ok(RedbLogStore {
@@ -269,6 +305,44 @@ impl RedbLogStore {
     }
 }
 
+/// Moves what the journal holds for the stored epoch into redb, bumping the epoch in the same
+/// transaction (so the records just moved can never be replayed again), and returns the new
+/// epoch. Runs at open, before anything reads the log.
+fn recover_journal(db: &redb::Database, journal: &Journal) -> Result<u64, StorageError> {
+    let txn = begin_log_write(db, Durability::Immediate)?;
+    let epoch = {
+        let mut log = txn.open_table(LOG)?;
+        let mut meta = txn.open_table(META)?;
+        let epoch: u64 = match meta.get(KEY_JOURNAL_EPOCH)? {
+            Some(v) => postcard::from_bytes(v.value())?,
+            None => 0,
+        };
+        let mut next = last_id_in(&log, &meta)?.map(|l| l.index + 1);
+        for record in journal.recover(epoch)? {
+            let Some((first, _)) = record.first() else { continue };
+            // Records continue the log: a gap means the journal does not belong to this file.
+            if next.is_some_and(|n| first.index > n) {
+                return Err(StorageError::Corrupt(format!(
+                    "the log journal continues at index {} but the log ends before index {}",
+                    first.index,
+                    next.unwrap_or(0)
+                )));
+            }
+            // A record starting inside the log replaces what follows, as an append does.
+            log.retain_in(first.index.., |_, _| false)?;
+            for (id, bytes) in &record {
+                log.insert(id.index, bytes.as_slice())?;
+            }
+            next = record.last().map(|(id, _)| id.index + 1);
+        }
+        let epoch = epoch + 1;
+        meta.insert(KEY_JOURNAL_EPOCH, postcard::to_stdvec(&epoch)?.as_slice())?;
+        epoch
+    };
+    txn.commit()?;
+    Ok(epoch)
+}
+
 fn read_meta<T: serde::de::DeserializeOwned>(db: &redb::Database, key: &str) -> Result<Option<T>, StorageError> {
     let txn = db.begin_read()?;
     let table = txn.open_table(META)?;
@@ -336,108 +410,184 @@ impl Drop for WriterHandle {
     }
 }
 
-/// The thread that owns every write to the log database.
+/// The thread that owns every write to the log database and its journal.
 struct Writer {
     db: Arc<redb::Database>,
     pending: Arc<Mutex<Pending>>,
     durable: Arc<tokio::sync::watch::Sender<Durable>>,
+    journal: Journal,
+    /// Entries durable in the journal and not yet in redb: index → (log id, encoded entry).
+    journaled: Pending,
+    /// The newest committed id not yet in redb.
+    committed: Option<Vec<u8>>,
+    /// Since when the journal (or `committed`) holds something redb does not.
+    dirty_since: Option<std::time::Instant>,
+}
+
+/// Where a batch of jobs went.
+enum Route {
+    /// Appends only (and committed ids): one journal record.
+    Journal,
+    /// Into redb, with everything the journal held (a checkpoint).
+    Redb,
+    /// Nothing to write now (only a committed id, kept for the next checkpoint).
+    Nothing,
 }
 
 impl Writer {
-    fn run(self, rx: mpsc::Receiver<Job>) {
-        // A batch holding only the committed id is not worth a transaction of its own (it would
-        // delay the next append behind it): it waits, briefly, for the next job to ride along.
-        let mut deferred: Option<Job> = None;
+    fn run(mut self, rx: mpsc::Receiver<Job>) {
         loop {
-            let mut jobs = Vec::new();
-            let mut waited = false;
-            match deferred.take() {
+            let first = match self.dirty_since {
                 None => match rx.recv() {
-                    Ok(job) => jobs.push(job),
-                    Err(_) => return,
+                    Ok(job) => job,
+                    Err(_) => break,
                 },
-                Some(committed) => {
-                    jobs.push(committed);
-                    match rx.recv_timeout(COMMITTED_DEFER) {
-                        Ok(job) => jobs.push(job),
-                        Err(mpsc::RecvTimeoutError::Timeout) => waited = true,
-                        Err(mpsc::RecvTimeoutError::Disconnected) => {
-                            if let Err(e) = self.commit(&jobs) {
-                                tracing::warn!("could not record the committed log id: {e}");
-                            }
-                            return;
-                        }
+                Some(since) => match rx.recv_timeout(CHECKPOINT_EVERY.saturating_sub(since.elapsed())) {
+                    Ok(job) => job,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        self.process(Vec::new(), true);
+                        continue;
                     }
-                }
-            }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                },
+            };
+            let mut jobs = vec![first];
             while jobs.len() < MAX_JOBS_PER_COMMIT {
                 match rx.try_recv() {
                     Ok(job) => jobs.push(job),
                     Err(_) => break,
                 }
             }
-            if !waited && jobs.iter().all(|j| matches!(j, Job::Committed { .. })) {
-                // Only the newest committed id matters.
-                deferred = jobs.pop();
-                continue;
+            self.process(jobs, false);
+            if self.dirty_since.is_some_and(|since| since.elapsed() >= CHECKPOINT_EVERY) {
+                self.process(Vec::new(), true);
             }
-            let result = self.commit(&jobs).map_err(|e| e.to_string());
-            match &result {
-                Ok(Some(last)) => self.durable.send_if_modified(|d| {
-                    let changed = d.last != *last;
-                    d.last = *last;
-                    changed
-                }),
-                Ok(None) => false,
-                Err(e) => {
-                    tracing::error!("the Raft log could not be written: {e}");
-                    self.durable.send_modify(|d| d.failed = Some(e.clone()));
-                    true
-                }
-            };
-            if result.is_ok() {
-                // Entries now durable leave memory (unless a later append replaced them).
-                let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-                for job in &jobs {
-                    if let Job::Append { entries, .. } = job {
-                        for (id, _) in entries {
-                            if pending.get(&id.index).is_some_and(|(p, _)| p == id) {
-                                pending.remove(&id.index);
+        }
+        // Closing: leave everything in redb, so the next open has nothing to replay.
+        if self.dirty_since.is_some() {
+            self.process(Vec::new(), true);
+        }
+    }
+
+    /// Makes `jobs` durable — in the journal when they are only appends, else (or when
+    /// `checkpoint` is asked for, or the journal is full) in redb together with everything the
+    /// journal holds — and then acknowledges each of them.
+    fn process(&mut self, jobs: Vec<Job>, checkpoint: bool) {
+        for job in &jobs {
+            if let Job::Committed { value } = job {
+                self.committed = Some(value.clone());
+                self.dirty_since.get_or_insert_with(std::time::Instant::now);
+            }
+        }
+        let appended: Vec<&[u8]> = jobs
+            .iter()
+            .flat_map(|j| match j {
+                Job::Append { entries, .. } => entries.iter().map(|(_, b)| b.as_slice()).collect(),
+                _ => Vec::new(),
+            })
+            .collect();
+        let last_appended = jobs.iter().rev().find_map(|j| match j {
+            Job::Append { entries, .. } => entries.last().map(|(id, _)| *id),
+            _ => None,
+        });
+        let to_redb = checkpoint
+            || jobs.iter().any(|j| matches!(j, Job::Truncate { .. } | Job::Purge { .. } | Job::Meta { .. }))
+            || (!appended.is_empty() && !self.journal.fits(journal::record_len(&appended)));
+        let route = if to_redb {
+            Route::Redb
+        } else if appended.is_empty() {
+            Route::Nothing
+        } else {
+            Route::Journal
+        };
+        let result = match route {
+            Route::Redb => self.checkpoint(&jobs),
+            Route::Journal => self.journal.append(&appended).map(|()| Some(last_appended)),
+            Route::Nothing => Ok(None),
+        };
+        drop(appended);
+        let result = result.map_err(|e| e.to_string());
+        match &result {
+            Ok(Some(last)) => self.durable.send_if_modified(|d| {
+                let changed = d.last != *last;
+                d.last = *last;
+                changed
+            }),
+            Ok(None) => false,
+            Err(e) => {
+                tracing::error!("the Raft log could not be written: {e}");
+                self.durable.send_modify(|d| d.failed = Some(e.clone()));
+                true
+            }
+        };
+        if result.is_ok() {
+            match route {
+                Route::Journal => {
+                    for job in &jobs {
+                        if let Job::Append { entries, .. } = job {
+                            // An append replaces whatever the log held from its first index on.
+                            if let Some((first, _)) = entries.first() {
+                                self.journaled.split_off(&first.index);
+                            }
+                            for (id, bytes) in entries {
+                                self.journaled.insert(id.index, (*id, bytes.clone()));
                             }
                         }
                     }
+                    self.dirty_since.get_or_insert_with(std::time::Instant::now);
                 }
+                Route::Redb => {
+                    // Entries now in redb leave memory (unless a later append replaced them).
+                    let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+                    let moved = std::mem::take(&mut self.journaled);
+                    let appended = jobs.iter().flat_map(|j| match j {
+                        Job::Append { entries, .. } => entries.as_slice(),
+                        _ => &[],
+                    });
+                    for id in moved.values().map(|(id, _)| id).chain(appended.map(|(id, _)| id)) {
+                        if pending.get(&id.index).is_some_and(|(p, _)| p == id) {
+                            pending.remove(&id.index);
+                        }
+                    }
+                    self.journal.reset(self.journal.epoch() + 1);
+                    self.committed = None;
+                    self.dirty_since = None;
+                }
+                Route::Nothing => {}
             }
-            let result = result.map(|_| ());
-            for job in jobs {
-                match job {
-                    Job::Append { callback, .. } => {
-                        if let Some(callback) = callback {
-                            callback.log_io_completed(result.clone().map_err(std::io::Error::other));
-                        }
+        }
+        let result = result.map(|_| ());
+        for job in jobs {
+            match job {
+                Job::Append { callback, .. } => {
+                    if let Some(callback) = callback {
+                        callback.log_io_completed(result.clone().map_err(std::io::Error::other));
                     }
-                    Job::Truncate { done, .. } | Job::Purge { done, .. } | Job::Meta { done, .. } => {
-                        let _ = done.send(result.clone());
-                    }
-                    Job::Committed { .. } => {
-                        if let Err(e) = &result {
-                            tracing::warn!("could not record the committed log id: {e}");
-                        }
+                }
+                Job::Truncate { done, .. } | Job::Purge { done, .. } | Job::Meta { done, .. } => {
+                    let _ = done.send(result.clone());
+                }
+                Job::Committed { .. } => {
+                    if let Err(e) = &result {
+                        tracing::warn!("could not record the committed log id: {e}");
                     }
                 }
             }
         }
     }
 
-    /// Applies `jobs` in order in one transaction and commits it, with fsync unless it only
-    /// records the committed log id. Returns the log's last id when the jobs changed the log.
-    fn commit(&self, jobs: &[Job]) -> Result<Option<Option<LogId>>, StorageError> {
-        let durable = jobs.iter().any(|j| !matches!(j, Job::Committed { .. }));
+    /// One fsync'd redb transaction: everything the journal holds, then `jobs` in order, the
+    /// newest committed id, and the next journal epoch. Returns the log's last id when the jobs
+    /// changed the log.
+    fn checkpoint(&self, jobs: &[Job]) -> Result<Option<Option<LogId>>, StorageError> {
         let mut last = None;
-        let txn = begin_log_write(&self.db, if durable { Durability::Immediate } else { Durability::None })?;
+        let txn = begin_log_write(&self.db, Durability::Immediate)?;
         {
             let mut log = txn.open_table(LOG)?;
             let mut meta = txn.open_table(META)?;
+            for (index, (_, bytes)) in &self.journaled {
+                log.insert(*index, bytes.as_slice())?;
+            }
             for job in jobs {
                 match job {
                     Job::Append { entries, .. } => {
@@ -455,11 +605,13 @@ impl Writer {
                     Job::Meta { key, value, .. } => {
                         meta.insert(*key, value.as_slice())?;
                     }
-                    Job::Committed { value } => {
-                        meta.insert(KEY_COMMITTED, value.as_slice())?;
-                    }
+                    Job::Committed { .. } => {}
                 }
             }
+            if let Some(value) = &self.committed {
+                meta.insert(KEY_COMMITTED, value.as_slice())?;
+            }
+            meta.insert(KEY_JOURNAL_EPOCH, postcard::to_stdvec(&(self.journal.epoch() + 1))?.as_slice())?;
             // The log's new end: known from the appends, unless a truncation or purge moved it
             // (then read back, once). Commits that only hold a vote or meta leave it alone.
             if jobs.iter().any(|j| matches!(j, Job::Truncate { .. } | Job::Purge { .. })) {

@@ -5,6 +5,7 @@
 //! This module knows nothing about protocol handlers, sharding or bootstrap; they call into it.
 
 pub mod batcher;
+pub mod journal;
 pub mod log_store;
 pub mod network;
 pub mod node;

@@ -53,6 +53,8 @@ const EPOCHS: usize = 2;
 /// makes about ten: almost every cut falls inside an operation, after 0 to ~50 operations).
 const CUT_WINDOW: u64 = 500;
 const KEYS: u64 = 6;
+/// A small journal, so that runs fill it and its checkpoints happen inside them too.
+const JOURNAL_BYTES: u64 = 8 << 10;
 const CLIENTS: usize = 4;
 
 type TestResult = Result<(), String>;
@@ -82,6 +84,7 @@ fn enc(e: &Entry) -> Vec<u8> {
 struct Rig {
     switch: PowerSwitch,
     log_disk: DiskId,
+    journal_disk: DiskId,
     sm_disk: DiskId,
     snap_dir: TempDir,
 }
@@ -90,13 +93,19 @@ impl Rig {
     fn new(seed: u64, model: LossModel) -> Self {
         let switch = PowerSwitch::new(seed, model);
         let log_disk = switch.add_disk();
+        let journal_disk = switch.add_disk();
         let sm_disk = switch.add_disk();
-        Rig { switch, log_disk, sm_disk, snap_dir: tempfile::tempdir().expect("tempdir") }
+        Rig { switch, log_disk, journal_disk, sm_disk, snap_dir: tempfile::tempdir().expect("tempdir") }
     }
 
     fn open(&self) -> Result<(RedbLogStore, RedbStateMachine), String> {
-        let log = RedbLogStore::open_with_backend(self.switch.backend(self.log_disk), NO_CAP)
-            .map_err(|e| format!("reopen log: {e}"))?;
+        let log = RedbLogStore::open_with_backends(
+            self.switch.backend(self.log_disk),
+            self.switch.backend(self.journal_disk),
+            JOURNAL_BYTES,
+            NO_CAP,
+        )
+        .map_err(|e| format!("reopen log: {e}"))?;
         let sm = RedbStateMachine::open_with_backend(self.switch.backend(self.sm_disk), self.snap_dir.path())
             .map_err(|e| format!("reopen state machine: {e}"))?;
         Ok((log, sm))
@@ -597,6 +606,8 @@ async fn a_cut_while_creating_the_stores_leaves_them_openable() {
             for (path, disk) in [(&log_path, rig.log_disk), (&sm_path, rig.sm_disk)] {
                 std::fs::write(super::creating_path(path), rig.switch.durable_image(disk)).expect("write image");
             }
+            let journal_path = super::journal::path_beside(&log_path);
+            std::fs::write(&journal_path, rig.switch.durable_image(rig.journal_disk)).expect("write image");
             let what = format!("{model:?} cut {cut} of {calls}");
             let mut log = RedbLogStore::open(&log_path, NO_CAP).unwrap_or_else(|e| panic!("{what}: open log: {e}"));
             let mut sm = RedbStateMachine::open(&sm_path).unwrap_or_else(|e| panic!("{what}: open sm: {e}"));

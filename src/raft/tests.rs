@@ -311,6 +311,32 @@ async fn vote_survives_crash() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_appends_survive_a_crash_in_the_journal() {
+    // Appends are acknowledged once their journal record is fsync'd; redb gets them at the next
+    // checkpoint. A copy of the files taken right after the acknowledgement (the store still
+    // open: a crash) has them, from the journal; without the journal it does not.
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open_log(dir.path(), NO_CAP);
+    store.save_vote(&Vote::new_committed(1, 1)).await.unwrap();
+    store.blocking_append(vec![blank(1, 1), put(1, 2, "a", b"1")]).await.unwrap();
+    store.blocking_append(vec![put(1, 3, "b", b"2")]).await.unwrap();
+    let journal = super::journal::path_beside(std::path::Path::new(LOG_FILE));
+    let journal = journal.file_name().unwrap().to_str().unwrap();
+    let crashed = copy_dir_files(dir.path(), &[LOG_FILE, journal]);
+    let without_journal = copy_dir_files(dir.path(), &[LOG_FILE]);
+    let mut recovered = open_log(crashed.path(), NO_CAP);
+    assert_eq!(indexes(&read_all(&mut recovered).await), vec![1, 2, 3], "acknowledged appends are durable");
+    assert_eq!(recovered.read_vote().await.unwrap(), Some(Vote::new_committed(1, 1)));
+    let mut bare = open_log(without_journal.path(), NO_CAP);
+    assert!(read_all(&mut bare).await.is_empty(), "the entries were in the journal only");
+    // Recovery moved them into redb: after one more reopen (and a later append) they are still there.
+    recovered.blocking_append(vec![put(1, 4, "c", b"3")]).await.unwrap();
+    drop(recovered);
+    let mut again = open_log(crashed.path(), NO_CAP);
+    assert_eq!(indexes(&read_all(&mut again).await), vec![1, 2, 3, 4]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn log_survives_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let mut entries = vec![membership(1, 1, &[1, 2, 3])];
@@ -1010,6 +1036,11 @@ impl GatedDisk {
         }
     }
 
+    /// Another disk behind the same gate (the log's journal beside its database).
+    fn sibling(&self) -> Self {
+        GatedDisk { inner: std::sync::Arc::new(redb::backends::InMemoryBackend::new()), gate: self.gate.clone() }
+    }
+
     fn set(&self, gate: Gate) {
         *self.gate.0.lock().unwrap() = gate;
         self.gate.1.notify_all();
@@ -1062,7 +1093,9 @@ const WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 /// appends, the state machine waiting for it.
 async fn overlapping_leader(term: u64) -> (GatedDisk, RedbLogStore, RedbStateMachine, TempDir) {
     let disk = GatedDisk::new();
-    let mut log = RedbLogStore::open_with_backend(disk.clone(), NO_CAP).unwrap().overlap_own_appends(1);
+    let mut log = RedbLogStore::open_with_backends(disk.clone(), disk.sibling(), super::journal::CAPACITY, NO_CAP)
+        .unwrap()
+        .overlap_own_appends(1);
     log.save_vote(&Vote::new_committed(term, 1)).await.unwrap();
     let snap = tempfile::tempdir().unwrap();
     let sm = RedbStateMachine::open_with_backend(redb::backends::InMemoryBackend::new(), snap.path())
@@ -1113,7 +1146,9 @@ async fn leader_appends_are_acknowledged_before_fsync_and_applied_after_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follower_appends_wait_for_their_fsync() {
     let disk = GatedDisk::new();
-    let mut log = RedbLogStore::open_with_backend(disk.clone(), NO_CAP).unwrap().overlap_own_appends(1);
+    let mut log = RedbLogStore::open_with_backends(disk.clone(), disk.sibling(), super::journal::CAPACITY, NO_CAP)
+        .unwrap()
+        .overlap_own_appends(1);
     // Node 2 leads term 3; node 1 appends what it is sent, and its own entries of an older term.
     log.save_vote(&Vote::new_committed(3, 2)).await.unwrap();
     disk.set(Gate::Closed);
