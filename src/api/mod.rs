@@ -95,7 +95,9 @@ pub type ClusterId = Id128;
 /// One stored key with its revisions, as returned by get and scan.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyValue {
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
+    #[serde(with = "serde_bytes")]
     pub value: Vec<u8>,
     /// Revision of the write that created this key (since its last deletion).
     pub create_revision: Revision,
@@ -108,8 +110,16 @@ pub struct KeyValue {
 /// One operation in an atomic batch.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BatchOp {
-    Put { key: Vec<u8>, value: Vec<u8> },
-    Delete { key: Vec<u8> },
+    Put {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+    },
+    Delete {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
 }
 
 impl BatchOp {
@@ -124,22 +134,26 @@ impl BatchOp {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum WriteCommand {
     Put {
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         value: Vec<u8>,
     },
     Delete {
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
     },
     /// Set `key` to `new_value` only if its current value is `expected` (`None`: only if absent).
     Cas {
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         expected: Option<Vec<u8>>,
+        #[serde(with = "serde_bytes")]
         new_value: Vec<u8>,
     },
     /// Apply every operation atomically, in order.
-    Batch {
-        ops: Vec<BatchOp>,
-    },
+    Batch { ops: Vec<BatchOp> },
 }
 
 impl WriteCommand {
@@ -177,6 +191,7 @@ pub enum WriteOutcome {
         revision: Revision,
         succeeded: bool,
         /// On failure: the key's current value (`None` if absent).
+        #[serde(with = "serde_bytes")]
         current: Option<Vec<u8>>,
     },
     Batch {
@@ -203,13 +218,17 @@ pub enum ReadConsistency {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ScanRequest {
     /// Only keys starting with this prefix (empty: all keys).
+    #[serde(with = "serde_bytes")]
     pub prefix: Vec<u8>,
     /// Inclusive lower bound (after the prefix is applied); `None`: from the start of the prefix.
+    #[serde(with = "serde_bytes")]
     pub start: Option<Vec<u8>>,
     /// Exclusive upper bound; `None`: to the end of the prefix.
+    #[serde(with = "serde_bytes")]
     pub end: Option<Vec<u8>>,
     pub limit: u32,
     /// Continuation token from a previous page (the last key returned); scanning resumes after it.
+    #[serde(with = "serde_bytes")]
     pub continuation: Option<Vec<u8>>,
     pub consistency: ReadConsistency,
 }
@@ -219,6 +238,7 @@ pub struct ScanRequest {
 pub struct ScanPage {
     pub entries: Vec<KeyValue>,
     /// `Some(token)` when more keys may follow; pass it back as `continuation`.
+    #[serde(with = "serde_bytes")]
     pub continuation: Option<Vec<u8>>,
 }
 
@@ -358,6 +378,7 @@ pub struct ClusterInfo {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ClientRequest {
     Get {
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
         consistency: ReadConsistency,
     },
@@ -427,8 +448,15 @@ pub enum ClientRequest {
 /// `ClientRequest`) so that batches cannot nest: a decoder never recurses on input.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ForwardedRequest {
-    Get { key: Vec<u8>, consistency: ReadConsistency },
-    Write { session: WriteSession, command: WriteCommand },
+    Get {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        consistency: ReadConsistency,
+    },
+    Write {
+        session: WriteSession,
+        command: WriteCommand,
+    },
 }
 
 impl ForwardedRequest {
@@ -578,6 +606,40 @@ pub type ClientResult = Result<ClientResponse, ApiError>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn byte_fields_keep_the_encoding_of_plain_byte_vectors() {
+        // Keys and values are (de)serialized as byte strings (`serde_bytes`: one copy, not a
+        // visit per byte); postcard writes them exactly as it wrote a `Vec<u8>`, so logs,
+        // snapshots and peers of older versions read them unchanged.
+        #[derive(Serialize)]
+        enum PlainCommand {
+            Put { key: Vec<u8>, value: Vec<u8> },
+            Delete { key: Vec<u8> },
+            Cas { key: Vec<u8>, expected: Option<Vec<u8>>, new_value: Vec<u8> },
+        }
+        let (key, value) = (b"key".to_vec(), vec![7u8; 300]);
+        let pairs = [
+            (
+                WriteCommand::Put { key: key.clone(), value: value.clone() },
+                PlainCommand::Put { key: key.clone(), value: value.clone() },
+            ),
+            (WriteCommand::Delete { key: key.clone() }, PlainCommand::Delete { key: key.clone() }),
+            (
+                WriteCommand::Cas { key: key.clone(), expected: Some(value.clone()), new_value: vec![] },
+                PlainCommand::Cas { key: key.clone(), expected: Some(value.clone()), new_value: vec![] },
+            ),
+            (
+                WriteCommand::Cas { key: key.clone(), expected: None, new_value: value.clone() },
+                PlainCommand::Cas { key: key.clone(), expected: None, new_value: value.clone() },
+            ),
+        ];
+        for (ours, plain) in pairs {
+            let bytes = postcard::to_stdvec(&ours).unwrap();
+            assert_eq!(bytes, postcard::to_stdvec(&plain).unwrap());
+            assert_eq!(postcard::from_bytes::<WriteCommand>(&bytes).unwrap(), ours);
+        }
+    }
 
     #[test]
     fn shard_aware_ids_round_trip() {

@@ -19,6 +19,10 @@ use aspen::{
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
+/// mimalloc: glibc malloc was ~10 % of a node's cycles under load.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(name = "aspen-cli", version, about = "Talk to an Aspen cluster")]
 struct Cli {

@@ -91,6 +91,7 @@ const SNAPSHOT_FILE: &str = "snapshot.bin";
 /// A key's stored record.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct StoredValue {
+    #[serde(with = "serde_bytes")]
     value: Vec<u8>,
     create_revision: u64,
     mod_revision: u64,
@@ -117,6 +118,7 @@ struct SnapshotPayload {
 #[derive(Debug, Serialize, Deserialize)]
 struct SnapshotFile {
     meta: SnapshotMeta,
+    #[serde(with = "serde_bytes")]
     data: Vec<u8>,
 }
 
