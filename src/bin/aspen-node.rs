@@ -8,6 +8,11 @@ use aspen::{
     cluster::{bootstrap_node, bootstrap_sharded_node, BootstrapError, NodeHandle, ShardedNodeHandle},
     config::{NodeArgs, NodeConfig},
 };
+use clap::Parser;
+
+/// mimalloc: glibc malloc was ~10 % of a node's cycles under load.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// The two ways a node runs: one shard (the default), or several behind one endpoint.
 enum NodeMode {
@@ -30,11 +35,6 @@ impl NodeMode {
         }
     }
 }
-use clap::Parser;
-
-/// mimalloc: glibc malloc was ~10 % of a node's cycles under load.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let args = NodeArgs::parse();
