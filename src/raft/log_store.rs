@@ -328,12 +328,11 @@ fn recover_journal(db: &redb::Database, journal: &Journal) -> Result<u64, Storag
                     next.unwrap_or(0)
                 )));
             }
-            // A record starting inside the log replaces what follows, as an append does.
-            log.retain_in(first.index.., |_, _| false)?;
+            // Inserted exactly as the writer inserted them at its checkpoint.
             for (id, bytes) in &record {
                 log.insert(id.index, bytes.as_slice())?;
             }
-            next = record.last().map(|(id, _)| id.index + 1);
+            next = next.max(record.last().map(|(id, _)| id.index + 1));
         }
         let epoch = epoch + 1;
         meta.insert(KEY_JOURNAL_EPOCH, postcard::to_stdvec(&epoch)?.as_slice())?;
@@ -525,10 +524,8 @@ impl Writer {
                 Route::Journal => {
                     for job in &jobs {
                         if let Job::Append { entries, .. } = job {
-                            // An append replaces whatever the log held from its first index on.
-                            if let Some((first, _)) = entries.first() {
-                                self.journaled.split_off(&first.index);
-                            }
+                            // Insert, as a redb commit of the same append would (openraft
+                            // truncates before it appends over a conflicting entry).
                             for (id, bytes) in entries {
                                 self.journaled.insert(id.index, (*id, bytes.clone()));
                             }
