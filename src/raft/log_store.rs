@@ -552,6 +552,9 @@ impl Writer {
                 }
                 Route::Nothing => {}
             }
+        } else if matches!(route, Route::Redb) && self.dirty_since.is_some() {
+            // A failed checkpoint is retried a full interval later, not in a tight loop.
+            self.dirty_since = Some(std::time::Instant::now());
         }
         let result = result.map(|_| ());
         for job in jobs {
