@@ -288,3 +288,26 @@ async fn kill_9_during_writes_loses_no_acknowledged_write() {
     println!("{} acknowledged writes survived {ROUNDS} kills", acked.len());
     client.close().await;
 }
+
+#[test]
+fn sigterm_as_soon_as_the_ticket_appears_stops_the_node_cleanly() {
+    // The ticket file is written during bootstrap, before the node is done starting. A
+    // supervisor that sends SIGTERM the moment it sees the file must get a graceful stop (exit
+    // 0), not a process killed half-started: the node catches signals from its first moment.
+    for round in 0..30 {
+        let root = tempfile::tempdir().unwrap();
+        let node = NodeProc::new(root.path(), 1);
+        let mut child = node.command().spawn().expect("spawn aspen-node");
+        let ticket = node.data_dir.join("node.ticket");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !ticket.exists() {
+            assert!(std::time::Instant::now() < deadline, "round {round}: no ticket within 30 s");
+            assert!(child.try_wait().unwrap().is_none(), "round {round}: the node exited during start-up");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let pid = child.id().to_string();
+        assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        let status = child.wait().unwrap();
+        assert!(status.success(), "round {round}: SIGTERM right after start-up gave {status}");
+    }
+}

@@ -63,6 +63,9 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: NodeConfig) -> ExitCode {
+    // Caught from the start: the ticket file appears during bootstrap, and a SIGTERM sent as soon
+    // as it does must still shut the node down gracefully, not kill it half-started.
+    let signals = Signals::new();
     let started = if config.sharding.enabled {
         bootstrap_sharded_node(config).await.map(NodeMode::Sharded)
     } else {
@@ -84,32 +87,58 @@ async fn run(config: NodeConfig) -> ExitCode {
         }
     };
     println!("ticket: {}", node.ticket());
-    let signal = wait_for_signal().await;
+    let signal = signals.wait().await;
     tracing::info!("{signal}: shutting down");
     node.shutdown().await;
     tracing::info!("stopped");
     ExitCode::SUCCESS
 }
 
-async fn wait_for_signal() -> &'static str {
+/// SIGTERM and SIGINT, registered when made (a signal that arrives before `wait` is kept).
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = match signal(SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn new() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Signals { term: signal(SignalKind::terminate()).ok(), int: signal(SignalKind::interrupt()).ok() }
+        }
+        #[cfg(not(unix))]
+        {
+            Signals {}
+        }
+    }
+
+    async fn wait(self) -> &'static str {
+        #[cfg(unix)]
+        {
+            async fn next(s: Option<tokio::signal::unix::Signal>) {
+                match s {
+                    Some(mut s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            }
+            if self.term.is_none() && self.int.is_none() {
                 let _ = tokio::signal::ctrl_c().await;
                 return "SIGINT";
             }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => "SIGINT",
-            _ = term.recv() => "SIGTERM",
+            tokio::select! {
+                _ = next(self.int) => "SIGINT",
+                _ = next(self.term) => "SIGTERM",
+            }
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-        "SIGINT"
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            "SIGINT"
+        }
     }
 }
