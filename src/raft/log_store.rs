@@ -471,7 +471,7 @@ impl Writer {
     /// Makes `jobs` durable — in the journal when they are only appends, else (or when
     /// `checkpoint` is asked for, or the journal is full) in redb together with everything the
     /// journal holds — and then acknowledges each of them.
-    fn process(&mut self, jobs: Vec<Job>, checkpoint: bool) {
+    fn process(&mut self, mut jobs: Vec<Job>, checkpoint: bool) {
         for job in &jobs {
             if let Job::Committed { value } = job {
                 self.committed = Some(value.clone());
@@ -522,12 +522,13 @@ impl Writer {
         if result.is_ok() {
             match route {
                 Route::Journal => {
-                    for job in &jobs {
+                    for job in &mut jobs {
                         if let Job::Append { entries, .. } = job {
                             // Insert, as a redb commit of the same append would (openraft
-                            // truncates before it appends over a conflicting entry).
-                            for (id, bytes) in entries {
-                                self.journaled.insert(id.index, (*id, bytes.clone()));
+                            // truncates before it appends over a conflicting entry). Moved: the
+                            // acknowledgements below need only the callbacks.
+                            for (id, bytes) in std::mem::take(entries) {
+                                self.journaled.insert(id.index, (id, bytes));
                             }
                         }
                     }
