@@ -214,15 +214,22 @@ impl InProcNode {
         self.handle().shard0.status()
     }
 
+    /// Shuts the node down gracefully. A shutdown that hangs fails the test here, naming the
+    /// node, rather than at the runner's ten-minute limit.
     pub async fn stop(&mut self) {
         if let Some(h) = self.handle.take() {
-            h.shutdown().await;
+            let id = self.config.node_id;
+            tokio::time::timeout(Duration::from_secs(120), h.shutdown())
+                .await
+                .unwrap_or_else(|_| panic!("node {id} did not shut down within 120 s"));
         }
     }
 
     pub async fn restart(&mut self) {
         self.stop().await;
-        self.handle = Some(Self::boot(&self.config).await);
+        let id = self.config.node_id;
+        let boot = tokio::time::timeout(Duration::from_secs(120), Self::boot(&self.config)).await;
+        self.handle = Some(boot.unwrap_or_else(|_| panic!("node {id} did not start again within 120 s")));
     }
 
     pub async fn client(&self) -> aspen::AspenClient {
