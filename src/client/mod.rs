@@ -424,6 +424,12 @@ impl AspenClient {
         }
     }
 
+    /// Transport counters (UDP datagrams, QUIC frames by type) of the connection this client
+    /// currently uses, if it has one: what `aspen-cli bench` reports as datagrams per request.
+    pub async fn transport_stats(&self) -> Option<iroh::endpoint::ConnectionStats> {
+        self.current.lock().await.as_ref().map(|(_, conn)| conn.stats())
+    }
+
     /// Closes the client's endpoint.
     pub async fn close(self) {
         self.endpoint.close().await;

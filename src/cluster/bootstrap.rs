@@ -194,20 +194,47 @@ impl NodeHandle {
     /// Graceful shutdown: stop accepting requests, let in-flight ones finish, close the endpoint,
     /// stop Raft and close the databases.
     pub async fn shutdown(self) {
+        self.shutdown_reporting().await;
+    }
+
+    /// [`Self::shutdown`], returning the steps that did not finish in time. Each step is bounded
+    /// ([`SHUTDOWN_STEP_LIMIT`], plus the request timeout for draining client requests): one
+    /// that stalls is logged as an error and skipped, so a stop always ends and the databases
+    /// are closed (every acknowledged write is durable in the Raft log already).
+    pub async fn shutdown_reporting(self) -> Vec<String> {
+        let node = self.base.config.node_id;
+        let mut stalled = Vec::new();
+        let mut step = |name: String, limit: Duration, finished: bool| {
+            if !finished {
+                tracing::error!(node, "shutdown: {name} did not finish within {limit:?}; going on without it");
+                stalled.push(name);
+            }
+        };
         self.base.shutdown_token.cancel();
         self.supervisor.abort();
         if let Some(g) = &self.base.gossip_discovery {
-            g.shutdown().await;
+            let done = tokio::time::timeout(SHUTDOWN_STEP_LIMIT, g.shutdown()).await.is_ok();
+            step("gossip shutdown".into(), SHUTDOWN_STEP_LIMIT, done);
         }
-        if let Err(e) = self.router.shutdown().await {
-            tracing::warn!("router shutdown: {e}");
+        let drain = self.base.config.limits.request_timeout() + SHUTDOWN_STEP_LIMIT;
+        let router = async {
+            if let Err(e) = self.router.shutdown().await {
+                tracing::warn!("router shutdown: {e}");
+            }
+        };
+        step("router shutdown (draining requests)".into(), drain, tokio::time::timeout(drain, router).await.is_ok());
+        let closed = tokio::time::timeout(SHUTDOWN_STEP_LIMIT, self.base.endpoint.close()).await.is_ok();
+        step("endpoint close".into(), SHUTDOWN_STEP_LIMIT, closed);
+        for (id, shard) in &self.shards {
+            let stopped = tokio::time::timeout(SHUTDOWN_STEP_LIMIT, shard.shutdown()).await.is_ok();
+            step(format!("raft shutdown of shard {id}"), SHUTDOWN_STEP_LIMIT, stopped);
         }
-        self.base.endpoint.close().await;
-        for shard in self.shards.values() {
-            shard.shutdown().await;
-        }
+        stalled
     }
 }
+
+/// Longest a single step of [`NodeHandle::shutdown`] may take before it is given up on.
+pub const SHUTDOWN_STEP_LIMIT: Duration = Duration::from_secs(30);
 
 /// A running sharded node: several Raft groups behind one endpoint.
 #[derive(Debug)]

@@ -13,7 +13,7 @@ use std::{
 
 use iroh::{
     address_lookup::MemoryLookup,
-    endpoint::{presets, IdleTimeout, PortmapperConfig, QuicTransportConfig},
+    endpoint::{presets, AckFrequencyConfig, IdleTimeout, PortmapperConfig, QuicTransportConfig},
     Endpoint, NetReportConfig, RelayMode, SecretKey,
 };
 
@@ -80,14 +80,29 @@ pub fn write_file_atomic(path: &Path, contents: &[u8]) -> std::io::Result<()> {
 /// The QUIC transport settings every Aspen endpoint uses. Keep-alives every second and a
 /// 6-second idle timeout let both nodes and clients notice a dead peer quickly (a request on a
 /// connection to a killed node fails instead of hanging), which drives failover.
+///
+/// Acknowledgements: by default a QUIC peer acknowledges every second packet at once, and in
+/// Aspen's request/response traffic that ACK goes out alone — before the answer (or the next
+/// request) it could have ridden on is ready: measured at one ACK-only datagram per request,
+/// a third of all datagrams. Every Aspen endpoint asks its peers (QUIC ACK-frequency
+/// extension) to wait for [`ACK_ELICITING_THRESHOLD`] + 1 packets or the usual maximum ACK
+/// delay (25 ms) instead; packets out of order are still acknowledged at once, so loss
+/// recovery is unchanged.
 fn transport_config() -> QuicTransportConfig {
     let idle = IdleTimeout::try_from(std::time::Duration::from_secs(6)).ok();
+    let mut acks = AckFrequencyConfig::default();
+    acks.ack_eliciting_threshold(ACK_ELICITING_THRESHOLD.into());
     QuicTransportConfig::builder()
         .max_concurrent_bidi_streams(1024u32.into())
         .keep_alive_interval(std::time::Duration::from_secs(1))
         .max_idle_timeout(idle)
+        .ack_frequency_config(Some(acks))
         .build()
 }
+
+/// How many ack-eliciting packets a peer may receive before it must acknowledge (see
+/// [`transport_config`]).
+const ACK_ELICITING_THRESHOLD: u32 = 7;
 
 /// Binds an offline-safe endpoint on `bind_addr`. `secret_key` `None` makes an ephemeral identity
 /// (clients); `alpns` lists the protocols this endpoint accepts (empty for pure clients).

@@ -14,7 +14,7 @@ use iroh::{
 use tokio_util::task::TaskTracker;
 
 use crate::api::{
-    frame::{decode, encode_frame, read_frame_bytes, FrameError},
+    frame::{decode, drain_to_end, encode_frame, read_frame_bytes, FrameError, REQUEST_END_WAIT},
     ApiError, ClientEnvelope, ClientRequest, ClientResult, CLIENT_PROTOCOL_VERSION,
 };
 
@@ -105,7 +105,9 @@ async fn serve_stream<S: ClientService>(service: Arc<S>, mut send: SendStream, m
     };
     if let Err(e) = reply(&mut send, &result).await {
         tracing::debug!("could not send client response: {e}");
+        return;
     }
+    drain_to_end(&mut recv, REQUEST_END_WAIT).await;
 }
 
 /// Sends one request to another node over a pooled connection (forwarding, fan-out, membership

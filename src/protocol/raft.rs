@@ -112,8 +112,8 @@ impl RaftProtocolHandler {
                 return;
             }
         };
-        if send.write_all(&bytes).await.is_ok() {
-            let _ = send.finish();
+        if send.write_all(&bytes).await.is_ok() && send.finish().is_ok() {
+            crate::api::frame::drain_to_end(&mut recv, crate::api::frame::REQUEST_END_WAIT).await;
         }
     }
 

@@ -214,14 +214,15 @@ impl InProcNode {
         self.handle().shard0.status()
     }
 
-    /// Shuts the node down gracefully. A shutdown that hangs fails the test here, naming the
-    /// node, rather than at the runner's ten-minute limit.
+    /// Shuts the node down gracefully. A shutdown step that stalls (each is bounded) fails the
+    /// test here, naming the node and the step, rather than at the runner's time limit.
     pub async fn stop(&mut self) {
         if let Some(h) = self.handle.take() {
             let id = self.config.node_id;
-            tokio::time::timeout(Duration::from_secs(120), h.shutdown())
+            let stalled = tokio::time::timeout(Duration::from_secs(300), h.shutdown_reporting())
                 .await
-                .unwrap_or_else(|_| panic!("node {id} did not shut down within 120 s"));
+                .unwrap_or_else(|_| panic!("node {id} did not shut down within 300 s"));
+            assert!(stalled.is_empty(), "node {id}: shutdown steps stalled: {stalled:?}");
         }
     }
 
