@@ -217,7 +217,8 @@ impl InProcNode {
     /// Shuts the node down gracefully; a shutdown that does not end fails the test here, naming
     /// the node. Each shutdown step is bounded (`NodeHandle::shutdown_reporting`), so a stop
     /// ends even when a step stalls; a stalled step — a rare open bug, seen about once in ten
-    /// full runs — is printed here (`--no-capture` shows it) rather than failing the test.
+    /// full runs — is printed here (`--no-capture` shows it) and appended to
+    /// `$TMPDIR/aspen-shutdown-stalls.log` rather than failing the test.
     pub async fn stop(&mut self) {
         if let Some(h) = self.handle.take() {
             let id = self.config.node_id;
@@ -225,7 +226,14 @@ impl InProcNode {
                 .await
                 .unwrap_or_else(|_| panic!("node {id} did not shut down within 300 s"));
             if !stalled.is_empty() {
-                eprintln!("SHUTDOWN STALLED: node {id}: {stalled:?}");
+                let line = format!("SHUTDOWN STALLED: node {id}: {stalled:?}");
+                eprintln!("{line}");
+                // Passing tests' output is hidden: keep a trail across runs for whoever hunts it.
+                let trail = std::env::temp_dir().join("aspen-shutdown-stalls.log");
+                if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(trail) {
+                    use std::io::Write;
+                    let _ = writeln!(f, "{line}");
+                }
             }
         }
     }
