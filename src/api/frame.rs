@@ -70,8 +70,8 @@ where
 /// stream right after the frame, so the end usually comes in the frame's last packet), without
 /// waiting for it. Why: a QUIC stream dropped before its reader saw the end makes the reader's
 /// side send STOP_SENDING, and the sender's side answer with RESET_STREAM — measured at two
-/// extra control frames and about one extra UDP datagram per request. Bytes after the frame are
-/// left unread, as before.
+/// extra control frames and about one extra UDP datagram per request. A stream carries one
+/// frame; of bytes a peer sends after it, at most one is read here and dropped.
 async fn see_end_if_arrived<R: AsyncRead + Unpin>(r: &mut R) {
     let mut probe = [0u8; 1];
     let _ = futures::FutureExt::now_or_never(r.read(&mut probe));
