@@ -90,6 +90,10 @@ struct Args {
     /// The aspen-node binary [default: `aspen-node` next to this binary].
     #[arg(long, value_name = "PATH")]
     node_bin: Option<PathBuf>,
+    /// Measure every row this many times, each round starting every system afresh (rounds
+    /// interleave the systems in time); each row reports its median round and the range.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    rounds: usize,
     /// Print ops/s every second while a row runs.
     #[arg(long)]
     progress: bool,
@@ -189,6 +193,9 @@ async fn run(args: Args) -> Result<(), String> {
     if clients.is_empty() || clients.contains(&0) || args.ops.is_empty() || args.systems.is_empty() {
         return Err("--clients, --ops and --systems need at least one value each, and clients must be positive".into());
     }
+    if args.rounds == 0 {
+        return Err("--rounds must be at least 1".into());
+    }
     if args.members == 0 || args.shards < 2 {
         return Err("--members must be at least 1 and --shards at least 2".into());
     }
@@ -232,44 +239,31 @@ async fn run(args: Args) -> Result<(), String> {
         plan.warmup.as_secs_f64()
     );
 
-    let mut rows = Vec::new();
-    for system in &args.systems {
-        match system {
-            System::Etcd => {
-                let etcd = etcd_bin.as_deref().expect("resolved above");
-                let name = "etcd";
-                eprintln!("aspen-compare: starting {} etcd members", args.members);
-                match EtcdCluster::start(etcd, args.members).await {
-                    Ok(cluster) => {
-                        let backend = EtcdBackend::new(cluster.endpoints.clone(), timeout);
-                        measure(&backend, name, true, &plan, &mut rows).await;
-                    }
-                    Err(e) => fail_all(name, true, &plan, &e, &mut rows),
-                }
-            }
-            System::Aspen | System::AspenSharded => {
-                let node = node_bin.as_deref().expect("resolved above");
-                let shards = if *system == System::Aspen { 1 } else { args.shards };
-                let name = if shards == 1 { "aspen".to_string() } else { format!("aspen ({shards} shards)") };
-                eprintln!("aspen-compare: starting {} aspen-node processes ({shards} shard(s))", args.members);
-                let started = match AspenCluster::start(node, args.members, shards).await {
-                    Ok(mut cluster) if shards > 1 => match cluster.balance_leaders().await {
-                        Ok(leaders) => {
-                            eprintln!("aspen-compare: shard leaders after balance-leaders: {leaders:?}");
-                            Ok(cluster)
-                        }
-                        Err(e) => Err(e),
-                    },
-                    other => other,
-                };
-                match started
-                    .and_then(|c| Ok((AspenBackend::new(c.tickets.clone(), timeout).map_err(|e| e.to_string())?, c)))
-                {
-                    Ok((backend, _cluster)) => measure(&backend, &name, false, &plan, &mut rows).await,
-                    Err(e) => fail_all(&name, false, &plan, &e, &mut rows),
-                }
+    let rounds = if args.quick { 1 } else { args.rounds };
+    // Every round's rows, in the order measured; folded into one row per (system, op, clients).
+    let mut measured: Vec<Row> = Vec::new();
+    for round in 1..=rounds {
+        if rounds > 1 {
+            eprintln!("aspen-compare: round {round} of {rounds}");
+        }
+        for system in &args.systems {
+            measured
+                .extend(measure_system(*system, &args, &plan, etcd_bin.as_deref(), node_bin.as_deref(), timeout).await);
+        }
+    }
+    let mut rows: Vec<Row> = Vec::new();
+    let mut per_row: Vec<Vec<Result<Measurement, String>>> = Vec::new();
+    for row in measured {
+        match rows.iter().position(|r| r.system == row.system && r.op == row.op && r.clients == row.clients) {
+            Some(i) => per_row[i].push(row.result),
+            None => {
+                per_row.push(vec![row.result.clone()]);
+                rows.push(row);
             }
         }
+    }
+    for (row, results) in rows.iter_mut().zip(per_row) {
+        row.result = table::median_round(results);
     }
 
     // Group the rows by op, then clients, then system, so each Aspen row sits under its etcd row.
@@ -303,6 +297,55 @@ async fn run(args: Args) -> Result<(), String> {
     Ok(())
 }
 
+/// Starts `system` afresh, measures every (op, clients) row of `plan` on it, and stops it.
+async fn measure_system(
+    system: System,
+    args: &Args,
+    plan: &Plan,
+    etcd_bin: Option<&Path>,
+    node_bin: Option<&Path>,
+    timeout: Duration,
+) -> Vec<Row> {
+    let mut rows = Vec::new();
+    match system {
+        System::Etcd => {
+            let etcd = etcd_bin.expect("resolved before measuring");
+            let name = "etcd";
+            eprintln!("aspen-compare: starting {} etcd members", args.members);
+            match EtcdCluster::start(etcd, args.members).await {
+                Ok(cluster) => {
+                    let backend = EtcdBackend::new(cluster.endpoints.clone(), timeout);
+                    measure(&backend, name, true, plan, &mut rows).await;
+                }
+                Err(e) => fail_all(name, true, plan, &e, &mut rows),
+            }
+        }
+        System::Aspen | System::AspenSharded => {
+            let node = node_bin.expect("resolved before measuring");
+            let shards = if system == System::Aspen { 1 } else { args.shards };
+            let name = if shards == 1 { "aspen".to_string() } else { format!("aspen ({shards} shards)") };
+            eprintln!("aspen-compare: starting {} aspen-node processes ({shards} shard(s))", args.members);
+            let started = match AspenCluster::start(node, args.members, shards).await {
+                Ok(mut cluster) if shards > 1 => match cluster.balance_leaders().await {
+                    Ok(leaders) => {
+                        eprintln!("aspen-compare: shard leaders after balance-leaders: {leaders:?}");
+                        Ok(cluster)
+                    }
+                    Err(e) => Err(e),
+                },
+                other => other,
+            };
+            match started
+                .and_then(|c| Ok((AspenBackend::new(c.tickets.clone(), timeout).map_err(|e| e.to_string())?, c)))
+            {
+                Ok((backend, _cluster)) => measure(&backend, &name, false, plan, &mut rows).await,
+                Err(e) => fail_all(&name, false, plan, &e, &mut rows),
+            }
+        }
+    }
+    rows
+}
+
 /// Runs every (op, clients) row of `plan` against `backend`.
 async fn measure<B: BenchBackend>(backend: &B, system: &str, baseline: bool, plan: &Plan, rows: &mut Vec<Row>) {
     for &op in &plan.ops {
@@ -330,6 +373,7 @@ async fn measure<B: BenchBackend>(backend: &B, system: &str, baseline: bool, pla
                     p99_us: r.latency_us.p99,
                     ok: r.ok,
                     errors: r.errors,
+                    range: None,
                 }),
                 Err(e) => Err(e.to_string()),
             };
@@ -466,6 +510,7 @@ fn context(args: &Args, plan: &Plan, etcd: Option<&Path>, node: Option<&Path>) -
         build,
         workload,
         quick: args.quick,
+        rounds: if args.quick { 1 } else { args.rounds },
         ..Context::default()
     }
 }

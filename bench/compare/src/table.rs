@@ -13,6 +13,30 @@ pub struct Measurement {
     pub p99_us: u64,
     pub ok: u64,
     pub errors: u64,
+    /// With several rounds: the lowest and highest ops/s any round measured (this measurement
+    /// is the median round's).
+    pub range: Option<(f64, f64)>,
+}
+
+/// Folds the rounds of one row into one measurement: the round with the median throughput (the
+/// lower of the two middle rounds for an even count), with the range over all rounds. A row
+/// fails when any of its rounds failed (the first failure is kept): a median must not hide one.
+pub fn median_round(rounds: Vec<Result<Measurement, String>>) -> Result<Measurement, String> {
+    let mut ok = Vec::with_capacity(rounds.len());
+    for (i, round) in rounds.into_iter().enumerate() {
+        match round {
+            Ok(m) => ok.push(m),
+            Err(e) => return Err(if i == 0 { e } else { format!("round {}: {e}", i + 1) }),
+        }
+    }
+    if ok.is_empty() {
+        return Err("not measured".into());
+    }
+    ok.sort_by(|a, b| a.ops_per_sec.total_cmp(&b.ops_per_sec));
+    let range = (ok.len() > 1).then(|| (ok[0].ops_per_sec, ok[ok.len() - 1].ops_per_sec));
+    let mut median = ok.swap_remove((ok.len() - 1) / 2);
+    median.range = range;
+    Ok(median)
 }
 
 /// One line of the table: a system, an operation and a number of clients.
@@ -61,8 +85,39 @@ pub fn ms(us: u64) -> String {
 
 pub const HEADER: [&str; 8] = ["system", "op", "clients", "ops/s", "p50 ms", "p99 ms", "errors", "Aspen/etcd"];
 
-/// The cells of one row, in [`HEADER`] order.
-pub fn cells(row: &Row, rows: &[Row]) -> [String; 8] {
+/// The column added after `ops/s` when rows were measured in several rounds.
+pub const RANGE_HEADER: &str = "ops/s range";
+
+/// Whether any row carries a range over several rounds (the table then has [`RANGE_HEADER`]).
+fn has_ranges(rows: &[Row]) -> bool {
+    rows.iter().any(|r| matches!(&r.result, Ok(m) if m.range.is_some()))
+}
+
+/// The header: [`HEADER`], with [`RANGE_HEADER`] after `ops/s` when `ranges`.
+pub fn header(ranges: bool) -> Vec<&'static str> {
+    let mut h = HEADER.to_vec();
+    if ranges {
+        h.insert(4, RANGE_HEADER);
+    }
+    h
+}
+
+/// The cells of one row, in [`header`] order.
+pub fn cells(row: &Row, rows: &[Row]) -> Vec<String> {
+    let mut cells = base_cells(row, rows).to_vec();
+    if has_ranges(rows) {
+        let range = match &row.result {
+            Ok(Measurement { range: Some((lo, hi)), .. }) => {
+                format!("{}–{}", thousands(lo.round() as u64), thousands(hi.round() as u64))
+            }
+            _ => "—".into(),
+        };
+        cells.insert(4, range);
+    }
+    cells
+}
+
+fn base_cells(row: &Row, rows: &[Row]) -> [String; 8] {
     let ratio = match (row.baseline, ratio(row, rows)) {
         (true, _) => "—".to_string(),
         (false, Some(r)) => format!("{r:.2}×"),
@@ -95,8 +150,9 @@ pub fn cells(row: &Row, rows: &[Row]) -> [String; 8] {
 /// A markdown table of `rows` in the given order, columns padded to line up in a terminal
 /// (text left-aligned, numbers right-aligned).
 pub fn format_table(rows: &[Row]) -> String {
-    let body: Vec<[String; 8]> = rows.iter().map(|r| cells(r, rows)).collect();
-    let mut widths = HEADER.map(|h| h.chars().count());
+    let header = header(has_ranges(rows));
+    let body: Vec<Vec<String>> = rows.iter().map(|r| cells(r, rows)).collect();
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for line in &body {
         for (w, cell) in widths.iter_mut().zip(line) {
             *w = (*w).max(cell.chars().count());
@@ -113,9 +169,9 @@ pub fn format_table(rows: &[Row]) -> String {
     };
     let mut out = String::new();
     let line = |cells: Vec<String>| format!("| {} |\n", cells.join(" | "));
-    out += &line(HEADER.iter().enumerate().map(|(c, h)| pad(c, h)).collect());
+    out += &line(header.iter().enumerate().map(|(c, h)| pad(c, h)).collect());
     out += &line(
-        (0..HEADER.len())
+        (0..header.len())
             .map(|c| {
                 let dashes = "-".repeat(widths[c] - 1);
                 if numeric(c) {
@@ -157,6 +213,8 @@ pub struct Context {
     pub build: String,
     pub workload: String,
     pub quick: bool,
+    /// Rounds per row (see [`median_round`]).
+    pub rounds: usize,
 }
 
 /// The `benches/RESULTS.md` page.
@@ -190,6 +248,17 @@ pub fn results_page(ctx: &Context, rows: &[Row]) -> String {
          Aspen/etcd is the row's throughput divided by etcd's for the same op and clients \
          (above 1: Aspen is faster). `get` is a linearizable read on both systems."
     );
+    if has_ranges(rows) {
+        let _ = writeln!(
+            s,
+            "\nEvery row was measured in {} rounds: each round started every system afresh, one \
+             after another, so the systems' rounds interleave in time and share the machine's \
+             background load. A row shows the round with the median throughput (with that round's \
+             p50/p99 and errors) and, under `{RANGE_HEADER}`, the lowest and highest throughput of \
+             all its rounds.",
+            ctx.rounds
+        );
+    }
     s
 }
 
@@ -237,7 +306,7 @@ mod tests {
             baseline,
             op: op.into(),
             clients,
-            result: Ok(Measurement { ops_per_sec: ops, p50_us: 1090, p99_us: 5300, ok: 8050, errors: 0 }),
+            result: Ok(Measurement { ops_per_sec: ops, p50_us: 1090, p99_us: 5300, ok: 8050, errors: 0, range: None }),
         }
     }
 
@@ -261,7 +330,7 @@ mod tests {
         let mut failed = rows.clone();
         failed[0].result = Err("connect refused".into());
         assert_eq!(ratio(&failed[3], &failed), None, "failed baseline");
-        failed[1].result = Ok(Measurement { ops_per_sec: 0.0, p50_us: 0, p99_us: 0, ok: 0, errors: 5 });
+        failed[1].result = Ok(Measurement { ops_per_sec: 0.0, p50_us: 0, p99_us: 0, ok: 0, errors: 5, range: None });
         assert_eq!(ratio(&failed[4], &failed), None, "baseline measured nothing");
     }
 
@@ -331,6 +400,37 @@ mod tests {
         assert!(page.contains("- Machine: 2 cores"));
         assert!(page.contains(&format_table(&rows)));
         assert!(page.contains("0.50×"));
+    }
+
+    #[test]
+    fn rounds_fold_into_the_median_with_their_range() {
+        let m =
+            |ops: f64, p50_us: u64| Measurement { ops_per_sec: ops, p50_us, p99_us: 9, ok: 1, errors: 0, range: None };
+        let one = median_round(vec![Ok(m(500.0, 1))]).unwrap();
+        assert_eq!(one, m(500.0, 1), "one round: as measured, no range");
+        let three = median_round(vec![Ok(m(900.0, 1)), Ok(m(300.0, 2)), Ok(m(600.0, 3))]).unwrap();
+        assert_eq!((three.ops_per_sec, three.p50_us, three.range), (600.0, 3, Some((300.0, 900.0))));
+        let four = median_round(vec![Ok(m(4.0, 4)), Ok(m(1.0, 1)), Ok(m(3.0, 3)), Ok(m(2.0, 2))]).unwrap();
+        assert_eq!((four.ops_per_sec, four.range), (2.0, Some((1.0, 4.0))), "even: the lower middle");
+        let failed = median_round(vec![Ok(m(900.0, 1)), Err("refused".into()), Ok(m(600.0, 3))]);
+        assert_eq!(failed, Err("round 2: refused".into()), "a failed round fails the row");
+        assert!(median_round(vec![]).is_err());
+
+        let mut rows = vec![row("etcd", true, "put", 64, 2500.0), row("aspen", false, "put", 64, 3750.0)];
+        let plain = format_table(&rows);
+        assert!(!plain.contains(RANGE_HEADER), "{plain}");
+        if let Ok(r) = &mut rows[1].result {
+            r.range = Some((3100.4, 4012.0));
+        }
+        let table = format_table(&rows);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].contains("| ops/s | ops/s range | p50 ms |"), "{}", lines[0]);
+        assert!(lines[2].contains("| 2,500 |           — |"), "{}", lines[2]);
+        assert!(lines[3].contains("| 3,750 | 3,100–4,012 |"), "{}", lines[3]);
+        assert!(lines[3].ends_with("|      1.50× |"), "{}", lines[3]);
+        let ctx = Context { rounds: 3, ..Default::default() };
+        assert!(results_page(&ctx, &rows).contains("measured in 3 rounds"));
+        assert!(!results_page(&ctx, &rows[..1]).contains("rounds"));
     }
 
     #[test]
