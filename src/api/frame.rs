@@ -44,8 +44,20 @@ where
     Ok(())
 }
 
-/// Reads one frame's payload, refusing frames larger than `limit`.
+/// Reads one frame's payload, refusing frames larger than `limit`, on a stream that carries
+/// one frame: an end of stream that arrived with it is read too (see [`see_end_if_arrived`]).
 pub async fn read_frame_bytes<R>(r: &mut R, limit: usize) -> Result<Vec<u8>, FrameError>
+where
+    R: AsyncRead + Unpin,
+{
+    let buf = read_one_of_many(r, limit).await?;
+    see_end_if_arrived(r).await;
+    Ok(buf)
+}
+
+/// Reads one frame's payload, refusing frames larger than `limit`, on a stream that carries
+/// several frames: nothing after the frame is touched.
+pub async fn read_one_of_many<R>(r: &mut R, limit: usize) -> Result<Vec<u8>, FrameError>
 where
     R: AsyncRead + Unpin,
 {
@@ -62,7 +74,6 @@ where
     if buf.len() < size {
         return Err(FrameError::Truncated);
     }
-    see_end_if_arrived(r).await;
     Ok(buf)
 }
 

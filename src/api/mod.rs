@@ -21,6 +21,8 @@ pub const CLIENT_ALPN: &[u8] = b"aspen-client";
 pub const RAFT_ALPN: &[u8] = b"raft-rpc";
 /// ALPN of the sharded Raft protocol: every stream starts with a `u32` big-endian shard id.
 pub const RAFT_SHARDED_ALPN: &[u8] = b"raft-shard";
+/// Raft RPCs of every shard to one peer on one long-lived stream (`raft::mux`).
+pub const RAFT_MUX_ALPN: &[u8] = b"aspen-raft-mux/1";
 
 /// Version of the client wire protocol, carried in every request envelope.
 pub const CLIENT_PROTOCOL_VERSION: u16 = 1;

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     api::{
         shard_raft_id, ApiError, ClientRequest, ClientResponse, ClusterId, JoinRequest, NodeTicket, ShardId,
-        CLIENT_ALPN, RAFT_ALPN, RAFT_SHARDED_ALPN,
+        CLIENT_ALPN, RAFT_ALPN, RAFT_MUX_ALPN, RAFT_SHARDED_ALPN,
     },
     client::{AspenClient, ClientError},
     cluster::{
@@ -25,7 +25,7 @@ use crate::{
         supervisor::Supervisor,
     },
     config::NodeConfig,
-    protocol::{ClientProtocolHandler, RaftProtocolHandler, ShardRegistry},
+    protocol::{ClientProtocolHandler, RaftProtocolHandler, RaftWire, ShardRegistry},
     raft::{
         network::{ConnectionPool, SharedClusterId},
         node::RaftNodeError,
@@ -331,9 +331,11 @@ async fn start_node(config: NodeConfig) -> Result<NodeHandle, BootstrapError> {
         ClientProtocolHandler::new(service.clone(), config.max_client_frame(), config.limits.request_timeout());
     let mut builder = Router::builder(base.endpoint.clone())
         .accept(CLIENT_ALPN, client_handler)
-        .accept(RAFT_ALPN, RaftProtocolHandler::new(registry.clone(), base.cluster_id.clone(), false));
+        .accept(RAFT_ALPN, RaftProtocolHandler::new(registry.clone(), base.cluster_id.clone(), RaftWire::Legacy))
+        .accept(RAFT_MUX_ALPN, RaftProtocolHandler::new(registry.clone(), base.cluster_id.clone(), RaftWire::Mux));
     if sharded {
-        builder = builder.accept(RAFT_SHARDED_ALPN, RaftProtocolHandler::new(registry, base.cluster_id.clone(), true));
+        builder = builder
+            .accept(RAFT_SHARDED_ALPN, RaftProtocolHandler::new(registry, base.cluster_id.clone(), RaftWire::Sharded));
     }
     if let Some(g) = &base.gossip_discovery {
         builder = builder.accept(iroh_gossip::ALPN, g.protocol());

@@ -10,4 +10,4 @@ pub mod client;
 pub mod raft;
 
 pub use client::{ClientProtocolHandler, ClientService};
-pub use raft::{RaftProtocolHandler, ShardRegistry};
+pub use raft::{RaftProtocolHandler, RaftWire, ShardRegistry};

@@ -1,5 +1,6 @@
-//! Raft RPC handlers: `raft-rpc` (legacy, unprefixed, always shard 0) and `raft-shard` (every
-//! stream starts with the shard id as `u32` big-endian, then the same frames).
+//! Raft RPC handlers: `raft-rpc` (legacy, unprefixed, always shard 0), `raft-shard` (every
+//! stream starts with the shard id as `u32` big-endian, then the same frames), and `raft-mux`
+//! (many requests of any shard on one long-lived stream; framing in `raft::mux`).
 //!
 //! A request from another cluster, for a shard not hosted here, or that does not decode, is
 //! answered with a [`RaftRefusal`] on that stream; the connection stays up for other streams.
@@ -17,8 +18,9 @@ use iroh::{
 use crate::{
     api::{frame::encode_frame, ClusterId, ShardId, MAX_FRAME_BYTES},
     raft::{
+        mux,
         network::SharedClusterId,
-        rpc::{read_raft_request, RaftRefusal, RaftRequest, RaftResponse},
+        rpc::{read_raft_request, RaftEnvelope, RaftRefusal, RaftRequest, RaftResponse},
         RaftNode,
     },
 };
@@ -46,20 +48,31 @@ impl ShardRegistry {
     }
 }
 
-/// Serves `raft-rpc` (`prefixed == false`) or `raft-shard` (`prefixed == true`).
+/// Which Raft ALPN a handler serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RaftWire {
+    /// `raft-rpc`: one request per stream, shard 0.
+    Legacy,
+    /// `raft-shard`: one request per stream after a shard prefix.
+    Sharded,
+    /// `raft-mux`: requests of any shard on long-lived streams.
+    Mux,
+}
+
+/// Serves one of the Raft ALPNs ([`RaftWire`]).
 #[derive(Clone, Debug)]
 pub struct RaftProtocolHandler {
     registry: ShardRegistry,
     cluster_id: SharedClusterId,
-    prefixed: bool,
+    wire: RaftWire,
     /// Per shard: the snapshot being received and how many bytes of it arrived, so a chunk
     /// can only continue what came before (openraft writes chunks at their offset into memory).
     snapshot_progress: Arc<std::sync::Mutex<HashMap<ShardId, (String, u64)>>>,
 }
 
 impl RaftProtocolHandler {
-    pub fn new(registry: ShardRegistry, cluster_id: SharedClusterId, prefixed: bool) -> Self {
-        RaftProtocolHandler { registry, cluster_id, prefixed, snapshot_progress: Default::default() }
+    pub fn new(registry: ShardRegistry, cluster_id: SharedClusterId, wire: RaftWire) -> Self {
+        RaftProtocolHandler { registry, cluster_id, wire, snapshot_progress: Default::default() }
     }
 
     /// Refuses a snapshot chunk that does not start at 0 or continue the chunks received so far.
@@ -94,7 +107,19 @@ impl ProtocolHandler for RaftProtocolHandler {
                 }
             };
             let this = self.clone();
-            tokio::spawn(async move { this.serve_stream(send, recv).await });
+            if this.wire == RaftWire::Mux {
+                tokio::spawn(mux::serve_stream(send, recv, move |shard, envelope| {
+                    let this = this.clone();
+                    async move {
+                        match crate::api::frame::decode::<RaftEnvelope>(&envelope) {
+                            Ok(env) => this.answer_request(shard, env).await,
+                            Err(e) => RaftResponse::Refused(RaftRefusal::Malformed(e.to_string())),
+                        }
+                    }
+                }));
+            } else {
+                tokio::spawn(async move { this.serve_stream(send, recv).await });
+            }
         }
     }
 }
@@ -118,10 +143,15 @@ impl RaftProtocolHandler {
     }
 
     async fn answer(&self, recv: &mut RecvStream) -> RaftResponse {
-        let (shard, env) = match read_raft_request(recv, self.prefixed, MAX_FRAME_BYTES).await {
+        let (shard, env) = match read_raft_request(recv, self.wire == RaftWire::Sharded, MAX_FRAME_BYTES).await {
             Ok(request) => request,
             Err(refusal) => return RaftResponse::Refused(refusal),
         };
+        self.answer_request(shard, env).await
+    }
+
+    /// Answers one decoded request for `shard`.
+    async fn answer_request(&self, shard: ShardId, env: RaftEnvelope) -> RaftResponse {
         let expected = *self.cluster_id.read().unwrap_or_else(|p| p.into_inner());
         if expected == ClusterId::default() {
             return RaftResponse::Refused(RaftRefusal::NotReady);
@@ -162,7 +192,7 @@ mod tests {
 
     #[test]
     fn snapshot_chunks_must_continue_what_arrived() {
-        let h = RaftProtocolHandler::new(ShardRegistry::default(), Default::default(), false);
+        let h = RaftProtocolHandler::new(ShardRegistry::default(), Default::default(), RaftWire::Legacy);
         // A chunk in the middle of nothing (a hostile offset) is refused.
         assert!(h.check_snapshot_chunk(0, "s1", 1 << 40, 10).is_err());
         assert!(h.check_snapshot_chunk(0, "s1", 0, 100).is_ok());

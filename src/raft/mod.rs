@@ -7,6 +7,7 @@
 pub mod batcher;
 pub mod journal;
 pub mod log_store;
+pub mod mux;
 pub mod network;
 pub mod node;
 #[cfg(any(test, feature = "fault-injection"))]

@@ -1,5 +1,7 @@
-//! The Raft network over iroh: one pooled QUIC connection per peer endpoint, one bi-stream per
-//! RPC, shared by every shard of the node.
+//! The Raft network over iroh: one pooled QUIC connection per peer endpoint and ALPN, shared by
+//! every shard of the node. Votes and AppendEntries of every shard travel on one long-lived
+//! stream per peer (`super::mux`); snapshot chunks, large AppendEntries and peers that do not
+//! serve the mux get one bi-stream per RPC (`raft-rpc` / `raft-shard`).
 //!
 //! Owns: the connection pool, the peer address book (iroh `MemoryLookup`), and the mapping of
 //! openraft's `RaftNetwork` calls onto frames. Never: talk to anything but the endpoint ids
@@ -24,6 +26,7 @@ use openraft::{
 
 use super::{
     log_store::DurableWatch,
+    mux::{MuxClient, MUX_MAX_REQUEST},
     rpc::{RaftEnvelope, RaftRefusal, RaftRequest, RaftResponse},
     LogId, MemberNode, TypeConfig,
 };
@@ -121,11 +124,12 @@ pub struct ConnectionPool {
     peers: PeerBook,
     slots: Arc<std::sync::Mutex<SlotMap>>,
     connect_timeout: Duration,
+    mux: MuxClient,
 }
 
 impl ConnectionPool {
     pub fn new(endpoint: Endpoint, peers: PeerBook, connect_timeout: Duration) -> Self {
-        ConnectionPool { endpoint, peers, slots: Default::default(), connect_timeout }
+        ConnectionPool { endpoint, peers, slots: Default::default(), connect_timeout, mux: MuxClient::default() }
     }
 
     pub fn endpoint(&self) -> &Endpoint {
@@ -223,31 +227,26 @@ pub struct IrohNetwork {
 impl IrohNetwork {
     async fn call(&self, request: RaftRequest, ttl: Duration) -> Result<RaftResponse, NetworkError> {
         let addr = self.addr.as_ref().ok_or(NetworkError::NoAddress)?;
-        let alpn: &'static [u8] = if self.factory.shard.is_some() { RAFT_SHARDED_ALPN } else { RAFT_ALPN };
         let cluster_id = *self.factory.cluster_id.read().unwrap_or_else(|p| p.into_inner());
-        let mut frame = Vec::new();
-        if let Some(shard) = self.factory.shard {
-            frame.extend_from_slice(&crate::api::encode_shard_prefix(shard));
-        }
-        frame.extend_from_slice(&encode_frame(&RaftEnvelope { cluster_id, request })?);
+        let snapshot = matches!(request, RaftRequest::InstallSnapshot(_));
+        let envelope = encode_frame(&RaftEnvelope { cluster_id, request })?;
         let pool = &self.factory.pool;
-        let (me, shard) = (pool.endpoint().id(), Some(self.factory.shard.unwrap_or(0)));
+        let (me, shard) = (pool.endpoint().id(), self.factory.shard.unwrap_or(0));
+        let on_mux = !snapshot && envelope.len() <= MUX_MAX_REQUEST && !pool.mux.refuses(&addr.id);
         let exchange = async {
-            crate::fault::on_send(me, addr.id, shard).await.map_err(|e| NetworkError::Stream(e.to_string()))?;
-            let conn = pool.get(addr, alpn).await?;
-            let result = async {
-                let (mut send, mut recv) = conn.open_bi().await.map_err(|e| NetworkError::Stream(e.to_string()))?;
-                send.write_all(&frame).await.map_err(|e| NetworkError::Stream(e.to_string()))?;
-                send.finish().map_err(|e| NetworkError::Stream(e.to_string()))?;
-                let resp: RaftResponse = read_frame(&mut recv, MAX_FRAME_BYTES).await?;
-                crate::fault::on_reply(me, addr.id, shard).await.map_err(|e| NetworkError::Stream(e.to_string()))?;
-                Ok::<_, NetworkError>(resp)
-            }
-            .await;
-            if result.is_err() && conn.close_reason().is_some() {
-                pool.invalidate(addr.id, alpn);
-            }
-            result
+            crate::fault::on_send(me, addr.id, Some(shard)).await.map_err(|e| NetworkError::Stream(e.to_string()))?;
+            let resp = match on_mux {
+                true => match pool.mux.call(pool, addr, shard, &envelope).await {
+                    // An older peer without the mux: this call, and the next minute's, go alone.
+                    Err(NetworkError::Connect { .. }) if pool.mux.refuses(&addr.id) => {
+                        self.call_on_own_stream(addr, &envelope).await?
+                    }
+                    other => other?,
+                },
+                false => self.call_on_own_stream(addr, &envelope).await?,
+            };
+            crate::fault::on_reply(me, addr.id, Some(shard)).await.map_err(|e| NetworkError::Stream(e.to_string()))?;
+            Ok::<_, NetworkError>(resp)
         };
         let resp = tokio::time::timeout(ttl, exchange).await.map_err(|_| NetworkError::Timeout(ttl))??;
         if let RaftResponse::Refused(r) = resp {
@@ -255,6 +254,30 @@ impl IrohNetwork {
             return Err(NetworkError::Refused(r));
         }
         Ok(resp)
+    }
+
+    /// One RPC on a bi-stream of its own (`raft-shard` with the shard prefix, or `raft-rpc`).
+    async fn call_on_own_stream(&self, addr: &EndpointAddr, envelope: &[u8]) -> Result<RaftResponse, NetworkError> {
+        let alpn: &'static [u8] = if self.factory.shard.is_some() { RAFT_SHARDED_ALPN } else { RAFT_ALPN };
+        let pool = &self.factory.pool;
+        let conn = pool.get(addr, alpn).await?;
+        let result = async {
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| NetworkError::Stream(e.to_string()))?;
+            if let Some(shard) = self.factory.shard {
+                send.write_all(&crate::api::encode_shard_prefix(shard))
+                    .await
+                    .map_err(|e| NetworkError::Stream(e.to_string()))?;
+            }
+            send.write_all(envelope).await.map_err(|e| NetworkError::Stream(e.to_string()))?;
+            send.finish().map_err(|e| NetworkError::Stream(e.to_string()))?;
+            let resp: RaftResponse = read_frame(&mut recv, MAX_FRAME_BYTES).await?;
+            Ok::<_, NetworkError>(resp)
+        }
+        .await;
+        if result.is_err() && conn.close_reason().is_some() {
+            pool.invalidate(addr.id, alpn);
+        }
+        result
     }
 }
 

@@ -1,0 +1,363 @@
+//! Raft RPCs of every shard to one peer on ONE long-lived QUIC stream (ALPN `raft-mux`).
+//!
+//! Why: with a stream per RPC, every AppendEntries and its answer also cost the stream's
+//! opening and closing and the stream credit (MAX_STREAMS) the receiver hands back afterwards,
+//! and two shards' RPCs that leave at the same moment still travel as separate streams. On the
+//! mux, requests of all shards for one peer queue into one writer task that writes everything
+//! queued at once (so concurrent RPCs share packets), and answers come back the same way.
+//!
+//! Wire format, both directions a sequence of messages on one bi-stream:
+//! - request: `id (u64 BE) | shard (u32 BE) | frame(RaftEnvelope)`
+//! - answer: `id (u64 BE) | frame(RaftResponse)`
+//!
+//! where `frame` is [`crate::api::frame`]'s length-prefixed postcard. Ids are chosen by the
+//! sender and echoed; answers may come back in any order. A request whose envelope does not
+//! decode is answered [`RaftRefusal::Malformed`] under its id and the stream goes on; a message
+//! that cannot be delimited (truncated, or longer than the frame limit) ends the stream, and
+//! the sender's calls in flight on it fail (openraft retries them).
+//!
+//! Owns: the sender's links (one per peer endpoint, re-opened when their connection or stream
+//! fails), id allocation and the matching of answers to callers, and the receiver's loop that
+//! hands each request to the shard it names (bounded: at most [`MAX_IN_FLIGHT`] requests of one
+//! stream are being answered at once; the sender waits beyond that). Never: decide what a
+//! request means (`protocol::raft` answers it) or retry (openraft does).
+//!
+//! Large requests (snapshot chunks, catch-up AppendEntries above [`MUX_MAX_REQUEST`]) go on a
+//! stream of their own instead, so they cannot hold up other shards' heartbeats behind them.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use iroh::{
+    endpoint::{Connection, RecvStream, SendStream},
+    EndpointAddr, EndpointId,
+};
+use tokio::{
+    io::AsyncReadExt,
+    sync::{mpsc, oneshot, Semaphore},
+};
+
+use super::{
+    network::{ConnectionPool, NetworkError},
+    rpc::{RaftRefusal, RaftResponse},
+};
+use crate::api::{
+    frame::{decode, encode_frame, read_one_of_many},
+    ShardId, MAX_FRAME_BYTES, RAFT_MUX_ALPN,
+};
+
+/// Requests of one mux stream being answered at once on the receiving node.
+pub const MAX_IN_FLIGHT: usize = 256;
+/// Requests whose encoded envelope is larger than this travel on a stream of their own.
+pub const MUX_MAX_REQUEST: usize = 256 * 1024;
+/// Messages queued for one link's writer before callers wait.
+const QUEUE: usize = 1024;
+/// After a peer refused the mux (an older version), how long to use a stream per RPC before
+/// trying the mux again.
+const NO_MUX_RETRY: Duration = Duration::from_secs(60);
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<RaftResponse>>>>;
+
+/// One open mux stream to a peer.
+struct Link {
+    conn: Connection,
+    tx: mpsc::Sender<Vec<u8>>,
+    pending: Pending,
+    next_id: AtomicU64,
+    dead: Arc<AtomicBool>,
+}
+
+impl Link {
+    fn alive(&self) -> bool {
+        !self.dead.load(Ordering::Acquire) && self.conn.close_reason().is_none()
+    }
+}
+
+/// Marks a link dead and fails every call waiting on it (their answer channels close).
+fn fail_link(dead: &AtomicBool, pending: &Pending) {
+    dead.store(true, Ordering::Release);
+    pending.lock().unwrap_or_else(|p| p.into_inner()).clear();
+}
+
+/// Removes a call's entry when the call ends early (timeout, cancellation).
+struct PendingGuard<'a> {
+    pending: &'a Pending,
+    id: u64,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id);
+    }
+}
+
+type LinkSlot = Arc<tokio::sync::Mutex<Option<Arc<Link>>>>;
+
+/// The sending side: one link per peer endpoint, shared by every shard of this node.
+#[derive(Clone, Default)]
+pub struct MuxClient {
+    links: Arc<Mutex<HashMap<EndpointId, LinkSlot>>>,
+    /// Peers that refused the mux ALPN, and when to try it again.
+    refused: Arc<Mutex<HashMap<EndpointId, Instant>>>,
+}
+
+impl std::fmt::Debug for MuxClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.links.lock().unwrap_or_else(|p| p.into_inner()).len();
+        f.debug_struct("MuxClient").field("links", &n).finish()
+    }
+}
+
+/// Whether a connection error says the peer does not serve the ALPN asked for.
+fn is_alpn_refusal(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    m.contains("application protocol") || m.contains("alpn")
+}
+
+impl MuxClient {
+    /// Whether `peer` is known to refuse the mux (then the caller uses a stream per RPC).
+    pub fn refuses(&self, peer: &EndpointId) -> bool {
+        let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        match refused.get(peer) {
+            Some(until) if Instant::now() < *until => true,
+            Some(_) => {
+                refused.remove(peer);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Sends `envelope` (an encoded frame) for `shard` to `addr` and waits for the answer.
+    /// `Err(NetworkError::Connect)` carrying an ALPN refusal also marks the peer as refusing.
+    pub async fn call(
+        &self,
+        pool: &ConnectionPool,
+        addr: &EndpointAddr,
+        shard: ShardId,
+        envelope: &[u8],
+    ) -> Result<RaftResponse, NetworkError> {
+        let link = self.link(pool, addr).await?;
+        let id = link.next_id.fetch_add(1, Ordering::Relaxed);
+        let (reply, answer) = oneshot::channel();
+        link.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(id, reply);
+        let _guard = PendingGuard { pending: &link.pending, id };
+        if !link.alive() {
+            // Closed between `link` and the insert: `fail_link` may have run before it.
+            return Err(self.broken(pool, addr, &link));
+        }
+        let mut msg = Vec::with_capacity(12 + envelope.len());
+        msg.extend_from_slice(&id.to_be_bytes());
+        msg.extend_from_slice(&shard.to_be_bytes());
+        msg.extend_from_slice(envelope);
+        if link.tx.send(msg).await.is_err() {
+            return Err(self.broken(pool, addr, &link));
+        }
+        match answer.await {
+            Ok(resp) => Ok(resp),
+            Err(_) => Err(self.broken(pool, addr, &link)),
+        }
+    }
+
+    /// The error for a call on a link that failed; forgets the link (and the connection, if it
+    /// closed) so the next call opens a new one.
+    fn broken(&self, pool: &ConnectionPool, addr: &EndpointAddr, link: &Link) -> NetworkError {
+        if let Some(reason) = link.conn.close_reason() {
+            pool.invalidate(addr.id, RAFT_MUX_ALPN);
+            return NetworkError::Stream(format!("raft link to {} closed: {reason}", addr.id.fmt_short()));
+        }
+        NetworkError::Stream(format!("raft link to {} failed", addr.id.fmt_short()))
+    }
+
+    async fn link(&self, pool: &ConnectionPool, addr: &EndpointAddr) -> Result<Arc<Link>, NetworkError> {
+        let slot = {
+            let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+            links.entry(addr.id).or_default().clone()
+        };
+        let mut guard = slot.lock().await;
+        if let Some(link) = guard.as_ref() {
+            if link.alive() {
+                return Ok(link.clone());
+            }
+        }
+        *guard = None;
+        let conn = match pool.get(addr, RAFT_MUX_ALPN).await {
+            Ok(conn) => conn,
+            Err(NetworkError::Connect { peer, message }) => {
+                if is_alpn_refusal(&message) {
+                    self.refused
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(addr.id, Instant::now() + NO_MUX_RETRY);
+                }
+                return Err(NetworkError::Connect { peer, message });
+            }
+            Err(e) => return Err(e),
+        };
+        let (send, recv) = match conn.open_bi().await {
+            Ok(s) => s,
+            Err(e) => {
+                pool.invalidate(addr.id, RAFT_MUX_ALPN);
+                return Err(NetworkError::Stream(e.to_string()));
+            }
+        };
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let link = Arc::new(Link {
+            conn,
+            tx,
+            pending: Default::default(),
+            next_id: AtomicU64::new(0),
+            dead: Default::default(),
+        });
+        tokio::spawn(write_loop(send, rx, link.dead.clone(), link.pending.clone()));
+        tokio::spawn(read_answers(recv, link.dead.clone(), link.pending.clone()));
+        *guard = Some(link.clone());
+        Ok(link)
+    }
+}
+
+/// Writes everything queued as one write; ends (finishing the stream) when every sender is
+/// gone, or fails the link when the stream breaks.
+async fn write_loop(mut send: SendStream, mut rx: mpsc::Receiver<Vec<u8>>, dead: Arc<AtomicBool>, pending: Pending) {
+    while let Some(mut buf) = rx.recv().await {
+        while let Ok(more) = rx.try_recv() {
+            buf.extend_from_slice(&more);
+        }
+        if send.write_all(&buf).await.is_err() {
+            fail_link(&dead, &pending);
+            return;
+        }
+    }
+    let _ = send.finish();
+}
+
+/// Reads `id | frame` messages until the stream ends, handing each to the call waiting for it.
+async fn read_answers(mut recv: RecvStream, dead: Arc<AtomicBool>, pending: Pending) {
+    loop {
+        let mut id = [0u8; 8];
+        if recv.read_exact(&mut id).await.is_err() {
+            break;
+        }
+        let id = u64::from_be_bytes(id);
+        let response = match read_one_of_many(&mut recv, MAX_FRAME_BYTES).await {
+            Ok(bytes) => decode::<RaftResponse>(&bytes)
+                .unwrap_or_else(|e| RaftResponse::Refused(RaftRefusal::Malformed(format!("undecodable answer: {e}")))),
+            Err(e) => {
+                tracing::debug!("raft link: cannot read an answer: {e}");
+                break;
+            }
+        };
+        let waiter = pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        if let Some(waiter) = waiter {
+            let _ = waiter.send(response);
+        }
+    }
+    fail_link(&dead, &pending);
+}
+
+/// One request read from a mux stream.
+pub enum Incoming {
+    /// A request to answer: its id, shard and envelope bytes (one frame's payload).
+    Request { id: u64, shard: ShardId, envelope: Vec<u8> },
+    /// The stream ended cleanly between messages.
+    End,
+}
+
+/// Reads the next request of a mux stream. `Err` means the stream cannot go on (truncated
+/// message, oversized frame); the error names why.
+pub async fn read_request(recv: &mut RecvStream, limit: usize) -> Result<Incoming, (Option<u64>, String)> {
+    let mut id = [0u8; 8];
+    match read_exact_or_end(recv, &mut id).await {
+        Ok(true) => {}
+        Ok(false) => return Ok(Incoming::End),
+        Err(e) => return Err((None, format!("request id: {e}"))),
+    }
+    let id = u64::from_be_bytes(id);
+    let mut shard = [0u8; 4];
+    recv.read_exact(&mut shard).await.map_err(|e| (Some(id), format!("shard: {e}")))?;
+    let envelope = read_one_of_many(recv, limit).await.map_err(|e| (Some(id), e.to_string()))?;
+    Ok(Incoming::Request { id, shard: u32::from_be_bytes(shard), envelope })
+}
+
+/// Fills `buf`; `Ok(false)` when the stream ended before its first byte.
+async fn read_exact_or_end(recv: &mut RecvStream, buf: &mut [u8]) -> std::io::Result<bool> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let n = AsyncReadExt::read(recv, &mut buf[filled..]).await?;
+        if n == 0 {
+            if filled == 0 {
+                return Ok(false);
+            }
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        filled += n;
+    }
+    Ok(true)
+}
+
+/// Encodes the answer to request `id`.
+pub fn encode_answer(id: u64, response: &RaftResponse) -> Result<Vec<u8>, crate::api::FrameError> {
+    let frame = encode_frame(response)?;
+    let mut out = Vec::with_capacity(8 + frame.len());
+    out.extend_from_slice(&id.to_be_bytes());
+    out.extend_from_slice(&frame);
+    Ok(out)
+}
+
+/// Serves one mux stream: reads requests, answers each through `answer` (at most
+/// [`MAX_IN_FLIGHT`] at once, each on its own task), and writes the answers back, batched like
+/// the sender's writes.
+pub async fn serve_stream<F, Fut>(send: SendStream, mut recv: RecvStream, answer: F)
+where
+    F: Fn(ShardId, Vec<u8>) -> Fut + Send + Sync + Clone + 'static,
+    Fut: std::future::Future<Output = RaftResponse> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel::<Vec<u8>>(QUEUE);
+    let dead = Arc::new(AtomicBool::new(false));
+    let writer = tokio::spawn(write_loop(send, rx, dead.clone(), Default::default()));
+    let limit = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    loop {
+        let Ok(permit) = limit.clone().acquire_owned().await else { break };
+        match read_request(&mut recv, MAX_FRAME_BYTES).await {
+            Ok(Incoming::End) => break,
+            Ok(Incoming::Request { id, shard, envelope }) => {
+                let (tx, answer) = (tx.clone(), answer.clone());
+                tokio::spawn(async move {
+                    let response = answer(shard, envelope).await;
+                    if let RaftResponse::Refused(r) = &response {
+                        tracing::warn!("refused raft request: {r}");
+                    }
+                    match encode_answer(id, &response) {
+                        Ok(bytes) => {
+                            let _ = tx.send(bytes).await;
+                        }
+                        Err(e) => tracing::error!("cannot encode raft response: {e}"),
+                    }
+                    drop(permit);
+                });
+            }
+            Err((id, why)) => {
+                tracing::warn!("raft mux stream ends: {why}");
+                if let Some(id) = id {
+                    let refusal = RaftResponse::Refused(RaftRefusal::Malformed(why));
+                    if let Ok(bytes) = encode_answer(id, &refusal) {
+                        let _ = tx.send(bytes).await;
+                    }
+                }
+                break;
+            }
+        }
+        if dead.load(Ordering::Acquire) {
+            break;
+        }
+    }
+    drop(tx);
+    // The writer finishes the stream once every answer in progress is written.
+    let _ = writer.await;
+}
