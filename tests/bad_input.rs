@@ -3,7 +3,8 @@
 //! (or that stream closed); the node keeps serving, on the same connection and on a second,
 //! concurrent client connection.
 //!
-//! Then every ALPN of a sharded node at once (`aspen-client`, `raft-rpc`, `raft-shard`, gossip):
+//! Then every ALPN of a sharded node at once (`aspen-client`, `raft-rpc`, `raft-shard`,
+//! `raft-mux`, gossip):
 //! seeded random, truncated, oversized-length and wrong-shard streams while a well-behaved client
 //! writes and reads; afterwards every acknowledged write is there and every ALPN still answers.
 
@@ -20,9 +21,9 @@ use std::{
 use aspen::{
     api::{
         encode_shard_prefix,
-        frame::{encode_frame, read_frame},
+        frame::{decode, encode_frame, read_frame, read_one_of_many},
         shard_raft_id, ApiError, ClientEnvelope, ClientRequest, ClientResult, ClusterId, NodeTicket, ReadConsistency,
-        ShardId, CLIENT_ALPN, MAX_FRAME_BYTES, RAFT_ALPN, RAFT_SHARDED_ALPN,
+        ShardId, CLIENT_ALPN, MAX_FRAME_BYTES, RAFT_ALPN, RAFT_MUX_ALPN, RAFT_SHARDED_ALPN,
     },
     cluster::{bootstrap_node, bootstrap_sharded_node, endpoint::bind_endpoint},
     raft::rpc::{RaftEnvelope, RaftRefusal, RaftRequest, RaftResponse},
@@ -171,12 +172,13 @@ fn count_panics() {
     }));
 }
 
-/// The four ALPNs of a sharded node.
+/// The five ALPNs of a sharded node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Alpn {
     Client,
     Raft,
     RaftShard,
+    RaftMux,
     Gossip,
 }
 
@@ -186,6 +188,7 @@ impl Alpn {
             Alpn::Client => CLIENT_ALPN,
             Alpn::Raft => RAFT_ALPN,
             Alpn::RaftShard => RAFT_SHARDED_ALPN,
+            Alpn::RaftMux => RAFT_MUX_ALPN,
             Alpn::Gossip => iroh_gossip::ALPN,
         }
     }
@@ -197,10 +200,39 @@ struct Hostile {
     bytes: Vec<u8>,
     /// The answer must be this refusal (`None`: any refusal, or the stream closed).
     expect_unknown_shard: Option<ShardId>,
+    /// On `raft-mux`: a harmless vote sent after the hostile message, under this id, must be
+    /// answered (the stream survives an undecodable envelope).
+    then_vote: Option<u64>,
 }
 
 fn hostile(what: impl Into<String>, bytes: Vec<u8>) -> Hostile {
-    Hostile { what: what.into(), bytes, expect_unknown_shard: None }
+    Hostile { what: what.into(), bytes, expect_unknown_shard: None, then_vote: None }
+}
+
+/// One `raft-mux` message: id, shard, then the frame.
+fn mux_message(id: u64, shard: ShardId, frame: &[u8]) -> Vec<u8> {
+    [&id.to_be_bytes()[..], &shard.to_be_bytes()[..], frame].concat()
+}
+
+/// Reads `raft-mux` answers (`id | frame`) until the stream ends or `wait` passes; `None` if it
+/// stayed open that long.
+async fn mux_answers(recv: &mut iroh::endpoint::RecvStream, wait: Duration) -> Option<Vec<(u64, RaftResponse)>> {
+    tokio::time::timeout(wait, async {
+        let mut out = Vec::new();
+        loop {
+            let mut id = [0u8; 8];
+            if recv.read_exact(&mut id).await.is_err() {
+                return out;
+            }
+            // Several frames on one stream: read exactly one, nothing after it.
+            match read_one_of_many(recv, MAX_FRAME_BYTES).await.and_then(|b| decode::<RaftResponse>(&b)) {
+                Ok(r) => out.push((u64::from_be_bytes(id), r)),
+                Err(_) => return out,
+            }
+        }
+    })
+    .await
+    .ok()
 }
 
 fn random_bytes(rng: &mut StdRng, max: usize) -> Vec<u8> {
@@ -236,6 +268,9 @@ fn hostile_streams(rng: &mut StdRng, alpn: Alpn, cluster_id: ClusterId) -> Vec<H
         }
         return out;
     }
+    if alpn == Alpn::RaftMux {
+        return hostile_mux_streams(rng, cluster_id, out);
+    }
     // A frame that is valid on this ALPN (after the prefix, on raft-shard).
     let (prefix, valid) = match alpn {
         Alpn::Client => {
@@ -248,7 +283,7 @@ fn hostile_streams(rng: &mut StdRng, alpn: Alpn, cluster_id: ClusterId) -> Vec<H
         }
         Alpn::Raft => (Vec::new(), harmless_vote(cluster_id, 0)),
         Alpn::RaftShard => (encode_shard_prefix(1).to_vec(), harmless_vote(cluster_id, 1)),
-        Alpn::Gossip => unreachable!(),
+        Alpn::RaftMux | Alpn::Gossip => unreachable!(),
     };
     let with_prefix = |body: &[u8]| [prefix.as_slice(), body].concat();
     for i in 0..5 {
@@ -274,8 +309,49 @@ fn hostile_streams(rng: &mut StdRng, alpn: Alpn, cluster_id: ClusterId) -> Vec<H
         for shard in [2, 99, 65_536, u32::MAX, rng.random_range(3..u32::MAX)] {
             let mut b = encode_shard_prefix(shard).to_vec();
             b.extend(harmless_vote(cluster_id, shard));
-            out.push(Hostile { what: format!("wrong shard {shard}"), bytes: b, expect_unknown_shard: Some(shard) });
+            out.push(Hostile {
+                what: format!("wrong shard {shard}"),
+                bytes: b,
+                expect_unknown_shard: Some(shard),
+                then_vote: None,
+            });
         }
+    }
+    out
+}
+
+/// `raft-mux` streams: random payloads and oversized or truncated messages under a valid id,
+/// unknown shards, and undecodable envelopes followed by a valid request on the same stream.
+fn hostile_mux_streams(rng: &mut StdRng, cluster_id: ClusterId, mut out: Vec<Hostile>) -> Vec<Hostile> {
+    let valid = mux_message(5, 1, &harmless_vote(cluster_id, 1));
+    for i in 0..5 {
+        let payload = random_bytes(rng, 200);
+        let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
+        frame.extend(payload);
+        let mut bytes = mux_message(i, 1, &frame);
+        bytes.extend(mux_message(1000 + i, 1, &harmless_vote(cluster_id, 1)));
+        out.push(Hostile {
+            what: format!("random envelope #{i}, then a vote"),
+            bytes,
+            expect_unknown_shard: None,
+            then_vote: Some(1000 + i),
+        });
+    }
+    for cut in [1, 5, 9, 13, valid.len() / 2, valid.len() - 1] {
+        out.push(hostile(format!("mux message truncated by {cut}"), valid[..valid.len() - cut].to_vec()));
+    }
+    for len in [u32::MAX, MAX_FRAME_BYTES as u32 + 1, MAX_FRAME_BYTES as u32 - 1, 1 << 20] {
+        let mut frame = len.to_be_bytes().to_vec();
+        frame.extend(random_bytes(rng, 64));
+        out.push(hostile(format!("mux length prefix {len}"), mux_message(7, 0, &frame)));
+    }
+    for shard in [2, 99, u32::MAX, rng.random_range(3..u32::MAX)] {
+        out.push(Hostile {
+            what: format!("mux wrong shard {shard}"),
+            bytes: mux_message(9, shard, &harmless_vote(cluster_id, shard)),
+            expect_unknown_shard: Some(shard),
+            then_vote: None,
+        });
     }
     out
 }
@@ -321,6 +397,38 @@ async fn throw(conn: &Connection, alpn: Alpn, h: &Hostile) {
                 }
                 (Ok(Ok(other)), None) => panic!("{alpn:?}, {}: answered {other:?}", h.what),
                 (Err(_), None) => panic!("{alpn:?}, {}: no answer and the stream stayed open", h.what),
+            }
+        }
+        Alpn::RaftMux => {
+            let answers = mux_answers(&mut recv, wait)
+                .await
+                .unwrap_or_else(|| panic!("raft-mux, {}: the stream stayed open after its end", h.what));
+            for (id, answer) in &answers {
+                match answer {
+                    RaftResponse::Refused(RaftRefusal::UnknownShard(s)) if Some(*s) == h.expect_unknown_shard => {}
+                    RaftResponse::Refused(RaftRefusal::Malformed(_) | RaftRefusal::WrongCluster { .. })
+                        if h.expect_unknown_shard.is_none() => {}
+                    RaftResponse::Vote(Ok(v)) if Some(*id) == h.then_vote => {
+                        assert!(!v.vote_granted, "raft-mux, {}: a term-0 vote was granted", h.what)
+                    }
+                    other => panic!("raft-mux, {}: answered {other:?} under id {id}", h.what),
+                }
+            }
+            if let Some(want) = h.expect_unknown_shard {
+                assert!(
+                    answers
+                        .iter()
+                        .any(|(_, a)| matches!(a, RaftResponse::Refused(RaftRefusal::UnknownShard(s)) if *s == want)),
+                    "raft-mux, {}: {answers:?}",
+                    h.what
+                );
+            }
+            if let Some(vote) = h.then_vote {
+                assert!(
+                    answers.iter().any(|(id, _)| *id == vote),
+                    "raft-mux, {}: the vote after it went unanswered: {answers:?}",
+                    h.what
+                );
             }
         }
         Alpn::Gossip => {
@@ -386,7 +494,7 @@ async fn hostile_input_on_every_alpn_while_a_client_writes() {
     // The hostile client: one endpoint, a connection per ALPN (re-opened if the node closes it).
     let mut rng = StdRng::seed_from_u64(seed);
     let ep = bind_endpoint(SocketAddr::from(([127, 0, 0, 1], 0)), None, MemoryLookup::new()).await.unwrap();
-    let alpns = [Alpn::Client, Alpn::Raft, Alpn::RaftShard, Alpn::Gossip];
+    let alpns = [Alpn::Client, Alpn::Raft, Alpn::RaftShard, Alpn::RaftMux, Alpn::Gossip];
     let mut plan: Vec<(Alpn, Hostile)> =
         alpns.iter().flat_map(|&a| hostile_streams(&mut rng, a, cluster_id).into_iter().map(move |h| (a, h))).collect();
     // Interleave the ALPNs so that every handler is busy with garbage at once.
@@ -437,6 +545,22 @@ async fn hostile_input_on_every_alpn_while_a_client_writes() {
     bytes.extend(harmless_vote(cluster_id, 7));
     let resp = raft_exchange(&ep, &ticket, Alpn::RaftShard, &bytes).await;
     assert!(matches!(resp, RaftResponse::Refused(RaftRefusal::UnknownShard(7))), "{resp:?}");
+    // The mux answers several requests on one stream, each under its own id.
+    let conn = ep.connect(ticket.endpoint_addr(), RAFT_MUX_ALPN).await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let mut bytes = mux_message(1, 0, &harmless_vote(cluster_id, 0));
+    bytes.extend(mux_message(2, 1, &harmless_vote(cluster_id, 1)));
+    bytes.extend(mux_message(3, 7, &harmless_vote(cluster_id, 7)));
+    bytes.extend(mux_message(4, 0, &harmless_vote(aspen::api::Id128([9; 16]), 0)));
+    send.write_all(&bytes).await.unwrap();
+    send.finish().unwrap();
+    let mut answers = mux_answers(&mut recv, Duration::from_secs(10)).await.expect("mux stream ends after its answers");
+    answers.sort_by_key(|(id, _)| *id);
+    assert_eq!(answers.iter().map(|(id, _)| *id).collect::<Vec<_>>(), vec![1, 2, 3, 4], "{answers:?}");
+    assert!(matches!(&answers[0].1, RaftResponse::Vote(Ok(v)) if !v.vote_granted), "{answers:?}");
+    assert!(matches!(&answers[1].1, RaftResponse::Vote(Ok(v)) if !v.vote_granted), "{answers:?}");
+    assert!(matches!(&answers[2].1, RaftResponse::Refused(RaftRefusal::UnknownShard(7))), "{answers:?}");
+    assert!(matches!(&answers[3].1, RaftResponse::Refused(RaftRefusal::WrongCluster { .. })), "{answers:?}");
     // ...and the gossip ALPN still accepts connections.
     ep.connect(ticket.endpoint_addr(), iroh_gossip::ALPN).await.expect("gossip ALPN still accepts");
 

@@ -184,6 +184,14 @@ async fn three_nodes_replicate_fail_over_and_catch_up_by_snapshot() {
     let after = wait_digests_equal(&[&nodes[0], &nodes[1], &nodes[2]], 30).await;
     assert!(after[&0].applied_index > digests[&0].applied_index);
     assert_ne!(after[&0].digest, digests[&0].digest);
+    // Votes and small AppendEntries went on the peers' mux streams; the 1 MiB entry and the
+    // snapshot each on a stream of their own.
+    let sent = nodes
+        .iter()
+        .map(|n| n.handle().base.pool.raft_transport_stats())
+        .fold((0, 0), |(m, a), s| (m + s.on_mux, a + s.alone));
+    assert!(sent.0 >= 2 * 60, "RPCs on the mux, alone: {sent:?}");
+    assert!(sent.1 >= 2, "RPCs on the mux, alone: {sent:?}");
     for n in &mut nodes {
         n.stop().await;
     }

@@ -114,10 +114,12 @@ impl std::fmt::Debug for MuxClient {
     }
 }
 
-/// Whether a connection error says the peer does not serve the ALPN asked for.
+/// Whether a connection error says the peer does not serve the ALPN asked for (TLS alert 120,
+/// `no_application_protocol`, as iroh reports it: "error 120: peer doesn't support any known
+/// protocol").
 fn is_alpn_refusal(message: &str) -> bool {
     let m = message.to_ascii_lowercase();
-    m.contains("application protocol") || m.contains("alpn")
+    m.contains("error 120") || m.contains("known protocol") || m.contains("application protocol")
 }
 
 impl MuxClient {

@@ -125,11 +125,40 @@ pub struct ConnectionPool {
     slots: Arc<std::sync::Mutex<SlotMap>>,
     connect_timeout: Duration,
     mux: MuxClient,
+    sent: Arc<SentCounters>,
+}
+
+#[derive(Debug, Default)]
+struct SentCounters {
+    on_mux: std::sync::atomic::AtomicU64,
+    alone: std::sync::atomic::AtomicU64,
+}
+
+/// How this node's Raft RPCs travelled since it started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RaftTransportStats {
+    /// RPCs sent on a peer's long-lived mux stream.
+    pub on_mux: u64,
+    /// RPCs sent on a stream of their own (snapshot chunks, large AppendEntries, older peers).
+    pub alone: u64,
 }
 
 impl ConnectionPool {
     pub fn new(endpoint: Endpoint, peers: PeerBook, connect_timeout: Duration) -> Self {
-        ConnectionPool { endpoint, peers, slots: Default::default(), connect_timeout, mux: MuxClient::default() }
+        ConnectionPool {
+            endpoint,
+            peers,
+            slots: Default::default(),
+            connect_timeout,
+            mux: MuxClient::default(),
+            sent: Default::default(),
+        }
+    }
+
+    /// How this node's Raft RPCs travelled (mux or a stream each).
+    pub fn raft_transport_stats(&self) -> RaftTransportStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        RaftTransportStats { on_mux: self.sent.on_mux.load(Relaxed), alone: self.sent.alone.load(Relaxed) }
     }
 
     pub fn endpoint(&self) -> &Endpoint {
@@ -236,7 +265,9 @@ impl IrohNetwork {
         let exchange = async {
             crate::fault::on_send(me, addr.id, Some(shard)).await.map_err(|e| NetworkError::Stream(e.to_string()))?;
             let resp = match on_mux {
-                true => match pool.mux.call(pool, addr, shard, &envelope).await {
+                true => match pool.mux.call(pool, addr, shard, &envelope).await.inspect(|_| {
+                    pool.sent.on_mux.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }) {
                     // An older peer without the mux: this call, and the next minute's, go alone.
                     Err(NetworkError::Connect { .. }) if pool.mux.refuses(&addr.id) => {
                         self.call_on_own_stream(addr, &envelope).await?
@@ -261,6 +292,7 @@ impl IrohNetwork {
         let alpn: &'static [u8] = if self.factory.shard.is_some() { RAFT_SHARDED_ALPN } else { RAFT_ALPN };
         let pool = &self.factory.pool;
         let conn = pool.get(addr, alpn).await?;
+        pool.sent.alone.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let result = async {
             let (mut send, mut recv) = conn.open_bi().await.map_err(|e| NetworkError::Stream(e.to_string()))?;
             if let Some(shard) = self.factory.shard {
@@ -325,5 +357,47 @@ impl RaftNetwork<TypeConfig> for IrohNetwork {
             RaftResponse::Vote(r) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
             _ => Err(rpc_err(NetworkError::UnexpectedResponse)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use iroh::protocol::Router;
+    use openraft::{raft::VoteRequest, Vote};
+
+    use super::*;
+    use crate::{
+        api::Id128,
+        cluster::endpoint::{bind_endpoint, listening_addrs},
+        protocol::{RaftProtocolHandler, RaftWire, ShardRegistry},
+    };
+
+    /// A peer that serves only `raft-rpc` (an older version without the mux): the call falls
+    /// back to a stream of its own, reaches the peer's handler (which hosts no shard, so the
+    /// answer is a refusal naming shard 0), and later calls skip the mux for a while.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn peers_without_the_mux_get_a_stream_per_rpc() {
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+        let cluster_id: SharedClusterId = Arc::new(RwLock::new(Id128([5; 16])));
+        let old = bind_endpoint(loopback, None, MemoryLookup::new()).await.unwrap();
+        let handler = RaftProtocolHandler::new(ShardRegistry::default(), cluster_id.clone(), RaftWire::Legacy);
+        let router = Router::builder(old.clone()).accept(RAFT_ALPN, handler).spawn();
+        let member = MemberNode { endpoint_id: *old.id().as_bytes(), addrs: listening_addrs(&old, loopback) };
+
+        let me = bind_endpoint(loopback, None, MemoryLookup::new()).await.unwrap();
+        let pool = ConnectionPool::new(me.clone(), PeerBook::new(MemoryLookup::new()), Duration::from_secs(10));
+        let mut factory = IrohNetworkFactory::new(pool.clone(), cluster_id, None);
+        let mut net = factory.new_client(2, &member).await;
+        for round in 0..2 {
+            let vote = VoteRequest { vote: Vote::new(1, 1), last_log_id: None };
+            let err = net.vote(vote, RPCOption::new(Duration::from_secs(10))).await.unwrap_err();
+            assert!(err.to_string().contains("shard 0 is not hosted"), "round {round}: {err}");
+            assert!(pool.mux.refuses(&old.id()), "round {round}: the refusal of the mux is remembered");
+        }
+        assert_eq!(pool.raft_transport_stats(), RaftTransportStats { on_mux: 0, alone: 2 });
+        router.shutdown().await.unwrap();
+        me.close().await;
     }
 }
