@@ -204,17 +204,10 @@ impl NodeHandle {
     pub async fn shutdown_reporting(self) -> Vec<String> {
         let node = self.base.config.node_id;
         let mut stalled = Vec::new();
-        let mut step = |name: String, limit: Duration, finished: bool| {
-            if !finished {
-                tracing::error!(node, "shutdown: {name} did not finish within {limit:?}; going on without it");
-                stalled.push(name);
-            }
-        };
         self.base.shutdown_token.cancel();
         self.supervisor.abort();
         if let Some(g) = &self.base.gossip_discovery {
-            let done = tokio::time::timeout(SHUTDOWN_STEP_LIMIT, g.shutdown()).await.is_ok();
-            step("gossip shutdown".into(), SHUTDOWN_STEP_LIMIT, done);
+            bounded(node, &mut stalled, "gossip shutdown".into(), SHUTDOWN_STEP_LIMIT, g.shutdown()).await;
         }
         let drain = self.base.config.limits.request_timeout() + SHUTDOWN_STEP_LIMIT;
         let router = async {
@@ -222,14 +215,22 @@ impl NodeHandle {
                 tracing::warn!("router shutdown: {e}");
             }
         };
-        step("router shutdown (draining requests)".into(), drain, tokio::time::timeout(drain, router).await.is_ok());
-        let closed = tokio::time::timeout(SHUTDOWN_STEP_LIMIT, self.base.endpoint.close()).await.is_ok();
-        step("endpoint close".into(), SHUTDOWN_STEP_LIMIT, closed);
+        bounded(node, &mut stalled, "router shutdown (draining requests)".into(), drain, router).await;
+        bounded(node, &mut stalled, "endpoint close".into(), SHUTDOWN_STEP_LIMIT, self.base.endpoint.close()).await;
         for (id, shard) in &self.shards {
-            let stopped = tokio::time::timeout(SHUTDOWN_STEP_LIMIT, shard.shutdown()).await.is_ok();
-            step(format!("raft shutdown of shard {id}"), SHUTDOWN_STEP_LIMIT, stopped);
+            let name = format!("raft shutdown of shard {id}");
+            bounded(node, &mut stalled, name, SHUTDOWN_STEP_LIMIT, shard.shutdown()).await;
         }
         stalled
+    }
+}
+
+/// Runs one step of a node's shutdown for at most `limit`; a step that does not finish in time
+/// is logged, named in `stalled`, and left behind (the stop goes on without it).
+async fn bounded<F: std::future::Future>(node: u64, stalled: &mut Vec<String>, name: String, limit: Duration, step: F) {
+    if tokio::time::timeout(limit, step).await.is_err() {
+        tracing::error!(node, "shutdown: {name} did not finish within {limit:?}; going on without it");
+        stalled.push(name);
     }
 }
 
@@ -423,4 +424,19 @@ async fn join_cluster(base: &BaseNodeResources, service: &NodeService) -> Result
     service.adopt_identity(&info).map_err(BootstrapError::Init)?;
     tracing::info!(cluster_id = %info.cluster_id, "joined the cluster");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_stalled_shutdown_step_is_named_and_left_behind() {
+        let mut stalled = Vec::new();
+        let limit = Duration::from_millis(50);
+        bounded(1, &mut stalled, "quick step".into(), limit, async {}).await;
+        bounded(1, &mut stalled, "stuck step".into(), limit, std::future::pending::<()>()).await;
+        bounded(1, &mut stalled, "step after it".into(), limit, async {}).await;
+        assert_eq!(stalled, vec!["stuck step".to_string()], "only the step that never finished is reported");
+    }
 }
