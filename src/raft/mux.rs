@@ -3,8 +3,10 @@
 //! Why: with a stream per RPC, every AppendEntries and its answer also cost the stream's
 //! opening and closing and the stream credit (MAX_STREAMS) the receiver hands back afterwards,
 //! and two shards' RPCs that leave at the same moment still travel as separate streams. On the
-//! mux, requests of all shards for one peer queue into one writer task that writes everything
-//! queued at once (so concurrent RPCs share packets), and answers come back the same way.
+//! mux, every shard's requests to one peer are written into one stream, writers taking turns
+//! and writing straight into its buffer (no hand-off to a writer task, which would add a task
+//! wake-up to every RPC); what several writers buffer while the connection builds its next
+//! packet leaves in that packet. Answers come back the same way.
 //!
 //! Wire format, both directions a sequence of messages on one bi-stream:
 //! - request: `id (u64 BE) | shard (u32 BE) | frame(RaftEnvelope)`
@@ -40,7 +42,7 @@ use iroh::{
 };
 use tokio::{
     io::AsyncReadExt,
-    sync::{mpsc, oneshot, Semaphore},
+    sync::{oneshot, Semaphore},
 };
 
 use super::{
@@ -56,8 +58,6 @@ use crate::api::{
 pub const MAX_IN_FLIGHT: usize = 256;
 /// Requests whose encoded envelope is larger than this travel on a stream of their own.
 pub const MUX_MAX_REQUEST: usize = 256 * 1024;
-/// Messages queued for one link's writer before callers wait.
-const QUEUE: usize = 1024;
 /// After a peer refused the mux (an older version), how long to use a stream per RPC before
 /// trying the mux again.
 const NO_MUX_RETRY: Duration = Duration::from_secs(60);
@@ -67,7 +67,7 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<RaftResponse>>>>;
 /// One open mux stream to a peer.
 struct Link {
     conn: Connection,
-    tx: mpsc::Sender<Vec<u8>>,
+    send: Writer,
     pending: Pending,
     next_id: AtomicU64,
     dead: Arc<AtomicBool>,
@@ -158,7 +158,7 @@ impl MuxClient {
         msg.extend_from_slice(&id.to_be_bytes());
         msg.extend_from_slice(&shard.to_be_bytes());
         msg.extend_from_slice(envelope);
-        if link.tx.send(msg).await.is_err() {
+        if !write_message(&link.send, &msg, &link.dead, &link.pending).await {
             return Err(self.broken(pool, addr, &link));
         }
         match answer.await {
@@ -209,34 +209,31 @@ impl MuxClient {
                 return Err(NetworkError::Stream(e.to_string()));
             }
         };
-        let (tx, rx) = mpsc::channel(QUEUE);
         let link = Arc::new(Link {
             conn,
-            tx,
+            send: Arc::new(tokio::sync::Mutex::new(send)),
             pending: Default::default(),
             next_id: AtomicU64::new(0),
             dead: Default::default(),
         });
-        tokio::spawn(write_loop(send, rx, link.dead.clone(), link.pending.clone()));
         tokio::spawn(read_answers(recv, link.dead.clone(), link.pending.clone()));
         *guard = Some(link.clone());
         Ok(link)
     }
 }
 
-/// Writes everything queued as one write; ends (finishing the stream) when every sender is
-/// gone, or fails the link when the stream breaks.
-async fn write_loop(mut send: SendStream, mut rx: mpsc::Receiver<Vec<u8>>, dead: Arc<AtomicBool>, pending: Pending) {
-    while let Some(mut buf) = rx.recv().await {
-        while let Ok(more) = rx.try_recv() {
-            buf.extend_from_slice(&more);
-        }
-        if send.write_all(&buf).await.is_err() {
-            fail_link(&dead, &pending);
-            return;
-        }
+/// The sending half of a mux stream, shared by everyone writing on it. Writers take turns and
+/// write straight into the stream's buffer (no hand-off to another task); messages written
+/// while the connection's packets are being built leave together.
+type Writer = Arc<tokio::sync::Mutex<SendStream>>;
+
+/// Writes one whole message; `false` (and the link failed) when the stream is broken.
+async fn write_message(send: &Writer, msg: &[u8], dead: &AtomicBool, pending: &Pending) -> bool {
+    let ok = send.lock().await.write_all(msg).await.is_ok();
+    if !ok {
+        fail_link(dead, pending);
     }
-    let _ = send.finish();
+    ok
 }
 
 /// Reads `id | frame` messages until the stream ends, handing each to the call waiting for it.
@@ -313,23 +310,23 @@ pub fn encode_answer(id: u64, response: &RaftResponse) -> Result<Vec<u8>, crate:
 }
 
 /// Serves one mux stream: reads requests, answers each through `answer` (at most
-/// [`MAX_IN_FLIGHT`] at once, each on its own task), and writes the answers back, batched like
-/// the sender's writes.
+/// [`MAX_IN_FLIGHT`] at once, each on its own task, which writes its answer itself), and
+/// finishes the stream once the sender finished its side and every answer is written.
 pub async fn serve_stream<F, Fut>(send: SendStream, mut recv: RecvStream, answer: F)
 where
     F: Fn(ShardId, Vec<u8>) -> Fut + Send + Sync + Clone + 'static,
     Fut: std::future::Future<Output = RaftResponse> + Send + 'static,
 {
-    let (tx, rx) = mpsc::channel::<Vec<u8>>(QUEUE);
+    let send: Writer = Arc::new(tokio::sync::Mutex::new(send));
     let dead = Arc::new(AtomicBool::new(false));
-    let writer = tokio::spawn(write_loop(send, rx, dead.clone(), Default::default()));
+    let nobody: Pending = Default::default();
     let limit = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     loop {
         let Ok(permit) = limit.clone().acquire_owned().await else { break };
         match read_request(&mut recv, MAX_FRAME_BYTES).await {
             Ok(Incoming::End) => break,
             Ok(Incoming::Request { id, shard, envelope }) => {
-                let (tx, answer) = (tx.clone(), answer.clone());
+                let (send, dead, nobody, answer) = (send.clone(), dead.clone(), nobody.clone(), answer.clone());
                 tokio::spawn(async move {
                     let response = answer(shard, envelope).await;
                     if let RaftResponse::Refused(r) = &response {
@@ -337,7 +334,7 @@ where
                     }
                     match encode_answer(id, &response) {
                         Ok(bytes) => {
-                            let _ = tx.send(bytes).await;
+                            write_message(&send, &bytes, &dead, &nobody).await;
                         }
                         Err(e) => tracing::error!("cannot encode raft response: {e}"),
                     }
@@ -349,7 +346,7 @@ where
                 if let Some(id) = id {
                     let refusal = RaftResponse::Refused(RaftRefusal::Malformed(why));
                     if let Ok(bytes) = encode_answer(id, &refusal) {
-                        let _ = tx.send(bytes).await;
+                        write_message(&send, &bytes, &dead, &nobody).await;
                     }
                 }
                 break;
@@ -359,7 +356,7 @@ where
             break;
         }
     }
-    drop(tx);
-    // The writer finishes the stream once every answer in progress is written.
-    let _ = writer.await;
+    // Every answer in progress is written before the stream is finished.
+    let _all = limit.acquire_many(MAX_IN_FLIGHT as u32).await;
+    let _ = send.lock().await.finish();
 }
