@@ -199,6 +199,21 @@ pub fn all() -> Vec<(&'static str, Vec<Vec<u8>>)> {
             with_limit(stream)
         })
         .collect();
+    // Mux streams: several requests of different shards back to back, each `id | shard | frame`.
+    let mux_message = |id: u64, shard: u32, e: &RaftEnvelope| {
+        let mut m = id.to_be_bytes().to_vec();
+        m.extend_from_slice(&shard.to_be_bytes());
+        m.extend(encode_frame(e).expect("encode"));
+        m
+    };
+    let envelopes = raft_envelopes();
+    let raft_mux_stream = (1..=envelopes.len())
+        .map(|n| {
+            let stream: Vec<u8> =
+                envelopes.iter().take(n).enumerate().flat_map(|(i, e)| mux_message(i as u64, i as u32 * 3, e)).collect();
+            with_limit(stream)
+        })
+        .collect();
     let node_ticket = vec![ticket().encode().into_bytes()];
     vec![
         ("client_request", client_request),
@@ -206,6 +221,7 @@ pub fn all() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         ("raft_request", raft_request),
         ("raft_response", raft_response),
         ("raft_shard_stream", raft_shard_stream),
+        ("raft_mux_stream", raft_mux_stream),
         ("node_ticket", node_ticket),
         ("gossip_announcement", announcements()),
     ]

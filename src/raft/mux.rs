@@ -41,7 +41,7 @@ use iroh::{
     EndpointAddr, EndpointId,
 };
 use tokio::{
-    io::AsyncReadExt,
+    io::{AsyncRead, AsyncReadExt},
     sync::{oneshot, Semaphore},
 };
 
@@ -50,7 +50,7 @@ use super::{
     rpc::{RaftRefusal, RaftResponse},
 };
 use crate::api::{
-    frame::{decode, encode_frame, read_one_of_many},
+    frame::{decode, encode_frame, read_one_of_many, split_frame},
     ShardId, MAX_FRAME_BYTES, RAFT_MUX_ALPN,
 };
 
@@ -261,6 +261,7 @@ async fn read_answers(mut recv: RecvStream, dead: Arc<AtomicBool>, pending: Pend
 }
 
 /// One request read from a mux stream.
+#[derive(Debug, PartialEq, Eq)]
 pub enum Incoming {
     /// A request to answer: its id, shard and envelope bytes (one frame's payload).
     Request { id: u64, shard: ShardId, envelope: Vec<u8> },
@@ -268,27 +269,50 @@ pub enum Incoming {
     End,
 }
 
+/// Why a mux stream cannot go on: the id of the message that broke it (when its id arrived
+/// whole) and what was wrong.
+pub type MuxReadError = (Option<u64>, String);
+
+const TRUNCATED_ID: &str = "stream ended inside a request id";
+const TRUNCATED_SHARD: &str = "stream ended inside a shard id";
+
 /// Reads the next request of a mux stream. `Err` means the stream cannot go on (truncated
-/// message, oversized frame); the error names why.
-pub async fn read_request(recv: &mut RecvStream, limit: usize) -> Result<Incoming, (Option<u64>, String)> {
+/// message, oversized frame).
+pub async fn read_request<R: AsyncRead + Unpin>(recv: &mut R, limit: usize) -> Result<Incoming, MuxReadError> {
     let mut id = [0u8; 8];
     match read_exact_or_end(recv, &mut id).await {
         Ok(true) => {}
         Ok(false) => return Ok(Incoming::End),
-        Err(e) => return Err((None, format!("request id: {e}"))),
+        Err(_) => return Err((None, TRUNCATED_ID.into())),
     }
     let id = u64::from_be_bytes(id);
     let mut shard = [0u8; 4];
-    recv.read_exact(&mut shard).await.map_err(|e| (Some(id), format!("shard: {e}")))?;
+    recv.read_exact(&mut shard).await.map_err(|_| (Some(id), TRUNCATED_SHARD.to_string()))?;
     let envelope = read_one_of_many(recv, limit).await.map_err(|e| (Some(id), e.to_string()))?;
     Ok(Incoming::Request { id, shard: u32::from_be_bytes(shard), envelope })
 }
 
+/// A request split off the front of a buffer: id, shard, envelope, and the bytes after it.
+pub type SplitRequest<'a> = (u64, ShardId, &'a [u8], &'a [u8]);
+
+/// The in-memory twin of [`read_request`] (same answers, same errors for the same bytes):
+/// `Ok(None)` at the end, else the request and the bytes after it.
+pub fn split_request(buf: &[u8], limit: usize) -> Result<Option<SplitRequest<'_>>, MuxReadError> {
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    let (id, rest) = buf.split_first_chunk::<8>().ok_or_else(|| (None, TRUNCATED_ID.to_string()))?;
+    let id = u64::from_be_bytes(*id);
+    let (shard, rest) = rest.split_first_chunk::<4>().ok_or_else(|| (Some(id), TRUNCATED_SHARD.to_string()))?;
+    let (envelope, rest) = split_frame(rest, limit).map_err(|e| (Some(id), e.to_string()))?;
+    Ok(Some((id, u32::from_be_bytes(*shard), envelope, rest)))
+}
+
 /// Fills `buf`; `Ok(false)` when the stream ended before its first byte.
-async fn read_exact_or_end(recv: &mut RecvStream, buf: &mut [u8]) -> std::io::Result<bool> {
+async fn read_exact_or_end<R: AsyncRead + Unpin>(recv: &mut R, buf: &mut [u8]) -> std::io::Result<bool> {
     let mut filled = 0;
     while filled < buf.len() {
-        let n = AsyncReadExt::read(recv, &mut buf[filled..]).await?;
+        let n = recv.read(&mut buf[filled..]).await?;
         if n == 0 {
             if filled == 0 {
                 return Ok(false);
