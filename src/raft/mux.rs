@@ -37,7 +37,7 @@ use std::{
 };
 
 use iroh::{
-    endpoint::{Connection, RecvStream, SendStream},
+    endpoint::{Connection, RecvStream, SendStream, VarInt},
     EndpointAddr, EndpointId,
 };
 use tokio::{
@@ -228,13 +228,41 @@ impl MuxClient {
 type Writer = Arc<tokio::sync::Mutex<SendStream>>;
 
 /// Writes one whole message; `false` (and the link failed) when the stream is broken.
+///
+/// Cancel-safe for the stream: a caller dropped half-way through a message (openraft gives up
+/// on an RPC after its timeout) would leave a partial message that every later one is read as
+/// the continuation of. So if the write does not complete, the stream is reset and the link
+/// failed; the next call opens a new stream.
 async fn write_message(send: &Writer, msg: &[u8], dead: &AtomicBool, pending: &Pending) -> bool {
-    let ok = send.lock().await.write_all(msg).await.is_ok();
+    let mut stream = send.lock().await;
+    let mut guard = UnfinishedWrite { stream: &mut stream, dead, pending, done: false };
+    let ok = guard.stream.write_all(msg).await.is_ok();
+    guard.done = true;
     if !ok {
         fail_link(dead, pending);
     }
     ok
 }
+
+/// Resets the stream and fails the link if dropped before `done` (see [`write_message`]).
+struct UnfinishedWrite<'a> {
+    stream: &'a mut SendStream,
+    dead: &'a AtomicBool,
+    pending: &'a Pending,
+    done: bool,
+}
+
+impl Drop for UnfinishedWrite<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.stream.reset(VarInt::from_u32(RESET_PARTIAL_WRITE));
+            fail_link(self.dead, self.pending);
+        }
+    }
+}
+
+/// Error code of a mux stream reset because a message was only partly written.
+const RESET_PARTIAL_WRITE: u32 = 1;
 
 /// Reads `id | frame` messages until the stream ends, handing each to the call waiting for it.
 async fn read_answers(mut recv: RecvStream, dead: Arc<AtomicBool>, pending: Pending) {
@@ -383,4 +411,64 @@ where
     // Every answer in progress is written before the stream is finished.
     let _all = limit.acquire_many(MAX_IN_FLIGHT as u32).await;
     let _ = send.lock().await.finish();
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use iroh::address_lookup::MemoryLookup;
+
+    use super::*;
+    use crate::cluster::endpoint::{bind_endpoint, listening_addrs};
+
+    /// A message whose write is abandoned half-way (the caller timed out while the peer's flow
+    /// control held it) must not leave a partial message on the shared stream: the stream is
+    /// reset, the link is failed, and the peer's reader sees the reset rather than garbage.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_cut_short_resets_the_stream_and_fails_the_link() {
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+        let peer = bind_endpoint(loopback, None, MemoryLookup::new()).await.unwrap();
+        peer.set_alpns(vec![RAFT_MUX_ALPN.to_vec()]);
+        let addr = EndpointAddr::from_parts(
+            peer.id(),
+            listening_addrs(&peer, loopback).into_iter().map(iroh::TransportAddr::Ip),
+        );
+        let me = bind_endpoint(loopback, None, MemoryLookup::new()).await.unwrap();
+
+        let server = tokio::spawn({
+            let peer = peer.clone();
+            async move {
+                let conn = peer.accept().await.expect("incoming").await.expect("connection");
+                let (_send, mut recv) = conn.accept_bi().await.expect("stream");
+                // Read a little, then stop until the writer gave up, then read on.
+                let mut first = [0u8; 16];
+                recv.read_exact(&mut first).await.expect("the first bytes arrive");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let mut rest = Vec::new();
+                let end =
+                    tokio::time::timeout(Duration::from_secs(10), AsyncReadExt::read_to_end(&mut recv, &mut rest))
+                        .await;
+                (conn, end.expect("the reader learns how the stream ended").map(|_| rest.len()))
+            }
+        });
+
+        let conn = me.connect(addr, RAFT_MUX_ALPN).await.unwrap();
+        let (send, _recv) = conn.open_bi().await.unwrap();
+        let send: Writer = Arc::new(tokio::sync::Mutex::new(send));
+        let (dead, pending): (AtomicBool, Pending) = Default::default();
+        let (waiter, answer) = oneshot::channel();
+        pending.lock().unwrap().insert(7, waiter);
+        // Far more than the peer's stream window: the write waits for credit that never comes.
+        let huge = vec![0x5a; 64 << 20];
+        let cut = tokio::time::timeout(Duration::from_millis(200), write_message(&send, &huge, &dead, &pending)).await;
+        assert!(cut.is_err(), "the write was still waiting for flow-control credit");
+        assert!(dead.load(Ordering::Acquire), "the link is failed");
+        assert!(answer.await.is_err(), "calls waiting on the link fail at once");
+
+        let (_conn, end) = server.await.unwrap();
+        assert!(end.is_err(), "the peer sees a reset, not the end of a (partial) message: read {end:?} bytes");
+        me.close().await;
+        peer.close().await;
+    }
 }
