@@ -211,7 +211,7 @@ fn hostile(what: impl Into<String>, bytes: Vec<u8>) -> Hostile {
 
 /// One `raft-mux` message: id, shard, then the frame.
 fn mux_message(id: u64, shard: ShardId, frame: &[u8]) -> Vec<u8> {
-    [&id.to_be_bytes()[..], &shard.to_be_bytes()[..], frame].concat()
+    aspen::raft::mux::encode_request(id, shard, frame)
 }
 
 /// Reads `raft-mux` answers (`id | frame`) until the stream ends or `wait` passes; `None` if it

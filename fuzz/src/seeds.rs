@@ -200,12 +200,8 @@ pub fn all() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         })
         .collect();
     // Mux streams: several requests of different shards back to back, each `id | shard | frame`.
-    let mux_message = |id: u64, shard: u32, e: &RaftEnvelope| {
-        let mut m = id.to_be_bytes().to_vec();
-        m.extend_from_slice(&shard.to_be_bytes());
-        m.extend(encode_frame(e).expect("encode"));
-        m
-    };
+    let mux_message =
+        |id: u64, shard: u32, e: &RaftEnvelope| aspen::raft::mux::encode_request(id, shard, &encode_frame(e).expect("encode"));
     let envelopes = raft_envelopes();
     let raft_mux_stream = (1..=envelopes.len())
         .map(|n| {

@@ -21,8 +21,11 @@
 //! Owns: the sender's links (one per peer endpoint, re-opened when their connection or stream
 //! fails), id allocation and the matching of answers to callers, and the receiver's loop that
 //! hands each request to the shard it names (bounded: at most [`MAX_IN_FLIGHT`] requests of one
-//! stream are being answered at once; the sender waits beyond that). Never: decide what a
-//! request means (`protocol::raft` answers it) or retry (openraft does).
+//! stream are being answered at once, the sender waits beyond that; at most
+//! [`MAX_IN_FLIGHT_PER_SHARD`] of them for one shard, and none for longer than
+//! [`ANSWER_DEADLINE`], so one stalled shard refuses its own requests instead of holding up
+//! every other shard's). Never: decide what a request means (`protocol::raft` answers it) or
+//! retry (openraft does).
 //!
 //! Large requests (snapshot chunks, catch-up AppendEntries above [`MUX_MAX_REQUEST`]) go on a
 //! stream of their own instead, so they cannot hold up other shards' heartbeats behind them.
@@ -56,6 +59,13 @@ use crate::api::{
 
 /// Requests of one mux stream being answered at once on the receiving node.
 pub const MAX_IN_FLIGHT: usize = 256;
+/// Requests of one shard on one mux stream being answered at once; beyond that the shard's
+/// requests are refused [`RaftRefusal::Busy`] at once (normally a shard has a handful in flight).
+pub const MAX_IN_FLIGHT_PER_SHARD: usize = 32;
+/// How long the receiver waits for a shard to answer one request before it answers
+/// [`RaftRefusal::Busy`] itself and frees the request's place (longer than any sender's RPC
+/// timeout: nobody waits for the answer by then).
+pub const ANSWER_DEADLINE: Duration = Duration::from_secs(30);
 /// Requests whose encoded envelope is larger than this travel on a stream of their own.
 pub const MUX_MAX_REQUEST: usize = 256 * 1024;
 /// After a peer refused the mux (an older version), how long to use a stream per RPC before
@@ -154,10 +164,7 @@ impl MuxClient {
             // Closed between `link` and the insert: `fail_link` may have run before it.
             return Err(self.broken(pool, addr, &link));
         }
-        let mut msg = Vec::with_capacity(12 + envelope.len());
-        msg.extend_from_slice(&id.to_be_bytes());
-        msg.extend_from_slice(&shard.to_be_bytes());
-        msg.extend_from_slice(envelope);
+        let msg = encode_request(id, shard, envelope);
         if !write_message(&link.send, &msg, &link.dead, &link.pending).await {
             return Err(self.broken(pool, addr, &link));
         }
@@ -352,6 +359,15 @@ async fn read_exact_or_end<R: AsyncRead + Unpin>(recv: &mut R, buf: &mut [u8]) -
     Ok(true)
 }
 
+/// Encodes request `id` for `shard`; `envelope` is an encoded frame (of a `RaftEnvelope`).
+pub fn encode_request(id: u64, shard: ShardId, envelope: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(12 + envelope.len());
+    out.extend_from_slice(&id.to_be_bytes());
+    out.extend_from_slice(&shard.to_be_bytes());
+    out.extend_from_slice(envelope);
+    out
+}
+
 /// Encodes the answer to request `id`.
 pub fn encode_answer(id: u64, response: &RaftResponse) -> Result<Vec<u8>, crate::api::FrameError> {
     let frame = encode_frame(response)?;
@@ -361,10 +377,56 @@ pub fn encode_answer(id: u64, response: &RaftResponse) -> Result<Vec<u8>, crate:
     Ok(out)
 }
 
-/// Serves one mux stream: reads requests, answers each through `answer` (at most
-/// [`MAX_IN_FLIGHT`] at once, each on its own task, which writes its answer itself), and
-/// finishes the stream once the sender finished its side and every answer is written.
-pub async fn serve_stream<F, Fut>(send: SendStream, mut recv: RecvStream, answer: F)
+/// How much of a receiver one mux stream may hold.
+#[derive(Clone, Copy, Debug)]
+pub struct ServeLimits {
+    /// Requests being answered at once (the stream is not read beyond that).
+    pub in_flight: usize,
+    /// Requests of one shard being answered at once (more are refused at once).
+    pub per_shard: usize,
+    /// Longest wait for one answer before the request is refused.
+    pub answer_deadline: Duration,
+}
+
+impl Default for ServeLimits {
+    fn default() -> Self {
+        Self { in_flight: MAX_IN_FLIGHT, per_shard: MAX_IN_FLIGHT_PER_SHARD, answer_deadline: ANSWER_DEADLINE }
+    }
+}
+
+/// Shards with requests in progress on one stream, and how many places each has left.
+struct ShardPlaces {
+    per_shard: usize,
+    places: HashMap<ShardId, Arc<Semaphore>>,
+}
+
+impl ShardPlaces {
+    /// A place for one more request of `shard`, or `None` when it has `per_shard` in progress.
+    fn take(&mut self, shard: ShardId) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        if self.places.len() >= 1024 {
+            // Forget the shards with nothing in progress (a hostile sender naming many shards
+            // must not grow this map without bound).
+            let all = self.per_shard;
+            self.places.retain(|_, s| s.available_permits() < all);
+        }
+        let per_shard = self.per_shard;
+        self.places.entry(shard).or_insert_with(|| Arc::new(Semaphore::new(per_shard))).clone().try_acquire_owned().ok()
+    }
+}
+
+/// Serves one mux stream with the default [`ServeLimits`]; see [`serve_stream_with`].
+pub async fn serve_stream<F, Fut>(send: SendStream, recv: RecvStream, answer: F)
+where
+    F: Fn(ShardId, Vec<u8>) -> Fut + Send + Sync + Clone + 'static,
+    Fut: std::future::Future<Output = RaftResponse> + Send + 'static,
+{
+    serve_stream_with(send, recv, answer, ServeLimits::default()).await
+}
+
+/// Serves one mux stream: reads requests, answers each through `answer` (each on its own task,
+/// which writes its answer itself, within `limits`), and finishes the stream once the sender
+/// finished its side and every answer is written.
+pub async fn serve_stream_with<F, Fut>(send: SendStream, mut recv: RecvStream, answer: F, limits: ServeLimits)
 where
     F: Fn(ShardId, Vec<u8>) -> Fut + Send + Sync + Clone + 'static,
     Fut: std::future::Future<Output = RaftResponse> + Send + 'static,
@@ -372,15 +434,31 @@ where
     let send: Writer = Arc::new(tokio::sync::Mutex::new(send));
     let dead = Arc::new(AtomicBool::new(false));
     let nobody: Pending = Default::default();
-    let limit = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let in_flight = limits.in_flight.max(1);
+    let limit = Arc::new(Semaphore::new(in_flight));
+    let mut shards = ShardPlaces { per_shard: limits.per_shard.max(1), places: HashMap::new() };
     loop {
         let Ok(permit) = limit.clone().acquire_owned().await else { break };
         match read_request(&mut recv, MAX_FRAME_BYTES).await {
             Ok(Incoming::End) => break,
             Ok(Incoming::Request { id, shard, envelope }) => {
                 let (send, dead, nobody, answer) = (send.clone(), dead.clone(), nobody.clone(), answer.clone());
+                let place = shards.take(shard);
+                let deadline = limits.answer_deadline;
                 tokio::spawn(async move {
-                    let response = answer(shard, envelope).await;
+                    let response = match place {
+                        None => RaftResponse::Refused(RaftRefusal::Busy {
+                            shard,
+                            why: format!("{} requests of this sender in progress", limits.per_shard),
+                        }),
+                        Some(_place) => match tokio::time::timeout(deadline, answer(shard, envelope)).await {
+                            Ok(response) => response,
+                            Err(_) => RaftResponse::Refused(RaftRefusal::Busy {
+                                shard,
+                                why: format!("no answer within {deadline:?}"),
+                            }),
+                        },
+                    };
                     if let RaftResponse::Refused(r) = &response {
                         tracing::warn!("refused raft request: {r}");
                     }
@@ -409,7 +487,7 @@ where
         }
     }
     // Every answer in progress is written before the stream is finished.
-    let _all = limit.acquire_many(MAX_IN_FLIGHT as u32).await;
+    let _all = limit.acquire_many(in_flight as u32).await;
     let _ = send.lock().await.finish();
 }
 
@@ -468,6 +546,80 @@ mod tests {
 
         let (_conn, end) = server.await.unwrap();
         assert!(end.is_err(), "the peer sees a reset, not the end of a (partial) message: read {end:?} bytes");
+        me.close().await;
+        peer.close().await;
+    }
+
+    /// A shard whose core does not answer must not hold up the other shards on the same
+    /// stream: beyond its own share of places its requests are refused at once, and the ones it
+    /// holds are refused when the answer deadline passes; another shard's request is answered
+    /// meanwhile.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stalled_shard_is_refused_while_other_shards_are_answered() {
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+        let peer = bind_endpoint(loopback, None, MemoryLookup::new()).await.unwrap();
+        peer.set_alpns(vec![RAFT_MUX_ALPN.to_vec()]);
+        let addr = EndpointAddr::from_parts(
+            peer.id(),
+            listening_addrs(&peer, loopback).into_iter().map(iroh::TransportAddr::Ip),
+        );
+        let me = bind_endpoint(loopback, None, MemoryLookup::new()).await.unwrap();
+        let limits = ServeLimits { in_flight: 4, per_shard: 2, answer_deadline: Duration::from_secs(2) };
+        let server = tokio::spawn({
+            let peer = peer.clone();
+            async move {
+                let conn = peer.accept().await.expect("incoming").await.expect("connection");
+                let (send, recv) = conn.accept_bi().await.expect("stream");
+                // Shard 1 never answers; shard 2 answers at once.
+                let answer = |shard: ShardId, _envelope: Vec<u8>| async move {
+                    if shard == 1 {
+                        std::future::pending::<()>().await;
+                    }
+                    RaftResponse::Refused(RaftRefusal::NotReady)
+                };
+                serve_stream_with(send, recv, answer, limits).await;
+                conn
+            }
+        });
+
+        let conn = me.connect(addr, RAFT_MUX_ALPN).await.unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let envelope = encode_frame(&"any envelope".to_string()).unwrap();
+        // Ids 0..6 for the stalled shard (more than the whole stream's 4 places), then id 6 for
+        // shard 2.
+        for id in 0..6 {
+            send.write_all(&encode_request(id, 1, &envelope)).await.unwrap();
+        }
+        send.write_all(&encode_request(6, 2, &envelope)).await.unwrap();
+        send.finish().unwrap();
+
+        let mut answers = HashMap::new();
+        while answers.len() < 7 {
+            let mut id = [0u8; 8];
+            tokio::time::timeout(Duration::from_secs(30), recv.read_exact(&mut id))
+                .await
+                .expect("every request is answered")
+                .expect("the stream stays readable");
+            let frame = read_one_of_many(&mut recv, MAX_FRAME_BYTES).await.unwrap();
+            let response: RaftResponse = decode(&frame).unwrap();
+            let RaftResponse::Refused(refusal) = response else { panic!("unexpected answer {response:?}") };
+            answers.insert(u64::from_be_bytes(id), (answers.len(), refusal));
+        }
+        let busy = |id: u64, text: &str| match &answers[&id].1 {
+            RaftRefusal::Busy { shard: 1, why } => why.contains(text),
+            _ => false,
+        };
+        assert_eq!(answers[&6].1, RaftRefusal::NotReady, "shard 2 is answered by its core: {answers:?}");
+        for id in 0..2 {
+            assert!(busy(id, "no answer within"), "request {id} waited out the deadline: {answers:?}");
+            assert!(answers[&id].0 > answers[&6].0, "request {id} was answered after shard 2's: {answers:?}");
+        }
+        for id in 2..6 {
+            assert!(busy(id, "in progress"), "request {id} found no place: {answers:?}");
+        }
+        let mut end = [0u8; 1];
+        assert!(matches!(recv.read(&mut end).await, Ok(None)), "the stream is finished once every answer is written");
+        drop(server.await.unwrap());
         me.close().await;
         peer.close().await;
     }

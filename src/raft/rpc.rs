@@ -57,6 +57,10 @@ pub enum RaftRefusal {
     NotReady,
     #[error("malformed request: {0}")]
     Malformed(String),
+    /// The shard has too many requests of this sender in progress, or did not answer in time
+    /// (its Raft core is stalled); the sender retries later.
+    #[error("shard {shard} is busy: {why}")]
+    Busy { shard: ShardId, why: String },
 }
 
 /// The answer to a Raft request.
