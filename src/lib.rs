@@ -31,5 +31,5 @@ pub mod sharding;
 
 pub use api::{ApiError, KeyValue, NodeTicket};
 
-pub use client::{AspenClient, ClientError};
+pub use client::{AspenClient, ClientEndpoint, ClientError};
 pub use config::NodeConfig;

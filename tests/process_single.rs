@@ -311,3 +311,39 @@ fn sigterm_as_soon_as_the_ticket_appears_stops_the_node_cleanly() {
         assert!(status.success(), "round {round}: SIGTERM right after start-up gave {status}");
     }
 }
+
+/// Clients on one shared endpoint (what `aspen-cli bench` uses) each have a connection of
+/// their own: closing one client closes only its connection, and the others keep working until
+/// the endpoint is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_on_a_shared_endpoint_close_independently() {
+    let root = tempfile::tempdir().unwrap();
+    let mut node = NodeProc::new(root.path(), 1);
+    node.start();
+    let endpoint = aspen::ClientEndpoint::bind(&[node.ticket()]).await.unwrap();
+    let clients: Vec<AspenClient> = (0..3)
+        .map(|_| AspenClient::on_endpoint(&endpoint, vec![node.ticket()], Duration::from_secs(10)).unwrap())
+        .collect();
+    for (i, c) in clients.iter().enumerate() {
+        c.put(format!("shared/{i}"), format!("v{i}")).await.unwrap();
+    }
+    let mut clients = clients.into_iter();
+    let first = clients.next().unwrap();
+    let first_conn = first.transport_stats().await.is_some();
+    assert!(first_conn, "the client used a connection");
+    first.close().await;
+    for (i, c) in clients.enumerate() {
+        let i = i + 1;
+        let got = c.get("shared/0").await.unwrap();
+        assert_eq!(got.map(|kv| kv.value), Some(b"v0".to_vec()), "client {i} still reads after client 0 closed");
+        c.put(format!("shared/{i}"), "again").await.unwrap();
+        c.close().await;
+    }
+    // A client on an empty ticket list is refused, shared endpoint or not.
+    assert!(matches!(
+        AspenClient::on_endpoint(&endpoint, vec![], Duration::from_secs(1)),
+        Err(aspen::ClientError::NoTickets)
+    ));
+    endpoint.close().await;
+    assert!(node.terminate().success(), "the node stops cleanly");
+}

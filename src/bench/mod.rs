@@ -8,7 +8,7 @@
 //!
 //! A backend plugs in through two traits: [`BenchBackend`] makes the `i`-th client connection
 //! ([`BenchBackend::connect`]), and each connection ([`BenchClient`]) can `put` and `get`.
-//! [`AspenBackend`] is the Aspen one: one [`AspenClient`] (own endpoint, own QUIC connection)
+//! [`AspenBackend`] is the Aspen one: one [`AspenClient`] (own QUIC connection, on one shared endpoint)
 //! per client, client `i` dialling ticket `i % tickets` first.
 //!
 //! Errors of single requests are counted and sampled in the report, never fatal; whether a run
@@ -36,7 +36,7 @@ use serde::Serialize;
 
 use crate::{
     api::{ApiError, BatchOp, NodeTicket, ReadConsistency},
-    client::{AspenClient, ClientError},
+    client::{AspenClient, ClientEndpoint, ClientError},
 };
 
 /// The error of one request, as a backend reports it (only its message is kept).
@@ -73,13 +73,20 @@ pub trait BenchBackend: Send + Sync {
     /// Opens the `index`-th client's connection (0-based; backends spread clients over their
     /// endpoints by it).
     fn connect(&self, index: usize) -> impl Future<Output = Result<Self::Client, OpError>> + Send;
+    /// Releases what the clients shared, after every client is closed (default: nothing).
+    fn finish(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
-/// Aspen as a [`BenchBackend`]: one [`AspenClient`] per bench client.
+/// Aspen as a [`BenchBackend`]: one [`AspenClient`] per bench client, each with its own QUIC
+/// connection, all on one shared [`ClientEndpoint`] (as etcd's clients in one process each
+/// have their own TCP connection but share the process's network stack).
 #[derive(Clone, Debug)]
 pub struct AspenBackend {
     tickets: Vec<NodeTicket>,
     timeout: Duration,
+    endpoint: Arc<tokio::sync::OnceCell<ClientEndpoint>>,
 }
 
 impl AspenBackend {
@@ -89,7 +96,7 @@ impl AspenBackend {
         if tickets.is_empty() {
             return Err(BenchError::Config("no node ticket given".into()));
         }
-        Ok(AspenBackend { tickets, timeout })
+        Ok(AspenBackend { tickets, timeout, endpoint: Default::default() })
     }
 }
 
@@ -103,7 +110,14 @@ impl BenchBackend for AspenBackend {
     async fn connect(&self, index: usize) -> Result<AspenClient, OpError> {
         let n = self.tickets.len();
         let rotated = (0..n).map(|k| self.tickets[(index + k) % n].clone()).collect();
-        Ok(AspenClient::connect(rotated, self.timeout).await?)
+        let endpoint = self.endpoint.get_or_try_init(|| ClientEndpoint::bind(&self.tickets)).await?;
+        Ok(AspenClient::on_endpoint(endpoint, rotated, self.timeout)?)
+    }
+
+    async fn finish(&self) {
+        if let Some(endpoint) = self.endpoint.get() {
+            endpoint.close().await;
+        }
     }
 }
 
@@ -469,6 +483,7 @@ pub async fn run<B: BenchBackend>(
             client.close().await;
         }
     }
+    backend.finish().await;
     let (prefilled, stats) = result?;
     Ok(report(backend.name(), &config, prefilled, stats))
 }

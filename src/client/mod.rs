@@ -1,6 +1,7 @@
 //! [`AspenClient`]: the Rust client used by `aspen-cli`, tests and benchmarks.
 //!
-//! Owns: an ephemeral, offline-safe iroh endpoint; the list of member tickets it may talk to;
+//! Owns: an ephemeral, offline-safe iroh endpoint (its own, or a [`ClientEndpoint`] several
+//! clients share, each still with its own connection); the list of member tickets it may talk to;
 //! one cached connection (re-dialled, or failed over to another member, when it breaks); and a
 //! pool of write sessions for exactly-once writes. A session has at most one write in flight, and
 //! every retry of that write — after a timeout, a broken connection or a failover — carries the
@@ -72,11 +73,46 @@ enum Attempt {
     Done(Result<ClientResponse, ClientError>),
 }
 
+/// An ephemeral, offline-safe iroh endpoint that several [`AspenClient`]s can share (one UDP
+/// socket and one set of endpoint tasks; every client still dials its own QUIC connection).
+/// Load generators with many clients use one so that the clients' transport does not cost
+/// more CPU than the connections themselves.
+#[derive(Clone, Debug)]
+pub struct ClientEndpoint {
+    endpoint: Endpoint,
+    lookup: MemoryLookup,
+}
+
+impl ClientEndpoint {
+    /// Binds an endpoint able to reach the members named by `tickets` (IPv6-only tickets get
+    /// an IPv6 socket).
+    pub async fn bind(tickets: &[NodeTicket]) -> Result<Self, ClientError> {
+        let bind: SocketAddr = if !tickets.is_empty() && tickets.iter().flat_map(|t| &t.addrs).all(|a| a.is_ipv6()) {
+            "[::]:0".parse().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)))
+        } else {
+            SocketAddr::from(([0, 0, 0, 0], 0))
+        };
+        let lookup = MemoryLookup::new();
+        for t in tickets {
+            lookup.add_endpoint_info(t.endpoint_addr());
+        }
+        let endpoint =
+            bind_endpoint(bind, None, lookup.clone()).await.map_err(|e| ClientError::Endpoint(e.to_string()))?;
+        Ok(ClientEndpoint { endpoint, lookup })
+    }
+
+    /// Closes the endpoint and with it every connection of every client on it.
+    pub async fn close(&self) {
+        self.endpoint.close().await;
+    }
+}
+
 /// A client of an Aspen cluster.
 #[derive(Debug)]
 pub struct AspenClient {
-    endpoint: Endpoint,
-    lookup: MemoryLookup,
+    endpoint: ClientEndpoint,
+    /// Whether `close` closes the endpoint (it is this client's own) or only the connection.
+    owns_endpoint: bool,
     tickets: Mutex<Vec<NodeTicket>>,
     /// Index into `tickets` and the connection to that member.
     current: tokio::sync::Mutex<Option<(usize, Connection)>>,
@@ -89,31 +125,42 @@ pub struct AspenClient {
 
 impl AspenClient {
     /// A client that talks to the members named by `tickets` (at least one).
+    /// The client has an endpoint of its own.
     pub async fn connect(tickets: Vec<NodeTicket>, timeout: Duration) -> Result<Self, ClientError> {
         if tickets.is_empty() {
             return Err(ClientError::NoTickets);
         }
-        let bind: SocketAddr = if tickets.iter().flat_map(|t| &t.addrs).all(|a| a.is_ipv6()) {
-            "[::]:0".parse().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)))
-        } else {
-            SocketAddr::from(([0, 0, 0, 0], 0))
-        };
-        let lookup = MemoryLookup::new();
-        for t in &tickets {
-            lookup.add_endpoint_info(t.endpoint_addr());
+        let endpoint = ClientEndpoint::bind(&tickets).await?;
+        Ok(Self::new(endpoint, true, tickets, timeout))
+    }
+
+    /// A client on a shared `endpoint` with a connection of its own; closing it closes only
+    /// that connection.
+    pub fn on_endpoint(
+        endpoint: &ClientEndpoint,
+        tickets: Vec<NodeTicket>,
+        timeout: Duration,
+    ) -> Result<Self, ClientError> {
+        if tickets.is_empty() {
+            return Err(ClientError::NoTickets);
         }
-        let endpoint =
-            bind_endpoint(bind, None, lookup.clone()).await.map_err(|e| ClientError::Endpoint(e.to_string()))?;
-        Ok(AspenClient {
+        for t in &tickets {
+            endpoint.lookup.add_endpoint_info(t.endpoint_addr());
+        }
+        Ok(Self::new(endpoint.clone(), false, tickets, timeout))
+    }
+
+    fn new(endpoint: ClientEndpoint, owns_endpoint: bool, tickets: Vec<NodeTicket>, timeout: Duration) -> Self {
+        AspenClient {
             endpoint,
-            lookup,
+            owns_endpoint,
             tickets: Mutex::new(tickets),
             current: tokio::sync::Mutex::new(None),
             next: Mutex::new(0),
             sessions: Mutex::new(Vec::new()),
             timeout,
             discovered: std::sync::atomic::AtomicBool::new(false),
-        })
+        }
     }
 
     /// The tickets this client may fail over to.
@@ -126,7 +173,7 @@ impl AspenClient {
         let mut tickets = self.tickets.lock().unwrap_or_else(|p| p.into_inner());
         for t in more {
             if !tickets.iter().any(|x| x.endpoint_id == t.endpoint_id) {
-                self.lookup.add_endpoint_info(t.endpoint_addr());
+                self.endpoint.lookup.add_endpoint_info(t.endpoint_addr());
                 tickets.push(t);
             }
         }
@@ -150,7 +197,9 @@ impl AspenClient {
                 break;
             }
             let per_try = left.min(Duration::from_secs(3));
-            match tokio::time::timeout(per_try, self.endpoint.connect(tickets[i].endpoint_addr(), CLIENT_ALPN)).await {
+            match tokio::time::timeout(per_try, self.endpoint.endpoint.connect(tickets[i].endpoint_addr(), CLIENT_ALPN))
+                .await
+            {
                 Ok(Ok(conn)) => {
                     *current = Some((i, conn.clone()));
                     if !self.discovered.load(std::sync::atomic::Ordering::SeqCst)
@@ -430,9 +479,13 @@ impl AspenClient {
         self.current.lock().await.as_ref().map(|(_, conn)| conn.stats())
     }
 
-    /// Closes the client's endpoint.
+    /// Closes the client's connection, and its endpoint if it is the client's own.
     pub async fn close(self) {
-        self.endpoint.close().await;
+        if self.owns_endpoint {
+            self.endpoint.close().await;
+        } else if let Some((_, conn)) = self.current.lock().await.take() {
+            conn.close(0u32.into(), b"client closed");
+        }
     }
 }
 
