@@ -1209,3 +1209,24 @@ async fn the_durable_watch_follows_appends_truncations_and_purges() {
     let reopened = open_log(dir.path(), NO_CAP);
     assert_eq!(reopened.durable().borrow().last, Some(log_id(1, 1)), "and says so after a restart");
 }
+
+/// A member's address comes from its recorded endpoint id, parsed once and then remembered:
+/// the same answer every time, for valid and for invalid ids.
+#[test]
+fn member_addresses_parse_the_same_every_time() {
+    let key = iroh::SecretKey::generate().public();
+    let member = MemberNode { endpoint_id: *key.as_bytes(), addrs: vec!["127.0.0.1:7600".parse().unwrap()] };
+    for _ in 0..3 {
+        let addr = member.endpoint_addr().expect("a valid id gives an address");
+        assert_eq!(addr.id, key);
+        assert_eq!(addr.ip_addrs().copied().collect::<Vec<_>>(), member.addrs);
+    }
+    let invalid = (0..=255u8)
+        .map(|b| [b; 32])
+        .find(|bytes| iroh::EndpointId::from_bytes(bytes).is_err())
+        .expect("some 32-byte strings are not curve points");
+    let bad = MemberNode { endpoint_id: invalid, addrs: member.addrs.clone() };
+    for _ in 0..3 {
+        assert!(bad.endpoint_addr().is_none(), "an invalid id never gives an address");
+    }
+}
