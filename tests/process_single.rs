@@ -345,5 +345,21 @@ async fn clients_on_a_shared_endpoint_close_independently() {
         Err(aspen::ClientError::NoTickets)
     ));
     endpoint.close().await;
+
+    // The load generator shares one endpoint between a run's clients and closes it at the end
+    // of the run: a second run on the same backend (as `aspen-compare` does, row after row)
+    // gets a new one.
+    let backend = aspen::bench::AspenBackend::new(vec![node.ticket()], Duration::from_secs(10)).unwrap();
+    let config = aspen::bench::BenchConfig {
+        clients: 3,
+        stop: aspen::bench::Stop::Requests(30),
+        warmup: Duration::ZERO,
+        ..Default::default()
+    };
+    for run in 0..2 {
+        let report = aspen::bench::run(&backend, &config, None).await.unwrap();
+        assert_eq!(report.errors, 0, "run {run}: {report:?}");
+        assert!(report.ok >= 30, "run {run}: {report:?}");
+    }
     assert!(node.terminate().success(), "the node stops cleanly");
 }

@@ -86,7 +86,9 @@ pub trait BenchBackend: Send + Sync {
 pub struct AspenBackend {
     tickets: Vec<NodeTicket>,
     timeout: Duration,
-    endpoint: Arc<tokio::sync::OnceCell<ClientEndpoint>>,
+    /// The endpoint of the current run's clients: bound by the run's first client, closed and
+    /// forgotten by [`BenchBackend::finish`] (so the next run on this backend binds a new one).
+    endpoint: Arc<tokio::sync::Mutex<Option<ClientEndpoint>>>,
 }
 
 impl AspenBackend {
@@ -110,12 +112,19 @@ impl BenchBackend for AspenBackend {
     async fn connect(&self, index: usize) -> Result<AspenClient, OpError> {
         let n = self.tickets.len();
         let rotated = (0..n).map(|k| self.tickets[(index + k) % n].clone()).collect();
-        let endpoint = self.endpoint.get_or_try_init(|| ClientEndpoint::bind(&self.tickets)).await?;
-        Ok(AspenClient::on_endpoint(endpoint, rotated, self.timeout)?)
+        let endpoint = {
+            let mut slot = self.endpoint.lock().await;
+            match slot.as_ref() {
+                Some(endpoint) => endpoint.clone(),
+                None => slot.insert(ClientEndpoint::bind(&self.tickets).await?).clone(),
+            }
+        };
+        Ok(AspenClient::on_endpoint(&endpoint, rotated, self.timeout)?)
     }
 
     async fn finish(&self) {
-        if let Some(endpoint) = self.endpoint.get() {
+        let endpoint = self.endpoint.lock().await.take();
+        if let Some(endpoint) = endpoint {
             endpoint.close().await;
         }
     }
@@ -224,7 +233,7 @@ impl Default for BenchConfig {
     }
 }
 
-/// Most clients one run may start (each is an endpoint with its own UDP socket).
+/// Most clients one run may start (each with a QUIC connection of its own).
 pub const MAX_CLIENTS: usize = 10_000;
 
 impl BenchConfig {
