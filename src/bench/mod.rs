@@ -88,6 +88,8 @@ pub struct AspenBackend {
     timeout: Duration,
     /// The endpoint of the current run's clients: bound by the run's first client, closed and
     /// forgotten by [`BenchBackend::finish`] (so the next run on this backend binds a new one).
+    /// Runs on one backend (or its clones, which share this slot) must not overlap: the first
+    /// to finish would close the other's endpoint.
     endpoint: Arc<tokio::sync::Mutex<Option<ClientEndpoint>>>,
 }
 

@@ -73,15 +73,16 @@ pub struct ApplyResult(pub Vec<WriteOutcome>);
 fn parse_endpoint_id(bytes: &[u8; 32]) -> Option<iroh::EndpointId> {
     use std::{collections::HashMap, sync::Mutex};
     static SEEN: Mutex<Option<HashMap<[u8; 32], Option<iroh::EndpointId>>>> = Mutex::new(None);
-    let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
-    let seen = seen.get_or_insert_with(HashMap::new);
-    if let Some(id) = seen.get(bytes) {
+    if let Some(id) = SEEN.lock().unwrap_or_else(|p| p.into_inner()).as_ref().and_then(|seen| seen.get(bytes)) {
         return *id;
     }
+    // Parsed outside the lock: other threads' hits need not wait for it.
+    let id = iroh::EndpointId::from_bytes(bytes).ok();
+    let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
+    let seen = seen.get_or_insert_with(HashMap::new);
     if seen.len() >= MAX_REMEMBERED_IDS {
         seen.clear();
     }
-    let id = iroh::EndpointId::from_bytes(bytes).ok();
     seen.insert(*bytes, id);
     id
 }

@@ -22,9 +22,9 @@
 //! fails), id allocation and the matching of answers to callers, and the receiver's loop that
 //! hands each request to the shard it names (bounded: at most [`MAX_IN_FLIGHT`] requests of one
 //! stream are being answered at once, the sender waits beyond that; at most
-//! [`MAX_IN_FLIGHT_PER_SHARD`] of them for one shard, and none for longer than
-//! [`ANSWER_DEADLINE`], so one stalled shard refuses its own requests instead of holding up
-//! every other shard's). Never: decide what a request means (`protocol::raft` answers it) or
+//! [`MAX_IN_FLIGHT_PER_SHARD`] of them for one shard, and no shard's answer awaited longer
+//! than [`ANSWER_DEADLINE`], so one stalled shard refuses its own requests instead of holding
+//! up every other shard's). Never: decide what a request means (`protocol::raft` answers it) or
 //! retry (openraft does).
 //!
 //! Large requests (snapshot chunks, catch-up AppendEntries above [`MUX_MAX_REQUEST`]) go on a
@@ -63,8 +63,10 @@ pub const MAX_IN_FLIGHT: usize = 256;
 /// requests are refused [`RaftRefusal::Busy`] at once (normally a shard has a handful in flight).
 pub const MAX_IN_FLIGHT_PER_SHARD: usize = 32;
 /// How long the receiver waits for a shard to answer one request before it answers
-/// [`RaftRefusal::Busy`] itself and frees the request's place (longer than any sender's RPC
-/// timeout: nobody waits for the answer by then).
+/// [`RaftRefusal::Busy`] itself and frees the request's place: longer than any sender's RPC
+/// timeout with sane Raft timing (AppendEntries wait a heartbeat interval, votes an election
+/// timeout, and `install_snapshot_timeout` is not on the mux), so nobody waits for the answer
+/// by then. (An election timeout above 30 s would see its votes refused.)
 pub const ANSWER_DEADLINE: Duration = Duration::from_secs(30);
 /// Requests whose encoded envelope is larger than this travel on a stream of their own.
 pub const MUX_MAX_REQUEST: usize = 256 * 1024;
@@ -397,13 +399,16 @@ impl Default for ServeLimits {
 /// Shards with requests in progress on one stream, and how many places each has left.
 struct ShardPlaces {
     per_shard: usize,
+    /// Above this many shards, the idle ones are forgotten (more than the stream's places, so
+    /// there always are idle ones then).
+    forget_above: usize,
     places: HashMap<ShardId, Arc<Semaphore>>,
 }
 
 impl ShardPlaces {
     /// A place for one more request of `shard`, or `None` when it has `per_shard` in progress.
     fn take(&mut self, shard: ShardId) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        if self.places.len() >= 1024 {
+        if self.places.len() >= self.forget_above {
             // Forget the shards with nothing in progress (a hostile sender naming many shards
             // must not grow this map without bound).
             let all = self.per_shard;
@@ -436,7 +441,8 @@ where
     let nobody: Pending = Default::default();
     let in_flight = limits.in_flight.max(1);
     let limit = Arc::new(Semaphore::new(in_flight));
-    let mut shards = ShardPlaces { per_shard: limits.per_shard.max(1), places: HashMap::new() };
+    let per_shard = limits.per_shard.max(1);
+    let mut shards = ShardPlaces { per_shard, forget_above: (2 * in_flight).max(1024), places: HashMap::new() };
     loop {
         let Ok(permit) = limit.clone().acquire_owned().await else { break };
         match read_request(&mut recv, MAX_FRAME_BYTES).await {
@@ -449,7 +455,7 @@ where
                     let response = match place {
                         None => RaftResponse::Refused(RaftRefusal::Busy {
                             shard,
-                            why: format!("{} requests of this sender in progress", limits.per_shard),
+                            why: format!("{per_shard} requests of this sender in progress"),
                         }),
                         Some(_place) => match tokio::time::timeout(deadline, answer(shard, envelope)).await {
                             Ok(response) => response,
@@ -459,8 +465,12 @@ where
                             }),
                         },
                     };
-                    if let RaftResponse::Refused(r) = &response {
-                        tracing::warn!("refused raft request: {r}");
+                    match &response {
+                        RaftResponse::Refused(r @ RaftRefusal::Busy { .. }) => {
+                            tracing::debug!("refused raft request: {r}")
+                        }
+                        RaftResponse::Refused(r) => tracing::warn!("refused raft request: {r}"),
+                        _ => {}
                     }
                     match encode_answer(id, &response) {
                         Ok(bytes) => {

@@ -281,7 +281,12 @@ impl IrohNetwork {
         };
         let resp = tokio::time::timeout(ttl, exchange).await.map_err(|_| NetworkError::Timeout(ttl))??;
         if let RaftResponse::Refused(r) = resp {
-            tracing::warn!(target = self.target, "raft request refused by peer: {r}");
+            if matches!(r, RaftRefusal::Busy { .. }) {
+                // Expected while the peer's shard is backed up; openraft backs off and retries.
+                tracing::debug!(target = self.target, "raft request refused by peer: {r}");
+            } else {
+                tracing::warn!(target = self.target, "raft request refused by peer: {r}");
+            }
             return Err(NetworkError::Refused(r));
         }
         Ok(resp)
