@@ -510,11 +510,8 @@ mod tests {
     use super::*;
     use crate::cluster::endpoint::{bind_endpoint, listening_addrs};
 
-    /// A message whose write is abandoned half-way (the caller timed out while the peer's flow
-    /// control held it) must not leave a partial message on the shared stream: the stream is
-    /// reset, the link is failed, and the peer's reader sees the reset rather than garbage.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_write_cut_short_resets_the_stream_and_fails_the_link() {
+    /// A peer serving the mux ALPN on loopback, its address, and an endpoint to dial it from.
+    async fn two_endpoints() -> (iroh::Endpoint, EndpointAddr, iroh::Endpoint) {
         let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
         let peer = bind_endpoint(loopback, None, MemoryLookup::new()).await.unwrap();
         peer.set_alpns(vec![RAFT_MUX_ALPN.to_vec()]);
@@ -523,6 +520,15 @@ mod tests {
             listening_addrs(&peer, loopback).into_iter().map(iroh::TransportAddr::Ip),
         );
         let me = bind_endpoint(loopback, None, MemoryLookup::new()).await.unwrap();
+        (peer, addr, me)
+    }
+
+    /// A message whose write is abandoned half-way (the caller timed out while the peer's flow
+    /// control held it) must not leave a partial message on the shared stream: the stream is
+    /// reset, the link is failed, and the peer's reader sees the reset rather than garbage.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_cut_short_resets_the_stream_and_fails_the_link() {
+        let (peer, addr, me) = two_endpoints().await;
 
         let server = tokio::spawn({
             let peer = peer.clone();
@@ -566,14 +572,7 @@ mod tests {
     /// meanwhile.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stalled_shard_is_refused_while_other_shards_are_answered() {
-        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
-        let peer = bind_endpoint(loopback, None, MemoryLookup::new()).await.unwrap();
-        peer.set_alpns(vec![RAFT_MUX_ALPN.to_vec()]);
-        let addr = EndpointAddr::from_parts(
-            peer.id(),
-            listening_addrs(&peer, loopback).into_iter().map(iroh::TransportAddr::Ip),
-        );
-        let me = bind_endpoint(loopback, None, MemoryLookup::new()).await.unwrap();
+        let (peer, addr, me) = two_endpoints().await;
         let limits = ServeLimits { in_flight: 4, per_shard: 2, answer_deadline: Duration::from_secs(2) };
         let server = tokio::spawn({
             let peer = peer.clone();
