@@ -9,8 +9,9 @@
 use std::time::{Duration, Instant};
 
 use aspen::{
+    api::raft::{Entry, LogId, WriteRequest},
     api::{Id128, WriteCommand, WriteSession},
-    raft::{Entry, LogId, RedbLogStore, RedbStateMachine, WriteRequest},
+    storage::{RedbLogStore, RedbStateMachine},
 };
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use openraft::{

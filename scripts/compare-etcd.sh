@@ -21,7 +21,7 @@ fi
 target="${CARGO_TARGET_DIR:-target}"
 # One invocation for both packages: cargo unifies the dependencies' features per invocation, so
 # building them separately would compile the shared dependency tree twice.
-cargo build --release -p aspen -p aspen-compare --bins
+cargo build --release -p aspen-bin -p aspen-compare --bins
 
 export ASPEN_COMPARE_COMMAND="scripts/compare-etcd.sh${*:+ $*}"
 exec "$target/release/aspen-compare" --node-bin "$target/release/aspen-node" "$@"

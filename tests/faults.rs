@@ -3,7 +3,7 @@
 //! Each scenario starts 3 nodes (non-sharded, or 4 shards with balanced leaders), runs
 //! concurrent clients on a small key space while recording every operation, injects its faults
 //! (partitions, loss, crashes, restarts, membership changes) on a schedule drawn from its seed,
-//! heals, and then asserts: the history is linearizable (Wing–Gong–Lowe, `aspen::checker`), the
+//! heals, and then asserts: the history is linearizable (Wing–Gong–Lowe, `aspen_checker`), the
 //! final value of every key is what the history allows (so no acknowledged write is lost),
 //! every shard has a leader, and every replica of every shard has the same digest.
 //!
@@ -15,25 +15,22 @@ mod support;
 
 use std::{
     collections::BTreeMap,
-    sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc,
-    },
     time::{Duration, Instant},
 };
 
 use aspen::{
     api::ReadConsistency,
-    checker::{CheckConfig, History, Op, OpResult},
-    client::CasOutcome,
-    fault::{self, Rule},
-    ApiError, AspenClient, ClientError,
+    transport::fault::{self, Rule},
+    AspenClient,
 };
+use aspen_checker::{CheckConfig, History, Op, OpResult};
 use iroh::EndpointId;
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use support::{wait_until, InProcNode};
-
-const KEYS: usize = 6;
+use support::{
+    wait_until,
+    workload::{key, Workload, KEYS},
+    InProcNode,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Scenario {
@@ -160,120 +157,6 @@ fn assert_cores_running(nodes: &[&InProcNode], what: &str) {
         for (shard, node) in &n.handle().shards {
             let state = node.raft().metrics().borrow().running_state.clone();
             assert!(state.is_ok(), "{what}: node {} shard {shard} Raft core stopped: {state:?}", n.config.node_id);
-        }
-    }
-}
-
-fn key(i: usize) -> Vec<u8> {
-    format!("k{i}").into_bytes()
-}
-
-/// Concurrent clients recording every op into `history` until `stop`.
-struct Workload {
-    history: History,
-    stop: Arc<AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-    acked: Arc<AtomicU64>,
-}
-
-impl Workload {
-    async fn start(cluster: &Cluster, clients: usize, seed: u64) -> Workload {
-        let history = History::new();
-        let stop = Arc::new(AtomicBool::new(false));
-        let acked = Arc::new(AtomicU64::new(0));
-        let mut tasks = Vec::new();
-        let nodes = cluster.running();
-        for c in 0..clients {
-            // Client c starts at node c % n (and fails over to the others it discovers).
-            let mut tickets: Vec<_> = nodes.iter().map(|n| n.ticket()).collect();
-            tickets.rotate_left(c % nodes.len());
-            let client = AspenClient::connect(tickets, Duration::from_secs(8)).await.expect("client");
-            let (history, stop, acked) = (history.clone(), stop.clone(), acked.clone());
-            let mut rng = StdRng::seed_from_u64(seed ^ (c as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-            tasks.push(tokio::spawn(async move {
-                let mut n = 0u64;
-                let mut last_seen: BTreeMap<usize, Option<Vec<u8>>> = BTreeMap::new();
-                while !stop.load(Ordering::SeqCst) {
-                    n += 1;
-                    let k = rng.random_range(0..KEYS);
-                    let value = format!("c{c}-{n}").into_bytes();
-                    let roll = rng.random_range(0..100);
-                    run_op(&client, &history, c as u64, k, value, roll, &mut last_seen, &acked).await;
-                }
-                client.close().await;
-            }));
-        }
-        Workload { history, stop, tasks, acked }
-    }
-
-    async fn finish(self) -> History {
-        self.stop.store(true, Ordering::SeqCst);
-        for t in self.tasks {
-            let _ = t.await;
-        }
-        self.history
-    }
-}
-
-/// Whether a failed write may still have taken effect.
-fn write_outcome_unknown(e: &ClientError) -> bool {
-    !matches!(e, ClientError::Api(ApiError::InvalidRequest(_) | ApiError::TooLarge { .. }))
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn run_op(
-    client: &AspenClient,
-    history: &History,
-    c: u64,
-    k: usize,
-    value: Vec<u8>,
-    roll: u32,
-    last_seen: &mut BTreeMap<usize, Option<Vec<u8>>>,
-    acked: &AtomicU64,
-) {
-    let key = key(k);
-    if roll < 45 {
-        let h = history.invoke(c, Op::Get { key: key.clone() });
-        match client.get(key).await {
-            Ok(kv) => {
-                let v = kv.map(|kv| kv.value);
-                last_seen.insert(k, v.clone());
-                h.ok(OpResult::Get(v));
-            }
-            // A read that failed had no effect.
-            Err(_) => h.failed(),
-        }
-    } else if roll < 80 {
-        let h = history.invoke(c, Op::Put { key: key.clone(), value: value.clone() });
-        match client.put(key, value).await {
-            Ok(_) => {
-                acked.fetch_add(1, Ordering::Relaxed);
-                h.ok(OpResult::Put)
-            }
-            Err(e) if write_outcome_unknown(&e) => h.unknown(),
-            Err(_) => h.failed(),
-        }
-    } else if roll < 90 {
-        let expected = last_seen.get(&k).cloned().flatten();
-        let h = history.invoke(c, Op::Cas { key: key.clone(), expected: expected.clone(), new: Some(value.clone()) });
-        match client.cas(key, expected, value).await {
-            Ok(CasOutcome::Swapped(_)) => {
-                acked.fetch_add(1, Ordering::Relaxed);
-                h.ok(OpResult::Cas(true))
-            }
-            Ok(CasOutcome::Mismatch(_)) => h.ok(OpResult::Cas(false)),
-            Err(e) if write_outcome_unknown(&e) => h.unknown(),
-            Err(_) => h.failed(),
-        }
-    } else {
-        let h = history.invoke(c, Op::Delete { key: key.clone() });
-        match client.delete(key).await {
-            Ok(existed) => {
-                acked.fetch_add(1, Ordering::Relaxed);
-                h.ok(OpResult::Delete(Some(existed)))
-            }
-            Err(e) if write_outcome_unknown(&e) => h.unknown(),
-            Err(_) => h.failed(),
         }
     }
 }
@@ -480,13 +363,14 @@ async fn run_scenario(scenario: Scenario, size: usize, shards: u32, seed: u64) {
     );
     let mut rng = StdRng::seed_from_u64(seed);
     let mut cluster = Cluster::start(size, shards).await;
-    let workload = Workload::start(&cluster, 6, rng.random()).await;
+    let tickets = cluster.running().iter().map(|n| n.ticket()).collect();
+    let workload = Workload::start(tickets, 6, rng.random()).await;
     sleep_ms(1500).await;
     let what = inject(&mut cluster, scenario, &mut rng).await;
     println!("faults: {what}");
     fault::heal(&cluster.endpoints());
     sleep_ms(2000).await;
-    let acked_during = workload.acked.load(Ordering::Relaxed);
+    let acked_during = workload.acked();
     let history = workload.finish().await;
     cluster.heal_and_settle(120).await;
     assert_cores_running(&cluster.running(), &format!("seed {seed}"));

@@ -6,7 +6,7 @@
 //! test process is a client of the nodes at `10.201.X.1..3`; nothing else is addressed. Three
 //! nodes start with `ip netns exec`, node 1 initializes and 2, 3 `--join` it. Concurrent clients
 //! run get/put/cas/delete on a small key space and record every op in an
-//! [`aspen::checker::History`], while a seeded schedule injects, one after the other and healed
+//! [`aspen_checker::History`], while a seeded schedule injects, one after the other and healed
 //! in between: a node cut off from its peers (client path up), a node cut off from everyone, 20–35 %
 //! random loss on every node, `kill -9` and a restart from the data dir, and `SIGSTOP`/`SIGCONT` of
 //! a leader. After healing: every shard has one leader and replicas with equal applied indexes
@@ -23,33 +23,30 @@ mod support;
 
 use std::{
     collections::BTreeMap,
-    fs::OpenOptions,
     io::Write,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc,
-    },
     time::{Duration, Instant},
 };
 
 use aspen::{
     api::{ClusterStatus, NodeTicket, ReadConsistency},
-    checker::{CheckConfig, History, Op, OpResult},
-    client::CasOutcome,
-    ApiError, AspenClient, ClientError,
+    AspenClient,
 };
+use aspen_checker::{CheckConfig, Op, OpResult};
+use aspen_testkit::{NodeProcess, NodeSpec, OnDrop, Output as ProcOutput, SIGCONT, SIGSTOP};
 use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
-use support::NODE_BIN;
+use support::{
+    workload::{key, Workload, KEYS},
+    NODE_BIN,
+};
 
 /// Network namespace names start with this (then the pid of the test process).
 const NS_PREFIX: &str = "aspen-nt";
 /// Host-side link names (bridge, veths) start with this (then the pid); at most 15 bytes in all.
 const LINK_PREFIX: &str = "asnt";
 const NODES: usize = 3;
-const KEYS: usize = 6;
 const CLIENTS: usize = 5;
 
 // ---------------------------------------------------------------------------------------------
@@ -177,47 +174,32 @@ struct Node {
     data_dir: PathBuf,
     log: PathBuf,
     args: Vec<String>,
-    child: Option<Child>,
+    running: Option<NodeProcess>,
 }
 
 impl Node {
     fn spawn(&mut self) {
-        assert!(self.child.is_none(), "node {} already running", self.id);
-        let _ = std::fs::remove_file(self.data_dir.join("node.ticket"));
-        let log = OpenOptions::new().create(true).append(true).open(&self.log).expect("node log");
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.ns, NODE_BIN])
-            .arg("--node-id")
-            .arg(self.id.to_string())
-            .arg("--data-dir")
-            .arg(&self.data_dir)
-            .arg("--bind-addr")
-            .arg(self.addr.to_string())
-            .args(["--heartbeat-interval-ms", "400", "--election-timeout-min-ms", "1500"])
-            .args(["--election-timeout-max-ms", "3000", "--request-timeout-ms", "8000"])
-            .args(&self.args)
-            .env_remove("ASPEN_TICKET")
-            .env("RUST_LOG", "warn")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn ip netns exec aspen-node");
-        self.child = Some(child);
+        assert!(self.running.is_none(), "node {} already running", self.id);
+        let mut spec = NodeSpec::new(NODE_BIN, Path::new(""), self.id, self.addr);
+        spec.data_dir = self.data_dir.clone();
+        spec.wrapper = ["ip", "netns", "exec", &self.ns].map(Into::into).to_vec();
+        spec.args = ["--request-timeout-ms", "8000"].map(String::from).to_vec();
+        spec.args.extend(self.args.iter().cloned());
+        let output = ProcOutput::File { path: self.log.clone(), append: true };
+        let node = NodeProcess::start(spec, &output, OnDrop::Kill).expect("spawn ip netns exec aspen-node");
+        self.running = Some(node);
     }
 
     /// Waits until the node wrote a ticket naming its address.
     async fn wait_ready(&mut self) {
+        let node = self.running.as_mut().expect("node started");
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
-            if self.read_ticket().is_some_and(|t| t.addrs.contains(&self.addr)) {
-                return;
+            match node.poll_ready() {
+                Ok(Some(_)) => return,
+                Ok(None) => tokio::time::sleep(Duration::from_millis(50)).await,
+                Err(e) => panic!("{e} (log {})", self.log.display()),
             }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("aspen-node {} exited during start-up: {status} (log {})", self.id, self.log.display());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!("aspen-node {} wrote no ticket within 60 s (log {})", self.id, self.log.display());
     }
@@ -231,16 +213,14 @@ impl Node {
         self.read_ticket().expect("node has a ticket")
     }
 
-    fn signal(&self, sig: &str) {
-        let pid = self.child.as_ref().expect("node running").id().to_string();
-        run("kill", &[sig, &pid]).expect("kill");
+    fn signal(&self, signal: i32) {
+        self.running.as_ref().expect("node running").proc.signal(signal).expect("kill");
     }
 
     /// `kill -9` (also works on a stopped process).
     fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(mut n) = self.running.take() {
+            n.proc.kill();
         }
     }
 }
@@ -321,7 +301,7 @@ impl Net {
             data_dir: root.join(format!("node-{}", i + 1)),
             log: root.join(format!("node-{}.log", i + 1)),
             args,
-            child: None,
+            running: None,
         });
     }
 
@@ -395,120 +375,6 @@ fn pick_subnet(pid: u32, tag: char) -> u8 {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Workload (as in tests/faults.rs)
-
-fn key(i: usize) -> Vec<u8> {
-    format!("k{i}").into_bytes()
-}
-
-struct Workload {
-    history: History,
-    stop: Arc<AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-    acked: Arc<AtomicU64>,
-}
-
-impl Workload {
-    async fn start(tickets: Vec<NodeTicket>, seed: u64) -> Workload {
-        let history = History::new();
-        let stop = Arc::new(AtomicBool::new(false));
-        let acked = Arc::new(AtomicU64::new(0));
-        let mut tasks = Vec::new();
-        for c in 0..CLIENTS {
-            let mut tickets = tickets.clone();
-            let n = tickets.len();
-            tickets.rotate_left(c % n);
-            let client = AspenClient::connect(tickets, Duration::from_secs(8)).await.expect("client");
-            let (history, stop, acked) = (history.clone(), stop.clone(), acked.clone());
-            let mut rng = StdRng::seed_from_u64(seed ^ (c as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-            tasks.push(tokio::spawn(async move {
-                let mut n = 0u64;
-                let mut last_seen: BTreeMap<usize, Option<Vec<u8>>> = BTreeMap::new();
-                while !stop.load(Ordering::SeqCst) {
-                    n += 1;
-                    let k = rng.random_range(0..KEYS);
-                    let value = format!("c{c}-{n}").into_bytes();
-                    let roll = rng.random_range(0..100);
-                    run_op(&client, &history, c as u64, k, value, roll, &mut last_seen, &acked).await;
-                }
-                client.close().await;
-            }));
-        }
-        Workload { history, stop, tasks, acked }
-    }
-
-    async fn finish(self) -> History {
-        self.stop.store(true, Ordering::SeqCst);
-        for t in self.tasks {
-            let _ = t.await;
-        }
-        self.history
-    }
-}
-
-/// Whether a failed write may still have taken effect.
-fn write_outcome_unknown(e: &ClientError) -> bool {
-    !matches!(e, ClientError::Api(ApiError::InvalidRequest(_) | ApiError::TooLarge { .. }))
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn run_op(
-    client: &AspenClient,
-    history: &History,
-    c: u64,
-    k: usize,
-    value: Vec<u8>,
-    roll: u32,
-    last_seen: &mut BTreeMap<usize, Option<Vec<u8>>>,
-    acked: &AtomicU64,
-) {
-    let key = key(k);
-    if roll < 45 {
-        let h = history.invoke(c, Op::Get { key: key.clone() });
-        match client.get(key).await {
-            Ok(kv) => {
-                let v = kv.map(|kv| kv.value);
-                last_seen.insert(k, v.clone());
-                h.ok(OpResult::Get(v));
-            }
-            // A read that failed had no effect.
-            Err(_) => h.failed(),
-        }
-    } else if roll < 80 {
-        let h = history.invoke(c, Op::Put { key: key.clone(), value: value.clone() });
-        match client.put(key, value).await {
-            Ok(_) => {
-                acked.fetch_add(1, Ordering::Relaxed);
-                h.ok(OpResult::Put)
-            }
-            Err(e) if write_outcome_unknown(&e) => h.unknown(),
-            Err(_) => h.failed(),
-        }
-    } else if roll < 90 {
-        let expected = last_seen.get(&k).cloned().flatten();
-        let h = history.invoke(c, Op::Cas { key: key.clone(), expected: expected.clone(), new: Some(value.clone()) });
-        match client.cas(key, expected, value).await {
-            Ok(CasOutcome::Swapped(_)) => {
-                acked.fetch_add(1, Ordering::Relaxed);
-                h.ok(OpResult::Cas(true))
-            }
-            Ok(CasOutcome::Mismatch(_)) => h.ok(OpResult::Cas(false)),
-            Err(e) if write_outcome_unknown(&e) => h.unknown(),
-            Err(_) => h.failed(),
-        }
-    } else {
-        let h = history.invoke(c, Op::Delete { key: key.clone() });
-        match client.delete(key).await {
-            Ok(existed) => {
-                acked.fetch_add(1, Ordering::Relaxed);
-                h.ok(OpResult::Delete(Some(existed)))
-            }
-            Err(e) if write_outcome_unknown(&e) => h.unknown(),
-            Err(_) => h.failed(),
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Cluster status
 
@@ -636,10 +502,10 @@ async fn inject(net: &mut Net, tickets: &[NodeTicket], rng: &mut StdRng) -> Vec<
                 net.nodes[victim].wait_ready().await;
             }
             Fault::StopLeader => {
-                net.nodes[victim].signal("-STOP");
+                net.nodes[victim].signal(SIGSTOP);
                 log.push(format!("SIGSTOP leader node {} for {hold} ms", victim + 1));
                 sleep_ms(hold).await;
-                net.nodes[victim].signal("-CONT");
+                net.nodes[victim].signal(SIGCONT);
             }
         }
         net.heal_firewalls();
@@ -719,11 +585,11 @@ async fn run_netns_scenario(tag: char, shards: u32) {
     }
     println!("cluster up after {:?}", started.elapsed());
 
-    let workload = Workload::start(tickets.clone(), rng.random()).await;
+    let workload = Workload::start(tickets.clone(), CLIENTS, rng.random()).await;
     sleep_ms(1500).await;
     let what = inject(&mut net, &tickets, &mut rng).await;
     println!("faults: {}", what.join("; "));
-    let acked = workload.acked.load(Ordering::Relaxed);
+    let acked = workload.acked();
     let history = workload.finish().await;
     wait_converged(&tickets, shards, 120).await;
 

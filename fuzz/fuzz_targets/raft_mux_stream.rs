@@ -4,7 +4,7 @@
 //! request read re-encodes to exactly the bytes it came from; nothing over the limit is read.
 #![no_main]
 
-use aspen::raft::mux::{read_request, split_request, Incoming};
+use aspen::transport::mux::{read_request, split_request, Incoming};
 use aspen_fuzz::{poll_ready, split_limit};
 use libfuzzer_sys::fuzz_target;
 

@@ -3,7 +3,7 @@
 
 use aspen::{
     api::frame::encode_frame,
-    raft::rpc::{decode_raft_request, read_raft_request},
+    api::raft_rpc::{decode_raft_request, read_raft_request},
 };
 use aspen_fuzz::{canonical, poll_ready, split_limit};
 use libfuzzer_sys::fuzz_target;

@@ -3,7 +3,7 @@
 
 use aspen::{
     api::frame::{decode_frame, encode_frame, read_frame},
-    raft::rpc::RaftResponse,
+    api::raft_rpc::RaftResponse,
 };
 use aspen_fuzz::{canonical, check_limit, error_kind, poll_ready, split_limit};
 use libfuzzer_sys::fuzz_target;

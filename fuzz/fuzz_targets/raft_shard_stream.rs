@@ -4,8 +4,8 @@
 #![no_main]
 
 use aspen::{
+    api::raft_rpc::{decode_raft_request, read_raft_request, RaftRefusal},
     api::{encode_shard_prefix, frame::encode_frame},
-    raft::rpc::{decode_raft_request, read_raft_request, RaftRefusal},
 };
 use aspen_fuzz::{canonical, poll_ready, split_limit};
 use libfuzzer_sys::fuzz_target;

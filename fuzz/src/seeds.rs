@@ -5,16 +5,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use aspen::{
+    api::raft_rpc::{RaftEnvelope, RaftRefusal, RaftRequest, RaftResponse},
     api::{
         encode_shard_prefix, frame::encode_frame, ApiError, BatchOp, ClientEnvelope, ClientRequest, ClientResponse,
         ClientResult, Id128, JoinRequest, KeyValue, NodeTicket, ReadConsistency, ScanPage, ScanRequest, WriteCommand,
         WriteOutcome, WriteSession, CLIENT_PROTOCOL_VERSION,
     },
     cluster::gossip::{Announcement, LeaderHint, SignedAnnouncement, ANNOUNCEMENT_VERSION},
-    raft::{
-        rpc::{RaftEnvelope, RaftRefusal, RaftRequest, RaftResponse},
-        Entry, LogId, MemberNode, SnapshotMeta, StoredMembership, Vote, WriteRequest,
-    },
+    raft::{Entry, LogId, MemberNode, SnapshotMeta, StoredMembership, Vote, WriteRequest},
 };
 use openraft::{
     error::{Fatal, RaftError},
@@ -200,13 +198,18 @@ pub fn all() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         })
         .collect();
     // Mux streams: several requests of different shards back to back, each `id | shard | frame`.
-    let mux_message =
-        |id: u64, shard: u32, e: &RaftEnvelope| aspen::raft::mux::encode_request(id, shard, &encode_frame(e).expect("encode"));
+    let mux_message = |id: u64, shard: u32, e: &RaftEnvelope| {
+        aspen::transport::mux::encode_request(id, shard, &encode_frame(e).expect("encode"))
+    };
     let envelopes = raft_envelopes();
     let raft_mux_stream = (1..=envelopes.len())
         .map(|n| {
-            let stream: Vec<u8> =
-                envelopes.iter().take(n).enumerate().flat_map(|(i, e)| mux_message(i as u64, i as u32 * 3, e)).collect();
+            let stream: Vec<u8> = envelopes
+                .iter()
+                .take(n)
+                .enumerate()
+                .flat_map(|(i, e)| mux_message(i as u64, i as u32 * 3, e))
+                .collect();
             with_limit(stream)
         })
         .collect();

@@ -13,9 +13,9 @@ use std::{
 
 use aspen::{
     api::{ApiError, KeyValue, NodeTicket, ReadConsistency, ShardStatus},
-    bench::{AspenBackend, BenchConfig, BenchError, Progress, ProgressFn, Stop, Workload},
     client::{AspenClient, CasOutcome, ClientError},
 };
+use aspen_bench::{AspenBackend, BenchConfig, BenchError, Progress, ProgressFn, Stop, Workload};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
@@ -90,7 +90,7 @@ enum Command {
 #[derive(Args, Debug)]
 struct BenchArgs {
     /// Concurrent clients, each with its own connection; client i dials ticket i % tickets first.
-    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=aspen::bench::MAX_CLIENTS as u64))]
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=aspen_bench::MAX_CLIENTS as u64))]
     clients: u64,
     /// Stop after this many requests in total (not counting warm-up).
     #[arg(long, conflicts_with = "duration", value_parser = clap::value_parser!(u64).range(1..))]
@@ -260,7 +260,7 @@ fn main() -> ExitCode {
     })
 }
 
-/// `aspen-cli bench`: runs the load generator of [`aspen::bench`] and prints its report.
+/// `aspen-cli bench`: runs the load generator of [`aspen_bench`] and prints its report.
 async fn run_bench(tickets: Vec<NodeTicket>, cli: &Cli, config: BenchConfig, progress: bool) -> ExitCode {
     let backend = match AspenBackend::new(tickets, Duration::from_secs_f64(cli.timeout)) {
         Ok(b) => b,
@@ -288,7 +288,7 @@ async fn run_bench(tickets: Vec<NodeTicket>, cli: &Cli, config: BenchConfig, pro
             }
         }) as ProgressFn
     });
-    let result = aspen::bench::run(&backend, &config, progress).await;
+    let result = aspen_bench::run(&backend, &config, progress).await;
     if tty && std::io::stderr().is_terminal() {
         eprint!("\r\x1b[K");
     }

@@ -4,8 +4,7 @@
 use std::process::ExitCode;
 
 use aspen::{
-    api::NodeTicket,
-    cluster::{bootstrap_node, bootstrap_sharded_node, BootstrapError, NodeHandle, ShardedNodeHandle},
+    cluster::{bootstrap_node, bootstrap_sharded_node, BootstrapError},
     config::{NodeArgs, NodeConfig},
 };
 use clap::Parser;
@@ -13,28 +12,6 @@ use clap::Parser;
 /// mimalloc: glibc malloc was ~10 % of a node's cycles under load.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// The two ways a node runs: one shard (the default), or several behind one endpoint.
-enum NodeMode {
-    Single(NodeHandle),
-    Sharded(ShardedNodeHandle),
-}
-
-impl NodeMode {
-    fn ticket(&self) -> NodeTicket {
-        match self {
-            NodeMode::Single(n) => n.ticket(),
-            NodeMode::Sharded(n) => n.ticket(),
-        }
-    }
-
-    async fn shutdown(self) {
-        match self {
-            NodeMode::Single(n) => n.shutdown().await,
-            NodeMode::Sharded(n) => n.shutdown().await,
-        }
-    }
-}
 
 fn main() -> ExitCode {
     let args = NodeArgs::parse();
@@ -66,11 +43,8 @@ async fn run(config: NodeConfig) -> ExitCode {
     // Caught from the start: the ticket file appears during bootstrap, and a SIGTERM sent as soon
     // as it does must still shut the node down gracefully, not kill it half-started.
     let signals = Signals::new();
-    let started = if config.sharding.enabled {
-        bootstrap_sharded_node(config).await.map(NodeMode::Sharded)
-    } else {
-        bootstrap_node(config).await.map(NodeMode::Single)
-    };
+    let started =
+        if config.sharding.enabled { bootstrap_sharded_node(config).await } else { bootstrap_node(config).await };
     let node = match started {
         Ok(n) => n,
         Err(e) => {

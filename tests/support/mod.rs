@@ -1,33 +1,35 @@
-//! Test harness: spawn real `aspen-node` processes on loopback with their own data dirs, run
-//! `aspen-cli` against them, and stop them gracefully or with `kill -9`.
+//! Test harness shared by every integration test binary: spawn real `aspen-node` processes on
+//! loopback with their own data dirs, run `aspen-cli` against them, and stop them gracefully or
+//! with `kill -9`; in-process nodes ([`InProcNode`]); waiting for convergence and equal replica
+//! digests; and the recorded client workload of the fault tests ([`workload`]).
 #![allow(dead_code)]
+
+pub mod workload;
 
 use std::{
     collections::BTreeMap,
-    net::{SocketAddr, UdpSocket},
+    net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    process::{Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
 use aspen::api::{NodeTicket, StateDigest};
+use aspen_testkit::{NodeProcess, NodeSpec, OnDrop, Output as ProcOutput};
 
 pub const NODE_BIN: &str = env!("CARGO_BIN_EXE_aspen-node");
 pub const CLI_BIN: &str = env!("CARGO_BIN_EXE_aspen-cli");
 
-/// A free UDP port on 127.0.0.1 (bound and released; good enough for serial tests).
-pub fn free_port() -> u16 {
-    let sock = UdpSocket::bind("127.0.0.1:0").expect("bind probe socket");
-    sock.local_addr().expect("probe addr").port()
-}
+pub use aspen_testkit::free_port;
 
-/// One `aspen-node` process and its data dir.
+/// One `aspen-node` process of a test and its data dir (test Raft timing, `RUST_LOG=warn`,
+/// stderr on the test's stderr; killed with `kill -9` when dropped).
 pub struct NodeProc {
     pub node_id: u64,
     pub data_dir: PathBuf,
     pub bind: SocketAddr,
     pub extra_args: Vec<String>,
-    child: Option<Child>,
+    running: Option<NodeProcess>,
 }
 
 impl NodeProc {
@@ -38,52 +40,34 @@ impl NodeProc {
             data_dir: root.join(format!("node-{node_id}")),
             bind: SocketAddr::from(([127, 0, 0, 1], free_port())),
             extra_args: Vec::new(),
-            child: None,
+            running: None,
         }
     }
 
+    fn spec(&self) -> NodeSpec {
+        let mut spec = NodeSpec::new(NODE_BIN, Path::new(""), self.node_id, self.bind);
+        spec.data_dir = self.data_dir.clone();
+        spec.args = self.extra_args.clone();
+        spec
+    }
+
+    /// The command that starts this node (for tests that spawn it themselves).
     pub fn command(&self) -> Command {
-        let mut cmd = Command::new(NODE_BIN);
-        cmd.arg("--node-id")
-            .arg(self.node_id.to_string())
-            .arg("--data-dir")
-            .arg(&self.data_dir)
-            .arg("--bind-addr")
-            .arg(self.bind.to_string())
-            .args(["--heartbeat-interval-ms", "400", "--election-timeout-min-ms", "1500"])
-            .args(["--election-timeout-max-ms", "3000"])
-            .args(&self.extra_args)
-            .env_remove("ASPEN_TICKET")
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
+        let mut cmd = self.spec().command();
+        cmd.env_remove("ASPEN_TICKET").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit());
         cmd
     }
 
     /// Starts the node and waits until its ticket file names its current address.
     pub fn start(&mut self) {
-        assert!(self.child.is_none(), "node {} already running", self.node_id);
-        let _ = std::fs::remove_file(self.data_dir.join("node.ticket"));
-        self.child = Some(self.command().spawn().expect("spawn aspen-node"));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Some(t) = self.read_ticket() {
-                if t.addrs.contains(&self.bind) {
-                    return;
-                }
-            }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("aspen-node {} exited during start-up: {status}", self.node_id);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("aspen-node {} wrote no ticket within 30 s", self.node_id);
+        assert!(self.running.is_none(), "node {} already running", self.node_id);
+        let mut node = NodeProcess::start(self.spec(), &ProcOutput::Inherit, OnDrop::Kill).expect("spawn aspen-node");
+        node.wait_ready(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}"));
+        self.running = Some(node);
     }
 
     pub fn read_ticket(&self) -> Option<NodeTicket> {
-        let text = std::fs::read_to_string(self.data_dir.join("node.ticket")).ok()?;
-        NodeTicket::decode(text.trim()).ok()
+        self.spec().read_ticket()
     }
 
     pub fn ticket(&self) -> NodeTicket {
@@ -91,34 +75,20 @@ impl NodeProc {
     }
 
     pub fn is_running(&mut self) -> bool {
-        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+        self.running.as_mut().is_some_and(|n| n.proc.is_running())
     }
 
     /// `kill -9`.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(mut n) = self.running.take() {
+            n.proc.kill();
         }
     }
 
     /// Sends SIGTERM and returns the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let mut c = self.child.take().expect("node running");
-        let pid = c.id().to_string();
-        let ok = Command::new("kill").args(["-TERM", &pid]).status().expect("run kill").success();
-        assert!(ok, "kill -TERM failed");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = c.try_wait().expect("wait") {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                panic!("aspen-node {} did not exit within 30 s of SIGTERM", self.node_id);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let mut node = self.running.take().expect("node running");
+        node.proc.terminate(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Runs `aspen-cli --data-dir <this node> ARGS`.
@@ -132,12 +102,6 @@ impl NodeProc {
             .env_remove("ASPEN_DATA_DIR")
             .output()
             .expect("run aspen-cli")
-    }
-}
-
-impl Drop for NodeProc {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 
@@ -196,7 +160,7 @@ impl InProcNode {
 
     async fn boot(config: &aspen::NodeConfig) -> aspen::cluster::NodeHandle {
         if config.sharding.enabled {
-            aspen::cluster::bootstrap_sharded_node(config.clone()).await.expect("sharded node starts").node
+            aspen::cluster::bootstrap_sharded_node(config.clone()).await.expect("sharded node starts")
         } else {
             aspen::cluster::bootstrap_node(config.clone()).await.expect("node starts")
         }
@@ -297,9 +261,12 @@ pub async fn raw_raft_clients(
     cluster_id: aspen::api::ClusterId,
     shards: &[Option<u32>],
 ) -> (iroh::Endpoint, Vec<aspen::raft::network::IrohNetwork>) {
-    use aspen::raft::{network::ConnectionPool, IrohNetworkFactory, MemberNode, PeerBook};
+    use aspen::{
+        raft::{IrohNetworkFactory, MemberNode},
+        transport::{ConnectionPool, PeerBook},
+    };
     use openraft::RaftNetworkFactory;
-    let ep = aspen::cluster::endpoint::bind_endpoint(
+    let ep = aspen::transport::endpoint::bind_endpoint(
         "127.0.0.1:0".parse().unwrap(),
         None,
         iroh::address_lookup::MemoryLookup::new(),

@@ -3,15 +3,13 @@
 
 use std::{
     collections::BTreeMap,
-    net::SocketAddr,
     path::Path,
-    process::Command,
     time::{Duration, Instant},
 };
 
 use aspen::{api::NodeTicket, AspenClient};
 
-use crate::procs::{free_udp_addrs, Proc};
+use crate::procs::{self, free_udp_addrs, NodeProcess, NodeSpec};
 
 /// A running Aspen cluster; its processes are stopped and its data dirs removed on drop.
 pub struct AspenCluster {
@@ -19,7 +17,7 @@ pub struct AspenCluster {
     pub tickets: Vec<NodeTicket>,
     pub num_shards: u32,
     // Field order matters: the processes stop before their data dirs are removed.
-    nodes: Vec<Proc>,
+    nodes: Vec<NodeProcess>,
     _dir: tempfile::TempDir,
 }
 
@@ -38,24 +36,19 @@ impl AspenCluster {
         let root = cluster._dir.path().to_path_buf();
         for (i, addr) in addrs.iter().enumerate() {
             let node_id = i as u64 + 1;
-            let data_dir = root.join(format!("node-{node_id}"));
-            let mut cmd = Command::new(node_bin);
-            cmd.arg("--node-id")
-                .arg(node_id.to_string())
-                .arg("--data-dir")
-                .arg(&data_dir)
-                .arg("--bind-addr")
-                .arg(addr.to_string())
-                .env("RUST_LOG", "warn");
+            // The product's defaults (Raft timing and all), only where it lives and listens.
+            let mut spec = NodeSpec::new(node_bin, &root, node_id, *addr);
+            spec.test_timing = false;
             if num_shards > 1 {
-                cmd.args(["--sharding-enabled", "--sharding-num-shards", &num_shards.to_string()]);
+                spec.args
+                    .extend(["--sharding-enabled", "--sharding-num-shards", &num_shards.to_string()].map(String::from));
             }
             if let Some(first) = cluster.tickets.first() {
-                cmd.arg("--join").arg(first.encode());
+                spec.args.extend(["--join".to_string(), first.encode()]);
             }
             let log = root.join(format!("node-{node_id}.log"));
-            cluster.nodes.push(Proc::spawn(format!("aspen-node {node_id}"), cmd, &log)?);
-            let ticket = wait_for_ticket(cluster.nodes.last_mut().expect("just pushed"), &data_dir, *addr).await?;
+            cluster.nodes.push(procs::spawn_node(spec, &log)?);
+            let ticket = wait_for_ticket(cluster.nodes.last_mut().expect("just pushed")).await?;
             cluster.tickets.push(ticket);
         }
         cluster.wait_converged(Duration::from_secs(120)).await?;
@@ -147,27 +140,21 @@ impl AspenCluster {
     }
 
     fn exited_node(&mut self) -> Option<String> {
-        self.nodes
-            .iter_mut()
-            .find_map(|p| p.exited().map(|status| format!("{} exited ({status}):\n{}", p.name, p.log_tail(20))))
+        self.nodes.iter_mut().find_map(|n| {
+            n.proc.exited().map(|status| format!("{} exited ({status}):\n{}", n.proc.name, n.proc.log_tail(20)))
+        })
     }
 }
 
 /// Waits until the node has written a ticket naming its bind address.
-async fn wait_for_ticket(proc: &mut Proc, data_dir: &Path, bind: SocketAddr) -> Result<NodeTicket, String> {
+async fn wait_for_ticket(node: &mut NodeProcess) -> Result<NodeTicket, String> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let text = std::fs::read_to_string(data_dir.join("node.ticket")).unwrap_or_default();
-        if let Ok(ticket) = NodeTicket::decode(text.trim()) {
-            if ticket.addrs.contains(&bind) {
-                return Ok(ticket);
-            }
-        }
-        if let Some(status) = proc.exited() {
-            return Err(format!("{} exited during start-up ({status}):\n{}", proc.name, proc.log_tail(20)));
+        if let Some(ticket) = node.poll_ready()? {
+            return Ok(ticket);
         }
         if Instant::now() > deadline {
-            return Err(format!("{} wrote no ticket within 60 s:\n{}", proc.name, proc.log_tail(20)));
+            return Err(format!("{} wrote no ticket within 60 s:\n{}", node.proc.name, node.proc.log_tail(20)));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

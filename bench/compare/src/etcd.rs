@@ -1,5 +1,5 @@
 //! etcd under test: a 3-member cluster of real `etcd` processes on 127.0.0.1, and etcd as an
-//! [`aspen::bench::BenchBackend`].
+//! [`aspen_bench::BenchBackend`].
 
 use std::{
     path::{Path, PathBuf},
@@ -7,13 +7,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aspen::{
-    api::ReadConsistency,
-    bench::{BenchBackend, BenchClient, OpError},
-};
+use aspen::api::ReadConsistency;
+use aspen_bench::{BenchBackend, BenchClient, OpError};
 use etcd_client::{Client, ConnectOptions, GetOptions, Txn, TxnOp};
 
-use crate::procs::{free_tcp_ports, Proc};
+use crate::procs::{self, free_tcp_ports, Proc};
 
 /// A running etcd cluster; its processes are stopped and its data dirs removed on drop.
 pub struct EtcdCluster {
@@ -52,7 +50,7 @@ impl EtcdCluster {
                 .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
                 .args(["--initial-cluster", &initial_cluster, "--initial-cluster-state", "new"])
                 .args(["--initial-cluster-token", &token]);
-            members.push(Proc::spawn(format!("etcd {}", name(i)), cmd, &dir.path().join(format!("{}.log", name(i))))?);
+            members.push(procs::spawn(format!("etcd {}", name(i)), cmd, &dir.path().join(format!("{}.log", name(i))))?);
         }
         let endpoints = client_ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
         let mut cluster = EtcdCluster { endpoints, members, _dir: dir };

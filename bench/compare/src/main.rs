@@ -3,7 +3,7 @@
 //! Starts a 3-member etcd cluster, a 3-node Aspen cluster (one shard) and a 3-node Aspen cluster
 //! with `--shards` shards and balanced shard leaders, one after another, each on 127.0.0.1 with
 //! fresh temp data dirs and default settings (fsync on), and drives each with the same load
-//! generator ([`aspen::bench::run`]) at every `--clients` count for every `--ops` operation.
+//! generator ([`aspen_bench::run`]) at every `--clients` count for every `--ops` operation.
 //! Prints one table (system, op, clients, ops/s, p50, p99, errors, Aspen/etcd throughput ratio)
 //! and writes it with the machine description and the command to `benches/RESULTS.md`.
 //!
@@ -26,10 +26,8 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use aspen::{
-    api::ReadConsistency,
-    bench::{AspenBackend, BenchBackend, BenchConfig, Progress, ProgressFn, Stop, Workload},
-};
+use aspen::api::ReadConsistency;
+use aspen_bench::{AspenBackend, BenchBackend, BenchConfig, Progress, ProgressFn, Stop, Workload};
 use clap::{Parser, ValueEnum};
 
 use crate::{
@@ -361,7 +359,7 @@ async fn measure<B: BenchBackend>(backend: &B, system: &str, baseline: bool, pla
                 ..BenchConfig::default()
             };
             eprint!("aspen-compare: {system:<16} {op:<9} {clients:>4} client(s): ");
-            let result = match aspen::bench::run(backend, &config, plan.progress.clone()).await {
+            let result = match aspen_bench::run(backend, &config, plan.progress.clone()).await {
                 Ok(r) if r.all_failed() => Err(format!(
                     "all {} requests failed: {}",
                     r.ops,
@@ -488,7 +486,7 @@ fn context(args: &Args, plan: &Plan, etcd: Option<&Path>, node: Option<&Path>) -
     let workload = format!(
         "closed loop, {} s measured per row after {} s of warm-up; {}-byte values; {} keys picked uniformly \
          at random (get rows write every key first, not counted); client i has its own connection to member \
-         i mod {} and one request in flight; the same load generator (`aspen::bench::run`) for every system, \
+         i mod {} and one request in flight; the same load generator (`aspen_bench::run`) for every system, \
          on the same machine as the servers; `aspen ({} shards)` is started with `--sharding-enabled \
          --sharding-num-shards {}` and its shard leaders spread with `cluster balance-leaders`",
         plan.duration.as_secs_f64(),

@@ -1,0 +1,669 @@
+//! The shared vocabulary of Aspen, at the bottom of the dependency graph.
+//!
+//! This module owns the types that cross a boundary: key-value operations and their results,
+//! the client request/response enums and their wire framing, the typed client errors, ALPN
+//! names, the shard-aware Raft id codec and node tickets; and the Raft group's shared types
+//! ([`raft`]: openraft type configuration, log entry payloads, member records) and node-to-node
+//! Raft messages ([`raft_rpc`]). Every other module uses it; it must never import any of them.
+
+pub mod frame;
+pub mod raft;
+pub mod raft_rpc;
+pub mod ticket;
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+pub use frame::{FrameError, MAX_FRAME_BYTES};
+pub use ticket::{NodeTicket, TicketError};
+
+/// ALPN of the client protocol (requests from `aspen-cli`, the Rust client and forwarding nodes).
+pub const CLIENT_ALPN: &[u8] = b"aspen-client";
+/// ALPN of the legacy, unprefixed Raft protocol (shard 0 only).
+pub const RAFT_ALPN: &[u8] = b"raft-rpc";
+/// ALPN of the sharded Raft protocol: every stream starts with a `u32` big-endian shard id.
+pub const RAFT_SHARDED_ALPN: &[u8] = b"raft-shard";
+/// Raft RPCs of every shard to one peer on one long-lived stream (`transport::mux`).
+pub const RAFT_MUX_ALPN: &[u8] = b"aspen-raft-mux/1";
+
+/// Version of the client wire protocol, carried in every request envelope.
+pub const CLIENT_PROTOCOL_VERSION: u16 = 1;
+
+/// A node id as operators see it (`--node-id`). Must be `1 ..= 2^48 - 1`.
+pub type NodeId = u64;
+/// A shard number (`0 .. num_shards`).
+pub type ShardId = u32;
+/// A revision: the Raft log index of the entry that made a change. Concurrent writes to
+/// different keys may share an entry, and so a revision; two writes to one key never do.
+pub type Revision = u64;
+
+/// Largest node id that still leaves room for the shard in the upper 16 bits of a Raft id.
+pub const MAX_NODE_ID: NodeId = (1 << 48) - 1;
+
+/// Encodes the Raft id of `node_id` in `shard`: `(shard << 48) | node_id`. Shard 0's id equals the node id.
+pub fn shard_raft_id(shard: ShardId, node_id: NodeId) -> u64 {
+    ((shard as u64) << 48) | (node_id & MAX_NODE_ID)
+}
+
+/// Splits a shard-aware Raft id into `(shard, node_id)`.
+pub fn split_raft_id(raft_id: u64) -> (ShardId, NodeId) {
+    ((raft_id >> 48) as ShardId, raft_id & MAX_NODE_ID)
+}
+
+/// The 4-byte prefix that opens every `raft-shard` stream: the shard id, big-endian.
+pub fn encode_shard_prefix(shard: ShardId) -> [u8; 4] {
+    shard.to_be_bytes()
+}
+
+/// Reads the shard id from the first 4 bytes of a `raft-shard` stream.
+pub fn decode_shard_prefix(bytes: [u8; 4]) -> ShardId {
+    ShardId::from_be_bytes(bytes)
+}
+
+/// Splits the shard prefix off the front of a `raft-shard` stream held in memory: the shard id
+/// and the frames after it. `None` when fewer than 4 bytes arrived.
+pub fn split_shard_prefix(bytes: &[u8]) -> Option<(ShardId, &[u8])> {
+    let (prefix, rest) = bytes.split_first_chunk::<4>()?;
+    Some((decode_shard_prefix(*prefix), rest))
+}
+
+/// A random 16-byte id, printed as 32 hex digits (cluster ids, client session ids).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize)]
+pub struct Id128(pub [u8; 16]);
+
+impl Id128 {
+    /// A fresh random id.
+    pub fn random() -> Self {
+        Id128(rand::random())
+    }
+}
+
+impl fmt::Display for Id128 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Id128 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// A cluster id: made once when a cluster is initialized, carried by tickets and Raft messages.
+pub type ClusterId = Id128;
+
+/// One stored key with its revisions, as returned by get and scan.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyValue {
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub value: Vec<u8>,
+    /// Revision of the write that created this key (since its last deletion).
+    pub create_revision: Revision,
+    /// Revision of the last write to this key.
+    pub mod_revision: Revision,
+    /// Number of writes since creation (1 after the first put).
+    pub version: u64,
+}
+
+/// One operation in an atomic batch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BatchOp {
+    Put {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+    },
+    Delete {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
+}
+
+impl BatchOp {
+    pub fn key(&self) -> &[u8] {
+        match self {
+            BatchOp::Put { key, .. } | BatchOp::Delete { key } => key,
+        }
+    }
+}
+
+/// A state-changing command, as replicated through Raft.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WriteCommand {
+    Put {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+    },
+    Delete {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
+    /// Set `key` to `new_value` only if its current value is `expected` (`None`: only if absent).
+    Cas {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        expected: Option<Vec<u8>>,
+        #[serde(with = "serde_bytes")]
+        new_value: Vec<u8>,
+    },
+    /// Apply every operation atomically, in order.
+    Batch { ops: Vec<BatchOp> },
+}
+
+impl WriteCommand {
+    /// Every key this command touches.
+    pub fn keys(&self) -> Vec<&[u8]> {
+        match self {
+            WriteCommand::Put { key, .. } | WriteCommand::Delete { key } | WriteCommand::Cas { key, .. } => {
+                vec![key.as_slice()]
+            }
+            WriteCommand::Batch { ops } => ops.iter().map(BatchOp::key).collect(),
+        }
+    }
+}
+
+/// A client's session for exactly-once writes: a random id and a sequence number that grows by
+/// one with every new write of that session. A session has at most one write in flight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteSession {
+    pub client_id: Id128,
+    pub seq: u64,
+}
+
+/// The outcome of a write, as stored for deduplication and returned to the client.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WriteOutcome {
+    Put {
+        revision: Revision,
+    },
+    Delete {
+        revision: Revision,
+        /// Whether the key existed.
+        deleted: bool,
+    },
+    Cas {
+        revision: Revision,
+        succeeded: bool,
+        /// On failure: the key's current value (`None` if absent).
+        #[serde(with = "serde_bytes")]
+        current: Option<Vec<u8>>,
+    },
+    Batch {
+        revision: Revision,
+    },
+    /// The session's sequence number is older than the last one applied: the outcome of that
+    /// write is no longer known (the client moved on, or the session expired).
+    StaleSequence {
+        last_seq: u64,
+    },
+}
+
+/// Where a client wants its read served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum ReadConsistency {
+    /// Confirmed with a quorum (ReadIndex) on the shard leader. The default.
+    #[default]
+    Linearizable,
+    /// Served from the local state machine of whichever node answers; may be behind.
+    Stale,
+}
+
+/// A scan request: keys in `[start, end)` (or with `prefix`), at most `limit` of them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScanRequest {
+    /// Only keys starting with this prefix (empty: all keys).
+    #[serde(with = "serde_bytes")]
+    pub prefix: Vec<u8>,
+    /// Inclusive lower bound (after the prefix is applied); `None`: from the start of the prefix.
+    #[serde(with = "serde_bytes")]
+    pub start: Option<Vec<u8>>,
+    /// Exclusive upper bound; `None`: to the end of the prefix.
+    #[serde(with = "serde_bytes")]
+    pub end: Option<Vec<u8>>,
+    pub limit: u32,
+    /// Continuation token from a previous page (the last key returned); scanning resumes after it.
+    #[serde(with = "serde_bytes")]
+    pub continuation: Option<Vec<u8>>,
+    pub consistency: ReadConsistency,
+}
+
+/// One page of a scan.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScanPage {
+    pub entries: Vec<KeyValue>,
+    /// `Some(token)` when more keys may follow; pass it back as `continuation`.
+    #[serde(with = "serde_bytes")]
+    pub continuation: Option<Vec<u8>>,
+}
+
+/// A shard as reported by `cluster status`. Ids are node ids (not shard-aware Raft ids).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardStatus {
+    pub shard: ShardId,
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
+    pub last_applied: u64,
+    pub last_log_index: u64,
+    /// This node's role in the shard: Leader, Follower, Candidate, Learner or Shutdown.
+    pub role: String,
+    pub health: ShardHealth,
+    /// A digest of this node's replica of the shard, at the index it was read at (`None`: the
+    /// state machine could not be read). Replicas at the same `applied_index` must have equal
+    /// digests.
+    pub digest: Option<StateDigest>,
+}
+
+/// A digest of one replica's state machine (keys with their revisions, client sessions, the
+/// replicated clock and the last membership) at one applied log index. Defined in
+/// `storage::state_machine`; independent of the storage layout, so equal on every replica that
+/// applied the same log, whether entry by entry or through a snapshot.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct StateDigest {
+    /// Index of the last applied log entry the digest describes (0: nothing applied yet).
+    pub applied_index: u64,
+    pub digest: [u8; 32],
+}
+
+impl StateDigest {
+    /// The digest as 64 lowercase hex digits.
+    pub fn hex(&self) -> String {
+        data_encoding::HEXLOWER.encode(&self.digest)
+    }
+}
+
+impl fmt::Display for StateDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.hex(), self.applied_index)
+    }
+}
+
+impl fmt::Debug for StateDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// How one shard is doing on one node (see `cluster::supervisor`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardHealth {
+    pub healthy: bool,
+    pub leader_known: bool,
+    /// Leader: ms since a quorum last acknowledged it. Follower: ms since the leader's last
+    /// AppendEntries (heartbeat) arrived. `None`: never.
+    pub heartbeat_age_ms: Option<u64>,
+    /// Log entries stored here but not yet applied to the state machine.
+    pub apply_lag: u64,
+    /// Why the shard is unhealthy (empty when healthy).
+    pub reason: String,
+}
+
+/// One node's own view of its shards (answer to [`ClientRequest::NodeStatus`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub node_id: NodeId,
+    pub shards: Vec<ShardStatus>,
+}
+
+/// A member as seen from the node that answered `cluster status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeReport {
+    pub node_id: NodeId,
+    /// `None`: the node could not be reached; `error` says why.
+    pub status: Option<NodeStatus>,
+    pub error: Option<String>,
+}
+
+/// What `cluster status` returns.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub node_id: NodeId,
+    pub cluster_id: ClusterId,
+    pub cluster_name: String,
+    /// The answering node's view of every shard it hosts.
+    pub shards: Vec<ShardStatus>,
+    /// Every member's own view (including the answering node), in node id order.
+    pub nodes: Vec<NodeReport>,
+}
+
+/// A fresh node asking a cluster to add it (sent by `aspen-node --join`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinRequest {
+    /// The cluster the joiner expects (from its ticket).
+    pub cluster_id: ClusterId,
+    pub cluster_name: String,
+    pub node_id: NodeId,
+    pub endpoint_id: [u8; 32],
+    pub addrs: Vec<std::net::SocketAddr>,
+    pub num_shards: u32,
+    /// The shards the joining node hosts (it is added to these only).
+    pub local_shards: Vec<ShardId>,
+}
+
+/// How to reach a member (endpoint id + direct addresses), as carried in membership changes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberAddr {
+    pub endpoint_id: [u8; 32],
+    pub addrs: Vec<std::net::SocketAddr>,
+}
+
+/// One membership change of one shard (sent to that shard's leader by the node coordinating a
+/// join, add-learner, promote or remove).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MembershipChange {
+    /// Add as learner and wait until it caught up; refresh its address if it is a member already.
+    AddLearner { node_id: NodeId, member: MemberAddr },
+    /// Make a learner a voter (no-op for a voter).
+    AddVoter { node_id: NodeId },
+    /// Remove from voters (if a voter), then from the membership.
+    Remove { node_id: NodeId },
+}
+
+/// The identity of a cluster, handed to a node that becomes a member.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterInfo {
+    pub cluster_id: ClusterId,
+    pub cluster_name: String,
+    pub num_shards: u32,
+}
+
+/// A request on the client ALPN.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientRequest {
+    Get {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        consistency: ReadConsistency,
+    },
+    Write {
+        session: WriteSession,
+        command: WriteCommand,
+    },
+    Scan(ScanRequest),
+    /// Every member's view of the cluster (fans out to the members).
+    ClusterStatus,
+    /// This node's own view only.
+    NodeStatus,
+    /// Tickets of every member (for client failover).
+    Members,
+    /// Initialize a one-node cluster on a node started with `--no-init`.
+    ClusterInit,
+    /// Add the node behind this ticket as a learner (it must run, fresh or already ours).
+    AddLearner {
+        ticket: String,
+    },
+    /// Make a learner a voter.
+    Promote {
+        node_id: NodeId,
+    },
+    /// Remove a voter or learner from the cluster.
+    Remove {
+        node_id: NodeId,
+    },
+    /// A fresh node asks to join: added as learner, caught up, promoted to voter.
+    Join(JoinRequest),
+    /// Sent by a leader to a fresh node before adding it: adopt this cluster's identity.
+    AcceptMembership(ClusterInfo),
+    /// One page of a scan of one shard (a node merging a scan over all shards sends these).
+    ShardScan {
+        shard: ShardId,
+        scan: ScanRequest,
+    },
+    /// A membership change of one shard, for that shard's leader.
+    ShardMembership {
+        shard: ShardId,
+        change: MembershipChange,
+    },
+    /// Move the leadership of one shard to a voter (retried until it holds or times out).
+    MoveLeader {
+        shard: ShardId,
+        node_id: NodeId,
+    },
+    /// One attempt of a leadership move, run on the shard's current leader.
+    MoveLeaderAttempt {
+        shard: ShardId,
+        node_id: NodeId,
+    },
+    /// Sent by a shard leader handing over: start an election for this shard now.
+    TriggerElect {
+        shard: ShardId,
+    },
+    /// Spread shard leaders evenly over the voters.
+    BalanceLeaders,
+    /// Several gets and writes forwarded together by another node (see `sharding::forward`):
+    /// each is answered as if sent alone, in order, in one [`ClientResponse::Forwarded`].
+    Forwarded {
+        requests: Vec<ForwardedRequest>,
+    },
+}
+
+/// A request that can travel in a [`ClientRequest::Forwarded`] batch. Its own type (not a
+/// `ClientRequest`) so that batches cannot nest: a decoder never recurses on input.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ForwardedRequest {
+    Get {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        consistency: ReadConsistency,
+    },
+    Write {
+        session: WriteSession,
+        command: WriteCommand,
+    },
+}
+
+impl ForwardedRequest {
+    /// The batchable form of `request`, if it is a get or a write.
+    pub fn of(request: &ClientRequest) -> Option<Self> {
+        match request {
+            ClientRequest::Get { key, consistency } => {
+                Some(ForwardedRequest::Get { key: key.clone(), consistency: *consistency })
+            }
+            ClientRequest::Write { session, command } => {
+                Some(ForwardedRequest::Write { session: *session, command: command.clone() })
+            }
+            _ => None,
+        }
+    }
+}
+
+impl From<ForwardedRequest> for ClientRequest {
+    fn from(r: ForwardedRequest) -> Self {
+        match r {
+            ForwardedRequest::Get { key, consistency } => ClientRequest::Get { key, consistency },
+            ForwardedRequest::Write { session, command } => ClientRequest::Write { session, command },
+        }
+    }
+}
+
+/// The answer to one [`ForwardedRequest`].
+pub type ForwardedAnswer = Result<ForwardedResponse, ApiError>;
+
+/// A successful answer to one [`ForwardedRequest`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ForwardedResponse {
+    Get(Option<KeyValue>),
+    Write(WriteOutcome),
+}
+
+impl ForwardedResponse {
+    /// The answer of a get or a write in batch form; any other answer is an internal error.
+    pub fn of(result: ClientResult) -> ForwardedAnswer {
+        match result? {
+            ClientResponse::Get(kv) => Ok(ForwardedResponse::Get(kv)),
+            ClientResponse::Write(outcome) => Ok(ForwardedResponse::Write(outcome)),
+            other => Err(ApiError::Internal(format!("a forwarded get or write was answered with {other:?}"))),
+        }
+    }
+}
+
+impl From<ForwardedResponse> for ClientResponse {
+    fn from(r: ForwardedResponse) -> Self {
+        match r {
+            ForwardedResponse::Get(kv) => ClientResponse::Get(kv),
+            ForwardedResponse::Write(outcome) => ClientResponse::Write(outcome),
+        }
+    }
+}
+
+impl ClientRequest {
+    /// Whether only the leader can answer this request (the rest are answered locally).
+    pub fn needs_leader(&self) -> bool {
+        match self {
+            ClientRequest::Get { consistency, .. } => *consistency == ReadConsistency::Linearizable,
+            ClientRequest::Scan(s) | ClientRequest::ShardScan { scan: s, .. } => {
+                s.consistency == ReadConsistency::Linearizable
+            }
+            ClientRequest::Write { .. }
+            | ClientRequest::ShardMembership { .. }
+            | ClientRequest::MoveLeaderAttempt { .. }
+            | ClientRequest::AddLearner { .. }
+            | ClientRequest::Promote { .. }
+            | ClientRequest::Remove { .. }
+            | ClientRequest::Join(_) => true,
+            ClientRequest::ClusterStatus
+            | ClientRequest::NodeStatus
+            | ClientRequest::Members
+            | ClientRequest::ClusterInit
+            | ClientRequest::AcceptMembership(_)
+            | ClientRequest::MoveLeader { .. }
+            | ClientRequest::TriggerElect { .. }
+            | ClientRequest::BalanceLeaders
+            | ClientRequest::Forwarded { .. } => false,
+        }
+    }
+}
+
+/// The envelope around every client request: protocol version plus the request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientEnvelope {
+    pub version: u16,
+    /// How often this request was forwarded already (a node forwards at most once).
+    pub hops: u8,
+    pub request: ClientRequest,
+}
+
+/// A successful answer on the client ALPN.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientResponse {
+    Get(Option<KeyValue>),
+    Write(WriteOutcome),
+    Scan(ScanPage),
+    ClusterStatus(ClusterStatus),
+    NodeStatus(NodeStatus),
+    Members(Vec<String>),
+    ClusterInit {
+        initialized: bool,
+    },
+    /// Membership changed (add-learner, promote, remove); the shard's view afterwards.
+    Membership(ShardStatus),
+    Joined(ClusterInfo),
+    /// The node adopted the cluster identity; it hosts these shards.
+    MembershipAccepted {
+        local_shards: Vec<ShardId>,
+    },
+    /// Leadership after move-leader / balance-leaders: every shard's status on the answering node.
+    Leaders(Vec<ShardStatus>),
+    ElectionTriggered,
+    /// One answer per request of a [`ClientRequest::Forwarded`], in its order.
+    Forwarded(Vec<ForwardedAnswer>),
+}
+
+/// The typed errors a client can receive. Every variant says what the caller can do next.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ApiError {
+    /// This node does not lead the shard; `leader` is the node it believes leads, when known.
+    #[error("not leader{}", match .leader { Some(l) => format!(" (leader is node {l})"), None => String::new() })]
+    NotLeader { leader: Option<NodeId>, leader_ticket: Option<String> },
+    /// No leader could be reached within the request timeout.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    #[error("timed out after {0} ms")]
+    Timeout(u64),
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    #[error("{what} too large: {size} bytes (limit {limit})")]
+    TooLarge { what: String, size: u64, limit: u64 },
+    #[error("unsupported protocol version {got} (this node speaks {supported})")]
+    UnsupportedVersion { got: u16, supported: u16 },
+    /// A membership request that must not be retried as is (wrong cluster, duplicate node id…).
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// The frame a server sends back for each client request.
+pub type ClientResult = Result<ClientResponse, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_fields_keep_the_encoding_of_plain_byte_vectors() {
+        // Keys and values are (de)serialized as byte strings (`serde_bytes`: one copy, not a
+        // visit per byte); postcard writes them exactly as it wrote a `Vec<u8>`, so logs,
+        // snapshots and peers of older versions read them unchanged.
+        #[derive(Serialize)]
+        enum PlainCommand {
+            Put { key: Vec<u8>, value: Vec<u8> },
+            Delete { key: Vec<u8> },
+            Cas { key: Vec<u8>, expected: Option<Vec<u8>>, new_value: Vec<u8> },
+        }
+        let (key, value) = (b"key".to_vec(), vec![7u8; 300]);
+        let pairs = [
+            (
+                WriteCommand::Put { key: key.clone(), value: value.clone() },
+                PlainCommand::Put { key: key.clone(), value: value.clone() },
+            ),
+            (WriteCommand::Delete { key: key.clone() }, PlainCommand::Delete { key: key.clone() }),
+            (
+                WriteCommand::Cas { key: key.clone(), expected: Some(value.clone()), new_value: vec![] },
+                PlainCommand::Cas { key: key.clone(), expected: Some(value.clone()), new_value: vec![] },
+            ),
+            (
+                WriteCommand::Cas { key: key.clone(), expected: None, new_value: value.clone() },
+                PlainCommand::Cas { key: key.clone(), expected: None, new_value: value.clone() },
+            ),
+        ];
+        for (ours, plain) in pairs {
+            let bytes = postcard::to_stdvec(&ours).unwrap();
+            assert_eq!(bytes, postcard::to_stdvec(&plain).unwrap());
+            assert_eq!(postcard::from_bytes::<WriteCommand>(&bytes).unwrap(), ours);
+        }
+    }
+
+    #[test]
+    fn shard_aware_ids_round_trip() {
+        assert_eq!(shard_raft_id(0, 7), 7, "shard 0's Raft id is the node id");
+        assert_eq!(shard_raft_id(3, 7), (3 << 48) | 7);
+        for (shard, node) in [(0, 1), (1, 1), (255, MAX_NODE_ID), (65535, 42)] {
+            assert_eq!(split_raft_id(shard_raft_id(shard, node)), (shard, node));
+        }
+    }
+
+    #[test]
+    fn shard_prefix_is_u32_big_endian() {
+        assert_eq!(encode_shard_prefix(3), [0, 0, 0, 3]);
+        assert_eq!(encode_shard_prefix(0x0102_0304), [1, 2, 3, 4]);
+        for s in [0, 1, 255, 256, u32::MAX] {
+            assert_eq!(decode_shard_prefix(encode_shard_prefix(s)), s);
+        }
+        assert_eq!(split_shard_prefix(&[0, 0, 1, 2, 9, 9]), Some((258, &[9, 9][..])));
+        assert_eq!(split_shard_prefix(&[0, 0, 1, 2]), Some((258, &[][..])));
+        assert_eq!(split_shard_prefix(&[0, 0, 1]), None);
+    }
+}

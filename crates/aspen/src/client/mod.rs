@@ -1,0 +1,502 @@
+//! [`AspenClient`]: the Rust client used by `aspen-cli`, tests and benchmarks.
+//!
+//! Owns: an ephemeral, offline-safe iroh endpoint (its own, or a [`ClientEndpoint`] several
+//! clients share, each still with its own connection); the list of member tickets it may talk to;
+//! one cached connection (re-dialled, or failed over to another member, when it breaks); and a
+//! pool of write sessions for exactly-once writes. A session has at most one write in flight, and
+//! every retry of that write — after a timeout, a broken connection or a failover — carries the
+//! same client id and sequence number, so the cluster applies it at most once.
+
+use std::{
+    net::SocketAddr,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use iroh::{address_lookup::MemoryLookup, endpoint::Connection, Endpoint};
+
+use crate::{
+    api::{
+        frame::{encode_frame, read_frame},
+        ApiError, BatchOp, ClientEnvelope, ClientRequest, ClientResponse, ClientResult, ClusterStatus, Id128, KeyValue,
+        NodeId, NodeTicket, ReadConsistency, Revision, ScanPage, ScanRequest, ShardId, ShardStatus, WriteCommand,
+        WriteOutcome, WriteSession, CLIENT_ALPN, CLIENT_PROTOCOL_VERSION, MAX_FRAME_BYTES,
+    },
+    transport::endpoint::bind_endpoint,
+};
+
+/// Errors a client call can end with.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The cluster answered with a typed error.
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    #[error("no node ticket given (use --ticket, ASPEN_TICKET or --data-dir)")]
+    NoTickets,
+    /// No member could be reached before the deadline.
+    #[error("could not reach any node: {0}")]
+    Unreachable(String),
+    #[error("request timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("cannot create client endpoint: {0}")]
+    Endpoint(String),
+}
+
+impl ClientError {
+    /// Whether the cluster (not the caller) is at fault: unavailable, unreachable, timed out.
+    pub fn is_cluster_error(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Unreachable(_)
+                | ClientError::Timeout(_)
+                | ClientError::Protocol(_)
+                | ClientError::Api(ApiError::Unavailable(_) | ApiError::Timeout(_) | ApiError::NotLeader { .. })
+                | ClientError::Api(ApiError::Internal(_))
+        )
+    }
+}
+
+/// The result of a compare-and-swap.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CasOutcome {
+    /// The swap happened at this revision.
+    Swapped(Revision),
+    /// The current value did not match; it is this (`None`: absent).
+    Mismatch(Option<Vec<u8>>),
+}
+
+/// Failures of one attempt, split by whether another attempt may help.
+enum Attempt {
+    Retry(String),
+    Done(Result<ClientResponse, ClientError>),
+}
+
+/// An ephemeral, offline-safe iroh endpoint that several [`AspenClient`]s can share (one UDP
+/// socket and one set of endpoint tasks; every client still dials its own QUIC connection).
+/// Load generators with many clients use one so that the clients' transport does not cost
+/// more CPU than the connections themselves.
+#[derive(Clone, Debug)]
+pub struct ClientEndpoint {
+    endpoint: Endpoint,
+    lookup: MemoryLookup,
+}
+
+impl ClientEndpoint {
+    /// Binds an endpoint able to reach the members named by `tickets` (IPv6-only tickets get
+    /// an IPv6 socket).
+    pub async fn bind(tickets: &[NodeTicket]) -> Result<Self, ClientError> {
+        let bind: SocketAddr = if !tickets.is_empty() && tickets.iter().flat_map(|t| &t.addrs).all(|a| a.is_ipv6()) {
+            "[::]:0".parse().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)))
+        } else {
+            SocketAddr::from(([0, 0, 0, 0], 0))
+        };
+        let lookup = MemoryLookup::new();
+        for t in tickets {
+            lookup.add_endpoint_info(t.endpoint_addr());
+        }
+        let endpoint =
+            bind_endpoint(bind, None, lookup.clone()).await.map_err(|e| ClientError::Endpoint(e.to_string()))?;
+        Ok(ClientEndpoint { endpoint, lookup })
+    }
+
+    /// Closes the endpoint and with it every connection of every client on it.
+    pub async fn close(&self) {
+        self.endpoint.close().await;
+    }
+}
+
+/// A client of an Aspen cluster.
+#[derive(Debug)]
+pub struct AspenClient {
+    endpoint: ClientEndpoint,
+    /// Whether `close` closes the endpoint (it is this client's own) or only the connection.
+    owns_endpoint: bool,
+    tickets: Mutex<Vec<NodeTicket>>,
+    /// Index into `tickets` and the connection to that member.
+    current: tokio::sync::Mutex<Option<(usize, Connection)>>,
+    next: Mutex<usize>,
+    sessions: Mutex<Vec<WriteSession>>,
+    timeout: Duration,
+    /// Whether the member list was fetched from a node yet (done once, on the first connection).
+    discovered: std::sync::atomic::AtomicBool,
+}
+
+impl AspenClient {
+    /// A client that talks to the members named by `tickets` (at least one).
+    /// The client has an endpoint of its own.
+    pub async fn connect(tickets: Vec<NodeTicket>, timeout: Duration) -> Result<Self, ClientError> {
+        if tickets.is_empty() {
+            return Err(ClientError::NoTickets);
+        }
+        let endpoint = ClientEndpoint::bind(&tickets).await?;
+        Ok(Self::new(endpoint, true, tickets, timeout))
+    }
+
+    /// A client on a shared `endpoint` with a connection of its own; closing it closes only
+    /// that connection.
+    pub fn on_endpoint(
+        endpoint: &ClientEndpoint,
+        tickets: Vec<NodeTicket>,
+        timeout: Duration,
+    ) -> Result<Self, ClientError> {
+        if tickets.is_empty() {
+            return Err(ClientError::NoTickets);
+        }
+        for t in &tickets {
+            endpoint.lookup.add_endpoint_info(t.endpoint_addr());
+        }
+        Ok(Self::new(endpoint.clone(), false, tickets, timeout))
+    }
+
+    fn new(endpoint: ClientEndpoint, owns_endpoint: bool, tickets: Vec<NodeTicket>, timeout: Duration) -> Self {
+        AspenClient {
+            endpoint,
+            owns_endpoint,
+            tickets: Mutex::new(tickets),
+            current: tokio::sync::Mutex::new(None),
+            next: Mutex::new(0),
+            sessions: Mutex::new(Vec::new()),
+            timeout,
+            discovered: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// The tickets this client may fail over to.
+    pub fn tickets(&self) -> Vec<NodeTicket> {
+        self.tickets.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Adds members (e.g. learned from `cluster status`) to fail over to.
+    pub fn add_tickets(&self, more: impl IntoIterator<Item = NodeTicket>) {
+        let mut tickets = self.tickets.lock().unwrap_or_else(|p| p.into_inner());
+        for t in more {
+            if !tickets.iter().any(|x| x.endpoint_id == t.endpoint_id) {
+                self.endpoint.lookup.add_endpoint_info(t.endpoint_addr());
+                tickets.push(t);
+            }
+        }
+    }
+
+    async fn connection(&self, deadline: Instant) -> Result<(usize, Connection), String> {
+        let mut current = self.current.lock().await;
+        if let Some((i, conn)) = current.as_ref() {
+            if conn.close_reason().is_none() {
+                return Ok((*i, conn.clone()));
+            }
+        }
+        *current = None;
+        let tickets = self.tickets();
+        let start = *self.next.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last_err = String::from("no tickets");
+        for k in 0..tickets.len() {
+            let i = (start + k) % tickets.len();
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let per_try = left.min(Duration::from_secs(3));
+            match tokio::time::timeout(per_try, self.endpoint.endpoint.connect(tickets[i].endpoint_addr(), CLIENT_ALPN))
+                .await
+            {
+                Ok(Ok(conn)) => {
+                    *current = Some((i, conn.clone()));
+                    if !self.discovered.load(std::sync::atomic::Ordering::SeqCst)
+                        && self.discover(&conn, deadline).await
+                    {
+                        self.discovered.store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    return Ok((i, conn));
+                }
+                Ok(Err(e)) => last_err = format!("node {}: {e}", tickets[i].node_id),
+                Err(_) => last_err = format!("node {}: connect timed out", tickets[i].node_id),
+            }
+        }
+        Err(last_err)
+    }
+
+    /// Moves to the next member after a failure of member `i`.
+    async fn fail_over(&self, i: usize) {
+        let mut current = self.current.lock().await;
+        if matches!(current.as_ref(), Some((j, _)) if *j == i) {
+            *current = None;
+        }
+        let n = self.tickets().len().max(1);
+        *self.next.lock().unwrap_or_else(|p| p.into_inner()) = (i + 1) % n;
+    }
+
+    /// Learns the other members from a node we reached, for failover (best effort). Returns
+    /// whether it got an answer.
+    async fn discover(&self, conn: &Connection, deadline: Instant) -> bool {
+        let Ok(frame) = encode_frame(&ClientEnvelope {
+            version: CLIENT_PROTOCOL_VERSION,
+            hops: 0,
+            request: ClientRequest::Members,
+        }) else {
+            return false;
+        };
+        let left = deadline.saturating_duration_since(Instant::now()).min(Duration::from_secs(2));
+        match tokio::time::timeout(left, exchange(conn, &frame)).await {
+            Ok(Ok(Ok(ClientResponse::Members(list)))) => {
+                self.add_tickets(list.iter().filter_map(|t| NodeTicket::decode(t).ok()));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    async fn attempt(&self, frame: &[u8], deadline: Instant) -> Attempt {
+        let (i, conn) = match self.connection(deadline).await {
+            Ok(c) => c,
+            Err(e) => return Attempt::Retry(e),
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, exchange(&conn, frame)).await {
+            Err(_) => Attempt::Done(Err(ClientError::Timeout(self.timeout))),
+            Ok(Err(e)) => {
+                self.fail_over(i).await;
+                Attempt::Retry(e)
+            }
+            Ok(Ok(Ok(resp))) => Attempt::Done(Ok(resp)),
+            Ok(Ok(Err(ApiError::NotLeader { leader, .. }))) => {
+                // Prefer the member the node named as leader, if we know it; else the next one.
+                let tickets = self.tickets();
+                match leader.and_then(|l| tickets.iter().position(|t| t.node_id == l)) {
+                    Some(pos) if pos != i => {
+                        self.fail_over(i).await;
+                        *self.next.lock().unwrap_or_else(|p| p.into_inner()) = pos;
+                        Attempt::Retry(format!("node {} is not the leader", tickets[i].node_id))
+                    }
+                    _ => Attempt::Done(Err(ApiError::NotLeader { leader, leader_ticket: None }.into())),
+                }
+            }
+            Ok(Ok(Err(ApiError::Unavailable(msg)))) if self.tickets().len() > 1 => {
+                self.fail_over(i).await;
+                Attempt::Retry(msg)
+            }
+            Ok(Ok(Err(e))) => Attempt::Done(Err(e.into())),
+        }
+    }
+
+    /// Sends one request, retrying on other members until it gets an answer or the timeout
+    /// passes. Retries resend the identical frame (same write session and sequence number).
+    pub async fn request(&self, request: ClientRequest) -> Result<ClientResponse, ClientError> {
+        let frame = encode_frame(&ClientEnvelope { version: CLIENT_PROTOCOL_VERSION, hops: 0, request })
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let deadline = Instant::now() + self.timeout;
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            match self.attempt(&frame, deadline).await {
+                Attempt::Done(r) => return r,
+                Attempt::Retry(why) => {
+                    if Instant::now() + backoff >= deadline {
+                        return Err(ClientError::Unreachable(why));
+                    }
+                    tracing::debug!("retrying request: {why}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+            }
+        }
+    }
+
+    /// Runs one write with a session from the pool (exactly-once across retries).
+    pub async fn write(&self, command: WriteCommand) -> Result<WriteOutcome, ClientError> {
+        let mut session = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .unwrap_or(WriteSession { client_id: Id128::random(), seq: 0 });
+        session.seq += 1;
+        let result = self.request(ClientRequest::Write { session, command }).await;
+        // Whatever happened, the next write of this session uses the next sequence number: a
+        // late arrival of this one is then either applied once or refused as stale.
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner()).push(session);
+        match result? {
+            ClientResponse::Write(WriteOutcome::StaleSequence { last_seq }) => Err(ClientError::Protocol(format!(
+                "write superseded (session at sequence {last_seq}); its outcome is unknown"
+            ))),
+            ClientResponse::Write(outcome) => Ok(outcome),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Linearizable read of one key.
+    pub async fn get(&self, key: impl Into<Vec<u8>>) -> Result<Option<KeyValue>, ClientError> {
+        self.get_with(key, ReadConsistency::Linearizable).await
+    }
+
+    /// Read of one key with the given consistency.
+    pub async fn get_with(
+        &self,
+        key: impl Into<Vec<u8>>,
+        consistency: ReadConsistency,
+    ) -> Result<Option<KeyValue>, ClientError> {
+        match self.request(ClientRequest::Get { key: key.into(), consistency }).await? {
+            ClientResponse::Get(kv) => Ok(kv),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Sets `key` to `value`; returns the write's revision.
+    pub async fn put(&self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Result<Revision, ClientError> {
+        match self.write(WriteCommand::Put { key: key.into(), value: value.into() }).await? {
+            WriteOutcome::Put { revision } => Ok(revision),
+            other => Err(ClientError::Protocol(format!("unexpected outcome {other:?}"))),
+        }
+    }
+
+    /// Deletes `key`; returns whether it existed.
+    pub async fn delete(&self, key: impl Into<Vec<u8>>) -> Result<bool, ClientError> {
+        match self.write(WriteCommand::Delete { key: key.into() }).await? {
+            WriteOutcome::Delete { deleted, .. } => Ok(deleted),
+            other => Err(ClientError::Protocol(format!("unexpected outcome {other:?}"))),
+        }
+    }
+
+    /// Sets `key` to `new_value` if its value is `expected` (`None`: if it is absent).
+    pub async fn cas(
+        &self,
+        key: impl Into<Vec<u8>>,
+        expected: Option<Vec<u8>>,
+        new_value: impl Into<Vec<u8>>,
+    ) -> Result<CasOutcome, ClientError> {
+        match self.write(WriteCommand::Cas { key: key.into(), expected, new_value: new_value.into() }).await? {
+            WriteOutcome::Cas { succeeded: true, revision, .. } => Ok(CasOutcome::Swapped(revision)),
+            WriteOutcome::Cas { succeeded: false, current, .. } => Ok(CasOutcome::Mismatch(current)),
+            other => Err(ClientError::Protocol(format!("unexpected outcome {other:?}"))),
+        }
+    }
+
+    /// Applies puts and deletes atomically; returns the batch's revision.
+    pub async fn batch(&self, ops: Vec<BatchOp>) -> Result<Revision, ClientError> {
+        match self.write(WriteCommand::Batch { ops }).await? {
+            WriteOutcome::Batch { revision } => Ok(revision),
+            other => Err(ClientError::Protocol(format!("unexpected outcome {other:?}"))),
+        }
+    }
+
+    /// One page of a scan.
+    pub async fn scan_page(&self, req: ScanRequest) -> Result<ScanPage, ClientError> {
+        match self.request(ClientRequest::Scan(req)).await? {
+            ClientResponse::Scan(page) => Ok(page),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// All keys with `prefix` (following pages), at most `limit` of them, in key order.
+    pub async fn scan(
+        &self,
+        prefix: impl Into<Vec<u8>>,
+        limit: usize,
+        consistency: ReadConsistency,
+    ) -> Result<Vec<KeyValue>, ClientError> {
+        let prefix = prefix.into();
+        let mut out = Vec::new();
+        let mut continuation = None;
+        while out.len() < limit {
+            let want = (limit - out.len()).min(u32::MAX as usize) as u32;
+            let page = self
+                .scan_page(ScanRequest {
+                    prefix: prefix.clone(),
+                    start: None,
+                    end: None,
+                    limit: want,
+                    continuation: continuation.take(),
+                    consistency,
+                })
+                .await?;
+            out.extend(page.entries);
+            match page.continuation {
+                Some(c) => continuation = Some(c),
+                None => break,
+            }
+        }
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    /// The cluster as the answering node sees it.
+    pub async fn cluster_status(&self) -> Result<ClusterStatus, ClientError> {
+        match self.request(ClientRequest::ClusterStatus).await? {
+            ClientResponse::ClusterStatus(s) => Ok(s),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Adds the node behind `ticket` as a learner; returns shard 0's membership afterwards.
+    pub async fn add_learner(&self, ticket: &NodeTicket) -> Result<ShardStatus, ClientError> {
+        self.membership(ClientRequest::AddLearner { ticket: ticket.encode() }).await
+    }
+
+    /// Makes learner `node_id` a voter.
+    pub async fn promote(&self, node_id: NodeId) -> Result<ShardStatus, ClientError> {
+        self.membership(ClientRequest::Promote { node_id }).await
+    }
+
+    /// Removes `node_id` from the cluster.
+    pub async fn remove(&self, node_id: NodeId) -> Result<ShardStatus, ClientError> {
+        self.membership(ClientRequest::Remove { node_id }).await
+    }
+
+    async fn membership(&self, req: ClientRequest) -> Result<ShardStatus, ClientError> {
+        match self.request(req).await? {
+            ClientResponse::Membership(s) => Ok(s),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Moves the leadership of `shard` to `node_id`; returns every shard's status afterwards.
+    pub async fn move_leader(&self, shard: ShardId, node_id: NodeId) -> Result<Vec<ShardStatus>, ClientError> {
+        self.leaders(ClientRequest::MoveLeader { shard, node_id }).await
+    }
+
+    /// Spreads shard leaders evenly over the voters; returns every shard's status afterwards.
+    pub async fn balance_leaders(&self) -> Result<Vec<ShardStatus>, ClientError> {
+        self.leaders(ClientRequest::BalanceLeaders).await
+    }
+
+    async fn leaders(&self, req: ClientRequest) -> Result<Vec<ShardStatus>, ClientError> {
+        match self.request(req).await? {
+            ClientResponse::Leaders(s) => Ok(s),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Makes a node started with `--no-init` a one-node cluster. Returns whether it did.
+    pub async fn cluster_init(&self) -> Result<bool, ClientError> {
+        match self.request(ClientRequest::ClusterInit).await? {
+            ClientResponse::ClusterInit { initialized } => Ok(initialized),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Transport counters (UDP datagrams, QUIC frames by type) of the connection this client
+    /// currently uses, if it has one: what `aspen-cli bench` reports as datagrams per request.
+    pub async fn transport_stats(&self) -> Option<iroh::endpoint::ConnectionStats> {
+        self.current.lock().await.as_ref().map(|(_, conn)| conn.stats())
+    }
+
+    /// Closes the client's connection, and its endpoint if it is the client's own.
+    pub async fn close(self) {
+        if self.owns_endpoint {
+            self.endpoint.close().await;
+        } else if let Some((_, conn)) = self.current.lock().await.take() {
+            conn.close(0u32.into(), b"client closed");
+        }
+    }
+}
+
+/// One request/response exchange on a new stream of `conn`.
+async fn exchange(conn: &Connection, frame: &[u8]) -> Result<ClientResult, String> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    send.write_all(frame).await.map_err(|e| e.to_string())?;
+    send.finish().map_err(|e| e.to_string())?;
+    read_frame::<_, ClientResult>(&mut recv, MAX_FRAME_BYTES).await.map_err(|e| e.to_string())
+}
+
+fn unexpected(resp: ClientResponse) -> ClientError {
+    ClientError::Protocol(format!("unexpected response {resp:?}"))
+}

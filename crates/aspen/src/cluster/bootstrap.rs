@@ -1,0 +1,415 @@
+//! Bringing a node up and down.
+//!
+//! [`bootstrap_base_node`] builds what every shard shares: the data dir, the node key and iroh
+//! endpoint, the metadata store (checked against the config), the peer address book, the
+//! connection pool and Raft network factory, and the shutdown token. [`bootstrap_node`] adds
+//! shard 0 (`shard-0/raft-log.db`, `shard-0/state-machine.db`), the client and Raft protocol
+//! handlers, and — for a fresh data dir without `--no-init` — initializes a one-node cluster.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use iroh::{address_lookup::MemoryLookup, protocol::Router, Endpoint, SecretKey};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    api::{
+        shard_raft_id, ApiError, ClientRequest, ClientResponse, ClusterId, JoinRequest, NodeTicket, ShardId,
+        CLIENT_ALPN, RAFT_ALPN, RAFT_MUX_ALPN, RAFT_SHARDED_ALPN,
+    },
+    client::{AspenClient, ClientError},
+    cluster::{
+        gossip::{AnnounceContext, GossipDiscovery},
+        service::NodeService,
+        supervisor::Supervisor,
+    },
+    config::NodeConfig,
+    raft::{
+        network::SharedClusterId, node::RaftNodeError, IrohNetworkFactory, MemberNode, RaftNode, RaftProtocolHandler,
+        RaftWire, ShardRegistry,
+    },
+    storage::{
+        metadata::{ClusterIdentity, MetadataStore},
+        StorageError,
+    },
+    transport::{
+        endpoint::{bind_endpoint, listening_addrs, load_or_create_key, EndpointError},
+        ClientProtocolHandler, ConnectionPool, PeerBook,
+    },
+};
+
+/// Why a node could not start. Each message says what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum BootstrapError {
+    #[error("data dir {path}: {source}")]
+    DataDir { path: std::path::PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+    #[error("metadata store: {0}")]
+    Metadata(StorageError),
+    #[error(
+        "data dir {path} belongs to node {recorded}, but this node was started as node {configured}; \
+         use --node-id {recorded} or another --data-dir"
+    )]
+    NodeIdMismatch { path: std::path::PathBuf, recorded: u64, configured: u64 },
+    #[error(
+        "data dir {path} belongs to cluster {recorded:?}, but --cluster-name is {configured:?}; \
+         use --cluster-name {recorded} or another --data-dir"
+    )]
+    ClusterNameMismatch { path: std::path::PathBuf, recorded: String, configured: String },
+    #[error(transparent)]
+    Shard(#[from] RaftNodeError),
+    #[error("cluster init: {0}")]
+    Init(crate::api::ApiError),
+    #[error("join refused: {0}")]
+    JoinRefused(String),
+    #[error("--join tickets name different clusters ({0} and {1}); give tickets of one cluster")]
+    JoinTicketsDisagree(ClusterId, ClusterId),
+    #[error("invalid --join ticket: {0}")]
+    JoinTicket(crate::api::TicketError),
+    #[error("sharding: {0}")]
+    Sharding(String),
+    #[error(
+        "data dir {path} was initialized with {recorded} shard(s), but this node is configured for {configured}; \
+         the number of shards cannot change (use --sharding-num-shards {recorded})"
+    )]
+    NumShardsMismatch { path: std::path::PathBuf, recorded: u32, configured: u32 },
+}
+
+/// What every shard of a node shares.
+#[derive(Debug)]
+pub struct BaseNodeResources {
+    pub config: NodeConfig,
+    pub metadata_store: Arc<MetadataStore>,
+    /// The recorded identity at start-up (`None`: fresh node that has not initialized or joined).
+    pub identity: Option<ClusterIdentity>,
+    pub secret_key: SecretKey,
+    pub endpoint: Endpoint,
+    pub peers: PeerBook,
+    pub pool: ConnectionPool,
+    pub cluster_id: SharedClusterId,
+    /// Raft network factory for shard 0 on the legacy `raft-rpc` ALPN.
+    pub network_factory: IrohNetworkFactory,
+    /// Signed address/leader announcements over iroh-gossip (`None` when `[gossip] enabled = false`).
+    pub gossip_discovery: Option<Arc<GossipDiscovery>>,
+    pub shutdown_token: CancellationToken,
+}
+
+impl BaseNodeResources {
+    /// The gossip topic of this node's cluster (`None` before init or join, or with gossip off).
+    pub fn gossip_topic_id(&self) -> Option<iroh_gossip::TopicId> {
+        self.gossip_discovery.as_ref().and_then(|g| g.topic_id())
+    }
+
+    /// This node as a Raft member: endpoint id plus the addresses it listens on.
+    pub fn member(&self) -> MemberNode {
+        MemberNode {
+            endpoint_id: *self.endpoint.id().as_bytes(),
+            addrs: listening_addrs(&self.endpoint, self.config.bind_addr),
+        }
+    }
+
+    /// This node's ticket.
+    pub fn ticket(&self) -> NodeTicket {
+        NodeTicket {
+            cluster_id: *self.cluster_id.read().unwrap_or_else(|p| p.into_inner()),
+            node_id: self.config.node_id,
+            endpoint_id: self.endpoint.id(),
+            addrs: listening_addrs(&self.endpoint, self.config.bind_addr),
+        }
+    }
+}
+
+/// Creates the data dir, identity, endpoint, metadata store and Raft network of a node.
+pub async fn bootstrap_base_node(config: NodeConfig) -> Result<BaseNodeResources, BootstrapError> {
+    let dir = config.data_dir.clone();
+    std::fs::create_dir_all(&dir).map_err(|source| BootstrapError::DataDir { path: dir.clone(), source })?;
+    let secret_key = load_or_create_key(&dir)?;
+    let metadata_store = Arc::new(MetadataStore::open(&dir.join("metadata.db")).map_err(BootstrapError::Metadata)?);
+    let identity = metadata_store.identity().map_err(BootstrapError::Metadata)?;
+    if let Some(id) = &identity {
+        if id.node_id != config.node_id {
+            return Err(BootstrapError::NodeIdMismatch { path: dir, recorded: id.node_id, configured: config.node_id });
+        }
+        if id.num_shards != config.sharding.effective_num_shards() {
+            return Err(BootstrapError::NumShardsMismatch {
+                path: dir,
+                recorded: id.num_shards,
+                configured: config.sharding.effective_num_shards(),
+            });
+        }
+        if id.cluster_name != config.cluster_name {
+            return Err(BootstrapError::ClusterNameMismatch {
+                path: dir,
+                recorded: id.cluster_name.clone(),
+                configured: config.cluster_name.clone(),
+            });
+        }
+    }
+    let lookup = MemoryLookup::new();
+    let endpoint = bind_endpoint(config.bind_addr, Some(secret_key.clone()), lookup.clone()).await?;
+    let peers = PeerBook::new(lookup);
+    let connect_timeout = Duration::from_millis(config.raft.election_timeout_min_ms.max(1000));
+    let pool = ConnectionPool::new(endpoint.clone(), peers.clone(), connect_timeout);
+    let cluster_id: SharedClusterId =
+        Arc::new(std::sync::RwLock::new(identity.as_ref().map(|i| i.cluster_id).unwrap_or_default()));
+    let network_factory = IrohNetworkFactory::new(pool.clone(), cluster_id.clone(), None);
+    let gossip_discovery = config.gossip.enabled.then(|| {
+        Arc::new(GossipDiscovery::new(&endpoint, cluster_id.clone(), Duration::from_millis(config.gossip.interval_ms)))
+    });
+    Ok(BaseNodeResources {
+        config,
+        metadata_store,
+        identity,
+        secret_key,
+        endpoint,
+        peers,
+        pool,
+        cluster_id,
+        network_factory,
+        gossip_discovery,
+        shutdown_token: CancellationToken::new(),
+    })
+}
+
+/// A running node (non-sharded: shard 0 only).
+#[derive(Debug)]
+pub struct NodeHandle {
+    pub base: BaseNodeResources,
+    /// Shard 0 (in sharded mode: when hosted here).
+    pub shard0: RaftNode,
+    /// Every shard this node hosts.
+    pub shards: BTreeMap<ShardId, RaftNode>,
+    pub service: Arc<NodeService>,
+    router: Router,
+    supervisor: Supervisor,
+}
+
+impl NodeHandle {
+    /// This node's current ticket.
+    pub fn ticket(&self) -> NodeTicket {
+        self.service.ticket()
+    }
+
+    /// The cluster id this node belongs to (all zeros before init or join).
+    pub fn cluster_id(&self) -> ClusterId {
+        *self.base.cluster_id.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Graceful shutdown: stop accepting requests, let in-flight ones finish, close the endpoint,
+    /// stop Raft and close the databases.
+    pub async fn shutdown(self) {
+        self.shutdown_reporting().await;
+    }
+
+    /// [`Self::shutdown`], returning the steps that did not finish in time. Each step is bounded
+    /// ([`SHUTDOWN_STEP_LIMIT`], plus the request timeout for draining client requests): one
+    /// that stalls is logged as an error and skipped, so a stop always ends and the databases
+    /// are closed (every acknowledged write is durable in the Raft log already).
+    pub async fn shutdown_reporting(self) -> Vec<String> {
+        let node = self.base.config.node_id;
+        let mut stalled = Vec::new();
+        self.base.shutdown_token.cancel();
+        self.supervisor.abort();
+        if let Some(g) = &self.base.gossip_discovery {
+            bounded(node, &mut stalled, "gossip shutdown".into(), SHUTDOWN_STEP_LIMIT, g.shutdown()).await;
+        }
+        let drain = self.base.config.limits.request_timeout() + SHUTDOWN_STEP_LIMIT;
+        let router = async {
+            if let Err(e) = self.router.shutdown().await {
+                tracing::warn!("router shutdown: {e}");
+            }
+        };
+        bounded(node, &mut stalled, "router shutdown (draining requests)".into(), drain, router).await;
+        bounded(node, &mut stalled, "endpoint close".into(), SHUTDOWN_STEP_LIMIT, self.base.endpoint.close()).await;
+        for (id, shard) in &self.shards {
+            let name = format!("raft shutdown of shard {id}");
+            bounded(node, &mut stalled, name, SHUTDOWN_STEP_LIMIT, shard.shutdown()).await;
+        }
+        stalled
+    }
+}
+
+/// Runs one step of a node's shutdown for at most `limit`; a step that does not finish in time
+/// is logged, named in `stalled`, and left behind (the stop goes on without it).
+async fn bounded<F: std::future::Future>(node: u64, stalled: &mut Vec<String>, name: String, limit: Duration, step: F) {
+    if tokio::time::timeout(limit, step).await.is_err() {
+        tracing::error!(node, "shutdown: {name} did not finish within {limit:?}; going on without it");
+        stalled.push(name);
+    }
+}
+
+/// Longest a single step of [`NodeHandle::shutdown`] may take before it is given up on.
+pub const SHUTDOWN_STEP_LIMIT: Duration = Duration::from_secs(30);
+
+/// Starts a non-sharded node: shard 0 only, served on `aspen-client` and `raft-rpc`.
+pub async fn bootstrap_node(config: NodeConfig) -> Result<NodeHandle, BootstrapError> {
+    if config.sharding.enabled {
+        return Err(BootstrapError::Sharding(
+            "bootstrap_node starts non-sharded nodes; use bootstrap_sharded_node".into(),
+        ));
+    }
+    start_node(config).await
+}
+
+/// Starts a sharded node: every local shard in `shard-N/`, Raft on `raft-shard` (and legacy
+/// `raft-rpc` for shard 0), keys routed to their shard.
+pub async fn bootstrap_sharded_node(config: NodeConfig) -> Result<NodeHandle, BootstrapError> {
+    if !config.sharding.enabled {
+        return Err(BootstrapError::Sharding("sharding is not enabled in this config".into()));
+    }
+    config.validate().map_err(|e| BootstrapError::Sharding(e.to_string()))?;
+    start_node(config).await
+}
+
+async fn start_node(config: NodeConfig) -> Result<NodeHandle, BootstrapError> {
+    let base = bootstrap_base_node(config).await?;
+    let config = &base.config;
+    let sharded = config.sharding.enabled;
+    let mut shards = BTreeMap::new();
+    for shard in config.sharding.local_shard_ids() {
+        // Sharded nodes send every shard's Raft traffic on `raft-shard` with its own prefix;
+        // a non-sharded node uses the base factory (legacy `raft-rpc`, shard 0).
+        let network = if sharded {
+            IrohNetworkFactory::new(base.pool.clone(), base.cluster_id.clone(), Some(shard))
+        } else {
+            base.network_factory.clone()
+        };
+        let node = RaftNode::open(
+            shard,
+            shard_raft_id(shard, config.node_id),
+            &config.data_dir.join(format!("shard-{shard}")),
+            &config.cluster_name,
+            &config.raft,
+            network,
+            config.limits.request_timeout(),
+        )
+        .await?;
+        shards.insert(shard, node);
+    }
+    let shard0 = shards.get(&0).cloned().ok_or_else(|| BootstrapError::Sharding("every node hosts shard 0".into()))?;
+
+    let service = Arc::new(NodeService::new(
+        config,
+        shards.clone(),
+        base.metadata_store.clone(),
+        base.cluster_id.clone(),
+        base.member(),
+        base.ticket(),
+        base.pool.clone(),
+    ));
+    let registry = ShardRegistry::default();
+    for (id, node) in &shards {
+        registry.insert(*id, node.clone());
+    }
+    let client_handler =
+        ClientProtocolHandler::new(service.clone(), config.max_client_frame(), config.limits.request_timeout());
+    let mut builder = Router::builder(base.endpoint.clone())
+        .accept(CLIENT_ALPN, client_handler)
+        .accept(RAFT_ALPN, RaftProtocolHandler::new(registry.clone(), base.cluster_id.clone(), RaftWire::Legacy))
+        .accept(RAFT_MUX_ALPN, RaftProtocolHandler::new(registry.clone(), base.cluster_id.clone(), RaftWire::Mux));
+    if sharded {
+        builder = builder
+            .accept(RAFT_SHARDED_ALPN, RaftProtocolHandler::new(registry, base.cluster_id.clone(), RaftWire::Sharded));
+    }
+    if let Some(g) = &base.gossip_discovery {
+        builder = builder.accept(iroh_gossip::ALPN, g.protocol());
+    }
+    let router = builder.spawn();
+
+    if base.identity.is_none() && !config.join.is_empty() {
+        join_cluster(&base, &service).await?;
+    } else if base.identity.is_none() && !config.no_init {
+        service.init_cluster().await.map_err(BootstrapError::Init)?;
+    }
+    if let Some(g) = &base.gossip_discovery {
+        // Waits for a cluster id when the node has neither initialized nor joined yet.
+        g.start(
+            AnnounceContext {
+                node_id: config.node_id,
+                secret_key: base.secret_key.clone(),
+                endpoint: base.endpoint.clone(),
+                bind_addr: config.bind_addr,
+                cluster_id: base.cluster_id.clone(),
+                peers: base.peers.clone(),
+                service: service.clone(),
+            },
+            base.shutdown_token.child_token(),
+        );
+    }
+    service.write_ticket_file().map_err(|source| BootstrapError::DataDir { path: config.data_dir.clone(), source })?;
+    tracing::info!(node_id = config.node_id, shards = shards.len(), ticket = %service.ticket(), "node is serving");
+    let supervisor = Supervisor::spawn(config.node_id, shards.clone(), base.shutdown_token.clone());
+    Ok(NodeHandle { base, shard0, shards, service, router, supervisor })
+}
+
+/// Joins the cluster named by the `--join` tickets: asks it (through any member; requests are
+/// forwarded to the leader) to add this node as a learner, catch it up and promote it. Retries
+/// with backoff while the cluster is unreachable; a refusal (wrong cluster, duplicate node id)
+/// ends the start-up with that message. This node never initializes a cluster of its own.
+async fn join_cluster(base: &BaseNodeResources, service: &NodeService) -> Result<(), BootstrapError> {
+    let config = &base.config;
+    let tickets: Vec<NodeTicket> = config
+        .join
+        .iter()
+        .map(|t| NodeTicket::decode(t))
+        .collect::<Result<_, _>>()
+        .map_err(BootstrapError::JoinTicket)?;
+    let cluster_id = tickets[0].cluster_id;
+    if let Some(other) = tickets.iter().find(|t| t.cluster_id != cluster_id) {
+        return Err(BootstrapError::JoinTicketsDisagree(cluster_id, other.cluster_id));
+    }
+    // Accept Raft messages of that cluster from now on: the leader starts replicating to us
+    // while it handles the join.
+    *base.cluster_id.write().unwrap_or_else(|p| p.into_inner()) = cluster_id;
+    let me = base.member();
+    let request = JoinRequest {
+        cluster_id,
+        cluster_name: config.cluster_name.clone(),
+        node_id: config.node_id,
+        endpoint_id: me.endpoint_id,
+        addrs: me.addrs,
+        num_shards: config.sharding.effective_num_shards(),
+        local_shards: config.sharding.local_shard_ids(),
+    };
+    // Joining waits for this node to catch up, which can take longer than one request.
+    let timeout = config.limits.request_timeout().max(Duration::from_secs(60));
+    let client = AspenClient::connect(tickets, timeout)
+        .await
+        .map_err(|e| BootstrapError::JoinRefused(format!("cannot create client: {e}")))?;
+    let mut backoff = Duration::from_millis(500);
+    let result = loop {
+        match client.request(ClientRequest::Join(request.clone())).await {
+            Ok(ClientResponse::Joined(info)) => break Ok(info),
+            Ok(other) => break Err(BootstrapError::JoinRefused(format!("unexpected answer {other:?}"))),
+            Err(ClientError::Api(ApiError::Refused(msg))) => break Err(BootstrapError::JoinRefused(msg)),
+            Err(ClientError::Api(e @ (ApiError::InvalidRequest(_) | ApiError::UnsupportedVersion { .. }))) => {
+                break Err(BootstrapError::JoinRefused(e.to_string()))
+            }
+            Err(e) => {
+                tracing::warn!("join not done yet ({e}); retrying in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    };
+    client.close().await;
+    let info = result?;
+    service.adopt_identity(&info).map_err(BootstrapError::Init)?;
+    tracing::info!(cluster_id = %info.cluster_id, "joined the cluster");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_stalled_shutdown_step_is_named_and_left_behind() {
+        let mut stalled = Vec::new();
+        let limit = Duration::from_millis(50);
+        bounded(1, &mut stalled, "quick step".into(), limit, async {}).await;
+        bounded(1, &mut stalled, "stuck step".into(), limit, std::future::pending::<()>()).await;
+        bounded(1, &mut stalled, "step after it".into(), limit, async {}).await;
+        assert_eq!(stalled, vec!["stuck step".to_string()], "only the step that never finished is reported");
+    }
+}

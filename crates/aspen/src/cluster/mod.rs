@@ -1,0 +1,17 @@
+//! Everything that makes a set of shards a running node: [`bootstrap`] (identity, endpoint,
+//! metadata, shards, protocol handlers, join), the client-facing [`service`] (a dispatcher over
+//! the sharded store), request [`validate`]ion, cluster [`membership`], leader [`placement`],
+//! [`gossip`] discovery and the shard health [`supervisor`].
+
+pub mod bootstrap;
+pub mod gossip;
+pub mod membership;
+pub mod placement;
+pub mod service;
+pub mod supervisor;
+pub mod validate;
+
+pub use crate::storage::MetadataStore;
+pub use bootstrap::{
+    bootstrap_base_node, bootstrap_node, bootstrap_sharded_node, BaseNodeResources, BootstrapError, NodeHandle,
+};

@@ -1,0 +1,283 @@
+//! The client-facing service of a node: a thin dispatcher. Every request is routed by the
+//! node's [`ShardedKeyValueStore`] (answered here, or forwarded to a node that hosts its shard or
+//! to its shard's leader); what is answered here is checked against the configured limits
+//! ([`super::validate`]) and handed to the piece that owns it: the store (gets, writes, scans),
+//! [`super::membership`] (joins, learners, promotions, removals), [`super::placement`] (leader
+//! moves and balancing), or this file (`cluster init`, node and cluster status, tickets).
+//! Nothing here touches storage directly.
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use super::validate;
+use crate::{
+    api::{
+        ApiError, ClientRequest, ClientResponse, ClientResult, ClusterId, ClusterStatus, ForwardedResponse, NodeId,
+        NodeReport, NodeStatus, NodeTicket, ShardStatus,
+    },
+    config::{LimitsConfig, NodeConfig},
+    raft::{network::SharedClusterId, MemberNode, RaftNode},
+    sharding::{
+        forward::{check_forwarded, fit_answers, max_batch_items},
+        AnswerHere, BoxedResult, ShardRouter, ShardedKeyValueStore,
+    },
+    storage::metadata::{ClusterIdentity, MetadataStore},
+    transport::{endpoint::write_file_atomic, request::send_request, ClientService, ConnectionPool},
+};
+
+/// Serves client requests for one node.
+#[derive(Debug)]
+pub struct NodeService {
+    pub(super) node_id: NodeId,
+    pub(super) cluster_name: String,
+    data_dir: PathBuf,
+    pub(super) limits: LimitsConfig,
+    /// The shards of this node and the way to every other shard.
+    pub(super) store: ShardedKeyValueStore,
+    pub(super) metadata: Arc<MetadataStore>,
+    pub(super) cluster_id: SharedClusterId,
+    /// This node as a Raft member (endpoint id + addresses).
+    me: MemberNode,
+    pub(super) ticket: RwLock<NodeTicket>,
+    init_lock: tokio::sync::Mutex<()>,
+    pub(super) membership_lock: tokio::sync::Mutex<()>,
+}
+
+impl NodeService {
+    pub fn new(
+        config: &NodeConfig,
+        shards: BTreeMap<crate::api::ShardId, RaftNode>,
+        metadata: Arc<MetadataStore>,
+        cluster_id: SharedClusterId,
+        me: MemberNode,
+        ticket: NodeTicket,
+        pool: ConnectionPool,
+    ) -> Self {
+        let store = ShardedKeyValueStore::new(
+            config.node_id,
+            shards,
+            ShardRouter::new(config.sharding.effective_num_shards()),
+            pool,
+            config.limits.request_timeout(),
+            config.limits.max_scan_page as usize,
+            max_batch_items(config.limits.max_key_bytes, config.limits.max_value_bytes),
+        );
+        NodeService {
+            node_id: config.node_id,
+            cluster_name: config.cluster_name.clone(),
+            data_dir: config.data_dir.clone(),
+            limits: config.limits.clone(),
+            store,
+            metadata,
+            cluster_id,
+            me,
+            ticket: RwLock::new(ticket),
+            init_lock: tokio::sync::Mutex::new(()),
+            membership_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The node's sharded store: its shards, routing and forwarding.
+    pub fn store(&self) -> &ShardedKeyValueStore {
+        &self.store
+    }
+
+    pub fn ticket(&self) -> NodeTicket {
+        self.ticket.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Writes the current ticket to `<data-dir>/node.ticket`.
+    pub fn write_ticket_file(&self) -> std::io::Result<()> {
+        let ticket = self.ticket().encode();
+        write_file_atomic(&self.data_dir.join("node.ticket"), format!("{ticket}\n").as_bytes())
+    }
+
+    pub(super) fn first_status(&self) -> ShardStatus {
+        match self.store.shards().values().next() {
+            Some(s) => s.status(),
+            None => ShardStatus {
+                shard: 0,
+                leader: None,
+                term: 0,
+                voters: Vec::new(),
+                learners: Vec::new(),
+                last_applied: 0,
+                last_log_index: 0,
+                role: "Unknown".into(),
+                health: Default::default(),
+                digest: None,
+            },
+        }
+    }
+
+    /// Makes this node a one-node cluster (every shard), unless it already belongs to one.
+    /// Returns whether this call initialized it.
+    pub async fn init_cluster(&self) -> Result<bool, ApiError> {
+        let _guard = self.init_lock.lock().await;
+        let internal = |e: crate::storage::StorageError| ApiError::Internal(format!("metadata: {e}"));
+        if self.metadata.identity().map_err(internal)?.is_some() {
+            return Ok(false);
+        }
+        if self.store.shards().len() as u32 != self.store.num_shards() {
+            return Err(ApiError::Refused(format!(
+                "the node that initializes a cluster must host all {} shards; this one hosts {:?}",
+                self.store.num_shards(),
+                self.store.shards().keys().collect::<Vec<_>>()
+            )));
+        }
+        for shard in self.store.shards().values() {
+            let raft = shard.raft();
+            if raft.is_initialized().await.map_err(|e| ApiError::Unavailable(e.to_string()))? {
+                // Identity is recorded after Raft is initialized; a crash in between leaves
+                // one-node groups of our own, which we adopt. Anything else is another cluster's.
+                let voters: Vec<u64> = raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+                if voters != [shard.raft_id()] {
+                    return Err(ApiError::InvalidRequest("this node's Raft state belongs to a cluster already".into()));
+                }
+            }
+        }
+        let cluster_id = ClusterId::random();
+        for shard in self.store.shards().values() {
+            shard.initialize(BTreeMap::from([(shard.raft_id(), self.me.clone())])).await?;
+        }
+        self.metadata
+            .set_identity(&ClusterIdentity {
+                cluster_id,
+                cluster_name: self.cluster_name.clone(),
+                node_id: self.node_id,
+                num_shards: self.store.num_shards(),
+            })
+            .map_err(internal)?;
+        *self.cluster_id.write().unwrap_or_else(|p| p.into_inner()) = cluster_id;
+        self.ticket.write().unwrap_or_else(|p| p.into_inner()).cluster_id = cluster_id;
+        if let Err(e) = self.write_ticket_file() {
+            tracing::warn!("could not rewrite node.ticket: {e}");
+        }
+        tracing::info!(%cluster_id, shards = self.store.shards().len(), "initialized a new cluster");
+        Ok(true)
+    }
+
+    fn node_status(&self) -> NodeStatus {
+        NodeStatus { node_id: self.node_id, shards: self.store.shards().values().map(RaftNode::status).collect() }
+    }
+
+    pub(super) fn identity(&self) -> Result<Option<ClusterIdentity>, ApiError> {
+        self.metadata.identity().map_err(|e| ApiError::Internal(format!("metadata: {e}")))
+    }
+
+    /// Asks every member for its own view, concurrently, with a short timeout each.
+    async fn cluster_status(&self) -> Result<ClusterStatus, ApiError> {
+        let (cluster_id, cluster_name) = match self.identity()? {
+            Some(i) => (i.cluster_id, i.cluster_name),
+            None => (ClusterId::default(), self.cluster_name.clone()),
+        };
+        let timeout = self.limits.request_timeout().min(Duration::from_secs(3));
+        let mut asks = Vec::new();
+        for (node_id, member) in self.store.known_nodes() {
+            if node_id == self.node_id {
+                continue;
+            }
+            asks.push(async move {
+                let Some(addr) = member.endpoint_addr() else {
+                    return NodeReport { node_id, status: None, error: Some("no valid address".into()) };
+                };
+                match send_request(self.store.pool(), &addr, 1, ClientRequest::NodeStatus, timeout).await {
+                    Ok(Ok(ClientResponse::NodeStatus(s))) => NodeReport { node_id, status: Some(s), error: None },
+                    Ok(Ok(other)) => NodeReport { node_id, status: None, error: Some(format!("unexpected {other:?}")) },
+                    Ok(Err(e)) => NodeReport { node_id, status: None, error: Some(e.to_string()) },
+                    Err(e) => NodeReport { node_id, status: None, error: Some(e.to_string()) },
+                }
+            });
+        }
+        let mut reports = futures::future::join_all(asks).await;
+        reports.push(NodeReport { node_id: self.node_id, status: Some(self.node_status()), error: None });
+        reports.sort_by_key(|r| r.node_id);
+        Ok(ClusterStatus {
+            node_id: self.node_id,
+            cluster_id,
+            cluster_name,
+            shards: self.store.shards().values().map(RaftNode::status).collect(),
+            nodes: reports,
+        })
+    }
+
+    /// Routes a request from here (answered here, or forwarded).
+    pub(super) fn route(&self, request: ClientRequest, hops: u8) -> BoxedResult<'_> {
+        self.store.route(request, hops, self)
+    }
+
+    /// Answers a request on this node, without forwarding (routing has brought it here).
+    async fn handle_local(&self, request: ClientRequest) -> ClientResult {
+        match request {
+            ClientRequest::Get { key, consistency } => {
+                validate::check_key(&self.limits, &key)?;
+                self.store.get_here(&key, consistency).await
+            }
+            ClientRequest::Write { session, command } => {
+                validate::check_write(&self.limits, &command)?;
+                self.store.write_here(session, command).await.map(ClientResponse::Write)
+            }
+            ClientRequest::Scan(req) => {
+                validate::check_scan(&self.limits, &req)?;
+                self.store.scan_all(req, self).await.map(ClientResponse::Scan)
+            }
+            ClientRequest::ShardScan { shard, scan } => {
+                validate::check_scan(&self.limits, &scan)?;
+                self.store.scan_shard_here(shard, &scan).await
+            }
+            ClientRequest::ShardMembership { shard, change } => self.apply_shard_change(shard, change).await,
+            ClientRequest::ClusterStatus => self.cluster_status().await.map(ClientResponse::ClusterStatus),
+            ClientRequest::NodeStatus => Ok(ClientResponse::NodeStatus(self.node_status())),
+            ClientRequest::Members => Ok(ClientResponse::Members(self.members())),
+            ClientRequest::ClusterInit => {
+                self.init_cluster().await.map(|initialized| ClientResponse::ClusterInit { initialized })
+            }
+            ClientRequest::AddLearner { ticket } => self.add_learner(&ticket).await,
+            ClientRequest::Promote { node_id } => self.promote(node_id).await,
+            ClientRequest::Remove { node_id } => self.remove(node_id).await,
+            ClientRequest::Join(req) => self.join(req).await,
+            ClientRequest::AcceptMembership(info) => self.accept_membership(info),
+            ClientRequest::MoveLeader { shard, node_id } => self.move_leader(shard, node_id).await,
+            ClientRequest::MoveLeaderAttempt { shard, node_id } => self.move_leader_attempt(shard, node_id).await,
+            ClientRequest::TriggerElect { shard } => {
+                tracing::debug!(shard, "campaigning for a leadership hand-over");
+                let shard = self.store.local(shard)?;
+                shard.raft().trigger().elect().await.map_err(|e| ApiError::Unavailable(e.to_string()))?;
+                Ok(ClientResponse::ElectionTriggered)
+            }
+            ClientRequest::BalanceLeaders => self.balance_leaders().await,
+            // Unpacked by `handle` before routing; never inside a batch.
+            ClientRequest::Forwarded { .. } => {
+                Err(ApiError::InvalidRequest("a forwarded batch cannot be nested or routed".into()))
+            }
+        }
+    }
+}
+
+impl AnswerHere for NodeService {
+    fn answer_here(&self, request: ClientRequest) -> BoxedResult<'_> {
+        Box::pin(self.handle_local(request))
+    }
+}
+
+impl ClientService for NodeService {
+    async fn handle(&self, request: ClientRequest, hops: u8) -> ClientResult {
+        match request {
+            ClientRequest::Forwarded { requests } => {
+                check_forwarded(&requests)?;
+                let answers = futures::future::join_all(
+                    requests
+                        .into_iter()
+                        .map(|r| async move { ForwardedResponse::of(self.route(r.into(), hops).await) }),
+                )
+                .await;
+                Ok(ClientResponse::Forwarded(fit_answers(answers)))
+            }
+            request => self.route(request, hops).await,
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! Request validation: every key, value, batch and scan a client sends is checked against the
+//! node's limits (`[limits]` in the configuration) before it reaches a shard, and refused with
+//! a typed error (`InvalidRequest` or `TooLarge`) that names the limit.
+
+use crate::{
+    api::{ApiError, BatchOp, ScanRequest, WriteCommand},
+    config::LimitsConfig,
+};
+
+/// Checks a key: not empty, at most `max_key_bytes`.
+pub fn check_key(limits: &LimitsConfig, key: &[u8]) -> Result<(), ApiError> {
+    if key.is_empty() {
+        return Err(ApiError::InvalidRequest("key must not be empty".into()));
+    }
+    if key.len() as u64 > limits.max_key_bytes {
+        return Err(ApiError::TooLarge { what: "key".into(), size: key.len() as u64, limit: limits.max_key_bytes });
+    }
+    Ok(())
+}
+
+fn check_value(limits: &LimitsConfig, value: &[u8]) -> Result<(), ApiError> {
+    if value.len() as u64 > limits.max_value_bytes {
+        return Err(ApiError::TooLarge {
+            what: "value".into(),
+            size: value.len() as u64,
+            limit: limits.max_value_bytes,
+        });
+    }
+    Ok(())
+}
+
+/// Checks a write against the limits before it reaches the log.
+pub fn check_write(limits: &LimitsConfig, command: &WriteCommand) -> Result<(), ApiError> {
+    match command {
+        WriteCommand::Put { key, value } => {
+            check_key(limits, key)?;
+            check_value(limits, value)
+        }
+        WriteCommand::Delete { key } => check_key(limits, key),
+        WriteCommand::Cas { key, expected, new_value } => {
+            check_key(limits, key)?;
+            if let Some(e) = expected {
+                check_value(limits, e)?;
+            }
+            check_value(limits, new_value)
+        }
+        WriteCommand::Batch { ops } => {
+            if ops.is_empty() {
+                return Err(ApiError::InvalidRequest("batch must hold at least one operation".into()));
+            }
+            if ops.len() as u64 > limits.max_batch_ops {
+                return Err(ApiError::TooLarge {
+                    what: "batch".into(),
+                    size: ops.len() as u64,
+                    limit: limits.max_batch_ops,
+                });
+            }
+            let mut total = 0u64;
+            for op in ops {
+                check_key(limits, op.key())?;
+                if let BatchOp::Put { value, .. } = op {
+                    check_value(limits, value)?;
+                    total += value.len() as u64;
+                }
+            }
+            let cap = limits.max_value_bytes * 4;
+            if total > cap {
+                return Err(ApiError::TooLarge { what: "batch values".into(), size: total, limit: cap });
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Checks a scan's limit and bounds.
+pub fn check_scan(limits: &LimitsConfig, req: &ScanRequest) -> Result<(), ApiError> {
+    if req.limit == 0 {
+        return Err(ApiError::InvalidRequest("scan limit must be at least 1".into()));
+    }
+    for k in [Some(&req.prefix), req.start.as_ref(), req.end.as_ref(), req.continuation.as_ref()].into_iter().flatten()
+    {
+        if k.len() as u64 > limits.max_key_bytes {
+            return Err(ApiError::TooLarge {
+                what: "scan bound".into(),
+                size: k.len() as u64,
+                limit: limits.max_key_bytes,
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> LimitsConfig {
+        LimitsConfig { max_key_bytes: 8, max_value_bytes: 16, max_batch_ops: 3, ..LimitsConfig::default() }
+    }
+
+    fn put(key: &str, value: usize) -> BatchOp {
+        BatchOp::Put { key: key.into(), value: vec![0; value] }
+    }
+
+    #[test]
+    fn keys_and_values_are_held_to_their_limits() {
+        let l = limits();
+        assert!(matches!(check_key(&l, b""), Err(ApiError::InvalidRequest(_))));
+        assert!(check_key(&l, b"12345678").is_ok());
+        assert!(matches!(check_key(&l, b"123456789"), Err(ApiError::TooLarge { size: 9, limit: 8, .. })));
+        let put_of = |n| WriteCommand::Put { key: b"k".to_vec(), value: vec![1; n] };
+        assert!(check_write(&l, &put_of(16)).is_ok());
+        assert!(matches!(check_write(&l, &put_of(17)), Err(ApiError::TooLarge { size: 17, limit: 16, .. })));
+        let cas = WriteCommand::Cas { key: b"k".to_vec(), expected: Some(vec![0; 17]), new_value: vec![] };
+        assert!(matches!(check_write(&l, &cas), Err(ApiError::TooLarge { .. })), "the expected value counts too");
+        assert!(matches!(check_write(&l, &WriteCommand::Delete { key: vec![] }), Err(ApiError::InvalidRequest(_))));
+    }
+
+    #[test]
+    fn batches_are_held_to_their_count_and_total_size() {
+        let l = limits();
+        assert!(matches!(check_write(&l, &WriteCommand::Batch { ops: vec![] }), Err(ApiError::InvalidRequest(_))));
+        let four = WriteCommand::Batch { ops: (0..4).map(|i| put(&i.to_string(), 1)).collect() };
+        assert!(matches!(check_write(&l, &four), Err(ApiError::TooLarge { size: 4, limit: 3, .. })));
+        let three = WriteCommand::Batch { ops: vec![put("a", 16), put("b", 16), put("c", 16)] };
+        assert!(check_write(&l, &three).is_ok(), "48 bytes of values is under 4 × 16");
+        let l2 = LimitsConfig { max_batch_ops: 8, ..limits() };
+        let big = WriteCommand::Batch { ops: (0..5).map(|i| put(&i.to_string(), 16)).collect() };
+        assert!(matches!(check_write(&l2, &big), Err(ApiError::TooLarge { size: 80, limit: 64, .. })));
+    }
+
+    #[test]
+    fn scans_need_a_limit_and_bounds_no_longer_than_a_key() {
+        let l = limits();
+        let scan = ScanRequest {
+            prefix: b"p".to_vec(),
+            start: None,
+            end: None,
+            limit: 10,
+            continuation: None,
+            consistency: Default::default(),
+        };
+        assert!(check_scan(&l, &scan).is_ok());
+        assert!(matches!(check_scan(&l, &ScanRequest { limit: 0, ..scan.clone() }), Err(ApiError::InvalidRequest(_))));
+        let long = ScanRequest { end: Some(vec![0; 9]), ..scan };
+        assert!(matches!(check_scan(&l, &long), Err(ApiError::TooLarge { size: 9, .. })));
+    }
+}

@@ -1,0 +1,583 @@
+//! Node configuration: defaults, the TOML file, `ASPEN_*` environment variables and command-line
+//! flags, merged with the precedence CLI > env > TOML > defaults, then validated.
+//!
+//! This module owns parsing and validation only; it never opens files other than the config
+//! file itself and never touches the network.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+
+use crate::api::{NodeId, MAX_NODE_ID};
+
+/// Why a configuration was refused. Each message is one line an operator can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    ReadFile { path: PathBuf, source: std::io::Error },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid {field}: {message}")]
+    Invalid { field: &'static str, message: String },
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { field, message: message.into() }
+}
+
+/// Raft timing and log-compaction settings (per shard).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RaftConfig {
+    /// Leader heartbeat interval. openraft 0.9 also uses it as the timeout of one AppendEntries
+    /// round trip, so it must cover sending `max_append_bytes` and the follower's fsync.
+    pub heartbeat_interval_ms: u64,
+    /// Lower bound of the randomized election timeout.
+    pub election_timeout_min_ms: u64,
+    /// Upper bound of the randomized election timeout.
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot (and purge the log before it) after this many applied entries.
+    pub snapshot_threshold: u64,
+    /// Log entries kept after a snapshot so that lagging followers can catch up without one.
+    pub max_in_snapshot_log_to_keep: u64,
+    /// Most entries in one AppendEntries message.
+    pub max_append_entries: u64,
+    /// Most payload bytes in one AppendEntries message (a single larger entry still goes alone).
+    pub max_append_bytes: u64,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        RaftConfig {
+            heartbeat_interval_ms: 100,
+            election_timeout_min_ms: 1000,
+            election_timeout_max_ms: 2000,
+            snapshot_threshold: 20_000,
+            max_in_snapshot_log_to_keep: 1_000,
+            max_append_entries: 512,
+            max_append_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// Request size limits and time limits enforced at the client protocol.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitsConfig {
+    pub max_key_bytes: u64,
+    pub max_value_bytes: u64,
+    /// Most operations in one atomic batch.
+    pub max_batch_ops: u64,
+    /// Most keys one scan page returns (larger limits are clamped and paged).
+    pub max_scan_page: u64,
+    /// How long a request may wait for a leader, a quorum or the state machine.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_key_bytes: 4 * 1024,
+            max_value_bytes: 1024 * 1024,
+            max_batch_ops: 1024,
+            max_scan_page: 1_000,
+            request_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl LimitsConfig {
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+}
+
+/// Sharding: how many shards the cluster has and which of them this node hosts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardingConfig {
+    /// Run several shards (Raft groups) on this node, routed by key hash.
+    pub enabled: bool,
+    /// Number of shards of the whole cluster (1..=256), recorded at first start.
+    pub num_shards: u32,
+    /// Shards this node hosts; `None`: all of them.
+    pub local_shards: Option<Vec<u32>>,
+}
+
+impl Default for ShardingConfig {
+    fn default() -> Self {
+        ShardingConfig { enabled: false, num_shards: 1, local_shards: None }
+    }
+}
+
+/// Gossip discovery: signed address and leader announcements among the cluster's members.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GossipConfig {
+    /// Announce this node and learn peers' current addresses and shard leaders over iroh-gossip.
+    pub enabled: bool,
+    /// How often this node announces itself.
+    pub interval_ms: u64,
+}
+
+impl Default for GossipConfig {
+    fn default() -> Self {
+        GossipConfig { enabled: true, interval_ms: 1000 }
+    }
+}
+
+/// Most shards a cluster can have.
+pub const MAX_SHARDS: u32 = 256;
+
+impl ShardingConfig {
+    /// Number of shards in effect (1 when sharding is disabled).
+    pub fn effective_num_shards(&self) -> u32 {
+        if self.enabled {
+            self.num_shards
+        } else {
+            1
+        }
+    }
+
+    /// The shards this node hosts, sorted.
+    pub fn local_shard_ids(&self) -> Vec<u32> {
+        match (&self.local_shards, self.enabled) {
+            (_, false) => vec![0],
+            (None, true) => (0..self.num_shards).collect(),
+            (Some(l), true) => {
+                let mut l = l.clone();
+                l.sort_unstable();
+                l
+            }
+        }
+    }
+}
+
+/// The complete, validated configuration of one `aspen-node`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeConfig {
+    pub node_id: NodeId,
+    pub data_dir: PathBuf,
+    pub bind_addr: SocketAddr,
+    pub cluster_name: String,
+    /// Do not initialize a fresh data dir as a one-node cluster (wait for `cluster init` or a join).
+    pub no_init: bool,
+    /// Tickets of existing members to join through (used by multi-node clusters).
+    pub join: Vec<String>,
+    pub raft: RaftConfig,
+    pub limits: LimitsConfig,
+    pub sharding: ShardingConfig,
+    pub gossip: GossipConfig,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            node_id: 1,
+            data_dir: PathBuf::from("./aspen-data"),
+            bind_addr: SocketAddr::from(([127, 0, 0, 1], 7600)),
+            cluster_name: "aspen".to_string(),
+            no_init: false,
+            join: Vec::new(),
+            raft: RaftConfig::default(),
+            limits: LimitsConfig::default(),
+            sharding: ShardingConfig::default(),
+            gossip: GossipConfig::default(),
+        }
+    }
+}
+
+/// `aspen-node` command line. Every flag also reads an `ASPEN_*` environment variable.
+#[derive(Parser, Debug, Default, Clone)]
+#[command(name = "aspen-node", version, about = "Run one Aspen key-value node")]
+pub struct NodeArgs {
+    /// TOML config file (flags and ASPEN_* variables override it).
+    #[arg(long, env = "ASPEN_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// This node's id (1 ..= 2^48-1), unique in the cluster. [default: 1]
+    #[arg(long, env = "ASPEN_NODE_ID")]
+    pub node_id: Option<NodeId>,
+    /// Directory for keys, tickets and databases. [default: ./aspen-data]
+    #[arg(long, env = "ASPEN_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// UDP address the QUIC endpoint binds. [default: 127.0.0.1:7600]
+    #[arg(long, env = "ASPEN_BIND_ADDR")]
+    pub bind_addr: Option<SocketAddr>,
+    /// Cluster name, recorded at init. [default: aspen]
+    #[arg(long, env = "ASPEN_CLUSTER_NAME")]
+    pub cluster_name: Option<String>,
+    /// Do not initialize a fresh data dir as a one-node cluster.
+    #[arg(long, env = "ASPEN_NO_INIT")]
+    pub no_init: bool,
+    /// Ticket of a member to join through (repeat or comma-separate for several).
+    #[arg(long, env = "ASPEN_JOIN", value_delimiter = ',')]
+    pub join: Vec<String>,
+    /// Raft heartbeat interval in milliseconds. [default: 100]
+    #[arg(long, env = "ASPEN_HEARTBEAT_INTERVAL_MS")]
+    pub heartbeat_interval_ms: Option<u64>,
+    /// Minimum election timeout in milliseconds. [default: 1000]
+    #[arg(long, env = "ASPEN_ELECTION_TIMEOUT_MIN_MS")]
+    pub election_timeout_min_ms: Option<u64>,
+    /// Maximum election timeout in milliseconds. [default: 2000]
+    #[arg(long, env = "ASPEN_ELECTION_TIMEOUT_MAX_MS")]
+    pub election_timeout_max_ms: Option<u64>,
+    /// Snapshot after this many applied log entries. [default: 20000]
+    #[arg(long, env = "ASPEN_SNAPSHOT_THRESHOLD")]
+    pub snapshot_threshold: Option<u64>,
+    /// Largest key in bytes. [default: 4096]
+    #[arg(long, env = "ASPEN_MAX_KEY_BYTES")]
+    pub max_key_bytes: Option<u64>,
+    /// Largest value in bytes. [default: 1048576]
+    #[arg(long, env = "ASPEN_MAX_VALUE_BYTES")]
+    pub max_value_bytes: Option<u64>,
+    /// Request timeout in milliseconds. [default: 10000]
+    #[arg(long, env = "ASPEN_REQUEST_TIMEOUT_MS")]
+    pub request_timeout_ms: Option<u64>,
+    /// Run several shards (Raft groups) on this node.
+    #[arg(long, env = "ASPEN_SHARDING_ENABLED")]
+    pub sharding_enabled: bool,
+    /// Number of shards in the cluster (1..=256). [default: 1]
+    #[arg(long, env = "ASPEN_SHARDING_NUM_SHARDS")]
+    pub sharding_num_shards: Option<u32>,
+    /// Shards this node hosts, comma-separated. [default: all]
+    #[arg(long, env = "ASPEN_SHARDING_LOCAL_SHARDS", value_delimiter = ',')]
+    pub sharding_local_shards: Option<Vec<u32>>,
+}
+
+#[derive(Deserialize, Default, Debug)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    node_id: Option<NodeId>,
+    data_dir: Option<PathBuf>,
+    bind_addr: Option<SocketAddr>,
+    cluster_name: Option<String>,
+    no_init: Option<bool>,
+    join: Option<Vec<String>>,
+    raft: Option<FileRaft>,
+    limits: Option<FileLimits>,
+    sharding: Option<FileSharding>,
+    gossip: Option<FileGossip>,
+}
+
+#[derive(Deserialize, Default, Debug)]
+#[serde(deny_unknown_fields)]
+struct FileGossip {
+    enabled: Option<bool>,
+    interval_ms: Option<u64>,
+}
+
+#[derive(Deserialize, Default, Debug)]
+#[serde(deny_unknown_fields)]
+struct FileSharding {
+    enabled: Option<bool>,
+    num_shards: Option<u32>,
+    local_shards: Option<Vec<u32>>,
+}
+
+#[derive(Deserialize, Default, Debug)]
+#[serde(deny_unknown_fields)]
+struct FileRaft {
+    heartbeat_interval_ms: Option<u64>,
+    election_timeout_min_ms: Option<u64>,
+    election_timeout_max_ms: Option<u64>,
+    snapshot_threshold: Option<u64>,
+    max_in_snapshot_log_to_keep: Option<u64>,
+    max_append_entries: Option<u64>,
+    max_append_bytes: Option<u64>,
+}
+
+#[derive(Deserialize, Default, Debug)]
+#[serde(deny_unknown_fields)]
+struct FileLimits {
+    max_key_bytes: Option<u64>,
+    max_value_bytes: Option<u64>,
+    max_batch_ops: Option<u64>,
+    max_scan_page: Option<u64>,
+    request_timeout_ms: Option<u64>,
+}
+
+fn set<T>(slot: &mut T, value: Option<T>) {
+    if let Some(v) = value {
+        *slot = v;
+    }
+}
+
+impl NodeConfig {
+    /// Builds the configuration from parsed flags (which already include `ASPEN_*` variables),
+    /// the TOML file they name, and defaults; then validates it.
+    pub fn from_args(args: &NodeArgs) -> Result<NodeConfig, ConfigError> {
+        let mut cfg = NodeConfig::default();
+        if let Some(path) = &args.config {
+            cfg.apply_file(&load_file(path)?);
+        }
+        set(&mut cfg.node_id, args.node_id);
+        set(&mut cfg.data_dir, args.data_dir.clone());
+        set(&mut cfg.bind_addr, args.bind_addr);
+        set(&mut cfg.cluster_name, args.cluster_name.clone());
+        cfg.no_init |= args.no_init;
+        if !args.join.is_empty() {
+            cfg.join = args.join.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+        }
+        set(&mut cfg.raft.heartbeat_interval_ms, args.heartbeat_interval_ms);
+        set(&mut cfg.raft.election_timeout_min_ms, args.election_timeout_min_ms);
+        set(&mut cfg.raft.election_timeout_max_ms, args.election_timeout_max_ms);
+        set(&mut cfg.raft.snapshot_threshold, args.snapshot_threshold);
+        set(&mut cfg.limits.max_key_bytes, args.max_key_bytes);
+        set(&mut cfg.limits.max_value_bytes, args.max_value_bytes);
+        set(&mut cfg.limits.request_timeout_ms, args.request_timeout_ms);
+        cfg.sharding.enabled |= args.sharding_enabled;
+        set(&mut cfg.sharding.num_shards, args.sharding_num_shards);
+        if args.sharding_local_shards.is_some() {
+            cfg.sharding.local_shards = args.sharding_local_shards.clone();
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parses a TOML document (as found in a config file) over the defaults and validates it.
+    pub fn from_toml_str(text: &str) -> Result<NodeConfig, ConfigError> {
+        let file = parse_file(text, Path::new("<string>"))?;
+        let mut cfg = NodeConfig::default();
+        cfg.apply_file(&file);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn apply_file(&mut self, f: &FileConfig) {
+        set(&mut self.node_id, f.node_id);
+        set(&mut self.data_dir, f.data_dir.clone());
+        set(&mut self.bind_addr, f.bind_addr);
+        set(&mut self.cluster_name, f.cluster_name.clone());
+        set(&mut self.no_init, f.no_init);
+        set(&mut self.join, f.join.clone());
+        if let Some(r) = &f.raft {
+            set(&mut self.raft.heartbeat_interval_ms, r.heartbeat_interval_ms);
+            set(&mut self.raft.election_timeout_min_ms, r.election_timeout_min_ms);
+            set(&mut self.raft.election_timeout_max_ms, r.election_timeout_max_ms);
+            set(&mut self.raft.snapshot_threshold, r.snapshot_threshold);
+            set(&mut self.raft.max_in_snapshot_log_to_keep, r.max_in_snapshot_log_to_keep);
+            set(&mut self.raft.max_append_entries, r.max_append_entries);
+            set(&mut self.raft.max_append_bytes, r.max_append_bytes);
+        }
+        if let Some(sh) = &f.sharding {
+            set(&mut self.sharding.enabled, sh.enabled);
+            set(&mut self.sharding.num_shards, sh.num_shards);
+            if sh.local_shards.is_some() {
+                self.sharding.local_shards = sh.local_shards.clone();
+            }
+        }
+        if let Some(g) = &f.gossip {
+            set(&mut self.gossip.enabled, g.enabled);
+            set(&mut self.gossip.interval_ms, g.interval_ms);
+        }
+        if let Some(l) = &f.limits {
+            set(&mut self.limits.max_key_bytes, l.max_key_bytes);
+            set(&mut self.limits.max_value_bytes, l.max_value_bytes);
+            set(&mut self.limits.max_batch_ops, l.max_batch_ops);
+            set(&mut self.limits.max_scan_page, l.max_scan_page);
+            set(&mut self.limits.request_timeout_ms, l.request_timeout_ms);
+        }
+    }
+
+    /// Checks every value; the error names the field and what is wrong with it.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.node_id == 0 || self.node_id > MAX_NODE_ID {
+            return Err(invalid("node_id", format!("{} is out of range 1..=2^48-1", self.node_id)));
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "must not be empty"));
+        }
+        let name_ok = !self.cluster_name.is_empty()
+            && self.cluster_name.len() <= 64
+            && self.cluster_name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+        if !name_ok {
+            return Err(invalid(
+                "cluster_name",
+                format!("{:?}: use 1-64 characters from a-z A-Z 0-9 - _ .", self.cluster_name),
+            ));
+        }
+        for t in &self.join {
+            crate::api::NodeTicket::decode(t).map_err(|e| invalid("join", format!("{e}")))?;
+        }
+        let r = &self.raft;
+        if r.heartbeat_interval_ms == 0 {
+            return Err(invalid("heartbeat_interval_ms", "must be greater than 0"));
+        }
+        if r.election_timeout_min_ms <= r.heartbeat_interval_ms {
+            return Err(invalid(
+                "election_timeout_min_ms",
+                format!(
+                    "{} must be greater than heartbeat_interval_ms ({})",
+                    r.election_timeout_min_ms, r.heartbeat_interval_ms
+                ),
+            ));
+        }
+        if r.election_timeout_max_ms <= r.election_timeout_min_ms {
+            return Err(invalid(
+                "election_timeout_max_ms",
+                format!(
+                    "{} must be greater than election_timeout_min_ms ({})",
+                    r.election_timeout_max_ms, r.election_timeout_min_ms
+                ),
+            ));
+        }
+        if r.snapshot_threshold == 0 {
+            return Err(invalid("snapshot_threshold", "must be greater than 0"));
+        }
+        if r.max_append_entries == 0 {
+            return Err(invalid("max_append_entries", "must be greater than 0"));
+        }
+        if r.max_append_bytes < 64 * 1024 || r.max_append_bytes > (crate::api::MAX_FRAME_BYTES / 2) as u64 {
+            return Err(invalid("max_append_bytes", "must be between 64 KiB and 32 MiB"));
+        }
+        if self.gossip.interval_ms < 100 || self.gossip.interval_ms > 600_000 {
+            return Err(invalid("gossip.interval_ms", "must be between 100 and 600000"));
+        }
+        let sh = &self.sharding;
+        if sh.num_shards == 0 || sh.num_shards > MAX_SHARDS {
+            return Err(invalid("num_shards", format!("{} is out of range 1..={MAX_SHARDS}", sh.num_shards)));
+        }
+        if !sh.enabled && (sh.num_shards != 1 || sh.local_shards.is_some()) {
+            return Err(invalid(
+                "sharding",
+                "num_shards and local_shards need sharding enabled (--sharding-enabled or [sharding] enabled = true)",
+            ));
+        }
+        if let Some(local) = &sh.local_shards {
+            if local.is_empty() {
+                return Err(invalid("local_shards", "must name at least one shard"));
+            }
+            if !local.contains(&0) {
+                return Err(invalid("local_shards", "must include shard 0, which records the cluster's members"));
+            }
+            let mut seen = std::collections::BTreeSet::new();
+            for &s in local {
+                if s >= sh.num_shards {
+                    return Err(invalid(
+                        "local_shards",
+                        format!(
+                            "shard {s} does not exist (num_shards is {}, shards are 0..={})",
+                            sh.num_shards,
+                            sh.num_shards - 1
+                        ),
+                    ));
+                }
+                if !seen.insert(s) {
+                    return Err(invalid("local_shards", format!("shard {s} is listed twice")));
+                }
+            }
+        }
+        let l = &self.limits;
+        if l.max_key_bytes == 0 || l.max_key_bytes > 64 * 1024 {
+            return Err(invalid("max_key_bytes", format!("{} is out of range 1..=65536", l.max_key_bytes)));
+        }
+        if l.max_value_bytes == 0 || l.max_value_bytes > 16 * 1024 * 1024 {
+            return Err(invalid("max_value_bytes", format!("{} is out of range 1..=16 MiB", l.max_value_bytes)));
+        }
+        if l.max_batch_ops == 0 {
+            return Err(invalid("max_batch_ops", "must be greater than 0"));
+        }
+        if l.max_scan_page == 0 {
+            return Err(invalid("max_scan_page", "must be greater than 0"));
+        }
+        if l.request_timeout_ms < 10 {
+            return Err(invalid("request_timeout_ms", "must be at least 10"));
+        }
+        Ok(())
+    }
+
+    /// Largest client frame this configuration can legitimately produce (a full batch of maximal
+    /// values plus envelope overhead), capped at the global frame limit.
+    pub fn max_client_frame(&self) -> usize {
+        let per_op = self.limits.max_key_bytes + self.limits.max_value_bytes + 64;
+        let want = per_op.saturating_mul(4).max(per_op) + 4096;
+        (want as usize).min(crate::api::MAX_FRAME_BYTES)
+    }
+}
+
+fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text =
+        std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile { path: path.to_path_buf(), source })?;
+    parse_file(&text, path)
+}
+
+fn parse_file(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string().lines().filter(|l| !l.trim().is_empty()).collect::<Vec<_>>().join("; "),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        NodeConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn precedence_cli_over_file_over_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.toml");
+        std::fs::write(&path, "node_id = 5\ncluster_name = \"filec\"\n[raft]\nheartbeat_interval_ms = 200\n").unwrap();
+        let args = NodeArgs { config: Some(path), node_id: Some(7), ..Default::default() };
+        let cfg = NodeConfig::from_args(&args).unwrap();
+        assert_eq!(cfg.node_id, 7);
+        assert_eq!(cfg.cluster_name, "filec");
+        assert_eq!(cfg.raft.heartbeat_interval_ms, 200);
+        assert_eq!(cfg.bind_addr, NodeConfig::default().bind_addr);
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        let err = NodeConfig::from_toml_str("node_id = 0").unwrap_err().to_string();
+        assert!(err.contains("node_id"), "{err}");
+        let err = NodeConfig::from_toml_str("node_id = 281474976710656").unwrap_err().to_string();
+        assert!(err.contains("node_id"), "{err}");
+        let err = NodeConfig::from_toml_str("bogus = 1").unwrap_err().to_string();
+        assert!(err.contains("bogus"), "{err}");
+        let err = NodeConfig::from_toml_str("[raft]\nelection_timeout_min_ms = 50").unwrap_err().to_string();
+        assert!(err.contains("election_timeout_min_ms"), "{err}");
+        let err = NodeConfig::from_toml_str("cluster_name = \"a b\"").unwrap_err().to_string();
+        assert!(err.contains("cluster_name"), "{err}");
+        let err = NodeConfig::from_toml_str("join = [\"nope\"]").unwrap_err().to_string();
+        assert!(err.contains("join"), "{err}");
+    }
+
+    #[test]
+    fn sharding_validation() {
+        let ok =
+            NodeConfig::from_toml_str("[sharding]\nenabled = true\nnum_shards = 4\nlocal_shards = [2, 0]").unwrap();
+        assert_eq!(ok.sharding.local_shard_ids(), vec![0, 2]);
+        assert_eq!(ok.sharding.effective_num_shards(), 4);
+        let all = NodeConfig::from_toml_str("[sharding]\nenabled = true\nnum_shards = 3").unwrap();
+        assert_eq!(all.sharding.local_shard_ids(), vec![0, 1, 2]);
+        assert_eq!(NodeConfig::default().sharding.local_shard_ids(), vec![0]);
+        for (toml, field) in [
+            ("[sharding]\nenabled = true\nnum_shards = 0", "num_shards"),
+            ("[sharding]\nenabled = true\nnum_shards = 257", "num_shards"),
+            ("[sharding]\nenabled = true\nnum_shards = 4\nlocal_shards = [0, 1, 1]", "listed twice"),
+            ("[sharding]\nenabled = true\nnum_shards = 4\nlocal_shards = [0, 4]", "does not exist"),
+            ("[sharding]\nenabled = true\nnum_shards = 4\nlocal_shards = []", "at least one"),
+            ("[sharding]\nnum_shards = 4", "sharding enabled"),
+        ] {
+            let err = NodeConfig::from_toml_str(toml).unwrap_err().to_string();
+            assert!(err.contains(field), "{toml:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let text = include_str!("../../../config/aspen-node.toml");
+        let cfg = NodeConfig::from_toml_str(text).unwrap();
+        assert_eq!(cfg.node_id, 1);
+        assert_eq!(cfg.gossip, GossipConfig::default());
+        let off = NodeConfig::from_toml_str("[gossip]\nenabled = false\ninterval_ms = 500").unwrap();
+        assert_eq!(off.gossip, GossipConfig { enabled: false, interval_ms: 500 });
+        let err = NodeConfig::from_toml_str("[gossip]\ninterval_ms = 5").unwrap_err().to_string();
+        assert!(err.contains("gossip.interval_ms"), "{err}");
+    }
+}

@@ -1,0 +1,487 @@
+//! [`RaftNode`]: one shard on this node — its openraft instance, its storage and the read path.
+//!
+//! Owns: opening the shard's redb files, the openraft `Config` of the shard, turning client
+//! writes into log entries, serving reads (linearizable through `ensure_linearizable`, or stale
+//! from local state), and mapping openraft errors onto [`ApiError`]. It never forwards requests
+//! to other nodes: callers above it do that with the leader hint in [`ApiError::NotLeader`].
+
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use openraft::{
+    error::{ChangeMembershipError, ClientWriteError, InitializeError, RaftError},
+    ChangeMembers, Config, ServerState, SnapshotPolicy,
+};
+
+use super::{
+    batcher::{forward_to, not_leader, ReadGate, WriteBatcher},
+    IrohNetworkFactory,
+};
+use crate::{
+    api::{
+        raft::{MemberNode, Raft, WriteRequest},
+        split_raft_id, ApiError, KeyValue, NodeId, ReadConsistency, ScanPage, ScanRequest, ShardHealth, ShardId,
+        ShardStatus, StateDigest, WriteCommand, WriteOutcome, WriteSession,
+    },
+    config::RaftConfig,
+    storage::{scan::scan_local, state_machine::StateReader, RedbLogStore, RedbStateMachine, StorageError},
+};
+
+/// Why a shard could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum RaftNodeError {
+    #[error("storage of shard {shard}: {source}")]
+    Storage { shard: ShardId, source: StorageError },
+    #[error("raft config of shard {shard}: {message}")]
+    Config { shard: ShardId, message: String },
+    #[error("raft of shard {shard} failed to start: {message}")]
+    Start { shard: ShardId, message: String },
+}
+
+/// One shard's Raft group member on this node.
+#[derive(Clone)]
+pub struct RaftNode {
+    shard: ShardId,
+    raft_id: u64,
+    raft: Raft,
+    reader: StateReader,
+    /// Concurrent writes share log entries (see [`super::batcher`]).
+    writes: WriteBatcher,
+    /// Concurrent linearizable reads share ReadIndex rounds.
+    reads: ReadGate,
+    request_timeout: Duration,
+    /// When this node last received AppendEntries for this shard (ms since `epoch`; 0: never).
+    leader_contact_ms: Arc<AtomicU64>,
+    epoch: Instant,
+    /// Set while this node hands the shard's leadership to another voter: new writes and
+    /// linearizable reads wait (they would send AppendEntries, which renew the followers' leader
+    /// lease, and no follower would then vote for the hand-over's target).
+    handover: Arc<std::sync::atomic::AtomicBool>,
+    /// Fault injection only: serve linearizable reads from local state without ReadIndex.
+    #[cfg(feature = "fault-injection")]
+    broken_reads: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl std::fmt::Debug for RaftNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftNode").field("shard", &self.shard).field("raft_id", &self.raft_id).finish()
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Resumes writes and linearizable reads paused by [`RaftNode::pause_for_handover`] when dropped.
+pub(crate) struct HandoverGuard(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for HandoverGuard {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Builds the openraft config of one shard from the node's Raft settings.
+pub fn openraft_config(cluster_name: &str, shard: ShardId, cfg: &RaftConfig) -> Result<Config, String> {
+    let config = Config {
+        cluster_name: format!("{cluster_name}-shard-{shard}"),
+        heartbeat_interval: cfg.heartbeat_interval_ms,
+        election_timeout_min: cfg.election_timeout_min_ms,
+        election_timeout_max: cfg.election_timeout_max_ms,
+        install_snapshot_timeout: cfg.election_timeout_max_ms.max(2_000) * 2,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_threshold),
+        max_in_snapshot_log_to_keep: cfg.max_in_snapshot_log_to_keep,
+        max_payload_entries: cfg.max_append_entries,
+        // Chunks stay well under the frame limit; 1 MiB chunks keep one slow stream short.
+        snapshot_max_chunk_size: 1024 * 1024,
+        ..Default::default()
+    };
+    config.validate().map_err(|e| e.to_string())
+}
+
+impl RaftNode {
+    /// Opens the shard stored in `dir` (`raft-log.db`, `state-machine.db`) and starts its Raft.
+    pub async fn open(
+        shard: ShardId,
+        raft_id: u64,
+        dir: &Path,
+        cluster_name: &str,
+        raft_cfg: &RaftConfig,
+        network: IrohNetworkFactory,
+        request_timeout: Duration,
+    ) -> Result<Self, RaftNodeError> {
+        let config = openraft_config(cluster_name, shard, raft_cfg)
+            .map_err(|message| RaftNodeError::Config { shard, message })?;
+        // The leader's fsync overlaps replication; the state machine and the commit index sent
+        // to followers wait for it (see `log_store`).
+        let log = RedbLogStore::open(&dir.join("raft-log.db"), raft_cfg.max_append_bytes)
+            .map_err(|source| RaftNodeError::Storage { shard, source })?
+            .overlap_own_appends(raft_id);
+        let sm = RedbStateMachine::open(&dir.join("state-machine.db"))
+            .map_err(|source| RaftNodeError::Storage { shard, source })?
+            .wait_for_log(log.durable());
+        let network = network.cap_commit_at(log.durable());
+        let reader = sm.reader();
+        let raft = Raft::new(raft_id, Arc::new(config), network, log, sm)
+            .await
+            .map_err(|e| RaftNodeError::Start { shard, message: e.to_string() })?;
+        let writes = WriteBatcher::start(raft.clone(), shard);
+        let reads = ReadGate::new(raft.clone(), shard, request_timeout);
+        Ok(RaftNode {
+            shard,
+            raft_id,
+            raft,
+            reader,
+            writes,
+            reads,
+            request_timeout,
+            leader_contact_ms: Arc::new(AtomicU64::new(0)),
+            epoch: Instant::now(),
+            handover: Default::default(),
+            #[cfg(feature = "fault-injection")]
+            broken_reads: Default::default(),
+        })
+    }
+
+    pub fn shard(&self) -> ShardId {
+        self.shard
+    }
+
+    pub fn raft_id(&self) -> u64 {
+        self.raft_id
+    }
+
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    pub fn reader(&self) -> &StateReader {
+        &self.reader
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
+    /// Initializes a new group with the given members (Raft ids → addresses). Returns `false`
+    /// if the group was initialized before (a restart), `true` if this call initialized it.
+    pub async fn initialize(&self, members: BTreeMap<u64, MemberNode>) -> Result<bool, ApiError> {
+        if self.raft.is_initialized().await.map_err(|e| ApiError::Unavailable(e.to_string()))? {
+            return Ok(false);
+        }
+        match self.raft.initialize(members).await {
+            Ok(()) => Ok(true),
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(false),
+            Err(e) => Err(ApiError::Internal(format!("initialize shard {}: {e}", self.shard))),
+        }
+    }
+
+    /// The node id (not Raft id) that leads this shard, as this node knows it.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow().current_leader.map(|id| split_raft_id(id).1)
+    }
+
+    /// Resolves once this node believes the shard's leader is no longer `node_id` (a new
+    /// election happened, or this node lost track of it).
+    pub async fn leader_changed_from(&self, node_id: NodeId) {
+        let mut rx = self.raft.metrics();
+        loop {
+            if rx.borrow_and_update().current_leader.map(|id| split_raft_id(id).1) != Some(node_id) {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Holds new writes and linearizable reads of this shard until the guard is dropped (they
+    /// wait, then go to whichever node leads by then). Used while handing the leadership over.
+    pub(crate) fn pause_for_handover(&self) -> HandoverGuard {
+        self.handover.store(true, Ordering::SeqCst);
+        HandoverGuard(self.handover.clone())
+    }
+
+    fn handing_over(&self) -> bool {
+        self.handover.load(Ordering::SeqCst)
+    }
+
+    /// Waits until this node, as leader, knows that member `raft_id` holds every entry of its
+    /// log, or the deadline passes. Returns whether it did.
+    pub(crate) async fn wait_replicated_to(&self, raft_id: u64, deadline: Instant) -> bool {
+        self.wait_metrics(deadline, |m| {
+            let matched = m.replication.as_ref().and_then(|r| r.get(&raft_id).cloned()).flatten();
+            m.last_log_index.is_some() && matched.map(|l| l.index) >= m.last_log_index
+        })
+        .await
+    }
+
+    /// Waits until some leader is known or the deadline passes.
+    pub(crate) async fn wait_for_leader(&self, deadline: Instant) -> bool {
+        self.wait_metrics(deadline, |m| m.current_leader.is_some()).await
+    }
+
+    /// Waits until `holds` is true of this shard's Raft metrics or the deadline passes; returns
+    /// whether it held.
+    async fn wait_metrics(
+        &self,
+        deadline: Instant,
+        holds: impl Fn(&openraft::RaftMetrics<u64, MemberNode>) -> bool,
+    ) -> bool {
+        let mut rx = self.raft.metrics();
+        loop {
+            if holds(&rx.borrow_and_update()) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            match tokio::time::timeout(left, rx.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return false,
+            }
+        }
+    }
+
+    /// Runs `op` until it succeeds, fails with something other than "no leader yet", or the
+    /// request timeout passes. `op` returns `Ok(None)` for "no leader known yet".
+    async fn with_leader<T, F, Fut>(&self, mut op: F) -> Result<T, ApiError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<Option<T>, ApiError>>,
+    {
+        let deadline = Instant::now() + self.request_timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, op()).await {
+                Err(_) => return Err(ApiError::Timeout(self.request_timeout.as_millis() as u64)),
+                Ok(Err(e)) => return Err(e),
+                Ok(Ok(Some(v))) => return Ok(v),
+                Ok(Ok(None)) => {
+                    if !self.wait_for_leader(deadline).await {
+                        return Err(ApiError::Unavailable(format!(
+                            "shard {} has no leader after {} ms",
+                            self.shard,
+                            self.request_timeout.as_millis()
+                        )));
+                    }
+                    // A leader may be known but its view still settling, or a membership change
+                    // still committing: do not spin.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    /// `NotLeader` at once when this node follows a known leader: a request for the leader
+    /// goes to it without a trip through this node's write queue and Raft core (which would
+    /// answer the same). A node that leads, or knows no leader, lets Raft decide.
+    fn not_leader(&self) -> Result<(), ApiError> {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        match m.current_leader {
+            Some(leader) if leader != self.raft_id && m.state != openraft::ServerState::Leader => {
+                Err(not_leader(leader))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Proposes a write and waits for its outcome (applied on this node, committed on a quorum).
+    /// Concurrent writes are proposed together, in one log entry.
+    pub async fn write(&self, session: WriteSession, command: WriteCommand) -> Result<WriteOutcome, ApiError> {
+        self.with_leader(|| {
+            let req = WriteRequest { session, command: command.clone(), timestamp_ms: now_ms() };
+            async move {
+                if self.handing_over() {
+                    return Ok(None);
+                }
+                self.not_leader()?;
+                self.writes.submit(req).await
+            }
+        })
+        .await
+    }
+
+    /// Adds (or updates) a learner and waits until it has caught up with the leader's log.
+    pub async fn add_learner(&self, raft_id: u64, member: MemberNode) -> Result<(), ApiError> {
+        self.with_leader(|| {
+            let member = member.clone();
+            async move { map_membership(self.raft.add_learner(raft_id, member, true).await) }
+        })
+        .await
+    }
+
+    /// Applies a membership change (promote learners, remove voters or nodes).
+    pub async fn change_membership(&self, change: ChangeMembers<u64, MemberNode>) -> Result<(), ApiError> {
+        self.with_leader(|| {
+            let change = change.clone();
+            async move { map_membership(self.raft.change_membership(change, false).await) }
+        })
+        .await
+    }
+
+    /// Every member of this shard: Raft id, address, and whether it votes.
+    pub fn members(&self) -> Vec<(u64, MemberNode, bool)> {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        let voters: std::collections::BTreeSet<u64> = m.membership().voter_ids().collect();
+        m.nodes().map(|(id, node)| (*id, node.clone(), voters.contains(id))).collect()
+    }
+
+    /// The address of a member, by Raft id.
+    pub fn member(&self, raft_id: u64) -> Option<MemberNode> {
+        self.raft.metrics().borrow().membership_config.nodes().find(|(id, _)| **id == raft_id).map(|(_, n)| n.clone())
+    }
+
+    /// Confirms leadership with a quorum and waits until the state machine caught up with it.
+    /// Concurrent callers share one confirmation round (one that started after they called).
+    pub async fn ensure_linearizable(&self) -> Result<(), ApiError> {
+        self.with_leader(|| async {
+            if self.handing_over() {
+                return Ok(None);
+            }
+            self.not_leader()?;
+            self.reads.confirm().await
+        })
+        .await
+    }
+
+    /// Reads one key.
+    pub async fn get(&self, key: &[u8], consistency: ReadConsistency) -> Result<Option<KeyValue>, ApiError> {
+        if consistency == ReadConsistency::Linearizable && !self.reads_broken() {
+            self.ensure_linearizable().await?;
+        }
+        self.reader.get(key).map_err(|e| ApiError::Internal(format!("read shard {}: {e}", self.shard)))
+    }
+
+    /// Fault injection only: a deliberately wrong read mode in which this replica answers
+    /// linearizable reads from its local state without confirming leadership (no ReadIndex).
+    /// It exists so the linearizability checker's self-test can show that it catches stale reads.
+    #[cfg(feature = "fault-injection")]
+    pub fn set_broken_reads(&self, on: bool) {
+        self.broken_reads.store(on, Ordering::SeqCst);
+    }
+
+    fn reads_broken(&self) -> bool {
+        #[cfg(feature = "fault-injection")]
+        {
+            self.broken_reads.load(Ordering::SeqCst)
+        }
+        #[cfg(not(feature = "fault-injection"))]
+        {
+            false
+        }
+    }
+
+    /// Reads one page of a scan; `page_limit` caps the page size.
+    pub async fn scan(&self, req: &ScanRequest, page_limit: usize) -> Result<ScanPage, ApiError> {
+        if req.consistency == ReadConsistency::Linearizable {
+            self.ensure_linearizable().await?;
+        }
+        scan_local(&self.reader, req, page_limit)
+            .map_err(|e| ApiError::Internal(format!("scan shard {}: {e}", self.shard)))
+    }
+
+    /// Records that AppendEntries (a heartbeat or entries) for this shard arrived from a leader.
+    pub fn record_leader_contact(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.leader_contact_ms.store(ms.max(1), Ordering::Relaxed);
+    }
+
+    /// The shard's health on this node: a leader known, recent heartbeats, small apply lag.
+    pub fn health(&self) -> ShardHealth {
+        let m = self.raft.metrics().borrow().clone();
+        let election_max = self.raft.config().election_timeout_max;
+        let leader_known = m.current_leader.is_some();
+        let heartbeat_age_ms = if m.state == ServerState::Leader {
+            m.millis_since_quorum_ack
+        } else {
+            match self.leader_contact_ms.load(Ordering::Relaxed) {
+                0 => None,
+                at => Some((self.epoch.elapsed().as_millis() as u64).saturating_sub(at)),
+            }
+        };
+        let apply_lag = m.last_log_index.unwrap_or(0).saturating_sub(m.last_applied.map(|l| l.index).unwrap_or(0));
+        let voters = m.membership_config.membership().voter_ids().count();
+        let reason = if !leader_known {
+            "no leader known".to_string()
+        } else if voters > 1 && heartbeat_age_ms.is_none_or(|a| a > 2 * election_max) {
+            format!("no heartbeat for {} ms", heartbeat_age_ms.map(|a| a.to_string()).unwrap_or_else(|| "ever".into()))
+        } else if apply_lag > APPLY_LAG_LIMIT {
+            format!("{apply_lag} entries not applied yet")
+        } else {
+            String::new()
+        };
+        ShardHealth { healthy: reason.is_empty(), leader_known, heartbeat_age_ms, apply_lag, reason }
+    }
+
+    /// The digest of this replica's state machine at the index it has applied (one read
+    /// transaction, O(1)); `None` (logged) if the state machine cannot be read.
+    pub fn digest(&self) -> Option<StateDigest> {
+        match self.reader.digest() {
+            Ok(d) => Some(d),
+            Err(e) => {
+                tracing::warn!(shard = self.shard, "state digest: {e}");
+                None
+            }
+        }
+    }
+
+    /// This shard as seen from this node.
+    pub fn status(&self) -> ShardStatus {
+        let digest = self.digest();
+        let health = self.health();
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let role = match m.state {
+            ServerState::Leader => "Leader",
+            ServerState::Follower => "Follower",
+            ServerState::Candidate => "Candidate",
+            ServerState::Learner => "Learner",
+            ServerState::Shutdown => "Shutdown",
+        };
+        ShardStatus {
+            shard: self.shard,
+            leader: m.current_leader.map(|id| split_raft_id(id).1),
+            term: m.current_term,
+            voters: membership.voter_ids().map(|id| split_raft_id(id).1).collect(),
+            learners: membership.learner_ids().map(|id| split_raft_id(id).1).collect(),
+            last_applied: m.last_applied.map(|l| l.index).unwrap_or(0),
+            last_log_index: m.last_log_index.unwrap_or(0),
+            role: role.to_string(),
+            health,
+            digest,
+        }
+    }
+
+    /// Stops this shard's Raft (storage is closed when the last handle drops).
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(shard = self.shard, "raft shutdown: {e}");
+        }
+    }
+}
+
+fn map_membership<T>(r: Result<T, RaftError<u64, ClientWriteError<u64, MemberNode>>>) -> Result<Option<()>, ApiError> {
+    match r {
+        Ok(_) => Ok(Some(())),
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => forward_to(f.leader_id),
+        // Another change is still being committed: wait and try again (until the timeout).
+        Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(ChangeMembershipError::InProgress(_)))) => {
+            Ok(None)
+        }
+        Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => Err(ApiError::Refused(e.to_string())),
+        Err(RaftError::Fatal(f)) => Err(ApiError::Unavailable(f.to_string())),
+    }
+}
+
+/// A shard whose state machine trails its log by more than this is reported unhealthy.
+pub const APPLY_LAG_LIMIT: u64 = 10_000;

@@ -1,0 +1,105 @@
+//! The node's metadata store (`<data-dir>/metadata.db`, redb): cluster id and name, node id and
+//! `num_shards`, recorded when the node initializes or joins a cluster and checked on restart.
+//!
+//! Every write is durable (fsync): this is the node's identity in the cluster.
+
+use std::path::Path;
+
+use redb::{Durability, ReadableDatabase, TableDefinition};
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::{
+    api::{ClusterId, NodeId},
+    storage::{begin_write, open_db, StorageError},
+};
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+const KEY_CLUSTER_ID: &str = "cluster_id";
+const KEY_CLUSTER_NAME: &str = "cluster_name";
+const KEY_NODE_ID: &str = "node_id";
+const KEY_NUM_SHARDS: &str = "num_shards";
+
+/// What the metadata store records about this node's cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterIdentity {
+    pub cluster_id: ClusterId,
+    pub cluster_name: String,
+    pub node_id: NodeId,
+    pub num_shards: u32,
+}
+
+/// The metadata store of one node.
+#[derive(Debug)]
+pub struct MetadataStore {
+    db: redb::Database,
+}
+
+impl MetadataStore {
+    pub fn open(path: &Path) -> Result<Self, StorageError> {
+        let db = open_db(path)?;
+        let txn = begin_write(&db, Durability::Immediate)?;
+        txn.open_table(META)?;
+        txn.commit()?;
+        Ok(MetadataStore { db })
+    }
+
+    fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StorageError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(META)?;
+        let v = table.get(key)?;
+        match v {
+            Some(v) => Ok(Some(postcard::from_bytes(v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The recorded identity, if this node has initialized or joined a cluster.
+    pub fn identity(&self) -> Result<Option<ClusterIdentity>, StorageError> {
+        let Some(cluster_id) = self.get::<ClusterId>(KEY_CLUSTER_ID)? else {
+            return Ok(None);
+        };
+        Ok(Some(ClusterIdentity {
+            cluster_id,
+            cluster_name: self.get(KEY_CLUSTER_NAME)?.unwrap_or_default(),
+            node_id: self.get(KEY_NODE_ID)?.unwrap_or_default(),
+            num_shards: self.get(KEY_NUM_SHARDS)?.unwrap_or(1),
+        }))
+    }
+
+    /// Records the identity (durably, in one transaction).
+    pub fn set_identity(&self, id: &ClusterIdentity) -> Result<(), StorageError> {
+        fn put<T: Serialize>(t: &mut redb::Table<'_, &str, &[u8]>, k: &str, v: &T) -> Result<(), StorageError> {
+            t.insert(k, postcard::to_stdvec(v)?.as_slice())?;
+            Ok(())
+        }
+        let txn = begin_write(&self.db, Durability::Immediate)?;
+        {
+            let mut t = txn.open_table(META)?;
+            put(&mut t, KEY_CLUSTER_ID, &id.cluster_id)?;
+            put(&mut t, KEY_CLUSTER_NAME, &id.cluster_name)?;
+            put(&mut t, KEY_NODE_ID, &id.node_id)?;
+            put(&mut t, KEY_NUM_SHARDS, &id.num_shards)?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metadata.db");
+        let store = MetadataStore::open(&path).unwrap();
+        assert_eq!(store.identity().unwrap(), None);
+        let id =
+            ClusterIdentity { cluster_id: ClusterId::random(), cluster_name: "c".into(), node_id: 4, num_shards: 1 };
+        store.set_identity(&id).unwrap();
+        drop(store);
+        assert_eq!(MetadataStore::open(&path).unwrap().identity().unwrap(), Some(id));
+    }
+}

@@ -1,0 +1,860 @@
+//! The key-value state machine of one shard in redb (`shard-N/state-machine.db`).
+//!
+//! Owns: the key space (value, create/mod revision, version per key), the client session table
+//! for exactly-once writes, `last_applied`, the last membership, and the current snapshot file.
+//!
+//! Durability: applies commit with `Durability::None` — allowed only because the Raft log is
+//! durable and openraft re-applies the log after the durable `last_applied` on restart.
+//! `build_snapshot` first forces a durable commit (openraft purges the log up to the snapshot),
+//! and `install_snapshot` replaces the whole state in one durable transaction, so a crash leaves
+//! the old or the new state, never a mix.
+//!
+//! Never: make a decision that differs between replicas (no local clock, no randomness; session
+//! expiry uses the leader's timestamp carried in the log entry).
+//!
+//! # State digest
+//!
+//! Every replica keeps a digest of its replicated state so that tests (and operators, through
+//! `cluster status`) can check that replicas are equal, not only that a leader answers. It is a
+//! function of the logical state alone (never of redb's pages), so every replica that applied the
+//! same log has the same digest, whether it applied entry by entry or installed a snapshot.
+//!
+//! All integers below are little-endian; `len(x)` is `x`'s length as a `u64`;
+//! `H(context, bytes)` is BLAKE3 in key-derivation mode (`blake3::derive_key`-style hasher made
+//! with `Hasher::new_derive_key(context)`).
+//!
+//! - a key: `H("aspen state digest v1 kv", len(key) ‖ key ‖ len(value) ‖ value ‖ create_revision ‖
+//!   mod_revision ‖ version)`;
+//! - a client session: `H("aspen state digest v1 session", client_id (16 bytes as stored) ‖ seq ‖
+//!   last_seen_ms ‖ len(o) ‖ o)` with `o` the postcard encoding of the session's last outcome;
+//! - `sum`: the sum modulo 2^256 of the item hashes of every key and every session, each hash read
+//!   as a 256-bit little-endian integer. Addition is order-independent and, unlike XOR, does not
+//!   cancel equal items. It is kept incrementally in the `meta` table (`digest_sum`), in the same
+//!   write transaction as every apply (subtract the old item's hash, add the new one), rebuilt
+//!   from the items on snapshot install and when a database without it is opened;
+//! - the digest: `H("aspen state digest v1", a ‖ clock_ms ‖ len(m) ‖ m ‖ sum)` where `a` is the
+//!   byte 0 if nothing was applied, else the byte 1 followed by the `last_applied` index, and `m`
+//!   is the postcard encoding of the last membership (default if none).
+//!
+//! The session expiry index (`session_age`) is derived from the sessions and not hashed
+//! separately. [`StateReader::digest`] reads `last_applied`, clock, membership and `sum` in one
+//! read transaction, so a digest always describes exactly the index it names;
+//! [`StateReader::recompute_digest`] recomputes `sum` from the items instead (O(n)), to check the
+//! incremental one.
+
+use std::{
+    io::Cursor,
+    ops::Bound,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use openraft::{
+    storage::RaftStateMachine, EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftLogId, RaftSnapshotBuilder,
+    Snapshot,
+};
+use redb::{Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    begin_write,
+    log_store::{wait_durable, DurableWatch},
+    open_db, open_db_with_backend, to_raft_err, StorageError,
+};
+use crate::api::{
+    raft::{
+        ApplyResult, Entry, LogId, OpenraftStorageError, SnapshotMeta, StoredMembership, TypeConfig, WriteBatch,
+        WriteRequest,
+    },
+    BatchOp, KeyValue, StateDigest, WriteCommand, WriteOutcome,
+};
+
+const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
+/// client id → last write of that session.
+const SESSIONS: TableDefinition<u128, &[u8]> = TableDefinition::new("sessions");
+/// (last seen timestamp, client id) → (): expiry order of sessions.
+const SESSION_AGE: TableDefinition<(u64, u128), ()> = TableDefinition::new("session_age");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+const KEY_LAST_APPLIED: &str = "last_applied";
+const KEY_MEMBERSHIP: &str = "membership";
+const KEY_CLOCK: &str = "clock";
+/// The 32-byte sum of item hashes (see the module docs).
+const KEY_DIGEST_SUM: &str = "digest_sum";
+
+const DIGEST_CONTEXT: &str = "aspen state digest v1";
+const DIGEST_KV_CONTEXT: &str = "aspen state digest v1 kv";
+const DIGEST_SESSION_CONTEXT: &str = "aspen state digest v1 session";
+
+/// A session idle for longer than this (by the leaders' clocks in the log) is forgotten.
+pub const SESSION_TTL_MS: u64 = 60 * 60 * 1000;
+/// At most this many sessions are remembered; the least recently used go first.
+pub const MAX_SESSIONS: u64 = 100_000;
+
+const SNAPSHOT_FILE: &str = "snapshot.bin";
+
+/// A key's stored record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct StoredValue {
+    #[serde(with = "serde_bytes")]
+    value: Vec<u8>,
+    create_revision: u64,
+    mod_revision: u64,
+    version: u64,
+}
+
+/// The last write of one client session.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct SessionRecord {
+    seq: u64,
+    outcome: WriteOutcome,
+    last_seen_ms: u64,
+}
+
+/// Everything a snapshot carries (its bytes are this, postcard-encoded).
+#[derive(Debug, Serialize, Deserialize)]
+struct SnapshotPayload {
+    kv: Vec<(Vec<u8>, StoredValue)>,
+    sessions: Vec<(u128, SessionRecord)>,
+    clock_ms: u64,
+}
+
+/// A snapshot as kept on disk: its metadata and its bytes.
+#[derive(Debug, Serialize, Deserialize)]
+struct SnapshotFile {
+    meta: SnapshotMeta,
+    #[serde(with = "serde_bytes")]
+    data: Vec<u8>,
+}
+
+/// Read access to a shard's applied state, shared with the request path.
+#[derive(Clone, Debug)]
+pub struct StateReader {
+    db: Arc<redb::Database>,
+}
+
+impl StateReader {
+    /// The current value of `key`, if present.
+    pub fn get(&self, key: &[u8]) -> Result<Option<KeyValue>, StorageError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(KV)?;
+        match table.get(key)? {
+            Some(v) => Ok(Some(to_kv(key.to_vec(), postcard::from_bytes(v.value())?))),
+            None => Ok(None),
+        }
+    }
+
+    /// Keys in `(lower, upper)` in order: at most `limit` of them, and none after their keys and
+    /// values reach `max_bytes` (so at least one key is returned if there is one).
+    pub fn range(
+        &self,
+        lower: Bound<&[u8]>,
+        upper: Bound<&[u8]>,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<KeyValue>, StorageError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(KV)?;
+        let mut out = Vec::new();
+        if let (Bound::Included(l) | Bound::Excluded(l), Bound::Included(u) | Bound::Excluded(u)) = (lower, upper) {
+            if l > u {
+                return Ok(out);
+            }
+        }
+        let mut bytes = 0usize;
+        for item in table.range::<&[u8]>((lower, upper))? {
+            if out.len() >= limit || (!out.is_empty() && bytes >= max_bytes) {
+                break;
+            }
+            let (k, v) = item?;
+            let kv = to_kv(k.value().to_vec(), postcard::from_bytes(v.value())?);
+            bytes += kv.key.len() + kv.value.len();
+            out.push(kv);
+        }
+        Ok(out)
+    }
+
+    /// The log id of the last applied entry (durable or not).
+    pub fn last_applied(&self) -> Result<Option<LogId>, StorageError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(META)?;
+        read_meta(&table, KEY_LAST_APPLIED)
+    }
+
+    /// Number of keys stored.
+    pub fn key_count(&self) -> Result<u64, StorageError> {
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(KV)?.len()?)
+    }
+
+    /// The digest of the applied state and the index it describes, read in one transaction
+    /// (O(1): the incrementally kept sum).
+    pub fn digest(&self) -> Result<StateDigest, StorageError> {
+        let txn = self.db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        let sum = read_sum(&meta)?.ok_or_else(|| StorageError::Corrupt("state digest sum missing".into()))?;
+        final_digest(&meta, &sum)
+    }
+
+    /// The same digest, with the sum recomputed from every stored key and session (O(n)); equal
+    /// to [`Self::digest`] unless the incremental sum went wrong.
+    pub fn recompute_digest(&self) -> Result<StateDigest, StorageError> {
+        let txn = self.db.begin_read()?;
+        let sum = sum_of_tables(&txn.open_table(KV)?, &txn.open_table(SESSIONS)?)?;
+        final_digest(&txn.open_table(META)?, &sum)
+    }
+}
+
+/// A 256-bit integer (four little-endian `u64` limbs), added and subtracted modulo 2^256.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct DigestSum([u64; 4]);
+
+impl DigestSum {
+    fn limbs(h: &[u8; 32]) -> [u64; 4] {
+        let mut out = [0u64; 4];
+        for (i, limb) in out.iter_mut().enumerate() {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&h[i * 8..i * 8 + 8]);
+            *limb = u64::from_le_bytes(b);
+        }
+        out
+    }
+
+    fn add(&mut self, h: &[u8; 32]) {
+        let mut carry = false;
+        for (a, b) in self.0.iter_mut().zip(Self::limbs(h)) {
+            let (s1, c1) = a.overflowing_add(b);
+            let (s2, c2) = s1.overflowing_add(carry as u64);
+            *a = s2;
+            carry = c1 || c2;
+        }
+    }
+
+    fn sub(&mut self, h: &[u8; 32]) {
+        let mut borrow = false;
+        for (a, b) in self.0.iter_mut().zip(Self::limbs(h)) {
+            let (d1, b1) = a.overflowing_sub(b);
+            let (d2, b2) = d1.overflowing_sub(borrow as u64);
+            *a = d2;
+            borrow = b1 || b2;
+        }
+    }
+
+    fn to_bytes(self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        for (i, limb) in self.0.iter().enumerate() {
+            out[i * 8..i * 8 + 8].copy_from_slice(&limb.to_le_bytes());
+        }
+        out
+    }
+
+    fn from_bytes(bytes: &[u8]) -> Result<Self, StorageError> {
+        let h: &[u8; 32] = bytes
+            .try_into()
+            .map_err(|_| StorageError::Corrupt(format!("state digest sum of {} bytes", bytes.len())))?;
+        Ok(DigestSum(Self::limbs(h)))
+    }
+}
+
+fn update_len_prefixed(h: &mut blake3::Hasher, bytes: &[u8]) {
+    h.update(&(bytes.len() as u64).to_le_bytes());
+    h.update(bytes);
+}
+
+/// The item hash of one key (see the module docs).
+fn kv_item_hash(key: &[u8], v: &StoredValue) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_derive_key(DIGEST_KV_CONTEXT);
+    update_len_prefixed(&mut h, key);
+    update_len_prefixed(&mut h, &v.value);
+    h.update(&v.create_revision.to_le_bytes());
+    h.update(&v.mod_revision.to_le_bytes());
+    h.update(&v.version.to_le_bytes());
+    *h.finalize().as_bytes()
+}
+
+/// The item hash of one client session (see the module docs).
+fn session_item_hash(client: u128, rec: &SessionRecord) -> Result<[u8; 32], StorageError> {
+    let mut h = blake3::Hasher::new_derive_key(DIGEST_SESSION_CONTEXT);
+    h.update(&client.to_be_bytes());
+    h.update(&rec.seq.to_le_bytes());
+    h.update(&rec.last_seen_ms.to_le_bytes());
+    update_len_prefixed(&mut h, &postcard::to_stdvec(&rec.outcome)?);
+    Ok(*h.finalize().as_bytes())
+}
+
+fn read_sum(meta: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<Option<DigestSum>, StorageError> {
+    match meta.get(KEY_DIGEST_SUM)? {
+        Some(v) => Ok(Some(DigestSum::from_bytes(v.value())?)),
+        None => Ok(None),
+    }
+}
+
+fn write_sum(meta: &mut redb::Table<'_, &'static str, &'static [u8]>, sum: &DigestSum) -> Result<(), StorageError> {
+    meta.insert(KEY_DIGEST_SUM, sum.to_bytes().as_slice())?;
+    Ok(())
+}
+
+/// The sum over every stored key and session.
+fn sum_of_tables(
+    kv: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    sessions: &impl ReadableTable<u128, &'static [u8]>,
+) -> Result<DigestSum, StorageError> {
+    let mut sum = DigestSum::default();
+    for item in kv.iter()? {
+        let (k, v) = item?;
+        sum.add(&kv_item_hash(k.value(), &postcard::from_bytes(v.value())?));
+    }
+    for item in sessions.iter()? {
+        let (k, v) = item?;
+        sum.add(&session_item_hash(k.value(), &postcard::from_bytes(v.value())?)?);
+    }
+    Ok(sum)
+}
+
+/// The digest from the meta table's `last_applied`, clock and membership, and `sum`.
+fn final_digest(
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+    sum: &DigestSum,
+) -> Result<StateDigest, StorageError> {
+    let last_applied: Option<LogId> = read_meta(meta, KEY_LAST_APPLIED)?;
+    let clock: u64 = read_meta(meta, KEY_CLOCK)?.unwrap_or(0);
+    let membership: StoredMembership = read_meta(meta, KEY_MEMBERSHIP)?.unwrap_or_default();
+    let mut h = blake3::Hasher::new_derive_key(DIGEST_CONTEXT);
+    match last_applied {
+        Some(l) => {
+            h.update(&[1]);
+            h.update(&l.index.to_le_bytes());
+        }
+        None => {
+            h.update(&[0]);
+        }
+    }
+    h.update(&clock.to_le_bytes());
+    update_len_prefixed(&mut h, &postcard::to_stdvec(&membership)?);
+    h.update(&sum.to_bytes());
+    Ok(StateDigest { applied_index: last_applied.map(|l| l.index).unwrap_or(0), digest: *h.finalize().as_bytes() })
+}
+
+fn to_kv(key: Vec<u8>, s: StoredValue) -> KeyValue {
+    KeyValue {
+        key,
+        value: s.value,
+        create_revision: s.create_revision,
+        mod_revision: s.mod_revision,
+        version: s.version,
+    }
+}
+
+fn read_meta<T: serde::de::DeserializeOwned>(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+) -> Result<Option<T>, StorageError> {
+    match table.get(key)? {
+        Some(v) => Ok(Some(postcard::from_bytes(v.value())?)),
+        None => Ok(None),
+    }
+}
+
+/// Serializes writes of the snapshot file (the builder task and the state machine worker may
+/// both write one) and remembers the last log id of the file on disk, so an older snapshot never
+/// replaces a newer one.
+type SnapshotFileGuard = Arc<std::sync::Mutex<Option<LogId>>>;
+
+/// The redb-backed state machine of one shard.
+#[derive(Debug)]
+pub struct RedbStateMachine {
+    db: Arc<redb::Database>,
+    dir: PathBuf,
+    snapshot_guard: SnapshotFileGuard,
+    /// When set, an entry is applied only once the Raft log holds it durably.
+    log: Option<DurableWatch>,
+}
+
+impl RedbStateMachine {
+    /// Opens or creates the state machine at `path`; snapshots are kept beside it.
+    pub fn open(path: &Path) -> Result<Self, StorageError> {
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+        Self::from_db(open_db(path)?, dir)
+    }
+
+    /// Opens or creates the state machine on any redb storage backend (tests put it on a
+    /// simulated disk); the snapshot file is kept in `snapshot_dir` on the real file system.
+    pub fn open_with_backend(backend: impl redb::StorageBackend, snapshot_dir: &Path) -> Result<Self, StorageError> {
+        std::fs::create_dir_all(snapshot_dir)?;
+        Self::from_db(open_db_with_backend(backend)?, snapshot_dir.to_path_buf())
+    }
+
+    fn from_db(db: redb::Database, dir: PathBuf) -> Result<Self, StorageError> {
+        let txn = begin_write(&db, Durability::Immediate)?;
+        txn.open_table(SESSION_AGE)?;
+        {
+            let kv = txn.open_table(KV)?;
+            let sessions = txn.open_table(SESSIONS)?;
+            let mut meta = txn.open_table(META)?;
+            // A new database, or one written before digests existed: sum what it holds.
+            if read_sum(&meta)?.is_none() {
+                write_sum(&mut meta, &sum_of_tables(&kv, &sessions)?)?;
+            }
+        }
+        txn.commit()?;
+        Ok(RedbStateMachine { db: Arc::new(db), dir, snapshot_guard: Default::default(), log: None })
+    }
+
+    /// Applies an entry only once `log` says the Raft log holds it durably: the leader's log
+    /// store acknowledges its own appends before their fsync
+    /// ([`super::RedbLogStore::overlap_own_appends`]), and no client may see a write the leader
+    /// could still lose.
+    pub fn wait_for_log(mut self, log: DurableWatch) -> Self {
+        self.log = Some(log);
+        self
+    }
+
+    /// A read handle for the request path.
+    pub fn reader(&self) -> StateReader {
+        StateReader { db: self.db.clone() }
+    }
+
+    fn snapshot_path(&self) -> PathBuf {
+        self.dir.join(SNAPSHOT_FILE)
+    }
+}
+
+#[cfg(test)]
+impl RedbStateMachine {
+    /// Everything the state machine holds (including the session expiry index and the state
+    /// digest), canonically encoded: two replicas in the same state have equal fingerprints.
+    /// Fails if the incrementally kept digest differs from a recount of the items.
+    pub(crate) fn fingerprint(&self) -> Result<Vec<u8>, StorageError> {
+        let txn = self.db.begin_read()?;
+        let (last_applied, membership, data) = read_snapshot_payload(&txn)?;
+        let mut ages = Vec::new();
+        for item in txn.open_table(SESSION_AGE)?.iter()? {
+            ages.push(item?.0.value());
+        }
+        let meta = txn.open_table(META)?;
+        let kept = read_sum(&meta)?.ok_or_else(|| StorageError::Corrupt("state digest sum missing".into()))?;
+        let digest = final_digest(&meta, &kept)?;
+        let recount = final_digest(&meta, &sum_of_tables(&txn.open_table(KV)?, &txn.open_table(SESSIONS)?)?)?;
+        if digest != recount {
+            return Err(StorageError::Corrupt(format!("state digest {digest} differs from a recount {recount}")));
+        }
+        Ok(postcard::to_stdvec(&(last_applied, membership, data, ages, digest.digest))?)
+    }
+
+    /// Removes the stored digest sum, as in a database written before digests existed.
+    pub(crate) fn forget_digest_sum(&self) -> Result<(), StorageError> {
+        let txn = begin_write(&self.db, Durability::Immediate)?;
+        txn.open_table(META)?.remove(KEY_DIGEST_SUM)?;
+        txn.commit()?;
+        Ok(())
+    }
+}
+
+/// Most client writes an `apply` call runs on the async task itself; bigger batches go to a
+/// blocking thread.
+const INLINE_APPLY_WRITES: usize = 8;
+
+/// The client writes in `entries`.
+fn writes_in(entries: &[Entry]) -> usize {
+    entries
+        .iter()
+        .map(|e| match &e.payload {
+            EntryPayload::Normal(WriteBatch(writes)) => writes.len(),
+            _ => 1,
+        })
+        .sum()
+}
+
+/// Applies a batch of entries in one transaction. Returns one result per entry.
+fn apply_entries(db: &redb::Database, entries: Vec<Entry>) -> Result<Vec<ApplyResult>, StorageError> {
+    let txn = begin_write(db, Durability::None)?;
+    let mut results = Vec::with_capacity(entries.len());
+    {
+        let mut kv = txn.open_table(KV)?;
+        let mut sessions = txn.open_table(SESSIONS)?;
+        let mut ages = txn.open_table(SESSION_AGE)?;
+        let mut meta = txn.open_table(META)?;
+        let mut clock: u64 = read_meta(&meta, KEY_CLOCK)?.unwrap_or(0);
+        let mut sum = read_sum(&meta)?.ok_or_else(|| StorageError::Corrupt("state digest sum missing".into()))?;
+        let mut last_applied: Option<LogId> = None;
+        let mut membership: Option<StoredMembership> = None;
+        for entry in entries {
+            let log_id = *entry.get_log_id();
+            last_applied = Some(log_id);
+            match entry.payload {
+                EntryPayload::Blank => results.push(ApplyResult(Vec::new())),
+                EntryPayload::Membership(m) => {
+                    membership = Some(StoredMembership::new(Some(log_id), m));
+                    results.push(ApplyResult(Vec::new()));
+                }
+                EntryPayload::Normal(WriteBatch(writes)) => {
+                    let mut outcomes = Vec::with_capacity(writes.len());
+                    for req in writes {
+                        clock = clock.max(req.timestamp_ms);
+                        // Expire per write (not per apply call): replicas hand entries to apply
+                        // in different groups, and every replica must make the same dedup
+                        // decision for every write.
+                        expire_sessions(&mut sessions, &mut ages, &mut sum, clock)?;
+                        let mut tables =
+                            WriteTables { kv: &mut kv, sessions: &mut sessions, ages: &mut ages, sum: &mut sum };
+                        outcomes.push(apply_write(&mut tables, log_id.index, req)?);
+                    }
+                    results.push(ApplyResult(outcomes));
+                }
+            }
+        }
+        meta.insert(KEY_CLOCK, postcard::to_stdvec(&clock)?.as_slice())?;
+        write_sum(&mut meta, &sum)?;
+        if let Some(la) = last_applied {
+            meta.insert(KEY_LAST_APPLIED, postcard::to_stdvec(&la)?.as_slice())?;
+        }
+        if let Some(m) = membership {
+            meta.insert(KEY_MEMBERSHIP, postcard::to_stdvec(&m)?.as_slice())?;
+        }
+    }
+    txn.commit()?;
+    Ok(results)
+}
+
+type KvTable<'t> = redb::Table<'t, &'static [u8], &'static [u8]>;
+type SessionTable<'t> = redb::Table<'t, u128, &'static [u8]>;
+type AgeTable<'t> = redb::Table<'t, (u64, u128), ()>;
+
+/// The tables a write changes, and the digest sum kept in step with them.
+struct WriteTables<'a, 't> {
+    kv: &'a mut KvTable<'t>,
+    sessions: &'a mut SessionTable<'t>,
+    ages: &'a mut AgeTable<'t>,
+    sum: &'a mut DigestSum,
+}
+
+fn apply_write(t: &mut WriteTables<'_, '_>, revision: u64, req: WriteRequest) -> Result<WriteOutcome, StorageError> {
+    let client = u128::from_be_bytes(req.session.client_id.0);
+    let previous: Option<SessionRecord> = match t.sessions.get(client)? {
+        Some(v) => Some(postcard::from_bytes(v.value())?),
+        None => None,
+    };
+    if let Some(prev) = &previous {
+        if req.session.seq == prev.seq {
+            // A retry of a write that was applied already: answer with its first outcome.
+            return Ok(prev.outcome.clone());
+        }
+        if req.session.seq < prev.seq {
+            return Ok(WriteOutcome::StaleSequence { last_seq: prev.seq });
+        }
+    }
+    let outcome = match req.command {
+        WriteCommand::Put { key, value } => {
+            put(t.kv, t.sum, &key, value, revision)?;
+            WriteOutcome::Put { revision }
+        }
+        WriteCommand::Delete { key } => {
+            let deleted = remove(t.kv, t.sum, &key)?;
+            WriteOutcome::Delete { revision, deleted }
+        }
+        WriteCommand::Cas { key, expected, new_value } => {
+            let current: Option<Vec<u8>> = match t.kv.get(key.as_slice())? {
+                Some(v) => Some(postcard::from_bytes::<StoredValue>(v.value())?.value),
+                None => None,
+            };
+            if current == expected {
+                put(t.kv, t.sum, &key, new_value, revision)?;
+                WriteOutcome::Cas { revision, succeeded: true, current: None }
+            } else {
+                WriteOutcome::Cas { revision, succeeded: false, current }
+            }
+        }
+        WriteCommand::Batch { ops } => {
+            for op in ops {
+                match op {
+                    BatchOp::Put { key, value } => put(t.kv, t.sum, &key, value, revision)?,
+                    BatchOp::Delete { key } => {
+                        remove(t.kv, t.sum, &key)?;
+                    }
+                }
+            }
+            WriteOutcome::Batch { revision }
+        }
+    };
+    if let Some(prev) = &previous {
+        t.ages.remove((prev.last_seen_ms, client))?;
+        t.sum.sub(&session_item_hash(client, prev)?);
+    }
+    let record = SessionRecord { seq: req.session.seq, outcome: outcome.clone(), last_seen_ms: req.timestamp_ms };
+    t.sum.add(&session_item_hash(client, &record)?);
+    t.sessions.insert(client, postcard::to_stdvec(&record)?.as_slice())?;
+    t.ages.insert((req.timestamp_ms, client), ())?;
+    Ok(outcome)
+}
+
+fn put(
+    kv: &mut KvTable<'_>,
+    sum: &mut DigestSum,
+    key: &[u8],
+    value: Vec<u8>,
+    revision: u64,
+) -> Result<(), StorageError> {
+    let old: Option<StoredValue> = match kv.get(key)? {
+        Some(v) => Some(postcard::from_bytes(v.value())?),
+        None => None,
+    };
+    let stored = match old {
+        Some(o) => {
+            sum.sub(&kv_item_hash(key, &o));
+            StoredValue { value, create_revision: o.create_revision, mod_revision: revision, version: o.version + 1 }
+        }
+        None => StoredValue { value, create_revision: revision, mod_revision: revision, version: 1 },
+    };
+    sum.add(&kv_item_hash(key, &stored));
+    kv.insert(key, postcard::to_stdvec(&stored)?.as_slice())?;
+    Ok(())
+}
+
+/// Removes `key`; returns whether it existed.
+fn remove(kv: &mut KvTable<'_>, sum: &mut DigestSum, key: &[u8]) -> Result<bool, StorageError> {
+    let old: Option<StoredValue> = match kv.remove(key)? {
+        Some(v) => Some(postcard::from_bytes(v.value())?),
+        None => None,
+    };
+    match old {
+        Some(o) => {
+            sum.sub(&kv_item_hash(key, &o));
+            Ok(true)
+        }
+        None => Ok(false),
+    }
+}
+
+/// Forgets sessions idle longer than [`SESSION_TTL_MS`] and the oldest beyond [`MAX_SESSIONS`].
+fn expire_sessions(
+    sessions: &mut SessionTable<'_>,
+    ages: &mut AgeTable<'_>,
+    sum: &mut DigestSum,
+    clock: u64,
+) -> Result<(), StorageError> {
+    let cutoff = clock.saturating_sub(SESSION_TTL_MS);
+    loop {
+        let over = sessions.len()? > MAX_SESSIONS;
+        let oldest = match ages.first()? {
+            Some((k, _)) => k.value(),
+            None => break,
+        };
+        if oldest.0 >= cutoff && !over {
+            break;
+        }
+        ages.remove(oldest)?;
+        let expired: Option<SessionRecord> = match sessions.remove(oldest.1)? {
+            Some(v) => Some(postcard::from_bytes(v.value())?),
+            None => None,
+        };
+        if let Some(rec) = expired {
+            sum.sub(&session_item_hash(oldest.1, &rec)?);
+        }
+    }
+    Ok(())
+}
+
+/// Builds the snapshot bytes from a consistent read of the whole state.
+fn read_snapshot_payload(
+    txn: &redb::ReadTransaction,
+) -> Result<(Option<LogId>, StoredMembership, Vec<u8>), StorageError> {
+    let meta = txn.open_table(META)?;
+    let last_applied: Option<LogId> = read_meta(&meta, KEY_LAST_APPLIED)?;
+    let membership: StoredMembership = read_meta(&meta, KEY_MEMBERSHIP)?.unwrap_or_default();
+    let clock_ms: u64 = read_meta(&meta, KEY_CLOCK)?.unwrap_or(0);
+    let mut payload = SnapshotPayload { kv: Vec::new(), sessions: Vec::new(), clock_ms };
+    for item in txn.open_table(KV)?.iter()? {
+        let (k, v) = item?;
+        payload.kv.push((k.value().to_vec(), postcard::from_bytes(v.value())?));
+    }
+    for item in txn.open_table(SESSIONS)?.iter()? {
+        let (k, v) = item?;
+        payload.sessions.push((k.value(), postcard::from_bytes(v.value())?));
+    }
+    Ok((last_applied, membership, postcard::to_stdvec(&payload)?))
+}
+
+/// Replaces the whole state with a snapshot's, in one durable transaction.
+fn install_payload(db: &redb::Database, meta: &SnapshotMeta, data: &[u8]) -> Result<(), StorageError> {
+    let payload: SnapshotPayload = postcard::from_bytes(data)?;
+    let txn = begin_write(db, Durability::Immediate)?;
+    txn.delete_table(KV)?;
+    txn.delete_table(SESSIONS)?;
+    txn.delete_table(SESSION_AGE)?;
+    {
+        let mut kv = txn.open_table(KV)?;
+        for (k, v) in &payload.kv {
+            kv.insert(k.as_slice(), postcard::to_stdvec(v)?.as_slice())?;
+        }
+        let mut sessions = txn.open_table(SESSIONS)?;
+        let mut ages = txn.open_table(SESSION_AGE)?;
+        for (id, rec) in &payload.sessions {
+            sessions.insert(*id, postcard::to_stdvec(rec)?.as_slice())?;
+            ages.insert((rec.last_seen_ms, *id), ())?;
+        }
+        // From the tables just written, not the payload: a payload that repeats a key must
+        // count it once, as the table does.
+        let sum = sum_of_tables(&kv, &sessions)?;
+        let mut m = txn.open_table(META)?;
+        m.insert(KEY_CLOCK, postcard::to_stdvec(&payload.clock_ms)?.as_slice())?;
+        write_sum(&mut m, &sum)?;
+        // Stored as a plain `LogId` everywhere (not `Option<LogId>`).
+        match &meta.last_log_id {
+            Some(l) => {
+                m.insert(KEY_LAST_APPLIED, postcard::to_stdvec(l)?.as_slice())?;
+            }
+            None => {
+                m.remove(KEY_LAST_APPLIED)?;
+            }
+        }
+        m.insert(KEY_MEMBERSHIP, postcard::to_stdvec(&meta.last_membership)?.as_slice())?;
+    }
+    txn.commit()?;
+    Ok(())
+}
+
+/// Writes the snapshot file atomically (temp file, fsync, rename, fsync dir), unless the file
+/// on disk is already newer.
+fn write_snapshot_file(dir: &Path, file: &SnapshotFile, guard: &SnapshotFileGuard) -> Result<(), StorageError> {
+    use std::io::Write;
+    let mut current = guard.lock().unwrap_or_else(|p| p.into_inner());
+    if current.is_some() && *current > file.meta.last_log_id {
+        return Ok(());
+    }
+    let tmp = dir.join(format!("{SNAPSHOT_FILE}.{}.tmp", file.meta.snapshot_id));
+    let bytes = postcard::to_stdvec(file)?;
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, dir.join(SNAPSHOT_FILE))?;
+    std::fs::File::open(dir)?.sync_all()?;
+    *current = file.meta.last_log_id;
+    Ok(())
+}
+
+fn read_snapshot_file(path: &Path) -> Result<Option<SnapshotFile>, StorageError> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(Some(postcard::from_bytes(&bytes)?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn sm_err(verb: ErrorVerb, e: impl std::fmt::Display) -> OpenraftStorageError {
+    to_raft_err(ErrorSubject::StateMachine, verb, e)
+}
+
+fn snap_err(verb: ErrorVerb, e: impl std::fmt::Display) -> OpenraftStorageError {
+    to_raft_err(ErrorSubject::Snapshot(None), verb, e)
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
+) -> Result<T, StorageError> {
+    tokio::task::spawn_blocking(f).await?
+}
+
+/// Builds snapshots: a durable flush, a consistent read, then the snapshot file.
+#[derive(Debug)]
+pub struct SnapshotBuilder {
+    db: Arc<redb::Database>,
+    dir: PathBuf,
+    snapshot_guard: SnapshotFileGuard,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, OpenraftStorageError> {
+        let db = self.db.clone();
+        let dir = self.dir.clone();
+        let guard = self.snapshot_guard.clone();
+        let (meta, data) = blocking(move || {
+            // Read first, then make durable: `apply` runs concurrently, and a durable commit
+            // persists every earlier commit, so everything this read sees is on disk before
+            // openraft may purge the log behind the snapshot.
+            let read = db.begin_read()?;
+            let txn = begin_write(&db, Durability::Immediate)?;
+            txn.commit()?;
+            let (last_applied, membership, data) = read_snapshot_payload(&read)?;
+            let snapshot_id = match last_applied {
+                Some(l) => format!("{}-{}-{:016x}", l.leader_id.term, l.index, rand::random::<u64>()),
+                None => format!("empty-{:016x}", rand::random::<u64>()),
+            };
+            let meta = SnapshotMeta { last_log_id: last_applied, last_membership: membership, snapshot_id };
+            let file = SnapshotFile { meta, data };
+            write_snapshot_file(&dir, &file, &guard)?;
+            Ok((file.meta, file.data))
+        })
+        .await
+        .map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for RedbStateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), OpenraftStorageError> {
+        let db = self.db.clone();
+        (|| -> Result<_, StorageError> {
+            let txn = db.begin_read()?;
+            let meta = txn.open_table(META)?;
+            let last_applied: Option<LogId> = read_meta(&meta, KEY_LAST_APPLIED)?;
+            let membership: StoredMembership = read_meta(&meta, KEY_MEMBERSHIP)?.unwrap_or_default();
+            Ok((last_applied, membership))
+        })()
+        .map_err(|e| sm_err(ErrorVerb::Read, e))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<ApplyResult>, OpenraftStorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        let Some(last) = entries.last() else { return Ok(Vec::new()) };
+        if let Some(log) = self.log.as_mut() {
+            wait_durable(log, last.log_id.index).await.map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        }
+        if writes_in(&entries) <= INLINE_APPLY_WRITES {
+            // A few writes: a non-durable commit of tens of microseconds, cheaper to run here than
+            // the round trip to a blocking thread it would otherwise wait for on every write.
+            return apply_entries(&self.db, entries).map_err(|e| sm_err(ErrorVerb::Write, e));
+        }
+        let db = self.db.clone();
+        blocking(move || apply_entries(&db, entries)).await.map_err(|e| sm_err(ErrorVerb::Write, e))
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder { db: self.db.clone(), dir: self.dir.clone(), snapshot_guard: self.snapshot_guard.clone() }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, OpenraftStorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), OpenraftStorageError> {
+        let db = self.db.clone();
+        let dir = self.dir.clone();
+        let guard = self.snapshot_guard.clone();
+        let meta = meta.clone();
+        let data = snapshot.into_inner();
+        blocking(move || {
+            install_payload(&db, &meta, &data)?;
+            write_snapshot_file(&dir, &SnapshotFile { meta, data }, &guard)
+        })
+        .await
+        .map_err(|e| snap_err(ErrorVerb::Write, e))
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, OpenraftStorageError> {
+        let path = self.snapshot_path();
+        let file = blocking(move || read_snapshot_file(&path)).await.map_err(|e| snap_err(ErrorVerb::Read, e))?;
+        Ok(file.map(|f| Snapshot { meta: f.meta, snapshot: Box::new(Cursor::new(f.data)) }))
+    }
+}

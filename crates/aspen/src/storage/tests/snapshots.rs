@@ -1,0 +1,218 @@
+//! Snapshots: build, install, restart after purge, durability of what a snapshot covers.
+
+use super::*;
+
+/// Applies a membership entry and a mix of writes at indexes 1..=8; returns the last log id.
+async fn populate(sm: &mut RedbStateMachine) -> LogId {
+    let session_write = normal(1, 7, request(client(9), 4, put_cmd("s", b"session")));
+    apply(
+        sm,
+        vec![
+            membership(1, 1, &[1]),
+            put(1, 2, "a", b"a1"),
+            put(1, 3, "b", b"b1"),
+            put(1, 4, "a", b"a2"),
+            batch(1, 5, vec![bput("c", b"c1"), bput("d", b"d1")]),
+            delete(1, 6, "d"),
+            session_write,
+            membership(2, 8, &[1, 2]),
+        ],
+    )
+    .await;
+    log_id(2, 8)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_round_trip() {
+    let dir_a = tempfile::tempdir().unwrap();
+    let mut sm_a = open_sm(dir_a.path());
+    assert!(sm_a.get_current_snapshot().await.unwrap().is_none(), "no snapshot before the first build");
+    let last = populate(&mut sm_a).await;
+
+    let snap = sm_a.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    assert_eq!(snap.meta.last_log_id, Some(last));
+    assert_eq!(snap.meta.last_membership, StoredMembership::new(Some(log_id(2, 8)), membership_of(&[1, 2])));
+    let data = snap.snapshot.get_ref().clone();
+    let current_a = sm_a.get_current_snapshot().await.unwrap().expect("snapshot after build");
+    assert_eq!(current_a.meta, snap.meta);
+    assert_eq!(current_a.snapshot.get_ref(), &data);
+
+    // Install into a fresh state machine.
+    let dir_b = tempfile::tempdir().unwrap();
+    let mut sm_b = open_sm(dir_b.path());
+    let mut rx = sm_b.begin_receiving_snapshot().await.unwrap();
+    std::io::Write::write_all(&mut *rx, &data).unwrap();
+    sm_b.install_snapshot(&snap.meta, rx).await.unwrap();
+
+    // (`last_applied` after an install: see `install_snapshot_sets_last_applied`.)
+    assert_eq!(sm_b.applied_state().await.unwrap().1, snap.meta.last_membership);
+    let keys_a = all_keys(&sm_a.reader());
+    assert_eq!(keys_a.len(), 4, "a, b, c, s");
+    assert_eq!(all_keys(&sm_b.reader()), keys_a, "every key with the same value and revisions");
+    let current_b = sm_b.get_current_snapshot().await.unwrap().expect("snapshot after install");
+    assert_eq!(current_b.meta, snap.meta);
+    assert_eq!(current_b.snapshot.get_ref(), &data);
+
+    // Sessions travel with the snapshot: a retry on the new replica is still deduplicated.
+    let retry = normal(2, 9, request(client(9), 4, put_cmd("s", b"session")));
+    assert_eq!(apply_write(&mut sm_b, retry).await, WriteOutcome::Put { revision: 7 });
+    assert_eq!(get(&sm_b.reader(), "s"), Some(kv("s", b"session", 7, 7, 1)));
+
+    // Installing over a state machine with other state replaces all of it.
+    let dir_c = tempfile::tempdir().unwrap();
+    let mut sm_c = open_sm(dir_c.path());
+    apply(
+        &mut sm_c,
+        vec![
+            membership(1, 1, &[5]),
+            put(1, 2, "only-in-c", b"x"),
+            put(1, 3, "a", b"from-c"),
+            normal(1, 4, request(client(7), 50, put_cmd("w", b"1"))),
+        ],
+    )
+    .await;
+    let mut rx = sm_c.begin_receiving_snapshot().await.unwrap();
+    *rx = Cursor::new(data.clone());
+    sm_c.install_snapshot(&snap.meta, rx).await.unwrap();
+    assert_eq!(get(&sm_c.reader(), "only-in-c"), None, "keys absent from the snapshot are removed");
+    assert_eq!(get(&sm_c.reader(), "w"), None);
+    assert_eq!(all_keys(&sm_c.reader()), keys_a);
+    assert_eq!(sm_c.applied_state().await.unwrap().1, snap.meta.last_membership, "membership replaced");
+    // Its old session went with it: client 7 starting over at seq 1 is not stale.
+    let fresh = normal(2, 9, request(client(7), 1, put_cmd("w", b"2")));
+    assert_eq!(apply_write(&mut sm_c, fresh).await, WriteOutcome::Put { revision: 9 });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_after_snapshot_and_purge() {
+    let dir = tempfile::tempdir().unwrap();
+    let entries: Vec<Entry> = std::iter::once(membership(1, 1, &[1]))
+        .chain((2..=10).map(|i| put(1, i, &format!("k{i}"), format!("v{i}").as_bytes())))
+        .collect();
+    let later: Vec<Entry> = (11..=12).map(|i| put(2, i, &format!("k{i}"), format!("v{i}").as_bytes())).collect();
+    let snap_meta = {
+        let mut store = open_log(dir.path(), NO_CAP);
+        let mut sm = open_sm(dir.path());
+        store.blocking_append(entries.clone()).await.unwrap();
+        apply(&mut sm, entries.clone()).await;
+        let snap = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        assert_eq!(snap.meta.last_log_id, Some(log_id(1, 10)));
+        store.purge(log_id(1, 10)).await.unwrap();
+        store.blocking_append(later.clone()).await.unwrap();
+        apply(&mut sm, later.clone()).await;
+        snap.meta
+    };
+
+    let mut store = open_log(dir.path(), NO_CAP);
+    let mut sm = open_sm(dir.path());
+    let current = sm.get_current_snapshot().await.unwrap().expect("snapshot survives a restart");
+    assert_eq!(current.meta, snap_meta);
+    assert_eq!(current.meta.last_log_id, Some(log_id(1, 10)));
+    let state = store.get_log_state().await.unwrap();
+    assert_eq!(state.last_purged_log_id, Some(log_id(1, 10)));
+    assert_eq!(state.last_log_id, Some(log_id(2, 12)));
+    assert_eq!(read_all(&mut store).await, later);
+
+    let (applied, stored) = sm.applied_state().await.unwrap();
+    let applied = applied.expect("something applied");
+    assert!(applied.index >= 10, "applied {applied} is behind the purged log");
+    assert_eq!(stored, StoredMembership::new(Some(log_id(1, 1)), membership_of(&[1])));
+    for i in 2..=applied.index {
+        let key = format!("k{i}");
+        let v = get(&sm.reader(), &key).unwrap_or_else(|| panic!("{key} lost"));
+        assert_eq!(v.value, format!("v{i}").into_bytes());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn build_snapshot_makes_applied_state_durable() {
+    // Clean restart.
+    let dir = tempfile::tempdir().unwrap();
+    let snap = {
+        let mut sm = open_sm(dir.path());
+        populate(&mut sm).await;
+        sm.get_snapshot_builder().await.build_snapshot().await.unwrap()
+    };
+    let mut sm = open_sm(dir.path());
+    assert_eq!(sm.reader().last_applied().unwrap(), snap.meta.last_log_id);
+    assert_eq!(sm.applied_state().await.unwrap().0, snap.meta.last_log_id);
+    drop(sm);
+
+    // Crash right after the build (files copied while open): applies before the build, made with
+    // `Durability::None`, must be on disk, or openraft would purge log entries nobody can replay.
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = open_sm(dir.path());
+    let last = populate(&mut sm).await;
+    let snap = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    assert_eq!(snap.meta.last_log_id, Some(last));
+    apply(&mut sm, vec![put(2, 9, "after", b"1"), put(2, 10, "a", b"a3")]).await;
+    let crashed = copy_dir_files(dir.path(), &[SM_FILE, SNAPSHOT_FILE]);
+    let mut recovered = open_sm(crashed.path());
+    let (applied, stored) = recovered.applied_state().await.unwrap();
+    let applied = applied.expect("applied state is durable");
+    assert!(applied >= last, "durable last_applied {applied} is behind the snapshot {last}");
+    assert_eq!(stored, snap.meta.last_membership);
+    let r = recovered.reader();
+    for key in ["b", "c"] {
+        assert_eq!(get(&r, key), get(&sm.reader(), key), "{key}");
+    }
+    // Whatever survived is one consistent state: the one at `applied`.
+    if applied == last {
+        assert_eq!(get(&r, "after"), None);
+        assert_eq!(get(&r, "a").map(|k| k.value), Some(b"a2".to_vec()));
+    } else {
+        assert_eq!(applied, log_id(2, 10));
+        assert_eq!(all_keys(&r), all_keys(&sm.reader()));
+    }
+    let current = recovered.get_current_snapshot().await.unwrap().expect("snapshot file is durable");
+    assert_eq!(current.meta, snap.meta);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn installed_snapshot_survives_crash() {
+    let dir_a = tempfile::tempdir().unwrap();
+    let mut sm_a = open_sm(dir_a.path());
+    populate(&mut sm_a).await;
+    let snap = sm_a.get_snapshot_builder().await.build_snapshot().await.unwrap();
+
+    let dir_b = tempfile::tempdir().unwrap();
+    let mut sm_b = open_sm(dir_b.path());
+    apply(&mut sm_b, vec![put(1, 1, "old", b"x")]).await;
+    sm_b.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
+    let crashed = copy_dir_files(dir_b.path(), &[SM_FILE, SNAPSHOT_FILE]);
+    let mut recovered = open_sm(crashed.path());
+    assert_eq!(recovered.applied_state().await.unwrap().1, snap.meta.last_membership);
+    assert_eq!(all_keys(&recovered.reader()), all_keys(&sm_a.reader()));
+    assert_eq!(recovered.get_current_snapshot().await.unwrap().map(|s| s.meta), Some(snap.meta));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_snapshot_sets_last_applied() {
+    let dir_a = tempfile::tempdir().unwrap();
+    let mut sm_a = open_sm(dir_a.path());
+    let last = populate(&mut sm_a).await;
+    let snap = sm_a.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    let data = snap.snapshot.get_ref().clone();
+    let expected = sm_a.applied_state().await.unwrap();
+    assert_eq!(expected.0, Some(last));
+
+    // Into a fresh state machine.
+    let dir_b = tempfile::tempdir().unwrap();
+    let mut sm_b = open_sm(dir_b.path());
+    let mut rx = sm_b.begin_receiving_snapshot().await.unwrap();
+    *rx = Cursor::new(data.clone());
+    sm_b.install_snapshot(&snap.meta, rx).await.unwrap();
+    assert_eq!(sm_b.applied_state().await.unwrap(), expected);
+    assert_eq!(sm_b.reader().last_applied().unwrap(), Some(last));
+
+    // Over a state machine that applied something else, then through a crash.
+    let dir_c = tempfile::tempdir().unwrap();
+    let mut sm_c = open_sm(dir_c.path());
+    apply(&mut sm_c, vec![put(1, 1, "old", b"x")]).await;
+    let mut rx = sm_c.begin_receiving_snapshot().await.unwrap();
+    *rx = Cursor::new(data);
+    sm_c.install_snapshot(&snap.meta, rx).await.unwrap();
+    assert_eq!(sm_c.applied_state().await.unwrap(), expected);
+    let crashed = copy_dir_files(dir_c.path(), &[SM_FILE, SNAPSHOT_FILE]);
+    assert_eq!(open_sm(crashed.path()).applied_state().await.unwrap(), expected);
+}

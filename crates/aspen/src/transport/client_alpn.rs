@@ -1,0 +1,111 @@
+//! The client protocol handler (ALPN `aspen-client`): one request frame and one response frame
+//! per bi-stream, many streams per connection, each served on its own task.
+//!
+//! Bad input (random bytes, a truncated or oversized frame, an unknown request variant, an old
+//! protocol version) gets a typed [`ApiError`] on that stream, or that stream closed; the
+//! connection and every other connection keep working.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use iroh::{
+    endpoint::{Connection, RecvStream, SendStream},
+    protocol::{AcceptError, ProtocolHandler},
+};
+use tokio_util::task::TaskTracker;
+
+use crate::api::{
+    frame::{decode, drain_to_end, encode_frame, read_frame_bytes, FrameError, REQUEST_END_WAIT},
+    ApiError, ClientEnvelope, ClientRequest, ClientResult, CLIENT_PROTOCOL_VERSION,
+};
+
+/// What answers client requests (implemented by the cluster layer).
+pub trait ClientService: Send + Sync + std::fmt::Debug + 'static {
+    /// Answers one request. `hops` counts how often it was forwarded already.
+    fn handle(&self, request: ClientRequest, hops: u8) -> impl Future<Output = ClientResult> + Send;
+}
+
+/// QUIC error code used when this node resets a stream whose frame it will not read.
+const STREAM_REFUSED: u32 = 1;
+
+/// Serves the client ALPN.
+#[derive(Debug)]
+pub struct ClientProtocolHandler<S> {
+    service: Arc<S>,
+    max_frame: usize,
+    tracker: TaskTracker,
+    drain_timeout: Duration,
+}
+
+impl<S: ClientService> ClientProtocolHandler<S> {
+    pub fn new(service: Arc<S>, max_frame: usize, drain_timeout: Duration) -> Self {
+        ClientProtocolHandler { service, max_frame, tracker: TaskTracker::new(), drain_timeout }
+    }
+}
+
+impl<S: ClientService> ProtocolHandler for ClientProtocolHandler<S> {
+    async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
+        let remote = conn.remote_id().fmt_short().to_string();
+        loop {
+            let (send, recv) = match conn.accept_bi().await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(%remote, "client connection ended: {e}");
+                    return Ok(());
+                }
+            };
+            if self.tracker.is_closed() {
+                // Shutting down: refuse new requests, let in-flight ones finish.
+                let (mut send, mut recv) = (send, recv);
+                let _ = recv.stop(STREAM_REFUSED.into());
+                let _ = reply(&mut send, &Err(ApiError::Unavailable("node is shutting down".into()))).await;
+                continue;
+            }
+            let service = self.service.clone();
+            let max_frame = self.max_frame;
+            self.tracker.spawn(serve_stream(service, send, recv, max_frame));
+        }
+    }
+
+    async fn shutdown(&self) {
+        self.tracker.close();
+        if tokio::time::timeout(self.drain_timeout, self.tracker.wait()).await.is_err() {
+            tracing::warn!("client requests still running after {:?}; stopping anyway", self.drain_timeout);
+        }
+    }
+}
+
+async fn reply(send: &mut SendStream, result: &ClientResult) -> Result<(), FrameError> {
+    let bytes = encode_frame(result)?;
+    send.write_all(&bytes).await.map_err(|e| FrameError::Io(std::io::Error::other(e)))?;
+    send.finish().map_err(|e| FrameError::Io(std::io::Error::other(e)))?;
+    Ok(())
+}
+
+async fn serve_stream<S: ClientService>(service: Arc<S>, mut send: SendStream, mut recv: RecvStream, max_frame: usize) {
+    let result: ClientResult = match read_frame_bytes(&mut recv, max_frame).await {
+        Ok(bytes) => match decode::<ClientEnvelope>(&bytes) {
+            Ok(env) if env.version != CLIENT_PROTOCOL_VERSION => {
+                Err(ApiError::UnsupportedVersion { got: env.version, supported: CLIENT_PROTOCOL_VERSION })
+            }
+            Ok(env) => service.handle(env.request, env.hops).await,
+            Err(e) => {
+                tracing::debug!("malformed client request: {e}");
+                Err(ApiError::InvalidRequest(format!("malformed request frame: {e}")))
+            }
+        },
+        Err(FrameError::TooLarge { size, limit }) => {
+            let _ = recv.stop(STREAM_REFUSED.into());
+            Err(ApiError::TooLarge { what: "request frame".into(), size: size as u64, limit: limit as u64 })
+        }
+        Err(FrameError::Truncated) => Err(ApiError::InvalidRequest("truncated request frame".into())),
+        Err(e) => {
+            tracing::debug!("client stream failed: {e}");
+            return;
+        }
+    };
+    if let Err(e) = reply(&mut send, &result).await {
+        tracing::debug!("could not send client response: {e}");
+        return;
+    }
+    drain_to_end(&mut recv, REQUEST_END_WAIT).await;
+}

@@ -1,0 +1,103 @@
+//! Transport: how this node reaches other nodes and is reached by clients, over one iroh QUIC
+//! endpoint (docs/design.md, "ALPNs").
+//!
+//! Owns: the node's identity and offline-safe endpoint ([`endpoint`], invariant 5), the pooled
+//! connections to peers and the peer address book ([`pool`]), the raft mux stream that carries
+//! every shard's small Raft RPCs to a peer ([`mux`]), one request/answer exchange with a peer
+//! on the client ALPN ([`request`]), the server side of the client ALPN ([`client_alpn`]) and
+//! the fault-injection hooks tests use ([`fault`]). Every failure is a [`TransportError`].
+//!
+//! Never: decide what a message means (the Raft layer and the client service do), or retry
+//! (callers do: openraft, the forwarder's caller, the client).
+
+pub mod client_alpn;
+pub mod endpoint;
+pub mod fault;
+pub mod mux;
+pub mod pool;
+pub mod request;
+
+use std::time::Duration;
+
+use iroh::endpoint::{ConnectError, ConnectingError, ConnectionError, TransportErrorCode};
+
+use crate::api::{raft_rpc::RaftRefusal, FrameError};
+
+pub use client_alpn::{ClientProtocolHandler, ClientService};
+pub use pool::{ConnectionPool, PeerBook, RaftTransportStats};
+
+/// Why a message to or from a peer did not make it.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("peer has no valid endpoint address")]
+    NoAddress,
+    #[error("connect to {peer}: timed out after {after:?}")]
+    ConnectTimeout { peer: String, after: Duration },
+    /// The peer does not serve the ALPN asked for (an older version, or a protocol it has
+    /// turned off): TLS alert 120, `no_application_protocol`.
+    #[error("connect to {peer}: the peer does not serve ALPN {alpn}")]
+    AlpnRefused { peer: String, alpn: String },
+    #[error("connect to {peer}: {source}")]
+    Connect {
+        peer: String,
+        #[source]
+        source: ConnectError,
+    },
+    #[error("open a stream: {0}")]
+    Open(#[source] ConnectionError),
+    #[error("write: {0}")]
+    Write(#[from] iroh::endpoint::WriteError),
+    #[error("finish the stream: {0}")]
+    Finish(#[from] iroh::endpoint::ClosedStream),
+    /// A shared stream (the raft mux) to the peer failed; calls in flight on it fail with it.
+    #[error("raft link to {peer} {reason}")]
+    LinkFailed { peer: String, reason: String },
+    #[error("frame: {0}")]
+    Frame(#[from] FrameError),
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("peer refused: {0}")]
+    Refused(#[from] RaftRefusal),
+    #[error("unexpected response kind")]
+    UnexpectedResponse,
+    #[error(transparent)]
+    Dropped(#[from] fault::Dropped),
+    #[error("the forwarding queue is closed")]
+    QueueClosed,
+}
+
+impl TransportError {
+    /// A failed connect: an ALPN refusal becomes [`TransportError::AlpnRefused`].
+    pub(crate) fn connect(peer: String, alpn: &[u8], source: ConnectError) -> Self {
+        if is_alpn_refusal(&source) {
+            return TransportError::AlpnRefused { peer, alpn: String::from_utf8_lossy(alpn).into_owned() };
+        }
+        TransportError::Connect { peer, source }
+    }
+
+    /// Whether the peer could not be reached at all (as opposed to a message lost on the way or
+    /// refused by a peer that was reached).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            TransportError::NoAddress
+                | TransportError::ConnectTimeout { .. }
+                | TransportError::AlpnRefused { .. }
+                | TransportError::Connect { .. }
+        )
+    }
+}
+
+/// TLS alert 120 (`no_application_protocol`) as a QUIC transport error code.
+const ALPN_REFUSED_ALERT: u8 = 120;
+
+/// Whether a failed connect says the peer does not serve the ALPN asked for.
+fn is_alpn_refusal(e: &ConnectError) -> bool {
+    let closed = match e {
+        ConnectError::Connection { source, .. } => source,
+        ConnectError::Connecting { source: ConnectingError::ConnectionError { source, .. }, .. } => source,
+        _ => return false,
+    };
+    matches!(closed, ConnectionError::ConnectionClosed(close)
+        if close.error_code == TransportErrorCode::crypto(ALPN_REFUSED_ALERT))
+}

@@ -1,0 +1,164 @@
+//! Connections of this node to its peers: one pooled QUIC connection per (peer endpoint, ALPN),
+//! shared by every shard and every user (Raft, forwarding, membership), and the peer address
+//! book that resolves endpoint ids to addresses.
+//!
+//! Owns: the pool (concurrent callers share one dial; a failed connection is forgotten so the
+//! next call dials again), the [`PeerBook`] (iroh `MemoryLookup` plus the addresses peers last
+//! announced over gossip), the raft mux client of the node ([`super::mux::MuxClient`]) and the
+//! counters of how Raft RPCs travelled. Never: talk to anything but the endpoint ids and direct
+//! addresses it was given (no relays, no DNS; see [`super::endpoint`]).
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use iroh::{address_lookup::MemoryLookup, endpoint::Connection, Endpoint, EndpointAddr, EndpointId};
+
+use super::{mux::MuxClient, TransportError};
+
+/// Where peers can be reached: feeds iroh's `MemoryLookup` so endpoints can be dialled by id,
+/// and remembers the addresses each peer last announced over gossip, which are added to the
+/// (possibly stale) addresses recorded in Raft membership whenever a peer is dialled.
+#[derive(Clone, Debug, Default)]
+pub struct PeerBook {
+    lookup: MemoryLookup,
+    announced: Arc<RwLock<HashMap<EndpointId, Vec<std::net::SocketAddr>>>>,
+}
+
+impl PeerBook {
+    pub fn new(lookup: MemoryLookup) -> Self {
+        PeerBook { lookup, announced: Default::default() }
+    }
+
+    /// Records the addresses a peer announced (verified by the caller); they replace the ones it
+    /// announced before. Returns `true` when they differ from what was known.
+    pub fn refresh(&self, id: EndpointId, addrs: Vec<std::net::SocketAddr>) -> bool {
+        if addrs.is_empty() {
+            return false;
+        }
+        let changed = {
+            let mut announced = self.announced.write().unwrap_or_else(|p| p.into_inner());
+            let changed = announced.get(&id) != Some(&addrs);
+            announced.insert(id, addrs.clone());
+            changed
+        };
+        self.add(EndpointAddr::from_parts(id, addrs.into_iter().map(iroh::TransportAddr::Ip)));
+        changed
+    }
+
+    /// The addresses `id` last announced over gossip, if any.
+    pub fn announced(&self, id: &EndpointId) -> Option<Vec<std::net::SocketAddr>> {
+        self.announced.read().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
+    }
+
+    /// `addr` plus the addresses its endpoint announced most recently.
+    pub fn resolve(&self, addr: &EndpointAddr) -> EndpointAddr {
+        match self.announced(&addr.id) {
+            Some(fresh) => {
+                let mut out = addr.clone();
+                out.addrs.extend(fresh.into_iter().map(iroh::TransportAddr::Ip));
+                out
+            }
+            None => addr.clone(),
+        }
+    }
+
+    pub fn lookup(&self) -> &MemoryLookup {
+        &self.lookup
+    }
+
+    /// Records (or refreshes) a peer's addresses.
+    pub fn add(&self, addr: EndpointAddr) {
+        if !addr.is_empty() {
+            self.lookup.add_endpoint_info(addr);
+        }
+    }
+}
+
+/// One slot per (peer, ALPN); the async mutex makes concurrent callers share one dial.
+type Slot = Arc<tokio::sync::Mutex<Option<Connection>>>;
+type SlotMap = HashMap<(EndpointId, &'static [u8]), Slot>;
+
+/// Pooled QUIC connections of this node to its peers.
+#[derive(Debug, Clone)]
+pub struct ConnectionPool {
+    endpoint: Endpoint,
+    peers: PeerBook,
+    slots: Arc<std::sync::Mutex<SlotMap>>,
+    connect_timeout: Duration,
+    pub(crate) mux: MuxClient,
+    pub(crate) sent: Arc<SentCounters>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct SentCounters {
+    pub(crate) on_mux: std::sync::atomic::AtomicU64,
+    pub(crate) alone: std::sync::atomic::AtomicU64,
+}
+
+/// How this node's Raft RPCs travelled since it started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RaftTransportStats {
+    /// RPCs sent on a peer's long-lived mux stream.
+    pub on_mux: u64,
+    /// RPCs sent on a stream of their own (snapshot chunks, large AppendEntries, older peers).
+    pub alone: u64,
+}
+
+impl ConnectionPool {
+    pub fn new(endpoint: Endpoint, peers: PeerBook, connect_timeout: Duration) -> Self {
+        ConnectionPool {
+            endpoint,
+            peers,
+            slots: Default::default(),
+            connect_timeout,
+            mux: MuxClient::default(),
+            sent: Default::default(),
+        }
+    }
+
+    /// How this node's Raft RPCs travelled (mux or a stream each).
+    pub fn raft_transport_stats(&self) -> RaftTransportStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        RaftTransportStats { on_mux: self.sent.on_mux.load(Relaxed), alone: self.sent.alone.load(Relaxed) }
+    }
+
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    pub fn peers(&self) -> &PeerBook {
+        &self.peers
+    }
+
+    /// A live connection to `addr` on `alpn`, dialling if there is none.
+    pub async fn get(&self, addr: &EndpointAddr, alpn: &'static [u8]) -> Result<Connection, TransportError> {
+        let slot = {
+            let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+            slots.entry((addr.id, alpn)).or_default().clone()
+        };
+        let mut guard = slot.lock().await;
+        if let Some(conn) = guard.as_ref() {
+            if conn.close_reason().is_none() {
+                return Ok(conn.clone());
+            }
+        }
+        let addr = self.peers.resolve(addr);
+        self.peers.add(addr.clone());
+        let peer = addr.id.fmt_short().to_string();
+        let conn = tokio::time::timeout(self.connect_timeout, self.endpoint.connect(addr.clone(), alpn))
+            .await
+            .map_err(|_| TransportError::ConnectTimeout { peer: peer.clone(), after: self.connect_timeout })?
+            .map_err(|e| TransportError::connect(peer, alpn, e))?;
+        *guard = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Forgets a connection that failed, so the next call dials again.
+    pub fn invalidate(&self, id: EndpointId, alpn: &'static [u8]) {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.remove(&(id, alpn));
+    }
+}

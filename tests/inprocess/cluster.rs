@@ -1,0 +1,348 @@
+//! Three nodes in one process over real iroh on 127.0.0.1, formed through the real join path:
+//! replication (proved by stale reads on every node), leader failover, restart and catch-up
+//! through a snapshot after log purge, 1 MiB values, and refused joins.
+
+use std::collections::BTreeMap;
+
+use crate::support::{wait_converged, wait_digests_equal, wait_until, InProcNode};
+use aspen::{
+    api::{ClientRequest, ClusterId, Id128, ReadConsistency, WriteCommand, WriteSession},
+    client::CasOutcome,
+    cluster::{bootstrap_node, BootstrapError},
+};
+
+async fn stale_get(node: &InProcNode, key: &str) -> Option<Vec<u8>> {
+    node.handle().shard0.get(key.as_bytes(), ReadConsistency::Stale).await.unwrap().map(|kv| kv.value)
+}
+
+async fn assert_all_present(node: &InProcNode, acked: &BTreeMap<String, Vec<u8>>, when: &str) {
+    for (k, v) in acked {
+        assert_eq!(stale_get(node, k).await.as_ref(), Some(v), "node {} {when}: key {k}", node.config.node_id);
+    }
+}
+
+/// Gets and writes that reach a follower travel to the leader in batches (one stream for many
+/// requests), and every request still gets its own answer: its revision, a failed
+/// compare-and-swap's current value, a read of its own write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn followers_forward_concurrent_requests_in_batches() {
+    let root = tempfile::tempdir().unwrap();
+    let mut configs: Vec<_> = (1..=3).map(|id| InProcNode::config(root.path(), id)).collect();
+    let n1 = InProcNode::start(configs[0].clone()).await;
+    configs[1].join = vec![n1.ticket().encode()];
+    configs[2].join = vec![n1.ticket().encode()];
+    let (n2, n3) = tokio::join!(InProcNode::start(configs[1].clone()), InProcNode::start(configs[2].clone()));
+    let nodes = [n1, n2, n3];
+    let leader = nodes[0].status().leader.expect("a leader");
+    let follower = nodes.iter().find(|n| n.config.node_id != leader).unwrap();
+    let client = follower.client().await;
+    let before = follower.handle().service.store().forward_stats();
+
+    const CLIENTS: usize = 64;
+    let ops = (0..CLIENTS).map(|i| {
+        let client = &client;
+        async move {
+            let (key, value) = (format!("fwd/{i:02}"), format!("value-{i}").into_bytes());
+            let revision = client.put(key.clone(), value.clone()).await.expect("put");
+            match client.cas(key.clone(), Some(b"not it".to_vec()), "x").await.expect("cas") {
+                CasOutcome::Mismatch(current) => assert_eq!(current, Some(value.clone()), "{key}: current value"),
+                other => panic!("{key}: a compare-and-swap with the wrong value swapped: {other:?}"),
+            }
+            let kv = client.get(key.clone()).await.expect("get").expect("the key was written");
+            assert_eq!((kv.value, kv.mod_revision, kv.version), (value, revision, 1), "{key}");
+            revision
+        }
+    });
+    let revisions: std::collections::BTreeSet<u64> = futures::future::join_all(ops).await.into_iter().collect();
+    assert!(!revisions.is_empty());
+    let after = follower.handle().service.store().forward_stats();
+    let (batches, requests) = (after.batches - before.batches, after.batched_requests - before.batched_requests);
+    assert!(batches > 0, "{} concurrent requests through a follower, none forwarded in a batch", CLIENTS * 3);
+    assert!(requests >= 2 * batches, "a batch holds two requests or more: {after:?}");
+    client.close().await;
+}
+
+/// Each request's QUIC stream ends cleanly on both sides (neither side aborts a stream it read
+/// a frame from: that used to cost a STOP_SENDING and a RESET_STREAM per request), and both
+/// sides ask their peer to acknowledge less often (see `transport::endpoint::transport_config`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_end_their_streams_cleanly() {
+    let root = tempfile::tempdir().unwrap();
+    let node = InProcNode::start(InProcNode::config(root.path(), 1)).await;
+    let client = node.client().await;
+    const N: u64 = 200;
+    for i in 0..N {
+        let key = format!("stream/{}", i % 20);
+        client.put(key.clone(), format!("value-{i}").into_bytes()).await.expect("put");
+        assert!(client.get(key).await.expect("get").is_some());
+    }
+    let stats = client.transport_stats().await.expect("the client has a connection");
+    let (tx, rx) = (&stats.frame_tx, &stats.frame_rx);
+    let aborted = tx.stop_sending + tx.reset_stream + rx.stop_sending + rx.reset_stream;
+    // A request whose frame and end of stream left in separate packets (rare) may still be
+    // stopped by the reader; every request was before.
+    assert!(aborted <= 2 * N / 10, "{aborted} stream aborts in {} requests: {stats:#?}", 2 * N);
+    assert!(tx.ack_frequency >= 1 && rx.ack_frequency >= 1, "no ACK_FREQUENCY frames: {stats:#?}");
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_nodes_replicate_fail_over_and_catch_up_by_snapshot() {
+    let root = tempfile::tempdir().unwrap();
+    let mut configs: Vec<_> = (1..=3).map(|id| InProcNode::config(root.path(), id)).collect();
+    for c in &mut configs {
+        // Small snapshots, nothing kept behind them: a node that misses entries needs a snapshot.
+        c.raft.snapshot_threshold = 40;
+        c.raft.max_in_snapshot_log_to_keep = 0;
+    }
+    let n1 = InProcNode::start(configs[0].clone()).await;
+    let t1 = n1.ticket();
+    configs[1].join = vec![t1.encode()];
+    configs[2].join = vec![t1.encode()];
+    let (n2, n3) = tokio::join!(InProcNode::start(configs[1].clone()), InProcNode::start(configs[2].clone()));
+    let mut nodes = [n1, n2, n3];
+
+    let status = nodes[0].status();
+    assert_eq!(status.voters, vec![1, 2, 3], "all three joined as voters");
+    assert!(status.learners.is_empty());
+
+    // Writes through every node (followers forward to the leader).
+    let mut acked = BTreeMap::new();
+    let clients = [nodes[0].client().await, nodes[1].client().await, nodes[2].client().await];
+    for i in 0..60 {
+        let (k, v) = (format!("key/{i:03}"), format!("value-{i}").into_bytes());
+        clients[i % 3].put(k.clone(), v.clone()).await.unwrap();
+        acked.insert(k, v);
+    }
+    // A 1 MiB value replicates too (byte-capped AppendEntries).
+    let big = vec![0xAB; 1024 * 1024];
+    clients[1].put("big", big.clone()).await.unwrap();
+    acked.insert("big".into(), big);
+
+    wait_converged(&[&nodes[0], &nodes[1], &nodes[2]], 60).await;
+    for n in &nodes {
+        assert_all_present(n, &acked, "after convergence").await;
+    }
+    // Not only the same keys: the same state (revisions, sessions, membership) at the same index.
+    let digests = wait_digests_equal(&[&nodes[0], &nodes[1], &nodes[2]], 30).await;
+    assert_eq!(digests[&0].applied_index, nodes[0].status().last_applied);
+
+    // Exactly-once: the same write (same session and sequence number) sent again, through
+    // another node, is answered with its first outcome and not applied a second time.
+    let session = WriteSession { client_id: Id128::random(), seq: 1 };
+    let write =
+        ClientRequest::Write { session, command: WriteCommand::Put { key: b"once".to_vec(), value: b"x".to_vec() } };
+    let first = clients[0].request(write.clone()).await.unwrap();
+    let again = clients[2].request(write).await.unwrap();
+    assert_eq!(first, again, "a retried write returns its first outcome");
+    let kv = clients[1].get("once").await.unwrap().unwrap();
+    assert_eq!(kv.version, 1, "the retry was not applied again");
+    acked.insert("once".into(), b"x".to_vec());
+    for c in clients {
+        c.close().await;
+    }
+
+    // A client that knows only the leader's ticket (and learns the rest from it).
+    let old_leader = nodes[0].status().leader.unwrap();
+    let li = nodes.iter().position(|n| n.config.node_id == old_leader).unwrap();
+    let client = nodes[li].client().await;
+    client.put("via-leader", "1").await.unwrap();
+    acked.insert("via-leader".into(), b"1".to_vec());
+
+    // Stop the leader: a new one is elected and writes continue, through the same client.
+    nodes[li].stop().await;
+    let survivors: Vec<usize> = (0..3).filter(|&i| i != li).collect();
+    wait_until(60, "a new leader among the survivors", || {
+        let s = nodes[survivors[0]].status();
+        s.leader.is_some() && s.leader != Some(old_leader)
+    })
+    .await;
+    for i in 60..200 {
+        let (k, v) = (format!("key/{i:03}"), format!("value-{i}").into_bytes());
+        client.put(k.clone(), v.clone()).await.unwrap();
+        acked.insert(k, v);
+    }
+    client.close().await;
+
+    // Enough entries went by that the leader snapshotted and purged its log past the stopped
+    // node's last entry: the restarted node can only catch up through a snapshot.
+    let new_leader = nodes[survivors[0]].status().leader.unwrap();
+    let ni = nodes.iter().position(|n| n.config.node_id == new_leader).unwrap();
+    let purged = nodes[ni].handle().shard0.raft().metrics().borrow().purged.map(|l| l.index).unwrap_or(0);
+    assert!(purged > 62, "leader purged its log up to {purged}");
+
+    nodes[li].restart().await;
+    wait_converged(&[&nodes[0], &nodes[1], &nodes[2]], 90).await;
+    let snap = nodes[li].handle().shard0.raft().metrics().borrow().snapshot.map(|l| l.index).unwrap_or(0);
+    assert!(snap > 62, "restarted node installed a snapshot (at {snap})");
+    for n in &nodes {
+        assert_all_present(n, &acked, "after restart and catch-up").await;
+    }
+    // The replica that caught up through a snapshot has the same state as those that replayed.
+    let after = wait_digests_equal(&[&nodes[0], &nodes[1], &nodes[2]], 30).await;
+    assert!(after[&0].applied_index > digests[&0].applied_index);
+    assert_ne!(after[&0].digest, digests[&0].digest);
+    // Votes and small AppendEntries went on the peers' mux streams; the 1 MiB entry and the
+    // snapshot each on a stream of their own.
+    let sent = nodes
+        .iter()
+        .map(|n| n.handle().base.pool.raft_transport_stats())
+        .fold((0, 0), |(m, a), s| (m + s.on_mux, a + s.alone));
+    assert!(sent.0 >= 2 * 60, "RPCs on the mux, alone: {sent:?}");
+    assert!(sent.1 >= 2, "RPCs on the mux, alone: {sent:?}");
+    for n in &mut nodes {
+        n.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refused_joins_leave_the_cluster_unaffected() {
+    let root = tempfile::tempdir().unwrap();
+    let n1 = InProcNode::start(InProcNode::config(root.path(), 1)).await;
+    let t1 = n1.ticket();
+    let mut c2 = InProcNode::config(root.path(), 2);
+    c2.join = vec![t1.encode()];
+    let n2 = InProcNode::start(c2).await;
+    let client = n1.client().await;
+    client.put("before", "1").await.unwrap();
+
+    // A different node (new data dir, new endpoint) claiming node id 2.
+    let mut dup = InProcNode::config(root.path(), 2);
+    dup.data_dir = root.path().join("impostor");
+    dup.join = vec![t1.encode()];
+    let err = bootstrap_node(dup).await.expect_err("duplicate node id must be refused");
+    assert!(matches!(err, BootstrapError::JoinRefused(_)), "{err}");
+    assert!(err.to_string().contains("node id 2 is already a member"), "{err}");
+
+    // A ticket of another cluster (same node, wrong cluster id).
+    let mut foreign = t1.clone();
+    foreign.cluster_id = ClusterId::random();
+    let mut other = InProcNode::config(root.path(), 9);
+    other.join = vec![foreign.encode()];
+    let err = bootstrap_node(other).await.expect_err("wrong cluster id must be refused");
+    assert!(err.to_string().contains("names cluster"), "{err}");
+
+    // The cluster is unaffected: same voters, still writable, nothing learned.
+    let s = n1.status();
+    assert_eq!(s.voters, vec![1, 2]);
+    assert!(s.learners.is_empty());
+    client.put("after", "2").await.unwrap();
+    assert_eq!(client.get("before").await.unwrap().map(|kv| kv.value), Some(b"1".to_vec()));
+    wait_converged(&[&n1, &n2], 30).await;
+    client.close().await;
+    // Health: both shards healthy while both voters are up...
+    wait_until(30, "both nodes report a healthy shard", || n1.status().health.healthy && n2.status().health.healthy)
+        .await;
+    assert!(n2.status().health.heartbeat_age_ms.is_some(), "the follower saw heartbeats");
+    // ...and with one of two voters gone, the leader loses its quorum and says so.
+    let (mut n1, mut n2) = (n1, n2);
+    n2.stop().await;
+    wait_until(60, "the leader reports its missing quorum", || {
+        let h = n1.status().health;
+        !h.healthy && h.reason.contains("heartbeat")
+    })
+    .await;
+    n1.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn raft_messages_from_another_cluster_are_refused() {
+    use openraft::{network::RPCOption, RaftNetwork};
+
+    let root = tempfile::tempdir().unwrap();
+    let n1 = InProcNode::start(InProcNode::config(root.path(), 1)).await;
+    wait_until(30, "node 1 leads its new cluster", || n1.status().leader == Some(1)).await;
+    let t1 = n1.ticket();
+    let (ep, mut nets) = crate::support::raw_raft_clients(&t1, ClusterId::random(), &[None]).await;
+    let net = &mut nets[0];
+    let vote = openraft::raft::VoteRequest::new(openraft::Vote::new(99, 42), None);
+    let err = net.vote(vote, RPCOption::new(std::time::Duration::from_secs(5))).await.unwrap_err();
+    let msg = err.to_string();
+    let expected = format!("this node belongs to cluster {}", t1.cluster_id);
+    assert!(msg.contains(&expected), "typed refusal expected, got: {msg}");
+    // The foreign vote changed nothing: same term, same leader, still serving.
+    let s = n1.status();
+    assert_eq!(s.leader, Some(1));
+    assert!(s.term < 99, "term untouched by the foreign vote: {}", s.term);
+    let client = n1.client().await;
+    client.put("still", "ok").await.unwrap();
+    client.close().await;
+    ep.close().await;
+    let mut n1 = n1;
+    n1.stop().await;
+}
+
+/// A joiner started while the cluster is down keeps retrying, and joins once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn join_retries_until_the_cluster_is_reachable() {
+    let root = tempfile::tempdir().unwrap();
+    let mut n1 = InProcNode::start(InProcNode::config(root.path(), 1)).await;
+    let t1 = n1.ticket();
+    n1.stop().await;
+    let mut c2 = InProcNode::config(root.path(), 2);
+    c2.join = vec![t1.encode()];
+    let joiner = tokio::spawn(InProcNode::start(c2));
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert!(!joiner.is_finished(), "the joiner must wait for the cluster, not give up or init its own");
+    n1.restart().await;
+    let n2 = tokio::time::timeout(std::time::Duration::from_secs(90), joiner)
+        .await
+        .expect("joined after the cluster came back")
+        .unwrap();
+    assert_eq!(n2.ticket().cluster_id, t1.cluster_id);
+    wait_converged(&[&n1, &n2], 60).await;
+    assert_eq!(n1.status().voters, vec![1, 2]);
+    let mut n2 = n2;
+    n2.stop().await;
+    n1.stop().await;
+}
+
+/// Concurrent writes share log entries (one entry, one fsync, one replication round for many
+/// writes), yet every write gets its own outcome, a key's revisions stay unique, and the final
+/// state is the last write of each key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writes_share_log_entries_and_keep_unique_revisions() {
+    let root = tempfile::tempdir().unwrap();
+    let node = InProcNode::start(InProcNode::config(root.path(), 1)).await;
+    wait_until(30, "a leader", || node.status().leader == Some(1)).await;
+    let shard = node.handle().shard0.clone();
+    let before = shard.status().last_applied;
+    const KEYS: usize = 10;
+    const PER_KEY: usize = 20;
+    let writes = (0..KEYS * PER_KEY).map(|i| {
+        let shard = shard.clone();
+        async move {
+            let session = WriteSession { client_id: Id128::random(), seq: 1 };
+            let (key, value) = (format!("k{}", i % KEYS), format!("v{i}"));
+            let outcome = shard
+                .write(session, WriteCommand::Put { key: key.clone().into_bytes(), value: value.clone().into_bytes() })
+                .await
+                .expect("write");
+            match outcome {
+                aspen::api::WriteOutcome::Put { revision } => (key, value, revision),
+                other => panic!("unexpected outcome {other:?}"),
+            }
+        }
+    });
+    let results = futures::future::join_all(writes).await;
+    let after = shard.status().last_applied;
+    assert!(
+        after - before < (KEYS * PER_KEY) as u64,
+        "{} writes took {} log entries: concurrent writes were not batched",
+        KEYS * PER_KEY,
+        after - before
+    );
+    let mut by_key: BTreeMap<String, Vec<(u64, String)>> = BTreeMap::new();
+    for (k, v, rev) in results {
+        by_key.entry(k).or_default().push((rev, v));
+    }
+    for (k, mut writes) in by_key {
+        writes.sort();
+        let revs: std::collections::BTreeSet<u64> = writes.iter().map(|(r, _)| *r).collect();
+        assert_eq!(revs.len(), PER_KEY, "key {k}: two writes got the same revision: {writes:?}");
+        let kv = shard.get(k.as_bytes(), ReadConsistency::Linearizable).await.unwrap().expect("key present");
+        let (last_rev, last_value) = writes.last().unwrap();
+        assert_eq!((kv.mod_revision, kv.value), (*last_rev, last_value.clone().into_bytes()), "key {k}");
+        assert_eq!(kv.version, PER_KEY as u64, "key {k}: every write counted");
+    }
+}

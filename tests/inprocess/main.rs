@@ -1,0 +1,10 @@
+//! Clusters in one process over real iroh on 127.0.0.1: replication, failover, snapshots and
+//! joins ([`cluster`]), sharding ([`sharded`]) and hostile input at every ALPN ([`bad_input`]).
+//! One test binary (one link on a 2-core CI); the tests run one at a time (`.config/nextest.toml`).
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod bad_input;
+mod cluster;
+mod sharded;
