@@ -1,14 +1,14 @@
 //! `aspen-cli`: an etcdctl-like command line over [`aspen::AspenClient`].
 //!
 //! Exit codes: 0 ok, 1 not found or CAS mismatch, 2 usage or invalid request, 3 cluster error
-//! (unavailable, unreachable, timeout).
+//! (unavailable, unreachable, timeout; a member that does not answer `cluster status`).
 
 use std::{
     io::{IsTerminal, Write},
     path::PathBuf,
     process::ExitCode,
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use aspen::{
@@ -45,32 +45,47 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Set KEY to VALUE.
-    Put { key: String, value: String },
+    Put {
+        /// The key (any UTF-8 text).
+        key: String,
+        /// The value to store.
+        value: String,
+    },
     /// Print the value of KEY (linearizable unless --stale).
     Get {
+        /// The key to read.
         key: String,
         /// Read this node's local state (may be behind the leader).
         #[arg(long)]
         stale: bool,
     },
     /// Delete KEY.
-    Delete { key: String },
+    Delete {
+        /// The key to delete.
+        key: String,
+    },
     /// Set KEY to NEW only if its value is --expected OLD, or only if it is --absent.
     Cas {
+        /// The key to compare and set.
         key: String,
+        /// The value to set when the comparison holds.
         new: String,
-        #[arg(long, conflicts_with = "absent", required_unless_present = "absent")]
+        /// Swap only if the current value is exactly this (exit 1 otherwise).
+        #[arg(long, value_name = "OLD", conflicts_with = "absent", required_unless_present = "absent")]
         expected: Option<String>,
+        /// Swap only if the key does not exist (exit 1 otherwise).
         #[arg(long)]
         absent: bool,
     },
     /// List keys (and values) in key order.
     Scan {
+        /// Only keys that start with this (default: every key).
         #[arg(long, default_value = "")]
         prefix: String,
-        /// At most this many keys in total.
-        #[arg(long, default_value_t = u32::MAX as usize)]
-        limit: usize,
+        /// At most this many keys in total [default: all].
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
+        /// Read this node's local state of every shard (may be behind the leaders).
         #[arg(long)]
         stale: bool,
     },
@@ -85,6 +100,11 @@ enum Command {
     /// successful requests); with --json exactly one JSON object on stdout. Exits 3 if no
     /// request succeeded.
     Bench(BenchArgs),
+    /// Wait until the node behind --data-dir (its ticket file may not exist yet) or each node
+    /// named by --ticket serves: it answers, and every shard it hosts has a leader.
+    ///
+    /// Exits 0 once it does, 3 when --timeout passes first, 2 for an invalid ticket.
+    Wait,
 }
 
 #[derive(Args, Debug)]
@@ -119,6 +139,7 @@ struct BenchArgs {
     /// Use keys in order (0, 1, 2, … wrapping) instead of uniformly at random.
     #[arg(long)]
     sequential_keys: bool,
+    /// Prefix of the keys the benchmark writes and reads.
     #[arg(long, default_value = "bench/")]
     key_prefix: String,
     /// Print ops/s every second on stderr even when stderr is not a terminal.
@@ -197,11 +218,25 @@ enum ClusterCommand {
         member_ticket: String,
     },
     /// Make learner ID a voter.
-    Promote { node_id: u64 },
+    Promote {
+        /// The node id of the learner.
+        #[arg(value_name = "ID")]
+        node_id: u64,
+    },
     /// Remove node ID from the cluster.
-    Remove { node_id: u64 },
+    Remove {
+        /// The node id of the member to remove.
+        #[arg(value_name = "ID")]
+        node_id: u64,
+    },
     /// Move the leadership of SHARD to voter NODE.
-    MoveLeader { shard: u32, node_id: u64 },
+    MoveLeader {
+        /// The shard (0 when not sharded).
+        shard: u32,
+        /// The node id of the voter that should lead it.
+        #[arg(value_name = "NODE")]
+        node_id: u64,
+    },
     /// Spread shard leaders evenly over the voters.
     BalanceLeaders,
 }
@@ -229,6 +264,15 @@ fn main() -> ExitCode {
         },
         _ => None,
     };
+    if let Command::Wait = cli.command {
+        return match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+            Ok(rt) => rt.block_on(wait_until_serving(&cli)),
+            Err(e) => {
+                eprintln!("aspen-cli: cannot start runtime: {e}");
+                ExitCode::from(3)
+            }
+        };
+    }
     let tickets = match resolve_tickets(&cli) {
         Ok(t) => t,
         Err(msg) => {
@@ -315,6 +359,67 @@ async fn run_bench(tickets: Vec<NodeTicket>, cli: &Cli, config: BenchConfig, pro
             ExitCode::SUCCESS
         }
     }
+}
+
+/// `aspen-cli wait`: polls until every named node serves, at most `--timeout`.
+async fn wait_until_serving(cli: &Cli) -> ExitCode {
+    let deadline = Instant::now() + Duration::from_secs_f64(cli.timeout);
+    let ticket_file = cli.data_dir.join("node.ticket");
+    let mut last = String::new();
+    loop {
+        let tickets = if cli.ticket.iter().any(|t| !t.trim().is_empty()) || ticket_file.exists() {
+            match resolve_tickets(cli) {
+                Ok(t) => t,
+                Err(msg) => {
+                    eprintln!("aspen-cli: {msg}");
+                    return ExitCode::from(2);
+                }
+            }
+        } else {
+            last = format!("{} does not exist yet", ticket_file.display());
+            Vec::new()
+        };
+        if !tickets.is_empty() {
+            match not_serving(&tickets, deadline).await {
+                None => return ExitCode::SUCCESS,
+                Some(why) => last = why,
+            }
+        }
+        if Instant::now() >= deadline {
+            eprintln!("aspen-cli: timed out after {}s waiting for the node to serve: {last}", cli.timeout);
+            return ExitCode::from(3);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Why one of the nodes behind `tickets` does not serve yet (`None`: they all do).
+async fn not_serving(tickets: &[NodeTicket], deadline: Instant) -> Option<String> {
+    for ticket in tickets {
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .clamp(Duration::from_millis(100), Duration::from_secs(2));
+        let client = match AspenClient::connect(vec![ticket.clone()], left).await {
+            Ok(c) => c,
+            Err(e) => return Some(format!("node {}: {e}", ticket.node_id)),
+        };
+        let answer = tokio::time::timeout(left, client.request(aspen::api::ClientRequest::NodeStatus)).await;
+        client.close().await;
+        let why = match answer {
+            Err(_) => format!("node {} did not answer within {left:?}", ticket.node_id),
+            Ok(Err(e)) => format!("node {}: {e}", ticket.node_id),
+            // Another member may answer after a failover: only the node itself counts.
+            Ok(Ok(aspen::api::ClientResponse::NodeStatus(st))) if st.node_id == ticket.node_id => {
+                match st.shards.iter().find(|s| s.leader.is_none()) {
+                    Some(s) => format!("shard {} of node {} has no leader yet", s.shard, st.node_id),
+                    None => continue,
+                }
+            }
+            Ok(Ok(other)) => format!("node {}: unexpected answer {other:?}", ticket.node_id),
+        };
+        return Some(why);
+    }
+    None
 }
 
 fn resolve_tickets(cli: &Cli) -> Result<Vec<NodeTicket>, String> {
@@ -465,7 +570,7 @@ async fn run(client: &AspenClient, cli: &Cli) -> Result<ExitCode, ClientError> {
             }
         }
         Command::Scan { prefix, limit, stale } => {
-            let entries = client.scan(prefix.as_bytes(), *limit, consistency(*stale)).await?;
+            let entries = client.scan(prefix.as_bytes(), limit.unwrap_or(usize::MAX), consistency(*stale)).await?;
             if cli.json {
                 println!("{}", serde_json::Value::Array(entries.iter().map(kv_json).collect()));
             } else {
@@ -538,6 +643,12 @@ async fn run(client: &AspenClient, cli: &Cli) -> Result<ExitCode, ClientError> {
                     }
                 }
             }
+            // The table is printed either way; a member that did not answer makes it exit 3.
+            let unreachable: Vec<u64> = status.nodes.iter().filter(|n| n.status.is_none()).map(|n| n.node_id).collect();
+            if !unreachable.is_empty() {
+                eprintln!("aspen-cli: unreachable member(s): {unreachable:?}");
+                return Ok(ExitCode::from(3));
+            }
         }
         Command::Cluster { command: ClusterCommand::AddLearner { member_ticket } } => {
             let ticket = NodeTicket::decode(member_ticket)
@@ -566,8 +677,34 @@ async fn run(client: &AspenClient, cli: &Cli) -> Result<ExitCode, ClientError> {
                 println!("already initialized");
             }
         }
-        // Runs without a shared client, in `run_bench`.
-        Command::Bench(_) => {}
+        // Run without a shared client, in `run_bench` and `wait_until_serving`.
+        Command::Bench(_) | Command::Wait => {}
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// Every flag and positional argument of every command says what it is for in `--help`.
+    #[test]
+    fn every_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                if !builtin && arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path}: {}", arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "aspen-cli", &mut missing);
+        assert!(missing.is_empty(), "arguments without help text:\n{}", missing.join("\n"));
+    }
 }

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use aspen::{
-    cluster::{bootstrap_node, bootstrap_sharded_node, BootstrapError},
+    cluster::{bootstrap_node, bootstrap_sharded_node},
     config::{NodeArgs, NodeConfig},
 };
 use clap::Parser;
@@ -28,6 +28,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,iroh=warn,noq=warn,openraft=warn")),
         )
         .with_writer(std::io::stderr)
+        // Colour only for a person at a terminal: never into files or journald.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -49,15 +51,8 @@ async fn run(config: NodeConfig) -> ExitCode {
         Ok(n) => n,
         Err(e) => {
             eprintln!("aspen-node: {e}");
-            let usage = matches!(
-                e,
-                BootstrapError::NodeIdMismatch { .. }
-                    | BootstrapError::ClusterNameMismatch { .. }
-                    | BootstrapError::NumShardsMismatch { .. }
-                    | BootstrapError::Sharding(_)
-                    | BootstrapError::JoinRefused(_)
-            );
-            return ExitCode::from(if usage { 2 } else { 1 });
+            // 2: restarting unchanged cannot help (the systemd unit does not restart on 2).
+            return ExitCode::from(if e.is_permanent() { 2 } else { 1 });
         }
     };
     println!("ticket: {}", node.ticket());

@@ -68,6 +68,10 @@ fn three_processes_survive_kill_9_of_the_leader() {
 
     // Keep writing through the survivors; a write may fail only while the election runs.
     let survivors: Vec<usize> = (0..3).filter(|&i| i != li).collect();
+    // A member that does not answer: the table is still printed, and the exit code is 3.
+    let o = crate::support::cli_with_timeout(&nodes[survivors[0]], 20, &["cluster", "status"]);
+    expect_code(&o, 3, "cluster status with a member down");
+    assert!(stdout(&o).contains("unreachable"), "the table names the member: {}", stdout(&o));
     let mut i = 200;
     let deadline = Instant::now() + Duration::from_secs(120);
     while i < 300 {

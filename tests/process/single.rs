@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use crate::support::{expect_code, stderr, stdout, NodeProc};
+use crate::support::{expect_code, stderr, stdout, NodeProc, NODE_BIN};
 use aspen::{api::ReadConsistency, AspenClient};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -177,6 +177,8 @@ fn config_errors_exit_2_with_one_line() {
         vec!["--config".into(), bad_toml.display().to_string()],
         vec!["--config".into(), root.path().join("missing.toml").display().to_string()],
         vec!["--bind-addr".into(), "not-an-addr".into()],
+        // `--join "$(cat n1/node.ticket)"` before the file exists: refused, not a new cluster.
+        vec!["--join".into(), "".into()],
     ];
     for args in cases {
         let out = std::process::Command::new(crate::support::NODE_BIN)
@@ -360,4 +362,86 @@ async fn clients_on_a_shared_endpoint_close_independently() {
         assert!(report.ok >= 30, "run {run}: {report:?}");
     }
     assert!(node.terminate().success(), "the node stops cleanly");
+}
+
+/// A node whose stderr goes to a file (or journald) writes no colour codes, even at info level
+/// and without `NO_COLOR`.
+#[test]
+fn logs_into_a_file_have_no_colour_codes() {
+    use aspen_testkit::{free_port, NodeSpec, OnDrop, Output, Proc};
+    let root = tempfile::tempdir().unwrap();
+    let log = root.path().join("node.log");
+    let mut spec = NodeSpec::new(NODE_BIN, root.path(), 1, std::net::SocketAddr::from(([127, 0, 0, 1], free_port())));
+    spec.rust_log = "info".into();
+    let mut cmd = spec.command();
+    cmd.env_remove("NO_COLOR");
+    let output = Output::File { path: log.clone(), append: false };
+    let mut node = Proc::spawn("aspen-node 1", cmd, &output, OnDrop::Kill).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while spec.read_ticket().is_none() {
+        assert!(node.is_running(), "the node exited: {}", node.log_tail(20));
+        assert!(std::time::Instant::now() < deadline, "no ticket within 30 s: {}", node.log_tail(20));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    node.terminate(Duration::from_secs(30)).expect("stops on SIGTERM");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("node is serving"), "info lines are logged: {text}");
+    assert!(!text.contains('\x1b'), "colour codes in a log file: {text:?}");
+}
+
+/// What a restart cannot fix exits 2 (the systemd unit does not restart on 2) with a message
+/// that names the problem: an address another node listens on, a data dir another node has open.
+#[test]
+fn permanent_start_failures_exit_2_and_say_why() {
+    let root = tempfile::tempdir().unwrap();
+    let mut first = NodeProc::new(root.path(), 1);
+    first.start();
+    let run = |data_dir: &std::path::Path, bind: std::net::SocketAddr| {
+        std::process::Command::new(NODE_BIN)
+            .args(["--node-id", "1", "--data-dir"])
+            .arg(data_dir)
+            .arg("--bind-addr")
+            .arg(bind.to_string())
+            .env_remove("ASPEN_TICKET")
+            .output()
+            .unwrap()
+    };
+    let out = run(&root.path().join("other"), first.bind);
+    assert_eq!(out.status.code(), Some(2), "address in use: {}", stderr(&out));
+    assert!(stderr(&out).contains(&format!("address {} is in use", first.bind)), "{}", stderr(&out));
+
+    let elsewhere = std::net::SocketAddr::from(([127, 0, 0, 1], aspen_testkit::free_port()));
+    let out = run(&first.data_dir, elsewhere);
+    assert_eq!(out.status.code(), Some(2), "data dir in use: {}", stderr(&out));
+    assert!(stderr(&out).contains("already open"), "{}", stderr(&out));
+    assert!(first.is_running(), "the first node is unharmed");
+    expect_code(&first.cli(&["put", "k", "v"]), 0, "the first node still serves");
+}
+
+/// `aspen-cli wait` returns once the node serves, even when started before the node wrote its
+/// ticket; it exits 3 when the timeout passes first and 2 for an invalid ticket.
+#[test]
+fn wait_returns_once_the_node_serves() {
+    let root = tempfile::tempdir().unwrap();
+    let node = NodeProc::new(root.path(), 1);
+    let cli = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(crate::support::CLI_BIN);
+        aspen_testkit::clean_env(&mut cmd);
+        cmd.arg("--data-dir").arg(&node.data_dir).args(args).output().unwrap()
+    };
+    // Nothing there: exit 3 after the timeout, saying what it waited for.
+    let o = cli(&["--timeout", "1", "wait"]);
+    expect_code(&o, 3, "wait on a data dir without a node");
+    assert!(stderr(&o).contains("node.ticket does not exist yet"), "{}", stderr(&o));
+
+    // Started in the background, waited for, then used at once.
+    let mut child = node.command().spawn().expect("spawn aspen-node");
+    let o = cli(&["--timeout", "60", "wait"]);
+    expect_code(&o, 0, "wait for a starting node");
+    expect_code(&node.cli(&["put", "k", "v"]), 0, "put right after wait");
+    let o = cli(&["--ticket", "aspenaaaa", "wait"]);
+    expect_code(&o, 2, "wait with an invalid ticket");
+    assert!(stderr(&o).contains("truncated"), "{}", stderr(&o));
+    let _ = child.kill();
+    let _ = child.wait();
 }

@@ -54,7 +54,8 @@ impl NodeProc {
     /// The command that starts this node (for tests that spawn it themselves).
     pub fn command(&self) -> Command {
         let mut cmd = self.spec().command();
-        cmd.env_remove("ASPEN_TICKET").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit());
+        aspen_testkit::clean_env(&mut cmd);
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit());
         cmd
     }
 

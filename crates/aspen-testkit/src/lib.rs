@@ -3,9 +3,10 @@
 //! start `aspen-node` (and etcd) through this crate.
 //!
 //! Owns: [`Proc`], a child process that cannot outlive its harness (stopped and reaped on drop,
-//! and killed by the kernel if the harness dies: `PR_SET_PDEATHSIG`), with its output in a log
-//! file or on the harness's stderr and no `ASPEN_*`/`ETCD_*` variables of the harness leaking
-//! into it; [`NodeSpec`], how one `aspen-node` is started (id, data dir, address, Raft timing,
+//! and killed by the kernel when the thread that started it ends, which for every caller here
+//! is the test's or the tool's main thread: `PR_SET_PDEATHSIG`; so never start one from a
+//! short-lived thread such as tokio's `spawn_blocking`), with its output in a log file or on
+//! the harness's stderr and no `ASPEN_*`/`ETCD_*` variables of the harness leaking into it; [`NodeSpec`], how one `aspen-node` is started (id, data dir, address, Raft timing,
 //! extra flags, an optional wrapper such as `ip netns exec NS`); [`NodeProcess`], a running
 //! node and its ticket file; and free loopback ports.
 //!
@@ -55,15 +56,11 @@ pub struct Proc {
 
 impl Proc {
     /// Starts `cmd` with stdin from /dev/null and its output as `output` says, without the
-    /// harness's `ASPEN_*` / `ETCD_*` variables.
+    /// harness's `ASPEN_*` / `ETCD_*` variables ([`clean_env`]; set such a variable for the
+    /// child with `cmd.env` only if the harness does not have it too).
     pub fn spawn(name: impl Into<String>, mut cmd: Command, output: &Output, on_drop: OnDrop) -> Result<Proc, String> {
         let name = name.into();
-        for (key, _) in std::env::vars_os() {
-            let k = key.to_string_lossy();
-            if k.starts_with("ASPEN_") || k.starts_with("ETCD_") {
-                cmd.env_remove(&key);
-            }
-        }
+        clean_env(&mut cmd);
         cmd.stdin(Stdio::null());
         let log = match output {
             Output::Inherit => {
@@ -83,11 +80,16 @@ impl Proc {
                 Some(path.clone())
             }
         };
-        // SAFETY: the closure runs in the forked child before exec and only calls prctl, which is
-        // async-signal-safe; it allocates nothing and touches no locks.
+        let parent = std::process::id();
+        // SAFETY: the closure runs in the forked child before exec and only calls prctl, getppid
+        // and _exit, which are async-signal-safe; it allocates nothing and touches no locks.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                // The harness died between fork and prctl: nothing would kill this child later.
+                if libc::getppid() as u32 != parent {
+                    libc::_exit(1);
+                }
                 Ok(())
             });
         }
@@ -235,7 +237,7 @@ impl NodeSpec {
         if self.test_timing {
             cmd.args(TEST_RAFT_TIMING);
         }
-        cmd.args(&self.args).env("RUST_LOG", &self.rust_log).env("NO_COLOR", "1");
+        cmd.args(&self.args).env("RUST_LOG", &self.rust_log);
         cmd
     }
 
@@ -291,9 +293,24 @@ impl NodeProcess {
     }
 }
 
-/// A free UDP port on 127.0.0.1 (bound and released; good enough for serial tests).
+/// Removes the harness's `ASPEN_*` and `ETCD_*` variables from `cmd`'s environment, so that a
+/// developer's settings (an `ASPEN_CONFIG`, say) never reach a process a test starts.
+pub fn clean_env(cmd: &mut Command) {
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        if k.starts_with("ASPEN_") || k.starts_with("ETCD_") {
+            cmd.env_remove(&key);
+        }
+    }
+}
+
+/// A free UDP port on 127.0.0.1 (bound and released; good enough for serial tests). Panics if
+/// the machine has none (a test cannot go on without one).
 pub fn free_port() -> u16 {
-    free_udp_addrs(1).ok().and_then(|a| a.first().map(SocketAddr::port)).unwrap_or(0)
+    match free_udp_addrs(1) {
+        Ok(addrs) => addrs[0].port(),
+        Err(e) => panic!("{e}"),
+    }
 }
 
 /// `n` distinct free UDP addresses on 127.0.0.1 (all bound at once, then released).

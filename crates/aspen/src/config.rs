@@ -317,7 +317,17 @@ impl NodeConfig {
         set(&mut cfg.cluster_name, args.cluster_name.clone());
         cfg.no_init |= args.no_init;
         if !args.join.is_empty() {
-            cfg.join = args.join.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+            let tickets: Vec<String> = args.join.iter().map(|s| s.trim().to_string()).collect();
+            if tickets.iter().any(String::is_empty) {
+                // `--join "$(cat n1/node.ticket)"` run before node 1 wrote its ticket: without
+                // this refusal the node would start a cluster of its own.
+                return Err(invalid(
+                    "join",
+                    "an empty ticket was given (was the member's node.ticket written yet?); \
+                     wait until the file exists, then pass its contents",
+                ));
+            }
+            cfg.join = tickets;
         }
         set(&mut cfg.raft.heartbeat_interval_ms, args.heartbeat_interval_ms);
         set(&mut cfg.raft.election_timeout_min_ms, args.election_timeout_min_ms);
@@ -512,6 +522,18 @@ fn parse_file(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_empty_join_ticket_is_refused() {
+        use clap::Parser;
+        for join in ["", " ", "aspenxyz,"] {
+            let args = NodeArgs::try_parse_from(["aspen-node", "--join", join]).expect("parses");
+            let err = NodeConfig::from_args(&args).expect_err(join).to_string();
+            assert!(err.contains("empty ticket"), "{join:?}: {err}");
+        }
+        let args = NodeArgs::try_parse_from(["aspen-node"]).unwrap();
+        assert!(NodeConfig::from_args(&args).unwrap().join.is_empty(), "no --join: no join");
+    }
 
     #[test]
     fn defaults_are_valid() {

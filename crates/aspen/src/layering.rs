@@ -103,16 +103,21 @@ fn referenced_modules(src: &str) -> BTreeSet<String> {
     while let Some(at) = rest.find("crate::") {
         let before = rest[..at].chars().next_back();
         rest = &rest[at + "crate::".len()..];
-        // `$crate::` or an identifier ending in "crate" is not a path from the crate root.
-        if before.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '$') {
+        // An identifier ending in "crate" is not a path from the crate root (`$crate::` is).
+        if before.is_some_and(|c| c.is_alphanumeric() || c == '_') {
             continue;
         }
         if let Some(group) = rest.strip_prefix('{') {
             // `crate::{a::x, b, c::{…}}`: the first segment of each top-level item.
             let mut depth = 1;
             let mut item_start = true;
+            // Inside `#[...]` (a `cfg` on one item of the group): not a path.
+            let mut in_attribute = 0;
             for (i, c) in group.char_indices() {
                 match c {
+                    '[' if in_attribute > 0 || group[..i].ends_with('#') => in_attribute += 1,
+                    ']' if in_attribute > 0 => in_attribute -= 1,
+                    _ if in_attribute > 0 => {}
                     '{' => depth += 1,
                     '}' => {
                         depth -= 1;
@@ -123,7 +128,10 @@ fn referenced_modules(src: &str) -> BTreeSet<String> {
                     }
                     ',' if depth == 1 => item_start = true,
                     c if item_start && (c.is_alphabetic() || c == '_') => {
-                        out.insert(ident_at(&group[i..]));
+                        let name = ident_at(&group[i..]);
+                        if name != "self" {
+                            out.insert(name);
+                        }
                         item_start = false;
                     }
                     _ => {}
@@ -185,6 +193,13 @@ fn violations(src_dir: &Path) -> Vec<String> {
             if used == module {
                 continue;
             }
+            if used.starts_with(|c: char| c.is_uppercase()) {
+                found.push(format!(
+                    "{}: `{module}` uses the crate-root re-export `crate::{used}`; name its module instead",
+                    file.display()
+                ));
+                continue;
+            }
             match rank(&used) {
                 Some(r) if r < own => {}
                 Some(r) => found.push(format!(
@@ -225,24 +240,27 @@ fn every_top_level_module_has_a_rank() {
 #[test]
 fn the_check_sees_what_it_must() {
     let src = r#"
-        use crate::{api::{X, Y}, storage::Z, config};
+        use crate::{self, api::{X, Y}, storage::Z, #[cfg(test)] config};
         // crate::cluster in a comment
         /* crate::client in a block comment */
         let s = "crate::sharding in a string";
         let c = '"'; let l: &'static str = "";
         fn f() -> crate::raft::RaftNode { todo!() }
         macro_rules! m { () => { $crate::transport::x() } }
+        let my_crate::x = 1;
     "#;
     let found = referenced_modules(&strip_comments_and_strings(src));
     let found: Vec<&str> = found.iter().map(String::as_str).collect();
-    assert_eq!(found, ["api", "config", "raft", "storage"]);
+    assert_eq!(found, ["api", "config", "raft", "storage", "transport"]);
 
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("storage")).unwrap();
     std::fs::write(dir.path().join("lib.rs"), "pub mod storage;").unwrap();
     std::fs::write(dir.path().join("storage/mod.rs"), "use crate::{api::A, raft::B};").unwrap();
     std::fs::write(dir.path().join("config.rs"), "use crate::api::A;").unwrap();
+    std::fs::write(dir.path().join("api.rs"), "fn f() -> crate::AspenClient { todo!() }").unwrap();
     let found = violations(dir.path());
-    assert_eq!(found.len(), 1, "{found:?}");
-    assert!(found[0].contains("uses `crate::raft`"), "{found:?}");
+    assert_eq!(found.len(), 2, "{found:?}");
+    assert!(found.iter().any(|f| f.contains("uses `crate::raft`")), "{found:?}");
+    assert!(found.iter().any(|f| f.contains("crate-root re-export `crate::AspenClient`")), "{found:?}");
 }

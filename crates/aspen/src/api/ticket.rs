@@ -15,6 +15,9 @@ const PREFIX: &str = "aspen";
 const TICKET_VERSION: u8 = 1;
 /// Tickets longer than this are refused before decoding.
 const MAX_TICKET_CHARS: usize = 4096;
+/// The fewest payload bytes any ticket has: version, cluster id, node id (at least one byte),
+/// endpoint id. A shorter payload is a ticket cut off while being copied.
+const MIN_PAYLOAD_BYTES: usize = 1 + 16 + 1 + 32;
 
 /// How to reach one member of one cluster.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,6 +46,8 @@ pub enum TicketError {
     TooLong(usize),
     #[error("ticket is not valid base32")]
     Base32,
+    #[error("ticket is truncated (copy the whole ticket, e.g. from the node's node.ticket file)")]
+    Truncated,
     #[error("ticket payload is malformed")]
     Payload,
     #[error("ticket version {0} is not supported")]
@@ -82,10 +87,16 @@ impl NodeTicket {
             return Err(TicketError::TooLong(s.len()));
         }
         let body = s.strip_prefix(PREFIX).ok_or(TicketError::Prefix)?;
-        let bytes = data_encoding::BASE32_NOPAD
-            .decode(body.to_ascii_uppercase().as_bytes())
-            .map_err(|_| TicketError::Base32)?;
-        let version = *bytes.first().ok_or(TicketError::Payload)?;
+        let bytes =
+            data_encoding::BASE32_NOPAD.decode(body.to_ascii_uppercase().as_bytes()).map_err(|e| match e.kind {
+                // Every character is base32, but the text ends inside a byte: cut off.
+                data_encoding::DecodeKind::Length => TicketError::Truncated,
+                _ => TicketError::Base32,
+            })?;
+        if bytes.len() < MIN_PAYLOAD_BYTES {
+            return Err(TicketError::Truncated);
+        }
+        let version = bytes[0];
         if version != TICKET_VERSION {
             return Err(TicketError::Version(version));
         }
@@ -140,7 +151,12 @@ mod tests {
     #[test]
     fn rejects_garbage() {
         assert_eq!(NodeTicket::decode("hello"), Err(TicketError::Prefix));
-        assert_eq!(NodeTicket::decode("aspen!!!"), Err(TicketError::Base32));
+        assert_eq!(NodeTicket::decode("aspen!!!!!!!!"), Err(TicketError::Base32));
+        assert_eq!(NodeTicket::decode("aspenaaaa"), Err(TicketError::Truncated));
+        assert_eq!(NodeTicket::decode("aspen"), Err(TicketError::Truncated));
+        let s = sample().encode();
+        assert_eq!(NodeTicket::decode(&s[..37]), Err(TicketError::Truncated), "cut off while copied");
+        assert_eq!(NodeTicket::decode(&s[..40]), Err(TicketError::Truncated), "cut off inside a byte");
         let s = sample().encode();
         assert!(NodeTicket::decode(&s[..s.len() - 8]).is_err());
         assert_eq!(NodeTicket::decode(&"a".repeat(5000)), Err(TicketError::TooLong(5000)));

@@ -75,6 +75,29 @@ pub enum BootstrapError {
     NumShardsMismatch { path: std::path::PathBuf, recorded: u32, configured: u32 },
 }
 
+impl BootstrapError {
+    /// Whether restarting the node unchanged cannot help (a wrong configuration, an address in
+    /// use, a data dir that is locked, unreadable or not writable, a refused join): `aspen-node`
+    /// exits 2 for these, which the systemd unit does not restart.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            BootstrapError::DataDir { .. }
+            | BootstrapError::NodeIdMismatch { .. }
+            | BootstrapError::ClusterNameMismatch { .. }
+            | BootstrapError::JoinRefused(_)
+            | BootstrapError::JoinTicketsDisagree(..)
+            | BootstrapError::JoinTicket(_)
+            | BootstrapError::Sharding(_)
+            | BootstrapError::NumShardsMismatch { .. } => true,
+            BootstrapError::Endpoint(e) => e.is_permanent(),
+            BootstrapError::Metadata(e) => e.is_permanent(),
+            BootstrapError::Shard(RaftNodeError::Storage { source, .. }) => source.is_permanent(),
+            BootstrapError::Shard(RaftNodeError::Config { .. }) => true,
+            BootstrapError::Shard(_) | BootstrapError::Init(_) => false,
+        }
+    }
+}
+
 /// What every shard of a node shares.
 #[derive(Debug)]
 pub struct BaseNodeResources {

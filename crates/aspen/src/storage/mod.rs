@@ -43,11 +43,31 @@ pub enum StorageError {
     Task(String),
     /// The log writer could not write the Raft log; every later log write fails the same way.
     #[error("the Raft log could not be written: {0}")]
-    LogWrite(#[source] std::sync::Arc<StorageError>),
+    LogWrite(std::sync::Arc<StorageError>),
     #[error("the Raft log writer has stopped")]
     LogWriterStopped,
     #[error("corrupt data: {0}")]
     Corrupt(String),
+}
+
+impl StorageError {
+    /// Whether the store cannot be opened or written however often it is retried: another
+    /// process has the database open (a second node on the same data dir), the files are not
+    /// readable or writable, or they are corrupt or of an unknown format.
+    pub fn is_permanent(&self) -> bool {
+        let io_permanent = |e: &std::io::Error| {
+            matches!(e.kind(), std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem)
+        };
+        match self {
+            StorageError::Redb(redb::Error::DatabaseAlreadyOpen)
+            | StorageError::Redb(redb::Error::Corrupted(_))
+            | StorageError::Redb(redb::Error::UpgradeRequired(_))
+            | StorageError::Corrupt(_) => true,
+            StorageError::Redb(redb::Error::Io(e)) | StorageError::Io(e) => io_permanent(e),
+            StorageError::LogWrite(e) => e.is_permanent(),
+            _ => false,
+        }
+    }
 }
 
 macro_rules! redb_from {

@@ -24,8 +24,42 @@ pub enum EndpointError {
     Key { path: PathBuf, source: std::io::Error },
     #[error("node key {0} is corrupt (expected 32 bytes)")]
     KeyCorrupt(PathBuf),
+    #[error("address {0} is in use (is another node running there?); choose another --bind-addr")]
+    AddrInUse(SocketAddr),
+    #[error("address {0} is not an address of this machine; choose another --bind-addr")]
+    AddrNotAvailable(SocketAddr),
+    #[error("not allowed to bind {0}; choose another --bind-addr")]
+    BindDenied(SocketAddr),
     #[error("cannot bind {addr}: {message}")]
     Bind { addr: SocketAddr, message: String },
+}
+
+impl EndpointError {
+    /// Whether restarting unchanged cannot help (the address or the key file is the problem).
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            EndpointError::AddrInUse(_)
+            | EndpointError::AddrNotAvailable(_)
+            | EndpointError::BindDenied(_)
+            | EndpointError::KeyCorrupt(_) => true,
+            EndpointError::Key { source, .. } => source.kind() == std::io::ErrorKind::PermissionDenied,
+            EndpointError::Bind { .. } => false,
+        }
+    }
+}
+
+/// Finds out, before iroh binds, why `addr` cannot be bound (iroh's error only says "Failed to
+/// bind sockets"): a plain UDP socket is bound to it and released at once.
+fn probe_bind(addr: SocketAddr) -> Result<(), EndpointError> {
+    match std::net::UdpSocket::bind(addr) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(match e.kind() {
+            std::io::ErrorKind::AddrInUse => EndpointError::AddrInUse(addr),
+            std::io::ErrorKind::AddrNotAvailable => EndpointError::AddrNotAvailable(addr),
+            std::io::ErrorKind::PermissionDenied => EndpointError::BindDenied(addr),
+            _ => EndpointError::Bind { addr, message: e.to_string() },
+        }),
+    }
 }
 
 /// Loads `<data-dir>/node.key`, creating it (mode 0600) on first start.
@@ -112,6 +146,7 @@ pub async fn bind_endpoint(
     lookup: MemoryLookup,
 ) -> Result<Endpoint, EndpointError> {
     let bind_err = |message: String| EndpointError::Bind { addr: bind_addr, message };
+    probe_bind(bind_addr)?;
     let mut builder = Endpoint::builder(presets::Minimal)
         .relay_mode(RelayMode::Disabled)
         .clear_address_lookup()

@@ -33,8 +33,9 @@ pub enum TransportError {
     NoAddress,
     #[error("connect to {peer}: timed out after {after:?}")]
     ConnectTimeout { peer: String, after: Duration },
-    /// The peer does not serve the ALPN asked for (an older version, or a protocol it has
-    /// turned off): TLS alert 120, `no_application_protocol`.
+    /// The peer does not serve the ALPN asked for: TLS alert 120, `no_application_protocol`. An
+    /// older version without that protocol answers so, and so does any node in the moment
+    /// between binding its endpoint and registering its protocols while it starts.
     #[error("connect to {peer}: the peer does not serve ALPN {alpn}")]
     AlpnRefused { peer: String, alpn: String },
     #[error("connect to {peer}: {source}")]
@@ -62,8 +63,6 @@ pub enum TransportError {
     UnexpectedResponse,
     #[error(transparent)]
     Dropped(#[from] fault::Dropped),
-    #[error("the forwarding queue is closed")]
-    QueueClosed,
 }
 
 impl TransportError {
@@ -91,13 +90,18 @@ impl TransportError {
 /// TLS alert 120 (`no_application_protocol`) as a QUIC transport error code.
 const ALPN_REFUSED_ALERT: u8 = 120;
 
-/// Whether a failed connect says the peer does not serve the ALPN asked for.
+/// Whether a failed connect says the ALPN asked for is not served: the peer closed the
+/// connection with the alert (how an iroh peer refuses), or this side's TLS raised it.
 fn is_alpn_refusal(e: &ConnectError) -> bool {
-    let closed = match e {
+    let failed = match e {
         ConnectError::Connection { source, .. } => source,
         ConnectError::Connecting { source: ConnectingError::ConnectionError { source, .. }, .. } => source,
         _ => return false,
     };
-    matches!(closed, ConnectionError::ConnectionClosed(close)
-        if close.error_code == TransportErrorCode::crypto(ALPN_REFUSED_ALERT))
+    let alert = TransportErrorCode::crypto(ALPN_REFUSED_ALERT);
+    match failed {
+        ConnectionError::ConnectionClosed(close) => close.error_code == alert,
+        ConnectionError::TransportError(local) => local.code == alert,
+        _ => false,
+    }
 }
