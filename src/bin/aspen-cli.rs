@@ -44,12 +44,13 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Set KEY to VALUE.
+    /// Set KEY to VALUE (or to what stdin holds when VALUE is left out).
     Put {
         /// The key (any UTF-8 text).
         key: String,
-        /// The value to store.
-        value: String,
+        /// The value to store; left out, it is read from stdin byte for byte (as etcdctl does),
+        /// so values of any size up to the node's limit and binary values can be written.
+        value: Option<String>,
     },
     /// Print the value of KEY (linearizable unless --stale).
     Get {
@@ -422,6 +423,25 @@ async fn not_serving(tickets: &[NodeTicket], deadline: Instant) -> Option<String
     None
 }
 
+/// A value from stdin, at most one frame's worth (a larger one could never be written).
+fn read_value_from_stdin() -> Result<Vec<u8>, ClientError> {
+    use std::io::Read;
+    let limit = aspen::api::MAX_FRAME_BYTES as u64;
+    let mut value = Vec::new();
+    std::io::stdin()
+        .take(limit + 1)
+        .read_to_end(&mut value)
+        .map_err(|e| ClientError::Api(ApiError::InvalidRequest(format!("cannot read the value from stdin: {e}"))))?;
+    if value.len() as u64 > limit {
+        return Err(ClientError::Api(ApiError::TooLarge {
+            what: "value from stdin".into(),
+            size: value.len() as u64,
+            limit,
+        }));
+    }
+    Ok(value)
+}
+
 fn resolve_tickets(cli: &Cli) -> Result<Vec<NodeTicket>, String> {
     let raw: Vec<String> = if cli.ticket.iter().any(|t| !t.trim().is_empty()) {
         cli.ticket.iter().filter(|t| !t.trim().is_empty()).cloned().collect()
@@ -524,7 +544,11 @@ async fn run(client: &AspenClient, cli: &Cli) -> Result<ExitCode, ClientError> {
     };
     match &cli.command {
         Command::Put { key, value } => {
-            let revision = client.put(key.as_bytes(), value.as_bytes()).await?;
+            let value = match value {
+                Some(v) => v.clone().into_bytes(),
+                None => read_value_from_stdin()?,
+            };
+            let revision = client.put(key.as_bytes(), value).await?;
             if cli.json {
                 println!("{}", json!({ "revision": revision }));
             } else {

@@ -95,7 +95,7 @@ fn cli_commands_and_exit_codes() {
     expect_code(&node.cli(&["cluster", "status"]), 0, "cluster status (table)");
 
     // Usage errors: exit 2.
-    expect_code(&node.cli(&["put", "only-key"]), 2, "put without value");
+    expect_code(&node.cli(&["put"]), 2, "put without a key");
     expect_code(&node.cli(&["cas", "k", "v"]), 2, "cas without --expected/--absent");
     expect_code(&node.cli(&["frobnicate"]), 2, "unknown command");
     let o = node.cli(&["--ticket", "not-a-ticket", "get", "x"]);
@@ -444,4 +444,52 @@ fn wait_returns_once_the_node_serves() {
     assert!(stderr(&o).contains("truncated"), "{}", stderr(&o));
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// `put KEY` without VALUE reads the value from stdin, byte for byte: values larger than a
+/// command line can hold and values that are not text; one over the limit is refused (exit 2).
+#[test]
+fn put_reads_the_value_from_stdin() {
+    use std::io::Write;
+    let root = tempfile::tempdir().unwrap();
+    let mut node = NodeProc::new(root.path(), 1);
+    node.start();
+    let put_stdin = |key: &str, value: &[u8]| {
+        let mut cmd = std::process::Command::new(crate::support::CLI_BIN);
+        aspen_testkit::clean_env(&mut cmd);
+        let mut child = cmd
+            .arg("--data-dir")
+            .arg(&node.data_dir)
+            .args(["--timeout", "20", "put", key])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let value = value.to_vec();
+        let writer = std::thread::spawn(move || {
+            let _ = stdin.write_all(&value);
+        });
+        let out = child.wait_with_output().unwrap();
+        writer.join().unwrap();
+        out
+    };
+    // 300 KiB, more than one command-line argument may hold, with every byte value in it.
+    let big: Vec<u8> = (0..300 * 1024).map(|i| (i % 256) as u8).collect();
+    let o = put_stdin("big", &big);
+    expect_code(&o, 0, "put from stdin");
+    assert_eq!(stdout(&o).trim(), "OK");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let got = rt.block_on(async {
+        let client = AspenClient::connect(vec![node.ticket()], Duration::from_secs(10)).await.unwrap();
+        let got = client.get("big").await.unwrap().map(|kv| kv.value);
+        client.close().await;
+        got
+    });
+    assert_eq!(got.as_deref(), Some(&big[..]), "stored byte for byte");
+    let o = put_stdin("empty", b"");
+    expect_code(&o, 0, "an empty value from stdin");
+    let o = put_stdin("huge", &vec![b'x'; 1024 * 1024 + 1]);
+    expect_code(&o, 2, "a value over the limit");
 }
