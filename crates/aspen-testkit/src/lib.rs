@@ -15,7 +15,7 @@
 
 use std::{
     ffi::OsString,
-    fs::{File, OpenOptions},
+    fs::OpenOptions,
     net::{SocketAddr, TcpListener, UdpSocket},
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
@@ -336,11 +336,6 @@ pub fn version_line(program: &Path, arg: &str) -> Option<String> {
     let out = Command::new(program).arg(arg).stdin(Stdio::null()).output().ok()?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     text.lines().map(str::trim).find(|l| !l.is_empty()).map(String::from)
-}
-
-/// Opens `path` for appending (a log several runs share).
-pub fn append_to(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new().create(true).append(true).open(path)
 }
 
 #[cfg(test)]

@@ -287,17 +287,9 @@ impl ShardedKeyValueStore {
         }
     }
 
-    pub fn node_id(&self) -> NodeId {
-        self.node_id
-    }
-
     /// The shards this node hosts.
     pub fn shards(&self) -> &BTreeMap<ShardId, RaftNode> {
         &self.shards
-    }
-
-    pub fn router(&self) -> &ShardRouter {
-        &self.router
     }
 
     pub fn num_shards(&self) -> u32 {
@@ -306,10 +298,6 @@ impl ShardedKeyValueStore {
 
     pub fn pool(&self) -> &ConnectionPool {
         &self.pool
-    }
-
-    pub fn hints(&self) -> &ShardHints {
-        &self.hints
     }
 
     /// How much of this node's forwarding to shard leaders went out in batches.
