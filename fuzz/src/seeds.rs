@@ -8,8 +8,8 @@ use aspen::{
     api::raft_rpc::{RaftEnvelope, RaftRefusal, RaftRequest, RaftResponse},
     api::{
         encode_shard_prefix, frame::encode_frame, ApiError, BatchOp, ClientEnvelope, ClientRequest, ClientResponse,
-        ClientResult, Id128, JoinRequest, KeyValue, NodeTicket, ReadConsistency, ScanPage, ScanRequest, WriteCommand,
-        WriteOutcome, WriteSession, CLIENT_PROTOCOL_VERSION,
+        ClientResult, Compare, CompareOp, Id128, JoinRequest, KeyValue, NodeTicket, ReadConsistency, ScanPage,
+        ScanRequest, TxnOp, TxnOpResult, WriteCommand, WriteOutcome, WriteSession, CLIENT_PROTOCOL_VERSION,
     },
     cluster::gossip::{Announcement, LeaderHint, SignedAnnouncement, ANNOUNCEMENT_VERSION},
     raft::{Entry, LogId, MemberNode, SnapshotMeta, StoredMembership, Vote, WriteRequest},
@@ -100,6 +100,22 @@ fn client_requests() -> Vec<ClientRequest> {
                 ],
             },
         },
+        ClientRequest::Write {
+            session: write().session,
+            command: WriteCommand::Txn {
+                compares: vec![
+                    Compare::value(b"a".to_vec(), CompareOp::Equal, b"1".to_vec()),
+                    Compare::mod_revision(b"b".to_vec(), CompareOp::Less, 7),
+                ],
+                success: vec![TxnOp::put(b"a".to_vec(), b"2".to_vec()), TxnOp::get(b"b".to_vec())],
+                failure: vec![TxnOp::delete(b"a".to_vec())],
+            },
+        },
+        ClientRequest::ShardWrite {
+            shard: 2,
+            session: write().session,
+            command: WriteCommand::DeletePrefix { prefix: b"p/".to_vec() },
+        },
         ClientRequest::Scan(scan.clone()),
         ClientRequest::ShardScan { shard: 3, scan },
         ClientRequest::Join(JoinRequest {
@@ -121,6 +137,16 @@ fn client_results() -> Vec<ClientResult> {
     vec![
         Ok(ClientResponse::Get(Some(kv.clone()))),
         Ok(ClientResponse::Write(WriteOutcome::Cas { revision: 9, succeeded: false, current: Some(b"x".to_vec()) })),
+        Ok(ClientResponse::Write(WriteOutcome::DeletePrefix { revision: 9, deleted: 4 })),
+        Ok(ClientResponse::Write(WriteOutcome::Txn {
+            revision: 9,
+            succeeded: true,
+            results: vec![
+                TxnOpResult::Put { revision: 9 },
+                TxnOpResult::Get(Some(kv.clone())),
+                TxnOpResult::Delete { deleted: false },
+            ],
+        })),
         Ok(ClientResponse::Scan(ScanPage { entries: vec![kv], continuation: Some(b"k".to_vec()) })),
         Ok(ClientResponse::Members(vec![ticket().encode()])),
         Err(ApiError::NotLeader { leader: Some(2), leader_ticket: Some(ticket().encode()) }),

@@ -1,7 +1,9 @@
 //! `aspen-cli`: an etcdctl-like command line over [`aspen::AspenClient`].
 //!
-//! Exit codes: 0 ok, 1 not found or CAS mismatch, 2 usage or invalid request, 3 cluster error
-//! (unavailable, unreachable, timeout; a member that does not answer `cluster status`).
+//! Exit codes (README, "Exit codes"): 0 ok; 1 not found, compare failed; 2 usage, invalid or
+//! refused request; 3 unavailable, unreachable, timeout, not initialized, a member that does
+//! not answer `cluster status`. With `--json`, an error is one object on stdout,
+//! `{"error":{"kind":"<snake_case>","message":"..."}}`, besides the message on stderr.
 
 use std::{
     io::{IsTerminal, Write},
@@ -12,12 +14,15 @@ use std::{
 };
 
 use aspen::{
-    api::{ApiError, KeyValue, NodeTicket, ReadConsistency, ShardStatus},
+    api::{ApiError, KeyValue, NodeTicket, ReadConsistency, ShardStatus, TxnOpResult, TxnResponse},
     client::{AspenClient, CasOutcome, ClientError},
 };
 use aspen_bench::{AspenBackend, BenchConfig, BenchError, Progress, ProgressFn, Stop, Workload};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
+
+#[path = "../cli/txn.rs"]
+mod txn;
 
 /// mimalloc: glibc malloc was ~10 % of a node's cycles under load.
 #[global_allocator]
@@ -35,8 +40,9 @@ struct Cli {
     /// Print results as JSON.
     #[arg(long, global = true)]
     json: bool,
-    /// Give up after this many seconds.
-    #[arg(long, global = true, default_value_t = 10.0)]
+    /// Give up after this many seconds: bounds one request including its failover to other
+    /// members (and `wait` as a whole).
+    #[arg(long, global = true, env = "ASPEN_TIMEOUT", default_value_t = 10.0, value_name = "SECONDS")]
     timeout: f64,
     #[command(subcommand)]
     command: Command,
@@ -60,11 +66,27 @@ enum Command {
         #[arg(long)]
         stale: bool,
     },
-    /// Delete KEY.
+    /// Delete KEY (prints 1 if it existed, else 0), or every key under --prefix (prints how many).
     Delete {
         /// The key to delete.
-        key: String,
+        #[arg(required_unless_present_any = ["prefix", "all"], conflicts_with_all = ["prefix", "all"])]
+        key: Option<String>,
+        /// Delete every key that starts with P instead, atomically on each shard (as `etcdctl del
+        /// --prefix`); an empty P is refused unless --all is given too.
+        #[arg(long, value_name = "P")]
+        prefix: Option<String>,
+        /// Delete every key of the cluster (alone, or to allow an empty --prefix).
+        #[arg(long)]
+        all: bool,
     },
+    /// Atomic transaction read from stdin in etcdctl's txn grammar: compares, a blank line, the
+    /// operations run if they all hold, a blank line, the operations run otherwise.
+    ///
+    /// Compares: value("K") = "V", version("K") > "0", create("K") = "5", mod("K") < "9" (=, !=,
+    /// <, >). Operations: put K V, get K, del K. Every key must be in one shard. Prints SUCCESS
+    /// or FAILURE, then one result per operation (put: OK, del: 1 or 0, get: KEY and VALUE
+    /// lines); exit 0 on SUCCESS, 1 on FAILURE.
+    Txn,
     /// Set KEY to NEW only if its value is --expected OLD, or only if it is --absent.
     Cas {
         /// The key to compare and set.
@@ -244,9 +266,8 @@ enum ClusterCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if !(cli.timeout.is_finite() && cli.timeout > 0.0) {
-        eprintln!("aspen-cli: --timeout must be a positive number of seconds");
-        return ExitCode::from(2);
+    if !(cli.timeout.is_finite() && cli.timeout > 0.0 && cli.timeout < 1e9) {
+        return report(cli.json, "usage", "--timeout must be a positive number of seconds", 2);
     }
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -258,35 +279,23 @@ fn main() -> ExitCode {
     let bench = match &cli.command {
         Command::Bench(args) => match args.to_config() {
             Ok(config) => Some((config, args.progress || std::io::stderr().is_terminal())),
-            Err(msg) => {
-                eprintln!("aspen-cli bench: {msg}");
-                return ExitCode::from(2);
-            }
+            Err(msg) => return report(cli.json, "usage", &format!("bench: {msg}"), 2),
         },
         _ => None,
     };
     if let Command::Wait = cli.command {
         return match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
             Ok(rt) => rt.block_on(wait_until_serving(&cli)),
-            Err(e) => {
-                eprintln!("aspen-cli: cannot start runtime: {e}");
-                ExitCode::from(3)
-            }
+            Err(e) => report(cli.json, "internal", &format!("cannot start runtime: {e}"), 3),
         };
     }
     let tickets = match resolve_tickets(&cli) {
         Ok(t) => t,
-        Err(msg) => {
-            eprintln!("aspen-cli: {msg}");
-            return ExitCode::from(2);
-        }
+        Err(msg) => return report(cli.json, "invalid_ticket", &msg, 2),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("aspen-cli: cannot start runtime: {e}");
-            return ExitCode::from(3);
-        }
+        Err(e) => return report(cli.json, "internal", &format!("cannot start runtime: {e}"), 3),
     };
     if let Some((config, progress)) = bench {
         return runtime.block_on(run_bench(tickets, &cli, config, progress));
@@ -294,11 +303,11 @@ fn main() -> ExitCode {
     runtime.block_on(async move {
         let client = match AspenClient::connect(tickets, Duration::from_secs_f64(cli.timeout)).await {
             Ok(c) => c,
-            Err(e) => return fail(&e),
+            Err(e) => return fail(cli.json, &e),
         };
         let code = match run(&client, &cli).await {
             Ok(code) => code,
-            Err(e) => fail(&e),
+            Err(e) => fail(cli.json, &e),
         };
         client.close().await;
         code
@@ -309,10 +318,7 @@ fn main() -> ExitCode {
 async fn run_bench(tickets: Vec<NodeTicket>, cli: &Cli, config: BenchConfig, progress: bool) -> ExitCode {
     let backend = match AspenBackend::new(tickets, Duration::from_secs_f64(cli.timeout)) {
         Ok(b) => b,
-        Err(e) => {
-            eprintln!("aspen-cli bench: {e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return report(cli.json, "usage", &format!("bench: {e}"), 2),
     };
     let tty = std::io::stderr().is_terminal();
     let progress: Option<ProgressFn> = progress.then(|| {
@@ -338,14 +344,8 @@ async fn run_bench(tickets: Vec<NodeTicket>, cli: &Cli, config: BenchConfig, pro
         eprint!("\r\x1b[K");
     }
     match result {
-        Err(e @ BenchError::Config(_)) => {
-            eprintln!("aspen-cli bench: {e}");
-            ExitCode::from(2)
-        }
-        Err(e) => {
-            eprintln!("aspen-cli bench: {e}");
-            ExitCode::from(3)
-        }
+        Err(e @ BenchError::Config(_)) => report(cli.json, "usage", &format!("bench: {e}"), 2),
+        Err(e) => report(cli.json, "unavailable", &format!("bench: {e}"), 3),
         Ok(report) => {
             if cli.json {
                 println!("{}", report.to_json());
@@ -371,10 +371,7 @@ async fn wait_until_serving(cli: &Cli) -> ExitCode {
         let tickets = if cli.ticket.iter().any(|t| !t.trim().is_empty()) || ticket_file.exists() {
             match resolve_tickets(cli) {
                 Ok(t) => t,
-                Err(msg) => {
-                    eprintln!("aspen-cli: {msg}");
-                    return ExitCode::from(2);
-                }
+                Err(msg) => return report(cli.json, "invalid_ticket", &msg, 2),
             }
         } else {
             last = format!("{} does not exist yet", ticket_file.display());
@@ -387,8 +384,8 @@ async fn wait_until_serving(cli: &Cli) -> ExitCode {
             }
         }
         if Instant::now() >= deadline {
-            eprintln!("aspen-cli: timed out after {}s waiting for the node to serve: {last}", cli.timeout);
-            return ExitCode::from(3);
+            let msg = format!("timed out after {}s waiting for the node to serve: {last}", cli.timeout);
+            return report(cli.json, "timeout", &msg, 3);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -455,8 +452,16 @@ fn resolve_tickets(cli: &Cli) -> Result<Vec<NodeTicket>, String> {
     raw.iter().map(|t| NodeTicket::decode(t).map_err(|e| format!("invalid ticket {t:?}: {e}"))).collect()
 }
 
-fn fail(e: &ClientError) -> ExitCode {
-    eprintln!("aspen-cli: {e}");
+/// Reports an error: the message on stderr and, under `--json`, one error object on stdout.
+fn report(json: bool, kind: &str, message: &str, code: u8) -> ExitCode {
+    eprintln!("aspen-cli: {message}");
+    if json {
+        println!("{}", json!({ "error": { "kind": kind, "message": message } }));
+    }
+    ExitCode::from(code)
+}
+
+fn fail(json: bool, e: &ClientError) -> ExitCode {
     let usage = matches!(
         e,
         ClientError::NoTickets
@@ -467,21 +472,56 @@ fn fail(e: &ClientError) -> ExitCode {
                     | ApiError::Refused(_)
             )
     );
-    ExitCode::from(if usage { 2 } else { 3 })
+    report(json, e.kind(), &e.to_string(), if usage { 2 } else { 3 })
 }
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// Adds `bytes` to `obj` as `name` when they are UTF-8, else as `name_base64` (standard
+/// alphabet, padded): JSON output never alters a key or value.
+fn put_bytes(obj: &mut serde_json::Map<String, serde_json::Value>, name: &str, bytes: &[u8]) {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => obj.insert(name.to_string(), s.into()),
+        Err(_) => obj.insert(format!("{name}_base64"), data_encoding::BASE64.encode(bytes).into()),
+    };
+}
+
 fn kv_json(kv: &KeyValue) -> serde_json::Value {
-    json!({
-        "key": text(&kv.key),
-        "value": text(&kv.value),
-        "create_revision": kv.create_revision,
-        "mod_revision": kv.mod_revision,
-        "version": kv.version,
-    })
+    let mut obj = serde_json::Map::new();
+    put_bytes(&mut obj, "key", &kv.key);
+    put_bytes(&mut obj, "value", &kv.value);
+    obj.insert("create_revision".into(), kv.create_revision.into());
+    obj.insert("mod_revision".into(), kv.mod_revision.into());
+    obj.insert("version".into(), kv.version.into());
+    serde_json::Value::Object(obj)
+}
+
+/// Bytes for one field of plain `scan` output (`KEY<TAB>VALUE` lines): backslash, tab,
+/// newline and carriage return become `\\`, `\t`, `\n`, `\r`, other control bytes and bytes
+/// that are not UTF-8 become `\xNN`, so each entry is exactly one line with one tab.
+fn escaped(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                '\\' => out.extend_from_slice(b"\\\\"),
+                '\t' => out.extend_from_slice(b"\\t"),
+                '\n' => out.extend_from_slice(b"\\n"),
+                '\r' => out.extend_from_slice(b"\\r"),
+                c if c.is_ascii_control() => out.extend_from_slice(format!("\\x{:02x}", c as u32).as_bytes()),
+                c => {
+                    let mut buf = [0u8; 4];
+                    out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+                }
+            }
+        }
+        for b in chunk.invalid() {
+            out.extend_from_slice(format!("\\x{b:02x}").as_bytes());
+        }
+    }
+    out
 }
 
 fn shard_json(s: &ShardStatus) -> serde_json::Value {
@@ -528,6 +568,37 @@ fn print_leaders(cli: &Cli, shards: &[ShardStatus]) {
     }
 }
 
+/// `txn` output: SUCCESS or FAILURE, then each operation's result after a blank line (as
+/// etcdctl prints it); `--json`: one object with `succeeded`, `revision` and `results`.
+fn print_txn(cli: &Cli, answer: &TxnResponse) {
+    if cli.json {
+        let results: Vec<serde_json::Value> = answer
+            .results
+            .iter()
+            .map(|r| match r {
+                TxnOpResult::Put { revision } => json!({ "put": { "revision": revision } }),
+                TxnOpResult::Delete { deleted } => json!({ "delete": { "deleted": deleted } }),
+                TxnOpResult::Get(kv) => json!({ "get": kv.as_ref().map(kv_json) }),
+            })
+            .collect();
+        println!("{}", json!({ "succeeded": answer.succeeded, "revision": answer.revision, "results": results }));
+        return;
+    }
+    println!("{}", if answer.succeeded { "SUCCESS" } else { "FAILURE" });
+    for r in &answer.results {
+        println!();
+        match r {
+            TxnOpResult::Put { .. } => println!("OK"),
+            TxnOpResult::Delete { deleted } => println!("{}", u8::from(*deleted)),
+            TxnOpResult::Get(Some(kv)) => {
+                print_line(&kv.key);
+                print_line(&kv.value);
+            }
+            TxnOpResult::Get(None) => {}
+        }
+    }
+}
+
 fn print_line(bytes: &[u8]) {
     let mut out = std::io::stdout().lock();
     let _ = out.write_all(bytes);
@@ -558,17 +629,43 @@ async fn run(client: &AspenClient, cli: &Cli) -> Result<ExitCode, ClientError> {
         Command::Get { key, stale } => match client.get_with(key.as_bytes(), consistency(*stale)).await? {
             Some(kv) if cli.json => println!("{}", kv_json(&kv)),
             Some(kv) => print_line(&kv.value),
-            None => {
-                eprintln!("not found");
-                return Ok(ExitCode::from(1));
-            }
+            None => return Ok(report(cli.json, "not_found", &format!("key {key:?} not found"), 1)),
         },
-        Command::Delete { key } => {
+        Command::Delete { key: Some(key), .. } => {
             let deleted = client.delete(key.as_bytes()).await?;
             if cli.json {
                 println!("{}", json!({ "deleted": deleted }));
             } else {
                 println!("{}", u8::from(deleted));
+            }
+        }
+        Command::Delete { key: None, prefix, all } => {
+            let prefix = prefix.as_deref().unwrap_or("");
+            if prefix.is_empty() && !all {
+                let msg = "an empty --prefix deletes every key; add --all if that is what you want";
+                return Ok(report(cli.json, "usage", msg, 2));
+            }
+            let deleted = client.delete_prefix(prefix.as_bytes()).await?;
+            if cli.json {
+                println!("{}", json!({ "deleted": deleted }));
+            } else {
+                println!("{deleted}");
+            }
+        }
+        Command::Txn => {
+            use std::io::Read;
+            let mut input = String::new();
+            if let Err(e) = std::io::stdin().read_to_string(&mut input) {
+                return Ok(report(cli.json, "usage", &format!("cannot read the txn from stdin: {e}"), 2));
+            }
+            let parsed = match txn::parse(&input) {
+                Ok(t) => t,
+                Err(e) => return Ok(report(cli.json, "usage", &format!("txn: {e}"), 2)),
+            };
+            let answer = client.txn(parsed.compares, parsed.success, parsed.failure).await?;
+            print_txn(cli, &answer);
+            if !answer.succeeded {
+                return Ok(ExitCode::from(1));
             }
         }
         Command::Cas { key, new, expected, absent } => {
@@ -583,7 +680,15 @@ async fn run(client: &AspenClient, cli: &Cli) -> Result<ExitCode, ClientError> {
                 }
                 CasOutcome::Mismatch(current) => {
                     if cli.json {
-                        println!("{}", json!({ "succeeded": false, "current": current.as_deref().map(text) }));
+                        let mut obj = serde_json::Map::new();
+                        obj.insert("succeeded".into(), false.into());
+                        match &current {
+                            Some(v) => put_bytes(&mut obj, "current", v),
+                            None => {
+                                obj.insert("current".into(), serde_json::Value::Null);
+                            }
+                        }
+                        println!("{}", serde_json::Value::Object(obj));
                     }
                     match current {
                         Some(v) => eprintln!("{}", text(&v)),
@@ -600,9 +705,9 @@ async fn run(client: &AspenClient, cli: &Cli) -> Result<ExitCode, ClientError> {
             } else {
                 let mut out = std::io::stdout().lock();
                 for kv in entries {
-                    let _ = out.write_all(&kv.key);
+                    let _ = out.write_all(&escaped(&kv.key));
                     let _ = out.write_all(b"\t");
-                    let _ = out.write_all(&kv.value);
+                    let _ = out.write_all(&escaped(&kv.value));
                     let _ = out.write_all(b"\n");
                 }
             }
@@ -670,6 +775,7 @@ async fn run(client: &AspenClient, cli: &Cli) -> Result<ExitCode, ClientError> {
             // The table is printed either way; a member that did not answer makes it exit 3.
             let unreachable: Vec<u64> = status.nodes.iter().filter(|n| n.status.is_none()).map(|n| n.node_id).collect();
             if !unreachable.is_empty() {
+                // The table (or JSON document) is the output; only the message goes to stderr.
                 eprintln!("aspen-cli: unreachable member(s): {unreachable:?}");
                 return Ok(ExitCode::from(3));
             }

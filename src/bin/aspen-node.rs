@@ -1,13 +1,14 @@
 //! `aspen-node`: parse the configuration, bootstrap the node, serve until SIGINT/SIGTERM, then
 //! shut down gracefully.
 
-use std::process::ExitCode;
+use std::{process::ExitCode, sync::Arc};
 
 use aspen::{
-    cluster::{bootstrap_node, bootstrap_sharded_node},
+    cluster::{bootstrap_until, BootstrapError},
     config::{NodeArgs, NodeConfig},
 };
 use clap::Parser;
+use tokio_util::sync::CancellationToken;
 
 /// mimalloc: glibc malloc was ~10 % of a node's cycles under load.
 #[global_allocator]
@@ -42,13 +43,29 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: NodeConfig) -> ExitCode {
-    // Caught from the start: the ticket file appears during bootstrap, and a SIGTERM sent as soon
-    // as it does must still shut the node down gracefully, not kill it half-started.
-    let signals = Signals::new();
-    let started =
-        if config.sharding.enabled { bootstrap_sharded_node(config).await } else { bootstrap_node(config).await };
-    let node = match started {
+    // Caught from the start, in every state (opening, joining, serving): the first SIGTERM or
+    // SIGINT stops the node gracefully and it exits 0; a second one ends the process at once.
+    let mut signals = Signals::new();
+    let stop = CancellationToken::new();
+    let received = Arc::new(std::sync::OnceLock::new());
+    {
+        let (stop, received) = (stop.clone(), received.clone());
+        tokio::spawn(async move {
+            let first = signals.next().await;
+            let _ = received.set(first);
+            stop.cancel();
+            let second = signals.next().await;
+            eprintln!("aspen-node: {second} again: exiting without a graceful shutdown");
+            std::process::exit(1);
+        });
+    }
+    let node = match bootstrap_until(config, stop.clone()).await {
         Ok(n) => n,
+        Err(BootstrapError::Interrupted) => {
+            let signal = received.get().copied().unwrap_or("signal");
+            tracing::info!("{signal} before the node served: stopped");
+            return ExitCode::SUCCESS;
+        }
         Err(e) => {
             eprintln!("aspen-node: {e}");
             // 2: restarting unchanged cannot help (the systemd unit does not restart on 2).
@@ -56,7 +73,8 @@ async fn run(config: NodeConfig) -> ExitCode {
         }
     };
     println!("ticket: {}", node.ticket());
-    let signal = signals.wait().await;
+    stop.cancelled().await;
+    let signal = received.get().copied().unwrap_or("signal");
     tracing::info!("{signal}: shutting down");
     node.shutdown().await;
     tracing::info!("stopped");
@@ -84,12 +102,13 @@ impl Signals {
         }
     }
 
-    async fn wait(self) -> &'static str {
+    /// The next SIGINT or SIGTERM.
+    async fn next(&mut self) -> &'static str {
         #[cfg(unix)]
         {
-            async fn next(s: Option<tokio::signal::unix::Signal>) {
+            async fn one(s: &mut Option<tokio::signal::unix::Signal>) {
                 match s {
-                    Some(mut s) => {
+                    Some(s) => {
                         s.recv().await;
                     }
                     None => std::future::pending().await,
@@ -100,8 +119,8 @@ impl Signals {
                 return "SIGINT";
             }
             tokio::select! {
-                _ = next(self.int) => "SIGINT",
-                _ = next(self.term) => "SIGTERM",
+                _ = one(&mut self.int) => "SIGINT",
+                _ = one(&mut self.term) => "SIGTERM",
             }
         }
         #[cfg(not(unix))]

@@ -346,3 +346,121 @@ async fn concurrent_writes_share_log_entries_and_keep_unique_revisions() {
         assert_eq!(kv.version, PER_KEY as u64, "key {k}: every write counted");
     }
 }
+
+/// A prefix delete and txns on three nodes, through a follower (forwarded to the leader): the
+/// count is right, the prefix is gone on every replica and every other key is intact; a txn runs
+/// its success or its failure branch with per-op results; replicas stay equal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn prefix_deletes_and_txns_on_three_nodes() {
+    use aspen::api::{Compare, CompareOp, TxnOp, TxnOpResult};
+    let root = tempfile::tempdir().unwrap();
+    let mut configs: Vec<_> = (1..=3).map(|id| InProcNode::config(root.path(), id)).collect();
+    let n1 = InProcNode::start(configs[0].clone()).await;
+    configs[1].join = vec![n1.ticket().encode()];
+    configs[2].join = vec![n1.ticket().encode()];
+    let (n2, n3) = tokio::join!(InProcNode::start(configs[1].clone()), InProcNode::start(configs[2].clone()));
+    let mut nodes = [n1, n2, n3];
+    let leader = nodes[0].status().leader.expect("a leader");
+    let follower = nodes.iter().find(|n| n.config.node_id != leader).unwrap();
+    let client = follower.client().await;
+
+    for i in 0..25 {
+        client.put(format!("dp/{i:02}"), format!("v{i}")).await.unwrap();
+    }
+    let others = ["dp", "dq/1", "d", "keep/1", "keep/2"];
+    for k in others {
+        client.put(k, "stay").await.unwrap();
+    }
+    assert_eq!(client.delete_prefix("dp/").await.unwrap(), 25);
+    assert!(client.scan("dp/", usize::MAX, ReadConsistency::Linearizable).await.unwrap().is_empty());
+    let left: Vec<String> = client
+        .scan("", usize::MAX, ReadConsistency::Linearizable)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|kv| String::from_utf8(kv.key).unwrap())
+        .collect();
+    assert_eq!(left, ["d", "dp", "dq/1", "keep/1", "keep/2"], "keys outside the prefix are intact");
+    assert_eq!(client.delete_prefix("dp/").await.unwrap(), 0, "nothing left to delete");
+    // Every replica applied it.
+    wait_converged(&[&nodes[0], &nodes[1], &nodes[2]], 30).await;
+    for n in &nodes {
+        assert_eq!(stale_get(n, "dp/07").await, None, "node {}", n.config.node_id);
+        assert_eq!(stale_get(n, "keep/1").await, Some(b"stay".to_vec()), "node {}", n.config.node_id);
+    }
+
+    // Txn, success branch: create-if-absent, with a get of what it wrote.
+    let create = || {
+        (
+            vec![Compare::version("txn/k", CompareOp::Equal, 0)],
+            vec![TxnOp::put("txn/k", "v1"), TxnOp::get("txn/k")],
+            vec![TxnOp::get("txn/k")],
+        )
+    };
+    let (c, s, f) = create();
+    let first = client.txn(c, s, f).await.unwrap();
+    assert!(first.succeeded);
+    let kv = match first.results.as_slice() {
+        [TxnOpResult::Put { revision }, TxnOpResult::Get(Some(kv))] => {
+            assert_eq!(*revision, first.revision);
+            kv.clone()
+        }
+        other => panic!("unexpected results {other:?}"),
+    };
+    assert_eq!(
+        (kv.value.as_slice(), kv.create_revision, kv.mod_revision, kv.version),
+        (&b"v1"[..], first.revision, first.revision, 1)
+    );
+    // The same txn again: the key exists now, so the failure branch runs and reads it.
+    let (c, s, f) = create();
+    let second = client.txn(c, s, f).await.unwrap();
+    assert!(!second.succeeded);
+    assert!(second.revision > first.revision);
+    assert_eq!(second.results, vec![TxnOpResult::Get(Some(kv.clone()))]);
+    // A value compare that holds: a put and a delete at one revision.
+    let third = client
+        .txn(
+            vec![
+                Compare::value("txn/k", CompareOp::Equal, "v1"),
+                Compare::mod_revision("txn/k", CompareOp::Equal, first.revision),
+            ],
+            vec![TxnOp::put("txn/k", "v2"), TxnOp::delete("keep/1"), TxnOp::delete("never")],
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert!(third.succeeded);
+    assert_eq!(
+        third.results,
+        vec![
+            TxnOpResult::Put { revision: third.revision },
+            TxnOpResult::Delete { deleted: true },
+            TxnOpResult::Delete { deleted: false }
+        ]
+    );
+    let now = client.get("txn/k").await.unwrap().unwrap();
+    assert_eq!((now.value.as_slice(), now.mod_revision, now.version), (&b"v2"[..], third.revision, 2));
+    assert_eq!(client.get("keep/1").await.unwrap(), None);
+    // A value compare on a missing key fails, whatever the operator.
+    let missing = client
+        .txn(vec![Compare::value("nope", CompareOp::NotEqual, "x")], vec![TxnOp::put("nope", "1")], vec![])
+        .await
+        .unwrap();
+    assert!(!missing.succeeded);
+    assert!(missing.results.is_empty());
+    assert_eq!(client.get("nope").await.unwrap(), None);
+    // Bad input is refused with a typed error, not applied.
+    let err = client.txn(vec![], vec![TxnOp::put("", "v")], vec![]).await.unwrap_err();
+    assert!(matches!(err, aspen::ClientError::Api(aspen::ApiError::InvalidRequest(_))), "{err:?}");
+
+    // The empty prefix deletes every key.
+    let count = client.scan("", usize::MAX, ReadConsistency::Linearizable).await.unwrap().len() as u64;
+    assert_eq!(count, 5, "d, dp, dq/1, keep/2, txn/k");
+    assert_eq!(client.delete_prefix("").await.unwrap(), count);
+    assert!(client.scan("", usize::MAX, ReadConsistency::Linearizable).await.unwrap().is_empty());
+    wait_digests_equal(&[&nodes[0], &nodes[1], &nodes[2]], 30).await;
+    client.close().await;
+    for n in &mut nodes {
+        n.stop().await;
+    }
+}

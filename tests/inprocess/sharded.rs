@@ -400,3 +400,117 @@ async fn removing_a_node_that_leads_shards_hands_them_over_first() {
         n.stop().await;
     }
 }
+
+/// A prefix delete on a sharded cluster reaches every shard — including those the receiving node
+/// does not host — each atomic on its shard, and the count is the sum; a resent prefix delete
+/// (same session and sequence number) is answered by each shard from its session table, never
+/// applied twice. Txns run within one shard; a txn over shards is refused, naming them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn prefix_deletes_fan_out_to_every_shard_and_txns_stay_in_one() {
+    use aspen::api::{
+        ClientRequest, ClientResponse, Compare, CompareOp, Id128, TxnOp, TxnOpResult, WriteCommand, WriteOutcome,
+        WriteSession,
+    };
+    let root = tempfile::tempdir().unwrap();
+    // Node 3 hosts shards 0 and 1 only: its fan-out reaches shards 2 and 3 through other nodes.
+    let mut nodes = start_three(root.path(), Some(vec![0, 1])).await;
+    let client = nodes[2].client().await;
+    let router = ShardRouter::new(4);
+
+    let mut shards_hit = std::collections::BTreeSet::new();
+    for i in 0..40 {
+        let key = format!("dp/{i:02}");
+        shards_hit.insert(router.shard_for_key(key.as_bytes()));
+        client.put(key, "v").await.unwrap();
+    }
+    assert_eq!(shards_hit.len(), 4, "the prefix has keys in every shard");
+    let others: Vec<String> = (0..12).map(|i| format!("other/{i:02}")).collect();
+    for k in &others {
+        client.put(k.clone(), "stay").await.unwrap();
+    }
+    assert_eq!(client.delete_prefix("dp/").await.unwrap(), 40);
+    assert!(client.scan("dp/", usize::MAX, ReadConsistency::Linearizable).await.unwrap().is_empty());
+    let left: Vec<String> = client
+        .scan("", usize::MAX, ReadConsistency::Linearizable)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|kv| String::from_utf8(kv.key).unwrap())
+        .collect();
+    assert_eq!(left, others, "keys outside the prefix are intact");
+    assert_eq!(client.delete_prefix("dp/").await.unwrap(), 0);
+
+    // Exactly once across the fan-out: the same session and sequence number sent again after a
+    // new key appeared under the prefix answers the first outcome, and the new key stays.
+    for i in 0..10 {
+        client.put(format!("dup/{i}"), "v").await.unwrap();
+    }
+    let session = WriteSession { client_id: Id128::random(), seq: 1 };
+    let request = ClientRequest::Write { session, command: WriteCommand::DeletePrefix { prefix: b"dup/".to_vec() } };
+    let first = client.request(request.clone()).await.unwrap();
+    let ClientResponse::Write(WriteOutcome::DeletePrefix { deleted: 10, .. }) = first else {
+        panic!("unexpected answer {first:?}");
+    };
+    client.put("dup/new", "v").await.unwrap();
+    let other_client = nodes[0].client().await;
+    assert_eq!(other_client.request(request).await.unwrap(), first, "a retry through another node, too");
+    assert!(client.get("dup/new").await.unwrap().is_some(), "the retry deleted nothing");
+
+    // A txn within one shard (shard 2, not hosted by node 3): both branches.
+    let (a, b) = (key_in_shard(2, "txn-a"), key_in_shard(2, "txn-b"));
+    let guarded = |expected: &str| {
+        (
+            vec![Compare::value(a.clone(), CompareOp::Equal, expected.to_string())],
+            vec![TxnOp::put(b.clone(), "from success"), TxnOp::get(b.clone())],
+            vec![TxnOp::get(a.clone())],
+        )
+    };
+    client.put(a.clone(), "ready").await.unwrap();
+    let (c, s, f) = guarded("ready");
+    let ok = client.txn(c, s, f).await.unwrap();
+    assert!(ok.succeeded);
+    assert!(
+        matches!(ok.results.as_slice(), [TxnOpResult::Put { .. }, TxnOpResult::Get(Some(kv))] if kv.value == b"from success")
+    );
+    let (c, s, f) = guarded("not ready");
+    let failed = client.txn(c, s, f).await.unwrap();
+    assert!(!failed.succeeded);
+    assert!(matches!(failed.results.as_slice(), [TxnOpResult::Get(Some(kv))] if kv.value == b"ready"));
+
+    // A txn whose keys fall into shards 1 and 3 is refused, and nothing of it is applied.
+    let (x, y) = (key_in_shard(1, "span-x"), key_in_shard(3, "span-y"));
+    let err = client
+        .txn(
+            vec![Compare::version(x.clone(), CompareOp::Equal, 0)],
+            vec![TxnOp::put(x.clone(), "1")],
+            vec![TxnOp::put(y.clone(), "1")],
+        )
+        .await
+        .unwrap_err();
+    match &err {
+        ClientError::Api(ApiError::InvalidRequest(m)) => {
+            assert_eq!(m, "txn keys span shards 1 and 3; a txn is atomic within one shard only")
+        }
+        other => panic!("a txn over shards must be refused: {other:?}"),
+    }
+    assert_eq!(client.get(x).await.unwrap(), None);
+    assert_eq!(client.get(y).await.unwrap(), None);
+
+    // The empty prefix empties every shard.
+    let count = client.scan("", usize::MAX, ReadConsistency::Linearizable).await.unwrap().len() as u64;
+    assert_eq!(count, 12 + 1 + 2, "other/*, dup/new, the txn's two keys");
+    assert_eq!(client.delete_prefix("").await.unwrap(), count);
+    assert!(client.scan("", usize::MAX, ReadConsistency::Linearizable).await.unwrap().is_empty());
+    // Every replica of every shard (node 3 hosts two of them) holds the same, empty, state.
+    wait_digests_equal(&[&nodes[0], &nodes[1], &nodes[2]], 60).await;
+    for n in &nodes {
+        for (shard, raft) in &n.handle().shards {
+            assert_eq!(raft.reader().key_count().unwrap(), 0, "node {} shard {shard}", n.config.node_id);
+        }
+    }
+    client.close().await;
+    other_client.close().await;
+    for n in &mut nodes {
+        n.stop().await;
+    }
+}

@@ -7,5 +7,7 @@ mod support;
 
 mod bench;
 mod cluster;
+mod first_hour;
+mod readme;
 mod sharded;
 mod single;

@@ -25,7 +25,7 @@ use std::{
 
 use aspen::api::NodeTicket;
 /// Signals for [`Proc::signal`].
-pub use libc::{SIGCONT, SIGKILL, SIGSTOP, SIGTERM};
+pub use libc::{SIGCONT, SIGINT, SIGKILL, SIGSTOP, SIGTERM};
 
 /// Where a process's output goes.
 #[derive(Clone, Debug)]

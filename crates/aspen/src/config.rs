@@ -20,7 +20,7 @@ use crate::api::{NodeId, MAX_NODE_ID};
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
     ReadFile { path: PathBuf, source: std::io::Error },
-    #[error("invalid config file {path}: {message}")]
+    #[error("invalid config file {path}:\n{message}")]
     Parse { path: PathBuf, message: String },
     #[error("invalid {field}: {message}")]
     Invalid { field: &'static str, message: String },
@@ -515,7 +515,9 @@ fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
 fn parse_file(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
     toml::from_str(text).map_err(|e| ConfigError::Parse {
         path: path.to_path_buf(),
-        message: e.to_string().lines().filter(|l| !l.trim().is_empty()).collect::<Vec<_>>().join("; "),
+        // toml's message is a caret diagram over several lines (line, column, the offending
+        // text underlined): kept as is, it shows the operator exactly where the mistake is.
+        message: e.to_string().trim_end().to_string(),
     })
 }
 

@@ -159,18 +159,174 @@ pub enum WriteCommand {
     },
     /// Apply every operation atomically, in order.
     Batch { ops: Vec<BatchOp> },
+    // New variants go at the END: commands are postcard-encoded in Raft logs and snapshots
+    // (sessions keep outcomes), where a variant is its index.
+    /// Delete every key of the shard that starts with `prefix` (empty: every key), atomically in
+    /// one entry; each deleted key is deleted exactly as [`WriteCommand::Delete`] deletes it.
+    /// Names no key: on a sharded cluster the receiving node sends it to every shard (one
+    /// [`ClientRequest::ShardWrite`] each, same session) and sums the counts (docs/design.md §9).
+    DeletePrefix {
+        #[serde(with = "serde_bytes")]
+        prefix: Vec<u8>,
+    },
+    /// An etcd-style transaction, atomic within one shard: if every compare holds, run `success`,
+    /// else `failure`, in order, at one revision. All its keys (compares and both branches) must
+    /// fall into one shard.
+    Txn { compares: Vec<Compare>, success: Vec<TxnOp>, failure: Vec<TxnOp> },
 }
 
 impl WriteCommand {
-    /// Every key this command touches.
+    /// Every key this command names (a prefix delete names none: it covers a key range).
     pub fn keys(&self) -> Vec<&[u8]> {
         match self {
             WriteCommand::Put { key, .. } | WriteCommand::Delete { key } | WriteCommand::Cas { key, .. } => {
                 vec![key.as_slice()]
             }
             WriteCommand::Batch { ops } => ops.iter().map(BatchOp::key).collect(),
+            WriteCommand::DeletePrefix { .. } => Vec::new(),
+            WriteCommand::Txn { compares, success, failure } => {
+                compares.iter().map(|c| c.key.as_slice()).chain(success.iter().chain(failure).map(TxnOp::key)).collect()
+            }
         }
     }
+}
+
+/// How a txn compare relates a key's current field to its target (etcd's `CompareResult`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CompareOp {
+    Equal,
+    NotEqual,
+    Less,
+    Greater,
+}
+
+impl CompareOp {
+    /// Whether `current op target` holds.
+    pub fn holds<T: Ord + ?Sized>(self, current: &T, target: &T) -> bool {
+        let order = current.cmp(target);
+        match self {
+            CompareOp::Equal => order.is_eq(),
+            CompareOp::NotEqual => order.is_ne(),
+            CompareOp::Less => order.is_lt(),
+            CompareOp::Greater => order.is_gt(),
+        }
+    }
+}
+
+/// Which field of a key a txn compare reads, and the target it is compared with. etcd v3
+/// semantics: a missing key has version, create revision and mod revision 0; a value compare on
+/// a missing key fails whatever its operator (even `NotEqual`). Values compare as bytes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CompareTarget {
+    Value(#[serde(with = "serde_bytes")] Vec<u8>),
+    Version(u64),
+    CreateRevision(Revision),
+    ModRevision(Revision),
+}
+
+/// One condition of a txn: `key`'s field `op` target.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Compare {
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    pub op: CompareOp,
+    pub target: CompareTarget,
+}
+
+impl Compare {
+    /// `key`'s value `op` `value` (fails if `key` is missing).
+    pub fn value(key: impl Into<Vec<u8>>, op: CompareOp, value: impl Into<Vec<u8>>) -> Self {
+        Compare { key: key.into(), op, target: CompareTarget::Value(value.into()) }
+    }
+
+    /// `key`'s version `op` `version` (0 if `key` is missing).
+    pub fn version(key: impl Into<Vec<u8>>, op: CompareOp, version: u64) -> Self {
+        Compare { key: key.into(), op, target: CompareTarget::Version(version) }
+    }
+
+    /// `key`'s create revision `op` `revision` (0 if `key` is missing).
+    pub fn create_revision(key: impl Into<Vec<u8>>, op: CompareOp, revision: Revision) -> Self {
+        Compare { key: key.into(), op, target: CompareTarget::CreateRevision(revision) }
+    }
+
+    /// `key`'s mod revision `op` `revision` (0 if `key` is missing).
+    pub fn mod_revision(key: impl Into<Vec<u8>>, op: CompareOp, revision: Revision) -> Self {
+        Compare { key: key.into(), op, target: CompareTarget::ModRevision(revision) }
+    }
+
+    /// Whether the compare holds for the key's current state (`None`: missing).
+    pub fn holds(&self, current: Option<&KeyValue>) -> bool {
+        match (&self.target, current) {
+            (CompareTarget::Value(_), None) => false,
+            (CompareTarget::Value(v), Some(kv)) => self.op.holds(kv.value.as_slice(), v.as_slice()),
+            (CompareTarget::Version(v), kv) => self.op.holds(&kv.map_or(0, |kv| kv.version), v),
+            (CompareTarget::CreateRevision(r), kv) => self.op.holds(&kv.map_or(0, |kv| kv.create_revision), r),
+            (CompareTarget::ModRevision(r), kv) => self.op.holds(&kv.map_or(0, |kv| kv.mod_revision), r),
+        }
+    }
+}
+
+/// One operation of a txn branch. Ops run in order, each seeing the ones before it; every
+/// write of a txn gets the txn's revision (a key put twice counts two writes, as in a batch).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TxnOp {
+    Put {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+    },
+    Delete {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
+    Get {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
+}
+
+impl TxnOp {
+    pub fn put(key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Self {
+        TxnOp::Put { key: key.into(), value: value.into() }
+    }
+
+    pub fn delete(key: impl Into<Vec<u8>>) -> Self {
+        TxnOp::Delete { key: key.into() }
+    }
+
+    pub fn get(key: impl Into<Vec<u8>>) -> Self {
+        TxnOp::Get { key: key.into() }
+    }
+
+    pub fn key(&self) -> &[u8] {
+        match self {
+            TxnOp::Put { key, .. } | TxnOp::Delete { key } | TxnOp::Get { key } => key,
+        }
+    }
+}
+
+/// The result of one [`TxnOp`] of the branch a txn ran.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TxnOpResult {
+    /// The put's revision (the txn's).
+    Put { revision: Revision },
+    /// Whether the key existed.
+    Delete { deleted: bool },
+    /// The key as the txn saw it at that point (`None`: missing).
+    Get(Option<KeyValue>),
+}
+
+/// What a txn did, as [`crate::client::AspenClient::txn`] returns it (the fields of
+/// [`WriteOutcome::Txn`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxnResponse {
+    /// The txn's revision (its entry's log index, of the keys' shard), whichever branch ran.
+    pub revision: Revision,
+    /// Whether every compare held (`success` ran) or not (`failure` ran).
+    pub succeeded: bool,
+    /// One result per op of the branch that ran, in order.
+    pub results: Vec<TxnOpResult>,
 }
 
 /// A client's session for exactly-once writes: a random id and a sequence number that grows by
@@ -206,6 +362,19 @@ pub enum WriteOutcome {
     /// write is no longer known (the client moved on, or the session expired).
     StaleSequence {
         last_seq: u64,
+    },
+    // New variants go at the END (outcomes are stored postcard-encoded in session records).
+    /// Keys deleted by a [`WriteCommand::DeletePrefix`]. Summed over shards when it fanned out;
+    /// `revision` is then the highest of the shards' revisions (revisions are per shard).
+    DeletePrefix {
+        revision: Revision,
+        deleted: u64,
+    },
+    /// What a [`WriteCommand::Txn`] did (see [`TxnResponse`]).
+    Txn {
+        revision: Revision,
+        succeeded: bool,
+        results: Vec<TxnOpResult>,
     },
 }
 
@@ -447,6 +616,15 @@ pub enum ClientRequest {
     Forwarded {
         requests: Vec<ForwardedRequest>,
     },
+    // New variants go at the END (older peers then answer a decode error, not a wrong request).
+    /// A write for one shard, named explicitly: a node fanning a [`WriteCommand::DeletePrefix`]
+    /// out over every shard sends one per shard. Any keys the command names must fall into
+    /// `shard`.
+    ShardWrite {
+        shard: ShardId,
+        session: WriteSession,
+        command: WriteCommand,
+    },
 }
 
 /// A request that can travel in a [`ClientRequest::Forwarded`] batch. Its own type (not a
@@ -519,6 +697,19 @@ impl From<ForwardedResponse> for ClientResponse {
 }
 
 impl ClientRequest {
+    /// Whether answering needs the cluster's data (reads, writes, scans): a node that has not
+    /// initialized or joined a cluster refuses these with [`ApiError::NotInitialized`].
+    pub fn needs_data(&self) -> bool {
+        matches!(
+            self,
+            ClientRequest::Get { .. }
+                | ClientRequest::Write { .. }
+                | ClientRequest::ShardWrite { .. }
+                | ClientRequest::Scan(_)
+                | ClientRequest::ShardScan { .. }
+        )
+    }
+
     /// Whether only the leader can answer this request (the rest are answered locally).
     pub fn needs_leader(&self) -> bool {
         match self {
@@ -527,6 +718,7 @@ impl ClientRequest {
                 s.consistency == ReadConsistency::Linearizable
             }
             ClientRequest::Write { .. }
+            | ClientRequest::ShardWrite { .. }
             | ClientRequest::ShardMembership { .. }
             | ClientRequest::MoveLeaderAttempt { .. }
             | ClientRequest::AddLearner { .. }
@@ -603,6 +795,30 @@ pub enum ApiError {
     Refused(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// The node has neither initialized a cluster nor joined one (started with `--no-init`, or
+    /// still joining): it holds no data to answer with.
+    #[error(
+        "node {node_id} is not initialized: run `aspen-cli cluster init` against it, or add it to a \
+         cluster (`cluster add-learner`, or restart it with --join TICKET)"
+    )]
+    NotInitialized { node_id: NodeId },
+}
+
+impl ApiError {
+    /// A stable snake_case name of the error kind (what `aspen-cli --json` prints as `kind`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ApiError::NotLeader { .. } => "not_leader",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::Timeout(_) => "timeout",
+            ApiError::InvalidRequest(_) => "invalid_request",
+            ApiError::TooLarge { .. } => "too_large",
+            ApiError::UnsupportedVersion { .. } => "unsupported_version",
+            ApiError::Refused(_) => "refused",
+            ApiError::Internal(_) => "internal",
+            ApiError::NotInitialized { .. } => "not_initialized",
+        }
+    }
 }
 
 /// The frame a server sends back for each client request.
@@ -644,6 +860,61 @@ mod tests {
             assert_eq!(bytes, postcard::to_stdvec(&plain).unwrap());
             assert_eq!(postcard::from_bytes::<WriteCommand>(&bytes).unwrap(), ours);
         }
+    }
+
+    #[test]
+    fn new_variants_are_appended_so_older_encodings_keep_their_meaning() {
+        // postcard writes an enum variant as its index: logs, snapshots and session records
+        // written before these variants existed must decode to the same commands and outcomes.
+        let first_byte = |bytes: Vec<u8>| bytes[0];
+        let dp = WriteCommand::DeletePrefix { prefix: b"p/".to_vec() };
+        let txn = WriteCommand::Txn { compares: vec![], success: vec![], failure: vec![] };
+        assert_eq!(first_byte(postcard::to_stdvec(&WriteCommand::Batch { ops: vec![] }).unwrap()), 3);
+        assert_eq!(first_byte(postcard::to_stdvec(&dp).unwrap()), 4);
+        assert_eq!(first_byte(postcard::to_stdvec(&txn).unwrap()), 5);
+        let stale = WriteOutcome::StaleSequence { last_seq: 1 };
+        assert_eq!(first_byte(postcard::to_stdvec(&stale).unwrap()), 4);
+        let deleted = WriteOutcome::DeletePrefix { revision: 1, deleted: 2 };
+        assert_eq!(first_byte(postcard::to_stdvec(&deleted).unwrap()), 5);
+        let txn_outcome = WriteOutcome::Txn { revision: 1, succeeded: true, results: vec![] };
+        assert_eq!(first_byte(postcard::to_stdvec(&txn_outcome).unwrap()), 6);
+        let session = WriteSession { client_id: Id128([1; 16]), seq: 1 };
+        let shard_write = ClientRequest::ShardWrite { shard: 2, session, command: dp.clone() };
+        let forwarded = ClientRequest::Forwarded { requests: vec![] };
+        assert_eq!(
+            first_byte(postcard::to_stdvec(&shard_write).unwrap()),
+            first_byte(postcard::to_stdvec(&forwarded).unwrap()) + 1
+        );
+        // A compare's value is a byte string like every other key and value.
+        let c = Compare::value("k", CompareOp::Less, vec![7u8; 300]);
+        let bytes = postcard::to_stdvec(&c).unwrap();
+        assert_eq!(postcard::from_bytes::<Compare>(&bytes).unwrap(), c);
+        for w in [dp, txn] {
+            assert_eq!(postcard::from_bytes::<WriteCommand>(&postcard::to_stdvec(&w).unwrap()).unwrap(), w);
+        }
+    }
+
+    #[test]
+    fn compares_on_missing_keys_follow_etcd() {
+        let kv = KeyValue { key: b"k".to_vec(), value: b"m".to_vec(), create_revision: 3, mod_revision: 5, version: 2 };
+        for op in [CompareOp::Equal, CompareOp::NotEqual, CompareOp::Less, CompareOp::Greater] {
+            assert!(!Compare::value("k", op, "").holds(None), "{op:?}: a value compare on a missing key fails");
+        }
+        assert!(Compare::version("k", CompareOp::Equal, 0).holds(None));
+        assert!(Compare::create_revision("k", CompareOp::Less, 1).holds(None));
+        assert!(!Compare::mod_revision("k", CompareOp::Greater, 0).holds(None));
+        assert!(Compare::value("k", CompareOp::Greater, "l").holds(Some(&kv)));
+        assert!(Compare::value("k", CompareOp::Less, "mm").holds(Some(&kv)), "bytes compare lexicographically");
+        assert!(Compare::version("k", CompareOp::NotEqual, 1).holds(Some(&kv)));
+        assert!(Compare::create_revision("k", CompareOp::Equal, 3).holds(Some(&kv)));
+        assert!(Compare::mod_revision("k", CompareOp::Less, 6).holds(Some(&kv)));
+        let txn = WriteCommand::Txn {
+            compares: vec![Compare::version("c", CompareOp::Equal, 0)],
+            success: vec![TxnOp::put("s", "v"), TxnOp::get("g")],
+            failure: vec![TxnOp::delete("f")],
+        };
+        assert_eq!(txn.keys(), [&b"c"[..], b"s", b"g", b"f"], "a txn names the keys of both branches");
+        assert!(WriteCommand::DeletePrefix { prefix: b"p".to_vec() }.keys().is_empty());
     }
 
     #[test]

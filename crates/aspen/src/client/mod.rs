@@ -45,6 +45,18 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// A stable snake_case name of the error kind (what `aspen-cli --json` prints as `kind`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ClientError::Api(e) => e.kind(),
+            ClientError::NoTickets => "no_ticket",
+            ClientError::Unreachable(_) => "unreachable",
+            ClientError::Timeout(_) => "timeout",
+            ClientError::Protocol(_) => "protocol",
+            ClientError::Endpoint(_) => "endpoint",
+        }
+    }
+
     /// Whether the cluster (not the caller) is at fault: unavailable, unreachable, timed out.
     pub fn is_cluster_error(&self) -> bool {
         matches!(
@@ -52,7 +64,12 @@ impl ClientError {
             ClientError::Unreachable(_)
                 | ClientError::Timeout(_)
                 | ClientError::Protocol(_)
-                | ClientError::Api(ApiError::Unavailable(_) | ApiError::Timeout(_) | ApiError::NotLeader { .. })
+                | ClientError::Api(
+                    ApiError::Unavailable(_)
+                        | ApiError::Timeout(_)
+                        | ApiError::NotLeader { .. }
+                        | ApiError::NotInitialized { .. }
+                )
                 | ClientError::Api(ApiError::Internal(_))
         )
     }
@@ -121,6 +138,8 @@ pub struct AspenClient {
     timeout: Duration,
     /// Whether the member list was fetched from a node yet (done once, on the first connection).
     discovered: std::sync::atomic::AtomicBool,
+    /// Connections dialled so far ([`Self::dial_count`]).
+    dials: std::sync::atomic::AtomicU64,
 }
 
 impl AspenClient {
@@ -160,6 +179,7 @@ impl AspenClient {
             sessions: Mutex::new(Vec::new()),
             timeout,
             discovered: std::sync::atomic::AtomicBool::new(false),
+            dials: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -189,31 +209,64 @@ impl AspenClient {
         *current = None;
         let tickets = self.tickets();
         let start = *self.next.lock().unwrap_or_else(|p| p.into_inner());
+        let (i, conn) = self.dial_any(&tickets, start, deadline).await?;
+        *current = Some((i, conn.clone()));
+        if !self.discovered.load(std::sync::atomic::Ordering::SeqCst) && self.discover(&conn, deadline).await {
+            self.discovered.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        Ok((i, conn))
+    }
+
+    /// Dials the members "happy eyeballs" style: ticket `start` first, the next one when no
+    /// answer came within [`DIAL_STAGGER`] (or at once when a dial failed), and so on; the first
+    /// connection wins and the other dials are dropped. A dead member so costs at most
+    /// `DIAL_STAGGER`, not a connect timeout, and every member is tried before the deadline.
+    async fn dial_any(
+        &self,
+        tickets: &[NodeTicket],
+        start: usize,
+        deadline: Instant,
+    ) -> Result<(usize, Connection), String> {
+        let mut dials = tokio::task::JoinSet::new();
+        let mut next = 0usize;
         let mut last_err = String::from("no tickets");
-        for k in 0..tickets.len() {
-            let i = (start + k) % tickets.len();
+        loop {
+            if next < tickets.len() {
+                let i = (start + next) % tickets.len();
+                next += 1;
+                let endpoint = self.endpoint.endpoint.clone();
+                let addr = tickets[i].endpoint_addr();
+                let node = tickets[i].node_id;
+                tracing::debug!(node, "dialing");
+                self.dials.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                dials.spawn(async move { (i, node, endpoint.connect(addr, CLIENT_ALPN).await) });
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                break;
+                return Err(format!("{last_err}; connect timed out"));
             }
-            let per_try = left.min(Duration::from_secs(3));
-            match tokio::time::timeout(per_try, self.endpoint.endpoint.connect(tickets[i].endpoint_addr(), CLIENT_ALPN))
-                .await
-            {
-                Ok(Ok(conn)) => {
-                    *current = Some((i, conn.clone()));
-                    if !self.discovered.load(std::sync::atomic::Ordering::SeqCst)
-                        && self.discover(&conn, deadline).await
-                    {
-                        self.discovered.store(true, std::sync::atomic::Ordering::SeqCst);
+            // Wait for an outcome; start the next dial after the stagger if nothing came.
+            let wait = if next < tickets.len() { left.min(DIAL_STAGGER) } else { left };
+            match tokio::time::timeout(wait, dials.join_next()).await {
+                Ok(Some(Ok((i, _, Ok(conn))))) => return Ok((i, conn)),
+                Ok(Some(Ok((_, node, Err(e))))) => last_err = format!("node {node}: {e}"),
+                Ok(Some(Err(e))) => last_err = format!("dial task: {e}"),
+                Ok(None) => {
+                    if next >= tickets.len() {
+                        return Err(last_err);
                     }
-                    return Ok((i, conn));
                 }
-                Ok(Err(e)) => last_err = format!("node {}: {e}", tickets[i].node_id),
-                Err(_) => last_err = format!("node {}: connect timed out", tickets[i].node_id),
+                Err(_) if next >= tickets.len() => {
+                    return Err(format!("{last_err}; connect timed out"));
+                }
+                Err(_) => {}
             }
         }
-        Err(last_err)
+    }
+
+    /// How many connections this client has dialled (each member tried counts once per dial).
+    pub fn dial_count(&self) -> u64 {
+        self.dials.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Moves to the next member after a failure of member `i`.
@@ -246,14 +299,14 @@ impl AspenClient {
         }
     }
 
-    async fn attempt(&self, frame: &[u8], deadline: Instant) -> Attempt {
+    async fn attempt(&self, frame: &[u8], deadline: Instant, timeout: Duration) -> Attempt {
         let (i, conn) = match self.connection(deadline).await {
             Ok(c) => c,
             Err(e) => return Attempt::Retry(e),
         };
         let left = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, exchange(&conn, frame)).await {
-            Err(_) => Attempt::Done(Err(ClientError::Timeout(self.timeout))),
+            Err(_) => Attempt::Done(Err(ClientError::Timeout(timeout))),
             Ok(Err(e)) => {
                 self.fail_over(i).await;
                 Attempt::Retry(e)
@@ -282,19 +335,31 @@ impl AspenClient {
     /// Sends one request, retrying on other members until it gets an answer or the timeout
     /// passes. Retries resend the identical frame (same write session and sequence number).
     pub async fn request(&self, request: ClientRequest) -> Result<ClientResponse, ClientError> {
+        self.request_within(request, self.timeout).await
+    }
+
+    /// [`Self::request`] with its own time budget instead of the client's timeout.
+    pub async fn request_within(
+        &self,
+        request: ClientRequest,
+        timeout: Duration,
+    ) -> Result<ClientResponse, ClientError> {
         let frame = encode_frame(&ClientEnvelope { version: CLIENT_PROTOCOL_VERSION, hops: 0, request })
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let deadline = Instant::now() + self.timeout;
+        let deadline = Instant::now() + timeout;
         let mut backoff = Duration::from_millis(20);
         loop {
-            match self.attempt(&frame, deadline).await {
+            match self.attempt(&frame, deadline, timeout).await {
                 Attempt::Done(r) => return r,
                 Attempt::Retry(why) => {
-                    if Instant::now() + backoff >= deadline {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
                         return Err(ClientError::Unreachable(why));
                     }
+                    // The last retry gets what is left, not nothing.
+                    let backoff_now = backoff.min(left);
                     tracing::debug!("retrying request: {why}");
-                    tokio::time::sleep(backoff).await;
+                    tokio::time::sleep(backoff_now).await;
                     backoff = (backoff * 2).min(Duration::from_millis(500));
                 }
             }
@@ -479,15 +544,52 @@ impl AspenClient {
         self.current.lock().await.as_ref().map(|(_, conn)| conn.stats())
     }
 
-    /// Closes the client's connection, and its endpoint if it is the client's own.
+    /// Closes the client's connection, and its endpoint if it is the client's own. Bounded by
+    /// [`CLOSE_LIMIT`]: the close frame is sent at once; waiting for a peer that does not
+    /// answer (a dead member dialled during failover) must not hold up the caller.
     pub async fn close(self) {
-        if self.owns_endpoint {
-            self.endpoint.close().await;
-        } else if let Some((_, conn)) = self.current.lock().await.take() {
+        if let Some((_, conn)) = self.current.lock().await.take() {
             conn.close(0u32.into(), b"client closed");
+        }
+        if self.owns_endpoint {
+            let _ = tokio::time::timeout(CLOSE_LIMIT, self.endpoint.close()).await;
+        }
+    }
+
+    /// Deletes every key starting with `prefix` (empty: every key); returns how many it deleted.
+    /// Atomic within each shard; on a sharded cluster the node receiving it sends it to every
+    /// shard and sums the counts. Exactly-once like every write: a retry (same session and
+    /// sequence number) is answered by each shard that applied it already, so on an error some
+    /// shards may have deleted their keys; calling again deletes the rest.
+    pub async fn delete_prefix(&self, prefix: impl Into<Vec<u8>>) -> Result<u64, ClientError> {
+        match self.write(WriteCommand::DeletePrefix { prefix: prefix.into() }).await? {
+            WriteOutcome::DeletePrefix { deleted, .. } => Ok(deleted),
+            other => Err(ClientError::Protocol(format!("unexpected outcome {other:?}"))),
+        }
+    }
+
+    /// An etcd-style transaction, atomic within one shard: if every compare holds, runs
+    /// `success`, else `failure`; returns which ran and one result per op of that branch. On a
+    /// sharded cluster all its keys must fall into one shard (else `InvalidRequest`).
+    pub async fn txn(
+        &self,
+        compares: Vec<crate::api::Compare>,
+        success: Vec<crate::api::TxnOp>,
+        failure: Vec<crate::api::TxnOp>,
+    ) -> Result<crate::api::TxnResponse, ClientError> {
+        match self.write(WriteCommand::Txn { compares, success, failure }).await? {
+            WriteOutcome::Txn { revision, succeeded, results } => {
+                Ok(crate::api::TxnResponse { revision, succeeded, results })
+            }
+            other => Err(ClientError::Protocol(format!("unexpected outcome {other:?}"))),
         }
     }
 }
+
+/// How long a dial waits for an answer before the next member is dialled too.
+pub const DIAL_STAGGER: Duration = Duration::from_millis(300);
+/// The longest [`AspenClient::close`] waits for its endpoint to close.
+const CLOSE_LIMIT: Duration = Duration::from_millis(250);
 
 /// One request/response exchange on a new stream of `conn`.
 async fn exchange(conn: &Connection, frame: &[u8]) -> Result<ClientResult, String> {

@@ -69,6 +69,14 @@ pub enum BootstrapError {
     #[error("sharding: {0}")]
     Sharding(String),
     #[error(
+        "data dir {path} belongs to cluster {recorded}, but the --join ticket names cluster {ticket}; \
+         drop --join to restart this node in its own cluster, or use an empty --data-dir to join the other one"
+    )]
+    JoinOtherCluster { path: std::path::PathBuf, recorded: ClusterId, ticket: ClusterId },
+    /// SIGTERM/SIGINT (the `stop` token) arrived before the node served: it stopped cleanly.
+    #[error("stopped before the node started serving")]
+    Interrupted,
+    #[error(
         "data dir {path} was initialized with {recorded} shard(s), but this node is configured for {configured}; \
          the number of shards cannot change (use --sharding-num-shards {recorded})"
     )]
@@ -88,12 +96,13 @@ impl BootstrapError {
             | BootstrapError::JoinTicketsDisagree(..)
             | BootstrapError::JoinTicket(_)
             | BootstrapError::Sharding(_)
-            | BootstrapError::NumShardsMismatch { .. } => true,
+            | BootstrapError::NumShardsMismatch { .. }
+            | BootstrapError::JoinOtherCluster { .. } => true,
             BootstrapError::Endpoint(e) => e.is_permanent(),
             BootstrapError::Metadata(e) => e.is_permanent(),
             BootstrapError::Shard(RaftNodeError::Storage { source, .. }) => source.is_permanent(),
             BootstrapError::Shard(RaftNodeError::Config { .. }) => true,
-            BootstrapError::Shard(_) | BootstrapError::Init(_) => false,
+            BootstrapError::Shard(_) | BootstrapError::Init(_) | BootstrapError::Interrupted => false,
         }
     }
 }
@@ -166,6 +175,24 @@ pub async fn bootstrap_base_node(config: NodeConfig) -> Result<BaseNodeResources
                 recorded: id.cluster_name.clone(),
                 configured: config.cluster_name.clone(),
             });
+        }
+        if !config.join.is_empty() {
+            // A member already: --join cannot move it to another cluster (that would mix two
+            // clusters' data), and is pointless for its own.
+            for ticket in join_tickets(&config)? {
+                if ticket.cluster_id != id.cluster_id {
+                    return Err(BootstrapError::JoinOtherCluster {
+                        path: dir,
+                        recorded: id.cluster_id,
+                        ticket: ticket.cluster_id,
+                    });
+                }
+            }
+            tracing::info!(
+                cluster_id = %id.cluster_id,
+                "data dir {} is already a member of this cluster; --join ignored",
+                dir.display()
+            );
         }
     }
     let lookup = MemoryLookup::new();
@@ -271,7 +298,7 @@ pub async fn bootstrap_node(config: NodeConfig) -> Result<NodeHandle, BootstrapE
             "bootstrap_node starts non-sharded nodes; use bootstrap_sharded_node".into(),
         ));
     }
-    start_node(config).await
+    start_node(config, CancellationToken::new()).await
 }
 
 /// Starts a sharded node: every local shard in `shard-N/`, Raft on `raft-shard` (and legacy
@@ -281,10 +308,39 @@ pub async fn bootstrap_sharded_node(config: NodeConfig) -> Result<NodeHandle, Bo
         return Err(BootstrapError::Sharding("sharding is not enabled in this config".into()));
     }
     config.validate().map_err(|e| BootstrapError::Sharding(e.to_string()))?;
-    start_node(config).await
+    start_node(config, CancellationToken::new()).await
 }
 
-async fn start_node(config: NodeConfig) -> Result<NodeHandle, BootstrapError> {
+/// Starts a node, sharded or not as the config says, unless `stop` is cancelled first: a node
+/// still joining (retrying an unreachable cluster, say) then closes what it opened and returns
+/// [`BootstrapError::Interrupted`]. What `aspen-node` runs, with `stop` cancelled by SIGTERM/SIGINT.
+pub async fn bootstrap_until(config: NodeConfig, stop: CancellationToken) -> Result<NodeHandle, BootstrapError> {
+    if config.sharding.enabled {
+        config.validate().map_err(|e| BootstrapError::Sharding(e.to_string()))?;
+    }
+    if stop.is_cancelled() {
+        return Err(BootstrapError::Interrupted);
+    }
+    start_node(config, stop).await
+}
+
+/// Decodes the `--join` tickets; they must all name one cluster.
+fn join_tickets(config: &NodeConfig) -> Result<Vec<NodeTicket>, BootstrapError> {
+    let tickets: Vec<NodeTicket> = config
+        .join
+        .iter()
+        .map(|t| NodeTicket::decode(t))
+        .collect::<Result<_, _>>()
+        .map_err(BootstrapError::JoinTicket)?;
+    if let Some(first) = tickets.first() {
+        if let Some(other) = tickets.iter().find(|t| t.cluster_id != first.cluster_id) {
+            return Err(BootstrapError::JoinTicketsDisagree(first.cluster_id, other.cluster_id));
+        }
+    }
+    Ok(tickets)
+}
+
+async fn start_node(config: NodeConfig, stop: CancellationToken) -> Result<NodeHandle, BootstrapError> {
     let base = bootstrap_base_node(config).await?;
     let config = &base.config;
     let sharded = config.sharding.enabled;
@@ -339,10 +395,33 @@ async fn start_node(config: NodeConfig) -> Result<NodeHandle, BootstrapError> {
     }
     let router = builder.spawn();
 
-    if base.identity.is_none() && !config.join.is_empty() {
-        join_cluster(&base, &service).await?;
-    } else if base.identity.is_none() && !config.no_init {
-        service.init_cluster().await.map_err(BootstrapError::Init)?;
+    let become_member = async {
+        if base.identity.is_none() && !config.join.is_empty() {
+            join_cluster(&base, &service).await
+        } else if base.identity.is_none() && !config.no_init {
+            service.init_cluster().await.map(|_| ()).map_err(BootstrapError::Init)
+        } else {
+            Ok(())
+        }
+    };
+    let outcome = tokio::select! {
+        r = become_member => r,
+        _ = stop.cancelled() => Err(BootstrapError::Interrupted),
+    };
+    if let Err(e) = outcome {
+        // Close what was opened (endpoint, Raft cores, databases) before reporting.
+        base.shutdown_token.cancel();
+        let node = config.node_id;
+        let mut stalled = Vec::new();
+        if let Err(e) = tokio::time::timeout(SHUTDOWN_STEP_LIMIT, router.shutdown()).await.unwrap_or(Ok(())) {
+            tracing::warn!("router shutdown: {e}");
+        }
+        bounded(node, &mut stalled, "endpoint close".into(), SHUTDOWN_STEP_LIMIT, base.endpoint.close()).await;
+        for (id, shard) in &shards {
+            bounded(node, &mut stalled, format!("raft shutdown of shard {id}"), SHUTDOWN_STEP_LIMIT, shard.shutdown())
+                .await;
+        }
+        return Err(e);
     }
     if let Some(g) = &base.gossip_discovery {
         // Waits for a cluster id when the node has neither initialized nor joined yet.
@@ -371,16 +450,10 @@ async fn start_node(config: NodeConfig) -> Result<NodeHandle, BootstrapError> {
 /// ends the start-up with that message. This node never initializes a cluster of its own.
 async fn join_cluster(base: &BaseNodeResources, service: &NodeService) -> Result<(), BootstrapError> {
     let config = &base.config;
-    let tickets: Vec<NodeTicket> = config
-        .join
-        .iter()
-        .map(|t| NodeTicket::decode(t))
-        .collect::<Result<_, _>>()
-        .map_err(BootstrapError::JoinTicket)?;
-    let cluster_id = tickets[0].cluster_id;
-    if let Some(other) = tickets.iter().find(|t| t.cluster_id != cluster_id) {
-        return Err(BootstrapError::JoinTicketsDisagree(cluster_id, other.cluster_id));
-    }
+    let tickets = join_tickets(config)?;
+    let Some(cluster_id) = tickets.first().map(|t| t.cluster_id) else {
+        return Err(BootstrapError::JoinRefused("no --join ticket".into()));
+    };
     // Accept Raft messages of that cluster from now on: the leader starts replicating to us
     // while it handles the join.
     *base.cluster_id.write().unwrap_or_else(|p| p.into_inner()) = cluster_id;
@@ -396,12 +469,25 @@ async fn join_cluster(base: &BaseNodeResources, service: &NodeService) -> Result
     };
     // Joining waits for this node to catch up, which can take longer than one request.
     let timeout = config.limits.request_timeout().max(Duration::from_secs(60));
+    let through: Vec<String> = tickets.iter().map(|t| format!("node {}", t.node_id)).collect();
+    tracing::info!(%cluster_id, "joining the cluster through {}", through.join(", "));
     let client = AspenClient::connect(tickets, timeout)
         .await
         .map_err(|e| BootstrapError::JoinRefused(format!("cannot create client: {e}")))?;
     let mut backoff = Duration::from_millis(500);
+    // Retries are logged with their reason, at most one line per JOIN_LOG_EVERY.
+    let mut last_logged: Option<std::time::Instant> = None;
+    let mut attempts = 0u32;
     let result = loop {
-        match client.request(ClientRequest::Join(request.clone())).await {
+        attempts += 1;
+        // Reachability first, with a short budget, so that an unreachable cluster is reported
+        // within seconds; the join itself may wait long for this node to catch up.
+        let reached = client.request_within(ClientRequest::Members, JOIN_PROBE_TIMEOUT).await;
+        let answer = match reached {
+            Ok(_) => client.request(ClientRequest::Join(request.clone())).await,
+            Err(e) => Err(e),
+        };
+        match answer {
             Ok(ClientResponse::Joined(info)) => break Ok(info),
             Ok(other) => break Err(BootstrapError::JoinRefused(format!("unexpected answer {other:?}"))),
             Err(ClientError::Api(ApiError::Refused(msg))) => break Err(BootstrapError::JoinRefused(msg)),
@@ -409,7 +495,13 @@ async fn join_cluster(base: &BaseNodeResources, service: &NodeService) -> Result
                 break Err(BootstrapError::JoinRefused(e.to_string()))
             }
             Err(e) => {
-                tracing::warn!("join not done yet ({e}); retrying in {backoff:?}");
+                if last_logged.is_none_or(|t| t.elapsed() >= JOIN_LOG_EVERY) {
+                    tracing::warn!(
+                        attempts,
+                        "cannot join the cluster yet ({e}); still trying (stop with Ctrl-C/SIGTERM)"
+                    );
+                    last_logged = Some(std::time::Instant::now());
+                }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }
@@ -421,6 +513,11 @@ async fn join_cluster(base: &BaseNodeResources, service: &NodeService) -> Result
     tracing::info!(cluster_id = %info.cluster_id, "joined the cluster");
     Ok(())
 }
+
+/// Budget of the reachability check before each join attempt.
+const JOIN_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// At most one "cannot join yet" line per this interval.
+const JOIN_LOG_EVERY: Duration = Duration::from_secs(10);
 
 #[cfg(test)]
 mod tests {

@@ -13,5 +13,6 @@ pub mod validate;
 
 pub use crate::storage::MetadataStore;
 pub use bootstrap::{
-    bootstrap_base_node, bootstrap_node, bootstrap_sharded_node, BaseNodeResources, BootstrapError, NodeHandle,
+    bootstrap_base_node, bootstrap_node, bootstrap_sharded_node, bootstrap_until, BaseNodeResources, BootstrapError,
+    NodeHandle,
 };

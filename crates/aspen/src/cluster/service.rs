@@ -1,9 +1,10 @@
 //! The client-facing service of a node: a thin dispatcher. Every request is routed by the
 //! node's [`ShardedKeyValueStore`] (answered here, or forwarded to a node that hosts its shard or
 //! to its shard's leader); what is answered here is checked against the configured limits
-//! ([`super::validate`]) and handed to the piece that owns it: the store (gets, writes, scans),
-//! [`super::membership`] (joins, learners, promotions, removals), [`super::placement`] (leader
-//! moves and balancing), or this file (`cluster init`, node and cluster status, tickets).
+//! ([`super::validate`]) and handed to the piece that owns it: the store (gets, writes, per-shard
+//! writes, scans; prefix deletes fanned out to every shard), [`super::membership`] (joins,
+//! learners, promotions, removals), [`super::placement`] (leader moves and balancing), or this
+//! file (`cluster init`, node and cluster status, tickets).
 //! Nothing here touches storage directly.
 
 use std::{
@@ -17,7 +18,7 @@ use super::validate;
 use crate::{
     api::{
         ApiError, ClientRequest, ClientResponse, ClientResult, ClusterId, ClusterStatus, ForwardedResponse, NodeId,
-        NodeReport, NodeStatus, NodeTicket, ShardStatus,
+        NodeReport, NodeStatus, NodeTicket, ShardStatus, WriteCommand,
     },
     config::{LimitsConfig, NodeConfig},
     raft::{network::SharedClusterId, MemberNode, RaftNode},
@@ -205,6 +206,10 @@ impl NodeService {
         })
     }
 
+    fn cluster_id(&self) -> ClusterId {
+        *self.cluster_id.read().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Routes a request from here (answered here, or forwarded).
     pub(super) fn route(&self, request: ClientRequest, hops: u8) -> BoxedResult<'_> {
         self.store.route(request, hops, self)
@@ -212,14 +217,29 @@ impl NodeService {
 
     /// Answers a request on this node, without forwarding (routing has brought it here).
     async fn handle_local(&self, request: ClientRequest) -> ClientResult {
+        if request.needs_data() && self.cluster_id() == ClusterId::default() {
+            // A `--no-init` node (or one still joining) has no data: say so at once instead of
+            // waiting for a leader that will not come.
+            return Err(ApiError::NotInitialized { node_id: self.node_id });
+        }
         match request {
             ClientRequest::Get { key, consistency } => {
                 validate::check_key(&self.limits, &key)?;
                 self.store.get_here(&key, consistency).await
             }
+            ClientRequest::Write { session, command: WriteCommand::DeletePrefix { prefix } }
+                if self.store.num_shards() > 1 =>
+            {
+                validate::check_write(&self.limits, &WriteCommand::DeletePrefix { prefix: prefix.clone() })?;
+                self.store.delete_prefix_all(session, prefix, self).await.map(ClientResponse::Write)
+            }
             ClientRequest::Write { session, command } => {
                 validate::check_write(&self.limits, &command)?;
                 self.store.write_here(session, command).await.map(ClientResponse::Write)
+            }
+            ClientRequest::ShardWrite { shard, session, command } => {
+                validate::check_write(&self.limits, &command)?;
+                self.store.shard_write_here(shard, session, command).await.map(ClientResponse::Write)
             }
             ClientRequest::Scan(req) => {
                 validate::check_scan(&self.limits, &req)?;

@@ -1,11 +1,18 @@
-//! Request validation: every key, value, batch and scan a client sends is checked against the
-//! node's limits (`[limits]` in the configuration) before it reaches a shard, and refused with
-//! a typed error (`InvalidRequest` or `TooLarge`) that names the limit.
+//! Request validation: every key, value, batch, prefix delete, txn and scan a client sends is
+//! checked against the node's limits (`[limits]` in the configuration) before it reaches a
+//! shard, and refused with a typed error (`InvalidRequest` or `TooLarge`) that names the limit.
 
 use crate::{
-    api::{ApiError, BatchOp, ScanRequest, WriteCommand},
+    api::{ApiError, BatchOp, CompareTarget, ScanRequest, TxnOp, WriteCommand, MAX_FRAME_BYTES},
     config::LimitsConfig,
 };
+
+/// Most bytes the gets of one txn may return in the worst case (every key read at the largest
+/// allowed key and value size): a quarter frame, so the answer always fits one frame, even
+/// inside a forwarded batch.
+pub const MAX_TXN_ANSWER_BYTES: u64 = MAX_FRAME_BYTES as u64 / 4;
+/// Room for one get result's own fields besides its key and value.
+const GET_RESULT_OVERHEAD: u64 = 64;
 
 /// Checks a key: not empty, at most `max_key_bytes`.
 pub fn check_key(limits: &LimitsConfig, key: &[u8]) -> Result<(), ApiError> {
@@ -69,7 +76,75 @@ pub fn check_write(limits: &LimitsConfig, command: &WriteCommand) -> Result<(), 
             }
             Ok(())
         }
+        WriteCommand::DeletePrefix { prefix } => {
+            // Empty is allowed: every key.
+            if prefix.len() as u64 > limits.max_key_bytes {
+                return Err(ApiError::TooLarge {
+                    what: "prefix".into(),
+                    size: prefix.len() as u64,
+                    limit: limits.max_key_bytes,
+                });
+            }
+            Ok(())
+        }
+        WriteCommand::Txn { compares, success, failure } => check_txn(limits, compares, success, failure),
     }
+}
+
+/// A txn: at least one compare or op, at most `max_batch_ops` of them in all, keys and values
+/// within their limits, values in all at most four times the value limit (as a batch), and a
+/// worst-case answer of at most [`MAX_TXN_ANSWER_BYTES`].
+fn check_txn(
+    limits: &LimitsConfig,
+    compares: &[crate::api::Compare],
+    success: &[TxnOp],
+    failure: &[TxnOp],
+) -> Result<(), ApiError> {
+    let count = compares.len() + success.len() + failure.len();
+    if count == 0 {
+        return Err(ApiError::InvalidRequest("a txn must hold at least one compare or operation".into()));
+    }
+    if count as u64 > limits.max_batch_ops {
+        return Err(ApiError::TooLarge {
+            what: "txn (compares and operations)".into(),
+            size: count as u64,
+            limit: limits.max_batch_ops,
+        });
+    }
+    let mut total = 0u64;
+    for c in compares {
+        check_key(limits, &c.key)?;
+        if let CompareTarget::Value(v) = &c.target {
+            check_value(limits, v)?;
+            total += v.len() as u64;
+        }
+    }
+    for op in success.iter().chain(failure) {
+        check_key(limits, op.key())?;
+        if let TxnOp::Put { value, .. } = op {
+            check_value(limits, value)?;
+            total += value.len() as u64;
+        }
+    }
+    let cap = limits.max_value_bytes * 4;
+    if total > cap {
+        return Err(ApiError::TooLarge { what: "txn values".into(), size: total, limit: cap });
+    }
+    // Only one branch runs; its gets may each return a key and value of the largest sizes.
+    let gets = |ops: &[TxnOp]| ops.iter().filter(|op| matches!(op, TxnOp::Get { .. })).count() as u64;
+    let gets = gets(success).max(gets(failure));
+    let per_get = limits.max_key_bytes.saturating_add(limits.max_value_bytes).saturating_add(GET_RESULT_OVERHEAD);
+    let answer = gets.saturating_mul(per_get);
+    if answer > MAX_TXN_ANSWER_BYTES {
+        return Err(ApiError::TooLarge {
+            what: format!(
+                "txn answer ({gets} gets in one branch, up to {per_get} bytes each at the key and value limits)"
+            ),
+            size: answer,
+            limit: MAX_TXN_ANSWER_BYTES,
+        });
+    }
+    Ok(())
 }
 
 /// Checks a scan's limit and bounds.
@@ -127,6 +202,58 @@ mod tests {
         let l2 = LimitsConfig { max_batch_ops: 8, ..limits() };
         let big = WriteCommand::Batch { ops: (0..5).map(|i| put(&i.to_string(), 16)).collect() };
         assert!(matches!(check_write(&l2, &big), Err(ApiError::TooLarge { size: 80, limit: 64, .. })));
+    }
+
+    #[test]
+    fn prefix_deletes_take_any_prefix_up_to_a_key() {
+        let l = limits();
+        let dp = |n| WriteCommand::DeletePrefix { prefix: vec![b'p'; n] };
+        assert!(check_write(&l, &dp(0)).is_ok(), "the empty prefix deletes every key");
+        assert!(check_write(&l, &dp(8)).is_ok());
+        assert!(matches!(check_write(&l, &dp(9)), Err(ApiError::TooLarge { size: 9, limit: 8, .. })));
+    }
+
+    #[test]
+    fn txns_are_held_to_their_count_sizes_and_answer() {
+        use crate::api::{Compare, CompareOp};
+        let l = limits();
+        let txn = |compares, success, failure| WriteCommand::Txn { compares, success, failure };
+        assert!(matches!(check_write(&l, &txn(vec![], vec![], vec![])), Err(ApiError::InvalidRequest(_))));
+        let ok = txn(
+            vec![Compare::value("k", CompareOp::Equal, vec![0; 16])],
+            vec![TxnOp::put("k", vec![0; 16])],
+            vec![TxnOp::get("k")],
+        );
+        assert!(check_write(&l, &ok).is_ok());
+        let four =
+            txn(vec![Compare::version("a", CompareOp::Equal, 0)], vec![TxnOp::get("a"); 2], vec![TxnOp::delete("a")]);
+        assert!(
+            matches!(check_write(&l, &four), Err(ApiError::TooLarge { size: 4, limit: 3, .. })),
+            "ops and compares count"
+        );
+        let empty_key = txn(vec![], vec![TxnOp::get("")], vec![]);
+        assert!(matches!(check_write(&l, &empty_key), Err(ApiError::InvalidRequest(_))));
+        let long_key = txn(vec![Compare::mod_revision("123456789", CompareOp::Less, 1)], vec![], vec![]);
+        assert!(matches!(check_write(&l, &long_key), Err(ApiError::TooLarge { size: 9, .. })));
+        let big_compare = txn(vec![Compare::value("k", CompareOp::Less, vec![0; 17])], vec![], vec![]);
+        assert!(matches!(check_write(&l, &big_compare), Err(ApiError::TooLarge { size: 17, limit: 16, .. })));
+        let l8 = LimitsConfig { max_batch_ops: 8, ..limits() };
+        let values = txn(
+            vec![Compare::value("k", CompareOp::Equal, vec![0; 16])],
+            (0..4).map(|i| TxnOp::put(i.to_string(), vec![0; 16])).collect(),
+            vec![],
+        );
+        assert!(matches!(check_write(&l8, &values), Err(ApiError::TooLarge { size: 80, limit: 64, .. })));
+        // Gets: the worst-case answer of the branch with most gets must fit a quarter frame.
+        let big =
+            LimitsConfig { max_key_bytes: 4 * 1024, max_value_bytes: 1024 * 1024, max_batch_ops: 1024, ..limits() };
+        let gets = |n: usize| txn(vec![], (0..n).map(|i| TxnOp::get(i.to_string())).collect(), vec![TxnOp::get("x")]);
+        assert!(check_write(&big, &gets(15)).is_ok());
+        let err = check_write(&big, &gets(16)).unwrap_err();
+        assert!(
+            matches!(&err, ApiError::TooLarge { what, limit, .. } if what.contains("16 gets") && *limit == MAX_TXN_ANSWER_BYTES),
+            "{err}"
+        );
     }
 
     #[test]

@@ -12,9 +12,10 @@
 //!   [`MAX_IN_FLIGHT`] entry is in flight per shard, so writes that arrive while an earlier one
 //!   replicates gather into the next entry (group commit; a single writer waits for nobody). Two
 //!   writes touching the same key never share an entry: a key's revision (the log index of the
-//!   entry that changed it) stays unique. Writes queued together are concurrent from the
-//!   clients' point of view, so any order between them is linearizable; the state machine
-//!   applies them in queue order, each with its own session deduplication.
+//!   entry that changed it) stays unique; a prefix delete, which names no key, goes alone.
+//!   Writes queued together are concurrent from the clients' point of view, so any order
+//!   between them is linearizable; the state machine applies them in queue order, each with
+//!   its own session deduplication.
 //! - **Reads**: [`ReadGate`] runs one `ensure_linearizable` round at a time and answers every
 //!   read that was waiting when the round STARTED. A read arriving during a round waits for the
 //!   next one: a round that began after the read was invoked confirms leadership and waits for
@@ -33,7 +34,7 @@ use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::{ApplyResult, Raft, WriteBatch, WriteRequest};
-use crate::api::{split_raft_id, ApiError, ShardId, WriteOutcome};
+use crate::api::{split_raft_id, ApiError, BatchOp, CompareTarget, ShardId, TxnOp, WriteCommand, WriteOutcome};
 
 /// Most writes in one log entry.
 pub const MAX_WRITES: usize = 512;
@@ -71,22 +72,48 @@ struct Queued {
 
 impl Queued {
     fn bytes(&self) -> usize {
-        use crate::api::{BatchOp, WriteCommand};
-        match &self.req.command {
-            WriteCommand::Put { key, value } => key.len() + value.len(),
-            WriteCommand::Delete { key } => key.len(),
-            WriteCommand::Cas { key, expected, new_value } => {
-                key.len() + expected.as_ref().map_or(0, Vec::len) + new_value.len()
-            }
-            WriteCommand::Batch { ops } => ops
+        command_bytes(&self.req.command)
+    }
+}
+
+/// The bytes of keys and values `command` carries (what [`MAX_BATCH_BYTES`] counts).
+fn command_bytes(command: &WriteCommand) -> usize {
+    match command {
+        WriteCommand::Put { key, value } => key.len() + value.len(),
+        WriteCommand::Delete { key } => key.len(),
+        WriteCommand::Cas { key, expected, new_value } => {
+            key.len() + expected.as_ref().map_or(0, Vec::len) + new_value.len()
+        }
+        WriteCommand::Batch { ops } => ops
+            .iter()
+            .map(|op| match op {
+                BatchOp::Put { key, value } => key.len() + value.len(),
+                BatchOp::Delete { key } => key.len(),
+            })
+            .sum(),
+        WriteCommand::DeletePrefix { prefix } => prefix.len(),
+        WriteCommand::Txn { compares, success, failure } => {
+            let compared: usize = compares
                 .iter()
+                .map(|c| c.key.len() + if let CompareTarget::Value(v) = &c.target { v.len() } else { 0 })
+                .sum();
+            let ops: usize = success
+                .iter()
+                .chain(failure)
                 .map(|op| match op {
-                    BatchOp::Put { key, value } => key.len() + value.len(),
-                    BatchOp::Delete { key } => key.len(),
+                    TxnOp::Put { key, value } => key.len() + value.len(),
+                    TxnOp::Delete { key } | TxnOp::Get { key } => key.len(),
                 })
-                .sum(),
+                .sum();
+            compared + ops
         }
     }
+}
+
+/// Whether `command` goes alone in its entry: a prefix delete touches keys it does not name, so
+/// the key check cannot see which writes it conflicts with (a key's revision must stay unique).
+fn goes_alone(command: &WriteCommand) -> bool {
+    matches!(command, WriteCommand::DeletePrefix { .. })
 }
 
 /// The write queue of one shard; cloning shares it. The proposer task ends when every clone
@@ -130,11 +157,15 @@ async fn propose_loop(raft: Raft, shard: ShardId, mut rx: mpsc::Receiver<Queued>
         };
         let mut keys: HashSet<Vec<u8>> = first.req.command.keys().into_iter().map(<[u8]>::to_vec).collect();
         let mut bytes = first.bytes();
+        let alone = goes_alone(&first.req.command);
         let mut batch = vec![first];
-        while batch.len() < MAX_WRITES {
+        while batch.len() < MAX_WRITES && !alone {
             let Ok(next) = rx.try_recv() else { break };
             let next_keys = next.req.command.keys();
-            if bytes + next.bytes() > MAX_BATCH_BYTES || next_keys.iter().any(|k| keys.contains(*k)) {
+            if goes_alone(&next.req.command)
+                || bytes + next.bytes() > MAX_BATCH_BYTES
+                || next_keys.iter().any(|k| keys.contains(*k))
+            {
                 carry = Some(next);
                 break;
             }
@@ -241,5 +272,24 @@ impl ReadGate {
                 let _ = w.send(answer.clone());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{Compare, CompareOp};
+
+    #[test]
+    fn entry_size_counts_every_key_and_value_a_write_carries() {
+        let txn = WriteCommand::Txn {
+            compares: vec![Compare::value("ab", CompareOp::Equal, "xyz"), Compare::version("c", CompareOp::Less, 9)],
+            success: vec![TxnOp::put("de", "1234"), TxnOp::get("f")],
+            failure: vec![TxnOp::delete("gh")],
+        };
+        assert_eq!(command_bytes(&txn), (2 + 3) + 1 + (2 + 4) + 1 + 2);
+        assert_eq!(command_bytes(&WriteCommand::DeletePrefix { prefix: b"p/".to_vec() }), 2);
+        assert!(goes_alone(&WriteCommand::DeletePrefix { prefix: Vec::new() }));
+        assert!(!goes_alone(&txn), "a txn names its keys: the key check keeps it apart");
     }
 }

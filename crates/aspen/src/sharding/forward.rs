@@ -229,10 +229,17 @@ async fn send_alone(pool: &ConnectionPool, item: Item) {
 
 /// Roughly how many bytes `answer` takes in a frame.
 fn answer_bytes(answer: &ForwardedAnswer) -> u64 {
-    use crate::api::WriteOutcome;
+    use crate::api::{TxnOpResult, WriteOutcome};
     let data = match answer {
         Ok(ForwardedResponse::Get(Some(kv))) => kv.key.len() + kv.value.len(),
         Ok(ForwardedResponse::Write(WriteOutcome::Cas { current: Some(v), .. })) => v.len(),
+        Ok(ForwardedResponse::Write(WriteOutcome::Txn { results, .. })) => results
+            .iter()
+            .map(|r| match r {
+                TxnOpResult::Get(Some(kv)) => kv.key.len() + kv.value.len() + 32,
+                _ => 16,
+            })
+            .sum(),
         _ => 0,
     };
     data as u64 + ITEM_OVERHEAD

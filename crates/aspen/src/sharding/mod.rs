@@ -1,6 +1,6 @@
 //! Sharding: the stable key → shard [`router`] (docs/design.md invariant 3), the node's
 //! [`ShardedKeyValueStore`] that sends each request to its shard ([`store`]: routing, leader
-//! hints, forwarding decisions, scan fan-out) and the batched forwarding to peers ([`forward`]).
+//! hints, forwarding decisions, scan and prefix-delete fan-out) and the batched forwarding to peers ([`forward`]).
 
 pub mod forward;
 pub mod router;

@@ -7,8 +7,9 @@
 //! ([`plan`]: answer here, send to a node that hosts the shard, or to the shard's leader; at
 //! most [`MAX_HOPS`] hops between nodes, so never a loop), the forwarding itself (batched per
 //! peer for gets and writes straight from clients, [`super::forward`]) with retries until the
-//! request timeout, and scans over every shard merged in key order with exact paging
-//! ([`merge_scan_pages`]).
+//! request timeout, scans over every shard merged in key order with exact paging
+//! ([`merge_scan_pages`]), and prefix deletes sent to every shard with their counts summed
+//! ([`merge_delete_prefix`]).
 //!
 //! Never: validate requests against the limits or answer membership and placement requests
 //! (the cluster's dispatcher does, through [`AnswerHere`]), or touch storage directly (each
@@ -87,10 +88,15 @@ pub fn plan(
         }
         Ok(Route::ViaHost(shard))
     };
+    if fans_out(router, request) {
+        // Coordinated here, like a scan: one `ShardWrite` per shard, each routed on its own.
+        return Ok(Route::Here);
+    }
     let shard_bound = matches!(
         request,
         ClientRequest::Get { .. }
             | ClientRequest::Write { .. }
+            | ClientRequest::ShardWrite { .. }
             | ClientRequest::ShardScan { .. }
             | ClientRequest::ShardMembership { .. }
             | ClientRequest::MoveLeader { .. }
@@ -120,6 +126,7 @@ pub fn shard_of(router: &ShardRouter, request: &ClientRequest) -> Result<ShardId
         ClientRequest::Get { key, .. } => Ok(router.shard_for_key(key)),
         ClientRequest::Write { command, .. } => write_shard(router, command),
         ClientRequest::ShardScan { shard, .. }
+        | ClientRequest::ShardWrite { shard, .. }
         | ClientRequest::ShardMembership { shard, .. }
         | ClientRequest::MoveLeader { shard, .. }
         | ClientRequest::MoveLeaderAttempt { shard, .. } => {
@@ -135,18 +142,74 @@ pub fn shard_of(router: &ShardRouter, request: &ClientRequest) -> Result<ShardId
     }
 }
 
-/// The one shard every key of a write falls into (a batch may not span shards).
+/// Whether `request` is a write that covers every shard (a prefix delete on a cluster of more
+/// than one shard): the node receiving it sends it to each shard ([`ShardedKeyValueStore::delete_prefix_all`]).
+pub fn fans_out(router: &ShardRouter, request: &ClientRequest) -> bool {
+    matches!(request, ClientRequest::Write { command: WriteCommand::DeletePrefix { .. }, .. })
+        && router.num_shards() > 1
+}
+
+/// The one shard every key of a write falls into (a batch or a txn may not span shards; a
+/// prefix delete belongs to the only shard, or is sent to every shard by [`fans_out`]).
 pub fn write_shard(router: &ShardRouter, command: &WriteCommand) -> Result<ShardId, ApiError> {
+    if let WriteCommand::DeletePrefix { .. } = command {
+        return match router.num_shards() {
+            1 => Ok(0),
+            n => Err(ApiError::InvalidRequest(format!(
+                "a prefix delete covers all {n} shards: send it as a write to any node (it goes to every shard) \
+                 or as a shard write naming one shard"
+            ))),
+        };
+    }
     let mut shards: Vec<ShardId> = command.keys().iter().map(|k| router.shard_for_key(k)).collect();
     shards.sort_unstable();
     shards.dedup();
-    match shards.as_slice() {
-        [one] => Ok(*one),
-        [] => Err(ApiError::InvalidRequest("a write must name at least one key".into())),
-        many => Err(ApiError::InvalidRequest(format!(
+    match (shards.as_slice(), command) {
+        ([one], _) => Ok(*one),
+        ([], _) => Err(ApiError::InvalidRequest("a write must name at least one key".into())),
+        (many, WriteCommand::Txn { .. }) => Err(ApiError::InvalidRequest(format!(
+            "txn keys span shards {}; a txn is atomic within one shard only",
+            list_shards(many)
+        ))),
+        (many, _) => Err(ApiError::InvalidRequest(format!(
             "a batch must stay within one shard; its keys fall into shards {many:?}"
         ))),
     }
+}
+
+/// `[1, 3]` → "1 and 3"; `[0, 1, 3]` → "0, 1 and 3".
+fn list_shards(shards: &[ShardId]) -> String {
+    match shards.split_last() {
+        None => String::new(),
+        Some((last, [])) => last.to_string(),
+        Some((last, rest)) => {
+            let rest: Vec<String> = rest.iter().map(ShardId::to_string).collect();
+            format!("{} and {last}", rest.join(", "))
+        }
+    }
+}
+
+/// Merges the outcomes of a prefix delete on every shard: the counts summed, the highest
+/// revision (revisions are per shard). If any shard answered `StaleSequence` (the session moved
+/// on: that shard's part was not applied now), so does the merge: the outcome is unknown.
+pub fn merge_delete_prefix(outcomes: impl IntoIterator<Item = WriteOutcome>) -> Result<WriteOutcome, ApiError> {
+    let (mut revision, mut deleted, mut stale) = (0, 0u64, None::<u64>);
+    for outcome in outcomes {
+        match outcome {
+            WriteOutcome::DeletePrefix { revision: r, deleted: d } => {
+                revision = revision.max(r);
+                deleted = deleted.saturating_add(d);
+            }
+            WriteOutcome::StaleSequence { last_seq } => stale = Some(stale.map_or(last_seq, |s| s.max(last_seq))),
+            other => {
+                return Err(ApiError::Internal(format!("a shard answered a prefix delete with {other:?}")));
+            }
+        }
+    }
+    Ok(match stale {
+        Some(last_seq) => WriteOutcome::StaleSequence { last_seq },
+        None => WriteOutcome::DeletePrefix { revision, deleted },
+    })
 }
 
 /// Merges one page from every shard into one page in key order. Every shard's page starts at
@@ -356,6 +419,53 @@ impl ShardedKeyValueStore {
     pub async fn write_here(&self, session: WriteSession, command: WriteCommand) -> Result<WriteOutcome, ApiError> {
         let shard = self.local(self.write_shard(&command)?)?;
         shard.write(session, command).await
+    }
+
+    /// A write for hosted shard `shard`, named by the sender (the caller has routed it here).
+    /// Keys the command names must fall into that shard.
+    pub async fn shard_write_here(
+        &self,
+        shard: ShardId,
+        session: WriteSession,
+        command: WriteCommand,
+    ) -> Result<WriteOutcome, ApiError> {
+        if !matches!(command, WriteCommand::DeletePrefix { .. }) {
+            let owner = self.write_shard(&command)?;
+            if owner != shard {
+                return Err(ApiError::InvalidRequest(format!(
+                    "a shard write for shard {shard} names keys of shard {owner}"
+                )));
+            }
+        }
+        self.local(shard)?.write(session, command).await
+    }
+
+    /// A prefix delete on every shard: one [`ClientRequest::ShardWrite`] per shard, all with the
+    /// client's session, routed (and retried) each on its own, concurrently; the outcomes merged
+    /// by [`merge_delete_prefix`]. Each shard deletes its keys atomically; shards do not commit
+    /// together, so a failure may leave some shards done: the error is returned, and a retry
+    /// of the same write (same session and sequence number, as the client resends it) is
+    /// answered by those shards from their session table — each shard applies its part at most
+    /// once — and applied by the others (docs/design.md §7, §9).
+    pub async fn delete_prefix_all(
+        &self,
+        session: WriteSession,
+        prefix: Vec<u8>,
+        here: &dyn AnswerHere,
+    ) -> Result<WriteOutcome, ApiError> {
+        let answers = futures::future::join_all((0..self.router.num_shards()).map(|shard| {
+            let command = WriteCommand::DeletePrefix { prefix: prefix.clone() };
+            self.route(ClientRequest::ShardWrite { shard, session, command }, 0, here)
+        }))
+        .await;
+        let outcomes = answers
+            .into_iter()
+            .map(|answer| match answer? {
+                ClientResponse::Write(outcome) => Ok(outcome),
+                other => Err(ApiError::Internal(format!("a shard answered a prefix delete with {other:?}"))),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        merge_delete_prefix(outcomes)
     }
 
     /// One page of one hosted shard.

@@ -1,7 +1,9 @@
 //! The key-value state machine of one shard in redb (`shard-N/state-machine.db`).
 //!
-//! Owns: the key space (value, create/mod revision, version per key), the client session table
-//! for exactly-once writes, `last_applied`, the last membership, and the current snapshot file.
+//! Owns: the key space (value, create/mod revision, version per key) and how each write command
+//! changes it (put, delete, CAS, batch, prefix delete, txn with its compares; docs/design.md
+//! §6.3), the client session table for exactly-once writes, `last_applied`, the last
+//! membership, and the current snapshot file.
 //!
 //! Durability: applies commit with `Durability::None` — allowed only because the Raft log is
 //! durable and openraft re-applies the log after the durable `last_applied` on restart.
@@ -66,7 +68,7 @@ use crate::api::{
         ApplyResult, Entry, LogId, OpenraftStorageError, SnapshotMeta, StoredMembership, TypeConfig, WriteBatch,
         WriteRequest,
     },
-    BatchOp, KeyValue, StateDigest, WriteCommand, WriteOutcome,
+    BatchOp, Compare, KeyValue, StateDigest, TxnOp, TxnOpResult, WriteCommand, WriteOutcome,
 };
 
 const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
@@ -454,12 +456,19 @@ impl RedbStateMachine {
 /// blocking thread.
 const INLINE_APPLY_WRITES: usize = 8;
 
-/// The client writes in `entries`.
+/// The client writes in `entries`, a prefix delete counting as more than run inline (it may
+/// delete any number of keys).
 fn writes_in(entries: &[Entry]) -> usize {
     entries
         .iter()
         .map(|e| match &e.payload {
-            EntryPayload::Normal(WriteBatch(writes)) => writes.len(),
+            EntryPayload::Normal(WriteBatch(writes)) => writes
+                .iter()
+                .map(|w| match w.command {
+                    WriteCommand::DeletePrefix { .. } => INLINE_APPLY_WRITES + 1,
+                    _ => 1,
+                })
+                .sum(),
             _ => 1,
         })
         .sum()
@@ -575,6 +584,26 @@ fn apply_write(t: &mut WriteTables<'_, '_>, revision: u64, req: WriteRequest) ->
             }
             WriteOutcome::Batch { revision }
         }
+        WriteCommand::DeletePrefix { prefix } => {
+            let deleted = remove_prefix(t.kv, t.sum, &prefix)?;
+            WriteOutcome::DeletePrefix { revision, deleted }
+        }
+        WriteCommand::Txn { compares, success, failure } => {
+            let succeeded = all_hold(t.kv, &compares)?;
+            let ops = if succeeded { success } else { failure };
+            let mut results = Vec::with_capacity(ops.len());
+            for op in ops {
+                results.push(match op {
+                    TxnOp::Put { key, value } => {
+                        put(t.kv, t.sum, &key, value, revision)?;
+                        TxnOpResult::Put { revision }
+                    }
+                    TxnOp::Delete { key } => TxnOpResult::Delete { deleted: remove(t.kv, t.sum, &key)? },
+                    TxnOp::Get { key } => TxnOpResult::Get(read_kv(t.kv, key)?),
+                });
+            }
+            WriteOutcome::Txn { revision, succeeded, results }
+        }
     };
     if let Some(prev) = &previous {
         t.ages.remove((prev.last_seen_ms, client))?;
@@ -623,6 +652,43 @@ fn remove(kv: &mut KvTable<'_>, sum: &mut DigestSum, key: &[u8]) -> Result<bool,
         }
         None => Ok(false),
     }
+}
+
+/// Removes every key starting with `prefix` (every key if it is empty), each exactly as
+/// [`remove`] would; returns how many there were.
+fn remove_prefix(kv: &mut KvTable<'_>, sum: &mut DigestSum, prefix: &[u8]) -> Result<u64, StorageError> {
+    let end = super::scan::prefix_end(prefix);
+    let upper = match &end {
+        Some(e) if !prefix.is_empty() => Bound::Excluded(e.as_slice()),
+        _ => Bound::Unbounded,
+    };
+    let mut deleted = 0u64;
+    for item in kv.extract_from_if::<&[u8], _>((Bound::Included(prefix), upper), |_, _| true)? {
+        let (k, v) = item?;
+        let old: StoredValue = postcard::from_bytes(v.value())?;
+        sum.sub(&kv_item_hash(k.value(), &old));
+        deleted += 1;
+    }
+    Ok(deleted)
+}
+
+/// `key` as stored now, if present.
+fn read_kv(kv: &KvTable<'_>, key: Vec<u8>) -> Result<Option<KeyValue>, StorageError> {
+    let stored: Option<StoredValue> = match kv.get(key.as_slice())? {
+        Some(v) => Some(postcard::from_bytes(v.value())?),
+        None => None,
+    };
+    Ok(stored.map(|s| to_kv(key, s)))
+}
+
+/// Whether every compare of a txn holds against the stored keys (see [`Compare::holds`]).
+fn all_hold(kv: &KvTable<'_>, compares: &[Compare]) -> Result<bool, StorageError> {
+    for c in compares {
+        if !c.holds(read_kv(kv, c.key.clone())?.as_ref()) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// Forgets sessions idle longer than [`SESSION_TTL_MS`] and the oldest beyond [`MAX_SESSIONS`].

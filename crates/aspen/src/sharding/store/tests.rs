@@ -114,6 +114,88 @@ fn shards_that_do_not_exist_and_batches_over_shards_are_refused() {
 }
 
 #[test]
+fn txns_over_shards_are_refused_naming_them() {
+    use crate::api::{Compare, CompareOp, TxnOp};
+    let router = ShardRouter::new(4);
+    let keys = key_of_each_shard(&router);
+    let txn = |compares, success, failure| WriteCommand::Txn { compares, success, failure };
+    let one = txn(
+        vec![Compare::version(keys[3].clone(), CompareOp::Equal, 0)],
+        vec![TxnOp::put(keys[3].clone(), "v")],
+        vec![TxnOp::get(keys[3].clone())],
+    );
+    assert_eq!(write_shard(&router, &one).unwrap(), 3);
+    let request = ClientRequest::Write { session: WriteSession { client_id: Id128([1; 16]), seq: 1 }, command: one };
+    assert_eq!(plan(ME, &router, |_| true, &request, 0).unwrap(), Route::ToLeader(3));
+    // A key of another shard in any part of the txn, even the branch that may not run.
+    let spans = [
+        (
+            txn(
+                vec![Compare::version(keys[1].clone(), CompareOp::Equal, 0)],
+                vec![TxnOp::get(keys[3].clone())],
+                vec![],
+            ),
+            "1 and 3",
+        ),
+        (txn(vec![], vec![TxnOp::get(keys[3].clone())], vec![TxnOp::delete(keys[1].clone())]), "1 and 3"),
+        (
+            txn(
+                vec![Compare::value(keys[2].clone(), CompareOp::Equal, "x")],
+                vec![TxnOp::put(keys[0].clone(), "v")],
+                vec![TxnOp::get(keys[3].clone())],
+            ),
+            "0, 2 and 3",
+        ),
+    ];
+    for (command, shards) in spans {
+        let want = format!("txn keys span shards {shards}; a txn is atomic within one shard only");
+        match write_shard(&router, &command) {
+            Err(ApiError::InvalidRequest(m)) => assert_eq!(m, want),
+            other => panic!("a txn over shards {shards} must be refused: {other:?}"),
+        }
+        let request = ClientRequest::Write { session: WriteSession { client_id: Id128([1; 16]), seq: 1 }, command };
+        assert!(matches!(plan(ME, &router, |_| true, &request, 0), Err(ApiError::InvalidRequest(m)) if m == want));
+    }
+}
+
+#[test]
+fn prefix_deletes_fan_out_from_here_and_shard_writes_go_to_their_shard() {
+    let session = WriteSession { client_id: Id128([1; 16]), seq: 1 };
+    let dp = || WriteCommand::DeletePrefix { prefix: b"p/".to_vec() };
+    let write = ClientRequest::Write { session, command: dp() };
+    let sharded = ShardRouter::new(4);
+    assert!(fans_out(&sharded, &write));
+    for hops in 0..=MAX_HOPS {
+        assert_eq!(plan(ME, &sharded, |_| false, &write, hops).unwrap(), Route::Here, "coordinated where it arrives");
+    }
+    assert!(matches!(write_shard(&sharded, &dp()), Err(ApiError::InvalidRequest(m)) if m.contains("all 4 shards")));
+    // Without sharding it is an ordinary write of shard 0.
+    let single = ShardRouter::new(1);
+    assert!(!fans_out(&single, &write));
+    assert_eq!(plan(ME, &single, |_| true, &write, 0).unwrap(), Route::ToLeader(0));
+    assert_eq!(write_shard(&single, &dp()).unwrap(), 0);
+    // Each shard's part goes to that shard's leader, or to a node hosting it.
+    let part = |shard| ClientRequest::ShardWrite { shard, session, command: dp() };
+    assert_eq!(plan(ME, &sharded, |_| true, &part(2), 0).unwrap(), Route::ToLeader(2));
+    assert_eq!(plan(ME, &sharded, |s| s != 2, &part(2), 0).unwrap(), Route::ViaHost(2));
+    assert!(
+        matches!(plan(ME, &sharded, |_| true, &part(4), 0), Err(ApiError::InvalidRequest(m)) if m.contains("shard 4"))
+    );
+    assert!(!fans_out(&sharded, &part(1)), "a shard's part never fans out again");
+}
+
+#[test]
+fn prefix_delete_outcomes_are_summed_over_shards() {
+    let dp = |revision, deleted| WriteOutcome::DeletePrefix { revision, deleted };
+    assert_eq!(merge_delete_prefix([dp(7, 2), dp(3, 0), dp(12, 5), dp(1, 1)]).unwrap(), dp(12, 8));
+    assert_eq!(merge_delete_prefix([dp(4, 0)]).unwrap(), dp(4, 0));
+    // One shard's part superseded: the outcome of the whole is unknown.
+    let stale = |last_seq| WriteOutcome::StaleSequence { last_seq };
+    assert_eq!(merge_delete_prefix([dp(7, 2), stale(5), stale(9)]).unwrap(), stale(9));
+    assert!(matches!(merge_delete_prefix([dp(1, 1), WriteOutcome::Put { revision: 1 }]), Err(ApiError::Internal(_))));
+}
+
+#[test]
 fn hints_follow_answers_and_the_newest_announced_term() {
     let hints = ShardHints::default();
     assert_eq!(hints.known_host(1, ME), None);

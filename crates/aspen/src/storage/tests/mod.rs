@@ -20,7 +20,7 @@ use crate::api::{
         ApplyResult, Entry, LogId, MemberNode, OpenraftStorageError, StoredMembership, TypeConfig, Vote, WriteBatch,
         WriteRequest,
     },
-    BatchOp, Id128, KeyValue, StateDigest, WriteCommand, WriteOutcome, WriteSession,
+    BatchOp, Compare, Id128, KeyValue, StateDigest, TxnOp, TxnOpResult, WriteCommand, WriteOutcome, WriteSession,
 };
 
 const LEADER: u64 = 1;
@@ -87,6 +87,14 @@ fn cas(term: u64, index: u64, key: &str, expected: Option<&[u8]>, new_value: &[u
 
 fn batch(term: u64, index: u64, ops: Vec<BatchOp>) -> Entry {
     normal(term, index, request(unique_client(index), 1, WriteCommand::Batch { ops }))
+}
+
+fn delete_prefix(term: u64, index: u64, prefix: &[u8]) -> Entry {
+    normal(term, index, request(unique_client(index), 1, WriteCommand::DeletePrefix { prefix: prefix.to_vec() }))
+}
+
+fn txn(term: u64, index: u64, compares: Vec<Compare>, success: Vec<TxnOp>, failure: Vec<TxnOp>) -> Entry {
+    normal(term, index, request(unique_client(index), 1, WriteCommand::Txn { compares, success, failure }))
 }
 
 fn bput(key: &str, value: &[u8]) -> BatchOp {

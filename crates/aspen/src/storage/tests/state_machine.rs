@@ -1,4 +1,5 @@
-//! The state machine: puts, deletes, CAS and batches with their revisions, and exactly-once sessions.
+//! The state machine: puts, deletes, CAS, batches, prefix deletes and txns with their revisions, and
+//! exactly-once sessions.
 
 use super::*;
 
@@ -176,4 +177,307 @@ async fn retried_writes_apply_once() {
     assert_eq!(get(&sm.reader(), "k"), Some(kv("k", b"v1", 1, 1, 1)));
     assert_eq!(get(&sm.reader(), "p"), Some(kv("p", b"b", 3, 5, 2)));
     assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id(3, 11)), "deduplicated entries are applied");
+}
+
+fn names(reader: &StateReader) -> Vec<Vec<u8>> {
+    all_keys(reader).into_iter().map(|kv| kv.key).collect()
+}
+
+fn raw_put(index: u64, key: &[u8]) -> Entry {
+    let cmd = WriteCommand::Put { key: key.to_vec(), value: b"raw".to_vec() };
+    normal(1, index, request(unique_client(index), 1, cmd))
+}
+
+/// The incrementally kept digest equals a recount of every key and session.
+fn assert_digest_recounts(reader: &StateReader) {
+    assert_eq!(reader.digest().unwrap(), reader.recompute_digest().unwrap(), "incremental digest = recount");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_prefix_deletes_each_key_of_the_prefix_like_delete() {
+    let (dir, plain_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (mut sm, mut plain) = (open_sm(dir.path()), open_sm(plain_dir.path()));
+    let r = sm.reader();
+    let keys = ["a", "a/1", "a/2", "a/2/x", "a0", "b/1", "b/2"];
+    let mut setup: Vec<Entry> = keys.iter().zip(1..).map(|(k, i)| put(1, i, k, b"v")).collect();
+    setup.push(put(1, 8, "a/1", b"v2"));
+    apply(&mut sm, setup.clone()).await;
+    apply(&mut plain, setup).await;
+
+    // Every key with the prefix, in one entry, at its revision; "a" and "a0" do not start with "a/".
+    assert_eq!(
+        apply_write(&mut sm, delete_prefix(1, 9, b"a/")).await,
+        WriteOutcome::DeletePrefix { revision: 9, deleted: 3 }
+    );
+    assert_eq!(names(&r), [&b"a"[..], b"a0", b"b/1", b"b/2"]);
+    assert_eq!(get(&r, "a"), Some(kv("a", b"v", 1, 1, 1)), "keys outside the prefix keep their revisions");
+    assert_eq!(get(&r, "b/2"), Some(kv("b/2", b"v", 7, 7, 1)));
+    // The same state as deleting each key (the plain replica deletes them in one batch).
+    let ops = vec![bdel("a/1"), bdel("a/2"), bdel("a/2/x")];
+    apply_write(&mut plain, batch(1, 9, ops)).await;
+    assert_eq!(all_keys(&r), all_keys(&plain.reader()));
+    assert_digest_recounts(&r);
+
+    // Nothing left under the prefix: 0 deleted, nothing changes.
+    assert_eq!(
+        apply_write(&mut sm, delete_prefix(1, 10, b"a/")).await,
+        WriteOutcome::DeletePrefix { revision: 10, deleted: 0 }
+    );
+    apply_write(&mut plain, delete(1, 10, "a/1")).await;
+    // A deleted key starts a new life when put again, exactly as after a delete.
+    assert_eq!(apply_write(&mut sm, put(1, 11, "a/1", b"v3")).await, WriteOutcome::Put { revision: 11 });
+    apply_write(&mut plain, put(1, 11, "a/1", b"v3")).await;
+    assert_eq!(get(&r, "a/1"), Some(kv("a/1", b"v3", 11, 11, 1)));
+    assert_eq!(all_keys(&r), all_keys(&plain.reader()));
+
+    // Prefixes ending in 0xff have no upper bound of the same length: still exactly the prefix.
+    for (i, key) in [&[0xff][..], &[0xff, 0xff], &[0xff, 0xff, 0x01], &[0xff, 0xfe], &[0xfe, 0xff]].iter().enumerate() {
+        apply_write(&mut sm, raw_put(12 + i as u64, key)).await;
+    }
+    assert_eq!(
+        apply_write(&mut sm, delete_prefix(1, 17, &[0xff, 0xff])).await,
+        WriteOutcome::DeletePrefix { revision: 17, deleted: 2 }
+    );
+    assert!(get(&r, "a").is_some());
+    let left: Vec<Vec<u8>> = names(&r).into_iter().filter(|k| k[0] >= 0xfe).collect();
+    assert_eq!(left, [vec![0xfe, 0xff], vec![0xff], vec![0xff, 0xfe]]);
+
+    // The empty prefix deletes every key of the shard.
+    assert_eq!(
+        apply_write(&mut sm, delete_prefix(1, 18, b"")).await,
+        WriteOutcome::DeletePrefix { revision: 18, deleted: 8 }
+    );
+    assert_eq!(r.key_count().unwrap(), 0);
+    assert_digest_recounts(&r);
+    assert_eq!(r.last_applied().unwrap(), Some(log_id(1, 18)));
+}
+
+/// Applies a txn of one compare with empty branches: whether the compare held.
+async fn compare_holds(sm: &mut RedbStateMachine, index: u64, compare: Compare) -> bool {
+    match apply_write(sm, txn(1, index, vec![compare.clone()], vec![], vec![])).await {
+        WriteOutcome::Txn { revision, succeeded, results } => {
+            assert_eq!((revision, results), (index, vec![]), "{compare:?}");
+            succeeded
+        }
+        other => panic!("a txn answered {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn txn_compares_follow_etcd_semantics() {
+    use crate::api::CompareOp::{Equal, Greater, Less, NotEqual};
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = open_sm(dir.path());
+    apply(&mut sm, vec![put(1, 1, "k", b"v1"), put(1, 2, "k", b"v2")]).await;
+    // "k": value v2, version 2, create revision 1, mod revision 2.
+    let cases = [
+        (Compare::value("k", Equal, "v2"), true),
+        (Compare::value("k", Equal, "v1"), false),
+        (Compare::value("k", NotEqual, "v1"), true),
+        (Compare::value("k", NotEqual, "v2"), false),
+        (Compare::value("k", Less, "v3"), true),
+        (Compare::value("k", Less, "v2"), false),
+        (Compare::value("k", Greater, "v1"), true),
+        (Compare::value("k", Greater, "v"), true),
+        (Compare::value("k", Greater, "w"), false),
+        (Compare::version("k", Equal, 2), true),
+        (Compare::version("k", NotEqual, 2), false),
+        (Compare::version("k", Greater, 1), true),
+        (Compare::version("k", Less, 2), false),
+        (Compare::create_revision("k", Equal, 1), true),
+        (Compare::create_revision("k", Greater, 1), false),
+        (Compare::mod_revision("k", Equal, 2), true),
+        (Compare::mod_revision("k", Less, 3), true),
+        (Compare::mod_revision("k", Greater, 2), false),
+        // A missing key: every value compare fails, even `!=`; version and revisions are 0.
+        (Compare::value("missing", Equal, ""), false),
+        (Compare::value("missing", NotEqual, "x"), false),
+        (Compare::value("missing", Less, "z"), false),
+        (Compare::value("missing", Greater, ""), false),
+        (Compare::version("missing", Equal, 0), true),
+        (Compare::version("missing", Greater, 0), false),
+        (Compare::version("missing", Less, 1), true),
+        (Compare::create_revision("missing", Equal, 0), true),
+        (Compare::mod_revision("missing", NotEqual, 0), false),
+        (Compare::mod_revision("missing", Less, 1), true),
+    ];
+    for (i, (compare, expected)) in cases.into_iter().enumerate() {
+        assert_eq!(compare_holds(&mut sm, 3 + i as u64, compare.clone()).await, expected, "{compare:?}");
+    }
+    // Compares change nothing.
+    assert_eq!(get(&sm.reader(), "k"), Some(kv("k", b"v2", 1, 2, 2)));
+    assert_eq!(get(&sm.reader(), "missing"), None);
+
+    // Every compare must hold.
+    let both = |version| vec![Compare::value("k", Equal, "v2"), Compare::version("k", Equal, version)];
+    let outcome = |index| WriteOutcome::Txn { revision: index, succeeded: false, results: vec![] };
+    assert_eq!(apply_write(&mut sm, txn(1, 40, both(1), vec![], vec![])).await, outcome(40));
+    let ok = WriteOutcome::Txn { revision: 41, succeeded: true, results: vec![] };
+    assert_eq!(apply_write(&mut sm, txn(1, 41, both(2), vec![], vec![])).await, ok);
+    // No compare at all: the success branch.
+    let no_compare = txn(1, 42, vec![], vec![TxnOp::get("k")], vec![]);
+    let results = vec![TxnOpResult::Get(Some(kv("k", b"v2", 1, 2, 2)))];
+    assert_eq!(apply_write(&mut sm, no_compare).await, WriteOutcome::Txn { revision: 42, succeeded: true, results });
+    assert_digest_recounts(&sm.reader());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn txn_runs_one_branch_in_order_with_revisions_of_plain_writes() {
+    use crate::api::CompareOp::{Equal, Greater};
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = open_sm(dir.path());
+    let r = sm.reader();
+    apply(&mut sm, vec![put(1, 1, "k", b"v1"), put(1, 2, "gone", b"g"), put(1, 3, "other", b"o")]).await;
+
+    // Success: ops in order, each seeing the ones before; every write at the txn's revision.
+    let success = vec![
+        TxnOp::put("k", "v2"),
+        TxnOp::get("k"),
+        TxnOp::delete("gone"),
+        TxnOp::delete("never"),
+        TxnOp::get("gone"),
+        TxnOp::put("n", "n1"),
+        TxnOp::put("n", "n2"),
+        TxnOp::get("n"),
+    ];
+    let failure = vec![TxnOp::put("k", "failure ran")];
+    assert_eq!(
+        apply_write(&mut sm, txn(1, 4, vec![Compare::value("k", Equal, "v1")], success, failure)).await,
+        WriteOutcome::Txn {
+            revision: 4,
+            succeeded: true,
+            results: vec![
+                TxnOpResult::Put { revision: 4 },
+                TxnOpResult::Get(Some(kv("k", b"v2", 1, 4, 2))),
+                TxnOpResult::Delete { deleted: true },
+                TxnOpResult::Delete { deleted: false },
+                TxnOpResult::Get(None),
+                TxnOpResult::Put { revision: 4 },
+                TxnOpResult::Put { revision: 4 },
+                TxnOpResult::Get(Some(kv("n", b"n2", 4, 4, 2))),
+            ],
+        }
+    );
+    // The keys afterwards, as a put, a delete and two puts would leave them.
+    assert_eq!(get(&r, "k"), Some(kv("k", b"v2", 1, 4, 2)));
+    assert_eq!(get(&r, "gone"), None);
+    assert_eq!(get(&r, "n"), Some(kv("n", b"n2", 4, 4, 2)), "each put of a txn counts as a write");
+    assert_eq!(get(&r, "other"), Some(kv("other", b"o", 3, 3, 1)));
+
+    // Failure: the failure branch runs, the success branch does not.
+    let compares = vec![Compare::mod_revision("k", Greater, 4)];
+    let success = vec![TxnOp::put("k", "success ran"), TxnOp::delete("other")];
+    let failure = vec![TxnOp::get("k"), TxnOp::delete("n"), TxnOp::get("n"), TxnOp::put("gone", "back")];
+    assert_eq!(
+        apply_write(&mut sm, txn(1, 5, compares, success, failure)).await,
+        WriteOutcome::Txn {
+            revision: 5,
+            succeeded: false,
+            results: vec![
+                TxnOpResult::Get(Some(kv("k", b"v2", 1, 4, 2))),
+                TxnOpResult::Delete { deleted: true },
+                TxnOpResult::Get(None),
+                TxnOpResult::Put { revision: 5 },
+            ],
+        }
+    );
+    assert_eq!(get(&r, "k"), Some(kv("k", b"v2", 1, 4, 2)), "the success branch did not run");
+    assert_eq!(get(&r, "other"), Some(kv("other", b"o", 3, 3, 1)));
+    assert_eq!(get(&r, "gone"), Some(kv("gone", b"back", 5, 5, 1)), "deleted, then a new life");
+    assert_eq!(get(&r, "n"), None);
+
+    // A txn put and a plain put count alike: create revision kept, mod revision and version move.
+    assert_eq!(apply_write(&mut sm, put(1, 6, "k", b"v3")).await, WriteOutcome::Put { revision: 6 });
+    let txn_put = txn(1, 7, vec![Compare::version("k", Equal, 3)], vec![TxnOp::put("k", "v4")], vec![]);
+    let outcome = WriteOutcome::Txn { revision: 7, succeeded: true, results: vec![TxnOpResult::Put { revision: 7 }] };
+    assert_eq!(apply_write(&mut sm, txn_put).await, outcome);
+    assert_eq!(get(&r, "k"), Some(kv("k", b"v4", 1, 7, 4)));
+    assert_eq!(apply_write(&mut sm, delete(1, 8, "k")).await, WriteOutcome::Delete { revision: 8, deleted: true });
+    // A create-if-absent txn (version = 0) after the delete.
+    let create = txn(1, 9, vec![Compare::version("k", Equal, 0)], vec![TxnOp::put("k", "new")], vec![TxnOp::get("k")]);
+    let outcome = WriteOutcome::Txn { revision: 9, succeeded: true, results: vec![TxnOpResult::Put { revision: 9 }] };
+    assert_eq!(apply_write(&mut sm, create).await, outcome);
+    assert_eq!(get(&r, "k"), Some(kv("k", b"new", 9, 9, 1)));
+    assert_digest_recounts(&r);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retried_prefix_deletes_and_txns_apply_once() {
+    use crate::api::CompareOp::Equal;
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = open_sm(dir.path());
+    let r = sm.reader();
+    let (x, y) = (client(1), client(2));
+    apply(&mut sm, vec![put(1, 1, "p/1", b"a"), put(1, 2, "p/2", b"b")]).await;
+
+    // A prefix delete retried after a new key appeared under the prefix: the first outcome, and
+    // the new key stays (a re-apply would delete it and count 1).
+    let dp = request(x, 1, WriteCommand::DeletePrefix { prefix: b"p/".to_vec() });
+    let first_dp = apply_write(&mut sm, normal(1, 3, dp.clone())).await;
+    assert_eq!(first_dp, WriteOutcome::DeletePrefix { revision: 3, deleted: 2 });
+    apply_write(&mut sm, put(1, 4, "p/3", b"c")).await;
+    assert_eq!(apply_write(&mut sm, normal(1, 5, dp.clone())).await, first_dp);
+    assert_eq!(get(&r, "p/3"), Some(kv("p/3", b"c", 4, 4, 1)));
+
+    // A txn retried: the first outcome (a re-apply would now fail the compare).
+    let t = request(
+        y,
+        1,
+        WriteCommand::Txn {
+            compares: vec![Compare::version("p/3", Equal, 1)],
+            success: vec![TxnOp::put("p/3", "t"), TxnOp::get("p/3")],
+            failure: vec![TxnOp::get("p/3")],
+        },
+    );
+    let first_txn = apply_write(&mut sm, normal(1, 6, t.clone())).await;
+    let results = vec![TxnOpResult::Put { revision: 6 }, TxnOpResult::Get(Some(kv("p/3", b"t", 4, 6, 2)))];
+    assert_eq!(first_txn, WriteOutcome::Txn { revision: 6, succeeded: true, results });
+    assert_eq!(apply_write(&mut sm, normal(1, 7, t.clone())).await, first_txn);
+    assert_eq!(get(&r, "p/3"), Some(kv("p/3", b"t", 4, 6, 2)), "applied once");
+    // An older sequence number of the session is stale and changes nothing.
+    let old = request(y, 0, WriteCommand::DeletePrefix { prefix: Vec::new() });
+    assert_eq!(apply_write(&mut sm, normal(1, 8, old)).await, WriteOutcome::StaleSequence { last_seq: 1 });
+    assert_eq!(r.key_count().unwrap(), 1);
+
+    // Sessions survive a restart: retries are still answered with the first outcomes.
+    drop((r, sm));
+    let mut sm = open_sm(dir.path());
+    assert_eq!(apply_write(&mut sm, normal(2, 9, dp)).await, first_dp);
+    assert_eq!(apply_write(&mut sm, normal(2, 10, t)).await, first_txn);
+    assert_eq!(get(&sm.reader(), "p/3"), Some(kv("p/3", b"t", 4, 6, 2)));
+    assert_digest_recounts(&sm.reader());
+}
+
+/// A log of prefix deletes and txns gives the same state and digest on a replica that applies it
+/// entry by entry and on one that applies it all at once (a prefix delete sends an apply to a
+/// blocking thread).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefix_deletes_and_txns_replay_to_the_same_state() {
+    use crate::api::CompareOp::{Equal, Less};
+    let log = vec![
+        membership(1, 1, &[1]),
+        put(1, 2, "a/1", b"1"),
+        put(1, 3, "a/2", b"2"),
+        put(1, 4, "b/1", b"3"),
+        txn(1, 5, vec![Compare::value("a/1", Equal, "1")], vec![TxnOp::put("a/3", "x"), TxnOp::delete("b/1")], vec![]),
+        delete_prefix(1, 6, b"a/"),
+        txn(1, 7, vec![Compare::create_revision("a/1", Less, 1)], vec![TxnOp::put("c", "y")], vec![TxnOp::get("c")]),
+        put(1, 8, "a/9", b"9"),
+        delete_prefix(1, 9, b"zzz"),
+        txn(1, 10, vec![Compare::value("c", Equal, "nope")], vec![], vec![TxnOp::put("c", "z"), TxnOp::get("a/9")]),
+    ];
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (mut a, mut b) = (open_sm(dir_a.path()), open_sm(dir_b.path()));
+    let mut one_by_one = Vec::new();
+    for entry in log.clone() {
+        one_by_one.extend(apply(&mut a, vec![entry]).await);
+    }
+    let all_at_once = apply(&mut b, log).await;
+    assert_eq!(one_by_one, all_at_once, "the same outcomes");
+    assert_eq!(a.reader().digest().unwrap(), b.reader().digest().unwrap());
+    assert_digest_recounts(&a.reader());
+    assert_eq!(all_keys(&a.reader()), all_keys(&b.reader()));
+    assert_eq!(names(&a.reader()), [&b"a/9"[..], b"c"]);
+    assert_eq!(get(&a.reader(), "c"), Some(kv("c", b"z", 7, 10, 2)));
+    assert_eq!(a.fingerprint().unwrap(), b.fingerprint().unwrap());
 }

@@ -1,0 +1,107 @@
+//! The README's tour, run as written: every ```sh block of README.md that starts `aspen-node`
+//! (the ones a new user pastes) runs verbatim under `bash -e`, in an empty directory, with the
+//! binaries this test build made first on `PATH`. A block that fails, hangs or prints other
+//! results than the README promises fails the test.
+
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::support::NODE_BIN;
+
+/// The `sh` blocks of `markdown` that start a node, with the heading they are under.
+fn tour_blocks(markdown: &str) -> Vec<(String, String)> {
+    let mut blocks = Vec::new();
+    let mut heading = String::new();
+    let mut current: Option<String> = None;
+    for line in markdown.lines() {
+        match &mut current {
+            Some(body) if line.trim_start().starts_with("```") => {
+                if body.contains("aspen-node") && !body.contains("cargo ") {
+                    blocks.push((heading.clone(), std::mem::take(body)));
+                }
+                current = None;
+            }
+            Some(body) => {
+                body.push_str(line);
+                body.push('\n');
+            }
+            None if line.trim_start() == "```sh" => current = Some(String::new()),
+            None => {
+                if let Some(h) = line.strip_prefix('#') {
+                    heading = h.trim_start_matches('#').trim().to_string();
+                }
+            }
+        }
+    }
+    blocks
+}
+
+/// Runs `script` with `bash -e` in `dir` (its own process group, killed afterwards with every
+/// node it left running); returns (success, stdout, stderr).
+fn run_block(script: &str, dir: &Path) -> (bool, String, String) {
+    use std::os::unix::process::CommandExt;
+    let bin_dir = Path::new(NODE_BIN).parent().expect("binary dir");
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+    std::fs::write(dir.join("block.sh"), script).unwrap();
+    let (out, err) = (dir.join("stdout"), dir.join("stderr"));
+    let mut cmd = Command::new("bash");
+    aspen_testkit::clean_env(&mut cmd);
+    cmd.arg("-e")
+        .arg("block.sh")
+        .current_dir(dir)
+        .env("PATH", path)
+        // Generous for two busy cores: elections and joins take longer than on a laptop.
+        .env("ASPEN_TIMEOUT", "90")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .process_group(0);
+    let mut child = cmd.spawn().expect("run bash");
+    let pgid = child.id();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // The block's background nodes are in its process group.
+    let _ = Command::new("kill").args(["-9", "--", &format!("-{pgid}")]).stderr(Stdio::null()).status();
+    let _ = child.wait();
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+    (status.is_some_and(|s| s.success()), read(&out), read(&err))
+}
+
+#[test]
+fn readme_tour_blocks_run_as_written() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let blocks = tour_blocks(&readme);
+    let names: Vec<&str> = blocks.iter().map(|(h, _)| h.as_str()).collect();
+    assert_eq!(names, ["One node", "Three nodes", "Sharding"], "the README's tour blocks");
+    // What each block must print (in this order) on stdout.
+    let expect: [&[&str]; 3] = [
+        &["OK\n", "hello\n", "OK\n", "exit 1\n", "greeting\thi\n"],
+        &["OK\n", "1\n", "OK\n", "2\n"],
+        &["OK\n", "user/42\talice\n"],
+    ];
+    for ((heading, body), want) in blocks.iter().zip(expect) {
+        let dir = tempfile::tempdir().unwrap();
+        let (ok, out, err) = run_block(body, dir.path());
+        let tail: Vec<&str> = err.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect();
+        assert!(ok, "README block {heading:?} failed:\n{body}\nstdout:\n{out}\nstderr (end):\n{}", tail.join("\n"));
+        let mut rest = out.as_str();
+        for piece in want {
+            let at = rest.find(piece).unwrap_or_else(|| {
+                panic!("README block {heading:?}: {piece:?} missing (in order) from stdout:\n{out}")
+            });
+            rest = &rest[at + piece.len()..];
+        }
+    }
+}
