@@ -124,7 +124,8 @@ enum Command {
     /// request succeeded.
     Bench(BenchArgs),
     /// Wait until the node behind --data-dir (its ticket file may not exist yet) or each node
-    /// named by --ticket serves: it answers, and every shard it hosts has a leader.
+    /// named by --ticket serves: it answers, and every shard it hosts has a leader (a node in no
+    /// cluster yet, started with --no-init, only has to answer).
     ///
     /// Exits 0 once it does, 3 when --timeout passes first, 2 for an invalid ticket.
     Wait,
@@ -407,6 +408,13 @@ async fn not_serving(tickets: &[NodeTicket], deadline: Instant) -> Option<String
             Err(_) => format!("node {} did not answer within {left:?}", ticket.node_id),
             Ok(Err(e)) => format!("node {}: {e}", ticket.node_id),
             // Another member may answer after a failover: only the node itself counts.
+            // A node that is in no cluster yet (`--no-init`, waiting for `cluster init` or
+            // `add-learner`) serves as soon as it answers: no leader will come by itself.
+            Ok(Ok(aspen::api::ClientResponse::NodeStatus(st)))
+                if st.node_id == ticket.node_id && st.shards.iter().all(|s| s.voters.is_empty()) =>
+            {
+                continue
+            }
             Ok(Ok(aspen::api::ClientResponse::NodeStatus(st))) if st.node_id == ticket.node_id => {
                 match st.shards.iter().find(|s| s.leader.is_none()) {
                     Some(s) => format!("shard {} of node {} has no leader yet", s.shard, st.node_id),

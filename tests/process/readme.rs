@@ -1,7 +1,7 @@
-//! The README's tour, run as written: every ```sh block of README.md that starts `aspen-node`
-//! (the ones a new user pastes) runs verbatim under `bash -e`, in an empty directory, with the
-//! binaries this test build made first on `PATH`. A block that fails, hangs or prints other
-//! results than the README promises fails the test.
+//! The walkthroughs, run as written: every ```sh block of README.md that starts `aspen-node`
+//! (the ones a new user pastes), and docs/operations.md's three-node walkthrough, run verbatim
+//! under `bash -e`, in an empty directory, with the binaries this test build made first on
+//! `PATH`. A block that fails, hangs or prints other results than the docs promise fails the test.
 
 use std::{
     path::Path,
@@ -77,6 +77,53 @@ fn run_block(script: &str, dir: &Path) -> (bool, String, String) {
     let _ = child.wait();
     let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
     (status.is_some_and(|s| s.success()), read(&out), read(&err))
+}
+
+/// The `sh` blocks of `markdown` from the heading `from` up to the heading `to`, as one script.
+fn walkthrough(markdown: &str, from: &str, to: &str) -> String {
+    let start = markdown.find(from).unwrap_or_else(|| panic!("no {from:?} heading"));
+    let end = start + markdown[start..].find(to).unwrap_or_else(|| panic!("no {to:?} heading"));
+    let mut script = String::new();
+    let mut in_sh = false;
+    for line in markdown[start..end].lines() {
+        if in_sh && line.trim_start().starts_with("```") {
+            in_sh = false;
+        } else if in_sh {
+            script.push_str(line);
+            script.push('\n');
+        } else if line.trim_start() == "```sh" {
+            in_sh = true;
+        }
+    }
+    script
+}
+
+/// docs/operations.md's three-node walkthrough (start, join, replicate, kill the leader,
+/// restart it) and its membership changes by hand, run as one script as written.
+#[test]
+fn operations_walkthrough_runs_as_written() {
+    let docs = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/operations.md")).unwrap();
+    let script = walkthrough(&docs, "## A three-node cluster on one machine", "### Across machines");
+    assert!(script.contains("cluster add-learner"), "{script}");
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, out, err) = run_block(&script, dir.path());
+    let tail: Vec<&str> = err.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect();
+    assert!(ok, "the walkthrough failed:\n{script}\nstdout:\n{out}\nstderr (end):\n{}", tail.join("\n"));
+    let want = [
+        "OK\n",
+        "1\n",
+        "OK\n",
+        "exit 3\n",
+        "2\n",
+        "voters: 1,2,3  learners: 4\n",
+        "voters: 1,2,3,4  learners: \n",
+        "voters: 1,2,3  learners: \n",
+    ];
+    let mut rest = out.as_str();
+    for piece in want {
+        let at = rest.find(piece).unwrap_or_else(|| panic!("{piece:?} missing (in order) from stdout:\n{out}"));
+        rest = &rest[at + piece.len()..];
+    }
 }
 
 #[test]
