@@ -23,11 +23,16 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // RUST_LOG replaces the default filter as a whole; unset or empty, the default applies.
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(s) if !s.trim().is_empty() => tracing_subscriber::EnvFilter::try_new(&s).unwrap_or_else(|e| {
+            eprintln!("aspen-node: ignoring RUST_LOG={s:?} ({e}); using the default filter");
+            tracing_subscriber::EnvFilter::new(aspen::logging::DEFAULT_LOG_FILTER)
+        }),
+        _ => tracing_subscriber::EnvFilter::new(aspen::logging::DEFAULT_LOG_FILTER),
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,iroh=warn,noq=warn,openraft=warn")),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         // Colour only for a person at a terminal: never into files or journald.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

@@ -1,6 +1,7 @@
 //! Real `aspen-node` and `aspen-cli` processes on 127.0.0.1: a single node and every CLI
-//! command ([`single`]), three nodes with `kill -9` ([`cluster`]), four shards ([`sharded`]) and
-//! `aspen-cli bench` ([`bench`]). One test binary; the tests run one at a time.
+//! command ([`single`]), three nodes with `kill -9` ([`cluster`]), four shards ([`sharded`]),
+//! `aspen-cli bench` ([`bench`]) and what the nodes' logs say ([`logs`]). One test binary; the
+//! tests run one at a time.
 
 #[path = "../support/mod.rs"]
 mod support;
@@ -8,6 +9,7 @@ mod support;
 mod bench;
 mod cluster;
 mod first_hour;
+mod logs;
 mod readme;
 mod sharded;
 mod single;

@@ -14,6 +14,7 @@ use std::{
 /// Top-level modules from the bottom up. A module may use only modules of a lower rank.
 const RANKS: &[(&str, u8)] = &[
     ("api", 0),
+    ("logging", 0),
     ("config", 1),
     ("storage", 2),
     ("transport", 2),

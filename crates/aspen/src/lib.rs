@@ -19,9 +19,10 @@
 //! | rank | module | owns |
 //! |--:|---|---|
 //! | 0 | [`api`] | wire and disk types: client requests, frames, tickets, the openraft type config, Raft RPC messages |
+//! | 0 | [`logging`] | the node's default log filter ([`logging::DEFAULT_LOG_FILTER`]) |
 //! | 1 | [`config`] | the node's configuration (flags, environment, TOML) |
 //! | 2 | [`storage`] | redb log store, log journal, state machine, metadata store |
-//! | 2 | [`transport`] | iroh endpoint, connection pool, peer book, raft mux, request/answer exchange, client ALPN server, fault injection |
+//! | 2 | [`transport`] | iroh endpoint, connection pool, peer book, peer reachability, raft mux, request/answer exchange, client ALPN server, fault injection |
 //! | 3 | [`raft`] | `RaftNode`, batcher, openraft network factory, Raft ALPN server |
 //! | 3 | [`client`] | the Rust client |
 //! | 4 | [`sharding`] | router, `ShardedKeyValueStore` (routing, hints, forwarding decisions, scan fan-out), batched forwarding |
@@ -35,6 +36,7 @@ pub mod api;
 pub mod client;
 pub mod cluster;
 pub mod config;
+pub mod logging;
 pub mod raft;
 pub mod sharding;
 pub mod storage;

@@ -213,8 +213,8 @@ impl GossipDiscovery {
     }
 
     /// The protocol handler to register with the router.
-    pub fn protocol(&self) -> Gossip {
-        self.gossip.clone()
+    pub fn protocol(&self) -> GossipProtocol {
+        GossipProtocol(self.gossip.clone())
     }
 
     /// The topic of this node's cluster; `None` until the node has initialized or joined one.
@@ -239,6 +239,25 @@ impl GossipDiscovery {
         }
         if let Err(e) = self.gossip.shutdown().await {
             tracing::debug!("gossip shutdown: {e}");
+        }
+    }
+}
+
+/// The gossip instance as the router's protocol handler. The router stops it when it shuts down,
+/// and [`GossipDiscovery::shutdown`] may have stopped it already (a node's shutdown does, first);
+/// iroh-gossip's own handler then logs a warning (`error while shutting down gossip:
+/// ActorDropped`) on every clean stop. Stopping a stopped instance is fine here.
+#[derive(Debug, Clone)]
+pub struct GossipProtocol(Gossip);
+
+impl iroh::protocol::ProtocolHandler for GossipProtocol {
+    async fn accept(&self, connection: iroh::endpoint::Connection) -> Result<(), iroh::protocol::AcceptError> {
+        iroh::protocol::ProtocolHandler::accept(&self.0, connection).await
+    }
+
+    async fn shutdown(&self) {
+        if let Err(e) = self.0.shutdown().await {
+            tracing::debug!("gossip shutdown (already stopped): {e}");
         }
     }
 }

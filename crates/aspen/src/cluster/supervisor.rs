@@ -1,6 +1,9 @@
-//! The supervisor: watches every hosted shard's health (`RaftNode::health`: a leader known,
-//! recent heartbeats, small apply lag) once a second and logs when a shard turns unhealthy and
-//! when it recovers. Health is also part of every shard's status (`cluster status`).
+//! The supervisor: watches every hosted shard's health (`RaftNode::health`: Raft running, a
+//! leader known, recent heartbeats, small apply lag) once a second and logs when a shard turns
+//! unhealthy and when it recovers. A shard whose Raft stopped on a fatal error (a storage error)
+//! is logged at error (`shard stopped`): the node's default log filter drops openraft's own line
+//! about it (`logging::DEFAULT_LOG_FILTER`). Health is also part of every shard's status
+//! (`cluster status`).
 //!
 //! It only observes; it never changes Raft state.
 
@@ -23,6 +26,7 @@ impl Supervisor {
     pub fn spawn(node_id: u64, shards: BTreeMap<ShardId, RaftNode>, shutdown: CancellationToken) -> Self {
         let task = tokio::spawn(async move {
             let mut healthy: BTreeMap<ShardId, bool> = shards.keys().map(|s| (*s, true)).collect();
+            let mut stopped = std::collections::BTreeSet::new();
             // Give elections at start-up a chance before the first report.
             let grace = shards.values().next().map(|s| s.raft().config().election_timeout_max).unwrap_or(0);
             tokio::select! {
@@ -38,7 +42,12 @@ impl Supervisor {
                 for (id, shard) in &shards {
                     let h = shard.health();
                     let was = healthy.insert(*id, h.healthy).unwrap_or(true);
-                    if was && !h.healthy {
+                    // A Raft core that stopped never starts again: one line, whatever came before.
+                    if shard.raft().metrics().borrow().running_state.is_err() {
+                        if stopped.insert(*id) {
+                            tracing::error!(node_id, shard = id, reason = %h.reason, "shard stopped");
+                        }
+                    } else if was && !h.healthy {
                         tracing::warn!(node_id, shard = id, reason = %h.reason, apply_lag = h.apply_lag, "shard unhealthy");
                     } else if !was && h.healthy {
                         tracing::info!(node_id, shard = id, "shard healthy again");

@@ -4,7 +4,12 @@
 //! that do not serve the mux get one bi-stream per RPC (`raft-rpc` / `raft-shard`).
 //!
 //! Owns: the mapping of openraft's `RaftNetwork` calls onto frames, the cluster id stamped on
-//! every message, and the commit-index cap. Never: dial or pool connections itself
+//! every message, the commit-index cap, and telling the node's
+//! [`crate::transport::reachability::Reachability`] how every RPC to a peer went (so a peer that
+//! stops answering is logged once per peer, not once per RPC of every shard; openraft's own
+//! per-RPC reports are dropped by the default log filter). Failures to a peer already known
+//! unreachable are reported to openraft as `Unreachable`, so that it backs off instead of
+//! retrying at every heartbeat. Never: dial or pool connections itself
 //! ([`crate::transport::pool`] does).
 
 use std::{
@@ -28,10 +33,10 @@ use crate::{
         frame::{encode_frame, read_frame},
         raft::{LogId, MemberNode, TypeConfig},
         raft_rpc::{RaftEnvelope, RaftRefusal, RaftRequest, RaftResponse},
-        ClusterId, ShardId, MAX_FRAME_BYTES, RAFT_ALPN, RAFT_SHARDED_ALPN,
+        split_raft_id, ClusterId, NodeId, ShardId, MAX_FRAME_BYTES, RAFT_ALPN, RAFT_SHARDED_ALPN,
     },
     storage::DurableWatch,
-    transport::{fault, mux::MUX_MAX_REQUEST, ConnectionPool, TransportError},
+    transport::{fault, mux::MUX_MAX_REQUEST, reachability::counts_as_silence, ConnectionPool, TransportError},
 };
 
 /// The cluster id this node stamps on its Raft messages (set at init or join).
@@ -89,7 +94,39 @@ pub struct IrohNetwork {
 }
 
 impl IrohNetwork {
+    /// The peer node this client talks to (the same for every shard).
+    fn peer(&self) -> NodeId {
+        split_raft_id(self.target).1
+    }
+
+    /// One RPC, its outcome told to the node's peer reachability.
     async fn call(&self, request: RaftRequest, ttl: Duration) -> Result<RaftResponse, TransportError> {
+        let result = self.exchange(request, ttl).await;
+        let reachability = self.factory.pool.reachability();
+        let endpoint = EndpointName(self.addr.as_ref());
+        match &result {
+            // This node is stopping (its endpoint is closing): that says nothing about the peer.
+            Err(_) if self.factory.pool.closing() => {}
+            Err(e) if counts_as_silence(e) => reachability.failed(self.peer(), endpoint, e),
+            // An answer, even a refusal, is from a peer that is up.
+            _ => reachability.answered(self.peer(), endpoint),
+        }
+        result
+    }
+
+    /// openraft's view of a failed RPC. `Unreachable` makes openraft back off (500 ms) before the
+    /// next RPC to this peer; other network errors are retried at the next heartbeat. So a peer
+    /// that could not be dialled, refused, or is known not to answer is `Unreachable`.
+    fn rpc_err<E: std::error::Error>(&self, e: TransportError) -> RPCError<u64, MemberNode, E> {
+        let silent_peer = counts_as_silence(&e) && self.factory.pool.reachability().is_down(self.peer());
+        if e.is_unreachable() || matches!(e, TransportError::Refused(_)) || silent_peer {
+            return RPCError::Unreachable(Unreachable::new(&e));
+        }
+        RPCError::Network(RaftNetworkError::new(&e))
+    }
+
+    /// The RPC itself, within `ttl`: on the peer's mux stream, or on a stream of its own.
+    async fn exchange(&self, request: RaftRequest, ttl: Duration) -> Result<RaftResponse, TransportError> {
         let addr = self.addr.as_ref().ok_or(TransportError::NoAddress)?;
         let cluster_id = *self.factory.cluster_id.read().unwrap_or_else(|p| p.into_inner());
         let snapshot = matches!(request, RaftRequest::InstallSnapshot(_));
@@ -151,11 +188,16 @@ impl IrohNetwork {
     }
 }
 
-fn rpc_err<E: std::error::Error>(e: TransportError) -> RPCError<u64, MemberNode, E> {
-    if e.is_unreachable() || matches!(e, TransportError::Refused(_)) {
-        return RPCError::Unreachable(Unreachable::new(&e));
+/// A peer's endpoint id, short, for log lines (formatted only when a line is written).
+struct EndpointName<'a>(Option<&'a EndpointAddr>);
+
+impl std::fmt::Display for EndpointName<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(addr) => write!(f, "{}", addr.id.fmt_short()),
+            None => f.write_str("none"),
+        }
     }
-    RPCError::Network(RaftNetworkError::new(&e))
 }
 
 impl RaftNetwork<TypeConfig> for IrohNetwork {
@@ -167,9 +209,9 @@ impl RaftNetwork<TypeConfig> for IrohNetwork {
         if let Some(log) = &self.factory.commit_cap {
             rpc.leader_commit = capped_commit(rpc.leader_commit, log.borrow().last);
         }
-        match self.call(RaftRequest::AppendEntries(rpc), option.hard_ttl()).await.map_err(rpc_err)? {
+        match self.call(RaftRequest::AppendEntries(rpc), option.hard_ttl()).await.map_err(|e| self.rpc_err(e))? {
             RaftResponse::AppendEntries(r) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
-            _ => Err(rpc_err(TransportError::UnexpectedResponse)),
+            _ => Err(self.rpc_err(TransportError::UnexpectedResponse)),
         }
     }
 
@@ -178,9 +220,9 @@ impl RaftNetwork<TypeConfig> for IrohNetwork {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<InstallSnapshotResponse<u64>, RPCError<u64, MemberNode, RaftError<u64, InstallSnapshotError>>> {
-        match self.call(RaftRequest::InstallSnapshot(rpc), option.hard_ttl()).await.map_err(rpc_err)? {
+        match self.call(RaftRequest::InstallSnapshot(rpc), option.hard_ttl()).await.map_err(|e| self.rpc_err(e))? {
             RaftResponse::InstallSnapshot(r) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
-            _ => Err(rpc_err(TransportError::UnexpectedResponse)),
+            _ => Err(self.rpc_err(TransportError::UnexpectedResponse)),
         }
     }
 
@@ -189,9 +231,9 @@ impl RaftNetwork<TypeConfig> for IrohNetwork {
         rpc: VoteRequest<u64>,
         option: RPCOption,
     ) -> Result<VoteResponse<u64>, RPCError<u64, MemberNode, RaftError<u64>>> {
-        match self.call(RaftRequest::Vote(rpc), option.hard_ttl()).await.map_err(rpc_err)? {
+        match self.call(RaftRequest::Vote(rpc), option.hard_ttl()).await.map_err(|e| self.rpc_err(e))? {
             RaftResponse::Vote(r) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
-            _ => Err(rpc_err(TransportError::UnexpectedResponse)),
+            _ => Err(self.rpc_err(TransportError::UnexpectedResponse)),
         }
     }
 }

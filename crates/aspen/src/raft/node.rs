@@ -396,7 +396,8 @@ impl RaftNode {
         self.leader_contact_ms.store(ms.max(1), Ordering::Relaxed);
     }
 
-    /// The shard's health on this node: a leader known, recent heartbeats, small apply lag.
+    /// The shard's health on this node: Raft running, a leader known, recent heartbeats, small
+    /// apply lag.
     pub fn health(&self) -> ShardHealth {
         let m = self.raft.metrics().borrow().clone();
         let election_max = self.raft.config().election_timeout_max;
@@ -411,7 +412,9 @@ impl RaftNode {
         };
         let apply_lag = m.last_log_index.unwrap_or(0).saturating_sub(m.last_applied.map(|l| l.index).unwrap_or(0));
         let voters = m.membership_config.membership().voter_ids().count();
-        let reason = if !leader_known {
+        let reason = if let Err(fatal) = &m.running_state {
+            format!("Raft stopped: {fatal}")
+        } else if !leader_known {
             "no leader known".to_string()
         } else if voters > 1 && heartbeat_age_ms.is_none_or(|a| a > 2 * election_max) {
             format!("no heartbeat for {} ms", heartbeat_age_ms.map(|a| a.to_string()).unwrap_or_else(|| "ever".into()))

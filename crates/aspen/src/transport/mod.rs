@@ -2,7 +2,8 @@
 //! endpoint (docs/design.md, "ALPNs").
 //!
 //! Owns: the node's identity and offline-safe endpoint ([`endpoint`], invariant 5), the pooled
-//! connections to peers and the peer address book ([`pool`]), the raft mux stream that carries
+//! connections to peers and the peer address book ([`pool`]), whether each peer answers and the
+//! log lines when one stops or starts answering ([`reachability`]), the raft mux stream that carries
 //! every shard's small Raft RPCs to a peer ([`mux`]), one request/answer exchange with a peer
 //! on the client ALPN ([`request`]), the server side of the client ALPN ([`client_alpn`]) and
 //! the fault-injection hooks tests use ([`fault`]). Every failure is a [`TransportError`].
@@ -15,6 +16,7 @@ pub mod endpoint;
 pub mod fault;
 pub mod mux;
 pub mod pool;
+pub mod reachability;
 pub mod request;
 
 use std::time::Duration;

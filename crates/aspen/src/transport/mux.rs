@@ -52,7 +52,7 @@ use super::{pool::ConnectionPool, TransportError};
 use crate::api::{
     frame::{decode, encode_frame, read_one_of_many, split_frame},
     raft_rpc::{RaftRefusal, RaftResponse},
-    ShardId, MAX_FRAME_BYTES, RAFT_MUX_ALPN,
+    FrameError, ShardId, MAX_FRAME_BYTES, RAFT_MUX_ALPN,
 };
 
 /// Requests of one mux stream being answered at once on the receiving node.
@@ -292,6 +292,9 @@ pub enum Incoming {
     Request { id: u64, shard: ShardId, envelope: Vec<u8> },
     /// The stream ended cleanly between messages.
     End,
+    /// The stream was reset or its connection closed (the sender stopped or went away, or this
+    /// node is stopping): nothing malformed was read, but the stream cannot go on.
+    Closed(String),
 }
 
 /// Why a mux stream cannot go on: the id of the message that broke it (when its id arrived
@@ -301,19 +304,30 @@ pub type MuxReadError = (Option<u64>, String);
 const TRUNCATED_ID: &str = "stream ended inside a request id";
 const TRUNCATED_SHARD: &str = "stream ended inside a shard id";
 
-/// Reads the next request of a mux stream. `Err` means the stream cannot go on (truncated
-/// message, oversized frame).
+/// Reads the next request of a mux stream. `Err` means the stream cannot go on because of what
+/// it carried (truncated message, oversized frame); [`Incoming::Closed`], because it was reset
+/// or its connection closed.
 pub async fn read_request<R: AsyncRead + Unpin>(recv: &mut R, limit: usize) -> Result<Incoming, MuxReadError> {
+    let truncated = |e: &std::io::Error| e.kind() == std::io::ErrorKind::UnexpectedEof;
     let mut id = [0u8; 8];
     match read_exact_or_end(recv, &mut id).await {
         Ok(true) => {}
         Ok(false) => return Ok(Incoming::End),
-        Err(_) => return Err((None, TRUNCATED_ID.into())),
+        Err(e) if truncated(&e) => return Err((None, TRUNCATED_ID.into())),
+        Err(e) => return Ok(Incoming::Closed(e.to_string())),
     }
     let id = u64::from_be_bytes(id);
     let mut shard = [0u8; 4];
-    recv.read_exact(&mut shard).await.map_err(|_| (Some(id), TRUNCATED_SHARD.to_string()))?;
-    let envelope = read_one_of_many(recv, limit).await.map_err(|e| (Some(id), e.to_string()))?;
+    match recv.read_exact(&mut shard).await {
+        Ok(_) => {}
+        Err(e) if truncated(&e) => return Err((Some(id), TRUNCATED_SHARD.to_string())),
+        Err(e) => return Ok(Incoming::Closed(e.to_string())),
+    }
+    let envelope = match read_one_of_many(recv, limit).await {
+        Ok(envelope) => envelope,
+        Err(FrameError::Io(e)) => return Ok(Incoming::Closed(e.to_string())),
+        Err(e) => return Err((Some(id), e.to_string())),
+    };
     Ok(Incoming::Request { id, shard: u32::from_be_bytes(shard), envelope })
 }
 
@@ -435,6 +449,12 @@ where
         let Ok(permit) = limit.clone().acquire_owned().await else { break };
         match read_request(&mut recv, MAX_FRAME_BYTES).await {
             Ok(Incoming::End) => break,
+            Ok(Incoming::Closed(why)) => {
+                // The sender stopped or went away, or this node is stopping: not worth a warning
+                // (a peer that stopped answering is reported by the sender's reachability).
+                tracing::debug!("raft mux stream closed: {why}");
+                break;
+            }
             Ok(Incoming::Request { id, shard, envelope }) => {
                 let (send, dead, nobody, answer) = (send.clone(), dead.clone(), nobody.clone(), answer.clone());
                 let place = shards.take(shard);

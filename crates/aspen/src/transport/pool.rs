@@ -4,8 +4,9 @@
 //!
 //! Owns: the pool (concurrent callers share one dial; a failed connection is forgotten so the
 //! next call dials again), the [`PeerBook`] (iroh `MemoryLookup` plus the addresses peers last
-//! announced over gossip), the raft mux client of the node ([`super::mux::MuxClient`]) and the
-//! counters of how Raft RPCs travelled. Never: talk to anything but the endpoint ids and direct
+//! announced over gossip), the raft mux client of the node ([`super::mux::MuxClient`]), whether
+//! each peer answers ([`Reachability`], fed by the Raft network) and the counters of how Raft RPCs
+//! travelled. Never: talk to anything but the endpoint ids and direct
 //! addresses it was given (no relays, no DNS; see [`super::endpoint`]).
 
 use std::{
@@ -16,7 +17,7 @@ use std::{
 
 use iroh::{address_lookup::MemoryLookup, endpoint::Connection, Endpoint, EndpointAddr, EndpointId};
 
-use super::{mux::MuxClient, TransportError};
+use super::{mux::MuxClient, reachability::Reachability, TransportError};
 
 /// Where peers can be reached: feeds iroh's `MemoryLookup` so endpoints can be dialled by id,
 /// and remembers the addresses each peer last announced over gossip, which are added to the
@@ -90,6 +91,7 @@ pub struct ConnectionPool {
     connect_timeout: Duration,
     pub(crate) mux: MuxClient,
     pub(crate) sent: Arc<SentCounters>,
+    reachability: Reachability,
 }
 
 #[derive(Debug, Default)]
@@ -116,6 +118,7 @@ impl ConnectionPool {
             connect_timeout,
             mux: MuxClient::default(),
             sent: Default::default(),
+            reachability: Reachability::default(),
         }
     }
 
@@ -133,13 +136,31 @@ impl ConnectionPool {
         &self.peers
     }
 
+    /// Whether each peer answers this node's Raft messages (shared by every shard).
+    pub fn reachability(&self) -> &Reachability {
+        &self.reachability
+    }
+
+    /// Whether this node's endpoint is closing or closed (the node is stopping): failures to
+    /// reach peers from then on say nothing about the peers.
+    pub fn closing(&self) -> bool {
+        futures::FutureExt::now_or_never(self.endpoint.closed()).is_some()
+    }
+
     /// A live connection to `addr` on `alpn`, dialling if there is none.
+    ///
+    /// The dial runs as a task of its own, bounded by the connect timeout only: a caller that
+    /// gives up sooner (a Raft RPC waits one heartbeat interval) stops waiting, but the dial goes
+    /// on and the next caller finds its connection. Cancelling it half-way would abort the
+    /// handshake, so that a peer whose handshake takes longer than the caller's patience (a
+    /// restarting peer, a long round trip) were never connected, and would make the peer log
+    /// every aborted handshake.
     pub async fn get(&self, addr: &EndpointAddr, alpn: &'static [u8]) -> Result<Connection, TransportError> {
         let slot = {
             let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
             slots.entry((addr.id, alpn)).or_default().clone()
         };
-        let mut guard = slot.lock().await;
+        let mut guard = slot.lock_owned().await;
         if let Some(conn) = guard.as_ref() {
             if conn.close_reason().is_none() {
                 return Ok(conn.clone());
@@ -148,12 +169,24 @@ impl ConnectionPool {
         let addr = self.peers.resolve(addr);
         self.peers.add(addr.clone());
         let peer = addr.id.fmt_short().to_string();
-        let conn = tokio::time::timeout(self.connect_timeout, self.endpoint.connect(addr.clone(), alpn))
-            .await
-            .map_err(|_| TransportError::ConnectTimeout { peer: peer.clone(), after: self.connect_timeout })?
-            .map_err(|e| TransportError::connect(peer, alpn, e))?;
-        *guard = Some(conn.clone());
-        Ok(conn)
+        let (endpoint, connect_timeout) = (self.endpoint.clone(), self.connect_timeout);
+        // Holds the slot until the dial ends: concurrent callers wait for it and share its result.
+        let dial = tokio::spawn({
+            let peer = peer.clone();
+            async move {
+                let conn = tokio::time::timeout(connect_timeout, endpoint.connect(addr, alpn))
+                    .await
+                    .map_err(|_| TransportError::ConnectTimeout { peer: peer.clone(), after: connect_timeout })?
+                    .map_err(|e| TransportError::connect(peer, alpn, e))?;
+                *guard = Some(conn.clone());
+                Ok(conn)
+            }
+        });
+        match dial.await {
+            Ok(result) => result,
+            // Only a panic inside iroh's connect, or a runtime shutting down, gets here.
+            Err(e) => Err(TransportError::LinkFailed { peer, reason: format!("dial: {e}") }),
+        }
     }
 
     /// Forgets a connection that failed, so the next call dials again.
