@@ -4,7 +4,10 @@
 # mode, and runs aspen-compare, which starts a 3-member etcd, a 3-node Aspen and a 3-node 4-shard
 # Aspen on 127.0.0.1 one after another, measures each with the same load generator, prints the
 # table and writes benches/RESULTS.md. Arguments go to aspen-compare (e.g. --quick for a smoke
-# run; --help lists them). Needs root (or sudo) only when something must be installed.
+# run; --help lists them). Needs root (or sudo) only when something must be installed, and for
+# CPU caps (`--cpu-per-node 0.45`, or `none,0.45` for the uncapped and the capped table in one
+# run): each server process then runs in a cgroup of its own, which needs root, so when this
+# script is not root it builds as the user and runs only aspen-compare under sudo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,4 +27,26 @@ target="${CARGO_TARGET_DIR:-target}"
 cargo build --release -p aspen-bin -p aspen-compare --bins
 
 export ASPEN_COMPARE_COMMAND="scripts/compare-etcd.sh${*:+ $*}"
-exec "$target/release/aspen-compare" --node-bin "$target/release/aspen-node" "$@"
+
+# Does any --cpu-per-node value set a cap (a number, not `none`)?
+capped=false
+want_value=false
+for arg in "$@"; do
+  value=""
+  if [ "$want_value" = true ]; then
+    value="$arg"
+    want_value=false
+  elif [ "$arg" = "--cpu-per-node" ]; then
+    want_value=true
+  elif [[ "$arg" == --cpu-per-node=* ]]; then
+    value="${arg#--cpu-per-node=}"
+  fi
+  if [[ "$value" =~ [0-9] ]]; then capped=true; fi
+done
+
+run=("$target/release/aspen-compare" --node-bin "$target/release/aspen-node" "$@")
+if [ "$capped" = true ] && [ "$(id -u)" -ne 0 ]; then
+  echo "compare-etcd: --cpu-per-node needs root for its cgroups: running aspen-compare with sudo" >&2
+  exec sudo --preserve-env=ASPEN_COMPARE_COMMAND "${run[@]}"
+fi
+exec "${run[@]}"

@@ -9,16 +9,32 @@ use std::{
 
 use aspen::{api::NodeTicket, AspenClient};
 
-use crate::procs::{self, free_udp_addrs, NodeProcess, NodeSpec};
+use crate::{
+    cgroup::{Cgroup, CpuLimiter},
+    cpu::CpuMeter,
+    procs::{self, free_udp_addrs, NodeProcess, NodeSpec},
+};
 
-/// A running Aspen cluster; its processes are stopped and its data dirs removed on drop.
+/// A running Aspen cluster; its processes are stopped, then their cgroups (if capped) and data
+/// dirs removed on drop.
 pub struct AspenCluster {
     /// Node tickets in node id order (node 1 first).
     pub tickets: Vec<NodeTicket>,
     pub num_shards: u32,
-    // Field order matters: the processes stop before their data dirs are removed.
+    // Field order matters: the processes stop before their cgroups and data dirs are removed.
     nodes: Vec<NodeProcess>,
+    cgroups: Vec<Cgroup>,
     _dir: tempfile::TempDir,
+}
+
+impl Drop for AspenCluster {
+    /// SIGTERM to every process at once, so their shutdowns overlap; each field's drop then
+    /// waits for its process (SIGKILL after the grace), then removes the cgroups and data dirs.
+    fn drop(&mut self) {
+        for n in &self.nodes {
+            let _ = n.proc.signal(procs::SIGTERM);
+        }
+    }
 }
 
 impl AspenCluster {
@@ -26,13 +42,20 @@ impl AspenCluster {
     /// node 1's ticket, and waits until every node votes in every shard and all agree on each
     /// shard's leader. `num_shards > 1` starts every node with `--sharding-enabled
     /// --sharding-num-shards N`. Raft timing and everything else are the product's defaults.
-    pub async fn start(node_bin: &Path, n: usize, num_shards: u32) -> Result<AspenCluster, String> {
+    /// With `limiter`, each node runs in a capped cgroup of its own.
+    pub async fn start(
+        node_bin: &Path,
+        n: usize,
+        num_shards: u32,
+        limiter: Option<&CpuLimiter>,
+    ) -> Result<AspenCluster, String> {
         let dir = tempfile::Builder::new()
             .prefix("aspen-compare-aspen-")
             .tempdir()
             .map_err(|e| format!("cannot create a temp dir: {e}"))?;
         let addrs = free_udp_addrs(n)?;
-        let mut cluster = AspenCluster { tickets: Vec::new(), num_shards, nodes: Vec::new(), _dir: dir };
+        let mut cluster =
+            AspenCluster { tickets: Vec::new(), num_shards, nodes: Vec::new(), cgroups: Vec::new(), _dir: dir };
         let root = cluster._dir.path().to_path_buf();
         for (i, addr) in addrs.iter().enumerate() {
             let node_id = i as u64 + 1;
@@ -46,13 +69,28 @@ impl AspenCluster {
             if let Some(first) = cluster.tickets.first() {
                 spec.args.extend(["--join".to_string(), first.encode()]);
             }
+            if let Some(limiter) = limiter {
+                let label = format!("aspen{num_shards}-node-{node_id}");
+                cluster.cgroups.push(limiter.create(&label).map_err(|e| e.to_string())?);
+            }
             let log = root.join(format!("node-{node_id}.log"));
-            cluster.nodes.push(procs::spawn_node(spec, &log)?);
+            cluster.nodes.push(procs::spawn_node(spec, &log, cluster.cgroups.get(i))?);
             let ticket = wait_for_ticket(cluster.nodes.last_mut().expect("just pushed")).await?;
             cluster.tickets.push(ticket);
         }
         cluster.wait_converged(Duration::from_secs(120)).await?;
         Ok(cluster)
+    }
+
+    /// Reads the CPU time of every node.
+    pub fn cpu_meter(&self) -> Result<CpuMeter, String> {
+        let sources = self
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| procs::cpu_source(&n.proc, self.cgroups.get(i)))
+            .collect::<Result<_, _>>()?;
+        Ok(CpuMeter::new(sources))
     }
 
     /// Spreads the shard leaders over the nodes (`aspen-cli cluster balance-leaders`, through the

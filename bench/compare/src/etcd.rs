@@ -11,21 +11,38 @@ use aspen::api::ReadConsistency;
 use aspen_bench::{BenchBackend, BenchClient, OpError};
 use etcd_client::{Client, ConnectOptions, GetOptions, Txn, TxnOp};
 
-use crate::procs::{self, free_tcp_ports, Proc};
+use crate::{
+    cgroup::{Cgroup, CpuLimiter},
+    cpu::CpuMeter,
+    procs::{self, free_tcp_ports, Proc},
+};
 
-/// A running etcd cluster; its processes are stopped and its data dirs removed on drop.
+/// A running etcd cluster; its processes are stopped, then their cgroups (if capped) and data
+/// dirs removed on drop.
 pub struct EtcdCluster {
     /// `http://127.0.0.1:PORT` of each member, in member order.
     pub endpoints: Vec<String>,
-    // Field order matters: the processes stop before their data dirs are removed.
+    // Field order matters: the processes stop before their cgroups and data dirs are removed.
     members: Vec<Proc>,
+    cgroups: Vec<Cgroup>,
     _dir: tempfile::TempDir,
+}
+
+impl Drop for EtcdCluster {
+    /// SIGTERM to every process at once, so their shutdowns overlap; each field's drop then
+    /// waits for its process (SIGKILL after the grace), then removes the cgroups and data dirs.
+    fn drop(&mut self) {
+        for n in &self.members {
+            let _ = n.signal(procs::SIGTERM);
+        }
+    }
 }
 
 impl EtcdCluster {
     /// Starts `n` members with fresh data dirs (etcd's defaults otherwise: fsync on, 100 ms
-    /// heartbeat, 1 s election timeout) and waits until every member knows the leader.
-    pub async fn start(etcd: &Path, n: usize) -> Result<EtcdCluster, String> {
+    /// heartbeat, 1 s election timeout) and waits until every member knows the leader. With
+    /// `limiter`, each member runs in a capped cgroup of its own.
+    pub async fn start(etcd: &Path, n: usize, limiter: Option<&CpuLimiter>) -> Result<EtcdCluster, String> {
         let dir = tempfile::Builder::new()
             .prefix("aspen-compare-etcd-")
             .tempdir()
@@ -36,11 +53,13 @@ impl EtcdCluster {
         let initial_cluster =
             (0..n).map(|i| format!("{}=http://127.0.0.1:{}", name(i), peer_ports[i])).collect::<Vec<_>>().join(",");
         let token = format!("aspen-compare-{}", std::process::id());
-        let mut members = Vec::new();
+        let endpoints = client_ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
+        let mut cluster = EtcdCluster { endpoints, members: Vec::new(), cgroups: Vec::new(), _dir: dir };
+        let root = cluster._dir.path().to_path_buf();
         for i in 0..n {
             let client_url = format!("http://127.0.0.1:{}", client_ports[i]);
             let peer_url = format!("http://127.0.0.1:{}", peer_ports[i]);
-            let data_dir: PathBuf = dir.path().join(name(i));
+            let data_dir: PathBuf = root.join(name(i));
             let mut cmd = Command::new(etcd);
             cmd.arg("--name")
                 .arg(name(i))
@@ -50,12 +69,26 @@ impl EtcdCluster {
                 .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
                 .args(["--initial-cluster", &initial_cluster, "--initial-cluster-state", "new"])
                 .args(["--initial-cluster-token", &token]);
-            members.push(procs::spawn(format!("etcd {}", name(i)), cmd, &dir.path().join(format!("{}.log", name(i))))?);
+            if let Some(limiter) = limiter {
+                cluster.cgroups.push(limiter.create(&format!("etcd-{}", name(i))).map_err(|e| e.to_string())?);
+            }
+            let log = root.join(format!("{}.log", name(i)));
+            let member = procs::spawn(format!("etcd {}", name(i)), cmd, &log, cluster.cgroups.get(i))?;
+            cluster.members.push(member);
         }
-        let endpoints = client_ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
-        let mut cluster = EtcdCluster { endpoints, members, _dir: dir };
         cluster.wait_ready(Duration::from_secs(60)).await?;
         Ok(cluster)
+    }
+
+    /// Reads the CPU time of every member.
+    pub fn cpu_meter(&self) -> Result<CpuMeter, String> {
+        let sources = self
+            .members
+            .iter()
+            .enumerate()
+            .map(|(i, m)| procs::cpu_source(m, self.cgroups.get(i)))
+            .collect::<Result<_, _>>()?;
+        Ok(CpuMeter::new(sources))
     }
 
     /// Waits until every member reports the same leader and accepts a put.

@@ -4,16 +4,20 @@
 //! with `--shards` shards and balanced shard leaders, one after another, each on 127.0.0.1 with
 //! fresh temp data dirs and default settings (fsync on), and drives each with the same load
 //! generator ([`aspen_bench::run`]) at every `--clients` count for every `--ops` operation.
-//! Prints one table (system, op, clients, ops/s, p50, p99, errors, Aspen/etcd throughput ratio)
-//! and writes it with the machine description and the command to `benches/RESULTS.md`.
+//! Prints one table (system, op, clients, ops/s, p50, p99, errors, server CPU per request,
+//! Aspen/etcd throughput ratio) and writes it with the machine description and the command to
+//! `benches/RESULTS.md`. With `--cpu-per-node CORES[,…]` every server process runs in a cgroup
+//! of its own with that CPU quota ([`cgroup`]); each setting (`none` = uncapped) gets a table.
 //!
-//! Every process it starts is stopped, and every temp dir removed, when the run ends, fails,
-//! panics, or is interrupted (SIGINT, SIGTERM, SIGHUP).
+//! Every process it starts is stopped, and every temp dir and cgroup removed, when the run
+//! ends, fails, panics, or is interrupted (SIGINT, SIGTERM, SIGHUP).
 //!
 //! `scripts/compare-etcd.sh` installs what is missing (etcd, protoc), builds this and
 //! `aspen-node` in release mode and runs it.
 
 mod aspen_cluster;
+mod cgroup;
+mod cpu;
 mod etcd;
 mod procs;
 mod table;
@@ -32,6 +36,8 @@ use clap::{Parser, ValueEnum};
 
 use crate::{
     aspen_cluster::AspenCluster,
+    cgroup::{CgroupError, CpuLimiter},
+    cpu::CpuMeter,
     etcd::{EtcdBackend, EtcdCluster},
     table::{Context, Measurement, Row},
 };
@@ -95,6 +101,48 @@ struct Args {
     /// Print ops/s every second while a row runs.
     #[arg(long)]
     progress: bool,
+    /// CPU cap of every server process (each Aspen node, each etcd member), in cores, e.g. 0.45:
+    /// each runs in a cgroup of its own with that quota (needs a writable cgroup cpu
+    /// controller: root, or a delegated cgroup v2 subtree). `none` = uncapped. Several values
+    /// measure every row under each, one table per value.
+    #[arg(long, value_delimiter = ',', default_value = "none", value_parser = parse_cap, value_name = "CORES|none,…")]
+    cpu_per_node: Vec<Cap>,
+    /// Where the cgroup filesystem is mounted.
+    #[arg(long, default_value = cgroup::DEFAULT_ROOT, value_name = "PATH", hide = true)]
+    cgroup_root: PathBuf,
+}
+
+/// One `--cpu-per-node` value: cores per server process, or `None` for no cap.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Cap(Option<f64>);
+
+fn parse_cap(text: &str) -> Result<Cap, String> {
+    cgroup::parse_cores(text).map(Cap).map_err(|e| e.to_string())
+}
+
+/// Why a run failed, and its exit code.
+#[derive(Debug, thiserror::Error)]
+enum RunError {
+    /// The CPU caps cannot be set up (exit code 2, like a usage error).
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl From<String> for RunError {
+    fn from(s: String) -> Self {
+        RunError::Other(s)
+    }
+}
+
+impl RunError {
+    fn exit_code(&self) -> u8 {
+        match self {
+            RunError::Cgroup(_) => 2,
+            RunError::Other(_) => 1,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -143,8 +191,8 @@ fn main() -> ExitCode {
     };
     let outcome = runtime.block_on(async {
         tokio::select! {
-            r = run(args) => r.map_err(|e| (e, 1)),
-            s = shutdown_signal() => Err((format!("{s}: stopped every process started and removed the temp dirs"), 130)),
+            r = run(args) => r.map_err(|e| (e.to_string(), e.exit_code())),
+            s = shutdown_signal() => Err((format!("{s}: stopped every process started and removed the temp dirs and cgroups"), 130)),
         }
     });
     // Client tasks that were still running when a run was abandoned end with the runtime.
@@ -182,21 +230,46 @@ fn seconds(flag: &str, v: f64, zero_ok: bool) -> Result<Duration, String> {
     }
 }
 
-async fn run(args: Args) -> Result<(), String> {
+async fn run(args: Args) -> Result<(), RunError> {
     let (duration, warmup, clients) = if args.quick {
         (Duration::from_secs(2), Duration::from_millis(500), vec![1, 16])
     } else {
         (seconds("duration", args.duration, false)?, seconds("warmup", args.warmup, true)?, args.clients.clone())
     };
     if clients.is_empty() || clients.contains(&0) || args.ops.is_empty() || args.systems.is_empty() {
-        return Err("--clients, --ops and --systems need at least one value each, and clients must be positive".into());
+        return Err(RunError::Other(
+            "--clients, --ops and --systems need at least one value each, and clients must be positive".into(),
+        ));
     }
     if args.rounds == 0 {
-        return Err("--rounds must be at least 1".into());
+        return Err(RunError::Other("--rounds must be at least 1".into()));
     }
     if args.members == 0 || args.shards < 2 {
-        return Err("--members must be at least 1 and --shards at least 2".into());
+        return Err(RunError::Other("--members must be at least 1 and --shards at least 2".into()));
     }
+    let caps: Vec<Option<f64>> = args.cpu_per_node.iter().fold(Vec::new(), |mut v, c| {
+        if !v.contains(&c.0) {
+            v.push(c.0);
+        }
+        v
+    });
+    // Set up (and prove, with a probe cgroup) every cap before anything starts.
+    let mut limiters: Vec<(f64, CpuLimiter)> = Vec::new();
+    for cores in caps.iter().flatten() {
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        let limiter = CpuLimiter::setup(&args.cgroup_root, &own, *cores, std::process::id())?;
+        for skipped in &limiter.skipped {
+            eprintln!("aspen-compare: not used: {skipped}");
+        }
+        if limiters.is_empty() {
+            for stale in limiter.remove_stale(|pid| Path::new(&format!("/proc/{pid}")).exists()) {
+                eprintln!("aspen-compare: removed the empty cgroup {} of an earlier run", stale.display());
+            }
+        }
+        eprintln!("aspen-compare: CPU cap: {} ({})", limiter.describe(), limiter.hierarchy);
+        limiters.push((*cores, limiter));
+    }
+    let limiter_for = |cap: Option<f64>| cap.and_then(|c| limiters.iter().find(|(k, _)| *k == c).map(|(_, l)| l));
     let timeout = seconds("timeout", args.timeout, false)?;
     let output = match (&args.output, args.no_output, args.quick) {
         (Some(path), _, _) => Some(path.clone()),
@@ -228,7 +301,8 @@ async fn run(args: Args) -> Result<(), String> {
     let node_bin =
         if args.systems.iter().any(|s| *s != System::Etcd) { Some(find_node(args.node_bin.as_deref())?) } else { None };
 
-    let ctx = context(&args, &plan, etcd_bin.as_deref(), node_bin.as_deref());
+    let mut ctx = context(&args, &plan, etcd_bin.as_deref(), node_bin.as_deref());
+    ctx.caps = limiters.iter().map(|(_, l)| l.describe()).collect();
     eprintln!("aspen-compare: {}", ctx.machine);
     eprintln!(
         "aspen-compare: load average {}; {} s per row after {} s warm-up",
@@ -238,21 +312,48 @@ async fn run(args: Args) -> Result<(), String> {
     );
 
     let rounds = if args.quick { 1 } else { args.rounds };
-    // Every round's rows, in the order measured; folded into one row per (system, op, clients).
+    // Every round's rows, in the order measured; folded into one row per (cap, system, op,
+    // clients).
     let mut measured: Vec<Row> = Vec::new();
+    // How the servers' CPU was read, per cap (for the page).
+    let mut cpu_kinds: Vec<String> = Vec::new();
     for round in 1..=rounds {
         if rounds > 1 {
             eprintln!("aspen-compare: round {round} of {rounds}");
         }
-        for system in &args.systems {
-            measured
-                .extend(measure_system(*system, &args, &plan, etcd_bin.as_deref(), node_bin.as_deref(), timeout).await);
+        for &cap in &caps {
+            let servers = Servers {
+                etcd: etcd_bin.as_deref(),
+                node: node_bin.as_deref(),
+                timeout,
+                cap,
+                limiter: limiter_for(cap),
+            };
+            for system in &args.systems {
+                let (rows, kind) = measure_system(*system, &args, &plan, &servers).await;
+                measured.extend(rows);
+                if let Some(kind) = kind {
+                    let kind = format!("{} rows: {kind}", table::cap_label(cap));
+                    if !cpu_kinds.contains(&kind) {
+                        cpu_kinds.push(kind);
+                    }
+                }
+            }
         }
     }
+    ctx.cpu = format!(
+        "`{}` = CPU time (user + system, all threads) of the row's server processes, summed over the \
+         measured window, ÷ its successful requests; read from {}",
+        table::CPU_HEADER,
+        if cpu_kinds.is_empty() { "nothing (no system started)".to_string() } else { cpu_kinds.join("; ") },
+    );
     let mut rows: Vec<Row> = Vec::new();
     let mut per_row: Vec<Vec<Result<Measurement, String>>> = Vec::new();
     for row in measured {
-        match rows.iter().position(|r| r.system == row.system && r.op == row.op && r.clients == row.clients) {
+        match rows
+            .iter()
+            .position(|r| r.cap == row.cap && r.system == row.system && r.op == row.op && r.clients == row.clients)
+        {
             Some(i) => per_row[i].push(row.result),
             None => {
                 per_row.push(vec![row.result.clone()]);
@@ -264,7 +365,8 @@ async fn run(args: Args) -> Result<(), String> {
         row.result = table::median_round(results);
     }
 
-    // Group the rows by op, then clients, then system, so each Aspen row sits under its etcd row.
+    // Group the rows by cap, then op, then clients, then system, so each Aspen row sits under its
+    // etcd row.
     let system_order: Vec<String> = rows.iter().map(|r| r.system.clone()).fold(Vec::new(), |mut v, s| {
         if !v.contains(&s) {
             v.push(s);
@@ -274,9 +376,10 @@ async fn run(args: Args) -> Result<(), String> {
     rows.sort_by_key(|r| {
         let op = plan.ops.iter().position(|o| o.to_string() == r.op).unwrap_or(usize::MAX);
         let system = system_order.iter().position(|s| *s == r.system).unwrap_or(usize::MAX);
-        (op, r.clients, system)
+        let cap = caps.iter().position(|c| *c == r.cap).unwrap_or(usize::MAX);
+        (cap, op, r.clients, system)
     });
-    let table = table::format_table(&rows);
+    let table = table::format_tables(&rows);
     println!("{table}");
     if let Some(path) = output {
         let ctx = Context { load_after: load_average(), ..ctx };
@@ -290,40 +393,48 @@ async fn run(args: Args) -> Result<(), String> {
     }
     let failed = rows.iter().filter(|r| r.result.is_err()).count();
     if failed > 0 {
-        return Err(format!("{failed} of {} rows failed (see the table)", rows.len()));
+        return Err(RunError::Other(format!("{failed} of {} rows failed (see the table)", rows.len())));
     }
     Ok(())
 }
 
-/// Starts `system` afresh, measures every (op, clients) row of `plan` on it, and stops it.
-async fn measure_system(
-    system: System,
-    args: &Args,
-    plan: &Plan,
-    etcd_bin: Option<&Path>,
-    node_bin: Option<&Path>,
+/// Where the servers come from and how they run, for one cap.
+struct Servers<'a> {
+    etcd: Option<&'a Path>,
+    node: Option<&'a Path>,
     timeout: Duration,
-) -> Vec<Row> {
+    cap: Option<f64>,
+    limiter: Option<&'a CpuLimiter>,
+}
+
+/// Starts `system` afresh (each server in a capped cgroup with a cap), measures every (op,
+/// clients) row of `plan` on it, and stops it. Also returns how its CPU time was read.
+async fn measure_system(system: System, args: &Args, plan: &Plan, servers: &Servers<'_>) -> (Vec<Row>, Option<String>) {
     let mut rows = Vec::new();
+    let cap = servers.cap;
+    let each = cap.map(|c| format!(", {c} core each")).unwrap_or_default();
+    let mut kind = None;
     match system {
         System::Etcd => {
-            let etcd = etcd_bin.expect("resolved before measuring");
+            let etcd = servers.etcd.expect("resolved before measuring");
             let name = "etcd";
-            eprintln!("aspen-compare: starting {} etcd members", args.members);
-            match EtcdCluster::start(etcd, args.members).await {
+            eprintln!("aspen-compare: starting {} etcd members{each}", args.members);
+            match EtcdCluster::start(etcd, args.members, servers.limiter).await {
                 Ok(cluster) => {
-                    let backend = EtcdBackend::new(cluster.endpoints.clone(), timeout);
-                    measure(&backend, name, true, plan, &mut rows).await;
+                    let meter = meter_or_warn(cluster.cpu_meter());
+                    kind = meter.as_ref().map(CpuMeter::describe);
+                    let backend = EtcdBackend::new(cluster.endpoints.clone(), servers.timeout);
+                    measure(&backend, name, true, cap, meter.as_ref(), plan, &mut rows).await;
                 }
-                Err(e) => fail_all(name, true, plan, &e, &mut rows),
+                Err(e) => fail_all(name, true, cap, plan, &e, &mut rows),
             }
         }
         System::Aspen | System::AspenSharded => {
-            let node = node_bin.expect("resolved before measuring");
+            let node = servers.node.expect("resolved before measuring");
             let shards = if system == System::Aspen { 1 } else { args.shards };
             let name = if shards == 1 { "aspen".to_string() } else { format!("aspen ({shards} shards)") };
-            eprintln!("aspen-compare: starting {} aspen-node processes ({shards} shard(s))", args.members);
-            let started = match AspenCluster::start(node, args.members, shards).await {
+            eprintln!("aspen-compare: starting {} aspen-node processes ({shards} shard(s){each})", args.members);
+            let started = match AspenCluster::start(node, args.members, shards, servers.limiter).await {
                 Ok(mut cluster) if shards > 1 => match cluster.balance_leaders().await {
                     Ok(leaders) => {
                         eprintln!("aspen-compare: shard leaders after balance-leaders: {leaders:?}");
@@ -333,19 +444,36 @@ async fn measure_system(
                 },
                 other => other,
             };
-            match started
-                .and_then(|c| Ok((AspenBackend::new(c.tickets.clone(), timeout).map_err(|e| e.to_string())?, c)))
-            {
-                Ok((backend, _cluster)) => measure(&backend, &name, false, plan, &mut rows).await,
-                Err(e) => fail_all(&name, false, plan, &e, &mut rows),
+            match started.and_then(|c| {
+                Ok((AspenBackend::new(c.tickets.clone(), servers.timeout).map_err(|e| e.to_string())?, c))
+            }) {
+                Ok((backend, cluster)) => {
+                    let meter = meter_or_warn(cluster.cpu_meter());
+                    kind = meter.as_ref().map(CpuMeter::describe);
+                    measure(&backend, &name, false, cap, meter.as_ref(), plan, &mut rows).await
+                }
+                Err(e) => fail_all(&name, false, cap, plan, &e, &mut rows),
             }
         }
     }
-    rows
+    (rows, kind)
 }
 
-/// Runs every (op, clients) row of `plan` against `backend`.
-async fn measure<B: BenchBackend>(backend: &B, system: &str, baseline: bool, plan: &Plan, rows: &mut Vec<Row>) {
+fn meter_or_warn(meter: Result<CpuMeter, String>) -> Option<CpuMeter> {
+    meter.map_err(|e| eprintln!("aspen-compare: warning: cannot read the servers' CPU time: {e}")).ok()
+}
+
+/// Runs every (op, clients) row of `plan` against `backend`, reading the servers' CPU time
+/// with `meter` over each measured window.
+async fn measure<B: BenchBackend>(
+    backend: &B,
+    system: &str,
+    baseline: bool,
+    cap: Option<f64>,
+    meter: Option<&CpuMeter>,
+    plan: &Plan,
+    rows: &mut Vec<Row>,
+) {
     for &op in &plan.ops {
         for &clients in &plan.clients {
             let config = BenchConfig {
@@ -359,7 +487,19 @@ async fn measure<B: BenchBackend>(backend: &B, system: &str, baseline: bool, pla
                 ..BenchConfig::default()
             };
             eprint!("aspen-compare: {system:<16} {op:<9} {clients:>4} client(s): ");
-            let result = match aspen_bench::run(backend, &config, plan.progress.clone()).await {
+            let (report, window) = match meter {
+                Some(meter) => cpu::run_measured(backend, &config, plan.progress.clone(), meter).await,
+                None => (aspen_bench::run(backend, &config, plan.progress.clone()).await, None),
+            };
+            let window = match window {
+                Some(Ok(w)) => Some(w),
+                Some(Err(e)) => {
+                    eprint!("(cannot read the servers' CPU time: {e}) ");
+                    None
+                }
+                None => None,
+            };
+            let result = match report {
                 Ok(r) if r.all_failed() => Err(format!(
                     "all {} requests failed: {}",
                     r.ops,
@@ -371,28 +511,31 @@ async fn measure<B: BenchBackend>(backend: &B, system: &str, baseline: bool, pla
                     p99_us: r.latency_us.p99,
                     ok: r.ok,
                     errors: r.errors,
+                    cpu_us_per_op: window.and_then(|w| w.us_per_op(r.ok)),
                     range: None,
                 }),
                 Err(e) => Err(e.to_string()),
             };
             match &result {
                 Ok(m) => eprintln!(
-                    "{:>7} ops/s  p50 {:>7} ms  p99 {:>7} ms  {} ok, {} errors",
+                    "{:>7} ops/s  p50 {:>7} ms  p99 {:>7} ms  {} ok, {} errors  cpu {} µs/op ({} cores)",
                     table::thousands(m.ops_per_sec.round() as u64),
                     table::ms(m.p50_us),
                     table::ms(m.p99_us),
                     m.ok,
-                    m.errors
+                    m.errors,
+                    table::cpu_us(m.cpu_us_per_op),
+                    window.and_then(|w| w.cores()).map(|c| format!("{c:.2}")).unwrap_or_else(|| "?".into()),
                 ),
                 Err(e) => eprintln!("FAILED: {e}"),
             }
-            rows.push(Row { system: system.to_string(), baseline, op: op.to_string(), clients, result });
+            rows.push(Row { system: system.to_string(), baseline, op: op.to_string(), clients, cap, result });
         }
     }
 }
 
 /// A system that could not be started: every one of its rows failed with `why`.
-fn fail_all(system: &str, baseline: bool, plan: &Plan, why: &str, rows: &mut Vec<Row>) {
+fn fail_all(system: &str, baseline: bool, cap: Option<f64>, plan: &Plan, why: &str, rows: &mut Vec<Row>) {
     eprintln!("aspen-compare: {system} did not start: {why}");
     let first_line = why.lines().next().unwrap_or(why).to_string();
     for &op in &plan.ops {
@@ -402,6 +545,7 @@ fn fail_all(system: &str, baseline: bool, plan: &Plan, why: &str, rows: &mut Vec
                 baseline,
                 op: op.to_string(),
                 clients,
+                cap,
                 result: Err(format!("did not start: {first_line}")),
             });
         }

@@ -1,5 +1,6 @@
 //! The comparison table: rows of measurements, the Aspen/etcd throughput ratio per row, the
-//! markdown table and the `benches/RESULTS.md` page around it. Pure functions, unit-tested.
+//! server CPU per request, the markdown tables (one per `--cpu-per-node` setting) and the
+//! `benches/RESULTS.md` page around them. Pure functions, unit-tested.
 
 use std::fmt::Write;
 
@@ -13,6 +14,9 @@ pub struct Measurement {
     pub p99_us: u64,
     pub ok: u64,
     pub errors: u64,
+    /// CPU time of the row's server processes during the measured window ÷ `ok`, in
+    /// microseconds (`None` when it could not be read).
+    pub cpu_us_per_op: Option<f64>,
     /// With several rounds: the lowest and highest ops/s any round measured (this measurement
     /// is the median round's).
     pub range: Option<(f64, f64)>,
@@ -49,18 +53,20 @@ pub struct Row {
     /// As shown, e.g. `put`, `get`.
     pub op: String,
     pub clients: usize,
+    /// The CPU cap of every server process, in cores (`None`: uncapped).
+    pub cap: Option<f64>,
     /// The measurement, or why the run failed.
     pub result: Result<Measurement, String>,
 }
 
-/// The ratio of `row`'s throughput to the baseline row with the same op and clients: `None`
+/// The ratio of `row`'s throughput to the baseline row with the same op, clients and CPU cap: `None`
 /// for a baseline row, or when either run failed, or the baseline measured nothing.
 pub fn ratio(row: &Row, rows: &[Row]) -> Option<f64> {
     if row.baseline {
         return None;
     }
     let mine = row.result.as_ref().ok()?;
-    let base = rows.iter().find(|r| r.baseline && r.op == row.op && r.clients == row.clients)?;
+    let base = rows.iter().find(|r| r.baseline && r.op == row.op && r.clients == row.clients && r.cap == row.cap)?;
     let base = base.result.as_ref().ok()?;
     (base.ops_per_sec > 0.0).then(|| mine.ops_per_sec / base.ops_per_sec)
 }
@@ -83,7 +89,27 @@ pub fn ms(us: u64) -> String {
     format!("{:.2}", us as f64 / 1000.0)
 }
 
-pub const HEADER: [&str; 8] = ["system", "op", "clients", "ops/s", "p50 ms", "p99 ms", "errors", "Aspen/etcd"];
+/// Server CPU per request in microseconds: whole numbers from 100 on, one decimal below.
+pub fn cpu_us(v: Option<f64>) -> String {
+    match v {
+        Some(v) if v.is_finite() && v >= 99.95 => thousands(v.round() as u64),
+        Some(v) if v.is_finite() && v >= 0.0 => format!("{v:.1}"),
+        _ => "—".into(),
+    }
+}
+
+/// The cap's name: `uncapped` or `0.45 core per server process`.
+pub fn cap_label(cap: Option<f64>) -> String {
+    match cap {
+        None => "uncapped".into(),
+        Some(c) => format!("{c} core per server process"),
+    }
+}
+
+pub const CPU_HEADER: &str = "cpu µs/op";
+
+pub const HEADER: [&str; 9] =
+    ["system", "op", "clients", "ops/s", "p50 ms", "p99 ms", "errors", CPU_HEADER, "Aspen/etcd"];
 
 /// The column added after `ops/s` when rows were measured in several rounds.
 pub const RANGE_HEADER: &str = "ops/s range";
@@ -117,7 +143,7 @@ pub fn cells(row: &Row, rows: &[Row]) -> Vec<String> {
     cells
 }
 
-fn base_cells(row: &Row, rows: &[Row]) -> [String; 8] {
+fn base_cells(row: &Row, rows: &[Row]) -> [String; 9] {
     let ratio = match (row.baseline, ratio(row, rows)) {
         (true, _) => "—".to_string(),
         (false, Some(r)) => format!("{r:.2}×"),
@@ -132,6 +158,7 @@ fn base_cells(row: &Row, rows: &[Row]) -> [String; 8] {
             ms(m.p50_us),
             ms(m.p99_us),
             thousands(m.errors),
+            cpu_us(m.cpu_us_per_op),
             ratio,
         ],
         Err(e) => [
@@ -139,6 +166,7 @@ fn base_cells(row: &Row, rows: &[Row]) -> [String; 8] {
             row.op.clone(),
             row.clients.to_string(),
             format!("failed: {}", e.replace('|', "/").replace('\n', " ")),
+            "—".into(),
             "—".into(),
             "—".into(),
             "—".into(),
@@ -188,6 +216,44 @@ pub fn format_table(rows: &[Row]) -> String {
     out
 }
 
+/// The caps of `rows` in order of first appearance.
+pub fn caps(rows: &[Row]) -> Vec<Option<f64>> {
+    let mut caps: Vec<Option<f64>> = Vec::new();
+    for r in rows {
+        if !caps.contains(&r.cap) {
+            caps.push(r.cap);
+        }
+    }
+    caps
+}
+
+/// One table per CPU cap (in order of first appearance), each under a `### <cap>` heading; a
+/// run with no cap at all is just the one table, as before caps existed.
+pub fn format_tables(rows: &[Row]) -> String {
+    let caps = caps(rows);
+    if caps == [None] {
+        return format_table(rows);
+    }
+    let mut out = String::new();
+    for (i, cap) in caps.into_iter().enumerate() {
+        let group: Vec<Row> = rows.iter().filter(|r| r.cap == cap).cloned().collect();
+        if i > 0 {
+            out.push('\n');
+        }
+        let _ = writeln!(out, "### {}\n", upper_first(&cap_label(cap)));
+        out += &format_table(&group);
+    }
+    out
+}
+
+fn upper_first(s: &str) -> String {
+    let mut c = s.chars();
+    match c.next() {
+        Some(f) => f.to_uppercase().chain(c).collect(),
+        None => String::new(),
+    }
+}
+
 /// The line after which `benches/RESULTS.md` holds hand-written notes (the performance history)
 /// that a new run keeps.
 pub const KEEP_MARKER: &str = "<!-- kept by aspen-compare: everything below this line -->";
@@ -212,6 +278,10 @@ pub struct Context {
     pub aspen_version: String,
     pub build: String,
     pub workload: String,
+    /// How the servers' CPU time was read (the `cpu µs/op` column).
+    pub cpu: String,
+    /// How each CPU cap was applied (empty: no cap).
+    pub caps: Vec<String>,
     pub quick: bool,
     /// Rounds per row (see [`median_round`]).
     pub rounds: usize,
@@ -240,14 +310,28 @@ pub fn results_page(ctx: &Context, rows: &[Row]) -> String {
     let _ = writeln!(s, "- etcd: {}", ctx.etcd_version);
     let _ = writeln!(s, "- Aspen: {}", ctx.aspen_version);
     let _ = writeln!(s, "- Build: {}", ctx.build);
-    let _ = writeln!(s, "- Workload: {}\n", ctx.workload);
-    s += &format_table(rows);
+    let _ = writeln!(s, "- Workload: {}", ctx.workload);
+    for cap in &ctx.caps {
+        let _ = writeln!(s, "- CPU cap: {cap}");
+    }
+    let _ = writeln!(s, "- Server CPU: {}\n", ctx.cpu);
+    s += &format_tables(rows);
     let _ = writeln!(
         s,
         "\nops/s counts successful requests; p50/p99 are their latencies (HDR histogram). \
          Aspen/etcd is the row's throughput divided by etcd's for the same op and clients \
-         (above 1: Aspen is faster). `get` is a linearizable read on both systems."
+         (above 1: Aspen is faster). `get` is a linearizable read on both systems. {CPU_HEADER} is \
+         the CPU time (user + system, all threads) of the row's server processes (every etcd member \
+         or every aspen-node, summed) during the measured window, divided by the window's successful \
+         requests; the load generator's own CPU is not in it."
     );
+    if caps(rows).iter().any(Option::is_some) {
+        let _ = writeln!(
+            s,
+            "\nA capped table's servers each ran in a cgroup of their own with that CPU quota (the load \
+             generator ran uncapped); its Aspen/etcd ratios compare rows of the same cap."
+        );
+    }
     if has_ranges(rows) {
         let _ = writeln!(
             s,
@@ -306,7 +390,16 @@ mod tests {
             baseline,
             op: op.into(),
             clients,
-            result: Ok(Measurement { ops_per_sec: ops, p50_us: 1090, p99_us: 5300, ok: 8050, errors: 0, range: None }),
+            cap: None,
+            result: Ok(Measurement {
+                ops_per_sec: ops,
+                p50_us: 1090,
+                p99_us: 5300,
+                ok: 8050,
+                errors: 0,
+                cpu_us_per_op: Some(1234.4),
+                range: None,
+            }),
         }
     }
 
@@ -330,7 +423,15 @@ mod tests {
         let mut failed = rows.clone();
         failed[0].result = Err("connect refused".into());
         assert_eq!(ratio(&failed[3], &failed), None, "failed baseline");
-        failed[1].result = Ok(Measurement { ops_per_sec: 0.0, p50_us: 0, p99_us: 0, ok: 0, errors: 5, range: None });
+        failed[1].result = Ok(Measurement {
+            ops_per_sec: 0.0,
+            p50_us: 0,
+            p99_us: 0,
+            ok: 0,
+            errors: 5,
+            cpu_us_per_op: None,
+            range: None,
+        });
         assert_eq!(ratio(&failed[4], &failed), None, "baseline measured nothing");
     }
 
@@ -354,31 +455,32 @@ mod tests {
             baseline: false,
             op: "put".into(),
             clients: 1,
+            cap: None,
             result: Err("cannot open client 0: refused | gone\nreally".into()),
         });
         let table = format_table(&rows);
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines.len(), 5, "{table}");
         assert!(lines[0].starts_with("| system           | op  | clients | "), "{}", lines[0]);
-        assert!(lines[0].ends_with("  ops/s | p50 ms | p99 ms | errors | Aspen/etcd |"), "{}", lines[0]);
+        assert!(lines[0].ends_with("  ops/s | p50 ms | p99 ms | errors | cpu µs/op | Aspen/etcd |"), "{}", lines[0]);
         assert!(lines[1].starts_with("| ---------------- | --- | ------: |"), "{}", lines[1]);
         assert!(lines[1].ends_with("| ---------: |"), "{}", lines[1]);
         assert!(lines[2].starts_with("| etcd             | put |       1 |"), "{}", lines[2]);
         assert!(lines[2].contains(" 805 |"), "{}", lines[2]);
         assert!(lines[3].contains(" 161 |"), "{}", lines[3]);
-        assert!(lines[2].ends_with("|   1.09 |   5.30 |      0 |          — |"), "{}", lines[2]);
-        assert!(lines[3].ends_with("|   1.09 |   5.30 |      0 |      0.20× |"), "{}", lines[3]);
+        assert!(lines[2].ends_with("|   1.09 |   5.30 |      0 |     1,234 |          — |"), "{}", lines[2]);
+        assert!(lines[3].ends_with("|   1.09 |   5.30 |      0 |     1,234 |      0.20× |"), "{}", lines[3]);
         assert!(
             lines[4].contains("failed: cannot open client 0: refused / gone really |"),
             "no pipe or newline may break the table: {}",
             lines[4]
         );
-        assert!(lines[4].ends_with("|      — |      — |      — |        n/a |"), "{}", lines[4]);
+        assert!(lines[4].ends_with("|      — |      — |      — |         — |        n/a |"), "{}", lines[4]);
         // Every line has the same width and the same number of cells.
         let width = lines[0].chars().count();
         for l in &lines {
             assert_eq!(l.chars().count(), width, "{l}");
-            assert_eq!(l.matches('|').count(), 9, "{l}");
+            assert_eq!(l.matches('|').count(), 10, "{l}");
         }
     }
 
@@ -404,12 +506,20 @@ mod tests {
 
     #[test]
     fn rounds_fold_into_the_median_with_their_range() {
-        let m =
-            |ops: f64, p50_us: u64| Measurement { ops_per_sec: ops, p50_us, p99_us: 9, ok: 1, errors: 0, range: None };
+        let m = |ops: f64, p50_us: u64| Measurement {
+            ops_per_sec: ops,
+            p50_us,
+            p99_us: 9,
+            ok: 1,
+            errors: 0,
+            cpu_us_per_op: Some(p50_us as f64),
+            range: None,
+        };
         let one = median_round(vec![Ok(m(500.0, 1))]).unwrap();
         assert_eq!(one, m(500.0, 1), "one round: as measured, no range");
         let three = median_round(vec![Ok(m(900.0, 1)), Ok(m(300.0, 2)), Ok(m(600.0, 3))]).unwrap();
         assert_eq!((three.ops_per_sec, three.p50_us, three.range), (600.0, 3, Some((300.0, 900.0))));
+        assert_eq!(three.cpu_us_per_op, Some(3.0), "the median round's own CPU per request");
         let four = median_round(vec![Ok(m(4.0, 4)), Ok(m(1.0, 1)), Ok(m(3.0, 3)), Ok(m(2.0, 2))]).unwrap();
         assert_eq!((four.ops_per_sec, four.range), (2.0, Some((1.0, 4.0))), "even: the lower middle");
         let failed = median_round(vec![Ok(m(900.0, 1)), Err("refused".into()), Ok(m(600.0, 3))]);
@@ -431,6 +541,51 @@ mod tests {
         let ctx = Context { rounds: 3, ..Default::default() };
         assert!(results_page(&ctx, &rows).contains("measured in 3 rounds"));
         assert!(!results_page(&ctx, &rows[..1]).contains("rounds"));
+    }
+
+    #[test]
+    fn cpu_per_request_is_a_column_and_each_cap_its_own_table() {
+        assert_eq!(cpu_us(Some(1234.4)), "1,234");
+        assert_eq!(cpu_us(Some(99.96)), "100");
+        assert_eq!(cpu_us(Some(57.25)), "57.2");
+        assert_eq!(cpu_us(Some(0.0)), "0.0");
+        assert_eq!(cpu_us(None), "—");
+        assert_eq!(cpu_us(Some(f64::NAN)), "—");
+        assert_eq!(cap_label(None), "uncapped");
+        assert_eq!(cap_label(Some(0.45)), "0.45 core per server process");
+
+        let capped = |mut r: Row, ops: f64| {
+            r.cap = Some(0.45);
+            if let Ok(m) = &mut r.result {
+                m.ops_per_sec = ops;
+                m.cpu_us_per_op = Some(610.0);
+            }
+            r
+        };
+        let rows = vec![
+            row("etcd", true, "put", 16, 2000.0),
+            row("aspen", false, "put", 16, 3000.0),
+            capped(row("etcd", true, "put", 16, 0.0), 1000.0),
+            capped(row("aspen", false, "put", 16, 0.0), 500.0),
+        ];
+        assert_eq!(ratio(&rows[1], &rows), Some(1.5));
+        assert_eq!(ratio(&rows[3], &rows), Some(0.5), "compared with etcd under the same cap");
+        assert_eq!(caps(&rows), vec![None, Some(0.45)]);
+        let tables = format_tables(&rows);
+        let uncapped = tables.find("### Uncapped\n\n").expect(&tables);
+        let capped_at = tables.find("### 0.45 core per server process\n\n").expect(&tables);
+        assert!(uncapped < capped_at, "{tables}");
+        assert!(tables[capped_at..].contains("|       610 |      0.50× |"), "{tables}");
+        assert!(tables[..capped_at].contains("|     1,234 |      1.50× |"), "{tables}");
+        assert_eq!(format_tables(&rows[..2]), format_table(&rows[..2]), "no cap: one plain table");
+
+        let ctx = Context { caps: vec!["0.45 core per server process: cgroup".into()], ..Default::default() };
+        let page = results_page(&ctx, &rows);
+        assert!(page.contains("- CPU cap: 0.45 core per server process: cgroup\n"), "{page}");
+        assert!(page.contains(&tables));
+        assert!(page.contains("cpu µs/op is the CPU time"), "{page}");
+        assert!(page.contains("same cap"), "{page}");
+        assert!(!results_page(&Context::default(), &rows[..2]).contains("same cap"));
     }
 
     #[test]
