@@ -27,12 +27,7 @@ async fn assert_all_present(node: &InProcNode, acked: &BTreeMap<String, Vec<u8>>
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn followers_forward_concurrent_requests_in_batches() {
     let root = tempfile::tempdir().unwrap();
-    let mut configs: Vec<_> = (1..=3).map(|id| InProcNode::config(root.path(), id)).collect();
-    let n1 = InProcNode::start(configs[0].clone()).await;
-    configs[1].join = vec![n1.ticket().encode()];
-    configs[2].join = vec![n1.ticket().encode()];
-    let (n2, n3) = tokio::join!(InProcNode::start(configs[1].clone()), InProcNode::start(configs[2].clone()));
-    let nodes = [n1, n2, n3];
+    let nodes = crate::support::start_three((1..=3).map(|id| InProcNode::config(root.path(), id)).collect()).await;
     let leader = nodes[0].status().leader.expect("a leader");
     let follower = nodes.iter().find(|n| n.config.node_id != leader).unwrap();
     let client = follower.client().await;
@@ -357,12 +352,7 @@ async fn concurrent_writes_share_log_entries_and_keep_unique_revisions() {
 async fn prefix_deletes_and_txns_on_three_nodes() {
     use aspen::api::{Compare, CompareOp, TxnOp, TxnOpResult};
     let root = tempfile::tempdir().unwrap();
-    let mut configs: Vec<_> = (1..=3).map(|id| InProcNode::config(root.path(), id)).collect();
-    let n1 = InProcNode::start(configs[0].clone()).await;
-    configs[1].join = vec![n1.ticket().encode()];
-    configs[2].join = vec![n1.ticket().encode()];
-    let (n2, n3) = tokio::join!(InProcNode::start(configs[1].clone()), InProcNode::start(configs[2].clone()));
-    let mut nodes = [n1, n2, n3];
+    let mut nodes = crate::support::start_three((1..=3).map(|id| InProcNode::config(root.path(), id)).collect()).await;
     let leader = nodes[0].status().leader.expect("a leader");
     let follower = nodes.iter().find(|n| n.config.node_id != leader).unwrap();
     let client = follower.client().await;
@@ -376,13 +366,7 @@ async fn prefix_deletes_and_txns_on_three_nodes() {
     }
     assert_eq!(client.delete_prefix("dp/").await.unwrap(), 25);
     assert!(client.scan("dp/", usize::MAX, ReadConsistency::Linearizable).await.unwrap().is_empty());
-    let left: Vec<String> = client
-        .scan("", usize::MAX, ReadConsistency::Linearizable)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|kv| String::from_utf8(kv.key).unwrap())
-        .collect();
+    let left = crate::support::all_keys(&client).await;
     assert_eq!(left, ["d", "dp", "dq/1", "keep/1", "keep/2"], "keys outside the prefix are intact");
     assert_eq!(client.delete_prefix("dp/").await.unwrap(), 0, "nothing left to delete");
     // Every replica applied it.

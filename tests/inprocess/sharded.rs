@@ -154,14 +154,9 @@ async fn three_nodes_four_shards() {
 /// Node 1 initializes a 4-shard cluster; nodes 2 and 3 join it at once (node 3 hosting only
 /// `node3_shards`, if given).
 async fn start_three(root: &std::path::Path, node3_shards: Option<Vec<u32>>) -> [InProcNode; 3] {
-    let n1 = InProcNode::start(sharded_config(root, 1)).await;
-    let t1 = n1.ticket().encode();
-    let (mut c2, mut c3) = (sharded_config(root, 2), sharded_config(root, 3));
-    c2.join = vec![t1.clone()];
-    c3.join = vec![t1];
-    c3.sharding.local_shards = node3_shards;
-    let (n2, n3) = tokio::join!(InProcNode::start(c2), InProcNode::start(c3));
-    [n1, n2, n3]
+    let mut configs: Vec<_> = (1..=3).map(|id| sharded_config(root, id)).collect();
+    configs[2].sharding.local_shards = node3_shards;
+    crate::support::start_three(configs).await
 }
 
 fn leader_of(node: &InProcNode, shard: u32) -> Option<u64> {
@@ -430,13 +425,7 @@ async fn prefix_deletes_fan_out_to_every_shard_and_txns_stay_in_one() {
     }
     assert_eq!(client.delete_prefix("dp/").await.unwrap(), 40);
     assert!(client.scan("dp/", usize::MAX, ReadConsistency::Linearizable).await.unwrap().is_empty());
-    let left: Vec<String> = client
-        .scan("", usize::MAX, ReadConsistency::Linearizable)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|kv| String::from_utf8(kv.key).unwrap())
-        .collect();
+    let left = crate::support::all_keys(&client).await;
     assert_eq!(left, others, "keys outside the prefix are intact");
     assert_eq!(client.delete_prefix("dp/").await.unwrap(), 0);
 

@@ -132,6 +132,28 @@ pub fn cli_with_timeout(node: &NodeProc, secs: u32, args: &[&str]) -> Output {
         .expect("run aspen-cli")
 }
 
+/// Three in-process nodes from `configs`: the first initializes a cluster, the other two join
+/// it through its ticket (concurrently).
+pub async fn start_three(mut configs: Vec<aspen::NodeConfig>) -> [InProcNode; 3] {
+    assert_eq!(configs.len(), 3, "three configs");
+    let n1 = InProcNode::start(configs[0].clone()).await;
+    configs[1].join = vec![n1.ticket().encode()];
+    configs[2].join = vec![n1.ticket().encode()];
+    let (n2, n3) = tokio::join!(InProcNode::start(configs[1].clone()), InProcNode::start(configs[2].clone()));
+    [n1, n2, n3]
+}
+
+/// Every key of the cluster as text, in key order (one linearizable scan, all pages).
+pub async fn all_keys(client: &aspen::AspenClient) -> Vec<String> {
+    client
+        .scan("", usize::MAX, aspen::api::ReadConsistency::Linearizable)
+        .await
+        .expect("scan")
+        .into_iter()
+        .map(|kv| String::from_utf8(kv.key).expect("UTF-8 key"))
+        .collect()
+}
+
 /// An in-process node: the real bootstrap, endpoint and storage, in this test's runtime.
 pub struct InProcNode {
     pub config: aspen::NodeConfig,
