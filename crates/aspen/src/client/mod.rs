@@ -138,8 +138,6 @@ pub struct AspenClient {
     timeout: Duration,
     /// Whether the member list was fetched from a node yet (done once, on the first connection).
     discovered: std::sync::atomic::AtomicBool,
-    /// Connections dialled so far ([`Self::dial_count`]).
-    dials: std::sync::atomic::AtomicU64,
 }
 
 impl AspenClient {
@@ -179,7 +177,6 @@ impl AspenClient {
             sessions: Mutex::new(Vec::new()),
             timeout,
             discovered: std::sync::atomic::AtomicBool::new(false),
-            dials: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -238,7 +235,6 @@ impl AspenClient {
                 let addr = tickets[i].endpoint_addr();
                 let node = tickets[i].node_id;
                 tracing::debug!(node, "dialing");
-                self.dials.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 dials.spawn(async move { (i, node, endpoint.connect(addr, CLIENT_ALPN).await) });
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -262,11 +258,6 @@ impl AspenClient {
                 Err(_) => {}
             }
         }
-    }
-
-    /// How many connections this client has dialled (each member tried counts once per dial).
-    pub fn dial_count(&self) -> u64 {
-        self.dials.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Moves to the next member after a failure of member `i`.

@@ -264,18 +264,30 @@ impl NodeHandle {
             bounded(node, &mut stalled, "gossip shutdown".into(), SHUTDOWN_STEP_LIMIT, g.shutdown()).await;
         }
         let drain = self.base.config.limits.request_timeout() + SHUTDOWN_STEP_LIMIT;
-        let router = async {
-            if let Err(e) = self.router.shutdown().await {
-                tracing::warn!("router shutdown: {e}");
-            }
-        };
-        bounded(node, &mut stalled, "router shutdown (draining requests)".into(), drain, router).await;
-        bounded(node, &mut stalled, "endpoint close".into(), SHUTDOWN_STEP_LIMIT, self.base.endpoint.close()).await;
-        for (id, shard) in &self.shards {
-            let name = format!("raft shutdown of shard {id}");
-            bounded(node, &mut stalled, name, SHUTDOWN_STEP_LIMIT, shard.shutdown()).await;
-        }
+        close_serving_parts(node, &mut stalled, &self.router, drain, &self.base.endpoint, &self.shards).await;
         stalled
+    }
+}
+
+/// The last steps of every stop, each bounded: the router (draining client requests for up to
+/// `drain`), the endpoint, then each shard's Raft (the databases close with their last handle).
+async fn close_serving_parts(
+    node: u64,
+    stalled: &mut Vec<String>,
+    router: &Router,
+    drain: Duration,
+    endpoint: &Endpoint,
+    shards: &BTreeMap<ShardId, RaftNode>,
+) {
+    let router = async {
+        if let Err(e) = router.shutdown().await {
+            tracing::warn!("router shutdown: {e}");
+        }
+    };
+    bounded(node, stalled, "router shutdown (draining requests)".into(), drain, router).await;
+    bounded(node, stalled, "endpoint close".into(), SHUTDOWN_STEP_LIMIT, endpoint.close()).await;
+    for (id, shard) in shards {
+        bounded(node, stalled, format!("raft shutdown of shard {id}"), SHUTDOWN_STEP_LIMIT, shard.shutdown()).await;
     }
 }
 
@@ -411,16 +423,8 @@ async fn start_node(config: NodeConfig, stop: CancellationToken) -> Result<NodeH
     if let Err(e) = outcome {
         // Close what was opened (endpoint, Raft cores, databases) before reporting.
         base.shutdown_token.cancel();
-        let node = config.node_id;
         let mut stalled = Vec::new();
-        if let Err(e) = tokio::time::timeout(SHUTDOWN_STEP_LIMIT, router.shutdown()).await.unwrap_or(Ok(())) {
-            tracing::warn!("router shutdown: {e}");
-        }
-        bounded(node, &mut stalled, "endpoint close".into(), SHUTDOWN_STEP_LIMIT, base.endpoint.close()).await;
-        for (id, shard) in &shards {
-            bounded(node, &mut stalled, format!("raft shutdown of shard {id}"), SHUTDOWN_STEP_LIMIT, shard.shutdown())
-                .await;
-        }
+        close_serving_parts(config.node_id, &mut stalled, &router, SHUTDOWN_STEP_LIMIT, &base.endpoint, &shards).await;
         return Err(e);
     }
     if let Some(g) = &base.gossip_discovery {
