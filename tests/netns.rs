@@ -419,7 +419,40 @@ async fn wait_converged(tickets: &[NodeTicket], shards: u32, secs: u64) -> Clust
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    panic!("shards did not converge within {secs} s; last status: {last:#?}");
+    panic!("shards did not converge within {secs} s; last status:\n{}", last.as_ref().map_or("none".into(), views));
+}
+
+/// One line per node and shard (what each node says of it), short enough for a CI log.
+fn views(st: &ClusterStatus) -> String {
+    let mut out = String::new();
+    for n in &st.nodes {
+        let Some(s) = &n.status else {
+            out += &format!("node {}: unreachable: {}\n", n.node_id, n.error.as_deref().unwrap_or("?"));
+            continue;
+        };
+        for sh in &s.shards {
+            let digest = sh
+                .digest
+                .as_ref()
+                .map(|d| format!("{}@{}", &d.hex()[..10], d.applied_index))
+                .unwrap_or_else(|| "-".into());
+            out += &format!(
+                "node {} shard {}: {} leader {:?} term {} log {} applied {} voters {:?} learners {:?} digest {} {}\n",
+                n.node_id,
+                sh.shard,
+                sh.role,
+                sh.leader,
+                sh.term,
+                sh.last_log_index,
+                sh.last_applied,
+                sh.voters,
+                sh.learners,
+                digest,
+                sh.health.reason
+            );
+        }
+    }
+    out
 }
 
 async fn leader_node(tickets: &[NodeTicket]) -> Option<u64> {
