@@ -24,11 +24,13 @@ use crate::{
     },
     config::NodeConfig,
     raft::{
-        network::SharedClusterId, node::RaftNodeError, IrohNetworkFactory, MemberNode, RaftNode, RaftProtocolHandler,
-        RaftWire, ShardRegistry,
+        network::SharedClusterId,
+        node::{RaftNodeError, ShardFiles},
+        IrohNetworkFactory, MemberNode, RaftNode, RaftProtocolHandler, RaftWire, ShardRegistry,
     },
     storage::{
         metadata::{ClusterIdentity, MetadataStore},
+        shared_journal::{self, SharedJournal},
         StorageError,
     },
     transport::{
@@ -46,6 +48,8 @@ pub enum BootstrapError {
     Endpoint(#[from] EndpointError),
     #[error("metadata store: {0}")]
     Metadata(StorageError),
+    #[error("log journal {path}: {source}")]
+    Journal { path: std::path::PathBuf, source: StorageError },
     #[error(
         "data dir {path} belongs to node {recorded}, but this node was started as node {configured}; \
          use --node-id {recorded} or another --data-dir"
@@ -100,6 +104,7 @@ impl BootstrapError {
             | BootstrapError::JoinOtherCluster { .. } => true,
             BootstrapError::Endpoint(e) => e.is_permanent(),
             BootstrapError::Metadata(e) => e.is_permanent(),
+            BootstrapError::Journal { source, .. } => source.is_permanent(),
             BootstrapError::Shard(RaftNodeError::Storage { source, .. }) => source.is_permanent(),
             BootstrapError::Shard(RaftNodeError::Config { .. }) => true,
             BootstrapError::Shard(_) | BootstrapError::Init(_) | BootstrapError::Interrupted => false,
@@ -356,6 +361,10 @@ async fn start_node(config: NodeConfig, stop: CancellationToken) -> Result<NodeH
     let base = bootstrap_base_node(config).await?;
     let config = &base.config;
     let sharded = config.sharding.enabled;
+    // One journal for every shard's new log entries: one fsync for all of them.
+    let journal_path = config.data_dir.join(shared_journal::FILE_NAME);
+    let journal = SharedJournal::open_file(&journal_path)
+        .map_err(|source| BootstrapError::Journal { path: journal_path.clone(), source })?;
     let mut shards = BTreeMap::new();
     for shard in config.sharding.local_shard_ids() {
         // Sharded nodes send every shard's Raft traffic on `raft-shard` with its own prefix;
@@ -368,7 +377,7 @@ async fn start_node(config: NodeConfig, stop: CancellationToken) -> Result<NodeH
         let node = RaftNode::open(
             shard,
             shard_raft_id(shard, config.node_id),
-            &config.data_dir.join(format!("shard-{shard}")),
+            ShardFiles { dir: &config.data_dir.join(format!("shard-{shard}")), journal: Some(&journal) },
             &config.cluster_name,
             &config.raft,
             network,
@@ -376,6 +385,15 @@ async fn start_node(config: NodeConfig, stop: CancellationToken) -> Result<NodeH
         )
         .await?;
         shards.insert(shard, node);
+    }
+    let unclaimed = journal.unclaimed();
+    if !unclaimed.is_empty() {
+        tracing::warn!(
+            "{} holds log entries of shard(s) {unclaimed:?}, which this node does not host: they are kept \
+             (and the journal falls back to slower direct writes when it needs their room) until those shards \
+             are hosted here again",
+            journal_path.display()
+        );
     }
     let shard0 = shards.get(&0).cloned().ok_or_else(|| BootstrapError::Sharding("every node hosts shard 0".into()))?;
 

@@ -31,7 +31,10 @@ use crate::{
         ShardStatus, StateDigest, WriteCommand, WriteOutcome, WriteSession,
     },
     config::RaftConfig,
-    storage::{scan::scan_local, state_machine::StateReader, RedbLogStore, RedbStateMachine, StorageError},
+    storage::{
+        scan::scan_local, shared_journal::SharedJournal, state_machine::StateReader, RedbLogStore, RedbStateMachine,
+        StorageError,
+    },
 };
 
 /// Why a shard could not be opened.
@@ -106,24 +109,38 @@ pub fn openraft_config(cluster_name: &str, shard: ShardId, cfg: &RaftConfig) -> 
     config.validate().map_err(|e| e.to_string())
 }
 
+/// Where a shard's files are: its directory (`raft-log.db`, `state-machine.db`, snapshots) and
+/// the node's journal its new log entries go to (`None`: a journal file of the shard's own
+/// beside its log).
+#[derive(Clone, Copy, Debug)]
+pub struct ShardFiles<'a> {
+    pub dir: &'a Path,
+    pub journal: Option<&'a SharedJournal>,
+}
+
 impl RaftNode {
-    /// Opens the shard stored in `dir` (`raft-log.db`, `state-machine.db`) and starts its Raft.
+    /// Opens the shard stored in `files` and starts its Raft.
     pub async fn open(
         shard: ShardId,
         raft_id: u64,
-        dir: &Path,
+        files: ShardFiles<'_>,
         cluster_name: &str,
         raft_cfg: &RaftConfig,
         network: IrohNetworkFactory,
         request_timeout: Duration,
     ) -> Result<Self, RaftNodeError> {
+        let ShardFiles { dir, journal } = files;
         let config = openraft_config(cluster_name, shard, raft_cfg)
             .map_err(|message| RaftNodeError::Config { shard, message })?;
         // The leader's fsync overlaps replication; the state machine and the commit index sent
         // to followers wait for it (see `log_store`).
-        let log = RedbLogStore::open(&dir.join("raft-log.db"), raft_cfg.max_append_bytes)
-            .map_err(|source| RaftNodeError::Storage { shard, source })?
-            .overlap_own_appends(raft_id);
+        let log_path = dir.join("raft-log.db");
+        let log = match journal {
+            Some(journal) => RedbLogStore::open_shared(&log_path, journal, shard, raft_cfg.max_append_bytes),
+            None => RedbLogStore::open(&log_path, raft_cfg.max_append_bytes),
+        }
+        .map_err(|source| RaftNodeError::Storage { shard, source })?
+        .overlap_own_appends(raft_id);
         let sm = RedbStateMachine::open(&dir.join("state-machine.db"))
             .map_err(|source| RaftNodeError::Storage { shard, source })?
             .wait_for_log(log.durable());

@@ -71,6 +71,11 @@ pub fn path_beside(log_db: &Path) -> PathBuf {
 pub struct FileDisk(File);
 
 impl FileDisk {
+    /// A journal in an open file.
+    pub fn from_file(file: File) -> Self {
+        FileDisk(file)
+    }
+
     /// Opens (creating if missing) the journal file at `path`.
     pub fn open(path: &Path) -> io::Result<Self> {
         let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;

@@ -1,5 +1,8 @@
-//! The Raft log of one shard: redb (`shard-N/raft-log.db`) behind a journal
-//! (`shard-N/raft-log.journal`, [`super::journal`]).
+//! The Raft log of one shard: redb (`shard-N/raft-log.db`) behind a journal — on a node, the
+//! node's journal shared by all its shards ([`super::shared_journal`], so that one fsync covers
+//! several shards' appends); standalone, a journal file of its own ([`super::journal`]). Both
+//! take records of the shard's current epoch and lose them at its next checkpoint; "the journal"
+//! below is either.
 //!
 //! Owns: log entries, the vote, the committed log id and the last purged log id, the writer
 //! thread that makes them durable, and the [`DurableWatch`] that tells the rest of the shard how
@@ -54,10 +57,13 @@ use redb::{Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::{
     begin_log_write,
-    journal::{self, Journal},
-    open_db, open_db_with_backend, to_raft_err, StorageError,
+    journal::{self, Encoded, Journal},
+    open_db, open_db_with_backend,
+    shared_journal::{ShardJournal, SharedJournal},
+    to_raft_err, StorageError,
 };
 use crate::api::raft::{Entry, LogId, OpenraftStorageError, TypeConfig, Vote};
+use crate::api::ShardId;
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -153,13 +159,29 @@ impl RedbLogStore {
         let journal = Journal::open(journal::FileDisk::open(&journal_path)?, journal::CAPACITY)?;
         if !existed {
             // The new file's directory entry must be durable before anything in it is acknowledged.
-            let dir = match path.parent() {
-                Some(p) if !p.as_os_str().is_empty() => p,
-                _ => std::path::Path::new("."),
-            };
-            std::fs::File::open(dir)?.sync_all()?;
+            sync_dir_of(path)?;
         }
-        Self::from_db(db, journal, max_batch_bytes)
+        Self::from_db(db, LogJournal::Own(journal), max_batch_bytes)
+    }
+
+    /// Opens or creates the log of `shard` at `path`, its new entries journaled in the node's
+    /// journal (see [`super::shared_journal`]). A journal of its own left beside `path` by an
+    /// earlier version is moved into the database first, then removed.
+    pub fn open_shared(
+        path: &std::path::Path,
+        journal: &SharedJournal,
+        shard: ShardId,
+        max_batch_bytes: u64,
+    ) -> Result<Self, StorageError> {
+        let db = open_db(path)?;
+        let own = journal::path_beside(path);
+        if own.exists() {
+            let old = Journal::open(journal::FileDisk::open(&own)?, journal::CAPACITY)?;
+            recover_journal(&db, &LogJournal::Own(old))?;
+            std::fs::remove_file(&own)?;
+            sync_dir_of(path)?;
+        }
+        Self::from_db(db, LogJournal::Shared(journal.shard(shard)), max_batch_bytes)
     }
 
     /// Opens or creates the log on any redb storage backends, one for the database and one for
@@ -172,10 +194,21 @@ impl RedbLogStore {
         max_batch_bytes: u64,
     ) -> Result<Self, StorageError> {
         let db = open_db_with_backend(backend)?;
-        Self::from_db(db, Journal::open(journal, journal_capacity)?, max_batch_bytes)
+        Self::from_db(db, LogJournal::Own(Journal::open(journal, journal_capacity)?), max_batch_bytes)
     }
 
-    fn from_db(db: redb::Database, mut journal: Journal, max_batch_bytes: u64) -> Result<Self, StorageError> {
+    /// Opens or creates the log of `shard` on any redb storage backend, journaled in `journal`.
+    pub fn open_shared_with_backend(
+        backend: impl redb::StorageBackend,
+        journal: &SharedJournal,
+        shard: ShardId,
+        max_batch_bytes: u64,
+    ) -> Result<Self, StorageError> {
+        let db = open_db_with_backend(backend)?;
+        Self::from_db(db, LogJournal::Shared(journal.shard(shard)), max_batch_bytes)
+    }
+
+    fn from_db(db: redb::Database, mut journal: LogJournal, max_batch_bytes: u64) -> Result<Self, StorageError> {
         let epoch = recover_journal(&db, &journal)?;
         journal.reset(epoch);
         let db = Arc::new(db);
@@ -309,7 +342,7 @@ impl RedbLogStore {
 /// Moves what the journal holds for the stored epoch into redb, bumping the epoch in the same
 /// transaction (so the records just moved can never be replayed again), and returns the new
 /// epoch. Runs at open, before anything reads the log.
-fn recover_journal(db: &redb::Database, journal: &Journal) -> Result<u64, StorageError> {
+fn recover_journal(db: &redb::Database, journal: &LogJournal) -> Result<u64, StorageError> {
     let txn = begin_log_write(db, Durability::Immediate)?;
     let epoch = {
         let mut log = txn.open_table(LOG)?;
@@ -387,6 +420,54 @@ fn clone_bound(b: Bound<&u64>) -> Bound<u64> {
     }
 }
 
+/// The directory entry of a file just made in `path`'s directory is made durable.
+fn sync_dir_of(path: &std::path::Path) -> Result<(), StorageError> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+/// Where a store's new entries are journaled: a file of its own, or the node's journal.
+enum LogJournal {
+    Own(Journal),
+    Shared(ShardJournal),
+}
+
+impl LogJournal {
+    fn recover(&self, epoch: u64) -> Result<Vec<Encoded>, StorageError> {
+        match self {
+            LogJournal::Own(j) => j.recover(epoch),
+            LogJournal::Shared(j) => Ok(j.recover(epoch)),
+        }
+    }
+
+    fn reset(&mut self, epoch: u64) {
+        match self {
+            LogJournal::Own(j) => j.reset(epoch),
+            LogJournal::Shared(j) => j.reset(epoch),
+        }
+    }
+
+    fn epoch(&self) -> u64 {
+        match self {
+            LogJournal::Own(j) => j.epoch(),
+            LogJournal::Shared(j) => j.epoch(),
+        }
+    }
+
+    /// Writes `entries` as one record and fsyncs it; `Ok(false)`: no room (nothing written).
+    fn append(&mut self, entries: &[&[u8]]) -> Result<bool, StorageError> {
+        match self {
+            LogJournal::Own(j) if !j.fits(journal::record_len(entries)) => Ok(false),
+            LogJournal::Own(j) => j.append(entries).map(|()| true),
+            LogJournal::Shared(j) => j.append(entries),
+        }
+    }
+}
+
 /// The writer thread's queue; dropping the last store handle drains the queue, stops the thread
 /// and so closes the database before the drop returns (a reopen right after must not find it
 /// still open).
@@ -415,7 +496,7 @@ struct Writer {
     db: Arc<redb::Database>,
     pending: Arc<Mutex<Pending>>,
     durable: Arc<tokio::sync::watch::Sender<Durable>>,
-    journal: Journal,
+    journal: LogJournal,
     /// Entries durable in the journal and not yet in redb: index → (log id, encoded entry).
     journaled: Pending,
     /// The newest committed id not yet in redb.
@@ -490,10 +571,9 @@ impl Writer {
             Job::Append { entries, .. } => entries.last().map(|(id, _)| *id),
             _ => None,
         });
-        let to_redb = checkpoint
-            || jobs.iter().any(|j| matches!(j, Job::Truncate { .. } | Job::Purge { .. } | Job::Meta { .. }))
-            || (!appended.is_empty() && !self.journal.fits(journal::record_len(&appended)));
-        let route = if to_redb {
+        let to_redb =
+            checkpoint || jobs.iter().any(|j| matches!(j, Job::Truncate { .. } | Job::Purge { .. } | Job::Meta { .. }));
+        let mut route = if to_redb {
             Route::Redb
         } else if appended.is_empty() {
             Route::Nothing
@@ -502,7 +582,15 @@ impl Writer {
         };
         let result = match route {
             Route::Redb => self.checkpoint(&jobs),
-            Route::Journal => self.journal.append(&appended).map(|()| Some(last_appended)),
+            Route::Journal => match self.journal.append(&appended) {
+                Ok(true) => Ok(Some(last_appended)),
+                // The journal is full: everything goes into redb now.
+                Ok(false) => {
+                    route = Route::Redb;
+                    self.checkpoint(&jobs)
+                }
+                Err(e) => Err(e),
+            },
             Route::Nothing => Ok(None),
         };
         drop(appended);

@@ -2,7 +2,8 @@
 //!
 //! Owns: the redb helpers every database uses ([`open_db`], crash-atomic creation, write
 //! transactions with the right durability and repair settings) and [`StorageError`]; each
-//! shard's Raft log ([`log_store`], with its [`journal`]) and state machine ([`state_machine`]:
+//! shard's Raft log ([`log_store`], its new entries in the node's [`shared_journal`], or in a
+//! [`journal`] of its own) and state machine ([`state_machine`]:
 //! keys, revisions, sessions, digests, snapshots); the node's metadata store ([`metadata`]).
 //! The on-disk layout is described in docs/design.md ("Storage layout").
 //!
@@ -13,6 +14,7 @@ pub mod journal;
 pub mod log_store;
 pub mod metadata;
 pub mod scan;
+pub mod shared_journal;
 pub mod state_machine;
 
 #[cfg(test)]

@@ -39,6 +39,7 @@ use tempfile::TempDir;
 
 use super::{
     powercut::{DiskId, LossModel, PowerSwitch},
+    shared_journal::SharedJournal,
     RedbLogStore, RedbStateMachine,
 };
 use crate::api::{
@@ -729,4 +730,151 @@ async fn an_apply_ahead_of_the_leaders_disk_is_caught() {
         seeds.len()
     );
     assert!(caught.iter().all(|e| e.contains("applied entries lost")), "{caught:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Several shards on the node's journal (`super::shared_journal`)
+
+/// Shards sharing one journal in the shared runs.
+const SHARED_SHARDS: usize = 3;
+/// A small ring (32 record blocks), so that runs fill it, wrap it and fall back to direct
+/// writes into the shards' databases.
+const SHARED_JOURNAL_BYTES: u64 = 33 * 512;
+
+/// The stores of several shards of one simulated node: a log and a state-machine disk per
+/// shard and ONE journal disk, all on one power switch.
+struct SharedRig {
+    switch: PowerSwitch,
+    journal_disk: DiskId,
+    shards: Vec<(DiskId, DiskId, TempDir)>,
+}
+
+impl SharedRig {
+    fn new(seed: u64, model: LossModel) -> Self {
+        let switch = PowerSwitch::new(seed, model);
+        let journal_disk = switch.add_disk();
+        let shards = (0..SHARED_SHARDS)
+            .map(|_| (switch.add_disk(), switch.add_disk(), tempfile::tempdir().expect("tempdir")))
+            .collect();
+        SharedRig { switch, journal_disk, shards }
+    }
+
+    fn open(&self) -> Result<Vec<(RedbLogStore, RedbStateMachine)>, String> {
+        let journal = SharedJournal::open(self.switch.backend(self.journal_disk), SHARED_JOURNAL_BYTES)
+            .map_err(|e| format!("reopen journal: {e}"))?;
+        let mut stores = Vec::new();
+        for (shard, (log_disk, sm_disk, dir)) in self.shards.iter().enumerate() {
+            let log =
+                RedbLogStore::open_shared_with_backend(self.switch.backend(*log_disk), &journal, shard as u32, NO_CAP)
+                    .map_err(|e| format!("reopen log of shard {shard}: {e}"))?;
+            let sm = RedbStateMachine::open_with_backend(self.switch.backend(*sm_disk), dir.path())
+                .map_err(|e| format!("reopen state machine of shard {shard}: {e}"))?;
+            stores.push((log, sm));
+        }
+        ensure_ok(journal.unclaimed().is_empty(), || format!("unclaimed journal records: {:?}", journal.unclaimed()))?;
+        Ok(stores)
+    }
+}
+
+/// One seeded run over several shards on one journal: the single-shard operations on a random
+/// shard, and rounds in which every shard appends at once (their records share fsyncs, and a
+/// cut can fall in the middle of such a group commit). After each cut every shard is checked
+/// as in [`run`]: exactly its acknowledged log (or that with its in-flight operation), and a
+/// state machine equal to a replay of it.
+async fn shared_run(seed: u64) -> TestResult {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let kind = [LossModel::LoseUnsynced, LossModel::Reordered, LossModel::Torn][(seed % 3) as usize];
+    let rig = SharedRig::new(seed ^ 0x5a4e, kind);
+    let mut models: Vec<Model> = (0..SHARED_SHARDS).map(|_| Model { term: 1, ..Model::default() }).collect();
+    let mut stores = rig.open()?;
+    for epoch in 0..EPOCHS {
+        let cut_at = rig.switch.io_calls() + rng.random_range(0..CUT_WINDOW * SHARED_SHARDS as u64);
+        rig.switch.cut_at_io(cut_at);
+        let mut in_flight: Vec<InFlight> = (0..SHARED_SHARDS).map(|_| InFlight::None).collect();
+        for _ in 0..MAX_OPS * SHARED_SHARDS {
+            if rng.random_bool(0.4) {
+                let batches: Vec<Vec<Entry>> = models.iter_mut().map(|m| random_entries(&mut rng, m)).collect();
+                let appends =
+                    stores.iter_mut().zip(&batches).map(|((log, _), entries)| log.blocking_append(entries.clone()));
+                let results = futures::future::join_all(appends).await;
+                let mut failed = None;
+                for (shard, result) in results.into_iter().enumerate() {
+                    match result {
+                        Ok(()) => {
+                            for e in &batches[shard] {
+                                models[shard].log.insert(e.log_id.index, e.clone());
+                            }
+                        }
+                        Err(e) => {
+                            in_flight[shard] = InFlight::Append(batches[shard].clone());
+                            failed = Some(e.to_string());
+                        }
+                    }
+                }
+                if let Some(e) = failed {
+                    ensure!(!rig.switch.is_powered(), "epoch {epoch}: a shared append failed with the power on: {e}");
+                    STATS.with(|st| st.borrow_mut().mid_op_cuts += 1);
+                    break;
+                }
+            } else {
+                let shard = rng.random_range(0..SHARED_SHARDS);
+                let (log, sm) = &mut stores[shard];
+                if let Err((op, e)) = step(&mut rng, &mut models[shard], log, sm).await {
+                    ensure!(!rig.switch.is_powered(), "epoch {epoch}: shard {shard} failed with the power on: {e}");
+                    in_flight[shard] = op;
+                    break;
+                }
+            }
+        }
+        rig.switch.cut();
+        drop(stores);
+        rig.switch.restore();
+        stores = rig.open().map_err(|e| format!("epoch {epoch} ({kind:?}): {e}"))?;
+        for (shard, (log, sm)) in stores.iter_mut().enumerate() {
+            check(&mut models[shard], &in_flight[shard], log, sm).await.map_err(|e| {
+                format!("epoch {epoch} ({kind:?}), shard {shard}, in flight {:?}: {e}", in_flight[shard])
+            })?;
+            STATS.with(|st| st.borrow_mut().acked_entries += models[shard].log.len() as u64);
+        }
+    }
+    Ok(())
+}
+
+/// Three shards on one node journal under seeded runs of two power cuts each, at random I/O
+/// calls (inside group commits too), under all three loss models: each shard recovers exactly
+/// its durable prefix, and its state machine equals a replay of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_sharing_the_node_journal_recover_exactly_their_acknowledged_logs() {
+    let started = std::time::Instant::now();
+    for seed in seeds(40) {
+        if let Err(e) = shared_run(seed).await {
+            panic!("seed {seed}: {e}\n  rerun: POWERCUT_SEED={seed} cargo test -p aspen --lib powercut_tests::shards_sharing");
+        }
+    }
+    println!("shared-journal power-cut runs took {:?}", started.elapsed());
+    STATS.with(|st| println!("{:?}", st.borrow()));
+}
+
+/// A cut at any I/O call while the node journal is made leaves a file that opens (empty) after
+/// the reboot.
+#[test]
+fn a_cut_while_making_the_node_journal_leaves_it_openable() {
+    let calls = {
+        let switch = PowerSwitch::new(0, LossModel::LoseUnsynced);
+        let disk = switch.add_disk();
+        SharedJournal::open(switch.backend(disk), SHARED_JOURNAL_BYTES).expect("open");
+        switch.io_calls()
+    };
+    for model in [LossModel::LoseUnsynced, LossModel::Reordered, LossModel::Torn] {
+        for cut in 0..calls {
+            let switch = PowerSwitch::new(cut, model);
+            let disk = switch.add_disk();
+            switch.cut_at_io(cut);
+            assert!(SharedJournal::open(switch.backend(disk), SHARED_JOURNAL_BYTES).is_err(), "{model:?} cut {cut}");
+            switch.restore();
+            let journal = SharedJournal::open(switch.backend(disk), SHARED_JOURNAL_BYTES)
+                .unwrap_or_else(|e| panic!("{model:?} cut {cut}: reopen: {e}"));
+            assert!(journal.unclaimed().is_empty(), "{model:?} cut {cut}");
+        }
+    }
 }

@@ -200,3 +200,54 @@ async fn log_survives_reopen() {
     assert_eq!(state.last_purged_log_id, Some(log_id(1, 4)));
     assert_eq!(state.last_log_id, Some(log_id(1, 20)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_on_the_node_journal_keep_acknowledged_appends_through_a_crash() {
+    use crate::storage::shared_journal::{SharedJournal, FILE_NAME};
+    // Two shards' logs in one dir, their new entries in one node journal (file names made
+    // distinct here; a node keeps them in shard-N/ directories).
+    let dir = tempfile::tempdir().unwrap();
+    let journal = SharedJournal::open_file(&dir.path().join(FILE_NAME)).unwrap();
+    let mut a = RedbLogStore::open_shared(&dir.path().join("a.db"), &journal, 0, NO_CAP).unwrap();
+    let mut b = RedbLogStore::open_shared(&dir.path().join("b.db"), &journal, 1, NO_CAP).unwrap();
+    let (x, y) = tokio::join!(
+        a.blocking_append(vec![blank(1, 1), put(1, 2, "a", b"1")]),
+        b.blocking_append(vec![put(1, 1, "b", b"2")])
+    );
+    x.unwrap();
+    y.unwrap();
+    b.blocking_append(vec![put(1, 2, "c", b"3")]).await.unwrap();
+    // A copy taken now (the stores still open) is what a crash leaves: the entries are in the
+    // node journal only.
+    let crashed = copy_dir_files(dir.path(), &["a.db", "b.db", FILE_NAME]);
+    let bare = copy_dir_files(dir.path(), &["a.db", "b.db"]);
+    for (copy, expect_a, expect_b) in [(&crashed, vec![1, 2], vec![1, 2]), (&bare, vec![], vec![])] {
+        let journal = SharedJournal::open_file(&copy.path().join(FILE_NAME)).unwrap();
+        let mut a = RedbLogStore::open_shared(&copy.path().join("a.db"), &journal, 0, NO_CAP).unwrap();
+        let mut b = RedbLogStore::open_shared(&copy.path().join("b.db"), &journal, 1, NO_CAP).unwrap();
+        assert_eq!(indexes(&read_all(&mut a).await), expect_a);
+        assert_eq!(indexes(&read_all(&mut b).await), expect_b);
+        assert!(journal.unclaimed().is_empty());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_journal_left_by_an_earlier_version_is_moved_into_the_log_and_removed() {
+    use crate::storage::shared_journal::{SharedJournal, FILE_NAME};
+    let dir = tempfile::tempdir().unwrap();
+    let mut old = open_log(dir.path(), NO_CAP);
+    old.blocking_append(vec![blank(1, 1), put(1, 2, "a", b"1")]).await.unwrap();
+    let own = crate::storage::journal::path_beside(std::path::Path::new(LOG_FILE));
+    let own = own.file_name().unwrap().to_str().unwrap();
+    // Crashed with the entries in the shard's own journal.
+    let crashed = copy_dir_files(dir.path(), &[LOG_FILE, own]);
+    drop(old);
+    let journal = SharedJournal::open_file(&crashed.path().join(FILE_NAME)).unwrap();
+    let mut log = RedbLogStore::open_shared(&crashed.path().join(LOG_FILE), &journal, 0, NO_CAP).unwrap();
+    assert_eq!(indexes(&read_all(&mut log).await), vec![1, 2]);
+    assert!(!crashed.path().join(own).exists(), "the shard's own journal is gone");
+    log.blocking_append(vec![put(1, 3, "b", b"2")]).await.unwrap();
+    drop(log);
+    let mut log = RedbLogStore::open_shared(&crashed.path().join(LOG_FILE), &journal, 0, NO_CAP).unwrap();
+    assert_eq!(indexes(&read_all(&mut log).await), vec![1, 2, 3]);
+}
