@@ -111,14 +111,51 @@ fn checksum(epoch: u64, payload: &[u8]) -> [u8; 8] {
     out
 }
 
-/// One record holding `entries` (encoded), stamped with `epoch`.
-fn encode_record(epoch: u64, entries: &[&[u8]]) -> Vec<u8> {
-    let payload_len: usize = entries.iter().map(|b| 4 + b.len()).sum();
-    let mut payload = Vec::with_capacity(payload_len);
+/// A record's payload: `length (4) | encoded entry` for each of `entries`.
+pub(super) fn encode_payload(entries: &[&[u8]]) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(entries.iter().map(|b| 4 + b.len()).sum());
     for bytes in entries {
         payload.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
         payload.extend_from_slice(bytes);
     }
+    payload
+}
+
+/// The entries of a payload whose checksum held: one that does not decode is corruption (`what`
+/// names the record in the error).
+pub(super) fn decode_payload(payload: &[u8], what: impl Fn() -> String) -> Result<Encoded, StorageError> {
+    let mut entries = Vec::new();
+    let mut p = 0usize;
+    while p < payload.len() {
+        let bad = || StorageError::Corrupt(format!("{} holds a malformed entry", what()));
+        let n = payload.get(p..p + 4).ok_or_else(bad)?;
+        let n = u32::from_le_bytes(n.try_into().map_err(|_| bad())?) as usize;
+        let bytes = payload.get(p + 4..p + 4 + n).ok_or_else(bad)?;
+        let entry: Entry = postcard::from_bytes(bytes)?;
+        entries.push((entry.log_id, bytes.to_vec()));
+        p += 4 + n;
+    }
+    Ok(entries)
+}
+
+/// Grows `file` from `len` to `capacity` bytes of real zeros (a sparse file would make every
+/// later write allocate) and syncs it.
+pub(super) fn zero_fill(file: &dyn StorageBackend, len: u64, capacity: u64) -> Result<(), StorageError> {
+    file.set_len(capacity)?;
+    let zeros = vec![0u8; 1 << 20];
+    let mut at = len;
+    while at < capacity {
+        let n = (capacity - at).min(zeros.len() as u64);
+        file.write(at, &zeros[..n as usize])?;
+        at += n;
+    }
+    file.sync_data()?;
+    Ok(())
+}
+
+/// One record holding `entries` (encoded), stamped with `epoch`.
+fn encode_record(epoch: u64, entries: &[&[u8]]) -> Vec<u8> {
+    let payload = encode_payload(entries);
     let mut out = Vec::with_capacity(HEADER + payload.len());
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&epoch.to_le_bytes());
@@ -150,18 +187,7 @@ fn scan(image: &[u8], epoch: u64) -> Result<Vec<Encoded>, StorageError> {
         if h[16..24] != checksum(epoch, payload) {
             break;
         }
-        let mut entries = Vec::new();
-        let mut p = 0usize;
-        while p < payload.len() {
-            let bad = || StorageError::Corrupt(format!("journal record at offset {at} holds a malformed entry"));
-            let n = payload.get(p..p + 4).ok_or_else(bad)?;
-            let n = u32::from_le_bytes(n.try_into().map_err(|_| bad())?) as usize;
-            let bytes = payload.get(p + 4..p + 4 + n).ok_or_else(bad)?;
-            let entry: Entry = postcard::from_bytes(bytes)?;
-            entries.push((entry.log_id, bytes.to_vec()));
-            p += 4 + n;
-        }
-        records.push(entries);
+        records.push(decode_payload(payload, || format!("journal record at offset {at}"))?);
         at += HEADER + len;
     }
     Ok(records)
@@ -174,16 +200,7 @@ impl Journal {
         let file: Box<dyn StorageBackend> = Box::new(file);
         let len = file.len()?;
         if len < capacity {
-            file.set_len(capacity)?;
-            // Zero-fill for real, in chunks: a sparse file would make every later write allocate.
-            let zeros = vec![0u8; 1 << 20];
-            let mut at = len;
-            while at < capacity {
-                let n = (capacity - at).min(zeros.len() as u64);
-                file.write(at, &zeros[..n as usize])?;
-                at += n;
-            }
-            file.sync_data()?;
+            zero_fill(file.as_ref(), len, capacity)?;
         }
         Ok(Journal { file, capacity: capacity.max(len), offset: 0, epoch: 0 })
     }

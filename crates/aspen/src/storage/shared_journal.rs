@@ -49,8 +49,11 @@ use std::{
 
 use redb::StorageBackend;
 
-use super::{journal::Encoded, StorageError};
-use crate::api::{raft::Entry, ShardId};
+use super::{
+    journal::{decode_payload, encode_payload, zero_fill, Encoded},
+    StorageError,
+};
+use crate::api::ShardId;
 
 /// Records start at multiples of this (one disk sector).
 pub const BLOCK: u64 = 512;
@@ -133,30 +136,6 @@ fn blocks_for(payload_len: usize) -> u64 {
     (REC_HEADER + payload_len).div_ceil(BLOCK as usize) as u64
 }
 
-fn encode_payload(entries: &[&[u8]]) -> Vec<u8> {
-    let mut payload = Vec::with_capacity(entries.iter().map(|b| 4 + b.len()).sum());
-    for bytes in entries {
-        payload.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
-        payload.extend_from_slice(bytes);
-    }
-    payload
-}
-
-fn decode_payload(payload: &[u8], at: u64) -> Result<Encoded, StorageError> {
-    let mut entries = Vec::new();
-    let mut p = 0usize;
-    while p < payload.len() {
-        let bad = || StorageError::Corrupt(format!("node journal record at block {at} holds a malformed entry"));
-        let n = payload.get(p..p + 4).ok_or_else(bad)?;
-        let n = u32::from_le_bytes(n.try_into().map_err(|_| bad())?) as usize;
-        let bytes = payload.get(p + 4..p + 4 + n).ok_or_else(bad)?;
-        let entry: Entry = postcard::from_bytes(bytes)?;
-        entries.push((entry.log_id, bytes.to_vec()));
-        p += 4 + n;
-    }
-    Ok(entries)
-}
-
 /// Every record of the ring `image` (the file after its header block) whose checksum holds and
 /// whose lsn names the block it starts at, by shard.
 fn scan(image: &[u8], key: &[u8; 32], blocks: u64) -> Result<HashMap<ShardId, Vec<Found>>, StorageError> {
@@ -176,7 +155,8 @@ fn scan(image: &[u8], key: &[u8; 32], blocks: u64) -> Result<HashMap<ShardId, Ve
         if h[28..36] != record_checksum(key, &h[..28], payload) {
             continue;
         }
-        found.entry(shard).or_default().push((epoch, lsn, decode_payload(payload, b)?));
+        let entries = decode_payload(payload, || format!("node journal record at block {b}"))?;
+        found.entry(shard).or_default().push((epoch, lsn, entries));
     }
     for records in found.values_mut() {
         records.sort_by_key(|(_, lsn, _)| *lsn);
@@ -212,15 +192,7 @@ impl SharedJournal {
             file.read(0, &mut first)?;
         }
         if len < capacity {
-            file.set_len(capacity)?;
-            let zeros = vec![0u8; 1 << 20];
-            let mut at = len;
-            while at < capacity {
-                let n = (capacity - at).min(zeros.len() as u64);
-                file.write(at, &zeros[..n as usize])?;
-                at += n;
-            }
-            file.sync_data()?;
+            zero_fill(file.as_ref(), len, capacity)?;
         }
         let capacity = capacity.max(len / BLOCK * BLOCK);
         let blocks = capacity / BLOCK - 1;
@@ -382,7 +354,7 @@ mod tests {
     use redb::backends::InMemoryBackend;
 
     use super::*;
-    use crate::api::raft::LogId;
+    use crate::api::raft::{Entry, LogId};
 
     /// The records of `epoch` of one shard in an image, for tests of the format.
     fn shard_records(found: &HashMap<ShardId, Vec<Found>>, shard: ShardId, epoch: u64) -> Vec<Vec<LogId>> {
