@@ -16,7 +16,8 @@
 //! the per-shard journal ([`super::journal`]), so a shard's durable log is its database plus
 //! its records of its current *epoch* here.
 //!
-//! Format. Block 0 is the header: magic, a random 32-byte key and a checksum, written and
+//! Format. Block 0 is the header: magic, a random 32-byte key, the ring's size in blocks (fixed
+//! for the file's life, whatever a later version's default size) and a checksum, written and
 //! fsync'd once when the file is made. Records start at block boundaries (512 bytes, a disk
 //! sector) of the rest of the file, which is used as a ring: record positions are *logical*
 //! block numbers (`lsn`) that only grow, the physical block being `1 + lsn % blocks`; a record
@@ -109,17 +110,24 @@ struct State {
     recovered: HashMap<ShardId, Vec<Found>>,
 }
 
-fn header(key: &[u8; 32]) -> Vec<u8> {
-    let mut h = Vec::with_capacity(48);
+/// The header: magic, the key, the ring's size in blocks (fixed for the file's life: a record's
+/// block is its lsn modulo it), and a checksum of those.
+fn header(key: &[u8; 32], blocks: u64) -> Vec<u8> {
+    let mut h = Vec::with_capacity(56);
     h.extend_from_slice(&FILE_MAGIC);
     h.extend_from_slice(key);
+    h.extend_from_slice(&blocks.to_le_bytes());
     h.extend_from_slice(&blake3::hash(&h).as_bytes()[..8]);
     h
 }
 
-fn parse_header(block: &[u8]) -> Option<[u8; 32]> {
-    let (body, sum) = (block.get(..40)?, block.get(40..48)?);
-    (body[..8] == FILE_MAGIC && blake3::hash(body).as_bytes()[..8] == *sum).then(|| body[8..40].try_into().ok())?
+/// The key and the ring's size, if `block` holds a valid header.
+fn parse_header(block: &[u8]) -> Option<([u8; 32], u64)> {
+    let (body, sum) = (block.get(..48)?, block.get(48..56)?);
+    if body[..8] != FILE_MAGIC || blake3::hash(body).as_bytes()[..8] != *sum {
+        return None;
+    }
+    Some((body[8..40].try_into().ok()?, u64::from_le_bytes(body[40..48].try_into().ok()?)))
 }
 
 fn record_checksum(key: &[u8; 32], head: &[u8], payload: &[u8]) -> [u8; 8] {
@@ -191,16 +199,26 @@ impl SharedJournal {
         if len >= BLOCK {
             file.read(0, &mut first)?;
         }
-        if len < capacity {
-            zero_fill(file.as_ref(), len, capacity)?;
-        }
-        let capacity = capacity.max(len / BLOCK * BLOCK);
-        let blocks = capacity / BLOCK - 1;
-        let mut image = vec![0u8; (blocks * BLOCK) as usize];
-        file.read(BLOCK, &mut image)?;
-        let (key, found) = match parse_header(&first) {
-            Some(key) => (key, scan(&image, &key, blocks)?),
+        let (key, blocks, found) = match parse_header(&first) {
+            Some((key, blocks)) => {
+                // The ring keeps the size it was made with, whatever `capacity` says now.
+                if len < (blocks + 1) * BLOCK {
+                    return Err(StorageError::Corrupt(format!(
+                        "the node's log journal is {len} bytes, shorter than its ring of {blocks} blocks"
+                    )));
+                }
+                let mut image = vec![0u8; (blocks * BLOCK) as usize];
+                file.read(BLOCK, &mut image)?;
+                let found = scan(&image, &key, blocks)?;
+                (key, blocks, found)
+            }
             None => {
+                if len < capacity {
+                    zero_fill(file.as_ref(), len, capacity)?;
+                }
+                let blocks = capacity.max(len / BLOCK * BLOCK) / BLOCK - 1;
+                let mut image = vec![0u8; (blocks * BLOCK) as usize];
+                file.read(BLOCK, &mut image)?;
                 // No header: a new file, or one whose making was cut short (the header, one
                 // sector, is written whole or not at all) — then no record was ever written, as
                 // the header is synced before the first one. Anything else (a damaged header,
@@ -212,9 +230,9 @@ impl SharedJournal {
                     ));
                 }
                 let key: [u8; 32] = rand::random();
-                file.write(0, &header(&key))?;
+                file.write(0, &header(&key, blocks))?;
                 file.sync_data()?;
-                (key, HashMap::new())
+                (key, blocks, HashMap::new())
             }
         };
         let next_lsn = found.values().flatten().map(|(_, lsn, e)| lsn + blocks_for(payload_len(e))).max().unwrap_or(0);
@@ -477,6 +495,24 @@ mod tests {
     }
 
     #[test]
+    fn the_ring_keeps_the_size_it_was_made_with() {
+        let disk = Shared::default();
+        let j = SharedJournal::open(disk.clone(), 9 * BLOCK).unwrap();
+        let mut a = j.shard(0);
+        for i in 0..10 {
+            a.reset(i);
+            assert!(a.append(&bytes(&entries(i, 1, 0))).unwrap());
+        }
+        drop((a, j));
+        // A later default size must not move records to other blocks.
+        let j = SharedJournal::open(disk.clone(), 64 * BLOCK).unwrap();
+        assert_eq!(j.inner.blocks, 8);
+        assert_eq!(indexes(&j.shard(0).recover(9)), vec![vec![9]]);
+        disk.set_len(4 * BLOCK).unwrap();
+        assert!(matches!(SharedJournal::open(disk, 9 * BLOCK), Err(StorageError::Corrupt(_))), "a cut-off ring");
+    }
+
+    #[test]
     fn records_found_at_open_stay_live_until_their_shard_takes_them() {
         let disk = Shared::default();
         let j = SharedJournal::open(disk.clone(), 9 * BLOCK).unwrap();
@@ -541,7 +577,7 @@ mod tests {
         let j = SharedJournal::open(disk.clone(), 16 * BLOCK).unwrap();
         assert!(j.shard(0).append(&bytes(&entries(1, 1, 0))).unwrap());
         drop(j);
-        disk.write(0, &[0u8; 48]).unwrap();
+        disk.write(0, &[0u8; 56]).unwrap();
         assert!(matches!(SharedJournal::open(disk, 16 * BLOCK), Err(StorageError::Corrupt(_))));
         let other = Shared::default();
         other.set_len(16 * BLOCK).unwrap();
@@ -551,7 +587,7 @@ mod tests {
         blank.set_len(16 * BLOCK).unwrap();
         let j = SharedJournal::open(blank.clone(), 16 * BLOCK).unwrap();
         assert!(j.unclaimed().is_empty());
-        let mut first = [0u8; 48];
+        let mut first = [0u8; 56];
         blank.read(0, &mut first).unwrap();
         assert!(parse_header(&first).is_some(), "a header was written");
     }
