@@ -29,6 +29,7 @@ use crate::{
         IrohNetworkFactory, MemberNode, RaftNode, RaftProtocolHandler, RaftWire, ShardRegistry,
     },
     storage::{
+        log_store,
         metadata::{ClusterIdentity, MetadataStore},
         shared_journal::{self, SharedJournal},
         StorageError,
@@ -386,15 +387,10 @@ async fn start_node(config: NodeConfig, stop: CancellationToken) -> Result<NodeH
         .await?;
         shards.insert(shard, node);
     }
-    let unclaimed = journal.unclaimed();
-    if !unclaimed.is_empty() {
-        tracing::warn!(
-            "{} holds log entries of shard(s) {unclaimed:?}, which this node does not host: they are kept \
-             (and the journal falls back to slower direct writes when it needs their room) until those shards \
-             are hosted here again",
-            journal_path.display()
-        );
-    }
+    // Records of shards this node no longer hosts (its `local_shards` changed): moved into
+    // their own logs, so that they do not hold the journal's room.
+    log_store::settle_unclaimed(&journal, &config.data_dir, config.raft.max_append_bytes)
+        .map_err(|source| BootstrapError::Journal { path: journal_path.clone(), source })?;
     let shard0 = shards.get(&0).cloned().ok_or_else(|| BootstrapError::Sharding("every node hosts shard 0".into()))?;
 
     let service = Arc::new(NodeService::new(

@@ -420,6 +420,32 @@ fn clone_bound(b: Bound<&u64>) -> Bound<u64> {
     }
 }
 
+/// Moves the records the node's `journal` holds for shards no store has opened (a node whose
+/// `local_shards` changed) into those shards' logs under `data_dir` (`shard-N/raft-log.db`), or
+/// releases them when that log is gone; so they no longer hold the journal's room. Returns the
+/// shards settled. Call once every hosted shard's log is open.
+pub fn settle_unclaimed(
+    journal: &SharedJournal,
+    data_dir: &std::path::Path,
+    max_batch_bytes: u64,
+) -> Result<Vec<ShardId>, StorageError> {
+    let unclaimed = journal.unclaimed();
+    for &shard in &unclaimed {
+        let log = data_dir.join(format!("shard-{shard}")).join("raft-log.db");
+        if log.exists() {
+            drop(RedbLogStore::open_shared(&log, journal, shard, max_batch_bytes)?);
+            tracing::info!(
+                "moved the node journal's entries of shard {shard}, not hosted here, into {}",
+                log.display()
+            );
+        } else {
+            journal.release(shard);
+            tracing::warn!("the node journal held log entries of shard {shard}, which has no log here: dropped");
+        }
+    }
+    Ok(unclaimed)
+}
+
 /// The directory entry of a file just made in `path`'s directory is made durable.
 fn sync_dir_of(path: &std::path::Path) -> Result<(), StorageError> {
     let dir = match path.parent() {

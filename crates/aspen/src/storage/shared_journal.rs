@@ -36,7 +36,9 @@
 //! otherwise the append reports no room and the shard's writer checkpoints straight into its
 //! database instead (as the per-shard journal did when full), which makes its records stale.
 //! Records found at open count as live until their shard's store has opened (and moved them
-//! into its database), so no shard's writes overwrite another shard's unrecovered entries.
+//! into its database), so no shard's writes overwrite another shard's unrecovered entries (the
+//! node opens the logs of shards it no longer hosts once at start for that, or releases the
+//! records of a shard whose log is gone).
 //!
 //! Owns: the file, its format and recovery, the ring positions and the group fsync. Never:
 //! decide what is in a shard's log or when it checkpoints (`super::log_store` does).
@@ -246,6 +248,14 @@ impl SharedJournal {
     /// The journal of `shard` in this file (its store sets the epoch, [`ShardJournal::reset`]).
     pub fn shard(&self, shard: ShardId) -> ShardJournal {
         ShardJournal { inner: self.inner.clone(), shard, epoch: 0 }
+    }
+
+    /// Forgets the records found at open of `shard` (a shard whose log is gone): their room
+    /// may be written over.
+    pub fn release(&self, shard: ShardId) {
+        let mut st = self.inner.lock();
+        st.recovered.remove(&shard);
+        st.live_from.remove(&shard);
     }
 
     /// Shards with records found at open that no store has taken yet (their records stay in

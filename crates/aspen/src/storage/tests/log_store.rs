@@ -251,3 +251,37 @@ async fn a_shard_journal_left_by_an_earlier_version_is_moved_into_the_log_and_re
     let mut log = RedbLogStore::open_shared(&crashed.path().join(LOG_FILE), &journal, 0, NO_CAP).unwrap();
     assert_eq!(indexes(&read_all(&mut log).await), vec![1, 2, 3]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn journal_entries_of_shards_no_longer_hosted_are_moved_into_their_logs() {
+    use crate::storage::{
+        log_store::settle_unclaimed,
+        shared_journal::{SharedJournal, FILE_NAME},
+    };
+    // A node with shards 0, 1 and 2 crashes with entries of each only in the node journal.
+    let dir = tempfile::tempdir().unwrap();
+    let journal = SharedJournal::open_file(&dir.path().join(FILE_NAME)).unwrap();
+    let log_of = |root: &Path, shard: u32| root.join(format!("shard-{shard}")).join(LOG_FILE);
+    let mut stores = Vec::new();
+    for shard in 0..3 {
+        let mut log = RedbLogStore::open_shared(&log_of(dir.path(), shard), &journal, shard, NO_CAP).unwrap();
+        log.blocking_append(vec![blank(1, 1), put(1, 2, "k", b"v")]).await.unwrap();
+        stores.push(log);
+    }
+    let crashed = tempfile::tempdir().unwrap();
+    for name in [FILE_NAME.to_string(), "shard-0/raft-log.db".into(), "shard-1/raft-log.db".into()] {
+        std::fs::create_dir_all(crashed.path().join(&name).parent().unwrap()).unwrap();
+        std::fs::copy(dir.path().join(&name), crashed.path().join(&name)).unwrap();
+    }
+    drop(stores);
+    // Restarted hosting shard 0 only; shard 2's log is gone altogether.
+    let journal = SharedJournal::open_file(&crashed.path().join(FILE_NAME)).unwrap();
+    let mut zero = RedbLogStore::open_shared(&log_of(crashed.path(), 0), &journal, 0, NO_CAP).unwrap();
+    assert_eq!(indexes(&read_all(&mut zero).await), vec![1, 2]);
+    assert_eq!(journal.unclaimed(), vec![1, 2]);
+    assert_eq!(settle_unclaimed(&journal, crashed.path(), NO_CAP).unwrap(), vec![1, 2]);
+    assert!(journal.unclaimed().is_empty(), "nothing holds the journal's room any more");
+    // Shard 1, hosted again later, has its entries.
+    let mut one = RedbLogStore::open_shared(&log_of(crashed.path(), 1), &journal, 1, NO_CAP).unwrap();
+    assert_eq!(indexes(&read_all(&mut one).await), vec![1, 2]);
+}
