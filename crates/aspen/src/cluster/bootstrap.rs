@@ -378,7 +378,7 @@ async fn start_node(config: NodeConfig, stop: CancellationToken) -> Result<NodeH
         let node = RaftNode::open(
             shard,
             shard_raft_id(shard, config.node_id),
-            ShardFiles { dir: &config.data_dir.join(format!("shard-{shard}")), journal: Some(&journal) },
+            ShardFiles { dir: &config.data_dir.join(format!("shard-{shard}")), journal: &journal },
             &config.cluster_name,
             &config.raft,
             network,

@@ -110,12 +110,11 @@ pub fn openraft_config(cluster_name: &str, shard: ShardId, cfg: &RaftConfig) -> 
 }
 
 /// Where a shard's files are: its directory (`raft-log.db`, `state-machine.db`, snapshots) and
-/// the node's journal its new log entries go to (`None`: a journal file of the shard's own
-/// beside its log).
+/// the node's journal its new log entries go to.
 #[derive(Clone, Copy, Debug)]
 pub struct ShardFiles<'a> {
     pub dir: &'a Path,
-    pub journal: Option<&'a SharedJournal>,
+    pub journal: &'a SharedJournal,
 }
 
 impl RaftNode {
@@ -134,13 +133,9 @@ impl RaftNode {
             .map_err(|message| RaftNodeError::Config { shard, message })?;
         // The leader's fsync overlaps replication; the state machine and the commit index sent
         // to followers wait for it (see `log_store`).
-        let log_path = dir.join("raft-log.db");
-        let log = match journal {
-            Some(journal) => RedbLogStore::open_shared(&log_path, journal, shard, raft_cfg.max_append_bytes),
-            None => RedbLogStore::open(&log_path, raft_cfg.max_append_bytes),
-        }
-        .map_err(|source| RaftNodeError::Storage { shard, source })?
-        .overlap_own_appends(raft_id);
+        let log = RedbLogStore::open_shared(&dir.join("raft-log.db"), journal, shard, raft_cfg.max_append_bytes)
+            .map_err(|source| RaftNodeError::Storage { shard, source })?
+            .overlap_own_appends(raft_id);
         let sm = RedbStateMachine::open(&dir.join("state-machine.db"))
             .map_err(|source| RaftNodeError::Storage { shard, source })?
             .wait_for_log(log.durable());

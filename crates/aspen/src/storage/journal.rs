@@ -71,11 +71,6 @@ pub fn path_beside(log_db: &Path) -> PathBuf {
 pub struct FileDisk(File);
 
 impl FileDisk {
-    /// A journal in an open file.
-    pub fn from_file(file: File) -> Self {
-        FileDisk(file)
-    }
-
     /// Opens (creating if missing) the journal file at `path`.
     pub fn open(path: &Path) -> io::Result<Self> {
         let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
@@ -111,14 +106,17 @@ fn checksum(epoch: u64, payload: &[u8]) -> [u8; 8] {
     out
 }
 
-/// A record's payload: `length (4) | encoded entry` for each of `entries`.
-pub(super) fn encode_payload(entries: &[&[u8]]) -> Vec<u8> {
-    let mut payload = Vec::with_capacity(entries.iter().map(|b| 4 + b.len()).sum());
+/// The bytes of the payload that holds `entries`.
+pub(super) fn payload_len(entries: &[&[u8]]) -> usize {
+    entries.iter().map(|b| 4 + b.len()).sum()
+}
+
+/// Appends a record's payload to `out`: `length (4) | encoded entry` for each of `entries`.
+pub(super) fn encode_payload(out: &mut Vec<u8>, entries: &[&[u8]]) {
     for bytes in entries {
-        payload.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
-        payload.extend_from_slice(bytes);
+        out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+        out.extend_from_slice(bytes);
     }
-    payload
 }
 
 /// The entries of a payload whose checksum held: one that does not decode is corruption (`what`
@@ -155,7 +153,8 @@ pub(super) fn zero_fill(file: &dyn StorageBackend, len: u64, capacity: u64) -> R
 
 /// One record holding `entries` (encoded), stamped with `epoch`.
 fn encode_record(epoch: u64, entries: &[&[u8]]) -> Vec<u8> {
-    let payload = encode_payload(entries);
+    let mut payload = Vec::with_capacity(payload_len(entries));
+    encode_payload(&mut payload, entries);
     let mut out = Vec::with_capacity(HEADER + payload.len());
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&epoch.to_le_bytes());

@@ -60,7 +60,7 @@ use super::{
     journal::{self, Encoded, Journal},
     open_db, open_db_with_backend,
     shared_journal::{ShardJournal, SharedJournal},
-    to_raft_err, StorageError,
+    sync_dir_of, to_raft_err, StorageError,
 };
 use crate::api::raft::{Entry, LogId, OpenraftStorageError, TypeConfig, Vote};
 use crate::api::ShardId;
@@ -444,16 +444,6 @@ pub fn settle_unclaimed(
         }
     }
     Ok(unclaimed)
-}
-
-/// The directory entry of a file just made in `path`'s directory is made durable.
-fn sync_dir_of(path: &std::path::Path) -> Result<(), StorageError> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => std::path::Path::new("."),
-    };
-    std::fs::File::open(dir)?.sync_all()?;
-    Ok(())
 }
 
 /// Where a store's new entries are journaled: a file of its own, or the node's journal.

@@ -139,6 +139,11 @@ fn create_db_atomically(path: &std::path::Path) -> Result<(), StorageError> {
     drop(redb::Database::builder().create(&tmp)?);
     std::fs::File::open(&tmp)?.sync_all()?;
     std::fs::rename(&tmp, path)?;
+    sync_dir_of(path)
+}
+
+/// Makes durable the directory entry of a file just made (or removed) at `path`.
+pub(crate) fn sync_dir_of(path: &std::path::Path) -> Result<(), StorageError> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => std::path::Path::new("."),

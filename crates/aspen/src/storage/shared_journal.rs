@@ -24,7 +24,7 @@
 //! that would cross the end of the file starts again at the beginning instead. A record is
 //! `magic | shard | shard epoch | lsn | payload length | checksum | payload` with the payload a
 //! sequence of `length | encoded entry` as in the per-shard journal, and the checksum a BLAKE3
-//! hash *keyed with the file's key* over everything before it and the payload. Recovery reads
+//! hash *keyed with the file's key* over the payload and then everything before the checksum. Recovery reads
 //! the whole file and takes every block that starts a record whose checksum holds and whose
 //! lsn names that block: a torn record fails its checksum; stale bytes fail it too; and since
 //! the key is secret to the file, a value a client wrote that happens to contain record-shaped
@@ -45,7 +45,6 @@
 
 use std::{
     collections::HashMap,
-    fs::File,
     path::Path,
     sync::{Arc, Condvar, Mutex, MutexGuard},
 };
@@ -53,7 +52,7 @@ use std::{
 use redb::StorageBackend;
 
 use super::{
-    journal::{decode_payload, encode_payload, zero_fill, Encoded},
+    journal::{decode_payload, encode_payload, payload_len, zero_fill, Encoded},
     StorageError,
 };
 use crate::api::ShardId;
@@ -132,12 +131,18 @@ fn parse_header(block: &[u8]) -> Option<([u8; 32], u64)> {
     Some((body[8..40].try_into().ok()?, u64::from_le_bytes(body[40..48].try_into().ok()?)))
 }
 
+/// A record's checksum: BLAKE3 keyed with the file's key over the payload, then the header
+/// fields (payload first, so that a writer hashes it before it takes the lock and learns its lsn).
 fn record_checksum(key: &[u8; 32], head: &[u8], payload: &[u8]) -> [u8; 8] {
     let mut h = blake3::Hasher::new_keyed(key);
-    h.update(head);
     h.update(payload);
+    finish_checksum(h, head)
+}
+
+fn finish_checksum(mut payload_hash: blake3::Hasher, head: &[u8]) -> [u8; 8] {
+    payload_hash.update(head);
     let mut out = [0u8; 8];
-    out.copy_from_slice(&h.finalize().as_bytes()[..8]);
+    out.copy_from_slice(&payload_hash.finalize().as_bytes()[..8]);
     out
 }
 
@@ -178,14 +183,9 @@ impl SharedJournal {
     /// Opens (creating if missing) the node's journal at `path`, [`CAPACITY`] bytes.
     pub fn open_file(path: &Path) -> Result<Self, StorageError> {
         let existed = path.exists();
-        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
-        let journal = Self::open(super::journal::FileDisk::from_file(file), CAPACITY)?;
+        let journal = Self::open(super::journal::FileDisk::open(path)?, CAPACITY)?;
         if !existed {
-            let dir = match path.parent() {
-                Some(p) if !p.as_os_str().is_empty() => p,
-                _ => Path::new("."),
-            };
-            File::open(dir)?.sync_all()?;
+            super::sync_dir_of(path)?;
         }
         Ok(journal)
     }
@@ -237,7 +237,7 @@ impl SharedJournal {
                 (key, blocks, HashMap::new())
             }
         };
-        let next_lsn = found.values().flatten().map(|(_, lsn, e)| lsn + blocks_for(payload_len(e))).max().unwrap_or(0);
+        let next_lsn = found.values().flatten().map(|(_, lsn, e)| lsn + blocks_for(encoded_len(e))).max().unwrap_or(0);
         let live_from = found.iter().filter_map(|(s, r)| Some((*s, r.first()?.1))).collect();
         let state = State { next_lsn, live_from, recovered: found, ..State::default() };
         Ok(SharedJournal {
@@ -267,8 +267,8 @@ impl SharedJournal {
     }
 }
 
-/// The bytes of the payload that holds `entries`.
-fn payload_len(entries: &Encoded) -> usize {
+/// The bytes of the payload that holds the recovered `entries`.
+fn encoded_len(entries: &Encoded) -> usize {
     entries.iter().map(|(_, b)| 4 + b.len()).sum()
 }
 
@@ -317,11 +317,18 @@ impl ShardJournal {
     /// (the record would overwrite a live one, or is larger than the file); nothing written.
     pub fn append(&mut self, entries: &[&[u8]]) -> Result<bool, StorageError> {
         let inner = &*self.inner;
-        let payload = encode_payload(entries);
-        let n = blocks_for(payload.len());
+        // The record is built (and its payload hashed) before the lock; only the header's lsn
+        // and the checksum's end are filled in under it.
+        let payload_len = payload_len(entries);
+        let n = blocks_for(payload_len);
         if n > inner.blocks {
             return Ok(false);
         }
+        let mut record = Vec::with_capacity(REC_HEADER + payload_len);
+        record.resize(REC_HEADER, 0);
+        encode_payload(&mut record, entries);
+        let mut payload_hash = blake3::Hasher::new_keyed(&inner.key);
+        payload_hash.update(&record[REC_HEADER..]);
         let mut st = inner.lock();
         if let Some(msg) = &st.failed {
             return Err(Inner::failed(msg));
@@ -334,15 +341,13 @@ impl ShardJournal {
         if lsn + n > tail + inner.blocks {
             return Ok(false);
         }
-        let mut record = Vec::with_capacity(REC_HEADER + payload.len());
-        record.extend_from_slice(&REC_MAGIC);
-        record.extend_from_slice(&self.shard.to_le_bytes());
-        record.extend_from_slice(&self.epoch.to_le_bytes());
-        record.extend_from_slice(&lsn.to_le_bytes());
-        record.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        let sum = record_checksum(&inner.key, &record, &payload);
-        record.extend_from_slice(&sum);
-        record.extend_from_slice(&payload);
+        record[..4].copy_from_slice(&REC_MAGIC);
+        record[4..8].copy_from_slice(&self.shard.to_le_bytes());
+        record[8..16].copy_from_slice(&self.epoch.to_le_bytes());
+        record[16..24].copy_from_slice(&lsn.to_le_bytes());
+        record[24..28].copy_from_slice(&(payload_len as u32).to_le_bytes());
+        let sum = finish_checksum(payload_hash, &record[..28]);
+        record[28..REC_HEADER].copy_from_slice(&sum);
         // Written under the lock, so that an fsync started after the lock is released next
         // covers every record counted in `written` by then.
         inner.file.write(BLOCK * (1 + lsn % inner.blocks), &record)?;
@@ -549,7 +554,8 @@ mod tests {
         let blocks = 16;
         let mut image = vec![0u8; (blocks * BLOCK) as usize];
         let put = |image: &mut Vec<u8>, key: &[u8; 32], shard: u32, lsn: u64, e: &Encoded| {
-            let payload = encode_payload(&bytes(e));
+            let mut payload = Vec::new();
+            encode_payload(&mut payload, &bytes(e));
             let mut r = Vec::new();
             r.extend_from_slice(&REC_MAGIC);
             r.extend_from_slice(&shard.to_le_bytes());
