@@ -48,6 +48,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: NodeConfig) -> ExitCode {
+    let node_id = config.node_id;
     // Caught from the start, in every state (opening, joining, serving): the first SIGTERM or
     // SIGINT stops the node gracefully and it exits 0; a second one ends the process at once.
     let mut signals = Signals::new();
@@ -78,7 +79,20 @@ async fn run(config: NodeConfig) -> ExitCode {
         }
     };
     println!("ticket: {}", node.ticket());
-    stop.cancelled().await;
+    let removed = node.removed();
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        _ = removed.cancelled() => {
+            tracing::error!(
+                "node {} was removed from the cluster: stopping (to add this machine again, start it with an \
+                 empty --data-dir and --join)",
+                node_id
+            );
+            node.shutdown().await;
+            // 2: restarting unchanged cannot help (the systemd unit does not restart on 2).
+            return ExitCode::from(2);
+        }
+    }
     let signal = received.get().copied().unwrap_or("signal");
     tracing::info!("{signal}: shutting down");
     node.shutdown().await;

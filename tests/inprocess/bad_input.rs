@@ -4,7 +4,8 @@
 //! concurrent client connection.
 //!
 //! Then every ALPN of a sharded node at once (`aspen-client`, `raft-rpc`, `raft-shard`,
-//! `raft-mux`, gossip):
+//! `raft-mux`, gossip), from an endpoint that is a member (the members-only ALPNs refuse anyone
+//! else before any stream: `peers.rs`):
 //! seeded random, truncated, oversized-length and wrong-shard streams while a well-behaved client
 //! writes and reads; afterwards every acknowledged write is there and every ALPN still answers.
 
@@ -493,8 +494,11 @@ async fn hostile_input_on_every_alpn_while_a_client_writes() {
     });
 
     // The hostile client: one endpoint, a connection per ALPN (re-opened if the node closes it).
+    // It is a member (a learner of shard 0), so every ALPN lets it in: garbage from a member
+    // must not hurt either (a non-member is refused before any stream: tests/inprocess/peers.rs).
     let mut rng = StdRng::seed_from_u64(seed);
     let ep = bind_endpoint(SocketAddr::from(([127, 0, 0, 1], 0)), None, MemoryLookup::new()).await.unwrap();
+    crate::support::admit_as_member(&node, &ep).await;
     let alpns = [Alpn::Client, Alpn::Raft, Alpn::RaftShard, Alpn::RaftMux, Alpn::Gossip];
     let mut plan: Vec<(Alpn, Hostile)> =
         alpns.iter().flat_map(|&a| hostile_streams(&mut rng, a, cluster_id).into_iter().map(move |h| (a, h))).collect();

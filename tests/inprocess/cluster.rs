@@ -251,7 +251,9 @@ async fn raft_messages_from_another_cluster_are_refused() {
     let n1 = InProcNode::start(InProcNode::config(root.path(), 1)).await;
     wait_until(30, "node 1 leads its new cluster", || n1.status().leader == Some(1)).await;
     let t1 = n1.ticket();
-    let (ep, mut nets) = crate::support::raw_raft_clients(&t1, ClusterId::random(), &[None]).await;
+    // A member that stamps another cluster's id (a non-member is not even let in:
+    // tests/inprocess/peers.rs).
+    let (ep, mut nets) = crate::support::raw_raft_clients(&t1, ClusterId::random(), &[None], Some(n1.handle())).await;
     let net = &mut nets[0];
     let vote = openraft::raft::VoteRequest::new(openraft::Vote::new(99, 42), None);
     let err = net.vote(vote, RPCOption::new(std::time::Duration::from_secs(5))).await.unwrap_err();

@@ -230,7 +230,8 @@ async fn unknown_shard_is_refused_and_connection_stays_up() {
     // A vote for a term far in the past: a hosted shard answers it (and rejects the vote).
     let stale_vote = || openraft::raft::VoteRequest::new(openraft::Vote::new(0, 99), None);
 
-    let (ep, mut nets) = crate::support::raw_raft_clients(&t1, t1.cluster_id, &[Some(9), Some(3)]).await;
+    let (ep, mut nets) =
+        crate::support::raw_raft_clients(&t1, t1.cluster_id, &[Some(9), Some(3)], Some(n1.handle())).await;
     let (unknown, shard3) = nets.split_at_mut(1);
     let (unknown, shard3) = (&mut unknown[0], &mut shard3[0]);
     let err = unknown.vote(stale_vote(), ttl.clone()).await.unwrap_err();

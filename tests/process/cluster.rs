@@ -159,11 +159,19 @@ fn membership_commands_add_learner_promote_remove() {
     let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
     assert_eq!(v["voters"], serde_json::json!([1]));
     assert_eq!(v["learners"], serde_json::json!([2]));
-    // The learner has the data (it caught up before add-learner returned) and its ticket now
-    // names the cluster it joined.
-    let o = n2.cli(&["get", "--stale", "a"]);
-    expect_code(&o, 0, "stale read on the learner");
-    assert_eq!(stdout(&o), "1\n");
+    // The learner has the data (its log caught up before add-learner returned; it applies the
+    // entries a moment later) and its ticket now names the cluster it joined.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let o = n2.cli(&["get", "--stale", "a"]);
+        if o.status.code() == Some(0) {
+            assert_eq!(stdout(&o), "1\n");
+            break;
+        }
+        expect_code(&o, 1, "stale read on the learner: found, or not applied yet");
+        assert!(Instant::now() < deadline, "the learner never applied the key it replicated");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert_eq!(n2.ticket().cluster_id, n1.ticket().cluster_id);
 
     let o = n2.cli(&["--json", "cluster", "promote", "2"]);
@@ -204,6 +212,9 @@ fn membership_commands_add_learner_promote_remove() {
     let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
     assert_eq!(v["voters"], serde_json::json!([1]));
     assert_eq!(v["learners"], serde_json::json!([]));
+    // The removed node is told so and stops: exit code 2, restarting cannot help.
+    let exit = n2.exited_within(60);
+    assert!(exit.as_deref().is_some_and(|s| s.contains("exit status: 2")), "removed node 2 exited with {exit:?}");
     expect_code(&n1.cli(&["put", "c", "3"]), 0, "write after remove");
     expect_code(&n1.cli(&["cluster", "remove", "1"]), 2, "removing the last voter is refused");
     // 2^48 + 1 would alias node 1 in the shard-aware id: refused, not masked.

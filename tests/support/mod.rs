@@ -86,6 +86,21 @@ impl NodeProc {
         }
     }
 
+    /// How the node exited, once it exits by itself within `secs` (e.g. "exit status: 2").
+    pub fn exited_within(&mut self, secs: u64) -> Option<String> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(status) = self.running.as_mut().and_then(|n| n.proc.exited()) {
+                self.running = None;
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Sends SIGTERM and returns the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut node = self.running.take().expect("node running");
@@ -276,26 +291,49 @@ pub async fn wait_shards_converged(nodes: &[&InProcNode], secs: u64) {
     .await;
 }
 
+/// The node id [`admit_as_member`] gives a test's own endpoint.
+pub const RAW_MEMBER_ID: u64 = 990;
+
+/// Makes `ep` a member of `node`'s cluster — a learner of shard 0 that never answers — so that
+/// the members-only ALPNs admit it: for tests that speak to a node as a (misbehaving) member.
+pub async fn admit_as_member(node: &aspen::cluster::NodeHandle, ep: &iroh::Endpoint) {
+    let member = aspen::raft::MemberNode { endpoint_id: *ep.id().as_bytes(), addrs: ep.bound_sockets() };
+    let raft_id = aspen::api::shard_raft_id(0, RAW_MEMBER_ID);
+    node.shard0.raft().add_learner(raft_id, member, false).await.expect("add the test endpoint as a learner");
+    let gate = node.base.admission.gate().clone();
+    wait_until(30, "the gate admits the test endpoint", || gate.admits(&ep.id())).await;
+}
+
+/// A test's own endpoint on 127.0.0.1 (ephemeral key, offline-safe).
+pub async fn raw_endpoint() -> iroh::Endpoint {
+    aspen::transport::endpoint::bind_endpoint(
+        "127.0.0.1:0".parse().unwrap(),
+        None,
+        iroh::address_lookup::MemoryLookup::new(),
+    )
+    .await
+    .unwrap()
+}
+
 /// Raft network clients of our own (one ephemeral endpoint, one pooled connection) to the node
 /// behind `ticket`, stamping `cluster_id` on their messages; one client per entry of `shards`
-/// (`Some(n)`: `raft-shard` with prefix n; `None`: legacy `raft-rpc`).
+/// (`Some(n)`: `raft-shard` with prefix n; `None`: legacy `raft-rpc`). With `admit`, the
+/// endpoint is first made a member of that node's cluster ([`admit_as_member`]).
 pub async fn raw_raft_clients(
     ticket: &NodeTicket,
     cluster_id: aspen::api::ClusterId,
     shards: &[Option<u32>],
+    admit: Option<&aspen::cluster::NodeHandle>,
 ) -> (iroh::Endpoint, Vec<aspen::raft::network::IrohNetwork>) {
     use aspen::{
         raft::{IrohNetworkFactory, MemberNode},
         transport::{ConnectionPool, PeerBook},
     };
     use openraft::RaftNetworkFactory;
-    let ep = aspen::transport::endpoint::bind_endpoint(
-        "127.0.0.1:0".parse().unwrap(),
-        None,
-        iroh::address_lookup::MemoryLookup::new(),
-    )
-    .await
-    .unwrap();
+    let ep = raw_endpoint().await;
+    if let Some(node) = admit {
+        admit_as_member(node, &ep).await;
+    }
     let pool = ConnectionPool::new(ep.clone(), PeerBook::default(), Duration::from_secs(5));
     let cluster = std::sync::Arc::new(std::sync::RwLock::new(cluster_id));
     let member = MemberNode { endpoint_id: *ticket.endpoint_id.as_bytes(), addrs: ticket.addrs.clone() };

@@ -26,6 +26,11 @@ pub const RAFT_ALPN: &[u8] = b"raft-rpc";
 pub const RAFT_SHARDED_ALPN: &[u8] = b"raft-shard";
 /// Raft RPCs of every shard to one peer on one long-lived stream (`transport::mux`).
 pub const RAFT_MUX_ALPN: &[u8] = b"aspen-raft-mux/1";
+/// Requests between members (forwarded requests, shard scans and writes, shard membership,
+/// leader moves, elections, status fan-out): the client wire format, but only members of the
+/// cluster may connect (`transport::gate`), and only here are the node-to-node requests
+/// ([`ClientRequest::is_node_to_node`]) answered.
+pub const PEER_ALPN: &[u8] = b"aspen-peer/1";
 
 /// Version of the client wire protocol, carried in every request envelope.
 pub const CLIENT_PROTOCOL_VERSION: u16 = 1;
@@ -625,6 +630,12 @@ pub enum ClientRequest {
         session: WriteSession,
         command: WriteCommand,
     },
+    /// Sent by the node that carried out `cluster remove` to the removed node: it is no longer a
+    /// member and stops. (A removed node does not learn it from Raft: the leader stops
+    /// replicating to it as soon as it appends the membership without it.)
+    Departed {
+        node_id: NodeId,
+    },
 }
 
 /// A request that can travel in a [`ClientRequest::Forwarded`] batch. Its own type (not a
@@ -710,6 +721,50 @@ impl ClientRequest {
         )
     }
 
+    /// Whether only another node sends this request (on [`PEER_ALPN`]): the client ALPN refuses
+    /// it, so that a client cannot skip the checks its own requests get (routing, the key's
+    /// shard, the leader's hand-over) or act as a member.
+    pub fn is_node_to_node(&self) -> bool {
+        matches!(
+            self,
+            ClientRequest::ShardScan { .. }
+                | ClientRequest::ShardMembership { .. }
+                | ClientRequest::ShardWrite { .. }
+                | ClientRequest::MoveLeaderAttempt { .. }
+                | ClientRequest::TriggerElect { .. }
+                | ClientRequest::AcceptMembership(_)
+                | ClientRequest::Forwarded { .. }
+                | ClientRequest::Departed { .. }
+        )
+    }
+
+    /// The request's name as operators see it in errors and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ClientRequest::Get { .. } => "get",
+            ClientRequest::Write { .. } => "write",
+            ClientRequest::Scan(_) => "scan",
+            ClientRequest::ClusterStatus => "cluster status",
+            ClientRequest::NodeStatus => "node status",
+            ClientRequest::Members => "members",
+            ClientRequest::ClusterInit => "cluster init",
+            ClientRequest::AddLearner { .. } => "add-learner",
+            ClientRequest::Promote { .. } => "promote",
+            ClientRequest::Remove { .. } => "remove",
+            ClientRequest::Join(_) => "join",
+            ClientRequest::AcceptMembership(_) => "accept-membership",
+            ClientRequest::ShardScan { .. } => "shard scan",
+            ClientRequest::ShardMembership { .. } => "shard membership change",
+            ClientRequest::MoveLeader { .. } => "move-leader",
+            ClientRequest::MoveLeaderAttempt { .. } => "leader move attempt",
+            ClientRequest::TriggerElect { .. } => "election trigger",
+            ClientRequest::BalanceLeaders => "balance-leaders",
+            ClientRequest::Forwarded { .. } => "forwarded batch",
+            ClientRequest::ShardWrite { .. } => "shard write",
+            ClientRequest::Departed { .. } => "removal notice",
+        }
+    }
+
     /// Whether only the leader can answer this request (the rest are answered locally).
     pub fn needs_leader(&self) -> bool {
         match self {
@@ -733,7 +788,8 @@ impl ClientRequest {
             | ClientRequest::MoveLeader { .. }
             | ClientRequest::TriggerElect { .. }
             | ClientRequest::BalanceLeaders
-            | ClientRequest::Forwarded { .. } => false,
+            | ClientRequest::Forwarded { .. }
+            | ClientRequest::Departed { .. } => false,
         }
     }
 }
@@ -771,6 +827,8 @@ pub enum ClientResponse {
     ElectionTriggered,
     /// One answer per request of a [`ClientRequest::Forwarded`], in its order.
     Forwarded(Vec<ForwardedAnswer>),
+    /// A [`ClientRequest::Departed`] was taken in: the node stops.
+    Departing,
 }
 
 /// The typed errors a client can receive. Every variant says what the caller can do next.

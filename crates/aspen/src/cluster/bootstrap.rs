@@ -14,10 +14,11 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     api::{
         shard_raft_id, ApiError, ClientRequest, ClientResponse, ClusterId, JoinRequest, NodeTicket, ShardId,
-        CLIENT_ALPN, RAFT_ALPN, RAFT_MUX_ALPN, RAFT_SHARDED_ALPN,
+        CLIENT_ALPN, PEER_ALPN, RAFT_ALPN, RAFT_MUX_ALPN, RAFT_SHARDED_ALPN,
     },
     client::{AspenClient, ClientError},
     cluster::{
+        admission::Admission,
         gossip::{AnnounceContext, GossipDiscovery},
         service::NodeService,
         supervisor::Supervisor,
@@ -35,7 +36,9 @@ use crate::{
         StorageError,
     },
     transport::{
-        endpoint::{bind_endpoint, listening_addrs, load_or_create_key, EndpointError},
+        client_alpn::Origin,
+        endpoint::{bind_endpoint_gated, listening_addrs, load_or_create_key, EndpointError},
+        gate::PeerGate,
         ClientProtocolHandler, ConnectionPool, PeerBook,
     },
 };
@@ -129,6 +132,8 @@ pub struct BaseNodeResources {
     pub network_factory: IrohNetworkFactory,
     /// Signed address/leader announcements over iroh-gossip (`None` when `[gossip] enabled = false`).
     pub gossip_discovery: Option<Arc<GossipDiscovery>>,
+    /// Who may connect to the members-only ALPNs, and whether this node was removed.
+    pub admission: Admission,
     pub shutdown_token: CancellationToken,
 }
 
@@ -202,7 +207,10 @@ pub async fn bootstrap_base_node(config: NodeConfig) -> Result<BaseNodeResources
         }
     }
     let lookup = MemoryLookup::new();
-    let endpoint = bind_endpoint(config.bind_addr, Some(secret_key.clone()), lookup.clone()).await?;
+    let admission = Admission::new(PeerGate::new());
+    let endpoint =
+        bind_endpoint_gated(config.bind_addr, Some(secret_key.clone()), lookup.clone(), Some(admission.gate().clone()))
+            .await?;
     let peers = PeerBook::new(lookup);
     let connect_timeout = Duration::from_millis(config.raft.election_timeout_min_ms.max(1000));
     let pool = ConnectionPool::new(endpoint.clone(), peers.clone(), connect_timeout);
@@ -223,6 +231,7 @@ pub async fn bootstrap_base_node(config: NodeConfig) -> Result<BaseNodeResources
         cluster_id,
         network_factory,
         gossip_discovery,
+        admission,
         shutdown_token: CancellationToken::new(),
     })
 }
@@ -249,6 +258,12 @@ impl NodeHandle {
     /// The cluster id this node belongs to (all zeros before init or join).
     pub fn cluster_id(&self) -> ClusterId {
         *self.base.cluster_id.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Cancelled once this node has been removed from the cluster (shard 0's membership no
+    /// longer lists it); the node should then be shut down.
+    pub fn removed(&self) -> CancellationToken {
+        self.base.admission.removed()
     }
 
     /// Graceful shutdown: stop accepting requests, let in-flight ones finish, close the endpoint,
@@ -392,24 +407,31 @@ async fn start_node(config: NodeConfig, stop: CancellationToken) -> Result<NodeH
     log_store::settle_unclaimed(&journal, &config.data_dir, config.raft.max_append_bytes)
         .map_err(|source| BootstrapError::Journal { path: journal_path.clone(), source })?;
     let shard0 = shards.get(&0).cloned().ok_or_else(|| BootstrapError::Sharding("every node hosts shard 0".into()))?;
-
-    let service = Arc::new(NodeService::new(
-        config,
-        shards.clone(),
-        base.metadata_store.clone(),
-        base.cluster_id.clone(),
-        base.member(),
-        base.ticket(),
+    // Before any protocol is served: from here on, only members reach the members-only ALPNs.
+    base.admission.start(config.node_id, &shard0, base.shutdown_token.child_token());
+    base.admission.check_periodically(
+        config.node_id,
+        shard0.clone(),
         base.pool.clone(),
-    ));
+        base.shutdown_token.child_token(),
+    );
+
+    let service = Arc::new(NodeService::new(&base, shards.clone()));
     let registry = ShardRegistry::default();
     for (id, node) in &shards {
         registry.insert(*id, node.clone());
     }
     let client_handler =
         ClientProtocolHandler::new(service.clone(), config.max_client_frame(), config.limits.request_timeout());
+    let peer_handler = ClientProtocolHandler::with_origin(
+        service.clone(),
+        config.max_client_frame(),
+        config.limits.request_timeout(),
+        Origin::Peer,
+    );
     let mut builder = Router::builder(base.endpoint.clone())
         .accept(CLIENT_ALPN, client_handler)
+        .accept(PEER_ALPN, peer_handler)
         .accept(RAFT_ALPN, RaftProtocolHandler::new(registry.clone(), base.cluster_id.clone(), RaftWire::Legacy))
         .accept(RAFT_MUX_ALPN, RaftProtocolHandler::new(registry.clone(), base.cluster_id.clone(), RaftWire::Mux));
     if sharded {

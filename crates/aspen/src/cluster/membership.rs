@@ -346,9 +346,41 @@ impl NodeService {
         self.change_member_everywhere(node_id, MembershipChange::AddVoter { node_id }).await
     }
 
-    /// `cluster remove ID`: out of every shard's membership.
+    /// `cluster remove ID`: out of every shard's membership; then the removed node is told, so
+    /// that it stops (best effort: a node that is down then stops at its next start, when the
+    /// members refuse it).
     pub(super) async fn remove(&self, node_id: NodeId) -> Result<ClientResponse, ApiError> {
-        self.change_member_everywhere(node_id, MembershipChange::Remove { node_id }).await
+        let addr = self.store.node_addr(node_id);
+        let answer = self.change_member_everywhere(node_id, MembershipChange::Remove { node_id }).await?;
+        if node_id == self.node_id {
+            self.departed(node_id)?;
+        } else if let Some(addr) = addr {
+            let pool = self.store.pool().clone();
+            tokio::spawn(async move {
+                let notice = ClientRequest::Departed { node_id };
+                match send_request(&pool, &addr, 1, notice, DEPARTED_NOTICE_TIMEOUT).await {
+                    Ok(Ok(_)) => tracing::info!(node_id, "told the removed node to stop"),
+                    Ok(Err(e)) => tracing::info!(node_id, "the removed node did not take the notice to stop: {e}"),
+                    Err(e) => tracing::info!(node_id, "could not tell the removed node to stop: {e}"),
+                }
+            });
+        }
+        Ok(answer)
+    }
+
+    /// Takes in the notice that node `node_id` (this one) was removed from the cluster.
+    pub(super) fn departed(&self, node_id: NodeId) -> Result<ClientResponse, ApiError> {
+        if node_id != self.node_id {
+            return Err(ApiError::InvalidRequest(format!(
+                "a removal notice for node {node_id} reached node {}",
+                self.node_id
+            )));
+        }
+        if !self.removed.is_cancelled() {
+            tracing::warn!(node_id, "this node was removed from the cluster");
+            self.removed.cancel();
+        }
+        Ok(ClientResponse::Departing)
     }
 
     /// Applies `change` about member `node_id` on every shard (a no-op on shards it does not
@@ -376,6 +408,9 @@ impl NodeService {
         Ok(ClientResponse::Membership(first.unwrap_or_else(|| self.first_status())))
     }
 }
+
+/// How long the node that removed another waits for it to take the notice to stop.
+const DEPARTED_NOTICE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Node ids are 48 bits (they share a Raft id with the shard id) and never 0.
 pub(super) fn check_node_id(node_id: NodeId) -> Result<(), ApiError> {

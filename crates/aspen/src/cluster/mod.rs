@@ -1,8 +1,10 @@
 //! Everything that makes a set of shards a running node: [`bootstrap`] (identity, endpoint,
 //! metadata, shards, protocol handlers, join), the client-facing [`service`] (a dispatcher over
 //! the sharded store), request [`validate`]ion, cluster [`membership`], leader [`placement`],
-//! [`gossip`] discovery and the shard health [`supervisor`].
+//! [`gossip`] discovery, the shard health [`supervisor`] and the membership watch that tells the
+//! endpoint's gate who may connect ([`admission`]).
 
+pub mod admission;
 pub mod bootstrap;
 pub mod gossip;
 pub mod membership;

@@ -20,14 +20,14 @@ use crate::{
         ApiError, ClientRequest, ClientResponse, ClientResult, ClusterId, ClusterStatus, ForwardedResponse, NodeId,
         NodeReport, NodeStatus, NodeTicket, ShardStatus, WriteCommand,
     },
-    config::{LimitsConfig, NodeConfig},
+    config::LimitsConfig,
     raft::{network::SharedClusterId, MemberNode, RaftNode},
     sharding::{
         forward::{check_forwarded, fit_answers, max_batch_items},
         AnswerHere, BoxedResult, ShardRouter, ShardedKeyValueStore,
     },
     storage::metadata::{ClusterIdentity, MetadataStore},
-    transport::{endpoint::write_file_atomic, request::send_request, ClientService, ConnectionPool},
+    transport::{endpoint::write_file_atomic, request::send_request, ClientService},
 };
 
 /// Serves client requests for one node.
@@ -46,18 +46,22 @@ pub struct NodeService {
     pub(super) ticket: RwLock<NodeTicket>,
     init_lock: tokio::sync::Mutex<()>,
     pub(super) membership_lock: tokio::sync::Mutex<()>,
+    /// Cancelled when this node learns it was removed from the cluster (`cluster::admission`).
+    pub(super) removed: tokio_util::sync::CancellationToken,
 }
 
 impl NodeService {
-    pub fn new(
-        config: &NodeConfig,
-        shards: BTreeMap<crate::api::ShardId, RaftNode>,
-        metadata: Arc<MetadataStore>,
-        cluster_id: SharedClusterId,
-        me: MemberNode,
-        ticket: NodeTicket,
-        pool: ConnectionPool,
-    ) -> Self {
+    /// The service of the node `base` describes, over its `shards`.
+    pub fn new(base: &super::bootstrap::BaseNodeResources, shards: BTreeMap<crate::api::ShardId, RaftNode>) -> Self {
+        let config = &base.config;
+        let (metadata, cluster_id, me, ticket, pool, removed) = (
+            base.metadata_store.clone(),
+            base.cluster_id.clone(),
+            base.member(),
+            base.ticket(),
+            base.pool.clone(),
+            base.admission.removed(),
+        );
         let store = ShardedKeyValueStore::new(
             config.node_id,
             shards,
@@ -79,6 +83,7 @@ impl NodeService {
             ticket: RwLock::new(ticket),
             init_lock: tokio::sync::Mutex::new(()),
             membership_lock: tokio::sync::Mutex::new(()),
+            removed,
         }
     }
 
@@ -270,6 +275,7 @@ impl NodeService {
                 Ok(ClientResponse::ElectionTriggered)
             }
             ClientRequest::BalanceLeaders => self.balance_leaders().await,
+            ClientRequest::Departed { node_id } => self.departed(node_id),
             // Unpacked by `handle` before routing; never inside a batch.
             ClientRequest::Forwarded { .. } => {
                 Err(ApiError::InvalidRequest("a forwarded batch cannot be nested or routed".into()))

@@ -1,5 +1,9 @@
 //! The client protocol handler (ALPN `aspen-client`): one request frame and one response frame
-//! per bi-stream, many streams per connection, each served on its own task.
+//! per bi-stream, many streams per connection, each served on its own task. The same handler
+//! serves the members-only peer ALPN (`aspen-peer/1`, [`Origin::Peer`]), where the node-to-node
+//! requests are answered too; on the client ALPN those are refused
+//! ([`ClientRequest::is_node_to_node`]). Who may connect to the peer ALPN is decided before any
+//! stream opens (`transport::gate`).
 //!
 //! Bad input (random bytes, a truncated or oversized frame, an unknown request variant, an old
 //! protocol version) gets a typed [`ApiError`] on that stream, or that stream closed; the
@@ -27,18 +31,33 @@ pub trait ClientService: Send + Sync + std::fmt::Debug + 'static {
 /// QUIC error code used when this node resets a stream whose frame it will not read.
 const STREAM_REFUSED: u32 = 1;
 
-/// Serves the client ALPN.
+/// Which ALPN a [`ClientProtocolHandler`] serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// `aspen-client`: anyone; node-to-node requests are refused.
+    Client,
+    /// `aspen-peer/1`: members only (the endpoint's gate); every request is answered.
+    Peer,
+}
+
+/// Serves the client ALPN (or the peer ALPN, see [`Origin`]).
 #[derive(Debug)]
 pub struct ClientProtocolHandler<S> {
     service: Arc<S>,
     max_frame: usize,
     tracker: TaskTracker,
     drain_timeout: Duration,
+    origin: Origin,
 }
 
 impl<S: ClientService> ClientProtocolHandler<S> {
     pub fn new(service: Arc<S>, max_frame: usize, drain_timeout: Duration) -> Self {
-        ClientProtocolHandler { service, max_frame, tracker: TaskTracker::new(), drain_timeout }
+        Self::with_origin(service, max_frame, drain_timeout, Origin::Client)
+    }
+
+    /// A handler for `origin`'s ALPN.
+    pub fn with_origin(service: Arc<S>, max_frame: usize, drain_timeout: Duration, origin: Origin) -> Self {
+        ClientProtocolHandler { service, max_frame, tracker: TaskTracker::new(), drain_timeout, origin }
     }
 }
 
@@ -62,7 +81,7 @@ impl<S: ClientService> ProtocolHandler for ClientProtocolHandler<S> {
             }
             let service = self.service.clone();
             let max_frame = self.max_frame;
-            self.tracker.spawn(serve_stream(service, send, recv, max_frame));
+            self.tracker.spawn(serve_stream(service, send, recv, max_frame, self.origin));
         }
     }
 
@@ -81,12 +100,22 @@ async fn reply(send: &mut SendStream, result: &ClientResult) -> Result<(), Frame
     Ok(())
 }
 
-async fn serve_stream<S: ClientService>(service: Arc<S>, mut send: SendStream, mut recv: RecvStream, max_frame: usize) {
+async fn serve_stream<S: ClientService>(
+    service: Arc<S>,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    max_frame: usize,
+    origin: Origin,
+) {
     let result: ClientResult = match read_frame_bytes(&mut recv, max_frame).await {
         Ok(bytes) => match decode::<ClientEnvelope>(&bytes) {
             Ok(env) if env.version != CLIENT_PROTOCOL_VERSION => {
                 Err(ApiError::UnsupportedVersion { got: env.version, supported: CLIENT_PROTOCOL_VERSION })
             }
+            Ok(env) if origin == Origin::Client && env.request.is_node_to_node() => Err(ApiError::Refused(format!(
+                "a {} is sent between the members of a cluster only, not by clients",
+                env.request.kind()
+            ))),
             Ok(env) => service.handle(env.request, env.hops).await,
             Err(e) => {
                 tracing::debug!("malformed client request: {e}");

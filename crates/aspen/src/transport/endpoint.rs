@@ -145,6 +145,17 @@ pub async fn bind_endpoint(
     secret_key: Option<SecretKey>,
     lookup: MemoryLookup,
 ) -> Result<Endpoint, EndpointError> {
+    bind_endpoint_gated(bind_addr, secret_key, lookup, None).await
+}
+
+/// [`bind_endpoint`] with `gate` deciding who may connect to the members-only ALPNs (a node's
+/// endpoint; see [`super::gate`]).
+pub async fn bind_endpoint_gated(
+    bind_addr: SocketAddr,
+    secret_key: Option<SecretKey>,
+    lookup: MemoryLookup,
+    gate: Option<std::sync::Arc<super::gate::PeerGate>>,
+) -> Result<Endpoint, EndpointError> {
     let bind_err = |message: String| EndpointError::Bind { addr: bind_addr, message };
     probe_bind(bind_addr)?;
     let mut builder = Endpoint::builder(presets::Minimal)
@@ -159,6 +170,9 @@ pub async fn bind_endpoint(
         .transport_config(transport_config());
     if let Some(key) = secret_key {
         builder = builder.secret_key(key);
+    }
+    if let Some(gate) = gate {
+        builder = builder.hooks(super::gate::GateHooks(gate));
     }
     builder.bind().await.map_err(|e| bind_err(e.to_string()))
 }

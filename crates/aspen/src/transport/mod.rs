@@ -5,7 +5,7 @@
 //! connections to peers and the peer address book ([`pool`]), whether each peer answers and the
 //! log lines when one stops or starts answering ([`reachability`]), the raft mux stream that carries
 //! every shard's small Raft RPCs to a peer ([`mux`]), one request/answer exchange with a peer
-//! on the client ALPN ([`request`]), the server side of the client ALPN ([`client_alpn`]) and
+//! on the peer ALPN ([`request`]), who may connect to which ALPN ([`gate`]), the server side of the client ALPN ([`client_alpn`]) and
 //! the fault-injection hooks tests use ([`fault`]). Every failure is a [`TransportError`].
 //!
 //! Never: decide what a message means (the Raft layer and the client service do), or retry
@@ -14,6 +14,7 @@
 pub mod client_alpn;
 pub mod endpoint;
 pub mod fault;
+pub mod gate;
 pub mod mux;
 pub mod pool;
 pub mod reachability;
@@ -61,6 +62,10 @@ pub enum TransportError {
     Timeout(Duration),
     #[error("peer refused: {0}")]
     Refused(#[from] RaftRefusal),
+    /// The peer's gate closed the connection: in the peer's view of the membership this node
+    /// is not a member ([`gate::REFUSED_CODE`]).
+    #[error("{peer} does not admit this node: not a member in its view of the cluster")]
+    NotAMember { peer: String },
     #[error("unexpected response kind")]
     UnexpectedResponse,
     #[error(transparent)]
@@ -70,6 +75,14 @@ pub enum TransportError {
 impl TransportError {
     /// A failed connect: an ALPN refusal becomes [`TransportError::AlpnRefused`].
     pub(crate) fn connect(peer: String, alpn: &[u8], source: ConnectError) -> Self {
+        let closed = match &source {
+            ConnectError::Connection { source, .. } => Some(source),
+            ConnectError::Connecting { source: ConnectingError::ConnectionError { source, .. }, .. } => Some(source),
+            _ => None,
+        };
+        if closed.is_some_and(gate::is_refusal) {
+            return TransportError::NotAMember { peer };
+        }
         if is_alpn_refusal(&source) {
             return TransportError::AlpnRefused { peer, alpn: String::from_utf8_lossy(alpn).into_owned() };
         }

@@ -177,6 +177,7 @@ pub fn counts_as_silence(error: &TransportError) -> bool {
         TransportError::Frame(_)
         | TransportError::AlpnRefused { .. }
         | TransportError::Refused(_)
+        | TransportError::NotAMember { .. }
         | TransportError::UnexpectedResponse => false,
     }
 }

@@ -1,6 +1,7 @@
-//! One request/answer exchange with another node on the client ALPN (forwarded requests,
-//! shard scans, membership and leader moves): a request frame on a fresh bi-stream of the
-//! pooled connection, its answer frame back. Fault-injection hooks sit on both legs.
+//! One request/answer exchange with another node on the members-only peer ALPN (forwarded
+//! requests, shard scans, membership and leader moves; the client wire format): a request frame
+//! on a fresh bi-stream of the pooled connection, its answer frame back. Fault-injection hooks
+//! sit on both legs.
 
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use iroh::EndpointAddr;
 use super::{fault, pool::ConnectionPool, TransportError};
 use crate::api::{
     frame::{encode_frame, read_frame},
-    ClientEnvelope, ClientRequest, ClientResult, CLIENT_ALPN, CLIENT_PROTOCOL_VERSION, MAX_FRAME_BYTES,
+    ClientEnvelope, ClientRequest, ClientResult, CLIENT_PROTOCOL_VERSION, MAX_FRAME_BYTES, PEER_ALPN,
 };
 
 /// Sends one request to another node over a pooled connection. Transport failures come back as
@@ -25,7 +26,7 @@ pub async fn send_request(
     let me = pool.endpoint().id();
     let exchange = async {
         fault::on_send(me, addr.id, None).await?;
-        let conn = pool.get(addr, CLIENT_ALPN).await?;
+        let conn = pool.get(addr, PEER_ALPN).await?;
         let result = async {
             let (mut send, mut recv) = conn.open_bi().await.map_err(TransportError::Open)?;
             send.write_all(&frame).await?;
@@ -35,8 +36,13 @@ pub async fn send_request(
             Ok(reply)
         }
         .await;
-        if result.is_err() && conn.close_reason().is_some() {
-            pool.invalidate(addr.id, CLIENT_ALPN);
+        if result.is_err() {
+            if let Some(reason) = conn.close_reason() {
+                pool.invalidate(addr.id, PEER_ALPN);
+                if super::gate::is_refusal(&reason) {
+                    return Err(TransportError::NotAMember { peer: addr.id.fmt_short().to_string() });
+                }
+            }
         }
         result
     };
