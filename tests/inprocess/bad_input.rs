@@ -39,7 +39,12 @@ async fn start_node(dir: &std::path::Path) -> aspen::cluster::NodeHandle {
     let config = NodeConfig {
         data_dir: dir.to_path_buf(),
         bind_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        limits: aspen::config::LimitsConfig { max_value_bytes: 64 * 1024, ..Default::default() },
+        limits: aspen::config::LimitsConfig {
+            max_value_bytes: 64 * 1024,
+            // Short, so that step 9 (a silent stream is reset after it) is quick.
+            request_timeout_ms: 3_000,
+            ..Default::default()
+        },
         ..Default::default()
     };
     bootstrap_node(config).await.expect("node starts")
@@ -156,6 +161,16 @@ async fn malformed_frames_get_typed_errors_and_node_keeps_serving() {
     // 8. A peer that opens streams and never sends anything does not block others.
     let (_idle_send, _idle_recv) = conn.open_bi().await.unwrap();
     check_good("idle stream").await;
+
+    // 9. ...and the node does not keep such a stream (and its task) forever: a stream that
+    //    announces a frame and then goes silent is reset once the request timeout passes.
+    let (mut stalled_send, mut stalled_recv) = conn.open_bi().await.unwrap();
+    stalled_send.write_all(&100u32.to_be_bytes()).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(60), stalled_recv.read_to_end(1024))
+        .await
+        .expect("the node never gave up on a silent stream");
+    assert!(got.is_err(), "a silent stream must be reset, not answered: {got:?}");
+    check_good("stalled stream").await;
 
     ep.close().await;
     check_good("closed garbage connection").await;

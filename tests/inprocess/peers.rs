@@ -11,9 +11,9 @@ use aspen::{
         encode_shard_prefix,
         frame::encode_frame,
         raft_rpc::{RaftEnvelope, RaftRequest},
-        shard_raft_id, ApiError, ClientEnvelope, ClientRequest, ClusterId, ClusterInfo, ForwardedRequest,
-        MembershipChange, ReadConsistency, ScanRequest, WriteCommand, WriteSession, CLIENT_PROTOCOL_VERSION, PEER_ALPN,
-        RAFT_ALPN, RAFT_MUX_ALPN, RAFT_SHARDED_ALPN,
+        shard_raft_id, ApiError, ClientEnvelope, ClientRequest, ClusterId, ClusterInfo, ForwardedRequest, JoinRequest,
+        MembershipChange, NodeTicket, ReadConsistency, ScanRequest, WriteCommand, WriteSession,
+        CLIENT_PROTOCOL_VERSION, PEER_ALPN, RAFT_ALPN, RAFT_MUX_ALPN, RAFT_SHARDED_ALPN,
     },
     transport::gate::is_refusal,
     ClientError,
@@ -206,6 +206,28 @@ async fn non_members_are_refused_before_any_stream_and_change_nothing() {
                 assert!(msg.contains("between the members"), "{kind}: {msg}")
             }
             other => panic!("{kind} from a client: expected a refusal, got {other:?}"),
+        }
+    }
+
+    // A member lists at most 16 addresses: a join or an added learner with more is refused.
+    let many: Vec<std::net::SocketAddr> =
+        (0..17).map(|i| std::net::SocketAddr::from(([127, 0, 0, 1], 20_000 + i))).collect();
+    let join = JoinRequest {
+        cluster_id,
+        cluster_name: target.config.cluster_name.clone(),
+        node_id: 77,
+        endpoint_id: *ep.id().as_bytes(),
+        addrs: many.clone(),
+        num_shards: 2,
+        local_shards: vec![0, 1],
+    };
+    let ticket_17 = NodeTicket { cluster_id: ClusterId::default(), node_id: 78, endpoint_id: ep.id(), addrs: many };
+    for (what, request) in
+        [("join", ClientRequest::Join(join)), ("add-learner", ClientRequest::AddLearner { ticket: ticket_17.encode() })]
+    {
+        match client.request(request).await {
+            Err(ClientError::Api(ApiError::Refused(msg))) => assert!(msg.contains("at most 16"), "{what}: {msg}"),
+            other => panic!("{what} with 17 addresses: expected a refusal, got {other:?}"),
         }
     }
 

@@ -32,6 +32,10 @@ pub const RAFT_MUX_ALPN: &[u8] = b"aspen-raft-mux/1";
 /// ([`ClientRequest::is_node_to_node`]) answered.
 pub const PEER_ALPN: &[u8] = b"aspen-peer/1";
 
+/// At most this many addresses per member (in joins, added learners and gossip announcements):
+/// a caller cannot make every node store and dial an unbounded list.
+pub const MAX_MEMBER_ADDRS: usize = 16;
+
 /// Version of the client wire protocol, carried in every request envelope.
 pub const CLIENT_PROTOCOL_VERSION: u16 = 1;
 

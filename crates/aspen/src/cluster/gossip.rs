@@ -42,7 +42,7 @@ pub const MAX_ANNOUNCEMENT_BYTES: usize = 16 * 1024;
 pub const ANNOUNCEMENT_VERSION: u8 = 1;
 /// Domain separation for announcement signatures.
 const SIGNING_CONTEXT: &[u8] = b"aspen-gossip-announcement-v1";
-const MAX_ADDRS: usize = 16;
+const MAX_ADDRS: usize = crate::api::MAX_MEMBER_ADDRS;
 const MAX_SHARD_ENTRIES: usize = crate::config::MAX_SHARDS as usize;
 
 /// The gossip topic of a cluster: a fixed 16-byte tag followed by the 16-byte cluster id.

@@ -134,6 +134,7 @@ impl NodeService {
             )));
         }
         check_node_id(req.node_id)?;
+        check_addrs(req.addrs.len())?;
         // One membership change at a time on this node: two joiners with the same node id must
         // not both pass the duplicate check.
         let _guard = self.membership_lock.lock().await;
@@ -200,6 +201,7 @@ impl NodeService {
         match change {
             MembershipChange::AddLearner { node_id, member } => {
                 check_node_id(node_id)?;
+                check_addrs(member.addrs.len())?;
                 let raft_id = shard_raft_id(shard_id, node_id);
                 let member = MemberNode { endpoint_id: member.endpoint_id, addrs: member.addrs };
                 match shard.member(raft_id) {
@@ -311,6 +313,7 @@ impl NodeService {
     pub(super) async fn add_learner(&self, ticket: &str) -> Result<ClientResponse, ApiError> {
         let ticket = NodeTicket::decode(ticket).map_err(|e| ApiError::InvalidRequest(format!("ticket: {e}")))?;
         check_node_id(ticket.node_id)?;
+        check_addrs(ticket.addrs.len())?;
         let _guard = self.membership_lock.lock().await;
         let info = self.cluster_info()?;
         if ticket.cluster_id != ClusterId::default() && ticket.cluster_id != info.cluster_id {
@@ -411,6 +414,17 @@ impl NodeService {
 
 /// How long the node that removed another waits for it to take the notice to stop.
 const DEPARTED_NOTICE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A member lists at most [`crate::api::MAX_MEMBER_ADDRS`] addresses.
+pub(super) fn check_addrs(n: usize) -> Result<(), ApiError> {
+    if n > crate::api::MAX_MEMBER_ADDRS {
+        return Err(ApiError::Refused(format!(
+            "a member lists at most {} addresses, not {n}",
+            crate::api::MAX_MEMBER_ADDRS
+        )));
+    }
+    Ok(())
+}
 
 /// Node ids are 48 bits (they share a Raft id with the shard id) and never 0.
 pub(super) fn check_node_id(node_id: NodeId) -> Result<(), ApiError> {

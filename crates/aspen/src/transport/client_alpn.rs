@@ -47,6 +47,10 @@ pub struct ClientProtocolHandler<S> {
     max_frame: usize,
     tracker: TaskTracker,
     drain_timeout: Duration,
+    /// A request frame must arrive, and its answer be taken, within this long (the request
+    /// timeout): a peer that opens a stream and never sends, or never reads, does not hold the
+    /// stream and its task for longer.
+    stream_deadline: Duration,
     origin: Origin,
 }
 
@@ -57,7 +61,14 @@ impl<S: ClientService> ClientProtocolHandler<S> {
 
     /// A handler for `origin`'s ALPN.
     pub fn with_origin(service: Arc<S>, max_frame: usize, drain_timeout: Duration, origin: Origin) -> Self {
-        ClientProtocolHandler { service, max_frame, tracker: TaskTracker::new(), drain_timeout, origin }
+        ClientProtocolHandler {
+            service,
+            max_frame,
+            tracker: TaskTracker::new(),
+            drain_timeout,
+            stream_deadline: drain_timeout,
+            origin,
+        }
     }
 }
 
@@ -81,7 +92,7 @@ impl<S: ClientService> ProtocolHandler for ClientProtocolHandler<S> {
             }
             let service = self.service.clone();
             let max_frame = self.max_frame;
-            self.tracker.spawn(serve_stream(service, send, recv, max_frame, self.origin));
+            self.tracker.spawn(serve_stream(service, send, recv, max_frame, self.origin, self.stream_deadline));
         }
     }
 
@@ -106,8 +117,15 @@ async fn serve_stream<S: ClientService>(
     mut recv: RecvStream,
     max_frame: usize,
     origin: Origin,
+    deadline: Duration,
 ) {
-    let result: ClientResult = match read_frame_bytes(&mut recv, max_frame).await {
+    let Ok(read) = tokio::time::timeout(deadline, read_frame_bytes(&mut recv, max_frame)).await else {
+        tracing::debug!("a request frame did not arrive within {deadline:?}: stream reset");
+        let _ = recv.stop(STREAM_REFUSED.into());
+        let _ = send.reset(STREAM_REFUSED.into());
+        return;
+    };
+    let result: ClientResult = match read {
         Ok(bytes) => match decode::<ClientEnvelope>(&bytes) {
             Ok(env) if env.version != CLIENT_PROTOCOL_VERSION => {
                 Err(ApiError::UnsupportedVersion { got: env.version, supported: CLIENT_PROTOCOL_VERSION })
@@ -132,9 +150,17 @@ async fn serve_stream<S: ClientService>(
             return;
         }
     };
-    if let Err(e) = reply(&mut send, &result).await {
-        tracing::debug!("could not send client response: {e}");
-        return;
+    match tokio::time::timeout(deadline, reply(&mut send, &result)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::debug!("could not send client response: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("the answer was not taken within {deadline:?}: stream reset");
+            let _ = send.reset(STREAM_REFUSED.into());
+            return;
+        }
     }
     drain_to_end(&mut recv, REQUEST_END_WAIT).await;
 }
