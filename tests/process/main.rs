@@ -1,6 +1,7 @@
 //! Real `aspen-node` and `aspen-cli` processes on 127.0.0.1: a single node and every CLI
 //! command ([`single`]), three nodes with `kill -9` ([`cluster`]), four shards ([`sharded`]),
-//! `aspen-cli bench` ([`bench`]) and what the nodes' logs say ([`logs`]). One test binary; the
+//! `aspen-cli bench` ([`bench`]), what the nodes' logs say ([`logs`]) and the memory a hostile
+//! client cannot grow ([`memory`]). One test binary; the
 //! tests run one at a time.
 
 #[path = "../support/mod.rs"]
@@ -10,6 +11,7 @@ mod bench;
 mod cluster;
 mod first_hour;
 mod logs;
+mod memory;
 mod readme;
 mod sharded;
 mod single;

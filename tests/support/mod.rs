@@ -86,6 +86,11 @@ impl NodeProc {
         }
     }
 
+    /// The running node's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.running.as_ref().and_then(|n| n.proc.pid())
+    }
+
     /// How the node exited, once it exits by itself within `secs` (e.g. "exit status: 2").
     pub fn exited_within(&mut self, secs: u64) -> Option<String> {
         let deadline = Instant::now() + Duration::from_secs(secs);

@@ -75,6 +75,10 @@ pub struct LimitsConfig {
     pub max_scan_page: u64,
     /// How long a request may wait for a leader, a quorum or the state machine.
     pub request_timeout_ms: u64,
+    /// Request bytes the node holds at once over all client and peer connections (one
+    /// connection: an eighth of it); a request that does not fit is refused, retryably, before
+    /// its bytes are read. Always at least one request of the largest size.
+    pub request_memory_mib: u64,
 }
 
 impl Default for LimitsConfig {
@@ -85,6 +89,7 @@ impl Default for LimitsConfig {
             max_batch_ops: 1024,
             max_scan_page: 1_000,
             request_timeout_ms: 10_000,
+            request_memory_mib: 256,
         }
     }
 }
@@ -92,6 +97,11 @@ impl Default for LimitsConfig {
 impl LimitsConfig {
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms)
+    }
+
+    /// The node's request memory in bytes.
+    pub fn request_memory(&self) -> usize {
+        usize::try_from(self.request_memory_mib.saturating_mul(1024 * 1024)).unwrap_or(usize::MAX)
     }
 }
 
@@ -234,6 +244,9 @@ pub struct NodeArgs {
     /// Request timeout in milliseconds. [default: 10000]
     #[arg(long, env = "ASPEN_REQUEST_TIMEOUT_MS")]
     pub request_timeout_ms: Option<u64>,
+    /// Request bytes held at once over all connections, in MiB. [default: 256]
+    #[arg(long, env = "ASPEN_REQUEST_MEMORY_MIB")]
+    pub request_memory_mib: Option<u64>,
     /// Run several shards (Raft groups) on this node.
     #[arg(long, env = "ASPEN_SHARDING_ENABLED")]
     pub sharding_enabled: bool,
@@ -295,6 +308,7 @@ struct FileLimits {
     max_batch_ops: Option<u64>,
     max_scan_page: Option<u64>,
     request_timeout_ms: Option<u64>,
+    request_memory_mib: Option<u64>,
 }
 
 fn set<T>(slot: &mut T, value: Option<T>) {
@@ -336,6 +350,7 @@ impl NodeConfig {
         set(&mut cfg.limits.max_key_bytes, args.max_key_bytes);
         set(&mut cfg.limits.max_value_bytes, args.max_value_bytes);
         set(&mut cfg.limits.request_timeout_ms, args.request_timeout_ms);
+        set(&mut cfg.limits.request_memory_mib, args.request_memory_mib);
         cfg.sharding.enabled |= args.sharding_enabled;
         set(&mut cfg.sharding.num_shards, args.sharding_num_shards);
         if args.sharding_local_shards.is_some() {
@@ -387,6 +402,7 @@ impl NodeConfig {
             set(&mut self.limits.max_batch_ops, l.max_batch_ops);
             set(&mut self.limits.max_scan_page, l.max_scan_page);
             set(&mut self.limits.request_timeout_ms, l.request_timeout_ms);
+            set(&mut self.limits.request_memory_mib, l.request_memory_mib);
         }
     }
 
@@ -493,6 +509,9 @@ impl NodeConfig {
         }
         if l.request_timeout_ms < 10 {
             return Err(invalid("request_timeout_ms", "must be at least 10"));
+        }
+        if l.request_memory_mib == 0 || l.request_memory_mib > 1024 * 1024 {
+            return Err(invalid("request_memory_mib", "must be between 1 and 1048576"));
         }
         Ok(())
     }

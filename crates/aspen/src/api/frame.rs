@@ -61,19 +61,53 @@ pub async fn read_one_of_many<R>(r: &mut R, limit: usize) -> Result<Vec<u8>, Fra
 where
     R: AsyncRead + Unpin,
 {
+    let size = read_frame_len(r, limit).await?;
+    read_frame_payload(r, size).await
+}
+
+/// Reads a frame's length prefix, refusing lengths above `limit`: the first half of
+/// [`read_one_of_many`], for a reader that reserves memory for the payload before reading it.
+pub async fn read_frame_len<R>(r: &mut R, limit: usize) -> Result<usize, FrameError>
+where
+    R: AsyncRead + Unpin,
+{
     let mut len = [0u8; 4];
     read_exact_or_truncated(r, &mut len).await?;
     let size = u32::from_be_bytes(len) as usize;
     if size > limit {
         return Err(FrameError::TooLarge { size, limit });
     }
+    Ok(size)
+}
+
+/// Reads a payload of `size` bytes (after [`read_frame_len`]).
+pub async fn read_frame_payload<R>(r: &mut R, size: usize) -> Result<Vec<u8>, FrameError>
+where
+    R: AsyncRead + Unpin,
+{
     // Grow the buffer as bytes arrive: a length prefix alone (say 60 MiB on a Raft stream, then
-    // silence) must not make this node hold the claimed size for every such stream.
+    // silence) must not make this node hold the claimed size for every such stream. It doubles,
+    // but never past `size` (plain doubling would hold up to twice the frame).
     let mut buf = Vec::with_capacity(size.min(INITIAL_READ_CAPACITY));
-    r.take(size as u64).read_to_end(&mut buf).await?;
-    if buf.len() < size {
-        return Err(FrameError::Truncated);
+    while buf.len() < size {
+        if buf.len() == buf.capacity() {
+            buf.reserve_exact(buf.capacity().max(INITIAL_READ_CAPACITY).min(size - buf.len()));
+        }
+        let room = (buf.capacity() - buf.len()).min(size - buf.len());
+        if (&mut *r).take(room as u64).read_buf(&mut buf).await? == 0 {
+            return Err(FrameError::Truncated);
+        }
     }
+    Ok(buf)
+}
+
+/// [`read_frame_payload`] on a stream that carries one frame (see [`read_frame_bytes`]).
+pub async fn read_single_payload<R>(r: &mut R, size: usize) -> Result<Vec<u8>, FrameError>
+where
+    R: AsyncRead + Unpin,
+{
+    let buf = read_frame_payload(r, size).await?;
+    see_end_if_arrived(r).await;
     Ok(buf)
 }
 

@@ -36,7 +36,7 @@ use crate::{
         StorageError,
     },
     transport::{
-        client_alpn::Origin,
+        client_alpn::{Origin, RequestMemory},
         endpoint::{bind_endpoint_gated, listening_addrs, load_or_create_key, EndpointError},
         gate::PeerGate,
         ClientProtocolHandler, ConnectionPool, PeerBook,
@@ -421,14 +421,18 @@ async fn start_node(config: NodeConfig, stop: CancellationToken) -> Result<NodeH
     for (id, node) in &shards {
         registry.insert(*id, node.clone());
     }
+    // One budget of request memory for both handlers.
+    let memory = RequestMemory::new(config.limits.request_memory(), config.max_client_frame());
     let client_handler =
-        ClientProtocolHandler::new(service.clone(), config.max_client_frame(), config.limits.request_timeout());
+        ClientProtocolHandler::new(service.clone(), config.max_client_frame(), config.limits.request_timeout())
+            .with_memory(memory.clone());
     let peer_handler = ClientProtocolHandler::with_origin(
         service.clone(),
         config.max_client_frame(),
         config.limits.request_timeout(),
         Origin::Peer,
-    );
+    )
+    .with_memory(memory);
     let mut builder = Router::builder(base.endpoint.clone())
         .accept(CLIENT_ALPN, client_handler)
         .accept(PEER_ALPN, peer_handler)

@@ -5,11 +5,19 @@
 //! ([`ClientRequest::is_node_to_node`]). Who may connect to the peer ALPN is decided before any
 //! stream opens (`transport::gate`).
 //!
+//! Memory: a request's bytes are reserved when its length prefix arrives, before they are read,
+//! from the connection's budget (1/[`CONNECTION_SHARE`] of the node's) and the node's
+//! ([`NODE_REQUEST_MEMORY`] by default, shared by both ALPNs), and held until the answer is sent; a request
+//! that does not fit is refused with a retryable [`ApiError::Unavailable`] and its bytes are never
+//! read. A request must arrive, and its answer be taken, within the request timeout.
+//!
 //! Bad input (random bytes, a truncated or oversized frame, an unknown request variant, an old
 //! protocol version) gets a typed [`ApiError`] on that stream, or that stream closed; the
 //! connection and every other connection keep working.
 
 use std::{future::Future, sync::Arc, time::Duration};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use iroh::{
     endpoint::{Connection, RecvStream, SendStream},
@@ -18,7 +26,7 @@ use iroh::{
 use tokio_util::task::TaskTracker;
 
 use crate::api::{
-    frame::{decode, drain_to_end, encode_frame, read_frame_bytes, FrameError, REQUEST_END_WAIT},
+    frame::{decode, drain_to_end, encode_frame, read_frame_len, read_single_payload, FrameError, REQUEST_END_WAIT},
     ApiError, ClientEnvelope, ClientRequest, ClientResult, CLIENT_PROTOCOL_VERSION,
 };
 
@@ -30,6 +38,43 @@ pub trait ClientService: Send + Sync + std::fmt::Debug + 'static {
 
 /// QUIC error code used when this node resets a stream whose frame it will not read.
 const STREAM_REFUSED: u32 = 1;
+
+/// Request bytes one node holds at once over all its client and peer connections, unless
+/// configured (`[limits] request_memory_mib`).
+pub const NODE_REQUEST_MEMORY: usize = 256 * 1024 * 1024;
+/// A connection holds at most this share of the node's request memory.
+pub const CONNECTION_SHARE: usize = 8;
+
+/// A budget of request bytes, counted in KiB (at least one frame of the largest size fits).
+#[derive(Clone, Debug)]
+pub struct RequestMemory {
+    kib: Arc<Semaphore>,
+    total_kib: usize,
+    max_frame: usize,
+}
+
+impl RequestMemory {
+    /// A budget of `bytes`, raised to hold at least one frame of `max_frame` bytes.
+    pub fn new(bytes: usize, max_frame: usize) -> Self {
+        let total_kib = bytes.max(max_frame + 1024) / 1024;
+        RequestMemory { kib: Arc::new(Semaphore::new(total_kib)), total_kib, max_frame }
+    }
+
+    /// A connection's budget: its share of this (node's) budget.
+    fn for_connection(&self) -> Self {
+        RequestMemory::new(self.total_kib * 1024 / CONNECTION_SHARE, self.max_frame)
+    }
+
+    /// Reserves room for a frame of `size` bytes, if there is room now.
+    fn reserve(&self, size: usize) -> Option<OwnedSemaphorePermit> {
+        let kib = u32::try_from(size / 1024 + 1).ok()?;
+        self.kib.clone().try_acquire_many_owned(kib).ok()
+    }
+
+    fn total_mib(&self) -> usize {
+        self.total_kib / 1024
+    }
+}
 
 /// Which ALPN a [`ClientProtocolHandler`] serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,6 +97,8 @@ pub struct ClientProtocolHandler<S> {
     /// stream and its task for longer.
     stream_deadline: Duration,
     origin: Origin,
+    /// The node's request memory (shared with the node's other handler).
+    memory: RequestMemory,
 }
 
 impl<S: ClientService> ClientProtocolHandler<S> {
@@ -68,13 +115,21 @@ impl<S: ClientService> ClientProtocolHandler<S> {
             drain_timeout,
             stream_deadline: drain_timeout,
             origin,
+            memory: RequestMemory::new(NODE_REQUEST_MEMORY, max_frame),
         }
+    }
+
+    /// Draws request memory from `memory` (one budget for every handler of a node).
+    pub fn with_memory(mut self, memory: RequestMemory) -> Self {
+        self.memory = memory;
+        self
     }
 }
 
 impl<S: ClientService> ProtocolHandler for ClientProtocolHandler<S> {
     async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
         let remote = conn.remote_id().fmt_short().to_string();
+        let conn_memory = self.memory.for_connection();
         loop {
             let (send, recv) = match conn.accept_bi().await {
                 Ok(s) => s,
@@ -90,9 +145,13 @@ impl<S: ClientService> ProtocolHandler for ClientProtocolHandler<S> {
                 let _ = reply(&mut send, &Err(ApiError::Unavailable("node is shutting down".into()))).await;
                 continue;
             }
-            let service = self.service.clone();
-            let max_frame = self.max_frame;
-            self.tracker.spawn(serve_stream(service, send, recv, max_frame, self.origin, self.stream_deadline));
+            let stream = Stream {
+                max_frame: self.max_frame,
+                origin: self.origin,
+                deadline: self.stream_deadline,
+                memory: [conn_memory.clone(), self.memory.clone()],
+            };
+            self.tracker.spawn(serve_stream(self.service.clone(), send, recv, stream));
         }
     }
 
@@ -111,19 +170,58 @@ async fn reply(send: &mut SendStream, result: &ClientResult) -> Result<(), Frame
     Ok(())
 }
 
-async fn serve_stream<S: ClientService>(
-    service: Arc<S>,
-    mut send: SendStream,
-    mut recv: RecvStream,
+/// How one stream is served.
+struct Stream {
     max_frame: usize,
     origin: Origin,
     deadline: Duration,
-) {
-    let Ok(read) = tokio::time::timeout(deadline, read_frame_bytes(&mut recv, max_frame)).await else {
+    /// The connection's budget, then the node's.
+    memory: [RequestMemory; 2],
+}
+
+/// Reads the request: its length, then — once its bytes are reserved — its bytes. `Ok(Err(..))`:
+/// refused before its bytes were read (the reservation failed).
+async fn read_request(
+    recv: &mut RecvStream,
+    stream: &Stream,
+) -> Result<Result<(Vec<u8>, Vec<OwnedSemaphorePermit>), ApiError>, FrameError> {
+    let size = read_frame_len(recv, stream.max_frame).await?;
+    let mut permits = Vec::with_capacity(2);
+    for (budget, whose) in stream.memory.iter().zip(["this connection", "this node"]) {
+        match budget.reserve(size) {
+            Some(p) => permits.push(p),
+            None => {
+                return Ok(Err(ApiError::Unavailable(format!(
+                    "the request memory of {whose} ({} MiB) is taken by other requests; retry",
+                    budget.total_mib()
+                ))))
+            }
+        }
+    }
+    Ok(Ok((read_single_payload(recv, size).await?, permits)))
+}
+
+async fn serve_stream<S: ClientService>(service: Arc<S>, mut send: SendStream, mut recv: RecvStream, stream: Stream) {
+    let (origin, deadline) = (stream.origin, stream.deadline);
+    let Ok(read) = tokio::time::timeout(deadline, read_request(&mut recv, &stream)).await else {
         tracing::debug!("a request frame did not arrive within {deadline:?}: stream reset");
         let _ = recv.stop(STREAM_REFUSED.into());
         let _ = send.reset(STREAM_REFUSED.into());
         return;
+    };
+    // Held until the answer is sent.
+    let mut _permits = Vec::new();
+    let read = match read {
+        Ok(Ok((bytes, permits))) => {
+            _permits = permits;
+            Ok(bytes)
+        }
+        Ok(Err(refusal)) => {
+            let _ = recv.stop(STREAM_REFUSED.into());
+            let _ = tokio::time::timeout(deadline, reply(&mut send, &Err(refusal))).await;
+            return;
+        }
+        Err(e) => Err(e),
     };
     let result: ClientResult = match read {
         Ok(bytes) => match decode::<ClientEnvelope>(&bytes) {

@@ -127,12 +127,20 @@ fn transport_config() -> QuicTransportConfig {
     let mut acks = AckFrequencyConfig::default();
     acks.ack_eliciting_threshold(ACK_ELICITING_THRESHOLD.into());
     QuicTransportConfig::builder()
-        .max_concurrent_bidi_streams(1024u32.into())
+        .max_concurrent_bidi_streams(MAX_STREAMS_PER_CONNECTION.into())
+        .receive_window(CONNECTION_RECEIVE_WINDOW.into())
         .keep_alive_interval(std::time::Duration::from_secs(1))
         .max_idle_timeout(idle)
         .ack_frequency_config(Some(acks))
         .build()
 }
+
+/// Streams a peer may have open to this endpoint at once, per connection (more wait for credit).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+/// Bytes a peer may have sent on one connection that this endpoint has not read yet (QUIC's
+/// connection flow-control window; each stream's own window is 1.25 MB): with it, a connection
+/// buffers at most this much unread data however many streams it opens.
+pub const CONNECTION_RECEIVE_WINDOW: u32 = 16 * 1024 * 1024;
 
 /// How many ack-eliciting packets a peer may receive before it must acknowledge (see
 /// [`transport_config`]).
