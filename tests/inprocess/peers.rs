@@ -303,3 +303,81 @@ async fn a_member_removed_while_down_finds_out_when_it_starts() {
         n.stop().await;
     }
 }
+
+/// One request on a fresh stream of `conn`, raw: the node's status, or why there was none.
+async fn node_status(conn: &iroh::endpoint::Connection) -> Result<(), String> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    send.write_all(
+        &encode_frame(&ClientEnvelope {
+            version: CLIENT_PROTOCOL_VERSION,
+            hops: 0,
+            request: ClientRequest::NodeStatus,
+        })
+        .unwrap(),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    send.finish().map_err(|e| e.to_string())?;
+    let answer = recv.read_to_end(1 << 20).await.map_err(|e| e.to_string())?;
+    if answer.is_empty() {
+        return Err("no answer".into());
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn client_connections_beyond_the_limit_are_refused_and_members_still_get_in() {
+    let root = tempfile::tempdir().unwrap();
+    let mut configs: Vec<_> = (1..=3).map(|id| InProcNode::config(root.path(), id)).collect();
+    configs[0].limits.max_connections = 3;
+    let mut nodes = start_three(configs).await;
+    let refs: Vec<&InProcNode> = nodes.iter().collect();
+    wait_shards_converged(&refs, 60).await;
+    let addr = nodes[0].ticket().endpoint_addr();
+    let mut held = Vec::new();
+    for i in 0..3 {
+        let ep = raw_endpoint().await;
+        let conn = ep.connect(addr.clone(), aspen::api::CLIENT_ALPN).await.expect("connect");
+        node_status(&conn)
+            .await
+            .unwrap_or_else(|e| panic!("client connection {i} within the limit: {e} ({:?})", conn.close_reason()));
+        held.push((ep, conn));
+    }
+    // The fourth is closed with "busy".
+    let ep = raw_endpoint().await;
+    let closed = match ep.connect(addr.clone(), aspen::api::CLIENT_ALPN).await {
+        Ok(conn) => tokio::time::timeout(Duration::from_secs(30), conn.closed()).await.expect("refused"),
+        Err(ConnectError::Connection { source, .. }) => source,
+        Err(other) => panic!("connect failed otherwise than by a refusal: {other:?}"),
+    };
+    match &closed {
+        ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(c.error_code, aspen::transport::gate::BUSY_CODE.into(), "{closed:?}")
+        }
+        other => panic!("expected the busy refusal, got {other:?}"),
+    }
+    // Members are not counted: node 1 still replicates and forwards (writes through node 2).
+    let client = client_of(&[&nodes[1]]).await;
+    client.put("members", "unaffected").await.unwrap();
+    wait_shards_converged(&refs, 60).await;
+    client.close().await;
+    // Once a client leaves, another gets in.
+    let (gone_ep, gone) = held.pop().unwrap();
+    gone.close(0u32.into(), b"bye");
+    gone_ep.close().await;
+    let mut admitted = false;
+    for _ in 0..300 {
+        let ep = raw_endpoint().await;
+        if let Ok(conn) = ep.connect(addr.clone(), aspen::api::CLIENT_ALPN).await {
+            if node_status(&conn).await.is_ok() {
+                admitted = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(admitted, "a client got in after another left");
+    for n in &mut nodes {
+        n.stop().await;
+    }
+}

@@ -79,6 +79,9 @@ pub struct LimitsConfig {
     /// connection: an eighth of it); a request that does not fit is refused, retryably, before
     /// its bytes are read. Always at least one request of the largest size.
     pub request_memory_mib: u64,
+    /// Client connections open at once; more are refused until some close. Members'
+    /// connections do not count.
+    pub max_connections: u64,
 }
 
 impl Default for LimitsConfig {
@@ -90,6 +93,7 @@ impl Default for LimitsConfig {
             max_scan_page: 1_000,
             request_timeout_ms: 10_000,
             request_memory_mib: 256,
+            max_connections: 1024,
         }
     }
 }
@@ -247,6 +251,9 @@ pub struct NodeArgs {
     /// Request bytes held at once over all connections, in MiB. [default: 256]
     #[arg(long, env = "ASPEN_REQUEST_MEMORY_MIB")]
     pub request_memory_mib: Option<u64>,
+    /// Client connections open at once (members' do not count). [default: 1024]
+    #[arg(long, env = "ASPEN_MAX_CONNECTIONS")]
+    pub max_connections: Option<u64>,
     /// Run several shards (Raft groups) on this node.
     #[arg(long, env = "ASPEN_SHARDING_ENABLED")]
     pub sharding_enabled: bool,
@@ -309,6 +316,7 @@ struct FileLimits {
     max_scan_page: Option<u64>,
     request_timeout_ms: Option<u64>,
     request_memory_mib: Option<u64>,
+    max_connections: Option<u64>,
 }
 
 fn set<T>(slot: &mut T, value: Option<T>) {
@@ -351,6 +359,7 @@ impl NodeConfig {
         set(&mut cfg.limits.max_value_bytes, args.max_value_bytes);
         set(&mut cfg.limits.request_timeout_ms, args.request_timeout_ms);
         set(&mut cfg.limits.request_memory_mib, args.request_memory_mib);
+        set(&mut cfg.limits.max_connections, args.max_connections);
         cfg.sharding.enabled |= args.sharding_enabled;
         set(&mut cfg.sharding.num_shards, args.sharding_num_shards);
         if args.sharding_local_shards.is_some() {
@@ -403,6 +412,7 @@ impl NodeConfig {
             set(&mut self.limits.max_scan_page, l.max_scan_page);
             set(&mut self.limits.request_timeout_ms, l.request_timeout_ms);
             set(&mut self.limits.request_memory_mib, l.request_memory_mib);
+            set(&mut self.limits.max_connections, l.max_connections);
         }
     }
 
@@ -512,6 +522,9 @@ impl NodeConfig {
         }
         if l.request_memory_mib == 0 || l.request_memory_mib > 1024 * 1024 {
             return Err(invalid("request_memory_mib", "must be between 1 and 1048576"));
+        }
+        if l.max_connections == 0 || l.max_connections > 1_000_000 {
+            return Err(invalid("max_connections", "must be between 1 and 1000000"));
         }
         Ok(())
     }

@@ -207,7 +207,7 @@ pub async fn bootstrap_base_node(config: NodeConfig) -> Result<BaseNodeResources
         }
     }
     let lookup = MemoryLookup::new();
-    let admission = Admission::new(PeerGate::new());
+    let admission = Admission::new(PeerGate::new(config.limits.max_connections as usize));
     let endpoint =
         bind_endpoint_gated(config.bind_addr, Some(secret_key.clone()), lookup.clone(), Some(admission.gate().clone()))
             .await?;

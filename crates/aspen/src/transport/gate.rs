@@ -2,7 +2,9 @@
 //! connection's TLS handshake has proven the remote's endpoint id, before any stream opens
 //! (docs/design.md §5, "Who may connect").
 //!
-//! - The client ALPN (`aspen-client`) admits anyone.
+//! - The client ALPN (`aspen-client`) admits anyone, up to a number of client connections open
+//!   at once (`[limits] max_connections`); beyond it a connection is closed with [`BUSY_CODE`].
+//!   Members' connections do not count, so a flood of clients cannot cut Raft off.
 //! - Every other ALPN — the Raft ALPNs, the peer ALPN (`aspen-peer/1`) and gossip — admits only
 //!   the members of the cluster: the voters and learners of shard 0, which every node hosts, so
 //!   its membership lists every node. Anyone else is refused at once with [`REFUSED_CODE`] and a
@@ -38,6 +40,10 @@ use crate::api::CLIENT_ALPN;
 pub const REFUSED_CODE: u32 = 403;
 /// The close reason sent with [`REFUSED_CODE`].
 pub const REFUSED_REASON: &[u8] = b"not a member";
+/// The QUIC close code of a client connection refused because too many are open.
+pub const BUSY_CODE: u32 = 429;
+/// The close reason sent with [`BUSY_CODE`].
+pub const BUSY_REASON: &[u8] = b"too many connections; retry later";
 
 /// Whether a connection ended because the peer's gate refused this node.
 pub fn is_refusal(e: &ConnectionError) -> bool {
@@ -49,6 +55,8 @@ pub fn is_refusal(e: &ConnectionError) -> bool {
 pub struct PeerGate {
     state: RwLock<State>,
     refused: AtomicU64,
+    /// Client connections open at once, at most (0: no limit).
+    max_clients: usize,
 }
 
 #[derive(Debug, Default)]
@@ -57,11 +65,15 @@ struct State {
     members: Option<HashSet<EndpointId>>,
     /// Connections admitted to a members-only ALPN, by remote endpoint.
     admitted: HashMap<EndpointId, Vec<WeakConnectionHandle>>,
+    /// Client connections admitted, by remote (some may have ended since, or come from a node
+    /// that has become a member since: neither counts).
+    clients: Vec<(EndpointId, WeakConnectionHandle)>,
 }
 
 impl PeerGate {
-    pub fn new() -> Arc<Self> {
-        Arc::new(Self::default())
+    /// A gate that admits at most `max_clients` client connections at once (0: no limit).
+    pub fn new(max_clients: usize) -> Arc<Self> {
+        Arc::new(PeerGate { max_clients, ..Self::default() })
     }
 
     /// Whether `alpn` is open to anyone (only the client ALPN is).
@@ -104,9 +116,12 @@ impl PeerGate {
 
     /// Decides on a connection whose handshake just completed.
     fn decide(&self, conn: &Connection) -> AfterHandshakeOutcome {
-        // Connections this node opened go where it chose to go; the client ALPN is public.
-        if conn.side() == Side::Client || Self::is_public(conn.alpn()) {
+        // Connections this node opened go where it chose to go.
+        if conn.side() == Side::Client {
             return AfterHandshakeOutcome::Accept;
+        }
+        if Self::is_public(conn.alpn()) {
+            return self.decide_client(conn);
         }
         let id = conn.remote_id();
         let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
@@ -128,10 +143,49 @@ impl PeerGate {
             };
         }
         let handles = state.admitted.entry(id).or_default();
-        handles.retain(|h| h.upgrade().is_some());
+        handles.retain(is_open);
         handles.push(conn.weak_handle());
         AfterHandshakeOutcome::Accept
     }
+}
+
+impl PeerGate {
+    /// Admits a client connection while fewer than `max_clients` are open.
+    fn decide_client(&self, conn: &Connection) -> AfterHandshakeOutcome {
+        if self.max_clients == 0 {
+            return AfterHandshakeOutcome::Accept;
+        }
+        let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
+        if state.members.as_ref().is_some_and(|m| m.contains(&conn.remote_id())) {
+            return AfterHandshakeOutcome::Accept;
+        }
+        if state.clients.len() >= self.max_clients {
+            let State { members, clients, .. } = &mut *state;
+            clients.retain(|(id, h)| is_open(h) && members.as_ref().is_none_or(|m| !m.contains(id)));
+        }
+        if state.clients.len() >= self.max_clients {
+            drop(state);
+            let n = self.refused.fetch_add(1, Ordering::Relaxed);
+            if n % 1000 == 0 {
+                tracing::warn!(
+                    max = self.max_clients,
+                    refused = n + 1,
+                    "refused a client connection: the node has [limits] max_connections open"
+                );
+            }
+            return AfterHandshakeOutcome::Reject {
+                error_code: VarInt::from_u32(BUSY_CODE),
+                reason: BUSY_REASON.to_vec(),
+            };
+        }
+        state.clients.push((conn.remote_id(), conn.weak_handle()));
+        AfterHandshakeOutcome::Accept
+    }
+}
+
+/// Whether a connection is still open (not dropped, not closed by either side).
+fn is_open(handle: &WeakConnectionHandle) -> bool {
+    handle.upgrade().is_some_and(|c| c.close_reason().is_none())
 }
 
 /// The [`PeerGate`] as iroh endpoint hooks (installed when the node's endpoint is built).
@@ -154,7 +208,7 @@ mod tests {
 
     #[test]
     fn a_fresh_node_admits_anyone_and_a_member_node_only_members() {
-        let gate = PeerGate::new();
+        let gate = PeerGate::new(0);
         assert!(!gate.is_closed());
         assert!(gate.admits(&id(9)), "no membership seen yet");
         assert_eq!(gate.set_members([id(1), id(2)].into_iter().collect()), 0);
