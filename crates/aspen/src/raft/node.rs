@@ -393,12 +393,13 @@ impl RaftNode {
         }
     }
 
-    /// Reads one page of a scan; `page_limit` caps the page size.
-    pub async fn scan(&self, req: &ScanRequest, page_limit: usize) -> Result<ScanPage, ApiError> {
+    /// Reads one page of a scan; `page_limit` caps its keys and `max_bytes` its keys' and
+    /// values' bytes.
+    pub async fn scan(&self, req: &ScanRequest, page_limit: usize, max_bytes: usize) -> Result<ScanPage, ApiError> {
         if req.consistency == ReadConsistency::Linearizable {
             self.ensure_linearizable().await?;
         }
-        scan_local(&self.reader, req, page_limit)
+        scan_local(&self.reader, req, page_limit, max_bytes)
             .map_err(|e| ApiError::Internal(format!("scan shard {}: {e}", self.shard)))
     }
 

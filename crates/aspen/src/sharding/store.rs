@@ -36,6 +36,7 @@ use crate::{
         WriteSession,
     },
     raft::RaftNode,
+    storage::scan::SCAN_PAGE_MAX_BYTES,
     transport::{request::send_request, ConnectionPool},
 };
 
@@ -216,7 +217,7 @@ pub fn merge_delete_prefix(outcomes: impl IntoIterator<Item = WriteOutcome>) -> 
 /// the same lower bound; the merged page stops at the smallest last key of any shard that has
 /// more (so no key of any shard is skipped by the next page) and at `limit` keys; it carries a
 /// continuation exactly when more keys may follow.
-pub fn merge_scan_pages(pages: impl IntoIterator<Item = ScanPage>, limit: usize) -> ScanPage {
+pub fn merge_scan_pages(pages: impl IntoIterator<Item = ScanPage>, limit: usize, max_bytes: usize) -> ScanPage {
     let mut entries = Vec::new();
     let mut bound: Option<Vec<u8>> = None;
     for page in pages {
@@ -231,11 +232,33 @@ pub fn merge_scan_pages(pages: impl IntoIterator<Item = ScanPage>, limit: usize)
     if let Some(b) = &bound {
         entries.retain(|kv| &kv.key <= b);
     }
-    let more = bound.is_some() || entries.len() > limit;
+    let mut more = bound.is_some() || entries.len() > limit;
     entries.truncate(limit);
+    // Cut by bytes too (at least one key): the merged page stays inside one frame however many
+    // shards answered, and the continuation keeps paging exact.
+    let mut bytes = 0usize;
+    if let Some(cut) = entries.iter().position(|kv| {
+        bytes += kv.key.len() + kv.value.len();
+        bytes >= max_bytes
+    }) {
+        if cut + 1 < entries.len() {
+            entries.truncate(cut + 1);
+            more = true;
+        }
+    }
     let continuation = if more { entries.last().map(|kv| kv.key.clone()) } else { None };
     ScanPage { entries, continuation }
 }
+
+/// The byte cap of one shard's page in a scan over `num_shards` shards: together they fit in
+/// one merged page ([`SCAN_PAGE_MAX_BYTES`]), so a scan over many shards holds no more than a
+/// scan over one (each page still holds at least one key).
+pub fn shard_page_bytes(num_shards: u32) -> usize {
+    (SCAN_PAGE_MAX_BYTES / num_shards.max(1) as usize).max(MIN_SHARD_PAGE_BYTES)
+}
+
+/// The smallest per-shard byte cap of a merged scan.
+const MIN_SHARD_PAGE_BYTES: usize = 64 * 1024;
 
 /// Where to find shards: leader hints (from `NotLeader` answers, gossip and status probes) and
 /// the shards each node announced hosting.
@@ -470,7 +493,8 @@ impl ShardedKeyValueStore {
 
     /// One page of one hosted shard.
     pub async fn scan_shard_here(&self, shard: ShardId, scan: &ScanRequest) -> ClientResult {
-        self.local(shard)?.scan(scan, self.max_scan_page).await.map(ClientResponse::Scan)
+        let max_bytes = shard_page_bytes(self.router.num_shards());
+        self.local(shard)?.scan(scan, self.max_scan_page, max_bytes).await.map(ClientResponse::Scan)
     }
 
     /// Routes a request: answered here (by `here`), or forwarded to a node that hosts its shard or
@@ -502,7 +526,7 @@ impl ShardedKeyValueStore {
         }))
         .await;
         let pages = pages.into_iter().map(as_page).collect::<Result<Vec<_>, _>>()?;
-        Ok(merge_scan_pages(pages, limit))
+        Ok(merge_scan_pages(pages, limit, SCAN_PAGE_MAX_BYTES))
     }
 
     /// Answers here if this node leads the request's shard; otherwise forwards to that shard's

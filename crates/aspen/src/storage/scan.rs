@@ -56,9 +56,15 @@ pub fn scan_bounds(req: &ScanRequest) -> (Bound<Vec<u8>>, Bound<Vec<u8>>) {
     (lower, upper)
 }
 
-/// One scan page from local state: at most `min(req.limit, page_limit)` keys, plus a
-/// continuation token when more keys may follow.
-pub fn scan_local(reader: &StateReader, req: &ScanRequest, page_limit: usize) -> Result<ScanPage, StorageError> {
+/// One scan page from local state: at most `min(req.limit, page_limit)` keys, cut once its keys
+/// and values reach `max_bytes` (at least one key), plus a continuation token when more keys may
+/// follow.
+pub fn scan_local(
+    reader: &StateReader,
+    req: &ScanRequest,
+    page_limit: usize,
+    max_bytes: usize,
+) -> Result<ScanPage, StorageError> {
     let limit = (req.limit as usize).min(page_limit).max(1);
     let (lower, upper) = scan_bounds(req);
     if let (Bound::Excluded(l) | Bound::Included(l), Bound::Excluded(u)) = (&lower, &upper) {
@@ -68,11 +74,11 @@ pub fn scan_local(reader: &StateReader, req: &ScanRequest, page_limit: usize) ->
     }
     // One more than asked tells whether more keys follow; the byte cap keeps a page of large
     // values well inside one frame (the page then ends early, with a continuation).
-    let mut entries = reader.range(bound_ref(&lower), bound_ref(&upper), limit + 1, SCAN_PAGE_MAX_BYTES)?;
+    let mut entries = reader.range(bound_ref(&lower), bound_ref(&upper), limit + 1, max_bytes)?;
     let continuation = if entries.len() > limit {
         entries.truncate(limit);
         entries.last().map(|kv| kv.key.clone())
-    } else if entries.iter().map(|kv| kv.key.len() + kv.value.len()).sum::<usize>() >= SCAN_PAGE_MAX_BYTES {
+    } else if entries.iter().map(|kv| kv.key.len() + kv.value.len()).sum::<usize>() >= max_bytes {
         // Cut by bytes: more keys may follow.
         entries.last().map(|kv| kv.key.clone())
     } else {

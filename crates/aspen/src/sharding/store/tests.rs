@@ -226,7 +226,9 @@ fn hints_follow_answers_and_the_newest_announced_term() {
 }
 
 fn kv(key: &[u8]) -> KeyValue {
-    KeyValue { key: key.to_vec(), value: vec![], create_revision: 1, mod_revision: 1, version: 1 }
+    // Values of a few sizes, fixed per key, so byte caps cut pages at different places.
+    let size = (key.iter().map(|b| *b as usize).sum::<usize>() % 4) * 10;
+    KeyValue { key: key.to_vec(), value: vec![b'v'; size], create_revision: 1, mod_revision: 1, version: 1 }
 }
 
 /// What one shard answers: the keys after the continuation, at most `limit` — fewer when the
@@ -241,7 +243,7 @@ fn shard_page(keys: &BTreeSet<Vec<u8>>, after: Option<&Vec<u8>>, limit: usize, c
 }
 
 #[test]
-fn merged_scan_pages_cover_every_key_once_in_order() {
+fn merged_scan_pages_cover_every_key_once_in_order_within_their_byte_cap() {
     let mut rng = StdRng::seed_from_u64(0x5ca9);
     for round in 0..200 {
         let shards = rng.random_range(1..=5usize);
@@ -265,8 +267,12 @@ fn merged_scan_pages_cover_every_key_once_in_order() {
                     shard_page(keys, continuation.as_ref(), limit, cut)
                 })
                 .collect();
-            let merged = merge_scan_pages(pages, limit);
+            let max_bytes = if rng.random_bool(0.5) { usize::MAX } else { rng.random_range(1..=80usize) };
+            let merged = merge_scan_pages(pages, limit, max_bytes);
             assert!(merged.entries.len() <= limit, "round {round}: a page holds at most {limit} keys");
+            let sizes: Vec<usize> = merged.entries.iter().map(|e| e.key.len() + e.value.len()).collect();
+            let before_last: usize = sizes.iter().rev().skip(1).sum();
+            assert!(before_last < max_bytes, "round {round}: the page went on after reaching {max_bytes} bytes");
             seen.extend(merged.entries.iter().map(|e| e.key.clone()));
             match merged.continuation {
                 Some(c) => {

@@ -43,7 +43,7 @@ async fn scan_pages_are_capped_in_bytes() {
     let mut seen = Vec::new();
     let mut pages = 0;
     loop {
-        let page = scan_local(&reader, &req, 1000).unwrap();
+        let page = scan_local(&reader, &req, 1000, crate::storage::scan::SCAN_PAGE_MAX_BYTES).unwrap();
         pages += 1;
         let bytes: usize = page.entries.iter().map(|kv| kv.key.len() + kv.value.len()).sum();
         assert!(bytes <= SCAN_PAGE_MAX_BYTES + value.len() + 64, "page of {bytes} bytes");
