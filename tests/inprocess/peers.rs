@@ -110,17 +110,24 @@ fn assert_refused(err: &ConnectionError, alpn: &[u8], cluster_id: ClusterId) {
     }
 }
 
+/// Three nodes under `root` (each config changed by `edit`) that formed a cluster and agree.
+async fn three_nodes(root: &std::path::Path, edit: impl Fn(&mut aspen::NodeConfig)) -> [InProcNode; 3] {
+    let mut configs: Vec<_> = (1..=3).map(|id| InProcNode::config(root, id)).collect();
+    configs.iter_mut().for_each(&edit);
+    let nodes = start_three(configs).await;
+    wait_shards_converged(&nodes.iter().collect::<Vec<_>>(), 60).await;
+    nodes
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn non_members_are_refused_before_any_stream_and_change_nothing() {
     let root = tempfile::tempdir().unwrap();
-    let mut configs: Vec<_> = (1..=3).map(|id| InProcNode::config(root.path(), id)).collect();
-    for c in &mut configs {
+    let mut nodes = three_nodes(root.path(), |c| {
         c.sharding.enabled = true;
         c.sharding.num_shards = 2;
-    }
-    let mut nodes = start_three(configs).await;
+    })
+    .await;
     let refs: Vec<&InProcNode> = nodes.iter().collect();
-    wait_shards_converged(&refs, 60).await;
     let client = client_of(&refs).await;
     for i in 0..20 {
         client.put(format!("k{i:02}"), format!("v{i}")).await.unwrap();
@@ -248,11 +255,8 @@ async fn non_members_are_refused_before_any_stream_and_change_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_removed_member_is_told_to_stop_and_refused_from_then_on() {
     let root = tempfile::tempdir().unwrap();
-    let configs: Vec<_> = (1..=3).map(|id| InProcNode::config(root.path(), id)).collect();
-    let mut nodes = start_three(configs).await;
-    let refs: Vec<&InProcNode> = nodes.iter().collect();
-    wait_shards_converged(&refs, 60).await;
-    let client = client_of(&refs[..2]).await;
+    let mut nodes = three_nodes(root.path(), |_| {}).await;
+    let client = client_of(&[&nodes[0], &nodes[1]]).await;
     client.put("before", "1").await.unwrap();
     let (t1, cluster_id) = (nodes[0].ticket(), nodes[0].ticket().cluster_id);
     let removed_ep = nodes[2].handle().base.endpoint.clone();
@@ -282,10 +286,7 @@ async fn a_removed_member_is_told_to_stop_and_refused_from_then_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_member_removed_while_down_finds_out_when_it_starts() {
     let root = tempfile::tempdir().unwrap();
-    let configs: Vec<_> = (1..=3).map(|id| InProcNode::config(root.path(), id)).collect();
-    let mut nodes = start_three(configs).await;
-    let refs: Vec<&InProcNode> = nodes.iter().collect();
-    wait_shards_converged(&refs, 60).await;
+    let mut nodes = three_nodes(root.path(), |_| {}).await;
     nodes[2].stop().await;
     let client = client_of(&[&nodes[0], &nodes[1]]).await;
     client.remove(3).await.expect("remove node 3 while it is down");
@@ -328,11 +329,13 @@ async fn node_status(conn: &iroh::endpoint::Connection) -> Result<(), String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn client_connections_beyond_the_limit_are_refused_and_members_still_get_in() {
     let root = tempfile::tempdir().unwrap();
-    let mut configs: Vec<_> = (1..=3).map(|id| InProcNode::config(root.path(), id)).collect();
-    configs[0].limits.max_connections = 3;
-    let mut nodes = start_three(configs).await;
+    let mut nodes = three_nodes(root.path(), |c| {
+        if c.node_id == 1 {
+            c.limits.max_connections = 3;
+        }
+    })
+    .await;
     let refs: Vec<&InProcNode> = nodes.iter().collect();
-    wait_shards_converged(&refs, 60).await;
     let addr = nodes[0].ticket().endpoint_addr();
     let mut held = Vec::new();
     for i in 0..3 {
