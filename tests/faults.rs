@@ -264,7 +264,8 @@ async fn inject(cluster: &mut Cluster, scenario: Scenario, rng: &mut StdRng) -> 
             config.no_init = true;
             let newcomer = InProcNode::start(config).await;
             let admin = cluster.admin_client().await;
-            admin.add_learner(&newcomer.ticket()).await.expect("add learner");
+            let claim = std::fs::read_to_string(newcomer.config.data_dir.join("claim.token")).expect("claim token");
+            admin.add_learner_claimed(&newcomer.ticket(), &claim).await.expect("add learner");
             println!("added learner {new_id}");
             log.push(format!("added learner {new_id}"));
             sleep_ms(rng.random_range(500..2000)).await;

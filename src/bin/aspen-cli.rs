@@ -233,13 +233,21 @@ impl BenchArgs {
 enum ClusterCommand {
     /// Leader, term, voters, learners and last applied index of every shard.
     Status,
-    /// Make a node started with --no-init a one-node cluster.
-    Init,
+    /// Make a node started with --no-init a one-node cluster (with its claim token: read from
+    /// DIR/claim.token of --data-dir unless --claim-token is given).
+    Init {
+        /// The node's claim token (its data dir's `claim.token`).
+        #[arg(long, value_name = "TOKEN")]
+        claim_token: Option<String>,
+    },
     /// Add the node behind TICKET as a learner (it catches up, but does not vote).
     AddLearner {
         /// The new member's ticket (its `node.ticket`).
         #[arg(value_name = "TICKET")]
         member_ticket: String,
+        /// A node started with --no-init joins only with its claim token (its `claim.token`).
+        #[arg(long, value_name = "TOKEN")]
+        claim_token: Option<String>,
     },
     /// Make learner ID a voter.
     Promote {
@@ -788,10 +796,14 @@ async fn run(client: &AspenClient, cli: &Cli) -> Result<ExitCode, ClientError> {
                 return Ok(ExitCode::from(3));
             }
         }
-        Command::Cluster { command: ClusterCommand::AddLearner { member_ticket } } => {
+        Command::Cluster { command: ClusterCommand::AddLearner { member_ticket, claim_token } } => {
             let ticket = NodeTicket::decode(member_ticket)
                 .map_err(|e| ClientError::Api(ApiError::InvalidRequest(format!("ticket: {e}"))))?;
-            print_membership(cli, &client.add_learner(&ticket).await?);
+            let status = match claim_token {
+                Some(token) => client.add_learner_claimed(&ticket, token).await?,
+                None => client.add_learner(&ticket).await?,
+            };
+            print_membership(cli, &status);
         }
         Command::Cluster { command: ClusterCommand::Promote { node_id } } => {
             print_membership(cli, &client.promote(*node_id).await?);
@@ -805,8 +817,13 @@ async fn run(client: &AspenClient, cli: &Cli) -> Result<ExitCode, ClientError> {
         Command::Cluster { command: ClusterCommand::BalanceLeaders } => {
             print_leaders(cli, &client.balance_leaders().await?);
         }
-        Command::Cluster { command: ClusterCommand::Init } => {
-            let initialized = client.cluster_init().await?;
+        Command::Cluster { command: ClusterCommand::Init { claim_token } } => {
+            // The token from the flag, else from the node's data dir (local access).
+            let local = std::fs::read_to_string(cli.data_dir.join(aspen::cluster::claim::FILE_NAME)).ok();
+            let initialized = match claim_token.clone().or(local) {
+                Some(token) => client.cluster_init_claimed(&token).await?,
+                None => client.cluster_init().await?,
+            };
             if cli.json {
                 println!("{}", json!({ "initialized": initialized }));
             } else if initialized {

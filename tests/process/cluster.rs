@@ -154,8 +154,14 @@ fn membership_commands_add_learner_promote_remove() {
     expect_code(&n1.cli(&["put", "a", "1"]), 0, "put");
 
     let t2 = n2.ticket().encode();
-    let o = n1.cli(&["--json", "cluster", "add-learner", &t2]);
+    // Node 2 (--no-init) is claimed only with the token in its data dir.
+    let o = n1.cli(&["cluster", "add-learner", &t2]);
+    expect_code(&o, 2, "add-learner without the claim token");
+    assert!(stderr(&o).contains("claim token"), "{}", stderr(&o));
+    let claim = std::fs::read_to_string(n2.data_dir.join("claim.token")).expect("claim.token of a --no-init node");
+    let o = n1.cli(&["--json", "cluster", "add-learner", &t2, "--claim-token", claim.trim()]);
     expect_code(&o, 0, "add-learner");
+    assert!(!n2.data_dir.join("claim.token").exists(), "the claim token is spent");
     let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
     assert_eq!(v["voters"], serde_json::json!([1]));
     assert_eq!(v["learners"], serde_json::json!([2]));

@@ -150,8 +150,26 @@ fn no_init_node_waits_for_cluster_init() {
     let o = crate::support::cli_with_timeout(&node, 5, &["put", "k", "v"]);
     expect_code(&o, 3, "write before init");
     assert!(stderr(&o).contains("node 7 is not initialized"), "{}", stderr(&o));
+    // It waits with a private claim token: `cluster init` from elsewhere (only its ticket) or
+    // with a wrong token is refused; from its data dir (the CLI reads the token) it works.
+    let claim = node.data_dir.join("claim.token");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&claim).unwrap().permissions().mode() & 0o777, 0o600, "claim.token is private");
+    }
+    let ticket = node.ticket().encode();
+    let elsewhere = root.path().join("elsewhere");
+    let o = crate::support::cli_in(&elsewhere, &["--ticket", &ticket, "cluster", "init"]);
+    expect_code(&o, 2, "cluster init without the claim token");
+    assert!(stderr(&o).contains("claim token"), "{}", stderr(&o));
+    let o =
+        crate::support::cli_in(&elsewhere, &["--ticket", &ticket, "cluster", "init", "--claim-token", &"0".repeat(64)]);
+    expect_code(&o, 2, "cluster init with a wrong claim token");
+    assert!(stderr(&o).contains("wrong claim token"), "{}", stderr(&o));
     let o = node.cli(&["cluster", "init"]);
     expect_code(&o, 0, "cluster init");
+    assert!(!claim.exists(), "the claim token is spent once the node belongs to a cluster");
     assert!(stdout(&o).contains("initialized a new cluster"), "{}", stdout(&o));
     expect_code(&node.cli(&["put", "k", "v"]), 0, "write after init");
     assert_eq!(stdout(&node.cli(&["get", "k"])), "v\n");

@@ -140,6 +140,20 @@ pub fn expect_code(o: &Output, code: i32, what: &str) {
 }
 
 /// Runs `aspen-cli` with a custom `--timeout` (seconds).
+/// Runs `aspen-cli ARGS` in `dir` (created), with no data dir of any node: as a user on another
+/// machine would.
+pub fn cli_in(dir: &Path, args: &[&str]) -> Output {
+    std::fs::create_dir_all(dir).unwrap();
+    Command::new(CLI_BIN)
+        .current_dir(dir)
+        .args(["--timeout", "20"])
+        .args(args)
+        .env_remove("ASPEN_TICKET")
+        .env_remove("ASPEN_DATA_DIR")
+        .output()
+        .expect("run aspen-cli")
+}
+
 pub fn cli_with_timeout(node: &NodeProc, secs: u32, args: &[&str]) -> Output {
     Command::new(CLI_BIN)
         .arg("--data-dir")

@@ -640,6 +640,22 @@ pub enum ClientRequest {
     Departed {
         node_id: NodeId,
     },
+    /// [`ClientRequest::AddLearner`] of a node started with `--no-init`: it joins only with the
+    /// claim token it wrote to its data dir (`claim.token`).
+    AddLearnerClaimed {
+        ticket: String,
+        claim_token: String,
+    },
+    /// [`ClientRequest::AcceptMembership`] with the claim token of the node being added.
+    ClaimMembership {
+        info: ClusterInfo,
+        claim_token: String,
+    },
+    /// [`ClientRequest::ClusterInit`] with the node's claim token (a `--no-init` node initializes
+    /// only with it).
+    ClusterInitClaimed {
+        claim_token: String,
+    },
 }
 
 /// A request that can travel in a [`ClientRequest::Forwarded`] batch. Its own type (not a
@@ -739,6 +755,7 @@ impl ClientRequest {
                 | ClientRequest::AcceptMembership(_)
                 | ClientRequest::Forwarded { .. }
                 | ClientRequest::Departed { .. }
+                | ClientRequest::ClaimMembership { .. }
         )
     }
 
@@ -766,6 +783,9 @@ impl ClientRequest {
             ClientRequest::Forwarded { .. } => "forwarded batch",
             ClientRequest::ShardWrite { .. } => "shard write",
             ClientRequest::Departed { .. } => "removal notice",
+            ClientRequest::AddLearnerClaimed { .. } => "add-learner",
+            ClientRequest::ClaimMembership { .. } => "claim",
+            ClientRequest::ClusterInitClaimed { .. } => "cluster init",
         }
     }
 
@@ -781,6 +801,7 @@ impl ClientRequest {
             | ClientRequest::ShardMembership { .. }
             | ClientRequest::MoveLeaderAttempt { .. }
             | ClientRequest::AddLearner { .. }
+            | ClientRequest::AddLearnerClaimed { .. }
             | ClientRequest::Promote { .. }
             | ClientRequest::Remove { .. }
             | ClientRequest::Join(_) => true,
@@ -793,7 +814,9 @@ impl ClientRequest {
             | ClientRequest::TriggerElect { .. }
             | ClientRequest::BalanceLeaders
             | ClientRequest::Forwarded { .. }
-            | ClientRequest::Departed { .. } => false,
+            | ClientRequest::Departed { .. }
+            | ClientRequest::ClaimMembership { .. }
+            | ClientRequest::ClusterInitClaimed { .. } => false,
         }
     }
 }

@@ -487,6 +487,17 @@ impl AspenClient {
         self.membership(ClientRequest::AddLearner { ticket: ticket.encode() }).await
     }
 
+    /// Adds a node started with `--no-init` as a learner, with the claim token from its data dir
+    /// (`claim.token`); without the token such a node refuses to be added.
+    pub async fn add_learner_claimed(
+        &self,
+        ticket: &NodeTicket,
+        claim_token: &str,
+    ) -> Result<ShardStatus, ClientError> {
+        let claim_token = claim_token.trim().to_string();
+        self.membership(ClientRequest::AddLearnerClaimed { ticket: ticket.encode(), claim_token }).await
+    }
+
     /// Makes learner `node_id` a voter.
     pub async fn promote(&self, node_id: NodeId) -> Result<ShardStatus, ClientError> {
         self.membership(ClientRequest::Promote { node_id }).await
@@ -524,6 +535,15 @@ impl AspenClient {
     /// Makes a node started with `--no-init` a one-node cluster. Returns whether it did.
     pub async fn cluster_init(&self) -> Result<bool, ClientError> {
         match self.request(ClientRequest::ClusterInit).await? {
+            ClientResponse::ClusterInit { initialized } => Ok(initialized),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// [`Self::cluster_init`] of a node started with `--no-init`, with its claim token.
+    pub async fn cluster_init_claimed(&self, claim_token: &str) -> Result<bool, ClientError> {
+        let claim_token = claim_token.trim().to_string();
+        match self.request(ClientRequest::ClusterInitClaimed { claim_token }).await? {
             ClientResponse::ClusterInit { initialized } => Ok(initialized),
             other => Err(unexpected(other)),
         }

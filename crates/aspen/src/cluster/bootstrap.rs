@@ -19,6 +19,7 @@ use crate::{
     client::{AspenClient, ClientError},
     cluster::{
         admission::Admission,
+        claim::Claim,
         gossip::{AnnounceContext, GossipDiscovery},
         service::NodeService,
         supervisor::Supervisor,
@@ -134,6 +135,8 @@ pub struct BaseNodeResources {
     pub gossip_discovery: Option<Arc<GossipDiscovery>>,
     /// Who may connect to the members-only ALPNs, and whether this node was removed.
     pub admission: Admission,
+    /// The claim token of a fresh `--no-init` node (nothing pending otherwise).
+    pub claim: Arc<Claim>,
     pub shutdown_token: CancellationToken,
 }
 
@@ -206,6 +209,12 @@ pub async fn bootstrap_base_node(config: NodeConfig) -> Result<BaseNodeResources
             );
         }
     }
+    // A fresh node that waits to be added or initialized can be claimed only with this token.
+    let claim = if identity.is_none() && config.no_init && config.join.is_empty() {
+        Claim::load_or_create(&dir).map_err(|source| BootstrapError::DataDir { path: dir.clone(), source })?
+    } else {
+        Claim::default()
+    };
     let lookup = MemoryLookup::new();
     let admission = Admission::new(PeerGate::new(config.limits.max_connections as usize));
     let endpoint =
@@ -232,6 +241,7 @@ pub async fn bootstrap_base_node(config: NodeConfig) -> Result<BaseNodeResources
         network_factory,
         gossip_discovery,
         admission,
+        claim: Arc::new(claim),
         shutdown_token: CancellationToken::new(),
     })
 }

@@ -40,8 +40,13 @@ impl NodeService {
             .collect()
     }
 
-    /// Adopts a cluster identity offered by a leader that is about to add this node.
-    pub(super) fn accept_membership(&self, info: ClusterInfo) -> Result<ClientResponse, ApiError> {
+    /// Adopts a cluster identity offered by a leader that is about to add this node (a fresh
+    /// `--no-init` node only with its claim token).
+    pub(super) fn accept_membership(
+        &self,
+        info: ClusterInfo,
+        claim_token: Option<&str>,
+    ) -> Result<ClientResponse, ApiError> {
         match self.identity()? {
             Some(id) if id.cluster_id == info.cluster_id => Ok(self.accepted()),
             Some(id) => Err(ApiError::Refused(format!(
@@ -49,6 +54,7 @@ impl NodeService {
                 self.node_id, id.cluster_id, id.cluster_name, info.cluster_id
             ))),
             None => {
+                self.claim.check(self.node_id, claim_token)?;
                 if info.cluster_name != self.cluster_name {
                     return Err(ApiError::Refused(format!(
                         "node {} runs with --cluster-name {:?}, the cluster is named {:?}",
@@ -77,6 +83,7 @@ impl NodeService {
             .map_err(|e| ApiError::Internal(format!("metadata: {e}")))?;
         *self.cluster_id.write().unwrap_or_else(|p| p.into_inner()) = info.cluster_id;
         self.ticket.write().unwrap_or_else(|p| p.into_inner()).cluster_id = info.cluster_id;
+        self.claim.settle();
         if let Err(e) = self.write_ticket_file() {
             tracing::warn!("could not rewrite node.ticket: {e}");
         }
@@ -310,7 +317,11 @@ impl NodeService {
     }
 
     /// `cluster add-learner TICKET`: hands the node our identity, then adds it as a learner.
-    pub(super) async fn add_learner(&self, ticket: &str) -> Result<ClientResponse, ApiError> {
+    pub(super) async fn add_learner(
+        &self,
+        ticket: &str,
+        claim_token: Option<String>,
+    ) -> Result<ClientResponse, ApiError> {
         let ticket = NodeTicket::decode(ticket).map_err(|e| ApiError::InvalidRequest(format!("ticket: {e}")))?;
         check_node_id(ticket.node_id)?;
         check_addrs(ticket.addrs.len())?;
@@ -329,7 +340,10 @@ impl NodeService {
             self.store.pool(),
             &ticket.endpoint_addr(),
             1,
-            ClientRequest::AcceptMembership(info),
+            match claim_token {
+                Some(claim_token) => ClientRequest::ClaimMembership { info, claim_token },
+                None => ClientRequest::AcceptMembership(info),
+            },
             timeout,
         )
         .await

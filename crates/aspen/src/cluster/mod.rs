@@ -2,10 +2,12 @@
 //! metadata, shards, protocol handlers, join), the client-facing [`service`] (a dispatcher over
 //! the sharded store), request [`validate`]ion, cluster [`membership`], leader [`placement`],
 //! [`gossip`] discovery, the shard health [`supervisor`] and the membership watch that tells the
-//! endpoint's gate who may connect ([`admission`]).
+//! endpoint's gate who may connect ([`admission`]), and the claim token of a `--no-init` node
+//! ([`claim`]).
 
 pub mod admission;
 pub mod bootstrap;
+pub mod claim;
 pub mod gossip;
 pub mod membership;
 pub mod placement;

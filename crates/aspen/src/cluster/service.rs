@@ -48,6 +48,8 @@ pub struct NodeService {
     pub(super) membership_lock: tokio::sync::Mutex<()>,
     /// Cancelled when this node learns it was removed from the cluster (`cluster::admission`).
     pub(super) removed: tokio_util::sync::CancellationToken,
+    /// The claim token a fresh `--no-init` node waits for (`cluster::claim`).
+    pub(super) claim: Arc<super::claim::Claim>,
 }
 
 impl NodeService {
@@ -62,6 +64,7 @@ impl NodeService {
             base.pool.clone(),
             base.admission.removed(),
         );
+        let claim = base.claim.clone();
         let store = ShardedKeyValueStore::new(
             config.node_id,
             shards,
@@ -84,6 +87,7 @@ impl NodeService {
             init_lock: tokio::sync::Mutex::new(()),
             membership_lock: tokio::sync::Mutex::new(()),
             removed,
+            claim,
         }
     }
 
@@ -163,6 +167,7 @@ impl NodeService {
         if let Err(e) = self.write_ticket_file() {
             tracing::warn!("could not rewrite node.ticket: {e}");
         }
+        self.claim.settle();
         tracing::info!(%cluster_id, shards = self.store.shards().len(), "initialized a new cluster");
         Ok(true)
     }
@@ -259,13 +264,22 @@ impl NodeService {
             ClientRequest::NodeStatus => Ok(ClientResponse::NodeStatus(self.node_status())),
             ClientRequest::Members => Ok(ClientResponse::Members(self.members())),
             ClientRequest::ClusterInit => {
+                self.claim.check(self.node_id, None)?;
                 self.init_cluster().await.map(|initialized| ClientResponse::ClusterInit { initialized })
             }
-            ClientRequest::AddLearner { ticket } => self.add_learner(&ticket).await,
+            ClientRequest::ClusterInitClaimed { claim_token } => {
+                self.claim.check(self.node_id, Some(&claim_token))?;
+                self.init_cluster().await.map(|initialized| ClientResponse::ClusterInit { initialized })
+            }
+            ClientRequest::AddLearner { ticket } => self.add_learner(&ticket, None).await,
+            ClientRequest::AddLearnerClaimed { ticket, claim_token } => {
+                self.add_learner(&ticket, Some(claim_token)).await
+            }
             ClientRequest::Promote { node_id } => self.promote(node_id).await,
             ClientRequest::Remove { node_id } => self.remove(node_id).await,
             ClientRequest::Join(req) => self.join(req).await,
-            ClientRequest::AcceptMembership(info) => self.accept_membership(info),
+            ClientRequest::AcceptMembership(info) => self.accept_membership(info, None),
+            ClientRequest::ClaimMembership { info, claim_token } => self.accept_membership(info, Some(&claim_token)),
             ClientRequest::MoveLeader { shard, node_id } => self.move_leader(shard, node_id).await,
             ClientRequest::MoveLeaderAttempt { shard, node_id } => self.move_leader_attempt(shard, node_id).await,
             ClientRequest::TriggerElect { shard } => {
