@@ -114,16 +114,15 @@ impl NodeProc {
 
     /// Runs `aspen-cli --data-dir <this node> ARGS`.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(CLI_BIN)
-            .arg("--data-dir")
-            .arg(&self.data_dir)
-            .args(["--timeout", "20"])
-            .args(args)
-            .env_remove("ASPEN_TICKET")
-            .env_remove("ASPEN_DATA_DIR")
-            .output()
-            .expect("run aspen-cli")
+        cli_command(20).arg("--data-dir").arg(&self.data_dir).args(args).output().expect("run aspen-cli")
     }
+}
+
+/// `aspen-cli --timeout SECS`, without the harness's `ASPEN_TICKET` / `ASPEN_DATA_DIR`.
+fn cli_command(secs: u32) -> Command {
+    let mut cmd = Command::new(CLI_BIN);
+    cmd.args(["--timeout", &secs.to_string()]).env_remove("ASPEN_TICKET").env_remove("ASPEN_DATA_DIR");
+    cmd
 }
 
 pub fn stdout(o: &Output) -> String {
@@ -139,31 +138,16 @@ pub fn expect_code(o: &Output, code: i32, what: &str) {
     assert_eq!(o.status.code(), Some(code), "{what}: stdout={:?} stderr={:?}", stdout(o), stderr(o));
 }
 
-/// Runs `aspen-cli` with a custom `--timeout` (seconds).
 /// Runs `aspen-cli ARGS` in `dir` (created), with no data dir of any node: as a user on another
 /// machine would.
 pub fn cli_in(dir: &Path, args: &[&str]) -> Output {
     std::fs::create_dir_all(dir).unwrap();
-    Command::new(CLI_BIN)
-        .current_dir(dir)
-        .args(["--timeout", "20"])
-        .args(args)
-        .env_remove("ASPEN_TICKET")
-        .env_remove("ASPEN_DATA_DIR")
-        .output()
-        .expect("run aspen-cli")
+    cli_command(20).current_dir(dir).args(args).output().expect("run aspen-cli")
 }
 
+/// Runs `aspen-cli` with a custom `--timeout` (seconds).
 pub fn cli_with_timeout(node: &NodeProc, secs: u32, args: &[&str]) -> Output {
-    Command::new(CLI_BIN)
-        .arg("--data-dir")
-        .arg(&node.data_dir)
-        .args(["--timeout", &secs.to_string()])
-        .args(args)
-        .env_remove("ASPEN_TICKET")
-        .env_remove("ASPEN_DATA_DIR")
-        .output()
-        .expect("run aspen-cli")
+    cli_command(secs).arg("--data-dir").arg(&node.data_dir).args(args).output().expect("run aspen-cli")
 }
 
 /// Three in-process nodes from `configs`: the first initializes a cluster, the other two join
