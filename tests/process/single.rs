@@ -255,9 +255,12 @@ async fn kill_9_during_writes_loses_no_acknowledged_write() {
     let acked: Arc<Mutex<BTreeMap<String, String>>> = Default::default();
     for round in 0..ROUNDS {
         node.start();
-        let client = Arc::new(AspenClient::connect(vec![node.ticket()], Duration::from_secs(3)).await.unwrap());
+        // Reads wait for the restarted node to elect itself; the writers' short timeout makes
+        // them give up soon after the kill (each round would otherwise wait it out).
+        let reader = AspenClient::connect(vec![node.ticket()], Duration::from_secs(30)).await.unwrap();
+        let client = Arc::new(AspenClient::connect(vec![node.ticket()], Duration::from_secs(1)).await.unwrap());
         // Everything acknowledged in earlier rounds survived the crash.
-        let stored: BTreeMap<String, String> = client
+        let stored: BTreeMap<String, String> = reader
             .scan("k/", usize::MAX, ReadConsistency::Linearizable)
             .await
             .unwrap()
@@ -267,6 +270,7 @@ async fn kill_9_during_writes_loses_no_acknowledged_write() {
         for (k, v) in acked.lock().unwrap().iter() {
             assert_eq!(stored.get(k), Some(v), "seed {seed} round {round}: acknowledged write {k} lost");
         }
+        reader.close().await;
         let writers: Vec<_> = (0..WRITERS)
             .map(|w| {
                 let acked = acked.clone();
@@ -296,12 +300,23 @@ async fn kill_9_during_writes_loses_no_acknowledged_write() {
         }
     }
     node.start();
-    let client = AspenClient::connect(vec![node.ticket()], Duration::from_secs(10)).await.unwrap();
+    let client = AspenClient::connect(vec![node.ticket()], Duration::from_secs(30)).await.unwrap();
     let acked = acked.lock().unwrap().clone();
     assert!(acked.len() > ROUNDS * WRITERS, "the writers made progress ({} writes)", acked.len());
-    for (k, v) in &acked {
-        let got = client.get(k.clone()).await.unwrap().map(|kv| String::from_utf8(kv.value).unwrap());
-        assert_eq!(got.as_ref(), Some(v), "seed {seed}: acknowledged write {k} lost");
+    // Every acknowledged write, by one linearizable scan, and every 50th by a get of its own.
+    let stored: BTreeMap<String, String> = client
+        .scan("k/", usize::MAX, ReadConsistency::Linearizable)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|kv| (String::from_utf8(kv.key).unwrap(), String::from_utf8(kv.value).unwrap()))
+        .collect();
+    for (i, (k, v)) in acked.iter().enumerate() {
+        assert_eq!(stored.get(k), Some(v), "seed {seed}: acknowledged write {k} lost");
+        if i % 50 == 0 {
+            let got = client.get(k.clone()).await.unwrap().map(|kv| String::from_utf8(kv.value).unwrap());
+            assert_eq!(got.as_ref(), Some(v), "seed {seed}: acknowledged write {k} lost (get)");
+        }
     }
     println!("{} acknowledged writes survived {ROUNDS} kills", acked.len());
     client.close().await;
