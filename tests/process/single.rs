@@ -260,13 +260,7 @@ async fn kill_9_during_writes_loses_no_acknowledged_write() {
         let reader = AspenClient::connect(vec![node.ticket()], Duration::from_secs(30)).await.unwrap();
         let client = Arc::new(AspenClient::connect(vec![node.ticket()], Duration::from_secs(1)).await.unwrap());
         // Everything acknowledged in earlier rounds survived the crash.
-        let stored: BTreeMap<String, String> = reader
-            .scan("k/", usize::MAX, ReadConsistency::Linearizable)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|kv| (String::from_utf8(kv.key).unwrap(), String::from_utf8(kv.value).unwrap()))
-            .collect();
+        let stored = stored_under(&reader, "k/").await;
         for (k, v) in acked.lock().unwrap().iter() {
             assert_eq!(stored.get(k), Some(v), "seed {seed} round {round}: acknowledged write {k} lost");
         }
@@ -304,13 +298,7 @@ async fn kill_9_during_writes_loses_no_acknowledged_write() {
     let acked = acked.lock().unwrap().clone();
     assert!(acked.len() > ROUNDS * WRITERS, "the writers made progress ({} writes)", acked.len());
     // Every acknowledged write, by one linearizable scan, and every 50th by a get of its own.
-    let stored: BTreeMap<String, String> = client
-        .scan("k/", usize::MAX, ReadConsistency::Linearizable)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|kv| (String::from_utf8(kv.key).unwrap(), String::from_utf8(kv.value).unwrap()))
-        .collect();
+    let stored = stored_under(&client, "k/").await;
     for (i, (k, v)) in acked.iter().enumerate() {
         assert_eq!(stored.get(k), Some(v), "seed {seed}: acknowledged write {k} lost");
         if i % 50 == 0 {
@@ -320,6 +308,17 @@ async fn kill_9_during_writes_loses_no_acknowledged_write() {
     }
     println!("{} acknowledged writes survived {ROUNDS} kills", acked.len());
     client.close().await;
+}
+
+/// Every key under `prefix` with its value, by one linearizable scan.
+async fn stored_under(client: &AspenClient, prefix: &str) -> BTreeMap<String, String> {
+    client
+        .scan(prefix, usize::MAX, ReadConsistency::Linearizable)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|kv| (String::from_utf8(kv.key).unwrap(), String::from_utf8(kv.value).unwrap()))
+        .collect()
 }
 
 #[test]

@@ -50,9 +50,8 @@ pub async fn read_frame_bytes<R>(r: &mut R, limit: usize) -> Result<Vec<u8>, Fra
 where
     R: AsyncRead + Unpin,
 {
-    let buf = read_one_of_many(r, limit).await?;
-    see_end_if_arrived(r).await;
-    Ok(buf)
+    let size = read_frame_len(r, limit).await?;
+    read_single_payload(r, size).await
 }
 
 /// Reads one frame's payload, refusing frames larger than `limit`, on a stream that carries

@@ -69,8 +69,9 @@ impl Admission {
                     changed = metrics.changed() => if changed.is_err() { return },
                     _ = shutdown.cancelled() => return,
                 }
-                let m = metrics.borrow_and_update().clone();
-                watch.update(&this, &m);
+                // Metrics change with every log entry: look at the membership's log id under the
+                // borrow, without copying the metrics (the membership itself seldom changes).
+                watch.update(&this, &metrics.borrow_and_update());
             }
         });
     }
