@@ -31,8 +31,10 @@ fn client(c: &mut Criterion) {
         ..Default::default()
     };
     let node = rt.block_on(bootstrap_node(config)).expect("node starts");
-    let client =
-        rt.block_on(AspenClient::connect(vec![node.ticket()], Duration::from_secs(30))).expect("client endpoint");
+    let client = rt
+        .block_on(AspenClient::connect(vec![node.ticket()], Duration::from_secs(30)))
+        .expect("client endpoint")
+        .with_token(node.admin_token().expect("admin.token"));
     // Wait until the fresh node has elected itself, then write every key the gets ask for.
     rt.block_on(async {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);

@@ -77,10 +77,9 @@ impl Cluster {
     async fn start(size: usize, shards: u32) -> Cluster {
         let mut cluster = Cluster { root: tempfile::tempdir().unwrap(), nodes: Vec::new(), shards, size };
         let n1 = InProcNode::start(cluster.config(1)).await;
-        let t1 = n1.ticket().encode();
         let joiners = (2..=size as u64).map(|id| {
             let mut c = cluster.config(id);
-            c.join = vec![t1.clone()];
+            n1.joins_through(&mut c);
             InProcNode::start(c)
         });
         let joined = futures::future::join_all(joiners).await;
@@ -116,13 +115,18 @@ impl Cluster {
 
     async fn client(&self) -> AspenClient {
         let tickets = self.running().iter().map(|n| n.ticket()).collect();
-        AspenClient::connect(tickets, Duration::from_secs(8)).await.expect("client")
+        AspenClient::connect(tickets, Duration::from_secs(8)).await.expect("client").with_token(self.token())
+    }
+
+    /// The admin token of a running member (a removed member's tokens no longer work).
+    fn token(&self) -> String {
+        self.running().first().expect("a running node").admin_token()
     }
 
     /// A client for membership and leadership changes, which take several election timeouts.
     async fn admin_client(&self) -> AspenClient {
         let tickets = self.running().iter().map(|n| n.ticket()).collect();
-        AspenClient::connect(tickets, Duration::from_secs(90)).await.expect("client")
+        AspenClient::connect(tickets, Duration::from_secs(90)).await.expect("client").with_token(self.token())
     }
 
     /// Heals every fault, waits until every shard has a leader and all replicas applied the same
@@ -365,7 +369,7 @@ async fn run_scenario(scenario: Scenario, size: usize, shards: u32, seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut cluster = Cluster::start(size, shards).await;
     let tickets = cluster.running().iter().map(|n| n.ticket()).collect();
-    let workload = Workload::start(tickets, 6, rng.random()).await;
+    let workload = Workload::start(tickets, cluster.token(), 6, rng.random()).await;
     sleep_ms(1500).await;
     let what = inject(&mut cluster, scenario, &mut rng).await;
     println!("faults: {what}");
@@ -493,7 +497,8 @@ async fn checker_catches_stale_reads_of_the_broken_read_mode() {
     let writer =
         AspenClient::connect(majority.iter().map(|i| cluster.nodes[*i].ticket()).collect(), Duration::from_secs(8))
             .await
-            .unwrap();
+            .unwrap()
+            .with_token(cluster.token());
     let h = history.invoke(1, Op::Put { key: k.clone(), value: b"before".to_vec() });
     writer.put(k.clone(), "before").await.unwrap();
     h.ok(OpResult::Put);
@@ -502,7 +507,10 @@ async fn checker_catches_stale_reads_of_the_broken_read_mode() {
     })
     .await;
 
-    let reader = AspenClient::connect(vec![cluster.nodes[l].ticket()], Duration::from_secs(8)).await.unwrap();
+    let reader = AspenClient::connect(vec![cluster.nodes[l].ticket()], Duration::from_secs(8))
+        .await
+        .unwrap()
+        .with_token(cluster.token());
     let others: Vec<_> = majority.iter().map(|i| cluster.endpoint(*i)).collect();
     fault::split(&[cluster.endpoint(l)], &others);
     // The majority elects a new leader and takes a write the old leader never sees.

@@ -405,8 +405,20 @@ fn converged(st: &ClusterStatus, shards: u32) -> bool {
     })
 }
 
+/// The admin token of the current cluster's node 1 (read once it initialized the cluster).
+static TOKEN: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+
+fn token() -> String {
+    TOKEN.lock().unwrap().clone()
+}
+
+/// A client with node 1's admin token.
+async fn connect(tickets: Vec<NodeTicket>, timeout: Duration) -> Result<AspenClient, aspen::ClientError> {
+    Ok(AspenClient::connect(tickets, timeout).await?.with_token(token()))
+}
+
 async fn wait_converged(tickets: &[NodeTicket], shards: u32, secs: u64) -> ClusterStatus {
-    let admin = AspenClient::connect(tickets.to_vec(), Duration::from_secs(10)).await.expect("admin client");
+    let admin = connect(tickets.to_vec(), Duration::from_secs(10)).await.expect("admin client");
     let deadline = Instant::now() + Duration::from_secs(secs);
     let mut last = None;
     while Instant::now() < deadline {
@@ -456,7 +468,7 @@ fn views(st: &ClusterStatus) -> String {
 }
 
 async fn leader_node(tickets: &[NodeTicket]) -> Option<u64> {
-    let admin = AspenClient::connect(tickets.to_vec(), Duration::from_secs(10)).await.ok()?;
+    let admin = connect(tickets.to_vec(), Duration::from_secs(10)).await.ok()?;
     let st = cluster_status(&admin).await;
     admin.close().await;
     shard0_leader(&st?)
@@ -599,9 +611,17 @@ async fn run_netns_scenario(tag: char, shards: u32) {
     net.nodes[0].spawn();
     net.nodes[0].wait_ready().await;
     let t1 = net.nodes[0].ticket().encode();
+    let admin = std::fs::read_to_string(net.nodes[0].data_dir.join("admin.token")).expect("admin.token");
+    *TOKEN.lock().unwrap() = admin.trim().to_string();
+    let join_token = {
+        let c = connect(vec![net.nodes[0].ticket()], Duration::from_secs(20)).await.unwrap();
+        let (_, t) = c.create_join_token(3600, false).await.expect("join token");
+        c.close().await;
+        t
+    };
     for i in 1..NODES {
         let mut args = shard_args.clone();
-        args.extend(["--join".to_string(), t1.clone()]);
+        args.extend(["--join".to_string(), t1.clone(), "--join-token".into(), join_token.clone()]);
         net.add_node(i, args);
         net.nodes[i].spawn();
     }
@@ -611,13 +631,13 @@ async fn run_netns_scenario(tag: char, shards: u32) {
     let tickets: Vec<NodeTicket> = net.nodes.iter().map(|n| n.ticket()).collect();
     wait_converged(&tickets, shards, 120).await;
     if shards > 1 {
-        let admin = AspenClient::connect(tickets.clone(), Duration::from_secs(20)).await.unwrap();
+        let admin = connect(tickets.clone(), Duration::from_secs(20)).await.unwrap();
         admin.balance_leaders().await.expect("balance leaders");
         admin.close().await;
     }
     println!("cluster up after {:?}", started.elapsed());
 
-    let workload = Workload::start(tickets.clone(), CLIENTS, rng.random()).await;
+    let workload = Workload::start(tickets.clone(), token(), CLIENTS, rng.random()).await;
     sleep_ms(1500).await;
     let what = inject(&mut net, &tickets, &mut rng).await;
     println!("faults: {}", what.join("; "));
@@ -627,7 +647,7 @@ async fn run_netns_scenario(tag: char, shards: u32) {
 
     // Final linearizable reads of every key, recorded: a lost acknowledged write shows up as a
     // read the history cannot explain.
-    let reader = AspenClient::connect(tickets.clone(), Duration::from_secs(20)).await.unwrap();
+    let reader = connect(tickets.clone(), Duration::from_secs(20)).await.unwrap();
     let mut finals = BTreeMap::new();
     for k in 0..KEYS {
         let h = history.invoke(1000, Op::Get { key: key(k) });
@@ -641,7 +661,7 @@ async fn run_netns_scenario(tag: char, shards: u32) {
     // every node's own state machine holds the final values.
     let before = wait_converged(&tickets, shards, 60).await;
     for (i, t) in tickets.iter().enumerate() {
-        let one = AspenClient::connect(vec![t.clone()], Duration::from_secs(10)).await.unwrap();
+        let one = connect(vec![t.clone()], Duration::from_secs(10)).await.unwrap();
         for (k, v) in &finals {
             let got = one.get_with(key(*k), ReadConsistency::Stale).await.expect("stale read").map(|kv| kv.value);
             assert_eq!(&got, v, "node {} key k{k} (seed {seed})", i + 1);

@@ -206,7 +206,7 @@ pub fn all() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         .into_iter()
         .map(|request| {
             frame(&|| {
-                encode_frame(&ClientEnvelope { version: CLIENT_PROTOCOL_VERSION, hops: 0, request: request.clone() })
+                encode_frame(&ClientEnvelope { version: CLIENT_PROTOCOL_VERSION, hops: 0, request: request.clone(), token: None })
                     .expect("encode")
             })
         })

@@ -2,7 +2,8 @@
 //!
 //! Exit codes (README, "Exit codes"): 0 ok; 1 not found, compare failed; 2 usage, invalid or
 //! refused request; 3 unavailable, unreachable, timeout, not initialized, a member that does
-//! not answer `cluster status`. With `--json`, an error is one object on stdout,
+//! not answer `cluster status`; 4 permission denied (no token, or one that is expired, revoked
+//! or does not allow the request). With `--json`, an error is one object on stdout,
 //! `{"error":{"kind":"<snake_case>","message":"..."}}`, besides the message on stderr.
 
 use std::{
@@ -14,7 +15,8 @@ use std::{
 };
 
 use aspen::{
-    api::{ApiError, KeyValue, NodeTicket, ReadConsistency, ShardStatus, TxnOpResult, TxnResponse},
+    api::{ApiError, KeyValue, NodeTicket, ReadConsistency, ShardStatus, TokenInfo, TxnOpResult, TxnResponse},
+    auth::token::{format_id, parse_id},
     client::{AspenClient, CasOutcome, ClientError},
 };
 use aspen_bench::{AspenBackend, BenchConfig, BenchError, Progress, ProgressFn, Stop, Workload};
@@ -37,6 +39,13 @@ struct Cli {
     /// Read the ticket from DIR/node.ticket when no --ticket is given.
     #[arg(long, global = true, env = "ASPEN_DATA_DIR", default_value = "./aspen-data")]
     data_dir: PathBuf,
+    /// Token sent with every request (beats ASPEN_TOKEN, --token-file and the data dir's
+    /// admin.token).
+    #[arg(long, global = true, env = "ASPEN_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Read the token from FILE (when neither --token nor ASPEN_TOKEN is given).
+    #[arg(long, global = true, env = "ASPEN_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<PathBuf>,
     /// Print results as JSON.
     #[arg(long, global = true)]
     json: bool,
@@ -123,6 +132,11 @@ enum Command {
     /// successful requests); with --json exactly one JSON object on stdout. Exits 3 if no
     /// request succeeded.
     Bench(BenchArgs),
+    /// Client tokens: create, list, revoke.
+    Auth {
+        #[command(subcommand)]
+        command: AuthCommand,
+    },
     /// Wait until the node behind --data-dir (its ticket file may not exist yet) or each node
     /// named by --ticket serves: it answers, and every shard it hosts has a leader (a node in no
     /// cluster yet, started with --no-init, only has to answer).
@@ -271,6 +285,54 @@ enum ClusterCommand {
     },
     /// Spread shard leaders evenly over the voters.
     BalanceLeaders,
+    /// Print a join token for `aspen-node --join TICKET --join-token TOKEN` (admin).
+    JoinToken {
+        /// Seconds the token is valid for.
+        #[arg(long, value_name = "SECONDS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
+        ttl: u64,
+        /// Admit one node only (joins of that node may retry with it).
+        #[arg(long)]
+        single_use: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AuthCommand {
+    /// Client tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Print a new token (admin): read = get and scan; write = put, delete, cas, txn; admin =
+    /// membership, leader moves, tokens, join tokens.
+    Create {
+        /// Allow reads (get, scan).
+        #[arg(long)]
+        read: bool,
+        /// Allow writes (put, delete, cas, txn, prefix delete).
+        #[arg(long)]
+        write: bool,
+        /// Allow administration (membership, leader moves, tokens, join tokens).
+        #[arg(long)]
+        admin: bool,
+        /// Only keys starting with P (repeat for several; default: every key).
+        #[arg(long = "prefix", value_name = "P")]
+        prefixes: Vec<String>,
+        /// Seconds the token is valid for (default: until revoked).
+        #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+        ttl: Option<u64>,
+    },
+    /// List the issued tokens (ids, permissions, prefixes, expiry; never the tokens).
+    List,
+    /// Revoke the token ID (16 hex digits, as `list` shows): every node refuses it within 2 s.
+    Revoke {
+        /// The token's id.
+        id: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -302,16 +364,20 @@ fn main() -> ExitCode {
         Ok(t) => t,
         Err(msg) => return report(cli.json, "invalid_ticket", &msg, 2),
     };
+    let token = match resolve_token(&cli) {
+        Ok(t) => t,
+        Err(msg) => return report(cli.json, "usage", &msg, 2),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => return report(cli.json, "internal", &format!("cannot start runtime: {e}"), 3),
     };
     if let Some((config, progress)) = bench {
-        return runtime.block_on(run_bench(tickets, &cli, config, progress));
+        return runtime.block_on(run_bench(tickets, token, &cli, config, progress));
     }
     runtime.block_on(async move {
         let client = match AspenClient::connect(tickets, Duration::from_secs_f64(cli.timeout)).await {
-            Ok(c) => c,
+            Ok(c) => with_token(c, token),
             Err(e) => return fail(cli.json, &e),
         };
         let code = match run(&client, &cli).await {
@@ -324,9 +390,15 @@ fn main() -> ExitCode {
 }
 
 /// `aspen-cli bench`: runs the load generator of [`aspen_bench`] and prints its report.
-async fn run_bench(tickets: Vec<NodeTicket>, cli: &Cli, config: BenchConfig, progress: bool) -> ExitCode {
+async fn run_bench(
+    tickets: Vec<NodeTicket>,
+    token: Option<String>,
+    cli: &Cli,
+    config: BenchConfig,
+    progress: bool,
+) -> ExitCode {
     let backend = match AspenBackend::new(tickets, Duration::from_secs_f64(cli.timeout)) {
-        Ok(b) => b,
+        Ok(b) => b.with_token(token),
         Err(e) => return report(cli.json, "usage", &format!("bench: {e}"), 2),
     };
     let tty = std::io::stderr().is_terminal();
@@ -364,7 +436,8 @@ async fn run_bench(tickets: Vec<NodeTicket>, cli: &Cli, config: BenchConfig, pro
             if report.all_failed() {
                 let why = report.error_samples.first().map(|e| e.message.as_str()).unwrap_or("no request completed");
                 eprintln!("aspen-cli bench: all {} requests failed: {why}", report.ops);
-                return ExitCode::from(3);
+                let denied = report.error_samples.iter().any(|e| e.message.contains("permission denied"));
+                return ExitCode::from(if denied { 4 } else { 3 });
             }
             ExitCode::SUCCESS
         }
@@ -387,9 +460,15 @@ async fn wait_until_serving(cli: &Cli) -> ExitCode {
             Vec::new()
         };
         if !tickets.is_empty() {
-            match not_serving(&tickets, deadline).await {
-                None => return ExitCode::SUCCESS,
-                Some(why) => last = why,
+            let token = match resolve_token(cli) {
+                Ok(t) => t,
+                Err(msg) => return report(cli.json, "usage", &msg, 2),
+            };
+            match not_serving(&tickets, token, deadline).await {
+                Ok(None) => return ExitCode::SUCCESS,
+                Ok(Some(why)) => last = why,
+                // Waiting longer cannot help.
+                Err(e) => return fail(cli.json, &e),
             }
         }
         if Instant::now() >= deadline {
@@ -400,20 +479,26 @@ async fn wait_until_serving(cli: &Cli) -> ExitCode {
     }
 }
 
-/// Why one of the nodes behind `tickets` does not serve yet (`None`: they all do).
-async fn not_serving(tickets: &[NodeTicket], deadline: Instant) -> Option<String> {
+/// Why one of the nodes behind `tickets` does not serve yet (`None`: they all do); an error
+/// when a node refuses the token.
+async fn not_serving(
+    tickets: &[NodeTicket],
+    token: Option<String>,
+    deadline: Instant,
+) -> Result<Option<String>, ClientError> {
     for ticket in tickets {
         let left = deadline
             .saturating_duration_since(Instant::now())
             .clamp(Duration::from_millis(100), Duration::from_secs(2));
         let client = match AspenClient::connect(vec![ticket.clone()], left).await {
-            Ok(c) => c,
-            Err(e) => return Some(format!("node {}: {e}", ticket.node_id)),
+            Ok(c) => with_token(c, token.clone()),
+            Err(e) => return Ok(Some(format!("node {}: {e}", ticket.node_id))),
         };
         let answer = tokio::time::timeout(left, client.request(aspen::api::ClientRequest::NodeStatus)).await;
         client.close().await;
         let why = match answer {
             Err(_) => format!("node {} did not answer within {left:?}", ticket.node_id),
+            Ok(Err(e @ ClientError::Api(ApiError::PermissionDenied(_)))) => return Err(e),
             Ok(Err(e)) => format!("node {}: {e}", ticket.node_id),
             // Another member may answer after a failover: only the node itself counts.
             // A node that is in no cluster yet (`--no-init`, waiting for `cluster init` or
@@ -431,9 +516,44 @@ async fn not_serving(tickets: &[NodeTicket], deadline: Instant) -> Option<String
             }
             Ok(Ok(other)) => format!("node {}: unexpected answer {other:?}", ticket.node_id),
         };
-        return Some(why);
+        return Ok(Some(why));
     }
-    None
+    Ok(None)
+}
+
+fn with_token(client: AspenClient, token: Option<String>) -> AspenClient {
+    match token {
+        Some(t) => client.with_token(t),
+        None => client,
+    }
+}
+
+/// The token to send: `--token` (or `ASPEN_TOKEN`), else `--token-file`, else — when the
+/// ticket comes from the data dir — the node's `admin.token` there (local access is admin
+/// access). `None`: send none.
+fn resolve_token(cli: &Cli) -> Result<Option<String>, String> {
+    if let Some(t) = cli.token.as_deref().map(str::trim).filter(|t| !t.is_empty()) {
+        return Ok(Some(t.to_string()));
+    }
+    if let Some(path) = &cli.token_file {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| format!("cannot read --token-file {}: {e}", path.display()))?;
+        let t = text.trim();
+        if t.is_empty() {
+            return Err(format!("--token-file {} is empty", path.display()));
+        }
+        return Ok(Some(t.to_string()));
+    }
+    let ticket_from_data_dir = !cli.ticket.iter().any(|t| !t.trim().is_empty());
+    if ticket_from_data_dir {
+        if let Ok(text) = std::fs::read_to_string(cli.data_dir.join(aspen::cluster::tokens::ADMIN_TOKEN_FILE)) {
+            let t = text.trim();
+            if !t.is_empty() {
+                return Ok(Some(t.to_string()));
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// A value from stdin, at most one frame's worth (a larger one could never be written).
@@ -488,7 +608,12 @@ fn fail(json: bool, e: &ClientError) -> ExitCode {
                     | ApiError::Refused(_)
             )
     );
-    report(json, e.kind(), &e.to_string(), if usage { 2 } else { 3 })
+    let code = match e {
+        ClientError::Api(ApiError::PermissionDenied(_)) => 4,
+        _ if usage => 2,
+        _ => 3,
+    };
+    report(json, e.kind(), &e.to_string(), code)
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -832,8 +957,108 @@ async fn run(client: &AspenClient, cli: &Cli) -> Result<ExitCode, ClientError> {
                 println!("already initialized");
             }
         }
+        Command::Cluster { command: ClusterCommand::JoinToken { ttl, single_use } } => {
+            let (info, token) = client.create_join_token(*ttl, *single_use).await?;
+            if cli.json {
+                println!(
+                    "{}",
+                    json!({ "id": format_id(info.id), "token": token, "expires_at": info.expires_at, "single_use": single_use })
+                );
+            } else {
+                println!("{token}");
+            }
+        }
+        Command::Auth { command: AuthCommand::Token { command } } => return run_token(client, cli, command).await,
         // Run without a shared client, in `run_bench` and `wait_until_serving`.
         Command::Bench(_) | Command::Wait => {}
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn token_json(info: &TokenInfo) -> serde_json::Value {
+    let prefixes: Vec<String> = info.prefixes.iter().map(|p| text(p)).collect();
+    json!({
+        "id": format_id(info.id),
+        "kind": info.kind,
+        "read": info.read,
+        "write": info.write,
+        "admin": info.admin,
+        "prefixes": prefixes,
+        "issuer": info.issuer,
+        "issued_at": info.issued_at,
+        "expires_at": info.expires_at,
+        "revoked": info.revoked,
+        "note": info.note,
+    })
+}
+
+fn permissions(info: &TokenInfo) -> String {
+    let names: Vec<&str> = [(info.read, "read"), (info.write, "write"), (info.admin, "admin")]
+        .iter()
+        .filter(|p| p.0)
+        .map(|p| p.1)
+        .collect();
+    names.join(",")
+}
+
+/// `aspen-cli auth token …`.
+async fn run_token(client: &AspenClient, cli: &Cli, command: &TokenCommand) -> Result<ExitCode, ClientError> {
+    match command {
+        TokenCommand::Create { read, write, admin, prefixes, ttl } => {
+            if !(*read || *write || *admin) {
+                return Err(ClientError::Api(ApiError::InvalidRequest(
+                    "give at least one of --read, --write, --admin".into(),
+                )));
+            }
+            let prefixes = prefixes.iter().map(|p| p.as_bytes().to_vec()).collect();
+            let (info, token) = client.create_token(*read, *write, *admin, prefixes, *ttl).await?;
+            if cli.json {
+                let mut obj = token_json(&info);
+                obj["token"] = token.into();
+                println!("{obj}");
+            } else {
+                println!("{token}");
+            }
+        }
+        TokenCommand::List => {
+            let list = client.list_tokens().await?;
+            if cli.json {
+                println!("{}", serde_json::Value::Array(list.iter().map(token_json).collect()));
+            } else {
+                for info in &list {
+                    let prefixes: Vec<String> = info.prefixes.iter().map(|p| text(p)).collect();
+                    let expires = info.expires_at.map(|e| e.to_string()).unwrap_or_else(|| "never".into());
+                    println!(
+                        "{}\t{}\t{}\texpires={}{}{}",
+                        format_id(info.id),
+                        permissions(info),
+                        if prefixes.is_empty() { "*".to_string() } else { prefixes.join(",") },
+                        expires,
+                        if info.revoked { "\trevoked" } else { "" },
+                        if info.note.is_empty() { String::new() } else { format!("\t{}", info.note) },
+                    );
+                }
+            }
+        }
+        TokenCommand::Revoke { id } => {
+            let Some(parsed) = parse_id(id) else {
+                return Err(ClientError::Api(ApiError::InvalidRequest(format!(
+                    "{id:?} is not a token id (1 to 16 hex digits, as auth token list shows)"
+                ))));
+            };
+            match client.revoke_token(parsed).await {
+                Err(ClientError::Api(ApiError::InvalidRequest(m))) if m.starts_with("no token with id") => {
+                    // Not found: exit 1, as for a missing key.
+                    return Ok(report(cli.json, "not_found", &m, 1));
+                }
+                r => r?,
+            }
+            if cli.json {
+                println!("{}", json!({ "revoked": format_id(parsed) }));
+            } else {
+                println!("revoked {}", format_id(parsed));
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

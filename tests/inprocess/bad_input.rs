@@ -25,7 +25,7 @@ use aspen::{
         encode_shard_prefix,
         frame::{decode, encode_frame, read_frame, read_one_of_many},
         shard_raft_id, ApiError, ClientEnvelope, ClientRequest, ClientResult, ClusterId, NodeTicket, ReadConsistency,
-        ShardId, CLIENT_ALPN, MAX_FRAME_BYTES, RAFT_ALPN, RAFT_MUX_ALPN, RAFT_SHARDED_ALPN,
+        ShardId, CLIENT_ALPN, CLIENT_PROTOCOL_VERSION, MAX_FRAME_BYTES, RAFT_ALPN, RAFT_MUX_ALPN, RAFT_SHARDED_ALPN,
     },
     cluster::{bootstrap_node, bootstrap_sharded_node},
     transport::endpoint::bind_endpoint,
@@ -76,7 +76,8 @@ async fn malformed_frames_get_typed_errors_and_node_keeps_serving() {
     let ticket = node.ticket();
 
     // A well-behaved client, connected before the garbage starts and used throughout.
-    let good = AspenClient::connect(vec![ticket.clone()], Duration::from_secs(10)).await.unwrap();
+    let admin = node.admin_token().expect("admin.token");
+    let good = AspenClient::connect(vec![ticket.clone()], Duration::from_secs(10)).await.unwrap().with_token(&admin);
     good.put("stable", "yes").await.unwrap();
 
     let lookup = MemoryLookup::new();
@@ -118,9 +119,10 @@ async fn malformed_frames_get_typed_errors_and_node_keeps_serving() {
 
     // 3. A truncated frame: typed error.
     let full = encode_frame(&ClientEnvelope {
-        version: 1,
+        version: CLIENT_PROTOCOL_VERSION,
         hops: 0,
         request: ClientRequest::Get { key: b"stable".to_vec(), consistency: ReadConsistency::Stale },
+        token: Some(admin.clone()),
     })
     .unwrap();
     let resp = raw_exchange(&conn, &full[..full.len() - 3]).await;
@@ -129,13 +131,14 @@ async fn malformed_frames_get_typed_errors_and_node_keeps_serving() {
     let resp = raw_exchange(&conn, &full).await;
     assert!(matches!(resp, Some(Ok(_))), "{resp:?}");
 
-    // 4. An unknown request variant (version 1, hops 0, variant index 200).
-    let resp = raw_exchange(&conn, &frame_of_raw_payload(&[1, 0, 200, 1, 0])).await;
+    // 4. An unknown request variant (the current version, hops 0, variant index 200).
+    let resp = raw_exchange(&conn, &frame_of_raw_payload(&[CLIENT_PROTOCOL_VERSION as u8, 0, 200, 1, 0])).await;
     assert!(matches!(resp, Some(Err(ApiError::InvalidRequest(_)))), "{resp:?}");
 
     // 5. An unsupported protocol version.
     let mut newer =
-        encode_frame(&ClientEnvelope { version: 1, hops: 0, request: ClientRequest::ClusterStatus }).unwrap();
+        encode_frame(&ClientEnvelope { version: 2, hops: 0, request: ClientRequest::ClusterStatus, token: None })
+            .unwrap();
     newer[4] = 9; // postcard varint of the version
     let resp = raw_exchange(&conn, &newer).await;
     assert!(matches!(resp, Some(Err(ApiError::UnsupportedVersion { got: 9, .. }))), "{resp:?}");
@@ -292,9 +295,10 @@ fn hostile_streams(rng: &mut StdRng, alpn: Alpn, cluster_id: ClusterId) -> Vec<H
     let (prefix, valid) = match alpn {
         Alpn::Client => {
             let env = ClientEnvelope {
-                version: 1,
+                version: CLIENT_PROTOCOL_VERSION,
                 hops: 0,
                 request: ClientRequest::Get { key: b"good/0".to_vec(), consistency: ReadConsistency::Stale },
+                token: None,
             };
             (Vec::new(), encode_frame(&env).unwrap())
         }
@@ -307,7 +311,7 @@ fn hostile_streams(rng: &mut StdRng, alpn: Alpn, cluster_id: ClusterId) -> Vec<H
         // A correct length prefix around random bytes; the first payload byte is never a valid
         // client protocol version, so no random request is ever served.
         let mut payload = random_bytes(rng, 200);
-        payload.insert(0, rng.random_range(2..=127));
+        payload.insert(0, rng.random_range(CLIENT_PROTOCOL_VERSION as u8 + 1..=127));
         let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
         frame.extend(payload);
         out.push(hostile(format!("random payload #{i}"), with_prefix(&frame)));
@@ -487,7 +491,8 @@ async fn hostile_input_on_every_alpn_while_a_client_writes() {
     assert!(node.base.gossip_discovery.is_some(), "gossip is on by default");
 
     // The well-behaved client: its own connection, writes and reads until the garbage is over.
-    let good = AspenClient::connect(vec![ticket.clone()], Duration::from_secs(20)).await.unwrap();
+    let admin = node.admin_token().expect("admin.token");
+    let good = AspenClient::connect(vec![ticket.clone()], Duration::from_secs(20)).await.unwrap().with_token(&admin);
     let done = Arc::new(AtomicBool::new(false));
     let writer = tokio::spawn({
         let done = done.clone();
@@ -541,7 +546,7 @@ async fn hostile_input_on_every_alpn_while_a_client_writes() {
     println!("{} hostile streams thrown, {} writes acknowledged meanwhile", plan.len(), acked.len());
 
     // Every acknowledged write is there, read by a fresh client.
-    let fresh = AspenClient::connect(vec![ticket.clone()], Duration::from_secs(20)).await.unwrap();
+    let fresh = AspenClient::connect(vec![ticket.clone()], Duration::from_secs(20)).await.unwrap().with_token(&admin);
     for (k, v) in &acked {
         let got = fresh.get(k.clone()).await.unwrap().map(|kv| kv.value);
         assert_eq!(got, Some(v.clone().into_bytes()), "acknowledged write {k}");

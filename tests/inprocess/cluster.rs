@@ -91,9 +91,8 @@ async fn three_nodes_replicate_fail_over_and_catch_up_by_snapshot() {
         c.raft.max_in_snapshot_log_to_keep = 0;
     }
     let n1 = InProcNode::start(configs[0].clone()).await;
-    let t1 = n1.ticket();
-    configs[1].join = vec![t1.encode()];
-    configs[2].join = vec![t1.encode()];
+    n1.joins_through(&mut configs[1]);
+    n1.joins_through(&mut configs[2]);
     let (n2, n3) = tokio::join!(InProcNode::start(configs[1].clone()), InProcNode::start(configs[2].clone()));
     let mut nodes = [n1, n2, n3];
 
@@ -199,15 +198,64 @@ async fn refused_joins_leave_the_cluster_unaffected() {
     let n1 = InProcNode::start(InProcNode::config(root.path(), 1)).await;
     let t1 = n1.ticket();
     let mut c2 = InProcNode::config(root.path(), 2);
-    c2.join = vec![t1.encode()];
+    n1.joins_through(&mut c2);
     let n2 = InProcNode::start(c2).await;
     let client = n1.client().await;
     client.put("before", "1").await.unwrap();
 
+    // No join token, a garbled one, an expired one, a client token: refused at once (no retry).
+    let expiring = n1.handle().join_token(1, false).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let cases = [
+        (None, "no join token"),
+        (Some("aspenjoin1garbage".to_string()), "malformed"),
+        (Some(expiring), "expired"),
+        (Some(n1.admin_token()), "not a join token"),
+    ];
+    for (i, (token, why)) in cases.into_iter().enumerate() {
+        let mut c = InProcNode::config(root.path(), 20 + i as u64);
+        c.join = vec![t1.encode()];
+        c.join_token = token;
+        let started = std::time::Instant::now();
+        let err = bootstrap_node(c).await.expect_err(why);
+        assert!(matches!(err, BootstrapError::JoinRefused(_)), "{why}: {err}");
+        assert!(err.to_string().contains(why), "{why}: {err}");
+        assert!(i == 0 || err.to_string().contains("permission denied"), "{why}: {err}");
+        assert!(err.is_permanent(), "{why}: aspen-node exits 2");
+        eprintln!("{why}: refused after {:?}", started.elapsed());
+    }
+    // A single-use token admits one node id; that node may retry with it, no other may use it.
+    let single = n1.handle().join_token(3600, true).unwrap();
+    let mut c3 = InProcNode::config(root.path(), 3);
+    c3.join = vec![t1.encode()];
+    c3.join_token = Some(single.clone());
+    let mut n3 = InProcNode::start(c3).await;
+    let mut c4 = InProcNode::config(root.path(), 4);
+    c4.join = vec![t1.encode()];
+    c4.join_token = Some(single.clone());
+    let err = bootstrap_node(c4).await.expect_err("a used single-use token");
+    assert!(err.to_string().contains("used by node 3"), "{err}");
+    // Node 3 joining again with it (a retried join) is fine.
+    let again = client
+        .request(aspen::api::ClientRequest::Join(aspen::api::JoinRequest {
+            cluster_id: t1.cluster_id,
+            cluster_name: "aspen".into(),
+            node_id: 3,
+            endpoint_id: *n3.handle().base.endpoint.id().as_bytes(),
+            addrs: n3.ticket().addrs,
+            num_shards: 1,
+            local_shards: vec![0],
+            join_token: single,
+        }))
+        .await;
+    assert!(matches!(again, Ok(aspen::api::ClientResponse::Joined(_))), "{again:?}");
+    client.remove(3).await.expect("remove node 3");
+    n3.stop().await;
+
     // A different node (new data dir, new endpoint) claiming node id 2.
     let mut dup = InProcNode::config(root.path(), 2);
     dup.data_dir = root.path().join("impostor");
-    dup.join = vec![t1.encode()];
+    n1.joins_through(&mut dup);
     let err = bootstrap_node(dup).await.expect_err("duplicate node id must be refused");
     assert!(matches!(err, BootstrapError::JoinRefused(_)), "{err}");
     assert!(err.to_string().contains("node id 2 is already a member"), "{err}");
@@ -216,6 +264,7 @@ async fn refused_joins_leave_the_cluster_unaffected() {
     let mut foreign = t1.clone();
     foreign.cluster_id = ClusterId::random();
     let mut other = InProcNode::config(root.path(), 9);
+    n1.joins_through(&mut other);
     other.join = vec![foreign.encode()];
     let err = bootstrap_node(other).await.expect_err("wrong cluster id must be refused");
     assert!(err.to_string().contains("names cluster"), "{err}");
@@ -278,9 +327,9 @@ async fn join_retries_until_the_cluster_is_reachable() {
     let root = tempfile::tempdir().unwrap();
     let mut n1 = InProcNode::start(InProcNode::config(root.path(), 1)).await;
     let t1 = n1.ticket();
-    n1.stop().await;
     let mut c2 = InProcNode::config(root.path(), 2);
-    c2.join = vec![t1.encode()];
+    n1.joins_through(&mut c2);
+    n1.stop().await;
     let joiner = tokio::spawn(InProcNode::start(c2));
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     assert!(!joiner.is_finished(), "the joiner must wait for the cluster, not give up or init its own");

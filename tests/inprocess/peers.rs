@@ -68,7 +68,7 @@ fn raft_frame(cluster_id: ClusterId, request: RaftRequest) -> Vec<u8> {
 }
 
 fn peer_frame(request: ClientRequest) -> Vec<u8> {
-    encode_frame(&ClientEnvelope { version: CLIENT_PROTOCOL_VERSION, hops: 1, request }).unwrap()
+    encode_frame(&ClientEnvelope { version: CLIENT_PROTOCOL_VERSION, hops: 1, request, token: None }).unwrap()
 }
 
 fn a_write() -> (WriteSession, WriteCommand) {
@@ -227,6 +227,7 @@ async fn non_members_are_refused_before_any_stream_and_change_nothing() {
         addrs: many.clone(),
         num_shards: 2,
         local_shards: vec![0, 1],
+        join_token: target.handle().join_token(60, false).unwrap(),
     };
     let ticket_17 = NodeTicket { cluster_id: ClusterId::default(), node_id: 78, endpoint_id: ep.id(), addrs: many };
     for (what, request) in
@@ -313,6 +314,7 @@ async fn node_status(conn: &iroh::endpoint::Connection) -> Result<(), String> {
             version: CLIENT_PROTOCOL_VERSION,
             hops: 0,
             request: ClientRequest::NodeStatus,
+            token: None,
         })
         .unwrap(),
     )

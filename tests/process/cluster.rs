@@ -45,8 +45,9 @@ fn three_processes_survive_kill_9_of_the_leader() {
     let mut nodes: Vec<NodeProc> = (1..=3).map(|id| NodeProc::new(root.path(), id)).collect();
     nodes[0].start();
     let t1 = nodes[0].ticket().encode();
+    let join_token = nodes[0].join_token();
     for n in &mut nodes[1..] {
-        n.extra_args = vec!["--join".into(), t1.clone()];
+        n.extra_args = vec!["--join".into(), t1.clone(), "--join-token".into(), join_token.clone()];
     }
     // Start both joiners at once: concurrent joins must both succeed.
     nodes[1].start();

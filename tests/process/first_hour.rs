@@ -54,7 +54,9 @@ fn a_joining_node_logs_its_retries_and_stops_on_sigterm() {
     let ticket = dead_ticket(root.path(), 1);
     let log = root.path().join("joiner.log");
     let started = std::time::Instant::now();
-    let (_spec, mut joiner) = spawn_logged(root.path(), 2, &["--join".into(), ticket], &log);
+    // The join token is checked by the cluster, which is unreachable: the node retries.
+    let args = ["--join".into(), ticket, "--join-token".into(), "aspenjoin1aaaa".into()];
+    let (_spec, mut joiner) = spawn_logged(root.path(), 2, &args, &log);
     wait_for_log(&mut joiner, &log, "cannot join the cluster yet");
     // Let it retry a while: the reason is repeated at most once per 10 s, not per attempt.
     std::thread::sleep(Duration::from_secs(4));
@@ -132,10 +134,12 @@ fn cli_fails_over_from_a_dead_ticket_with_one_dial_each() {
     let mut live = NodeProc::new(root.path(), 1);
     live.start();
     expect_code(&live.cli(&["put", "k", "v"]), 0, "put");
+    let token = live.admin_token();
     let cli = |timeout: &str, tickets: &str, args: &[&str]| {
         let mut cmd = std::process::Command::new(CLI_BIN);
         aspen_testkit::clean_env(&mut cmd);
         cmd.env("RUST_LOG", "aspen::client=debug").args(["--timeout", timeout, "--ticket", tickets]);
+        cmd.args(["--token", &token]);
         cmd.args(args).output().unwrap()
     };
     let both = format!("{dead},{}", live.ticket().encode());

@@ -111,8 +111,13 @@ async fn a_down_peer_is_one_line_not_one_per_heartbeat_and_a_clean_stop_no_warni
     let mut nodes = vec![LoggedNode::new(root.path(), 1, Vec::new())];
     nodes[0].start();
     let ticket = nodes[0].spec.read_ticket().expect("node 1 has a ticket").encode();
+    let out = crate::support::cli_in(&nodes[0].spec.data_dir, &["--data-dir", ".", "cluster", "join-token"]);
+    crate::support::expect_code(&out, 0, "cluster join-token");
+    let join_token = crate::support::stdout(&out).trim().to_string();
+    let admin = std::fs::read_to_string(nodes[0].spec.data_dir.join("admin.token")).expect("admin.token");
     for id in 2..=3 {
-        let mut n = LoggedNode::new(root.path(), id, vec!["--join".into(), ticket.clone()]);
+        let args = vec!["--join".into(), ticket.clone(), "--join-token".into(), join_token.clone()];
+        let mut n = LoggedNode::new(root.path(), id, args);
         n.start();
         nodes.push(n);
     }
@@ -138,7 +143,8 @@ async fn a_down_peer_is_one_line_not_one_per_heartbeat_and_a_clean_stop_no_warni
     nodes[2].proc().kill();
     let killed = Instant::now();
     let tickets = nodes[..2].iter().map(|n| n.spec.read_ticket().expect("ticket")).collect();
-    let client = aspen::AspenClient::connect(tickets, Duration::from_secs(10)).await.expect("client");
+    let client =
+        aspen::AspenClient::connect(tickets, Duration::from_secs(10)).await.expect("client").with_token(admin.trim());
     let mut i = 0u32;
     while killed.elapsed() < Duration::from_secs(10) {
         // Errors while shards led by node 3 elect a new leader are fine here.

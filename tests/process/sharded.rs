@@ -45,16 +45,18 @@ async fn sharded_processes_survive_kill_9() {
     nodes[0].extra_args = SHARD_FLAGS.iter().map(|s| s.to_string()).collect();
     nodes[0].start();
     let t1 = nodes[0].ticket().encode();
+    let join_token = nodes[0].join_token();
+    let admin = nodes[0].admin_token();
     for n in &mut nodes[1..] {
         n.extra_args = SHARD_FLAGS.iter().map(|s| s.to_string()).collect();
-        n.extra_args.extend(["--join".to_string(), t1.clone()]);
+        n.extra_args.extend(["--join".to_string(), t1.clone(), "--join-token".into(), join_token.clone()]);
         n.start();
     }
 
     // 1,000 keys through random nodes (one client per node, each knowing only its node).
     let mut clients = Vec::new();
     for n in &nodes {
-        clients.push(AspenClient::connect(vec![n.ticket()], Duration::from_secs(30)).await.unwrap());
+        clients.push(AspenClient::connect(vec![n.ticket()], Duration::from_secs(30)).await.unwrap().with_token(&admin));
     }
     let mut acked = BTreeMap::new();
     for i in 0..1000u32 {
@@ -72,7 +74,8 @@ async fn sharded_processes_survive_kill_9() {
     let survivors: Vec<usize> = (0..3).filter(|&i| i != victim - 1).collect();
     let client = AspenClient::connect(survivors.iter().map(|&i| nodes[i].ticket()).collect(), Duration::from_secs(60))
         .await
-        .unwrap();
+        .unwrap()
+        .with_token(&admin);
     let all = client.scan("key/", usize::MAX, ReadConsistency::Linearizable).await.unwrap();
     let got: BTreeMap<String, String> =
         all.into_iter().map(|kv| (String::from_utf8(kv.key).unwrap(), String::from_utf8(kv.value).unwrap())).collect();

@@ -257,8 +257,16 @@ async fn kill_9_during_writes_loses_no_acknowledged_write() {
         node.start();
         // Reads wait for the restarted node to elect itself; the writers' short timeout makes
         // them give up soon after the kill (each round would otherwise wait it out).
-        let reader = AspenClient::connect(vec![node.ticket()], Duration::from_secs(30)).await.unwrap();
-        let client = Arc::new(AspenClient::connect(vec![node.ticket()], Duration::from_secs(1)).await.unwrap());
+        let reader = AspenClient::connect(vec![node.ticket()], Duration::from_secs(30))
+            .await
+            .unwrap()
+            .with_token(node.admin_token());
+        let client = Arc::new(
+            AspenClient::connect(vec![node.ticket()], Duration::from_secs(1))
+                .await
+                .unwrap()
+                .with_token(node.admin_token()),
+        );
         // Everything acknowledged in earlier rounds survived the crash.
         let stored = stored_under(&reader, "k/").await;
         for (k, v) in acked.lock().unwrap().iter() {
@@ -294,7 +302,10 @@ async fn kill_9_during_writes_loses_no_acknowledged_write() {
         }
     }
     node.start();
-    let client = AspenClient::connect(vec![node.ticket()], Duration::from_secs(30)).await.unwrap();
+    let client = AspenClient::connect(vec![node.ticket()], Duration::from_secs(30))
+        .await
+        .unwrap()
+        .with_token(node.admin_token());
     let acked = acked.lock().unwrap().clone();
     assert!(acked.len() > ROUNDS * WRITERS, "the writers made progress ({} writes)", acked.len());
     // Every acknowledged write, by one linearizable scan, and every 50th by a get of its own.
@@ -354,7 +365,11 @@ async fn clients_on_a_shared_endpoint_close_independently() {
     node.start();
     let endpoint = aspen::ClientEndpoint::bind(&[node.ticket()]).await.unwrap();
     let clients: Vec<AspenClient> = (0..3)
-        .map(|_| AspenClient::on_endpoint(&endpoint, vec![node.ticket()], Duration::from_secs(10)).unwrap())
+        .map(|_| {
+            AspenClient::on_endpoint(&endpoint, vec![node.ticket()], Duration::from_secs(10))
+                .unwrap()
+                .with_token(node.admin_token())
+        })
         .collect();
     for (i, c) in clients.iter().enumerate() {
         c.put(format!("shared/{i}"), format!("v{i}")).await.unwrap();
@@ -514,7 +529,10 @@ fn put_reads_the_value_from_stdin() {
     assert_eq!(stdout(&o).trim(), "OK");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let got = rt.block_on(async {
-        let client = AspenClient::connect(vec![node.ticket()], Duration::from_secs(10)).await.unwrap();
+        let client = AspenClient::connect(vec![node.ticket()], Duration::from_secs(10))
+            .await
+            .unwrap()
+            .with_token(node.admin_token());
         let got = client.get("big").await.unwrap().map(|kv| kv.value);
         client.close().await;
         got

@@ -113,6 +113,19 @@ impl NodeProc {
     }
 
     /// Runs `aspen-cli --data-dir <this node> ARGS`.
+    /// This node's `admin.token` (written once it belongs to a cluster).
+    pub fn admin_token(&self) -> String {
+        let text = std::fs::read_to_string(self.data_dir.join("admin.token")).expect("admin.token");
+        text.trim().to_string()
+    }
+
+    /// A join token from this node (`aspen-cli cluster join-token`).
+    pub fn join_token(&self) -> String {
+        let out = self.cli(&["cluster", "join-token"]);
+        expect_code(&out, 0, "cluster join-token");
+        stdout(&out).trim().to_string()
+    }
+
     pub fn cli(&self, args: &[&str]) -> Output {
         cli_command(20).arg("--data-dir").arg(&self.data_dir).args(args).output().expect("run aspen-cli")
     }
@@ -121,7 +134,8 @@ impl NodeProc {
 /// `aspen-cli --timeout SECS`, without the harness's `ASPEN_TICKET` / `ASPEN_DATA_DIR`.
 fn cli_command(secs: u32) -> Command {
     let mut cmd = Command::new(CLI_BIN);
-    cmd.args(["--timeout", &secs.to_string()]).env_remove("ASPEN_TICKET").env_remove("ASPEN_DATA_DIR");
+    cmd.args(["--timeout", &secs.to_string()]);
+    aspen_testkit::clean_env(&mut cmd);
     cmd
 }
 
@@ -155,8 +169,9 @@ pub fn cli_with_timeout(node: &NodeProc, secs: u32, args: &[&str]) -> Output {
 pub async fn start_three(mut configs: Vec<aspen::NodeConfig>) -> [InProcNode; 3] {
     assert_eq!(configs.len(), 3, "three configs");
     let n1 = InProcNode::start(configs[0].clone()).await;
-    configs[1].join = vec![n1.ticket().encode()];
-    configs[2].join = vec![n1.ticket().encode()];
+    for c in &mut configs[1..] {
+        n1.joins_through(c);
+    }
     let (n2, n3) = tokio::join!(InProcNode::start(configs[1].clone()), InProcNode::start(configs[2].clone()));
     [n1, n2, n3]
 }
@@ -250,8 +265,21 @@ impl InProcNode {
         self.handle = Some(boot.unwrap_or_else(|_| panic!("node {id} did not start again within 120 s")));
     }
 
+    /// A client of this node with its admin token.
     pub async fn client(&self) -> aspen::AspenClient {
-        aspen::AspenClient::connect(vec![self.ticket()], Duration::from_secs(30)).await.expect("client")
+        let client = aspen::AspenClient::connect(vec![self.ticket()], Duration::from_secs(30)).await.expect("client");
+        client.with_token(self.admin_token())
+    }
+
+    /// This node's `admin.token`.
+    pub fn admin_token(&self) -> String {
+        self.handle().admin_token().expect("a member has an admin.token")
+    }
+
+    /// Sets `config` to join the cluster through this node: its ticket and a join token.
+    pub fn joins_through(&self, config: &mut aspen::NodeConfig) {
+        config.join = vec![self.ticket().encode()];
+        config.join_token = Some(self.handle().join_token(3600, false).expect("join token"));
     }
 }
 
@@ -351,7 +379,8 @@ pub async fn raw_raft_clients(
 /// A client that knows the tickets of `nodes` (and fails over between them).
 pub async fn client_of(nodes: &[&InProcNode]) -> aspen::AspenClient {
     let tickets = nodes.iter().map(|n| n.ticket()).collect();
-    aspen::AspenClient::connect(tickets, Duration::from_secs(30)).await.expect("client")
+    let client = aspen::AspenClient::connect(tickets, Duration::from_secs(30)).await.expect("client");
+    client.with_token(nodes[0].admin_token())
 }
 
 /// One node's digest of one shard: the incrementally kept one and a full recount of its items

@@ -34,7 +34,7 @@ pub struct Workload {
 impl Workload {
     /// Starts `clients` clients; client c starts at ticket `c % n` (and fails over to the
     /// members it discovers).
-    pub async fn start(tickets: Vec<NodeTicket>, clients: usize, seed: u64) -> Workload {
+    pub async fn start(tickets: Vec<NodeTicket>, token: String, clients: usize, seed: u64) -> Workload {
         let history = History::new();
         let stop = Arc::new(AtomicBool::new(false));
         let acked = Arc::new(AtomicU64::new(0));
@@ -43,7 +43,8 @@ impl Workload {
             let mut tickets = tickets.clone();
             let n = tickets.len();
             tickets.rotate_left(c % n);
-            let client = AspenClient::connect(tickets, Duration::from_secs(8)).await.expect("client");
+            let client =
+                AspenClient::connect(tickets, Duration::from_secs(8)).await.expect("client").with_token(&token);
             let (history, stop, acked) = (history.clone(), stop.clone(), acked.clone());
             let mut rng = StdRng::seed_from_u64(seed ^ (c as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
             tasks.push(tokio::spawn(async move {

@@ -20,6 +20,8 @@ use crate::{
 pub struct AspenCluster {
     /// Node tickets in node id order (node 1 first).
     pub tickets: Vec<NodeTicket>,
+    /// Node 1's admin token (its data dir's `admin.token`).
+    pub token: String,
     pub num_shards: u32,
     // Field order matters: the processes stop before their cgroups and data dirs are removed.
     nodes: Vec<NodeProcess>,
@@ -54,8 +56,15 @@ impl AspenCluster {
             .tempdir()
             .map_err(|e| format!("cannot create a temp dir: {e}"))?;
         let addrs = free_udp_addrs(n)?;
-        let mut cluster =
-            AspenCluster { tickets: Vec::new(), num_shards, nodes: Vec::new(), cgroups: Vec::new(), _dir: dir };
+        let mut cluster = AspenCluster {
+            tickets: Vec::new(),
+            token: String::new(),
+            num_shards,
+            nodes: Vec::new(),
+            cgroups: Vec::new(),
+            _dir: dir,
+        };
+        let mut join_token = String::new();
         let root = cluster._dir.path().to_path_buf();
         for (i, addr) in addrs.iter().enumerate() {
             let node_id = i as u64 + 1;
@@ -67,7 +76,7 @@ impl AspenCluster {
                     .extend(["--sharding-enabled", "--sharding-num-shards", &num_shards.to_string()].map(String::from));
             }
             if let Some(first) = cluster.tickets.first() {
-                spec.args.extend(["--join".to_string(), first.encode()]);
+                spec.args.extend(["--join".to_string(), first.encode(), "--join-token".into(), join_token.clone()]);
             }
             if let Some(limiter) = limiter {
                 let label = format!("aspen{num_shards}-node-{node_id}");
@@ -77,6 +86,16 @@ impl AspenCluster {
             cluster.nodes.push(procs::spawn_node(spec, &log, cluster.cgroups.get(i))?);
             let ticket = wait_for_ticket(cluster.nodes.last_mut().expect("just pushed")).await?;
             cluster.tickets.push(ticket);
+            if node_id == 1 {
+                // Node 1 initialized the cluster: its admin token, and a join token for the rest.
+                let path = root.join("node-1").join("admin.token");
+                let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+                cluster.token = text.trim().to_string();
+                let client = cluster.client().await?;
+                let made = client.create_join_token(3600, false).await.map_err(|e| format!("join token: {e}"));
+                client.close().await;
+                join_token = made?.1;
+            }
         }
         cluster.wait_converged(Duration::from_secs(120)).await?;
         Ok(cluster)
@@ -106,6 +125,7 @@ impl AspenCluster {
     async fn client(&self) -> Result<AspenClient, String> {
         AspenClient::connect(self.tickets.clone(), Duration::from_secs(10))
             .await
+            .map(|c| c.with_token(&self.token))
             .map_err(|e| format!("cannot connect to the Aspen cluster: {e}"))
     }
 

@@ -445,7 +445,12 @@ async fn measure_system(system: System, args: &Args, plan: &Plan, servers: &Serv
                 other => other,
             };
             match started.and_then(|c| {
-                Ok((AspenBackend::new(c.tickets.clone(), servers.timeout).map_err(|e| e.to_string())?, c))
+                Ok((
+                    AspenBackend::new(c.tickets.clone(), servers.timeout)
+                        .map_err(|e| e.to_string())?
+                        .with_token(Some(c.token.clone())),
+                    c,
+                ))
             }) {
                 Ok((backend, cluster)) => {
                     let meter = meter_or_warn(cluster.cpu_meter());

@@ -91,6 +91,8 @@ pub struct AspenBackend {
     /// Runs on one backend (or its clones, which share this slot) must not overlap: the first
     /// to finish would close the other's endpoint.
     endpoint: Arc<tokio::sync::Mutex<Option<ClientEndpoint>>>,
+    /// The token every client sends.
+    token: Option<String>,
 }
 
 impl AspenBackend {
@@ -100,7 +102,13 @@ impl AspenBackend {
         if tickets.is_empty() {
             return Err(BenchError::Config("no node ticket given".into()));
         }
-        Ok(AspenBackend { tickets, timeout, endpoint: Default::default() })
+        Ok(AspenBackend { tickets, timeout, endpoint: Default::default(), token: None })
+    }
+
+    /// Every client sends `token` (a token with read and write permission on the keys used).
+    pub fn with_token(mut self, token: Option<String>) -> Self {
+        self.token = token;
+        self
     }
 }
 
@@ -121,7 +129,11 @@ impl BenchBackend for AspenBackend {
                 None => slot.insert(ClientEndpoint::bind(&self.tickets).await?).clone(),
             }
         };
-        Ok(AspenClient::on_endpoint(&endpoint, rotated, self.timeout)?)
+        let client = AspenClient::on_endpoint(&endpoint, rotated, self.timeout)?;
+        Ok(match &self.token {
+            Some(t) => client.with_token(t.clone()),
+            None => client,
+        })
     }
 
     async fn finish(&self) {

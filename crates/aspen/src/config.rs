@@ -179,6 +179,10 @@ pub struct NodeConfig {
     pub no_init: bool,
     /// Tickets of existing members to join through (used by multi-node clusters).
     pub join: Vec<String>,
+    /// The join token that lets this node join (`aspen-cli cluster join-token`). A secret: never
+    /// printed with the configuration.
+    #[serde(skip_serializing, default)]
+    pub join_token: Option<String>,
     pub raft: RaftConfig,
     pub limits: LimitsConfig,
     pub sharding: ShardingConfig,
@@ -194,6 +198,7 @@ impl Default for NodeConfig {
             cluster_name: "aspen".to_string(),
             no_init: false,
             join: Vec::new(),
+            join_token: None,
             raft: RaftConfig::default(),
             limits: LimitsConfig::default(),
             sharding: ShardingConfig::default(),
@@ -227,6 +232,9 @@ pub struct NodeArgs {
     /// Ticket of a member to join through (repeat or comma-separate for several).
     #[arg(long, env = "ASPEN_JOIN", value_delimiter = ',')]
     pub join: Vec<String>,
+    /// Join token for --join (`aspen-cli cluster join-token` on a member prints one).
+    #[arg(long, env = "ASPEN_JOIN_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
     /// Raft heartbeat interval in milliseconds. [default: 100]
     #[arg(long, env = "ASPEN_HEARTBEAT_INTERVAL_MS")]
     pub heartbeat_interval_ms: Option<u64>,
@@ -274,6 +282,7 @@ struct FileConfig {
     cluster_name: Option<String>,
     no_init: Option<bool>,
     join: Option<Vec<String>>,
+    join_token: Option<String>,
     raft: Option<FileRaft>,
     limits: Option<FileLimits>,
     sharding: Option<FileSharding>,
@@ -351,6 +360,9 @@ impl NodeConfig {
             }
             cfg.join = tickets;
         }
+        if let Some(t) = &args.join_token {
+            cfg.join_token = Some(t.trim().to_string());
+        }
         set(&mut cfg.raft.heartbeat_interval_ms, args.heartbeat_interval_ms);
         set(&mut cfg.raft.election_timeout_min_ms, args.election_timeout_min_ms);
         set(&mut cfg.raft.election_timeout_max_ms, args.election_timeout_max_ms);
@@ -385,6 +397,9 @@ impl NodeConfig {
         set(&mut self.cluster_name, f.cluster_name.clone());
         set(&mut self.no_init, f.no_init);
         set(&mut self.join, f.join.clone());
+        if let Some(t) = &f.join_token {
+            self.join_token = Some(t.trim().to_string());
+        }
         if let Some(r) = &f.raft {
             set(&mut self.raft.heartbeat_interval_ms, r.heartbeat_interval_ms);
             set(&mut self.raft.election_timeout_min_ms, r.election_timeout_min_ms);

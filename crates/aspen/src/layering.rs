@@ -16,6 +16,7 @@ const RANKS: &[(&str, u8)] = &[
     ("api", 0),
     ("logging", 0),
     ("config", 1),
+    ("auth", 1),
     ("storage", 2),
     ("transport", 2),
     ("raft", 3),

@@ -20,6 +20,7 @@
 //! |--:|---|---|
 //! | 0 | [`api`] | wire and disk types: client requests, frames, tickets, the openraft type config, Raft RPC messages |
 //! | 0 | [`logging`] | the node's default log filter ([`logging::DEFAULT_LOG_FILTER`]) |
+//! | 1 | [`auth`] | token format, signing and verification, the node's token authority, what each request needs |
 //! | 1 | [`config`] | the node's configuration (flags, environment, TOML) |
 //! | 2 | [`storage`] | redb log store, log journal, state machine, metadata store |
 //! | 2 | [`transport`] | iroh endpoint, connection pool, peer book, peer reachability, raft mux, request/answer exchange, client ALPN server, fault injection |
@@ -33,6 +34,7 @@
 //! (the binaries and integration tests).
 
 pub mod api;
+pub mod auth;
 pub mod client;
 pub mod cluster;
 pub mod config;

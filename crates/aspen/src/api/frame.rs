@@ -214,6 +214,7 @@ mod tests {
             version: CLIENT_PROTOCOL_VERSION,
             hops: 0,
             request: ClientRequest::Get { key: b"k".to_vec(), consistency: ReadConsistency::Stale },
+            token: None,
         };
         let bytes = encode_frame(&env).unwrap();
         let back: ClientEnvelope = read_frame(&mut bytes.as_slice(), 1024).await.unwrap();
@@ -234,7 +235,7 @@ mod tests {
 
     #[test]
     fn split_frame_matches_the_stream_reader() {
-        let env = ClientEnvelope { version: 1, hops: 2, request: ClientRequest::ClusterStatus };
+        let env = ClientEnvelope { version: 1, hops: 2, request: ClientRequest::ClusterStatus, token: None };
         let mut two = encode_frame(&env).unwrap();
         let first_len = two.len();
         two.extend_from_slice(&encode_frame(&env).unwrap());

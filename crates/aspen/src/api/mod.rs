@@ -36,8 +36,31 @@ pub const PEER_ALPN: &[u8] = b"aspen-peer/1";
 /// a caller cannot make every node store and dial an unbounded list.
 pub const MAX_MEMBER_ADDRS: usize = 16;
 
-/// Version of the client wire protocol, carried in every request envelope.
-pub const CLIENT_PROTOCOL_VERSION: u16 = 1;
+/// Version of the client wire protocol, carried in every request envelope. Version 2 added
+/// the envelope's token and the join request's join token.
+pub const CLIENT_PROTOCOL_VERSION: u16 = 2;
+
+/// Keys under this prefix belong to the cluster itself (issued tokens, revocations, used join
+/// tokens): they live in shard 0, clients cannot read or write them, scans and prefix deletes
+/// of clients pass over them.
+pub const RESERVED_PREFIX: &[u8] = b"\x00aspen/";
+
+/// Whether `key` lies in the reserved keyspace ([`RESERVED_PREFIX`]).
+pub fn is_reserved_key(key: &[u8]) -> bool {
+    key.starts_with(RESERVED_PREFIX)
+}
+
+/// The smallest key greater than every key with `prefix`, or `None` if there is none.
+pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
 
 /// A node id as operators see it (`--node-id`). Must be `1 ..= 2^48 - 1`.
 pub type NodeId = u64;
@@ -528,6 +551,8 @@ pub struct JoinRequest {
     pub num_shards: u32,
     /// The shards the joining node hosts (it is added to these only).
     pub local_shards: Vec<ShardId>,
+    /// A join token of this cluster (`aspen-cli cluster join-token`).
+    pub join_token: String,
 }
 
 /// How to reach a member (endpoint id + direct addresses), as carried in membership changes.
@@ -656,6 +681,47 @@ pub enum ClientRequest {
     ClusterInitClaimed {
         claim_token: String,
     },
+    /// Issue a client token with these permissions, for keys under `prefixes` (empty: any key),
+    /// valid for `ttl_secs` (`None`: until revoked). Admin.
+    AuthTokenCreate {
+        read: bool,
+        write: bool,
+        admin: bool,
+        prefixes: Vec<Vec<u8>>,
+        ttl_secs: Option<u64>,
+    },
+    /// Every issued client token (not the tokens themselves). Admin.
+    AuthTokenList,
+    /// Revoke a client token by id: refused by every node within 2 s. Admin.
+    AuthTokenRevoke {
+        id: u64,
+    },
+    /// Issue a join token valid for `ttl_secs`; `single_use`: it admits one node id. Admin.
+    JoinTokenCreate {
+        ttl_secs: u64,
+        single_use: bool,
+    },
+}
+
+/// An issued token as `auth token list` shows it (never the token itself).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    /// Printed as 16 hex digits.
+    pub id: u64,
+    /// `client` or `join`.
+    pub kind: String,
+    pub read: bool,
+    pub write: bool,
+    pub admin: bool,
+    pub prefixes: Vec<Vec<u8>>,
+    /// The member that issued it.
+    pub issuer: NodeId,
+    /// Seconds since the Unix epoch.
+    pub issued_at: u64,
+    pub expires_at: Option<u64>,
+    pub revoked: bool,
+    /// A node's own `admin.token`, or `auth token create`'s note.
+    pub note: String,
 }
 
 /// A request that can travel in a [`ClientRequest::Forwarded`] batch. Its own type (not a
@@ -786,6 +852,10 @@ impl ClientRequest {
             ClientRequest::AddLearnerClaimed { .. } => "add-learner",
             ClientRequest::ClaimMembership { .. } => "claim",
             ClientRequest::ClusterInitClaimed { .. } => "cluster init",
+            ClientRequest::AuthTokenCreate { .. } => "auth token create",
+            ClientRequest::AuthTokenList => "auth token list",
+            ClientRequest::AuthTokenRevoke { .. } => "auth token revoke",
+            ClientRequest::JoinTokenCreate { .. } => "cluster join-token",
         }
     }
 
@@ -816,7 +886,11 @@ impl ClientRequest {
             | ClientRequest::Forwarded { .. }
             | ClientRequest::Departed { .. }
             | ClientRequest::ClaimMembership { .. }
-            | ClientRequest::ClusterInitClaimed { .. } => false,
+            | ClientRequest::ClusterInitClaimed { .. }
+            | ClientRequest::AuthTokenCreate { .. }
+            | ClientRequest::AuthTokenList
+            | ClientRequest::AuthTokenRevoke { .. }
+            | ClientRequest::JoinTokenCreate { .. } => false,
         }
     }
 }
@@ -828,6 +902,9 @@ pub struct ClientEnvelope {
     /// How often this request was forwarded already (a node forwards at most once).
     pub hops: u8,
     pub request: ClientRequest,
+    /// The client's token (`None` between members, on the peer ALPN, and to a node that belongs
+    /// to no cluster yet).
+    pub token: Option<String>,
 }
 
 /// A successful answer on the client ALPN.
@@ -856,6 +933,17 @@ pub enum ClientResponse {
     Forwarded(Vec<ForwardedAnswer>),
     /// A [`ClientRequest::Departed`] was taken in: the node stops.
     Departing,
+    /// A token was issued: what it allows, and the token.
+    TokenIssued {
+        info: TokenInfo,
+        token: String,
+    },
+    /// [`ClientRequest::AuthTokenList`]: oldest first.
+    Tokens(Vec<TokenInfo>),
+    /// The token is revoked.
+    TokenRevoked {
+        id: u64,
+    },
 }
 
 /// The typed errors a client can receive. Every variant says what the caller can do next.
@@ -887,6 +975,10 @@ pub enum ApiError {
          cluster (`cluster add-learner`, or restart it with --join TICKET)"
     )]
     NotInitialized { node_id: NodeId },
+    /// No token, or one that is malformed, expired, revoked, of another cluster, or whose scope
+    /// does not allow the request (the text says which).
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
 }
 
 impl ApiError {
@@ -902,6 +994,7 @@ impl ApiError {
             ApiError::Refused(_) => "refused",
             ApiError::Internal(_) => "internal",
             ApiError::NotInitialized { .. } => "not_initialized",
+            ApiError::PermissionDenied(_) => "permission_denied",
         }
     }
 }

@@ -19,8 +19,8 @@ use crate::{
     api::{
         frame::{encode_frame, read_frame},
         ApiError, BatchOp, ClientEnvelope, ClientRequest, ClientResponse, ClientResult, ClusterStatus, Id128, KeyValue,
-        NodeId, NodeTicket, ReadConsistency, Revision, ScanPage, ScanRequest, ShardId, ShardStatus, WriteCommand,
-        WriteOutcome, WriteSession, CLIENT_ALPN, CLIENT_PROTOCOL_VERSION, MAX_FRAME_BYTES,
+        NodeId, NodeTicket, ReadConsistency, Revision, ScanPage, ScanRequest, ShardId, ShardStatus, TokenInfo,
+        WriteCommand, WriteOutcome, WriteSession, CLIENT_ALPN, CLIENT_PROTOCOL_VERSION, MAX_FRAME_BYTES,
     },
     transport::endpoint::bind_endpoint,
 };
@@ -138,6 +138,9 @@ pub struct AspenClient {
     timeout: Duration,
     /// Whether the member list was fetched from a node yet (done once, on the first connection).
     discovered: std::sync::atomic::AtomicBool,
+    /// The token sent with every request (`aspen-cli auth token create`, or a node's
+    /// `admin.token`); the node verifies it once per connection.
+    token: Option<String>,
 }
 
 impl AspenClient {
@@ -177,7 +180,21 @@ impl AspenClient {
             sessions: Mutex::new(Vec::new()),
             timeout,
             discovered: std::sync::atomic::AtomicBool::new(false),
+            token: None,
         }
+    }
+
+    /// Sends `token` with every request (a cluster refuses requests without a valid token
+    /// with [`ApiError::PermissionDenied`]).
+    pub fn with_token(mut self, token: impl Into<String>) -> Self {
+        let token: String = token.into();
+        self.token = Some(token.trim().to_string());
+        self
+    }
+
+    /// The token this client sends, if any.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
     }
 
     /// The tickets this client may fail over to.
@@ -277,6 +294,7 @@ impl AspenClient {
             version: CLIENT_PROTOCOL_VERSION,
             hops: 0,
             request: ClientRequest::Members,
+            token: self.token.clone(),
         }) else {
             return false;
         };
@@ -335,8 +353,13 @@ impl AspenClient {
         request: ClientRequest,
         timeout: Duration,
     ) -> Result<ClientResponse, ClientError> {
-        let frame = encode_frame(&ClientEnvelope { version: CLIENT_PROTOCOL_VERSION, hops: 0, request })
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let frame = encode_frame(&ClientEnvelope {
+            version: CLIENT_PROTOCOL_VERSION,
+            hops: 0,
+            request,
+            token: self.token.clone(),
+        })
+        .map_err(|e| ClientError::Protocol(e.to_string()))?;
         let deadline = Instant::now() + timeout;
         let mut backoff = Duration::from_millis(20);
         loop {
@@ -545,6 +568,47 @@ impl AspenClient {
         let claim_token = claim_token.trim().to_string();
         match self.request(ClientRequest::ClusterInitClaimed { claim_token }).await? {
             ClientResponse::ClusterInit { initialized } => Ok(initialized),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Issues a client token (admin): `read`/`write`/`admin` permissions, for keys under
+    /// `prefixes` (empty: every key), valid for `ttl_secs` (`None`: until revoked).
+    pub async fn create_token(
+        &self,
+        read: bool,
+        write: bool,
+        admin: bool,
+        prefixes: Vec<Vec<u8>>,
+        ttl_secs: Option<u64>,
+    ) -> Result<(TokenInfo, String), ClientError> {
+        match self.request(ClientRequest::AuthTokenCreate { read, write, admin, prefixes, ttl_secs }).await? {
+            ClientResponse::TokenIssued { info, token } => Ok((info, token)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Every issued client token, oldest first (admin).
+    pub async fn list_tokens(&self) -> Result<Vec<TokenInfo>, ClientError> {
+        match self.request(ClientRequest::AuthTokenList).await? {
+            ClientResponse::Tokens(list) => Ok(list),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Revokes the client token `id` (admin); every node refuses it within 2 s.
+    pub async fn revoke_token(&self, id: u64) -> Result<(), ClientError> {
+        match self.request(ClientRequest::AuthTokenRevoke { id }).await? {
+            ClientResponse::TokenRevoked { .. } => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Issues a join token (admin) for `aspen-node --join-token`, valid for `ttl_secs`;
+    /// `single_use`: it admits one node id.
+    pub async fn create_join_token(&self, ttl_secs: u64, single_use: bool) -> Result<(TokenInfo, String), ClientError> {
+        match self.request(ClientRequest::JoinTokenCreate { ttl_secs, single_use }).await? {
+            ClientResponse::TokenIssued { info, token } => Ok((info, token)),
             other => Err(unexpected(other)),
         }
     }

@@ -137,6 +137,8 @@ pub struct BaseNodeResources {
     pub admission: Admission,
     /// The claim token of a fresh `--no-init` node (nothing pending otherwise).
     pub claim: Arc<Claim>,
+    /// Issues and verifies this node's tokens (`crate::auth`).
+    pub authority: Arc<crate::auth::Authority>,
     pub shutdown_token: CancellationToken,
 }
 
@@ -216,6 +218,8 @@ pub async fn bootstrap_base_node(config: NodeConfig) -> Result<BaseNodeResources
         Claim::default()
     };
     let lookup = MemoryLookup::new();
+    let authority = crate::auth::Authority::new(config.node_id);
+    authority.set_cluster(identity.as_ref().map(|i| i.cluster_id));
     let admission = Admission::new(PeerGate::new(config.limits.max_connections as usize));
     let endpoint =
         bind_endpoint_gated(config.bind_addr, Some(secret_key.clone()), lookup.clone(), Some(admission.gate().clone()))
@@ -241,6 +245,7 @@ pub async fn bootstrap_base_node(config: NodeConfig) -> Result<BaseNodeResources
         network_factory,
         gossip_discovery,
         admission,
+        authority,
         claim: Arc::new(claim),
         shutdown_token: CancellationToken::new(),
     })
@@ -257,6 +262,8 @@ pub struct NodeHandle {
     pub service: Arc<NodeService>,
     router: Router,
     supervisor: Supervisor,
+    /// Follows shard 0's token records (`cluster::tokens`); holds the service until stopped.
+    follower: tokio::task::JoinHandle<()>,
 }
 
 impl NodeHandle {
@@ -268,6 +275,20 @@ impl NodeHandle {
     /// The cluster id this node belongs to (all zeros before init or join).
     pub fn cluster_id(&self) -> ClusterId {
         *self.base.cluster_id.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// This node's admin token (its data dir's `admin.token`), once it belongs to a cluster.
+    pub fn admin_token(&self) -> Option<String> {
+        let text = std::fs::read_to_string(self.service.admin_token_path()).ok()?;
+        Some(text.trim().to_string()).filter(|t| !t.is_empty())
+    }
+
+    /// Issues a join token as `aspen-cli cluster join-token` does (for nodes started in the
+    /// same process, e.g. by tests).
+    pub fn join_token(&self, ttl_secs: u64, single_use: bool) -> Result<String, ApiError> {
+        let kind = crate::auth::TokenKind::Join { single_use };
+        let issued = self.base.authority.issue(kind, Some(ttl_secs));
+        issued.map(|(text, _)| text).map_err(|e| ApiError::InvalidRequest(e.to_string()))
     }
 
     /// Cancelled once this node has been removed from the cluster (shard 0's membership no
@@ -291,6 +312,9 @@ impl NodeHandle {
         let mut stalled = Vec::new();
         self.base.shutdown_token.cancel();
         self.supervisor.abort();
+        // It holds the service (and so the databases) while it runs: end it before they close.
+        self.follower.abort();
+        let _ = self.follower.await;
         if let Some(g) = &self.base.gossip_discovery {
             bounded(node, &mut stalled, "gossip shutdown".into(), SHUTDOWN_STEP_LIMIT, g.shutdown()).await;
         }
@@ -435,7 +459,8 @@ async fn start_node(config: NodeConfig, stop: CancellationToken) -> Result<NodeH
     let memory = RequestMemory::new(config.limits.request_memory(), config.max_client_frame());
     let client_handler =
         ClientProtocolHandler::new(service.clone(), config.max_client_frame(), config.limits.request_timeout())
-            .with_memory(memory.clone());
+            .with_memory(memory.clone())
+            .with_authority(base.authority.clone());
     let peer_handler = ClientProtocolHandler::with_origin(
         service.clone(),
         config.max_client_frame(),
@@ -492,10 +517,17 @@ async fn start_node(config: NodeConfig, stop: CancellationToken) -> Result<NodeH
             base.shutdown_token.child_token(),
         );
     }
+    if service.cluster_id() != ClusterId::default() {
+        // A member (initialized, joined, or restarted): its data dir gives local admin access,
+        // once its replica of shard 0 holds the cluster's key (a joined node caught up already).
+        let wait = if base.identity.is_none() { Duration::from_secs(30) } else { Duration::ZERO };
+        service.settle_admin_token(wait).await;
+    }
+    let follower = service.follow_revocations(base.shutdown_token.child_token());
     service.write_ticket_file().map_err(|source| BootstrapError::DataDir { path: config.data_dir.clone(), source })?;
     tracing::info!(node_id = config.node_id, shards = shards.len(), ticket = %service.ticket(), "node is serving");
     let supervisor = Supervisor::spawn(config.node_id, shards.clone(), base.shutdown_token.clone());
-    Ok(NodeHandle { base, shard0, shards, service, router, supervisor })
+    Ok(NodeHandle { base, shard0, shards, service, router, supervisor, follower })
 }
 
 /// Joins the cluster named by the `--join` tickets: asks it (through any member; requests are
@@ -507,6 +539,13 @@ async fn join_cluster(base: &BaseNodeResources, service: &NodeService) -> Result
     let tickets = join_tickets(config)?;
     let Some(cluster_id) = tickets.first().map(|t| t.cluster_id) else {
         return Err(BootstrapError::JoinRefused("no --join ticket".into()));
+    };
+    let Some(join_token) = config.join_token.clone().filter(|t| !t.is_empty()) else {
+        return Err(BootstrapError::JoinRefused(
+            "no join token: --join needs --join-token TOKEN (or ASPEN_JOIN_TOKEN, or join_token in the config \
+             file); `aspen-cli cluster join-token` on a member prints one"
+                .into(),
+        ));
     };
     // Accept Raft messages of that cluster from now on: the leader starts replicating to us
     // while it handles the join.
@@ -520,14 +559,17 @@ async fn join_cluster(base: &BaseNodeResources, service: &NodeService) -> Result
         addrs: me.addrs,
         num_shards: config.sharding.effective_num_shards(),
         local_shards: config.sharding.local_shard_ids(),
+        join_token: join_token.clone(),
     };
     // Joining waits for this node to catch up, which can take longer than one request.
     let timeout = config.limits.request_timeout().max(Duration::from_secs(60));
     let through: Vec<String> = tickets.iter().map(|t| format!("node {}", t.node_id)).collect();
     tracing::info!(%cluster_id, "joining the cluster through {}", through.join(", "));
+    // The join token lets this node look up the members and ask to join, nothing else.
     let client = AspenClient::connect(tickets, timeout)
         .await
-        .map_err(|e| BootstrapError::JoinRefused(format!("cannot create client: {e}")))?;
+        .map_err(|e| BootstrapError::JoinRefused(format!("cannot create client: {e}")))?
+        .with_token(join_token);
     let mut backoff = Duration::from_millis(500);
     // Retries are logged with their reason, at most one line per JOIN_LOG_EVERY.
     let mut last_logged: Option<std::time::Instant> = None;
@@ -545,9 +587,9 @@ async fn join_cluster(base: &BaseNodeResources, service: &NodeService) -> Result
             Ok(ClientResponse::Joined(info)) => break Ok(info),
             Ok(other) => break Err(BootstrapError::JoinRefused(format!("unexpected answer {other:?}"))),
             Err(ClientError::Api(ApiError::Refused(msg))) => break Err(BootstrapError::JoinRefused(msg)),
-            Err(ClientError::Api(e @ (ApiError::InvalidRequest(_) | ApiError::UnsupportedVersion { .. }))) => {
-                break Err(BootstrapError::JoinRefused(e.to_string()))
-            }
+            Err(ClientError::Api(
+                e @ (ApiError::InvalidRequest(_) | ApiError::UnsupportedVersion { .. } | ApiError::PermissionDenied(_)),
+            )) => break Err(BootstrapError::JoinRefused(e.to_string())),
             Err(e) => {
                 if last_logged.is_none_or(|t| t.elapsed() >= JOIN_LOG_EVERY) {
                     tracing::warn!(

@@ -82,6 +82,7 @@ impl NodeService {
             })
             .map_err(|e| ApiError::Internal(format!("metadata: {e}")))?;
         *self.cluster_id.write().unwrap_or_else(|p| p.into_inner()) = info.cluster_id;
+        self.authority.set_cluster(Some(info.cluster_id));
         self.ticket.write().unwrap_or_else(|p| p.into_inner()).cluster_id = info.cluster_id;
         self.claim.settle();
         if let Err(e) = self.write_ticket_file() {
@@ -142,6 +143,7 @@ impl NodeService {
         }
         check_node_id(req.node_id)?;
         check_addrs(req.addrs.len())?;
+        self.check_join_token(&req.join_token, req.node_id).await?;
         // One membership change at a time on this node: two joiners with the same node id must
         // not both pass the duplicate check.
         let _guard = self.membership_lock.lock().await;

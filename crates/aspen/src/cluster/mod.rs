@@ -3,7 +3,7 @@
 //! the sharded store), request [`validate`]ion, cluster [`membership`], leader [`placement`],
 //! [`gossip`] discovery, the shard health [`supervisor`] and the membership watch that tells the
 //! endpoint's gate who may connect ([`admission`]), and the claim token of a `--no-init` node
-//! ([`claim`]).
+//! ([`claim`]), and tokens: issuing, revoking, join tokens, `admin.token` ([`tokens`]).
 
 pub mod admission;
 pub mod bootstrap;
@@ -13,6 +13,7 @@ pub mod membership;
 pub mod placement;
 pub mod service;
 pub mod supervisor;
+pub mod tokens;
 pub mod validate;
 
 pub use crate::storage::MetadataStore;

@@ -35,14 +35,14 @@ use crate::{
 pub struct NodeService {
     pub(super) node_id: NodeId,
     pub(super) cluster_name: String,
-    data_dir: PathBuf,
+    pub(super) data_dir: PathBuf,
     pub(super) limits: LimitsConfig,
     /// The shards of this node and the way to every other shard.
     pub(super) store: ShardedKeyValueStore,
     pub(super) metadata: Arc<MetadataStore>,
     pub(super) cluster_id: SharedClusterId,
     /// This node as a Raft member (endpoint id + addresses).
-    me: MemberNode,
+    pub(super) me: MemberNode,
     pub(super) ticket: RwLock<NodeTicket>,
     init_lock: tokio::sync::Mutex<()>,
     pub(super) membership_lock: tokio::sync::Mutex<()>,
@@ -50,6 +50,10 @@ pub struct NodeService {
     pub(super) removed: tokio_util::sync::CancellationToken,
     /// The claim token a fresh `--no-init` node waits for (`cluster::claim`).
     pub(super) claim: Arc<super::claim::Claim>,
+    /// Issues and verifies tokens (`crate::auth`); kept current by `cluster::tokens`.
+    pub(super) authority: Arc<crate::auth::Authority>,
+    /// This node's admin token, until it is recorded in shard 0 (`cluster::tokens`).
+    pub(super) unrecorded: std::sync::Mutex<Option<crate::api::TokenInfo>>,
 }
 
 impl NodeService {
@@ -64,7 +68,7 @@ impl NodeService {
             base.pool.clone(),
             base.admission.removed(),
         );
-        let claim = base.claim.clone();
+        let (claim, authority) = (base.claim.clone(), base.authority.clone());
         let store = ShardedKeyValueStore::new(
             config.node_id,
             shards,
@@ -88,6 +92,8 @@ impl NodeService {
             membership_lock: tokio::sync::Mutex::new(()),
             removed,
             claim,
+            authority,
+            unrecorded: Default::default(),
         }
     }
 
@@ -163,11 +169,27 @@ impl NodeService {
             })
             .map_err(internal)?;
         *self.cluster_id.write().unwrap_or_else(|p| p.into_inner()) = cluster_id;
+        self.authority.set_cluster(Some(cluster_id));
         self.ticket.write().unwrap_or_else(|p| p.into_inner()).cluster_id = cluster_id;
         if let Err(e) = self.write_ticket_file() {
             tracing::warn!("could not rewrite node.ticket: {e}");
         }
         self.claim.settle();
+        // The cluster's signing key, then this node's admin.token (local admin access).
+        let deadline = tokio::time::Instant::now() + self.limits.request_timeout();
+        loop {
+            match self.establish_cluster_key().await {
+                Ok(()) => break,
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    tracing::warn!("could not make the cluster's signing key yet ({e}); retrying in the background");
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        if let Err(e) = self.ensure_admin_token() {
+            tracing::warn!("could not write this node's admin token: {e}");
+        }
         tracing::info!(%cluster_id, shards = self.store.shards().len(), "initialized a new cluster");
         Ok(true)
     }
@@ -216,7 +238,7 @@ impl NodeService {
         })
     }
 
-    fn cluster_id(&self) -> ClusterId {
+    pub(super) fn cluster_id(&self) -> ClusterId {
         *self.cluster_id.read().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -290,6 +312,12 @@ impl NodeService {
             }
             ClientRequest::BalanceLeaders => self.balance_leaders().await,
             ClientRequest::Departed { node_id } => self.departed(node_id),
+            ClientRequest::AuthTokenCreate { read, write, admin, prefixes, ttl_secs } => {
+                self.create_token(crate::auth::Scope { read, write, admin, prefixes }, ttl_secs).await
+            }
+            ClientRequest::AuthTokenList => self.list_tokens().await,
+            ClientRequest::AuthTokenRevoke { id } => self.revoke_token(id).await,
+            ClientRequest::JoinTokenCreate { ttl_secs, single_use } => self.create_join_token(ttl_secs, single_use),
             // Unpacked by `handle` before routing; never inside a batch.
             ClientRequest::Forwarded { .. } => {
                 Err(ApiError::InvalidRequest("a forwarded batch cannot be nested or routed".into()))

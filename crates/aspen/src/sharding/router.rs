@@ -64,7 +64,9 @@ impl ShardRouter {
 
     /// The shard that owns `key`.
     pub fn shard_for_key(&self, key: &[u8]) -> ShardId {
-        if self.num_shards == 1 {
+        // The cluster's own keys live in shard 0, which every node hosts: every node reads
+        // tokens and revocations locally.
+        if self.num_shards == 1 || crate::api::is_reserved_key(key) {
             return 0;
         }
         jump_consistent_hash(stable_key_hash(key), self.num_shards)

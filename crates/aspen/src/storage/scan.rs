@@ -11,17 +11,7 @@ use crate::api::{ScanPage, ScanRequest};
 /// Most key+value bytes in one scan page (a quarter of the frame limit).
 pub const SCAN_PAGE_MAX_BYTES: usize = crate::api::MAX_FRAME_BYTES / 4;
 
-/// The smallest key greater than every key with `prefix`, or `None` if there is none.
-pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return Some(end);
-        }
-    }
-    None
-}
+pub use crate::api::prefix_end;
 
 /// The key bounds a scan request covers, taking prefix, start, end and continuation together.
 pub fn scan_bounds(req: &ScanRequest) -> (Bound<Vec<u8>>, Bound<Vec<u8>>) {
@@ -74,7 +64,11 @@ pub fn scan_local(
     }
     // One more than asked tells whether more keys follow; the byte cap keeps a page of large
     // values well inside one frame (the page then ends early, with a continuation).
-    let mut entries = reader.range(bound_ref(&lower), bound_ref(&upper), limit + 1, max_bytes)?;
+    // The cluster's own keys are not part of any client's scan (clients cannot name the
+    // reserved prefix; the cluster's own scans do).
+    let skip_reserved = !crate::api::is_reserved_key(&req.prefix);
+    let mut entries =
+        reader.range_filtered(bound_ref(&lower), bound_ref(&upper), limit + 1, max_bytes, skip_reserved)?;
     let continuation = if entries.len() > limit {
         entries.truncate(limit);
         entries.last().map(|kv| kv.key.clone())

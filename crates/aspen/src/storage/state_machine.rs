@@ -155,6 +155,19 @@ impl StateReader {
         limit: usize,
         max_bytes: usize,
     ) -> Result<Vec<KeyValue>, StorageError> {
+        self.range_filtered(lower, upper, limit, max_bytes, false)
+    }
+
+    /// [`Self::range`], passing over the reserved keys (`crate::api::RESERVED_PREFIX`) when
+    /// `skip_reserved`.
+    pub fn range_filtered(
+        &self,
+        lower: Bound<&[u8]>,
+        upper: Bound<&[u8]>,
+        limit: usize,
+        max_bytes: usize,
+        skip_reserved: bool,
+    ) -> Result<Vec<KeyValue>, StorageError> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(KV)?;
         let mut out = Vec::new();
@@ -169,6 +182,9 @@ impl StateReader {
                 break;
             }
             let (k, v) = item?;
+            if skip_reserved && crate::api::is_reserved_key(k.value()) {
+                continue;
+            }
             let kv = to_kv(k.value().to_vec(), postcard::from_bytes(v.value())?);
             bytes += kv.key.len() + kv.value.len();
             out.push(kv);
@@ -663,7 +679,10 @@ fn remove_prefix(kv: &mut KvTable<'_>, sum: &mut DigestSum, prefix: &[u8]) -> Re
         _ => Bound::Unbounded,
     };
     let mut deleted = 0u64;
-    for item in kv.extract_from_if::<&[u8], _>((Bound::Included(prefix), upper), |_, _| true)? {
+    // A client's prefix delete (even of every key) leaves the cluster's reserved keys alone.
+    let internal = crate::api::is_reserved_key(prefix);
+    let keep = |k: &[u8]| !internal && crate::api::is_reserved_key(k);
+    for item in kv.extract_from_if::<&[u8], _>((Bound::Included(prefix), upper), |k, _| !keep(k))? {
         let (k, v) = item?;
         let old: StoredValue = postcard::from_bytes(v.value())?;
         sum.sub(&kv_item_hash(k.value(), &old));

@@ -11,6 +11,12 @@
 //! that does not fit is refused with a retryable [`ApiError::Unavailable`] and its bytes are never
 //! read. A request must arrive, and its answer be taken, within the request timeout.
 //!
+//! Tokens (client ALPN only): once the node belongs to a cluster, every request but a join or
+//! `cluster init` needs a token ([`crate::auth`]). A connection verifies a token once (signature,
+//! cluster, issuer) and keeps it; every request re-checks expiry, revocation and the issuer's
+//! membership, and whether the token's scope allows it. Refusals are
+//! [`ApiError::PermissionDenied`]. Keys under the reserved prefix are refused to clients.
+//!
 //! Bad input (random bytes, a truncated or oversized frame, an unknown request variant, an old
 //! protocol version) gets a typed [`ApiError`] on that stream, or that stream closed; the
 //! connection and every other connection keep working.
@@ -25,9 +31,14 @@ use iroh::{
 };
 use tokio_util::task::TaskTracker;
 
-use crate::api::{
-    frame::{decode, drain_to_end, encode_frame, read_frame_len, read_single_payload, FrameError, REQUEST_END_WAIT},
-    ApiError, ClientEnvelope, ClientRequest, ClientResult, CLIENT_PROTOCOL_VERSION,
+use crate::{
+    api::{
+        frame::{
+            decode, drain_to_end, encode_frame, read_frame_len, read_single_payload, FrameError, REQUEST_END_WAIT,
+        },
+        ApiError, ClientEnvelope, ClientRequest, ClientResult, CLIENT_PROTOCOL_VERSION,
+    },
+    auth::{self, Authority, Verified},
 };
 
 /// What answers client requests (implemented by the cluster layer).
@@ -99,6 +110,8 @@ pub struct ClientProtocolHandler<S> {
     origin: Origin,
     /// The node's request memory (shared with the node's other handler).
     memory: RequestMemory,
+    /// Checks client tokens (`None`: every request is answered, as on the peer ALPN).
+    authority: Option<Arc<Authority>>,
 }
 
 impl<S: ClientService> ClientProtocolHandler<S> {
@@ -116,7 +129,14 @@ impl<S: ClientService> ClientProtocolHandler<S> {
             stream_deadline: drain_timeout,
             origin,
             memory: RequestMemory::new(NODE_REQUEST_MEMORY, max_frame),
+            authority: None,
         }
+    }
+
+    /// Requires tokens, verified by `authority`, once the node belongs to a cluster.
+    pub fn with_authority(mut self, authority: Arc<Authority>) -> Self {
+        self.authority = Some(authority);
+        self
     }
 
     /// Draws request memory from `memory` (one budget for every handler of a node).
@@ -130,6 +150,8 @@ impl<S: ClientService> ProtocolHandler for ClientProtocolHandler<S> {
     async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
         let remote = conn.remote_id().fmt_short().to_string();
         let conn_memory = self.memory.for_connection();
+        let conn_auth =
+            self.authority.clone().map(|authority| Arc::new(ConnectionAuth { authority, cached: Default::default() }));
         loop {
             let (send, recv) = match conn.accept_bi().await {
                 Ok(s) => s,
@@ -150,6 +172,7 @@ impl<S: ClientService> ProtocolHandler for ClientProtocolHandler<S> {
                 origin: self.origin,
                 deadline: self.stream_deadline,
                 memory: [conn_memory.clone(), self.memory.clone()],
+                auth: conn_auth.clone(),
             };
             self.tracker.spawn(serve_stream(self.service.clone(), send, recv, stream));
         }
@@ -177,6 +200,58 @@ struct Stream {
     deadline: Duration,
     /// The connection's budget, then the node's.
     memory: [RequestMemory; 2],
+    auth: Option<Arc<ConnectionAuth>>,
+}
+
+/// A connection's token check: the last token that verified on it, kept so that a client
+/// sending the same token on every request pays for one signature check per connection.
+#[derive(Debug)]
+struct ConnectionAuth {
+    authority: Arc<Authority>,
+    cached: std::sync::Mutex<Option<(Arc<str>, Arc<Verified>)>>,
+}
+
+impl ConnectionAuth {
+    /// The scope `token` gives, if the request needs one; `Ok(None)`: nothing to check.
+    fn check(&self, token: Option<&str>, request: &ClientRequest) -> Result<Option<Arc<Verified>>, ApiError> {
+        auth::check_not_reserved(request)?;
+        if !self.authority.enforcing() || !auth::needs_token(request) {
+            return Ok(None);
+        }
+        let Some(token) = token else {
+            return Err(ApiError::PermissionDenied(format!(
+                "a {} needs a token (aspen-cli: --token, ASPEN_TOKEN, --token-file, or a data dir's admin.token)",
+                request.kind()
+            )));
+        };
+        let denied = |e: auth::TokenError| ApiError::PermissionDenied(e.to_string());
+        let hit = {
+            let cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+            cached.as_ref().filter(|(t, _)| **t == *token).map(|(_, v)| v.clone())
+        };
+        let verified = match hit {
+            Some(v) => {
+                self.authority.recheck(&v).map_err(denied)?;
+                v
+            }
+            None => {
+                let v = Arc::new(self.authority.verify(token).map_err(denied)?);
+                *self.cached.lock().unwrap_or_else(|p| p.into_inner()) = Some((Arc::from(token), v.clone()));
+                v
+            }
+        };
+        let Some(scope) = verified.scope() else {
+            // A joining node sends its join token: it may look up the members (and join).
+            if matches!(request, ClientRequest::Members) {
+                return Ok(None);
+            }
+            return Err(ApiError::PermissionDenied(
+                "a join token is for aspen-node --join-token, not for requests".into(),
+            ));
+        };
+        auth::authorize(scope, request)?;
+        Ok(Some(verified))
+    }
 }
 
 /// Reads the request: its length, then — once its bytes are reserved — its bytes. `Ok(Err(..))`:
@@ -202,7 +277,7 @@ async fn read_request(
 }
 
 async fn serve_stream<S: ClientService>(service: Arc<S>, mut send: SendStream, mut recv: RecvStream, stream: Stream) {
-    let (origin, deadline) = (stream.origin, stream.deadline);
+    let (origin, deadline, conn_auth) = (stream.origin, stream.deadline, stream.auth.clone());
     let Ok(read) = tokio::time::timeout(deadline, read_request(&mut recv, &stream)).await else {
         tracing::debug!("a request frame did not arrive within {deadline:?}: stream reset");
         let _ = recv.stop(STREAM_REFUSED.into());
@@ -232,11 +307,28 @@ async fn serve_stream<S: ClientService>(service: Arc<S>, mut send: SendStream, m
                 "a {} is sent between the members of a cluster only, not by clients",
                 env.request.kind()
             ))),
-            Ok(env) => service.handle(env.request, env.hops).await,
-            Err(e) => {
-                tracing::debug!("malformed client request: {e}");
-                Err(ApiError::InvalidRequest(format!("malformed request frame: {e}")))
-            }
+            Ok(env) => match conn_auth.as_ref().map(|a| a.check(env.token.as_deref(), &env.request)) {
+                Some(Err(e)) => Err(e),
+                Some(Ok(Some(verified))) => {
+                    let cas_key = auth::cas_key(&env.request).map(<[u8]>::to_vec);
+                    let mut answer = service.handle(env.request, env.hops).await;
+                    if let (Some(key), Ok(response), Some(scope)) = (cas_key, answer.as_mut(), verified.scope()) {
+                        auth::redact_cas(scope, &key, response);
+                    }
+                    answer
+                }
+                Some(Ok(None)) | None => service.handle(env.request, env.hops).await,
+            },
+            Err(e) => match postcard::take_from_bytes::<u16>(&bytes) {
+                // An older (or newer) client's envelope: say so rather than "malformed".
+                Ok((version, _)) if version != CLIENT_PROTOCOL_VERSION => {
+                    Err(ApiError::UnsupportedVersion { got: version, supported: CLIENT_PROTOCOL_VERSION })
+                }
+                _ => {
+                    tracing::debug!("malformed client request: {e}");
+                    Err(ApiError::InvalidRequest(format!("malformed request frame: {e}")))
+                }
+            },
         },
         Err(FrameError::TooLarge { size, limit }) => {
             let _ = recv.stop(STREAM_REFUSED.into());

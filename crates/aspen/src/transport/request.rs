@@ -22,7 +22,7 @@ pub async fn send_request(
     request: ClientRequest,
     timeout: Duration,
 ) -> Result<ClientResult, TransportError> {
-    let frame = encode_frame(&ClientEnvelope { version: CLIENT_PROTOCOL_VERSION, hops, request })?;
+    let frame = encode_frame(&ClientEnvelope { version: CLIENT_PROTOCOL_VERSION, hops, request, token: None })?;
     let me = pool.endpoint().id();
     let exchange = async {
         fault::on_send(me, addr.id, None).await?;
