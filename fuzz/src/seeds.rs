@@ -126,9 +126,18 @@ fn client_requests() -> Vec<ClientRequest> {
             addrs: member().addrs,
             num_shards: 4,
             local_shards: vec![0, 1, 2, 3],
+            join_token: String::from_utf8(tokens()[2].clone()).expect("UTF-8"),
         }),
         ClientRequest::AddLearner { ticket: ticket().encode() },
         ClientRequest::ClusterStatus,
+        ClientRequest::AuthTokenCreate {
+            read: true,
+            write: false,
+            admin: false,
+            prefixes: vec![b"app/".to_vec()],
+            ttl_secs: Some(60),
+        },
+        ClientRequest::AuthTokenRevoke { id: 0x1234 },
     ]
 }
 
@@ -199,6 +208,31 @@ fn announcements() -> Vec<Vec<u8>> {
     out
 }
 
+/// The signing key of the `token` target's authority and seeds.
+pub const TOKEN_KEY: [u8; 32] = [7; 32];
+/// The cluster of the `token` target's authority and seeds.
+pub const TOKEN_CLUSTER: aspen::api::ClusterId = aspen::api::Id128([9; 16]);
+
+/// Tokens signed with [`TOKEN_KEY`] for [`TOKEN_CLUSTER`]: a scoped client token, an admin one
+/// with an expiry, a single-use join token.
+fn tokens() -> Vec<Vec<u8>> {
+    use aspen::auth::{Scope, TokenBody, TokenKind};
+    let key = iroh::SecretKey::from_bytes(&TOKEN_KEY);
+    let public = *key.public().as_bytes();
+    let scoped = Scope { read: true, write: true, admin: false, prefixes: vec![b"app/".to_vec(), vec![0xff, 0]] };
+    [
+        (TokenKind::Client(scoped), None),
+        (TokenKind::Client(Scope::all()), Some(3600)),
+        (TokenKind::Join { single_use: true }, Some(60)),
+    ]
+    .into_iter()
+    .map(|(kind, ttl)| {
+        let body = TokenBody::new(kind, TOKEN_CLUSTER, 1, public, ttl).expect("token body");
+        body.sign(&key).expect("sign").into_bytes()
+    })
+    .collect()
+}
+
 /// Every target's seeds, by target name.
 pub fn all() -> Vec<(&'static str, Vec<Vec<u8>>)> {
     let frame = |v: &dyn Fn() -> Vec<u8>| with_limit(v());
@@ -206,8 +240,13 @@ pub fn all() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         .into_iter()
         .map(|request| {
             frame(&|| {
-                encode_frame(&ClientEnvelope { version: CLIENT_PROTOCOL_VERSION, hops: 0, request: request.clone(), token: None })
-                    .expect("encode")
+                encode_frame(&ClientEnvelope {
+                    version: CLIENT_PROTOCOL_VERSION,
+                    hops: 0,
+                    request: request.clone(),
+                    token: None,
+                })
+                .expect("encode")
             })
         })
         .collect();
@@ -249,5 +288,6 @@ pub fn all() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         ("raft_mux_stream", raft_mux_stream),
         ("node_ticket", node_ticket),
         ("gossip_announcement", announcements()),
+        ("token", tokens()),
     ]
 }

@@ -1,6 +1,6 @@
 //! Clusters in one process over real iroh on 127.0.0.1: replication, failover, snapshots and
 //! joins ([`cluster`]), sharding ([`sharded`]), hostile input at every ALPN ([`bad_input`]) and
-//! who may connect at all ([`peers`]).
+//! who may connect at all ([`peers`]), client tokens ([`tokens`]).
 //! One test binary (one link on a 2-core CI); the tests run one at a time (`.config/nextest.toml`).
 
 #[path = "../support/mod.rs"]
@@ -10,3 +10,4 @@ mod bad_input;
 mod cluster;
 mod peers;
 mod sharded;
+mod tokens;

@@ -167,8 +167,13 @@ fn membership_commands_add_learner_promote_remove() {
     assert_eq!(v["voters"], serde_json::json!([1]));
     assert_eq!(v["learners"], serde_json::json!([2]));
     // The learner has the data (its log caught up before add-learner returned; it applies the
-    // entries a moment later) and its ticket now names the cluster it joined.
+    // entries a moment later) and its ticket now names the cluster it joined. Once it applied
+    // the cluster's signing key it writes its admin.token (what the CLI uses with --data-dir).
     let deadline = Instant::now() + Duration::from_secs(30);
+    while !n2.data_dir.join("admin.token").exists() {
+        assert!(Instant::now() < deadline, "the learner never wrote its admin.token");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     loop {
         let o = n2.cli(&["get", "--stale", "a"]);
         if o.status.code() == Some(0) {

@@ -396,7 +396,9 @@ async fn clients_on_a_shared_endpoint_close_independently() {
     // The load generator shares one endpoint between a run's clients and closes it at the end
     // of the run: a second run on the same backend (as `aspen-compare` does, row after row)
     // gets a new one.
-    let backend = aspen_bench::AspenBackend::new(vec![node.ticket()], Duration::from_secs(10)).unwrap();
+    let backend = aspen_bench::AspenBackend::new(vec![node.ticket()], Duration::from_secs(10))
+        .unwrap()
+        .with_token(Some(node.admin_token()));
     let config = aspen_bench::BenchConfig {
         clients: 3,
         stop: aspen_bench::Stop::Requests(30),
@@ -542,4 +544,84 @@ fn put_reads_the_value_from_stdin() {
     expect_code(&o, 0, "an empty value from stdin");
     let o = put_stdin("huge", &vec![b'x'; 1024 * 1024 + 1]);
     expect_code(&o, 2, "a value over the limit");
+}
+
+/// Client tokens from the command line: a ticket alone is refused (exit 4), the data dir's
+/// admin.token is admin, a scoped token allows exactly its scope, the precedence of `--token`,
+/// `ASPEN_TOKEN` and `--token-file`, listing, revoking, join tokens.
+#[test]
+fn client_tokens_from_the_cli() {
+    let root = tempfile::tempdir().unwrap();
+    let mut node = NodeProc::new(root.path(), 1);
+    node.start();
+    let ticket = node.ticket().encode();
+    // The admin token is private to the node's user.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(node.data_dir.join("admin.token")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "admin.token is 0600");
+    let elsewhere = root.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    // `aspen-cli` with only a ticket (no data dir, so no admin.token): refused, exit 4.
+    let cli = |env: &[(&str, &str)], args: &[&str]| {
+        let mut cmd = std::process::Command::new(crate::support::CLI_BIN);
+        aspen_testkit::clean_env(&mut cmd);
+        cmd.current_dir(&elsewhere).args(["--timeout", "20", "--ticket", &ticket]).envs(env.iter().copied());
+        cmd.args(args).output().unwrap()
+    };
+    expect_code(&node.cli(&["put", "app/x", "1"]), 0, "put with the data dir's admin.token");
+    let o = cli(&[], &["--json", "get", "app/x"]);
+    expect_code(&o, 4, "a ticket without a token");
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(v["error"]["kind"], "permission_denied", "{v}");
+
+    // A read-only token for app/.
+    let o = node.cli(&["--json", "auth", "token", "create", "--read", "--prefix", "app/", "--ttl", "3600"]);
+    expect_code(&o, 0, "token create");
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    let (id, token) = (v["id"].as_str().unwrap().to_string(), v["token"].as_str().unwrap().to_string());
+    assert_eq!(id.len(), 16, "{v}");
+    assert!(token.starts_with("aspentoken1"), "{v}");
+    assert_eq!(v["prefixes"], serde_json::json!(["app/"]));
+    let o = cli(&[], &["--token", &token, "get", "app/x"]);
+    expect_code(&o, 0, "read in scope");
+    assert_eq!(stdout(&o), "1\n");
+    expect_code(&cli(&[], &["--token", &token, "put", "app/x", "2"]), 4, "a write with a read-only token");
+    expect_code(&cli(&[], &["--token", &token, "get", "other"]), 4, "a read outside the prefix");
+    expect_code(&cli(&[], &["--token", &token, "cluster", "join-token"]), 4, "admin with a read token");
+    expect_code(&cli(&[("ASPEN_TOKEN", &token)], &["get", "app/x"]), 0, "ASPEN_TOKEN");
+    let file = root.path().join("tok");
+    std::fs::write(&file, format!("{token}\n")).unwrap();
+    expect_code(&cli(&[], &["--token-file", file.to_str().unwrap(), "get", "app/x"]), 0, "--token-file");
+    // Precedence: --token beats ASPEN_TOKEN, which beats --token-file.
+    let o = cli(&[("ASPEN_TOKEN", "aspentoken1garbage")], &["--token", &token, "get", "app/x"]);
+    expect_code(&o, 0, "--token beats ASPEN_TOKEN");
+    let o = cli(&[("ASPEN_TOKEN", "aspentoken1garbage")], &["--token-file", file.to_str().unwrap(), "get", "app/x"]);
+    expect_code(&o, 4, "ASPEN_TOKEN beats --token-file");
+    // --token beats the data dir's admin.token too.
+    expect_code(&node.cli(&["--token", &token, "put", "app/x", "3"]), 4, "--token beats admin.token");
+    expect_code(&cli(&[], &["--token-file", "/nonexistent", "get", "app/x"]), 2, "an unreadable --token-file");
+
+    // List, revoke, and the token is refused from then on.
+    let o = node.cli(&["auth", "token", "list"]);
+    expect_code(&o, 0, "token list");
+    assert!(stdout(&o).lines().any(|l| l.starts_with(&id) && l.contains("read\tapp/")), "{}", stdout(&o));
+    assert!(!stdout(&o).contains("aspentoken1"), "list never shows tokens: {}", stdout(&o));
+    expect_code(&node.cli(&["auth", "token", "revoke", &id]), 0, "revoke");
+    let o = cli(&[], &["--json", "--token", &token, "get", "app/x"]);
+    expect_code(&o, 4, "a revoked token");
+    assert!(stdout(&o).contains("revoked"), "{}", stdout(&o));
+    let o = node.cli(&["--json", "auth", "token", "list"]);
+    let list: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert!(list.as_array().unwrap().iter().any(|t| t["id"] == id.as_str() && t["revoked"] == true), "{list}");
+    expect_code(&node.cli(&["auth", "token", "revoke", "00000000000000ab"]), 1, "revoke an unknown id");
+    expect_code(&node.cli(&["auth", "token", "revoke", "xyz"]), 2, "revoke a malformed id");
+    expect_code(&node.cli(&["auth", "token", "create"]), 2, "a token without permissions");
+
+    // Join tokens.
+    let o = node.cli(&["cluster", "join-token", "--ttl", "60", "--single-use"]);
+    expect_code(&o, 0, "join-token");
+    assert!(stdout(&o).trim().starts_with("aspenjoin1"), "{}", stdout(&o));
+    let o = cli(&[], &["--token", stdout(&o).trim(), "get", "app/x"]);
+    expect_code(&o, 4, "a join token is no client token");
+    assert!(node.terminate().success());
 }

@@ -118,9 +118,7 @@ impl Authority {
             let trust = self.trust();
             let cluster_id =
                 trust.cluster_id.ok_or_else(|| TokenError::Invalid("this node belongs to no cluster yet".into()))?;
-            let key = trust.key.as_ref().map(|k| k.0.clone()).ok_or_else(|| {
-                TokenError::Invalid("this node does not hold the cluster's signing key yet; retry".into())
-            })?;
+            let key = trust.key.as_ref().map(|k| k.0.clone()).ok_or(TokenError::NotReady)?;
             (cluster_id, key)
         };
         let body = TokenBody::new(kind, cluster_id, self.node_id, *key.public().as_bytes(), ttl_secs)?;

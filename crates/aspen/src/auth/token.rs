@@ -142,6 +142,9 @@ pub enum TokenError {
     Revoked,
     #[error("{0}")]
     Invalid(String),
+    /// This node cannot check tokens yet (it has not received the cluster's signing key).
+    #[error("this node does not hold the cluster's signing key yet; retry")]
+    NotReady,
 }
 
 /// A token id as printed: 16 lower-case hex digits.

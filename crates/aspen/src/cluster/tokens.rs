@@ -101,7 +101,10 @@ fn internal_session() -> WriteSession {
 }
 
 fn token_error(e: crate::auth::TokenError) -> ApiError {
-    ApiError::InvalidRequest(e.to_string())
+    match e {
+        crate::auth::TokenError::NotReady => ApiError::Unavailable(e.to_string()),
+        e => ApiError::InvalidRequest(e.to_string()),
+    }
 }
 
 impl NodeService {
@@ -144,15 +147,28 @@ impl NodeService {
         Some(iroh::SecretKey::from_bytes(&bytes))
     }
 
-    /// Loads the cluster's key into the authority if this node's shard 0 holds it.
+    /// Loads the cluster's key into the authority: this node's recorded copy (metadata), else
+    /// its replica of shard 0 (then recorded). Whether it has the key now.
     fn load_cluster_key(&self) -> bool {
+        if let Ok(Some(bytes)) = self.metadata.signing_key() {
+            self.authority.set_key(iroh::SecretKey::from_bytes(&bytes));
+            return true;
+        }
         match self.local_cluster_key() {
             Some(key) => {
-                self.authority.set_key(key);
+                self.keep_cluster_key(&key);
                 true
             }
             None => false,
         }
+    }
+
+    /// Uses `key` from now on and records it in this node's metadata.
+    fn keep_cluster_key(&self, key: &iroh::SecretKey) {
+        if let Err(e) = self.metadata.set_signing_key(&key.to_bytes()) {
+            tracing::warn!("could not record the cluster's signing key in the metadata store: {e}");
+        }
+        self.authority.set_key(key.clone());
     }
 
     /// Makes the cluster's signing key unless there is one (a compare-and-swap on shard 0), and
@@ -167,7 +183,7 @@ impl NodeService {
             }
             other => return Err(ApiError::Internal(format!("a compare-and-swap was answered with {other:?}"))),
         };
-        self.authority.set_key(iroh::SecretKey::from_bytes(&key));
+        self.keep_cluster_key(&iroh::SecretKey::from_bytes(&key));
         Ok(())
     }
 
@@ -361,8 +377,11 @@ impl NodeService {
                         }
                     }
                 }
+                // Faster while a member waits for the cluster's key (an added node that caught up).
+                let member = this.cluster_id() != crate::api::ClusterId::default();
+                let wait = if member && !this.authority.has_key() { REFRESH_EVERY / 5 } else { REFRESH_EVERY };
                 tokio::select! {
-                    _ = tokio::time::sleep(REFRESH_EVERY) => {}
+                    _ = tokio::time::sleep(wait) => {}
                     _ = shutdown.cancelled() => return,
                 }
             }

@@ -1,5 +1,7 @@
 //! The node's metadata store (`<data-dir>/metadata.db`, redb): cluster id and name, node id and
-//! `num_shards`, recorded when the node initializes or joins a cluster and checked on restart.
+//! `num_shards`, recorded when the node initializes or joins a cluster and checked on restart;
+//! and this node's copy of the cluster's token signing key (kept in shard 0, which a restarted
+//! node may not have re-applied yet: tokens verify from the first request after a restart).
 //!
 //! Every write is durable (fsync): this is the node's identity in the cluster.
 
@@ -19,6 +21,7 @@ const KEY_CLUSTER_ID: &str = "cluster_id";
 const KEY_CLUSTER_NAME: &str = "cluster_name";
 const KEY_NODE_ID: &str = "node_id";
 const KEY_NUM_SHARDS: &str = "num_shards";
+const KEY_SIGNING_KEY: &str = "signing_key";
 
 /// What the metadata store records about this node's cluster.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,6 +70,19 @@ impl MetadataStore {
         }))
     }
 
+    /// This node's copy of the cluster's signing key, if it recorded one.
+    pub fn signing_key(&self) -> Result<Option<[u8; 32]>, StorageError> {
+        self.get(KEY_SIGNING_KEY)
+    }
+
+    /// Records this node's copy of the cluster's signing key (durably).
+    pub fn set_signing_key(&self, key: &[u8; 32]) -> Result<(), StorageError> {
+        let txn = begin_write(&self.db, Durability::Immediate)?;
+        txn.open_table(META)?.insert(KEY_SIGNING_KEY, postcard::to_stdvec(key)?.as_slice())?;
+        txn.commit()?;
+        Ok(())
+    }
+
     /// Records the identity (durably, in one transaction).
     pub fn set_identity(&self, id: &ClusterIdentity) -> Result<(), StorageError> {
         fn put<T: Serialize>(t: &mut redb::Table<'_, &str, &[u8]>, k: &str, v: &T) -> Result<(), StorageError> {
@@ -100,6 +116,11 @@ mod tests {
             ClusterIdentity { cluster_id: ClusterId::random(), cluster_name: "c".into(), node_id: 4, num_shards: 1 };
         store.set_identity(&id).unwrap();
         drop(store);
-        assert_eq!(MetadataStore::open(&path).unwrap().identity().unwrap(), Some(id));
+        let store = MetadataStore::open(&path).unwrap();
+        assert_eq!(store.identity().unwrap(), Some(id));
+        assert_eq!(store.signing_key().unwrap(), None);
+        store.set_signing_key(&[7; 32]).unwrap();
+        drop(store);
+        assert_eq!(MetadataStore::open(&path).unwrap().signing_key().unwrap(), Some([7; 32]));
     }
 }

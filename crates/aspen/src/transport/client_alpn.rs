@@ -224,7 +224,11 @@ impl ConnectionAuth {
                 request.kind()
             )));
         };
-        let denied = |e: auth::TokenError| ApiError::PermissionDenied(e.to_string());
+        let denied = |e: auth::TokenError| match e {
+            // Retryable: the node is catching up, the token may be fine.
+            auth::TokenError::NotReady => ApiError::Unavailable(e.to_string()),
+            e => ApiError::PermissionDenied(e.to_string()),
+        };
         let hit = {
             let cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
             cached.as_ref().filter(|(t, _)| **t == *token).map(|(_, v)| v.clone())
