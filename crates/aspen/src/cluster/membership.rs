@@ -303,7 +303,7 @@ impl NodeService {
         }
         let mut last = String::new();
         for target in targets.iter().cycle().take(targets.len() * 2) {
-            match self.move_leader_attempt(shard_id, *target).await {
+            match self.hand_over(shard_id, *target, false).await {
                 Ok(_) | Err(ApiError::NotLeader { .. }) => {}
                 Err(e) => last = e.to_string(),
             }

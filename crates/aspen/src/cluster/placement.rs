@@ -1,6 +1,12 @@
 //! Leader placement: `cluster move-leader` (a hand-over run on the shard's leader: pause
 //! heartbeats until the followers' lease lapses, ask the target to campaign; openraft 0.9 has no
 //! transfer call) and `cluster balance-leaders` (spread shard leaders evenly over the voters).
+//!
+//! A hand-over pauses the shard's writes for about two election timeouts, so they are
+//! rate-limited (besides needing an admin token): a leader runs one hand-over of a shard at a
+//! time, and starts the next only after one election timeout (max) of normal service since the
+//! last one ended; an attempt before that is refused as retryable (`move_leader` retries until
+//! its deadline).
 
 use std::{
     collections::BTreeMap,
@@ -53,6 +59,12 @@ impl NodeService {
     /// followers' leader lease lapses, ask the target to campaign, resume heartbeats.
     /// (openraft 0.9 has no leadership transfer call.)
     pub(super) async fn move_leader_attempt(&self, shard_id: ShardId, node_id: NodeId) -> ClientResult {
+        self.hand_over(shard_id, node_id, true).await
+    }
+
+    /// [`Self::move_leader_attempt`]; `spaced`: keep the rate limit's gap after the last
+    /// hand-over (a removal, which must hand over first, does not wait for it).
+    pub(super) async fn hand_over(&self, shard_id: ShardId, node_id: NodeId, spaced: bool) -> ClientResult {
         let shard = self.store.local(shard_id)?;
         if shard.leader() == Some(node_id) {
             return Ok(self.leaders());
@@ -67,6 +79,8 @@ impl NodeService {
             .ok_or_else(|| ApiError::InvalidRequest(format!("node {node_id} has no known address")))?;
         let raft = shard.raft();
         let lease = Duration::from_millis(raft.config().election_timeout_max);
+        let gap = if spaced { lease } else { Duration::ZERO };
+        let _slot = HandoverSlot::take(&self.handovers, shard_id, gap)?;
         // Under load, every client write and linearizable read sends AppendEntries, which renew
         // the followers' leader lease: they would refuse to vote for the target and this node
         // would win the next election again. So hold new writes and reads, let the target catch
@@ -130,5 +144,69 @@ impl NodeService {
             self.move_leader(shard, idlest).await?;
         }
         Ok(self.leaders())
+    }
+}
+
+/// Where a shard's last hand-over run by this node stands.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Handover {
+    Running,
+    EndedAt(Instant),
+}
+
+/// This node's hand-overs by shard.
+pub(super) type Handovers = std::sync::Mutex<std::collections::HashMap<ShardId, Handover>>;
+
+/// A running hand-over of one shard; marks it ended when dropped.
+struct HandoverSlot<'a> {
+    handovers: &'a Handovers,
+    shard: ShardId,
+}
+
+impl<'a> HandoverSlot<'a> {
+    /// Starts a hand-over of `shard` unless one runs, or one ended less than `gap` ago.
+    fn take(handovers: &'a Handovers, shard: ShardId, gap: Duration) -> Result<Self, ApiError> {
+        let mut map = handovers.lock().unwrap_or_else(|p| p.into_inner());
+        match map.get(&shard) {
+            Some(Handover::Running) => {
+                return Err(ApiError::Unavailable(format!("a leader move of shard {shard} is running; retry")))
+            }
+            Some(Handover::EndedAt(t)) if t.elapsed() < gap => {
+                return Err(ApiError::Unavailable(format!(
+                    "shard {shard} handed its leadership over {:?} ago; leader moves are limited to one per {gap:?} \
+                     of normal service: retry",
+                    t.elapsed()
+                )))
+            }
+            _ => {}
+        }
+        map.insert(shard, Handover::Running);
+        Ok(HandoverSlot { handovers, shard })
+    }
+}
+
+impl Drop for HandoverSlot<'_> {
+    fn drop(&mut self) {
+        let mut map = self.handovers.lock().unwrap_or_else(|p| p.into_inner());
+        map.insert(self.shard, Handover::EndedAt(Instant::now()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hand_overs_of_a_shard_run_one_at_a_time_and_apart() {
+        let handovers = Handovers::default();
+        let gap = Duration::from_millis(200);
+        let first = HandoverSlot::take(&handovers, 1, gap).expect("the first hand-over runs");
+        assert!(HandoverSlot::take(&handovers, 1, gap).is_err(), "a second one while it runs is refused");
+        let other = HandoverSlot::take(&handovers, 2, gap).expect("another shard's is independent");
+        drop(first);
+        assert!(matches!(HandoverSlot::take(&handovers, 1, gap), Err(ApiError::Unavailable(_))), "too soon after");
+        std::thread::sleep(gap);
+        assert!(HandoverSlot::take(&handovers, 1, gap).is_ok(), "after the gap it runs again");
+        drop(other);
     }
 }

@@ -52,6 +52,8 @@ pub struct NodeService {
     pub(super) claim: Arc<super::claim::Claim>,
     /// Issues and verifies tokens (`crate::auth`); kept current by `cluster::tokens`.
     pub(super) authority: Arc<crate::auth::Authority>,
+    /// Leader hand-overs this node ran, by shard (`cluster::placement`'s rate limit).
+    pub(super) handovers: super::placement::Handovers,
     /// This node's admin token, until it is recorded in shard 0 (`cluster::tokens`).
     pub(super) unrecorded: std::sync::Mutex<Option<crate::api::TokenInfo>>,
 }
@@ -94,6 +96,7 @@ impl NodeService {
             claim,
             authority,
             unrecorded: Default::default(),
+            handovers: Default::default(),
         }
     }
 
