@@ -211,6 +211,23 @@ async fn hostile_clients_are_refused_every_request_and_change_nothing() {
     let r = admin.revoke_token(0x1234).await;
     assert!(matches!(r, Err(ClientError::Api(ApiError::InvalidRequest(ref m))) if m.contains("no token")), "{r:?}");
 
+    // Sessions are bound to their token: another token naming the same session id and sequence
+    // number gets its own session (its write applies), not the first one's recorded answer.
+    let (_, other_writer) = admin.create_token(true, true, false, vec![], None).await.unwrap();
+    let other_writer = client(&nodes[1], Some(&other_writer)).await;
+    let shared = WriteSession { client_id: Id128([42; 16]), seq: 1 };
+    let put = |v: &str| ClientRequest::Write {
+        session: shared,
+        command: WriteCommand::Put { key: b"sess".to_vec(), value: v.as_bytes().to_vec() },
+    };
+    admin.request(put("from-admin")).await.unwrap();
+    other_writer.request(put("from-other")).await.unwrap();
+    assert_eq!(admin.get("sess").await.unwrap().map(|kv| kv.value), Some(b"from-other".to_vec()));
+    // The same token retrying the same session and number is answered, not applied again.
+    admin.request(put("from-admin")).await.unwrap();
+    assert_eq!(admin.get("sess").await.unwrap().map(|kv| kv.value), Some(b"from-other".to_vec()));
+    other_writer.close().await;
+
     // The reserved keyspace: not readable or writable by any client, not in scans, and a delete
     // of every key leaves the cluster's records (tokens keep working).
     let reserved = b"\x00aspen/cluster-key".to_vec();

@@ -277,6 +277,21 @@ fn check_scan_range(scope: &Scope, s: &ScanRequest) -> Result<(), ApiError> {
     }
 }
 
+/// Binds a write's exactly-once session to the token that sent it: the session id the cluster
+/// records is a hash of the token id and the id the client chose. A client so cannot name —
+/// and answer or disturb — another token's sessions, whatever ids it picks; its retries (same
+/// token, same id) keep finding their session on any node.
+pub fn bind_session(token_id: u64, request: &mut ClientRequest) {
+    if let ClientRequest::Write { session, .. } = request {
+        let mut h = blake3::Hasher::new_derive_key("aspen session of a token v1");
+        h.update(&token_id.to_le_bytes());
+        h.update(&session.client_id.0);
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&h.finalize().as_bytes()[..16]);
+        session.client_id = crate::api::Id128(id);
+    }
+}
+
 /// The key of a compare-and-swap request (its answer may need [`redact_cas`]).
 pub fn cas_key(request: &ClientRequest) -> Option<&[u8]> {
     match request {
@@ -327,6 +342,23 @@ mod tests {
         });
         assert!(authorize(&rw_a, &txn).is_ok());
         assert!(authorize(&write_only, &txn).is_err(), "a compare reads");
+    }
+
+    #[test]
+    fn sessions_are_bound_to_their_token() {
+        let put = || write(WriteCommand::Put { key: b"k".to_vec(), value: vec![] });
+        let session = |r: &ClientRequest| match r {
+            ClientRequest::Write { session, .. } => *session,
+            _ => unreachable!(),
+        };
+        let (mut a, mut a_again, mut b) = (put(), put(), put());
+        bind_session(1, &mut a);
+        bind_session(1, &mut a_again);
+        bind_session(2, &mut b);
+        assert_eq!(session(&a), session(&a_again), "a retry with the same token finds its session");
+        assert_ne!(session(&a).client_id, session(&b).client_id, "another token cannot name it");
+        assert_ne!(session(&a).client_id, session(&put()).client_id, "the client's own id is not used as is");
+        assert_eq!(session(&a).seq, 1, "the sequence number is kept");
     }
 
     #[test]

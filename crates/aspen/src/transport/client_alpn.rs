@@ -13,9 +13,10 @@
 //!
 //! Tokens (client ALPN only): once the node belongs to a cluster, every request but a join or
 //! `cluster init` needs a token ([`crate::auth`]). A connection verifies a token once (signature,
-//! cluster, issuer) and keeps it; every request re-checks expiry, revocation and the issuer's
-//! membership, and whether the token's scope allows it. Refusals are
-//! [`ApiError::PermissionDenied`]. Keys under the reserved prefix are refused to clients.
+//! cluster, signing key) and keeps it; every request re-checks expiry and revocation, and
+//! whether the token's scope allows it. Refusals are
+//! [`ApiError::PermissionDenied`]. Keys under the reserved prefix are refused to clients. A
+//! write's session id is bound to its token ([`auth::bind_session`]) before it is routed.
 //!
 //! Bad input (random bytes, a truncated or oversized frame, an unknown request variant, an old
 //! protocol version) gets a typed [`ApiError`] on that stream, or that stream closed; the
@@ -315,7 +316,9 @@ async fn serve_stream<S: ClientService>(service: Arc<S>, mut send: SendStream, m
                 Some(Err(e)) => Err(e),
                 Some(Ok(Some(verified))) => {
                     let cas_key = auth::cas_key(&env.request).map(<[u8]>::to_vec);
-                    let mut answer = service.handle(env.request, env.hops).await;
+                    let mut request = env.request;
+                    auth::bind_session(verified.body.id, &mut request);
+                    let mut answer = service.handle(request, env.hops).await;
                     if let (Some(key), Ok(response), Some(scope)) = (cas_key, answer.as_mut(), verified.scope()) {
                         auth::redact_cas(scope, &key, response);
                     }
