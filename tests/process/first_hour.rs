@@ -98,6 +98,46 @@ fn a_joining_node_logs_its_retries_and_stops_on_sigterm() {
     assert!(text.contains("SIGINT: shutting down"), "{text}");
 }
 
+/// A fresh node's join without a join token, or with one the cluster refuses, stops at once
+/// with exit 2 and one line saying why (no endless retry); with a valid one it joins.
+#[test]
+fn a_join_needs_a_valid_join_token() {
+    let root = tempfile::tempdir().unwrap();
+    let mut n1 = NodeProc::new(root.path(), 1);
+    n1.start();
+    let ticket = n1.ticket().encode();
+    let expired = {
+        let o = n1.cli(&["cluster", "join-token", "--ttl", "1"]);
+        expect_code(&o, 0, "join-token --ttl 1");
+        stdout(&o).trim().to_string()
+    };
+    std::thread::sleep(Duration::from_millis(2100));
+    let cases: [(&[&str], &str); 4] = [
+        (&[], "no join token"),
+        (&["--join-token", "aspenjoin1nonsense"], "malformed token"),
+        (&["--join-token", &expired], "the token expired"),
+        (&["--join-token", &n1.admin_token()], "not a join token"),
+    ];
+    for (i, (extra, why)) in cases.iter().enumerate() {
+        let node = NodeProc::new(root.path(), 10 + i as u64);
+        let out = node
+            .command()
+            .args(["--join", &ticket])
+            .args(*extra)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{why}: {err}");
+        assert!(err.contains("join refused") && err.contains(why), "{why}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    }
+    let mut n2 = NodeProc::new(root.path(), 2);
+    n2.extra_args = vec!["--join".into(), ticket, "--join-token".into(), n1.join_token()];
+    n2.start();
+    expect_code(&n2.cli(&["put", "k", "v"]), 0, "the joined node serves, with its own admin.token");
+}
+
 /// `--join` on a data dir that already belongs to a cluster: another cluster's ticket is refused
 /// (exit 2, saying what to do); its own cluster's ticket is ignored with a log line.
 #[test]
