@@ -92,6 +92,12 @@ const DIGEST_SESSION_CONTEXT: &str = "aspen state digest v1 session";
 pub const SESSION_TTL_MS: u64 = 60 * 60 * 1000;
 /// At most this many sessions are remembered; the least recently used go first.
 pub const MAX_SESSIONS: u64 = 100_000;
+/// At most this many sessions per namespace — a session id's high 64 bits, which for a client's
+/// session are its token's id (`auth::bind_session`): one token's new sessions beyond it push
+/// out one of that token's own sessions, never another token's.
+pub const MAX_SESSIONS_PER_TOKEN: u64 = 10_000;
+/// namespace → how many sessions it holds (derived from `sessions`, rebuilt with it).
+const SESSION_NS: TableDefinition<u64, u64> = TableDefinition::new("session_ns");
 
 const SNAPSHOT_FILE: &str = "snapshot.bin";
 
@@ -408,6 +414,11 @@ impl RedbStateMachine {
         {
             let kv = txn.open_table(KV)?;
             let sessions = txn.open_table(SESSIONS)?;
+            let mut ns = txn.open_table(SESSION_NS)?;
+            // Written before per-token session counts existed: count what it holds.
+            if ns.is_empty()? && !sessions.is_empty()? {
+                count_namespaces(&sessions, &mut ns)?;
+            }
             let mut meta = txn.open_table(META)?;
             // A new database, or one written before digests existed: sum what it holds.
             if read_sum(&meta)?.is_none() {
@@ -498,6 +509,7 @@ fn apply_entries(db: &redb::Database, entries: Vec<Entry>) -> Result<Vec<ApplyRe
         let mut kv = txn.open_table(KV)?;
         let mut sessions = txn.open_table(SESSIONS)?;
         let mut ages = txn.open_table(SESSION_AGE)?;
+        let mut ns = txn.open_table(SESSION_NS)?;
         let mut meta = txn.open_table(META)?;
         let mut clock: u64 = read_meta(&meta, KEY_CLOCK)?.unwrap_or(0);
         let mut sum = read_sum(&meta)?.ok_or_else(|| StorageError::Corrupt("state digest sum missing".into()))?;
@@ -519,9 +531,14 @@ fn apply_entries(db: &redb::Database, entries: Vec<Entry>) -> Result<Vec<ApplyRe
                         // Expire per write (not per apply call): replicas hand entries to apply
                         // in different groups, and every replica must make the same dedup
                         // decision for every write.
-                        expire_sessions(&mut sessions, &mut ages, &mut sum, clock)?;
-                        let mut tables =
-                            WriteTables { kv: &mut kv, sessions: &mut sessions, ages: &mut ages, sum: &mut sum };
+                        expire_sessions(&mut sessions, &mut ages, &mut ns, &mut sum, clock)?;
+                        let mut tables = WriteTables {
+                            kv: &mut kv,
+                            sessions: &mut sessions,
+                            ages: &mut ages,
+                            ns: &mut ns,
+                            sum: &mut sum,
+                        };
                         outcomes.push(apply_write(&mut tables, log_id.index, req)?);
                     }
                     results.push(ApplyResult(outcomes));
@@ -544,13 +561,76 @@ fn apply_entries(db: &redb::Database, entries: Vec<Entry>) -> Result<Vec<ApplyRe
 type KvTable<'t> = redb::Table<'t, &'static [u8], &'static [u8]>;
 type SessionTable<'t> = redb::Table<'t, u128, &'static [u8]>;
 type AgeTable<'t> = redb::Table<'t, (u64, u128), ()>;
+type NsTable<'t> = redb::Table<'t, u64, u64>;
 
 /// The tables a write changes, and the digest sum kept in step with them.
 struct WriteTables<'a, 't> {
     kv: &'a mut KvTable<'t>,
     sessions: &'a mut SessionTable<'t>,
     ages: &'a mut AgeTable<'t>,
+    ns: &'a mut NsTable<'t>,
     sum: &'a mut DigestSum,
+}
+
+/// The namespace of a session id: its high 64 bits (a client's token id).
+fn namespace(client: u128) -> u64 {
+    (client >> 64) as u64
+}
+
+/// Adds `delta` (±1) to `client`'s namespace count; a count of 0 is removed.
+fn count_session(ns: &mut NsTable<'_>, client: u128, delta: i64) -> Result<u64, StorageError> {
+    let key = namespace(client);
+    let now = ns.get(key)?.map(|v| v.value()).unwrap_or(0);
+    let next = now.saturating_add_signed(delta);
+    if next == 0 {
+        ns.remove(key)?;
+    } else {
+        ns.insert(key, next)?;
+    }
+    Ok(next)
+}
+
+/// Counts the sessions of every namespace into `ns` (empty before).
+fn count_namespaces(
+    sessions: &impl ReadableTable<u128, &'static [u8]>,
+    ns: &mut NsTable<'_>,
+) -> Result<(), StorageError> {
+    let mut counts: std::collections::BTreeMap<u64, u64> = Default::default();
+    for item in sessions.iter()? {
+        *counts.entry(namespace(item?.0.value())).or_default() += 1;
+    }
+    for (k, n) in counts {
+        ns.insert(k, n)?;
+    }
+    Ok(())
+}
+
+/// Forgets one session of `client`'s namespace other than `client` (the lowest id: session ids
+/// of a token are hashes, so effectively any one of them).
+fn evict_one_of_namespace(t: &mut WriteTables<'_, '_>, client: u128) -> Result<(), StorageError> {
+    let key = namespace(client);
+    let (lo, hi) = ((key as u128) << 64, ((key as u128) << 64) | u64::MAX as u128);
+    let victim = {
+        let mut range = t.sessions.range(lo..=hi)?;
+        loop {
+            match range.next() {
+                Some(item) => {
+                    let (k, v) = item?;
+                    if k.value() != client {
+                        break Some((k.value(), postcard::from_bytes::<SessionRecord>(v.value())?));
+                    }
+                }
+                None => break None,
+            }
+        }
+    };
+    if let Some((id, rec)) = victim {
+        t.sessions.remove(id)?;
+        t.ages.remove((rec.last_seen_ms, id))?;
+        t.sum.sub(&session_item_hash(id, &rec)?);
+        count_session(t.ns, id, -1)?;
+    }
+    Ok(())
 }
 
 fn apply_write(t: &mut WriteTables<'_, '_>, revision: u64, req: WriteRequest) -> Result<WriteOutcome, StorageError> {
@@ -624,6 +704,8 @@ fn apply_write(t: &mut WriteTables<'_, '_>, revision: u64, req: WriteRequest) ->
     if let Some(prev) = &previous {
         t.ages.remove((prev.last_seen_ms, client))?;
         t.sum.sub(&session_item_hash(client, prev)?);
+    } else if count_session(t.ns, client, 1)? > MAX_SESSIONS_PER_TOKEN {
+        evict_one_of_namespace(t, client)?;
     }
     let record = SessionRecord { seq: req.session.seq, outcome: outcome.clone(), last_seen_ms: req.timestamp_ms };
     t.sum.add(&session_item_hash(client, &record)?);
@@ -714,6 +796,7 @@ fn all_hold(kv: &KvTable<'_>, compares: &[Compare]) -> Result<bool, StorageError
 fn expire_sessions(
     sessions: &mut SessionTable<'_>,
     ages: &mut AgeTable<'_>,
+    ns: &mut NsTable<'_>,
     sum: &mut DigestSum,
     clock: u64,
 ) -> Result<(), StorageError> {
@@ -734,6 +817,7 @@ fn expire_sessions(
         };
         if let Some(rec) = expired {
             sum.sub(&session_item_hash(oldest.1, &rec)?);
+            count_session(ns, oldest.1, -1)?;
         }
     }
     Ok(())
@@ -766,6 +850,7 @@ fn install_payload(db: &redb::Database, meta: &SnapshotMeta, data: &[u8]) -> Res
     txn.delete_table(KV)?;
     txn.delete_table(SESSIONS)?;
     txn.delete_table(SESSION_AGE)?;
+    txn.delete_table(SESSION_NS)?;
     {
         let mut kv = txn.open_table(KV)?;
         for (k, v) in &payload.kv {
@@ -777,6 +862,7 @@ fn install_payload(db: &redb::Database, meta: &SnapshotMeta, data: &[u8]) -> Res
             sessions.insert(*id, postcard::to_stdvec(rec)?.as_slice())?;
             ages.insert((rec.last_seen_ms, *id), ())?;
         }
+        count_namespaces(&sessions, &mut txn.open_table(SESSION_NS)?)?;
         // From the tables just written, not the payload: a payload that repeats a key must
         // count it once, as the table does.
         let sum = sum_of_tables(&kv, &sessions)?;

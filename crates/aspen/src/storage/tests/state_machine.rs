@@ -481,3 +481,55 @@ async fn prefix_deletes_and_txns_replay_to_the_same_state() {
     assert_eq!(get(&a.reader(), "c"), Some(kv("c", b"z", 7, 10, 2)));
     assert_eq!(a.fingerprint().unwrap(), b.fingerprint().unwrap());
 }
+
+/// A session id in namespace (token) `ns`, number `n` within it.
+fn token_client(ns: u64, n: u64) -> Id128 {
+    let mut id = [0u8; 16];
+    id[..8].copy_from_slice(&ns.to_be_bytes());
+    id[8..].copy_from_slice(&n.to_be_bytes());
+    Id128(id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tokens_sessions_push_out_only_its_own() {
+    use crate::storage::state_machine::MAX_SESSIONS_PER_TOKEN;
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = open_sm(dir.path());
+    // Another token's session, older than everything the hostile token does.
+    let victim = request(token_client(1, 1), 1, put_cmd("v", b"1"));
+    assert_eq!(apply_write(&mut sm, normal(1, 1, victim.clone())).await, WriteOutcome::Put { revision: 1 });
+    // Token 2 opens more sessions than its share, 500 writes per entry.
+    let total = MAX_SESSIONS_PER_TOKEN + 50;
+    let mut index = 1;
+    for chunk in (0..total).collect::<Vec<_>>().chunks(500) {
+        index += 1;
+        let writes = chunk.iter().map(|n| request(token_client(2, *n), 1, put_cmd("h", b"x"))).collect();
+        apply(&mut sm, vec![Entry { log_id: log_id(1, index), payload: EntryPayload::Normal(WriteBatch(writes)) }])
+            .await;
+    }
+    let last_hostile_entry = index;
+    // The other token's session is still known: its retry is answered, not applied again.
+    index += 1;
+    assert_eq!(apply_write(&mut sm, normal(1, index, victim)).await, WriteOutcome::Put { revision: 1 });
+    // Token 2 holds exactly its share; its newest session is known.
+    let reader = sm.reader();
+    let digest = reader.digest().unwrap();
+    assert_eq!(digest, reader.recompute_digest().unwrap(), "the digest follows the evictions");
+    index += 1;
+    let newest = request(token_client(2, total - 1), 1, put_cmd("h", b"y"));
+    assert_eq!(
+        apply_write(&mut sm, normal(1, index, newest)).await,
+        WriteOutcome::Put { revision: last_hostile_entry },
+        "token 2's newest session is known (its retry is answered)"
+    );
+    // One of its first sessions was pushed out: a retry of it applies again (at this index).
+    index += 1;
+    let first = request(token_client(2, 0), 1, put_cmd("h", b"z"));
+    assert_eq!(apply_write(&mut sm, normal(1, index, first)).await, WriteOutcome::Put { revision: index });
+    drop((sm, reader));
+    // Reopened (and counted again if the counts were missing), the same holds.
+    let mut sm = open_sm(dir.path());
+    index += 1;
+    let victim = request(token_client(1, 1), 1, put_cmd("v", b"1"));
+    assert_eq!(apply_write(&mut sm, normal(1, index, victim)).await, WriteOutcome::Put { revision: 1 });
+}
