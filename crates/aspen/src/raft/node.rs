@@ -67,6 +67,9 @@ pub struct RaftNode {
     /// linearizable reads wait (they would send AppendEntries, which renew the followers' leader
     /// lease, and no follower would then vote for the hand-over's target).
     handover: Arc<std::sync::atomic::AtomicBool>,
+    /// The session clock this node stamps writes with while it leads: the applied clock when
+    /// it became leader of `term`, plus the time its monotonic clock has run since.
+    stamp: Arc<std::sync::Mutex<Option<LeaderClock>>>,
     /// Fault injection only: serve linearizable reads from local state without ReadIndex.
     #[cfg(feature = "fault-injection")]
     broken_reads: Arc<std::sync::atomic::AtomicBool>,
@@ -80,6 +83,41 @@ impl std::fmt::Debug for RaftNode {
 
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// How a leader stamps writes with the shard's session clock (§7): from the clock its state
+/// machine had applied when it took over, advanced by its own monotonic clock. A leader whose
+/// wall clock is far off cannot move the session clock faster than time passes (it would
+/// expire every idle session at once); only a cluster's first leader reads its wall clock.
+#[derive(Clone, Copy, Debug)]
+struct LeaderClock {
+    term: u64,
+    base_ms: u64,
+    since: Instant,
+}
+
+impl LeaderClock {
+    /// The stamp at `now` in `term`: `applied()` (the applied clock; 0: none yet, then
+    /// `wall()`) when the term is new to `slot`, else the term's base plus the time since.
+    fn stamp(
+        slot: &mut Option<LeaderClock>,
+        term: u64,
+        applied: impl FnOnce() -> u64,
+        wall: impl FnOnce() -> u64,
+        now: Instant,
+    ) -> u64 {
+        match *slot {
+            Some(c) if c.term == term => c.base_ms + now.saturating_duration_since(c.since).as_millis() as u64,
+            _ => {
+                let base_ms = match applied() {
+                    0 => wall(),
+                    a => a,
+                };
+                *slot = Some(LeaderClock { term, base_ms, since: now });
+                base_ms
+            }
+        }
+    }
 }
 
 /// Resumes writes and linearizable reads paused by [`RaftNode::pause_for_handover`] when dropped.
@@ -157,6 +195,7 @@ impl RaftNode {
             leader_contact_ms: Arc::new(AtomicU64::new(0)),
             epoch: Instant::now(),
             handover: Default::default(),
+            stamp: Default::default(),
             #[cfg(feature = "fault-injection")]
             broken_reads: Default::default(),
         })
@@ -307,11 +346,18 @@ impl RaftNode {
         }
     }
 
+    /// The session clock for a write proposed now (see [`LeaderClock`]).
+    fn session_clock(&self) -> u64 {
+        let term = self.raft.metrics().borrow().current_term;
+        let mut stamp = self.stamp.lock().unwrap_or_else(|p| p.into_inner());
+        LeaderClock::stamp(&mut stamp, term, || self.reader.clock().unwrap_or(0), now_ms, Instant::now())
+    }
+
     /// Proposes a write and waits for its outcome (applied on this node, committed on a quorum).
     /// Concurrent writes are proposed together, in one log entry.
     pub async fn write(&self, session: WriteSession, command: WriteCommand) -> Result<WriteOutcome, ApiError> {
         self.with_leader(|| {
-            let req = WriteRequest { session, command: command.clone(), timestamp_ms: now_ms() };
+            let req = WriteRequest { session, command: command.clone(), timestamp_ms: self.session_clock() };
             async move {
                 if self.handing_over() {
                     return Ok(None);
@@ -501,3 +547,25 @@ fn map_membership<T>(r: Result<T, RaftError<u64, ClientWriteError<u64, MemberNod
 
 /// A shard whose state machine trails its log by more than this is reported unhealthy.
 pub const APPLY_LAG_LIMIT: u64 = 10_000;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_leaders_wall_clock_cannot_move_the_session_clock() {
+        let start = Instant::now();
+        let years_ahead = || 10 * 365 * 24 * 3_600_000 + now_ms();
+        let mut slot = None;
+        // A new leader starts from the applied clock, whatever its wall clock says.
+        assert_eq!(LeaderClock::stamp(&mut slot, 3, || 5_000, years_ahead, start), 5_000);
+        // Then it advances with its monotonic clock only.
+        let later = start + Duration::from_millis(1_500);
+        assert_eq!(LeaderClock::stamp(&mut slot, 3, || unreachable!(), years_ahead, later), 6_500);
+        // The next term starts again from what was applied.
+        assert_eq!(LeaderClock::stamp(&mut slot, 4, || 6_000, years_ahead, later), 6_000);
+        // Only a cluster's very first leader (nothing applied) reads its wall clock.
+        let mut fresh = None;
+        assert_eq!(LeaderClock::stamp(&mut fresh, 1, || 0, || 42, start), 42);
+    }
+}

@@ -205,6 +205,13 @@ impl StateReader {
         read_meta(&table, KEY_LAST_APPLIED)
     }
 
+    /// The session clock applied so far (ms; 0: no write applied yet).
+    pub fn clock(&self) -> Result<u64, StorageError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(META)?;
+        Ok(read_meta(&table, KEY_CLOCK)?.unwrap_or(0))
+    }
+
     /// Number of keys stored.
     pub fn key_count(&self) -> Result<u64, StorageError> {
         let txn = self.db.begin_read()?;
