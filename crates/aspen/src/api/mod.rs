@@ -9,6 +9,7 @@
 pub mod frame;
 pub mod raft;
 pub mod raft_rpc;
+pub mod routing;
 pub mod ticket;
 
 use std::fmt;
@@ -363,11 +364,21 @@ pub struct TxnResponse {
 
 /// A client's session for exactly-once writes: a random id and a sequence number that grows by
 /// one with every new write of that session. A session has at most one write in flight.
+///
+/// Sequence numbers above [`STRICT_SEQ_BASE`] are numbered per shard (`STRICT_SEQ_BASE + 1` is a
+/// session's first write to its shard): a shard that does not know such a session refuses any
+/// later number with [`WriteOutcome::UnknownSession`] — it forgot the session, and applying a
+/// retry could apply a write twice. Smaller numbers (clients of protocol version 1, and every
+/// entry of logs written before) keep the old rule — an unknown session's write is applied —
+/// so that replaying an old log gives the same state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WriteSession {
     pub client_id: Id128,
     pub seq: u64,
 }
+
+/// Where the sequence numbers of per-shard sessions start (see [`WriteSession`]).
+pub const STRICT_SEQ_BASE: u64 = 1 << 62;
 
 /// The outcome of a write, as stored for deduplication and returned to the client.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -407,6 +418,12 @@ pub enum WriteOutcome {
         revision: Revision,
         succeeded: bool,
         results: Vec<TxnOpResult>,
+    },
+    /// Not applied: the shard does not know the session, and `seq` is past a session's first
+    /// write there. The session was forgotten (idle over an hour, or pushed out); if this is a
+    /// retry, the write may have been applied before — its outcome is unknown. Never recorded.
+    UnknownSession {
+        seq: u64,
     },
 }
 
@@ -701,6 +718,9 @@ pub enum ClientRequest {
         ttl_secs: u64,
         single_use: bool,
     },
+    /// The number of shards and every member's ticket (what a client needs to route and fail
+    /// over; it numbers each session's writes per shard).
+    Topology,
 }
 
 /// An issued token as `auth token list` shows it (never the token itself).
@@ -856,6 +876,7 @@ impl ClientRequest {
             ClientRequest::AuthTokenList => "auth token list",
             ClientRequest::AuthTokenRevoke { .. } => "auth token revoke",
             ClientRequest::JoinTokenCreate { .. } => "cluster join-token",
+            ClientRequest::Topology => "topology",
         }
     }
 
@@ -890,7 +911,8 @@ impl ClientRequest {
             | ClientRequest::AuthTokenCreate { .. }
             | ClientRequest::AuthTokenList
             | ClientRequest::AuthTokenRevoke { .. }
-            | ClientRequest::JoinTokenCreate { .. } => false,
+            | ClientRequest::JoinTokenCreate { .. }
+            | ClientRequest::Topology => false,
         }
     }
 }
@@ -943,6 +965,11 @@ pub enum ClientResponse {
     /// The token is revoked.
     TokenRevoked {
         id: u64,
+    },
+    /// [`ClientRequest::Topology`].
+    Topology {
+        num_shards: u32,
+        members: Vec<String>,
     },
 }
 

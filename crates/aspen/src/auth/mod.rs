@@ -247,7 +247,9 @@ pub fn authorize(scope: &Scope, request: &ClientRequest) -> Result<(), ApiError>
                 c => c.keys().into_iter().try_for_each(key_in_scope),
             }
         }
-        ClientRequest::ClusterStatus | ClientRequest::NodeStatus | ClientRequest::Members => Ok(()),
+        ClientRequest::ClusterStatus | ClientRequest::NodeStatus | ClientRequest::Members | ClientRequest::Topology => {
+            Ok(())
+        }
         ClientRequest::Join(_) | ClientRequest::ClusterInit | ClientRequest::ClusterInitClaimed { .. } => Ok(()),
         // Membership, leader placement, tokens: admin. (Node-to-node requests are refused on the
         // client ALPN before this; they are listed for completeness.)

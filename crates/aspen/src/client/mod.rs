@@ -21,6 +21,7 @@ use crate::{
         ApiError, BatchOp, ClientEnvelope, ClientRequest, ClientResponse, ClientResult, ClusterStatus, Id128, KeyValue,
         NodeId, NodeTicket, ReadConsistency, Revision, ScanPage, ScanRequest, ShardId, ShardStatus, TokenInfo,
         WriteCommand, WriteOutcome, WriteSession, CLIENT_ALPN, CLIENT_PROTOCOL_VERSION, MAX_FRAME_BYTES,
+        STRICT_SEQ_BASE,
     },
     transport::endpoint::bind_endpoint,
 };
@@ -134,7 +135,11 @@ pub struct AspenClient {
     /// Index into `tickets` and the connection to that member.
     current: tokio::sync::Mutex<Option<(usize, Connection)>>,
     next: Mutex<usize>,
-    sessions: Mutex<Vec<WriteSession>>,
+    /// Idle write sessions by shard: a session numbers its writes per shard (1, 2, …), so a
+    /// shard that does not know a session with a number past 1 knows it forgot it.
+    sessions: Mutex<std::collections::HashMap<ShardId, Vec<WriteSession>>>,
+    /// The cluster's number of shards (learned from the first node reached; 0: not yet).
+    num_shards: std::sync::atomic::AtomicU32,
     timeout: Duration,
     /// Whether the member list was fetched from a node yet (done once, on the first connection).
     discovered: std::sync::atomic::AtomicBool,
@@ -177,7 +182,8 @@ impl AspenClient {
             tickets: Mutex::new(tickets),
             current: tokio::sync::Mutex::new(None),
             next: Mutex::new(0),
-            sessions: Mutex::new(Vec::new()),
+            sessions: Mutex::new(Default::default()),
+            num_shards: std::sync::atomic::AtomicU32::new(0),
             timeout,
             discovered: std::sync::atomic::AtomicBool::new(false),
             token: None,
@@ -287,25 +293,34 @@ impl AspenClient {
         *self.next.lock().unwrap_or_else(|p| p.into_inner()) = (i + 1) % n;
     }
 
-    /// Learns the other members from a node we reached, for failover (best effort). Returns
-    /// whether it got an answer.
+    /// Learns the number of shards and the other members (for failover) from a node we reached
+    /// (best effort). Returns whether it got an answer.
     async fn discover(&self, conn: &Connection, deadline: Instant) -> bool {
         let Ok(frame) = encode_frame(&ClientEnvelope {
             version: CLIENT_PROTOCOL_VERSION,
             hops: 0,
-            request: ClientRequest::Members,
+            request: ClientRequest::Topology,
             token: self.token.clone(),
         }) else {
             return false;
         };
         let left = deadline.saturating_duration_since(Instant::now()).min(Duration::from_secs(2));
         match tokio::time::timeout(left, exchange(conn, &frame)).await {
-            Ok(Ok(Ok(ClientResponse::Members(list)))) => {
-                self.add_tickets(list.iter().filter_map(|t| NodeTicket::decode(t).ok()));
+            Ok(Ok(Ok(ClientResponse::Topology { num_shards, members }))) => {
+                self.num_shards.store(num_shards, std::sync::atomic::Ordering::SeqCst);
+                self.add_tickets(members.iter().filter_map(|t| NodeTicket::decode(t).ok()));
                 true
             }
             _ => false,
         }
+    }
+
+    /// The shard a write goes to, as the cluster routes it (its first key's; 0 before the
+    /// number of shards is known: a session then may meet a shard mid-sequence, which the
+    /// shard refuses and [`Self::write`] answers with a fresh session).
+    fn shard_of(&self, command: &WriteCommand) -> ShardId {
+        let n = self.num_shards.load(std::sync::atomic::Ordering::SeqCst).max(1);
+        command.keys().first().map_or(0, |k| crate::api::routing::ShardRouter::new(n).shard_for_key(k))
     }
 
     async fn attempt(&self, frame: &[u8], deadline: Instant, timeout: Duration) -> Attempt {
@@ -353,22 +368,35 @@ impl AspenClient {
         request: ClientRequest,
         timeout: Duration,
     ) -> Result<ClientResponse, ClientError> {
-        let frame = encode_frame(&ClientEnvelope {
+        self.request_counted(request, timeout).await.0
+    }
+
+    /// [`Self::request_within`], also saying how many attempts it took.
+    async fn request_counted(
+        &self,
+        request: ClientRequest,
+        timeout: Duration,
+    ) -> (Result<ClientResponse, ClientError>, u32) {
+        let frame = match encode_frame(&ClientEnvelope {
             version: CLIENT_PROTOCOL_VERSION,
             hops: 0,
             request,
             token: self.token.clone(),
-        })
-        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        }) {
+            Ok(f) => f,
+            Err(e) => return (Err(ClientError::Protocol(e.to_string())), 0),
+        };
         let deadline = Instant::now() + timeout;
         let mut backoff = Duration::from_millis(20);
+        let mut attempts = 0u32;
         loop {
+            attempts += 1;
             match self.attempt(&frame, deadline, timeout).await {
-                Attempt::Done(r) => return r,
+                Attempt::Done(r) => return (r, attempts),
                 Attempt::Retry(why) => {
                     let left = deadline.saturating_duration_since(Instant::now());
                     if left.is_zero() {
-                        return Err(ClientError::Unreachable(why));
+                        return (Err(ClientError::Unreachable(why)), attempts);
                     }
                     // The last retry gets what is left, not nothing.
                     let backoff_now = backoff.min(left);
@@ -380,22 +408,50 @@ impl AspenClient {
         }
     }
 
-    /// Runs one write with a session from the pool (exactly-once across retries).
+    /// Runs one write with a session from the pool (exactly-once across retries). Sessions are
+    /// pooled by shard and number their writes there 1, 2, …; a prefix delete (every shard)
+    /// takes a session of its own.
     pub async fn write(&self, command: WriteCommand) -> Result<WriteOutcome, ClientError> {
-        let mut session = self
-            .sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop()
-            .unwrap_or(WriteSession { client_id: Id128::random(), seq: 0 });
+        if self.num_shards.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            // The first connection's discovery did not answer: ask once more.
+            if let Ok(ClientResponse::Topology { num_shards, members }) = self.request(ClientRequest::Topology).await {
+                self.num_shards.store(num_shards, std::sync::atomic::Ordering::SeqCst);
+                self.add_tickets(members.iter().filter_map(|t| NodeTicket::decode(t).ok()));
+            }
+        }
+        let shard = (!matches!(command, WriteCommand::DeletePrefix { .. })).then(|| self.shard_of(&command));
+        let fresh = || WriteSession { client_id: Id128::random(), seq: STRICT_SEQ_BASE };
+        let mut session = match shard {
+            Some(s) => {
+                let mut pools = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+                pools.get_mut(&s).and_then(Vec::pop).unwrap_or_else(fresh)
+            }
+            None => fresh(),
+        };
         session.seq += 1;
-        let result = self.request(ClientRequest::Write { session, command }).await;
+        let (mut result, mut attempts) =
+            self.request_counted(ClientRequest::Write { session, command: command.clone() }, self.timeout).await;
+        if attempts == 1
+            && session.seq > 1
+            && matches!(result, Ok(ClientResponse::Write(WriteOutcome::UnknownSession { .. })))
+        {
+            // Sent once and refused: this session was forgotten while it sat in the pool, and
+            // the write was not applied. A fresh session sends it again.
+            session = WriteSession { client_id: Id128::random(), seq: STRICT_SEQ_BASE + 1 };
+            (result, attempts) = self.request_counted(ClientRequest::Write { session, command }, self.timeout).await;
+        }
         // Whatever happened, the next write of this session uses the next sequence number: a
         // late arrival of this one is then either applied once or refused as stale.
-        self.sessions.lock().unwrap_or_else(|p| p.into_inner()).push(session);
+        if let Some(s) = shard {
+            self.sessions.lock().unwrap_or_else(|p| p.into_inner()).entry(s).or_default().push(session);
+        }
         match result? {
             ClientResponse::Write(WriteOutcome::StaleSequence { last_seq }) => Err(ClientError::Protocol(format!(
                 "write superseded (session at sequence {last_seq}); its outcome is unknown"
+            ))),
+            ClientResponse::Write(WriteOutcome::UnknownSession { seq }) => Err(ClientError::Protocol(format!(
+                "the cluster forgot this write's session (idle over an hour, or pushed out) before \
+                 write {seq} of it was retried ({attempts} attempts); its outcome is unknown"
             ))),
             ClientResponse::Write(outcome) => Ok(outcome),
             other => Err(unexpected(other)),

@@ -288,6 +288,9 @@ impl NodeService {
             ClientRequest::ClusterStatus => self.cluster_status().await.map(ClientResponse::ClusterStatus),
             ClientRequest::NodeStatus => Ok(ClientResponse::NodeStatus(self.node_status())),
             ClientRequest::Members => Ok(ClientResponse::Members(self.members())),
+            ClientRequest::Topology => {
+                Ok(ClientResponse::Topology { num_shards: self.store.num_shards(), members: self.members() })
+            }
             ClientRequest::ClusterInit => {
                 self.claim.check(self.node_id, None)?;
                 self.init_cluster().await.map(|initialized| ClientResponse::ClusterInit { initialized })

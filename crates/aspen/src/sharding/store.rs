@@ -202,6 +202,8 @@ pub fn merge_delete_prefix(outcomes: impl IntoIterator<Item = WriteOutcome>) -> 
                 deleted = deleted.saturating_add(d);
             }
             WriteOutcome::StaleSequence { last_seq } => stale = Some(stale.map_or(last_seq, |s| s.max(last_seq))),
+            // A shard that forgot the session did not apply its part: unknown as a whole.
+            unknown @ WriteOutcome::UnknownSession { .. } => return Ok(unknown),
             other => {
                 return Err(ApiError::Internal(format!("a shard answered a prefix delete with {other:?}")));
             }

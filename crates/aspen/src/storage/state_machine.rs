@@ -68,7 +68,7 @@ use crate::api::{
         ApplyResult, Entry, LogId, OpenraftStorageError, SnapshotMeta, StoredMembership, TypeConfig, WriteBatch,
         WriteRequest,
     },
-    BatchOp, Compare, KeyValue, StateDigest, TxnOp, TxnOpResult, WriteCommand, WriteOutcome,
+    BatchOp, Compare, KeyValue, StateDigest, TxnOp, TxnOpResult, WriteCommand, WriteOutcome, STRICT_SEQ_BASE,
 };
 
 const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
@@ -654,6 +654,11 @@ fn apply_write(t: &mut WriteTables<'_, '_>, revision: u64, req: WriteRequest) ->
         if req.session.seq < prev.seq {
             return Ok(WriteOutcome::StaleSequence { last_seq: prev.seq });
         }
+    } else if req.session.seq > STRICT_SEQ_BASE + 1 {
+        // A per-shard session's write past its first, yet the session is unknown: it was
+        // forgotten, and this may be a retry of a write applied before. Refused, not applied a
+        // second time. (Numbers at or below the base keep the old rule: logs replay alike.)
+        return Ok(WriteOutcome::UnknownSession { seq: req.session.seq - STRICT_SEQ_BASE });
     }
     let outcome = match req.command {
         WriteCommand::Put { key, value } => {

@@ -533,3 +533,23 @@ async fn one_tokens_sessions_push_out_only_its_own() {
     let victim = request(token_client(1, 1), 1, put_cmd("v", b"1"));
     assert_eq!(apply_write(&mut sm, normal(1, index, victim)).await, WriteOutcome::Put { revision: 1 });
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forgotten_per_shard_session_is_refused_past_its_first_write() {
+    use crate::api::STRICT_SEQ_BASE;
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = open_sm(dir.path());
+    // A per-shard session's first write is applied, its next one too.
+    let first = request(client(1), STRICT_SEQ_BASE + 1, put_cmd("a", b"1"));
+    assert_eq!(apply_write(&mut sm, normal(1, 1, first)).await, WriteOutcome::Put { revision: 1 });
+    let second = request(client(1), STRICT_SEQ_BASE + 2, put_cmd("a", b"2"));
+    assert_eq!(apply_write(&mut sm, normal(1, 2, second)).await, WriteOutcome::Put { revision: 2 });
+    // An unknown per-shard session past its first write: refused, nothing applied or recorded.
+    let forgotten = request(client(2), STRICT_SEQ_BASE + 7, put_cmd("a", b"3"));
+    assert_eq!(apply_write(&mut sm, normal(1, 3, forgotten.clone())).await, WriteOutcome::UnknownSession { seq: 7 });
+    assert_eq!(get(&sm.reader(), "a").map(|kv| kv.value), Some(b"2".to_vec()));
+    assert_eq!(apply_write(&mut sm, normal(1, 4, forgotten)).await, WriteOutcome::UnknownSession { seq: 7 });
+    // Sessions numbered the old way (older clients, older logs) keep the old rule: applied.
+    let old_style = request(client(3), 5, put_cmd("a", b"4"));
+    assert_eq!(apply_write(&mut sm, normal(1, 5, old_style)).await, WriteOutcome::Put { revision: 5 });
+}
