@@ -121,13 +121,15 @@ async fn three_nodes_replicate_fail_over_and_catch_up_by_snapshot() {
     let digests = wait_digests_equal(&[&nodes[0], &nodes[1], &nodes[2]], 30).await;
     assert_eq!(digests[&0].applied_index, nodes[0].status().last_applied);
 
-    // Exactly-once: the same write (same session and sequence number) sent again, through
-    // another node, is answered with its first outcome and not applied a second time.
+    // Exactly-once: the same write (same session and sequence number, same token) sent again,
+    // through another node, is answered with its first outcome and not applied a second time.
     let session = WriteSession { client_id: Id128::random(), seq: 1 };
     let write =
         ClientRequest::Write { session, command: WriteCommand::Put { key: b"once".to_vec(), value: b"x".to_vec() } };
     let first = clients[0].request(write.clone()).await.unwrap();
-    let again = clients[2].request(write).await.unwrap();
+    let through_node_3 = nodes[2].client_with(nodes[0].admin_token()).await;
+    let again = through_node_3.request(write).await.unwrap();
+    through_node_3.close().await;
     assert_eq!(first, again, "a retried write returns its first outcome");
     let kv = clients[1].get("once").await.unwrap().unwrap();
     assert_eq!(kv.version, 1, "the retry was not applied again");

@@ -443,7 +443,7 @@ async fn prefix_deletes_fan_out_to_every_shard_and_txns_stay_in_one() {
         panic!("unexpected answer {first:?}");
     };
     client.put("dup/new", "v").await.unwrap();
-    let other_client = nodes[0].client().await;
+    let other_client = nodes[0].client_with(nodes[2].admin_token()).await;
     assert_eq!(other_client.request(request).await.unwrap(), first, "a retry through another node, too");
     assert!(client.get("dup/new").await.unwrap().is_some(), "the retry deleted nothing");
 

@@ -267,8 +267,14 @@ impl InProcNode {
 
     /// A client of this node with its admin token.
     pub async fn client(&self) -> aspen::AspenClient {
+        self.client_with(self.admin_token()).await
+    }
+
+    /// A client of this node with `token` (a retried write must carry the token of its first
+    /// send: sessions are bound to their token).
+    pub async fn client_with(&self, token: String) -> aspen::AspenClient {
         let client = aspen::AspenClient::connect(vec![self.ticket()], Duration::from_secs(30)).await.expect("client");
-        client.with_token(self.admin_token())
+        client.with_token(token)
     }
 
     /// This node's `admin.token`.
