@@ -605,7 +605,7 @@ async fn join_cluster(base: &BaseNodeResources, service: &NodeService) -> Result
     };
     client.close().await;
     let info = result?;
-    service.adopt_identity(&info).map_err(BootstrapError::Init)?;
+    service.adopt_identity(&info, false).map_err(BootstrapError::Init)?;
     tracing::info!(cluster_id = %info.cluster_id, "joined the cluster");
     Ok(())
 }

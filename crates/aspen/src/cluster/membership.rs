@@ -61,7 +61,7 @@ impl NodeService {
                         self.node_id, self.cluster_name, info.cluster_name
                     )));
                 }
-                self.adopt_identity(&info)?;
+                self.adopt_identity(&info, true)?;
                 Ok(self.accepted())
             }
         }
@@ -71,8 +71,10 @@ impl NodeService {
         ClientResponse::MembershipAccepted { local_shards: self.store.shards().keys().copied().collect() }
     }
 
-    /// Records a cluster identity this node now belongs to (after a join or an accepted add).
-    pub fn adopt_identity(&self, info: &ClusterInfo) -> Result<(), ApiError> {
+    /// Records a cluster identity this node now belongs to (after a join or an accepted add);
+    /// `rewrite_ticket`: rewrite node.ticket now (a joining node writes it once it serves, after
+    /// its admin.token).
+    pub fn adopt_identity(&self, info: &ClusterInfo, rewrite_ticket: bool) -> Result<(), ApiError> {
         self.metadata
             .set_identity(&ClusterIdentity {
                 cluster_id: info.cluster_id,
@@ -85,8 +87,10 @@ impl NodeService {
         self.authority.set_cluster(Some(info.cluster_id));
         self.ticket.write().unwrap_or_else(|p| p.into_inner()).cluster_id = info.cluster_id;
         self.claim.settle();
-        if let Err(e) = self.write_ticket_file() {
-            tracing::warn!("could not rewrite node.ticket: {e}");
+        if rewrite_ticket {
+            if let Err(e) = self.write_ticket_file() {
+                tracing::warn!("could not rewrite node.ticket: {e}");
+            }
         }
         Ok(())
     }

@@ -174,12 +174,11 @@ impl NodeService {
         *self.cluster_id.write().unwrap_or_else(|p| p.into_inner()) = cluster_id;
         self.authority.set_cluster(Some(cluster_id));
         self.ticket.write().unwrap_or_else(|p| p.into_inner()).cluster_id = cluster_id;
-        if let Err(e) = self.write_ticket_file() {
-            tracing::warn!("could not rewrite node.ticket: {e}");
-        }
         self.claim.settle();
-        // The cluster's signing key, then this node's admin.token (local admin access).
-        let deadline = tokio::time::Instant::now() + self.limits.request_timeout();
+        // The cluster's signing key, then this node's admin.token (local admin access): both
+        // before the node serves, so that `aspen-cli --data-dir` works from its first request.
+        // The write waits for this one-node cluster to elect itself (slow on a busy machine).
+        let deadline = tokio::time::Instant::now() + self.limits.request_timeout().max(Duration::from_secs(60));
         loop {
             match self.establish_cluster_key().await {
                 Ok(()) => break,
@@ -187,11 +186,18 @@ impl NodeService {
                     tracing::warn!("could not make the cluster's signing key yet ({e}); retrying in the background");
                     break;
                 }
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                Err(e) => {
+                    tracing::debug!("making the cluster's signing key: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
             }
         }
         if let Err(e) = self.ensure_admin_token() {
             tracing::warn!("could not write this node's admin token: {e}");
+        }
+        // Last: whoever waits for the ticket to name the cluster finds admin.token there too.
+        if let Err(e) = self.write_ticket_file() {
+            tracing::warn!("could not rewrite node.ticket: {e}");
         }
         tracing::info!(%cluster_id, shards = self.store.shards().len(), "initialized a new cluster");
         Ok(true)
