@@ -143,9 +143,12 @@ pub struct AspenClient {
     timeout: Duration,
     /// Whether the member list was fetched from a node yet (done once, on the first connection).
     discovered: std::sync::atomic::AtomicBool,
-    /// The token sent with every request (`aspen-cli auth token create`, or a node's
-    /// `admin.token`); the node verifies it once per connection.
+    /// The token (`aspen-cli auth token create`, or a node's `admin.token`): sent with the
+    /// requests of a connection until the node has answered one of them (it then keeps the
+    /// verified token with the connection), so later requests do not carry its bytes.
     token: Option<String>,
+    /// The connection (`stable_id`) on which the node took the token.
+    token_taken_on: Mutex<Option<usize>>,
 }
 
 impl AspenClient {
@@ -187,6 +190,7 @@ impl AspenClient {
             timeout,
             discovered: std::sync::atomic::AtomicBool::new(false),
             token: None,
+            token_taken_on: Mutex::new(None),
         }
     }
 
@@ -307,6 +311,9 @@ impl AspenClient {
         let left = deadline.saturating_duration_since(Instant::now()).min(Duration::from_secs(2));
         match tokio::time::timeout(left, exchange(conn, &frame)).await {
             Ok(Ok(Ok(ClientResponse::Topology { num_shards, members }))) => {
+                if self.token.is_some() {
+                    *self.token_taken_on.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn.stable_id());
+                }
                 self.num_shards.store(num_shards, std::sync::atomic::Ordering::SeqCst);
                 self.add_tickets(members.iter().filter_map(|t| NodeTicket::decode(t).ok()));
                 true
@@ -329,7 +336,30 @@ impl AspenClient {
             Err(e) => return Attempt::Retry(e),
         };
         let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, exchange(&conn, frame)).await {
+        let taken = *self.token_taken_on.lock().unwrap_or_else(|p| p.into_inner()) == Some(conn.stable_id());
+        let with_token = match (&self.token, taken) {
+            (Some(token), false) => match with_token_appended(frame, token) {
+                Ok(f) => Some(f),
+                Err(e) => return Attempt::Done(Err(ClientError::Protocol(e))),
+            },
+            _ => None,
+        };
+        let answer = tokio::time::timeout(left, exchange(&conn, with_token.as_deref().unwrap_or(frame))).await;
+        match &answer {
+            // The node answered a request that carried the token: it keeps it with this
+            // connection from now on.
+            Ok(Ok(Ok(_))) if with_token.is_some() => {
+                *self.token_taken_on.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn.stable_id());
+            }
+            // Sent without the token, refused: the node does not hold it (it was not yet in a
+            // cluster when it took the token, say). Send it again, with the token.
+            Ok(Ok(Err(ApiError::PermissionDenied(_)))) if with_token.is_none() && self.token.is_some() => {
+                *self.token_taken_on.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                return Attempt::Retry("the node asked for the token again".into());
+            }
+            _ => {}
+        }
+        match answer {
             Err(_) => Attempt::Done(Err(ClientError::Timeout(timeout))),
             Ok(Err(e)) => {
                 self.fail_over(i).await;
@@ -377,15 +407,12 @@ impl AspenClient {
         request: ClientRequest,
         timeout: Duration,
     ) -> (Result<ClientResponse, ClientError>, u32) {
-        let frame = match encode_frame(&ClientEnvelope {
-            version: CLIENT_PROTOCOL_VERSION,
-            hops: 0,
-            request,
-            token: self.token.clone(),
-        }) {
-            Ok(f) => f,
-            Err(e) => return (Err(ClientError::Protocol(e.to_string())), 0),
-        };
+        // Without the token: it is the envelope's last field, added by `attempt` when needed.
+        let frame =
+            match encode_frame(&ClientEnvelope { version: CLIENT_PROTOCOL_VERSION, hops: 0, request, token: None }) {
+                Ok(f) => f,
+                Err(e) => return (Err(ClientError::Protocol(e.to_string())), 0),
+            };
         let deadline = Instant::now() + timeout;
         let mut backoff = Duration::from_millis(20);
         let mut attempts = 0u32;
@@ -723,6 +750,20 @@ pub const DIAL_STAGGER: Duration = Duration::from_millis(300);
 const CLOSE_LIMIT: Duration = Duration::from_millis(250);
 
 /// One request/response exchange on a new stream of `conn`.
+/// `frame` (a client envelope whose token is `None`, its last field) with `token` instead.
+fn with_token_appended(frame: &[u8], token: &str) -> Result<Vec<u8>, String> {
+    let Some((&0, body)) = frame.get(4..).and_then(<[u8]>::split_last) else {
+        return Err("a request frame must end with an empty token".into());
+    };
+    let mut out = Vec::with_capacity(frame.len() + token.len() + 10);
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(body);
+    out.extend_from_slice(&postcard::to_stdvec(&Some(token)).map_err(|e| e.to_string())?);
+    let len = u32::try_from(out.len() - 4).map_err(|_| "request frame too large".to_string())?;
+    out[..4].copy_from_slice(&len.to_be_bytes());
+    Ok(out)
+}
+
 async fn exchange(conn: &Connection, frame: &[u8]) -> Result<ClientResult, String> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     send.write_all(frame).await.map_err(|e| e.to_string())?;
@@ -732,4 +773,24 @@ async fn exchange(conn: &Connection, frame: &[u8]) -> Result<ClientResult, Strin
 
 fn unexpected(resp: ClientResponse) -> ClientError {
     ClientError::Protocol(format!("unexpected response {resp:?}"))
+}
+
+#[cfg(test)]
+mod token_frame_tests {
+    use super::*;
+    use crate::api::frame::decode_frame;
+
+    #[test]
+    fn the_token_is_appended_as_the_envelopes_last_field() {
+        let request = ClientRequest::Get { key: b"k".to_vec(), consistency: ReadConsistency::Stale };
+        let bare = ClientEnvelope { version: CLIENT_PROTOCOL_VERSION, hops: 0, request, token: None };
+        let frame = encode_frame(&bare).unwrap();
+        let token = "aspentoken1".to_string() + &"a".repeat(300);
+        let with = with_token_appended(&frame, &token).unwrap();
+        let (back, rest) = decode_frame::<ClientEnvelope>(&with, MAX_FRAME_BYTES).unwrap();
+        assert!(rest.is_empty());
+        assert_eq!(back, ClientEnvelope { token: Some(token.clone()), ..bare.clone() });
+        assert_eq!(with, encode_frame(&ClientEnvelope { token: Some(token), ..bare }).unwrap());
+        assert!(with_token_appended(&[0, 0], "t").is_err(), "no panic on a short frame");
+    }
 }

@@ -13,8 +13,9 @@
 //!
 //! Tokens (client ALPN only): once the node belongs to a cluster, every request but a join or
 //! `cluster init` needs a token ([`crate::auth`]). A connection verifies a token once (signature,
-//! cluster, signing key) and keeps it; every request re-checks expiry and revocation, and
-//! whether the token's scope allows it. Refusals are
+//! cluster, signing key) and keeps it — a request without a token on that connection is then
+//! the same client's (the Rust client stops sending it once the node answered one) —; every
+//! request re-checks expiry and revocation, and whether the token's scope allows it. Refusals are
 //! [`ApiError::PermissionDenied`]. Keys under the reserved prefix are refused to clients. A
 //! write's session id is bound to its token ([`auth::bind_session`]) before it is routed.
 //!
@@ -219,29 +220,32 @@ impl ConnectionAuth {
         if !self.authority.enforcing() || !auth::needs_token(request) {
             return Ok(None);
         }
-        let Some(token) = token else {
-            return Err(ApiError::PermissionDenied(format!(
-                "a {} needs a token (aspen-cli: --token, ASPEN_TOKEN, --token-file, or a data dir's admin.token)",
-                request.kind()
-            )));
-        };
         let denied = |e: auth::TokenError| match e {
             // Retryable: the node is catching up, the token may be fine.
             auth::TokenError::NotReady => ApiError::Unavailable(e.to_string()),
             e => ApiError::PermissionDenied(e.to_string()),
         };
-        let hit = {
-            let cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
-            cached.as_ref().filter(|(t, _)| **t == *token).map(|(_, v)| v.clone())
-        };
-        let verified = match hit {
-            Some(v) => {
+        let cached = self.cached.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let verified = match (token, cached) {
+            // The token this connection presented before (a client sends it until the node has
+            // answered a request that carried it).
+            (None, Some((_, v))) => {
                 self.authority.recheck(&v).map_err(denied)?;
                 v
             }
-            None => {
-                let v = Arc::new(self.authority.verify(token).map_err(denied)?);
-                *self.cached.lock().unwrap_or_else(|p| p.into_inner()) = Some((Arc::from(token), v.clone()));
+            (None, None) => {
+                return Err(ApiError::PermissionDenied(format!(
+                    "a {} needs a token (aspen-cli: --token, ASPEN_TOKEN, --token-file, or a data dir's admin.token)",
+                    request.kind()
+                )))
+            }
+            (Some(t), Some((c, v))) if *c == *t => {
+                self.authority.recheck(&v).map_err(denied)?;
+                v
+            }
+            (Some(t), _) => {
+                let v = Arc::new(self.authority.verify(t).map_err(denied)?);
+                *self.cached.lock().unwrap_or_else(|p| p.into_inner()) = Some((Arc::from(t), v.clone()));
                 v
             }
         };
