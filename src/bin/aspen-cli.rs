@@ -993,12 +993,7 @@ fn token_json(info: &TokenInfo) -> serde_json::Value {
 }
 
 fn permissions(info: &TokenInfo) -> String {
-    let names: Vec<&str> = [(info.read, "read"), (info.write, "write"), (info.admin, "admin")]
-        .iter()
-        .filter(|p| p.0)
-        .map(|p| p.1)
-        .collect();
-    names.join(",")
+    aspen::api::permission_names(info.read, info.write, info.admin)
 }
 
 /// `aspen-cli auth token …`.

@@ -723,6 +723,13 @@ pub enum ClientRequest {
     Topology,
 }
 
+/// Permissions as operators write them: `read,write,admin` (those that are set).
+pub fn permission_names(read: bool, write: bool, admin: bool) -> String {
+    let names: Vec<&str> =
+        [(read, "read"), (write, "write"), (admin, "admin")].iter().filter(|p| p.0).map(|p| p.1).collect();
+    names.join(",")
+}
+
 /// An issued token as `auth token list` shows it (never the token itself).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenInfo {

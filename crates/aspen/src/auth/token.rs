@@ -75,12 +75,7 @@ impl Scope {
 
     /// The permissions as operators write them: `read,write,admin`.
     pub fn permissions(&self) -> String {
-        let names: Vec<&str> = [(self.read, "read"), (self.write, "write"), (self.admin, "admin")]
-            .iter()
-            .filter(|p| p.0)
-            .map(|p| p.1)
-            .collect();
-        names.join(",")
+        crate::api::permission_names(self.read, self.write, self.admin)
     }
 
     /// Checks the limits a token's scope must keep.
