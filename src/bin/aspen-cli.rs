@@ -141,7 +141,8 @@ enum Command {
     /// named by --ticket serves: it answers, and every shard it hosts has a leader (a node in no
     /// cluster yet, started with --no-init, only has to answer).
     ///
-    /// Exits 0 once it does, 3 when --timeout passes first, 2 for an invalid ticket.
+    /// Exits 0 once it does, 3 when --timeout passes first, 2 for an invalid ticket, 4 when the
+    /// node refuses the token.
     Wait,
 }
 
