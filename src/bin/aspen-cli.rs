@@ -289,7 +289,7 @@ enum ClusterCommand {
     /// Print a join token for `aspen-node --join TICKET --join-token TOKEN` (admin).
     JoinToken {
         /// Seconds the token is valid for.
-        #[arg(long, value_name = "SECONDS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
+        #[arg(long, value_name = "SECONDS", default_value_t = aspen::cluster::tokens::DEFAULT_JOIN_TTL_SECS, value_parser = clap::value_parser!(u64).range(1..))]
         ttl: u64,
         /// Admit one node only (joins of that node may retry with it).
         #[arg(long)]

@@ -73,11 +73,6 @@ impl Scope {
         })
     }
 
-    /// The permissions as operators write them: `read,write,admin`.
-    pub fn permissions(&self) -> String {
-        crate::api::permission_names(self.read, self.write, self.admin)
-    }
-
     /// Checks the limits a token's scope must keep.
     pub fn check(&self) -> Result<(), TokenError> {
         if !(self.read || self.write || self.admin) {
@@ -323,7 +318,7 @@ mod tests {
         assert!(!s.covers_range(b"", Some(b"a0")), "starts before the prefix");
         assert!(Scope::all().covers_range(b"", None));
         assert!(Scope { prefixes: vec![vec![0xff]], ..Scope::all() }.covers_range(&[0xff, 1], None));
-        assert_eq!(s.permissions(), "read,write");
+        assert_eq!(crate::api::permission_names(s.read, s.write, s.admin), "read,write");
         assert!(Scope::default().check().is_err(), "no permission at all");
         assert!(Scope { prefixes: vec![Vec::new()], ..Scope::all() }.check().is_err(), "empty prefix");
     }

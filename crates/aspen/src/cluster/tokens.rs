@@ -51,22 +51,19 @@ const MAX_REVOCATIONS: usize = 100_000;
 /// Default lifetime of a join token (1 h).
 pub const DEFAULT_JOIN_TTL_SECS: u64 = 3600;
 
-fn reserved(kind: &str, id: u64) -> Vec<u8> {
-    let mut key = RESERVED_PREFIX.to_vec();
-    key.extend_from_slice(format!("{kind}/{}", format_id(id)).as_bytes());
-    key
-}
-
+/// The reserved key `name` (under [`RESERVED_PREFIX`]).
 fn reserved_key(name: &str) -> Vec<u8> {
-    let mut key = RESERVED_PREFIX.to_vec();
-    key.extend_from_slice(name.as_bytes());
-    key
+    [RESERVED_PREFIX, name.as_bytes()].concat()
 }
 
+/// The record of token `id` of `kind` (`tokens`, `revoked`, `join`).
+fn reserved(kind: &str, id: u64) -> Vec<u8> {
+    reserved_key(&format!("{kind}/{}", format_id(id)))
+}
+
+/// Every record of `kind`.
 fn reserved_prefix(kind: &str) -> Vec<u8> {
-    let mut key = RESERVED_PREFIX.to_vec();
-    key.extend_from_slice(format!("{kind}/").as_bytes());
-    key
+    reserved_key(&format!("{kind}/"))
 }
 
 /// The id at the end of a reserved key (`…/<16 hex>`).
