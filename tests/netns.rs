@@ -324,6 +324,33 @@ impl Net {
         nft(&self.namespaces[i], &script).expect("load nft rules");
     }
 
+    /// What a CI log needs to tell why nodes `ids` did not answer: whether each process still
+    /// runs, the firewall left in its namespace, its threads' stacks (with gdb, if installed:
+    /// a node that runs but answers nothing is stuck somewhere) and the end of its log.
+    fn post_mortem(&mut self, ids: &[u64]) -> String {
+        let mut out = String::new();
+        for node in self.nodes.iter_mut().filter(|n| ids.contains(&n.id)) {
+            let Some(p) = node.running.as_mut() else {
+                out += &format!("--- node {}: not running (killed by the test)\n", node.id);
+                continue;
+            };
+            let pid = p.proc.pid();
+            match p.proc.exited() {
+                Some(status) => out += &format!("--- node {} (pid {pid:?}): EXITED: {status}\n", node.id),
+                None => out += &format!("--- node {} (pid {pid:?}): still running\n", node.id),
+            }
+            let rules = Command::new("ip").args(["netns", "exec", &node.ns, "nft", "list", "ruleset"]).output();
+            if let Ok(o) = rules {
+                out += &format!("firewall: {:?}\n", String::from_utf8_lossy(&o.stdout).trim());
+            }
+            if let (Some(pid), true) = (pid, p.proc.is_running()) {
+                out += &stacks(pid);
+            }
+            out += &format!("log tail:\n{}\n", p.proc.log_tail(25));
+        }
+        out
+    }
+
     fn heal_firewalls(&self) {
         for ns in &self.namespaces {
             nft(ns, "flush ruleset\n").expect("flush nft rules");
@@ -354,7 +381,12 @@ impl Net {
         if let Some(b) = self.bridge.take() {
             let _ = ip(&["link", "del", &b]);
         }
-        self.root.take();
+        if let Some(root) = self.root.take() {
+            if std::thread::panicking() {
+                // The whole logs and data dirs, for the post-mortem (a temp dir: the OS cleans it).
+                eprintln!("--- logs and data kept in {}", root.keep().display());
+            }
+        }
     }
 }
 
@@ -405,6 +437,27 @@ fn converged(st: &ClusterStatus, shards: u32) -> bool {
     })
 }
 
+/// The stacks of process `pid`'s threads, as far as they are in Aspen's code or in a blocking
+/// call (gdb's full output is long; the kept data dir gets all of it). Empty without gdb.
+fn stacks(pid: u32) -> String {
+    let Ok(o) = Command::new("gdb")
+        .args(["-p", &pid.to_string(), "-batch", "-nx", "-ex", "thread apply all bt"])
+        .stdin(Stdio::null())
+        .output()
+    else {
+        return String::new();
+    };
+    let text = String::from_utf8_lossy(&o.stdout);
+    // Thread headers, and the frames in this workspace's code (cut short).
+    let interesting: Vec<String> = text
+        .lines()
+        .filter(|l| l.starts_with("Thread ") || l.contains(" at crates/") || l.contains(" at src/"))
+        .map(|l| l.chars().take(160).collect())
+        .take(80)
+        .collect();
+    format!("threads ({} lines of gdb output):\n{}\n", text.lines().count(), interesting.join("\n"))
+}
+
 /// The admin token of the current cluster's node 1 (read once it initialized the cluster).
 static TOKEN: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
 
@@ -417,7 +470,9 @@ async fn connect(tickets: Vec<NodeTicket>, timeout: Duration) -> Result<AspenCli
     Ok(AspenClient::connect(tickets, timeout).await?.with_token(token()))
 }
 
-async fn wait_converged(tickets: &[NodeTicket], shards: u32, secs: u64) -> ClusterStatus {
+/// Waits until every shard converged ([`converged`]); panics after `secs` with the last status
+/// and a post-mortem of every node that did not answer ([`Net::post_mortem`]).
+async fn wait_converged(net: &mut Net, tickets: &[NodeTicket], shards: u32, secs: u64) -> ClusterStatus {
     let admin = connect(tickets.to_vec(), Duration::from_secs(10)).await.expect("admin client");
     let deadline = Instant::now() + Duration::from_secs(secs);
     let mut last = None;
@@ -431,7 +486,15 @@ async fn wait_converged(tickets: &[NodeTicket], shards: u32, secs: u64) -> Clust
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    panic!("shards did not converge within {secs} s; last status:\n{}", last.as_ref().map_or("none".into(), views));
+    let silent: Vec<u64> = match &last {
+        Some(st) => st.nodes.iter().filter(|n| n.status.is_none()).map(|n| n.node_id).collect(),
+        None => net.nodes.iter().map(|n| n.id).collect(),
+    };
+    panic!(
+        "shards did not converge within {secs} s; last status:\n{}{}",
+        last.as_ref().map_or("none\n".into(), views),
+        net.post_mortem(&silent)
+    );
 }
 
 /// One line per node and shard (what each node says of it), short enough for a CI log.
@@ -629,7 +692,7 @@ async fn run_netns_scenario(tag: char, shards: u32) {
         net.nodes[i].wait_ready().await;
     }
     let tickets: Vec<NodeTicket> = net.nodes.iter().map(|n| n.ticket()).collect();
-    wait_converged(&tickets, shards, 120).await;
+    wait_converged(&mut net, &tickets, shards, 120).await;
     if shards > 1 {
         let admin = connect(tickets.clone(), Duration::from_secs(20)).await.unwrap();
         admin.balance_leaders().await.expect("balance leaders");
@@ -643,7 +706,7 @@ async fn run_netns_scenario(tag: char, shards: u32) {
     println!("faults: {}", what.join("; "));
     let acked = workload.acked();
     let history = workload.finish().await;
-    wait_converged(&tickets, shards, 120).await;
+    wait_converged(&mut net, &tickets, shards, 120).await;
 
     // Final linearizable reads of every key, recorded: a lost acknowledged write shows up as a
     // read the history cannot explain.
@@ -659,7 +722,7 @@ async fn run_netns_scenario(tag: char, shards: u32) {
 
     // The replicas agree: same applied index per shard (and one leader) before and after, and
     // every node's own state machine holds the final values.
-    let before = wait_converged(&tickets, shards, 60).await;
+    let before = wait_converged(&mut net, &tickets, shards, 60).await;
     for (i, t) in tickets.iter().enumerate() {
         let one = connect(vec![t.clone()], Duration::from_secs(10)).await.unwrap();
         for (k, v) in &finals {
@@ -668,7 +731,7 @@ async fn run_netns_scenario(tag: char, shards: u32) {
         }
         one.close().await;
     }
-    let after = wait_converged(&tickets, shards, 60).await;
+    let after = wait_converged(&mut net, &tickets, shards, 60).await;
     let applied = |st: &ClusterStatus| -> Vec<Vec<u64>> {
         st.nodes
             .iter()
