@@ -7,6 +7,7 @@
 //! Raft messages ([`raft_rpc`]). Every other module uses it; it must never import any of them.
 
 pub mod frame;
+pub mod lease;
 pub mod raft;
 pub mod raft_rpc;
 pub mod routing;
@@ -17,6 +18,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 pub use frame::{FrameError, MAX_FRAME_BYTES};
+pub use lease::{format_lease_id, parse_lease_id, LeaseEntry, LeaseStatus};
 pub use ticket::{NodeTicket, TicketError};
 
 /// ALPN of the client protocol (requests from `aspen-cli`, the Rust client and forwarding nodes).
@@ -206,20 +208,64 @@ pub enum WriteCommand {
     /// else `failure`, in order, at one revision. All its keys (compares and both branches) must
     /// fall into one shard.
     Txn { compares: Vec<Compare>, success: Vec<TxnOp>, failure: Vec<TxnOp> },
+    /// Grant lease `id` (chosen by the client: [`lease::random_lease_id`]) for `ttl_secs`. Goes to
+    /// the lease's home shard; `LeaseExists` if the id is taken or was revoked lately.
+    LeaseGrant { id: u64, ttl_secs: u64 },
+    /// Revoke lease `id` and delete every key attached to it, in every shard. A client sends it
+    /// to any node, which coordinates (docs/design.md §12): this command to the home shard
+    /// (the lease is marked revoking, the home shard's keys go), [`WriteCommand::LeaseDrop`] to
+    /// every other shard, then [`WriteCommand::LeaseForget`] to the home shard.
+    LeaseRevoke { id: u64 },
+    /// Set `key` to `value`, attached to lease `lease` (the key goes when the lease does).
+    /// `checked`: the sending node confirmed with the lease's home shard that the lease lives
+    /// (clients send `false`; a shard that knows nothing of the lease answers
+    /// [`WriteOutcome::LeaseUnchecked`] and the node checks and resends).
+    PutLease {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+        lease: u64,
+        checked: bool,
+    },
+    /// Node to node, to a shard other than the lease's home: delete this shard's keys of lease
+    /// `id` and remember the lease as revoked (a put with it that arrives later is refused).
+    LeaseDrop { id: u64 },
+    /// Node to node, to the lease's home shard once every other shard dropped it: forget the
+    /// revoked lease's record (its tombstone stays).
+    LeaseForget { id: u64 },
 }
 
 impl WriteCommand {
     /// Every key this command names (a prefix delete names none: it covers a key range).
     pub fn keys(&self) -> Vec<&[u8]> {
         match self {
-            WriteCommand::Put { key, .. } | WriteCommand::Delete { key } | WriteCommand::Cas { key, .. } => {
+            WriteCommand::Put { key, .. }
+            | WriteCommand::Delete { key }
+            | WriteCommand::Cas { key, .. }
+            | WriteCommand::PutLease { key, .. } => {
                 vec![key.as_slice()]
             }
             WriteCommand::Batch { ops } => ops.iter().map(BatchOp::key).collect(),
-            WriteCommand::DeletePrefix { .. } => Vec::new(),
+            WriteCommand::DeletePrefix { .. }
+            | WriteCommand::LeaseGrant { .. }
+            | WriteCommand::LeaseRevoke { .. }
+            | WriteCommand::LeaseDrop { .. }
+            | WriteCommand::LeaseForget { .. } => Vec::new(),
             WriteCommand::Txn { compares, success, failure } => {
                 compares.iter().map(|c| c.key.as_slice()).chain(success.iter().chain(failure).map(TxnOp::key)).collect()
             }
+        }
+    }
+
+    /// The lease whose home shard this command goes to (grants, revocations and their
+    /// completion name a lease, not a key).
+    pub fn lease_home(&self) -> Option<u64> {
+        match self {
+            WriteCommand::LeaseGrant { id, .. }
+            | WriteCommand::LeaseRevoke { id }
+            | WriteCommand::LeaseForget { id } => Some(*id),
+            _ => None,
         }
     }
 }
@@ -424,6 +470,31 @@ pub enum WriteOutcome {
     /// retry, the write may have been applied before — its outcome is unknown. Never recorded.
     UnknownSession {
         seq: u64,
+    },
+    /// [`WriteCommand::LeaseGrant`] granted the lease.
+    LeaseGranted {
+        revision: Revision,
+        id: u64,
+        ttl_secs: u64,
+    },
+    /// [`WriteCommand::LeaseGrant`]: the id is taken (or was revoked within the last hour).
+    LeaseExists {
+        id: u64,
+    },
+    /// The lease does not exist (never granted, expired or revoked): a put with it or a revoke
+    /// of it did nothing.
+    LeaseNotFound {
+        id: u64,
+    },
+    /// Not applied, never recorded: this shard knows nothing of the put's lease; the node that
+    /// sent it asks the lease's home shard and resends the put `checked`.
+    LeaseUnchecked {
+        id: u64,
+    },
+    /// A lease revocation's part on one shard: `deleted` keys went.
+    LeaseRevoked {
+        revision: Revision,
+        deleted: u64,
     },
 }
 
@@ -721,6 +792,32 @@ pub enum ClientRequest {
     /// The number of shards and every member's ticket (what a client needs to route and fail
     /// over; it numbers each session's writes per shard).
     Topology,
+    /// Renew lease `id` to its granted TTL. Answered by the leader of the lease's home shard once
+    /// it confirmed its leadership (ReadIndex): [`ClientResponse::LeaseKeepAlive`], or
+    /// [`ApiError::LeaseNotFound`].
+    LeaseKeepAlive {
+        id: u64,
+    },
+    /// The remaining and granted TTL of lease `id` and, with `keys`, its keys in every shard.
+    LeaseTimeToLive {
+        id: u64,
+        keys: bool,
+    },
+    /// Every lease of the cluster.
+    LeaseList,
+    /// Node to node: lease `id` as its home shard's leader knows it (no keys).
+    LeaseInfo {
+        id: u64,
+    },
+    /// Node to node: the keys of `shard` attached to lease `id` (linearizable).
+    ShardLeaseKeys {
+        shard: ShardId,
+        id: u64,
+    },
+    /// Node to node: the live leases whose home is `shard` (linearizable).
+    ShardLeases {
+        shard: ShardId,
+    },
 }
 
 /// Permissions as operators write them: `read,write,admin` (those that are set).
@@ -831,6 +928,12 @@ impl ClientRequest {
                 | ClientRequest::ShardWrite { .. }
                 | ClientRequest::Scan(_)
                 | ClientRequest::ShardScan { .. }
+                | ClientRequest::LeaseKeepAlive { .. }
+                | ClientRequest::LeaseTimeToLive { .. }
+                | ClientRequest::LeaseList
+                | ClientRequest::LeaseInfo { .. }
+                | ClientRequest::ShardLeaseKeys { .. }
+                | ClientRequest::ShardLeases { .. }
         )
     }
 
@@ -849,6 +952,9 @@ impl ClientRequest {
                 | ClientRequest::Forwarded { .. }
                 | ClientRequest::Departed { .. }
                 | ClientRequest::ClaimMembership { .. }
+                | ClientRequest::LeaseInfo { .. }
+                | ClientRequest::ShardLeaseKeys { .. }
+                | ClientRequest::ShardLeases { .. }
         )
     }
 
@@ -884,6 +990,12 @@ impl ClientRequest {
             ClientRequest::AuthTokenRevoke { .. } => "auth token revoke",
             ClientRequest::JoinTokenCreate { .. } => "cluster join-token",
             ClientRequest::Topology => "topology",
+            ClientRequest::LeaseKeepAlive { .. } => "lease keepalive",
+            ClientRequest::LeaseTimeToLive { .. } => "lease ttl",
+            ClientRequest::LeaseList => "lease list",
+            ClientRequest::LeaseInfo { .. } => "lease info",
+            ClientRequest::ShardLeaseKeys { .. } => "shard lease keys",
+            ClientRequest::ShardLeases { .. } => "shard leases",
         }
     }
 
@@ -902,7 +1014,11 @@ impl ClientRequest {
             | ClientRequest::AddLearnerClaimed { .. }
             | ClientRequest::Promote { .. }
             | ClientRequest::Remove { .. }
-            | ClientRequest::Join(_) => true,
+            | ClientRequest::Join(_)
+            | ClientRequest::LeaseKeepAlive { .. }
+            | ClientRequest::LeaseInfo { .. }
+            | ClientRequest::ShardLeaseKeys { .. }
+            | ClientRequest::ShardLeases { .. } => true,
             ClientRequest::ClusterStatus
             | ClientRequest::NodeStatus
             | ClientRequest::Members
@@ -919,7 +1035,9 @@ impl ClientRequest {
             | ClientRequest::AuthTokenList
             | ClientRequest::AuthTokenRevoke { .. }
             | ClientRequest::JoinTokenCreate { .. }
-            | ClientRequest::Topology => false,
+            | ClientRequest::Topology
+            | ClientRequest::LeaseTimeToLive { .. }
+            | ClientRequest::LeaseList => false,
         }
     }
 }
@@ -978,6 +1096,17 @@ pub enum ClientResponse {
         num_shards: u32,
         members: Vec<String>,
     },
+    /// [`ClientRequest::LeaseKeepAlive`]: renewed to `ttl_secs`.
+    LeaseKeepAlive {
+        id: u64,
+        ttl_secs: u64,
+    },
+    /// [`ClientRequest::LeaseTimeToLive`] and [`ClientRequest::LeaseInfo`].
+    LeaseStatus(LeaseStatus),
+    /// [`ClientRequest::LeaseList`] and [`ClientRequest::ShardLeases`], by id.
+    Leases(Vec<LeaseEntry>),
+    /// [`ClientRequest::ShardLeaseKeys`], in key order.
+    LeaseKeys(Vec<Vec<u8>>),
 }
 
 /// The typed errors a client can receive. Every variant says what the caller can do next.
@@ -1013,6 +1142,9 @@ pub enum ApiError {
     /// does not allow the request (the text says which).
     #[error("permission denied: {0}")]
     PermissionDenied(String),
+    /// The lease does not exist: never granted, expired, or revoked.
+    #[error("lease not found: {}", lease::format_lease_id(*.id))]
+    LeaseNotFound { id: u64 },
 }
 
 impl ApiError {
@@ -1029,6 +1161,7 @@ impl ApiError {
             ApiError::Internal(_) => "internal",
             ApiError::NotInitialized { .. } => "not_initialized",
             ApiError::PermissionDenied(_) => "permission_denied",
+            ApiError::LeaseNotFound { .. } => "lease_not_found",
         }
     }
 }

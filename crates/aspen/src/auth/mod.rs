@@ -247,6 +247,9 @@ pub fn authorize(scope: &Scope, request: &ClientRequest) -> Result<(), ApiError>
                 c => c.keys().into_iter().try_for_each(key_in_scope),
             }
         }
+        // Keep-alives change when keys go; ttl and list only show leases.
+        ClientRequest::LeaseKeepAlive { .. } => need(scope.write, "write"),
+        ClientRequest::LeaseTimeToLive { .. } | ClientRequest::LeaseList => need(scope.read, "read"),
         ClientRequest::ClusterStatus | ClientRequest::NodeStatus | ClientRequest::Members | ClientRequest::Topology => {
             Ok(())
         }

@@ -264,6 +264,8 @@ pub struct NodeHandle {
     supervisor: Supervisor,
     /// Follows shard 0's token records (`cluster::tokens`); holds the service until stopped.
     follower: tokio::task::JoinHandle<()>,
+    /// Revokes expired leases of the shards this node leads (`cluster::leases`).
+    expiry: tokio::task::JoinHandle<()>,
 }
 
 impl NodeHandle {
@@ -315,6 +317,8 @@ impl NodeHandle {
         // It holds the service (and so the databases) while it runs: end it before they close.
         self.follower.abort();
         let _ = self.follower.await;
+        self.expiry.abort();
+        let _ = self.expiry.await;
         if let Some(g) = &self.base.gossip_discovery {
             bounded(node, &mut stalled, "gossip shutdown".into(), SHUTDOWN_STEP_LIMIT, g.shutdown()).await;
         }
@@ -524,10 +528,11 @@ async fn start_node(config: NodeConfig, stop: CancellationToken) -> Result<NodeH
         service.settle_admin_token(wait).await;
     }
     let follower = service.follow_revocations(base.shutdown_token.child_token());
+    let expiry = service.expire_leases(base.shutdown_token.child_token());
     service.write_ticket_file().map_err(|source| BootstrapError::DataDir { path: config.data_dir.clone(), source })?;
     tracing::info!(node_id = config.node_id, shards = shards.len(), ticket = %service.ticket(), "node is serving");
     let supervisor = Supervisor::spawn(config.node_id, shards.clone(), base.shutdown_token.clone());
-    Ok(NodeHandle { base, shard0, shards, service, router, supervisor, follower })
+    Ok(NodeHandle { base, shard0, shards, service, router, supervisor, follower, expiry })
 }
 
 /// Joins the cluster named by the `--join` tickets: asks it (through any member; requests are

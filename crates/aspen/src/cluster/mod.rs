@@ -9,6 +9,7 @@ pub mod admission;
 pub mod bootstrap;
 pub mod claim;
 pub mod gossip;
+pub mod leases;
 pub mod membership;
 pub mod placement;
 pub mod service;

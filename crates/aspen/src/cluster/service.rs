@@ -274,8 +274,16 @@ impl NodeService {
                 validate::check_write(&self.limits, &WriteCommand::DeletePrefix { prefix: prefix.clone() })?;
                 self.store.delete_prefix_all(session, prefix, self).await.map(ClientResponse::Write)
             }
+            ClientRequest::Write { session, command: WriteCommand::LeaseRevoke { id } } => {
+                validate::check_client_write(&self.limits, &WriteCommand::LeaseRevoke { id })?;
+                self.revoke_lease(session, id).await
+            }
+            ClientRequest::Write { session, command: command @ WriteCommand::PutLease { .. } } => {
+                validate::check_client_write(&self.limits, &command)?;
+                self.put_with_lease(session, command).await
+            }
             ClientRequest::Write { session, command } => {
-                validate::check_write(&self.limits, &command)?;
+                validate::check_client_write(&self.limits, &command)?;
                 self.store.write_here(session, command).await.map(ClientResponse::Write)
             }
             ClientRequest::ShardWrite { shard, session, command } => {
@@ -330,6 +338,20 @@ impl NodeService {
             ClientRequest::AuthTokenList => self.list_tokens().await,
             ClientRequest::AuthTokenRevoke { id } => self.revoke_token(id).await,
             ClientRequest::JoinTokenCreate { ttl_secs, single_use } => self.create_join_token(ttl_secs, single_use),
+            ClientRequest::LeaseKeepAlive { id } => {
+                let ttl_secs = self.store.local(self.store.router().shard_for_lease(id))?.lease_keepalive(id).await?;
+                Ok(ClientResponse::LeaseKeepAlive { id, ttl_secs })
+            }
+            ClientRequest::LeaseInfo { id } => {
+                let home = self.store.local(self.store.router().shard_for_lease(id))?;
+                home.lease_info(id).await.map(ClientResponse::LeaseStatus)
+            }
+            ClientRequest::LeaseTimeToLive { id, keys } => self.lease_time_to_live(id, keys).await,
+            ClientRequest::LeaseList => self.list_leases().await,
+            ClientRequest::ShardLeaseKeys { shard, id } => {
+                self.store.local(shard)?.lease_keys(id).await.map(ClientResponse::LeaseKeys)
+            }
+            ClientRequest::ShardLeases { shard } => self.store.local(shard)?.leases().await.map(ClientResponse::Leases),
             // Unpacked by `handle` before routing; never inside a batch.
             ClientRequest::Forwarded { .. } => {
                 Err(ApiError::InvalidRequest("a forwarded batch cannot be nested or routed".into()))

@@ -3,7 +3,7 @@
 //! shard, and refused with a typed error (`InvalidRequest` or `TooLarge`) that names the limit.
 
 use crate::{
-    api::{ApiError, BatchOp, CompareTarget, ScanRequest, TxnOp, WriteCommand, MAX_FRAME_BYTES},
+    api::{lease, ApiError, BatchOp, CompareTarget, ScanRequest, TxnOp, WriteCommand, MAX_FRAME_BYTES},
     config::LimitsConfig,
 };
 
@@ -88,6 +88,33 @@ pub fn check_write(limits: &LimitsConfig, command: &WriteCommand) -> Result<(), 
             Ok(())
         }
         WriteCommand::Txn { compares, success, failure } => check_txn(limits, compares, success, failure),
+        WriteCommand::PutLease { key, value, lease, .. } => {
+            check_key(limits, key)?;
+            check_value(limits, value)?;
+            lease::check_lease_id(*lease).map_err(ApiError::InvalidRequest)
+        }
+        WriteCommand::LeaseGrant { id, ttl_secs } => {
+            lease::check_lease_id(*id).map_err(ApiError::InvalidRequest)?;
+            lease::check_lease_ttl(*ttl_secs).map_err(ApiError::InvalidRequest)
+        }
+        WriteCommand::LeaseRevoke { id } | WriteCommand::LeaseDrop { id } | WriteCommand::LeaseForget { id } => {
+            lease::check_lease_id(*id).map_err(ApiError::InvalidRequest)
+        }
+    }
+}
+
+/// Checks a write as a client (or a node forwarding a client's write) sends it: within the
+/// limits, and none of the steps only nodes take (a revocation's per-shard parts, a put whose
+/// lease a node checked) — a client taking them could leave keys no lease ever removes.
+pub fn check_client_write(limits: &LimitsConfig, command: &WriteCommand) -> Result<(), ApiError> {
+    match command {
+        WriteCommand::LeaseDrop { .. }
+        | WriteCommand::LeaseForget { .. }
+        | WriteCommand::PutLease { checked: true, .. } => Err(ApiError::InvalidRequest(
+            "this lease operation is a node's step of a revocation or a put; send lease revoke or a put with the lease"
+                .into(),
+        )),
+        _ => check_write(limits, command),
     }
 }
 

@@ -92,6 +92,11 @@ fn command_bytes(command: &WriteCommand) -> usize {
             })
             .sum(),
         WriteCommand::DeletePrefix { prefix } => prefix.len(),
+        WriteCommand::PutLease { key, value, .. } => key.len() + value.len(),
+        WriteCommand::LeaseGrant { .. }
+        | WriteCommand::LeaseRevoke { .. }
+        | WriteCommand::LeaseDrop { .. }
+        | WriteCommand::LeaseForget { .. } => 16,
         WriteCommand::Txn { compares, success, failure } => {
             let compared: usize = compares
                 .iter()
@@ -113,7 +118,11 @@ fn command_bytes(command: &WriteCommand) -> usize {
 /// Whether `command` goes alone in its entry: a prefix delete touches keys it does not name, so
 /// the key check cannot see which writes it conflicts with (a key's revision must stay unique).
 fn goes_alone(command: &WriteCommand) -> bool {
-    matches!(command, WriteCommand::DeletePrefix { .. })
+    // A lease's revocation deletes the keys attached to it, which it does not name either.
+    matches!(
+        command,
+        WriteCommand::DeletePrefix { .. } | WriteCommand::LeaseRevoke { .. } | WriteCommand::LeaseDrop { .. }
+    )
 }
 
 /// The write queue of one shard; cloning shares it. The proposer task ends when every clone

@@ -27,13 +27,13 @@ use super::{
 use crate::{
     api::{
         raft::{MemberNode, Raft, WriteRequest},
-        split_raft_id, ApiError, KeyValue, NodeId, ReadConsistency, ScanPage, ScanRequest, ShardHealth, ShardId,
-        ShardStatus, StateDigest, WriteCommand, WriteOutcome, WriteSession,
+        split_raft_id, ApiError, KeyValue, LeaseEntry, LeaseStatus, NodeId, ReadConsistency, ScanPage, ScanRequest,
+        ShardHealth, ShardId, ShardStatus, StateDigest, WriteCommand, WriteOutcome, WriteSession,
     },
     config::RaftConfig,
     storage::{
-        scan::scan_local, shared_journal::SharedJournal, state_machine::StateReader, RedbLogStore, RedbStateMachine,
-        StorageError,
+        leases::LeaseDeadlines, scan::scan_local, shared_journal::SharedJournal, state_machine::StateReader,
+        RedbLogStore, RedbStateMachine, StorageError,
     },
 };
 
@@ -70,6 +70,8 @@ pub struct RaftNode {
     /// The session clock this node stamps writes with while it leads: the applied clock when
     /// it became leader of `term`, plus the time its monotonic clock has run since.
     stamp: Arc<std::sync::Mutex<Option<LeaderClock>>>,
+    /// When the leases whose home is this shard expire (counted while this node leads).
+    deadlines: Arc<LeaseDeadlines>,
     /// Fault injection only: serve linearizable reads from local state without ReadIndex.
     #[cfg(feature = "fault-injection")]
     broken_reads: Arc<std::sync::atomic::AtomicBool>,
@@ -179,6 +181,7 @@ impl RaftNode {
             .wait_for_log(log.durable());
         let network = network.cap_commit_at(log.durable());
         let reader = sm.reader();
+        let deadlines = sm.deadlines();
         let raft = Raft::new(raft_id, Arc::new(config), network, log, sm)
             .await
             .map_err(|e| RaftNodeError::Start { shard, message: e.to_string() })?;
@@ -196,6 +199,7 @@ impl RaftNode {
             epoch: Instant::now(),
             handover: Default::default(),
             stamp: Default::default(),
+            deadlines,
             #[cfg(feature = "fault-injection")]
             broken_reads: Default::default(),
         })
@@ -369,6 +373,19 @@ impl RaftNode {
         .await
     }
 
+    /// Proposes a write only if this node leads the shard now: no waiting for a leader, no
+    /// retry, never forwarded (a leader's own decisions, such as a lease's expiry).
+    pub async fn propose_here(&self, session: WriteSession, command: WriteCommand) -> Result<WriteOutcome, ApiError> {
+        if self.handing_over() || self.leading_term().is_none() {
+            return Err(ApiError::NotLeader { leader: self.leader(), leader_ticket: None });
+        }
+        let req = WriteRequest { session, command, timestamp_ms: self.session_clock() };
+        self.writes
+            .submit(req)
+            .await?
+            .ok_or_else(|| ApiError::Unavailable(format!("shard {} lost its leader", self.shard)))
+    }
+
     /// Adds (or updates) a learner and waits until it has caught up with the leader's log.
     pub async fn add_learner(&self, raft_id: u64, member: MemberNode) -> Result<(), ApiError> {
         self.with_leader(|| {
@@ -447,6 +464,70 @@ impl RaftNode {
         }
         scan_local(&self.reader, req, page_limit, max_bytes)
             .map_err(|e| ApiError::Internal(format!("scan shard {}: {e}", self.shard)))
+    }
+
+    /// The deadlines of the leases whose home is this shard.
+    pub fn lease_deadlines(&self) -> &LeaseDeadlines {
+        &self.deadlines
+    }
+
+    /// The term this node leads the shard in, if it leads it.
+    pub fn leading_term(&self) -> Option<u64> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        (m.state == ServerState::Leader).then_some(m.current_term)
+    }
+
+    /// Lease `id` as the leader sees it once it confirmed its leadership (ReadIndex) and
+    /// applied up to it: its record, and its deadline counted in this leader's term.
+    async fn confirmed_lease(&self, id: u64) -> Result<(u64, Instant), ApiError> {
+        self.ensure_linearizable().await?;
+        let term = self
+            .leading_term()
+            .ok_or_else(|| ApiError::Unavailable(format!("node lost the leadership of shard {}", self.shard)))?;
+        let live = self.reader.lease(id).map_err(|e| self.storage_err(e))?.is_some_and(|r| !r.revoking);
+        if !live {
+            return Err(ApiError::LeaseNotFound { id });
+        }
+        self.deadlines.lead(term, Instant::now());
+        Ok((term, Instant::now()))
+    }
+
+    /// Renews lease `id` (this shard is its home) to its granted TTL: only once this node
+    /// confirmed it leads (a deposed leader cannot acknowledge a renewal the new one never
+    /// saw). Returns the TTL in seconds.
+    pub async fn lease_keepalive(&self, id: u64) -> Result<u64, ApiError> {
+        let (_, now) = self.confirmed_lease(id).await?;
+        self.deadlines.renew(id, now).ok_or(ApiError::LeaseNotFound { id })
+    }
+
+    /// Lease `id` (this shard is its home): seconds left (rounded up) and its granted TTL.
+    pub async fn lease_info(&self, id: u64) -> Result<LeaseStatus, ApiError> {
+        let (_, now) = self.confirmed_lease(id).await?;
+        let (left, granted) = self.deadlines.remaining(id, now).ok_or(ApiError::LeaseNotFound { id })?;
+        let ttl_secs = left.as_millis().div_ceil(1000) as u64;
+        Ok(LeaseStatus { id, ttl_secs, granted_ttl_secs: granted, keys: Vec::new() })
+    }
+
+    /// This shard's keys attached to lease `id` (linearizable).
+    pub async fn lease_keys(&self, id: u64) -> Result<Vec<Vec<u8>>, ApiError> {
+        self.ensure_linearizable().await?;
+        self.reader.lease_keys(id).map_err(|e| self.storage_err(e))
+    }
+
+    /// The live leases whose home is this shard (linearizable).
+    pub async fn leases(&self) -> Result<Vec<LeaseEntry>, ApiError> {
+        self.ensure_linearizable().await?;
+        let all = self.reader.leases().map_err(|e| self.storage_err(e))?;
+        Ok(all
+            .into_iter()
+            .filter(|(_, r)| !r.revoking)
+            .map(|(id, r)| LeaseEntry { id, granted_ttl_secs: r.ttl_secs })
+            .collect())
+    }
+
+    fn storage_err(&self, e: crate::storage::StorageError) -> ApiError {
+        ApiError::Internal(format!("read shard {}: {e}", self.shard))
     }
 
     /// Records that AppendEntries (a heartbeat or entries) for this shard arrived from a leader.

@@ -102,6 +102,10 @@ pub fn plan(
             | ClientRequest::ShardMembership { .. }
             | ClientRequest::MoveLeader { .. }
             | ClientRequest::MoveLeaderAttempt { .. }
+            | ClientRequest::LeaseKeepAlive { .. }
+            | ClientRequest::LeaseInfo { .. }
+            | ClientRequest::ShardLeaseKeys { .. }
+            | ClientRequest::ShardLeases { .. }
     );
     if shard_bound {
         let shard = shard_of(router, request)?;
@@ -126,11 +130,14 @@ pub fn shard_of(router: &ShardRouter, request: &ClientRequest) -> Result<ShardId
     match request {
         ClientRequest::Get { key, .. } => Ok(router.shard_for_key(key)),
         ClientRequest::Write { command, .. } => write_shard(router, command),
+        ClientRequest::LeaseKeepAlive { id } | ClientRequest::LeaseInfo { id } => Ok(router.shard_for_lease(*id)),
         ClientRequest::ShardScan { shard, .. }
         | ClientRequest::ShardWrite { shard, .. }
         | ClientRequest::ShardMembership { shard, .. }
         | ClientRequest::MoveLeader { shard, .. }
-        | ClientRequest::MoveLeaderAttempt { shard, .. } => {
+        | ClientRequest::MoveLeaderAttempt { shard, .. }
+        | ClientRequest::ShardLeaseKeys { shard, .. }
+        | ClientRequest::ShardLeases { shard } => {
             if *shard >= router.num_shards() {
                 return Err(ApiError::InvalidRequest(format!(
                     "shard {shard} does not exist (the cluster has {})",
@@ -146,13 +153,23 @@ pub fn shard_of(router: &ShardRouter, request: &ClientRequest) -> Result<ShardId
 /// Whether `request` is a write that covers every shard (a prefix delete on a cluster of more
 /// than one shard): the node receiving it sends it to each shard ([`ShardedKeyValueStore::delete_prefix_all`]).
 pub fn fans_out(router: &ShardRouter, request: &ClientRequest) -> bool {
-    matches!(request, ClientRequest::Write { command: WriteCommand::DeletePrefix { .. }, .. })
-        && router.num_shards() > 1
+    match request {
+        ClientRequest::Write { command: WriteCommand::DeletePrefix { .. }, .. } => router.num_shards() > 1,
+        // Coordinated by the node that receives it: the home shard first, then every other one.
+        ClientRequest::Write { command: WriteCommand::LeaseRevoke { .. }, .. } => true,
+        _ => false,
+    }
 }
 
 /// The one shard every key of a write falls into (a batch or a txn may not span shards; a
 /// prefix delete belongs to the only shard, or is sent to every shard by [`fans_out`]).
 pub fn write_shard(router: &ShardRouter, command: &WriteCommand) -> Result<ShardId, ApiError> {
+    if let Some(id) = command.lease_home() {
+        return Ok(router.shard_for_lease(id));
+    }
+    if let WriteCommand::LeaseDrop { .. } = command {
+        return Err(ApiError::InvalidRequest("a lease drop names its shard: send it as a shard write".into()));
+    }
     if let WriteCommand::DeletePrefix { .. } = command {
         return match router.num_shards() {
             1 => Ok(0),
@@ -384,6 +401,11 @@ impl ShardedKeyValueStore {
         self.router.num_shards()
     }
 
+    /// Key and lease → shard routing.
+    pub fn router(&self) -> &ShardRouter {
+        &self.router
+    }
+
     pub fn pool(&self) -> &ConnectionPool {
         &self.pool
     }
@@ -454,7 +476,7 @@ impl ShardedKeyValueStore {
         session: WriteSession,
         command: WriteCommand,
     ) -> Result<WriteOutcome, ApiError> {
-        if !matches!(command, WriteCommand::DeletePrefix { .. }) {
+        if !matches!(command, WriteCommand::DeletePrefix { .. } | WriteCommand::LeaseDrop { .. }) {
             let owner = self.write_shard(&command)?;
             if owner != shard {
                 return Err(ApiError::InvalidRequest(format!(

@@ -11,6 +11,7 @@
 //! its storage traits and this layer answers.
 
 pub mod journal;
+pub mod leases;
 pub mod log_store;
 pub mod metadata;
 pub mod scan;

@@ -60,6 +60,10 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     begin_write,
+    leases::{
+        self, lease_item_hash, tombstone_item_hash, LeaseChange, LeaseDeadlines, LeaseRecord, LEASES, LEASE_KEYS,
+        TOMBSTONES, TOMBSTONE_AGE,
+    },
     log_store::{wait_durable, DurableWatch},
     open_db, open_db_with_backend, to_raft_err, StorageError,
 };
@@ -109,6 +113,38 @@ struct StoredValue {
     create_revision: u64,
     mod_revision: u64,
     version: u64,
+    /// The lease the key is attached to (0: none).
+    lease: u64,
+}
+
+/// A key's record as written before leases existed (read, never written).
+#[derive(Deserialize)]
+struct StoredValueV1 {
+    #[serde(with = "serde_bytes")]
+    value: Vec<u8>,
+    create_revision: u64,
+    mod_revision: u64,
+    version: u64,
+}
+
+impl From<StoredValueV1> for StoredValue {
+    fn from(v: StoredValueV1) -> Self {
+        StoredValue {
+            value: v.value,
+            create_revision: v.create_revision,
+            mod_revision: v.mod_revision,
+            version: v.version,
+            lease: 0,
+        }
+    }
+}
+
+/// Decodes a key's record, also in the format written before leases existed.
+fn decode_value(bytes: &[u8]) -> Result<StoredValue, StorageError> {
+    match postcard::from_bytes::<StoredValue>(bytes) {
+        Ok(v) => Ok(v),
+        Err(e) => postcard::from_bytes::<StoredValueV1>(bytes).map(Into::into).map_err(|_| e.into()),
+    }
 }
 
 /// The last write of one client session.
@@ -125,6 +161,34 @@ struct SnapshotPayload {
     kv: Vec<(Vec<u8>, StoredValue)>,
     sessions: Vec<(u128, SessionRecord)>,
     clock_ms: u64,
+    /// Leases whose home is this shard.
+    leases: Vec<(u64, LeaseRecord)>,
+    /// (lease id, clock ms) of the leases revoked here lately.
+    tombstones: Vec<(u64, u64)>,
+}
+
+/// A snapshot as built before leases existed (read, never written).
+#[derive(Deserialize)]
+struct SnapshotPayloadV1 {
+    kv: Vec<(Vec<u8>, StoredValueV1)>,
+    sessions: Vec<(u128, SessionRecord)>,
+    clock_ms: u64,
+}
+
+fn decode_payload(data: &[u8]) -> Result<SnapshotPayload, StorageError> {
+    match postcard::from_bytes::<SnapshotPayload>(data) {
+        Ok(p) => Ok(p),
+        Err(e) => match postcard::from_bytes::<SnapshotPayloadV1>(data) {
+            Ok(v1) => Ok(SnapshotPayload {
+                kv: v1.kv.into_iter().map(|(k, v)| (k, v.into())).collect(),
+                sessions: v1.sessions,
+                clock_ms: v1.clock_ms,
+                leases: Vec::new(),
+                tombstones: Vec::new(),
+            }),
+            Err(_) => Err(e.into()),
+        },
+    }
 }
 
 /// A snapshot as kept on disk: its metadata and its bytes.
@@ -147,7 +211,7 @@ impl StateReader {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(KV)?;
         match table.get(key)? {
-            Some(v) => Ok(Some(to_kv(key.to_vec(), postcard::from_bytes(v.value())?))),
+            Some(v) => Ok(Some(to_kv(key.to_vec(), decode_value(v.value())?))),
             None => Ok(None),
         }
     }
@@ -191,7 +255,7 @@ impl StateReader {
             if skip_reserved && crate::api::is_reserved_key(k.value()) {
                 continue;
             }
-            let kv = to_kv(k.value().to_vec(), postcard::from_bytes(v.value())?);
+            let kv = to_kv(k.value().to_vec(), decode_value(v.value())?);
             bytes += kv.key.len() + kv.value.len();
             out.push(kv);
         }
@@ -231,8 +295,37 @@ impl StateReader {
     /// to [`Self::digest`] unless the incremental sum went wrong.
     pub fn recompute_digest(&self) -> Result<StateDigest, StorageError> {
         let txn = self.db.begin_read()?;
-        let sum = sum_of_tables(&txn.open_table(KV)?, &txn.open_table(SESSIONS)?)?;
+        let sum = sum_of_tables(
+            &txn.open_table(KV)?,
+            &txn.open_table(SESSIONS)?,
+            &txn.open_table(LEASES)?,
+            &txn.open_table(TOMBSTONES)?,
+        )?;
         final_digest(&txn.open_table(META)?, &sum)
+    }
+
+    /// Lease `id`, if this shard is its home and it was not forgotten.
+    pub fn lease(&self, id: u64) -> Result<Option<LeaseRecord>, StorageError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(LEASES)?;
+        table.get(id)?.map(|v| leases::decode_record(v.value())).transpose()
+    }
+
+    /// Every lease whose home is this shard, by id.
+    pub fn leases(&self) -> Result<Vec<(u64, LeaseRecord)>, StorageError> {
+        let txn = self.db.begin_read()?;
+        let mut out = Vec::new();
+        for item in txn.open_table(LEASES)?.iter()? {
+            let (k, v) = item?;
+            out.push((k.value(), leases::decode_record(v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// This shard's keys attached to lease `id`, in key order.
+    pub fn lease_keys(&self, id: u64) -> Result<Vec<Vec<u8>>, StorageError> {
+        let txn = self.db.begin_read()?;
+        leases::keys_of(&txn.open_table(LEASE_KEYS)?, id)
     }
 }
 
@@ -300,6 +393,10 @@ fn kv_item_hash(key: &[u8], v: &StoredValue) -> [u8; 32] {
     h.update(&v.create_revision.to_le_bytes());
     h.update(&v.mod_revision.to_le_bytes());
     h.update(&v.version.to_le_bytes());
+    // Only when attached: a key without a lease hashes as it did before leases existed.
+    if v.lease != 0 {
+        h.update(&v.lease.to_le_bytes());
+    }
     *h.finalize().as_bytes()
 }
 
@@ -325,15 +422,25 @@ fn write_sum(meta: &mut redb::Table<'_, &'static str, &'static [u8]>, sum: &Dige
     Ok(())
 }
 
-/// The sum over every stored key and session.
+/// The sum over every stored key, session, lease and tombstone.
 fn sum_of_tables(
     kv: &impl ReadableTable<&'static [u8], &'static [u8]>,
     sessions: &impl ReadableTable<u128, &'static [u8]>,
+    lease_records: &impl ReadableTable<u64, &'static [u8]>,
+    tombstones: &impl ReadableTable<u64, u64>,
 ) -> Result<DigestSum, StorageError> {
     let mut sum = DigestSum::default();
+    for item in lease_records.iter()? {
+        let (k, v) = item?;
+        sum.add(&lease_item_hash(k.value(), &leases::decode_record(v.value())?));
+    }
+    for item in tombstones.iter()? {
+        let (k, v) = item?;
+        sum.add(&tombstone_item_hash(k.value(), v.value()));
+    }
     for item in kv.iter()? {
         let (k, v) = item?;
-        sum.add(&kv_item_hash(k.value(), &postcard::from_bytes(v.value())?));
+        sum.add(&kv_item_hash(k.value(), &decode_value(v.value())?));
     }
     for item in sessions.iter()? {
         let (k, v) = item?;
@@ -399,6 +506,8 @@ pub struct RedbStateMachine {
     snapshot_guard: SnapshotFileGuard,
     /// When set, an entry is applied only once the Raft log holds it durably.
     log: Option<DurableWatch>,
+    /// The deadlines of the leases whose home is this shard, kept in step with apply.
+    deadlines: Arc<LeaseDeadlines>,
 }
 
 impl RedbStateMachine {
@@ -418,9 +527,13 @@ impl RedbStateMachine {
     fn from_db(db: redb::Database, dir: PathBuf) -> Result<Self, StorageError> {
         let txn = begin_write(&db, Durability::Immediate)?;
         txn.open_table(SESSION_AGE)?;
+        txn.open_table(LEASE_KEYS)?;
+        txn.open_table(TOMBSTONE_AGE)?;
         {
             let kv = txn.open_table(KV)?;
             let sessions = txn.open_table(SESSIONS)?;
+            let lease_records = txn.open_table(LEASES)?;
+            let tombstones = txn.open_table(TOMBSTONES)?;
             let mut ns = txn.open_table(SESSION_NS)?;
             // Written before per-token session counts existed: count what it holds.
             if ns.is_empty()? && !sessions.is_empty()? {
@@ -429,11 +542,24 @@ impl RedbStateMachine {
             let mut meta = txn.open_table(META)?;
             // A new database, or one written before digests existed: sum what it holds.
             if read_sum(&meta)?.is_none() {
-                write_sum(&mut meta, &sum_of_tables(&kv, &sessions)?)?;
+                write_sum(&mut meta, &sum_of_tables(&kv, &sessions, &lease_records, &tombstones)?)?;
             }
         }
         txn.commit()?;
-        Ok(RedbStateMachine { db: Arc::new(db), dir, snapshot_guard: Default::default(), log: None })
+        let sm = RedbStateMachine {
+            db: Arc::new(db),
+            dir,
+            snapshot_guard: Default::default(),
+            log: None,
+            deadlines: Default::default(),
+        };
+        sm.deadlines.reset(sm.reader().leases()?);
+        Ok(sm)
+    }
+
+    /// The deadlines of the leases whose home is this shard (the shard's leader counts them).
+    pub fn deadlines(&self) -> Arc<LeaseDeadlines> {
+        self.deadlines.clone()
     }
 
     /// Applies an entry only once `log` says the Raft log holds it durably: the leader's log
@@ -470,7 +596,15 @@ impl RedbStateMachine {
         let meta = txn.open_table(META)?;
         let kept = read_sum(&meta)?.ok_or_else(|| StorageError::Corrupt("state digest sum missing".into()))?;
         let digest = final_digest(&meta, &kept)?;
-        let recount = final_digest(&meta, &sum_of_tables(&txn.open_table(KV)?, &txn.open_table(SESSIONS)?)?)?;
+        let recount = final_digest(
+            &meta,
+            &sum_of_tables(
+                &txn.open_table(KV)?,
+                &txn.open_table(SESSIONS)?,
+                &txn.open_table(LEASES)?,
+                &txn.open_table(TOMBSTONES)?,
+            )?,
+        )?;
         if digest != recount {
             return Err(StorageError::Corrupt(format!("state digest {digest} differs from a recount {recount}")));
         }
@@ -499,7 +633,9 @@ fn writes_in(entries: &[Entry]) -> usize {
             EntryPayload::Normal(WriteBatch(writes)) => writes
                 .iter()
                 .map(|w| match w.command {
-                    WriteCommand::DeletePrefix { .. } => INLINE_APPLY_WRITES + 1,
+                    WriteCommand::DeletePrefix { .. }
+                    | WriteCommand::LeaseRevoke { .. }
+                    | WriteCommand::LeaseDrop { .. } => INLINE_APPLY_WRITES + 1,
                     _ => 1,
                 })
                 .sum(),
@@ -508,15 +644,24 @@ fn writes_in(entries: &[Entry]) -> usize {
         .sum()
 }
 
-/// Applies a batch of entries in one transaction. Returns one result per entry.
-fn apply_entries(db: &redb::Database, entries: Vec<Entry>) -> Result<Vec<ApplyResult>, StorageError> {
+/// Applies a batch of entries in one transaction. Returns one result per entry, and what
+/// changed about leases (for [`LeaseDeadlines`], once committed).
+fn apply_entries(
+    db: &redb::Database,
+    entries: Vec<Entry>,
+) -> Result<(Vec<ApplyResult>, Vec<LeaseChange>), StorageError> {
     let txn = begin_write(db, Durability::None)?;
     let mut results = Vec::with_capacity(entries.len());
+    let mut changes = Vec::new();
     {
         let mut kv = txn.open_table(KV)?;
         let mut sessions = txn.open_table(SESSIONS)?;
         let mut ages = txn.open_table(SESSION_AGE)?;
         let mut ns = txn.open_table(SESSION_NS)?;
+        let mut lease_records = txn.open_table(LEASES)?;
+        let mut lease_keys = txn.open_table(LEASE_KEYS)?;
+        let mut tombstones = txn.open_table(TOMBSTONES)?;
+        let mut tombstone_age = txn.open_table(TOMBSTONE_AGE)?;
         let mut meta = txn.open_table(META)?;
         let mut clock: u64 = read_meta(&meta, KEY_CLOCK)?.unwrap_or(0);
         let mut sum = read_sum(&meta)?.ok_or_else(|| StorageError::Corrupt("state digest sum missing".into()))?;
@@ -544,7 +689,13 @@ fn apply_entries(db: &redb::Database, entries: Vec<Entry>) -> Result<Vec<ApplyRe
                             sessions: &mut sessions,
                             ages: &mut ages,
                             ns: &mut ns,
+                            leases: &mut lease_records,
+                            lease_keys: &mut lease_keys,
+                            tombstones: &mut tombstones,
+                            tombstone_age: &mut tombstone_age,
                             sum: &mut sum,
+                            clock,
+                            changes: &mut changes,
                         };
                         outcomes.push(apply_write(&mut tables, log_id.index, req)?);
                     }
@@ -562,7 +713,7 @@ fn apply_entries(db: &redb::Database, entries: Vec<Entry>) -> Result<Vec<ApplyRe
         }
     }
     txn.commit()?;
-    Ok(results)
+    Ok((results, changes))
 }
 
 type KvTable<'t> = redb::Table<'t, &'static [u8], &'static [u8]>;
@@ -576,7 +727,14 @@ struct WriteTables<'a, 't> {
     sessions: &'a mut SessionTable<'t>,
     ages: &'a mut AgeTable<'t>,
     ns: &'a mut NsTable<'t>,
+    leases: &'a mut redb::Table<'t, u64, &'static [u8]>,
+    lease_keys: &'a mut redb::Table<'t, (u64, &'static [u8]), ()>,
+    tombstones: &'a mut redb::Table<'t, u64, u64>,
+    tombstone_age: &'a mut redb::Table<'t, (u64, u64), ()>,
     sum: &'a mut DigestSum,
+    /// The session clock of this write (ms, the leaders' stamps).
+    clock: u64,
+    changes: &'a mut Vec<LeaseChange>,
 }
 
 /// The namespace of a session id: its high 64 bits (a client's token id).
@@ -642,9 +800,11 @@ fn evict_one_of_namespace(t: &mut WriteTables<'_, '_>, client: u128) -> Result<(
 
 fn apply_write(t: &mut WriteTables<'_, '_>, revision: u64, req: WriteRequest) -> Result<WriteOutcome, StorageError> {
     let client = u128::from_be_bytes(req.session.client_id.0);
-    let previous: Option<SessionRecord> = match t.sessions.get(client)? {
-        Some(v) => Some(postcard::from_bytes(v.value())?),
-        None => None,
+    // A node's own idempotent step (a lease revocation's parts): no session to check or keep.
+    let sessionless = client == 0;
+    let previous: Option<SessionRecord> = match (sessionless, t.sessions.get(client)?) {
+        (false, Some(v)) => Some(postcard::from_bytes(v.value())?),
+        _ => None,
     };
     if let Some(prev) = &previous {
         if req.session.seq == prev.seq {
@@ -654,7 +814,7 @@ fn apply_write(t: &mut WriteTables<'_, '_>, revision: u64, req: WriteRequest) ->
         if req.session.seq < prev.seq {
             return Ok(WriteOutcome::StaleSequence { last_seq: prev.seq });
         }
-    } else if req.session.seq > STRICT_SEQ_BASE + 1 {
+    } else if !sessionless && req.session.seq > STRICT_SEQ_BASE + 1 {
         // A per-shard session's write past its first, yet the session is unknown: it was
         // forgotten, and this may be a retry of a write applied before. Refused, not applied a
         // second time. (Numbers at or below the base keep the old rule: logs replay alike.)
@@ -662,20 +822,20 @@ fn apply_write(t: &mut WriteTables<'_, '_>, revision: u64, req: WriteRequest) ->
     }
     let outcome = match req.command {
         WriteCommand::Put { key, value } => {
-            put(t.kv, t.sum, &key, value, revision)?;
+            put(t, &key, value, revision, 0)?;
             WriteOutcome::Put { revision }
         }
         WriteCommand::Delete { key } => {
-            let deleted = remove(t.kv, t.sum, &key)?;
+            let deleted = remove(t, &key)?;
             WriteOutcome::Delete { revision, deleted }
         }
         WriteCommand::Cas { key, expected, new_value } => {
             let current: Option<Vec<u8>> = match t.kv.get(key.as_slice())? {
-                Some(v) => Some(postcard::from_bytes::<StoredValue>(v.value())?.value),
+                Some(v) => Some(decode_value(v.value())?.value),
                 None => None,
             };
             if current == expected {
-                put(t.kv, t.sum, &key, new_value, revision)?;
+                put(t, &key, new_value, revision, 0)?;
                 WriteOutcome::Cas { revision, succeeded: true, current: None }
             } else {
                 WriteOutcome::Cas { revision, succeeded: false, current }
@@ -684,16 +844,16 @@ fn apply_write(t: &mut WriteTables<'_, '_>, revision: u64, req: WriteRequest) ->
         WriteCommand::Batch { ops } => {
             for op in ops {
                 match op {
-                    BatchOp::Put { key, value } => put(t.kv, t.sum, &key, value, revision)?,
+                    BatchOp::Put { key, value } => put(t, &key, value, revision, 0)?,
                     BatchOp::Delete { key } => {
-                        remove(t.kv, t.sum, &key)?;
+                        remove(t, &key)?;
                     }
                 }
             }
             WriteOutcome::Batch { revision }
         }
         WriteCommand::DeletePrefix { prefix } => {
-            let deleted = remove_prefix(t.kv, t.sum, &prefix)?;
+            let deleted = remove_prefix(t, &prefix)?;
             WriteOutcome::DeletePrefix { revision, deleted }
         }
         WriteCommand::Txn { compares, success, failure } => {
@@ -703,16 +863,79 @@ fn apply_write(t: &mut WriteTables<'_, '_>, revision: u64, req: WriteRequest) ->
             for op in ops {
                 results.push(match op {
                     TxnOp::Put { key, value } => {
-                        put(t.kv, t.sum, &key, value, revision)?;
+                        put(t, &key, value, revision, 0)?;
                         TxnOpResult::Put { revision }
                     }
-                    TxnOp::Delete { key } => TxnOpResult::Delete { deleted: remove(t.kv, t.sum, &key)? },
+                    TxnOp::Delete { key } => TxnOpResult::Delete { deleted: remove(t, &key)? },
                     TxnOp::Get { key } => TxnOpResult::Get(read_kv(t.kv, key)?),
                 });
             }
             WriteOutcome::Txn { revision, succeeded, results }
         }
+        WriteCommand::LeaseGrant { id, ttl_secs } => {
+            if t.leases.get(id)?.is_some() || t.tombstones.get(id)?.is_some() {
+                WriteOutcome::LeaseExists { id }
+            } else {
+                let rec = LeaseRecord { ttl_secs, revoking: false };
+                t.leases.insert(id, postcard::to_stdvec(&rec)?.as_slice())?;
+                t.sum.add(&lease_item_hash(id, &rec));
+                t.changes.push(LeaseChange::Granted { id, ttl_secs });
+                WriteOutcome::LeaseGranted { revision, id, ttl_secs }
+            }
+        }
+        WriteCommand::LeaseRevoke { id } => match lease_record(t, id)? {
+            Some(rec) if !rec.revoking => {
+                let revoking = LeaseRecord { revoking: true, ..rec };
+                t.sum.sub(&lease_item_hash(id, &rec));
+                t.sum.add(&lease_item_hash(id, &revoking));
+                t.leases.insert(id, postcard::to_stdvec(&revoking)?.as_slice())?;
+                t.changes.push(LeaseChange::Revoking { id });
+                let deleted = drop_lease(t, id)?;
+                WriteOutcome::LeaseRevoked { revision, deleted }
+            }
+            _ => WriteOutcome::LeaseNotFound { id },
+        },
+        WriteCommand::LeaseDrop { id } => {
+            let deleted = drop_lease(t, id)?;
+            WriteOutcome::LeaseRevoked { revision, deleted }
+        }
+        WriteCommand::LeaseForget { id } => match lease_record(t, id)? {
+            Some(rec) if rec.revoking => {
+                t.leases.remove(id)?;
+                t.sum.sub(&lease_item_hash(id, &rec));
+                t.changes.push(LeaseChange::Forgotten { id });
+                WriteOutcome::LeaseRevoked { revision, deleted: 0 }
+            }
+            // A live lease is never forgotten; a forgotten one stays so.
+            Some(_) => WriteOutcome::LeaseNotFound { id },
+            None => WriteOutcome::LeaseRevoked { revision, deleted: 0 },
+        },
+        WriteCommand::PutLease { key, value, lease, checked } => {
+            let known = if t.tombstones.get(lease)?.is_some() {
+                Some(false)
+            } else if let Some(rec) = lease_record(t, lease)? {
+                Some(!rec.revoking)
+            } else if checked || leases::has_keys(t.lease_keys, lease)? {
+                // Its home said it lives (`checked`), or a key here is attached to it: a
+                // revocation would have reached this shard (and left a tombstone) first.
+                Some(true)
+            } else {
+                None
+            };
+            match known {
+                Some(true) => {
+                    put(t, &key, value, revision, lease)?;
+                    WriteOutcome::Put { revision }
+                }
+                Some(false) => WriteOutcome::LeaseNotFound { id: lease },
+                // Not applied and not recorded: the node asks the lease's home and resends.
+                None => return Ok(WriteOutcome::LeaseUnchecked { id: lease }),
+            }
+        }
     };
+    if sessionless {
+        return Ok(outcome);
+    }
     if let Some(prev) = &previous {
         t.ages.remove((prev.last_seen_ms, client))?;
         t.sum.sub(&session_item_hash(client, prev)?);
@@ -726,38 +949,77 @@ fn apply_write(t: &mut WriteTables<'_, '_>, revision: u64, req: WriteRequest) ->
     Ok(outcome)
 }
 
-fn put(
-    kv: &mut KvTable<'_>,
-    sum: &mut DigestSum,
-    key: &[u8],
-    value: Vec<u8>,
-    revision: u64,
-) -> Result<(), StorageError> {
-    let old: Option<StoredValue> = match kv.get(key)? {
-        Some(v) => Some(postcard::from_bytes(v.value())?),
+/// Lease `id`'s record, if this shard is its home.
+fn lease_record(t: &WriteTables<'_, '_>, id: u64) -> Result<Option<LeaseRecord>, StorageError> {
+    t.leases.get(id)?.map(|v| leases::decode_record(v.value())).transpose()
+}
+
+/// Deletes this shard's keys attached to lease `id` and leaves a tombstone (after forgetting
+/// old ones); returns how many keys went.
+fn drop_lease(t: &mut WriteTables<'_, '_>, id: u64) -> Result<u64, StorageError> {
+    let keys = leases::keys_of(t.lease_keys, id)?;
+    for key in &keys {
+        remove(t, key)?;
+    }
+    for gone in leases::expire_tombstones(t.tombstones, t.tombstone_age, t.clock)? {
+        t.sum.sub(&gone);
+    }
+    if let Some(old) = t.tombstones.insert(id, t.clock)? {
+        let old = old.value();
+        t.tombstone_age.remove((old, id))?;
+        t.sum.sub(&tombstone_item_hash(id, old));
+    }
+    t.tombstone_age.insert((t.clock, id), ())?;
+    t.sum.add(&tombstone_item_hash(id, t.clock));
+    Ok(keys.len() as u64)
+}
+
+/// Sets `key` to `value` at `revision`, attached to `lease` (0: none; a put without a lease
+/// detaches the key from the one it had, as in etcd).
+fn put(t: &mut WriteTables<'_, '_>, key: &[u8], value: Vec<u8>, revision: u64, lease: u64) -> Result<(), StorageError> {
+    let old: Option<StoredValue> = match t.kv.get(key)? {
+        Some(v) => Some(decode_value(v.value())?),
         None => None,
     };
-    let stored = match old {
+    let stored = match &old {
         Some(o) => {
-            sum.sub(&kv_item_hash(key, &o));
-            StoredValue { value, create_revision: o.create_revision, mod_revision: revision, version: o.version + 1 }
+            t.sum.sub(&kv_item_hash(key, o));
+            StoredValue {
+                value,
+                create_revision: o.create_revision,
+                mod_revision: revision,
+                version: o.version + 1,
+                lease,
+            }
         }
-        None => StoredValue { value, create_revision: revision, mod_revision: revision, version: 1 },
+        None => StoredValue { value, create_revision: revision, mod_revision: revision, version: 1, lease },
     };
-    sum.add(&kv_item_hash(key, &stored));
-    kv.insert(key, postcard::to_stdvec(&stored)?.as_slice())?;
+    let old_lease = old.as_ref().map_or(0, |o| o.lease);
+    if old_lease != lease {
+        if old_lease != 0 {
+            t.lease_keys.remove((old_lease, key))?;
+        }
+        if lease != 0 {
+            t.lease_keys.insert((lease, key), ())?;
+        }
+    }
+    t.sum.add(&kv_item_hash(key, &stored));
+    t.kv.insert(key, postcard::to_stdvec(&stored)?.as_slice())?;
     Ok(())
 }
 
 /// Removes `key`; returns whether it existed.
-fn remove(kv: &mut KvTable<'_>, sum: &mut DigestSum, key: &[u8]) -> Result<bool, StorageError> {
-    let old: Option<StoredValue> = match kv.remove(key)? {
-        Some(v) => Some(postcard::from_bytes(v.value())?),
+fn remove(t: &mut WriteTables<'_, '_>, key: &[u8]) -> Result<bool, StorageError> {
+    let old: Option<StoredValue> = match t.kv.remove(key)? {
+        Some(v) => Some(decode_value(v.value())?),
         None => None,
     };
     match old {
         Some(o) => {
-            sum.sub(&kv_item_hash(key, &o));
+            t.sum.sub(&kv_item_hash(key, &o));
+            if o.lease != 0 {
+                t.lease_keys.remove((o.lease, key))?;
+            }
             Ok(true)
         }
         None => Ok(false),
@@ -766,21 +1028,28 @@ fn remove(kv: &mut KvTable<'_>, sum: &mut DigestSum, key: &[u8]) -> Result<bool,
 
 /// Removes every key starting with `prefix` (every key if it is empty), each exactly as
 /// [`remove`] would; returns how many there were.
-fn remove_prefix(kv: &mut KvTable<'_>, sum: &mut DigestSum, prefix: &[u8]) -> Result<u64, StorageError> {
+fn remove_prefix(t: &mut WriteTables<'_, '_>, prefix: &[u8]) -> Result<u64, StorageError> {
     let end = super::scan::prefix_end(prefix);
     let upper = match &end {
         Some(e) if !prefix.is_empty() => Bound::Excluded(e.as_slice()),
         _ => Bound::Unbounded,
     };
     let mut deleted = 0u64;
+    let mut attached = Vec::new();
     // A client's prefix delete (even of every key) leaves the cluster's reserved keys alone.
     let internal = crate::api::is_reserved_key(prefix);
     let keep = |k: &[u8]| !internal && crate::api::is_reserved_key(k);
-    for item in kv.extract_from_if::<&[u8], _>((Bound::Included(prefix), upper), |k, _| !keep(k))? {
+    for item in t.kv.extract_from_if::<&[u8], _>((Bound::Included(prefix), upper), |k, _| !keep(k))? {
         let (k, v) = item?;
-        let old: StoredValue = postcard::from_bytes(v.value())?;
-        sum.sub(&kv_item_hash(k.value(), &old));
+        let old = decode_value(v.value())?;
+        t.sum.sub(&kv_item_hash(k.value(), &old));
+        if old.lease != 0 {
+            attached.push((old.lease, k.value().to_vec()));
+        }
         deleted += 1;
+    }
+    for (lease, key) in attached {
+        t.lease_keys.remove((lease, key.as_slice()))?;
     }
     Ok(deleted)
 }
@@ -843,30 +1112,64 @@ fn read_snapshot_payload(
     let last_applied: Option<LogId> = read_meta(&meta, KEY_LAST_APPLIED)?;
     let membership: StoredMembership = read_meta(&meta, KEY_MEMBERSHIP)?.unwrap_or_default();
     let clock_ms: u64 = read_meta(&meta, KEY_CLOCK)?.unwrap_or(0);
-    let mut payload = SnapshotPayload { kv: Vec::new(), sessions: Vec::new(), clock_ms };
+    let mut payload =
+        SnapshotPayload { kv: Vec::new(), sessions: Vec::new(), clock_ms, leases: Vec::new(), tombstones: Vec::new() };
     for item in txn.open_table(KV)?.iter()? {
         let (k, v) = item?;
-        payload.kv.push((k.value().to_vec(), postcard::from_bytes(v.value())?));
+        payload.kv.push((k.value().to_vec(), decode_value(v.value())?));
     }
     for item in txn.open_table(SESSIONS)?.iter()? {
         let (k, v) = item?;
         payload.sessions.push((k.value(), postcard::from_bytes(v.value())?));
     }
+    for item in txn.open_table(LEASES)?.iter()? {
+        let (k, v) = item?;
+        payload.leases.push((k.value(), leases::decode_record(v.value())?));
+    }
+    for item in txn.open_table(TOMBSTONES)?.iter()? {
+        let (k, v) = item?;
+        payload.tombstones.push((k.value(), v.value()));
+    }
     Ok((last_applied, membership, postcard::to_stdvec(&payload)?))
 }
 
-/// Replaces the whole state with a snapshot's, in one durable transaction.
-fn install_payload(db: &redb::Database, meta: &SnapshotMeta, data: &[u8]) -> Result<(), StorageError> {
-    let payload: SnapshotPayload = postcard::from_bytes(data)?;
+/// Replaces the whole state with a snapshot's, in one durable transaction. Returns the leases
+/// it holds (their deadlines restart).
+fn install_payload(
+    db: &redb::Database,
+    meta: &SnapshotMeta,
+    data: &[u8],
+) -> Result<Vec<(u64, LeaseRecord)>, StorageError> {
+    let payload = decode_payload(data)?;
     let txn = begin_write(db, Durability::Immediate)?;
     txn.delete_table(KV)?;
+    txn.delete_table(LEASES)?;
     txn.delete_table(SESSIONS)?;
     txn.delete_table(SESSION_AGE)?;
     txn.delete_table(SESSION_NS)?;
+    txn.delete_table(LEASE_KEYS)?;
+    txn.delete_table(TOMBSTONES)?;
+    txn.delete_table(TOMBSTONE_AGE)?;
     {
         let mut kv = txn.open_table(KV)?;
+        let mut lease_keys = txn.open_table(LEASE_KEYS)?;
         for (k, v) in &payload.kv {
             kv.insert(k.as_slice(), postcard::to_stdvec(v)?.as_slice())?;
+            if v.lease != 0 {
+                lease_keys.insert((v.lease, k.as_slice()), ())?;
+            }
+        }
+        let mut lease_records = txn.open_table(LEASES)?;
+        for (id, rec) in &payload.leases {
+            lease_records.insert(*id, postcard::to_stdvec(rec)?.as_slice())?;
+        }
+        let mut tombstones = txn.open_table(TOMBSTONES)?;
+        let mut tombstone_age = txn.open_table(TOMBSTONE_AGE)?;
+        for (id, at) in &payload.tombstones {
+            if let Some(old) = tombstones.insert(*id, *at)? {
+                tombstone_age.remove((old.value(), *id))?;
+            }
+            tombstone_age.insert((*at, *id), ())?;
         }
         let mut sessions = txn.open_table(SESSIONS)?;
         let mut ages = txn.open_table(SESSION_AGE)?;
@@ -877,7 +1180,7 @@ fn install_payload(db: &redb::Database, meta: &SnapshotMeta, data: &[u8]) -> Res
         count_namespaces(&sessions, &mut txn.open_table(SESSION_NS)?)?;
         // From the tables just written, not the payload: a payload that repeats a key must
         // count it once, as the table does.
-        let sum = sum_of_tables(&kv, &sessions)?;
+        let sum = sum_of_tables(&kv, &sessions, &lease_records, &tombstones)?;
         let mut m = txn.open_table(META)?;
         m.insert(KEY_CLOCK, postcard::to_stdvec(&payload.clock_ms)?.as_slice())?;
         write_sum(&mut m, &sum)?;
@@ -893,7 +1196,7 @@ fn install_payload(db: &redb::Database, meta: &SnapshotMeta, data: &[u8]) -> Res
         m.insert(KEY_MEMBERSHIP, postcard::to_stdvec(&meta.last_membership)?.as_slice())?;
     }
     txn.commit()?;
-    Ok(())
+    Ok(payload.leases)
 }
 
 /// Writes the snapshot file atomically (temp file, fsync, rename, fsync dir), unless the file
@@ -1000,13 +1303,17 @@ impl RaftStateMachine<TypeConfig> for RedbStateMachine {
         if let Some(log) = self.log.as_mut() {
             wait_durable(log, last.log_id.index).await.map_err(|e| sm_err(ErrorVerb::Write, e))?;
         }
-        if writes_in(&entries) <= INLINE_APPLY_WRITES {
+        let (results, changes) = if writes_in(&entries) <= INLINE_APPLY_WRITES {
             // A few writes: a non-durable commit of tens of microseconds, cheaper to run here than
             // the round trip to a blocking thread it would otherwise wait for on every write.
-            return apply_entries(&self.db, entries).map_err(|e| sm_err(ErrorVerb::Write, e));
+            apply_entries(&self.db, entries)
+        } else {
+            let db = self.db.clone();
+            blocking(move || apply_entries(&db, entries)).await
         }
-        let db = self.db.clone();
-        blocking(move || apply_entries(&db, entries)).await.map_err(|e| sm_err(ErrorVerb::Write, e))
+        .map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        self.deadlines.applied(&changes);
+        Ok(results)
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
@@ -1027,12 +1334,15 @@ impl RaftStateMachine<TypeConfig> for RedbStateMachine {
         let guard = self.snapshot_guard.clone();
         let meta = meta.clone();
         let data = snapshot.into_inner();
-        blocking(move || {
-            install_payload(&db, &meta, &data)?;
-            write_snapshot_file(&dir, &SnapshotFile { meta, data }, &guard)
+        let leases = blocking(move || {
+            let leases = install_payload(&db, &meta, &data)?;
+            write_snapshot_file(&dir, &SnapshotFile { meta, data }, &guard)?;
+            Ok(leases)
         })
         .await
-        .map_err(|e| snap_err(ErrorVerb::Write, e))
+        .map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        self.deadlines.reset(leases);
+        Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, OpenraftStorageError> {
