@@ -147,6 +147,11 @@ fn kv(key: &str, value: &[u8], create_revision: u64, mod_revision: u64, version:
     KeyValue { key: key.as_bytes().to_vec(), value: value.to_vec(), create_revision, mod_revision, version }
 }
 
+/// The incrementally kept digest equals a recount of every key, session, lease and tombstone.
+fn assert_digest_recounts(reader: &StateReader) {
+    assert_eq!(reader.digest().unwrap(), reader.recompute_digest().unwrap(), "incremental digest = recount");
+}
+
 fn all_keys(reader: &StateReader) -> Vec<KeyValue> {
     reader.range(Bound::Unbounded, Bound::Unbounded, usize::MAX, usize::MAX).expect("range")
 }
@@ -164,6 +169,7 @@ fn copy_dir_files(from: &Path, names: &[&str]) -> TempDir {
 }
 
 mod digests;
+mod leases;
 mod log_store;
 mod own_appends;
 mod snapshots;

@@ -188,11 +188,6 @@ fn raw_put(index: u64, key: &[u8]) -> Entry {
     normal(1, index, request(unique_client(index), 1, cmd))
 }
 
-/// The incrementally kept digest equals a recount of every key and session.
-fn assert_digest_recounts(reader: &StateReader) {
-    assert_eq!(reader.digest().unwrap(), reader.recompute_digest().unwrap(), "incremental digest = recount");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_prefix_deletes_each_key_of_the_prefix_like_delete() {
     let (dir, plain_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
