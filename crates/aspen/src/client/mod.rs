@@ -15,6 +15,9 @@ use std::{
 
 use iroh::{address_lookup::MemoryLookup, endpoint::Connection, Endpoint};
 
+mod lease;
+pub use lease::{KeepAliveState, LeaseKeepAlive};
+
 use crate::{
     api::{
         frame::{encode_frame, read_frame},
@@ -326,8 +329,12 @@ impl AspenClient {
     /// number of shards is known: a session then may meet a shard mid-sequence, which the
     /// shard refuses and [`Self::write`] answers with a fresh session).
     fn shard_of(&self, command: &WriteCommand) -> ShardId {
-        let n = self.num_shards.load(std::sync::atomic::Ordering::SeqCst).max(1);
-        command.keys().first().map_or(0, |k| crate::api::routing::ShardRouter::new(n).shard_for_key(k))
+        let router = crate::api::routing::ShardRouter::new(self.num_shards.load(std::sync::atomic::Ordering::SeqCst));
+        if let Some(id) = command.lease_home() {
+            // A grant or a revocation: numbered in the lease's home shard, where it applies first.
+            return router.shard_for_lease(id);
+        }
+        command.keys().first().map_or(0, |k| router.shard_for_key(k))
     }
 
     async fn attempt(&self, frame: &[u8], deadline: Instant, timeout: Duration) -> Attempt {
