@@ -15,7 +15,10 @@ use std::{
 };
 
 use aspen::{
-    api::{ApiError, KeyValue, NodeTicket, ReadConsistency, ShardStatus, TokenInfo, TxnOpResult, TxnResponse},
+    api::{
+        format_lease_id, parse_lease_id, ApiError, KeyValue, NodeTicket, ReadConsistency, ShardStatus, TokenInfo,
+        TxnOpResult, TxnResponse,
+    },
     auth::token::{format_id, parse_id},
     client::{AspenClient, CasOutcome, ClientError},
 };
@@ -66,6 +69,18 @@ enum Command {
         /// The value to store; left out, it is read from stdin byte for byte (as etcdctl does),
         /// so values of any size up to the node's limit and binary values can be written.
         value: Option<String>,
+        /// Attach the key to lease ID (1 to 16 hex digits): it goes when the lease does. Exit 1
+        /// if the lease does not exist.
+        #[arg(long, value_name = "ID", conflicts_with = "ttl")]
+        lease: Option<String>,
+        /// Grant a lease of SECONDS and attach the key to it (`--json` prints the lease id).
+        #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+        ttl: Option<u64>,
+    },
+    /// Leases: keys that go when their lease expires or is revoked.
+    Lease {
+        #[command(subcommand)]
+        command: LeaseCommand,
     },
     /// Print the value of KEY (linearizable unless --stale).
     Get {
@@ -304,6 +319,40 @@ enum AuthCommand {
         #[command(subcommand)]
         command: TokenCommand,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum LeaseCommand {
+    /// Grant a lease of TTL_SECONDS; prints its id (16 hex digits).
+    Grant {
+        /// Seconds the lease lives without a keep-alive.
+        #[arg(value_parser = clap::value_parser!(u64).range(1..))]
+        ttl_seconds: u64,
+    },
+    /// Keep lease ID alive until interrupted, printing its TTL on each refresh (every third of
+    /// it). Exit 1 once the lease does not exist (expired or revoked).
+    Keepalive {
+        /// The lease's id (1 to 16 hex digits).
+        id: String,
+        /// Refresh once and exit.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Revoke lease ID and delete every key attached to it (exit 1 if there is no such lease).
+    Revoke {
+        /// The lease's id (1 to 16 hex digits).
+        id: String,
+    },
+    /// Print the seconds lease ID has left; with --keys, then its keys, one per line.
+    Ttl {
+        /// The lease's id (1 to 16 hex digits).
+        id: String,
+        /// Also list the keys attached to it (every shard).
+        #[arg(long)]
+        keys: bool,
+    },
+    /// List every lease (one id per line).
+    List,
 }
 
 #[derive(Subcommand, Debug)]
@@ -611,6 +660,7 @@ fn fail(json: bool, e: &ClientError) -> ExitCode {
     );
     let code = match e {
         ClientError::Api(ApiError::PermissionDenied(_)) => 4,
+        ClientError::Api(ApiError::LeaseNotFound { .. }) => 1,
         _ if usage => 2,
         _ => 3,
     };
@@ -756,18 +806,30 @@ async fn run(client: &AspenClient, cli: &Cli) -> Result<ExitCode, ClientError> {
         }
     };
     match &cli.command {
-        Command::Put { key, value } => {
+        Command::Put { key, value, lease, ttl } => {
+            let lease = lease.as_deref().map(lease_id).transpose()?;
             let value = match value {
                 Some(v) => v.clone().into_bytes(),
                 None => read_value_from_stdin()?,
             };
-            let revision = client.put(key.as_bytes(), value).await?;
+            let (revision, lease) = match (lease, ttl) {
+                (Some(id), _) => (client.put_with_lease(key.as_bytes(), value, id).await?, Some(id)),
+                (None, Some(ttl)) => {
+                    let (id, _) = client.grant_lease(*ttl).await?;
+                    (client.put_with_lease(key.as_bytes(), value, id).await?, Some(id))
+                }
+                (None, None) => (client.put(key.as_bytes(), value).await?, None),
+            };
             if cli.json {
-                println!("{}", json!({ "revision": revision }));
+                match lease {
+                    Some(id) => println!("{}", json!({ "revision": revision, "lease": format_lease_id(id) })),
+                    None => println!("{}", json!({ "revision": revision })),
+                }
             } else {
                 println!("OK");
             }
         }
+        Command::Lease { command } => return run_lease(client, cli, command).await,
         Command::Get { key, stale } => match client.get_with(key.as_bytes(), consistency(*stale)).await? {
             Some(kv) if cli.json => println!("{}", kv_json(&kv)),
             Some(kv) => print_line(&kv.value),
@@ -972,6 +1034,103 @@ async fn run(client: &AspenClient, cli: &Cli) -> Result<ExitCode, ClientError> {
         Command::Auth { command: AuthCommand::Token { command } } => return run_token(client, cli, command).await,
         // Run without a shared client, in `run_bench` and `wait_until_serving`.
         Command::Bench(_) | Command::Wait => {}
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A lease id as commands take it: 1 to 16 hex digits, either case (a malformed one: exit 2).
+fn lease_id(text: &str) -> Result<u64, ClientError> {
+    parse_lease_id(text).map_err(|e| ClientError::Api(ApiError::InvalidRequest(e)))
+}
+
+/// `aspen-cli lease …`.
+async fn run_lease(client: &AspenClient, cli: &Cli, command: &LeaseCommand) -> Result<ExitCode, ClientError> {
+    match command {
+        LeaseCommand::Grant { ttl_seconds } => {
+            let (id, ttl) = client.grant_lease(*ttl_seconds).await?;
+            if cli.json {
+                println!("{}", json!({ "id": format_lease_id(id), "ttl": ttl }));
+            } else {
+                println!("{}", format_lease_id(id));
+            }
+        }
+        LeaseCommand::Keepalive { id, once } => {
+            let id = lease_id(id)?;
+            loop {
+                let every = match client.keep_alive_once(id).await {
+                    Ok(ttl) => {
+                        if cli.json {
+                            println!("{}", json!({ "id": format_lease_id(id), "ttl": ttl }));
+                        } else {
+                            println!("{ttl}");
+                        }
+                        let _ = std::io::stdout().flush();
+                        if *once {
+                            break;
+                        }
+                        Duration::from_millis(ttl.max(1) * 1000 / 3)
+                    }
+                    // Gone, refused, or malformed: say so and stop.
+                    Err(e @ ClientError::Api(_)) => return Err(e),
+                    Err(e) if *once => return Err(e),
+                    // Unreachable for now: keep trying while the lease may still live.
+                    Err(e) => {
+                        eprintln!("aspen-cli: keep-alive failed, retrying: {e}");
+                        Duration::from_millis(500)
+                    }
+                };
+                tokio::time::sleep(every).await;
+            }
+        }
+        LeaseCommand::Revoke { id } => {
+            let id = lease_id(id)?;
+            let deleted = client.revoke_lease(id).await?;
+            if cli.json {
+                println!("{}", json!({ "revoked": format_lease_id(id), "deleted": deleted }));
+            } else {
+                println!("OK");
+            }
+        }
+        LeaseCommand::Ttl { id, keys } => {
+            let status = client.lease_ttl(lease_id(id)?, *keys).await?;
+            if cli.json {
+                // `keys` is empty without --keys.
+                let key_list: Vec<serde_json::Value> = status
+                    .keys
+                    .iter()
+                    .map(|k| match std::str::from_utf8(k) {
+                        Ok(s) => s.into(),
+                        Err(_) => json!({ "key_base64": data_encoding::BASE64.encode(k) }),
+                    })
+                    .collect();
+                let obj = json!({
+                    "id": format_lease_id(status.id),
+                    "ttl": status.ttl_secs,
+                    "granted_ttl": status.granted_ttl_secs,
+                    "keys": key_list,
+                });
+                println!("{obj}");
+            } else {
+                println!("{}", status.ttl_secs);
+                for k in &status.keys {
+                    print_line(&escaped(k));
+                }
+            }
+        }
+        LeaseCommand::List => {
+            let leases = client.leases().await?;
+            if cli.json {
+                let list: Vec<serde_json::Value> = leases
+                    .iter()
+                    .map(|l| json!({ "id": format_lease_id(l.id), "granted_ttl": l.granted_ttl_secs }))
+                    .collect();
+                println!("{}", serde_json::Value::Array(list));
+            } else {
+                for l in &leases {
+                    println!("{}", format_lease_id(l.id));
+                }
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

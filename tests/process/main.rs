@@ -1,6 +1,6 @@
 //! Real `aspen-node` and `aspen-cli` processes on 127.0.0.1: a single node and every CLI
 //! command ([`single`]), three nodes with `kill -9` ([`cluster`]), four shards ([`sharded`]),
-//! `aspen-cli bench` ([`bench`]), what the nodes' logs say ([`logs`]) and the memory a hostile
+//! `aspen-cli bench` ([`bench`]), leases through the CLI ([`leases`]), what the nodes' logs say ([`logs`]) and the memory a hostile
 //! client cannot grow ([`memory`]). One test binary; the
 //! tests run one at a time.
 
@@ -10,6 +10,7 @@ mod support;
 mod bench;
 mod cluster;
 mod first_hour;
+mod leases;
 mod logs;
 mod memory;
 mod readme;
