@@ -16,11 +16,13 @@ use std::{
 
 use aspen::{
     api::{
-        format_lease_id, parse_lease_id, ApiError, KeyValue, NodeTicket, ReadConsistency, ShardStatus, TokenInfo,
-        TxnOpResult, TxnResponse,
+        format_lease_id, parse_lease_id,
+        watch::{format_resume, parse_resume},
+        ApiError, EventKind, KeyValue, NodeTicket, ReadConsistency, ShardStatus, TokenInfo, TxnOpResult, TxnResponse,
+        WatchRequest, WatchStart,
     },
     auth::token::{format_id, parse_id},
-    client::{AspenClient, CasOutcome, ClientError},
+    client::{AspenClient, CasOutcome, ClientError, WatchItem},
 };
 use aspen_bench::{AspenBackend, BenchConfig, BenchError, Progress, ProgressFn, Stop, Workload};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -76,6 +78,29 @@ enum Command {
         /// Grant a lease of SECONDS and attach the key to it (`--json` prints the lease id).
         #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
         ttl: Option<u64>,
+    },
+    /// Stream the changes of KEY (or of every key under --prefix) until interrupted.
+    ///
+    /// One line per event, flushed at once: PUT<TAB>KEY<TAB>VALUE or DELETE<TAB>KEY (with
+    /// --prev-kv, a last field holds the previous value), escaped as `scan` escapes them. With
+    /// --json: one object per line, first {"type":"created",...}, then one per event with its
+    /// `resume` token. Exit 2 if the start lies before the history the node keeps (compacted).
+    Watch {
+        /// The key to watch.
+        #[arg(required_unless_present = "prefix", conflicts_with = "prefix")]
+        key: Option<String>,
+        /// Watch every key that starts with P (empty: every key).
+        #[arg(long, value_name = "P")]
+        prefix: Option<String>,
+        /// Add each event's previous value.
+        #[arg(long)]
+        prev_kv: bool,
+        /// Start with the events of revision R and later (a cluster of one shard).
+        #[arg(long, value_name = "R", conflicts_with = "resume", value_parser = clap::value_parser!(u64).range(1..))]
+        from_revision: Option<u64>,
+        /// Start after the position in TOKEN (an event's `resume` from `--json`), on any node.
+        #[arg(long, value_name = "TOKEN")]
+        resume: Option<String>,
     },
     /// Leases: keys that go when their lease expires or is revoked.
     Lease {
@@ -430,6 +455,17 @@ fn main() -> ExitCode {
             Ok(c) => with_token(c, token),
             Err(e) => return fail(cli.json, &e),
         };
+        if let Command::Watch { .. } = &cli.command {
+            let client = Arc::new(client);
+            let code = match run_watch(&client, &cli).await {
+                Ok(code) => code,
+                Err(e) => fail(cli.json, &e),
+            };
+            if let Ok(client) = Arc::try_unwrap(client) {
+                client.close().await;
+            }
+            return code;
+        }
         let code = match run(&client, &cli).await {
             Ok(code) => code,
             Err(e) => fail(cli.json, &e),
@@ -660,6 +696,7 @@ fn fail(json: bool, e: &ClientError) -> ExitCode {
     );
     let code = match e {
         ClientError::Api(ApiError::PermissionDenied(_)) => 4,
+        ClientError::Api(ApiError::Compacted { .. }) => 2,
         ClientError::Api(ApiError::LeaseNotFound { .. }) => 1,
         _ if usage => 2,
         _ => 3,
@@ -1032,8 +1069,96 @@ async fn run(client: &AspenClient, cli: &Cli) -> Result<ExitCode, ClientError> {
             }
         }
         Command::Auth { command: AuthCommand::Token { command } } => return run_token(client, cli, command).await,
-        // Run without a shared client, in `run_bench` and `wait_until_serving`.
-        Command::Bench(_) | Command::Wait => {}
+        // Run without a shared client, in `run_bench` and `wait_until_serving`; `run_watch`.
+        Command::Bench(_) | Command::Wait | Command::Watch { .. } => {}
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `aspen-cli watch`: streams events until interrupted or the watch ends.
+async fn run_watch(client: &Arc<AspenClient>, cli: &Cli) -> Result<ExitCode, ClientError> {
+    let Command::Watch { key, prefix, prev_kv, from_revision, resume } = &cli.command else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    let start = match (from_revision, resume) {
+        (Some(r), _) => WatchStart::FromRevision(*r),
+        (None, Some(token)) => {
+            WatchStart::After(parse_resume(token).map_err(|e| ClientError::Api(ApiError::InvalidRequest(e)))?)
+        }
+        (None, None) => WatchStart::Now,
+    };
+    let (key, is_prefix) = match (key, prefix) {
+        (_, Some(p)) => (p.clone().into_bytes(), true),
+        (Some(k), None) => (k.clone().into_bytes(), false),
+        (None, None) => return Ok(report(cli.json, "usage", "give a KEY or --prefix P", 2)),
+    };
+    let request = WatchRequest { key, prefix: is_prefix, prev_kv: *prev_kv, start };
+    let mut stream = client.watch(request).await?;
+    let mut out = std::io::stdout().lock();
+    // Where the printed events stand: each event's `resume` is the token right after it.
+    let mut at = Vec::new();
+    while let Some(item) = stream.next().await {
+        match item? {
+            WatchItem::Created(positions) => {
+                at = positions.clone();
+                if cli.json {
+                    let line = json!({ "type": "created", "resume": format_resume(&positions) });
+                    let _ = writeln!(out, "{line}");
+                    let _ = out.flush();
+                }
+            }
+            WatchItem::Events(events) => {
+                for e in &events {
+                    match at.iter_mut().find(|p: &&mut aspen::api::WatchPosition| p.shard == e.shard) {
+                        Some(p) => *p = e.position(),
+                        None => at.push(e.position()),
+                    }
+                    if cli.json {
+                        let mut obj = serde_json::Map::new();
+                        let kind = if e.kind == EventKind::Put { "put" } else { "delete" };
+                        obj.insert("type".into(), kind.into());
+                        put_bytes(&mut obj, "key", &e.key);
+                        if e.kind == EventKind::Put {
+                            put_bytes(&mut obj, "value", &e.value);
+                        }
+                        if *prev_kv {
+                            if let Some(prev) = &e.prev_value {
+                                put_bytes(&mut obj, "prev_value", prev);
+                            }
+                        }
+                        obj.insert("mod_revision".into(), e.revision.into());
+                        obj.insert("shard".into(), e.shard.into());
+                        obj.insert("resume".into(), format_resume(&at).into());
+                        let _ = writeln!(out, "{}", serde_json::Value::Object(obj));
+                    } else {
+                        let mut line = Vec::new();
+                        match e.kind {
+                            EventKind::Put => {
+                                line.extend_from_slice(b"PUT\t");
+                                line.extend(escaped(&e.key));
+                                line.push(b'\t');
+                                line.extend(escaped(&e.value));
+                            }
+                            EventKind::Delete => {
+                                line.extend_from_slice(b"DELETE\t");
+                                line.extend(escaped(&e.key));
+                            }
+                        }
+                        if *prev_kv {
+                            line.push(b'\t');
+                            line.extend(escaped(e.prev_value.as_deref().unwrap_or_default()));
+                        }
+                        line.push(b'\n');
+                        let _ = out.write_all(&line);
+                    }
+                    // Flushed per event: a script reading the pipe sees each one at once.
+                    if out.flush().is_err() {
+                        // The reader went away (a closed pipe): the watch is over.
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                }
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -141,6 +141,24 @@ impl Default for GossipConfig {
     }
 }
 
+/// What each shard keeps for watches (docs/design.md §13): the events of its most recently
+/// applied writes, so that a watch can start from, or resume at, a recent position on any node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchConfig {
+    /// Most events kept per shard (0: none; watches then start only from now).
+    pub history_entries: u64,
+    /// Most bytes of keys and values kept per shard.
+    pub history_bytes: u64,
+    /// Writes (applied entries with events) a watcher may fall behind before it is cancelled.
+    pub max_lag: u64,
+}
+
+impl Default for WatchConfig {
+    fn default() -> Self {
+        WatchConfig { history_entries: 10_000, history_bytes: 16 * 1024 * 1024, max_lag: 4096 }
+    }
+}
+
 /// Most shards a cluster can have.
 pub const MAX_SHARDS: u32 = 256;
 
@@ -187,6 +205,8 @@ pub struct NodeConfig {
     pub limits: LimitsConfig,
     pub sharding: ShardingConfig,
     pub gossip: GossipConfig,
+    #[serde(default)]
+    pub watch: WatchConfig,
 }
 
 impl Default for NodeConfig {
@@ -203,6 +223,7 @@ impl Default for NodeConfig {
             limits: LimitsConfig::default(),
             sharding: ShardingConfig::default(),
             gossip: GossipConfig::default(),
+            watch: WatchConfig::default(),
         }
     }
 }
@@ -287,6 +308,15 @@ struct FileConfig {
     limits: Option<FileLimits>,
     sharding: Option<FileSharding>,
     gossip: Option<FileGossip>,
+    watch: Option<FileWatch>,
+}
+
+#[derive(Deserialize, Default, Debug)]
+#[serde(deny_unknown_fields)]
+struct FileWatch {
+    history_entries: Option<u64>,
+    history_bytes: Option<u64>,
+    max_lag: Option<u64>,
 }
 
 #[derive(Deserialize, Default, Debug)]
@@ -420,6 +450,11 @@ impl NodeConfig {
             set(&mut self.gossip.enabled, g.enabled);
             set(&mut self.gossip.interval_ms, g.interval_ms);
         }
+        if let Some(w) = &f.watch {
+            set(&mut self.watch.history_entries, w.history_entries);
+            set(&mut self.watch.history_bytes, w.history_bytes);
+            set(&mut self.watch.max_lag, w.max_lag);
+        }
         if let Some(l) = &f.limits {
             set(&mut self.limits.max_key_bytes, l.max_key_bytes);
             set(&mut self.limits.max_value_bytes, l.max_value_bytes);
@@ -540,6 +575,16 @@ impl NodeConfig {
         }
         if l.max_connections == 0 || l.max_connections > 1_000_000 {
             return Err(invalid("max_connections", "must be between 1 and 1000000"));
+        }
+        let w = &self.watch;
+        if w.history_entries > 10_000_000 {
+            return Err(invalid("history_entries", "must be at most 10000000"));
+        }
+        if w.history_bytes > 16 * 1024 * 1024 * 1024 {
+            return Err(invalid("history_bytes", "must be at most 16 GiB"));
+        }
+        if w.max_lag == 0 || w.max_lag > 1_000_000 {
+            return Err(invalid("max_lag", "must be between 1 and 1000000"));
         }
         Ok(())
     }

@@ -12,6 +12,7 @@ pub mod raft;
 pub mod raft_rpc;
 pub mod routing;
 pub mod ticket;
+pub mod watch;
 
 use std::fmt;
 
@@ -20,6 +21,7 @@ use serde::{Deserialize, Serialize};
 pub use frame::{FrameError, MAX_FRAME_BYTES};
 pub use lease::{format_lease_id, parse_lease_id, LeaseEntry, LeaseStatus};
 pub use ticket::{NodeTicket, TicketError};
+pub use watch::{EventKind, WatchEvent, WatchPosition, WatchRequest, WatchStart};
 
 /// ALPN of the client protocol (requests from `aspen-cli`, the Rust client and forwarding nodes).
 pub const CLIENT_ALPN: &[u8] = b"aspen-client";
@@ -818,6 +820,10 @@ pub enum ClientRequest {
     ShardLeases {
         shard: ShardId,
     },
+    /// Stream the changes of a key or prefix, served by the receiving node from its own applied
+    /// state: one [`ClientResponse::WatchCreated`], then [`ClientResponse::WatchEvents`] frames
+    /// on the same stream until the client closes it (or an error frame ends it).
+    Watch(WatchRequest),
 }
 
 /// Permissions as operators write them: `read,write,admin` (those that are set).
@@ -934,6 +940,7 @@ impl ClientRequest {
                 | ClientRequest::LeaseInfo { .. }
                 | ClientRequest::ShardLeaseKeys { .. }
                 | ClientRequest::ShardLeases { .. }
+                | ClientRequest::Watch(_)
         )
     }
 
@@ -996,6 +1003,7 @@ impl ClientRequest {
             ClientRequest::LeaseInfo { .. } => "lease info",
             ClientRequest::ShardLeaseKeys { .. } => "shard lease keys",
             ClientRequest::ShardLeases { .. } => "shard leases",
+            ClientRequest::Watch(_) => "watch",
         }
     }
 
@@ -1037,7 +1045,8 @@ impl ClientRequest {
             | ClientRequest::JoinTokenCreate { .. }
             | ClientRequest::Topology
             | ClientRequest::LeaseTimeToLive { .. }
-            | ClientRequest::LeaseList => false,
+            | ClientRequest::LeaseList
+            | ClientRequest::Watch(_) => false,
         }
     }
 }
@@ -1107,6 +1116,12 @@ pub enum ClientResponse {
     Leases(Vec<LeaseEntry>),
     /// [`ClientRequest::ShardLeaseKeys`], in key order.
     LeaseKeys(Vec<Vec<u8>>),
+    /// The watch is in place: it delivers the events after these positions (one per shard).
+    WatchCreated {
+        positions: Vec<WatchPosition>,
+    },
+    /// Events of one shard, in order.
+    WatchEvents(Vec<WatchEvent>),
 }
 
 /// The typed errors a client can receive. Every variant says what the caller can do next.
@@ -1145,6 +1160,16 @@ pub enum ApiError {
     /// The lease does not exist: never granted, expired, or revoked.
     #[error("lease not found: {}", lease::format_lease_id(*.id))]
     LeaseNotFound { id: u64 },
+    /// A watch's start lies before the history this node keeps for `shard`.
+    #[error(
+        "compacted: shard {shard} keeps history only after revision {oldest}; watch from a later \
+         revision or position"
+    )]
+    Compacted { shard: ShardId, oldest: u64 },
+    /// The watch ended: it fell behind (the client read too slowly), or the node replaced its
+    /// state with a snapshot; resume from the last event's position.
+    #[error("watch cancelled: {0}")]
+    WatchCancelled(String),
 }
 
 impl ApiError {
@@ -1162,6 +1187,8 @@ impl ApiError {
             ApiError::NotInitialized { .. } => "not_initialized",
             ApiError::PermissionDenied(_) => "permission_denied",
             ApiError::LeaseNotFound { .. } => "lease_not_found",
+            ApiError::Compacted { .. } => "compacted",
+            ApiError::WatchCancelled(_) => "watch_cancelled",
         }
     }
 }

@@ -168,6 +168,7 @@ pub fn check_not_reserved(request: &ClientRequest) -> Result<(), ApiError> {
             WriteCommand::DeletePrefix { prefix } => reserved(prefix),
             c => c.keys().into_iter().any(reserved),
         },
+        ClientRequest::Watch(w) => reserved(&w.key),
         ClientRequest::Scan(s) => {
             reserved(&s.prefix)
                 || s.start.as_deref().is_some_and(reserved)
@@ -245,6 +246,16 @@ pub fn authorize(scope: &Scope, request: &ClientRequest) -> Result<(), ApiError>
                     command.keys().into_iter().try_for_each(key_in_scope)
                 }
                 c => c.keys().into_iter().try_for_each(key_in_scope),
+            }
+        }
+        ClientRequest::Watch(w) => {
+            need(scope.read, "read")?;
+            if !w.prefix {
+                key_in_scope(&w.key)
+            } else if scope.prefixes.is_empty() || scope.prefixes.iter().any(|p| w.key.starts_with(p)) {
+                Ok(())
+            } else {
+                Err(denied(format!("prefix {:?} is not inside the token's prefixes", String::from_utf8_lossy(&w.key))))
             }
         }
         // Keep-alives change when keys go; ttl and list only show leases.

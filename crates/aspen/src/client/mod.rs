@@ -16,7 +16,9 @@ use std::{
 use iroh::{address_lookup::MemoryLookup, endpoint::Connection, Endpoint};
 
 mod lease;
+mod watch;
 pub use lease::{KeepAliveState, LeaseKeepAlive};
+pub use watch::{WatchItem, WatchStream};
 
 use crate::{
     api::{

@@ -434,6 +434,7 @@ async fn start_node(config: NodeConfig, stop: CancellationToken) -> Result<NodeH
             ShardFiles { dir: &config.data_dir.join(format!("shard-{shard}")), journal: &journal },
             &config.cluster_name,
             &config.raft,
+            &config.watch,
             network,
             config.limits.request_timeout(),
         )

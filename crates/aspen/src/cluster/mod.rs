@@ -16,6 +16,7 @@ pub mod service;
 pub mod supervisor;
 pub mod tokens;
 pub mod validate;
+pub mod watch;
 
 pub use crate::storage::MetadataStore;
 pub use bootstrap::{

@@ -352,6 +352,10 @@ impl NodeService {
                 self.store.local(shard)?.lease_keys(id).await.map(ClientResponse::LeaseKeys)
             }
             ClientRequest::ShardLeases { shard } => self.store.local(shard)?.leases().await.map(ClientResponse::Leases),
+            // A stream: `ClientService::watch` serves it on the node the client talks to.
+            ClientRequest::Watch(_) => Err(ApiError::InvalidRequest(
+                "a watch is served as a stream by the node that receives it; it is never forwarded".into(),
+            )),
             // Unpacked by `handle` before routing; never inside a batch.
             ClientRequest::Forwarded { .. } => {
                 Err(ApiError::InvalidRequest("a forwarded batch cannot be nested or routed".into()))
@@ -367,6 +371,13 @@ impl AnswerHere for NodeService {
 }
 
 impl ClientService for NodeService {
+    async fn watch(
+        &self,
+        request: crate::api::WatchRequest,
+    ) -> Result<tokio::sync::mpsc::Receiver<ClientResult>, ApiError> {
+        self.start_watch(request).await
+    }
+
     async fn handle(&self, request: ClientRequest, hops: u8) -> ClientResult {
         match request {
             ClientRequest::Forwarded { requests } => {

@@ -103,6 +103,17 @@ pub fn check_write(limits: &LimitsConfig, command: &WriteCommand) -> Result<(), 
     }
 }
 
+/// Checks a watched key, or prefix (which may be empty: every key).
+pub fn check_key_or_prefix(limits: &LimitsConfig, key: &[u8], prefix: bool) -> Result<(), ApiError> {
+    if !prefix {
+        return check_key(limits, key);
+    }
+    if key.len() as u64 > limits.max_key_bytes {
+        return Err(ApiError::TooLarge { what: "prefix".into(), size: key.len() as u64, limit: limits.max_key_bytes });
+    }
+    Ok(())
+}
+
 /// Checks a write as a client (or a node forwarding a client's write) sends it: within the
 /// limits, and none of the steps only nodes take (a revocation's per-shard parts, a put whose
 /// lease a node checked) — a client taking them could leave keys no lease ever removes.

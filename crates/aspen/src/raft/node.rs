@@ -30,10 +30,10 @@ use crate::{
         split_raft_id, ApiError, KeyValue, LeaseEntry, LeaseStatus, NodeId, ReadConsistency, ScanPage, ScanRequest,
         ShardHealth, ShardId, ShardStatus, StateDigest, WriteCommand, WriteOutcome, WriteSession,
     },
-    config::RaftConfig,
+    config::{RaftConfig, WatchConfig},
     storage::{
         leases::LeaseDeadlines, scan::scan_local, shared_journal::SharedJournal, state_machine::StateReader,
-        RedbLogStore, RedbStateMachine, StorageError,
+        watch::WatchHub, RedbLogStore, RedbStateMachine, StorageError,
     },
 };
 
@@ -72,6 +72,8 @@ pub struct RaftNode {
     stamp: Arc<std::sync::Mutex<Option<LeaderClock>>>,
     /// When the leases whose home is this shard expire (counted while this node leads).
     deadlines: Arc<LeaseDeadlines>,
+    /// This shard's recent events on this node, for watches.
+    watch_hub: Arc<WatchHub>,
     /// Fault injection only: serve linearizable reads from local state without ReadIndex.
     #[cfg(feature = "fault-injection")]
     broken_reads: Arc<std::sync::atomic::AtomicBool>,
@@ -165,6 +167,7 @@ impl RaftNode {
         files: ShardFiles<'_>,
         cluster_name: &str,
         raft_cfg: &RaftConfig,
+        watch: &WatchConfig,
         network: IrohNetworkFactory,
         request_timeout: Duration,
     ) -> Result<Self, RaftNodeError> {
@@ -176,9 +179,12 @@ impl RaftNode {
         let log = RedbLogStore::open_shared(&dir.join("raft-log.db"), journal, shard, raft_cfg.max_append_bytes)
             .map_err(|source| RaftNodeError::Storage { shard, source })?
             .overlap_own_appends(raft_id);
-        let sm = RedbStateMachine::open(&dir.join("state-machine.db"))
+        let mut sm = RedbStateMachine::open(&dir.join("state-machine.db"))
             .map_err(|source| RaftNodeError::Storage { shard, source })?
             .wait_for_log(log.durable());
+        let watch_hub = sm
+            .watch(shard, watch.history_entries as usize, watch.history_bytes as usize, watch.max_lag as usize)
+            .map_err(|source| RaftNodeError::Storage { shard, source })?;
         let network = network.cap_commit_at(log.durable());
         let reader = sm.reader();
         let deadlines = sm.deadlines();
@@ -200,6 +206,7 @@ impl RaftNode {
             handover: Default::default(),
             stamp: Default::default(),
             deadlines,
+            watch_hub,
             #[cfg(feature = "fault-injection")]
             broken_reads: Default::default(),
         })
@@ -469,6 +476,11 @@ impl RaftNode {
     /// The deadlines of the leases whose home is this shard.
     pub fn lease_deadlines(&self) -> &LeaseDeadlines {
         &self.deadlines
+    }
+
+    /// This shard's recent events on this node (watches are served from it).
+    pub fn watch_hub(&self) -> &Arc<WatchHub> {
+        &self.watch_hub
     }
 
     /// The term this node leads the shard in, if it leads it.

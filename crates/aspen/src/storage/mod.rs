@@ -17,6 +17,7 @@ pub mod metadata;
 pub mod scan;
 pub mod shared_journal;
 pub mod state_machine;
+pub mod watch;
 
 #[cfg(test)]
 mod powercut;

@@ -65,14 +65,17 @@ use super::{
         TOMBSTONES, TOMBSTONE_AGE,
     },
     log_store::{wait_durable, DurableWatch},
-    open_db, open_db_with_backend, to_raft_err, StorageError,
+    open_db, open_db_with_backend, to_raft_err,
+    watch::WatchHub,
+    StorageError,
 };
 use crate::api::{
     raft::{
         ApplyResult, Entry, LogId, OpenraftStorageError, SnapshotMeta, StoredMembership, TypeConfig, WriteBatch,
         WriteRequest,
     },
-    BatchOp, Compare, KeyValue, StateDigest, TxnOp, TxnOpResult, WriteCommand, WriteOutcome, STRICT_SEQ_BASE,
+    BatchOp, Compare, EventKind, KeyValue, StateDigest, TxnOp, TxnOpResult, WatchEvent, WriteCommand, WriteOutcome,
+    STRICT_SEQ_BASE,
 };
 
 const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
@@ -508,6 +511,8 @@ pub struct RedbStateMachine {
     log: Option<DurableWatch>,
     /// The deadlines of the leases whose home is this shard, kept in step with apply.
     deadlines: Arc<LeaseDeadlines>,
+    /// Where apply publishes its events for watches (none: events are not collected).
+    hub: Option<Arc<WatchHub>>,
 }
 
 impl RedbStateMachine {
@@ -552,6 +557,7 @@ impl RedbStateMachine {
             snapshot_guard: Default::default(),
             log: None,
             deadlines: Default::default(),
+            hub: None,
         };
         sm.deadlines.reset(sm.reader().leases()?);
         Ok(sm)
@@ -560,6 +566,22 @@ impl RedbStateMachine {
     /// The deadlines of the leases whose home is this shard (the shard's leader counts them).
     pub fn deadlines(&self) -> Arc<LeaseDeadlines> {
         self.deadlines.clone()
+    }
+
+    /// Publishes every applied change of shard `shard` to a [`WatchHub`] keeping at most
+    /// `max_events` events and `max_bytes` bytes of history, whose watchers may fall `max_lag`
+    /// batches behind; returns the hub.
+    pub fn watch(
+        &mut self,
+        shard: crate::api::ShardId,
+        max_events: usize,
+        max_bytes: usize,
+        max_lag: usize,
+    ) -> Result<Arc<WatchHub>, StorageError> {
+        let applied = self.reader().last_applied()?.map_or(0, |l| l.index);
+        let hub = Arc::new(WatchHub::new(shard, applied, max_events, max_bytes, max_lag));
+        self.hub = Some(hub.clone());
+        Ok(hub)
     }
 
     /// Applies an entry only once `log` says the Raft log holds it durably: the leader's log
@@ -644,15 +666,27 @@ fn writes_in(entries: &[Entry]) -> usize {
         .sum()
 }
 
-/// Applies a batch of entries in one transaction. Returns one result per entry, and what
-/// changed about leases (for [`LeaseDeadlines`], once committed).
+/// What an apply changed besides its results, for after it committed: leases (for
+/// [`LeaseDeadlines`]) and, when collected, each entry's events (for the [`WatchHub`]).
+#[derive(Default)]
+struct Applied {
+    changes: Vec<LeaseChange>,
+    events: Vec<(u64, Vec<WatchEvent>)>,
+    last_index: u64,
+}
+
+/// Applies a batch of entries in one transaction. Returns one result per entry, and what else
+/// changed ([`Applied`]; events only if `collect_events`).
 fn apply_entries(
     db: &redb::Database,
     entries: Vec<Entry>,
-) -> Result<(Vec<ApplyResult>, Vec<LeaseChange>), StorageError> {
+    collect_events: bool,
+) -> Result<(Vec<ApplyResult>, Applied), StorageError> {
     let txn = begin_write(db, Durability::None)?;
     let mut results = Vec::with_capacity(entries.len());
     let mut changes = Vec::new();
+    let mut batches = Vec::new();
+    let mut last_index = 0;
     {
         let mut kv = txn.open_table(KV)?;
         let mut sessions = txn.open_table(SESSIONS)?;
@@ -670,6 +704,7 @@ fn apply_entries(
         for entry in entries {
             let log_id = *entry.get_log_id();
             last_applied = Some(log_id);
+            last_index = log_id.index;
             match entry.payload {
                 EntryPayload::Blank => results.push(ApplyResult(Vec::new())),
                 EntryPayload::Membership(m) => {
@@ -678,6 +713,7 @@ fn apply_entries(
                 }
                 EntryPayload::Normal(WriteBatch(writes)) => {
                     let mut outcomes = Vec::with_capacity(writes.len());
+                    let mut events = Vec::new();
                     for req in writes {
                         clock = clock.max(req.timestamp_ms);
                         // Expire per write (not per apply call): replicas hand entries to apply
@@ -696,10 +732,14 @@ fn apply_entries(
                             sum: &mut sum,
                             clock,
                             changes: &mut changes,
+                            events: collect_events.then_some(&mut events),
                         };
                         outcomes.push(apply_write(&mut tables, log_id.index, req)?);
                     }
                     results.push(ApplyResult(outcomes));
+                    if !events.is_empty() {
+                        batches.push((log_id.index, events));
+                    }
                 }
             }
         }
@@ -713,7 +753,7 @@ fn apply_entries(
         }
     }
     txn.commit()?;
-    Ok((results, changes))
+    Ok((results, Applied { changes, events: batches, last_index }))
 }
 
 type KvTable<'t> = redb::Table<'t, &'static [u8], &'static [u8]>;
@@ -735,6 +775,35 @@ struct WriteTables<'a, 't> {
     /// The session clock of this write (ms, the leaders' stamps).
     clock: u64,
     changes: &'a mut Vec<LeaseChange>,
+    /// The entry's events so far, when collected (an event's index is its place here).
+    events: Option<&'a mut Vec<WatchEvent>>,
+}
+
+impl WriteTables<'_, '_> {
+    /// Records an event of the entry being applied (when events are collected).
+    fn event(
+        &mut self,
+        kind: EventKind,
+        key: &[u8],
+        value: Vec<u8>,
+        prev: Option<Vec<u8>>,
+        now: Option<&StoredValue>,
+        revision: u64,
+    ) {
+        let Some(events) = self.events.as_deref_mut() else { return };
+        events.push(WatchEvent {
+            kind,
+            key: key.to_vec(),
+            value,
+            prev_value: prev,
+            shard: 0,
+            revision,
+            index: events.len() as u32,
+            create_revision: now.map_or(0, |v| v.create_revision),
+            version: now.map_or(0, |v| v.version),
+            lease: now.map_or(0, |v| v.lease),
+        });
+    }
 }
 
 /// The namespace of a session id: its high 64 bits (a client's token id).
@@ -826,7 +895,7 @@ fn apply_write(t: &mut WriteTables<'_, '_>, revision: u64, req: WriteRequest) ->
             WriteOutcome::Put { revision }
         }
         WriteCommand::Delete { key } => {
-            let deleted = remove(t, &key)?;
+            let deleted = remove(t, &key, revision)?;
             WriteOutcome::Delete { revision, deleted }
         }
         WriteCommand::Cas { key, expected, new_value } => {
@@ -846,14 +915,14 @@ fn apply_write(t: &mut WriteTables<'_, '_>, revision: u64, req: WriteRequest) ->
                 match op {
                     BatchOp::Put { key, value } => put(t, &key, value, revision, 0)?,
                     BatchOp::Delete { key } => {
-                        remove(t, &key)?;
+                        remove(t, &key, revision)?;
                     }
                 }
             }
             WriteOutcome::Batch { revision }
         }
         WriteCommand::DeletePrefix { prefix } => {
-            let deleted = remove_prefix(t, &prefix)?;
+            let deleted = remove_prefix(t, &prefix, revision)?;
             WriteOutcome::DeletePrefix { revision, deleted }
         }
         WriteCommand::Txn { compares, success, failure } => {
@@ -866,7 +935,7 @@ fn apply_write(t: &mut WriteTables<'_, '_>, revision: u64, req: WriteRequest) ->
                         put(t, &key, value, revision, 0)?;
                         TxnOpResult::Put { revision }
                     }
-                    TxnOp::Delete { key } => TxnOpResult::Delete { deleted: remove(t, &key)? },
+                    TxnOp::Delete { key } => TxnOpResult::Delete { deleted: remove(t, &key, revision)? },
                     TxnOp::Get { key } => TxnOpResult::Get(read_kv(t.kv, key)?),
                 });
             }
@@ -890,13 +959,13 @@ fn apply_write(t: &mut WriteTables<'_, '_>, revision: u64, req: WriteRequest) ->
                 t.sum.add(&lease_item_hash(id, &revoking));
                 t.leases.insert(id, postcard::to_stdvec(&revoking)?.as_slice())?;
                 t.changes.push(LeaseChange::Revoking { id });
-                let deleted = drop_lease(t, id)?;
+                let deleted = drop_lease(t, id, revision)?;
                 WriteOutcome::LeaseRevoked { revision, deleted }
             }
             _ => WriteOutcome::LeaseNotFound { id },
         },
         WriteCommand::LeaseDrop { id } => {
-            let deleted = drop_lease(t, id)?;
+            let deleted = drop_lease(t, id, revision)?;
             WriteOutcome::LeaseRevoked { revision, deleted }
         }
         WriteCommand::LeaseForget { id } => match lease_record(t, id)? {
@@ -956,10 +1025,10 @@ fn lease_record(t: &WriteTables<'_, '_>, id: u64) -> Result<Option<LeaseRecord>,
 
 /// Deletes this shard's keys attached to lease `id` and leaves a tombstone (after forgetting
 /// old ones); returns how many keys went.
-fn drop_lease(t: &mut WriteTables<'_, '_>, id: u64) -> Result<u64, StorageError> {
+fn drop_lease(t: &mut WriteTables<'_, '_>, id: u64, revision: u64) -> Result<u64, StorageError> {
     let keys = leases::keys_of(t.lease_keys, id)?;
     for key in &keys {
-        remove(t, key)?;
+        remove(t, key, revision)?;
     }
     for gone in leases::expire_tombstones(t.tombstones, t.tombstone_age, t.clock)? {
         t.sum.sub(&gone);
@@ -1005,11 +1074,15 @@ fn put(t: &mut WriteTables<'_, '_>, key: &[u8], value: Vec<u8>, revision: u64, l
     }
     t.sum.add(&kv_item_hash(key, &stored));
     t.kv.insert(key, postcard::to_stdvec(&stored)?.as_slice())?;
+    if t.events.is_some() {
+        let value = stored.value.clone();
+        t.event(EventKind::Put, key, value, old.map(|o| o.value), Some(&stored), revision);
+    }
     Ok(())
 }
 
-/// Removes `key`; returns whether it existed.
-fn remove(t: &mut WriteTables<'_, '_>, key: &[u8]) -> Result<bool, StorageError> {
+/// Removes `key` at `revision`; returns whether it existed.
+fn remove(t: &mut WriteTables<'_, '_>, key: &[u8], revision: u64) -> Result<bool, StorageError> {
     let old: Option<StoredValue> = match t.kv.remove(key)? {
         Some(v) => Some(decode_value(v.value())?),
         None => None,
@@ -1020,6 +1093,7 @@ fn remove(t: &mut WriteTables<'_, '_>, key: &[u8]) -> Result<bool, StorageError>
             if o.lease != 0 {
                 t.lease_keys.remove((o.lease, key))?;
             }
+            t.event(EventKind::Delete, key, Vec::new(), Some(o.value), None, revision);
             Ok(true)
         }
         None => Ok(false),
@@ -1028,7 +1102,7 @@ fn remove(t: &mut WriteTables<'_, '_>, key: &[u8]) -> Result<bool, StorageError>
 
 /// Removes every key starting with `prefix` (every key if it is empty), each exactly as
 /// [`remove`] would; returns how many there were.
-fn remove_prefix(t: &mut WriteTables<'_, '_>, prefix: &[u8]) -> Result<u64, StorageError> {
+fn remove_prefix(t: &mut WriteTables<'_, '_>, prefix: &[u8], revision: u64) -> Result<u64, StorageError> {
     let end = super::scan::prefix_end(prefix);
     let upper = match &end {
         Some(e) if !prefix.is_empty() => Bound::Excluded(e.as_slice()),
@@ -1036,6 +1110,8 @@ fn remove_prefix(t: &mut WriteTables<'_, '_>, prefix: &[u8]) -> Result<u64, Stor
     };
     let mut deleted = 0u64;
     let mut attached = Vec::new();
+    let mut gone = Vec::new();
+    let collect = t.events.is_some();
     // A client's prefix delete (even of every key) leaves the cluster's reserved keys alone.
     let internal = crate::api::is_reserved_key(prefix);
     let keep = |k: &[u8]| !internal && crate::api::is_reserved_key(k);
@@ -1046,10 +1122,16 @@ fn remove_prefix(t: &mut WriteTables<'_, '_>, prefix: &[u8]) -> Result<u64, Stor
         if old.lease != 0 {
             attached.push((old.lease, k.value().to_vec()));
         }
+        if collect {
+            gone.push((k.value().to_vec(), old.value));
+        }
         deleted += 1;
     }
     for (lease, key) in attached {
         t.lease_keys.remove((lease, key.as_slice()))?;
+    }
+    for (key, prev) in gone {
+        t.event(EventKind::Delete, &key, Vec::new(), Some(prev), None, revision);
     }
     Ok(deleted)
 }
@@ -1303,16 +1385,20 @@ impl RaftStateMachine<TypeConfig> for RedbStateMachine {
         if let Some(log) = self.log.as_mut() {
             wait_durable(log, last.log_id.index).await.map_err(|e| sm_err(ErrorVerb::Write, e))?;
         }
-        let (results, changes) = if writes_in(&entries) <= INLINE_APPLY_WRITES {
+        let collect = self.hub.is_some();
+        let (results, applied) = if writes_in(&entries) <= INLINE_APPLY_WRITES {
             // A few writes: a non-durable commit of tens of microseconds, cheaper to run here than
             // the round trip to a blocking thread it would otherwise wait for on every write.
-            apply_entries(&self.db, entries)
+            apply_entries(&self.db, entries, collect)
         } else {
             let db = self.db.clone();
-            blocking(move || apply_entries(&db, entries)).await
+            blocking(move || apply_entries(&db, entries, collect)).await
         }
         .map_err(|e| sm_err(ErrorVerb::Write, e))?;
-        self.deadlines.applied(&changes);
+        self.deadlines.applied(&applied.changes);
+        if let Some(hub) = &self.hub {
+            hub.publish(applied.events, applied.last_index);
+        }
         Ok(results)
     }
 
@@ -1332,6 +1418,7 @@ impl RaftStateMachine<TypeConfig> for RedbStateMachine {
         let db = self.db.clone();
         let dir = self.dir.clone();
         let guard = self.snapshot_guard.clone();
+        let installed = meta.last_log_id.map_or(0, |l| l.index);
         let meta = meta.clone();
         let data = snapshot.into_inner();
         let leases = blocking(move || {
@@ -1342,6 +1429,9 @@ impl RaftStateMachine<TypeConfig> for RedbStateMachine {
         .await
         .map_err(|e| snap_err(ErrorVerb::Write, e))?;
         self.deadlines.reset(leases);
+        if let Some(hub) = &self.hub {
+            hub.reset(installed);
+        }
         Ok(())
     }
 

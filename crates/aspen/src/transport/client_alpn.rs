@@ -38,7 +38,7 @@ use crate::{
         frame::{
             decode, drain_to_end, encode_frame, read_frame_len, read_single_payload, FrameError, REQUEST_END_WAIT,
         },
-        ApiError, ClientEnvelope, ClientRequest, ClientResult, CLIENT_PROTOCOL_VERSION,
+        ApiError, ClientEnvelope, ClientRequest, ClientResult, WatchRequest, CLIENT_PROTOCOL_VERSION,
     },
     auth::{self, Authority, Verified},
 };
@@ -47,6 +47,13 @@ use crate::{
 pub trait ClientService: Send + Sync + std::fmt::Debug + 'static {
     /// Answers one request. `hops` counts how often it was forwarded already.
     fn handle(&self, request: ClientRequest, hops: u8) -> impl Future<Output = ClientResult> + Send;
+
+    /// Starts a watch: the frames to stream back, until the receiver ends (or yields an error,
+    /// which ends the stream).
+    fn watch(
+        &self,
+        request: WatchRequest,
+    ) -> impl Future<Output = Result<tokio::sync::mpsc::Receiver<ClientResult>, ApiError>> + Send;
 }
 
 /// QUIC error code used when this node resets a stream whose frame it will not read.
@@ -188,6 +195,58 @@ impl<S: ClientService> ProtocolHandler for ClientProtocolHandler<S> {
     }
 }
 
+/// Streams a watch's frames until it ends, the client stops reading for longer than `deadline`
+/// (the stream is reset; the watch's tasks see the receiver go and stop), or the client closes
+/// its side.
+async fn serve_watch<S: ClientService>(
+    service: &S,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    request: WatchRequest,
+    deadline: Duration,
+) {
+    let mut frames = match service.watch(request).await {
+        Ok(rx) => rx,
+        Err(e) => {
+            let _ = tokio::time::timeout(deadline, reply(&mut send, &Err(e))).await;
+            return;
+        }
+    };
+    loop {
+        let frame = tokio::select! {
+            frame = frames.recv() => frame,
+            // The client closed or reset its side: it is gone.
+            _ = drain_to_end(&mut recv, Duration::MAX) => return,
+        };
+        let Some(frame) = frame else {
+            let _ = send.finish();
+            return;
+        };
+        let last = frame.is_err();
+        let bytes = match encode_frame(&frame) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!("a watch frame could not be encoded: {e}");
+                let _ = send.reset(STREAM_REFUSED.into());
+                return;
+            }
+        };
+        match tokio::time::timeout(deadline, send.write_all(&bytes)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                tracing::debug!("a watcher took no frame within {deadline:?}: stream reset");
+                let _ = send.reset(STREAM_REFUSED.into());
+                return;
+            }
+        }
+        if last {
+            let _ = send.finish();
+            return;
+        }
+    }
+}
+
 async fn reply(send: &mut SendStream, result: &ClientResult) -> Result<(), FrameError> {
     let bytes = encode_frame(result)?;
     send.write_all(&bytes).await.map_err(|e| FrameError::Io(std::io::Error::other(e)))?;
@@ -316,6 +375,21 @@ async fn serve_stream<S: ClientService>(service: Arc<S>, mut send: SendStream, m
                 "a {} is sent between the members of a cluster only, not by clients",
                 env.request.kind()
             ))),
+            Ok(ClientEnvelope { request: ClientRequest::Watch(watch), token, .. }) => {
+                let checked = conn_auth
+                    .as_ref()
+                    .map(|a| a.check(token.as_deref(), &ClientRequest::Watch(watch.clone())))
+                    .transpose();
+                match checked {
+                    Err(e) => Err(e),
+                    Ok(_) => {
+                        // Long-lived: its request bytes are not held while it runs.
+                        drop(_permits);
+                        serve_watch(&*service, send, recv, watch, deadline).await;
+                        return;
+                    }
+                }
+            }
             Ok(env) => match conn_auth.as_ref().map(|a| a.check(env.token.as_deref(), &env.request)) {
                 Some(Err(e)) => Err(e),
                 Some(Ok(Some(verified))) => {

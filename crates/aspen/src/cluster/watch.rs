@@ -1,0 +1,176 @@
+//! Watches, as the node a client talks to serves them (docs/design.md §13): from each watched
+//! shard's [`WatchHub`] on this node — its applied state, so never ahead of what is committed —
+//! the retained events after the watch's start, then the live ones, filtered to the key or
+//! prefix, one task per shard feeding the client's stream.
+//!
+//! Owns: where a watch starts in each shard (now, a revision on a one-shard cluster, or a
+//! resume token's positions), and ending a watch with a clear error when it cannot stay
+//! complete: its start was compacted away, it fell behind the live feed, or the node replaced
+//! a shard's state with a snapshot.
+//!
+//! Never: hold events for a slow watcher. Its frames wait in a small channel; once that is
+//! full its shard tasks stop reading the live feed, fall behind, and the watch is cancelled.
+
+use tokio::sync::{broadcast, mpsc};
+
+use super::{service::NodeService, validate};
+use crate::{
+    api::{
+        is_reserved_key, ApiError, ClientResponse, ClientResult, ShardId, WatchEvent, WatchPosition, WatchRequest,
+        WatchStart,
+    },
+    storage::watch::{EventBatch, Subscription},
+};
+
+/// Frames a watch may have waiting for the client before its shard tasks stop reading.
+const STREAM_BUFFER: usize = 64;
+/// Most key and value bytes in one events frame (a prefix delete's events are split).
+const MAX_FRAME_EVENT_BYTES: usize = 1024 * 1024;
+
+/// What a watch matches and sends.
+#[derive(Clone, Debug)]
+struct Filter {
+    key: Vec<u8>,
+    prefix: bool,
+    prev_kv: bool,
+}
+
+impl Filter {
+    fn matches(&self, key: &[u8]) -> bool {
+        !is_reserved_key(key) && if self.prefix { key.starts_with(&self.key) } else { key == self.key.as_slice() }
+    }
+}
+
+impl NodeService {
+    /// Starts a watch: checks it, subscribes to every shard it covers on this node, and returns
+    /// the frames to stream (the first is [`ClientResponse::WatchCreated`]).
+    pub async fn start_watch(&self, request: WatchRequest) -> Result<mpsc::Receiver<ClientResult>, ApiError> {
+        if self.cluster_id() == crate::api::ClusterId::default() {
+            return Err(ApiError::NotInitialized { node_id: self.node_id });
+        }
+        validate::check_key_or_prefix(&self.limits, &request.key, request.prefix)?;
+        let router = *self.store.router();
+        let shards: Vec<ShardId> = if request.prefix && router.num_shards() > 1 {
+            (0..router.num_shards()).collect()
+        } else {
+            vec![router.shard_for_key(&request.key)]
+        };
+        let mut subscriptions = Vec::with_capacity(shards.len());
+        for shard in &shards {
+            let node = self.store.shards().get(shard).ok_or_else(|| {
+                ApiError::Unavailable(format!(
+                    "node {} does not host shard {shard}: watch through a node that hosts every shard the watch covers",
+                    self.node_id
+                ))
+            })?;
+            let hub = node.watch_hub();
+            let start = match &request.start {
+                WatchStart::Now => hub.now(),
+                WatchStart::FromRevision(r) => {
+                    if router.num_shards() > 1 {
+                        return Err(ApiError::InvalidRequest(
+                            "a start revision names a position in one shard's history; on a sharded cluster \
+                             resume with a token (--resume) instead"
+                                .into(),
+                        ));
+                    }
+                    WatchPosition::after_revision(*shard, r.saturating_sub(1))
+                }
+                WatchStart::After(positions) => *positions.iter().find(|p| p.shard == *shard).ok_or_else(|| {
+                    ApiError::InvalidRequest(format!("the resume token has no position for shard {shard}"))
+                })?,
+            };
+            subscriptions.push(hub.subscribe(start)?);
+        }
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let positions = subscriptions.iter().map(|s| s.start).collect();
+        // Room for it: the channel is new.
+        let _ = tx.try_send(Ok(ClientResponse::WatchCreated { positions }));
+        let filter = Filter { key: request.key, prefix: request.prefix, prev_kv: request.prev_kv };
+        for sub in subscriptions {
+            tokio::spawn(follow_shard(sub, filter.clone(), tx.clone()));
+        }
+        Ok(rx)
+    }
+}
+
+/// Delivers one shard's events after the subscription's start until the client goes away or
+/// the watch cannot stay complete (then an error frame ends it).
+async fn follow_shard(sub: Subscription, filter: Filter, tx: mpsc::Sender<ClientResult>) {
+    let Subscription { backlog, mut live, start } = sub;
+    let shard = start.shard;
+    let mut at = start;
+    for batch in backlog {
+        if !send_batch(&batch, &filter, &mut at, &tx).await {
+            return;
+        }
+    }
+    loop {
+        let next = tokio::select! {
+            next = live.recv() => next,
+            _ = tx.closed() => return,
+        };
+        match next {
+            Ok(batch) if batch.gap => {
+                let why = format!(
+                    "this node replaced shard {shard}'s state with a snapshot (revision {}); resume from the last \
+                     position",
+                    batch.revision
+                );
+                let _ = tx.send(Err(ApiError::WatchCancelled(why))).await;
+                return;
+            }
+            Ok(batch) => {
+                if !send_batch(&batch, &filter, &mut at, &tx).await {
+                    return;
+                }
+            }
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                let why = format!(
+                    "the watcher fell {n} writes behind shard {shard}'s live feed (it reads too slowly); resume from \
+                     the last position"
+                );
+                let _ = tx.send(Err(ApiError::WatchCancelled(why))).await;
+                return;
+            }
+            Err(broadcast::error::RecvError::Closed) => {
+                let _ = tx.send(Err(ApiError::Unavailable(format!("shard {shard} stopped on this node")))).await;
+                return;
+            }
+        }
+    }
+}
+
+/// Sends the events of `batch` after `at` that match, in frames of bounded size; advances `at`.
+/// `false`: the client is gone.
+async fn send_batch(
+    batch: &EventBatch,
+    filter: &Filter,
+    at: &mut WatchPosition,
+    tx: &mpsc::Sender<ClientResult>,
+) -> bool {
+    let mut frame: Vec<WatchEvent> = Vec::new();
+    let mut bytes = 0;
+    for e in &batch.events {
+        if !at.precedes(e.revision, e.index) {
+            continue;
+        }
+        *at = e.position();
+        if !filter.matches(&e.key) {
+            continue;
+        }
+        let mut e = e.clone();
+        if !filter.prev_kv {
+            e.prev_value = None;
+        }
+        bytes += e.bytes();
+        frame.push(e);
+        if bytes >= MAX_FRAME_EVENT_BYTES {
+            if tx.send(Ok(ClientResponse::WatchEvents(std::mem::take(&mut frame)))).await.is_err() {
+                return false;
+            }
+            bytes = 0;
+        }
+    }
+    frame.is_empty() || tx.send(Ok(ClientResponse::WatchEvents(frame))).await.is_ok()
+}

@@ -1,0 +1,210 @@
+//! One shard's recent events on this node (docs/design.md §13): what apply changed, kept in a
+//! bounded history and broadcast to the watches served here.
+//!
+//! Owns: the history — the events of the last applied entries, at most `[watch]
+//! history_entries` events and `history_bytes` bytes, oldest dropped first — and the point
+//! after which it is complete (`complete_after`: every event of a later revision is in it or
+//! still to come). A node that starts knows only what it applies from then on; a snapshot
+//! install breaks the history (the watches of this shard are cancelled, a resume elsewhere or
+//! later picks them up).
+//!
+//! Never: slow apply down for a watcher. Apply publishes into the history and a broadcast
+//! channel and moves on; a watcher that falls more than `max_lag` batches behind loses its
+//! place (its watch is cancelled with a clear error) instead of holding events for it.
+
+use std::{collections::VecDeque, sync::Arc};
+
+use tokio::sync::broadcast;
+
+use crate::api::{ApiError, ShardId, WatchEvent, WatchPosition};
+
+/// The events of one applied entry (or a break in the history: `gap`).
+#[derive(Debug)]
+pub struct EventBatch {
+    pub revision: u64,
+    pub events: Vec<WatchEvent>,
+    /// The history broke here (a snapshot was installed): watches must stop.
+    pub gap: bool,
+}
+
+#[derive(Debug)]
+struct History {
+    batches: VecDeque<Arc<EventBatch>>,
+    events: usize,
+    bytes: usize,
+    /// Every event of a revision after this is in `batches` or still to come.
+    complete_after: u64,
+    /// The last applied index published (events or not).
+    applied: u64,
+}
+
+/// One shard's history and live feed on this node.
+#[derive(Debug)]
+pub struct WatchHub {
+    shard: ShardId,
+    max_events: usize,
+    max_bytes: usize,
+    inner: std::sync::Mutex<History>,
+    live: broadcast::Sender<Arc<EventBatch>>,
+}
+
+/// Where a watch of one shard starts: the retained events after its position, then the live
+/// feed (subscribed under the same lock, so nothing falls between them).
+#[derive(Debug)]
+pub struct Subscription {
+    pub backlog: Vec<Arc<EventBatch>>,
+    pub live: broadcast::Receiver<Arc<EventBatch>>,
+    /// The position it starts after.
+    pub start: WatchPosition,
+}
+
+impl WatchHub {
+    /// A hub for `shard` whose state machine has applied up to `applied`, keeping at most
+    /// `max_events` events and `max_bytes` bytes (0 events: no history, live events only); a
+    /// watcher may fall `max_lag` batches behind the live feed.
+    pub fn new(shard: ShardId, applied: u64, max_events: usize, max_bytes: usize, max_lag: usize) -> Self {
+        let (live, _) = broadcast::channel(max_lag.max(1));
+        WatchHub {
+            shard,
+            max_events,
+            max_bytes,
+            inner: std::sync::Mutex::new(History {
+                batches: VecDeque::new(),
+                events: 0,
+                bytes: 0,
+                complete_after: applied,
+                applied,
+            }),
+            live,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, History> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn shard(&self) -> ShardId {
+        self.shard
+    }
+
+    /// Takes in what an apply produced: the events of each entry (revision, events without
+    /// their shard set), and the last index it applied.
+    pub fn publish(&self, batches: Vec<(u64, Vec<WatchEvent>)>, applied: u64) {
+        let mut h = self.lock();
+        h.applied = h.applied.max(applied);
+        for (revision, mut events) in batches {
+            if events.is_empty() {
+                continue;
+            }
+            for e in &mut events {
+                e.shard = self.shard;
+            }
+            let batch = Arc::new(EventBatch { revision, events, gap: false });
+            if self.max_events > 0 {
+                h.events += batch.events.len();
+                h.bytes += batch.events.iter().map(WatchEvent::bytes).sum::<usize>();
+                h.batches.push_back(batch.clone());
+                while h.events > self.max_events || h.bytes > self.max_bytes {
+                    let Some(old) = h.batches.pop_front() else { break };
+                    h.events -= old.events.len();
+                    h.bytes -= old.events.iter().map(WatchEvent::bytes).sum::<usize>();
+                    h.complete_after = h.complete_after.max(old.revision);
+                }
+            } else {
+                h.complete_after = h.complete_after.max(revision);
+            }
+            // No receiver is fine: nobody watches.
+            let _ = self.live.send(batch);
+        }
+    }
+
+    /// The state was replaced by a snapshot up to `applied`: the history before it is gone,
+    /// and the watches that were following it end.
+    pub fn reset(&self, applied: u64) {
+        let mut h = self.lock();
+        h.batches.clear();
+        h.events = 0;
+        h.bytes = 0;
+        h.complete_after = applied;
+        h.applied = applied;
+        let _ = self.live.send(Arc::new(EventBatch { revision: applied, events: Vec::new(), gap: true }));
+    }
+
+    /// Where a watch of this shard stands if it starts now.
+    pub fn now(&self) -> WatchPosition {
+        WatchPosition::after_revision(self.shard, self.lock().applied)
+    }
+
+    /// Starts a watch after `after` (this shard's position): [`ApiError::Compacted`] if the
+    /// history no longer holds every event after it.
+    pub fn subscribe(&self, after: WatchPosition) -> Result<Subscription, ApiError> {
+        let h = self.lock();
+        let covered =
+            after.revision > h.complete_after || (after.revision == h.complete_after && after.index == u32::MAX);
+        if !covered {
+            return Err(ApiError::Compacted { shard: self.shard, oldest: h.complete_after + 1 });
+        }
+        let backlog = h.batches.iter().filter(|b| b.revision >= after.revision).cloned().collect();
+        Ok(Subscription { backlog, live: self.live.subscribe(), start: after })
+    }
+
+    /// Events and bytes held, and the revision after which the history is complete.
+    pub fn held(&self) -> (usize, usize, u64) {
+        let h = self.lock();
+        (h.events, h.bytes, h.complete_after)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::EventKind;
+
+    fn ev(key: &str, index: u32) -> WatchEvent {
+        WatchEvent {
+            kind: EventKind::Put,
+            key: key.into(),
+            value: b"v".to_vec(),
+            prev_value: None,
+            shard: 0,
+            revision: 0,
+            index,
+            create_revision: 0,
+            version: 1,
+            lease: 0,
+        }
+    }
+
+    #[test]
+    fn history_is_bounded_and_says_what_it_lost() {
+        let hub = WatchHub::new(2, 10, 3, usize::MAX, 16);
+        // Before anything was applied here: only "after 10" can be served.
+        assert!(matches!(
+            hub.subscribe(WatchPosition { shard: 2, revision: 9, index: 0 }),
+            Err(ApiError::Compacted { oldest: 11, .. })
+        ));
+        let sub = hub.subscribe(hub.now()).unwrap();
+        assert!(sub.backlog.is_empty());
+        hub.publish(vec![(11, vec![ev("a", 0), ev("b", 1)]), (12, vec![]), (13, vec![ev("c", 0)])], 13);
+        assert_eq!(hub.held().0, 3);
+        // A fourth event drops revision 11 (two events): history now complete after 11.
+        hub.publish(vec![(14, vec![ev("d", 0)])], 14);
+        assert_eq!(hub.held(), (2, hub.held().1, 11));
+        assert!(matches!(
+            hub.subscribe(WatchPosition { shard: 2, revision: 11, index: 0 }),
+            Err(ApiError::Compacted { shard: 2, oldest: 12 })
+        ));
+        let s = hub.subscribe(WatchPosition::after_revision(2, 11)).unwrap();
+        let revs: Vec<u64> = s.backlog.iter().map(|b| b.revision).collect();
+        assert_eq!(revs, [13, 14]);
+        assert!(s.backlog.iter().all(|b| b.events.iter().all(|e| e.shard == 2)), "events carry their shard");
+        let mut live = sub.live;
+        let got: Vec<u64> = (0..3).map(|_| live.try_recv().unwrap().revision).collect();
+        assert_eq!(got, [11, 13, 14], "the live feed got every batch with events");
+        // A snapshot install breaks the history: watchers see a gap.
+        hub.reset(100);
+        assert!(live.try_recv().unwrap().gap);
+        assert!(hub.subscribe(WatchPosition::after_revision(2, 14)).is_err());
+        assert!(hub.subscribe(hub.now()).is_ok());
+    }
+}
