@@ -23,7 +23,9 @@ use crate::{
 };
 
 /// Frames a watch may have waiting for the client before its shard tasks stop reading.
-const STREAM_BUFFER: usize = 64;
+const STREAM_BUFFER: usize = 8;
+/// How often a shard task waiting for the client looks at how far the live feed ran ahead.
+const LAG_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
 /// Most key and value bytes in one events frame (a prefix delete's events are split).
 const MAX_FRAME_EVENT_BYTES: usize = 1024 * 1024;
 
@@ -94,15 +96,32 @@ impl NodeService {
     }
 }
 
+/// How sending one frame went.
+enum Sent {
+    Ok,
+    /// The client is gone.
+    Gone,
+    /// The client reads too slowly: the live feed ran `max_lag` batches ahead meanwhile.
+    Lagged,
+}
+
 /// Delivers one shard's events after the subscription's start until the client goes away or
 /// the watch cannot stay complete (then an error frame ends it).
 async fn follow_shard(sub: Subscription, filter: Filter, tx: mpsc::Sender<ClientResult>) {
-    let Subscription { backlog, mut live, start } = sub;
+    let Subscription { backlog, mut live, start, max_lag } = sub;
     let shard = start.shard;
     let mut at = start;
+    let lagged = |n: u64| {
+        ApiError::WatchCancelled(format!(
+            "the watcher fell {n} writes behind shard {shard}'s live feed (it reads too slowly); resume from the \
+             last event's position"
+        ))
+    };
     for batch in backlog {
-        if !send_batch(&batch, &filter, &mut at, &tx).await {
-            return;
+        match send_batch(&batch, &filter, &mut at, &tx, &live, max_lag).await {
+            Sent::Ok => {}
+            Sent::Gone => return,
+            Sent::Lagged => return end(&tx, lagged(max_lag as u64)).await,
         }
     }
     loop {
@@ -114,41 +133,70 @@ async fn follow_shard(sub: Subscription, filter: Filter, tx: mpsc::Sender<Client
             Ok(batch) if batch.gap => {
                 let why = format!(
                     "this node replaced shard {shard}'s state with a snapshot (revision {}); resume from the last \
-                     position",
+                     event's position",
                     batch.revision
                 );
-                let _ = tx.send(Err(ApiError::WatchCancelled(why))).await;
-                return;
+                return end(&tx, ApiError::WatchCancelled(why)).await;
             }
-            Ok(batch) => {
-                if !send_batch(&batch, &filter, &mut at, &tx).await {
-                    return;
-                }
-            }
-            Err(broadcast::error::RecvError::Lagged(n)) => {
-                let why = format!(
-                    "the watcher fell {n} writes behind shard {shard}'s live feed (it reads too slowly); resume from \
-                     the last position"
-                );
-                let _ = tx.send(Err(ApiError::WatchCancelled(why))).await;
-                return;
-            }
+            Ok(batch) => match send_batch(&batch, &filter, &mut at, &tx, &live, max_lag).await {
+                Sent::Ok => {}
+                Sent::Gone => return,
+                Sent::Lagged => return end(&tx, lagged(max_lag as u64)).await,
+            },
+            Err(broadcast::error::RecvError::Lagged(n)) => return end(&tx, lagged(n)).await,
             Err(broadcast::error::RecvError::Closed) => {
-                let _ = tx.send(Err(ApiError::Unavailable(format!("shard {shard} stopped on this node")))).await;
-                return;
+                return end(&tx, ApiError::Unavailable(format!("shard {shard} stopped on this node"))).await;
+            }
+        }
+    }
+}
+
+/// Ends the watch with `error` (after the frames already queued), unless the client is gone.
+async fn end(tx: &mpsc::Sender<ClientResult>, error: ApiError) {
+    tokio::select! {
+        _ = tx.send(Err(error)) => {}
+        _ = tx.closed() => {}
+    }
+}
+
+/// Queues one frame; while the client does not take frames, watches how far the live feed
+/// runs ahead, and gives up once it is `max_lag` batches ahead (this watcher lost its place).
+async fn send_frame(
+    tx: &mpsc::Sender<ClientResult>,
+    frame: ClientResult,
+    live: &broadcast::Receiver<std::sync::Arc<EventBatch>>,
+    max_lag: usize,
+) -> Sent {
+    let mut check = tokio::time::interval(LAG_CHECK);
+    loop {
+        tokio::select! {
+            permit = tx.reserve() => {
+                return match permit {
+                    Ok(p) => {
+                        p.send(frame);
+                        Sent::Ok
+                    }
+                    Err(_) => Sent::Gone,
+                };
+            }
+            _ = check.tick() => {
+                if live.len() >= max_lag {
+                    return Sent::Lagged;
+                }
             }
         }
     }
 }
 
 /// Sends the events of `batch` after `at` that match, in frames of bounded size; advances `at`.
-/// `false`: the client is gone.
 async fn send_batch(
     batch: &EventBatch,
     filter: &Filter,
     at: &mut WatchPosition,
     tx: &mpsc::Sender<ClientResult>,
-) -> bool {
+    live: &broadcast::Receiver<std::sync::Arc<EventBatch>>,
+    max_lag: usize,
+) -> Sent {
     let mut frame: Vec<WatchEvent> = Vec::new();
     let mut bytes = 0;
     for e in &batch.events {
@@ -166,11 +214,14 @@ async fn send_batch(
         bytes += e.bytes();
         frame.push(e);
         if bytes >= MAX_FRAME_EVENT_BYTES {
-            if tx.send(Ok(ClientResponse::WatchEvents(std::mem::take(&mut frame)))).await.is_err() {
-                return false;
+            match send_frame(tx, Ok(ClientResponse::WatchEvents(std::mem::take(&mut frame))), live, max_lag).await {
+                Sent::Ok => bytes = 0,
+                other => return other,
             }
-            bytes = 0;
         }
     }
-    frame.is_empty() || tx.send(Ok(ClientResponse::WatchEvents(frame))).await.is_ok()
+    if frame.is_empty() {
+        return Sent::Ok;
+    }
+    send_frame(tx, Ok(ClientResponse::WatchEvents(frame)), live, max_lag).await
 }

@@ -44,6 +44,7 @@ pub struct WatchHub {
     shard: ShardId,
     max_events: usize,
     max_bytes: usize,
+    max_lag: usize,
     inner: std::sync::Mutex<History>,
     live: broadcast::Sender<Arc<EventBatch>>,
 }
@@ -56,6 +57,8 @@ pub struct Subscription {
     pub live: broadcast::Receiver<Arc<EventBatch>>,
     /// The position it starts after.
     pub start: WatchPosition,
+    /// Batches it may fall behind the live feed before it loses its place.
+    pub max_lag: usize,
 }
 
 impl WatchHub {
@@ -68,6 +71,7 @@ impl WatchHub {
             shard,
             max_events,
             max_bytes,
+            max_lag: max_lag.max(1),
             inner: std::sync::Mutex::new(History {
                 batches: VecDeque::new(),
                 events: 0,
@@ -145,7 +149,7 @@ impl WatchHub {
             return Err(ApiError::Compacted { shard: self.shard, oldest: h.complete_after + 1 });
         }
         let backlog = h.batches.iter().filter(|b| b.revision >= after.revision).cloned().collect();
-        Ok(Subscription { backlog, live: self.live.subscribe(), start: after })
+        Ok(Subscription { backlog, live: self.live.subscribe(), start: after, max_lag: self.max_lag })
     }
 
     /// Events and bytes held, and the revision after which the history is complete.

@@ -1,0 +1,178 @@
+//! Watches over three in-process nodes with four shards: every write to watched keys (puts,
+//! deletes, prefix deletes, lease revocations) arrives once, in order, with previous values;
+//! a watch resumes on another node exactly after its last event; a start older than the
+//! history fails as compacted; a watcher that stops reading is cancelled while writes go on.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use crate::support::{start_three, wait_shards_converged, InProcNode};
+use aspen::{
+    api::{EventKind, WatchEvent, WatchPosition, WatchRequest, WatchStart},
+    client::{WatchItem, WatchStream},
+    sharding::ShardRouter,
+    ApiError, ClientError,
+};
+
+fn config(root: &std::path::Path, id: u64) -> aspen::NodeConfig {
+    let mut c = InProcNode::config(root, id);
+    c.sharding.enabled = true;
+    c.sharding.num_shards = 4;
+    c.watch.history_entries = 200;
+    c.watch.max_lag = 64;
+    c
+}
+
+fn prefix_watch(prefix: &str, prev_kv: bool, start: WatchStart) -> WatchRequest {
+    WatchRequest { key: prefix.into(), prefix: true, prev_kv, start }
+}
+
+/// Reads events until `n` arrived (panics after 60 s or on an error).
+async fn take_events(stream: &mut WatchStream, n: usize) -> Vec<WatchEvent> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        match tokio::time::timeout(Duration::from_secs(60), stream.next()).await {
+            Ok(Some(Ok(WatchItem::Events(events)))) => out.extend(events),
+            Ok(Some(Ok(WatchItem::Created(_)))) => {}
+            other => panic!("after {} of {n} events: {other:?}", out.len()),
+        }
+    }
+    out
+}
+
+/// (kind, key, value) of each event, per key in arrival order.
+fn per_key(events: &[WatchEvent]) -> BTreeMap<String, Vec<(EventKind, String)>> {
+    let mut map: BTreeMap<String, Vec<(EventKind, String)>> = BTreeMap::new();
+    for e in events {
+        let key = String::from_utf8(e.key.clone()).unwrap();
+        map.entry(key).or_default().push((e.kind, String::from_utf8(e.value.clone()).unwrap()));
+    }
+    map
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn watches_see_every_write_once_in_order_and_resume_anywhere() {
+    let root = tempfile::tempdir().unwrap();
+    let nodes = start_three((1..=3).map(|id| config(root.path(), id)).collect()).await;
+    wait_shards_converged(&[&nodes[0], &nodes[1], &nodes[2]], 60).await;
+    let writer = nodes[0].client().await;
+    writer.balance_leaders().await.unwrap();
+    let watcher = Arc::new(nodes[1].client().await);
+    let router = ShardRouter::new(4);
+
+    // A prefix watch through node 2, with previous values; a key watch through node 3.
+    let mut all = watcher.watch(prefix_watch("w/", true, WatchStart::Now)).await.unwrap();
+    let created = match all.next().await {
+        Some(Ok(WatchItem::Created(p))) => p,
+        other => panic!("a watch starts with its positions: {other:?}"),
+    };
+    assert_eq!(created.iter().map(|p| p.shard).collect::<Vec<_>>(), [0, 1, 2, 3], "a prefix watch covers every shard");
+    let one_client = Arc::new(nodes[2].client().await);
+    let mut one = one_client
+        .watch(WatchRequest { key: b"w/k0".to_vec(), prefix: false, prev_kv: false, start: WatchStart::Now })
+        .await
+        .unwrap();
+    let mut expected: Vec<(String, EventKind, String)> = Vec::new();
+    for round in 0..3 {
+        for k in 0..12 {
+            let (key, value) = (format!("w/k{k}"), format!("r{round}"));
+            writer.put(key.clone(), value.clone()).await.unwrap();
+            expected.push((key, EventKind::Put, value));
+        }
+    }
+    writer.put("other/x", "not watched").await.unwrap();
+    assert!(writer.delete("w/k3").await.unwrap());
+    expected.push(("w/k3".into(), EventKind::Delete, String::new()));
+    // A lease's revocation shows up as deletes of its keys.
+    let (lease, _) = writer.grant_lease(60).await.unwrap();
+    writer.put_with_lease("w/leased", "l", lease).await.unwrap();
+    expected.push(("w/leased".into(), EventKind::Put, "l".into()));
+    writer.revoke_lease(lease).await.unwrap();
+    expected.push(("w/leased".into(), EventKind::Delete, String::new()));
+    // A prefix delete over every shard: one delete per key that existed.
+    let deleted = writer.delete_prefix("w/k1").await.unwrap();
+    assert_eq!(deleted, 3, "w/k1, w/k10, w/k11");
+    for k in ["w/k1", "w/k10", "w/k11"] {
+        expected.push((k.into(), EventKind::Delete, String::new()));
+    }
+
+    let got = take_events(&mut all, expected.len()).await;
+    let mut want: BTreeMap<String, Vec<(EventKind, String)>> = BTreeMap::new();
+    for (k, kind, v) in &expected {
+        want.entry(k.clone()).or_default().push((*kind, v.clone()));
+    }
+    assert_eq!(per_key(&got), want, "every write to a watched key once, in order per key");
+    for e in &got {
+        assert_eq!(e.shard, router.shard_for_key(&e.key), "event of {:?} in its key's shard", e.key);
+        let k = String::from_utf8(e.key.clone()).unwrap();
+        match (e.kind, k.as_str()) {
+            (EventKind::Put, _) if e.value == b"r0" => assert_eq!(e.prev_value, None, "{e:?}"),
+            (EventKind::Put, "w/leased") => assert_eq!(e.lease, lease),
+            (EventKind::Put, _) => assert!(e.prev_value.is_some(), "{e:?}"),
+            (EventKind::Delete, _) => assert!(e.prev_value.is_some(), "a delete carries the value it removed: {e:?}"),
+        }
+    }
+    // Per shard, positions only grow.
+    for s in 0..4 {
+        let pos: Vec<(u64, u32)> = got.iter().filter(|e| e.shard == s).map(|e| (e.revision, e.index)).collect();
+        assert!(pos.windows(2).all(|w| w[0] < w[1]), "shard {s}: {pos:?}");
+    }
+    let single = take_events(&mut one, 3).await;
+    assert!(single.iter().all(|e| e.key == b"w/k0" && e.prev_value.is_none()), "{single:?}");
+
+    // The stream knows where it stands: after the last event of each shard.
+    for p in all.positions() {
+        let last = got.iter().filter(|e| e.shard == p.shard).last().expect("events in every shard");
+        assert_eq!(p, last.position());
+    }
+    // Resume on another node after the first half: exactly the second half follows.
+    let half = got.len() / 2;
+    let mut at: Vec<WatchPosition> = created.clone();
+    for e in &got[..half] {
+        let p = at.iter_mut().find(|p| p.shard == e.shard).unwrap();
+        *p = e.position();
+    }
+    let resumer = Arc::new(nodes[2].client().await);
+    let mut resumed = resumer.watch(prefix_watch("w/", true, WatchStart::After(at.clone()))).await.unwrap();
+    let rest = take_events(&mut resumed, got.len() - half).await;
+    let mut want_rest = got[half..].to_vec();
+    let mut rest_sorted = rest.clone();
+    want_rest.sort_by_key(|e| (e.shard, e.revision, e.index));
+    rest_sorted.sort_by_key(|e| (e.shard, e.revision, e.index));
+    assert_eq!(rest_sorted, want_rest, "resumed exactly after the first half, on another node");
+
+    // History keeps 200 events per shard: 300 more writes to one shard compact the old start.
+    let hot = (0..10_000).map(|i| format!("hot/{i}")).find(|k| router.shard_for_key(k.as_bytes()) == 1).unwrap();
+    for i in 0..300 {
+        writer.put(hot.clone(), format!("{i}")).await.unwrap();
+    }
+    let old = at.iter().find(|p| p.shard == 1).copied().unwrap();
+    match resumer.watch(prefix_watch("w/", false, WatchStart::After(at.clone()))).await {
+        Err(ClientError::Api(ApiError::Compacted { shard: 1, oldest })) => assert!(oldest > old.revision),
+        other => panic!("expected compacted for shard 1, got {other:?}"),
+    }
+
+    // A watcher that stops reading: cancelled once 64 writes behind; writes never wait for it.
+    let slow_client = Arc::new(nodes[1].client().await);
+    let mut slow = slow_client.watch(prefix_watch("slow/", false, WatchStart::Now)).await.unwrap();
+    let big = "x".repeat(64 * 1024);
+    let started = std::time::Instant::now();
+    for i in 0..400 {
+        writer.put(format!("slow/{}", i % 7), big.clone()).await.unwrap();
+    }
+    println!("400 writes of 64 KiB with a stalled watcher: {:?}", started.elapsed());
+    let mut cancelled = None;
+    while let Ok(Some(item)) = tokio::time::timeout(Duration::from_secs(60), slow.next()).await {
+        if let Err(e) = item {
+            cancelled = Some(e);
+            break;
+        }
+    }
+    match cancelled {
+        Some(ClientError::Api(ApiError::WatchCancelled(why))) => assert!(why.contains("behind"), "{why}"),
+        other => panic!("the stalled watcher was not cancelled: {other:?}"),
+    }
+    // The other watchers were not disturbed.
+    writer.put("w/after", "1").await.unwrap();
+    let after = take_events(&mut all, 1).await;
+    assert_eq!(after[0].key, b"w/after");
+}
