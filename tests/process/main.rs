@@ -1,6 +1,6 @@
 //! Real `aspen-node` and `aspen-cli` processes on 127.0.0.1: a single node and every CLI
 //! command ([`single`]), three nodes with `kill -9` ([`cluster`]), four shards ([`sharded`]),
-//! `aspen-cli bench` ([`bench`]), leases through the CLI ([`leases`]), what the nodes' logs say ([`logs`]) and the memory a hostile
+//! `aspen-cli bench` ([`bench`]), leases and watches through the CLI ([`leases`], [`watch`]), what the nodes' logs say ([`logs`]) and the memory a hostile
 //! client cannot grow ([`memory`]). One test binary; the
 //! tests run one at a time.
 
@@ -16,3 +16,4 @@ mod memory;
 mod readme;
 mod sharded;
 mod single;
+mod watch;
