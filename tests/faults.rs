@@ -5,7 +5,9 @@
 //! (partitions, loss, crashes, restarts, membership changes) on a schedule drawn from its seed,
 //! heals, and then asserts: the history is linearizable (Wing–Gong–Lowe, `aspen_checker`), the
 //! final value of every key is what the history allows (so no acknowledged write is lost),
-//! every shard has a leader, and every replica of every shard has the same digest.
+//! every shard has a leader, every replica of every shard has the same digest, and a watch of
+//! every key, running through the faults, delivered each acknowledged write exactly once, in
+//! order, and no write that did not happen.
 //!
 //! Each test prints `scenario <name> seed <seed>`; `ASPEN_FAULT_SEED=<seed>` replays that
 //! schedule. `ASPEN_SOAK_SECS=<s>` makes the ignored `soak` test loop over random seeds and all
@@ -28,7 +30,7 @@ use iroh::EndpointId;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use support::{
     wait_until,
-    workload::{key, Workload, KEYS},
+    workload::{check_watch, key, WatchRecorder, Workload, KEYS},
     InProcNode,
 };
 
@@ -368,7 +370,9 @@ async fn run_scenario(scenario: Scenario, size: usize, shards: u32, seed: u64) {
     );
     let mut rng = StdRng::seed_from_u64(seed);
     let mut cluster = Cluster::start(size, shards).await;
-    let tickets = cluster.running().iter().map(|n| n.ticket()).collect();
+    let tickets: Vec<_> = cluster.running().iter().map(|n| n.ticket()).collect();
+    // A watch of every workload key, in place before the first write, through the faults.
+    let watch = WatchRecorder::start(tickets.clone(), cluster.token()).await;
     let workload = Workload::start(tickets, cluster.token(), 6, rng.random()).await;
     sleep_ms(1500).await;
     let what = inject(&mut cluster, scenario, &mut rng).await;
@@ -390,6 +394,12 @@ async fn run_scenario(scenario: Scenario, size: usize, shards: u32, seed: u64) {
         h.ok(OpResult::Get(v.clone()));
         finals.insert(k, v);
     }
+    // The watch saw every acknowledged write exactly once, in order, and nothing else.
+    let events = watch.finish(&reader, shards, 120).await.unwrap_or_else(|e| panic!("watch (seed {seed}): {e}"));
+    if let Err(e) = check_watch(&events, &history, &finals) {
+        panic!("scenario {scenario:?} shards {shards} seed {seed}: watch: {e}");
+    }
+    let watched = events.len();
     reader.close().await;
     // Every replica holds those values.
     let router = aspen::sharding::ShardRouter::new(shards);
@@ -412,7 +422,7 @@ async fn run_scenario(scenario: Scenario, size: usize, shards: u32, seed: u64) {
         );
     }
     println!(
-        "{} ops, {acked_during} acknowledged writes, linearizable ({} states)",
+        "{} ops, {acked_during} acknowledged writes, linearizable ({} states); {watched} watch events, complete",
         history.len(),
         report.states_explored
     );

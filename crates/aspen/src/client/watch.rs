@@ -60,6 +60,9 @@ enum Ended {
     Broken { why: String, was_serving: bool },
     /// The cluster refused or ended it: tell the caller.
     Refused(ApiError),
+    /// This node's history does not reach back to the watch's position (it restarted, say):
+    /// another member's may.
+    Compacted(ApiError),
     /// The caller dropped the stream.
     Gone,
 }
@@ -91,11 +94,24 @@ async fn run_watch(
 ) {
     let mut first = Some(first);
     let mut failing_since: Option<Instant> = None;
+    let mut compacted = 0;
     loop {
         let ended = watch_once(&client, &request, &tx, &positions, &mut first).await;
+        let ended = match ended {
+            // Every member said so (or there is no other): the position is gone.
+            Ended::Compacted(e) => {
+                compacted += 1;
+                if compacted >= client.tickets().len() {
+                    Ended::Refused(e)
+                } else {
+                    Ended::Broken { why: e.to_string(), was_serving: false }
+                }
+            }
+            other => other,
+        };
         match ended {
             Ended::Gone => return,
-            Ended::Refused(e) => {
+            Ended::Refused(e) | Ended::Compacted(e) => {
                 let e = ClientError::Api(e);
                 match first.take() {
                     Some(f) => {
@@ -110,6 +126,7 @@ async fn run_watch(
             Ended::Broken { why, was_serving } => {
                 if was_serving {
                     failing_since = None;
+                    compacted = 0;
                 }
                 let since = *failing_since.get_or_insert_with(Instant::now);
                 if since.elapsed() > client.timeout {
@@ -228,6 +245,10 @@ async fn watch_once(
             }
             // The node cannot serve it (it hosts too few shards, it is not initialized):
             // another member may.
+            Err(e @ ApiError::Compacted { .. }) if client.tickets().len() > 1 => {
+                client.fail_over(i).await;
+                return Ended::Compacted(e);
+            }
             Err(e @ (ApiError::Unavailable(_) | ApiError::NotInitialized { .. })) if client.tickets().len() > 1 => {
                 client.fail_over(i).await;
                 return Ended::Broken { why: e.to_string(), was_serving: created };
