@@ -11,8 +11,9 @@
 //! random loss on every node, `kill -9` and a restart from the data dir, and `SIGSTOP`/`SIGCONT` of
 //! a leader. After healing: every shard has one leader and replicas with equal applied indexes
 //! and state digests, final linearizable reads of every key go into the history, the history is
-//! linearizable, and stale reads of every key on every node (each through a client that only
-//! knows that node) agree with them.
+//! linearizable, stale reads of every key on every node (each through a client that only
+//! knows that node) agree with them, and a watch of every key that ran through the faults
+//! delivered each acknowledged write exactly once, in order, and nothing else.
 //!
 //! Each test prints its seed; `ASPEN_NETNS_SEED=<seed>` replays the schedule. The tests print one
 //! `skipping netns test: …` line and pass when not root, when `ip netns add` fails or when `nft` is
@@ -38,7 +39,7 @@ use aspen_checker::{CheckConfig, Op, OpResult};
 use aspen_testkit::{NodeProcess, NodeSpec, OnDrop, Output as ProcOutput, SIGCONT, SIGSTOP};
 use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 use support::{
-    workload::{key, Workload, KEYS},
+    workload::{check_watch, key, WatchRecorder, Workload, KEYS},
     NODE_BIN,
 };
 
@@ -700,6 +701,8 @@ async fn run_netns_scenario(tag: char, shards: u32) {
     }
     println!("cluster up after {:?}", started.elapsed());
 
+    // A watch of every workload key, in place before the first write, through the faults.
+    let watch = WatchRecorder::start(tickets.clone(), token()).await;
     let workload = Workload::start(tickets.clone(), token(), CLIENTS, rng.random()).await;
     sleep_ms(1500).await;
     let what = inject(&mut net, &tickets, &mut rng).await;
@@ -718,6 +721,11 @@ async fn run_netns_scenario(tag: char, shards: u32) {
         h.ok(OpResult::Get(v.clone()));
         finals.insert(k, v);
     }
+    let events = watch.finish(&reader, shards, 120).await.unwrap_or_else(|e| panic!("watch (seed {seed}): {e}"));
+    if let Err(e) = check_watch(&events, &history, &finals) {
+        panic!("netns shards {shards} seed {seed}: watch: {e}");
+    }
+    println!("{} watch events, complete", events.len());
     reader.close().await;
 
     // The replicas agree: same applied index per shard (and one leader) before and after, and
