@@ -11,6 +11,7 @@ use aspen::{
         ClientResult, Compare, CompareOp, Id128, JoinRequest, KeyValue, NodeTicket, ReadConsistency, ScanPage,
         ScanRequest, TxnOp, TxnOpResult, WriteCommand, WriteOutcome, WriteSession, CLIENT_PROTOCOL_VERSION,
     },
+    api::{EventKind, LeaseEntry, LeaseStatus, WatchEvent, WatchPosition, WatchRequest, WatchStart},
     cluster::gossip::{Announcement, LeaderHint, SignedAnnouncement, ANNOUNCEMENT_VERSION},
     raft::{Entry, LogId, MemberNode, SnapshotMeta, StoredMembership, Vote, WriteRequest},
 };
@@ -138,6 +139,32 @@ fn client_requests() -> Vec<ClientRequest> {
             ttl_secs: Some(60),
         },
         ClientRequest::AuthTokenRevoke { id: 0x1234 },
+        ClientRequest::Write { session: write().session, command: WriteCommand::LeaseGrant { id: 0x2a, ttl_secs: 10 } },
+        ClientRequest::Write {
+            session: write().session,
+            command: WriteCommand::PutLease { key: b"svc/a".to_vec(), value: b"up".to_vec(), lease: 0x2a, checked: false },
+        },
+        ClientRequest::Write { session: write().session, command: WriteCommand::LeaseRevoke { id: 0x2a } },
+        ClientRequest::ShardWrite { shard: 1, session: write().session, command: WriteCommand::LeaseDrop { id: 0x2a } },
+        ClientRequest::ShardWrite { shard: 0, session: write().session, command: WriteCommand::LeaseForget { id: 0x2a } },
+        ClientRequest::LeaseKeepAlive { id: 0x2a },
+        ClientRequest::LeaseTimeToLive { id: 0x2a, keys: true },
+        ClientRequest::LeaseList,
+        ClientRequest::LeaseInfo { id: 0x2a },
+        ClientRequest::ShardLeaseKeys { shard: 2, id: 0x2a },
+        ClientRequest::ShardLeases { shard: 3 },
+        ClientRequest::Watch(WatchRequest {
+            key: b"app/".to_vec(),
+            prefix: true,
+            prev_kv: true,
+            start: WatchStart::After(vec![WatchPosition { shard: 1, revision: 40, index: 2 }]),
+        }),
+        ClientRequest::Watch(WatchRequest {
+            key: b"k".to_vec(),
+            prefix: false,
+            prev_kv: false,
+            start: WatchStart::FromRevision(7),
+        }),
     ]
 }
 
@@ -160,6 +187,28 @@ fn client_results() -> Vec<ClientResult> {
         Ok(ClientResponse::Members(vec![ticket().encode()])),
         Err(ApiError::NotLeader { leader: Some(2), leader_ticket: Some(ticket().encode()) }),
         Err(ApiError::TooLarge { what: "value".into(), size: 70_000, limit: 65_536 }),
+        Ok(ClientResponse::Write(WriteOutcome::LeaseGranted { revision: 4, id: 0x2a, ttl_secs: 10 })),
+        Ok(ClientResponse::Write(WriteOutcome::LeaseRevoked { revision: 5, deleted: 3 })),
+        Ok(ClientResponse::Write(WriteOutcome::LeaseUnchecked { id: 0x2a })),
+        Ok(ClientResponse::LeaseKeepAlive { id: 0x2a, ttl_secs: 10 }),
+        Ok(ClientResponse::LeaseStatus(LeaseStatus { id: 0x2a, ttl_secs: 7, granted_ttl_secs: 10, keys: vec![b"k".to_vec()] })),
+        Ok(ClientResponse::Leases(vec![LeaseEntry { id: 0x2a, granted_ttl_secs: 10 }])),
+        Ok(ClientResponse::WatchCreated { positions: vec![WatchPosition { shard: 0, revision: 9, index: u32::MAX }] }),
+        Ok(ClientResponse::WatchEvents(vec![WatchEvent {
+            kind: EventKind::Put,
+            key: b"k".to_vec(),
+            value: b"v".to_vec(),
+            prev_value: Some(b"u".to_vec()),
+            shard: 0,
+            revision: 10,
+            index: 1,
+            create_revision: 3,
+            version: 4,
+            lease: 0x2a,
+        }])),
+        Err(ApiError::LeaseNotFound { id: 0x2a }),
+        Err(ApiError::Compacted { shard: 2, oldest: 77 }),
+        Err(ApiError::WatchCancelled("slow".into())),
     ]
 }
 
