@@ -131,12 +131,13 @@ fn readme_tour_blocks_run_as_written() {
     let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
     let blocks = tour_blocks(&readme);
     let names: Vec<&str> = blocks.iter().map(|(h, _)| h.as_str()).collect();
-    assert_eq!(names, ["One node", "Three nodes", "Sharding"], "the README's tour blocks");
-    // What each block must print (in this order) on stdout.
-    let expect: [&[&str]; 3] = [
+    assert_eq!(names, ["One node", "Three nodes", "Sharding", "Leases and watch"], "the README's tour blocks");
+    // What each block must print (in this order) on stdout (the watch's lines come in between).
+    let expect: [&[&str]; 4] = [
         &["OK\n", "hello\n", "OK\n", "exit 1\n", "greeting\thi\n"],
         &["OK\n", "1\n", "OK\n", "2\n"],
         &["OK\n", "user/42\talice\n"],
+        &["OK\n", "30\n", "OK\n", "exit 1\n"],
     ];
     for ((heading, body), want) in blocks.iter().zip(expect) {
         let dir = tempfile::tempdir().unwrap();
