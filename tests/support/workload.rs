@@ -316,7 +316,7 @@ pub fn check_watch(
         }
     }
     for (k, want) in finals {
-        let last = events.iter().filter(|e| e.key == key(*k)).last();
+        let last = events.iter().rfind(|e| e.key == key(*k));
         let left = match last {
             Some(e) if e.kind == EventKind::Put => Some(e.value.clone()),
             _ => None,

@@ -141,7 +141,7 @@ impl Default for GossipConfig {
     }
 }
 
-/// What each shard keeps for watches (docs/design.md §13): the events of its most recently
+/// What each shard keeps for watches (docs/design.md §17): the events of its most recently
 /// applied writes, so that a watch can start from, or resume at, a recent position on any node.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WatchConfig {

@@ -1,5 +1,5 @@
 //! Leases on the wire: ids, their text form, where a lease lives, and what lease requests answer
-//! (docs/design.md §12 "Leases").
+//! (docs/design.md §16 "Leases").
 //!
 //! A lease id is a number in `1..=2^63−1` (etcd clients parse lease ids as signed 64-bit),
 //! printed as 16 lowercase hex digits and read from 1–16 hex digits in either case. A lease

@@ -214,7 +214,7 @@ pub enum WriteCommand {
     /// the lease's home shard; `LeaseExists` if the id is taken or was revoked lately.
     LeaseGrant { id: u64, ttl_secs: u64 },
     /// Revoke lease `id` and delete every key attached to it, in every shard. A client sends it
-    /// to any node, which coordinates (docs/design.md §12): this command to the home shard
+    /// to any node, which coordinates (docs/design.md §16): this command to the home shard
     /// (the lease is marked revoking, the home shard's keys go), [`WriteCommand::LeaseDrop`] to
     /// every other shard, then [`WriteCommand::LeaseForget`] to the home shard.
     LeaseRevoke { id: u64 },

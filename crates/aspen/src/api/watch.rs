@@ -1,4 +1,4 @@
-//! Watch on the wire (docs/design.md §13 "Watch"): what a watch asks for, the events it streams,
+//! Watch on the wire (docs/design.md §17 "Watch"): what a watch asks for, the events it streams,
 //! and positions — where a watch stands in each shard's history, and the resume token that
 //! carries them from one connection (or node) to the next.
 //!

@@ -1,4 +1,4 @@
-//! Leases from the client's side (docs/design.md §12): grant, attach keys, renew, revoke, look
+//! Leases from the client's side (docs/design.md §16): grant, attach keys, renew, revoke, look
 //! up, list, and [`LeaseKeepAlive`], which renews a lease in the background (failing over to
 //! other members like every request) until it is dropped or the lease is gone.
 

@@ -1,4 +1,4 @@
-//! Watches from the client's side (docs/design.md §13): [`WatchStream`] reads a watch's frames
+//! Watches from the client's side (docs/design.md §17): [`WatchStream`] reads a watch's frames
 //! in the background and, when the node serving it dies or the connection breaks, resumes on
 //! another member from the last delivered position of every shard — so each key's events
 //! arrive in order, with no gap and no duplicate, across failovers.

@@ -432,11 +432,8 @@ async fn start_node(config: NodeConfig, stop: CancellationToken) -> Result<NodeH
             shard,
             shard_raft_id(shard, config.node_id),
             ShardFiles { dir: &config.data_dir.join(format!("shard-{shard}")), journal: &journal },
-            &config.cluster_name,
-            &config.raft,
-            &config.watch,
+            config,
             network,
-            config.limits.request_timeout(),
         )
         .await?;
         shards.insert(shard, node);

@@ -1,4 +1,4 @@
-//! Leases across shards, as one node coordinates them (docs/design.md §12): revocations fanned
+//! Leases across shards, as one node coordinates them (docs/design.md §16): revocations fanned
 //! out to every shard, puts whose lease lives in another shard, `lease ttl` and `lease list`
 //! gathered from every shard, and the expiry task that revokes the leases whose home shard
 //! this node leads once their deadline passed.

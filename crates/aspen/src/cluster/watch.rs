@@ -1,4 +1,4 @@
-//! Watches, as the node a client talks to serves them (docs/design.md §13): from each watched
+//! Watches, as the node a client talks to serves them (docs/design.md §17): from each watched
 //! shard's [`WatchHub`] on this node — its applied state, so never ahead of what is committed —
 //! the retained events after the watch's start, then the live ones, filtered to the key or
 //! prefix, one task per shard feeding the client's stream.

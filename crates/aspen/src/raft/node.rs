@@ -30,7 +30,7 @@ use crate::{
         split_raft_id, ApiError, KeyValue, LeaseEntry, LeaseStatus, NodeId, ReadConsistency, ScanPage, ScanRequest,
         ShardHealth, ShardId, ShardStatus, StateDigest, WriteCommand, WriteOutcome, WriteSession,
     },
-    config::{RaftConfig, WatchConfig},
+    config::{NodeConfig, RaftConfig},
     storage::{
         leases::LeaseDeadlines, scan::scan_local, shared_journal::SharedJournal, state_machine::StateReader,
         watch::WatchHub, RedbLogStore, RedbStateMachine, StorageError,
@@ -165,12 +165,11 @@ impl RaftNode {
         shard: ShardId,
         raft_id: u64,
         files: ShardFiles<'_>,
-        cluster_name: &str,
-        raft_cfg: &RaftConfig,
-        watch: &WatchConfig,
+        node: &NodeConfig,
         network: IrohNetworkFactory,
-        request_timeout: Duration,
     ) -> Result<Self, RaftNodeError> {
+        let (cluster_name, raft_cfg, watch) = (&node.cluster_name, &node.raft, &node.watch);
+        let request_timeout = node.limits.request_timeout();
         let ShardFiles { dir, journal } = files;
         let config = openraft_config(cluster_name, shard, raft_cfg)
             .map_err(|message| RaftNodeError::Config { shard, message })?;

@@ -1,4 +1,4 @@
-//! Leases in one shard (docs/design.md §12): the replicated tables, how lease commands change
+//! Leases in one shard (docs/design.md §16): the replicated tables, how lease commands change
 //! them, and the in-memory deadlines a leader counts.
 //!
 //! Owns, in `state-machine.db`:

@@ -692,10 +692,8 @@ fn apply_entries(
         let mut sessions = txn.open_table(SESSIONS)?;
         let mut ages = txn.open_table(SESSION_AGE)?;
         let mut ns = txn.open_table(SESSION_NS)?;
-        let mut lease_records = txn.open_table(LEASES)?;
-        let mut lease_keys = txn.open_table(LEASE_KEYS)?;
-        let mut tombstones = txn.open_table(TOMBSTONES)?;
-        let mut tombstone_age = txn.open_table(TOMBSTONE_AGE)?;
+        // Opened by the first write that needs them (most applies touch no lease).
+        let mut lease_tables: Option<LeaseTables<'_>> = None;
         let mut meta = txn.open_table(META)?;
         let mut clock: u64 = read_meta(&meta, KEY_CLOCK)?.unwrap_or(0);
         let mut sum = read_sum(&meta)?.ok_or_else(|| StorageError::Corrupt("state digest sum missing".into()))?;
@@ -725,10 +723,8 @@ fn apply_entries(
                             sessions: &mut sessions,
                             ages: &mut ages,
                             ns: &mut ns,
-                            leases: &mut lease_records,
-                            lease_keys: &mut lease_keys,
-                            tombstones: &mut tombstones,
-                            tombstone_age: &mut tombstone_age,
+                            txn: &txn,
+                            lease_tables: &mut lease_tables,
                             sum: &mut sum,
                             clock,
                             changes: &mut changes,
@@ -767,10 +763,8 @@ struct WriteTables<'a, 't> {
     sessions: &'a mut SessionTable<'t>,
     ages: &'a mut AgeTable<'t>,
     ns: &'a mut NsTable<'t>,
-    leases: &'a mut redb::Table<'t, u64, &'static [u8]>,
-    lease_keys: &'a mut redb::Table<'t, (u64, &'static [u8]), ()>,
-    tombstones: &'a mut redb::Table<'t, u64, u64>,
-    tombstone_age: &'a mut redb::Table<'t, (u64, u64), ()>,
+    txn: &'t redb::WriteTransaction,
+    lease_tables: &'a mut Option<LeaseTables<'t>>,
     sum: &'a mut DigestSum,
     /// The session clock of this write (ms, the leaders' stamps).
     clock: u64,
@@ -779,15 +773,42 @@ struct WriteTables<'a, 't> {
     events: Option<&'a mut Vec<WatchEvent>>,
 }
 
+/// The lease tables of §16, open in one apply transaction.
+struct LeaseTables<'t> {
+    leases: redb::Table<'t, u64, &'static [u8]>,
+    lease_keys: redb::Table<'t, (u64, &'static [u8]), ()>,
+    tombstones: redb::Table<'t, u64, u64>,
+    tombstone_age: redb::Table<'t, (u64, u64), ()>,
+}
+
+impl<'t> WriteTables<'_, 't> {
+    /// The lease tables, opened on first use (opening a table costs a lookup per apply).
+    fn lt(&mut self) -> Result<&mut LeaseTables<'t>, StorageError> {
+        if self.lease_tables.is_none() {
+            *self.lease_tables = Some(LeaseTables {
+                leases: self.txn.open_table(LEASES)?,
+                lease_keys: self.txn.open_table(LEASE_KEYS)?,
+                tombstones: self.txn.open_table(TOMBSTONES)?,
+                tombstone_age: self.txn.open_table(TOMBSTONE_AGE)?,
+            });
+        }
+        match self.lease_tables.as_mut() {
+            Some(t) => Ok(t),
+            None => Err(StorageError::Corrupt("lease tables not open".into())),
+        }
+    }
+}
+
 impl WriteTables<'_, '_> {
-    /// Records an event of the entry being applied (when events are collected).
+    /// Records an event of the entry being applied (when events are collected); `now`: the
+    /// key's create revision, version and lease after it (none for a delete).
     fn event(
         &mut self,
         kind: EventKind,
         key: &[u8],
         value: Vec<u8>,
         prev: Option<Vec<u8>>,
-        now: Option<&StoredValue>,
+        now: Option<(u64, u64, u64)>,
         revision: u64,
     ) {
         let Some(events) = self.events.as_deref_mut() else { return };
@@ -799,9 +820,9 @@ impl WriteTables<'_, '_> {
             shard: 0,
             revision,
             index: events.len() as u32,
-            create_revision: now.map_or(0, |v| v.create_revision),
-            version: now.map_or(0, |v| v.version),
-            lease: now.map_or(0, |v| v.lease),
+            create_revision: now.map_or(0, |v| v.0),
+            version: now.map_or(0, |v| v.1),
+            lease: now.map_or(0, |v| v.2),
         });
     }
 }
@@ -942,11 +963,12 @@ fn apply_write(t: &mut WriteTables<'_, '_>, revision: u64, req: WriteRequest) ->
             WriteOutcome::Txn { revision, succeeded, results }
         }
         WriteCommand::LeaseGrant { id, ttl_secs } => {
-            if t.leases.get(id)?.is_some() || t.tombstones.get(id)?.is_some() {
+            let lt = t.lt()?;
+            if lt.leases.get(id)?.is_some() || lt.tombstones.get(id)?.is_some() {
                 WriteOutcome::LeaseExists { id }
             } else {
                 let rec = LeaseRecord { ttl_secs, revoking: false };
-                t.leases.insert(id, postcard::to_stdvec(&rec)?.as_slice())?;
+                lt.leases.insert(id, postcard::to_stdvec(&rec)?.as_slice())?;
                 t.sum.add(&lease_item_hash(id, &rec));
                 t.changes.push(LeaseChange::Granted { id, ttl_secs });
                 WriteOutcome::LeaseGranted { revision, id, ttl_secs }
@@ -957,7 +979,7 @@ fn apply_write(t: &mut WriteTables<'_, '_>, revision: u64, req: WriteRequest) ->
                 let revoking = LeaseRecord { revoking: true, ..rec };
                 t.sum.sub(&lease_item_hash(id, &rec));
                 t.sum.add(&lease_item_hash(id, &revoking));
-                t.leases.insert(id, postcard::to_stdvec(&revoking)?.as_slice())?;
+                t.lt()?.leases.insert(id, postcard::to_stdvec(&revoking)?.as_slice())?;
                 t.changes.push(LeaseChange::Revoking { id });
                 let deleted = drop_lease(t, id, revision)?;
                 WriteOutcome::LeaseRevoked { revision, deleted }
@@ -970,7 +992,7 @@ fn apply_write(t: &mut WriteTables<'_, '_>, revision: u64, req: WriteRequest) ->
         }
         WriteCommand::LeaseForget { id } => match lease_record(t, id)? {
             Some(rec) if rec.revoking => {
-                t.leases.remove(id)?;
+                t.lt()?.leases.remove(id)?;
                 t.sum.sub(&lease_item_hash(id, &rec));
                 t.changes.push(LeaseChange::Forgotten { id });
                 WriteOutcome::LeaseRevoked { revision, deleted: 0 }
@@ -980,11 +1002,11 @@ fn apply_write(t: &mut WriteTables<'_, '_>, revision: u64, req: WriteRequest) ->
             None => WriteOutcome::LeaseRevoked { revision, deleted: 0 },
         },
         WriteCommand::PutLease { key, value, lease, checked } => {
-            let known = if t.tombstones.get(lease)?.is_some() {
+            let known = if t.lt()?.tombstones.get(lease)?.is_some() {
                 Some(false)
             } else if let Some(rec) = lease_record(t, lease)? {
                 Some(!rec.revoking)
-            } else if checked || leases::has_keys(t.lease_keys, lease)? {
+            } else if checked || leases::has_keys(&t.lt()?.lease_keys, lease)? {
                 // Its home said it lives (`checked`), or a key here is attached to it: a
                 // revocation would have reached this shard (and left a tombstone) first.
                 Some(true)
@@ -1019,26 +1041,31 @@ fn apply_write(t: &mut WriteTables<'_, '_>, revision: u64, req: WriteRequest) ->
 }
 
 /// Lease `id`'s record, if this shard is its home.
-fn lease_record(t: &WriteTables<'_, '_>, id: u64) -> Result<Option<LeaseRecord>, StorageError> {
-    t.leases.get(id)?.map(|v| leases::decode_record(v.value())).transpose()
+fn lease_record(t: &mut WriteTables<'_, '_>, id: u64) -> Result<Option<LeaseRecord>, StorageError> {
+    t.lt()?.leases.get(id)?.map(|v| leases::decode_record(v.value())).transpose()
 }
 
 /// Deletes this shard's keys attached to lease `id` and leaves a tombstone (after forgetting
 /// old ones); returns how many keys went.
 fn drop_lease(t: &mut WriteTables<'_, '_>, id: u64, revision: u64) -> Result<u64, StorageError> {
-    let keys = leases::keys_of(t.lease_keys, id)?;
+    let keys = leases::keys_of(&t.lt()?.lease_keys, id)?;
     for key in &keys {
         remove(t, key, revision)?;
     }
-    for gone in leases::expire_tombstones(t.tombstones, t.tombstone_age, t.clock)? {
-        t.sum.sub(&gone);
+    let clock = t.clock;
+    let lt = t.lt()?;
+    let gone = leases::expire_tombstones(&mut lt.tombstones, &mut lt.tombstone_age, clock)?;
+    let old = lt.tombstones.insert(id, clock)?.map(|v| v.value());
+    if let Some(old) = old {
+        lt.tombstone_age.remove((old, id))?;
     }
-    if let Some(old) = t.tombstones.insert(id, t.clock)? {
-        let old = old.value();
-        t.tombstone_age.remove((old, id))?;
+    lt.tombstone_age.insert((clock, id), ())?;
+    for g in gone {
+        t.sum.sub(&g);
+    }
+    if let Some(old) = old {
         t.sum.sub(&tombstone_item_hash(id, old));
     }
-    t.tombstone_age.insert((t.clock, id), ())?;
     t.sum.add(&tombstone_item_hash(id, t.clock));
     Ok(keys.len() as u64)
 }
@@ -1066,17 +1093,18 @@ fn put(t: &mut WriteTables<'_, '_>, key: &[u8], value: Vec<u8>, revision: u64, l
     let old_lease = old.as_ref().map_or(0, |o| o.lease);
     if old_lease != lease {
         if old_lease != 0 {
-            t.lease_keys.remove((old_lease, key))?;
+            t.lt()?.lease_keys.remove((old_lease, key))?;
         }
         if lease != 0 {
-            t.lease_keys.insert((lease, key), ())?;
+            t.lt()?.lease_keys.insert((lease, key), ())?;
         }
     }
     t.sum.add(&kv_item_hash(key, &stored));
     t.kv.insert(key, postcard::to_stdvec(&stored)?.as_slice())?;
     if t.events.is_some() {
-        let value = stored.value.clone();
-        t.event(EventKind::Put, key, value, old.map(|o| o.value), Some(&stored), revision);
+        // Encoded above: the value moves into the event, no copy.
+        let StoredValue { value, create_revision, version, lease, .. } = stored;
+        t.event(EventKind::Put, key, value, old.map(|o| o.value), Some((create_revision, version, lease)), revision);
     }
     Ok(())
 }
@@ -1091,7 +1119,7 @@ fn remove(t: &mut WriteTables<'_, '_>, key: &[u8], revision: u64) -> Result<bool
         Some(o) => {
             t.sum.sub(&kv_item_hash(key, &o));
             if o.lease != 0 {
-                t.lease_keys.remove((o.lease, key))?;
+                t.lt()?.lease_keys.remove((o.lease, key))?;
             }
             t.event(EventKind::Delete, key, Vec::new(), Some(o.value), None, revision);
             Ok(true)
@@ -1128,7 +1156,7 @@ fn remove_prefix(t: &mut WriteTables<'_, '_>, prefix: &[u8], revision: u64) -> R
         deleted += 1;
     }
     for (lease, key) in attached {
-        t.lease_keys.remove((lease, key.as_slice()))?;
+        t.lt()?.lease_keys.remove((lease, key.as_slice()))?;
     }
     for (key, prev) in gone {
         t.event(EventKind::Delete, &key, Vec::new(), Some(prev), None, revision);

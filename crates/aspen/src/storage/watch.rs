@@ -1,4 +1,4 @@
-//! One shard's recent events on this node (docs/design.md §13): what apply changed, kept in a
+//! One shard's recent events on this node (docs/design.md §17): what apply changed, kept in a
 //! bounded history and broadcast to the watches served here.
 //!
 //! Owns: the history — the events of the last applied entries, at most `[watch]
