@@ -224,13 +224,31 @@ struct BenchArgs {
     /// Print ops/s every second on stderr even when stderr is not a terminal.
     #[arg(long)]
     progress: bool,
+    /// --op watch: watches of KEY_PREFIX open during the run (spread over the members; 0: the
+    /// same paced puts with no watch, the baseline).
+    #[arg(long, default_value_t = 100, value_name = "N", value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    watchers: u64,
+    /// --op watch: puts per second under KEY_PREFIX (paced over --clients).
+    #[arg(long, default_value_t = 1000.0, value_name = "PUTS_PER_SEC")]
+    rate: f64,
+    /// --op keepalive: leases renewed in turn [default: one per client].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    leases: Option<u64>,
+    /// --op keepalive: leave the leases granted (TTL 600 s) instead of revoking them (to
+    /// measure what idle leases cost).
+    #[arg(long)]
+    keep_leases: bool,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 enum BenchOp {
     Put,
     Get,
     Mixed,
+    /// Lease keep-alives, closed loop (leases granted first, revoked after).
+    Keepalive,
+    /// --watchers watches of the prefix while puts arrive at --rate: event delivery delay.
+    Watch,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -265,7 +283,7 @@ impl BenchArgs {
             value_size: self.value_size,
             key_space: self.key_space,
             workload: match self.op {
-                BenchOp::Put => Workload::Put,
+                BenchOp::Put | BenchOp::Keepalive | BenchOp::Watch => Workload::Put,
                 BenchOp::Get => Workload::Get,
                 BenchOp::Mixed => Workload::Mixed,
             },
@@ -423,6 +441,12 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let bench = match &cli.command {
+        Command::Bench(args) if matches!(args.op, BenchOp::Keepalive | BenchOp::Watch) => {
+            if !(args.rate.is_finite() && args.rate > 0.0 && args.rate <= 1e6) {
+                return report(cli.json, "usage", "bench: --rate must be between 0 and 1000000 puts per second", 2);
+            }
+            None
+        }
         Command::Bench(args) => match args.to_config() {
             Ok(config) => Some((config, args.progress || std::io::stderr().is_terminal())),
             Err(msg) => return report(cli.json, "usage", &format!("bench: {msg}"), 2),
@@ -449,6 +473,9 @@ fn main() -> ExitCode {
     };
     if let Some((config, progress)) = bench {
         return runtime.block_on(run_bench(tickets, token, &cli, config, progress));
+    }
+    if let Command::Bench(args) = &cli.command {
+        return runtime.block_on(run_coordination_bench(tickets, token, &cli, args));
     }
     runtime.block_on(async move {
         let client = match AspenClient::connect(tickets, Duration::from_secs_f64(cli.timeout)).await {
@@ -527,6 +554,57 @@ async fn run_bench(
             }
             ExitCode::SUCCESS
         }
+    }
+}
+
+/// `aspen-cli bench --op keepalive|watch` ([`aspen_bench::coordination`]).
+async fn run_coordination_bench(
+    tickets: Vec<NodeTicket>,
+    token: Option<String>,
+    cli: &Cli,
+    args: &BenchArgs,
+) -> ExitCode {
+    let backend = match AspenBackend::new(tickets, Duration::from_secs_f64(cli.timeout)) {
+        Ok(b) => b.with_token(token),
+        Err(e) => return report(cli.json, "usage", &format!("bench: {e}"), 2),
+    };
+    let duration = Duration::from_secs_f64(args.duration.unwrap_or(10.0).clamp(0.1, 1e6));
+    let clients = args.clients as usize;
+    let (text, json, ok) = if args.op == BenchOp::Keepalive {
+        let leases = args.leases.map_or(clients, |l| l as usize);
+        let (ttl, revoke) = if args.keep_leases { (600, false) } else { (60, true) };
+        match aspen_bench::coordination::keepalive(&backend, clients, leases, ttl, duration, revoke).await {
+            Ok(r) => (r.to_text(), serde_json::to_string(&r).unwrap_or_default(), r.ops > r.errors),
+            Err(e) => return report(cli.json, "unavailable", &format!("bench: {e}"), 3),
+        }
+    } else {
+        let prefix = format!("{}watch/", args.key_prefix);
+        let watchers = args.watchers as usize;
+        match aspen_bench::coordination::watch(
+            &backend,
+            watchers,
+            clients,
+            args.rate,
+            duration,
+            args.value_size,
+            &prefix,
+        )
+        .await
+        {
+            Ok(r) => (r.to_text(), serde_json::to_string(&r).unwrap_or_default(), r.puts > 0),
+            Err(e) => return report(cli.json, "unavailable", &format!("bench: {e}"), 3),
+        }
+    };
+    if cli.json {
+        println!("{json}");
+    } else {
+        print!("{text}");
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("aspen-cli bench: no request succeeded");
+        ExitCode::from(3)
     }
 }
 

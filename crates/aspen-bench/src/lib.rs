@@ -19,6 +19,8 @@
 //! Never: print (progress goes to a caller-supplied callback, the report is returned), or make
 //! timing claims of its own.
 
+pub mod coordination;
+
 use std::{
     collections::BTreeMap,
     fmt,

@@ -11,6 +11,8 @@
 //! Never: hold events for a slow watcher. Its frames wait in a small channel; once that is
 //! full its shard tasks stop reading the live feed, fall behind, and the watch is cancelled.
 
+use std::sync::Arc;
+
 use tokio::sync::{broadcast, mpsc};
 
 use super::{service::NodeService, validate};
@@ -117,37 +119,59 @@ async fn follow_shard(sub: Subscription, filter: Filter, tx: mpsc::Sender<Client
              last event's position"
         ))
     };
-    for batch in backlog {
-        match send_batch(&batch, &filter, &mut at, &tx, &live, max_lag).await {
+    match send_batches(&backlog, &filter, &mut at, &tx, &live, max_lag).await {
+        Sent::Ok => {}
+        Sent::Gone => return,
+        Sent::Lagged => return end(&tx, lagged(max_lag as u64)).await,
+    }
+    loop {
+        let first = tokio::select! {
+            next = live.recv() => next,
+            _ = tx.closed() => return,
+        };
+        // Whatever else is there already goes into the same frame: a watcher that fell a
+        // little behind catches up with fewer, larger frames.
+        let mut pending: Vec<Arc<EventBatch>> = Vec::new();
+        let mut bytes = 0;
+        let mut next = first;
+        let stop = loop {
+            match next {
+                Ok(batch) if !batch.gap => {
+                    bytes += batch.events.iter().map(WatchEvent::bytes).sum::<usize>();
+                    pending.push(batch);
+                    if bytes >= MAX_FRAME_EVENT_BYTES {
+                        break None;
+                    }
+                    next = match live.try_recv() {
+                        Ok(b) => Ok(b),
+                        Err(broadcast::error::TryRecvError::Empty) => break None,
+                        Err(broadcast::error::TryRecvError::Lagged(n)) => Err(broadcast::error::RecvError::Lagged(n)),
+                        Err(broadcast::error::TryRecvError::Closed) => Err(broadcast::error::RecvError::Closed),
+                    };
+                }
+                other => break Some(other),
+            }
+        };
+        match send_batches(&pending, &filter, &mut at, &tx, &live, max_lag).await {
             Sent::Ok => {}
             Sent::Gone => return,
             Sent::Lagged => return end(&tx, lagged(max_lag as u64)).await,
         }
-    }
-    loop {
-        let next = tokio::select! {
-            next = live.recv() => next,
-            _ = tx.closed() => return,
-        };
-        match next {
-            Ok(batch) if batch.gap => {
-                let why = format!(
-                    "this node replaced shard {shard}'s state with a snapshot (revision {}); resume from the last \
-                     event's position",
-                    batch.revision
-                );
-                return end(&tx, ApiError::WatchCancelled(why)).await;
-            }
-            Ok(batch) => match send_batch(&batch, &filter, &mut at, &tx, &live, max_lag).await {
-                Sent::Ok => {}
-                Sent::Gone => return,
-                Sent::Lagged => return end(&tx, lagged(max_lag as u64)).await,
-            },
-            Err(broadcast::error::RecvError::Lagged(n)) => return end(&tx, lagged(n)).await,
+        let Some(last) = stop else { continue };
+        let error = match last {
+            Ok(batch) if batch.gap => ApiError::WatchCancelled(format!(
+                "this node replaced shard {shard}'s state with a snapshot (revision {}); resume from the last \
+                 event's position",
+                batch.revision
+            )),
+            // Not produced: every batch but a gap went into the frame.
+            Ok(_) => continue,
+            Err(broadcast::error::RecvError::Lagged(n)) => lagged(n),
             Err(broadcast::error::RecvError::Closed) => {
-                return end(&tx, ApiError::Unavailable(format!("shard {shard} stopped on this node"))).await;
+                ApiError::Unavailable(format!("shard {shard} stopped on this node"))
             }
-        }
+        };
+        return end(&tx, error).await;
     }
 }
 
@@ -164,7 +188,7 @@ async fn end(tx: &mpsc::Sender<ClientResult>, error: ApiError) {
 async fn send_frame(
     tx: &mpsc::Sender<ClientResult>,
     frame: ClientResult,
-    live: &broadcast::Receiver<std::sync::Arc<EventBatch>>,
+    live: &broadcast::Receiver<Arc<EventBatch>>,
     max_lag: usize,
 ) -> Sent {
     let mut check = tokio::time::interval(LAG_CHECK);
@@ -188,18 +212,18 @@ async fn send_frame(
     }
 }
 
-/// Sends the events of `batch` after `at` that match, in frames of bounded size; advances `at`.
-async fn send_batch(
-    batch: &EventBatch,
+/// Sends the events of `batches` after `at` that match, in frames of bounded size; advances `at`.
+async fn send_batches(
+    batches: &[Arc<EventBatch>],
     filter: &Filter,
     at: &mut WatchPosition,
     tx: &mpsc::Sender<ClientResult>,
-    live: &broadcast::Receiver<std::sync::Arc<EventBatch>>,
+    live: &broadcast::Receiver<Arc<EventBatch>>,
     max_lag: usize,
 ) -> Sent {
     let mut frame: Vec<WatchEvent> = Vec::new();
     let mut bytes = 0;
-    for e in &batch.events {
+    for e in batches.iter().flat_map(|b| &b.events) {
         if !at.precedes(e.revision, e.index) {
             continue;
         }
