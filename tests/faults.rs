@@ -7,7 +7,8 @@
 //! final value of every key is what the history allows (so no acknowledged write is lost),
 //! every shard has a leader, every replica of every shard has the same digest, and a watch of
 //! every key, running through the faults, delivered each acknowledged write exactly once, in
-//! order, and no write that did not happen.
+//! order, and no write that did not happen; and the keys of a lease kept alive through the
+//! faults are all there, until its revocation removes them everywhere.
 //!
 //! Each test prints `scenario <name> seed <seed>`; `ASPEN_FAULT_SEED=<seed>` replays that
 //! schedule. `ASPEN_SOAK_SECS=<s>` makes the ignored `soak` test loop over random seeds and all
@@ -373,6 +374,18 @@ async fn run_scenario(scenario: Scenario, size: usize, shards: u32, seed: u64) {
     let tickets: Vec<_> = cluster.running().iter().map(|n| n.ticket()).collect();
     // A watch of every workload key, in place before the first write, through the faults.
     let watch = WatchRecorder::start(tickets.clone(), cluster.token()).await;
+    // A lease kept alive through the faults, with a key in every shard: none may go before its
+    // TTL passed without an acknowledged renewal (every fault heals well within 30 s).
+    let lease_client = std::sync::Arc::new(cluster.client().await);
+    let (lease, ttl) = lease_client.grant_lease(30).await.expect("grant a lease");
+    let router = aspen::sharding::ShardRouter::new(shards);
+    let lease_keys: Vec<String> = (0..shards)
+        .map(|s| (0..10_000).map(|i| format!("lease/{i}")).find(|k| router.shard_for_key(k.as_bytes()) == s).unwrap())
+        .collect();
+    for k in &lease_keys {
+        lease_client.put_with_lease(k.clone(), "held", lease).await.expect("put with the lease");
+    }
+    let keeper = lease_client.keep_alive(lease, ttl);
     let workload = Workload::start(tickets, cluster.token(), 6, rng.random()).await;
     sleep_ms(1500).await;
     let what = inject(&mut cluster, scenario, &mut rng).await;
@@ -400,9 +413,18 @@ async fn run_scenario(scenario: Scenario, size: usize, shards: u32, seed: u64) {
         panic!("scenario {scenario:?} shards {shards} seed {seed}: watch: {e}");
     }
     let watched = events.len();
+    // The lease lived through the faults; revoked now, its keys go everywhere.
+    for k in &lease_keys {
+        let v = reader.get(k.clone()).await.expect("read a leased key");
+        assert!(v.is_some(), "{k} of a kept-alive lease is gone after the faults (seed {seed}): {:?}", keeper.state());
+    }
+    drop(keeper);
+    assert_eq!(reader.revoke_lease(lease).await.expect("revoke"), lease_keys.len() as u64, "seed {seed}");
+    for k in &lease_keys {
+        assert_eq!(reader.get(k.clone()).await.expect("read"), None, "{k} after the revoke (seed {seed})");
+    }
     reader.close().await;
     // Every replica holds those values.
-    let router = aspen::sharding::ShardRouter::new(shards);
     for n in cluster.running() {
         for (k, v) in &finals {
             let shard = &n.handle().shards[&router.shard_for_key(&key(*k))];

@@ -176,26 +176,68 @@ fn watch_streams_every_event_once_across_a_kill_9_of_its_node() {
     };
     assert_eq!(key_values(&rest), key_values(&got[25..]), "exactly the events after the token");
 
-    // A node restarted remembers only what it applied since: an old start is compacted (exit 2).
-    assert!(nodes[2].terminate().success());
-    nodes[2].start();
-    let o = Command::new(CLI_BIN)
-        .args(["--timeout", "20", "--ticket", &nodes[2].ticket().encode(), "--token", &token])
-        .args(["--json", "watch", "--prefix", "app/", "--resume", &first_token])
-        .output()
-        .unwrap();
-    expect_code(&o, 2, "watch from a compacted position");
-    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
-    assert_eq!(v["error"]["kind"], "compacted", "{v}");
-    assert!(v["error"]["message"].as_str().unwrap().contains("revision"), "names the oldest position: {v}");
-    let o = Command::new(CLI_BIN)
-        .args(["--timeout", "20", "--ticket", &nodes[2].ticket().encode(), "--token", &token])
+    // A start revision names a position in one shard's history: refused when sharded (exit 2).
+    let o = Command::new("timeout")
+        .args(["60", CLI_BIN, "--timeout", "20", "--ticket", &nodes[2].ticket().encode(), "--token", &token])
         .args(["watch", "app/x", "--from-revision", "1"])
         .output()
         .unwrap();
     expect_code(&o, 2, "--from-revision on a sharded cluster");
+    // (Compaction, exit 2: `watch_from_a_revision_on_one_shard`. Here the CLI would resume on a
+    // member that still has the history.)
     nodes[1].start();
     for n in &mut nodes {
         assert!(n.terminate().success(), "node {} exits 0", n.node_id);
     }
+}
+
+#[test]
+fn watch_from_a_revision_on_one_shard() {
+    let root = tempfile::tempdir().unwrap();
+    let mut node = NodeProc::new(root.path(), 1);
+    // A history of 10 events: the start of the node's life is compacted away below.
+    let config = root.path().join("history.toml");
+    std::fs::write(&config, "[watch]\nhistory_entries = 10\n").unwrap();
+    node.extra_args = vec!["--config".into(), config.display().to_string()];
+    node.start();
+    let token = node.admin_token();
+    let mut revisions = Vec::new();
+    for i in 0..4 {
+        let o = node.cli(&["--json", "put", &format!("fr/{i}"), &format!("v{i}")]);
+        expect_code(&o, 0, "put");
+        let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+        revisions.push(v["revision"].as_u64().unwrap());
+    }
+    // From the third put's revision: the third and fourth, then what comes live.
+    let from = revisions[2].to_string();
+    let w = Watcher::start(
+        &[node.ticket().encode()],
+        &token,
+        &["--json", "watch", "--prefix", "fr/", "--from-revision", &from],
+    );
+    assert_eq!(w.json()["type"], "created");
+    for (i, rev) in [(2, revisions[2]), (3, revisions[3])] {
+        let e = w.json();
+        assert_eq!(
+            (e["key"].as_str().unwrap(), e["mod_revision"].as_u64().unwrap()),
+            (format!("fr/{i}").as_str(), rev)
+        );
+    }
+    expect_code(&node.cli(&["put", "fr/live", "x"]), 0, "put");
+    assert_eq!(w.json()["key"], "fr/live");
+    drop(w);
+    // Ten more writes push the first ones out of the history: a start there is compacted.
+    for i in 0..10 {
+        expect_code(&node.cli(&["put", &format!("fr/more{i}"), "x"]), 0, "put");
+    }
+    let o = Command::new("timeout")
+        .args(["60", CLI_BIN, "--timeout", "20", "--ticket", &node.ticket().encode(), "--token", &token])
+        .args(["--json", "watch", "--prefix", "fr/", "--from-revision", &from])
+        .output()
+        .unwrap();
+    expect_code(&o, 2, "watch from a compacted revision");
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(v["error"]["kind"], "compacted", "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("from revision"), "names the oldest revision: {v}");
+    assert!(node.terminate().success());
 }

@@ -1162,8 +1162,8 @@ pub enum ApiError {
     LeaseNotFound { id: u64 },
     /// A watch's start lies before the history this node keeps for `shard`.
     #[error(
-        "compacted: shard {shard} keeps history only after revision {oldest}; watch from a later \
-         revision or position"
+        "compacted: shard {shard} keeps history from revision {oldest} on; watch from there or a later \
+         position"
     )]
     Compacted { shard: ShardId, oldest: u64 },
     /// The watch ended: it fell behind (the client read too slowly), or the node replaced its
