@@ -121,6 +121,9 @@ pub struct ClientProtocolHandler<S> {
     memory: RequestMemory,
     /// Checks client tokens (`None`: every request is answered, as on the peer ALPN).
     authority: Option<Arc<Authority>>,
+    /// Cancelled at shutdown: open watches end at once (their clients resume elsewhere) instead
+    /// of holding the drain until their connections time out.
+    stopping: tokio_util::sync::CancellationToken,
 }
 
 impl<S: ClientService> ClientProtocolHandler<S> {
@@ -139,6 +142,7 @@ impl<S: ClientService> ClientProtocolHandler<S> {
             origin,
             memory: RequestMemory::new(NODE_REQUEST_MEMORY, max_frame),
             authority: None,
+            stopping: Default::default(),
         }
     }
 
@@ -182,6 +186,7 @@ impl<S: ClientService> ProtocolHandler for ClientProtocolHandler<S> {
                 deadline: self.stream_deadline,
                 memory: [conn_memory.clone(), self.memory.clone()],
                 auth: conn_auth.clone(),
+                stopping: self.stopping.clone(),
             };
             self.tracker.spawn(serve_stream(self.service.clone(), send, recv, stream));
         }
@@ -189,6 +194,7 @@ impl<S: ClientService> ProtocolHandler for ClientProtocolHandler<S> {
 
     async fn shutdown(&self) {
         self.tracker.close();
+        self.stopping.cancel();
         if tokio::time::timeout(self.drain_timeout, self.tracker.wait()).await.is_err() {
             tracing::warn!("client requests still running after {:?}; stopping anyway", self.drain_timeout);
         }
@@ -203,6 +209,7 @@ async fn serve_watch<S: ClientService>(
     mut recv: RecvStream,
     request: WatchRequest,
     deadline: Duration,
+    stopping: tokio_util::sync::CancellationToken,
 ) {
     let mut frames = match service.watch(request).await {
         Ok(rx) => rx,
@@ -216,6 +223,15 @@ async fn serve_watch<S: ClientService>(
             frame = frames.recv() => frame,
             // The client closed or reset its side: it is gone.
             _ = drain_to_end(&mut recv, Duration::MAX) => return,
+            // The node is stopping: say so (a client resumes on another member) and end.
+            _ = stopping.cancelled() => {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    reply(&mut send, &Err(ApiError::Unavailable("the node is shutting down".into()))),
+                )
+                .await;
+                return;
+            }
         };
         let Some(frame) = frame else {
             let _ = send.finish();
@@ -257,6 +273,7 @@ struct Stream {
     /// The connection's budget, then the node's.
     memory: [RequestMemory; 2],
     auth: Option<Arc<ConnectionAuth>>,
+    stopping: tokio_util::sync::CancellationToken,
 }
 
 /// A connection's token check: the last token that verified on it, kept so that a client
@@ -341,6 +358,7 @@ async fn read_request(
 
 async fn serve_stream<S: ClientService>(service: Arc<S>, mut send: SendStream, mut recv: RecvStream, stream: Stream) {
     let (origin, deadline, conn_auth) = (stream.origin, stream.deadline, stream.auth.clone());
+    let stopping = stream.stopping.clone();
     let Ok(read) = tokio::time::timeout(deadline, read_request(&mut recv, &stream)).await else {
         tracing::debug!("a request frame did not arrive within {deadline:?}: stream reset");
         let _ = recv.stop(STREAM_REFUSED.into());
@@ -380,7 +398,7 @@ async fn serve_stream<S: ClientService>(service: Arc<S>, mut send: SendStream, m
                     Ok(_) => {
                         // Long-lived: its request bytes are not held while it runs.
                         drop(_permits);
-                        serve_watch(&*service, send, recv, watch, deadline).await;
+                        serve_watch(&*service, send, recv, watch, deadline, stopping).await;
                         return;
                     }
                 }
