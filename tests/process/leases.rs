@@ -10,9 +10,7 @@ use std::{
 
 use aspen::sharding::ShardRouter;
 
-use crate::support::{expect_code, stderr, stdout, NodeProc, CLI_BIN};
-
-const SHARD_FLAGS: [&str; 3] = ["--sharding-enabled", "--sharding-num-shards", "4"];
+use crate::support::{expect_code, start_sharded_processes, stderr, stdout, NodeProc, CLI_BIN};
 
 fn json(o: &std::process::Output) -> serde_json::Value {
     serde_json::from_str(stdout(o).trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", stdout(o)))
@@ -26,24 +24,10 @@ fn keys_in_every_shard(tag: &str) -> Vec<String> {
         .collect()
 }
 
-fn start_cluster(root: &std::path::Path) -> Vec<NodeProc> {
-    let mut nodes: Vec<NodeProc> = (1..=3).map(|id| NodeProc::new(root, id)).collect();
-    nodes[0].extra_args = SHARD_FLAGS.iter().map(|s| s.to_string()).collect();
-    nodes[0].start();
-    let t1 = nodes[0].ticket().encode();
-    let join_token = nodes[0].join_token();
-    for n in &mut nodes[1..] {
-        n.extra_args = SHARD_FLAGS.iter().map(|s| s.to_string()).collect();
-        n.extra_args.extend(["--join".to_string(), t1.clone(), "--join-token".into(), join_token.clone()]);
-        n.start();
-    }
-    nodes
-}
-
 #[test]
 fn lease_commands_keep_their_contract() {
     let root = tempfile::tempdir().unwrap();
-    let nodes = start_cluster(root.path());
+    let nodes = start_sharded_processes(root.path());
     let n = &nodes[1];
 
     let o = n.cli(&["lease", "grant", "30"]);
@@ -158,7 +142,7 @@ fn shard_leader(nodes: &[NodeProc], alive: &[usize], shard: u32) -> Option<u64> 
 #[test]
 fn keepalive_survives_a_kill_9_of_the_leases_leader_and_expiry_reaches_every_node() {
     let root = tempfile::tempdir().unwrap();
-    let mut nodes = start_cluster(root.path());
+    let mut nodes = start_sharded_processes(root.path());
     let o = nodes[0].cli(&["lease", "grant", "6"]);
     expect_code(&o, 0, "grant");
     let id = stdout(&o).trim().to_string();

@@ -10,23 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::support::{expect_code, stdout, NodeProc, CLI_BIN};
-
-const SHARD_FLAGS: [&str; 3] = ["--sharding-enabled", "--sharding-num-shards", "4"];
-
-fn start_cluster(root: &std::path::Path) -> Vec<NodeProc> {
-    let mut nodes: Vec<NodeProc> = (1..=3).map(|id| NodeProc::new(root, id)).collect();
-    nodes[0].extra_args = SHARD_FLAGS.iter().map(|s| s.to_string()).collect();
-    nodes[0].start();
-    let t1 = nodes[0].ticket().encode();
-    let join_token = nodes[0].join_token();
-    for n in &mut nodes[1..] {
-        n.extra_args = SHARD_FLAGS.iter().map(|s| s.to_string()).collect();
-        n.extra_args.extend(["--join".to_string(), t1.clone(), "--join-token".into(), join_token.clone()]);
-        n.start();
-    }
-    nodes
-}
+use crate::support::{expect_code, start_sharded_processes, stdout, NodeProc, CLI_BIN};
 
 /// A running `aspen-cli watch …` and its stdout, line by line.
 struct Watcher {
@@ -73,7 +57,7 @@ impl Drop for Watcher {
 #[test]
 fn watch_streams_every_event_once_across_a_kill_9_of_its_node() {
     let root = tempfile::tempdir().unwrap();
-    let mut nodes = start_cluster(root.path());
+    let mut nodes = start_sharded_processes(root.path());
     let token = nodes[0].admin_token();
     let tickets: Vec<String> = nodes.iter().map(|n| n.ticket().encode()).collect();
 

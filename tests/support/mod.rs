@@ -164,6 +164,25 @@ pub fn cli_with_timeout(node: &NodeProc, secs: u32, args: &[&str]) -> Output {
     cli_command(secs).arg("--data-dir").arg(&node.data_dir).args(args).output().expect("run aspen-cli")
 }
 
+/// The flags of a 4-shard node.
+pub const SHARD_FLAGS: [&str; 3] = ["--sharding-enabled", "--sharding-num-shards", "4"];
+
+/// Three `aspen-node` processes with 4 shards under `root`: node 1 initializes the cluster, 2
+/// and 3 join it with a join token (each started once the one before serves).
+pub fn start_sharded_processes(root: &Path) -> Vec<NodeProc> {
+    let mut nodes: Vec<NodeProc> = (1..=3).map(|id| NodeProc::new(root, id)).collect();
+    nodes[0].extra_args = SHARD_FLAGS.iter().map(|s| s.to_string()).collect();
+    nodes[0].start();
+    let t1 = nodes[0].ticket().encode();
+    let join_token = nodes[0].join_token();
+    for n in &mut nodes[1..] {
+        n.extra_args = SHARD_FLAGS.iter().map(|s| s.to_string()).collect();
+        n.extra_args.extend(["--join".to_string(), t1.clone(), "--join-token".into(), join_token.clone()]);
+        n.start();
+    }
+    nodes
+}
+
 /// Three in-process nodes from `configs`: the first initializes a cluster, the other two join
 /// it through its ticket (concurrently).
 pub async fn start_three(mut configs: Vec<aspen::NodeConfig>) -> [InProcNode; 3] {

@@ -111,18 +111,7 @@ async fn run_watch(
         };
         match ended {
             Ended::Gone => return,
-            Ended::Refused(e) | Ended::Compacted(e) => {
-                let e = ClientError::Api(e);
-                match first.take() {
-                    Some(f) => {
-                        let _ = f.send(Err(e));
-                    }
-                    None => {
-                        let _ = tx.send(Err(e)).await;
-                    }
-                }
-                return;
-            }
+            Ended::Refused(e) | Ended::Compacted(e) => return fail(&mut first, &tx, ClientError::Api(e)).await,
             Ended::Broken { why, was_serving } => {
                 if was_serving {
                     failing_since = None;
@@ -130,16 +119,7 @@ async fn run_watch(
                 }
                 let since = *failing_since.get_or_insert_with(Instant::now);
                 if since.elapsed() > client.timeout {
-                    let e = ClientError::Unreachable(format!("watch: {why}"));
-                    match first.take() {
-                        Some(f) => {
-                            let _ = f.send(Err(e));
-                        }
-                        None => {
-                            let _ = tx.send(Err(e)).await;
-                        }
-                    }
-                    return;
+                    return fail(&mut first, &tx, ClientError::Unreachable(format!("watch: {why}"))).await;
                 }
                 tracing::debug!("watch broken, resuming: {why}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -149,6 +129,23 @@ async fn run_watch(
         let at = positions.lock().unwrap_or_else(|p| p.into_inner()).clone();
         if !at.is_empty() {
             request.start = WatchStart::After(at);
+        }
+    }
+}
+
+/// Ends a watch with `e`: to the caller of [`AspenClient::watch`] if it has not started yet,
+/// else as the stream's last item.
+async fn fail(
+    first: &mut Option<tokio::sync::oneshot::Sender<Result<(), ClientError>>>,
+    tx: &mpsc::Sender<Result<WatchItem, ClientError>>,
+    e: ClientError,
+) {
+    match first.take() {
+        Some(f) => {
+            let _ = f.send(Err(e));
+        }
+        None => {
+            let _ = tx.send(Err(e)).await;
         }
     }
 }
