@@ -228,6 +228,10 @@ struct BenchArgs {
     /// same paced puts with no watch, the baseline).
     #[arg(long, default_value_t = 100, value_name = "N", value_parser = clap::value_parser!(u64).range(0..=10_000))]
     watchers: u64,
+    /// --op watch: connections the watches share (watch i on connection i % N, each watch a
+    /// stream of its own) [default: one per watch].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    watch_conns: Option<u64>,
     /// --op watch: puts per second under KEY_PREFIX (paced over --clients).
     #[arg(long, default_value_t = 1000.0, value_name = "PUTS_PER_SEC")]
     rate: f64,
@@ -583,6 +587,7 @@ async fn run_coordination_bench(
         match aspen_bench::coordination::watch(
             &backend,
             watchers,
+            args.watch_conns.map_or(watchers, |c| c as usize),
             clients,
             args.rate,
             duration,

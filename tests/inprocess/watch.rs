@@ -88,6 +88,11 @@ async fn watches_see_every_write_once_in_order_and_resume_anywhere() {
     expected.push(("w/leased".into(), EventKind::Put, "l".into()));
     writer.revoke_lease(lease).await.unwrap();
     expected.push(("w/leased".into(), EventKind::Delete, String::new()));
+    // …and so does its expiry: with no keep-alive the key goes after the TTL.
+    let (short, _) = writer.grant_lease(2).await.unwrap();
+    writer.put_with_lease("w/expiring", "e", short).await.unwrap();
+    expected.push(("w/expiring".into(), EventKind::Put, "e".into()));
+    expected.push(("w/expiring".into(), EventKind::Delete, String::new()));
     // A prefix delete over every shard: one delete per key that existed.
     let deleted = writer.delete_prefix("w/k1").await.unwrap();
     assert_eq!(deleted, 3, "w/k1, w/k10, w/k11");
@@ -107,6 +112,7 @@ async fn watches_see_every_write_once_in_order_and_resume_anywhere() {
         match (e.kind, k.as_str()) {
             (EventKind::Put, _) if e.value == b"r0" => assert_eq!(e.prev_value, None, "{e:?}"),
             (EventKind::Put, "w/leased") => assert_eq!(e.lease, lease),
+            (EventKind::Put, "w/expiring") => assert_eq!(e.lease, short),
             (EventKind::Put, _) => assert!(e.prev_value.is_some(), "{e:?}"),
             (EventKind::Delete, _) => assert!(e.prev_value.is_some(), "a delete carries the value it removed: {e:?}"),
         }

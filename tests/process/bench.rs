@@ -161,3 +161,53 @@ fn bench_bad_flags_exit_2_with_a_clear_message() {
         assert_eq!(stdout(&o), "", "nothing on stdout for {args:?}");
     }
 }
+
+/// `bench --op watch` and `--op keepalive` end to end on one node: every watcher (three, over
+/// two connections) gets every put's event, the put and delivery latencies are counted, and
+/// the keep-alive bench renews and revokes its leases.
+#[test]
+fn bench_watch_and_keepalive_deliver_and_count() {
+    let root = tempfile::tempdir().unwrap();
+    let mut node = NodeProc::new(root.path(), 1);
+    node.start();
+
+    let r = bench_json(
+        &node,
+        &[
+            "--op",
+            "watch",
+            "--watchers",
+            "3",
+            "--watch-conns",
+            "2",
+            "--clients",
+            "2",
+            "--rate",
+            "50",
+            "--duration",
+            "1",
+        ],
+    );
+    assert_eq!(u(&r, "watchers"), 3, "{r}");
+    assert_eq!(u(&r, "conns"), 2, "{r}");
+    let puts = u(&r, "puts");
+    assert!(puts > 0, "some puts went through: {r}");
+    assert_eq!(u(&r, "put_errors"), 0, "{r}");
+    assert_eq!(u(&r, "events_expected"), puts * 3, "{r}");
+    assert_eq!(u(&r, "events_received"), puts * 3, "every watcher got every event: {r}");
+    for field in ["put_latency", "delivery", "delivery_after_ack"] {
+        let l = &r[field];
+        let (p50, p99, max) =
+            (l["p50_ms"].as_f64().unwrap(), l["p99_ms"].as_f64().unwrap(), l["max_ms"].as_f64().unwrap());
+        assert!(0.0 < p50 && p50 <= p99 && p99 <= max, "{field} percentiles in order: {r}");
+    }
+    // The watched keys are there.
+    let o = node.cli(&["get", "bench/watch/00000000"]);
+    expect_code(&o, 0, "a key the watch bench wrote");
+
+    let r = bench_json(&node, &["--op", "keepalive", "--clients", "2", "--leases", "3", "--duration", "0.5"]);
+    assert!(u(&r, "ops") > 0 && u(&r, "errors") == 0, "{r}");
+    let o = node.cli(&["lease", "list"]);
+    expect_code(&o, 0, "lease list after the keep-alive bench");
+    assert_eq!(stdout(&o), "", "the bench revoked its leases");
+}

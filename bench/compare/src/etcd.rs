@@ -148,7 +148,7 @@ impl EtcdBackend {
 }
 
 pub struct EtcdClient {
-    client: Client,
+    pub(crate) client: Client,
 }
 
 impl BenchBackend for EtcdBackend {

@@ -21,6 +21,7 @@ mod cpu;
 mod etcd;
 mod procs;
 mod table;
+mod watch;
 
 use std::{
     fmt,
@@ -107,6 +108,24 @@ struct Args {
     /// measure every row under each, one table per value.
     #[arg(long, value_delimiter = ',', default_value = "none", value_parser = parse_cap, value_name = "CORES|none,…")]
     cpu_per_node: Vec<Cap>,
+    /// Instead of the put/get table: watch fan-out ([`watch`]) — per system (etcd, aspen; one
+    /// shard), the same paced puts with no watch and with --watchers watches of one prefix;
+    /// prints server CPU per put with and without, and event delivery delays. Uses --duration,
+    /// --rounds, --value-size, --members, --systems; writes no file.
+    #[arg(long)]
+    watch: bool,
+    /// --watch: watches open during the watched run.
+    #[arg(long, default_value_t = 100, value_name = "N")]
+    watchers: usize,
+    /// --watch: connections the watches share (watch i on connection i % N).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    watch_conns: usize,
+    /// --watch: clients the paced puts are spread over.
+    #[arg(long, default_value_t = 32, value_name = "N")]
+    put_clients: usize,
+    /// --watch: puts per second.
+    #[arg(long, default_value_t = 1000.0, value_name = "PUTS_PER_SEC")]
+    rate: f64,
     /// Where the cgroup filesystem is mounted.
     #[arg(long, default_value = cgroup::DEFAULT_ROOT, value_name = "PATH", hide = true)]
     cgroup_root: PathBuf,
@@ -231,6 +250,33 @@ fn seconds(flag: &str, v: f64, zero_ok: bool) -> Result<Duration, String> {
 }
 
 async fn run(args: Args) -> Result<(), RunError> {
+    if args.watch {
+        if args.rounds == 0 || args.members == 0 || args.watchers == 0 || args.put_clients == 0 || args.watch_conns == 0
+        {
+            return Err(RunError::Other(
+                "--rounds, --members, --watchers, --put-clients and --watch-conns must be at least 1".into(),
+            ));
+        }
+        if !(args.rate.is_finite() && args.rate > 0.0) {
+            return Err(RunError::Other(format!("--rate must be a positive number (got {})", args.rate)));
+        }
+        let plan = watch::WatchPlan {
+            watchers: args.watchers,
+            conns: args.watch_conns,
+            put_clients: args.put_clients,
+            rate: args.rate,
+            duration: seconds("duration", args.duration, false)?,
+            value_size: args.value_size.max(16),
+            rounds: args.rounds,
+            members: args.members,
+            timeout: seconds("timeout", args.timeout, false)?,
+        };
+        let etcd = if args.systems.contains(&System::Etcd) { Some(find_etcd(args.etcd_bin.as_deref())?) } else { None };
+        let node =
+            if args.systems.contains(&System::Aspen) { Some(find_node(args.node_bin.as_deref())?) } else { None };
+        eprintln!("aspen-compare: load average {}", load_average());
+        return Ok(watch::run(&plan, etcd.as_deref(), node.as_deref()).await?);
+    }
     let (duration, warmup, clients) = if args.quick {
         (Duration::from_secs(2), Duration::from_millis(500), vec![1, 16])
     } else {

@@ -191,6 +191,12 @@ async fn send_frame(
     live: &broadcast::Receiver<Arc<EventBatch>>,
     max_lag: usize,
 ) -> Sent {
+    // Room at once (the usual case): no timer.
+    let frame = match tx.try_send(frame) {
+        Ok(()) => return Sent::Ok,
+        Err(mpsc::error::TrySendError::Closed(_)) => return Sent::Gone,
+        Err(mpsc::error::TrySendError::Full(frame)) => frame,
+    };
     let mut check = tokio::time::interval(LAG_CHECK);
     loop {
         tokio::select! {
