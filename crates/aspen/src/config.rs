@@ -42,6 +42,10 @@ pub struct RaftConfig {
     pub election_timeout_max_ms: u64,
     /// Build a snapshot (and purge the log before it) after this many applied entries.
     pub snapshot_threshold: u64,
+    /// … or once the log entries after the last snapshot hold this many bytes (encoded), so
+    /// that the log's size is bounded whatever the batching puts in an entry.
+    #[serde(default = "default_snapshot_log_bytes")]
+    pub snapshot_log_bytes: u64,
     /// Log entries kept after a snapshot so that lagging followers can catch up without one.
     pub max_in_snapshot_log_to_keep: u64,
     /// Most entries in one AppendEntries message.
@@ -57,10 +61,54 @@ impl Default for RaftConfig {
             election_timeout_min_ms: 1000,
             election_timeout_max_ms: 2000,
             snapshot_threshold: 20_000,
+            snapshot_log_bytes: default_snapshot_log_bytes(),
             max_in_snapshot_log_to_keep: 1_000,
             max_append_entries: 512,
             max_append_bytes: 1024 * 1024,
         }
+    }
+}
+
+fn default_snapshot_log_bytes() -> u64 {
+    64 * 1024 * 1024
+}
+
+/// Storage settings of the whole node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StorageConfig {
+    /// Memory for the databases' page caches, shared by every database the node opens (see
+    /// [`StorageConfig::cache_split`]).
+    pub cache_bytes: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig { cache_bytes: 256 * 1024 * 1024 }
+    }
+}
+
+/// How [`StorageConfig::cache_bytes`] is shared: the page cache of each database a node opens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheSplit {
+    /// `metadata.db` (a few records).
+    pub metadata: usize,
+    /// Each hosted shard's `raft-log.db`.
+    pub log: usize,
+    /// Each hosted shard's `state-machine.db`.
+    pub state_machine: usize,
+}
+
+impl StorageConfig {
+    /// The metadata store gets 1 MiB (at most an eighth of the budget); the rest is split
+    /// evenly among the hosted shards, and each shard's share a quarter to its log (recent
+    /// entries, read back only to replicate them) and three quarters to its state machine
+    /// (the keys clients read).
+    pub fn cache_split(&self, hosted_shards: usize) -> CacheSplit {
+        let total = usize::try_from(self.cache_bytes).unwrap_or(usize::MAX);
+        let metadata = (1024 * 1024).min(total / 8);
+        let per_shard = (total - metadata) / hosted_shards.max(1);
+        let log = per_shard / 4;
+        CacheSplit { metadata, log, state_machine: per_shard - log }
     }
 }
 
@@ -207,6 +255,8 @@ pub struct NodeConfig {
     pub gossip: GossipConfig,
     #[serde(default)]
     pub watch: WatchConfig,
+    #[serde(default)]
+    pub storage: StorageConfig,
 }
 
 impl Default for NodeConfig {
@@ -224,6 +274,7 @@ impl Default for NodeConfig {
             sharding: ShardingConfig::default(),
             gossip: GossipConfig::default(),
             watch: WatchConfig::default(),
+            storage: StorageConfig::default(),
         }
     }
 }
@@ -268,6 +319,12 @@ pub struct NodeArgs {
     /// Snapshot after this many applied log entries. [default: 20000]
     #[arg(long, env = "ASPEN_SNAPSHOT_THRESHOLD")]
     pub snapshot_threshold: Option<u64>,
+    /// … or once the log after the last snapshot holds this many bytes. [default: 67108864]
+    #[arg(long, env = "ASPEN_SNAPSHOT_LOG_BYTES")]
+    pub snapshot_log_bytes: Option<u64>,
+    /// Memory for the databases' page caches, shared by all of them. [default: 268435456]
+    #[arg(long, env = "ASPEN_CACHE_BYTES")]
+    pub cache_bytes: Option<u64>,
     /// Largest key in bytes. [default: 4096]
     #[arg(long, env = "ASPEN_MAX_KEY_BYTES")]
     pub max_key_bytes: Option<u64>,
@@ -309,6 +366,13 @@ struct FileConfig {
     sharding: Option<FileSharding>,
     gossip: Option<FileGossip>,
     watch: Option<FileWatch>,
+    storage: Option<FileStorage>,
+}
+
+#[derive(Deserialize, Default, Debug)]
+#[serde(deny_unknown_fields)]
+struct FileStorage {
+    cache_bytes: Option<u64>,
 }
 
 #[derive(Deserialize, Default, Debug)]
@@ -341,6 +405,7 @@ struct FileRaft {
     election_timeout_min_ms: Option<u64>,
     election_timeout_max_ms: Option<u64>,
     snapshot_threshold: Option<u64>,
+    snapshot_log_bytes: Option<u64>,
     max_in_snapshot_log_to_keep: Option<u64>,
     max_append_entries: Option<u64>,
     max_append_bytes: Option<u64>,
@@ -397,6 +462,8 @@ impl NodeConfig {
         set(&mut cfg.raft.election_timeout_min_ms, args.election_timeout_min_ms);
         set(&mut cfg.raft.election_timeout_max_ms, args.election_timeout_max_ms);
         set(&mut cfg.raft.snapshot_threshold, args.snapshot_threshold);
+        set(&mut cfg.raft.snapshot_log_bytes, args.snapshot_log_bytes);
+        set(&mut cfg.storage.cache_bytes, args.cache_bytes);
         set(&mut cfg.limits.max_key_bytes, args.max_key_bytes);
         set(&mut cfg.limits.max_value_bytes, args.max_value_bytes);
         set(&mut cfg.limits.request_timeout_ms, args.request_timeout_ms);
@@ -435,6 +502,7 @@ impl NodeConfig {
             set(&mut self.raft.election_timeout_min_ms, r.election_timeout_min_ms);
             set(&mut self.raft.election_timeout_max_ms, r.election_timeout_max_ms);
             set(&mut self.raft.snapshot_threshold, r.snapshot_threshold);
+            set(&mut self.raft.snapshot_log_bytes, r.snapshot_log_bytes);
             set(&mut self.raft.max_in_snapshot_log_to_keep, r.max_in_snapshot_log_to_keep);
             set(&mut self.raft.max_append_entries, r.max_append_entries);
             set(&mut self.raft.max_append_bytes, r.max_append_bytes);
@@ -454,6 +522,9 @@ impl NodeConfig {
             set(&mut self.watch.history_entries, w.history_entries);
             set(&mut self.watch.history_bytes, w.history_bytes);
             set(&mut self.watch.max_lag, w.max_lag);
+        }
+        if let Some(st) = &f.storage {
+            set(&mut self.storage.cache_bytes, st.cache_bytes);
         }
         if let Some(l) = &f.limits {
             set(&mut self.limits.max_key_bytes, l.max_key_bytes);
@@ -510,6 +581,12 @@ impl NodeConfig {
         }
         if r.snapshot_threshold == 0 {
             return Err(invalid("snapshot_threshold", "must be greater than 0"));
+        }
+        if r.snapshot_log_bytes < 64 * 1024 {
+            return Err(invalid("snapshot_log_bytes", "must be at least 65536 (64 KiB)"));
+        }
+        if self.storage.cache_bytes < 1024 * 1024 || self.storage.cache_bytes > 1 << 40 {
+            return Err(invalid("cache_bytes", "must be between 1048576 (1 MiB) and 1099511627776 (1 TiB)"));
         }
         if r.max_append_entries == 0 {
             return Err(invalid("max_append_entries", "must be greater than 0"));
@@ -645,6 +722,37 @@ mod tests {
         assert_eq!(cfg.cluster_name, "filec");
         assert_eq!(cfg.raft.heartbeat_interval_ms, 200);
         assert_eq!(cfg.bind_addr, NodeConfig::default().bind_addr);
+    }
+
+    #[test]
+    fn storage_budget_and_log_bytes_parse_validate_and_split() {
+        let cfg = NodeConfig::from_toml_str("[storage]\ncache_bytes = 67108864\n[raft]\nsnapshot_log_bytes = 1048576")
+            .unwrap();
+        assert_eq!((cfg.storage.cache_bytes, cfg.raft.snapshot_log_bytes), (64 << 20, 1 << 20));
+        let d = NodeConfig::default();
+        assert_eq!((d.storage.cache_bytes, d.raft.snapshot_log_bytes), (256 << 20, 64 << 20));
+        let args = NodeArgs { cache_bytes: Some(32 << 20), snapshot_log_bytes: Some(1 << 17), ..Default::default() };
+        let cfg = NodeConfig::from_args(&args).unwrap();
+        assert_eq!((cfg.storage.cache_bytes, cfg.raft.snapshot_log_bytes), (32 << 20, 1 << 17));
+        for (toml, field) in [
+            ("[storage]\ncache_bytes = 1000", "cache_bytes"),
+            ("[storage]\ncache_bytes = 2199023255552", "cache_bytes"),
+            ("[storage]\nbogus = 1", "bogus"),
+            ("[raft]\nsnapshot_log_bytes = 100", "snapshot_log_bytes"),
+        ] {
+            let err = NodeConfig::from_toml_str(toml).unwrap_err().to_string();
+            assert!(err.contains(field), "{toml}: {err}");
+        }
+        // The budget covers every database: metadata + per shard (log + state machine).
+        for shards in [1, 4, 256] {
+            let split = StorageConfig::default().cache_split(shards);
+            assert_eq!(split.metadata, 1 << 20);
+            assert!(split.metadata + shards * (split.log + split.state_machine) <= 256 << 20, "{shards}: {split:?}");
+            assert!(split.state_machine >= 3 * split.log, "{split:?}");
+        }
+        let tiny = StorageConfig { cache_bytes: 1 << 20 }.cache_split(4);
+        assert_eq!(tiny.metadata, 128 * 1024, "at most an eighth for metadata");
+        assert!(tiny.metadata + 4 * (tiny.log + tiny.state_machine) <= 1 << 20);
     }
 
     #[test]

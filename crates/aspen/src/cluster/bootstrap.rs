@@ -172,7 +172,9 @@ pub async fn bootstrap_base_node(config: NodeConfig) -> Result<BaseNodeResources
     let dir = config.data_dir.clone();
     std::fs::create_dir_all(&dir).map_err(|source| BootstrapError::DataDir { path: dir.clone(), source })?;
     let secret_key = load_or_create_key(&dir)?;
-    let metadata_store = Arc::new(MetadataStore::open(&dir.join("metadata.db")).map_err(BootstrapError::Metadata)?);
+    let cache = config.storage.cache_split(config.sharding.local_shard_ids().len());
+    let metadata_store =
+        Arc::new(MetadataStore::open(&dir.join("metadata.db"), cache.metadata).map_err(BootstrapError::Metadata)?);
     let identity = metadata_store.identity().map_err(BootstrapError::Metadata)?;
     if let Some(id) = &identity {
         if id.node_id != config.node_id {

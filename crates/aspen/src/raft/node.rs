@@ -175,10 +175,13 @@ impl RaftNode {
             .map_err(|message| RaftNodeError::Config { shard, message })?;
         // The leader's fsync overlaps replication; the state machine and the commit index sent
         // to followers wait for it (see `log_store`).
-        let log = RedbLogStore::open_shared(&dir.join("raft-log.db"), journal, shard, raft_cfg.max_append_bytes)
-            .map_err(|source| RaftNodeError::Storage { shard, source })?
-            .overlap_own_appends(raft_id);
-        let mut sm = RedbStateMachine::open(&dir.join("state-machine.db"))
+        // This shard's share of the node's cache budget ([storage] cache_bytes).
+        let cache = node.storage.cache_split(node.sharding.local_shard_ids().len());
+        let log =
+            RedbLogStore::open_shared(&dir.join("raft-log.db"), journal, shard, raft_cfg.max_append_bytes, cache.log)
+                .map_err(|source| RaftNodeError::Storage { shard, source })?
+                .overlap_own_appends(raft_id);
+        let mut sm = RedbStateMachine::open(&dir.join("state-machine.db"), cache.state_machine)
             .map_err(|source| RaftNodeError::Storage { shard, source })?
             .wait_for_log(log.durable());
         let watch_hub = sm

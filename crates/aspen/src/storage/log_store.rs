@@ -150,10 +150,10 @@ impl Debug for RedbLogStore {
 }
 
 impl RedbLogStore {
-    /// Opens or creates the log at `path`, with its journal beside it
-    /// ([`journal::path_beside`]).
-    pub fn open(path: &std::path::Path, max_batch_bytes: u64) -> Result<Self, StorageError> {
-        let db = open_db(path)?;
+    /// Opens or creates the log at `path` (page cache: `cache_bytes`), with its journal beside
+    /// it ([`journal::path_beside`]).
+    pub fn open(path: &std::path::Path, max_batch_bytes: u64, cache_bytes: usize) -> Result<Self, StorageError> {
+        let db = open_db(path, cache_bytes)?;
         let journal_path = journal::path_beside(path);
         let existed = journal_path.exists();
         let journal = Journal::open(journal::FileDisk::open(&journal_path)?, journal::CAPACITY)?;
@@ -164,16 +164,18 @@ impl RedbLogStore {
         Self::from_db(db, LogJournal::Own(journal), max_batch_bytes)
     }
 
-    /// Opens or creates the log of `shard` at `path`, its new entries journaled in the node's
-    /// journal (see [`super::shared_journal`]). A journal of its own left beside `path` by an
-    /// earlier version is moved into the database first, then removed.
+    /// Opens or creates the log of `shard` at `path` (page cache: `cache_bytes`), its new
+    /// entries journaled in the node's journal (see [`super::shared_journal`]). A journal of its
+    /// own left beside `path` by an earlier version is moved into the database first, then
+    /// removed.
     pub fn open_shared(
         path: &std::path::Path,
         journal: &SharedJournal,
         shard: ShardId,
         max_batch_bytes: u64,
+        cache_bytes: usize,
     ) -> Result<Self, StorageError> {
-        let db = open_db(path)?;
+        let db = open_db(path, cache_bytes)?;
         let own = journal::path_beside(path);
         if own.exists() {
             let old = Journal::open(journal::FileDisk::open(&own)?, journal::CAPACITY)?;
@@ -433,7 +435,8 @@ pub fn settle_unclaimed(
     for &shard in &unclaimed {
         let log = data_dir.join(format!("shard-{shard}")).join("raft-log.db");
         if log.exists() {
-            drop(RedbLogStore::open_shared(&log, journal, shard, max_batch_bytes)?);
+            // Opened only to move records: a small cache, outside the node's budget.
+            drop(RedbLogStore::open_shared(&log, journal, shard, max_batch_bytes, 4 << 20)?);
             tracing::info!(
                 "moved the node journal's entries of shard {shard}, not hosted here, into {}",
                 log.display()

@@ -39,8 +39,9 @@ pub struct MetadataStore {
 }
 
 impl MetadataStore {
-    pub fn open(path: &Path) -> Result<Self, StorageError> {
-        let db = open_db(path)?;
+    /// Opens or creates the store at `path` with a page cache of `cache_bytes`.
+    pub fn open(path: &Path, cache_bytes: usize) -> Result<Self, StorageError> {
+        let db = open_db(path, cache_bytes)?;
         let txn = begin_write(&db, Durability::Immediate)?;
         txn.open_table(META)?;
         txn.commit()?;
@@ -110,17 +111,17 @@ mod tests {
     fn identity_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("metadata.db");
-        let store = MetadataStore::open(&path).unwrap();
+        let store = MetadataStore::open(&path, 1 << 20).unwrap();
         assert_eq!(store.identity().unwrap(), None);
         let id =
             ClusterIdentity { cluster_id: ClusterId::random(), cluster_name: "c".into(), node_id: 4, num_shards: 1 };
         store.set_identity(&id).unwrap();
         drop(store);
-        let store = MetadataStore::open(&path).unwrap();
+        let store = MetadataStore::open(&path, 1 << 20).unwrap();
         assert_eq!(store.identity().unwrap(), Some(id));
         assert_eq!(store.signing_key().unwrap(), None);
         store.set_signing_key(&[7; 32]).unwrap();
         drop(store);
-        assert_eq!(MetadataStore::open(&path).unwrap().signing_key().unwrap(), Some([7; 32]));
+        assert_eq!(MetadataStore::open(&path, 1 << 20).unwrap().signing_key().unwrap(), Some([7; 32]));
     }
 }

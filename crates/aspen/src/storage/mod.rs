@@ -107,15 +107,17 @@ pub(crate) fn to_raft_err(
     openraft::StorageIOError::new(subject, verb, openraft::AnyError::error(e.to_string())).into()
 }
 
-/// Opens (or creates) a redb database with the settings every Aspen database uses.
-pub(crate) fn open_db(path: &std::path::Path) -> Result<redb::Database, StorageError> {
+/// Opens (or creates) a redb database with the settings every Aspen database uses, and a page
+/// cache of `cache_bytes` (its share of the node's `[storage] cache_bytes`; redb holds its read
+/// cache and its write buffer within it).
+pub(crate) fn open_db(path: &std::path::Path, cache_bytes: usize) -> Result<redb::Database, StorageError> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
     }
     if !path.try_exists()? {
         create_db_atomically(path)?;
     }
-    Ok(redb::Database::builder().create(path)?)
+    Ok(redb::Database::builder().set_cache_size(cache_bytes).create(path)?)
 }
 
 /// The name a new database is built under before it is renamed into place.

@@ -613,8 +613,9 @@ async fn a_cut_while_creating_the_stores_leaves_them_openable() {
             let journal_path = super::journal::path_beside(&log_path);
             std::fs::write(&journal_path, rig.switch.durable_image(rig.journal_disk)).expect("write image");
             let what = format!("{model:?} cut {cut} of {calls}");
-            let mut log = RedbLogStore::open(&log_path, NO_CAP).unwrap_or_else(|e| panic!("{what}: open log: {e}"));
-            let mut sm = RedbStateMachine::open(&sm_path).unwrap_or_else(|e| panic!("{what}: open sm: {e}"));
+            let mut log =
+                RedbLogStore::open(&log_path, NO_CAP, 1 << 20).unwrap_or_else(|e| panic!("{what}: open log: {e}"));
+            let mut sm = RedbStateMachine::open(&sm_path, 1 << 20).unwrap_or_else(|e| panic!("{what}: open sm: {e}"));
             assert_eq!(log.get_log_state().await.expect("log state").last_log_id, None, "{what}");
             assert_eq!(sm.applied_state().await.expect("applied state").0, None, "{what}");
             log.blocking_append(vec![Entry { log_id: log_id(1, 0), payload: EntryPayload::Blank }])

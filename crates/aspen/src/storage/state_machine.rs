@@ -516,10 +516,11 @@ pub struct RedbStateMachine {
 }
 
 impl RedbStateMachine {
-    /// Opens or creates the state machine at `path`; snapshots are kept beside it.
-    pub fn open(path: &Path) -> Result<Self, StorageError> {
+    /// Opens or creates the state machine at `path`, with a page cache of `cache_bytes`;
+    /// snapshots are kept beside it.
+    pub fn open(path: &Path, cache_bytes: usize) -> Result<Self, StorageError> {
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
-        Self::from_db(open_db(path)?, dir)
+        Self::from_db(open_db(path, cache_bytes)?, dir)
     }
 
     /// Opens or creates the state machine on any redb storage backend (tests put it on a

@@ -208,8 +208,8 @@ async fn shards_on_the_node_journal_keep_acknowledged_appends_through_a_crash() 
     // distinct here; a node keeps them in shard-N/ directories).
     let dir = tempfile::tempdir().unwrap();
     let journal = SharedJournal::open_file(&dir.path().join(FILE_NAME)).unwrap();
-    let mut a = RedbLogStore::open_shared(&dir.path().join("a.db"), &journal, 0, NO_CAP).unwrap();
-    let mut b = RedbLogStore::open_shared(&dir.path().join("b.db"), &journal, 1, NO_CAP).unwrap();
+    let mut a = RedbLogStore::open_shared(&dir.path().join("a.db"), &journal, 0, NO_CAP, 1 << 20).unwrap();
+    let mut b = RedbLogStore::open_shared(&dir.path().join("b.db"), &journal, 1, NO_CAP, 1 << 20).unwrap();
     let (x, y) = tokio::join!(
         a.blocking_append(vec![blank(1, 1), put(1, 2, "a", b"1")]),
         b.blocking_append(vec![put(1, 1, "b", b"2")])
@@ -223,8 +223,8 @@ async fn shards_on_the_node_journal_keep_acknowledged_appends_through_a_crash() 
     let bare = copy_dir_files(dir.path(), &["a.db", "b.db"]);
     for (copy, expect_a, expect_b) in [(&crashed, vec![1, 2], vec![1, 2]), (&bare, vec![], vec![])] {
         let journal = SharedJournal::open_file(&copy.path().join(FILE_NAME)).unwrap();
-        let mut a = RedbLogStore::open_shared(&copy.path().join("a.db"), &journal, 0, NO_CAP).unwrap();
-        let mut b = RedbLogStore::open_shared(&copy.path().join("b.db"), &journal, 1, NO_CAP).unwrap();
+        let mut a = RedbLogStore::open_shared(&copy.path().join("a.db"), &journal, 0, NO_CAP, 1 << 20).unwrap();
+        let mut b = RedbLogStore::open_shared(&copy.path().join("b.db"), &journal, 1, NO_CAP, 1 << 20).unwrap();
         assert_eq!(indexes(&read_all(&mut a).await), expect_a);
         assert_eq!(indexes(&read_all(&mut b).await), expect_b);
         assert!(journal.unclaimed().is_empty());
@@ -243,12 +243,12 @@ async fn a_shard_journal_left_by_an_earlier_version_is_moved_into_the_log_and_re
     let crashed = copy_dir_files(dir.path(), &[LOG_FILE, own]);
     drop(old);
     let journal = SharedJournal::open_file(&crashed.path().join(FILE_NAME)).unwrap();
-    let mut log = RedbLogStore::open_shared(&crashed.path().join(LOG_FILE), &journal, 0, NO_CAP).unwrap();
+    let mut log = RedbLogStore::open_shared(&crashed.path().join(LOG_FILE), &journal, 0, NO_CAP, 1 << 20).unwrap();
     assert_eq!(indexes(&read_all(&mut log).await), vec![1, 2]);
     assert!(!crashed.path().join(own).exists(), "the shard's own journal is gone");
     log.blocking_append(vec![put(1, 3, "b", b"2")]).await.unwrap();
     drop(log);
-    let mut log = RedbLogStore::open_shared(&crashed.path().join(LOG_FILE), &journal, 0, NO_CAP).unwrap();
+    let mut log = RedbLogStore::open_shared(&crashed.path().join(LOG_FILE), &journal, 0, NO_CAP, 1 << 20).unwrap();
     assert_eq!(indexes(&read_all(&mut log).await), vec![1, 2, 3]);
 }
 
@@ -264,7 +264,7 @@ async fn journal_entries_of_shards_no_longer_hosted_are_moved_into_their_logs() 
     let log_of = |root: &Path, shard: u32| root.join(format!("shard-{shard}")).join(LOG_FILE);
     let mut stores = Vec::new();
     for shard in 0..3 {
-        let mut log = RedbLogStore::open_shared(&log_of(dir.path(), shard), &journal, shard, NO_CAP).unwrap();
+        let mut log = RedbLogStore::open_shared(&log_of(dir.path(), shard), &journal, shard, NO_CAP, 1 << 20).unwrap();
         log.blocking_append(vec![blank(1, 1), put(1, 2, "k", b"v")]).await.unwrap();
         stores.push(log);
     }
@@ -276,12 +276,12 @@ async fn journal_entries_of_shards_no_longer_hosted_are_moved_into_their_logs() 
     drop(stores);
     // Restarted hosting shard 0 only; shard 2's log is gone altogether.
     let journal = SharedJournal::open_file(&crashed.path().join(FILE_NAME)).unwrap();
-    let mut zero = RedbLogStore::open_shared(&log_of(crashed.path(), 0), &journal, 0, NO_CAP).unwrap();
+    let mut zero = RedbLogStore::open_shared(&log_of(crashed.path(), 0), &journal, 0, NO_CAP, 1 << 20).unwrap();
     assert_eq!(indexes(&read_all(&mut zero).await), vec![1, 2]);
     assert_eq!(journal.unclaimed(), vec![1, 2]);
     assert_eq!(settle_unclaimed(&journal, crashed.path(), NO_CAP).unwrap(), vec![1, 2]);
     assert!(journal.unclaimed().is_empty(), "nothing holds the journal's room any more");
     // Shard 1, hosted again later, has its entries.
-    let mut one = RedbLogStore::open_shared(&log_of(crashed.path(), 1), &journal, 1, NO_CAP).unwrap();
+    let mut one = RedbLogStore::open_shared(&log_of(crashed.path(), 1), &journal, 1, NO_CAP, 1 << 20).unwrap();
     assert_eq!(indexes(&read_all(&mut one).await), vec![1, 2]);
 }

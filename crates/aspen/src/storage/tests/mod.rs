@@ -113,11 +113,11 @@ fn unique_client(index: u64) -> Id128 {
 }
 
 fn open_log(dir: &Path, max_batch_bytes: u64) -> RedbLogStore {
-    RedbLogStore::open(&dir.join(LOG_FILE), max_batch_bytes).expect("open log store")
+    RedbLogStore::open(&dir.join(LOG_FILE), max_batch_bytes, 1 << 20).expect("open log store")
 }
 
 fn open_sm(dir: &Path) -> RedbStateMachine {
-    RedbStateMachine::open(&dir.join(SM_FILE)).expect("open state machine")
+    RedbStateMachine::open(&dir.join(SM_FILE), 1 << 20).expect("open state machine")
 }
 
 async fn read_all(store: &mut RedbLogStore) -> Vec<Entry> {
