@@ -504,3 +504,40 @@ async fn prefix_deletes_and_txns_on_three_nodes() {
         n.stop().await;
     }
 }
+
+/// `[raft] snapshot_log_bytes`: with an entry count that is never reached, the log's size alone
+/// makes the shard snapshot and purge, so the log stays near the limit however much is written;
+/// every write is still there, including after a restart from the snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_is_compacted_by_bytes() {
+    let root = tempfile::tempdir().unwrap();
+    let mut config = InProcNode::config(root.path(), 1);
+    config.raft.snapshot_threshold = 1_000_000;
+    config.raft.snapshot_log_bytes = 64 * 1024;
+    config.raft.max_in_snapshot_log_to_keep = 8;
+    let mut node = InProcNode::start(config).await;
+    let client = node.client().await;
+    let value = vec![b'x'; 2048];
+    for i in 0..300 {
+        client.put(format!("big/{i:03}"), value.clone()).await.unwrap();
+    }
+    let shard = node.handle().shard0.clone();
+    // Checked once a second: a snapshot comes though 300 entries are far below 1,000,000.
+    wait_until(30, "a snapshot built for the log's size", || shard.raft().metrics().borrow().snapshot.is_some()).await;
+    // Once the last check ran: the entries after the last snapshot hold less than the limit,
+    // plus the 8 kept behind it.
+    wait_until(30, "the log back under snapshot_log_bytes", || shard.log_bytes() < 64 * 1024 + 8 * 2200).await;
+    let purged = shard.raft().metrics().borrow().purged.map(|l| l.index).unwrap_or(0);
+    assert!(purged > 0, "the log was purged behind a snapshot");
+    client.close().await;
+    drop(shard);
+    node.stop().await;
+    node.restart().await;
+    let client = node.client().await;
+    for i in [0, 150, 299] {
+        let got = client.get(format!("big/{i:03}")).await.unwrap().map(|kv| kv.value);
+        assert_eq!(got, Some(value.clone()), "big/{i:03}");
+    }
+    client.close().await;
+    node.stop().await;
+}

@@ -74,6 +74,13 @@ pub struct RaftNode {
     deadlines: Arc<LeaseDeadlines>,
     /// This shard's recent events on this node, for watches.
     watch_hub: Arc<WatchHub>,
+    /// Snapshots when the log grows past `[raft] snapshot_log_bytes` ([`snapshot_by_size`]).
+    size_task: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
+    /// Ends that task when the last clone of this node is dropped without a shutdown (it holds
+    /// a Raft handle and the log, which must not outlive the node).
+    _size_stop: Arc<tokio_util::sync::DropGuard>,
+    /// The log (a reader clone): its size.
+    log: RedbLogStore,
     /// Fault injection only: serve linearizable reads from local state without ReadIndex.
     #[cfg(feature = "fault-injection")]
     broken_reads: Arc<std::sync::atomic::AtomicBool>,
@@ -190,9 +197,19 @@ impl RaftNode {
         let network = network.cap_commit_at(log.durable());
         let reader = sm.reader();
         let deadlines = sm.deadlines();
+        let log_sizes = log.clone();
         let raft = Raft::new(raft_id, Arc::new(config), network, log, sm)
             .await
             .map_err(|e| RaftNodeError::Start { shard, message: e.to_string() })?;
+        let size_stop = tokio_util::sync::CancellationToken::new();
+        let size_task = tokio::spawn(snapshot_by_size(
+            raft.clone(),
+            log_sizes.clone(),
+            raft_cfg.snapshot_log_bytes,
+            shard,
+            size_stop.clone(),
+        ));
+        let size_task = Arc::new(std::sync::Mutex::new(Some(size_task)));
         let writes = WriteBatcher::start(raft.clone(), shard);
         let reads = ReadGate::new(raft.clone(), shard, request_timeout);
         Ok(RaftNode {
@@ -209,6 +226,9 @@ impl RaftNode {
             stamp: Default::default(),
             deadlines,
             watch_hub,
+            size_task,
+            _size_stop: Arc::new(size_stop.drop_guard()),
+            log: log_sizes,
             #[cfg(feature = "fault-injection")]
             broken_reads: Default::default(),
         })
@@ -220,6 +240,11 @@ impl RaftNode {
 
     pub fn raft_id(&self) -> u64 {
         self.raft_id
+    }
+
+    /// Encoded bytes of the log entries this node holds for the shard.
+    pub fn log_bytes(&self) -> u64 {
+        self.log.bytes_after(None)
     }
 
     pub fn raft(&self) -> &Raft {
@@ -621,8 +646,62 @@ impl RaftNode {
 
     /// Stops this shard's Raft (storage is closed when the last handle drops).
     pub async fn shutdown(&self) {
+        // Stopped and gone before the shard's databases may be opened again.
+        let task = self.size_task.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(task) = task {
+            task.abort();
+            let _ = task.await;
+        }
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(shard = self.shard, "raft shutdown: {e}");
+        }
+    }
+}
+
+/// How often a shard compares its log's size with `[raft] snapshot_log_bytes`.
+const LOG_SIZE_CHECK: Duration = Duration::from_secs(1);
+/// How long a snapshot asked for may take before it is asked for again.
+const SNAPSHOT_RETRY: Duration = Duration::from_secs(60);
+
+/// Builds a snapshot (after which openraft purges the log behind it) whenever the entries after
+/// the last snapshot hold `limit` encoded bytes: openraft's own policy counts entries only, and
+/// an entry may batch many writes (docs/design.md §6). Runs until the shard stops.
+async fn snapshot_by_size(
+    raft: Raft,
+    log: RedbLogStore,
+    limit: u64,
+    shard: ShardId,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(LOG_SIZE_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    // The applied index when a snapshot was last asked for, and when.
+    let mut asked: Option<(u64, Instant)> = None;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        let (snapshot, applied) = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            (m.snapshot.map(|l| l.index), m.last_applied.map(|l| l.index))
+        };
+        let Some(applied) = applied else { continue };
+        if log.bytes_after(snapshot) < limit {
+            continue;
+        }
+        // The snapshot asked for covers at least what was applied then: wait for it.
+        if let Some((at, when)) = asked {
+            if snapshot.is_none_or(|s| s < at) && when.elapsed() < SNAPSHOT_RETRY {
+                continue;
+            }
+        }
+        asked = Some((applied, Instant::now()));
+        tracing::debug!(shard, "the log after the last snapshot passed {limit} bytes: building a snapshot");
+        if let Err(e) = raft.trigger().snapshot().await {
+            tracing::debug!(shard, "snapshot by log size: {e}");
+            return;
         }
     }
 }

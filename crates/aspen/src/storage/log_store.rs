@@ -85,6 +85,34 @@ const MAX_JOBS_PER_COMMIT: usize = 4096;
 /// Entries handed to `append` and not yet durable: index → (log id, encoded entry).
 type Pending = BTreeMap<u64, (LogId, Vec<u8>)>;
 
+/// The encoded size of every entry the log holds (index → bytes), so that the node can
+/// snapshot once the log after the last snapshot holds `[raft] snapshot_log_bytes` (docs/design.md
+/// §6): the entry count alone does not bound the log when batching packs many writes into an
+/// entry. One small record per entry; the log is purged behind each snapshot.
+#[derive(Debug, Default)]
+struct LogSizes {
+    sizes: BTreeMap<u64, u32>,
+}
+
+impl LogSizes {
+    fn insert(&mut self, index: u64, bytes: usize) {
+        self.sizes.insert(index, u32::try_from(bytes).unwrap_or(u32::MAX));
+    }
+
+    fn truncate(&mut self, from: u64) {
+        self.sizes.split_off(&from);
+    }
+
+    fn purge(&mut self, upto: u64) {
+        self.sizes = self.sizes.split_off(&(upto + 1));
+    }
+
+    fn bytes_after(&self, index: Option<u64>) -> u64 {
+        let from = index.map_or(0, |i| i + 1);
+        self.sizes.range(from..).map(|(_, b)| u64::from(*b)).sum()
+    }
+}
+
 /// One unit of work for the writer thread.
 enum Job {
     Append {
@@ -141,6 +169,8 @@ pub struct RedbLogStore {
     committed: Arc<Mutex<Option<Option<LogId>>>>,
     /// Cap on the payload bytes returned by one `limited_get_log_entries` (one AppendEntries).
     max_batch_bytes: u64,
+    /// The encoded size of each entry held.
+    sizes: Arc<Mutex<LogSizes>>,
 }
 
 impl Debug for RedbLogStore {
@@ -216,6 +246,15 @@ impl RedbLogStore {
         let db = Arc::new(db);
         let durable = Arc::new(tokio::sync::watch::Sender::new(Durable { last: last_log_id(&db)?, failed: None }));
         let vote = Arc::new(Mutex::new(read_meta(&db, KEY_VOTE)?));
+        let mut sizes = LogSizes::default();
+        {
+            let read = db.begin_read()?;
+            let log = read.open_table(LOG)?;
+            for item in log.iter()? {
+                let (index, entry) = item?;
+                sizes.insert(index.value(), entry.value().len());
+            }
+        }
         let pending: Arc<Mutex<Pending>> = Default::default();
         let (jobs, rx) = mpsc::channel();
         let writer = Writer {
@@ -238,7 +277,14 @@ impl RedbLogStore {
             vote,
             committed: Default::default(),
             max_batch_bytes,
+            sizes: Arc::new(Mutex::new(sizes)),
         })
+    }
+
+    /// Encoded bytes of the entries the log holds after `index` (all of them for `None`):
+    /// what the log grew by since the snapshot at `index`.
+    pub fn bytes_after(&self, index: Option<u64>) -> u64 {
+        self.sizes.lock().unwrap_or_else(|p| p.into_inner()).bytes_after(index)
     }
 
     /// Lets the store acknowledge the appends node `own_id` makes as leader of the current term
@@ -812,6 +858,12 @@ impl RaftLogStorage<TypeConfig> for RedbLogStore {
             let bytes = postcard::to_stdvec(entry).map_err(|e| logs_err(ErrorVerb::Write, e))?;
             encoded.push((*entry.get_log_id(), bytes));
         }
+        {
+            let mut sizes = self.sizes.lock().unwrap_or_else(|p| p.into_inner());
+            for (id, bytes) in &encoded {
+                sizes.insert(id.index, bytes.len());
+            }
+        }
         // Readable at once (openraft requires it), durable when the writer acknowledges.
         {
             let mut pending = self.pending();
@@ -833,6 +885,7 @@ impl RaftLogStorage<TypeConfig> for RedbLogStore {
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), OpenraftStorageError> {
         self.pending().split_off(&log_id.index);
+        self.sizes.lock().unwrap_or_else(|p| p.into_inner()).truncate(log_id.index);
         self.run_job(|done| Job::Truncate { from: log_id.index, done })
             .await
             .map_err(|e| logs_err(ErrorVerb::Delete, e))
@@ -844,6 +897,7 @@ impl RaftLogStorage<TypeConfig> for RedbLogStore {
             let keep = pending.split_off(&(log_id.index + 1));
             *pending = keep;
         }
+        self.sizes.lock().unwrap_or_else(|p| p.into_inner()).purge(log_id.index);
         self.run_job(|done| Job::Purge { upto: log_id, done }).await.map_err(|e| logs_err(ErrorVerb::Delete, e))
     }
 }

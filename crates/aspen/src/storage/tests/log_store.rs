@@ -285,3 +285,27 @@ async fn journal_entries_of_shards_no_longer_hosted_are_moved_into_their_logs() 
     let mut one = RedbLogStore::open_shared(&log_of(crashed.path(), 1), &journal, 1, NO_CAP, 1 << 20).unwrap();
     assert_eq!(indexes(&read_all(&mut one).await), vec![1, 2]);
 }
+
+/// The log knows how many encoded bytes it holds after any index, through appends, truncation,
+/// purges and a reopen — what `[raft] snapshot_log_bytes` compares with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_bytes_follow_appends_truncation_purges_and_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open_log(dir.path(), NO_CAP);
+    assert_eq!(store.bytes_after(None), 0);
+    let entries: Vec<Entry> = (1..=10).map(|i| put(1, i, &format!("k{i}"), &vec![b'v'; 100 * i as usize])).collect();
+    let size = |e: &Entry| postcard::to_stdvec(e).unwrap().len() as u64;
+    let sum = |from: usize, to: usize| entries[from - 1..to].iter().map(size).sum::<u64>();
+    store.blocking_append(entries.clone()).await.unwrap();
+    assert_eq!(store.bytes_after(None), sum(1, 10));
+    assert_eq!(store.bytes_after(Some(4)), sum(5, 10), "after a snapshot at 4");
+    assert!(sum(5, 10) > 5 * 500, "values dominate: {}", sum(5, 10));
+    store.truncate(log_id(1, 9)).await.unwrap();
+    assert_eq!(store.bytes_after(None), sum(1, 8));
+    store.purge(log_id(1, 3)).await.unwrap();
+    assert_eq!(store.bytes_after(None), sum(4, 8));
+    assert_eq!(store.bytes_after(Some(5)), sum(6, 8));
+    drop(store);
+    let store = open_log(dir.path(), NO_CAP);
+    assert_eq!(store.bytes_after(None), sum(4, 8), "counted again from the file after a reopen");
+}
