@@ -106,7 +106,7 @@ pub const MAX_SESSIONS_PER_TOKEN: u64 = 10_000;
 /// namespace → how many sessions it holds (derived from `sessions`, rebuilt with it).
 const SESSION_NS: TableDefinition<u64, u64> = TableDefinition::new("session_ns");
 
-const SNAPSHOT_FILE: &str = "snapshot.bin";
+pub const SNAPSHOT_FILE: &str = "snapshot.bin";
 
 /// A key's stored record.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
