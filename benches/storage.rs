@@ -57,7 +57,12 @@ fn log_append(c: &mut Criterion) {
     for len in BATCHES {
         // A fresh log per batch size, so that one size's file growth does not slow the next.
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut store = RedbLogStore::open(&dir.path().join("raft-log.db"), 1 << 20).expect("open log");
+        let mut store = RedbLogStore::open(
+            &dir.path().join("raft-log.db"),
+            1 << 20,
+            aspen::config::StorageConfig::default().cache_split(1).log,
+        )
+        .expect("open log");
         let mut next = 1u64;
         group.throughput(Throughput::Elements(len));
         group.bench_function(BenchmarkId::from_parameter(len), |b| {
@@ -83,7 +88,11 @@ fn apply(c: &mut Criterion) {
     group.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
     for len in BATCHES {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut sm = RedbStateMachine::open(&dir.path().join("state-machine.db")).expect("open state machine");
+        let mut sm = RedbStateMachine::open(
+            &dir.path().join("state-machine.db"),
+            aspen::config::StorageConfig::default().cache_split(1).state_machine,
+        )
+        .expect("open state machine");
         let mut next = 1u64;
         group.throughput(Throughput::Elements(len));
         group.bench_function(BenchmarkId::from_parameter(len), |b| {
