@@ -5,7 +5,7 @@ use std::{process::ExitCode, sync::Arc};
 
 use aspen::{
     cluster::{bootstrap_until, BootstrapError},
-    config::{NodeArgs, NodeConfig},
+    config::{LogFormat, NodeArgs, NodeConfig},
 };
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
@@ -31,12 +31,12 @@ fn main() -> ExitCode {
         }),
         _ => tracing_subscriber::EnvFilter::new(aspen::logging::DEFAULT_LOG_FILTER),
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match config.log_format {
         // Colour only for a person at a terminal: never into files or journald.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        LogFormat::Text => logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+        LogFormat::Json => logs.json().with_ansi(false).init(),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

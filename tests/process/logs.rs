@@ -230,3 +230,32 @@ async fn a_down_peer_is_one_line_not_one_per_heartbeat_and_a_clean_stop_no_warni
         assert_eq!(count(&n.lines(), "openraft"), 0, "node {}:\n{}", n.id(), n.text(0));
     }
 }
+
+/// `--log-format json`: every line the node writes, from start-up to a clean stop, is one JSON
+/// object with a timestamp, a level, a target and the event's fields (its message among them).
+#[test]
+fn json_log_lines_are_one_object_each() {
+    let root = tempfile::tempdir().unwrap();
+    let mut node = LoggedNode::new(root.path(), 1, vec!["--log-format".into(), "json".into()]);
+    node.start();
+    let status = node.proc().terminate(Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}"));
+    assert!(status.success(), "exits 0 on SIGTERM: {status}");
+    // The file has stdout too: its one line is the ticket (the binary's stdout contract).
+    let all = node.lines();
+    assert_eq!(all.iter().filter(|l| l.starts_with("ticket: aspen")).count(), 1, "{all:?}");
+    let lines: Vec<&String> = all.iter().filter(|l| !l.starts_with("ticket: aspen")).collect();
+    assert!(lines.len() >= 2, "start-up and shutdown lines: {lines:?}");
+    let mut messages = Vec::new();
+    for line in lines.iter().copied() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not one JSON object ({e}): {line:?}"));
+        for field in ["timestamp", "level", "target"] {
+            assert!(v[field].is_string(), "{field} in {line}");
+        }
+        assert!(["TRACE", "DEBUG", "INFO", "WARN", "ERROR"].contains(&v["level"].as_str().unwrap()), "{line}");
+        messages
+            .push(v["fields"]["message"].as_str().unwrap_or_else(|| panic!("fields.message in {line}")).to_string());
+    }
+    assert!(!lines.iter().any(|l| l.contains('\u{1b}')), "no colour codes");
+    assert!(messages.iter().any(|m| m.contains("shut")), "a shutdown line among {messages:?}");
+}

@@ -207,6 +207,18 @@ impl Default for WatchConfig {
     }
 }
 
+/// How `aspen-node` writes its log lines (stderr).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One line per event for people: time, level, target, message and fields.
+    #[default]
+    Text,
+    /// One JSON object per line for log pipelines: `timestamp`, `level`, `target`, `fields`
+    /// (with `message`), and `span`/`spans` when inside one.
+    Json,
+}
+
 /// Most shards a cluster can have.
 pub const MAX_SHARDS: u32 = 256;
 
@@ -257,6 +269,8 @@ pub struct NodeConfig {
     pub watch: WatchConfig,
     #[serde(default)]
     pub storage: StorageConfig,
+    #[serde(default)]
+    pub log_format: LogFormat,
 }
 
 impl Default for NodeConfig {
@@ -275,6 +289,7 @@ impl Default for NodeConfig {
             gossip: GossipConfig::default(),
             watch: WatchConfig::default(),
             storage: StorageConfig::default(),
+            log_format: LogFormat::Text,
         }
     }
 }
@@ -325,6 +340,9 @@ pub struct NodeArgs {
     /// Memory for the databases' page caches, shared by all of them. [default: 268435456]
     #[arg(long, env = "ASPEN_CACHE_BYTES")]
     pub cache_bytes: Option<u64>,
+    /// Log lines as `text` (for people) or `json` (one object per line). [default: text]
+    #[arg(long, env = "ASPEN_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
     /// Largest key in bytes. [default: 4096]
     #[arg(long, env = "ASPEN_MAX_KEY_BYTES")]
     pub max_key_bytes: Option<u64>,
@@ -367,6 +385,7 @@ struct FileConfig {
     gossip: Option<FileGossip>,
     watch: Option<FileWatch>,
     storage: Option<FileStorage>,
+    log_format: Option<LogFormat>,
 }
 
 #[derive(Deserialize, Default, Debug)]
@@ -464,6 +483,7 @@ impl NodeConfig {
         set(&mut cfg.raft.snapshot_threshold, args.snapshot_threshold);
         set(&mut cfg.raft.snapshot_log_bytes, args.snapshot_log_bytes);
         set(&mut cfg.storage.cache_bytes, args.cache_bytes);
+        set(&mut cfg.log_format, args.log_format);
         set(&mut cfg.limits.max_key_bytes, args.max_key_bytes);
         set(&mut cfg.limits.max_value_bytes, args.max_value_bytes);
         set(&mut cfg.limits.request_timeout_ms, args.request_timeout_ms);
@@ -493,6 +513,7 @@ impl NodeConfig {
         set(&mut self.bind_addr, f.bind_addr);
         set(&mut self.cluster_name, f.cluster_name.clone());
         set(&mut self.no_init, f.no_init);
+        set(&mut self.log_format, f.log_format);
         set(&mut self.join, f.join.clone());
         if let Some(t) = &f.join_token {
             self.join_token = Some(t.trim().to_string());
@@ -731,6 +752,9 @@ mod tests {
         assert_eq!((cfg.storage.cache_bytes, cfg.raft.snapshot_log_bytes), (64 << 20, 1 << 20));
         let d = NodeConfig::default();
         assert_eq!((d.storage.cache_bytes, d.raft.snapshot_log_bytes), (256 << 20, 64 << 20));
+        assert_eq!(d.log_format, LogFormat::Text);
+        assert_eq!(NodeConfig::from_toml_str("log_format = \"json\"").unwrap().log_format, LogFormat::Json);
+        assert!(NodeConfig::from_toml_str("log_format = \"xml\"").unwrap_err().to_string().contains("log_format"));
         let args = NodeArgs { cache_bytes: Some(32 << 20), snapshot_log_bytes: Some(1 << 17), ..Default::default() };
         let cfg = NodeConfig::from_args(&args).unwrap();
         assert_eq!((cfg.storage.cache_bytes, cfg.raft.snapshot_log_bytes), (32 << 20, 1 << 17));
