@@ -5,7 +5,7 @@
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
-use crate::support::{start_three, wait_shards_converged, InProcNode};
+use crate::support::{start_three, wait_shards_converged, wait_until, InProcNode};
 use aspen::{
     api::{EventKind, WatchEvent, WatchPosition, WatchRequest, WatchStart},
     client::{WatchItem, WatchStream},
@@ -124,11 +124,22 @@ async fn watches_see_every_write_once_in_order_and_resume_anywhere() {
     }
     let single = take_events(&mut one, 3).await;
     assert!(single.iter().all(|e| e.key == b"w/k0" && e.prev_value.is_none()), "{single:?}");
+    // A write to another key of w/k0's shard, after its last event: the quiet key watch is told
+    // its progress, so it could resume past it (on a member whose history starts later).
+    let k0_shard = router.shard_for_key(b"w/k0");
+    let other = (0..).map(|i| format!("other/{i}")).find(|k| router.shard_for_key(k.as_bytes()) == k0_shard).unwrap();
+    let later = writer.put(other, "x").await.unwrap();
+    assert!(later > single[2].revision);
+    wait_until(30, "the key watch's position passes a later write to another key", || {
+        one.positions().iter().any(|p| p.shard == k0_shard && p.revision >= later)
+    })
+    .await;
 
-    // The stream knows where it stands: after the last event of each shard.
+    // The stream knows where it stands: at the last event of each shard, or past it once the
+    // shard's progress (later entries without a watched event) was reported.
     for p in all.positions() {
-        let last = got.iter().rfind(|e| e.shard == p.shard).expect("events in every shard");
-        assert_eq!(p, last.position());
+        let last = got.iter().rfind(|e| e.shard == p.shard).expect("events in every shard").position();
+        assert!(p == last || last.precedes(p.revision, p.index), "{p:?} before the last event {last:?}");
     }
     // Resume on another node after the first half: exactly the second half follows.
     let half = got.len() / 2;

@@ -1122,6 +1122,12 @@ pub enum ClientResponse {
     },
     /// Events of one shard, in order.
     WatchEvents(Vec<WatchEvent>),
+    /// Progress of a quiet watch: no event of these shards up to these positions is still to
+    /// come, so a resume may start there (a member's history may no longer reach back to the
+    /// watch's last event).
+    WatchProgress {
+        positions: Vec<WatchPosition>,
+    },
 }
 
 /// The typed errors a client can receive. Every variant says what the caller can do next.

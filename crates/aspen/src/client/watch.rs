@@ -237,6 +237,17 @@ async fn watch_once(
                     return Ended::Gone;
                 }
             }
+            // A quiet watch's progress: resume from there (nothing for the caller).
+            Ok(ClientResponse::WatchProgress { positions: at }) if created => {
+                let mut known = positions.lock().unwrap_or_else(|p| p.into_inner());
+                for p in at {
+                    match known.iter_mut().find(|k| k.shard == p.shard) {
+                        Some(k) if k.precedes(p.revision, p.index) => *k = p,
+                        Some(_) => {}
+                        None => known.push(p),
+                    }
+                }
+            }
             Ok(other) => {
                 return Ended::Refused(ApiError::Internal(format!("unexpected watch frame {other:?}")));
             }

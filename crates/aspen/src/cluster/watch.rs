@@ -21,13 +21,18 @@ use crate::{
         is_reserved_key, ApiError, ClientResponse, ClientResult, ShardId, WatchEvent, WatchPosition, WatchRequest,
         WatchStart,
     },
-    storage::watch::{EventBatch, Subscription},
+    storage::watch::{EventBatch, Subscription, WatchHub},
 };
 
 /// Frames a watch may have waiting for the client before its shard tasks stop reading.
 const STREAM_BUFFER: usize = 8;
 /// How often a shard task waiting for the client looks at how far the live feed ran ahead.
 const LAG_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
+/// How long a watch's shard task waits without a batch before it reports its progress (only
+/// if the shard applied something since: writes to other keys, leader changes): a watch whose
+/// keys are quiet keeps a recent position, so it can resume on a member whose history starts
+/// later than its last event (a member that restarted, say).
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 /// Most key and value bytes in one events frame (a prefix delete's events are split).
 const MAX_FRAME_EVENT_BYTES: usize = 1024 * 1024;
 
@@ -91,8 +96,10 @@ impl NodeService {
         // Room for it: the channel is new.
         let _ = tx.try_send(Ok(ClientResponse::WatchCreated { positions }));
         let filter = Filter { key: request.key, prefix: request.prefix, prev_kv: request.prev_kv };
-        for sub in subscriptions {
-            tokio::spawn(follow_shard(sub, filter.clone(), tx.clone()));
+        for (sub, shard) in subscriptions.into_iter().zip(shards) {
+            let hub = self.store.shards().get(&shard).map(|n| n.watch_hub().clone());
+            let Some(hub) = hub else { continue };
+            tokio::spawn(follow_shard(sub, hub, filter.clone(), tx.clone()));
         }
         Ok(rx)
     }
@@ -109,7 +116,7 @@ enum Sent {
 
 /// Delivers one shard's events after the subscription's start until the client goes away or
 /// the watch cannot stay complete (then an error frame ends it).
-async fn follow_shard(sub: Subscription, filter: Filter, tx: mpsc::Sender<ClientResult>) {
+async fn follow_shard(sub: Subscription, hub: Arc<WatchHub>, filter: Filter, tx: mpsc::Sender<ClientResult>) {
     let Subscription { backlog, mut live, start, max_lag } = sub;
     let shard = start.shard;
     let mut at = start;
@@ -128,6 +135,20 @@ async fn follow_shard(sub: Subscription, filter: Filter, tx: mpsc::Sender<Client
         let first = tokio::select! {
             next = live.recv() => next,
             _ = tx.closed() => return,
+            _ = tokio::time::sleep(PROGRESS_EVERY) => {
+                match hub.progress(&live) {
+                    Some(p) if at.precedes(p.revision, p.index) => {
+                        let frame = Ok(ClientResponse::WatchProgress { positions: vec![p] });
+                        match send_frame(&tx, frame, &live, max_lag).await {
+                            Sent::Ok => at = p,
+                            Sent::Gone => return,
+                            Sent::Lagged => return end(&tx, lagged(max_lag as u64)).await,
+                        }
+                    }
+                    _ => {}
+                }
+                continue;
+            }
         };
         // Whatever else is there already goes into the same frame: a watcher that fell a
         // little behind catches up with fewer, larger frames.

@@ -152,6 +152,14 @@ impl WatchHub {
         Ok(Subscription { backlog, live: self.live.subscribe(), start: after, max_lag: self.max_lag })
     }
 
+    /// Where a watch fed by `live` stands if it has handled every batch it received: after
+    /// the last applied index, when `live` holds nothing more (checked under the lock that
+    /// publishing takes, so no batch at or before that index can still be on its way).
+    pub fn progress(&self, live: &broadcast::Receiver<Arc<EventBatch>>) -> Option<WatchPosition> {
+        let h = self.lock();
+        live.is_empty().then(|| WatchPosition::after_revision(self.shard, h.applied))
+    }
+
     /// Events and bytes held, and the revision after which the history is complete.
     pub fn held(&self) -> (usize, usize, u64) {
         let h = self.lock();
