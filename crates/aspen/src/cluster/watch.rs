@@ -28,10 +28,10 @@ use crate::{
 const STREAM_BUFFER: usize = 8;
 /// How often a shard task waiting for the client looks at how far the live feed ran ahead.
 const LAG_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
-/// How long a watch's shard task waits without a batch before it reports its progress (only
-/// if the shard applied something since: writes to other keys, leader changes): a watch whose
-/// keys are quiet keeps a recent position, so it can resume on a member whose history starts
-/// later than its last event (a member that restarted, say).
+/// How long a watch's shard task goes without sending the client anything before it reports
+/// its progress (if it moved: writes to other keys, leader changes): a watch whose keys are
+/// quiet keeps a recent position, so it can resume on a member whose history starts later than
+/// its last event (a member that restarted, say).
 const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 /// Most key and value bytes in one events frame (a prefix delete's events are split).
 const MAX_FRAME_EVENT_BYTES: usize = 1024 * 1024;
@@ -120,13 +120,16 @@ async fn follow_shard(sub: Subscription, hub: Arc<WatchHub>, filter: Filter, tx:
     let Subscription { backlog, mut live, start, max_lag } = sub;
     let shard = start.shard;
     let mut at = start;
+    // What the client knows (its last event or progress), and since when.
+    let mut reported = start;
+    let mut reported_at = tokio::time::Instant::now();
     let lagged = |n: u64| {
         ApiError::WatchCancelled(format!(
             "the watcher fell {n} writes behind shard {shard}'s live feed (it reads too slowly); resume from the \
              last event's position"
         ))
     };
-    match send_batches(&backlog, &filter, &mut at, &tx, &live, max_lag).await {
+    match send_batches(&backlog, &filter, &mut at, &mut reported, &tx, &live, max_lag).await {
         Sent::Ok => {}
         Sent::Gone => return,
         Sent::Lagged => return end(&tx, lagged(max_lag as u64)).await,
@@ -135,18 +138,22 @@ async fn follow_shard(sub: Subscription, hub: Arc<WatchHub>, filter: Filter, tx:
         let first = tokio::select! {
             next = live.recv() => next,
             _ = tx.closed() => return,
-            _ = tokio::time::sleep(PROGRESS_EVERY) => {
-                match hub.progress(&live) {
-                    Some(p) if at.precedes(p.revision, p.index) => {
-                        let frame = Ok(ClientResponse::WatchProgress { positions: vec![p] });
-                        match send_frame(&tx, frame, &live, max_lag).await {
-                            Sent::Ok => at = p,
-                            Sent::Gone => return,
-                            Sent::Lagged => return end(&tx, lagged(max_lag as u64)).await,
-                        }
+            _ = tokio::time::sleep_until(reported_at + PROGRESS_EVERY) => {
+                // Idle: everything applied so far is handled (entries without events included).
+                if let Some(p) = hub.progress(&live) {
+                    if at.precedes(p.revision, p.index) {
+                        at = p;
                     }
-                    _ => {}
                 }
+                if reported != at {
+                    let frame = Ok(ClientResponse::WatchProgress { positions: vec![at] });
+                    match send_frame(&tx, frame, &live, max_lag).await {
+                        Sent::Ok => reported = at,
+                        Sent::Gone => return,
+                        Sent::Lagged => return end(&tx, lagged(max_lag as u64)).await,
+                    }
+                }
+                reported_at = tokio::time::Instant::now();
                 continue;
             }
         };
@@ -173,8 +180,29 @@ async fn follow_shard(sub: Subscription, hub: Arc<WatchHub>, filter: Filter, tx:
                 other => break Some(other),
             }
         };
-        match send_batches(&pending, &filter, &mut at, &tx, &live, max_lag).await {
-            Sent::Ok => {}
+        let before = reported;
+        match send_batches(&pending, &filter, &mut at, &mut reported, &tx, &live, max_lag).await {
+            Sent::Ok => {
+                // Every event of these entries is handled, matching or not.
+                if let Some(last) = pending.last() {
+                    let done = WatchPosition::after_revision(shard, last.revision);
+                    if at.precedes(done.revision, done.index) {
+                        at = done;
+                    }
+                }
+                let now = tokio::time::Instant::now();
+                if reported != before {
+                    reported_at = now;
+                } else if reported != at && now >= reported_at + PROGRESS_EVERY {
+                    // A busy shard whose writes all miss this watch: say how far it got.
+                    let frame = Ok(ClientResponse::WatchProgress { positions: vec![at] });
+                    match send_frame(&tx, frame, &live, max_lag).await {
+                        Sent::Ok => (reported, reported_at) = (at, now),
+                        Sent::Gone => return,
+                        Sent::Lagged => return end(&tx, lagged(max_lag as u64)).await,
+                    }
+                }
+            }
             Sent::Gone => return,
             Sent::Lagged => return end(&tx, lagged(max_lag as u64)).await,
         }
@@ -239,11 +267,14 @@ async fn send_frame(
     }
 }
 
-/// Sends the events of `batches` after `at` that match, in frames of bounded size; advances `at`.
+/// Sends the events of `batches` after `at` that match, in frames of bounded size; advances `at`
+/// (past every event handled) and `reported` (to the last event sent).
+#[allow(clippy::too_many_arguments)]
 async fn send_batches(
     batches: &[Arc<EventBatch>],
     filter: &Filter,
     at: &mut WatchPosition,
+    reported: &mut WatchPosition,
     tx: &mpsc::Sender<ClientResult>,
     live: &broadcast::Receiver<Arc<EventBatch>>,
     max_lag: usize,
@@ -265,14 +296,20 @@ async fn send_batches(
         bytes += e.bytes();
         frame.push(e);
         if bytes >= MAX_FRAME_EVENT_BYTES {
+            let last = frame.last().map(WatchEvent::position);
             match send_frame(tx, Ok(ClientResponse::WatchEvents(std::mem::take(&mut frame))), live, max_lag).await {
-                Sent::Ok => bytes = 0,
+                Sent::Ok => {
+                    bytes = 0;
+                    *reported = last.unwrap_or(*reported);
+                }
                 other => return other,
             }
         }
     }
-    if frame.is_empty() {
-        return Sent::Ok;
+    let Some(last) = frame.last().map(WatchEvent::position) else { return Sent::Ok };
+    let sent = send_frame(tx, Ok(ClientResponse::WatchEvents(frame)), live, max_lag).await;
+    if matches!(sent, Sent::Ok) {
+        *reported = last;
     }
-    send_frame(tx, Ok(ClientResponse::WatchEvents(frame)), live, max_lag).await
+    sent
 }
