@@ -89,16 +89,14 @@ impl NodeService {
                     ApiError::InvalidRequest(format!("the resume token has no position for shard {shard}"))
                 })?,
             };
-            subscriptions.push(hub.subscribe(start)?);
+            subscriptions.push((hub.subscribe(start)?, hub.clone()));
         }
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let positions = subscriptions.iter().map(|s| s.start).collect();
+        let positions = subscriptions.iter().map(|(s, _)| s.start).collect();
         // Room for it: the channel is new.
         let _ = tx.try_send(Ok(ClientResponse::WatchCreated { positions }));
         let filter = Filter { key: request.key, prefix: request.prefix, prev_kv: request.prev_kv };
-        for (sub, shard) in subscriptions.into_iter().zip(shards) {
-            let hub = self.store.shards().get(&shard).map(|n| n.watch_hub().clone());
-            let Some(hub) = hub else { continue };
+        for (sub, hub) in subscriptions {
             tokio::spawn(follow_shard(sub, hub, filter.clone(), tx.clone()));
         }
         Ok(rx)
@@ -146,8 +144,7 @@ async fn follow_shard(sub: Subscription, hub: Arc<WatchHub>, filter: Filter, tx:
                     }
                 }
                 if reported != at {
-                    let frame = Ok(ClientResponse::WatchProgress { positions: vec![at] });
-                    match send_frame(&tx, frame, &live, max_lag).await {
+                    match send_progress(&tx, at, &live, max_lag).await {
                         Sent::Ok => reported = at,
                         Sent::Gone => return,
                         Sent::Lagged => return end(&tx, lagged(max_lag as u64)).await,
@@ -195,8 +192,7 @@ async fn follow_shard(sub: Subscription, hub: Arc<WatchHub>, filter: Filter, tx:
                     reported_at = now;
                 } else if reported != at && now >= reported_at + PROGRESS_EVERY {
                     // A busy shard whose writes all miss this watch: say how far it got.
-                    let frame = Ok(ClientResponse::WatchProgress { positions: vec![at] });
-                    match send_frame(&tx, frame, &live, max_lag).await {
+                    match send_progress(&tx, at, &live, max_lag).await {
                         Sent::Ok => (reported, reported_at) = (at, now),
                         Sent::Gone => return,
                         Sent::Lagged => return end(&tx, lagged(max_lag as u64)).await,
@@ -265,6 +261,16 @@ async fn send_frame(
             }
         }
     }
+}
+
+/// Tells the client its watch of `at`'s shard stands at `at` (no event there or before is to come).
+async fn send_progress(
+    tx: &mpsc::Sender<ClientResult>,
+    at: WatchPosition,
+    live: &broadcast::Receiver<Arc<EventBatch>>,
+    max_lag: usize,
+) -> Sent {
+    send_frame(tx, Ok(ClientResponse::WatchProgress { positions: vec![at] }), live, max_lag).await
 }
 
 /// Sends the events of `batches` after `at` that match, in frames of bounded size; advances `at`
