@@ -4,7 +4,15 @@
 //! (log entries, membership) and sent between nodes (Raft RPCs, `super::raft_rpc`), so the
 //! storage, transport and Raft layers all speak them.
 
-use std::{fmt, io::Cursor, net::SocketAddr};
+use std::{
+    fmt,
+    future::Future,
+    io,
+    io::SeekFrom,
+    net::SocketAddr,
+    pin::Pin,
+    task::{ready, Context, Poll},
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -108,9 +116,151 @@ openraft::declare_raft_types!(
         NodeId = u64,
         Node = MemberNode,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = SnapshotData,
         AsyncRuntime = openraft::TokioRuntime,
 );
+
+/// Makes a snapshot's file: run once, on a blocking thread, when the bytes are first needed.
+pub type MakeSnapshotFile = Box<dyn FnOnce() -> io::Result<std::fs::File> + Send>;
+
+/// A snapshot's bytes (docs/design.md §6.4): a file, read and written through tokio's async I/O
+/// traits as openraft streams it in chunks. A snapshot to send starts as a recipe
+/// ([`SnapshotData::lazy`]) that writes the file on first read or seek, so asking for the current
+/// snapshot (openraft does at every start, for its metadata only) costs nothing until someone
+/// actually sends it, and the writing runs off the state machine's task. A snapshot being
+/// received is a file from the start ([`SnapshotData::file`]).
+pub struct SnapshotData {
+    state: DataState,
+    /// A seek asked for before the file existed, started once it does.
+    pending_seek: Option<SeekFrom>,
+}
+
+enum DataState {
+    Lazy(MakeSnapshotFile),
+    Making(tokio::task::JoinHandle<io::Result<std::fs::File>>),
+    Ready(tokio::fs::File),
+    /// Making the file failed; every later call fails too.
+    Failed(io::ErrorKind, String),
+    /// Only while moving between states.
+    Empty,
+}
+
+impl SnapshotData {
+    /// A snapshot whose file `make` writes when the bytes are first needed.
+    pub fn lazy(make: MakeSnapshotFile) -> Self {
+        SnapshotData { state: DataState::Lazy(make), pending_seek: None }
+    }
+
+    /// A snapshot held in an open file (read and written from its current position).
+    pub fn file(file: std::fs::File) -> Self {
+        SnapshotData { state: DataState::Ready(tokio::fs::File::from_std(file)), pending_seek: None }
+    }
+
+    /// The file, made first if need be, with every write so far flushed to it.
+    pub async fn into_std(mut self) -> io::Result<std::fs::File> {
+        std::future::poll_fn(|cx| self.poll_file(cx).map_ok(|_| ())).await?;
+        match std::mem::replace(&mut self.state, DataState::Empty) {
+            DataState::Ready(mut f) => {
+                tokio::io::AsyncWriteExt::flush(&mut f).await?;
+                Ok(f.into_std().await)
+            }
+            _ => Err(io::Error::other("snapshot file not ready")),
+        }
+    }
+
+    /// Drives the recipe until the file exists, then starts a seek asked for before that.
+    fn poll_file(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<&mut tokio::fs::File>> {
+        loop {
+            match std::mem::replace(&mut self.state, DataState::Empty) {
+                DataState::Lazy(make) => self.state = DataState::Making(tokio::task::spawn_blocking(make)),
+                DataState::Making(mut task) => match Pin::new(&mut task).poll(cx) {
+                    Poll::Pending => {
+                        self.state = DataState::Making(task);
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(made) => {
+                        self.state = match made.map_err(io::Error::other).and_then(|r| r) {
+                            Ok(f) => DataState::Ready(tokio::fs::File::from_std(f)),
+                            Err(e) => DataState::Failed(e.kind(), e.to_string()),
+                        }
+                    }
+                },
+                DataState::Ready(mut f) => {
+                    let started = match self.pending_seek.take() {
+                        Some(pos) => tokio::io::AsyncSeek::start_seek(Pin::new(&mut f), pos),
+                        None => Ok(()),
+                    };
+                    self.state = DataState::Ready(f);
+                    started?;
+                    let DataState::Ready(f) = &mut self.state else { unreachable!("set just above") };
+                    return Poll::Ready(Ok(f));
+                }
+                DataState::Failed(kind, msg) => {
+                    let err = io::Error::new(kind, format!("making the snapshot file failed: {msg}"));
+                    self.state = DataState::Failed(kind, msg);
+                    return Poll::Ready(Err(err));
+                }
+                DataState::Empty => return Poll::Ready(Err(io::Error::other("snapshot data used after it failed"))),
+            }
+        }
+    }
+}
+
+impl fmt::Debug for SnapshotData {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            DataState::Lazy(_) => "not made yet",
+            DataState::Making(_) => "being made",
+            DataState::Ready(_) => "file",
+            DataState::Failed(..) => "failed",
+            DataState::Empty => "empty",
+        };
+        f.debug_struct("SnapshotData").field("state", &state).finish()
+    }
+}
+
+impl tokio::io::AsyncRead for SnapshotData {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let f = ready!(self.get_mut().poll_file(cx))?;
+        Pin::new(f).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for SnapshotData {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let f = ready!(self.get_mut().poll_file(cx))?;
+        Pin::new(f).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let f = ready!(self.get_mut().poll_file(cx))?;
+        Pin::new(f).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let f = ready!(self.get_mut().poll_file(cx))?;
+        Pin::new(f).poll_shutdown(cx)
+    }
+}
+
+impl tokio::io::AsyncSeek for SnapshotData {
+    fn start_seek(self: Pin<&mut Self>, position: SeekFrom) -> io::Result<()> {
+        let this = self.get_mut();
+        match &mut this.state {
+            DataState::Ready(f) => Pin::new(f).start_seek(position),
+            // Started once the file exists (`poll_complete` drives it there).
+            _ => {
+                this.pending_seek = Some(position);
+                Ok(())
+            }
+        }
+    }
+
+    fn poll_complete(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<u64>> {
+        let f = ready!(self.get_mut().poll_file(cx))?;
+        Pin::new(f).poll_complete(cx)
+    }
+}
 
 pub type Raft = openraft::Raft<TypeConfig>;
 pub type Entry = openraft::Entry<TypeConfig>;

@@ -206,7 +206,6 @@ impl RaftNode {
             raft.clone(),
             log_sizes.clone(),
             raft_cfg.snapshot_log_bytes,
-            dir.join(crate::storage::state_machine::SNAPSHOT_FILE),
             shard,
             size_stop.clone(),
         ));
@@ -666,14 +665,12 @@ const SNAPSHOT_RETRY: Duration = Duration::from_secs(60);
 
 /// Builds a snapshot (after which openraft purges the log behind it) whenever the entries after
 /// the last snapshot hold `limit` encoded bytes: openraft's own policy counts entries only, and
-/// an entry may batch many writes (docs/design.md §6). While a snapshot is a copy of the whole
-/// state (`snapshot_file`), it also waits until the log holds as many bytes as the last one, so
-/// that snapshots never cost more than the writes they compact. Runs until the shard stops.
+/// an entry may batch many writes (docs/design.md §6). A snapshot copies nothing (§6.4), so it
+/// costs a durable commit whatever the state's size. Runs until the shard stops.
 async fn snapshot_by_size(
     raft: Raft,
     log: RedbLogStore,
     limit: u64,
-    snapshot_file: std::path::PathBuf,
     shard: ShardId,
     stop: tokio_util::sync::CancellationToken,
 ) {
@@ -692,8 +689,7 @@ async fn snapshot_by_size(
             (m.snapshot.map(|l| l.index), m.last_applied.map(|l| l.index))
         };
         let Some(applied) = applied else { continue };
-        let last_snapshot_bytes = std::fs::metadata(&snapshot_file).map(|m| m.len()).unwrap_or(0);
-        if log.bytes_after(snapshot) < limit.max(last_snapshot_bytes) {
+        if log.bytes_after(snapshot) < limit {
             continue;
         }
         // The snapshot asked for covers at least what was applied then: wait for it.

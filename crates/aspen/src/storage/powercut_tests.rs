@@ -2,7 +2,7 @@
 //! disks ([`super::powercut`]) and are driven the way openraft drives them — fsync'd appends
 //! acknowledged through the `LogFlushed` callback, votes, non-durable `committed`, applies
 //! (non-durable commits, covered by the durable log), snapshots and purges, truncation of an
-//! uncommitted tail — while the power is cut at a random I/O call. After each cut the stores are
+//! uncommitted tail, a follower's install of a streamed snapshot — while the power is cut at a random I/O call. After each cut the stores are
 //! reopened from the durable images and checked:
 //!
 //! - the log is exactly the acknowledged log, or the acknowledged log with the operation that
@@ -10,6 +10,7 @@
 //! - the vote is the acknowledged one, or the one being saved at the cut;
 //! - `committed` and `last_applied` never run ahead of what was committed, and the log still
 //!   holds everything after `last_applied` (nothing needed for replay was purged);
+//! - a cut during an install leaves the old state or the new one, never a mix;
 //! - openraft's own restart ([`StorageHelper::get_initial_state`]) succeeds, and after it the
 //!   state machine, brought up to the commit index, equals a replay of the durable log from
 //!   scratch (or from the snapshot, when the log was purged).
@@ -25,10 +26,7 @@
 //! `POWERCUT_SEED=<seed> cargo test -p aspen --lib powercut_tests -- --nocapture`; `POWERCUT_RUNS=<n>`
 //! changes the number of runs.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    io::Cursor,
-};
+use std::collections::{BTreeMap, BTreeSet};
 
 use openraft::{
     storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine, StorageHelper},
@@ -149,6 +147,8 @@ enum InFlight {
     Truncate(u64),
     Purge(LogId),
     Vote(Vote),
+    /// A snapshot of the state at this index being installed (the log is not touched).
+    Install(u64),
 }
 
 /// Log contents as compared: (last purged, index → encoded entry).
@@ -173,7 +173,7 @@ fn log_candidates(model: &Model, in_flight: &InFlight) -> Vec<LogImage> {
             log.retain(|i, _| *i > id.index);
             purged = Some(*id);
         }
-        InFlight::None | InFlight::Vote(_) => return out,
+        InFlight::None | InFlight::Vote(_) | InFlight::Install(_) => return out,
     }
     out.push(image_of(purged, &log));
     out
@@ -297,6 +297,7 @@ async fn run(seed: u64, opts: RunOpts) -> TestResult {
                 InFlight::Truncate(_) => "truncate",
                 InFlight::Purge(_) => "purge",
                 InFlight::Vote(_) => "vote",
+                InFlight::Install(_) => "install",
             };
             *st.in_flight.entry(kind).or_default() += 1;
             st.io_calls = rig.switch.io_calls();
@@ -379,6 +380,20 @@ async fn step(
                 model.last_purged = Some(id);
             }
         }
+        // A follower catching up: entries are committed and the state at the new commit index
+        // arrives as a snapshot (made by another state machine on the real file system) and
+        // replaces this one's.
+        93..=96 if end > committed => {
+            let upto = rng.random_range(committed..end);
+            let id = model.id_at(upto).expect("flushed entry");
+            model.committed = Some(id);
+            log.save_committed(Some(id)).await.map_err(|e| (InFlight::None, e.to_string()))?;
+            let stream =
+                state_at(sm, &model.log, next(model.applied), upto + 1).await.map_err(|e| (InFlight::None, e))?;
+            let meta = stream.meta.clone();
+            sm.install_snapshot(&meta, stream.snapshot).await.map_err(|e| (InFlight::Install(upto), e.to_string()))?;
+            model.applied = meta.last_log_id;
+        }
         // Reads, as the request path and replication do.
         _ => {
             log.try_get_log_entries(..).await.map_err(|e| (InFlight::None, e.to_string()))?;
@@ -386,6 +401,27 @@ async fn step(
         }
     }
     Ok(())
+}
+
+/// A snapshot of `sm`'s state with `log`'s entries in `from..end` applied after it, made by a
+/// state machine on the real file system (its file already written).
+async fn state_at(
+    sm: &mut RedbStateMachine,
+    log: &BTreeMap<u64, Entry>,
+    from: u64,
+    end: u64,
+) -> Result<openraft::Snapshot<crate::api::raft::TypeConfig>, String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let mut other = RedbStateMachine::open(&dir.path().join("state-machine.db"), 1 << 20).map_err(|e| e.to_string())?;
+    if let Some(snap) = sm.get_current_snapshot().await.map_err(|e| format!("current snapshot: {e}"))? {
+        let meta = snap.meta.clone();
+        other.install_snapshot(&meta, snap.snapshot).await.map_err(|e| format!("install into the other: {e}"))?;
+    }
+    other.apply(entries_in(log, from, end)).await.map_err(|e| format!("apply to the other: {e}"))?;
+    let snap = other.get_current_snapshot().await.map_err(|e| e.to_string())?.ok_or("nothing applied")?;
+    // Made now, while `dir` exists (an unlinked file: it outlives the directory).
+    let file = snap.snapshot.into_std().await.map_err(|e| format!("snapshot file: {e}"))?;
+    Ok(openraft::Snapshot { meta: snap.meta, snapshot: Box::new(crate::api::raft::SnapshotData::file(file)) })
 }
 
 /// Checks the reopened stores against the model, then makes the model the recovered state.
@@ -442,6 +478,14 @@ async fn check(
     if let Some(a) = applied {
         ensure!(durable.get(&a.index).is_none_or(|e| e.log_id == a), "last_applied {a} is not the log's entry");
     }
+    // An install cut short leaves the old state (what was durably applied before it) or the new.
+    if let InFlight::Install(at) = in_flight {
+        ensure!(
+            applied.map(|a| a.index) == Some(*at) || applied <= model.applied,
+            "after a cut while installing the state at {at}, last_applied is {applied:?} (was {:?})",
+            model.applied
+        );
+    }
 
     // openraft's restart: re-applies the durable log after last_applied up to committed.
     let restarted = StorageHelper::new(log, sm).get_initial_state().await.map_err(|e| format!("restart: {e}"))?;
@@ -494,10 +538,7 @@ async fn replay_reference(
             format!("snapshot {:?} is behind the purged log {last_purged:?}", snap.meta.last_log_id)
         })?;
         from = next(snap.meta.last_log_id);
-        reference
-            .install_snapshot(&snap.meta, Box::new(Cursor::new(snap.snapshot.into_inner())))
-            .await
-            .map_err(|e| format!("install snapshot: {e}"))?;
+        reference.install_snapshot(&snap.meta, snap.snapshot).await.map_err(|e| format!("install snapshot: {e}"))?;
     }
     let entries = entries_in(durable, from, end);
     let expected = (from..end).count();

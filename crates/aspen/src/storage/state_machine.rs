@@ -45,7 +45,6 @@
 //! incremental one.
 
 use std::{
-    io::Cursor,
     ops::Bound,
     path::{Path, PathBuf},
     sync::Arc,
@@ -71,8 +70,8 @@ use super::{
 };
 use crate::api::{
     raft::{
-        ApplyResult, Entry, LogId, OpenraftStorageError, SnapshotMeta, StoredMembership, TypeConfig, WriteBatch,
-        WriteRequest,
+        ApplyResult, Entry, LogId, OpenraftStorageError, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig,
+        WriteBatch, WriteRequest,
     },
     BatchOp, Compare, EventKind, KeyValue, StateDigest, TxnOp, TxnOpResult, WatchEvent, WriteCommand, WriteOutcome,
     STRICT_SEQ_BASE,
@@ -106,7 +105,10 @@ pub const MAX_SESSIONS_PER_TOKEN: u64 = 10_000;
 /// namespace → how many sessions it holds (derived from `sessions`, rebuilt with it).
 const SESSION_NS: TableDefinition<u64, u64> = TableDefinition::new("session_ns");
 
-pub const SNAPSHOT_FILE: &str = "snapshot.bin";
+mod snapshot;
+
+/// The whole-state snapshot file older versions kept beside the database (removed at open).
+const LEGACY_SNAPSHOT_FILE: &str = "snapshot.bin";
 
 /// A key's stored record.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -156,50 +158,6 @@ struct SessionRecord {
     seq: u64,
     outcome: WriteOutcome,
     last_seen_ms: u64,
-}
-
-/// Everything a snapshot carries (its bytes are this, postcard-encoded).
-#[derive(Debug, Serialize, Deserialize)]
-struct SnapshotPayload {
-    kv: Vec<(Vec<u8>, StoredValue)>,
-    sessions: Vec<(u128, SessionRecord)>,
-    clock_ms: u64,
-    /// Leases whose home is this shard.
-    leases: Vec<(u64, LeaseRecord)>,
-    /// (lease id, clock ms) of the leases revoked here lately.
-    tombstones: Vec<(u64, u64)>,
-}
-
-/// A snapshot as built before leases existed (read, never written).
-#[derive(Deserialize)]
-struct SnapshotPayloadV1 {
-    kv: Vec<(Vec<u8>, StoredValueV1)>,
-    sessions: Vec<(u128, SessionRecord)>,
-    clock_ms: u64,
-}
-
-fn decode_payload(data: &[u8]) -> Result<SnapshotPayload, StorageError> {
-    match postcard::from_bytes::<SnapshotPayload>(data) {
-        Ok(p) => Ok(p),
-        Err(e) => match postcard::from_bytes::<SnapshotPayloadV1>(data) {
-            Ok(v1) => Ok(SnapshotPayload {
-                kv: v1.kv.into_iter().map(|(k, v)| (k, v.into())).collect(),
-                sessions: v1.sessions,
-                clock_ms: v1.clock_ms,
-                leases: Vec::new(),
-                tombstones: Vec::new(),
-            }),
-            Err(_) => Err(e.into()),
-        },
-    }
-}
-
-/// A snapshot as kept on disk: its metadata and its bytes.
-#[derive(Debug, Serialize, Deserialize)]
-struct SnapshotFile {
-    meta: SnapshotMeta,
-    #[serde(with = "serde_bytes")]
-    data: Vec<u8>,
 }
 
 /// Read access to a shard's applied state, shared with the request path.
@@ -496,17 +454,12 @@ fn read_meta<T: serde::de::DeserializeOwned>(
     }
 }
 
-/// Serializes writes of the snapshot file (the builder task and the state machine worker may
-/// both write one) and remembers the last log id of the file on disk, so an older snapshot never
-/// replaces a newer one.
-type SnapshotFileGuard = Arc<std::sync::Mutex<Option<LogId>>>;
-
 /// The redb-backed state machine of one shard.
 #[derive(Debug)]
 pub struct RedbStateMachine {
     db: Arc<redb::Database>,
+    /// Where snapshot temp files are made.
     dir: PathBuf,
-    snapshot_guard: SnapshotFileGuard,
     /// When set, an entry is applied only once the Raft log holds it durably.
     log: Option<DurableWatch>,
     /// The deadlines of the leases whose home is this shard, kept in step with apply.
@@ -531,6 +484,7 @@ impl RedbStateMachine {
     }
 
     fn from_db(db: redb::Database, dir: PathBuf) -> Result<Self, StorageError> {
+        snapshot::remove_leftovers(&dir)?;
         let txn = begin_write(&db, Durability::Immediate)?;
         txn.open_table(SESSION_AGE)?;
         txn.open_table(LEASE_KEYS)?;
@@ -552,14 +506,7 @@ impl RedbStateMachine {
             }
         }
         txn.commit()?;
-        let sm = RedbStateMachine {
-            db: Arc::new(db),
-            dir,
-            snapshot_guard: Default::default(),
-            log: None,
-            deadlines: Default::default(),
-            hub: None,
-        };
+        let sm = RedbStateMachine { db: Arc::new(db), dir, log: None, deadlines: Default::default(), hub: None };
         sm.deadlines.reset(sm.reader().leases()?);
         Ok(sm)
     }
@@ -598,10 +545,6 @@ impl RedbStateMachine {
     pub fn reader(&self) -> StateReader {
         StateReader { db: self.db.clone() }
     }
-
-    fn snapshot_path(&self) -> PathBuf {
-        self.dir.join(SNAPSHOT_FILE)
-    }
 }
 
 #[cfg(test)]
@@ -611,7 +554,33 @@ impl RedbStateMachine {
     /// Fails if the incrementally kept digest differs from a recount of the items.
     pub(crate) fn fingerprint(&self) -> Result<Vec<u8>, StorageError> {
         let txn = self.db.begin_read()?;
-        let (last_applied, membership, data) = read_snapshot_payload(&txn)?;
+        let (last_applied, membership, data) = {
+            let meta = txn.open_table(META)?;
+            let last_applied: Option<LogId> = read_meta(&meta, KEY_LAST_APPLIED)?;
+            let membership: StoredMembership = read_meta(&meta, KEY_MEMBERSHIP)?.unwrap_or_default();
+            let clock: u64 = read_meta(&meta, KEY_CLOCK)?.unwrap_or(0);
+            let mut kv = Vec::new();
+            for item in txn.open_table(KV)?.iter()? {
+                let (k, v) = item?;
+                kv.push((k.value().to_vec(), decode_value(v.value())?));
+            }
+            let mut sessions: Vec<(u128, SessionRecord)> = Vec::new();
+            for item in txn.open_table(SESSIONS)?.iter()? {
+                let (k, v) = item?;
+                sessions.push((k.value(), postcard::from_bytes(v.value())?));
+            }
+            let mut lease_records = Vec::new();
+            for item in txn.open_table(LEASES)?.iter()? {
+                let (k, v) = item?;
+                lease_records.push((k.value(), leases::decode_record(v.value())?));
+            }
+            let mut tombstones = Vec::new();
+            for item in txn.open_table(TOMBSTONES)?.iter()? {
+                let (k, v) = item?;
+                tombstones.push((k.value(), v.value()));
+            }
+            (last_applied, membership, postcard::to_stdvec(&(kv, sessions, clock, lease_records, tombstones))?)
+        };
         let mut ages = Vec::new();
         for item in txn.open_table(SESSION_AGE)?.iter()? {
             ages.push(item?.0.value());
@@ -1215,130 +1184,6 @@ fn expire_sessions(
     Ok(())
 }
 
-/// Builds the snapshot bytes from a consistent read of the whole state.
-fn read_snapshot_payload(
-    txn: &redb::ReadTransaction,
-) -> Result<(Option<LogId>, StoredMembership, Vec<u8>), StorageError> {
-    let meta = txn.open_table(META)?;
-    let last_applied: Option<LogId> = read_meta(&meta, KEY_LAST_APPLIED)?;
-    let membership: StoredMembership = read_meta(&meta, KEY_MEMBERSHIP)?.unwrap_or_default();
-    let clock_ms: u64 = read_meta(&meta, KEY_CLOCK)?.unwrap_or(0);
-    let mut payload =
-        SnapshotPayload { kv: Vec::new(), sessions: Vec::new(), clock_ms, leases: Vec::new(), tombstones: Vec::new() };
-    for item in txn.open_table(KV)?.iter()? {
-        let (k, v) = item?;
-        payload.kv.push((k.value().to_vec(), decode_value(v.value())?));
-    }
-    for item in txn.open_table(SESSIONS)?.iter()? {
-        let (k, v) = item?;
-        payload.sessions.push((k.value(), postcard::from_bytes(v.value())?));
-    }
-    for item in txn.open_table(LEASES)?.iter()? {
-        let (k, v) = item?;
-        payload.leases.push((k.value(), leases::decode_record(v.value())?));
-    }
-    for item in txn.open_table(TOMBSTONES)?.iter()? {
-        let (k, v) = item?;
-        payload.tombstones.push((k.value(), v.value()));
-    }
-    Ok((last_applied, membership, postcard::to_stdvec(&payload)?))
-}
-
-/// Replaces the whole state with a snapshot's, in one durable transaction. Returns the leases
-/// it holds (their deadlines restart).
-fn install_payload(
-    db: &redb::Database,
-    meta: &SnapshotMeta,
-    data: &[u8],
-) -> Result<Vec<(u64, LeaseRecord)>, StorageError> {
-    let payload = decode_payload(data)?;
-    let txn = begin_write(db, Durability::Immediate)?;
-    txn.delete_table(KV)?;
-    txn.delete_table(LEASES)?;
-    txn.delete_table(SESSIONS)?;
-    txn.delete_table(SESSION_AGE)?;
-    txn.delete_table(SESSION_NS)?;
-    txn.delete_table(LEASE_KEYS)?;
-    txn.delete_table(TOMBSTONES)?;
-    txn.delete_table(TOMBSTONE_AGE)?;
-    {
-        let mut kv = txn.open_table(KV)?;
-        let mut lease_keys = txn.open_table(LEASE_KEYS)?;
-        for (k, v) in &payload.kv {
-            kv.insert(k.as_slice(), postcard::to_stdvec(v)?.as_slice())?;
-            if v.lease != 0 {
-                lease_keys.insert((v.lease, k.as_slice()), ())?;
-            }
-        }
-        let mut lease_records = txn.open_table(LEASES)?;
-        for (id, rec) in &payload.leases {
-            lease_records.insert(*id, postcard::to_stdvec(rec)?.as_slice())?;
-        }
-        let mut tombstones = txn.open_table(TOMBSTONES)?;
-        let mut tombstone_age = txn.open_table(TOMBSTONE_AGE)?;
-        for (id, at) in &payload.tombstones {
-            if let Some(old) = tombstones.insert(*id, *at)? {
-                tombstone_age.remove((old.value(), *id))?;
-            }
-            tombstone_age.insert((*at, *id), ())?;
-        }
-        let mut sessions = txn.open_table(SESSIONS)?;
-        let mut ages = txn.open_table(SESSION_AGE)?;
-        for (id, rec) in &payload.sessions {
-            sessions.insert(*id, postcard::to_stdvec(rec)?.as_slice())?;
-            ages.insert((rec.last_seen_ms, *id), ())?;
-        }
-        count_namespaces(&sessions, &mut txn.open_table(SESSION_NS)?)?;
-        // From the tables just written, not the payload: a payload that repeats a key must
-        // count it once, as the table does.
-        let sum = sum_of_tables(&kv, &sessions, &lease_records, &tombstones)?;
-        let mut m = txn.open_table(META)?;
-        m.insert(KEY_CLOCK, postcard::to_stdvec(&payload.clock_ms)?.as_slice())?;
-        write_sum(&mut m, &sum)?;
-        // Stored as a plain `LogId` everywhere (not `Option<LogId>`).
-        match &meta.last_log_id {
-            Some(l) => {
-                m.insert(KEY_LAST_APPLIED, postcard::to_stdvec(l)?.as_slice())?;
-            }
-            None => {
-                m.remove(KEY_LAST_APPLIED)?;
-            }
-        }
-        m.insert(KEY_MEMBERSHIP, postcard::to_stdvec(&meta.last_membership)?.as_slice())?;
-    }
-    txn.commit()?;
-    Ok(payload.leases)
-}
-
-/// Writes the snapshot file atomically (temp file, fsync, rename, fsync dir), unless the file
-/// on disk is already newer.
-fn write_snapshot_file(dir: &Path, file: &SnapshotFile, guard: &SnapshotFileGuard) -> Result<(), StorageError> {
-    use std::io::Write;
-    let mut current = guard.lock().unwrap_or_else(|p| p.into_inner());
-    if current.is_some() && *current > file.meta.last_log_id {
-        return Ok(());
-    }
-    let tmp = dir.join(format!("{SNAPSHOT_FILE}.{}.tmp", file.meta.snapshot_id));
-    let bytes = postcard::to_stdvec(file)?;
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, dir.join(SNAPSHOT_FILE))?;
-    std::fs::File::open(dir)?.sync_all()?;
-    *current = file.meta.last_log_id;
-    Ok(())
-}
-
-fn read_snapshot_file(path: &Path) -> Result<Option<SnapshotFile>, StorageError> {
-    match std::fs::read(path) {
-        Ok(bytes) => Ok(Some(postcard::from_bytes(&bytes)?)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e.into()),
-    }
-}
-
 fn sm_err(verb: ErrorVerb, e: impl std::fmt::Display) -> OpenraftStorageError {
     to_raft_err(ErrorSubject::StateMachine, verb, e)
 }
@@ -1353,39 +1198,41 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f).await?
 }
 
-/// Builds snapshots: a durable flush, a consistent read, then the snapshot file.
+/// Builds snapshots: a durable commit of everything applied, nothing copied (the state machine
+/// is the snapshot; docs/design.md §6.4).
 #[derive(Debug)]
 pub struct SnapshotBuilder {
     db: Arc<redb::Database>,
     dir: PathBuf,
-    snapshot_guard: SnapshotFileGuard,
+}
+
+/// A snapshot of the state `txn` sees, its file made only if someone reads it; `None` if nothing
+/// was ever applied, unless `even_empty`.
+fn lazy_snapshot(
+    txn: redb::ReadTransaction,
+    dir: PathBuf,
+    even_empty: bool,
+) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+    let Some(meta) = snapshot::meta_of(&txn, even_empty)? else { return Ok(None) };
+    let make = move || snapshot::write_file(&dir, &txn).map_err(std::io::Error::other);
+    Ok(Some(Snapshot { meta, snapshot: Box::new(SnapshotData::lazy(Box::new(make))) }))
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, OpenraftStorageError> {
         let db = self.db.clone();
         let dir = self.dir.clone();
-        let guard = self.snapshot_guard.clone();
-        let (meta, data) = blocking(move || {
+        blocking(move || {
             // Read first, then make durable: `apply` runs concurrently, and a durable commit
             // persists every earlier commit, so everything this read sees is on disk before
             // openraft may purge the log behind the snapshot.
             let read = db.begin_read()?;
             let txn = begin_write(&db, Durability::Immediate)?;
             txn.commit()?;
-            let (last_applied, membership, data) = read_snapshot_payload(&read)?;
-            let snapshot_id = match last_applied {
-                Some(l) => format!("{}-{}-{:016x}", l.leader_id.term, l.index, rand::random::<u64>()),
-                None => format!("empty-{:016x}", rand::random::<u64>()),
-            };
-            let meta = SnapshotMeta { last_log_id: last_applied, last_membership: membership, snapshot_id };
-            let file = SnapshotFile { meta, data };
-            write_snapshot_file(&dir, &file, &guard)?;
-            Ok((file.meta, file.data))
+            lazy_snapshot(read, dir, true)?.ok_or_else(|| StorageError::Task("no snapshot of an empty state".into()))
         })
         .await
-        .map_err(|e| snap_err(ErrorVerb::Write, e))?;
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+        .map_err(|e| snap_err(ErrorVerb::Write, e))
     }
 }
 
@@ -1432,31 +1279,29 @@ impl RaftStateMachine<TypeConfig> for RedbStateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        SnapshotBuilder { db: self.db.clone(), dir: self.dir.clone(), snapshot_guard: self.snapshot_guard.clone() }
+        SnapshotBuilder { db: self.db.clone(), dir: self.dir.clone() }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, OpenraftStorageError> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotData>, OpenraftStorageError> {
+        let dir = self.dir.clone();
+        let file = blocking(move || Ok(snapshot::temp_file(&dir)?)).await.map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        Ok(Box::new(SnapshotData::file(file)))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<SnapshotData>,
     ) -> Result<(), OpenraftStorageError> {
         let db = self.db.clone();
-        let dir = self.dir.clone();
-        let guard = self.snapshot_guard.clone();
         let installed = meta.last_log_id.map_or(0, |l| l.index);
         let meta = meta.clone();
-        let data = snapshot.into_inner();
-        let leases = blocking(move || {
-            let leases = install_payload(&db, &meta, &data)?;
-            write_snapshot_file(&dir, &SnapshotFile { meta, data }, &guard)?;
-            Ok(leases)
-        })
+        let leases = async {
+            let file = snapshot.into_std().await?;
+            blocking(move || snapshot::install_file(&db, &meta, file)).await
+        }
         .await
-        .map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        .map_err(|e: StorageError| snap_err(ErrorVerb::Write, e))?;
         self.deadlines.reset(leases);
         if let Some(hub) = &self.hub {
             hub.reset(installed);
@@ -1464,9 +1309,11 @@ impl RaftStateMachine<TypeConfig> for RedbStateMachine {
         Ok(())
     }
 
+    /// The state machine as it is now (the last snapshot openraft built or installed, or later):
+    /// its metadata at once, its file only when read.
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, OpenraftStorageError> {
-        let path = self.snapshot_path();
-        let file = blocking(move || read_snapshot_file(&path)).await.map_err(|e| snap_err(ErrorVerb::Read, e))?;
-        Ok(file.map(|f| Snapshot { meta: f.meta, snapshot: Box::new(Cursor::new(f.data)) }))
+        let db = self.db.clone();
+        let dir = self.dir.clone();
+        blocking(move || lazy_snapshot(db.begin_read()?, dir, false)).await.map_err(|e| snap_err(ErrorVerb::Read, e))
     }
 }

@@ -143,6 +143,8 @@ async fn snapshot_install_midway_gives_the_digest_of_a_straight_replay() {
         apply(&mut leader, log[..cut].to_vec()).await;
         let snap = leader.get_snapshot_builder().await.build_snapshot().await.unwrap();
         assert_eq!(snap.meta.last_log_id.map(|l| l.index), Some(cut as u64));
+        let meta = snap.meta.clone();
+        let bytes = &snapshot_bytes(snap).await;
 
         // A fresh follower and one with other state install it, then apply the rest of the log.
         for stale_state in [false, true] {
@@ -155,9 +157,8 @@ async fn snapshot_install_midway_gives_the_digest_of_a_straight_replay() {
                 )
                 .await;
             }
-            let mut rx = follower.begin_receiving_snapshot().await.unwrap();
-            *rx = Cursor::new(snap.snapshot.get_ref().clone());
-            follower.install_snapshot(&snap.meta, rx).await.unwrap();
+            let rx = receive(&mut follower, bytes).await;
+            follower.install_snapshot(&meta, rx).await.unwrap();
             assert_eq!(digest(&follower), digest(&leader), "cut {cut}: right after the install");
             apply(&mut follower, log[cut..].to_vec()).await;
             assert_eq!(digest(&follower), want, "cut {cut} (over old state: {stale_state})");

@@ -166,9 +166,9 @@ async fn leases_travel_with_snapshots_and_replay_alike() {
     let snap = a.get_snapshot_builder().await.build_snapshot().await.unwrap();
     let mut c = open_sm(dir_c.path());
     apply(&mut c, vec![put(1, 1, "only-in-c", b"x"), grant(2, 99, 5)]).await;
-    let mut rx = c.begin_receiving_snapshot().await.unwrap();
-    rx.get_mut().extend_from_slice(snap.snapshot.get_ref());
-    c.install_snapshot(&snap.meta, rx).await.unwrap();
+    let meta = snap.meta.clone();
+    let rx = receive(&mut c, &snapshot_bytes(snap).await).await;
+    c.install_snapshot(&meta, rx).await.unwrap();
     assert_eq!(c.reader().digest().unwrap(), a.reader().digest().unwrap());
     assert_digest_recounts(&c.reader());
     assert_eq!(c.reader().lease(99).unwrap(), None, "leases absent from the snapshot go");

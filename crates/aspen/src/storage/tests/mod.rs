@@ -5,20 +5,20 @@
 //! Crash tests copy the database files while the store is still open: a clean close (drop) makes
 //! every pending non-durable commit durable, so only a copy shows what a power cut would leave.
 
-use std::{collections::BTreeSet, io::Cursor, ops::Bound, path::Path};
+use std::{collections::BTreeSet, io::Read, ops::Bound, path::Path};
 
 use openraft::{
     storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine},
     testing::{StoreBuilder, Suite},
-    CommittedLeaderId, EntryPayload, Membership, RaftLogReader, RaftSnapshotBuilder,
+    CommittedLeaderId, EntryPayload, Membership, RaftLogReader, RaftSnapshotBuilder, Snapshot,
 };
 use tempfile::TempDir;
 
 use super::{state_machine::StateReader, RedbLogStore, RedbStateMachine};
 use crate::api::{
     raft::{
-        ApplyResult, Entry, LogId, MemberNode, OpenraftStorageError, StoredMembership, TypeConfig, Vote, WriteBatch,
-        WriteRequest,
+        ApplyResult, Entry, LogId, MemberNode, OpenraftStorageError, SnapshotData, SnapshotMeta, StoredMembership,
+        TypeConfig, Vote, WriteBatch, WriteRequest,
     },
     BatchOp, Compare, Id128, KeyValue, StateDigest, TxnOp, TxnOpResult, WriteCommand, WriteOutcome, WriteSession,
 };
@@ -26,7 +26,6 @@ use crate::api::{
 const LEADER: u64 = 1;
 const LOG_FILE: &str = "raft-log.db";
 const SM_FILE: &str = "state-machine.db";
-const SNAPSHOT_FILE: &str = "snapshot.bin";
 /// Large enough that no test hits it unless it means to.
 const NO_CAP: u64 = 1 << 30;
 
@@ -154,6 +153,25 @@ fn assert_digest_recounts(reader: &StateReader) {
 
 fn all_keys(reader: &StateReader) -> Vec<KeyValue> {
     reader.range(Bound::Unbounded, Bound::Unbounded, usize::MAX, usize::MAX).expect("range")
+}
+
+/// The bytes of a snapshot's stream (its file made first if need be).
+async fn snapshot_bytes(snap: Snapshot<TypeConfig>) -> Vec<u8> {
+    let mut file = snap.snapshot.into_std().await.expect("snapshot file");
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).expect("read snapshot file");
+    bytes
+}
+
+/// What `sm` receives when sent `bytes`, written the way openraft writes the chunks.
+async fn receive(sm: &mut RedbStateMachine, bytes: &[u8]) -> Box<SnapshotData> {
+    use tokio::io::AsyncWriteExt;
+    let mut rx = sm.begin_receiving_snapshot().await.expect("begin receiving");
+    for chunk in bytes.chunks(7) {
+        rx.write_all(chunk).await.expect("write chunk");
+    }
+    rx.shutdown().await.expect("shutdown");
+    rx
 }
 
 /// Copies the files of a shard directory, as a crash would leave them, to a new directory.

@@ -1,4 +1,5 @@
-//! Snapshots: build, install, restart after purge, durability of what a snapshot covers.
+//! Snapshots: build, stream, install, restart after purge, durability of what a snapshot covers,
+//! and refusal of a damaged or mismatched stream with the old state kept.
 
 use super::*;
 
@@ -32,26 +33,31 @@ async fn snapshot_round_trip() {
     let snap = sm_a.get_snapshot_builder().await.build_snapshot().await.unwrap();
     assert_eq!(snap.meta.last_log_id, Some(last));
     assert_eq!(snap.meta.last_membership, StoredMembership::new(Some(log_id(2, 8)), membership_of(&[1, 2])));
-    let data = snap.snapshot.get_ref().clone();
+    let meta = snap.meta.clone();
+    let data = snapshot_bytes(snap).await;
     let current_a = sm_a.get_current_snapshot().await.unwrap().expect("snapshot after build");
-    assert_eq!(current_a.meta, snap.meta);
-    assert_eq!(current_a.snapshot.get_ref(), &data);
+    assert_eq!(
+        (&current_a.meta.last_log_id, &current_a.meta.last_membership),
+        (&meta.last_log_id, &meta.last_membership)
+    );
+    assert_eq!(snapshot_bytes(current_a).await, data, "the same state streams the same bytes");
 
     // Install into a fresh state machine.
     let dir_b = tempfile::tempdir().unwrap();
     let mut sm_b = open_sm(dir_b.path());
-    let mut rx = sm_b.begin_receiving_snapshot().await.unwrap();
-    std::io::Write::write_all(&mut *rx, &data).unwrap();
-    sm_b.install_snapshot(&snap.meta, rx).await.unwrap();
+    let rx = receive(&mut sm_b, &data).await;
+    sm_b.install_snapshot(&meta, rx).await.unwrap();
 
     // (`last_applied` after an install: see `install_snapshot_sets_last_applied`.)
-    assert_eq!(sm_b.applied_state().await.unwrap().1, snap.meta.last_membership);
+    assert_eq!(sm_b.applied_state().await.unwrap().1, meta.last_membership);
     let keys_a = all_keys(&sm_a.reader());
     assert_eq!(keys_a.len(), 4, "a, b, c, s");
     assert_eq!(all_keys(&sm_b.reader()), keys_a, "every key with the same value and revisions");
+    assert_eq!(sm_b.reader().digest().unwrap(), sm_a.reader().digest().unwrap());
+    assert_digest_recounts(&sm_b.reader());
     let current_b = sm_b.get_current_snapshot().await.unwrap().expect("snapshot after install");
-    assert_eq!(current_b.meta, snap.meta);
-    assert_eq!(current_b.snapshot.get_ref(), &data);
+    assert_eq!(current_b.meta.last_log_id, meta.last_log_id);
+    assert_eq!(snapshot_bytes(current_b).await, data, "the installed state streams the same bytes");
 
     // Sessions travel with the snapshot: a retry on the new replica is still deduplicated.
     let retry = normal(2, 9, request(client(9), 4, put_cmd("s", b"session")));
@@ -71,13 +77,12 @@ async fn snapshot_round_trip() {
         ],
     )
     .await;
-    let mut rx = sm_c.begin_receiving_snapshot().await.unwrap();
-    *rx = Cursor::new(data.clone());
-    sm_c.install_snapshot(&snap.meta, rx).await.unwrap();
+    let rx = receive(&mut sm_c, &data).await;
+    sm_c.install_snapshot(&meta, rx).await.unwrap();
     assert_eq!(get(&sm_c.reader(), "only-in-c"), None, "keys absent from the snapshot are removed");
     assert_eq!(get(&sm_c.reader(), "w"), None);
     assert_eq!(all_keys(&sm_c.reader()), keys_a);
-    assert_eq!(sm_c.applied_state().await.unwrap().1, snap.meta.last_membership, "membership replaced");
+    assert_eq!(sm_c.applied_state().await.unwrap().1, meta.last_membership, "membership replaced");
     // Its old session went with it: client 7 starting over at seq 1 is not stale.
     let fresh = normal(2, 9, request(client(7), 1, put_cmd("w", b"2")));
     assert_eq!(apply_write(&mut sm_c, fresh).await, WriteOutcome::Put { revision: 9 });
@@ -105,9 +110,11 @@ async fn restart_after_snapshot_and_purge() {
 
     let mut store = open_log(dir.path(), NO_CAP);
     let mut sm = open_sm(dir.path());
+    // The current snapshot is the state machine: at or after the one built (what the last
+    // durable commit kept of the later applies).
     let current = sm.get_current_snapshot().await.unwrap().expect("snapshot survives a restart");
-    assert_eq!(current.meta, snap_meta);
-    assert_eq!(current.meta.last_log_id, Some(log_id(1, 10)));
+    assert!(current.meta.last_log_id >= snap_meta.last_log_id, "{current:?} is behind {snap_meta:?}");
+    assert_eq!(current.meta.last_log_id, sm.applied_state().await.unwrap().0);
     let state = store.get_log_state().await.unwrap();
     assert_eq!(state.last_purged_log_id, Some(log_id(1, 10)));
     assert_eq!(state.last_log_id, Some(log_id(2, 12)));
@@ -146,7 +153,7 @@ async fn build_snapshot_makes_applied_state_durable() {
     let snap = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
     assert_eq!(snap.meta.last_log_id, Some(last));
     apply(&mut sm, vec![put(2, 9, "after", b"1"), put(2, 10, "a", b"a3")]).await;
-    let crashed = copy_dir_files(dir.path(), &[SM_FILE, SNAPSHOT_FILE]);
+    let crashed = copy_dir_files(dir.path(), &[SM_FILE]);
     let mut recovered = open_sm(crashed.path());
     let (applied, stored) = recovered.applied_state().await.unwrap();
     let applied = applied.expect("applied state is durable");
@@ -164,8 +171,8 @@ async fn build_snapshot_makes_applied_state_durable() {
         assert_eq!(applied, log_id(2, 10));
         assert_eq!(all_keys(&r), all_keys(&sm.reader()));
     }
-    let current = recovered.get_current_snapshot().await.unwrap().expect("snapshot file is durable");
-    assert_eq!(current.meta, snap.meta);
+    let current = recovered.get_current_snapshot().await.unwrap().expect("a snapshot after the crash");
+    assert_eq!(current.meta.last_log_id, Some(applied), "the snapshot is the recovered state");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -178,12 +185,15 @@ async fn installed_snapshot_survives_crash() {
     let dir_b = tempfile::tempdir().unwrap();
     let mut sm_b = open_sm(dir_b.path());
     apply(&mut sm_b, vec![put(1, 1, "old", b"x")]).await;
-    sm_b.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
-    let crashed = copy_dir_files(dir_b.path(), &[SM_FILE, SNAPSHOT_FILE]);
+    // Installed straight from what the builder returned: its file is made on first read.
+    let meta = snap.meta.clone();
+    sm_b.install_snapshot(&meta, snap.snapshot).await.unwrap();
+    let crashed = copy_dir_files(dir_b.path(), &[SM_FILE]);
     let mut recovered = open_sm(crashed.path());
-    assert_eq!(recovered.applied_state().await.unwrap().1, snap.meta.last_membership);
+    assert_eq!(recovered.applied_state().await.unwrap().1, meta.last_membership);
     assert_eq!(all_keys(&recovered.reader()), all_keys(&sm_a.reader()));
-    assert_eq!(recovered.get_current_snapshot().await.unwrap().map(|s| s.meta), Some(snap.meta));
+    let current = recovered.get_current_snapshot().await.unwrap().expect("a snapshot after the crash");
+    assert_eq!(current.meta.last_log_id, meta.last_log_id);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -192,16 +202,16 @@ async fn install_snapshot_sets_last_applied() {
     let mut sm_a = open_sm(dir_a.path());
     let last = populate(&mut sm_a).await;
     let snap = sm_a.get_snapshot_builder().await.build_snapshot().await.unwrap();
-    let data = snap.snapshot.get_ref().clone();
+    let meta = snap.meta.clone();
+    let data = snapshot_bytes(snap).await;
     let expected = sm_a.applied_state().await.unwrap();
     assert_eq!(expected.0, Some(last));
 
     // Into a fresh state machine.
     let dir_b = tempfile::tempdir().unwrap();
     let mut sm_b = open_sm(dir_b.path());
-    let mut rx = sm_b.begin_receiving_snapshot().await.unwrap();
-    *rx = Cursor::new(data.clone());
-    sm_b.install_snapshot(&snap.meta, rx).await.unwrap();
+    let rx = receive(&mut sm_b, &data).await;
+    sm_b.install_snapshot(&meta, rx).await.unwrap();
     assert_eq!(sm_b.applied_state().await.unwrap(), expected);
     assert_eq!(sm_b.reader().last_applied().unwrap(), Some(last));
 
@@ -209,10 +219,102 @@ async fn install_snapshot_sets_last_applied() {
     let dir_c = tempfile::tempdir().unwrap();
     let mut sm_c = open_sm(dir_c.path());
     apply(&mut sm_c, vec![put(1, 1, "old", b"x")]).await;
-    let mut rx = sm_c.begin_receiving_snapshot().await.unwrap();
-    *rx = Cursor::new(data);
-    sm_c.install_snapshot(&snap.meta, rx).await.unwrap();
+    let rx = receive(&mut sm_c, &data).await;
+    sm_c.install_snapshot(&meta, rx).await.unwrap();
     assert_eq!(sm_c.applied_state().await.unwrap(), expected);
-    let crashed = copy_dir_files(dir_c.path(), &[SM_FILE, SNAPSHOT_FILE]);
+    let crashed = copy_dir_files(dir_c.path(), &[SM_FILE]);
     assert_eq!(open_sm(crashed.path()).applied_state().await.unwrap(), expected);
+}
+
+/// A stream that is damaged, cut short, padded, of another state or not a snapshot at all is
+/// refused, and the receiver keeps its old state whole; the right stream installs after that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_or_mismatched_stream_is_refused_and_the_old_state_kept() {
+    let dir_a = tempfile::tempdir().unwrap();
+    let mut sm_a = open_sm(dir_a.path());
+    populate(&mut sm_a).await;
+    let snap = sm_a.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    let meta = snap.meta.clone();
+    let data = snapshot_bytes(snap).await;
+
+    let dir_c = tempfile::tempdir().unwrap();
+    let mut sm_c = open_sm(dir_c.path());
+    apply(&mut sm_c, vec![membership(1, 1, &[5]), put(1, 2, "only-in-c", b"x")]).await;
+    let before = sm_c.fingerprint().unwrap();
+
+    let mut flipped = data.clone();
+    flipped[data.len() / 2] ^= 0x40;
+    let mut padded = data.clone();
+    padded.push(0);
+    let mut other_meta = meta.clone();
+    other_meta.last_log_id = Some(log_id(2, 9));
+    let cases: Vec<(&str, Vec<u8>, &SnapshotMeta)> = vec![
+        ("a flipped bit", flipped, &meta),
+        ("cut short", data[..data.len() - 10].to_vec(), &meta),
+        ("cut after the header", data[..40].to_vec(), &meta),
+        ("a byte after the hash", padded, &meta),
+        ("sent as another snapshot", data.clone(), &other_meta),
+        ("empty", Vec::new(), &meta),
+        ("not a snapshot", b"postcard bytes of an older format".to_vec(), &meta),
+    ];
+    for (what, bytes, m) in cases {
+        let rx = receive(&mut sm_c, &bytes).await;
+        let err = sm_c.install_snapshot(m, rx).await.expect_err(what);
+        assert!(err.to_string().contains("snapshot file"), "{what}: {err}");
+        assert_eq!(sm_c.fingerprint().unwrap(), before, "{what}: the old state is kept whole");
+        assert_eq!(get(&sm_c.reader(), "only-in-c").map(|k| k.value), Some(b"x".to_vec()), "{what}");
+    }
+    let rx = receive(&mut sm_c, &data).await;
+    sm_c.install_snapshot(&meta, rx).await.unwrap();
+    assert_eq!(sm_c.reader().digest().unwrap(), sm_a.reader().digest().unwrap());
+}
+
+/// A state many times the database cache streams out and in: every key arrives, the digests
+/// agree, and the stream leaves no file behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_larger_than_the_cache_round_trips() {
+    const CACHE: usize = 1 << 20;
+    let dir_a = tempfile::tempdir().unwrap();
+    let mut sm_a = RedbStateMachine::open(&dir_a.path().join(SM_FILE), CACHE).unwrap();
+    let value = vec![0xa5u8; 2048];
+    let mut entries = vec![membership(1, 1, &[1])];
+    for i in 0..4096u64 {
+        entries.push(put(1, i + 2, &format!("key-{i:06}"), &value));
+    }
+    for chunk in entries.chunks(256) {
+        apply(&mut sm_a, chunk.to_vec()).await;
+    }
+    let snap = sm_a.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    let meta = snap.meta.clone();
+    let data = snapshot_bytes(snap).await;
+    assert!(data.len() > 8 * CACHE, "the stream ({} bytes) is larger than the cache", data.len());
+
+    let dir_b = tempfile::tempdir().unwrap();
+    let mut sm_b = RedbStateMachine::open(&dir_b.path().join(SM_FILE), CACHE).unwrap();
+    let rx = receive(&mut sm_b, &data).await;
+    sm_b.install_snapshot(&meta, rx).await.unwrap();
+    assert_eq!(sm_b.reader().digest().unwrap(), sm_a.reader().digest().unwrap());
+    assert_digest_recounts(&sm_b.reader());
+    assert_eq!(sm_b.reader().key_count().unwrap(), 4096);
+    for dir in [dir_a.path(), dir_b.path()] {
+        let names: Vec<String> =
+            std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        assert_eq!(names, [SM_FILE], "only the database is left in {dir:?}");
+    }
+}
+
+/// Files an older version or a crash left beside the database are removed when it opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leftover_snapshot_files_are_removed_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(open_sm(dir.path()));
+    for name in ["snapshot.bin", "snapshot.bin.1-2-3.tmp", "snapshot-00000000deadbeef.tmp"] {
+        std::fs::write(dir.path().join(name), b"old").unwrap();
+    }
+    std::fs::write(dir.path().join("notes.txt"), b"keep").unwrap();
+    drop(open_sm(dir.path()));
+    let mut names: Vec<String> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert_eq!(names, ["notes.txt", SM_FILE]);
 }
