@@ -101,6 +101,49 @@ impl AspenCluster {
         Ok(cluster)
     }
 
+    /// Each node's process id and data dir, in node id order.
+    pub fn servers(&self) -> Vec<(Option<u32>, std::path::PathBuf)> {
+        self.nodes.iter().map(|n| (n.proc.pid(), n.spec.data_dir.clone())).collect()
+    }
+
+    /// Starts one more node, joining through node 1 (it catches up from the log or, if the
+    /// log behind the leaders was purged, by snapshot), and waits until it votes in every shard
+    /// with the same applied index as the others, or `limit` passes. Returns its process id as
+    /// soon as it runs (through `started`) — so its memory can be watched while it catches up.
+    pub async fn add_node(&mut self, limit: Duration, started: impl FnOnce(Option<u32>)) -> Result<(), String> {
+        let node_id = self.nodes.len() as u64 + 1;
+        let root = self._dir.path().to_path_buf();
+        let addr = free_udp_addrs(1)?[0];
+        let client = self.client().await?;
+        let made = client.create_join_token(3600, false).await.map_err(|e| format!("join token: {e}"));
+        client.close().await;
+        let join_token = made?.1;
+        let mut spec = NodeSpec::new(self.nodes[0].spec.bin.clone(), &root, node_id, addr);
+        spec.test_timing = false;
+        if self.num_shards > 1 {
+            spec.args
+                .extend(["--sharding-enabled", "--sharding-num-shards", &self.num_shards.to_string()].map(String::from));
+        }
+        spec.args.extend(["--join".to_string(), self.tickets[0].encode(), "--join-token".into(), join_token]);
+        let log = root.join(format!("node-{node_id}.log"));
+        self.nodes.push(procs::spawn_node(spec, &log, None)?);
+        started(self.nodes.last().and_then(|n| n.proc.pid()));
+        // The ticket comes once the node has joined (as a learner caught up, then a voter).
+        let deadline = Instant::now() + limit;
+        let node = self.nodes.last_mut().expect("just pushed");
+        let ticket = loop {
+            if let Some(ticket) = node.poll_ready()? {
+                break ticket;
+            }
+            if Instant::now() > deadline {
+                return Err(format!("{} did not join within {limit:?}:\n{}", node.proc.name, node.proc.log_tail(20)));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        self.tickets.push(ticket);
+        self.wait_converged(deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(10))).await.map(|_| ())
+    }
+
     /// Reads the CPU time of every node.
     pub fn cpu_meter(&self) -> Result<CpuMeter, String> {
         let sources = self

@@ -43,6 +43,16 @@ impl EtcdCluster {
     /// heartbeat, 1 s election timeout) and waits until every member knows the leader. With
     /// `limiter`, each member runs in a capped cgroup of its own.
     pub async fn start(etcd: &Path, n: usize, limiter: Option<&CpuLimiter>) -> Result<EtcdCluster, String> {
+        Self::start_with(etcd, n, limiter, &[]).await
+    }
+
+    /// As [`EtcdCluster::start`], with `extra` flags for every member.
+    pub async fn start_with(
+        etcd: &Path,
+        n: usize,
+        limiter: Option<&CpuLimiter>,
+        extra: &[String],
+    ) -> Result<EtcdCluster, String> {
         let dir = tempfile::Builder::new()
             .prefix("aspen-compare-etcd-")
             .tempdir()
@@ -68,7 +78,8 @@ impl EtcdCluster {
                 .args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
                 .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
                 .args(["--initial-cluster", &initial_cluster, "--initial-cluster-state", "new"])
-                .args(["--initial-cluster-token", &token]);
+                .args(["--initial-cluster-token", &token])
+                .args(extra);
             if let Some(limiter) = limiter {
                 cluster.cgroups.push(limiter.create(&format!("etcd-{}", name(i))).map_err(|e| e.to_string())?);
             }
@@ -78,6 +89,11 @@ impl EtcdCluster {
         }
         cluster.wait_ready(Duration::from_secs(60)).await?;
         Ok(cluster)
+    }
+
+    /// Each member's process id and data dir.
+    pub fn servers(&self) -> Vec<(Option<u32>, PathBuf)> {
+        (0..self.members.len()).map(|i| (self.members[i].pid(), self._dir.path().join(format!("m{i}")))).collect()
     }
 
     /// Reads the CPU time of every member.

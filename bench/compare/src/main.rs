@@ -19,6 +19,7 @@ mod aspen_cluster;
 mod cgroup;
 mod cpu;
 mod etcd;
+mod grow;
 mod procs;
 mod table;
 mod watch;
@@ -126,6 +127,21 @@ struct Args {
     /// --watch: puts per second.
     #[arg(long, default_value_t = 1000.0, value_name = "PUTS_PER_SEC")]
     rate: f64,
+    /// Instead of the put/get table: the cost curve as data grows ([`grow`]) — per system, load
+    /// to each of --sizes MB of live data and measure puts there (--clients, --duration,
+    /// --warmup, --value-size, default 1024 here), with each server's peak memory and disk; Aspen
+    /// also has a node join after --catch-up-mb. Writes no file.
+    #[arg(long)]
+    grow: bool,
+    /// --grow: live data after each load step, in MB.
+    #[arg(long, value_delimiter = ',', default_values_t = [100, 1000, 4000], value_name = "MB,…")]
+    sizes: Vec<u64>,
+    /// --grow: a node joins (Aspen) after the first step of at least this many MB; 0: none.
+    #[arg(long, default_value_t = 1000, value_name = "MB")]
+    catch_up_mb: u64,
+    /// --grow: etcd's --quota-backend-bytes.
+    #[arg(long, default_value_t = 16 << 30, value_name = "BYTES")]
+    etcd_quota: u64,
     /// Where the cgroup filesystem is mounted.
     #[arg(long, default_value = cgroup::DEFAULT_ROOT, value_name = "PATH", hide = true)]
     cgroup_root: PathBuf,
@@ -250,6 +266,47 @@ fn seconds(flag: &str, v: f64, zero_ok: bool) -> Result<Duration, String> {
 }
 
 async fn run(args: Args) -> Result<(), RunError> {
+    if args.grow {
+        if args.sizes.is_empty() || args.sizes.windows(2).any(|w| w[0] >= w[1]) || args.sizes[0] == 0 {
+            return Err(RunError::Other("--sizes must be positive and increasing".into()));
+        }
+        let clients = *args.clients.last().unwrap_or(&64);
+        if clients == 0 || args.members == 0 || args.shards < 2 {
+            return Err(RunError::Other("--clients, --members must be positive and --shards at least 2".into()));
+        }
+        let value_size = if args.value_size == 256 { 1024 } else { args.value_size };
+        let plan = grow::GrowPlan {
+            sizes_mb: args.sizes.clone(),
+            value_size,
+            clients,
+            duration: seconds("duration", args.duration, false)?,
+            warmup: seconds("warmup", args.warmup, true)?,
+            members: args.members,
+            shards: args.shards,
+            timeout: seconds("timeout", args.timeout, false)?,
+            catch_up_mb: (args.catch_up_mb > 0).then_some(args.catch_up_mb),
+            etcd_quota: args.etcd_quota,
+        };
+        let names: Vec<&str> = args
+            .systems
+            .iter()
+            .map(|s| match s {
+                System::Etcd => "etcd",
+                System::Aspen => "aspen",
+                System::AspenSharded => "aspen-sharded",
+            })
+            .collect();
+        let etcd = if args.systems.contains(&System::Etcd) { Some(find_etcd(args.etcd_bin.as_deref())?) } else { None };
+        let node = if args.systems.iter().any(|s| *s != System::Etcd) {
+            Some(find_node(args.node_bin.as_deref())?)
+        } else {
+            None
+        };
+        eprintln!("aspen-compare: load average {}", load_average());
+        let table = grow::run(&plan, &names, etcd.as_deref(), node.as_deref()).await?;
+        println!("{table}");
+        return Ok(());
+    }
     if args.watch {
         if args.rounds == 0 || args.members == 0 || args.watchers == 0 || args.put_clients == 0 || args.watch_conns == 0
         {

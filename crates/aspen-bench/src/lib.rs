@@ -156,16 +156,15 @@ impl BenchClient for AspenClient {
         Ok(self.get_with(key, consistency).await?.is_some())
     }
 
-    /// One atomic batch; key by key if the cluster refuses it (with sharding, a batch must stay
-    /// within one shard).
+    /// One atomic batch; if the cluster refuses it (with sharding, a batch must stay within one
+    /// shard), every key's put at once (the nodes batch them again per shard).
     async fn put_many(&self, kvs: Vec<(Vec<u8>, Vec<u8>)>) -> Result<(), OpError> {
         let ops = kvs.iter().map(|(key, value)| BatchOp::Put { key: key.clone(), value: value.clone() }).collect();
         match self.batch(ops).await {
             Ok(_) => Ok(()),
             Err(ClientError::Api(ApiError::InvalidRequest(_))) => {
-                for (key, value) in kvs {
-                    AspenClient::put(self, key, value).await?;
-                }
+                futures::future::try_join_all(kvs.into_iter().map(|(key, value)| AspenClient::put(self, key, value)))
+                    .await?;
                 Ok(())
             }
             Err(e) => Err(e.into()),
@@ -535,7 +534,8 @@ async fn drive<C: BenchClient>(
     clients: &[Arc<C>],
     progress: Option<ProgressFn>,
 ) -> Result<(u64, Measured), BenchError> {
-    let prefilled = if config.needs_prefill() { prefill(config, clients, progress.clone()).await? } else { 0 };
+    let prefilled =
+        if config.needs_prefill() { prefill(config, clients, 0..config.key_space, progress.clone()).await? } else { 0 };
 
     let start = Instant::now();
     let measure_from = start + config.warmup;
@@ -619,14 +619,41 @@ const PREFILL_CHUNK_KEYS: u64 = 100;
 /// Value bytes per prefill write.
 const PREFILL_CHUNK_BYTES: u64 = 256 * 1024;
 
-/// Writes every key of the key space once, in chunks ([`BenchClient::put_many`]), with
+/// Writes the keys numbered `keys` once each (the keys of `config`: its prefix, its value size),
+/// in chunks as the prefill does, over `config.clients` clients with `prefill_concurrency`
+/// chunks in flight; returns how many it wrote. For loading data without measuring requests
+/// (`aspen-compare --grow`).
+pub async fn fill<B: BenchBackend>(
+    backend: &B,
+    config: &BenchConfig,
+    keys: std::ops::Range<u64>,
+    progress: Option<ProgressFn>,
+) -> Result<u64, BenchError> {
+    config.validate()?;
+    let config = Arc::new(config.clone());
+    let mut clients = Vec::with_capacity(config.clients);
+    let result = match connect_all(backend, config.clients, &mut clients).await {
+        Ok(()) => prefill(&config, &clients, keys, progress).await,
+        Err(e) => Err(e),
+    };
+    for client in clients {
+        if let Some(client) = Arc::into_inner(client) {
+            client.close().await;
+        }
+    }
+    backend.finish().await;
+    result
+}
+
+/// Writes every key numbered in `keys` once, in chunks ([`BenchClient::put_many`]), with
 /// `prefill_concurrency` chunks in flight spread over the clients. Stops at the first error.
 async fn prefill<C: BenchClient>(
     config: &Arc<BenchConfig>,
     clients: &[Arc<C>],
+    keys: std::ops::Range<u64>,
     progress: Option<ProgressFn>,
 ) -> Result<u64, BenchError> {
-    let total = config.key_space;
+    let (base, total) = (keys.start, keys.end.saturating_sub(keys.start));
     let next = Arc::new(AtomicU64::new(0));
     let counters = Arc::new(Counters::default());
     let failed = Arc::new(AtomicBool::new(false));
@@ -668,7 +695,7 @@ async fn prefill<C: BenchClient>(
                     if first >= total {
                         break;
                     }
-                    let keys = first..(first + chunk).min(total);
+                    let keys = base + first..base + (first + chunk).min(total);
                     let len = keys.end - keys.start;
                     let kvs = keys.map(|n| (config.key(n), value.to_vec())).collect();
                     match client.put_many(kvs).await {
