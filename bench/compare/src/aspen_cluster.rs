@@ -15,6 +15,9 @@ use crate::{
     procs::{self, free_udp_addrs, NodeProcess, NodeSpec},
 };
 
+/// Nodes log warnings, and when a snapshot is made to send or installed (with its size and time).
+const SNAPSHOT_LOGS: &str = "warn,aspen::storage::state_machine=info,openraft::replication=info";
+
 /// A running Aspen cluster; its processes are stopped, then their cgroups (if capped) and data
 /// dirs removed on drop.
 pub struct AspenCluster {
@@ -51,8 +54,10 @@ impl AspenCluster {
         num_shards: u32,
         limiter: Option<&CpuLimiter>,
     ) -> Result<AspenCluster, String> {
+        // ASPEN_COMPARE_KEEP=1 keeps the data dirs and logs (for a post-mortem).
         let dir = tempfile::Builder::new()
             .prefix("aspen-compare-aspen-")
+            .disable_cleanup(std::env::var_os("ASPEN_COMPARE_KEEP").is_some())
             .tempdir()
             .map_err(|e| format!("cannot create a temp dir: {e}"))?;
         let addrs = free_udp_addrs(n)?;
@@ -71,6 +76,7 @@ impl AspenCluster {
             // The product's defaults (Raft timing and all), only where it lives and listens.
             let mut spec = NodeSpec::new(node_bin, &root, node_id, *addr);
             spec.test_timing = false;
+            spec.rust_log = SNAPSHOT_LOGS.into();
             if num_shards > 1 {
                 spec.args
                     .extend(["--sharding-enabled", "--sharding-num-shards", &num_shards.to_string()].map(String::from));
@@ -101,6 +107,17 @@ impl AspenCluster {
         Ok(cluster)
     }
 
+    /// The lines of every node's log that mention snapshots.
+    pub fn snapshot_log_lines(&self) -> Vec<String> {
+        let root = self._dir.path();
+        (1..=self.nodes.len())
+            .flat_map(|id| {
+                let text = std::fs::read_to_string(root.join(format!("node-{id}.log"))).unwrap_or_default();
+                text.lines().filter(|l| l.contains("snapshot")).map(|l| format!("node {id}: {l}")).collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
     /// Each node's process id and data dir, in node id order.
     pub fn servers(&self) -> Vec<(Option<u32>, std::path::PathBuf)> {
         self.nodes.iter().map(|n| (n.proc.pid(), n.spec.data_dir.clone())).collect()
@@ -120,6 +137,7 @@ impl AspenCluster {
         let join_token = made?.1;
         let mut spec = NodeSpec::new(self.nodes[0].spec.bin.clone(), &root, node_id, addr);
         spec.test_timing = false;
+        spec.rust_log = SNAPSHOT_LOGS.into();
         if self.num_shards > 1 {
             spec.args
                 .extend(["--sharding-enabled", "--sharding-num-shards", &self.num_shards.to_string()].map(String::from));

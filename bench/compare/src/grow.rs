@@ -187,6 +187,9 @@ pub async fn run(
                         .await
                         .map_err(|e| format!("{label}: a node catching up on {size_mb} MB: {e}"))?;
                     let secs = started.elapsed().as_secs_f64();
+                    for line in cluster.snapshot_log_lines() {
+                        eprintln!("    {line}");
+                    }
                     let (pid, dir) = cluster.servers().pop().ok_or("no servers")?;
                     let usage = usage(pid, &dir);
                     let c = CatchUp { system: label.clone(), size_mb, secs, usage };

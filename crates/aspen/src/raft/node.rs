@@ -147,12 +147,16 @@ pub fn openraft_config(cluster_name: &str, shard: ShardId, cfg: &RaftConfig) -> 
         heartbeat_interval: cfg.heartbeat_interval_ms,
         election_timeout_min: cfg.election_timeout_min_ms,
         election_timeout_max: cfg.election_timeout_max_ms,
-        install_snapshot_timeout: cfg.election_timeout_max_ms.max(2_000) * 2,
+        // Per snapshot chunk; the last one's answer waits for the install, which takes ~15 s per
+        // GB of state here (docs/design.md §6.4): a shorter limit made the leader start the
+        // whole transfer over while the follower was still installing the first.
+        install_snapshot_timeout: INSTALL_SNAPSHOT_TIMEOUT_MS.max(cfg.election_timeout_max_ms * 2),
         snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_threshold),
         max_in_snapshot_log_to_keep: cfg.max_in_snapshot_log_to_keep,
         max_payload_entries: cfg.max_append_entries,
-        // Chunks stay well under the frame limit; 1 MiB chunks keep one slow stream short.
-        snapshot_max_chunk_size: 1024 * 1024,
+        // Fewer, larger RPCs: each chunk is one request with its own stream and round trip
+        // (docs/design.md §6.4); well below the 64 MiB frame limit.
+        snapshot_max_chunk_size: 8 * 1024 * 1024,
         ..Default::default()
     };
     config.validate().map_err(|e| e.to_string())
@@ -657,6 +661,9 @@ impl RaftNode {
         }
     }
 }
+
+/// How long one snapshot chunk may take to be answered, the last one's install included.
+const INSTALL_SNAPSHOT_TIMEOUT_MS: u64 = 10 * 60 * 1000;
 
 /// How often a shard compares its log's size with `[raft] snapshot_log_bytes`.
 const LOG_SIZE_CHECK: Duration = Duration::from_secs(1);

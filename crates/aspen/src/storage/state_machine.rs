@@ -1214,7 +1214,15 @@ fn lazy_snapshot(
     even_empty: bool,
 ) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
     let Some(meta) = snapshot::meta_of(&txn, even_empty)? else { return Ok(None) };
-    let make = move || snapshot::write_file(&dir, &txn).map_err(std::io::Error::other);
+    let id = meta.snapshot_id.clone();
+    let make = move || {
+        let started = std::time::Instant::now();
+        let file = snapshot::write_file(&dir, &txn).map_err(std::io::Error::other)?;
+        drop(txn);
+        let bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
+        tracing::info!(snapshot = %id, bytes, secs = started.elapsed().as_secs_f64(), "snapshot file made to send");
+        Ok(file)
+    };
     Ok(Some(Snapshot { meta, snapshot: Box::new(SnapshotData::lazy(Box::new(make))) }))
 }
 
@@ -1298,7 +1306,12 @@ impl RaftStateMachine<TypeConfig> for RedbStateMachine {
         let meta = meta.clone();
         let leases = async {
             let file = snapshot.into_std().await?;
-            blocking(move || snapshot::install_file(&db, &meta, file)).await
+            let bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
+            let started = std::time::Instant::now();
+            let id = meta.snapshot_id.clone();
+            let leases = blocking(move || snapshot::install_file(&db, &meta, file)).await?;
+            tracing::info!(snapshot = %id, bytes, secs = started.elapsed().as_secs_f64(), "snapshot installed");
+            Ok(leases)
         }
         .await
         .map_err(|e: StorageError| snap_err(ErrorVerb::Write, e))?;

@@ -112,13 +112,12 @@ pub(super) fn remove_leftovers(dir: &Path) -> io::Result<()> {
 /// Writes the state `txn` sees to a new temp file in `dir`; returns it positioned at its start.
 pub(super) fn write_file(dir: &Path, txn: &redb::ReadTransaction) -> Result<std::fs::File, StorageError> {
     let mut file = temp_file(dir)?;
-    {
-        let mut out = HashingWriter { inner: BufWriter::with_capacity(IO_BUFFER, &mut file), hash: hasher() };
-        write_stream(txn, &mut out)?;
-        let hash = *out.hash.finalize().as_bytes();
-        out.inner.write_all(&hash)?;
-        out.inner.flush()?;
-    }
+    // Hashed below the buffer: the hasher sees 1 MiB blocks, not every small write.
+    let mut out = BufWriter::with_capacity(IO_BUFFER, HashingWriter { inner: &mut file, hash: hasher() });
+    write_stream(txn, &mut out)?;
+    let hashed = out.into_inner().map_err(|e| e.into_error())?;
+    let hash = *hashed.hash.finalize().as_bytes();
+    hashed.inner.write_all(&hash)?;
     file.rewind()?;
     Ok(file)
 }
@@ -141,6 +140,23 @@ impl<W: Write> Write for HashingWriter<W> {
 
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
+    }
+}
+
+/// Hashes the first `left` bytes read through it (the stream without its final hash).
+struct HashingReader<R> {
+    inner: R,
+    hash: blake3::Hasher,
+    left: u64,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let hashed = (n as u64).min(self.left) as usize;
+        self.hash.update(&buf[..hashed]);
+        self.left -= hashed as u64;
+        Ok(n)
     }
 }
 
@@ -169,9 +185,8 @@ fn write_stream(txn: &redb::ReadTransaction, out: &mut impl Write) -> Result<(),
     for item in txn.open_table(KV)?.iter()? {
         let (k, v) = item?;
         let key = k.value();
-        // Re-encoded: a record written before leases existed goes out in today's format.
-        let value = postcard::to_stdvec(&decode_value(v.value())?)?;
-        record(out, TAG_KV, &[&(key.len() as u32).to_le_bytes(), key, &value])?;
+        // As stored (a record written before leases existed too: install reads both formats).
+        record(out, TAG_KV, &[&(key.len() as u32).to_le_bytes(), key, v.value()])?;
     }
     for item in txn.open_table(SESSIONS)?.iter()? {
         let (k, v) = item?;
@@ -189,10 +204,9 @@ fn write_stream(txn: &redb::ReadTransaction, out: &mut impl Write) -> Result<(),
     Ok(())
 }
 
-/// Reads records and hashes every byte read.
+/// Reads records into one reused buffer.
 struct RecordReader<R> {
     inner: R,
-    hash: blake3::Hasher,
     buf: Vec<u8>,
 }
 
@@ -200,7 +214,6 @@ impl<R: Read> RecordReader<R> {
     fn exact(&mut self, n: usize) -> Result<&[u8], StorageError> {
         self.buf.resize(n, 0);
         self.inner.read_exact(&mut self.buf).map_err(truncated)?;
-        self.hash.update(&self.buf);
         Ok(&self.buf)
     }
 
@@ -245,7 +258,12 @@ pub(super) fn install_file(
     mut file: std::fs::File,
 ) -> Result<Vec<(u64, LeaseRecord)>, StorageError> {
     file.rewind()?;
-    let mut r = RecordReader { inner: BufReader::with_capacity(IO_BUFFER, file), hash: hasher(), buf: Vec::new() };
+    let len = file.metadata()?.len();
+    if len < 32 {
+        return Err(corrupt(format!("{len} bytes")));
+    }
+    let hashing = HashingReader { inner: file, hash: hasher(), left: len - 32 };
+    let mut r = RecordReader { inner: BufReader::with_capacity(IO_BUFFER, hashing), buf: Vec::new() };
     if r.exact(8)? != MAGIC {
         return Err(corrupt("not an Aspen snapshot (no ASPNSNAP magic)".into()));
     }
@@ -313,7 +331,9 @@ pub(super) fn install_file(
                     if v.lease != 0 {
                         lease_keys.insert((v.lease, key), ())?;
                     }
-                    last_key = Some(key.to_vec());
+                    let last = last_key.get_or_insert_with(Vec::new);
+                    last.clear();
+                    last.extend_from_slice(key);
                 }
                 TAG_SESSION => {
                     if bytes.len() < 16 {
@@ -347,14 +367,14 @@ pub(super) fn install_file(
                 other => return Err(corrupt(format!("unknown record tag {other}"))),
             }
         }
-        let computed = *std::mem::replace(&mut r.hash, hasher()).finalize().as_bytes();
         let mut stored = [0u8; 32];
         r.inner.read_exact(&mut stored).map_err(truncated)?;
-        if stored != computed {
-            return Err(corrupt("its hash does not match its contents".into()));
-        }
         if r.inner.read(&mut [0u8; 1])? != 0 {
             return Err(corrupt("bytes after its hash".into()));
+        }
+        // Everything but the last 32 bytes went through the hasher (all was read).
+        if stored != *r.inner.get_ref().hash.finalize().as_bytes() {
+            return Err(corrupt("its hash does not match its contents".into()));
         }
         count_namespaces(&sessions, &mut txn.open_table(SESSION_NS)?)?;
         let mut m = txn.open_table(META)?;

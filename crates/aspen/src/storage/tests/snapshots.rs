@@ -318,3 +318,77 @@ async fn leftover_snapshot_files_are_removed_at_open() {
     names.sort();
     assert_eq!(names, ["notes.txt", SM_FILE]);
 }
+
+/// openraft's sender reads a snapshot the way `Chunked::send_snapshot` does: a seek to the end for
+/// its length, then seeks and reads chunk by chunk. The lazy file is made by the first seek.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_reads_by_seeking_as_openraft_sends_it() {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = open_sm(dir.path());
+    populate(&mut sm).await;
+    let whole = snapshot_bytes(sm.get_current_snapshot().await.unwrap().unwrap()).await;
+    let mut snap = sm.get_current_snapshot().await.unwrap().unwrap();
+    let end = snap.snapshot.seek(std::io::SeekFrom::End(0)).await.unwrap();
+    assert_eq!(end, whole.len() as u64);
+    let mut got = Vec::new();
+    let mut offset = 0;
+    while offset < end {
+        snap.snapshot.seek(std::io::SeekFrom::Start(offset)).await.unwrap();
+        let mut buf = Vec::with_capacity(100);
+        while buf.capacity() > buf.len() {
+            if snap.snapshot.read_buf(&mut buf).await.unwrap() == 0 {
+                break;
+            }
+        }
+        offset += buf.len() as u64;
+        got.extend(buf);
+    }
+    assert_eq!(got, whole);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn scratch_space() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(SM_FILE);
+    let mut sm = RedbStateMachine::open(&path, 64 << 20).unwrap();
+    let value = vec![0xa5u8; 1024];
+    let durable_every: u64 = std::env::var("DUR").ok().and_then(|s| s.parse().ok()).unwrap_or(640);
+    let entries: u64 = std::env::var("N").ok().and_then(|s| s.parse().ok()).unwrap_or(1000);
+    let mut idx = 1;
+    apply(&mut sm, vec![membership(1, 1, &[1])]).await;
+    for e in 0..entries {
+        idx += 1;
+        let ops = (0..100).map(|k| bput(&format!("grow/{:08}", e * 100 + k), &value)).collect();
+        apply(&mut sm, vec![batch(1, idx, ops)]).await;
+        if idx % durable_every == 0 {
+            sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        }
+    }
+    sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    let live = entries * 100 * (13 + 1024);
+    let size = std::fs::metadata(&path).unwrap().len();
+    println!("live {} MB, file {} MB, ratio {:.2}", live / 1_000_000, size / 1_000_000, size as f64 / live as f64);
+    // random overwrites
+    let mut rng = 12345u64;
+    for _ in 0..entries {
+        idx += 1;
+        let ops = (0..100)
+            .map(|_| {
+                rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                bput(&format!("grow/{:08}", (rng >> 33) % (entries * 100)), &value)
+            })
+            .collect::<Vec<_>>();
+        let mut ops = ops;
+        ops.sort_by(|a, b| format!("{a:?}").cmp(&format!("{b:?}")));
+        ops.dedup_by(|a, b| format!("{a:?}") == format!("{b:?}"));
+        apply(&mut sm, vec![batch(1, idx, ops)]).await;
+        if idx % durable_every == 0 {
+            sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        }
+    }
+    sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    let size = std::fs::metadata(&path).unwrap().len();
+    println!("after overwrites: file {} MB, ratio {:.2}", size / 1_000_000, size as f64 / live as f64);
+}
