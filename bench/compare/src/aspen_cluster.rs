@@ -139,8 +139,9 @@ impl AspenCluster {
         spec.test_timing = false;
         spec.rust_log = SNAPSHOT_LOGS.into();
         if self.num_shards > 1 {
-            spec.args
-                .extend(["--sharding-enabled", "--sharding-num-shards", &self.num_shards.to_string()].map(String::from));
+            spec.args.extend(
+                ["--sharding-enabled", "--sharding-num-shards", &self.num_shards.to_string()].map(String::from),
+            );
         }
         spec.args.extend(["--join".to_string(), self.tickets[0].encode(), "--join-token".into(), join_token]);
         let log = root.join(format!("node-{node_id}.log"));
@@ -159,7 +160,9 @@ impl AspenCluster {
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
         self.tickets.push(ticket);
-        self.wait_converged(deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(10))).await.map(|_| ())
+        self.wait_converged(deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(10)))
+            .await
+            .map(|_| ())
     }
 
     /// Reads the CPU time of every node.
