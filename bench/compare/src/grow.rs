@@ -221,17 +221,29 @@ fn range(values: impl Iterator<Item = u64>) -> String {
     }
 }
 
-fn step_line(s: &Step) -> String {
-    format!(
-        "{} at {} MB: load {:.1} MB/s, {:.0} puts/s, p99 {:.1} ms, peak RSS {} MB, RSS {} MB, data dir {} MB",
-        s.system,
-        s.size_mb,
-        s.load_mb_per_s,
-        s.puts_per_sec,
-        s.p99_ms,
+/// A step's figures, in the table's column order (system first).
+fn cells(s: &Step) -> [String; 11] {
+    let disk_max = s.servers.iter().map(|u| u.disk).max().unwrap_or(0);
+    [
+        s.system.clone(),
+        s.size_mb.to_string(),
+        s.members.to_string(),
+        format!("{:.1}", s.load_mb_per_s),
+        format!("{:.0}", s.puts_per_sec),
+        format!("{:.1}", s.p99_ms),
+        s.errors.to_string(),
         range(s.servers.iter().map(|u| u.peak_rss)),
         range(s.servers.iter().map(|u| u.rss)),
         range(s.servers.iter().map(|u| u.disk)),
+        format!("{:.2}", disk_max as f64 / (s.size_mb as f64 * 1e6)),
+    ]
+}
+
+fn step_line(s: &Step) -> String {
+    let c = cells(s);
+    format!(
+        "{} at {} MB: load {} MB/s, {} puts/s, p99 {} ms, peak RSS {} MB, RSS {} MB, data dir {} MB",
+        c[0], c[1], c[3], c[4], c[5], c[7], c[8], c[9]
     )
 }
 
@@ -247,21 +259,7 @@ fn report(plan: &GrowPlan, steps: &[Step], catch_ups: &[CatchUp]) -> String {
         plan.warmup.as_secs_f64()
     );
     for s in steps {
-        let disk_max = s.servers.iter().map(|u| u.disk).max().unwrap_or(0);
-        out.push_str(&format!(
-            "| {} | {} | {} | {:.1} | {:.0} | {:.1} | {} | {} | {} | {} | {:.2} |\n",
-            s.system,
-            s.size_mb,
-            s.members,
-            s.load_mb_per_s,
-            s.puts_per_sec,
-            s.p99_ms,
-            s.errors,
-            range(s.servers.iter().map(|u| u.peak_rss)),
-            range(s.servers.iter().map(|u| u.rss)),
-            range(s.servers.iter().map(|u| u.disk)),
-            disk_max as f64 / (s.size_mb as f64 * 1e6)
-        ));
+        out.push_str(&format!("| {} |\n", cells(s).join(" | ")));
     }
     if !catch_ups.is_empty() {
         out.push_str(

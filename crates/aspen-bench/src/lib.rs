@@ -502,14 +502,19 @@ pub async fn run<B: BenchBackend>(
         Ok(()) => drive(&config, &clients, progress).await,
         Err(e) => Err(e),
     };
+    close_all(backend, clients).await;
+    let (prefilled, stats) = result?;
+    Ok(report(backend.name(), &config, prefilled, stats))
+}
+
+/// Closes every client no task holds any more, then what the backend's clients shared.
+async fn close_all<B: BenchBackend>(backend: &B, clients: Vec<Arc<B::Client>>) {
     for client in clients {
         if let Some(client) = Arc::into_inner(client) {
             client.close().await;
         }
     }
     backend.finish().await;
-    let (prefilled, stats) = result?;
-    Ok(report(backend.name(), &config, prefilled, stats))
 }
 
 /// Opens `n` clients into `out`; stops at the first that fails (those opened stay in `out`, to
@@ -636,12 +641,7 @@ pub async fn fill<B: BenchBackend>(
         Ok(()) => prefill(&config, &clients, keys, progress).await,
         Err(e) => Err(e),
     };
-    for client in clients {
-        if let Some(client) = Arc::into_inner(client) {
-            client.close().await;
-        }
-    }
-    backend.finish().await;
+    close_all(backend, clients).await;
     result
 }
 
