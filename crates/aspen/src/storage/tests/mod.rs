@@ -167,7 +167,9 @@ async fn snapshot_bytes(snap: Snapshot<TypeConfig>) -> Vec<u8> {
 async fn receive(sm: &mut RedbStateMachine, bytes: &[u8]) -> Box<SnapshotData> {
     use tokio::io::AsyncWriteExt;
     let mut rx = sm.begin_receiving_snapshot().await.expect("begin receiving");
-    for chunk in bytes.chunks(7) {
+    // Odd small pieces for small streams (every boundary case of the records), 1 MiB otherwise.
+    let piece = if bytes.len() < 4096 { 7 } else { 1 << 20 };
+    for chunk in bytes.chunks(piece) {
         rx.write_all(chunk).await.expect("write chunk");
     }
     rx.shutdown().await.expect("shutdown");

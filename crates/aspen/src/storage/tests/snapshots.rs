@@ -287,7 +287,7 @@ async fn a_snapshot_larger_than_the_cache_round_trips() {
     let snap = sm_a.get_snapshot_builder().await.build_snapshot().await.unwrap();
     let meta = snap.meta.clone();
     let data = snapshot_bytes(snap).await;
-    assert!(data.len() > 8 * CACHE, "the stream ({} bytes) is larger than the cache", data.len());
+    assert!(data.len() > 8 * CACHE, "the stream ({} bytes) is 8 x the cache", data.len());
 
     let dir_b = tempfile::tempdir().unwrap();
     let mut sm_b = RedbStateMachine::open(&dir_b.path().join(SM_FILE), CACHE).unwrap();
