@@ -5,7 +5,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use openraft::ChangeMembers;
@@ -20,6 +20,9 @@ use crate::{
     storage::metadata::ClusterIdentity,
     transport::request::send_request,
 };
+
+/// How long a join waits, in all, for the new node to catch up before promoting it.
+const JOIN_CATCH_UP_WAIT: Duration = Duration::from_secs(40);
 
 impl NodeService {
     /// Tickets of every member.
@@ -155,11 +158,31 @@ impl NodeService {
         self.check_shard_list(&req.local_shards)?;
         let member = MemberAddr { endpoint_id: req.endpoint_id, addrs: req.addrs.clone() };
         self.add_everywhere(req.node_id, &member, &req.local_shards).await?;
+        self.wait_learner_caught_up(req.node_id, &req.local_shards).await;
         for &shard in &req.local_shards {
             self.change_shard(shard, MembershipChange::AddVoter { node_id: req.node_id }).await?;
         }
         tracing::info!(node_id = req.node_id, "node joined as voter");
         Ok(ClientResponse::Joined(info))
+    }
+
+    /// Before a joining node is promoted: on each of its shards this node leads, waits until
+    /// the learner has the leader's log as it is now — by snapshot, when the log behind was
+    /// purged. Promoting earlier changes the membership while a snapshot is on its way, which
+    /// drops openraft's replication stream and makes the leader start the snapshot over
+    /// (benches/RESULTS.md, Session 16). Bounded by [`JOIN_CATCH_UP_WAIT`] in all (the joining
+    /// node waits at least 60 s for its join); past it the node is promoted anyway and catches
+    /// up as a voter. Shards led elsewhere are not waited for.
+    async fn wait_learner_caught_up(&self, node_id: NodeId, shards: &[ShardId]) {
+        let deadline = Instant::now() + JOIN_CATCH_UP_WAIT;
+        for &shard in shards {
+            let Ok(local) = self.store.local(shard) else { continue };
+            let Some(index) = local.raft().metrics().borrow().last_log_index else { continue };
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !local.wait_replicated(shard_raft_id(shard, node_id), index, left).await {
+                tracing::info!(node_id, shard, index, "promoting a joining node before it caught up with the log");
+            }
+        }
     }
 
     /// Adds a node as learner on every shard, then confirms shard 0 lists it with this endpoint.

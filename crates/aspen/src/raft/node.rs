@@ -433,6 +433,27 @@ impl RaftNode {
         .await
     }
 
+    /// As this shard's leader, waits until the entries up to `index` are replicated to
+    /// `raft_id` (for a learner whose log was purged: until its snapshot is installed), at most
+    /// `limit`. Returns whether they are; `false` at once if this node does not lead.
+    pub async fn wait_replicated(&self, raft_id: u64, index: u64, limit: Duration) -> bool {
+        let mut metrics = self.raft.metrics();
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let reached = match &metrics.borrow().replication {
+                None => return false,
+                Some(r) => r.get(&raft_id).copied().flatten().is_some_and(|l| l.index >= index),
+            };
+            if reached {
+                return true;
+            }
+            match tokio::time::timeout_at(deadline, metrics.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return false,
+            }
+        }
+    }
+
     /// Applies a membership change (promote learners, remove voters or nodes).
     pub async fn change_membership(&self, change: ChangeMembers<u64, MemberNode>) -> Result<(), ApiError> {
         self.with_leader(|| {
