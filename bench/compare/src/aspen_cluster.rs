@@ -125,9 +125,9 @@ impl AspenCluster {
 
     /// Starts one more node, joining through node 1 (it catches up from the log or, if the
     /// log behind the leaders was purged, by snapshot), and waits until it votes in every shard
-    /// with the same applied index as the others, or `limit` passes. Returns its process id as
-    /// soon as it runs (through `started`) — so its memory can be watched while it catches up.
-    pub async fn add_node(&mut self, limit: Duration, started: impl FnOnce(Option<u32>)) -> Result<(), String> {
+    /// with the same applied index as the others, or `limit` passes. (Its peak memory while
+    /// catching up is its `VmHWM` afterwards.)
+    pub async fn add_node(&mut self, limit: Duration) -> Result<(), String> {
         let node_id = self.nodes.len() as u64 + 1;
         let root = self._dir.path().to_path_buf();
         let addr = free_udp_addrs(1)?[0];
@@ -146,7 +146,6 @@ impl AspenCluster {
         spec.args.extend(["--join".to_string(), self.tickets[0].encode(), "--join-token".into(), join_token]);
         let log = root.join(format!("node-{node_id}.log"));
         self.nodes.push(procs::spawn_node(spec, &log, None)?);
-        started(self.nodes.last().and_then(|n| n.proc.pid()));
         // The ticket comes once the node has joined (as a learner caught up, then a voter).
         let deadline = Instant::now() + limit;
         let node = self.nodes.last_mut().expect("just pushed");

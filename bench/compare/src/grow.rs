@@ -15,10 +15,6 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::{
-        atomic::{AtomicU32, Ordering},
-        Arc,
-    },
     time::{Duration, Instant},
 };
 
@@ -179,11 +175,9 @@ pub async fn run(
             if let (Target::Aspen(cluster, _), Some(at)) = (&mut target, plan.catch_up_mb) {
                 if !caught_up && size_mb >= at {
                     caught_up = true;
-                    let pid = Arc::new(AtomicU32::new(0));
-                    let seen = pid.clone();
                     let started = Instant::now();
                     cluster
-                        .add_node(Duration::from_secs(3600), move |p| seen.store(p.unwrap_or(0), Ordering::Relaxed))
+                        .add_node(Duration::from_secs(3600))
                         .await
                         .map_err(|e| format!("{label}: a node catching up on {size_mb} MB: {e}"))?;
                     let secs = started.elapsed().as_secs_f64();
