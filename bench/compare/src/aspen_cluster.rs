@@ -16,7 +16,8 @@ use crate::{
 };
 
 /// Nodes log warnings, and when a snapshot is made to send or installed (with its size and time).
-const SNAPSHOT_LOGS: &str = "warn,aspen::storage::state_machine=info,openraft::replication=info";
+const SNAPSHOT_LOGS: &str =
+    "warn,aspen::storage::state_machine=info,aspen::raft::snapshot_transfer=info,openraft::replication=info";
 
 /// A running Aspen cluster; its processes are stopped, then their cgroups (if capped) and data
 /// dirs removed on drop.

@@ -37,8 +37,8 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::Serialize;
 
 use aspen::{
-    api::{ApiError, BatchOp, NodeTicket, ReadConsistency},
-    client::{AspenClient, ClientEndpoint, ClientError},
+    api::{BatchOp, NodeTicket, ReadConsistency},
+    client::{AspenClient, ClientEndpoint},
 };
 
 /// The error of one request, as a backend reports it (only its message is kept).
@@ -159,16 +159,14 @@ impl BenchClient for AspenClient {
     /// One atomic batch; if the cluster refuses it (with sharding, a batch must stay within one
     /// shard), every key's put at once (the nodes batch them again per shard).
     async fn put_many(&self, kvs: Vec<(Vec<u8>, Vec<u8>)>) -> Result<(), OpError> {
-        let ops = kvs.iter().map(|(key, value)| BatchOp::Put { key: key.clone(), value: value.clone() }).collect();
-        match self.batch(ops).await {
-            Ok(_) => Ok(()),
-            Err(ClientError::Api(ApiError::InvalidRequest(_))) => {
-                futures::future::try_join_all(kvs.into_iter().map(|(key, value)| AspenClient::put(self, key, value)))
-                    .await?;
-                Ok(())
-            }
-            Err(e) => Err(e.into()),
+        // A batch keeps to one shard: one batch per shard the keys route to.
+        let router = self.shard_router().await;
+        let mut by_shard: std::collections::BTreeMap<_, Vec<BatchOp>> = Default::default();
+        for (key, value) in kvs {
+            by_shard.entry(router.shard_for_key(&key)).or_default().push(BatchOp::Put { key, value });
         }
+        futures::future::try_join_all(by_shard.into_values().map(|ops| self.batch(ops))).await?;
+        Ok(())
     }
 
     async fn close(self) {

@@ -120,15 +120,24 @@ openraft::declare_raft_types!(
         AsyncRuntime = openraft::TokioRuntime,
 );
 
-/// Makes a snapshot's file: run once, on a blocking thread, when the bytes are first needed.
-pub type MakeSnapshotFile = Box<dyn FnOnce() -> io::Result<std::fs::File> + Send>;
+/// Writes a snapshot's whole stream into a sink: run once, on a blocking thread, when the bytes
+/// are first needed.
+pub type WriteSnapshot = Box<dyn FnOnce(&mut dyn io::Write) -> io::Result<()> + Send>;
 
-/// A snapshot's bytes (docs/design.md §6.4): a file, read and written through tokio's async I/O
-/// traits as openraft streams it in chunks. A snapshot to send starts as a recipe
-/// ([`SnapshotData::lazy`]) that writes the file on first read or seek, so asking for the current
-/// snapshot (openraft does at every start, for its metadata only) costs nothing until someone
-/// actually sends it, and the writing runs off the state machine's task. A snapshot being
-/// received is a file from the start ([`SnapshotData::file`]).
+/// Opens a new temp file (already unlinked) to hold a snapshot's stream when it is asked for as a
+/// file.
+pub type OpenTempFile = Box<dyn FnOnce() -> io::Result<std::fs::File> + Send>;
+
+/// A snapshot's bytes (docs/design.md §6.4). A snapshot to send starts as a recipe
+/// ([`SnapshotData::lazy`]) that writes the stream from one consistent read of the state machine,
+/// so asking for the current snapshot (openraft does at every start, for its metadata only) costs
+/// nothing until someone sends it. Aspen's network sends it with [`SnapshotData::into_chunks`]:
+/// the stream is written by a blocking thread straight into chunks while earlier chunks are on
+/// the wire, never to a file. A snapshot received by Aspen's network is already written into the
+/// receiving state machine's staging tables when openraft installs it
+/// ([`SnapshotData::staged`]). The async I/O traits (which openraft's own chunked transport and
+/// the tests use) see a file: a recipe writes it on first read or seek ([`SnapshotData::file`]
+/// for one that exists).
 pub struct SnapshotData {
     state: DataState,
     /// A seek asked for before the file existed, started once it does.
@@ -136,24 +145,93 @@ pub struct SnapshotData {
 }
 
 enum DataState {
-    Lazy(MakeSnapshotFile),
+    Lazy {
+        write: WriteSnapshot,
+        temp: OpenTempFile,
+    },
     Making(tokio::task::JoinHandle<io::Result<std::fs::File>>),
     Ready(tokio::fs::File),
+    /// Received into the state machine's staging tables, under this transfer number.
+    Staged(u64),
     /// Making the file failed; every later call fails too.
     Failed(io::ErrorKind, String),
     /// Only while moving between states.
     Empty,
 }
 
+/// The chunks of a snapshot's stream, in order; an error ends it (the sender then gives up this
+/// transfer).
+pub type SnapshotChunks = tokio::sync::mpsc::Receiver<io::Result<Vec<u8>>>;
+
 impl SnapshotData {
-    /// A snapshot whose file `make` writes when the bytes are first needed.
-    pub fn lazy(make: MakeSnapshotFile) -> Self {
-        SnapshotData { state: DataState::Lazy(make), pending_seek: None }
+    /// A snapshot whose stream `write` writes when the bytes are first needed: into chunks when
+    /// sent ([`Self::into_chunks`]), or into a file from `temp` when read as a file.
+    pub fn lazy(write: WriteSnapshot, temp: OpenTempFile) -> Self {
+        SnapshotData { state: DataState::Lazy { write, temp }, pending_seek: None }
     }
 
     /// A snapshot held in an open file (read and written from its current position).
     pub fn file(file: std::fs::File) -> Self {
         SnapshotData { state: DataState::Ready(tokio::fs::File::from_std(file)), pending_seek: None }
+    }
+
+    /// A snapshot already received into the state machine's staging tables by transfer
+    /// `transfer`: installing it moves them in place.
+    pub fn staged(transfer: u64) -> Self {
+        SnapshotData { state: DataState::Staged(transfer), pending_seek: None }
+    }
+
+    /// The transfer number, if this snapshot is one already staged.
+    pub fn as_staged(&self) -> Option<u64> {
+        match self.state {
+            DataState::Staged(t) => Some(t),
+            _ => None,
+        }
+    }
+
+    /// The stream in chunks of `chunk_bytes` (the last may be shorter), produced by a blocking
+    /// thread at most two chunks ahead of the reader; dropping the receiver stops it. A recipe's
+    /// stream is written straight into the chunks (no file); a file is read from its start.
+    pub async fn into_chunks(mut self, chunk_bytes: usize) -> io::Result<SnapshotChunks> {
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let chunk_bytes = chunk_bytes.max(1);
+        match std::mem::replace(&mut self.state, DataState::Empty) {
+            DataState::Lazy { write, .. } => {
+                tokio::task::spawn_blocking(move || {
+                    let mut sink = ChunkSink { buf: Vec::with_capacity(chunk_bytes), chunk_bytes, tx };
+                    let written = write(&mut sink).and_then(|()| sink.send_buf());
+                    if let Err(e) = written {
+                        // Nobody to tell if the reader is gone already.
+                        let _ = sink.tx.blocking_send(Err(e));
+                    }
+                });
+            }
+            DataState::Staged(_) => return Err(io::Error::other("a snapshot received into staging cannot be sent")),
+            other => {
+                self.state = other;
+                let mut file = self.into_std().await?;
+                tokio::task::spawn_blocking(move || {
+                    use std::io::{Read, Seek};
+                    let read = (|| -> io::Result<()> {
+                        file.rewind()?;
+                        loop {
+                            let mut buf = Vec::with_capacity(chunk_bytes);
+                            (&mut file).take(chunk_bytes as u64).read_to_end(&mut buf)?;
+                            if buf.is_empty() {
+                                return Ok(());
+                            }
+                            if tx.blocking_send(Ok(buf)).is_err() {
+                                return Ok(());
+                            }
+                        }
+                    })();
+                    if let Err(e) = read {
+                        let _ = tx.blocking_send(Err(e));
+                    }
+                });
+            }
+        }
+        Ok(rx)
     }
 
     /// The file, made first if need be, with every write so far flushed to it.
@@ -172,7 +250,18 @@ impl SnapshotData {
     fn poll_file(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<&mut tokio::fs::File>> {
         loop {
             match std::mem::replace(&mut self.state, DataState::Empty) {
-                DataState::Lazy(make) => self.state = DataState::Making(tokio::task::spawn_blocking(make)),
+                DataState::Lazy { write, temp } => {
+                    self.state = DataState::Making(tokio::task::spawn_blocking(move || {
+                        use std::io::{Seek, Write};
+                        let mut file = temp()?;
+                        let mut out = io::BufWriter::with_capacity(1 << 20, &mut file);
+                        write(&mut out)?;
+                        out.flush()?;
+                        drop(out);
+                        file.rewind()?;
+                        Ok(file)
+                    }))
+                }
                 DataState::Making(mut task) => match Pin::new(&mut task).poll(cx) {
                     Poll::Pending => {
                         self.state = DataState::Making(task);
@@ -200,6 +289,10 @@ impl SnapshotData {
                     self.state = DataState::Failed(kind, msg);
                     return Poll::Ready(Err(err));
                 }
+                DataState::Staged(t) => {
+                    self.state = DataState::Staged(t);
+                    return Poll::Ready(Err(io::Error::other("a snapshot received into staging has no file")));
+                }
                 DataState::Empty => return Poll::Ready(Err(io::Error::other("snapshot data used after it failed"))),
             }
         }
@@ -209,7 +302,8 @@ impl SnapshotData {
 impl fmt::Debug for SnapshotData {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
-            DataState::Lazy(_) => "not made yet",
+            DataState::Lazy { .. } => "not made yet",
+            DataState::Staged(_) => "staged",
             DataState::Making(_) => "being made",
             DataState::Ready(_) => "file",
             DataState::Failed(..) => "failed",
@@ -259,6 +353,40 @@ impl tokio::io::AsyncSeek for SnapshotData {
     fn poll_complete(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<u64>> {
         let f = ready!(self.get_mut().poll_file(cx))?;
         Pin::new(f).poll_complete(cx)
+    }
+}
+
+/// Cuts a stream written into it into chunks for [`SnapshotData::into_chunks`].
+struct ChunkSink {
+    buf: Vec<u8>,
+    chunk_bytes: usize,
+    tx: tokio::sync::mpsc::Sender<io::Result<Vec<u8>>>,
+}
+
+impl ChunkSink {
+    fn send_buf(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let full = std::mem::replace(&mut self.buf, Vec::with_capacity(self.chunk_bytes));
+        self.tx
+            .blocking_send(Ok(full))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the snapshot's reader went away"))
+    }
+}
+
+impl io::Write for ChunkSink {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = data.len().min(self.chunk_bytes - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == self.chunk_bytes {
+            self.send_buf()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 

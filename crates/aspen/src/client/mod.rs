@@ -444,17 +444,30 @@ impl AspenClient {
         }
     }
 
-    /// Runs one write with a session from the pool (exactly-once across retries). Sessions are
-    /// pooled by shard and number their writes there 1, 2, …; a prefix delete (every shard)
-    /// takes a session of its own.
-    pub async fn write(&self, command: WriteCommand) -> Result<WriteOutcome, ClientError> {
+    /// How the cluster routes keys to shards (asked of the cluster if this client does not know
+    /// yet; one shard if it cannot). A batch must keep to one shard: group its operations with
+    /// this.
+    pub async fn shard_router(&self) -> crate::api::routing::ShardRouter {
+        self.learn_topology().await;
+        crate::api::routing::ShardRouter::new(self.num_shards.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    /// Asks for the cluster's shards and members if the first connection's discovery did not
+    /// answer.
+    async fn learn_topology(&self) {
         if self.num_shards.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-            // The first connection's discovery did not answer: ask once more.
             if let Ok(ClientResponse::Topology { num_shards, members }) = self.request(ClientRequest::Topology).await {
                 self.num_shards.store(num_shards, std::sync::atomic::Ordering::SeqCst);
                 self.add_tickets(members.iter().filter_map(|t| NodeTicket::decode(t).ok()));
             }
         }
+    }
+
+    /// Runs one write with a session from the pool (exactly-once across retries). Sessions are
+    /// pooled by shard and number their writes there 1, 2, …; a prefix delete (every shard)
+    /// takes a session of its own.
+    pub async fn write(&self, command: WriteCommand) -> Result<WriteOutcome, ClientError> {
+        self.learn_topology().await;
         let shard = (!matches!(command, WriteCommand::DeletePrefix { .. })).then(|| self.shard_of(&command));
         let fresh = || WriteSession { client_id: Id128::random(), seq: STRICT_SEQ_BASE };
         let mut session = match shard {

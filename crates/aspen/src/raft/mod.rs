@@ -12,6 +12,7 @@ pub mod batcher;
 pub mod network;
 pub mod node;
 pub mod server;
+pub mod snapshot_transfer;
 
 pub use crate::api::raft::{
     ApplyResult, Entry, LogId, MemberNode, Raft, SnapshotMeta, StoredMembership, TypeConfig, Vote, WriteBatch,

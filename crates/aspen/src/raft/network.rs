@@ -226,6 +226,20 @@ impl RaftNetwork<TypeConfig> for IrohNetwork {
         }
     }
 
+    /// Streamed: the snapshot is written into chunks as they are sent (docs/design.md §6.4).
+    async fn full_snapshot(
+        &mut self,
+        vote: openraft::Vote<u64>,
+        snapshot: openraft::Snapshot<TypeConfig>,
+        cancel: impl std::future::Future<Output = openraft::error::ReplicationClosed> + Send + 'static,
+        option: RPCOption,
+    ) -> Result<
+        openraft::raft::SnapshotResponse<u64>,
+        openraft::error::StreamingError<TypeConfig, openraft::error::Fatal<u64>>,
+    > {
+        super::snapshot_transfer::send(self, vote, snapshot, cancel, option).await
+    }
+
     async fn vote(
         &mut self,
         rpc: VoteRequest<u64>,

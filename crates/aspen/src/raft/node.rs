@@ -79,6 +79,8 @@ pub struct RaftNode {
     /// Ends that task when the last clone of this node is dropped without a shutdown (it holds
     /// a Raft handle and the log, which must not outlive the node).
     _size_stop: Arc<tokio_util::sync::DropGuard>,
+    /// Snapshot transfers to this node for this shard.
+    snapshots_in: super::snapshot_transfer::SnapshotReceiver,
     /// The log (a reader clone): its size.
     log: RedbLogStore,
     /// Fault injection only: serve linearizable reads from local state without ReadIndex.
@@ -232,6 +234,7 @@ impl RaftNode {
             watch_hub,
             size_task,
             _size_stop: Arc::new(size_stop.drop_guard()),
+            snapshots_in: Default::default(),
             log: log_sizes,
             #[cfg(feature = "fault-injection")]
             broken_reads: Default::default(),
@@ -595,6 +598,14 @@ impl RaftNode {
     }
 
     /// Records that AppendEntries (a heartbeat or entries) for this shard arrived from a leader.
+    /// Handles one chunk of a snapshot the shard's leader sends this node (docs/design.md §6.4).
+    pub async fn receive_snapshot_chunk(
+        &self,
+        req: openraft::raft::InstallSnapshotRequest<super::TypeConfig>,
+    ) -> crate::api::raft_rpc::RaftResponse {
+        self.snapshots_in.receive(&self.raft, &self.reader, req).await
+    }
+
     pub fn record_leader_contact(&self) {
         let ms = self.epoch.elapsed().as_millis() as u64;
         self.leader_contact_ms.store(ms.max(1), Ordering::Relaxed);
@@ -694,7 +705,10 @@ const SNAPSHOT_RETRY: Duration = Duration::from_secs(60);
 /// Builds a snapshot (after which openraft purges the log behind it) whenever the entries after
 /// the last snapshot hold `limit` encoded bytes: openraft's own policy counts entries only, and
 /// an entry may batch many writes (docs/design.md §6). A snapshot copies nothing (§6.4), so it
-/// costs a durable commit whatever the state's size. Runs until the shard stops.
+/// costs a durable commit whatever the state's size. openraft keeps
+/// `max_in_snapshot_log_to_keep` entries behind a snapshot for lagging followers; when those
+/// hold more than `limit` bytes, this purges the older ones, so the log holds at most about
+/// 2 × `limit` bytes whatever the batching. Runs until the shard stops.
 async fn snapshot_by_size(
     raft: Raft,
     log: RedbLogStore,
@@ -706,6 +720,8 @@ async fn snapshot_by_size(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     // The applied index when a snapshot was last asked for, and when.
     let mut asked: Option<(u64, Instant)> = None;
+    // The last purge asked for.
+    let mut purged: Option<u64> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -716,6 +732,16 @@ async fn snapshot_by_size(
             let m = m.borrow();
             (m.snapshot.map(|l| l.index), m.last_applied.map(|l| l.index))
         };
+        if let Some(upto) = snapshot.and_then(|s| log.purge_point(s, limit)) {
+            if purged.is_none_or(|p| p < upto) {
+                purged = Some(upto);
+                tracing::debug!(shard, upto, "the log kept behind the snapshot passed {limit} bytes: purging");
+                if let Err(e) = raft.trigger().purge_log(upto).await {
+                    tracing::debug!(shard, "purge by log size: {e}");
+                    return;
+                }
+            }
+        }
         let Some(applied) = applied else { continue };
         if log.bytes_after(snapshot) < limit {
             continue;

@@ -65,33 +65,11 @@ pub struct RaftProtocolHandler {
     registry: ShardRegistry,
     cluster_id: SharedClusterId,
     wire: RaftWire,
-    /// Per shard: the snapshot being received and how many bytes of it arrived, so a chunk
-    /// can only continue what came before (openraft writes chunks at their offset into memory).
-    snapshot_progress: Arc<std::sync::Mutex<HashMap<ShardId, (String, u64)>>>,
 }
 
 impl RaftProtocolHandler {
     pub fn new(registry: ShardRegistry, cluster_id: SharedClusterId, wire: RaftWire) -> Self {
-        RaftProtocolHandler { registry, cluster_id, wire, snapshot_progress: Default::default() }
-    }
-
-    /// Refuses a snapshot chunk that does not start at 0 or continue the chunks received so far.
-    fn check_snapshot_chunk(&self, shard: ShardId, id: &str, offset: u64, len: u64) -> Result<(), RaftRefusal> {
-        let mut progress = self.snapshot_progress.lock().unwrap_or_else(|p| p.into_inner());
-        let end = offset.saturating_add(len);
-        if offset == 0 {
-            progress.insert(shard, (id.to_string(), end));
-            return Ok(());
-        }
-        match progress.get_mut(&shard) {
-            Some((current, received)) if current == id && offset <= *received => {
-                *received = (*received).max(end);
-                Ok(())
-            }
-            _ => Err(RaftRefusal::Malformed(format!(
-                "snapshot chunk at offset {offset} does not continue a snapshot being received"
-            ))),
-        }
+        RaftProtocolHandler { registry, cluster_id, wire }
     }
 }
 
@@ -174,34 +152,7 @@ impl RaftProtocolHandler {
                 RaftResponse::AppendEntries(result)
             }
             RaftRequest::Vote(r) => RaftResponse::Vote(raft.vote(r).await),
-            RaftRequest::InstallSnapshot(r) => {
-                if let Err(refusal) =
-                    self.check_snapshot_chunk(shard, &r.meta.snapshot_id, r.offset, r.data.len() as u64)
-                {
-                    return RaftResponse::Refused(refusal);
-                }
-                RaftResponse::InstallSnapshot(raft.install_snapshot(r).await)
-            }
+            RaftRequest::InstallSnapshot(r) => node.receive_snapshot_chunk(r).await,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn snapshot_chunks_must_continue_what_arrived() {
-        let h = RaftProtocolHandler::new(ShardRegistry::default(), Default::default(), RaftWire::Legacy);
-        // A chunk in the middle of nothing (a hostile offset) is refused.
-        assert!(h.check_snapshot_chunk(0, "s1", 1 << 40, 10).is_err());
-        assert!(h.check_snapshot_chunk(0, "s1", 0, 100).is_ok());
-        assert!(h.check_snapshot_chunk(0, "s1", 100, 100).is_ok());
-        // Resending an earlier chunk is fine; skipping ahead is not; nor is another snapshot's id.
-        assert!(h.check_snapshot_chunk(0, "s1", 50, 100).is_ok());
-        assert!(h.check_snapshot_chunk(0, "s1", 1000, 100).is_err());
-        assert!(h.check_snapshot_chunk(0, "s2", 200, 100).is_err());
-        // Shards are independent.
-        assert!(h.check_snapshot_chunk(1, "s1", 100, 1).is_err());
     }
 }

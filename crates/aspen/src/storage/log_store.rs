@@ -111,6 +111,19 @@ impl LogSizes {
         let from = index.map_or(0, |i| i + 1);
         self.sizes.range(from..).map(|(_, b)| u64::from(*b)).sum()
     }
+
+    /// The index to purge up to (inclusive) so that the entries kept up to `snapshot` hold at
+    /// most `keep_bytes`; `None` if they already do.
+    fn purge_point(&self, snapshot: u64, keep_bytes: u64) -> Option<u64> {
+        let mut kept = 0u64;
+        for (&index, &bytes) in self.sizes.range(..=snapshot).rev() {
+            kept += u64::from(bytes);
+            if kept > keep_bytes {
+                return Some(index);
+            }
+        }
+        None
+    }
 }
 
 /// One unit of work for the writer thread.
@@ -285,6 +298,12 @@ impl RedbLogStore {
     /// what the log grew by since the snapshot at `index`.
     pub fn bytes_after(&self, index: Option<u64>) -> u64 {
         self.sizes.lock().unwrap_or_else(|p| p.into_inner()).bytes_after(index)
+    }
+
+    /// The index to purge the log up to (inclusive) so that the entries it keeps up to and
+    /// including `snapshot` hold at most `keep_bytes` encoded bytes; `None` if they already do.
+    pub fn purge_point(&self, snapshot: u64, keep_bytes: u64) -> Option<u64> {
+        self.sizes.lock().unwrap_or_else(|p| p.into_inner()).purge_point(snapshot, keep_bytes)
     }
 
     /// Lets the store acknowledge the appends node `own_id` makes as leader of the current term

@@ -107,6 +107,8 @@ const SESSION_NS: TableDefinition<u64, u64> = TableDefinition::new("session_ns")
 
 mod snapshot;
 
+pub use snapshot::IncomingSnapshot;
+
 /// The whole-state snapshot file older versions kept beside the database (removed at open).
 const LEGACY_SNAPSHOT_FILE: &str = "snapshot.bin";
 
@@ -167,6 +169,12 @@ pub struct StateReader {
 }
 
 impl StateReader {
+    /// Starts receiving the snapshot `meta` into this state machine's staging tables, deleting
+    /// what an unfinished transfer staged (blocking; docs/design.md §6.4).
+    pub fn receive_snapshot(&self, meta: SnapshotMeta) -> Result<IncomingSnapshot, StorageError> {
+        IncomingSnapshot::begin(self.db.clone(), meta)
+    }
+
     /// The current value of `key`, if present.
     pub fn get(&self, key: &[u8]) -> Result<Option<KeyValue>, StorageError> {
         let txn = self.db.begin_read()?;
@@ -486,6 +494,8 @@ impl RedbStateMachine {
     fn from_db(db: redb::Database, dir: PathBuf) -> Result<Self, StorageError> {
         snapshot::remove_leftovers(&dir)?;
         let txn = begin_write(&db, Durability::Immediate)?;
+        // A transfer a crash interrupted starts over.
+        snapshot::drop_staging(&txn)?;
         txn.open_table(SESSION_AGE)?;
         txn.open_table(LEASE_KEYS)?;
         txn.open_table(TOMBSTONE_AGE)?;
@@ -1206,8 +1216,8 @@ pub struct SnapshotBuilder {
     dir: PathBuf,
 }
 
-/// A snapshot of the state `txn` sees, its file made only if someone reads it; `None` if nothing
-/// was ever applied, unless `even_empty`.
+/// A snapshot of the state `txn` sees, its stream written only if someone reads it; `None` if
+/// nothing was ever applied, unless `even_empty`.
 fn lazy_snapshot(
     txn: redb::ReadTransaction,
     dir: PathBuf,
@@ -1215,15 +1225,15 @@ fn lazy_snapshot(
 ) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
     let Some(meta) = snapshot::meta_of(&txn, even_empty)? else { return Ok(None) };
     let id = meta.snapshot_id.clone();
-    let make = move || {
+    let write = move |out: &mut dyn std::io::Write| {
         let started = std::time::Instant::now();
-        let file = snapshot::write_file(&dir, &txn).map_err(std::io::Error::other)?;
+        let bytes = snapshot::write_to(&txn, out).map_err(std::io::Error::other)?;
         drop(txn);
-        let bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
-        tracing::info!(snapshot = %id, bytes, secs = started.elapsed().as_secs_f64(), "snapshot file made to send");
-        Ok(file)
+        tracing::info!(snapshot = %id, bytes, secs = started.elapsed().as_secs_f64(), "snapshot stream written");
+        Ok(())
     };
-    Ok(Some(Snapshot { meta, snapshot: Box::new(SnapshotData::lazy(Box::new(make))) }))
+    let temp = move || snapshot::temp_file(&dir);
+    Ok(Some(Snapshot { meta, snapshot: Box::new(SnapshotData::lazy(Box::new(write), Box::new(temp))) }))
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
@@ -1305,12 +1315,16 @@ impl RaftStateMachine<TypeConfig> for RedbStateMachine {
         let installed = meta.last_log_id.map_or(0, |l| l.index);
         let meta = meta.clone();
         let leases = async {
-            let file = snapshot.into_std().await?;
-            let bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
             let started = std::time::Instant::now();
             let id = meta.snapshot_id.clone();
-            let leases = blocking(move || snapshot::install_file(&db, &meta, file)).await?;
-            tracing::info!(snapshot = %id, bytes, secs = started.elapsed().as_secs_f64(), "snapshot installed");
+            let leases = if let Some(transfer) = snapshot.as_staged() {
+                // Received by the node's network into the staging tables already.
+                blocking(move || snapshot::install_staged(&db, &meta, transfer)).await?
+            } else {
+                let file = snapshot.into_std().await?;
+                blocking(move || snapshot::install_file(&db, &meta, file)).await?
+            };
+            tracing::info!(snapshot = %id, secs = started.elapsed().as_secs_f64(), "snapshot installed");
             Ok(leases)
         }
         .await

@@ -1,8 +1,10 @@
 //! The snapshot stream of one shard (docs/design.md §6.4): how a consistent read of the state
 //! machine becomes a file of records, and how such a file replaces a state machine's state.
 //!
-//! Owns: the stream format and its checks, the temp files that hold a stream while it is sent or
-//! received. Memory is bounded by one record and the I/O buffers: the state is never one buffer.
+//! Owns: the stream format and its checks, writing a stream from one read transaction, receiving
+//! one into the staging tables ([`IncomingSnapshot`]) and moving them in place
+//! ([`install_staged`]), and the temp files that hold a stream when it is asked for as a file.
+//! Memory is bounded by one chunk and the I/O buffers: the state is never one buffer.
 //!
 //! The format (all integers little-endian): the 8 bytes `ASPNSNAP`; the format version (`u32`,
 //! 2); the header record; any number of data records; the end record; then the 32-byte BLAKE3
@@ -22,7 +24,7 @@
 //! increasing), which install checks: a file that repeats or reorders items is refused.
 
 use std::{
-    io::{self, BufReader, BufWriter, Read, Seek, Write},
+    io::{self, BufWriter, Read, Seek, Write},
     path::Path,
 };
 
@@ -109,17 +111,15 @@ pub(super) fn remove_leftovers(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Writes the state `txn` sees to a new temp file in `dir`; returns it positioned at its start.
-pub(super) fn write_file(dir: &Path, txn: &redb::ReadTransaction) -> Result<std::fs::File, StorageError> {
-    let mut file = temp_file(dir)?;
+/// Writes the stream of the state `txn` sees, with its hash, into `out`; returns its length.
+pub(super) fn write_to(txn: &redb::ReadTransaction, out: &mut dyn Write) -> Result<u64, StorageError> {
     // Hashed below the buffer: the hasher sees 1 MiB blocks, not every small write.
-    let mut out = BufWriter::with_capacity(IO_BUFFER, HashingWriter { inner: &mut file, hash: hasher() });
-    write_stream(txn, &mut out)?;
-    let hashed = out.into_inner().map_err(|e| e.into_error())?;
+    let mut buffered = BufWriter::with_capacity(IO_BUFFER, HashingWriter { inner: out, hash: hasher(), bytes: 0 });
+    write_stream(txn, &mut buffered)?;
+    let hashed = buffered.into_inner().map_err(|e| e.into_error())?;
     let hash = *hashed.hash.finalize().as_bytes();
     hashed.inner.write_all(&hash)?;
-    file.rewind()?;
-    Ok(file)
+    Ok(hashed.bytes + hash.len() as u64)
 }
 
 fn hasher() -> blake3::Hasher {
@@ -129,34 +129,19 @@ fn hasher() -> blake3::Hasher {
 struct HashingWriter<W> {
     inner: W,
     hash: blake3::Hasher,
+    bytes: u64,
 }
 
 impl<W: Write> Write for HashingWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.inner.write(buf)?;
         self.hash.update(&buf[..n]);
+        self.bytes += n as u64;
         Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
-    }
-}
-
-/// Hashes the first `left` bytes read through it (the stream without its final hash).
-struct HashingReader<R> {
-    inner: R,
-    hash: blake3::Hasher,
-    left: u64,
-}
-
-impl<R: Read> Read for HashingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        let hashed = (n as u64).min(self.left) as usize;
-        self.hash.update(&buf[..hashed]);
-        self.left -= hashed as u64;
-        Ok(n)
     }
 }
 
@@ -204,39 +189,6 @@ fn write_stream(txn: &redb::ReadTransaction, out: &mut impl Write) -> Result<(),
     Ok(())
 }
 
-/// Reads records into one reused buffer.
-struct RecordReader<R> {
-    inner: R,
-    buf: Vec<u8>,
-}
-
-impl<R: Read> RecordReader<R> {
-    fn exact(&mut self, n: usize) -> Result<&[u8], StorageError> {
-        self.buf.resize(n, 0);
-        self.inner.read_exact(&mut self.buf).map_err(truncated)?;
-        Ok(&self.buf)
-    }
-
-    /// The next record: its tag and bytes.
-    fn next(&mut self) -> Result<(u8, &[u8]), StorageError> {
-        let head = self.exact(5)?;
-        let tag = head[0];
-        let len = u32::from_le_bytes(head[1..5].try_into().expect("4 bytes")) as usize;
-        if len > MAX_RECORD {
-            return Err(corrupt(format!("a record of {len} bytes")));
-        }
-        Ok((tag, self.exact(len)?))
-    }
-}
-
-fn truncated(e: io::Error) -> StorageError {
-    if e.kind() == io::ErrorKind::UnexpectedEof {
-        corrupt("the file ends early".into())
-    } else {
-        e.into()
-    }
-}
-
 fn corrupt(what: String) -> StorageError {
     StorageError::Corrupt(format!("snapshot file: {what}"))
 }
@@ -249,72 +201,218 @@ fn split_u64<'a>(bytes: &'a [u8], what: &str) -> Result<(u64, &'a [u8]), Storage
     Ok((u64::from_le_bytes(id.try_into().expect("8 bytes")), rest))
 }
 
-/// Replaces the whole state in `db` with the stream in `file` (from its start), in one durable
-/// transaction that commits only if the stream is whole, in order, of `meta`'s log id and
-/// membership, and matches its hash: otherwise nothing changes. Returns the leases it holds.
+/// Replaces the whole state in `db` with the stream in `file` (from its start): staged as if
+/// received ([`IncomingSnapshot`]), then moved in place ([`install_staged`]), so nothing changes
+/// unless the stream is whole, in order, of `meta`'s log id and membership, and matches its hash.
+/// Returns the leases it holds.
 pub(super) fn install_file(
-    db: &redb::Database,
+    db: &Arc<redb::Database>,
     meta: &SnapshotMeta,
     mut file: std::fs::File,
 ) -> Result<Vec<(u64, LeaseRecord)>, StorageError> {
     file.rewind()?;
-    let len = file.metadata()?.len();
-    if len < 32 {
-        return Err(corrupt(format!("{len} bytes")));
+    let mut incoming = IncomingSnapshot::begin(db.clone(), meta.clone())?;
+    let mut buf = vec![0u8; STAGE_BYTES];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        incoming.push(&buf[..n])?;
     }
-    let hashing = HashingReader { inner: file, hash: hasher(), left: len - 32 };
-    let mut r = RecordReader { inner: BufReader::with_capacity(IO_BUFFER, hashing), buf: Vec::new() };
-    if r.exact(8)? != MAGIC {
-        return Err(corrupt("not an Aspen snapshot (no ASPNSNAP magic)".into()));
+    let transfer = incoming.finish()?;
+    install_staged(db, meta, transfer)
+}
+
+/// Tables a snapshot being received is written into, each beside the live table it replaces.
+const STAGING_KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("staging.kv");
+const STAGING_SESSIONS: TableDefinition<u128, &[u8]> = TableDefinition::new("staging.sessions");
+const STAGING_SESSION_AGE: TableDefinition<(u64, u128), ()> = TableDefinition::new("staging.session_age");
+const STAGING_LEASES: TableDefinition<u64, &[u8]> = TableDefinition::new("staging.leases");
+const STAGING_LEASE_KEYS: TableDefinition<(u64, &[u8]), ()> = TableDefinition::new("staging.lease_keys");
+const STAGING_TOMBSTONES: TableDefinition<u64, u64> = TableDefinition::new("staging.lease_tombstones");
+const STAGING_TOMBSTONE_AGE: TableDefinition<(u64, u64), ()> = TableDefinition::new("staging.lease_tombstone_age");
+/// The transfer the staging tables hold (`transfer`), and once it is whole and checked
+/// (`complete`): its applied log id, membership, clock and digest sum.
+const STAGING_META: TableDefinition<&str, &[u8]> = TableDefinition::new("staging.meta");
+const STAGED_TRANSFER: &str = "transfer";
+const STAGED_COMPLETE: &str = "complete";
+/// Bytes staged per write transaction when a file is installed.
+const STAGE_BYTES: usize = 8 << 20;
+
+/// Deletes whatever a transfer left in the staging tables (a crash, or one given up).
+pub(super) fn drop_staging(txn: &redb::WriteTransaction) -> Result<(), StorageError> {
+    txn.delete_table(STAGING_KV)?;
+    txn.delete_table(STAGING_SESSIONS)?;
+    txn.delete_table(STAGING_SESSION_AGE)?;
+    txn.delete_table(STAGING_LEASES)?;
+    txn.delete_table(STAGING_LEASE_KEYS)?;
+    txn.delete_table(STAGING_TOMBSTONES)?;
+    txn.delete_table(STAGING_TOMBSTONE_AGE)?;
+    txn.delete_table(STAGING_META)?;
+    Ok(())
+}
+
+/// Where the parse of an incoming stream stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Parse {
+    /// Expecting the magic and the format version.
+    Start,
+    /// Expecting the header record.
+    Header,
+    /// Expecting data records or the end record.
+    Records,
+    /// The end record was read: only the 32-byte hash may follow.
+    Hash,
+}
+
+/// A snapshot stream being received into a state machine's staging tables, chunk by chunk as it
+/// arrives (docs/design.md §6.4): each chunk's whole records are checked (order, header against
+/// the metadata it was sent as) and written in one non-durable transaction, so receiving
+/// overlaps with sending, memory holds one chunk, and the live tables do not change until
+/// [`install_staged`] moves the staged ones in place. A new transfer, or a restart, deletes
+/// what an unfinished one staged.
+pub struct IncomingSnapshot {
+    db: Arc<redb::Database>,
+    meta: SnapshotMeta,
+    transfer: u64,
+    /// Received bytes not yet parsed (the start of a record that continues in the next chunk).
+    pending: Vec<u8>,
+    parse: Parse,
+    /// Hash of every byte before the final hash.
+    hash: blake3::Hasher,
+    sum: DigestSum,
+    clock_ms: u64,
+    last_tag: u8,
+    last_key: Option<Vec<u8>>,
+    last_id: Option<u128>,
+    bytes: u64,
+}
+
+impl std::fmt::Debug for IncomingSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IncomingSnapshot")
+            .field("snapshot", &self.meta.snapshot_id)
+            .field("transfer", &self.transfer)
+            .field("bytes", &self.bytes)
+            .finish()
     }
-    let version = u32::from_le_bytes(r.exact(4)?.try_into().expect("4 bytes"));
-    if version != FORMAT_VERSION {
-        return Err(corrupt(format!("format version {version}; this node reads version {FORMAT_VERSION}")));
-    }
-    let (tag, header) = r.next()?;
-    if tag != TAG_HEADER {
-        return Err(corrupt(format!("first record has tag {tag}, not the header")));
-    }
-    let (last_applied, membership, clock_ms): (Option<LogId>, StoredMembership, u64) = postcard::from_bytes(header)?;
-    if last_applied != meta.last_log_id || membership != meta.last_membership {
-        return Err(corrupt(format!(
-            "it holds the state at {last_applied:?} but was sent as the snapshot at {:?}",
-            meta.last_log_id
-        )));
+}
+
+impl IncomingSnapshot {
+    /// Starts receiving the snapshot `meta` into `db`'s staging tables (emptied first). Blocking.
+    pub fn begin(db: Arc<redb::Database>, meta: SnapshotMeta) -> Result<Self, StorageError> {
+        let transfer = rand::random::<u64>();
+        let txn = begin_write(&db, Durability::None)?;
+        drop_staging(&txn)?;
+        txn.open_table(STAGING_KV)?;
+        txn.open_table(STAGING_SESSIONS)?;
+        txn.open_table(STAGING_SESSION_AGE)?;
+        txn.open_table(STAGING_LEASES)?;
+        txn.open_table(STAGING_LEASE_KEYS)?;
+        txn.open_table(STAGING_TOMBSTONES)?;
+        txn.open_table(STAGING_TOMBSTONE_AGE)?;
+        txn.open_table(STAGING_META)?.insert(STAGED_TRANSFER, transfer.to_le_bytes().as_slice())?;
+        txn.commit()?;
+        Ok(IncomingSnapshot {
+            db,
+            meta,
+            transfer,
+            pending: Vec::new(),
+            parse: Parse::Start,
+            hash: hasher(),
+            sum: DigestSum::default(),
+            clock_ms: 0,
+            last_tag: TAG_HEADER,
+            last_key: None,
+            last_id: None,
+            bytes: 0,
+        })
     }
 
-    let txn = begin_write(db, Durability::Immediate)?;
-    txn.delete_table(KV)?;
-    txn.delete_table(LEASES)?;
-    txn.delete_table(SESSIONS)?;
-    txn.delete_table(SESSION_AGE)?;
-    txn.delete_table(SESSION_NS)?;
-    txn.delete_table(LEASE_KEYS)?;
-    txn.delete_table(TOMBSTONES)?;
-    txn.delete_table(TOMBSTONE_AGE)?;
-    let mut leases_held = Vec::new();
-    {
-        let mut kv = txn.open_table(KV)?;
-        let mut lease_keys = txn.open_table(LEASE_KEYS)?;
-        let mut lease_records = txn.open_table(LEASES)?;
-        let mut tombstones = txn.open_table(TOMBSTONES)?;
-        let mut tombstone_age = txn.open_table(TOMBSTONE_AGE)?;
-        let mut sessions = txn.open_table(SESSIONS)?;
-        let mut ages = txn.open_table(SESSION_AGE)?;
-        let mut sum = DigestSum::default();
-        // The last item of each kind, to check the order; tags must not go back either.
-        let mut last_tag = TAG_HEADER;
-        let mut last_key: Option<Vec<u8>> = None;
-        let mut last_id: Option<u128> = None;
+    /// The snapshot being received.
+    pub fn meta(&self) -> &SnapshotMeta {
+        &self.meta
+    }
+
+    /// Bytes received so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Stages the next bytes of the stream: every record they complete, in one non-durable
+    /// transaction. Blocking. An error means the stream is not a valid snapshot of `meta` (or
+    /// the disk failed): the transfer is over, and the live state is untouched.
+    pub fn push(&mut self, data: &[u8]) -> Result<(), StorageError> {
+        self.bytes += data.len() as u64;
+        self.pending.extend_from_slice(data);
+        let txn = begin_write(&self.db, Durability::None)?;
+        let consumed = self.stage_records(&txn)?;
+        txn.commit()?;
+        self.hash.update(&self.pending[..consumed]);
+        self.pending.drain(..consumed);
+        if self.parse == Parse::Hash && self.pending.len() > 32 {
+            return Err(corrupt("bytes after its hash".into()));
+        }
+        Ok(())
+    }
+
+    /// Parses and stages the whole records at the start of `pending`; returns the bytes they
+    /// take.
+    fn stage_records(&mut self, txn: &redb::WriteTransaction) -> Result<usize, StorageError> {
+        let mut kv = txn.open_table(STAGING_KV)?;
+        let mut lease_keys = txn.open_table(STAGING_LEASE_KEYS)?;
+        let mut lease_records = txn.open_table(STAGING_LEASES)?;
+        let mut tombstones = txn.open_table(STAGING_TOMBSTONES)?;
+        let mut tombstone_age = txn.open_table(STAGING_TOMBSTONE_AGE)?;
+        let mut sessions = txn.open_table(STAGING_SESSIONS)?;
+        let mut ages = txn.open_table(STAGING_SESSION_AGE)?;
+        let buf = &self.pending;
+        let mut at = 0;
         loop {
-            let (tag, bytes) = r.next()?;
-            if tag < last_tag {
-                return Err(corrupt(format!("a record with tag {tag} after tag {last_tag}")));
+            if self.parse == Parse::Start {
+                if buf.len() - at < 12 {
+                    return Ok(at);
+                }
+                if &buf[at..at + 8] != MAGIC {
+                    return Err(corrupt("not an Aspen snapshot (no ASPNSNAP magic)".into()));
+                }
+                let version = u32::from_le_bytes(buf[at + 8..at + 12].try_into().expect("4 bytes"));
+                if version != FORMAT_VERSION {
+                    return Err(corrupt(format!("format version {version}; this node reads version {FORMAT_VERSION}")));
+                }
+                at += 12;
+                self.parse = Parse::Header;
+                continue;
             }
-            if tag != last_tag {
-                last_id = None;
+            if self.parse == Parse::Hash {
+                return Ok(at);
             }
-            last_tag = tag;
+            let Some((tag, bytes, len)) = next_record(&buf[at..])? else { return Ok(at) };
+            at += len;
+            if self.parse == Parse::Header {
+                if tag != TAG_HEADER {
+                    return Err(corrupt(format!("first record has tag {tag}, not the header")));
+                }
+                let (last_applied, membership, clock_ms): (Option<LogId>, StoredMembership, u64) =
+                    postcard::from_bytes(bytes)?;
+                if last_applied != self.meta.last_log_id || membership != self.meta.last_membership {
+                    return Err(corrupt(format!(
+                        "it holds the state at {last_applied:?} but was sent as the snapshot at {:?}",
+                        self.meta.last_log_id
+                    )));
+                }
+                self.clock_ms = clock_ms;
+                self.parse = Parse::Records;
+                continue;
+            }
+            if tag < self.last_tag {
+                return Err(corrupt(format!("a record with tag {tag} after tag {}", self.last_tag)));
+            }
+            if tag != self.last_tag {
+                self.last_id = None;
+            }
+            self.last_tag = tag;
             match tag {
                 TAG_KV => {
                     let (len, rest) = split_u64_u32(bytes)?;
@@ -322,16 +420,16 @@ pub(super) fn install_file(
                         return Err(corrupt("a key record shorter than its key".into()));
                     }
                     let (key, value) = rest.split_at(len);
-                    if last_key.as_deref().is_some_and(|l| l >= key) {
+                    if self.last_key.as_deref().is_some_and(|l| l >= key) {
                         return Err(corrupt("keys out of order or repeated".into()));
                     }
                     let v = decode_value(value)?;
-                    sum.add(&kv_item_hash(key, &v));
+                    self.sum.add(&kv_item_hash(key, &v));
                     kv.insert(key, value)?;
                     if v.lease != 0 {
                         lease_keys.insert((v.lease, key), ())?;
                     }
-                    let last = last_key.get_or_insert_with(Vec::new);
+                    let last = self.last_key.get_or_insert_with(Vec::new);
                     last.clear();
                     last.extend_from_slice(key);
                 }
@@ -341,47 +439,138 @@ pub(super) fn install_file(
                     }
                     let (id, value) = bytes.split_at(16);
                     let id = u128::from_be_bytes(id.try_into().expect("16 bytes"));
-                    check_order(&mut last_id, id, "sessions")?;
+                    check_order(&mut self.last_id, id, "sessions")?;
                     let rec: SessionRecord = postcard::from_bytes(value)?;
-                    sum.add(&session_item_hash(id, &rec)?);
+                    self.sum.add(&session_item_hash(id, &rec)?);
                     sessions.insert(id, value)?;
                     ages.insert((rec.last_seen_ms, id), ())?;
                 }
                 TAG_LEASE => {
                     let (id, value) = split_u64(bytes, "lease")?;
-                    check_order(&mut last_id, id as u128, "leases")?;
+                    check_order(&mut self.last_id, id as u128, "leases")?;
                     let rec = leases::decode_record(value)?;
-                    sum.add(&lease_item_hash(id, &rec));
+                    self.sum.add(&lease_item_hash(id, &rec));
                     lease_records.insert(id, value)?;
-                    leases_held.push((id, rec));
                 }
                 TAG_TOMBSTONE => {
                     let (id, rest) = split_u64(bytes, "tombstone")?;
                     let (at, _) = split_u64(rest, "tombstone")?;
-                    check_order(&mut last_id, id as u128, "tombstones")?;
-                    sum.add(&tombstone_item_hash(id, at));
+                    check_order(&mut self.last_id, id as u128, "tombstones")?;
+                    self.sum.add(&tombstone_item_hash(id, at));
                     tombstones.insert(id, at)?;
                     tombstone_age.insert((at, id), ())?;
                 }
-                TAG_END => break,
+                TAG_END => self.parse = Parse::Hash,
                 other => return Err(corrupt(format!("unknown record tag {other}"))),
             }
         }
-        let mut stored = [0u8; 32];
-        r.inner.read_exact(&mut stored).map_err(truncated)?;
-        if r.inner.read(&mut [0u8; 1])? != 0 {
-            return Err(corrupt("bytes after its hash".into()));
+    }
+
+    /// Checks that the stream is whole (end record, then exactly its hash, which matches) and
+    /// marks the staged tables complete; returns the transfer number to install them by
+    /// ([`install_staged`]). Blocking.
+    pub fn finish(&mut self) -> Result<u64, StorageError> {
+        if self.parse != Parse::Hash || self.pending.len() < 32 {
+            return Err(corrupt("the file ends early".into()));
         }
-        // Everything but the last 32 bytes went through the hasher (all was read).
-        if stored != *r.inner.get_ref().hash.finalize().as_bytes() {
+        if self.pending[..] != *self.hash.finalize().as_bytes() {
             return Err(corrupt("its hash does not match its contents".into()));
         }
-        count_namespaces(&sessions, &mut txn.open_table(SESSION_NS)?)?;
+        let complete = postcard::to_stdvec(&(
+            self.meta.last_log_id,
+            &self.meta.last_membership,
+            self.clock_ms,
+            self.sum.to_bytes().as_slice(),
+        ))?;
+        let txn = begin_write(&self.db, Durability::None)?;
+        txn.open_table(STAGING_META)?.insert(STAGED_COMPLETE, complete.as_slice())?;
+        txn.commit()?;
+        Ok(self.transfer)
+    }
+}
+
+/// A record parsed in place: its tag, its bytes, and how many bytes of the stream it took.
+type Record<'a> = (u8, &'a [u8], usize);
+
+/// The record at the start of `buf`; `None` if `buf` does not hold all of it yet.
+fn next_record(buf: &[u8]) -> Result<Option<Record<'_>>, StorageError> {
+    if buf.len() < 5 {
+        return Ok(None);
+    }
+    let len = u32::from_le_bytes(buf[1..5].try_into().expect("4 bytes")) as usize;
+    if len > MAX_RECORD {
+        return Err(corrupt(format!("a record of {len} bytes")));
+    }
+    if buf.len() < 5 + len {
+        return Ok(None);
+    }
+    Ok(Some((buf[0], &buf[5..5 + len], 5 + len)))
+}
+
+/// Replaces the whole state in `db` with the snapshot that transfer `transfer` staged, in one
+/// durable transaction: the staged tables take the live ones' places. Refused (nothing changes)
+/// unless the staging tables hold that transfer, complete, of `meta`'s log id and membership.
+/// Returns the leases it holds.
+pub(super) fn install_staged(
+    db: &redb::Database,
+    meta: &SnapshotMeta,
+    transfer: u64,
+) -> Result<Vec<(u64, LeaseRecord)>, StorageError> {
+    let txn = begin_write(db, Durability::Immediate)?;
+    let (clock_ms, sum) = {
+        let staged = match txn.open_table(STAGING_META) {
+            Ok(t) => t,
+            Err(e) => return Err(StorageError::Task(format!("no staged snapshot to install: {e}"))),
+        };
+        let Some(held) = staged.get(STAGED_TRANSFER)?.map(|v| v.value().to_vec()) else {
+            return Err(StorageError::Task("no staged snapshot to install".into()));
+        };
+        if held != transfer.to_le_bytes() {
+            return Err(StorageError::Task(format!(
+                "the staged snapshot is not transfer {transfer:016x} (another transfer replaced it)"
+            )));
+        }
+        let Some(complete) = staged.get(STAGED_COMPLETE)? else {
+            return Err(StorageError::Task(format!("transfer {transfer:016x} is not complete")));
+        };
+        let (last_applied, membership, clock_ms, sum): (Option<LogId>, StoredMembership, u64, &[u8]) =
+            postcard::from_bytes(complete.value())?;
+        if last_applied != meta.last_log_id || membership != meta.last_membership {
+            return Err(StorageError::Task(format!(
+                "the staged snapshot is of {last_applied:?}, not of {:?}",
+                meta.last_log_id
+            )));
+        }
+        (clock_ms, DigestSum::from_bytes(sum)?)
+    };
+    txn.delete_table(KV)?;
+    txn.delete_table(LEASES)?;
+    txn.delete_table(SESSIONS)?;
+    txn.delete_table(SESSION_AGE)?;
+    txn.delete_table(SESSION_NS)?;
+    txn.delete_table(LEASE_KEYS)?;
+    txn.delete_table(TOMBSTONES)?;
+    txn.delete_table(TOMBSTONE_AGE)?;
+    txn.rename_table(STAGING_KV, KV)?;
+    txn.rename_table(STAGING_LEASES, LEASES)?;
+    txn.rename_table(STAGING_SESSIONS, SESSIONS)?;
+    txn.rename_table(STAGING_SESSION_AGE, SESSION_AGE)?;
+    txn.rename_table(STAGING_LEASE_KEYS, LEASE_KEYS)?;
+    txn.rename_table(STAGING_TOMBSTONES, TOMBSTONES)?;
+    txn.rename_table(STAGING_TOMBSTONE_AGE, TOMBSTONE_AGE)?;
+    txn.delete_table(STAGING_META)?;
+    let mut leases_held = Vec::new();
+    {
+        for item in txn.open_table(LEASES)?.iter()? {
+            let (id, value) = item?;
+            leases_held.push((id.value(), leases::decode_record(value.value())?));
+        }
+        count_namespaces(&txn.open_table(SESSIONS)?, &mut txn.open_table(SESSION_NS)?)?;
         let mut m = txn.open_table(META)?;
         m.insert(KEY_CLOCK, postcard::to_stdvec(&clock_ms)?.as_slice())?;
         write_sum(&mut m, &sum)?;
         // Stored as a plain `LogId` everywhere (not `Option<LogId>`).
-        match &last_applied {
+        match &meta.last_log_id {
             Some(l) => {
                 m.insert(KEY_LAST_APPLIED, postcard::to_stdvec(l)?.as_slice())?;
             }
@@ -389,7 +578,7 @@ pub(super) fn install_file(
                 m.remove(KEY_LAST_APPLIED)?;
             }
         }
-        m.insert(KEY_MEMBERSHIP, postcard::to_stdvec(&membership)?.as_slice())?;
+        m.insert(KEY_MEMBERSHIP, postcard::to_stdvec(&meta.last_membership)?.as_slice())?;
     }
     txn.commit()?;
     Ok(leases_held)

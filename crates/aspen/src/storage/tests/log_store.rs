@@ -300,6 +300,13 @@ async fn log_bytes_follow_appends_truncation_purges_and_reopen() {
     assert_eq!(store.bytes_after(None), sum(1, 10));
     assert_eq!(store.bytes_after(Some(4)), sum(5, 10), "after a snapshot at 4");
     assert!(sum(5, 10) > 5 * 500, "values dominate: {}", sum(5, 10));
+    // Keeping at most N bytes up to a snapshot at 8: purge up to the newest entry that would
+    // overflow them.
+    assert_eq!(store.purge_point(8, sum(1, 8)), None, "all fit");
+    assert_eq!(store.purge_point(8, sum(6, 8)), Some(5));
+    assert_eq!(store.purge_point(8, sum(6, 8) + 1), Some(5));
+    assert_eq!(store.purge_point(8, sum(6, 8) - 1), Some(6));
+    assert_eq!(store.purge_point(8, 0), Some(8), "nothing kept");
     store.truncate(log_id(1, 9)).await.unwrap();
     assert_eq!(store.bytes_after(None), sum(1, 8));
     store.purge(log_id(1, 3)).await.unwrap();

@@ -346,3 +346,129 @@ async fn a_snapshot_reads_by_seeking_as_openraft_sends_it() {
     }
     assert_eq!(got, whole);
 }
+
+/// The network's path (docs/design.md §6.4): a stream staged as it arrives, in pieces of any
+/// size, changes nothing until it is whole and installed; then the replica matches. A transfer
+/// replaced by a newer one, or not finished, cannot be installed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_staged_in_any_pieces_installs_only_when_whole() {
+    let dir_a = tempfile::tempdir().unwrap();
+    let mut sm_a = open_sm(dir_a.path());
+    populate(&mut sm_a).await;
+    let snap = sm_a.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    let meta = snap.meta.clone();
+    let data = snapshot_bytes(snap).await;
+
+    for piece in [1, 7, 64, data.len()] {
+        let dir_b = tempfile::tempdir().unwrap();
+        let mut sm_b = open_sm(dir_b.path());
+        apply(&mut sm_b, vec![membership(1, 1, &[5]), put(1, 2, "only-in-b", b"x")]).await;
+        let before = sm_b.fingerprint().unwrap();
+        let mut incoming = sm_b.reader().receive_snapshot(meta.clone()).unwrap();
+        for chunk in data.chunks(piece) {
+            incoming.push(chunk).unwrap();
+            assert_eq!(sm_b.fingerprint().unwrap(), before, "piece {piece}: nothing changes while staging");
+        }
+        assert_eq!(incoming.bytes(), data.len() as u64);
+        let transfer = incoming.finish().unwrap();
+        assert_eq!(get(&sm_b.reader(), "only-in-b").map(|k| k.value), Some(b"x".to_vec()), "piece {piece}");
+        sm_b.install_snapshot(&meta, Box::new(SnapshotData::staged(transfer))).await.unwrap();
+        assert_eq!(sm_b.reader().digest().unwrap(), sm_a.reader().digest().unwrap(), "piece {piece}");
+        assert_eq!(all_keys(&sm_b.reader()), all_keys(&sm_a.reader()), "piece {piece}");
+        assert_digest_recounts(&sm_b.reader());
+        // Installed once: the staging tables are gone, so the same transfer cannot install again.
+        let err = sm_b.install_snapshot(&meta, Box::new(SnapshotData::staged(transfer))).await.unwrap_err();
+        assert!(err.to_string().contains("no staged snapshot"), "{err}");
+    }
+
+    let dir_c = tempfile::tempdir().unwrap();
+    let mut sm_c = open_sm(dir_c.path());
+    apply(&mut sm_c, vec![membership(1, 1, &[5]), put(1, 2, "only-in-c", b"x")]).await;
+    let before = sm_c.fingerprint().unwrap();
+    // Not finished: refused.
+    let mut first = sm_c.reader().receive_snapshot(meta.clone()).unwrap();
+    first.push(&data[..data.len() / 2]).unwrap();
+    let mut finished_first = sm_c.reader().receive_snapshot(meta.clone()).unwrap();
+    finished_first.push(&data).unwrap();
+    let replaced = finished_first.finish().unwrap();
+    // A newer transfer replaces it (and whatever it staged).
+    let mut second = sm_c.reader().receive_snapshot(meta.clone()).unwrap();
+    second.push(&data[..10]).unwrap();
+    let err = sm_c.install_snapshot(&meta, Box::new(SnapshotData::staged(replaced))).await.unwrap_err();
+    assert!(err.to_string().contains("another transfer replaced it"), "{err}");
+    assert_eq!(sm_c.fingerprint().unwrap(), before);
+    second.push(&data[10..]).unwrap();
+    let mut other_meta = meta.clone();
+    other_meta.last_log_id = Some(log_id(2, 9));
+    let transfer = second.finish().unwrap();
+    let err = sm_c.install_snapshot(&other_meta, Box::new(SnapshotData::staged(transfer))).await.unwrap_err();
+    assert!(err.to_string().contains("staged snapshot is of"), "{err}");
+    assert_eq!(sm_c.fingerprint().unwrap(), before);
+    sm_c.install_snapshot(&meta, Box::new(SnapshotData::staged(transfer))).await.unwrap();
+    assert_eq!(sm_c.reader().digest().unwrap(), sm_a.reader().digest().unwrap());
+}
+
+/// A crash in the middle of a transfer (the staged part made durable by a later commit) leaves
+/// the old state, and the reopened state machine drops what was staged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_cut_by_a_crash_leaves_the_old_state() {
+    let dir_a = tempfile::tempdir().unwrap();
+    let mut sm_a = open_sm(dir_a.path());
+    populate(&mut sm_a).await;
+    let snap = sm_a.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    let meta = snap.meta.clone();
+    let data = snapshot_bytes(snap).await;
+
+    let dir_b = tempfile::tempdir().unwrap();
+    let mut sm_b = open_sm(dir_b.path());
+    apply(&mut sm_b, vec![membership(1, 1, &[5]), put(1, 2, "only-in-b", b"x")]).await;
+    let before = sm_b.fingerprint().unwrap();
+    let mut incoming = sm_b.reader().receive_snapshot(meta.clone()).unwrap();
+    incoming.push(&data).unwrap();
+    let transfer = incoming.finish().unwrap();
+    // A durable commit persists the staged tables too.
+    sm_b.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    let crashed = copy_dir_files(dir_b.path(), &[SM_FILE]);
+    let mut recovered = open_sm(crashed.path());
+    assert_eq!(recovered.fingerprint().unwrap(), before);
+    let err = recovered.install_snapshot(&meta, Box::new(SnapshotData::staged(transfer))).await.unwrap_err();
+    assert!(err.to_string().contains("no staged snapshot"), "{err}");
+    assert_eq!(recovered.fingerprint().unwrap(), before);
+}
+
+/// The sender's side: the stream cut into chunks as it is written equals the file, and a reader
+/// that stops early stops the writer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_streams_in_chunks_without_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = open_sm(dir.path());
+    populate(&mut sm).await;
+    let whole = snapshot_bytes(sm.get_current_snapshot().await.unwrap().unwrap()).await;
+    for chunk_bytes in [1, 100, whole.len(), whole.len() * 2] {
+        let snap = sm.get_current_snapshot().await.unwrap().unwrap();
+        let mut chunks = snap.snapshot.into_chunks(chunk_bytes).await.unwrap();
+        let mut got = Vec::new();
+        let mut count = 0;
+        while let Some(chunk) = chunks.recv().await {
+            let chunk = chunk.unwrap();
+            assert!(!chunk.is_empty() && chunk.len() <= chunk_bytes);
+            got.extend_from_slice(&chunk);
+            count += 1;
+        }
+        assert_eq!(got, whole, "chunks of {chunk_bytes}");
+        assert_eq!(count, whole.len().div_ceil(chunk_bytes), "chunks of {chunk_bytes}");
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, [SM_FILE], "no file is made to send");
+    }
+    // The reader gives up after one chunk: the writer stops (the read transaction is released,
+    // so a durable commit and a new stream still work).
+    let snap = sm.get_current_snapshot().await.unwrap().unwrap();
+    let mut chunks = snap.snapshot.into_chunks(1).await.unwrap();
+    assert_eq!(chunks.recv().await.unwrap().unwrap().len(), 1);
+    drop(chunks);
+    sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    assert_eq!(snapshot_bytes(sm.get_current_snapshot().await.unwrap().unwrap()).await, whole);
+}
