@@ -233,11 +233,26 @@ impl InProcNode {
         InProcNode { config, handle: Some(handle) }
     }
 
+    /// Starts the node. A restart binds the port its previous run used: if that is still in use
+    /// (seen once in a full run, right after a clean stop: the closed endpoint's socket still
+    /// held for a moment, or the port taken by another test binary meanwhile), it tries again
+    /// for up to 10 s.
     async fn boot(config: &aspen::NodeConfig) -> aspen::cluster::NodeHandle {
-        if config.sharding.enabled {
-            aspen::cluster::bootstrap_sharded_node(config.clone()).await.expect("sharded node starts")
-        } else {
-            aspen::cluster::bootstrap_node(config.clone()).await.expect("node starts")
+        use aspen::{cluster::BootstrapError, transport::endpoint::EndpointError};
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let booted = if config.sharding.enabled {
+                aspen::cluster::bootstrap_sharded_node(config.clone()).await
+            } else {
+                aspen::cluster::bootstrap_node(config.clone()).await
+            };
+            match booted {
+                Ok(handle) => return handle,
+                Err(BootstrapError::Endpoint(EndpointError::AddrInUse(_))) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("node starts: {e:?}"),
+            }
         }
     }
 
