@@ -3,6 +3,26 @@
 
 use super::*;
 
+/// A state machine holding [`populate`]'s state, with its snapshot's metadata and bytes.
+async fn populated_snapshot() -> (TempDir, RedbStateMachine, SnapshotMeta, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = open_sm(dir.path());
+    populate(&mut sm).await;
+    let snap = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    let meta = snap.meta.clone();
+    let data = snapshot_bytes(snap).await;
+    (dir, sm, meta, data)
+}
+
+/// A state machine with a state of its own (a member 5 and the key `key`), and its fingerprint.
+async fn other_state(key: &str) -> (TempDir, RedbStateMachine, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = open_sm(dir.path());
+    apply(&mut sm, vec![membership(1, 1, &[5]), put(1, 2, key, b"x")]).await;
+    let before = sm.fingerprint().unwrap();
+    (dir, sm, before)
+}
+
 /// Applies a membership entry and a mix of writes at indexes 1..=8; returns the last log id.
 async fn populate(sm: &mut RedbStateMachine) -> LogId {
     let session_write = normal(1, 7, request(client(9), 4, put_cmd("s", b"session")));
@@ -230,17 +250,9 @@ async fn install_snapshot_sets_last_applied() {
 /// refused, and the receiver keeps its old state whole; the right stream installs after that.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_or_mismatched_stream_is_refused_and_the_old_state_kept() {
-    let dir_a = tempfile::tempdir().unwrap();
-    let mut sm_a = open_sm(dir_a.path());
-    populate(&mut sm_a).await;
-    let snap = sm_a.get_snapshot_builder().await.build_snapshot().await.unwrap();
-    let meta = snap.meta.clone();
-    let data = snapshot_bytes(snap).await;
+    let (_dir_a, sm_a, meta, data) = populated_snapshot().await;
 
-    let dir_c = tempfile::tempdir().unwrap();
-    let mut sm_c = open_sm(dir_c.path());
-    apply(&mut sm_c, vec![membership(1, 1, &[5]), put(1, 2, "only-in-c", b"x")]).await;
-    let before = sm_c.fingerprint().unwrap();
+    let (_dir_c, mut sm_c, before) = other_state("only-in-c").await;
 
     let mut flipped = data.clone();
     flipped[data.len() / 2] ^= 0x40;
@@ -352,18 +364,10 @@ async fn a_snapshot_reads_by_seeking_as_openraft_sends_it() {
 /// replaced by a newer one, or not finished, cannot be installed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_staged_in_any_pieces_installs_only_when_whole() {
-    let dir_a = tempfile::tempdir().unwrap();
-    let mut sm_a = open_sm(dir_a.path());
-    populate(&mut sm_a).await;
-    let snap = sm_a.get_snapshot_builder().await.build_snapshot().await.unwrap();
-    let meta = snap.meta.clone();
-    let data = snapshot_bytes(snap).await;
+    let (_dir_a, sm_a, meta, data) = populated_snapshot().await;
 
     for piece in [1, 7, 64, data.len()] {
-        let dir_b = tempfile::tempdir().unwrap();
-        let mut sm_b = open_sm(dir_b.path());
-        apply(&mut sm_b, vec![membership(1, 1, &[5]), put(1, 2, "only-in-b", b"x")]).await;
-        let before = sm_b.fingerprint().unwrap();
+        let (_dir_b, mut sm_b, before) = other_state("only-in-b").await;
         let mut incoming = sm_b.reader().receive_snapshot(meta.clone()).unwrap();
         for chunk in data.chunks(piece) {
             incoming.push(chunk).unwrap();
@@ -381,10 +385,7 @@ async fn a_stream_staged_in_any_pieces_installs_only_when_whole() {
         assert!(err.to_string().contains("no staged snapshot"), "{err}");
     }
 
-    let dir_c = tempfile::tempdir().unwrap();
-    let mut sm_c = open_sm(dir_c.path());
-    apply(&mut sm_c, vec![membership(1, 1, &[5]), put(1, 2, "only-in-c", b"x")]).await;
-    let before = sm_c.fingerprint().unwrap();
+    let (_dir_c, mut sm_c, before) = other_state("only-in-c").await;
     // Not finished: refused.
     let mut first = sm_c.reader().receive_snapshot(meta.clone()).unwrap();
     first.push(&data[..data.len() / 2]).unwrap();
@@ -412,17 +413,9 @@ async fn a_stream_staged_in_any_pieces_installs_only_when_whole() {
 /// the old state, and the reopened state machine drops what was staged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transfer_cut_by_a_crash_leaves_the_old_state() {
-    let dir_a = tempfile::tempdir().unwrap();
-    let mut sm_a = open_sm(dir_a.path());
-    populate(&mut sm_a).await;
-    let snap = sm_a.get_snapshot_builder().await.build_snapshot().await.unwrap();
-    let meta = snap.meta.clone();
-    let data = snapshot_bytes(snap).await;
+    let (_dir_a, _sm_a, meta, data) = populated_snapshot().await;
 
-    let dir_b = tempfile::tempdir().unwrap();
-    let mut sm_b = open_sm(dir_b.path());
-    apply(&mut sm_b, vec![membership(1, 1, &[5]), put(1, 2, "only-in-b", b"x")]).await;
-    let before = sm_b.fingerprint().unwrap();
+    let (dir_b, mut sm_b, before) = other_state("only-in-b").await;
     let mut incoming = sm_b.reader().receive_snapshot(meta.clone()).unwrap();
     incoming.push(&data).unwrap();
     let transfer = incoming.finish().unwrap();
