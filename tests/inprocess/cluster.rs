@@ -332,6 +332,59 @@ async fn raft_messages_from_another_cluster_are_refused() {
     n1.stop().await;
 }
 
+/// Snapshot chunks from a member that are not a snapshot (docs/design.md §6.4): one that does not
+/// start a transfer is refused as a mismatch, a stream that is not a snapshot ends its transfer
+/// with a refusal naming it; nothing is installed and the node goes on serving with its state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_snapshot_chunks_are_refused_and_change_nothing() {
+    use openraft::{network::RPCOption, raft::InstallSnapshotRequest, RaftNetwork};
+
+    let root = tempfile::tempdir().unwrap();
+    let mut n1 = InProcNode::start(InProcNode::config(root.path(), 1)).await;
+    wait_until(30, "node 1 leads its new cluster", || n1.status().leader == Some(1)).await;
+    let client = n1.client().await;
+    client.put("kept", "yes").await.unwrap();
+    let shard = n1.handle().shard0.clone();
+    let t1 = n1.ticket();
+    // Let in as a member (which is a write of its own).
+    let (ep, mut nets) = crate::support::raw_raft_clients(&t1, t1.cluster_id, &[None], Some(n1.handle())).await;
+    wait_until(30, "everything in the log applied", || {
+        let m = shard.raft().metrics().borrow().clone();
+        m.last_applied.map(|l| l.index) == m.last_log_index
+    })
+    .await;
+    let before = shard.digest();
+    let net = &mut nets[0];
+    let vote = shard.raft().metrics().borrow().vote;
+    let meta = openraft::SnapshotMeta {
+        last_log_id: Some(openraft::LogId::new(openraft::CommittedLeaderId::new(vote.leader_id().term, 1), 1_000)),
+        last_membership: Default::default(),
+        snapshot_id: "not-a-snapshot".into(),
+    };
+    let chunk = |offset: u64, data: &[u8], done: bool| InstallSnapshotRequest {
+        vote,
+        meta: meta.clone(),
+        offset,
+        data: data.to_vec(),
+        done,
+    };
+    let opt = RPCOption::new(std::time::Duration::from_secs(10));
+    let err = net.install_snapshot(chunk(1 << 40, b"x", false), opt.clone()).await.unwrap_err();
+    assert!(err.to_string().contains("napshot"), "a chunk in the middle of nothing: {err}");
+    net.install_snapshot(chunk(0, b"ASPNSNA", false), opt.clone()).await.expect("a transfer starts");
+    let err = net.install_snapshot(chunk(7, b"Q and then anything", true), opt.clone()).await.unwrap_err();
+    assert!(err.to_string().contains("not an Aspen snapshot"), "{err}");
+    let err = net.install_snapshot(chunk(26, b"more", false), opt.clone()).await.unwrap_err();
+    assert!(err.to_string().contains("napshot"), "the transfer is over: {err}");
+    assert_eq!(shard.digest(), before, "nothing installed");
+    assert_eq!(client.get("kept").await.unwrap().map(|kv| kv.value), Some(b"yes".to_vec()));
+    client.put("still", "serving").await.unwrap();
+    client.close().await;
+    ep.close().await;
+    drop(shard);
+    n1.stop().await;
+}
+
 /// A joiner started while the cluster is down keeps retrying, and joins once it is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn join_retries_until_the_cluster_is_reachable() {
