@@ -1,7 +1,8 @@
 //! Watches over three in-process nodes with four shards: every write to watched keys (puts,
 //! deletes, prefix deletes, lease revocations) arrives once, in order, with previous values;
 //! a watch resumes on another node exactly after its last event; a start older than the
-//! history fails as compacted; a watcher that stops reading is cancelled while writes go on.
+//! history fails as compacted; a watcher that stops reading is cancelled while writes go on; a
+//! watch served by a node removed from the cluster moves to a member.
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -192,4 +193,38 @@ async fn watches_see_every_write_once_in_order_and_resume_anywhere() {
     writer.put("w/after", "1").await.unwrap();
     let after = take_events(&mut all, 1).await;
     assert_eq!(after[0].key, b"w/after");
+}
+
+/// A node removed from the cluster while it serves a watch gets no more entries, so the watch
+/// would go quiet while the others move on (until the history its resume needs rolled away: a
+/// fault scenario saw exactly that). The node ends it once cut off, and the client resumes on a
+/// member: the writes after the removal arrive, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watch_served_by_a_removed_node_moves_to_a_member() {
+    let root = tempfile::tempdir().unwrap();
+    let nodes = start_three((1..=3).map(|id| config(root.path(), id)).collect()).await;
+    wait_shards_converged(&[&nodes[0], &nodes[1], &nodes[2]], 60).await;
+    let writer = nodes[1].client().await;
+    // Node 1's ticket first: the watch is served there.
+    let watcher = Arc::new(crate::support::client_of(&[&nodes[0], &nodes[1], &nodes[2]]).await);
+    let mut watch = watcher.watch(prefix_watch("m/", false, WatchStart::Now)).await.unwrap();
+    for i in 0..8 {
+        writer.put(format!("m/before/{i}"), "b").await.unwrap();
+    }
+    let before = take_events(&mut watch, 8).await;
+    assert!(before.iter().all(|e| e.key.starts_with(b"m/before/")), "{before:?}");
+
+    writer.remove(1).await.expect("remove node 1");
+    wait_until(60, "node 1 out of every shard's voters on nodes 2 and 3", || {
+        nodes[1..].iter().all(|n| n.handle().shards.values().all(|s| !s.status().voters.contains(&1)))
+    })
+    .await;
+    // Node 1 keeps running; these writes never reach it.
+    for i in 0..8 {
+        writer.put(format!("m/after/{i}"), "a").await.unwrap();
+    }
+    let after = take_events(&mut watch, 8).await;
+    let keys: std::collections::BTreeSet<Vec<u8>> = after.iter().map(|e| e.key.clone()).collect();
+    assert_eq!(keys.len(), 8, "each write after the removal once: {after:?}");
+    assert!(keys.iter().all(|k| k.starts_with(b"m/after/")), "{after:?}");
 }

@@ -5,8 +5,8 @@
 //!
 //! Owns: where a watch starts in each shard (now, a revision on a one-shard cluster, or a
 //! resume token's positions), and ending a watch with a clear error when it cannot stay
-//! complete: its start was compacted away, it fell behind the live feed, or the node replaced
-//! a shard's state with a snapshot.
+//! complete: its start was compacted away, it fell behind the live feed, the node replaced
+//! a shard's state with a snapshot, or the node is cut off from a shard's group.
 //!
 //! Never: hold events for a slow watcher. Its frames wait in a small channel; once that is
 //! full its shard tasks stop reading the live feed, fall behind, and the watch is cancelled.
@@ -21,6 +21,7 @@ use crate::{
         is_reserved_key, ApiError, ClientResponse, ClientResult, ShardId, WatchEvent, WatchPosition, WatchRequest,
         WatchStart,
     },
+    raft::node::RaftNode,
     storage::watch::{EventBatch, Subscription, WatchHub},
 };
 
@@ -89,15 +90,15 @@ impl NodeService {
                     ApiError::InvalidRequest(format!("the resume token has no position for shard {shard}"))
                 })?,
             };
-            subscriptions.push((hub.subscribe(start)?, hub.clone()));
+            subscriptions.push((hub.subscribe(start)?, hub.clone(), node.clone()));
         }
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let positions = subscriptions.iter().map(|(s, _)| s.start).collect();
+        let positions = subscriptions.iter().map(|(s, _, _)| s.start).collect();
         // Room for it: the channel is new.
         let _ = tx.try_send(Ok(ClientResponse::WatchCreated { positions }));
         let filter = Filter { key: request.key, prefix: request.prefix, prev_kv: request.prev_kv };
-        for (sub, hub) in subscriptions {
-            tokio::spawn(follow_shard(sub, hub, filter.clone(), tx.clone()));
+        for (sub, hub, node) in subscriptions {
+            tokio::spawn(follow_shard(sub, hub, node, filter.clone(), tx.clone()));
         }
         Ok(rx)
     }
@@ -113,8 +114,17 @@ enum Sent {
 }
 
 /// Delivers one shard's events after the subscription's start until the client goes away or
-/// the watch cannot stay complete (then an error frame ends it).
-async fn follow_shard(sub: Subscription, hub: Arc<WatchHub>, filter: Filter, tx: mpsc::Sender<ClientResult>) {
+/// the watch cannot stay complete (then an error frame ends it). While idle it also checks that
+/// this replica still hears from the shard's leader: one cut off from the group (removed, or
+/// partitioned away) would keep the watch quiet while the others move on and the history its
+/// resume needs rolls away; it ends the watch instead, and the client resumes on another member.
+async fn follow_shard(
+    sub: Subscription,
+    hub: Arc<WatchHub>,
+    node: RaftNode,
+    filter: Filter,
+    tx: mpsc::Sender<ClientResult>,
+) {
     let Subscription { backlog, mut live, start, max_lag } = sub;
     let shard = start.shard;
     let mut at = start;
@@ -137,6 +147,9 @@ async fn follow_shard(sub: Subscription, hub: Arc<WatchHub>, filter: Filter, tx:
             next = live.recv() => next,
             _ = tx.closed() => return,
             _ = tokio::time::sleep_until(reported_at + PROGRESS_EVERY) => {
+                if let Some(why) = node.cut_off() {
+                    return end(&tx, ApiError::Unavailable(format!("{why}; resume the watch on another member"))).await;
+                }
                 // Idle: everything applied so far is handled (entries without events included).
                 if let Some(p) = hub.progress(&live) {
                     if at.precedes(p.revision, p.index) {

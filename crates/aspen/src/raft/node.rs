@@ -597,7 +597,6 @@ impl RaftNode {
         ApiError::Internal(format!("read shard {}: {e}", self.shard))
     }
 
-    /// Records that AppendEntries (a heartbeat or entries) for this shard arrived from a leader.
     /// Handles one chunk of a snapshot the shard's leader sends this node (docs/design.md §6.4).
     pub async fn receive_snapshot_chunk(
         &self,
@@ -606,9 +605,34 @@ impl RaftNode {
         self.snapshots_in.receive(&self.raft, &self.reader, req).await
     }
 
+    /// Records that AppendEntries (a heartbeat or entries) for this shard arrived from a leader.
     pub fn record_leader_contact(&self) {
         let ms = self.epoch.elapsed().as_millis() as u64;
         self.leader_contact_ms.store(ms.max(1), Ordering::Relaxed);
+    }
+
+    /// Why this replica of the shard is cut off from the group, if it is: it is no longer a
+    /// member, or (with other voters) it heard from no leader — or, leading, from no quorum —
+    /// for 3 election timeouts (as etcd's require-leader watches). A watch served from a
+    /// cut-off replica would stall while the others move on (docs/design.md §17).
+    pub fn cut_off(&self) -> Option<String> {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let (shard, node) = (self.shard, split_raft_id(self.raft_id).1);
+        if !membership.voter_ids().chain(membership.learner_ids()).any(|id| id == self.raft_id) {
+            return Some(format!("node {node} is not a member of shard {shard}"));
+        }
+        if membership.voter_ids().count() <= 1 {
+            return None;
+        }
+        let limit = 3 * self.raft.config().election_timeout_max;
+        let age = if m.state == ServerState::Leader {
+            m.millis_since_quorum_ack.unwrap_or(0)
+        } else {
+            let now = self.epoch.elapsed().as_millis() as u64;
+            now.saturating_sub(self.leader_contact_ms.load(Ordering::Relaxed))
+        };
+        (age > limit).then(|| format!("node {node} heard from no leader of shard {shard} for {age} ms"))
     }
 
     /// The shard's health on this node: Raft running, a leader known, recent heartbeats, small
