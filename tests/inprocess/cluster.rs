@@ -592,9 +592,12 @@ async fn the_log_is_compacted_by_bytes() {
     // those kept behind it at most the limit (not the 1,000 entries, all 300 writes, openraft
     // would keep), each side give or take one entry.
     let bound = 2 * 64 * 1024 + 2 * 2200;
-    wait_until(30, "the log back under its bound", || shard.log_bytes() < bound).await;
-    let purged = shard.raft().metrics().borrow().purged.map(|l| l.index).unwrap_or(0);
-    assert!(purged > 0, "the log was purged behind a snapshot");
+    // (openraft publishes the purge in its metrics a moment after the log store dropped the
+    // entries: wait for both.)
+    wait_until(30, "the log purged behind a snapshot, back under its bound", || {
+        shard.log_bytes() < bound && shard.raft().metrics().borrow().purged.is_some_and(|l| l.index > 0)
+    })
+    .await;
     client.close().await;
     drop(shard);
     node.stop().await;

@@ -18,7 +18,8 @@ fn config(root: &std::path::Path, id: u64) -> aspen::NodeConfig {
     let mut c = InProcNode::config(root, id);
     c.sharding.enabled = true;
     c.sharding.num_shards = 4;
-    c.watch.history_entries = 200;
+    // The node's history, split among its 4 shards: 200 events each.
+    c.watch.history_entries = 800;
     c.watch.max_lag = 64;
     c
 }
@@ -158,7 +159,8 @@ async fn watches_see_every_write_once_in_order_and_resume_anywhere() {
     rest_sorted.sort_by_key(|e| (e.shard, e.revision, e.index));
     assert_eq!(rest_sorted, want_rest, "resumed exactly after the first half, on another node");
 
-    // History keeps 200 events per shard: 300 more writes to one shard compact the old start.
+    // History keeps 200 events per shard (800 on the node): 300 more writes to one shard compact
+    // the old start.
     let hot = (0..10_000).map(|i| format!("hot/{i}")).find(|k| router.shard_for_key(k.as_bytes()) == 1).unwrap();
     for i in 0..300 {
         writer.put(hot.clone(), format!("{i}")).await.unwrap();

@@ -43,7 +43,8 @@ pub struct RaftConfig {
     /// Build a snapshot (and purge the log before it) after this many applied entries.
     pub snapshot_threshold: u64,
     /// … or once the log entries after the last snapshot hold this many bytes (encoded), so
-    /// that the log's size is bounded whatever the batching puts in an entry.
+    /// that the log's size is bounded whatever the batching puts in an entry. A budget of the
+    /// node: split evenly among the shards it hosts ([`RaftConfig::log_bytes_per_shard`]).
     #[serde(default = "default_snapshot_log_bytes")]
     pub snapshot_log_bytes: u64,
     /// Log entries kept after a snapshot so that lagging followers can catch up without one.
@@ -66,6 +67,14 @@ impl Default for RaftConfig {
             max_append_entries: 512,
             max_append_bytes: 1024 * 1024,
         }
+    }
+}
+
+impl RaftConfig {
+    /// Each hosted shard's share of `snapshot_log_bytes`: a node's logs together hold about
+    /// as much (and as much disk) whatever its number of shards.
+    pub fn log_bytes_per_shard(&self, hosted_shards: usize) -> u64 {
+        (self.snapshot_log_bytes / hosted_shards.max(1) as u64).max(1)
     }
 }
 
@@ -203,12 +212,25 @@ impl Default for GossipConfig {
 /// applied writes, so that a watch can start from, or resume at, a recent position on any node.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WatchConfig {
-    /// Most events kept per shard (0: none; watches then start only from now).
+    /// Most events kept on the node (0: none; watches then start only from now), split evenly
+    /// among the shards it hosts ([`WatchConfig::history_per_shard`]).
     pub history_entries: u64,
-    /// Most bytes of keys and values kept per shard.
+    /// Most bytes of keys and values kept on the node, split the same way.
     pub history_bytes: u64,
     /// Writes (applied entries with events) a watcher may fall behind before it is cancelled.
     pub max_lag: u64,
+}
+
+impl WatchConfig {
+    /// Each hosted shard's share of the history (events, bytes): the node's memory for it does
+    /// not grow with its number of shards. A shard keeps at least one event unless the history
+    /// is off.
+    pub fn history_per_shard(&self, hosted_shards: usize) -> (usize, usize) {
+        let n = hosted_shards.max(1) as u64;
+        let at_least = |total: u64| if total == 0 { 0 } else { (total / n).max(1) };
+        let to_usize = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+        (to_usize(at_least(self.history_entries)), to_usize(at_least(self.history_bytes)))
+    }
 }
 
 impl Default for WatchConfig {
@@ -788,6 +810,16 @@ mod tests {
         let tiny = StorageConfig { cache_bytes: 1 << 20 }.cache_split(4);
         assert_eq!(tiny.metadata, (1 << 20) / 3 * 2 / 8, "at most an eighth for metadata");
         assert!(tiny.metadata + 4 * (tiny.log + tiny.state_machine) <= (1 << 20) * 2 / 3);
+        // The log and watch-history budgets are the node's too: split among its shards.
+        let d = NodeConfig::default();
+        assert_eq!(d.raft.log_bytes_per_shard(1), 64 << 20);
+        assert_eq!(d.raft.log_bytes_per_shard(4), 16 << 20);
+        assert_eq!(d.watch.history_per_shard(1), (10_000, 16 << 20));
+        assert_eq!(d.watch.history_per_shard(4), (2_500, 4 << 20));
+        let small = WatchConfig { history_entries: 3, history_bytes: 10, max_lag: 1 };
+        assert_eq!(small.history_per_shard(4), (1, 2), "a shard keeps at least one event");
+        let off = WatchConfig { history_entries: 0, ..small };
+        assert_eq!(off.history_per_shard(4).0, 0, "history off stays off");
     }
 
     #[test]

@@ -74,7 +74,8 @@ pub struct RaftNode {
     deadlines: Arc<LeaseDeadlines>,
     /// This shard's recent events on this node, for watches.
     watch_hub: Arc<WatchHub>,
-    /// Snapshots when the log grows past `[raft] snapshot_log_bytes` ([`snapshot_by_size`]).
+    /// Snapshots when the log grows past its share of `[raft] snapshot_log_bytes`
+    /// ([`snapshot_by_size`]).
     size_task: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
     /// Ends that task when the last clone of this node is dropped without a shutdown (it holds
     /// a Raft handle and the log, which must not outlive the node).
@@ -188,8 +189,11 @@ impl RaftNode {
             .map_err(|message| RaftNodeError::Config { shard, message })?;
         // The leader's fsync overlaps replication; the state machine and the commit index sent
         // to followers wait for it (see `log_store`).
-        // This shard's share of the node's cache budget ([storage] cache_bytes).
-        let cache = node.storage.cache_split(node.sharding.local_shard_ids().len());
+        // This shard's share of the node's budgets: cache ([storage] cache_bytes), log
+        // ([raft] snapshot_log_bytes) and watch history ([watch]).
+        let hosted = node.sharding.local_shard_ids().len();
+        let cache = node.storage.cache_split(hosted);
+        let (history_entries, history_bytes) = watch.history_per_shard(hosted);
         let log =
             RedbLogStore::open_shared(&dir.join("raft-log.db"), journal, shard, raft_cfg.max_append_bytes, cache.log)
                 .map_err(|source| RaftNodeError::Storage { shard, source })?
@@ -198,7 +202,7 @@ impl RaftNode {
             .map_err(|source| RaftNodeError::Storage { shard, source })?
             .wait_for_log(log.durable());
         let watch_hub = sm
-            .watch(shard, watch.history_entries as usize, watch.history_bytes as usize, watch.max_lag as usize)
+            .watch(shard, history_entries, history_bytes, watch.max_lag as usize)
             .map_err(|source| RaftNodeError::Storage { shard, source })?;
         let network = network.cap_commit_at(log.durable());
         let reader = sm.reader();
@@ -211,7 +215,7 @@ impl RaftNode {
         let size_task = tokio::spawn(snapshot_by_size(
             raft.clone(),
             log_sizes.clone(),
-            raft_cfg.snapshot_log_bytes,
+            raft_cfg.log_bytes_per_shard(hosted),
             shard,
             size_stop.clone(),
         ));
@@ -721,7 +725,7 @@ impl RaftNode {
 /// How long one snapshot chunk may take to be answered, the last one's install included.
 const INSTALL_SNAPSHOT_TIMEOUT_MS: u64 = 10 * 60 * 1000;
 
-/// How often a shard compares its log's size with `[raft] snapshot_log_bytes`.
+/// How often a shard compares its log's size with its share of `[raft] snapshot_log_bytes`.
 const LOG_SIZE_CHECK: Duration = Duration::from_secs(1);
 /// How long a snapshot asked for may take before it is asked for again.
 const SNAPSHOT_RETRY: Duration = Duration::from_secs(60);
