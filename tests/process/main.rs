@@ -10,6 +10,7 @@ mod support;
 mod bench;
 mod cluster;
 mod first_hour;
+mod http;
 mod leases;
 mod logs;
 mod memory;

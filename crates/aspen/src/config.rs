@@ -251,6 +251,57 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where `aspen-node` serves its operator HTTP endpoint (`/health`, `/ready`, `/status`;
+/// docs/operations.md, "Probes and status"): written `ADDR:PORT`, `off`, or `auto`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum HttpAddr {
+    /// TCP on 127.0.0.1 at the port number of `bind_addr` (UDP), so that several nodes on one
+    /// machine each get their own without extra flags.
+    #[default]
+    Auto,
+    /// No HTTP endpoint.
+    Off,
+    /// This TCP address.
+    At(SocketAddr),
+}
+
+impl std::str::FromStr for HttpAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "off" => Ok(HttpAddr::Off),
+            "auto" => Ok(HttpAddr::Auto),
+            a => a.parse().map(HttpAddr::At).map_err(|_| format!("{a:?} is not ADDR:PORT, off or auto")),
+        }
+    }
+}
+
+impl std::fmt::Display for HttpAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HttpAddr::Auto => f.write_str("auto"),
+            HttpAddr::Off => f.write_str("off"),
+            HttpAddr::At(a) => write!(f, "{a}"),
+        }
+    }
+}
+
+impl TryFrom<String> for HttpAddr {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<HttpAddr> for String {
+    fn from(a: HttpAddr) -> String {
+        a.to_string()
+    }
+}
+
 /// Most shards a cluster can have.
 pub const MAX_SHARDS: u32 = 256;
 
@@ -303,6 +354,8 @@ pub struct NodeConfig {
     pub storage: StorageConfig,
     #[serde(default)]
     pub log_format: LogFormat,
+    #[serde(default)]
+    pub http_addr: HttpAddr,
 }
 
 impl Default for NodeConfig {
@@ -322,6 +375,18 @@ impl Default for NodeConfig {
             watch: WatchConfig::default(),
             storage: StorageConfig::default(),
             log_format: LogFormat::Text,
+            http_addr: HttpAddr::Auto,
+        }
+    }
+}
+
+impl NodeConfig {
+    /// The TCP address of the operator HTTP endpoint, if it is on.
+    pub fn http_listen_addr(&self) -> Option<SocketAddr> {
+        match self.http_addr {
+            HttpAddr::Auto => Some(SocketAddr::from(([127, 0, 0, 1], self.bind_addr.port()))),
+            HttpAddr::Off => None,
+            HttpAddr::At(a) => Some(a),
         }
     }
 }
@@ -375,6 +440,10 @@ pub struct NodeArgs {
     /// Log lines as `text` (for people) or `json` (one object per line). [default: text]
     #[arg(long, env = "ASPEN_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Operator HTTP endpoint (/health, /ready, /status): ADDR:PORT, or off. [default: TCP
+    /// 127.0.0.1 at the --bind-addr port]
+    #[arg(long, env = "ASPEN_HTTP_ADDR", value_name = "ADDR|off")]
+    pub http_addr: Option<HttpAddr>,
     /// Largest key in bytes. [default: 4096]
     #[arg(long, env = "ASPEN_MAX_KEY_BYTES")]
     pub max_key_bytes: Option<u64>,
@@ -418,6 +487,7 @@ struct FileConfig {
     watch: Option<FileWatch>,
     storage: Option<FileStorage>,
     log_format: Option<LogFormat>,
+    http_addr: Option<HttpAddr>,
 }
 
 #[derive(Deserialize, Default, Debug)]
@@ -516,6 +586,7 @@ impl NodeConfig {
         set(&mut cfg.raft.snapshot_log_bytes, args.snapshot_log_bytes);
         set(&mut cfg.storage.cache_bytes, args.cache_bytes);
         set(&mut cfg.log_format, args.log_format);
+        set(&mut cfg.http_addr, args.http_addr);
         set(&mut cfg.limits.max_key_bytes, args.max_key_bytes);
         set(&mut cfg.limits.max_value_bytes, args.max_value_bytes);
         set(&mut cfg.limits.request_timeout_ms, args.request_timeout_ms);
@@ -546,6 +617,7 @@ impl NodeConfig {
         set(&mut self.cluster_name, f.cluster_name.clone());
         set(&mut self.no_init, f.no_init);
         set(&mut self.log_format, f.log_format);
+        set(&mut self.http_addr, f.http_addr);
         set(&mut self.join, f.join.clone());
         if let Some(t) = &f.join_token {
             self.join_token = Some(t.trim().to_string());
@@ -787,6 +859,14 @@ mod tests {
         assert_eq!(d.log_format, LogFormat::Text);
         assert_eq!(NodeConfig::from_toml_str("log_format = \"json\"").unwrap().log_format, LogFormat::Json);
         assert!(NodeConfig::from_toml_str("log_format = \"xml\"").unwrap_err().to_string().contains("log_format"));
+        // The HTTP endpoint: at the bind port by default, an address, or off.
+        assert_eq!(d.http_listen_addr(), Some("127.0.0.1:7600".parse().unwrap()));
+        let at = NodeConfig::from_toml_str("http_addr = \"0.0.0.0:9000\"").unwrap();
+        assert_eq!(at.http_listen_addr(), Some("0.0.0.0:9000".parse().unwrap()));
+        assert_eq!(NodeConfig::from_toml_str("http_addr = \"off\"").unwrap().http_listen_addr(), None);
+        assert!(NodeConfig::from_toml_str("http_addr = \"nowhere\"").unwrap_err().to_string().contains("http_addr"));
+        let args = NodeArgs { http_addr: Some("off".parse().unwrap()), ..Default::default() };
+        assert_eq!(NodeConfig::from_args(&args).unwrap().http_addr, HttpAddr::Off);
         let args = NodeArgs { cache_bytes: Some(32 << 20), snapshot_log_bytes: Some(1 << 17), ..Default::default() };
         let cfg = NodeConfig::from_args(&args).unwrap();
         assert_eq!((cfg.storage.cache_bytes, cfg.raft.snapshot_log_bytes), (32 << 20, 1 << 17));

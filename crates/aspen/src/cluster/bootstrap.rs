@@ -21,10 +21,11 @@ use crate::{
         admission::Admission,
         claim::Claim,
         gossip::{AnnounceContext, GossipDiscovery},
+        http::HttpEndpoint,
         service::NodeService,
         supervisor::Supervisor,
     },
-    config::NodeConfig,
+    config::{HttpAddr, NodeConfig},
     raft::{
         network::SharedClusterId,
         node::{RaftNodeError, ShardFiles},
@@ -82,6 +83,8 @@ pub enum BootstrapError {
          drop --join to restart this node in its own cluster, or use an empty --data-dir to join the other one"
     )]
     JoinOtherCluster { path: std::path::PathBuf, recorded: ClusterId, ticket: ClusterId },
+    #[error("--http-addr {addr}: {source}")]
+    Http { addr: std::net::SocketAddr, source: std::io::Error },
     /// SIGTERM/SIGINT (the `stop` token) arrived before the node served: it stopped cleanly.
     #[error("stopped before the node started serving")]
     Interrupted,
@@ -106,7 +109,8 @@ impl BootstrapError {
             | BootstrapError::JoinTicket(_)
             | BootstrapError::Sharding(_)
             | BootstrapError::NumShardsMismatch { .. }
-            | BootstrapError::JoinOtherCluster { .. } => true,
+            | BootstrapError::JoinOtherCluster { .. }
+            | BootstrapError::Http { .. } => true,
             BootstrapError::Endpoint(e) => e.is_permanent(),
             BootstrapError::Metadata(e) => e.is_permanent(),
             BootstrapError::Journal { source, .. } => source.is_permanent(),
@@ -268,6 +272,8 @@ pub struct NodeHandle {
     follower: tokio::task::JoinHandle<()>,
     /// Revokes expired leases of the shards this node leads (`cluster::leases`).
     expiry: tokio::task::JoinHandle<()>,
+    /// The operator HTTP endpoint (`cluster::http`), unless it is off.
+    http: Option<HttpEndpoint>,
 }
 
 impl NodeHandle {
@@ -321,6 +327,9 @@ impl NodeHandle {
         let _ = self.follower.await;
         self.expiry.abort();
         let _ = self.expiry.await;
+        if let Some(http) = self.http {
+            http.stop().await;
+        }
         if let Some(g) = &self.base.gossip_discovery {
             bounded(node, &mut stalled, "gossip shutdown".into(), SHUTDOWN_STEP_LIMIT, g.shutdown()).await;
         }
@@ -397,6 +406,24 @@ pub async fn bootstrap_until(config: NodeConfig, stop: CancellationToken) -> Res
     start_node(config, stop).await
 }
 
+/// Binds the operator HTTP endpoint's address (`--http-addr`). At the default address (the bind
+/// port on 127.0.0.1) a port taken by another program is logged and the node serves without it;
+/// an address given explicitly must be bound.
+async fn bind_http(config: &NodeConfig) -> Result<Option<tokio::net::TcpListener>, BootstrapError> {
+    let Some(addr) = config.http_listen_addr() else { return Ok(None) };
+    match HttpEndpoint::bind(addr).await {
+        Ok(l) => Ok(Some(l)),
+        Err(e) if config.http_addr == HttpAddr::Auto => {
+            tracing::warn!(
+                "http endpoint: cannot bind {addr} ({e}); serving without /health, /ready and /status (choose an \
+                 address with --http-addr)"
+            );
+            Ok(None)
+        }
+        Err(source) => Err(BootstrapError::Http { addr, source }),
+    }
+}
+
 /// Decodes the `--join` tickets; they must all name one cluster.
 fn join_tickets(config: &NodeConfig) -> Result<Vec<NodeTicket>, BootstrapError> {
     let tickets: Vec<NodeTicket> = config
@@ -414,6 +441,8 @@ fn join_tickets(config: &NodeConfig) -> Result<Vec<NodeTicket>, BootstrapError> 
 }
 
 async fn start_node(config: NodeConfig, stop: CancellationToken) -> Result<NodeHandle, BootstrapError> {
+    // First, so that an address that cannot be bound stops the start before anything opens.
+    let http = bind_http(&config).await?;
     let base = bootstrap_base_node(config).await?;
     let config = &base.config;
     let sharded = config.sharding.enabled;
@@ -485,6 +514,14 @@ async fn start_node(config: NodeConfig, stop: CancellationToken) -> Result<NodeH
         builder = builder.accept(iroh_gossip::ALPN, g.protocol());
     }
     let router = builder.spawn();
+    // Probes see the node from here on: alive, and not ready until it is a member that serves.
+    let http = match http {
+        Some(listener) => Some(
+            HttpEndpoint::serve(listener, service.clone(), base.shutdown_token.child_token())
+                .map_err(|source| BootstrapError::DataDir { path: config.data_dir.clone(), source })?,
+        ),
+        None => None,
+    };
 
     let become_member = async {
         if base.identity.is_none() && !config.join.is_empty() {
@@ -532,7 +569,7 @@ async fn start_node(config: NodeConfig, stop: CancellationToken) -> Result<NodeH
     service.write_ticket_file().map_err(|source| BootstrapError::DataDir { path: config.data_dir.clone(), source })?;
     tracing::info!(node_id = config.node_id, shards = shards.len(), ticket = %service.ticket(), "node is serving");
     let supervisor = Supervisor::spawn(config.node_id, shards.clone(), base.shutdown_token.clone());
-    Ok(NodeHandle { base, shard0, shards, service, router, supervisor, follower, expiry })
+    Ok(NodeHandle { base, shard0, shards, service, router, supervisor, follower, expiry, http })
 }
 
 /// Joins the cluster named by the `--join` tickets: asks it (through any member; requests are

@@ -3,12 +3,14 @@
 //! the sharded store), request [`validate`]ion, cluster [`membership`], leader [`placement`],
 //! [`gossip`] discovery, the shard health [`supervisor`] and the membership watch that tells the
 //! endpoint's gate who may connect ([`admission`]), and the claim token of a `--no-init` node
-//! ([`claim`]), and tokens: issuing, revoking, join tokens, `admin.token` ([`tokens`]).
+//! ([`claim`]), and tokens: issuing, revoking, join tokens, `admin.token` ([`tokens`]), and the
+//! operator HTTP endpoint ([`http`]: health, readiness, status).
 
 pub mod admission;
 pub mod bootstrap;
 pub mod claim;
 pub mod gossip;
+pub mod http;
 pub mod leases;
 pub mod membership;
 pub mod placement;

@@ -203,7 +203,7 @@ impl NodeService {
         Ok(true)
     }
 
-    fn node_status(&self) -> NodeStatus {
+    pub(super) fn node_status(&self) -> NodeStatus {
         NodeStatus { node_id: self.node_id, shards: self.store.shards().values().map(RaftNode::status).collect() }
     }
 

@@ -63,6 +63,8 @@ pub struct RaftNode {
     /// When this node last received AppendEntries for this shard (ms since `epoch`; 0: never).
     leader_contact_ms: Arc<AtomicU64>,
     epoch: Instant,
+    /// What this replica knows is committed, sampled once a second (readiness, [`Self::readiness`]).
+    commits: Arc<CommitSamples>,
     /// Set while this node hands the shard's leadership to another voter: new writes and
     /// linearizable reads wait (they would send AppendEntries, which renew the followers' leader
     /// lease, and no follower would then vote for the hand-over's target).
@@ -212,9 +214,11 @@ impl RaftNode {
             .await
             .map_err(|e| RaftNodeError::Start { shard, message: e.to_string() })?;
         let size_stop = tokio_util::sync::CancellationToken::new();
+        let commits = Arc::new(CommitSamples::default());
         let size_task = tokio::spawn(snapshot_by_size(
             raft.clone(),
             log_sizes.clone(),
+            commits.clone(),
             raft_cfg.log_bytes_per_shard(hosted),
             shard,
             size_stop.clone(),
@@ -231,6 +235,7 @@ impl RaftNode {
             reads,
             request_timeout,
             leader_contact_ms: Arc::new(AtomicU64::new(0)),
+            commits,
             epoch: Instant::now(),
             handover: Default::default(),
             stamp: Default::default(),
@@ -610,9 +615,13 @@ impl RaftNode {
     }
 
     /// Records that AppendEntries (a heartbeat or entries) for this shard arrived from a leader.
-    pub fn record_leader_contact(&self) {
+    /// `leader_commit`: the commit index the leader sent with it.
+    pub fn record_leader_contact(&self, leader_commit: Option<u64>) {
         let ms = self.epoch.elapsed().as_millis() as u64;
         self.leader_contact_ms.store(ms.max(1), Ordering::Relaxed);
+        if let Some(c) = leader_commit {
+            self.commits.reported.fetch_max(c, Ordering::Relaxed);
+        }
     }
 
     /// Why this replica of the shard is cut off from the group, if it is: it is no longer a
@@ -637,6 +646,46 @@ impl RaftNode {
             now.saturating_sub(self.leader_contact_ms.load(Ordering::Relaxed))
         };
         (age > limit).then(|| format!("node {node} heard from no leader of shard {shard} for {age} ms"))
+    }
+
+    /// Whether this replica is ready to serve (`/ready`, docs/operations.md): its Raft runs, it
+    /// is a member, a leader is known and was heard from (leading: a quorum acknowledged it)
+    /// within the election timeout, and it has applied everything its leader reported
+    /// committed a second ago (the leader: everything in its log a second ago). `Err` says why
+    /// not.
+    pub fn readiness(&self) -> Result<(), String> {
+        let m = self.raft.metrics().borrow().clone();
+        if let Err(fatal) = &m.running_state {
+            return Err(format!("Raft stopped: {fatal}"));
+        }
+        let membership = m.membership_config.membership();
+        if !membership.voter_ids().chain(membership.learner_ids()).any(|id| id == self.raft_id) {
+            return Err("not a member of the shard (yet)".into());
+        }
+        if m.current_leader.is_none() {
+            return Err("no leader known".into());
+        }
+        let limit = self.raft.config().election_timeout_max;
+        if membership.voter_ids().count() > 1 {
+            if m.state == ServerState::Leader {
+                let age = m.millis_since_quorum_ack.unwrap_or(0);
+                if age > limit {
+                    return Err(format!("no quorum acknowledged this leader for {age} ms"));
+                }
+            } else {
+                let now = self.epoch.elapsed().as_millis() as u64;
+                let age = now.saturating_sub(self.leader_contact_ms.load(Ordering::Relaxed));
+                if age > limit {
+                    return Err(format!("no word from the leader for {age} ms"));
+                }
+            }
+        }
+        let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
+        let committed = self.commits.a_second_ago.load(Ordering::Relaxed);
+        if applied < committed {
+            return Err(format!("applied up to {applied}, behind the {committed} committed a second ago"));
+        }
+        Ok(())
     }
 
     /// The shard's health on this node: Raft running, a leader known, recent heartbeats, small
@@ -725,7 +774,16 @@ impl RaftNode {
 /// How long one snapshot chunk may take to be answered, the last one's install included.
 const INSTALL_SNAPSHOT_TIMEOUT_MS: u64 = 10 * 60 * 1000;
 
-/// How often a shard compares its log's size with its share of `[raft] snapshot_log_bytes`.
+/// What a replica knows is committed: the highest commit index its leaders reported (followers)
+/// and, sampled by [`snapshot_by_size`]'s tick, what it knew a second earlier.
+#[derive(Debug, Default)]
+struct CommitSamples {
+    reported: AtomicU64,
+    a_second_ago: AtomicU64,
+}
+
+/// How often a shard compares its log's size with its share of `[raft] snapshot_log_bytes`
+/// (and samples what it knows is committed).
 const LOG_SIZE_CHECK: Duration = Duration::from_secs(1);
 /// How long a snapshot asked for may take before it is asked for again.
 const SNAPSHOT_RETRY: Duration = Duration::from_secs(60);
@@ -740,6 +798,7 @@ const SNAPSHOT_RETRY: Duration = Duration::from_secs(60);
 async fn snapshot_by_size(
     raft: Raft,
     log: RedbLogStore,
+    commits: Arc<CommitSamples>,
     limit: u64,
     shard: ShardId,
     stop: tokio_util::sync::CancellationToken,
@@ -750,16 +809,21 @@ async fn snapshot_by_size(
     let mut asked: Option<(u64, Instant)> = None;
     // The last purge asked for.
     let mut purged: Option<u64> = None;
+    // What was known committed at the last tick (leading: the log's end).
+    let mut known = 0;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.cancelled() => return,
         }
-        let (snapshot, applied) = {
+        let (snapshot, applied, leading, last_log) = {
             let m = raft.metrics();
             let m = m.borrow();
-            (m.snapshot.map(|l| l.index), m.last_applied.map(|l| l.index))
+            let leading = m.state == ServerState::Leader;
+            (m.snapshot.map(|l| l.index), m.last_applied.map(|l| l.index), leading, m.last_log_index.unwrap_or(0))
         };
+        commits.a_second_ago.store(known, Ordering::Relaxed);
+        known = if leading { last_log } else { commits.reported.load(Ordering::Relaxed) };
         if let Some(upto) = snapshot.and_then(|s| log.purge_point(s, limit)) {
             if purged.is_none_or(|p| p < upto) {
                 purged = Some(upto);

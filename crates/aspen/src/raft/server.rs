@@ -143,11 +143,12 @@ impl RaftProtocolHandler {
         let raft = node.raft();
         match env.request {
             RaftRequest::AppendEntries(r) => {
+                let leader_commit = r.leader_commit.map(|l| l.index);
                 let result = raft.append_entries(r).await;
                 if matches!(&result, Ok(resp) if !matches!(resp, openraft::raft::AppendEntriesResponse::HigherVote(_)))
                 {
                     // A current leader reached us: the heartbeat age in health reports restarts.
-                    node.record_leader_contact();
+                    node.record_leader_contact(leader_commit);
                 }
                 RaftResponse::AppendEntries(result)
             }
