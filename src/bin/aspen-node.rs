@@ -96,6 +96,7 @@ async fn run(config: NodeConfig) -> ExitCode {
         }
     };
     println!("ticket: {}", node.ticket());
+    notify_systemd(&[sd_notify::NotifyState::Ready]);
     let removed = node.removed();
     tokio::select! {
         _ = stop.cancelled() => {}
@@ -105,6 +106,7 @@ async fn run(config: NodeConfig) -> ExitCode {
                  empty --data-dir and --join)",
                 node_id
             );
+            notify_systemd(&[sd_notify::NotifyState::Stopping]);
             node.shutdown().await;
             // 2: restarting unchanged cannot help (the systemd unit does not restart on 2).
             return ExitCode::from(2);
@@ -112,6 +114,7 @@ async fn run(config: NodeConfig) -> ExitCode {
     }
     let signal = received.get().copied().unwrap_or("signal");
     tracing::info!("{signal}: shutting down");
+    notify_systemd(&[sd_notify::NotifyState::Stopping]);
     node.shutdown().await;
     tracing::info!("stopped");
     ExitCode::SUCCESS
@@ -163,6 +166,16 @@ impl Signals {
         {
             let _ = tokio::signal::ctrl_c().await;
             "SIGINT"
+        }
+    }
+}
+
+/// Tells systemd (a `Type=notify` unit, config/aspen-node.service) that the node serves or
+/// stops; nothing without `$NOTIFY_SOCKET`. A failure is logged: the node serves regardless.
+fn notify_systemd(state: &[sd_notify::NotifyState]) {
+    if std::env::var_os("NOTIFY_SOCKET").is_some() {
+        if let Err(e) = sd_notify::notify(false, state) {
+            tracing::warn!("systemd notification failed: {e}");
         }
     }
 }

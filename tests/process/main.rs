@@ -1,7 +1,8 @@
 //! Real `aspen-node` and `aspen-cli` processes on 127.0.0.1: a single node and every CLI
 //! command ([`single`]), three nodes with `kill -9` ([`cluster`]), four shards ([`sharded`]),
 //! `aspen-cli bench` ([`bench`]), leases and watches through the CLI ([`leases`], [`watch`]), what the nodes' logs say ([`logs`]) and the memory a hostile
-//! client cannot grow ([`memory`]). One test binary; the
+//! client cannot grow ([`memory`]), the operator HTTP endpoint ([`http`]) and systemd readiness
+//! ([`systemd`]). One test binary; the
 //! tests run one at a time.
 
 #[path = "../support/mod.rs"]
@@ -17,4 +18,5 @@ mod memory;
 mod readme;
 mod sharded;
 mod single;
+mod systemd;
 mod watch;
