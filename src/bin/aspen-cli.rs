@@ -25,7 +25,7 @@ use aspen::{
     client::{AspenClient, CasOutcome, ClientError, WatchItem},
 };
 use aspen_bench::{AspenBackend, BenchConfig, BenchError, Progress, ProgressFn, Stop, Workload};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
 #[path = "../cli/txn.rs"]
@@ -184,6 +184,27 @@ enum Command {
     /// Exits 0 once it does, 3 when --timeout passes first, 2 for an invalid ticket, 4 when the
     /// node refuses the token.
     Wait,
+    /// Print a shell completion script for aspen-cli on stdout, e.g.
+    /// `aspen-cli completions bash > /etc/bash_completion.d/aspen-cli`.
+    Completions {
+        /// The shell.
+        shell: CompletionShell,
+    },
+    /// Write man pages generated from the command-line definitions into DIR: aspen-cli.1, one
+    /// aspen-cli-<command>.1 per command (and per subcommand), and aspen-node.1.
+    Man {
+        /// Directory to write the pages into (created if missing).
+        #[arg(long, value_name = "DIR", default_value = ".")]
+        out_dir: PathBuf,
+    },
+}
+
+/// Shells `aspen-cli completions` writes scripts for.
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
 }
 
 #[derive(Args, Debug)]
@@ -434,6 +455,30 @@ enum TokenCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Offline commands: nothing to connect to.
+    match &cli.command {
+        Command::Completions { shell } => {
+            let shell = match shell {
+                CompletionShell::Bash => clap_complete::Shell::Bash,
+                CompletionShell::Zsh => clap_complete::Shell::Zsh,
+                CompletionShell::Fish => clap_complete::Shell::Fish,
+            };
+            clap_complete::generate(shell, &mut Cli::command(), "aspen-cli", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Command::Man { out_dir } => {
+            return match write_man_pages(out_dir) {
+                Ok(n) => {
+                    if !cli.json {
+                        println!("wrote {n} man pages to {}", out_dir.display());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => report(cli.json, "usage", &format!("man: {}: {e}", out_dir.display()), 2),
+            };
+        }
+        _ => {}
+    }
     if !(cli.timeout.is_finite() && cli.timeout > 0.0 && cli.timeout < 1e9) {
         return report(cli.json, "usage", "--timeout must be a positive number of seconds", 2);
     }
@@ -504,6 +549,28 @@ fn main() -> ExitCode {
         client.close().await;
         code
     })
+}
+
+/// Writes the man pages of aspen-cli (one per command and subcommand) and aspen-node into `dir`;
+/// returns how many.
+fn write_man_pages(dir: &std::path::Path) -> std::io::Result<usize> {
+    std::fs::create_dir_all(dir)?;
+    let mut written = 0;
+    let mut pages = vec![("aspen-cli".to_string(), Cli::command())];
+    pages.push(("aspen-node".to_string(), aspen::config::NodeArgs::command()));
+    while let Some((name, cmd)) = pages.pop() {
+        if name != "aspen-node" {
+            for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+                let sub_name = format!("{name}-{}", sub.get_name());
+                pages.push((sub_name.clone(), sub.clone().name(sub_name)));
+            }
+        }
+        let mut out = Vec::new();
+        clap_mangen::Man::new(cmd).render(&mut out)?;
+        std::fs::write(dir.join(format!("{name}.1")), out)?;
+        written += 1;
+    }
+    Ok(written)
 }
 
 /// `aspen-cli bench`: runs the load generator of [`aspen_bench`] and prints its report.
@@ -1154,6 +1221,8 @@ async fn run(client: &AspenClient, cli: &Cli) -> Result<ExitCode, ClientError> {
         Command::Auth { command: AuthCommand::Token { command } } => return run_token(client, cli, command).await,
         // Run without a shared client, in `run_bench` and `wait_until_serving`; `run_watch`.
         Command::Bench(_) | Command::Wait | Command::Watch { .. } => {}
+        // Answered in `main` before any connection.
+        Command::Completions { .. } | Command::Man { .. } => {}
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -625,3 +625,36 @@ fn client_tokens_from_the_cli() {
     expect_code(&o, 4, "a join token is no client token");
     assert!(node.terminate().success());
 }
+
+/// Shell completions and man pages come from the clap definitions, need no node, and cover
+/// every command (and aspen-node's flags).
+#[test]
+fn completions_and_man_pages_are_generated() {
+    let run = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(crate::support::CLI_BIN);
+        aspen_testkit::clean_env(&mut cmd);
+        cmd.args(args).output().unwrap()
+    };
+    for (shell, marker) in [("bash", "complete -F"), ("zsh", "#compdef aspen-cli"), ("fish", "complete -c aspen-cli")] {
+        let o = run(&["completions", shell]);
+        expect_code(&o, 0, shell);
+        let script = stdout(&o);
+        assert!(script.contains(marker), "{shell}: {script}");
+        for command in ["put", "get", "watch", "lease", "cluster", "completions"] {
+            assert!(script.contains(command), "{shell} completes {command}");
+        }
+    }
+    expect_code(&run(&["completions", "powershell-classic"]), 2, "an unknown shell");
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("man1");
+    let o = run(&["man", "--out-dir", out.to_str().unwrap()]);
+    expect_code(&o, 0, "man");
+    let page = |name: &str| std::fs::read_to_string(out.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let cli = page("aspen-cli.1");
+    assert!(cli.contains(".TH aspen-cli") && cli.contains("Talk to an Aspen cluster"), "{cli}");
+    assert!(page("aspen-cli-put.1").contains("VALUE"));
+    assert!(page("aspen-cli-cluster-status.1").contains(".TH"));
+    let node = page("aspen-node.1");
+    assert!(node.contains("http\\-addr") && node.contains("cache\\-bytes"), "{node}");
+}
