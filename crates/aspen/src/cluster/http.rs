@@ -23,7 +23,6 @@ use crate::api::{ClusterId, NodeId, ShardId};
 /// The endpoint, serving until its shutdown token is cancelled.
 #[derive(Debug)]
 pub struct HttpEndpoint {
-    addr: SocketAddr,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -49,12 +48,7 @@ impl HttpEndpoint {
             }
         });
         tracing::info!(%addr, "http endpoint: /health /ready /status");
-        Ok(HttpEndpoint { addr, task })
-    }
-
-    /// The address it serves on.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
+        Ok(HttpEndpoint { task })
     }
 
     /// Stops serving (open connections are dropped).

@@ -629,23 +629,28 @@ impl RaftNode {
     /// for 3 election timeouts (as etcd's require-leader watches). A watch served from a
     /// cut-off replica would stall while the others move on (docs/design.md §17).
     pub fn cut_off(&self) -> Option<String> {
-        let m = self.raft.metrics().borrow().clone();
-        let membership = m.membership_config.membership();
+        let contact = self.contact(&self.raft.metrics().borrow());
         let (shard, node) = (self.shard, split_raft_id(self.raft_id).1);
-        if !membership.voter_ids().chain(membership.learner_ids()).any(|id| id == self.raft_id) {
+        if !contact.member {
             return Some(format!("node {node} is not a member of shard {shard}"));
         }
-        if membership.voter_ids().count() <= 1 {
-            return None;
-        }
-        let limit = 3 * self.raft.config().election_timeout_max;
-        let age = if m.state == ServerState::Leader {
-            m.millis_since_quorum_ack.unwrap_or(0)
-        } else {
-            let now = self.epoch.elapsed().as_millis() as u64;
-            now.saturating_sub(self.leader_contact_ms.load(Ordering::Relaxed))
-        };
+        let (age, limit) = (contact.quiet_ms?, 3 * self.raft.config().election_timeout_max);
         (age > limit).then(|| format!("node {node} heard from no leader of shard {shard} for {age} ms"))
+    }
+
+    /// How this replica stands in its group, from one read of the metrics.
+    fn contact(&self, m: &openraft::RaftMetrics<u64, MemberNode>) -> GroupContact {
+        let membership = m.membership_config.membership();
+        let member = membership.voter_ids().chain(membership.learner_ids()).any(|id| id == self.raft_id);
+        let quiet_ms = (membership.voter_ids().count() > 1).then(|| {
+            if m.state == ServerState::Leader {
+                m.millis_since_quorum_ack.unwrap_or(0)
+            } else {
+                let now = self.epoch.elapsed().as_millis() as u64;
+                now.saturating_sub(self.leader_contact_ms.load(Ordering::Relaxed))
+            }
+        });
+        GroupContact { member, leading: m.state == ServerState::Leader, quiet_ms }
     }
 
     /// Whether this replica is ready to serve (`/ready`, docs/operations.md): its Raft runs, it
@@ -658,27 +663,22 @@ impl RaftNode {
         if let Err(fatal) = &m.running_state {
             return Err(format!("Raft stopped: {fatal}"));
         }
-        let membership = m.membership_config.membership();
-        if !membership.voter_ids().chain(membership.learner_ids()).any(|id| id == self.raft_id) {
+        let contact = self.contact(&m);
+        if !contact.member {
             return Err("not a member of the shard (yet)".into());
         }
         if m.current_leader.is_none() {
             return Err("no leader known".into());
         }
-        let limit = self.raft.config().election_timeout_max;
-        if membership.voter_ids().count() > 1 {
-            if m.state == ServerState::Leader {
-                let age = m.millis_since_quorum_ack.unwrap_or(0);
-                if age > limit {
-                    return Err(format!("no quorum acknowledged this leader for {age} ms"));
-                }
-            } else {
-                let now = self.epoch.elapsed().as_millis() as u64;
-                let age = now.saturating_sub(self.leader_contact_ms.load(Ordering::Relaxed));
-                if age > limit {
-                    return Err(format!("no word from the leader for {age} ms"));
-                }
+        match contact.quiet_ms {
+            Some(age) if age > self.raft.config().election_timeout_max => {
+                return Err(if contact.leading {
+                    format!("no quorum acknowledged this leader for {age} ms")
+                } else {
+                    format!("no word from the leader for {age} ms")
+                });
             }
+            _ => {}
         }
         let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
         let committed = self.commits.a_second_ago.load(Ordering::Relaxed);
@@ -773,6 +773,16 @@ impl RaftNode {
 
 /// How long one snapshot chunk may take to be answered, the last one's install included.
 const INSTALL_SNAPSHOT_TIMEOUT_MS: u64 = 10 * 60 * 1000;
+
+/// A replica's standing in its group ([`RaftNode::contact`]).
+struct GroupContact {
+    /// A voter or learner of the shard.
+    member: bool,
+    leading: bool,
+    /// With other voters: ms since it heard from the group — leading, since a quorum
+    /// acknowledged it; following, since the leader's last AppendEntries (since start if never).
+    quiet_ms: Option<u64>,
+}
 
 /// What a replica knows is committed: the highest commit index its leaders reported (followers)
 /// and, sampled by [`snapshot_by_size`]'s tick, what it knew a second earlier.
