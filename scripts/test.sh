@@ -5,7 +5,8 @@
 # (extra arguments go to nextest, e.g. `scripts/test.sh -E 'binary(faults)'`):
 # - cargo-nextest (`cargo install`), always;
 # - protoc (the etcd comparison tool's client is built with it), nftables + iproute2 (the network
-#   namespace tests; they skip without them) and gdb (stacks in their post-mortems), with apt-get
+#   namespace tests; they skip without them), promtool (Debian's prometheus package: the /metrics
+#   test checks its output with it) and gdb (stacks in their post-mortems), with apt-get
 #   as root or through `sudo -n`. Without a way to install protoc it stops and says what to do.
 # Set ASPEN_TEST_NO_INSTALL=1 to install nothing (it then only checks); `--install-only` installs
 # and stops (.ci/run does that before clippy, which builds the same crates).
@@ -48,6 +49,12 @@ fi
 if ! command -v nft >/dev/null 2>&1 || ! command -v ip >/dev/null 2>&1; then
   if [ "$install" = 0 ] || ! apt_install nftables iproute2; then
     say "nftables/iproute2 missing and not installable here: tests/netns.rs will skip"
+  fi
+fi
+if ! command -v promtool >/dev/null 2>&1; then
+  # Debian's prometheus package ships promtool; its service is not started here (no systemd).
+  if [ "$install" = 0 ] || ! apt_install --no-install-recommends prometheus; then
+    say "promtool missing: the /metrics test skips its format check"
   fi
 fi
 if ! command -v gdb >/dev/null 2>&1; then

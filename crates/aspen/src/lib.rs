@@ -39,6 +39,7 @@ pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod logging;
+pub mod metrics;
 pub mod raft;
 pub mod sharding;
 pub mod storage;

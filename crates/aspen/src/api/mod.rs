@@ -965,6 +965,27 @@ impl ClientRequest {
         )
     }
 
+    /// The request's name in metrics (`op` label): a write's command (put, cas, …), else
+    /// [`Self::kind`].
+    pub fn metric_op(&self) -> &'static str {
+        match self {
+            ClientRequest::Write { command, .. } | ClientRequest::ShardWrite { command, .. } => match command {
+                WriteCommand::Put { .. } => "put",
+                WriteCommand::Delete { .. } => "delete",
+                WriteCommand::Cas { .. } => "cas",
+                WriteCommand::Batch { .. } => "batch",
+                WriteCommand::DeletePrefix { .. } => "delete_prefix",
+                WriteCommand::Txn { .. } => "txn",
+                WriteCommand::LeaseGrant { .. } => "lease_grant",
+                WriteCommand::LeaseRevoke { .. } => "lease_revoke",
+                WriteCommand::PutLease { .. } => "put_lease",
+                WriteCommand::LeaseDrop { .. } => "lease_drop",
+                WriteCommand::LeaseForget { .. } => "lease_forget",
+            },
+            other => other.kind(),
+        }
+    }
+
     /// The request's name as operators see it in errors and logs.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -137,6 +137,23 @@ pub enum TokenError {
     NotReady,
 }
 
+impl TokenError {
+    /// The refusal's reason in metrics (`aspen_auth_refusals_total`); `None`: not a refusal
+    /// (the node cannot check tokens yet).
+    pub fn reason(&self) -> Option<&'static str> {
+        Some(match self {
+            TokenError::Malformed(_) => "malformed",
+            TokenError::BadSignature => "bad_signature",
+            TokenError::WrongCluster => "wrong_cluster",
+            TokenError::UnknownIssuer(_) => "unknown_issuer",
+            TokenError::Expired => "expired",
+            TokenError::Revoked => "revoked",
+            TokenError::Invalid(_) => "invalid",
+            TokenError::NotReady => return None,
+        })
+    }
+}
+
 /// A token id as printed: 16 lower-case hex digits.
 pub fn format_id(id: u64) -> String {
     format!("{id:016x}")

@@ -415,7 +415,7 @@ async fn bind_http(config: &NodeConfig) -> Result<Option<tokio::net::TcpListener
         Ok(l) => Ok(Some(l)),
         Err(e) if config.http_addr == HttpAddr::Auto => {
             tracing::warn!(
-                "http endpoint: cannot bind {addr} ({e}); serving without /health, /ready and /status (choose an \
+                "http endpoint: cannot bind {addr} ({e}); serving without /health, /ready, /status and /metrics (choose an \
                  address with --http-addr)"
             );
             Ok(None)
@@ -483,7 +483,8 @@ async fn start_node(config: NodeConfig, stop: CancellationToken) -> Result<NodeH
         base.shutdown_token.child_token(),
     );
 
-    let service = Arc::new(NodeService::new(&base, shards.clone()));
+    let metrics = Arc::new(crate::metrics::NodeMetrics::new(journal.fsync_times()));
+    let service = Arc::new(NodeService::new(&base, shards.clone(), metrics.clone()));
     let registry = ShardRegistry::default();
     for (id, node) in &shards {
         registry.insert(*id, node.clone());
@@ -493,22 +494,25 @@ async fn start_node(config: NodeConfig, stop: CancellationToken) -> Result<NodeH
     let client_handler =
         ClientProtocolHandler::new(service.clone(), config.max_client_frame(), config.limits.request_timeout())
             .with_memory(memory.clone())
-            .with_authority(base.authority.clone());
+            .with_authority(base.authority.clone())
+            .with_metrics(metrics.clone());
     let peer_handler = ClientProtocolHandler::with_origin(
         service.clone(),
         config.max_client_frame(),
         config.limits.request_timeout(),
         Origin::Peer,
     )
-    .with_memory(memory);
+    .with_memory(memory)
+    .with_metrics(metrics.clone());
+    let raft_handler =
+        |wire| RaftProtocolHandler::new(registry.clone(), base.cluster_id.clone(), wire).with_metrics(metrics.clone());
     let mut builder = Router::builder(base.endpoint.clone())
         .accept(CLIENT_ALPN, client_handler)
         .accept(PEER_ALPN, peer_handler)
-        .accept(RAFT_ALPN, RaftProtocolHandler::new(registry.clone(), base.cluster_id.clone(), RaftWire::Legacy))
-        .accept(RAFT_MUX_ALPN, RaftProtocolHandler::new(registry.clone(), base.cluster_id.clone(), RaftWire::Mux));
+        .accept(RAFT_ALPN, raft_handler(RaftWire::Legacy))
+        .accept(RAFT_MUX_ALPN, raft_handler(RaftWire::Mux));
     if sharded {
-        builder = builder
-            .accept(RAFT_SHARDED_ALPN, RaftProtocolHandler::new(registry, base.cluster_id.clone(), RaftWire::Sharded));
+        builder = builder.accept(RAFT_SHARDED_ALPN, raft_handler(RaftWire::Sharded));
     }
     if let Some(g) = &base.gossip_discovery {
         builder = builder.accept(iroh_gossip::ALPN, g.protocol());

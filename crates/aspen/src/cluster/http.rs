@@ -5,7 +5,7 @@
 //! is ready — a member with a known, recently heard leader, having applied what was committed a
 //! second ago, [`RaftNode::readiness`] — else 503 naming each shard that is not and why) and
 //! `GET /status` (this node's status as JSON: what `aspen-cli cluster status --json` reports for
-//! it). Answers are JSON.
+//! it) and `GET /metrics` (Prometheus text, [`super::scrape`]). Other answers are JSON.
 //!
 //! Never: keys, values, tokens or writes. It is for operators and probes and asks for no token,
 //! so keep it on loopback or a management network (the default binds loopback only).
@@ -39,6 +39,7 @@ impl HttpEndpoint {
             .route("/health", get(health))
             .route("/ready", get(ready))
             .route("/status", get(status))
+            .route("/metrics", get(metrics))
             .fallback(not_found)
             .with_state(service);
         let task = tokio::spawn(async move {
@@ -47,7 +48,7 @@ impl HttpEndpoint {
                 tracing::warn!("http endpoint on {addr}: {e}");
             }
         });
-        tracing::info!(%addr, "http endpoint: /health /ready /status");
+        tracing::info!(%addr, "http endpoint: /health /ready /status /metrics");
         Ok(HttpEndpoint { task })
     }
 
@@ -108,6 +109,10 @@ async fn status(State(service): State<Arc<NodeService>>) -> impl IntoResponse {
     Json(service.node_status())
 }
 
+async fn metrics(State(service): State<Arc<NodeService>>) -> impl IntoResponse {
+    ([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], super::scrape::render(&service))
+}
+
 async fn not_found() -> impl IntoResponse {
-    (StatusCode::NOT_FOUND, Json(serde_json::json!({ "error": "not found: GET /health, /ready or /status" })))
+    (StatusCode::NOT_FOUND, Json(serde_json::json!({ "error": "not found: GET /health, /ready, /status or /metrics" })))
 }

@@ -14,6 +14,7 @@ pub mod http;
 pub mod leases;
 pub mod membership;
 pub mod placement;
+pub mod scrape;
 pub mod service;
 pub mod supervisor;
 pub mod tokens;

@@ -56,11 +56,19 @@ pub struct NodeService {
     pub(super) handovers: super::placement::Handovers,
     /// This node's admin token, until it is recorded in shard 0 (`cluster::tokens`).
     pub(super) unrecorded: std::sync::Mutex<Option<crate::api::TokenInfo>>,
+    /// The node-wide metrics its protocol handlers record (`GET /metrics`).
+    pub(super) metrics: Arc<crate::metrics::NodeMetrics>,
+    /// The peers gossip told this node about.
+    pub(super) peers: crate::transport::pool::PeerBook,
 }
 
 impl NodeService {
-    /// The service of the node `base` describes, over its `shards`.
-    pub fn new(base: &super::bootstrap::BaseNodeResources, shards: BTreeMap<crate::api::ShardId, RaftNode>) -> Self {
+    /// The service of the node `base` describes, over its `shards`, recording into `metrics`.
+    pub fn new(
+        base: &super::bootstrap::BaseNodeResources,
+        shards: BTreeMap<crate::api::ShardId, RaftNode>,
+        metrics: Arc<crate::metrics::NodeMetrics>,
+    ) -> Self {
         let config = &base.config;
         let (metadata, cluster_id, me, ticket, pool, removed) = (
             base.metadata_store.clone(),
@@ -97,7 +105,14 @@ impl NodeService {
             authority,
             unrecorded: Default::default(),
             handovers: Default::default(),
+            metrics,
+            peers: base.peers.clone(),
         }
+    }
+
+    /// The node-wide metrics (requests, connections, token refusals, journal fsyncs).
+    pub fn metrics(&self) -> &Arc<crate::metrics::NodeMetrics> {
+        &self.metrics
     }
 
     /// The node's sharded store: its shards, routing and forwarding.

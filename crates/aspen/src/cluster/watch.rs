@@ -190,6 +190,8 @@ async fn follow_shard(
                 other => break Some(other),
             }
         };
+        // Batches still queued behind this frame: how far the watch is behind the live feed.
+        node.metrics().watch_lag.observe(live.len() as u64);
         let before = reported;
         match send_batches(&pending, &filter, &mut at, &mut reported, &tx, &live, max_lag).await {
             Sent::Ok => {

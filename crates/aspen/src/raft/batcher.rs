@@ -34,7 +34,10 @@ use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::{ApplyResult, Raft, WriteBatch, WriteRequest};
-use crate::api::{split_raft_id, ApiError, BatchOp, CompareTarget, ShardId, TxnOp, WriteCommand, WriteOutcome};
+use crate::{
+    api::{split_raft_id, ApiError, BatchOp, CompareTarget, ShardId, TxnOp, WriteCommand, WriteOutcome},
+    metrics::ShardMetrics,
+};
 
 /// Most writes in one log entry.
 pub const MAX_WRITES: usize = 512;
@@ -134,9 +137,9 @@ pub struct WriteBatcher {
 
 impl WriteBatcher {
     /// Starts the proposer task of `shard` on the current tokio runtime.
-    pub fn start(raft: Raft, shard: ShardId) -> Self {
+    pub fn start(raft: Raft, shard: ShardId, metrics: Arc<ShardMetrics>) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(propose_loop(raft, shard, rx));
+        tokio::spawn(propose_loop(raft, shard, rx, metrics));
         WriteBatcher { tx }
     }
 
@@ -151,7 +154,7 @@ impl WriteBatcher {
     }
 }
 
-async fn propose_loop(raft: Raft, shard: ShardId, mut rx: mpsc::Receiver<Queued>) {
+async fn propose_loop(raft: Raft, shard: ShardId, mut rx: mpsc::Receiver<Queued>, metrics: Arc<ShardMetrics>) {
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut carry: Option<Queued> = None;
     loop {
@@ -182,6 +185,8 @@ async fn propose_loop(raft: Raft, shard: ShardId, mut rx: mpsc::Receiver<Queued>
             bytes += next.bytes();
             batch.push(next);
         }
+        metrics.proposals.inc();
+        metrics.writes_per_entry.observe(batch.len() as u64);
         let raft = raft.clone();
         tokio::spawn(async move {
             propose(&raft, shard, batch).await;
@@ -229,6 +234,7 @@ pub struct ReadGate {
     /// Bound on one round: a round that hangs (no quorum) must not hold every later read.
     round_timeout: Duration,
     state: Arc<Mutex<GateState>>,
+    metrics: Arc<ShardMetrics>,
 }
 
 #[derive(Default)]
@@ -238,8 +244,8 @@ struct GateState {
 }
 
 impl ReadGate {
-    pub fn new(raft: Raft, shard: ShardId, round_timeout: Duration) -> Self {
-        ReadGate { raft, shard, round_timeout, state: Default::default() }
+    pub fn new(raft: Raft, shard: ShardId, round_timeout: Duration, metrics: Arc<ShardMetrics>) -> Self {
+        ReadGate { raft, shard, round_timeout, state: Default::default(), metrics }
     }
 
     /// Waits for a leadership-confirmation round that starts after this call, and for this
@@ -268,6 +274,7 @@ impl ReadGate {
                 }
                 std::mem::take(&mut st.waiting)
             };
+            self.metrics.read_index_rounds.inc();
             let answer = match tokio::time::timeout(self.round_timeout, self.raft.ensure_linearizable()).await {
                 Err(_) => Err(ApiError::Timeout(self.round_timeout.as_millis() as u64)),
                 Ok(Ok(_)) => Ok(Some(())),

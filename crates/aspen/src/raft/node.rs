@@ -31,6 +31,7 @@ use crate::{
         ShardHealth, ShardId, ShardStatus, StateDigest, WriteCommand, WriteOutcome, WriteSession,
     },
     config::{NodeConfig, RaftConfig},
+    metrics::ShardMetrics,
     storage::{
         leases::LeaseDeadlines, scan::scan_local, shared_journal::SharedJournal, state_machine::StateReader,
         watch::WatchHub, RedbLogStore, RedbStateMachine, StorageError,
@@ -76,6 +77,8 @@ pub struct RaftNode {
     deadlines: Arc<LeaseDeadlines>,
     /// This shard's recent events on this node, for watches.
     watch_hub: Arc<WatchHub>,
+    /// What this shard records for `GET /metrics` (the rest is read from Raft at scrape time).
+    metrics: Arc<ShardMetrics>,
     /// Snapshots when the log grows past its share of `[raft] snapshot_log_bytes`
     /// ([`snapshot_by_size`]).
     size_task: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
@@ -200,9 +203,11 @@ impl RaftNode {
             RedbLogStore::open_shared(&dir.join("raft-log.db"), journal, shard, raft_cfg.max_append_bytes, cache.log)
                 .map_err(|source| RaftNodeError::Storage { shard, source })?
                 .overlap_own_appends(raft_id);
+        let metrics = Arc::new(ShardMetrics::default());
         let mut sm = RedbStateMachine::open(&dir.join("state-machine.db"), cache.state_machine)
             .map_err(|source| RaftNodeError::Storage { shard, source })?
-            .wait_for_log(log.durable());
+            .wait_for_log(log.durable())
+            .with_metrics(metrics.clone());
         let watch_hub = sm
             .watch(shard, history_entries, history_bytes, watch.max_lag as usize)
             .map_err(|source| RaftNodeError::Storage { shard, source })?;
@@ -224,8 +229,8 @@ impl RaftNode {
             size_stop.clone(),
         ));
         let size_task = Arc::new(std::sync::Mutex::new(Some(size_task)));
-        let writes = WriteBatcher::start(raft.clone(), shard);
-        let reads = ReadGate::new(raft.clone(), shard, request_timeout);
+        let writes = WriteBatcher::start(raft.clone(), shard, metrics.clone());
+        let reads = ReadGate::new(raft.clone(), shard, request_timeout, metrics.clone());
         Ok(RaftNode {
             shard,
             raft_id,
@@ -245,6 +250,7 @@ impl RaftNode {
             _size_stop: Arc::new(size_stop.drop_guard()),
             snapshots_in: Default::default(),
             log: log_sizes,
+            metrics,
             #[cfg(feature = "fault-injection")]
             broken_reads: Default::default(),
         })
@@ -688,6 +694,58 @@ impl RaftNode {
         Ok(())
     }
 
+    /// What `GET /metrics` reports of this shard: its recorded metrics and, from one read of
+    /// Raft's, where it stands now.
+    pub fn sample(&self) -> ShardSample {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let last_log = m.last_log_index.unwrap_or(0);
+        let committed = if m.state == ServerState::Leader {
+            // The highest index a majority of the voters hold (this leader: its log's end).
+            let mut held: Vec<u64> = membership
+                .voter_ids()
+                .map(|id| {
+                    if id == self.raft_id {
+                        last_log
+                    } else {
+                        m.replication.as_ref().and_then(|r| r.get(&id).copied().flatten()).map_or(0, |l| l.index)
+                    }
+                })
+                .collect();
+            held.sort_unstable_by(|a, b| b.cmp(a));
+            held.get(held.len() / 2).copied().unwrap_or(0)
+        } else {
+            self.commits.reported.load(Ordering::Relaxed)
+        };
+        let snapshot = m.snapshot.map_or(0, |l| l.index);
+        ShardSample {
+            shard: self.shard,
+            role: match m.state {
+                ServerState::Leader => "leader",
+                ServerState::Follower => "follower",
+                ServerState::Candidate => "candidate",
+                ServerState::Learner => "learner",
+                ServerState::Shutdown => "shutdown",
+            },
+            term: m.current_term,
+            leader: m.current_leader.map(|id| split_raft_id(id).1),
+            last_log,
+            committed,
+            applied: m.last_applied.map_or(0, |l| l.index),
+            snapshot,
+            log_bytes: self.log_bytes(),
+            voters: membership.voter_ids().count(),
+            leases: self.deadlines.live_count(),
+            watchers: self.watch_hub.watchers(),
+            metrics: self.metrics.clone(),
+        }
+    }
+
+    /// What this shard records for `GET /metrics` (watches record their lag into it).
+    pub fn metrics(&self) -> &Arc<ShardMetrics> {
+        &self.metrics
+    }
+
     /// The shard's health on this node: Raft running, a leader known, recent heartbeats, small
     /// apply lag.
     pub fn health(&self) -> ShardHealth {
@@ -782,6 +840,30 @@ struct GroupContact {
     /// With other voters: ms since it heard from the group — leading, since a quorum
     /// acknowledged it; following, since the leader's last AppendEntries (since start if never).
     quiet_ms: Option<u64>,
+}
+
+/// One shard's numbers for `GET /metrics` ([`RaftNode::sample`]).
+#[derive(Debug)]
+pub struct ShardSample {
+    pub shard: ShardId,
+    /// leader, follower, candidate, learner or shutdown.
+    pub role: &'static str,
+    pub term: u64,
+    pub leader: Option<NodeId>,
+    pub last_log: u64,
+    /// What this replica knows is committed (leading: held by a majority of the voters).
+    pub committed: u64,
+    pub applied: u64,
+    /// The index the last snapshot covers.
+    pub snapshot: u64,
+    /// Encoded bytes of the log entries held.
+    pub log_bytes: u64,
+    pub voters: usize,
+    /// Live leases whose home is this shard.
+    pub leases: usize,
+    /// Watches following this shard on this node.
+    pub watchers: usize,
+    pub metrics: Arc<ShardMetrics>,
 }
 
 /// What a replica knows is committed: the highest commit index its leaders reported (followers)

@@ -65,17 +65,26 @@ pub struct RaftProtocolHandler {
     registry: ShardRegistry,
     cluster_id: SharedClusterId,
     wire: RaftWire,
+    /// Counts open connections and streams (`alpn="raft"`), when set.
+    metrics: Option<Arc<crate::metrics::NodeMetrics>>,
 }
 
 impl RaftProtocolHandler {
     pub fn new(registry: ShardRegistry, cluster_id: SharedClusterId, wire: RaftWire) -> Self {
-        RaftProtocolHandler { registry, cluster_id, wire }
+        RaftProtocolHandler { registry, cluster_id, wire, metrics: None }
+    }
+
+    /// Counts connections and streams into `metrics` (the node's).
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::NodeMetrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 }
 
 impl ProtocolHandler for RaftProtocolHandler {
     async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
         let remote = conn.remote_id().fmt_short().to_string();
+        let _open = self.metrics.as_ref().map(|m| m.connection("raft"));
         loop {
             let (send, recv) = match conn.accept_bi().await {
                 Ok(s) => s,
@@ -85,8 +94,9 @@ impl ProtocolHandler for RaftProtocolHandler {
                 }
             };
             let this = self.clone();
+            let stream_open = self.metrics.as_ref().map(|m| m.stream("raft"));
             if this.wire == RaftWire::Mux {
-                tokio::spawn(mux::serve_stream(send, recv, move |shard, envelope| {
+                let served = mux::serve_stream(send, recv, move |shard, envelope| {
                     let this = this.clone();
                     async move {
                         match crate::api::frame::decode::<RaftEnvelope>(&envelope) {
@@ -94,9 +104,16 @@ impl ProtocolHandler for RaftProtocolHandler {
                             Err(e) => RaftResponse::Refused(RaftRefusal::Malformed(e.to_string())),
                         }
                     }
-                }));
+                });
+                tokio::spawn(async move {
+                    served.await;
+                    drop(stream_open);
+                });
             } else {
-                tokio::spawn(async move { this.serve_stream(send, recv).await });
+                tokio::spawn(async move {
+                    this.serve_stream(send, recv).await;
+                    drop(stream_open);
+                });
             }
         }
     }

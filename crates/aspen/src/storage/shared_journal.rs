@@ -90,6 +90,8 @@ struct Inner {
     state: Mutex<State>,
     /// Signalled when an fsync ends.
     synced: Condvar,
+    /// How long each fsync took (`aspen_journal_fsync_duration_seconds`).
+    fsync_times: Arc<crate::metrics::Histogram>,
 }
 
 /// A record found at open: the shard's epoch it was written in, its position, its entries.
@@ -241,8 +243,20 @@ impl SharedJournal {
         let live_from = found.iter().filter_map(|(s, r)| Some((*s, r.first()?.1))).collect();
         let state = State { next_lsn, live_from, recovered: found, ..State::default() };
         Ok(SharedJournal {
-            inner: Arc::new(Inner { file, key, blocks, state: Mutex::new(state), synced: Condvar::new() }),
+            inner: Arc::new(Inner {
+                file,
+                key,
+                blocks,
+                state: Mutex::new(state),
+                synced: Condvar::new(),
+                fsync_times: Arc::new(crate::metrics::Histogram::durations()),
+            }),
         })
+    }
+
+    /// How long this journal's fsyncs took.
+    pub fn fsync_times(&self) -> Arc<crate::metrics::Histogram> {
+        self.inner.fsync_times.clone()
     }
 
     /// The journal of `shard` in this file (its store sets the epoch, [`ShardJournal::reset`]).
@@ -369,7 +383,9 @@ impl ShardJournal {
             st.syncing = true;
             let upto = st.written;
             drop(st);
+            let started = std::time::Instant::now();
             let result = inner.file.sync_data();
+            inner.fsync_times.observe_since(started);
             st = inner.lock();
             st.syncing = false;
             match result {

@@ -474,6 +474,8 @@ pub struct RedbStateMachine {
     deadlines: Arc<LeaseDeadlines>,
     /// Where apply publishes its events for watches (none: events are not collected).
     hub: Option<Arc<WatchHub>>,
+    /// The shard's metrics: apply times, snapshots built, installed and sent.
+    metrics: Arc<crate::metrics::ShardMetrics>,
 }
 
 impl RedbStateMachine {
@@ -516,7 +518,14 @@ impl RedbStateMachine {
             }
         }
         txn.commit()?;
-        let sm = RedbStateMachine { db: Arc::new(db), dir, log: None, deadlines: Default::default(), hub: None };
+        let sm = RedbStateMachine {
+            db: Arc::new(db),
+            dir,
+            log: None,
+            deadlines: Default::default(),
+            hub: None,
+            metrics: Default::default(),
+        };
         sm.deadlines.reset(sm.reader().leases()?);
         Ok(sm)
     }
@@ -548,6 +557,12 @@ impl RedbStateMachine {
     /// could still lose.
     pub fn wait_for_log(mut self, log: DurableWatch) -> Self {
         self.log = Some(log);
+        self
+    }
+
+    /// Records apply times and snapshots into `metrics` (the shard's).
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::ShardMetrics>) -> Self {
+        self.metrics = metrics;
         self
     }
 
@@ -1214,6 +1229,7 @@ async fn blocking<T: Send + 'static>(
 pub struct SnapshotBuilder {
     db: Arc<redb::Database>,
     dir: PathBuf,
+    metrics: Arc<crate::metrics::ShardMetrics>,
 }
 
 /// A snapshot of the state `txn` sees, its stream written only if someone reads it; `None` if
@@ -1222,6 +1238,7 @@ fn lazy_snapshot(
     txn: redb::ReadTransaction,
     dir: PathBuf,
     even_empty: bool,
+    metrics: Arc<crate::metrics::ShardMetrics>,
 ) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
     let Some(meta) = snapshot::meta_of(&txn, even_empty)? else { return Ok(None) };
     let id = meta.snapshot_id.clone();
@@ -1229,6 +1246,7 @@ fn lazy_snapshot(
         let started = std::time::Instant::now();
         let bytes = snapshot::write_to(&txn, out).map_err(std::io::Error::other)?;
         drop(txn);
+        metrics.snapshot_bytes_sent.add(bytes);
         tracing::info!(snapshot = %id, bytes, secs = started.elapsed().as_secs_f64(), "snapshot stream written");
         Ok(())
     };
@@ -1240,6 +1258,8 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, OpenraftStorageError> {
         let db = self.db.clone();
         let dir = self.dir.clone();
+        let metrics = self.metrics.clone();
+        metrics.snapshots_built.inc();
         blocking(move || {
             // Read first, then make durable: `apply` runs concurrently, and a durable commit
             // persists every earlier commit, so everything this read sees is on disk before
@@ -1247,7 +1267,8 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             let read = db.begin_read()?;
             let txn = begin_write(&db, Durability::Immediate)?;
             txn.commit()?;
-            lazy_snapshot(read, dir, true)?.ok_or_else(|| StorageError::Task("no snapshot of an empty state".into()))
+            lazy_snapshot(read, dir, true, metrics)?
+                .ok_or_else(|| StorageError::Task("no snapshot of an empty state".into()))
         })
         .await
         .map_err(|e| snap_err(ErrorVerb::Write, e))
@@ -1280,6 +1301,7 @@ impl RaftStateMachine<TypeConfig> for RedbStateMachine {
             wait_durable(log, last.log_id.index).await.map_err(|e| sm_err(ErrorVerb::Write, e))?;
         }
         let collect = self.hub.is_some();
+        let started = std::time::Instant::now();
         let (results, applied) = if writes_in(&entries) <= INLINE_APPLY_WRITES {
             // A few writes: a non-durable commit of tens of microseconds, cheaper to run here than
             // the round trip to a blocking thread it would otherwise wait for on every write.
@@ -1289,6 +1311,7 @@ impl RaftStateMachine<TypeConfig> for RedbStateMachine {
             blocking(move || apply_entries(&db, entries, collect)).await
         }
         .map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        self.metrics.apply.observe_since(started);
         self.deadlines.applied(&applied.changes);
         if let Some(hub) = &self.hub {
             hub.publish(applied.events, applied.last_index);
@@ -1297,7 +1320,7 @@ impl RaftStateMachine<TypeConfig> for RedbStateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        SnapshotBuilder { db: self.db.clone(), dir: self.dir.clone() }
+        SnapshotBuilder { db: self.db.clone(), dir: self.dir.clone(), metrics: self.metrics.clone() }
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotData>, OpenraftStorageError> {
@@ -1330,6 +1353,7 @@ impl RaftStateMachine<TypeConfig> for RedbStateMachine {
         .await
         .map_err(|e: StorageError| snap_err(ErrorVerb::Write, e))?;
         self.deadlines.reset(leases);
+        self.metrics.snapshots_installed.inc();
         if let Some(hub) = &self.hub {
             hub.reset(installed);
         }
@@ -1341,6 +1365,9 @@ impl RaftStateMachine<TypeConfig> for RedbStateMachine {
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, OpenraftStorageError> {
         let db = self.db.clone();
         let dir = self.dir.clone();
-        blocking(move || lazy_snapshot(db.begin_read()?, dir, false)).await.map_err(|e| snap_err(ErrorVerb::Read, e))
+        let metrics = self.metrics.clone();
+        blocking(move || lazy_snapshot(db.begin_read()?, dir, false, metrics))
+            .await
+            .map_err(|e| snap_err(ErrorVerb::Read, e))
     }
 }

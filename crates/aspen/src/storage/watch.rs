@@ -134,6 +134,11 @@ impl WatchHub {
         let _ = self.live.send(Arc::new(EventBatch { revision: applied, events: Vec::new(), gap: true }));
     }
 
+    /// Watches following this shard's live feed on this node.
+    pub fn watchers(&self) -> usize {
+        self.live.receiver_count()
+    }
+
     /// Where a watch of this shard stands if it starts now.
     pub fn now(&self) -> WatchPosition {
         WatchPosition::after_revision(self.shard, self.lock().applied)

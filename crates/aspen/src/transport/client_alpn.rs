@@ -41,6 +41,7 @@ use crate::{
         ApiError, ClientEnvelope, ClientRequest, ClientResult, WatchRequest, CLIENT_PROTOCOL_VERSION,
     },
     auth::{self, Authority, Verified},
+    metrics::{GaugeGuard, Histogram, NodeMetrics},
 };
 
 /// What answers client requests (implemented by the cluster layer).
@@ -105,6 +106,16 @@ pub enum Origin {
     Peer,
 }
 
+impl Origin {
+    /// The `alpn` label of this origin's metrics.
+    fn alpn_label(self) -> &'static str {
+        match self {
+            Origin::Client => "client",
+            Origin::Peer => "peer",
+        }
+    }
+}
+
 /// Serves the client ALPN (or the peer ALPN, see [`Origin`]).
 #[derive(Debug)]
 pub struct ClientProtocolHandler<S> {
@@ -124,6 +135,8 @@ pub struct ClientProtocolHandler<S> {
     /// Cancelled at shutdown: open watches end at once (their clients resume elsewhere) instead
     /// of holding the drain until their connections time out.
     stopping: tokio_util::sync::CancellationToken,
+    /// Where requests, connections, streams and token refusals are counted (the node's).
+    metrics: Arc<NodeMetrics>,
 }
 
 impl<S: ClientService> ClientProtocolHandler<S> {
@@ -143,12 +156,19 @@ impl<S: ClientService> ClientProtocolHandler<S> {
             memory: RequestMemory::new(NODE_REQUEST_MEMORY, max_frame),
             authority: None,
             stopping: Default::default(),
+            metrics: Arc::new(NodeMetrics::new(Arc::new(Histogram::durations()))),
         }
     }
 
     /// Requires tokens, verified by `authority`, once the node belongs to a cluster.
     pub fn with_authority(mut self, authority: Arc<Authority>) -> Self {
         self.authority = Some(authority);
+        self
+    }
+
+    /// Counts into `metrics` (the node's, which `GET /metrics` reports).
+    pub fn with_metrics(mut self, metrics: Arc<NodeMetrics>) -> Self {
+        self.metrics = metrics;
         self
     }
 
@@ -163,8 +183,11 @@ impl<S: ClientService> ProtocolHandler for ClientProtocolHandler<S> {
     async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
         let remote = conn.remote_id().fmt_short().to_string();
         let conn_memory = self.memory.for_connection();
-        let conn_auth =
-            self.authority.clone().map(|authority| Arc::new(ConnectionAuth { authority, cached: Default::default() }));
+        let alpn = self.origin.alpn_label();
+        let _open = self.metrics.connection(alpn);
+        let conn_auth = self.authority.clone().map(|authority| {
+            Arc::new(ConnectionAuth { authority, cached: Default::default(), metrics: self.metrics.clone() })
+        });
         loop {
             let (send, recv) = match conn.accept_bi().await {
                 Ok(s) => s,
@@ -187,6 +210,8 @@ impl<S: ClientService> ProtocolHandler for ClientProtocolHandler<S> {
                 memory: [conn_memory.clone(), self.memory.clone()],
                 auth: conn_auth.clone(),
                 stopping: self.stopping.clone(),
+                metrics: self.metrics.clone(),
+                _open: self.metrics.stream(alpn),
             };
             self.tracker.spawn(serve_stream(self.service.clone(), send, recv, stream));
         }
@@ -274,6 +299,9 @@ struct Stream {
     memory: [RequestMemory; 2],
     auth: Option<Arc<ConnectionAuth>>,
     stopping: tokio_util::sync::CancellationToken,
+    metrics: Arc<NodeMetrics>,
+    /// Counts the stream as open until it ends.
+    _open: GaugeGuard,
 }
 
 /// A connection's token check: the last token that verified on it, kept so that a client
@@ -282,19 +310,26 @@ struct Stream {
 struct ConnectionAuth {
     authority: Arc<Authority>,
     cached: std::sync::Mutex<Option<(Arc<str>, Arc<Verified>)>>,
+    metrics: Arc<NodeMetrics>,
 }
 
 impl ConnectionAuth {
     /// The scope `token` gives, if the request needs one; `Ok(None)`: nothing to check.
     fn check(&self, token: Option<&str>, request: &ClientRequest) -> Result<Option<Arc<Verified>>, ApiError> {
-        auth::check_not_reserved(request)?;
+        let refused = |reason: &str, e: ApiError| {
+            if matches!(e, ApiError::PermissionDenied(_)) {
+                self.metrics.auth_refused(reason);
+            }
+            e
+        };
+        auth::check_not_reserved(request).map_err(|e| refused("reserved_key", e))?;
         if !self.authority.enforcing() || !auth::needs_token(request) {
             return Ok(None);
         }
-        let denied = |e: auth::TokenError| match e {
+        let denied = |e: auth::TokenError| match e.reason() {
             // Retryable: the node is catching up, the token may be fine.
-            auth::TokenError::NotReady => ApiError::Unavailable(e.to_string()),
-            e => ApiError::PermissionDenied(e.to_string()),
+            None => ApiError::Unavailable(e.to_string()),
+            Some(reason) => refused(reason, ApiError::PermissionDenied(e.to_string())),
         };
         let cached = self.cached.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let verified = match (token, cached) {
@@ -305,10 +340,14 @@ impl ConnectionAuth {
                 v
             }
             (None, None) => {
-                return Err(ApiError::PermissionDenied(format!(
-                    "a {} needs a token (aspen-cli: --token, ASPEN_TOKEN, --token-file, or a data dir's admin.token)",
-                    request.kind()
-                )))
+                return Err(refused(
+                    "no_token",
+                    ApiError::PermissionDenied(format!(
+                        "a {} needs a token (aspen-cli: --token, ASPEN_TOKEN, --token-file, or a data dir's \
+                         admin.token)",
+                        request.kind()
+                    )),
+                ))
             }
             (Some(t), Some((c, v))) if *c == *t => {
                 self.authority.recheck(&v).map_err(denied)?;
@@ -325,11 +364,12 @@ impl ConnectionAuth {
             if matches!(request, ClientRequest::Members) {
                 return Ok(None);
             }
-            return Err(ApiError::PermissionDenied(
-                "a join token is for aspen-node --join-token, not for requests".into(),
+            return Err(refused(
+                "join_token",
+                ApiError::PermissionDenied("a join token is for aspen-node --join-token, not for requests".into()),
             ));
         };
-        auth::authorize(scope, request)?;
+        auth::authorize(scope, request).map_err(|e| refused("scope", e))?;
         Ok(Some(verified))
     }
 }
@@ -379,15 +419,21 @@ async fn serve_stream<S: ClientService>(service: Arc<S>, mut send: SendStream, m
         }
         Err(e) => Err(e),
     };
+    let started = std::time::Instant::now();
+    // The request's kind, once known (a watch and an undecodable frame are not counted).
+    let mut op: Option<&'static str> = None;
     let result: ClientResult = match read {
         Ok(bytes) => match decode::<ClientEnvelope>(&bytes) {
             Ok(env) if env.version != CLIENT_PROTOCOL_VERSION => {
                 Err(ApiError::UnsupportedVersion { got: env.version, supported: CLIENT_PROTOCOL_VERSION })
             }
-            Ok(env) if origin == Origin::Client && env.request.is_node_to_node() => Err(ApiError::Refused(format!(
-                "a {} is sent between the members of a cluster only, not by clients",
-                env.request.kind()
-            ))),
+            Ok(env) if origin == Origin::Client && env.request.is_node_to_node() => {
+                op = Some(env.request.metric_op());
+                Err(ApiError::Refused(format!(
+                    "a {} is sent between the members of a cluster only, not by clients",
+                    env.request.kind()
+                )))
+            }
             Ok(ClientEnvelope { request: ClientRequest::Watch(watch), token, .. }) => {
                 let checked = conn_auth
                     .as_ref()
@@ -403,20 +449,25 @@ async fn serve_stream<S: ClientService>(service: Arc<S>, mut send: SendStream, m
                     }
                 }
             }
-            Ok(env) => match conn_auth.as_ref().map(|a| a.check(env.token.as_deref(), &env.request)) {
-                Some(Err(e)) => Err(e),
-                Some(Ok(Some(verified))) => {
-                    let cas_key = auth::cas_key(&env.request).map(<[u8]>::to_vec);
-                    let mut request = env.request;
-                    auth::bind_session(verified.body.id, &mut request);
-                    let mut answer = service.handle(request, env.hops).await;
-                    if let (Some(key), Ok(response), Some(scope)) = (cas_key, answer.as_mut(), verified.scope()) {
-                        auth::redact_cas(scope, &key, response);
+            Ok(env) => {
+                op = Some(env.request.metric_op());
+                stream.metrics.forwarded(env.hops);
+                let checked = conn_auth.as_ref().map(|a| a.check(env.token.as_deref(), &env.request));
+                match checked {
+                    Some(Err(e)) => Err(e),
+                    Some(Ok(Some(verified))) => {
+                        let cas_key = auth::cas_key(&env.request).map(<[u8]>::to_vec);
+                        let mut request = env.request;
+                        auth::bind_session(verified.body.id, &mut request);
+                        let mut answer = service.handle(request, env.hops).await;
+                        if let (Some(key), Ok(response), Some(scope)) = (cas_key, answer.as_mut(), verified.scope()) {
+                            auth::redact_cas(scope, &key, response);
+                        }
+                        answer
                     }
-                    answer
+                    Some(Ok(None)) | None => service.handle(env.request, env.hops).await,
                 }
-                Some(Ok(None)) | None => service.handle(env.request, env.hops).await,
-            },
+            }
             Err(e) => match postcard::take_from_bytes::<u16>(&bytes) {
                 // An older (or newer) client's envelope: say so rather than "malformed".
                 Ok((version, _)) if version != CLIENT_PROTOCOL_VERSION => {
@@ -438,6 +489,9 @@ async fn serve_stream<S: ClientService>(service: Arc<S>, mut send: SendStream, m
             return;
         }
     };
+    if let Some(op) = op {
+        stream.metrics.op(origin.alpn_label(), op).record(started, result.as_ref().map(|_| ()).map_err(ApiError::kind));
+    }
     match tokio::time::timeout(deadline, reply(&mut send, &result)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {

@@ -49,6 +49,11 @@ impl PeerBook {
         changed
     }
 
+    /// How many peers announced their addresses over gossip.
+    pub fn announced_count(&self) -> usize {
+        self.announced.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
     /// The addresses `id` last announced over gossip, if any.
     pub fn announced(&self, id: &EndpointId) -> Option<Vec<std::net::SocketAddr>> {
         self.announced.read().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
