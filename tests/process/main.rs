@@ -8,6 +8,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod backup;
 mod bench;
 mod cluster;
 mod first_hour;

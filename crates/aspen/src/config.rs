@@ -392,82 +392,101 @@ impl NodeConfig {
 }
 
 /// `aspen-node` command line. Every flag also reads an `ASPEN_*` environment variable.
+/// `aspen-node` subcommands (offline operations; without one, the node serves).
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum NodeCommand {
+    /// Make a new data dir (--data-dir, empty or missing) from a backup FILE written by
+    /// `aspen-cli snapshot save`: a new one-node cluster (new cluster id and signing key; the
+    /// old cluster's tokens do not work on it) holding every shard's data at the saved index,
+    /// with this node's --node-id, --cluster-name, --bind-addr and sharding settings (the
+    /// number of shards must be the backup's). Checks the whole file first. Exit 0 when done,
+    /// 2 when refused (not empty, damaged or truncated file, other number of shards). Then
+    /// `aspen-node --data-dir DIR` serves it and other nodes --join it.
+    Restore {
+        /// The backup file.
+        file: std::path::PathBuf,
+    },
+}
+
 #[derive(Parser, Debug, Default, Clone)]
 #[command(name = "aspen-node", version, about = "Run one Aspen key-value node")]
 pub struct NodeArgs {
     /// TOML config file (flags and ASPEN_* variables override it).
-    #[arg(long, env = "ASPEN_CONFIG", value_name = "FILE")]
+    #[arg(long, global = true, env = "ASPEN_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// This node's id (1 ..= 2^48-1), unique in the cluster. [default: 1]
-    #[arg(long, env = "ASPEN_NODE_ID")]
+    #[arg(long, global = true, env = "ASPEN_NODE_ID")]
     pub node_id: Option<NodeId>,
     /// Directory for keys, tickets and databases. [default: ./aspen-data]
-    #[arg(long, env = "ASPEN_DATA_DIR")]
+    #[arg(long, global = true, env = "ASPEN_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     /// UDP address the QUIC endpoint binds. [default: 127.0.0.1:7600]
-    #[arg(long, env = "ASPEN_BIND_ADDR")]
+    #[arg(long, global = true, env = "ASPEN_BIND_ADDR")]
     pub bind_addr: Option<SocketAddr>,
     /// Cluster name, recorded at init. [default: aspen]
-    #[arg(long, env = "ASPEN_CLUSTER_NAME")]
+    #[arg(long, global = true, env = "ASPEN_CLUSTER_NAME")]
     pub cluster_name: Option<String>,
     /// Do not initialize a fresh data dir as a one-node cluster.
-    #[arg(long, env = "ASPEN_NO_INIT")]
+    #[arg(long, global = true, env = "ASPEN_NO_INIT")]
     pub no_init: bool,
     /// Ticket of a member to join through (repeat or comma-separate for several).
-    #[arg(long, env = "ASPEN_JOIN", value_delimiter = ',')]
+    #[arg(long, global = true, env = "ASPEN_JOIN", value_delimiter = ',')]
     pub join: Vec<String>,
     /// Join token for --join (`aspen-cli cluster join-token` on a member prints one).
-    #[arg(long, env = "ASPEN_JOIN_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    #[arg(long, global = true, env = "ASPEN_JOIN_TOKEN", value_name = "TOKEN", hide_env_values = true)]
     pub join_token: Option<String>,
     /// Raft heartbeat interval in milliseconds. [default: 100]
-    #[arg(long, env = "ASPEN_HEARTBEAT_INTERVAL_MS")]
+    #[arg(long, global = true, env = "ASPEN_HEARTBEAT_INTERVAL_MS")]
     pub heartbeat_interval_ms: Option<u64>,
     /// Minimum election timeout in milliseconds. [default: 1000]
-    #[arg(long, env = "ASPEN_ELECTION_TIMEOUT_MIN_MS")]
+    #[arg(long, global = true, env = "ASPEN_ELECTION_TIMEOUT_MIN_MS")]
     pub election_timeout_min_ms: Option<u64>,
     /// Maximum election timeout in milliseconds. [default: 2000]
-    #[arg(long, env = "ASPEN_ELECTION_TIMEOUT_MAX_MS")]
+    #[arg(long, global = true, env = "ASPEN_ELECTION_TIMEOUT_MAX_MS")]
     pub election_timeout_max_ms: Option<u64>,
     /// Snapshot after this many applied log entries. [default: 20000]
-    #[arg(long, env = "ASPEN_SNAPSHOT_THRESHOLD")]
+    #[arg(long, global = true, env = "ASPEN_SNAPSHOT_THRESHOLD")]
     pub snapshot_threshold: Option<u64>,
     /// … or once the log after the last snapshot holds this many bytes. [default: 67108864]
-    #[arg(long, env = "ASPEN_SNAPSHOT_LOG_BYTES")]
+    #[arg(long, global = true, env = "ASPEN_SNAPSHOT_LOG_BYTES")]
     pub snapshot_log_bytes: Option<u64>,
     /// Memory for the databases' page caches, shared by all of them. [default: 268435456]
-    #[arg(long, env = "ASPEN_CACHE_BYTES")]
+    #[arg(long, global = true, env = "ASPEN_CACHE_BYTES")]
     pub cache_bytes: Option<u64>,
     /// Log lines as `text` (for people) or `json` (one object per line). [default: text]
-    #[arg(long, env = "ASPEN_LOG_FORMAT", value_enum)]
+    #[arg(long, global = true, env = "ASPEN_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
     /// Operator HTTP endpoint (/health, /ready, /status): ADDR:PORT, or off. [default: TCP
     /// 127.0.0.1 at the --bind-addr port]
-    #[arg(long, env = "ASPEN_HTTP_ADDR", value_name = "ADDR|off")]
+    #[arg(long, global = true, env = "ASPEN_HTTP_ADDR", value_name = "ADDR|off")]
     pub http_addr: Option<HttpAddr>,
     /// Largest key in bytes. [default: 4096]
-    #[arg(long, env = "ASPEN_MAX_KEY_BYTES")]
+    #[arg(long, global = true, env = "ASPEN_MAX_KEY_BYTES")]
     pub max_key_bytes: Option<u64>,
     /// Largest value in bytes. [default: 1048576]
-    #[arg(long, env = "ASPEN_MAX_VALUE_BYTES")]
+    #[arg(long, global = true, env = "ASPEN_MAX_VALUE_BYTES")]
     pub max_value_bytes: Option<u64>,
     /// Request timeout in milliseconds. [default: 10000]
-    #[arg(long, env = "ASPEN_REQUEST_TIMEOUT_MS")]
+    #[arg(long, global = true, env = "ASPEN_REQUEST_TIMEOUT_MS")]
     pub request_timeout_ms: Option<u64>,
     /// Request bytes held at once over all connections, in MiB. [default: 256]
-    #[arg(long, env = "ASPEN_REQUEST_MEMORY_MIB")]
+    #[arg(long, global = true, env = "ASPEN_REQUEST_MEMORY_MIB")]
     pub request_memory_mib: Option<u64>,
     /// Client connections open at once (members' do not count). [default: 1024]
-    #[arg(long, env = "ASPEN_MAX_CONNECTIONS")]
+    #[arg(long, global = true, env = "ASPEN_MAX_CONNECTIONS")]
     pub max_connections: Option<u64>,
     /// Run several shards (Raft groups) on this node.
-    #[arg(long, env = "ASPEN_SHARDING_ENABLED")]
+    #[arg(long, global = true, env = "ASPEN_SHARDING_ENABLED")]
     pub sharding_enabled: bool,
     /// Number of shards in the cluster (1..=256). [default: 1]
-    #[arg(long, env = "ASPEN_SHARDING_NUM_SHARDS")]
+    #[arg(long, global = true, env = "ASPEN_SHARDING_NUM_SHARDS")]
     pub sharding_num_shards: Option<u32>,
     /// Shards this node hosts, comma-separated. [default: all]
-    #[arg(long, env = "ASPEN_SHARDING_LOCAL_SHARDS", value_delimiter = ',')]
+    #[arg(long, global = true, env = "ASPEN_SHARDING_LOCAL_SHARDS", value_delimiter = ',')]
     pub sharding_local_shards: Option<Vec<u32>>,
+    /// Instead of serving: an offline operation on the data dir (`restore`).
+    #[command(subcommand)]
+    pub command: Option<NodeCommand>,
 }
 
 #[derive(Deserialize, Default, Debug)]

@@ -15,6 +15,7 @@ use std::{
 const RANKS: &[(&str, u8)] = &[
     ("api", 0),
     ("logging", 0),
+    ("metrics", 0),
     ("config", 1),
     ("auth", 1),
     ("storage", 2),

@@ -6,6 +6,7 @@
 //! ([`raft`]: openraft type configuration, log entry payloads, member records) and node-to-node
 //! Raft messages ([`raft_rpc`]). Every other module uses it; it must never import any of them.
 
+pub mod backup;
 pub mod frame;
 pub mod lease;
 pub mod raft;
@@ -824,6 +825,37 @@ pub enum ClientRequest {
     /// state: one [`ClientResponse::WatchCreated`], then [`ClientResponse::WatchEvents`] frames
     /// on the same stream until the client closes it (or an error frame ends it).
     Watch(WatchRequest),
+    /// One chunk of a backup of `shard` (admin; `aspen-cli snapshot save`), answered by the
+    /// shard's leader with [`ClientResponse::BackupChunk`]. `session` 0 starts one: the leader
+    /// confirms its leadership, takes one consistent read of the state (everything acknowledged
+    /// before is in it) and answers its first chunk; the chunk at `offset` of that session
+    /// follows (the last chunk again, if its answer was lost). A session idle for a minute, or
+    /// on a node that lost the leadership, is gone: start the shard over.
+    ShardBackup {
+        shard: ShardId,
+        session: u64,
+        offset: u64,
+    },
+}
+
+/// One chunk of a shard's backup stream ([`ClientRequest::ShardBackup`]): the shard's
+/// snapshot stream (docs/design.md §6.4) at `index`, from `offset`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupChunk {
+    pub shard: ShardId,
+    pub session: u64,
+    /// The applied index the backup is of, and its entry's term and leader (Raft id).
+    pub index: u64,
+    pub term: u64,
+    pub leader_raft_id: u64,
+    pub offset: u64,
+    #[serde(with = "serde_bytes")]
+    pub bytes: Vec<u8>,
+    /// The last chunk: the stream ends after it.
+    pub done: bool,
+    /// With the last chunk: the digest of the shard's data at `index` (keys outside the
+    /// reserved keyspace, leases, lease tombstones; `StateReader::data_digest`).
+    pub data_digest: Option<[u8; 32]>,
 }
 
 /// Permissions as operators write them: `read,write,admin` (those that are set).
@@ -941,6 +973,7 @@ impl ClientRequest {
                 | ClientRequest::ShardLeaseKeys { .. }
                 | ClientRequest::ShardLeases { .. }
                 | ClientRequest::Watch(_)
+                | ClientRequest::ShardBackup { .. }
         )
     }
 
@@ -1025,6 +1058,7 @@ impl ClientRequest {
             ClientRequest::ShardLeaseKeys { .. } => "shard lease keys",
             ClientRequest::ShardLeases { .. } => "shard leases",
             ClientRequest::Watch(_) => "watch",
+            ClientRequest::ShardBackup { .. } => "snapshot save",
         }
     }
 
@@ -1047,7 +1081,8 @@ impl ClientRequest {
             | ClientRequest::LeaseKeepAlive { .. }
             | ClientRequest::LeaseInfo { .. }
             | ClientRequest::ShardLeaseKeys { .. }
-            | ClientRequest::ShardLeases { .. } => true,
+            | ClientRequest::ShardLeases { .. }
+            | ClientRequest::ShardBackup { .. } => true,
             ClientRequest::ClusterStatus
             | ClientRequest::NodeStatus
             | ClientRequest::Members
@@ -1149,6 +1184,8 @@ pub enum ClientResponse {
     WatchProgress {
         positions: Vec<WatchPosition>,
     },
+    /// [`ClientRequest::ShardBackup`].
+    BackupChunk(BackupChunk),
 }
 
 /// The typed errors a client can receive. Every variant says what the caller can do next.

@@ -15,8 +15,10 @@ use std::{
 
 use iroh::{address_lookup::MemoryLookup, endpoint::Connection, Endpoint};
 
+mod backup;
 mod lease;
 mod watch;
+pub use backup::{SaveError, SaveProgress};
 pub use lease::{KeepAliveState, LeaseKeepAlive};
 pub use watch::{WatchItem, WatchStream};
 

@@ -60,6 +60,8 @@ pub struct NodeService {
     pub(super) metrics: Arc<crate::metrics::NodeMetrics>,
     /// The peers gossip told this node about.
     pub(super) peers: crate::transport::pool::PeerBook,
+    /// The backups this node serves as a shard leader (`cluster::backup`).
+    pub(super) backups: super::backup::BackupSessions,
 }
 
 impl NodeService {
@@ -107,6 +109,7 @@ impl NodeService {
             handovers: Default::default(),
             metrics,
             peers: base.peers.clone(),
+            backups: Default::default(),
         }
     }
 
@@ -314,6 +317,10 @@ impl NodeService {
                 self.store.scan_shard_here(shard, &scan).await
             }
             ClientRequest::ShardMembership { shard, change } => self.apply_shard_change(shard, change).await,
+            ClientRequest::ShardBackup { shard, session, offset } => {
+                let node = self.store.local(shard)?;
+                self.backups.chunk(node, shard, session, offset).await.map(ClientResponse::BackupChunk)
+            }
             ClientRequest::ClusterStatus => self.cluster_status().await.map(ClientResponse::ClusterStatus),
             ClientRequest::NodeStatus => Ok(ClientResponse::NodeStatus(self.node_status())),
             ClientRequest::Members => Ok(ClientResponse::Members(self.members())),

@@ -33,8 +33,12 @@ use crate::{
     config::{NodeConfig, RaftConfig},
     metrics::ShardMetrics,
     storage::{
-        leases::LeaseDeadlines, scan::scan_local, shared_journal::SharedJournal, state_machine::StateReader,
-        watch::WatchHub, RedbLogStore, RedbStateMachine, StorageError,
+        leases::LeaseDeadlines,
+        scan::scan_local,
+        shared_journal::SharedJournal,
+        state_machine::{backup::BackupSource, StateReader},
+        watch::WatchHub,
+        RedbLogStore, RedbStateMachine, StorageError,
     },
 };
 
@@ -504,6 +508,13 @@ impl RaftNode {
             self.reads.confirm().await
         })
         .await
+    }
+
+    /// A consistent read of this shard for a backup, taken once this node confirmed it leads:
+    /// every write acknowledged before the call is in it.
+    pub async fn begin_backup(&self) -> Result<BackupSource, ApiError> {
+        self.ensure_linearizable().await?;
+        self.reader.backup().map_err(|e| self.storage_err(e))
     }
 
     /// Reads one key.

@@ -106,6 +106,7 @@ pub fn plan(
             | ClientRequest::LeaseInfo { .. }
             | ClientRequest::ShardLeaseKeys { .. }
             | ClientRequest::ShardLeases { .. }
+            | ClientRequest::ShardBackup { .. }
     );
     if shard_bound {
         let shard = shard_of(router, request)?;
@@ -137,7 +138,8 @@ pub fn shard_of(router: &ShardRouter, request: &ClientRequest) -> Result<ShardId
         | ClientRequest::MoveLeader { shard, .. }
         | ClientRequest::MoveLeaderAttempt { shard, .. }
         | ClientRequest::ShardLeaseKeys { shard, .. }
-        | ClientRequest::ShardLeases { shard } => {
+        | ClientRequest::ShardLeases { shard }
+        | ClientRequest::ShardBackup { shard, .. } => {
             if *shard >= router.num_shards() {
                 return Err(ApiError::InvalidRequest(format!(
                     "shard {shard} does not exist (the cluster has {})",

@@ -105,6 +105,7 @@ pub const MAX_SESSIONS_PER_TOKEN: u64 = 10_000;
 /// namespace → how many sessions it holds (derived from `sessions`, rebuilt with it).
 const SESSION_NS: TableDefinition<u64, u64> = TableDefinition::new("session_ns");
 
+pub mod backup;
 mod snapshot;
 
 pub use snapshot::IncomingSnapshot;
