@@ -240,6 +240,42 @@ fn restart_with_another_node_id_is_refused() {
     assert_eq!(stdout(&node.cli(&["get", "a"])), "1\n");
 }
 
+/// The data dir's storage format: recorded at start; a newer one is refused (exit 2, naming the
+/// format) with nothing changed; an older one (format 0: before formats were recorded) is
+/// served and brought up to this version's.
+#[test]
+fn data_dirs_of_newer_formats_are_refused_and_older_ones_upgraded() {
+    use aspen::storage::metadata::{MetadataStore, STORAGE_FORMAT};
+    let root = tempfile::tempdir().unwrap();
+    let mut node = NodeProc::new(root.path(), 3);
+    node.start();
+    expect_code(&node.cli(&["put", "a", "1"]), 0, "put");
+    assert!(node.terminate().success());
+    let metadata = node.data_dir.join("metadata.db");
+    let set = |format: u32| MetadataStore::open(&metadata, 1 << 20).unwrap().set_storage_format(format).unwrap();
+    let get = || MetadataStore::open(&metadata, 1 << 20).unwrap().storage_format().unwrap();
+    assert_eq!(get(), Some(STORAGE_FORMAT));
+
+    set(STORAGE_FORMAT + 1);
+    let out = std::process::Command::new(crate::support::NODE_BIN)
+        .args(["--node-id", "3", "--bind-addr", &node.bind.to_string()])
+        .arg("--data-dir")
+        .arg(&node.data_dir)
+        .env_remove("ASPEN_TICKET")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let said = format!("storage format {}, written by a newer Aspen", STORAGE_FORMAT + 1);
+    assert!(stderr(&out).contains(&said), "{}", stderr(&out));
+    assert_eq!(get(), Some(STORAGE_FORMAT + 1), "a refused data dir is left as it was");
+
+    set(0);
+    node.start();
+    assert_eq!(stdout(&node.cli(&["get", "a"])), "1\n");
+    assert!(node.terminate().success());
+    assert_eq!(get(), Some(STORAGE_FORMAT));
+}
+
 /// `kill -9` at random moments of heavy write traffic (several concurrent writers), twenty
 /// times: after each restart every acknowledged write is present with its value. The kill
 /// moments come from a seed that is printed; `KILL9_SEED=<seed>` replays the same moments.

@@ -353,6 +353,7 @@ pub fn restore(file: &Path, config: &NodeConfig) -> Result<RestoreReport, Restor
             num_shards: configured,
         })
         .map_err(|e| setup(&e))?;
+    metadata.set_storage_format(crate::storage::metadata::STORAGE_FORMAT).map_err(|e| setup(&e))?;
     drop((metadata, journal));
     crate::storage::sync_dir_of(&dir.join("metadata.db")).map_err(|e| setup(&e))?;
     if final_dir.exists() {

@@ -33,7 +33,7 @@ use crate::{
     },
     storage::{
         log_store,
-        metadata::{ClusterIdentity, MetadataStore},
+        metadata::{ClusterIdentity, MetadataStore, STORAGE_FORMAT},
         shared_journal::{self, SharedJournal},
         StorageError,
     },
@@ -93,6 +93,11 @@ pub enum BootstrapError {
          the number of shards cannot change (use --sharding-num-shards {recorded})"
     )]
     NumShardsMismatch { path: std::path::PathBuf, recorded: u32, configured: u32 },
+    #[error(
+        "data dir {path} has storage format {found}, written by a newer Aspen; this version reads formats up to \
+         {supported} (run the newer version, or restore a backup into a new data dir)"
+    )]
+    NewerFormat { path: std::path::PathBuf, found: u32, supported: u32 },
 }
 
 impl BootstrapError {
@@ -110,6 +115,7 @@ impl BootstrapError {
             | BootstrapError::Sharding(_)
             | BootstrapError::NumShardsMismatch { .. }
             | BootstrapError::JoinOtherCluster { .. }
+            | BootstrapError::NewerFormat { .. }
             | BootstrapError::Http { .. } => true,
             BootstrapError::Endpoint(e) => e.is_permanent(),
             BootstrapError::Metadata(e) => e.is_permanent(),
@@ -171,6 +177,31 @@ impl BaseNodeResources {
     }
 }
 
+/// Refuses a data dir of a newer storage format than this version's; records this version's
+/// in a new or older one (format 0, from before formats were recorded, needs no conversion: the
+/// opening code of each store fills in what older versions did not keep).
+fn settle_storage_format(dir: &std::path::Path, metadata: &MetadataStore) -> Result<(), BootstrapError> {
+    match metadata.storage_format().map_err(BootstrapError::Metadata)? {
+        Some(found) if found > STORAGE_FORMAT => {
+            Err(BootstrapError::NewerFormat { path: dir.to_path_buf(), found, supported: STORAGE_FORMAT })
+        }
+        Some(found) if found == STORAGE_FORMAT => Ok(()),
+        older => {
+            let fresh = metadata.identity().map_err(BootstrapError::Metadata)?.is_none() && older.is_none();
+            metadata.set_storage_format(STORAGE_FORMAT).map_err(BootstrapError::Metadata)?;
+            if !fresh {
+                tracing::info!(
+                    from = older.unwrap_or(0),
+                    to = STORAGE_FORMAT,
+                    "data dir {}: storage format upgraded",
+                    dir.display()
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
 /// Creates the data dir, identity, endpoint, metadata store and Raft network of a node.
 pub async fn bootstrap_base_node(config: NodeConfig) -> Result<BaseNodeResources, BootstrapError> {
     let dir = config.data_dir.clone();
@@ -179,6 +210,7 @@ pub async fn bootstrap_base_node(config: NodeConfig) -> Result<BaseNodeResources
     let cache = config.storage.cache_split(config.sharding.local_shard_ids().len());
     let metadata_store =
         Arc::new(MetadataStore::open(&dir.join("metadata.db"), cache.metadata).map_err(BootstrapError::Metadata)?);
+    settle_storage_format(&dir, &metadata_store)?;
     let identity = metadata_store.identity().map_err(BootstrapError::Metadata)?;
     if let Some(id) = &identity {
         if id.node_id != config.node_id {

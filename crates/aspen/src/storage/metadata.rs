@@ -3,6 +3,10 @@
 //! and this node's copy of the cluster's token signing key (kept in shard 0, which a restarted
 //! node may not have re-applied yet: tokens verify from the first request after a restart).
 //!
+//! It also records the data dir's storage format ([`STORAGE_FORMAT`]): a node refuses a data dir
+//! written by a newer format and brings an older one up to its own (docs/operations.md,
+//! "Upgrades").
+//!
 //! Every write is durable (fsync): this is the node's identity in the cluster.
 
 use std::path::Path;
@@ -22,6 +26,14 @@ const KEY_CLUSTER_NAME: &str = "cluster_name";
 const KEY_NODE_ID: &str = "node_id";
 const KEY_NUM_SHARDS: &str = "num_shards";
 const KEY_SIGNING_KEY: &str = "signing_key";
+const KEY_STORAGE_FORMAT: &str = "storage_format";
+
+/// The storage format of the data dir this version writes (metadata, shard databases, journal,
+/// snapshot staging). Version 1 is the first recorded one; a data dir without a record is of
+/// format 0 (written before formats were recorded), which version 1 reads as it is — its opening
+/// code fills in what older versions did not keep (digest sums, per-token session counts, a
+/// shard's own journal moved into the node's).
+pub const STORAGE_FORMAT: u32 = 1;
 
 /// What the metadata store records about this node's cluster.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -69,6 +81,20 @@ impl MetadataStore {
             node_id: self.get(KEY_NODE_ID)?.unwrap_or_default(),
             num_shards: self.get(KEY_NUM_SHARDS)?.unwrap_or(1),
         }))
+    }
+
+    /// The data dir's recorded storage format (`None`: none recorded — a new data dir, or one
+    /// written before formats were recorded).
+    pub fn storage_format(&self) -> Result<Option<u32>, StorageError> {
+        self.get(KEY_STORAGE_FORMAT)
+    }
+
+    /// Records the data dir's storage format (durably).
+    pub fn set_storage_format(&self, format: u32) -> Result<(), StorageError> {
+        let txn = begin_write(&self.db, Durability::Immediate)?;
+        txn.open_table(META)?.insert(KEY_STORAGE_FORMAT, postcard::to_stdvec(&format)?.as_slice())?;
+        txn.commit()?;
+        Ok(())
     }
 
     /// This node's copy of the cluster's signing key, if it recorded one.
