@@ -18,8 +18,8 @@ use aspen::{
     api::{
         format_lease_id, parse_lease_id,
         watch::{format_resume, parse_resume},
-        ApiError, EventKind, KeyValue, NodeTicket, ReadConsistency, ShardStatus, TokenInfo, TxnOpResult, TxnResponse,
-        WatchRequest, WatchStart,
+        ApiError, ClientRequest, ClientResponse, EventKind, KeyValue, NodeTicket, ReadConsistency, ShardStatus,
+        TokenInfo, TxnOpResult, TxnResponse, WatchRequest, WatchStart,
     },
     auth::token::{format_id, parse_id},
     client::{AspenClient, CasOutcome, ClientError, WatchItem},
@@ -172,6 +172,12 @@ enum Command {
     /// successful requests); with --json exactly one JSON object on stdout. Exits 3 if no
     /// request succeeded.
     Bench(BenchArgs),
+    /// Alarms (admin): NOSPACE, raised when a node's stored data exceeds its quota or its disk
+    /// fills; while one is raised the cluster refuses writes that add data (exit 3, "NOSPACE").
+    Alarm {
+        #[command(subcommand)]
+        command: AlarmCommand,
+    },
     /// Backups: save every shard to a file (admin), or check a saved file.
     Snapshot {
         #[command(subcommand)]
@@ -392,6 +398,15 @@ enum AuthCommand {
         #[command(subcommand)]
         command: TokenCommand,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum AlarmCommand {
+    /// List the raised alarms: one line each (node, alarm, reason); nothing when none is.
+    List,
+    /// Clear every alarm, once space is freed (writes resume at once); a node whose condition
+    /// persists raises its alarm again within seconds. Prints the alarms cleared.
+    Disarm,
 }
 
 #[derive(Subcommand, Debug)]
@@ -1247,6 +1262,27 @@ async fn run(client: &AspenClient, cli: &Cli) -> Result<ExitCode, ClientError> {
         // Run without a shared client, in `run_bench` and `wait_until_serving`; `run_watch`.
         Command::Bench(_) | Command::Wait | Command::Watch { .. } => {}
         Command::Snapshot { command: SnapshotCommand::Save { file } } => return snapshot_save(client, cli, file).await,
+        Command::Alarm { command } => {
+            let request = match command {
+                AlarmCommand::List => ClientRequest::AlarmList,
+                AlarmCommand::Disarm => ClientRequest::AlarmDisarm,
+            };
+            let alarms = match client.request(request).await? {
+                ClientResponse::Alarms(a) => a,
+                other => return Err(ClientError::Protocol(format!("unexpected answer {other:?}"))),
+            };
+            if cli.json {
+                let list: Vec<_> = alarms
+                    .iter()
+                    .map(|a| json!({ "node_id": a.node_id, "alarm": a.alarm, "reason": a.reason, "raised_unix_ms": a.raised_unix_ms }))
+                    .collect();
+                println!("{}", json!({ "alarms": list }));
+            } else {
+                for a in &alarms {
+                    println!("node {}: {} ({})", a.node_id, a.alarm, a.reason);
+                }
+            }
+        }
         // Answered in `main` before any connection.
         Command::Completions { .. }
         | Command::Man { .. }

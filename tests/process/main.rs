@@ -16,6 +16,7 @@ mod http;
 mod leases;
 mod logs;
 mod memory;
+mod quota;
 mod readme;
 mod sharded;
 mod single;

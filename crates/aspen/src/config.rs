@@ -88,11 +88,20 @@ pub struct StorageConfig {
     /// Memory for the databases' page caches, shared by every database the node opens (see
     /// [`StorageConfig::cache_split`]).
     pub cache_bytes: u64,
+    /// Disk space kept in reserve (`space.reserve` files in the data dir, half released when
+    /// free space falls under this, half at a start on a full disk) and the free space under
+    /// which the node raises a NOSPACE alarm; 0: neither (docs/operations.md, "Storage quota").
+    #[serde(default = "default_reserve_bytes")]
+    pub reserve_bytes: u64,
+}
+
+fn default_reserve_bytes() -> u64 {
+    64 * 1024 * 1024
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        StorageConfig { cache_bytes: 256 * 1024 * 1024 }
+        StorageConfig { cache_bytes: 256 * 1024 * 1024, reserve_bytes: default_reserve_bytes() }
     }
 }
 
@@ -149,6 +158,14 @@ pub struct LimitsConfig {
     /// Client connections open at once; more are refused until some close. Members'
     /// connections do not count.
     pub max_connections: u64,
+    /// Bytes of data (every shard's keys, values, sessions and leases, as redb stores them) over
+    /// which the node raises a NOSPACE alarm: the cluster then refuses writes that add data.
+    #[serde(default = "default_quota_bytes")]
+    pub quota_bytes: u64,
+}
+
+fn default_quota_bytes() -> u64 {
+    8 * 1024 * 1024 * 1024
 }
 
 impl Default for LimitsConfig {
@@ -161,6 +178,7 @@ impl Default for LimitsConfig {
             request_timeout_ms: 10_000,
             request_memory_mib: 256,
             max_connections: 1024,
+            quota_bytes: default_quota_bytes(),
         }
     }
 }
@@ -453,6 +471,14 @@ pub struct NodeArgs {
     /// Memory for the databases' page caches, shared by all of them. [default: 268435456]
     #[arg(long, global = true, env = "ASPEN_CACHE_BYTES")]
     pub cache_bytes: Option<u64>,
+    /// Disk space kept in reserve, and the free space under which a NOSPACE alarm is raised
+    /// (0: none). [default: 67108864]
+    #[arg(long, global = true, env = "ASPEN_RESERVE_BYTES")]
+    pub reserve_bytes: Option<u64>,
+    /// Bytes of stored data over which the node raises a NOSPACE alarm (writes that add data are
+    /// refused cluster-wide until `aspen-cli alarm disarm`). [default: 8589934592]
+    #[arg(long, global = true, env = "ASPEN_QUOTA_BYTES")]
+    pub quota_bytes: Option<u64>,
     /// Log lines as `text` (for people) or `json` (one object per line). [default: text]
     #[arg(long, global = true, env = "ASPEN_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -513,6 +539,7 @@ struct FileConfig {
 #[serde(deny_unknown_fields)]
 struct FileStorage {
     cache_bytes: Option<u64>,
+    reserve_bytes: Option<u64>,
 }
 
 #[derive(Deserialize, Default, Debug)]
@@ -561,6 +588,7 @@ struct FileLimits {
     request_timeout_ms: Option<u64>,
     request_memory_mib: Option<u64>,
     max_connections: Option<u64>,
+    quota_bytes: Option<u64>,
 }
 
 fn set<T>(slot: &mut T, value: Option<T>) {
@@ -604,6 +632,8 @@ impl NodeConfig {
         set(&mut cfg.raft.snapshot_threshold, args.snapshot_threshold);
         set(&mut cfg.raft.snapshot_log_bytes, args.snapshot_log_bytes);
         set(&mut cfg.storage.cache_bytes, args.cache_bytes);
+        set(&mut cfg.storage.reserve_bytes, args.reserve_bytes);
+        set(&mut cfg.limits.quota_bytes, args.quota_bytes);
         set(&mut cfg.log_format, args.log_format);
         set(&mut cfg.http_addr, args.http_addr);
         set(&mut cfg.limits.max_key_bytes, args.max_key_bytes);
@@ -669,6 +699,7 @@ impl NodeConfig {
         }
         if let Some(st) = &f.storage {
             set(&mut self.storage.cache_bytes, st.cache_bytes);
+            set(&mut self.storage.reserve_bytes, st.reserve_bytes);
         }
         if let Some(l) = &f.limits {
             set(&mut self.limits.max_key_bytes, l.max_key_bytes);
@@ -678,6 +709,7 @@ impl NodeConfig {
             set(&mut self.limits.request_timeout_ms, l.request_timeout_ms);
             set(&mut self.limits.request_memory_mib, l.request_memory_mib);
             set(&mut self.limits.max_connections, l.max_connections);
+            set(&mut self.limits.quota_bytes, l.quota_bytes);
         }
     }
 
@@ -794,6 +826,12 @@ impl NodeConfig {
         if l.request_memory_mib == 0 || l.request_memory_mib > 1024 * 1024 {
             return Err(invalid("request_memory_mib", "must be between 1 and 1048576"));
         }
+        if l.quota_bytes < 1024 * 1024 {
+            return Err(invalid("quota_bytes", "must be at least 1048576 (1 MiB)"));
+        }
+        if self.storage.reserve_bytes > 1 << 40 {
+            return Err(invalid("reserve_bytes", "must be at most 1099511627776 (1 TiB)"));
+        }
         if l.max_connections == 0 || l.max_connections > 1_000_000 {
             return Err(invalid("max_connections", "must be between 1 and 1000000"));
         }
@@ -906,7 +944,7 @@ mod tests {
             assert!(sum <= (256 << 20) * 2 / 3 && sum > (256 << 20) * 2 / 3 - shards * 4, "{shards}: {split:?}");
             assert!(split.state_machine >= 3 * split.log, "{split:?}");
         }
-        let tiny = StorageConfig { cache_bytes: 1 << 20 }.cache_split(4);
+        let tiny = StorageConfig { cache_bytes: 1 << 20, ..Default::default() }.cache_split(4);
         assert_eq!(tiny.metadata, (1 << 20) / 3 * 2 / 8, "at most an eighth for metadata");
         assert!(tiny.metadata + 4 * (tiny.log + tiny.state_machine) <= (1 << 20) * 2 / 3);
         // The log and watch-history budgets are the node's too: split among its shards.

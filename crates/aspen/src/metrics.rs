@@ -159,6 +159,7 @@ pub const OUTCOMES: &[&str] = &[
     "lease_not_found",
     "compacted",
     "watch_cancelled",
+    "no_space",
 ];
 
 /// Why a token check refused a request, as the `reason` label.

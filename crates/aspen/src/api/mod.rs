@@ -836,6 +836,25 @@ pub enum ClientRequest {
         session: u64,
         offset: u64,
     },
+    /// The raised alarms (admin; `aspen-cli alarm list`), answered with
+    /// [`ClientResponse::Alarms`].
+    AlarmList,
+    /// Clears every raised alarm (admin; `aspen-cli alarm disarm`); a node whose condition
+    /// persists raises its alarm again within seconds. Answered with the alarms cleared.
+    AlarmDisarm,
+}
+
+/// A raised alarm (recorded in shard 0, so every node refuses what it forbids).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AlarmInfo {
+    /// The node whose condition raised it.
+    pub node_id: NodeId,
+    /// `NOSPACE`.
+    pub alarm: String,
+    /// What the node saw (stored bytes over the quota, free disk space under the reserve).
+    pub reason: String,
+    /// When (ms since the Unix epoch).
+    pub raised_unix_ms: u64,
 }
 
 /// One chunk of a shard's backup stream ([`ClientRequest::ShardBackup`]): the shard's
@@ -974,6 +993,8 @@ impl ClientRequest {
                 | ClientRequest::ShardLeases { .. }
                 | ClientRequest::Watch(_)
                 | ClientRequest::ShardBackup { .. }
+                | ClientRequest::AlarmList
+                | ClientRequest::AlarmDisarm
         )
     }
 
@@ -1059,6 +1080,8 @@ impl ClientRequest {
             ClientRequest::ShardLeases { .. } => "shard leases",
             ClientRequest::Watch(_) => "watch",
             ClientRequest::ShardBackup { .. } => "snapshot save",
+            ClientRequest::AlarmList => "alarm list",
+            ClientRequest::AlarmDisarm => "alarm disarm",
         }
     }
 
@@ -1102,7 +1125,9 @@ impl ClientRequest {
             | ClientRequest::Topology
             | ClientRequest::LeaseTimeToLive { .. }
             | ClientRequest::LeaseList
-            | ClientRequest::Watch(_) => false,
+            | ClientRequest::Watch(_)
+            | ClientRequest::AlarmList
+            | ClientRequest::AlarmDisarm => false,
         }
     }
 }
@@ -1186,6 +1211,9 @@ pub enum ClientResponse {
     },
     /// [`ClientRequest::ShardBackup`].
     BackupChunk(BackupChunk),
+    /// [`ClientRequest::AlarmList`] (the raised alarms) and [`ClientRequest::AlarmDisarm`] (the
+    /// alarms it cleared).
+    Alarms(Vec<AlarmInfo>),
 }
 
 /// The typed errors a client can receive. Every variant says what the caller can do next.
@@ -1234,6 +1262,10 @@ pub enum ApiError {
     /// state with a snapshot; resume from the last event's position.
     #[error("watch cancelled: {0}")]
     WatchCancelled(String),
+    /// A NOSPACE alarm is raised: writes that add data are refused (reads and deletes work)
+    /// until space is freed and the alarm disarmed (`aspen-cli alarm disarm`).
+    #[error("NOSPACE: {0}")]
+    NoSpace(String),
 }
 
 impl ApiError {
@@ -1253,6 +1285,7 @@ impl ApiError {
             ApiError::LeaseNotFound { .. } => "lease_not_found",
             ApiError::Compacted { .. } => "compacted",
             ApiError::WatchCancelled(_) => "watch_cancelled",
+            ApiError::NoSpace(_) => "no_space",
         }
     }
 }

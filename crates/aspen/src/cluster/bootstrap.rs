@@ -19,6 +19,7 @@ use crate::{
     client::{AspenClient, ClientError},
     cluster::{
         admission::Admission,
+        alarm::SpaceReserve,
         claim::Claim,
         gossip::{AnnounceContext, GossipDiscovery},
         http::HttpEndpoint,
@@ -206,6 +207,8 @@ fn settle_storage_format(dir: &std::path::Path, metadata: &MetadataStore) -> Res
 pub async fn bootstrap_base_node(config: NodeConfig) -> Result<BaseNodeResources, BootstrapError> {
     let dir = config.data_dir.clone();
     std::fs::create_dir_all(&dir).map_err(|source| BootstrapError::DataDir { path: dir.clone(), source })?;
+    // On a full disk, make room to open the databases (`cluster::alarm`).
+    SpaceReserve::new(&dir, config.storage.reserve_bytes).at_start();
     let secret_key = load_or_create_key(&dir)?;
     let cache = config.storage.cache_split(config.sharding.local_shard_ids().len());
     let metadata_store =
@@ -304,6 +307,8 @@ pub struct NodeHandle {
     follower: tokio::task::JoinHandle<()>,
     /// Revokes expired leases of the shards this node leads (`cluster::leases`).
     expiry: tokio::task::JoinHandle<()>,
+    /// Watches the quota and the disk, raising NOSPACE alarms (`cluster::alarm`).
+    space: tokio::task::JoinHandle<()>,
     /// The operator HTTP endpoint (`cluster::http`), unless it is off.
     http: Option<HttpEndpoint>,
 }
@@ -359,6 +364,8 @@ impl NodeHandle {
         let _ = self.follower.await;
         self.expiry.abort();
         let _ = self.expiry.await;
+        self.space.abort();
+        let _ = self.space.await;
         if let Some(http) = self.http {
             http.stop().await;
         }
@@ -602,10 +609,15 @@ async fn start_node(config: NodeConfig, stop: CancellationToken) -> Result<NodeH
     }
     let follower = service.follow_revocations(base.shutdown_token.child_token());
     let expiry = service.expire_leases(base.shutdown_token.child_token());
+    let space = service.watch_space(
+        SpaceReserve::new(&config.data_dir, config.storage.reserve_bytes),
+        config.limits.quota_bytes,
+        base.shutdown_token.child_token(),
+    );
     service.write_ticket_file().map_err(|source| BootstrapError::DataDir { path: config.data_dir.clone(), source })?;
     tracing::info!(node_id = config.node_id, shards = shards.len(), ticket = %service.ticket(), "node is serving");
     let supervisor = Supervisor::spawn(config.node_id, shards.clone(), base.shutdown_token.clone());
-    Ok(NodeHandle { base, shard0, shards, service, router, supervisor, follower, expiry, http })
+    Ok(NodeHandle { base, shard0, shards, service, router, supervisor, follower, expiry, space, http })
 }
 
 /// Joins the cluster named by the `--join` tickets: asks it (through any member; requests are

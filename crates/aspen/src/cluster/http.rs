@@ -86,6 +86,9 @@ struct Readiness {
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<String>,
     shards: Vec<ShardReadiness>,
+    /// Raised alarms (a NOSPACE alarm does not make the node unready: reads and deletes work).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    alarms: Vec<crate::api::AlarmInfo>,
 }
 
 async fn ready(State(service): State<Arc<NodeService>>) -> impl IntoResponse {
@@ -102,7 +105,8 @@ async fn ready(State(service): State<Arc<NodeService>>) -> impl IntoResponse {
         .collect();
     let ready = node_reason.is_none() && shards.iter().all(|s| s.ready);
     let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (code, Json(Readiness { ready, node_id: service.node_id, reason: node_reason, shards }))
+    let alarms = service.alarms.list();
+    (code, Json(Readiness { ready, node_id: service.node_id, reason: node_reason, shards, alarms }))
 }
 
 async fn status(State(service): State<Arc<NodeService>>) -> impl IntoResponse {

@@ -7,6 +7,7 @@
 //! operator HTTP endpoint ([`http`]: health, readiness, status).
 
 pub mod admission;
+pub mod alarm;
 pub mod backup;
 pub mod bootstrap;
 pub mod claim;

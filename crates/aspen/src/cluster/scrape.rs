@@ -26,6 +26,28 @@ pub fn render(service: &NodeService) -> String {
     let shards: Vec<ShardSample> = service.store.shards().values().map(|n| n.sample()).collect();
     shard_families(&mut out, &shards);
     service.metrics.render(&mut out);
+    out.family("aspen_alarms", "gauge", "Raised alarms in the cluster, by kind (as this node's shard 0 shows them).");
+    let nospace = service.alarms.list().iter().filter(|a| a.alarm == super::alarm::NOSPACE).count();
+    out.sample("aspen_alarms", &[("alarm", "nospace")], nospace as f64);
+    out.family(
+        "aspen_data_file_bytes",
+        "gauge",
+        "Sizes of the shards' state-machine files on this node (they do not shrink when data is deleted).",
+    );
+    out.sample("aspen_data_file_bytes", &[], service.data_file_bytes.load(std::sync::atomic::Ordering::Relaxed) as f64);
+    out.family(
+        "aspen_stored_bytes",
+        "gauge",
+        "Data this node stores (keys, values, sessions, leases), last measured against the quota (measured only \
+         while the files are larger than the quota; 0 before).",
+    );
+    out.sample("aspen_stored_bytes", &[], service.stored_bytes.load(std::sync::atomic::Ordering::Relaxed) as f64);
+    out.family("aspen_quota_bytes", "gauge", "The storage quota ([limits] quota_bytes).");
+    out.sample("aspen_quota_bytes", &[], service.limits.quota_bytes as f64);
+    if let Ok(free) = super::alarm::free_bytes(&service.data_dir) {
+        out.family("aspen_disk_free_bytes", "gauge", "Free bytes on the file system of the data dir.");
+        out.sample("aspen_disk_free_bytes", &[], free as f64);
+    }
     out.family("aspen_gossip_peers", "gauge", "Peers whose addresses this node learned over gossip.");
     out.sample("aspen_gossip_peers", &[], service.peers.announced_count() as f64);
     let (rss, fds, max_fds) = process_stats();

@@ -62,6 +62,12 @@ pub struct NodeService {
     pub(super) peers: crate::transport::pool::PeerBook,
     /// The backups this node serves as a shard leader (`cluster::backup`).
     pub(super) backups: super::backup::BackupSessions,
+    /// The raised alarms as this node's replica of shard 0 shows them (`cluster::alarm`).
+    pub(super) alarms: super::alarm::AlarmBook,
+    /// The data this node stores, as last measured (`cluster::alarm`; `GET /metrics`).
+    pub(super) stored_bytes: std::sync::atomic::AtomicU64,
+    /// The sizes of the shards' state-machine files, as last checked (`cluster::alarm`).
+    pub(super) data_file_bytes: std::sync::atomic::AtomicU64,
 }
 
 impl NodeService {
@@ -110,6 +116,9 @@ impl NodeService {
             metrics,
             peers: base.peers.clone(),
             backups: Default::default(),
+            alarms: Default::default(),
+            stored_bytes: Default::default(),
+            data_file_bytes: Default::default(),
         }
     }
 
@@ -281,6 +290,9 @@ impl NodeService {
             // waiting for a leader that will not come.
             return Err(ApiError::NotInitialized { node_id: self.node_id });
         }
+        if let ClientRequest::Write { command, .. } = &request {
+            self.check_space(command)?;
+        }
         match request {
             ClientRequest::Get { key, consistency } => {
                 validate::check_key(&self.limits, &key)?;
@@ -317,6 +329,8 @@ impl NodeService {
                 self.store.scan_shard_here(shard, &scan).await
             }
             ClientRequest::ShardMembership { shard, change } => self.apply_shard_change(shard, change).await,
+            ClientRequest::AlarmList => self.list_alarms().await,
+            ClientRequest::AlarmDisarm => self.disarm_alarms().await,
             ClientRequest::ShardBackup { shard, session, offset } => {
                 let node = self.store.local(shard)?;
                 self.backups.chunk(node, shard, session, offset).await.map(ClientResponse::BackupChunk)

@@ -57,17 +57,17 @@ fn reserved_key(name: &str) -> Vec<u8> {
 }
 
 /// The record of token `id` of `kind` (`tokens`, `revoked`, `join`).
-fn reserved(kind: &str, id: u64) -> Vec<u8> {
+pub(super) fn reserved(kind: &str, id: u64) -> Vec<u8> {
     reserved_key(&format!("{kind}/{}", format_id(id)))
 }
 
 /// Every record of `kind`.
-fn reserved_prefix(kind: &str) -> Vec<u8> {
+pub(super) fn reserved_prefix(kind: &str) -> Vec<u8> {
     reserved_key(&format!("{kind}/"))
 }
 
 /// The id at the end of a reserved key (`…/<16 hex>`).
-fn id_of(key: &[u8]) -> Option<u64> {
+pub(super) fn id_of(key: &[u8]) -> Option<u64> {
     let text = std::str::from_utf8(key).ok()?;
     token::parse_id(text.rsplit('/').next()?)
 }
@@ -198,7 +198,7 @@ impl NodeService {
         }
     }
 
-    async fn internal_write(&self, command: WriteCommand) -> Result<WriteOutcome, ApiError> {
+    pub(super) async fn internal_write(&self, command: WriteCommand) -> Result<WriteOutcome, ApiError> {
         match self.route(ClientRequest::Write { session: internal_session(), command }, 0).await? {
             ClientResponse::Write(outcome) => Ok(outcome),
             other => Err(ApiError::Internal(format!("a write was answered with {other:?}"))),
@@ -211,7 +211,7 @@ impl NodeService {
     }
 
     /// Every record under the reserved `kind/`, read linearizably.
-    async fn reserved_records(&self, kind: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ApiError> {
+    pub(super) async fn reserved_records(&self, kind: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ApiError> {
         let mut out = Vec::new();
         let mut continuation = None;
         loop {
@@ -370,7 +370,11 @@ impl NodeService {
                     if seen != Some(applied) {
                         if let Some(ids) = this.local_revocations() {
                             this.authority.set_revoked(ids);
-                            seen = Some(applied);
+                            // The alarms too (`cluster::alarm`): every node refuses what they forbid.
+                            if let Some(alarms) = this.local_alarms() {
+                                this.alarms.set(alarms);
+                                seen = Some(applied);
+                            }
                         }
                     }
                 }

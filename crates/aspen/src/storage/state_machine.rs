@@ -252,6 +252,21 @@ impl StateReader {
         Ok(txn.open_table(KV)?.len()?)
     }
 
+    /// Bytes of data this replica stores, as redb reports them: keys and values, client sessions,
+    /// leases and their key lists, lease tombstones (stored plus tree bytes; not free or
+    /// fragmented pages). Reads every page of those tables: call it seldom (`cluster::alarm`).
+    pub fn stored_bytes(&self) -> Result<u64, StorageError> {
+        let txn = self.db.begin_read()?;
+        let mut total = 0;
+        let mut add = |stats: redb::TableStats| total += stats.stored_bytes() + stats.metadata_bytes();
+        add(txn.open_table(KV)?.stats()?);
+        add(txn.open_table(SESSIONS)?.stats()?);
+        add(txn.open_table(LEASES)?.stats()?);
+        add(txn.open_table(LEASE_KEYS)?.stats()?);
+        add(txn.open_table(TOMBSTONES)?.stats()?);
+        Ok(total)
+    }
+
     /// The digest of the applied state and the index it describes, read in one transaction
     /// (O(1): the incrementally kept sum).
     pub fn digest(&self) -> Result<StateDigest, StorageError> {
