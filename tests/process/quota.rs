@@ -40,18 +40,14 @@ fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 #[test]
 fn a_node_over_its_quota_makes_the_cluster_refuse_writes_until_disarmed() {
     let root = tempfile::tempdir().unwrap();
-    let mut nodes: Vec<NodeProc> = (1..=3).map(|id| NodeProc::new(root.path(), id)).collect();
-    nodes[0].start();
-    let t1 = nodes[0].ticket().encode();
-    let join_token = nodes[0].join_token();
-    for n in &mut nodes[1..] {
-        n.extra_args = vec!["--join".into(), t1.clone(), "--join-token".into(), join_token.clone()];
-        if n.node_id == 3 {
-            // Only node 3 has a small quota: its alarm stops writes on every node.
-            n.extra_args.extend(["--quota-bytes".into(), "1048576".into()]);
+    // Only node 3 has a small quota: its alarm stops writes on every node.
+    let nodes = crate::support::start_processes(root.path(), |id| {
+        if id == 3 {
+            vec!["--quota-bytes".into(), "1048576".into()]
+        } else {
+            Vec::new()
         }
-        n.start();
-    }
+    });
     let entry = &nodes[0];
     let value = "v".repeat(64 * 1024);
     for i in 0..24 {

@@ -170,13 +170,19 @@ pub const SHARD_FLAGS: [&str; 3] = ["--sharding-enabled", "--sharding-num-shards
 /// Three `aspen-node` processes with 4 shards under `root`: node 1 initializes the cluster, 2
 /// and 3 join it with a join token (each started once the one before serves).
 pub fn start_sharded_processes(root: &Path) -> Vec<NodeProc> {
+    start_processes(root, |_| SHARD_FLAGS.iter().map(|s| s.to_string()).collect())
+}
+
+/// Three real nodes under `root`, each started with `flags(node id)`: node 1 initializes the
+/// cluster, 2 and 3 join it (one after the other).
+pub fn start_processes(root: &Path, flags: impl Fn(u64) -> Vec<String>) -> Vec<NodeProc> {
     let mut nodes: Vec<NodeProc> = (1..=3).map(|id| NodeProc::new(root, id)).collect();
-    nodes[0].extra_args = SHARD_FLAGS.iter().map(|s| s.to_string()).collect();
+    nodes[0].extra_args = flags(1);
     nodes[0].start();
     let t1 = nodes[0].ticket().encode();
     let join_token = nodes[0].join_token();
     for n in &mut nodes[1..] {
-        n.extra_args = SHARD_FLAGS.iter().map(|s| s.to_string()).collect();
+        n.extra_args = flags(n.node_id);
         n.extra_args.extend(["--join".to_string(), t1.clone(), "--join-token".into(), join_token.clone()]);
         n.start();
     }
