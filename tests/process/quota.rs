@@ -50,9 +50,20 @@ fn a_node_over_its_quota_makes_the_cluster_refuse_writes_until_disarmed() {
     });
     let entry = &nodes[0];
     let value = "v".repeat(64 * 1024);
-    for i in 0..24 {
-        expect_code(&entry.cli(&["put", &format!("big/{i:02}"), &value]), 0, "put under the quota");
+    // Puts until the alarm refuses them (node 3 measures its data every few seconds).
+    let mut written = 0;
+    for i in 0..200 {
+        let o = entry.cli(&["put", &format!("big/{i:03}"), &value]);
+        if o.status.code() == Some(3) && stderr(&o).contains("NOSPACE") {
+            break;
+        }
+        expect_code(&o, 0, "put under the quota");
+        written += 1;
+        if written >= 24 {
+            break;
+        }
     }
+    assert!(written >= 16, "refused before 1 MiB was written: {written} puts of 64 KiB");
     let alarms = wait_for_alarm(entry, 60);
     let alarm = &alarms["alarms"][0];
     assert_eq!((alarm["node_id"].as_u64(), alarm["alarm"].as_str()), (Some(3), Some("NOSPACE")), "{alarms}");
@@ -72,10 +83,10 @@ fn a_node_over_its_quota_makes_the_cluster_refuse_writes_until_disarmed() {
         expect_code(&o, 3, "put during a NOSPACE alarm");
         assert!(stderr(&o).contains("NOSPACE"), "{}", stderr(&o));
     }
-    let o = entry.cli(&["--json", "cas", "big/00", "y", "--expected", &value]);
+    let o = entry.cli(&["--json", "cas", "big/000", "y", "--expected", &value]);
     expect_code(&o, 3, "cas during a NOSPACE alarm");
     assert!(stdout(&o).contains("no_space"), "{}", stdout(&o));
-    assert_eq!(stdout(&entry.cli(&["get", "big/03"])).trim_end(), value);
+    assert_eq!(stdout(&entry.cli(&["get", "big/003"])).trim_end(), value);
     // Ready (reads work), and the body names the alarm; the metrics count it.
     let http = SocketAddr::from(([127, 0, 0, 1], entry.bind.port()));
     let (code, body) = http_get(http, "/ready");
@@ -85,8 +96,8 @@ fn a_node_over_its_quota_makes_the_cluster_refuse_writes_until_disarmed() {
     assert!(metrics.lines().any(|l| l == "aspen_alarms{alarm=\"nospace\"} 1"), "{metrics}");
 
     // Free space (deletes work), disarm: writes resume, no restart.
-    for i in 0..24 {
-        expect_code(&entry.cli(&["delete", &format!("big/{i:02}")]), 0, "delete during a NOSPACE alarm");
+    for i in 0..written {
+        expect_code(&entry.cli(&["delete", &format!("big/{i:03}")]), 0, "delete during a NOSPACE alarm");
     }
     // Node 3 measures its data again (every few seconds) before the disarm: until then it
     // would raise the alarm again.
@@ -208,6 +219,107 @@ fn a_full_disk_raises_the_alarm_and_a_restart_on_it_serves_reads() {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let o = node.cli(&["put", "more", "x"]);
+        if o.status.success() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "writes did not resume: {}", stderr(&o));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Another program fills the disk to the last byte (past the alarm's threshold, eating the
+/// reserve the node released) while a client writes: the node's database writes wait for
+/// room instead of failing, the alarm refuses new writes, and once the other program's file is
+/// gone every acknowledged write reads back, the shard is healthy, and writes resume after a
+/// disarm — no shard stopped, no restart.
+#[test]
+fn a_disk_filled_by_another_program_stalls_writes_without_stopping_the_shard() {
+    use std::sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    };
+    let root = tempfile::tempdir().unwrap();
+    let mount = root.path().join("disk");
+    let Some(_tmpfs) = Tmpfs::mount(&mount, 96) else {
+        eprintln!(
+            "skipped: cannot mount a tmpfs here (needs root): the disk-filled-by-another-program test did not run"
+        );
+        return;
+    };
+    let mut node = NodeProc::new(&mount, 1);
+    node.extra_args = vec![
+        "--reserve-bytes".into(),
+        (24u64 << 20).to_string(),
+        "--snapshot-log-bytes".into(),
+        (4u64 << 20).to_string(),
+    ];
+    node.start();
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked: Arc<Mutex<Vec<String>>> = Default::default();
+    let value = "e".repeat(16 * 1024);
+    let writer = {
+        let (stop, acked, value, dir) = (stop.clone(), acked.clone(), value.clone(), node.data_dir.clone());
+        std::thread::spawn(move || {
+            let mut i = 0;
+            while !stop.load(Ordering::SeqCst) {
+                let key = format!("w{i:05}");
+                let mut cmd = std::process::Command::new(crate::support::CLI_BIN);
+                aspen_testkit::clean_env(&mut cmd);
+                let o =
+                    cmd.args(["--timeout", "5", "--data-dir"]).arg(&dir).args(["put", &key, &value]).output().unwrap();
+                if o.status.success() {
+                    acked.lock().unwrap().push(key);
+                }
+                i += 1;
+            }
+        })
+    };
+    while acked.lock().unwrap().len() < 50 {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The other program: fills the disk to the last byte.
+    let filler = fill_disk(&mount);
+    // New writes are refused (once the alarm is recorded), the node runs.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let o = node.cli(&["put", "probe", "x"]);
+        if o.status.code() == Some(3) && stderr(&o).contains("NOSPACE") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no NOSPACE refusal with the disk full: {}", stderr(&o));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(node.is_running());
+    // Deletes are allowed, and on this full disk their log entries and applies have no room:
+    // they wait (the client gives up after its timeout) instead of failing the shard.
+    let deleted: Vec<String> = acked.lock().unwrap().iter().take(3).cloned().collect();
+    for key in &deleted {
+        let mut cmd = std::process::Command::new(crate::support::CLI_BIN);
+        aspen_testkit::clean_env(&mut cmd);
+        let o = cmd.args(["--timeout", "3", "--data-dir"]).arg(&node.data_dir).args(["delete", key]).output().unwrap();
+        assert!(matches!(o.status.code(), Some(0) | Some(3)), "delete {key}: {}", stderr(&o));
+    }
+    // The other program's file goes: what waited completes; nothing acknowledged is lost.
+    std::fs::remove_file(&filler).unwrap();
+    stop.store(true, Ordering::SeqCst);
+    writer.join().unwrap();
+    let acked = acked.lock().unwrap().clone();
+    eprintln!("disk filled by another program: {} puts acknowledged", acked.len());
+    for key in acked.iter().filter(|k| !deleted.contains(k)) {
+        let o = node.cli(&["get", key]);
+        expect_code(&o, 0, &format!("get {key}"));
+        assert_eq!(stdout(&o).trim_end(), value, "{key}");
+    }
+    for key in &deleted {
+        expect_code(&node.cli(&["get", key]), 1, "a key deleted on the full disk, once there is room");
+    }
+    let http = SocketAddr::from(([127, 0, 0, 1], node.bind.port()));
+    let (code, body) = http_get(http, "/ready");
+    assert_eq!(code, 200, "the shard is healthy: {body}");
+    expect_code(&node.cli(&["alarm", "disarm"]), 0, "alarm disarm");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let o = node.cli(&["put", "after", "x"]);
         if o.status.success() {
             break;
         }

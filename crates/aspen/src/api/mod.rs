@@ -241,6 +241,46 @@ pub enum WriteCommand {
 
 impl WriteCommand {
     /// Every key this command names (a prefix delete names none: it covers a key range).
+    /// The bytes of keys and values the command carries (what a log entry's batch size counts,
+    /// `raft::batcher`; about what applying it writes).
+    pub fn payload_bytes(&self) -> usize {
+        match self {
+            WriteCommand::Put { key, value } => key.len() + value.len(),
+            WriteCommand::Delete { key } => key.len(),
+            WriteCommand::Cas { key, expected, new_value } => {
+                key.len() + expected.as_ref().map_or(0, Vec::len) + new_value.len()
+            }
+            WriteCommand::Batch { ops } => ops
+                .iter()
+                .map(|op| match op {
+                    BatchOp::Put { key, value } => key.len() + value.len(),
+                    BatchOp::Delete { key } => key.len(),
+                })
+                .sum(),
+            WriteCommand::DeletePrefix { prefix } => prefix.len(),
+            WriteCommand::PutLease { key, value, .. } => key.len() + value.len(),
+            WriteCommand::LeaseGrant { .. }
+            | WriteCommand::LeaseRevoke { .. }
+            | WriteCommand::LeaseDrop { .. }
+            | WriteCommand::LeaseForget { .. } => 16,
+            WriteCommand::Txn { compares, success, failure } => {
+                let compared: usize = compares
+                    .iter()
+                    .map(|c| c.key.len() + if let CompareTarget::Value(v) = &c.target { v.len() } else { 0 })
+                    .sum();
+                let ops: usize = success
+                    .iter()
+                    .chain(failure)
+                    .map(|op| match op {
+                        TxnOp::Put { key, value } => key.len() + value.len(),
+                        TxnOp::Delete { key } | TxnOp::Get { key } => key.len(),
+                    })
+                    .sum();
+                compared + ops
+            }
+        }
+    }
+
     pub fn keys(&self) -> Vec<&[u8]> {
         match self {
             WriteCommand::Put { key, .. }

@@ -14,6 +14,10 @@
 //! records are still written. The alarm stays until disarmed; a node whose condition persists
 //! raises it again.
 //!
+//! A node short of space refuses those writes itself at once, before its alarm is recorded: the
+//! record is a write through Raft, and applying it may have to wait for room on the disk
+//! (`storage::space`).
+//!
 //! The reserve: two files of half `reserve_bytes` each in the data dir. When free space falls
 //! under `reserve_bytes`, the first is deleted, so that what is in flight (the alarm's own
 //! record, entries being applied, log compaction) finds room; a node started on a full disk
@@ -129,12 +133,12 @@ impl SpaceReserve {
         std::fs::remove_file(self.dir.join(name)).is_ok()
     }
 
-    /// Makes the missing reserve files while there is room for them and more (free space at
-    /// least three times the reserve).
+    /// Makes the missing reserve files while there is room for them (each leaves at least the
+    /// whole reserve free, so that making it raises no alarm).
     fn replenish(&self) {
-        for name in [RESERVE_START, RESERVE_RUNNING] {
+        for name in [RESERVE_RUNNING, RESERVE_START] {
             let path = self.dir.join(name);
-            if path.exists() || !free_bytes(&self.dir).is_ok_and(|f| f >= 3 * self.bytes) {
+            if path.exists() || !free_bytes(&self.dir).is_ok_and(|f| f >= self.bytes + self.bytes / 2) {
                 continue;
             }
             if let Err(e) = fill(&path, self.bytes / 2) {
@@ -166,16 +170,22 @@ fn now_ms() -> u64 {
 }
 
 impl NodeService {
-    /// Refuses `command` if it adds data while a NOSPACE alarm is raised.
+    /// Refuses `command` if it adds data while a NOSPACE alarm is raised — or while this node
+    /// is short of space itself, before its alarm is recorded (recording it may wait for room).
     pub(super) fn check_space(&self, command: &WriteCommand) -> Result<(), ApiError> {
-        let Some(alarm) = self.alarms.nospace() else { return Ok(()) };
+        let (node, reason) = match self.alarms.nospace() {
+            Some(alarm) => (alarm.node_id, alarm.reason),
+            None => match self.space_low.read().unwrap_or_else(|p| p.into_inner()).clone() {
+                Some(reason) => (self.node_id, reason),
+                None => return Ok(()),
+            },
+        };
         if !adds_data(command) {
             return Ok(());
         }
         Err(ApiError::NoSpace(format!(
-            "writes that add data are refused: node {} raised a NOSPACE alarm ({}); reads and deletes work — free \
-             space, then `aspen-cli alarm disarm`",
-            alarm.node_id, alarm.reason
+            "writes that add data are refused: node {node} raised a NOSPACE alarm ({reason}); reads and deletes \
+             work — free space, then `aspen-cli alarm disarm`"
         )))
     }
 
@@ -262,6 +272,8 @@ impl NodeService {
         let this = self.clone();
         tokio::spawn(async move {
             let mut next_measure = Instant::now();
+            // Over the quota at the last measure (kept until the next one).
+            let mut over_quota: Option<String> = None;
             let mut tick = tokio::time::interval(SPACE_CHECK);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             loop {
@@ -312,16 +324,21 @@ impl NodeService {
                     match measured {
                         Ok(Ok(stored)) => {
                             this.stored_bytes.store(stored, std::sync::atomic::Ordering::Relaxed);
-                            if stored > quota {
-                                reasons.push(format!("{stored} bytes of data stored, over the quota of {quota} bytes"));
-                            }
+                            over_quota = (stored > quota)
+                                .then(|| format!("{stored} bytes of data stored, over the quota of {quota} bytes"));
                         }
                         Ok(Err(e)) => tracing::warn!("cannot measure the stored data: {e}"),
                         Err(e) => tracing::warn!("cannot measure the stored data: {e}"),
                     }
                 }
-                if !reasons.is_empty() {
-                    this.raise_nospace(reasons.join("; ")).await;
+                if files <= quota {
+                    over_quota = None;
+                }
+                reasons.extend(over_quota.clone());
+                let reason = (!reasons.is_empty()).then(|| reasons.join("; "));
+                *this.space_low.write().unwrap_or_else(|p| p.into_inner()) = reason.clone();
+                if let Some(reason) = reason {
+                    this.raise_nospace(reason).await;
                 }
             }
         })

@@ -68,6 +68,9 @@ pub struct NodeService {
     pub(super) stored_bytes: std::sync::atomic::AtomicU64,
     /// The sizes of the shards' state-machine files, as last checked (`cluster::alarm`).
     pub(super) data_file_bytes: std::sync::atomic::AtomicU64,
+    /// Why this node is short of space now, if it is (`cluster::alarm`; it refuses writes that
+    /// add data at once, before its alarm is recorded).
+    pub(super) space_low: RwLock<Option<String>>,
 }
 
 impl NodeService {
@@ -119,6 +122,7 @@ impl NodeService {
             alarms: Default::default(),
             stored_bytes: Default::default(),
             data_file_bytes: Default::default(),
+            space_low: Default::default(),
         }
     }
 

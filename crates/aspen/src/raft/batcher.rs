@@ -35,7 +35,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::{ApplyResult, Raft, WriteBatch, WriteRequest};
 use crate::{
-    api::{split_raft_id, ApiError, BatchOp, CompareTarget, ShardId, TxnOp, WriteCommand, WriteOutcome},
+    api::{split_raft_id, ApiError, ShardId, WriteCommand, WriteOutcome},
     metrics::ShardMetrics,
 };
 
@@ -81,41 +81,7 @@ impl Queued {
 
 /// The bytes of keys and values `command` carries (what [`MAX_BATCH_BYTES`] counts).
 fn command_bytes(command: &WriteCommand) -> usize {
-    match command {
-        WriteCommand::Put { key, value } => key.len() + value.len(),
-        WriteCommand::Delete { key } => key.len(),
-        WriteCommand::Cas { key, expected, new_value } => {
-            key.len() + expected.as_ref().map_or(0, Vec::len) + new_value.len()
-        }
-        WriteCommand::Batch { ops } => ops
-            .iter()
-            .map(|op| match op {
-                BatchOp::Put { key, value } => key.len() + value.len(),
-                BatchOp::Delete { key } => key.len(),
-            })
-            .sum(),
-        WriteCommand::DeletePrefix { prefix } => prefix.len(),
-        WriteCommand::PutLease { key, value, .. } => key.len() + value.len(),
-        WriteCommand::LeaseGrant { .. }
-        | WriteCommand::LeaseRevoke { .. }
-        | WriteCommand::LeaseDrop { .. }
-        | WriteCommand::LeaseForget { .. } => 16,
-        WriteCommand::Txn { compares, success, failure } => {
-            let compared: usize = compares
-                .iter()
-                .map(|c| c.key.len() + if let CompareTarget::Value(v) = &c.target { v.len() } else { 0 })
-                .sum();
-            let ops: usize = success
-                .iter()
-                .chain(failure)
-                .map(|op| match op {
-                    TxnOp::Put { key, value } => key.len() + value.len(),
-                    TxnOp::Delete { key } | TxnOp::Get { key } => key.len(),
-                })
-                .sum();
-            compared + ops
-        }
-    }
+    command.payload_bytes()
 }
 
 /// Whether `command` goes alone in its entry: a prefix delete touches keys it does not name, so
@@ -294,7 +260,7 @@ impl ReadGate {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{Compare, CompareOp};
+    use crate::api::{Compare, CompareOp, TxnOp};
 
     #[test]
     fn entry_size_counts_every_key_and_value_a_write_carries() {

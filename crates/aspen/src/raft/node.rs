@@ -36,6 +36,7 @@ use crate::{
         leases::LeaseDeadlines,
         scan::scan_local,
         shared_journal::SharedJournal,
+        space::SpaceGate,
         state_machine::{backup::BackupSource, StateReader},
         watch::WatchHub,
         RedbLogStore, RedbStateMachine, StorageError,
@@ -203,15 +204,20 @@ impl RaftNode {
         let hosted = node.sharding.local_shard_ids().len();
         let cache = node.storage.cache_split(hosted);
         let (history_entries, history_bytes) = watch.history_per_shard(hosted);
+        // Database writes wait for room on the disk rather than fail (`storage::space`): a
+        // quarter of the reserve stays free (`cluster::alarm` raises NOSPACE at all of it).
+        let gate = SpaceGate::new(&node.data_dir, node.storage.reserve_bytes / 4);
         let log =
             RedbLogStore::open_shared(&dir.join("raft-log.db"), journal, shard, raft_cfg.max_append_bytes, cache.log)
                 .map_err(|source| RaftNodeError::Storage { shard, source })?
-                .overlap_own_appends(raft_id);
+                .overlap_own_appends(raft_id)
+                .wait_for_space(gate.clone());
         let metrics = Arc::new(ShardMetrics::default());
         let mut sm = RedbStateMachine::open(&dir.join("state-machine.db"), cache.state_machine)
             .map_err(|source| RaftNodeError::Storage { shard, source })?
             .wait_for_log(log.durable())
-            .with_metrics(metrics.clone());
+            .with_metrics(metrics.clone())
+            .wait_for_space(gate);
         let watch_hub = sm
             .watch(shard, history_entries, history_bytes, watch.max_lag as usize)
             .map_err(|source| RaftNodeError::Storage { shard, source })?;

@@ -184,6 +184,8 @@ pub struct RedbLogStore {
     max_batch_bytes: u64,
     /// The encoded size of each entry held.
     sizes: Arc<Mutex<LogSizes>>,
+    /// Shared with the writer: where its commits wait for room ([`Self::wait_for_space`]).
+    space: Arc<std::sync::OnceLock<super::space::SpaceGate>>,
 }
 
 impl Debug for RedbLogStore {
@@ -270,7 +272,11 @@ impl RedbLogStore {
         }
         let pending: Arc<Mutex<Pending>> = Default::default();
         let (jobs, rx) = mpsc::channel();
+        let space: Arc<std::sync::OnceLock<super::space::SpaceGate>> = Default::default();
+        let closing: Arc<std::sync::atomic::AtomicBool> = Default::default();
         let writer = Writer {
+            space: space.clone(),
+            closing: closing.clone(),
             db: db.clone(),
             pending: pending.clone(),
             durable: durable.clone(),
@@ -280,7 +286,7 @@ impl RedbLogStore {
             dirty_since: None,
         };
         let thread = std::thread::Builder::new().name("aspen-log-writer".into()).spawn(move || writer.run(rx))?;
-        let writer = Arc::new(WriterHandle { jobs: Some(jobs), thread: Some(thread) });
+        let writer = Arc::new(WriterHandle { jobs: Some(jobs), thread: Some(thread), closing });
         Ok(RedbLogStore {
             db,
             pending,
@@ -291,6 +297,7 @@ impl RedbLogStore {
             committed: Default::default(),
             max_batch_bytes,
             sizes: Arc::new(Mutex::new(sizes)),
+            space,
         })
     }
 
@@ -309,6 +316,12 @@ impl RedbLogStore {
     /// Lets the store acknowledge the appends node `own_id` makes as leader of the current term
     /// before their fsync (see the module docs). Only for a store whose state machine waits for
     /// [`Self::durable`] and whose network caps the commit index it sends at it.
+    /// Makes the writer's redb commits wait at `gate` for room on the disk rather than fail.
+    pub fn wait_for_space(self, gate: super::space::SpaceGate) -> Self {
+        let _ = self.space.set(gate);
+        self
+    }
+
     pub fn overlap_own_appends(mut self, own_id: u64) -> Self {
         self.own_id = Some(own_id);
         self
@@ -558,6 +571,8 @@ impl LogJournal {
 struct WriterHandle {
     jobs: Option<mpsc::Sender<Job>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Set when the store closes: a checkpoint waiting for disk space stops waiting.
+    closing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl WriterHandle {
@@ -569,6 +584,7 @@ impl WriterHandle {
 impl Drop for WriterHandle {
     fn drop(&mut self) {
         self.jobs.take();
+        self.closing.store(true, std::sync::atomic::Ordering::SeqCst);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -587,6 +603,10 @@ struct Writer {
     committed: Option<Vec<u8>>,
     /// Since when the journal (or `committed`) holds something redb does not.
     dirty_since: Option<std::time::Instant>,
+    /// Checkpoints wait here for room on the disk (set by [`RedbLogStore::wait_for_space`]).
+    space: Arc<std::sync::OnceLock<super::space::SpaceGate>>,
+    /// Set when the store closes ([`WriterHandle`]).
+    closing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Where a batch of jobs went.
@@ -754,6 +774,19 @@ impl Writer {
     /// newest committed id, and the next journal epoch. Returns the log's last id when the jobs
     /// changed the log.
     fn checkpoint(&self, jobs: &[Job]) -> Result<Option<Option<LogId>>, StorageError> {
+        if let Some(gate) = self.space.get() {
+            let journaled: usize = self.journaled.values().map(|(_, b)| b.len()).sum();
+            let appended: usize = jobs
+                .iter()
+                .map(|j| match j {
+                    Job::Append { entries, .. } => entries.iter().map(|(_, b)| b.len()).sum(),
+                    _ => 0,
+                })
+                .sum();
+            gate.wait_blocking((journaled + appended) as u64, "a Raft log checkpoint", || {
+                self.closing.load(std::sync::atomic::Ordering::SeqCst)
+            });
+        }
         let mut last = None;
         let txn = begin_log_write(&self.db, Durability::Immediate)?;
         {

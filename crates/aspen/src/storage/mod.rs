@@ -16,6 +16,7 @@ pub mod log_store;
 pub mod metadata;
 pub mod scan;
 pub mod shared_journal;
+pub mod space;
 pub mod state_machine;
 pub mod watch;
 

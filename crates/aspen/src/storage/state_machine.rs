@@ -94,6 +94,10 @@ const DIGEST_CONTEXT: &str = "aspen state digest v1";
 const DIGEST_KV_CONTEXT: &str = "aspen state digest v1 kv";
 const DIGEST_SESSION_CONTEXT: &str = "aspen state digest v1 session";
 
+/// Room on the disk an apply asks for per write beyond its keys and values (`storage::space`):
+/// its session record, revisions, index entries.
+const APPLY_SPACE_PER_WRITE: usize = 256;
+
 /// A session idle for longer than this (by the leaders' clocks in the log) is forgotten.
 pub const SESSION_TTL_MS: u64 = 60 * 60 * 1000;
 /// At most this many sessions are remembered; the least recently used go first.
@@ -492,6 +496,8 @@ pub struct RedbStateMachine {
     hub: Option<Arc<WatchHub>>,
     /// The shard's metrics: apply times, snapshots built, installed and sent.
     metrics: Arc<crate::metrics::ShardMetrics>,
+    /// Applies wait here for room on the disk rather than fail (`storage::space`).
+    space: Option<super::space::SpaceGate>,
 }
 
 impl RedbStateMachine {
@@ -541,6 +547,7 @@ impl RedbStateMachine {
             deadlines: Default::default(),
             hub: None,
             metrics: Default::default(),
+            space: None,
         };
         sm.deadlines.reset(sm.reader().leases()?);
         Ok(sm)
@@ -573,6 +580,12 @@ impl RedbStateMachine {
     /// could still lose.
     pub fn wait_for_log(mut self, log: DurableWatch) -> Self {
         self.log = Some(log);
+        self
+    }
+
+    /// Makes applies wait at `gate` for room on the disk rather than fail.
+    pub fn wait_for_space(mut self, gate: super::space::SpaceGate) -> Self {
+        self.space = Some(gate);
         self
     }
 
@@ -1315,6 +1328,19 @@ impl RaftStateMachine<TypeConfig> for RedbStateMachine {
         let Some(last) = entries.last() else { return Ok(Vec::new()) };
         if let Some(log) = self.log.as_mut() {
             wait_durable(log, last.log_id.index).await.map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        }
+        if let Some(gate) = &self.space {
+            // About what the commit adds: the keys and values the entries carry.
+            let bytes: usize = entries
+                .iter()
+                .map(|e| match &e.payload {
+                    EntryPayload::Normal(WriteBatch(reqs)) => {
+                        reqs.iter().map(|r| r.command.payload_bytes() + APPLY_SPACE_PER_WRITE).sum()
+                    }
+                    _ => APPLY_SPACE_PER_WRITE,
+                })
+                .sum();
+            gate.wait(bytes as u64, "applying committed entries").await;
         }
         let collect = self.hub.is_some();
         let started = std::time::Instant::now();

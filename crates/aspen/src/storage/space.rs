@@ -1,0 +1,85 @@
+//! Room on the disk for a database write (docs/operations.md, "Storage quota and a full disk";
+//! docs/design.md §12).
+//!
+//! Owns: [`SpaceGate`], which a write to a database waits at while the data dir's file system
+//! has less free space than the write may need. redb refuses every write after one that failed
+//! (until the database is reopened), and openraft stops a shard on any storage error: so the Raft
+//! log's checkpoints and the state machine's applies wait for room rather than fail. The node's
+//! space task (`cluster::alarm`) raises the NOSPACE alarm and releases its space reserve at the
+//! same threshold, which usually makes the room at once.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+/// How often a waiting write looks again.
+const RECHECK: Duration = Duration::from_millis(200);
+/// How often a write still waiting says so.
+const REMIND: Duration = Duration::from_secs(30);
+
+/// Free space a write needs: `floor` bytes plus twice what it writes (copy-on-write pages).
+#[derive(Debug, Clone)]
+pub struct SpaceGate {
+    dir: PathBuf,
+    floor: u64,
+}
+
+impl SpaceGate {
+    /// A gate for writes under `dir` that keeps `floor` bytes free.
+    pub fn new(dir: &Path, floor: u64) -> Self {
+        SpaceGate { dir: dir.to_path_buf(), floor }
+    }
+
+    /// Whether a write of about `bytes` fits now (`true` when free space cannot be read).
+    pub fn room_for(&self, bytes: u64) -> bool {
+        match rustix::fs::statvfs(&self.dir) {
+            Ok(st) => st.f_bavail.saturating_mul(st.f_frsize) >= self.floor.saturating_add(bytes.saturating_mul(2)),
+            Err(_) => true,
+        }
+    }
+
+    /// Blocks until a write of about `bytes` fits (`what` names it in the log), or `give_up`
+    /// says to stop waiting (the store is closing: the write then fails as it would have).
+    pub fn wait_blocking(&self, bytes: u64, what: &str, give_up: impl Fn() -> bool) {
+        let mut said: Option<Instant> = None;
+        while !self.room_for(bytes) && !give_up() {
+            if said.is_none_or(|t| t.elapsed() >= REMIND) {
+                tracing::warn!("{what} waits for free disk space under {} ({bytes} bytes)", self.dir.display());
+                said = Some(Instant::now());
+            }
+            std::thread::sleep(RECHECK);
+        }
+        if said.is_some() {
+            tracing::info!("{what}: disk space available again under {}", self.dir.display());
+        }
+    }
+
+    /// [`Self::wait_blocking`] for async callers.
+    pub async fn wait(&self, bytes: u64, what: &str) {
+        let mut said: Option<Instant> = None;
+        while !self.room_for(bytes) {
+            if said.is_none_or(|t| t.elapsed() >= REMIND) {
+                tracing::warn!("{what} waits for free disk space under {} ({bytes} bytes)", self.dir.display());
+                said = Some(Instant::now());
+            }
+            tokio::time::sleep(RECHECK).await;
+        }
+        if said.is_some() {
+            tracing::info!("{what}: disk space available again under {}", self.dir.display());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gate_opens_for_writes_that_fit() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(SpaceGate::new(dir.path(), 0).room_for(1024));
+        assert!(!SpaceGate::new(dir.path(), u64::MAX / 2).room_for(1024));
+        assert!(!SpaceGate::new(dir.path(), 0).room_for(u64::MAX / 2));
+    }
+}
