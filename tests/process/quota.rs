@@ -145,6 +145,26 @@ impl Drop for Tmpfs {
     }
 }
 
+/// A node (id 1) serving from a 96 MiB tmpfs mounted at `mount`; `None` (with one line saying
+/// `what` did not run) where mounting is not allowed.
+fn node_on_tmpfs(mount: &Path, what: &str) -> Option<(Tmpfs, NodeProc)> {
+    let Some(tmpfs) = Tmpfs::mount(mount, 96) else {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root): {what} did not run");
+        return None;
+    };
+    let mut node = NodeProc::new(mount, 1);
+    // The reserve covers what the node writes after the alarm: entries in flight, the log's
+    // checkpoints of the journal into its database, the log until compacted (4 MiB here).
+    node.extra_args = vec![
+        "--reserve-bytes".into(),
+        (24u64 << 20).to_string(),
+        "--snapshot-log-bytes".into(),
+        (4u64 << 20).to_string(),
+    ];
+    node.start();
+    Some((tmpfs, node))
+}
+
 /// Fills the file system of `dir` to its last byte with a file there; returns its path.
 fn fill_disk(dir: &Path) -> PathBuf {
     use std::io::Write;
@@ -166,20 +186,7 @@ fn fill_disk(dir: &Path) -> PathBuf {
 fn a_full_disk_raises_the_alarm_and_a_restart_on_it_serves_reads() {
     let root = tempfile::tempdir().unwrap();
     let mount = root.path().join("disk");
-    let Some(_tmpfs) = Tmpfs::mount(&mount, 96) else {
-        eprintln!("skipped: cannot mount a tmpfs here (needs root): the full-disk test did not run");
-        return;
-    };
-    let mut node = NodeProc::new(&mount, 1);
-    // The reserve covers what the node writes after the alarm: entries in flight, the log's
-    // checkpoints of the journal into its database, the log until compacted (4 MiB here).
-    node.extra_args = vec![
-        "--reserve-bytes".into(),
-        (24u64 << 20).to_string(),
-        "--snapshot-log-bytes".into(),
-        (4u64 << 20).to_string(),
-    ];
-    node.start();
+    let Some((_tmpfs, mut node)) = node_on_tmpfs(&mount, "the full-disk test") else { return };
     let value = "d".repeat(32 * 1024);
     let mut acked = Vec::new();
     let refusal = loop {
@@ -240,20 +247,7 @@ fn a_disk_filled_by_another_program_stalls_writes_without_stopping_the_shard() {
     };
     let root = tempfile::tempdir().unwrap();
     let mount = root.path().join("disk");
-    let Some(_tmpfs) = Tmpfs::mount(&mount, 96) else {
-        eprintln!(
-            "skipped: cannot mount a tmpfs here (needs root): the disk-filled-by-another-program test did not run"
-        );
-        return;
-    };
-    let mut node = NodeProc::new(&mount, 1);
-    node.extra_args = vec![
-        "--reserve-bytes".into(),
-        (24u64 << 20).to_string(),
-        "--snapshot-log-bytes".into(),
-        (4u64 << 20).to_string(),
-    ];
-    node.start();
+    let Some((_tmpfs, mut node)) = node_on_tmpfs(&mount, "the disk-filled-by-another-program test") else { return };
     let stop = Arc::new(AtomicBool::new(false));
     let acked: Arc<Mutex<Vec<String>>> = Default::default();
     let value = "e".repeat(16 * 1024);
