@@ -38,6 +38,7 @@ use crate::api::{
     is_reserved_key, AlarmInfo, ApiError, BatchOp, ClientResponse, NodeId, ReadConsistency, ScanRequest, TxnOp,
     WriteCommand,
 };
+use crate::storage::space::free_bytes;
 
 pub const NOSPACE: &str = "NOSPACE";
 /// How often free disk space is checked.
@@ -96,12 +97,6 @@ pub fn adds_data(command: &WriteCommand) -> bool {
         | WriteCommand::LeaseDrop { .. }
         | WriteCommand::LeaseForget { .. } => false,
     }
-}
-
-/// Free bytes for an unprivileged writer on the file system of `dir`.
-pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
-    let st = rustix::fs::statvfs(dir)?;
-    Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 /// The space reserve of a data dir (see the module docs).

@@ -44,7 +44,7 @@ pub fn render(service: &NodeService) -> String {
     out.sample("aspen_stored_bytes", &[], service.stored_bytes.load(std::sync::atomic::Ordering::Relaxed) as f64);
     out.family("aspen_quota_bytes", "gauge", "The storage quota ([limits] quota_bytes).");
     out.sample("aspen_quota_bytes", &[], service.limits.quota_bytes as f64);
-    if let Ok(free) = super::alarm::free_bytes(&service.data_dir) {
+    if let Ok(free) = crate::storage::space::free_bytes(&service.data_dir) {
         out.family("aspen_disk_free_bytes", "gauge", "Free bytes on the file system of the data dir.");
         out.sample("aspen_disk_free_bytes", &[], free as f64);
     }

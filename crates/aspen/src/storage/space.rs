@@ -18,6 +18,12 @@ const RECHECK: Duration = Duration::from_millis(200);
 /// How often a write still waiting says so.
 const REMIND: Duration = Duration::from_secs(30);
 
+/// Free bytes for an unprivileged writer on the file system of `dir`.
+pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    let st = rustix::fs::statvfs(dir)?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
 /// Free space a write needs: `floor` bytes plus twice what it writes (copy-on-write pages).
 #[derive(Debug, Clone)]
 pub struct SpaceGate {
@@ -33,40 +39,46 @@ impl SpaceGate {
 
     /// Whether a write of about `bytes` fits now (`true` when free space cannot be read).
     pub fn room_for(&self, bytes: u64) -> bool {
-        match rustix::fs::statvfs(&self.dir) {
-            Ok(st) => st.f_bavail.saturating_mul(st.f_frsize) >= self.floor.saturating_add(bytes.saturating_mul(2)),
-            Err(_) => true,
-        }
+        free_bytes(&self.dir).map_or(true, |free| free >= self.floor.saturating_add(bytes.saturating_mul(2)))
     }
 
     /// Blocks until a write of about `bytes` fits (`what` names it in the log), or `give_up`
     /// says to stop waiting (the store is closing: the write then fails as it would have).
     pub fn wait_blocking(&self, bytes: u64, what: &str, give_up: impl Fn() -> bool) {
-        let mut said: Option<Instant> = None;
+        let mut waiting = Waiting::default();
         while !self.room_for(bytes) && !give_up() {
-            if said.is_none_or(|t| t.elapsed() >= REMIND) {
-                tracing::warn!("{what} waits for free disk space under {} ({bytes} bytes)", self.dir.display());
-                said = Some(Instant::now());
-            }
+            waiting.say(self, bytes, what);
             std::thread::sleep(RECHECK);
         }
-        if said.is_some() {
-            tracing::info!("{what}: disk space available again under {}", self.dir.display());
-        }
+        waiting.done(self, what);
     }
 
     /// [`Self::wait_blocking`] for async callers.
     pub async fn wait(&self, bytes: u64, what: &str) {
-        let mut said: Option<Instant> = None;
+        let mut waiting = Waiting::default();
         while !self.room_for(bytes) {
-            if said.is_none_or(|t| t.elapsed() >= REMIND) {
-                tracing::warn!("{what} waits for free disk space under {} ({bytes} bytes)", self.dir.display());
-                said = Some(Instant::now());
-            }
+            waiting.say(self, bytes, what);
             tokio::time::sleep(RECHECK).await;
         }
-        if said.is_some() {
-            tracing::info!("{what}: disk space available again under {}", self.dir.display());
+        waiting.done(self, what);
+    }
+}
+
+/// What a waiting write said in the log, and when.
+#[derive(Default)]
+struct Waiting(Option<Instant>);
+
+impl Waiting {
+    fn say(&mut self, gate: &SpaceGate, bytes: u64, what: &str) {
+        if self.0.is_none_or(|t| t.elapsed() >= REMIND) {
+            tracing::warn!("{what} waits for free disk space under {} ({bytes} bytes)", gate.dir.display());
+            self.0 = Some(Instant::now());
+        }
+    }
+
+    fn done(self, gate: &SpaceGate, what: &str) {
+        if self.0.is_some() {
+            tracing::info!("{what}: disk space available again under {}", gate.dir.display());
         }
     }
 }
