@@ -250,3 +250,22 @@ async fn a_backup_saved_under_writes_restores_into_a_new_cluster() {
     }
     client.close().await;
 }
+
+/// One node leading eight shards saves them all in one go: a shard's finished session (kept a
+/// minute to answer its last chunk again) does not count against the node's limit of backups
+/// being saved at once.
+#[test]
+fn a_node_leading_many_shards_saves_them_all() {
+    let root = tempfile::tempdir().unwrap();
+    let mut node = NodeProc::new(root.path(), 1);
+    node.extra_args = vec!["--sharding-enabled".into(), "--sharding-num-shards".into(), "8".into()];
+    node.start();
+    for i in 0..32 {
+        expect_code(&node.cli(&["put", &format!("k{i}"), "v"]), 0, "put");
+    }
+    let file = root.path().join("eight.aspen");
+    let o = cli_at(&node.data_dir, &["--json", "snapshot", "save", file.to_str().unwrap()]);
+    expect_code(&o, 0, "snapshot save of eight shards led by one node");
+    let header: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(header["shards"].as_array().map(Vec::len), Some(8), "{header}");
+}

@@ -88,6 +88,8 @@ impl AspenClient {
                             if attempt < SHARD_ATTEMPTS && !matches!(e, ApiError::PermissionDenied(_)) =>
                         {
                             tracing::warn!(shard, "saving shard {shard} again: {e}");
+                            // Another save may hold the leader's sessions, or it is changing.
+                            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                             file.set_len(start).map_err(io(&temp))?;
                             file.seek(SeekFrom::Start(start)).map_err(io(&temp))?;
                         }

@@ -65,12 +65,33 @@ struct Session {
     /// The last chunk answered (sent again if the client asks for its offset again).
     last: Option<BackupChunk>,
     used: Instant,
+    /// Whether its stream ended (its read is released; it no longer counts as open).
+    finished: bool,
+    /// The node's count of open sessions ([`BackupSessions::open`]).
+    open: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Session {
+    fn finish(&mut self) {
+        if !std::mem::replace(&mut self.finished, true) {
+            self.open.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.finish();
+    }
 }
 
 /// The backups this node serves (it leads their shards).
 #[derive(Default)]
 pub struct BackupSessions {
     sessions: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<Session>>>>,
+    /// Sessions whose stream has not ended (a finished one is kept a while only to answer its
+    /// last chunk again, and does not count against [`MAX_SESSIONS`]).
+    open: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl std::fmt::Debug for BackupSessions {
@@ -124,6 +145,7 @@ impl BackupSessions {
             Piece::Bytes(b) => (b, false, None),
             Piece::Done(d) => (Vec::new(), true, Some(d)),
             Piece::Failed(why) => {
+                s.finish();
                 self.lock().remove(&id);
                 return Err(ApiError::Internal(format!("backup of shard {shard}: {why}")));
             }
@@ -143,6 +165,7 @@ impl BackupSessions {
         s.last = Some(chunk.clone());
         if done {
             // Kept until idle, so that a lost answer can be asked for again.
+            s.finish();
             tracing::info!(shard, index = s.index, bytes = s.next, "backup of shard sent");
         }
         Ok(chunk)
@@ -151,7 +174,7 @@ impl BackupSessions {
     /// Starts a session: confirms this node leads `shard` (everything acknowledged before is
     /// in the read it takes) and starts writing its stream.
     async fn start(&self, node: &RaftNode, shard: ShardId) -> Result<u64, ApiError> {
-        if self.lock().len() >= MAX_SESSIONS {
+        if self.open.load(std::sync::atomic::Ordering::SeqCst) >= MAX_SESSIONS {
             return Err(ApiError::Unavailable(format!(
                 "{MAX_SESSIONS} backups are being saved from this node already; retry later"
             )));
@@ -177,7 +200,10 @@ impl BackupSessions {
             next: 0,
             last: None,
             used: Instant::now(),
+            finished: false,
+            open: self.open.clone(),
         };
+        self.open.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.lock().insert(id, Arc::new(tokio::sync::Mutex::new(session)));
         tracing::info!(shard, index = last.index, "backup of shard started");
         Ok(id)
