@@ -72,9 +72,32 @@ pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
 pub type NodeId = u64;
 /// A shard number (`0 .. num_shards`).
 pub type ShardId = u32;
-/// A revision: the Raft log index of the entry that made a change. Concurrent writes to
-/// different keys may share an entry, and so a revision; two writes to one key never do.
+/// A revision: where a change stands in its shard's history (docs/design.md §6.3): the Raft log
+/// index of the entry that made it, times [`REVISIONS_PER_ENTRY`], plus the write's place in that
+/// entry. Every write has its own, ordered as the shard applied them; revisions compare within a
+/// shard only.
 pub type Revision = u64;
+
+/// Revisions one log entry spans: a write's place in its entry takes the low bits (an entry holds
+/// at most `raft::batcher::MAX_WRITES` writes).
+pub const REVISIONS_PER_ENTRY: u64 = 1024;
+
+/// The revision of the write at `place` (0-based) in the entry at log `index`.
+pub fn write_revision(index: u64, place: usize) -> Revision {
+    let place = (place as u64).min(REVISIONS_PER_ENTRY - 1);
+    index.saturating_mul(REVISIONS_PER_ENTRY).saturating_add(place)
+}
+
+/// A shard's revision once the entry at log `index` is applied: at or after every write of that
+/// entry and the ones before, before every write of a later entry.
+pub fn applied_revision(index: u64) -> Revision {
+    index.saturating_mul(REVISIONS_PER_ENTRY).saturating_add(REVISIONS_PER_ENTRY - 1)
+}
+
+/// The log index of the entry that made the change at `revision`.
+pub fn revision_entry(revision: Revision) -> u64 {
+    revision / REVISIONS_PER_ENTRY
+}
 
 /// Largest node id that still leaves room for the shard in the upper 16 bits of a Raft id.
 pub const MAX_NODE_ID: NodeId = (1 << 48) - 1;

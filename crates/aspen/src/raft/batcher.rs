@@ -41,6 +41,8 @@ use crate::{
 
 /// Most writes in one log entry.
 pub const MAX_WRITES: usize = 512;
+// Each write of an entry gets a revision of its own (`api::write_revision`).
+const _: () = assert!(MAX_WRITES as u64 <= crate::api::REVISIONS_PER_ENTRY);
 /// Most bytes of keys and values in one log entry (a larger single write goes alone).
 pub const MAX_BATCH_BYTES: usize = 512 * 1024;
 /// Most entries of one shard proposed and not yet applied at a time. One: everything that

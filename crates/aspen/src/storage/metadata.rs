@@ -32,8 +32,11 @@ const KEY_STORAGE_FORMAT: &str = "storage_format";
 /// snapshot staging). Version 1 is the first recorded one; a data dir without a record is of
 /// format 0 (written before formats were recorded), which version 1 reads as it is — its opening
 /// code fills in what older versions did not keep (digest sums, per-token session counts, a
-/// shard's own journal moved into the node's).
-pub const STORAGE_FORMAT: u32 = 1;
+/// shard's own journal moved into the node's). Version 2 numbers revisions per write (log index ×
+/// 1024 + the write's place in its entry, `api::write_revision`): an older Aspen would number new
+/// writes below the revisions already stored, so it must not open a format-2 data dir; format 1
+/// needs no conversion (its revisions are log indexes, below every format-2 revision).
+pub const STORAGE_FORMAT: u32 = 2;
 
 /// What the metadata store records about this node's cluster.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -736,7 +736,7 @@ fn apply_entries(
                 EntryPayload::Normal(WriteBatch(writes)) => {
                     let mut outcomes = Vec::with_capacity(writes.len());
                     let mut events = Vec::new();
-                    for req in writes {
+                    for (place, req) in writes.into_iter().enumerate() {
                         clock = clock.max(req.timestamp_ms);
                         // Expire per write (not per apply call): replicas hand entries to apply
                         // in different groups, and every replica must make the same dedup
@@ -754,7 +754,7 @@ fn apply_entries(
                             changes: &mut changes,
                             events: collect_events.then_some(&mut events),
                         };
-                        outcomes.push(apply_write(&mut tables, log_id.index, req)?);
+                        outcomes.push(apply_write(&mut tables, crate::api::write_revision(log_id.index, place), req)?);
                     }
                     results.push(ApplyResult(outcomes));
                     if !events.is_empty() {

@@ -16,11 +16,13 @@ use std::{collections::VecDeque, sync::Arc};
 
 use tokio::sync::broadcast;
 
-use crate::api::{ApiError, ShardId, WatchEvent, WatchPosition};
+use crate::api::{applied_revision, ApiError, ShardId, WatchEvent, WatchPosition};
 
 /// The events of one applied entry (or a break in the history: `gap`).
 #[derive(Debug)]
 pub struct EventBatch {
+    /// The shard's revision once the entry is applied ([`applied_revision`]): at or after each
+    /// of its events'.
     pub revision: u64,
     pub events: Vec<WatchEvent>,
     /// The history broke here (a snapshot was installed): watches must stop.
@@ -34,7 +36,7 @@ struct History {
     bytes: usize,
     /// Every event of a revision after this is in `batches` or still to come.
     complete_after: u64,
-    /// The last applied index published (events or not).
+    /// The revision of the last applied entry published (events or not).
     applied: u64,
 }
 
@@ -76,8 +78,8 @@ impl WatchHub {
                 batches: VecDeque::new(),
                 events: 0,
                 bytes: 0,
-                complete_after: applied,
-                applied,
+                complete_after: applied_revision(applied),
+                applied: applied_revision(applied),
             }),
             live,
         }
@@ -91,15 +93,16 @@ impl WatchHub {
         self.shard
     }
 
-    /// Takes in what an apply produced: the events of each entry (revision, events without
+    /// Takes in what an apply produced: the events of each entry (its log index, events without
     /// their shard set), and the last index it applied.
     pub fn publish(&self, batches: Vec<(u64, Vec<WatchEvent>)>, applied: u64) {
         let mut h = self.lock();
-        h.applied = h.applied.max(applied);
-        for (revision, mut events) in batches {
+        h.applied = h.applied.max(applied_revision(applied));
+        for (index, mut events) in batches {
             if events.is_empty() {
                 continue;
             }
+            let revision = applied_revision(index);
             for e in &mut events {
                 e.shard = self.shard;
             }
@@ -125,6 +128,7 @@ impl WatchHub {
     /// The state was replaced by a snapshot up to `applied`: the history before it is gone,
     /// and the watches that were following it end.
     pub fn reset(&self, applied: u64) {
+        let applied = applied_revision(applied);
         let mut h = self.lock();
         h.batches.clear();
         h.events = 0;
@@ -194,34 +198,35 @@ mod tests {
 
     #[test]
     fn history_is_bounded_and_says_what_it_lost() {
+        let r = applied_revision;
         let hub = WatchHub::new(2, 10, 3, usize::MAX, 16);
-        // Before anything was applied here: only "after 10" can be served.
+        // Before anything was applied here: only "after entry 10" can be served.
         assert!(matches!(
-            hub.subscribe(WatchPosition { shard: 2, revision: 9, index: 0 }),
-            Err(ApiError::Compacted { oldest: 11, .. })
+            hub.subscribe(WatchPosition { shard: 2, revision: r(10) - 1, index: 0 }),
+            Err(ApiError::Compacted { oldest, .. }) if oldest == r(10) + 1
         ));
         let sub = hub.subscribe(hub.now()).unwrap();
         assert!(sub.backlog.is_empty());
         hub.publish(vec![(11, vec![ev("a", 0), ev("b", 1)]), (12, vec![]), (13, vec![ev("c", 0)])], 13);
         assert_eq!(hub.held().0, 3);
-        // A fourth event drops revision 11 (two events): history now complete after 11.
+        // A fourth event drops entry 11 (two events): history now complete after it.
         hub.publish(vec![(14, vec![ev("d", 0)])], 14);
-        assert_eq!(hub.held(), (2, hub.held().1, 11));
+        assert_eq!(hub.held(), (2, hub.held().1, r(11)));
         assert!(matches!(
-            hub.subscribe(WatchPosition { shard: 2, revision: 11, index: 0 }),
-            Err(ApiError::Compacted { shard: 2, oldest: 12 })
+            hub.subscribe(WatchPosition { shard: 2, revision: r(11), index: 0 }),
+            Err(ApiError::Compacted { shard: 2, oldest }) if oldest == r(11) + 1
         ));
-        let s = hub.subscribe(WatchPosition::after_revision(2, 11)).unwrap();
+        let s = hub.subscribe(WatchPosition::after_revision(2, r(11))).unwrap();
         let revs: Vec<u64> = s.backlog.iter().map(|b| b.revision).collect();
-        assert_eq!(revs, [13, 14]);
+        assert_eq!(revs, [r(13), r(14)]);
         assert!(s.backlog.iter().all(|b| b.events.iter().all(|e| e.shard == 2)), "events carry their shard");
         let mut live = sub.live;
         let got: Vec<u64> = (0..3).map(|_| live.try_recv().unwrap().revision).collect();
-        assert_eq!(got, [11, 13, 14], "the live feed got every batch with events");
+        assert_eq!(got, [r(11), r(13), r(14)], "the live feed got every batch with events");
         // A snapshot install breaks the history: watchers see a gap.
         hub.reset(100);
         assert!(live.try_recv().unwrap().gap);
-        assert!(hub.subscribe(WatchPosition::after_revision(2, 14)).is_err());
+        assert!(hub.subscribe(WatchPosition::after_revision(2, r(14))).is_err());
         assert!(hub.subscribe(hub.now()).is_ok());
     }
 }

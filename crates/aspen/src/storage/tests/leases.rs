@@ -34,16 +34,16 @@ async fn leases_at_their_home_shard() {
     let deadlines = sm.deadlines();
     assert_eq!(
         apply_write(&mut sm, grant(1, 7, 10)).await,
-        WriteOutcome::LeaseGranted { revision: 1, id: 7, ttl_secs: 10 }
+        WriteOutcome::LeaseGranted { revision: rev(1), id: 7, ttl_secs: 10 }
     );
     assert_eq!(apply_write(&mut sm, grant(2, 7, 30)).await, WriteOutcome::LeaseExists { id: 7 });
     assert_eq!(r.lease(7).unwrap(), Some(LeaseRecord { ttl_secs: 10, revoking: false }));
     assert_eq!(deadlines.live_count(), 1, "apply told the deadlines");
 
     // Attach two keys; a put without the lease detaches one (etcd); a delete forgets another.
-    assert_eq!(apply_write(&mut sm, put_lease(3, "a", 7, false)).await, WriteOutcome::Put { revision: 3 });
-    assert_eq!(apply_write(&mut sm, put_lease(4, "b", 7, false)).await, WriteOutcome::Put { revision: 4 });
-    assert_eq!(apply_write(&mut sm, put_lease(5, "c", 7, false)).await, WriteOutcome::Put { revision: 5 });
+    assert_eq!(apply_write(&mut sm, put_lease(3, "a", 7, false)).await, WriteOutcome::Put { revision: rev(3) });
+    assert_eq!(apply_write(&mut sm, put_lease(4, "b", 7, false)).await, WriteOutcome::Put { revision: rev(4) });
+    assert_eq!(apply_write(&mut sm, put_lease(5, "c", 7, false)).await, WriteOutcome::Put { revision: rev(5) });
     assert_eq!(keys_of(&r, 7), ["a", "b", "c"]);
     apply_write(&mut sm, put(1, 6, "b", b"plain")).await;
     apply_write(&mut sm, delete(1, 7, "c")).await;
@@ -53,7 +53,7 @@ async fn leases_at_their_home_shard() {
     // Revoke: the home's keys go, the record stays as revoking, puts with it are refused.
     assert_eq!(
         apply_write(&mut sm, lease_cmd(8, WriteCommand::LeaseRevoke { id: 7 })).await,
-        WriteOutcome::LeaseRevoked { revision: 8, deleted: 1 }
+        WriteOutcome::LeaseRevoked { revision: rev(8), deleted: 1 }
     );
     assert_eq!(get(&r, "a"), None);
     assert_eq!(get(&r, "b").map(|kv| kv.value), Some(b"plain".to_vec()), "a detached key stays");
@@ -69,7 +69,7 @@ async fn leases_at_their_home_shard() {
     // Forget: the record goes; the tombstone keeps the id from being granted again.
     assert_eq!(
         apply_write(&mut sm, node_step(11, WriteCommand::LeaseForget { id: 7 })).await,
-        WriteOutcome::LeaseRevoked { revision: 11, deleted: 0 }
+        WriteOutcome::LeaseRevoked { revision: rev(11), deleted: 0 }
     );
     assert_eq!(r.lease(7).unwrap(), None);
     assert!(deadlines.revoking().is_empty());
@@ -94,29 +94,29 @@ async fn leases_on_a_shard_that_is_not_their_home() {
     let r = sm.reader();
     // Unknown here: the node must check the home first; checked, the key attaches.
     assert_eq!(apply_write(&mut sm, put_lease(1, "x", 5, false)).await, WriteOutcome::LeaseUnchecked { id: 5 });
-    assert_eq!(apply_write(&mut sm, put_lease(2, "x", 5, true)).await, WriteOutcome::Put { revision: 2 });
+    assert_eq!(apply_write(&mut sm, put_lease(2, "x", 5, true)).await, WriteOutcome::Put { revision: rev(2) });
     // Known now (a key of it is here): later puts need no check.
-    assert_eq!(apply_write(&mut sm, put_lease(3, "y", 5, false)).await, WriteOutcome::Put { revision: 3 });
+    assert_eq!(apply_write(&mut sm, put_lease(3, "y", 5, false)).await, WriteOutcome::Put { revision: rev(3) });
     // The same session retried gets the same answer, applied once.
     let retry = put_lease(4, "z", 5, false);
-    assert_eq!(apply_write(&mut sm, retry.clone()).await, WriteOutcome::Put { revision: 4 });
+    assert_eq!(apply_write(&mut sm, retry.clone()).await, WriteOutcome::Put { revision: rev(4) });
     let mut again = retry;
     again.log_id = log_id(1, 5);
-    assert_eq!(apply_write(&mut sm, again).await, WriteOutcome::Put { revision: 4 });
+    assert_eq!(apply_write(&mut sm, again).await, WriteOutcome::Put { revision: rev(4) });
     assert_eq!(keys_of(&r, 5), ["x", "y", "z"]);
 
     // The revocation reaches this shard: its keys go, a late put (checked before the
     // revocation at the home) is refused.
     assert_eq!(
         apply_write(&mut sm, node_step(6, WriteCommand::LeaseDrop { id: 5 })).await,
-        WriteOutcome::LeaseRevoked { revision: 6, deleted: 3 }
+        WriteOutcome::LeaseRevoked { revision: rev(6), deleted: 3 }
     );
     assert!(all_keys(&r).is_empty());
     assert_eq!(apply_write(&mut sm, put_lease(7, "late", 5, true)).await, WriteOutcome::LeaseNotFound { id: 5 });
     // Dropping again is harmless (a retried or doubled revocation).
     assert_eq!(
         apply_write(&mut sm, node_step(8, WriteCommand::LeaseDrop { id: 5 })).await,
-        WriteOutcome::LeaseRevoked { revision: 8, deleted: 0 }
+        WriteOutcome::LeaseRevoked { revision: rev(8), deleted: 0 }
     );
     assert_digest_recounts(&r);
     // Sessionless steps leave no session behind.
@@ -136,7 +136,7 @@ async fn tombstones_are_forgotten_after_an_hour_of_the_shard_clock() {
     assert_eq!(apply_write(&mut sm, put_lease(3, "k", 1, true)).await, WriteOutcome::LeaseNotFound { id: 1 });
     // An hour after the first: the next tombstone written forgets it, not the second.
     apply_write(&mut sm, at(4, 1_001 + TOMBSTONE_TTL_MS, WriteCommand::LeaseDrop { id: 3 })).await;
-    assert_eq!(apply_write(&mut sm, put_lease(5, "k", 1, true)).await, WriteOutcome::Put { revision: 5 });
+    assert_eq!(apply_write(&mut sm, put_lease(5, "k", 1, true)).await, WriteOutcome::Put { revision: rev(5) });
     assert_eq!(apply_write(&mut sm, put_lease(6, "k2", 2, true)).await, WriteOutcome::LeaseNotFound { id: 2 });
     assert_digest_recounts(&r);
 }

@@ -142,8 +142,15 @@ fn get(reader: &StateReader, key: &str) -> Option<KeyValue> {
     reader.get(key.as_bytes()).expect("get")
 }
 
-fn kv(key: &str, value: &[u8], create_revision: u64, mod_revision: u64, version: u64) -> KeyValue {
+/// A key as read back; its revisions given as the log indexes of lone writes ([`rev`]).
+fn kv(key: &str, value: &[u8], create_index: u64, mod_index: u64, version: u64) -> KeyValue {
+    let (create_revision, mod_revision) = (rev(create_index), rev(mod_index));
     KeyValue { key: key.as_bytes().to_vec(), value: value.to_vec(), create_revision, mod_revision, version }
+}
+
+/// The revision of the first (or only) write of the entry at log `index`.
+fn rev(index: u64) -> u64 {
+    crate::api::write_revision(index, 0)
 }
 
 /// The incrementally kept digest equals a recount of every key, session, lease and tombstone.

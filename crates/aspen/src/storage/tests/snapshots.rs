@@ -81,7 +81,7 @@ async fn snapshot_round_trip() {
 
     // Sessions travel with the snapshot: a retry on the new replica is still deduplicated.
     let retry = normal(2, 9, request(client(9), 4, put_cmd("s", b"session")));
-    assert_eq!(apply_write(&mut sm_b, retry).await, WriteOutcome::Put { revision: 7 });
+    assert_eq!(apply_write(&mut sm_b, retry).await, WriteOutcome::Put { revision: rev(7) });
     assert_eq!(get(&sm_b.reader(), "s"), Some(kv("s", b"session", 7, 7, 1)));
 
     // Installing over a state machine with other state replaces all of it.
@@ -105,7 +105,7 @@ async fn snapshot_round_trip() {
     assert_eq!(sm_c.applied_state().await.unwrap().1, meta.last_membership, "membership replaced");
     // Its old session went with it: client 7 starting over at seq 1 is not stale.
     let fresh = normal(2, 9, request(client(7), 1, put_cmd("w", b"2")));
-    assert_eq!(apply_write(&mut sm_c, fresh).await, WriteOutcome::Put { revision: 9 });
+    assert_eq!(apply_write(&mut sm_c, fresh).await, WriteOutcome::Put { revision: rev(9) });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,58 +13,58 @@ async fn apply_put_delete_cas_batch() {
     let results = apply(&mut sm, vec![blank(1, 1), membership(1, 2, &[1, 2])]).await;
     assert_eq!(results, vec![ApplyResult(vec![]), ApplyResult(vec![])], "Raft's own entries have no outcome");
 
-    // Put: creates, then modifies; mod_revision is the log index, version counts writes.
-    assert_eq!(apply_write(&mut sm, put(1, 3, "a", b"v1")).await, WriteOutcome::Put { revision: 3 });
+    // Put: creates, then modifies; mod_revision is the write's revision, version counts writes.
+    assert_eq!(apply_write(&mut sm, put(1, 3, "a", b"v1")).await, WriteOutcome::Put { revision: rev(3) });
     assert_eq!(get(&r, "a"), Some(kv("a", b"v1", 3, 3, 1)));
-    assert_eq!(apply_write(&mut sm, put(1, 4, "a", b"v2")).await, WriteOutcome::Put { revision: 4 });
+    assert_eq!(apply_write(&mut sm, put(1, 4, "a", b"v2")).await, WriteOutcome::Put { revision: rev(4) });
     assert_eq!(get(&r, "a"), Some(kv("a", b"v2", 3, 4, 2)));
 
     // Cas with the current value succeeds.
     assert_eq!(
         apply_write(&mut sm, cas(1, 5, "a", Some(b"v2"), b"v3")).await,
-        WriteOutcome::Cas { revision: 5, succeeded: true, current: None }
+        WriteOutcome::Cas { revision: rev(5), succeeded: true, current: None }
     );
     assert_eq!(get(&r, "a"), Some(kv("a", b"v3", 3, 5, 3)));
     // Cas with a stale value fails, reports the current value and changes nothing.
     assert_eq!(
         apply_write(&mut sm, cas(1, 6, "a", Some(b"v2"), b"v4")).await,
-        WriteOutcome::Cas { revision: 6, succeeded: false, current: Some(b"v3".to_vec()) }
+        WriteOutcome::Cas { revision: rev(6), succeeded: false, current: Some(b"v3".to_vec()) }
     );
     assert_eq!(get(&r, "a"), Some(kv("a", b"v3", 3, 5, 3)));
     // Cas expecting absence succeeds only when the key is absent.
     assert_eq!(
         apply_write(&mut sm, cas(1, 7, "b", None, b"b1")).await,
-        WriteOutcome::Cas { revision: 7, succeeded: true, current: None }
+        WriteOutcome::Cas { revision: rev(7), succeeded: true, current: None }
     );
     assert_eq!(get(&r, "b"), Some(kv("b", b"b1", 7, 7, 1)));
     assert_eq!(
         apply_write(&mut sm, cas(1, 8, "b", None, b"b2")).await,
-        WriteOutcome::Cas { revision: 8, succeeded: false, current: Some(b"b1".to_vec()) }
+        WriteOutcome::Cas { revision: rev(8), succeeded: false, current: Some(b"b1".to_vec()) }
     );
     assert_eq!(get(&r, "b"), Some(kv("b", b"b1", 7, 7, 1)));
     // Cas expecting a value of an absent key fails and does not create it.
     assert_eq!(
         apply_write(&mut sm, cas(1, 9, "c", Some(b"x"), b"c1")).await,
-        WriteOutcome::Cas { revision: 9, succeeded: false, current: None }
+        WriteOutcome::Cas { revision: rev(9), succeeded: false, current: None }
     );
     assert_eq!(get(&r, "c"), None);
 
     // Delete reports whether the key existed; a put after a delete starts a new life.
-    assert_eq!(apply_write(&mut sm, delete(2, 10, "a")).await, WriteOutcome::Delete { revision: 10, deleted: true });
+    assert_eq!(apply_write(&mut sm, delete(2, 10, "a")).await, WriteOutcome::Delete { revision: rev(10), deleted: true });
     assert_eq!(get(&r, "a"), None);
-    assert_eq!(apply_write(&mut sm, delete(2, 11, "a")).await, WriteOutcome::Delete { revision: 11, deleted: false });
-    assert_eq!(apply_write(&mut sm, put(2, 12, "a", b"v5")).await, WriteOutcome::Put { revision: 12 });
+    assert_eq!(apply_write(&mut sm, delete(2, 11, "a")).await, WriteOutcome::Delete { revision: rev(11), deleted: false });
+    assert_eq!(apply_write(&mut sm, put(2, 12, "a", b"v5")).await, WriteOutcome::Put { revision: rev(12) });
     assert_eq!(get(&r, "a"), Some(kv("a", b"v5", 12, 12, 1)), "version and create_revision reset");
 
     // Batch: every op at the batch's revision, in order.
     let ops = vec![bput("x", b"x1"), bput("y", b"y1"), bdel("b"), bput("a", b"v6")];
-    assert_eq!(apply_write(&mut sm, batch(2, 13, ops)).await, WriteOutcome::Batch { revision: 13 });
+    assert_eq!(apply_write(&mut sm, batch(2, 13, ops)).await, WriteOutcome::Batch { revision: rev(13) });
     assert_eq!(get(&r, "x"), Some(kv("x", b"x1", 13, 13, 1)));
     assert_eq!(get(&r, "y"), Some(kv("y", b"y1", 13, 13, 1)));
     assert_eq!(get(&r, "b"), None);
     assert_eq!(get(&r, "a"), Some(kv("a", b"v6", 12, 13, 2)));
     let ops = vec![bput("z", b"z1"), bdel("z"), bdel("y"), bput("y", b"y2"), bput("x", b"x2"), bput("x", b"x3")];
-    assert_eq!(apply_write(&mut sm, batch(2, 14, ops)).await, WriteOutcome::Batch { revision: 14 });
+    assert_eq!(apply_write(&mut sm, batch(2, 14, ops)).await, WriteOutcome::Batch { revision: rev(14) });
     assert_eq!(get(&r, "z"), None, "put then delete in one batch leaves nothing");
     assert_eq!(get(&r, "y"), Some(kv("y", b"y2", 14, 14, 1)), "delete then put in one batch recreates");
     assert_eq!(get(&r, "x"), Some(kv("x", b"x3", 13, 14, 3)), "each put of a batch counts as a write");
@@ -78,10 +78,10 @@ async fn apply_put_delete_cas_batch() {
     assert_eq!(
         results,
         vec![
-            ApplyResult(vec![WriteOutcome::Put { revision: 15 }]),
-            ApplyResult(vec![WriteOutcome::Cas { revision: 16, succeeded: true, current: None }]),
+            ApplyResult(vec![WriteOutcome::Put { revision: rev(15) }]),
+            ApplyResult(vec![WriteOutcome::Cas { revision: rev(16), succeeded: true, current: None }]),
             ApplyResult(vec![]),
-            ApplyResult(vec![WriteOutcome::Delete { revision: 18, deleted: true }]),
+            ApplyResult(vec![WriteOutcome::Delete { revision: rev(18), deleted: true }]),
         ]
     );
     assert_eq!(get(&r, "m"), None);
@@ -108,39 +108,39 @@ async fn retried_writes_apply_once() {
     // (re-applying would now fail the CAS and report the current value).
     let cas_req = request(x, 1, WriteCommand::Cas { key: b"k".to_vec(), expected: None, new_value: b"v1".to_vec() });
     let first = apply_write(&mut sm, normal(1, 1, cas_req.clone())).await;
-    assert_eq!(first, WriteOutcome::Cas { revision: 1, succeeded: true, current: None });
+    assert_eq!(first, WriteOutcome::Cas { revision: rev(1), succeeded: true, current: None });
     assert_eq!(apply_write(&mut sm, normal(1, 2, cas_req.clone())).await, first);
     assert_eq!(get(&r, "k"), Some(kv("k", b"v1", 1, 1, 1)));
 
     // A put retried does not bump the version or the mod revision.
     let put_req = request(y, 1, put_cmd("p", b"a"));
-    assert_eq!(apply_write(&mut sm, normal(1, 3, put_req.clone())).await, WriteOutcome::Put { revision: 3 });
-    assert_eq!(apply_write(&mut sm, normal(2, 4, put_req.clone())).await, WriteOutcome::Put { revision: 3 });
+    assert_eq!(apply_write(&mut sm, normal(1, 3, put_req.clone())).await, WriteOutcome::Put { revision: rev(3) });
+    assert_eq!(apply_write(&mut sm, normal(2, 4, put_req.clone())).await, WriteOutcome::Put { revision: rev(3) });
     assert_eq!(get(&r, "p"), Some(kv("p", b"a", 3, 3, 1)));
 
     // The session moves on; an older sequence number is stale and changes nothing.
     assert_eq!(
         apply_write(&mut sm, normal(2, 5, request(y, 2, put_cmd("p", b"b")))).await,
-        WriteOutcome::Put { revision: 5 }
+        WriteOutcome::Put { revision: rev(5) }
     );
     assert_eq!(apply_write(&mut sm, normal(2, 6, put_req.clone())).await, WriteOutcome::StaleSequence { last_seq: 2 });
     assert_eq!(get(&r, "p"), Some(kv("p", b"b", 3, 5, 2)));
     // The current sequence number still answers with its outcome after a stale one.
     assert_eq!(
         apply_write(&mut sm, normal(2, 7, request(y, 2, put_cmd("p", b"b")))).await,
-        WriteOutcome::Put { revision: 5 }
+        WriteOutcome::Put { revision: rev(5) }
     );
     assert_eq!(get(&r, "p"), Some(kv("p", b"b", 3, 5, 2)));
 
     // A retry in the same apply batch as the original is deduplicated too.
     let z_req = request(z, 1, put_cmd("q", b"z"));
     let results = apply(&mut sm, vec![normal(2, 8, z_req.clone()), normal(2, 9, z_req.clone())]).await;
-    assert_eq!(results, vec![ApplyResult(vec![WriteOutcome::Put { revision: 8 }]); 2]);
+    assert_eq!(results, vec![ApplyResult(vec![WriteOutcome::Put { revision: rev(8) }]); 2]);
     assert_eq!(get(&r, "q"), Some(kv("q", b"z", 8, 8, 1)));
 
     // One entry carrying several writes (concurrent client writes proposed together): each write
-    // gets its own outcome, in order, with the entry's index as revision, and a retry inside the
-    // same entry is answered with the first outcome.
+    // gets its own outcome, in order, with a revision of its own (the entry's index and its place
+    // in it), and a retry inside the same entry is answered with the first outcome.
     let w = client(0x57);
     let multi = Entry {
         log_id: log_id(2, 10),
@@ -159,15 +159,17 @@ async fn retried_writes_apply_once() {
     assert_eq!(
         results,
         vec![ApplyResult(vec![
-            WriteOutcome::Put { revision: 10 },
-            WriteOutcome::Delete { revision: 10, deleted: true },
-            WriteOutcome::Put { revision: 10 },
-            WriteOutcome::Cas { revision: 10, succeeded: true, current: None },
+            WriteOutcome::Put { revision: rev(10) },
+            WriteOutcome::Delete { revision: rev(10) + 1, deleted: true },
+            WriteOutcome::Put { revision: rev(10) },
+            WriteOutcome::Cas { revision: rev(10) + 3, succeeded: true, current: None },
         ])]
     );
+    assert!(rev(10) + 3 < rev(11), "an entry's revisions come before the next entry's");
     assert_eq!(get(&r, "m1"), Some(kv("m1", b"a", 10, 10, 1)));
     assert_eq!(get(&r, "q"), None);
-    assert_eq!(get(&r, "m2"), Some(kv("m2", b"c", 10, 10, 1)));
+    let m2 = get(&r, "m2").unwrap();
+    assert_eq!((m2.create_revision, m2.mod_revision, m2.version), (rev(10) + 3, rev(10) + 3, 1));
 
     // Sessions survive a restart.
     drop((r, sm));
@@ -202,7 +204,7 @@ async fn delete_prefix_deletes_each_key_of_the_prefix_like_delete() {
     // Every key with the prefix, in one entry, at its revision; "a" and "a0" do not start with "a/".
     assert_eq!(
         apply_write(&mut sm, delete_prefix(1, 9, b"a/")).await,
-        WriteOutcome::DeletePrefix { revision: 9, deleted: 3 }
+        WriteOutcome::DeletePrefix { revision: rev(9), deleted: 3 }
     );
     assert_eq!(names(&r), [&b"a"[..], b"a0", b"b/1", b"b/2"]);
     assert_eq!(get(&r, "a"), Some(kv("a", b"v", 1, 1, 1)), "keys outside the prefix keep their revisions");
@@ -216,11 +218,11 @@ async fn delete_prefix_deletes_each_key_of_the_prefix_like_delete() {
     // Nothing left under the prefix: 0 deleted, nothing changes.
     assert_eq!(
         apply_write(&mut sm, delete_prefix(1, 10, b"a/")).await,
-        WriteOutcome::DeletePrefix { revision: 10, deleted: 0 }
+        WriteOutcome::DeletePrefix { revision: rev(10), deleted: 0 }
     );
     apply_write(&mut plain, delete(1, 10, "a/1")).await;
     // A deleted key starts a new life when put again, exactly as after a delete.
-    assert_eq!(apply_write(&mut sm, put(1, 11, "a/1", b"v3")).await, WriteOutcome::Put { revision: 11 });
+    assert_eq!(apply_write(&mut sm, put(1, 11, "a/1", b"v3")).await, WriteOutcome::Put { revision: rev(11) });
     apply_write(&mut plain, put(1, 11, "a/1", b"v3")).await;
     assert_eq!(get(&r, "a/1"), Some(kv("a/1", b"v3", 11, 11, 1)));
     assert_eq!(all_keys(&r), all_keys(&plain.reader()));
@@ -231,7 +233,7 @@ async fn delete_prefix_deletes_each_key_of_the_prefix_like_delete() {
     }
     assert_eq!(
         apply_write(&mut sm, delete_prefix(1, 17, &[0xff, 0xff])).await,
-        WriteOutcome::DeletePrefix { revision: 17, deleted: 2 }
+        WriteOutcome::DeletePrefix { revision: rev(17), deleted: 2 }
     );
     assert!(get(&r, "a").is_some());
     let left: Vec<Vec<u8>> = names(&r).into_iter().filter(|k| k[0] >= 0xfe).collect();
@@ -240,7 +242,7 @@ async fn delete_prefix_deletes_each_key_of_the_prefix_like_delete() {
     // The empty prefix deletes every key of the shard.
     assert_eq!(
         apply_write(&mut sm, delete_prefix(1, 18, b"")).await,
-        WriteOutcome::DeletePrefix { revision: 18, deleted: 8 }
+        WriteOutcome::DeletePrefix { revision: rev(18), deleted: 8 }
     );
     assert_eq!(r.key_count().unwrap(), 0);
     assert_digest_recounts(&r);
@@ -251,7 +253,7 @@ async fn delete_prefix_deletes_each_key_of_the_prefix_like_delete() {
 async fn compare_holds(sm: &mut RedbStateMachine, index: u64, compare: Compare) -> bool {
     match apply_write(sm, txn(1, index, vec![compare.clone()], vec![], vec![])).await {
         WriteOutcome::Txn { revision, succeeded, results } => {
-            assert_eq!((revision, results), (index, vec![]), "{compare:?}");
+            assert_eq!((revision, results), (rev(index), vec![]), "{compare:?}");
             succeeded
         }
         other => panic!("a txn answered {other:?}"),
@@ -279,11 +281,11 @@ async fn txn_compares_follow_etcd_semantics() {
         (Compare::version("k", NotEqual, 2), false),
         (Compare::version("k", Greater, 1), true),
         (Compare::version("k", Less, 2), false),
-        (Compare::create_revision("k", Equal, 1), true),
-        (Compare::create_revision("k", Greater, 1), false),
-        (Compare::mod_revision("k", Equal, 2), true),
-        (Compare::mod_revision("k", Less, 3), true),
-        (Compare::mod_revision("k", Greater, 2), false),
+        (Compare::create_revision("k", Equal, rev(1)), true),
+        (Compare::create_revision("k", Greater, rev(1)), false),
+        (Compare::mod_revision("k", Equal, rev(2)), true),
+        (Compare::mod_revision("k", Less, rev(3)), true),
+        (Compare::mod_revision("k", Greater, rev(2)), false),
         // A missing key: every value compare fails, even `!=`; version and revisions are 0.
         (Compare::value("missing", Equal, ""), false),
         (Compare::value("missing", NotEqual, "x"), false),
@@ -292,9 +294,9 @@ async fn txn_compares_follow_etcd_semantics() {
         (Compare::version("missing", Equal, 0), true),
         (Compare::version("missing", Greater, 0), false),
         (Compare::version("missing", Less, 1), true),
-        (Compare::create_revision("missing", Equal, 0), true),
-        (Compare::mod_revision("missing", NotEqual, 0), false),
-        (Compare::mod_revision("missing", Less, 1), true),
+        (Compare::create_revision("missing", Equal, rev(0)), true),
+        (Compare::mod_revision("missing", NotEqual, rev(0)), false),
+        (Compare::mod_revision("missing", Less, rev(1)), true),
     ];
     for (i, (compare, expected)) in cases.into_iter().enumerate() {
         assert_eq!(compare_holds(&mut sm, 3 + i as u64, compare.clone()).await, expected, "{compare:?}");
@@ -305,14 +307,14 @@ async fn txn_compares_follow_etcd_semantics() {
 
     // Every compare must hold.
     let both = |version| vec![Compare::value("k", Equal, "v2"), Compare::version("k", Equal, version)];
-    let outcome = |index| WriteOutcome::Txn { revision: index, succeeded: false, results: vec![] };
+    let outcome = |index| WriteOutcome::Txn { revision: rev(index), succeeded: false, results: vec![] };
     assert_eq!(apply_write(&mut sm, txn(1, 40, both(1), vec![], vec![])).await, outcome(40));
-    let ok = WriteOutcome::Txn { revision: 41, succeeded: true, results: vec![] };
+    let ok = WriteOutcome::Txn { revision: rev(41), succeeded: true, results: vec![] };
     assert_eq!(apply_write(&mut sm, txn(1, 41, both(2), vec![], vec![])).await, ok);
     // No compare at all: the success branch.
     let no_compare = txn(1, 42, vec![], vec![TxnOp::get("k")], vec![]);
     let results = vec![TxnOpResult::Get(Some(kv("k", b"v2", 1, 2, 2)))];
-    assert_eq!(apply_write(&mut sm, no_compare).await, WriteOutcome::Txn { revision: 42, succeeded: true, results });
+    assert_eq!(apply_write(&mut sm, no_compare).await, WriteOutcome::Txn { revision: rev(42), succeeded: true, results });
     assert_digest_recounts(&sm.reader());
 }
 
@@ -339,16 +341,16 @@ async fn txn_runs_one_branch_in_order_with_revisions_of_plain_writes() {
     assert_eq!(
         apply_write(&mut sm, txn(1, 4, vec![Compare::value("k", Equal, "v1")], success, failure)).await,
         WriteOutcome::Txn {
-            revision: 4,
+            revision: rev(4),
             succeeded: true,
             results: vec![
-                TxnOpResult::Put { revision: 4 },
+                TxnOpResult::Put { revision: rev(4) },
                 TxnOpResult::Get(Some(kv("k", b"v2", 1, 4, 2))),
                 TxnOpResult::Delete { deleted: true },
                 TxnOpResult::Delete { deleted: false },
                 TxnOpResult::Get(None),
-                TxnOpResult::Put { revision: 4 },
-                TxnOpResult::Put { revision: 4 },
+                TxnOpResult::Put { revision: rev(4) },
+                TxnOpResult::Put { revision: rev(4) },
                 TxnOpResult::Get(Some(kv("n", b"n2", 4, 4, 2))),
             ],
         }
@@ -360,19 +362,19 @@ async fn txn_runs_one_branch_in_order_with_revisions_of_plain_writes() {
     assert_eq!(get(&r, "other"), Some(kv("other", b"o", 3, 3, 1)));
 
     // Failure: the failure branch runs, the success branch does not.
-    let compares = vec![Compare::mod_revision("k", Greater, 4)];
+    let compares = vec![Compare::mod_revision("k", Greater, rev(4))];
     let success = vec![TxnOp::put("k", "success ran"), TxnOp::delete("other")];
     let failure = vec![TxnOp::get("k"), TxnOp::delete("n"), TxnOp::get("n"), TxnOp::put("gone", "back")];
     assert_eq!(
         apply_write(&mut sm, txn(1, 5, compares, success, failure)).await,
         WriteOutcome::Txn {
-            revision: 5,
+            revision: rev(5),
             succeeded: false,
             results: vec![
                 TxnOpResult::Get(Some(kv("k", b"v2", 1, 4, 2))),
                 TxnOpResult::Delete { deleted: true },
                 TxnOpResult::Get(None),
-                TxnOpResult::Put { revision: 5 },
+                TxnOpResult::Put { revision: rev(5) },
             ],
         }
     );
@@ -382,15 +384,15 @@ async fn txn_runs_one_branch_in_order_with_revisions_of_plain_writes() {
     assert_eq!(get(&r, "n"), None);
 
     // A txn put and a plain put count alike: create revision kept, mod revision and version move.
-    assert_eq!(apply_write(&mut sm, put(1, 6, "k", b"v3")).await, WriteOutcome::Put { revision: 6 });
+    assert_eq!(apply_write(&mut sm, put(1, 6, "k", b"v3")).await, WriteOutcome::Put { revision: rev(6) });
     let txn_put = txn(1, 7, vec![Compare::version("k", Equal, 3)], vec![TxnOp::put("k", "v4")], vec![]);
-    let outcome = WriteOutcome::Txn { revision: 7, succeeded: true, results: vec![TxnOpResult::Put { revision: 7 }] };
+    let outcome = WriteOutcome::Txn { revision: rev(7), succeeded: true, results: vec![TxnOpResult::Put { revision: rev(7) }] };
     assert_eq!(apply_write(&mut sm, txn_put).await, outcome);
     assert_eq!(get(&r, "k"), Some(kv("k", b"v4", 1, 7, 4)));
-    assert_eq!(apply_write(&mut sm, delete(1, 8, "k")).await, WriteOutcome::Delete { revision: 8, deleted: true });
+    assert_eq!(apply_write(&mut sm, delete(1, 8, "k")).await, WriteOutcome::Delete { revision: rev(8), deleted: true });
     // A create-if-absent txn (version = 0) after the delete.
     let create = txn(1, 9, vec![Compare::version("k", Equal, 0)], vec![TxnOp::put("k", "new")], vec![TxnOp::get("k")]);
-    let outcome = WriteOutcome::Txn { revision: 9, succeeded: true, results: vec![TxnOpResult::Put { revision: 9 }] };
+    let outcome = WriteOutcome::Txn { revision: rev(9), succeeded: true, results: vec![TxnOpResult::Put { revision: rev(9) }] };
     assert_eq!(apply_write(&mut sm, create).await, outcome);
     assert_eq!(get(&r, "k"), Some(kv("k", b"new", 9, 9, 1)));
     assert_digest_recounts(&r);
@@ -409,7 +411,7 @@ async fn retried_prefix_deletes_and_txns_apply_once() {
     // the new key stays (a re-apply would delete it and count 1).
     let dp = request(x, 1, WriteCommand::DeletePrefix { prefix: b"p/".to_vec() });
     let first_dp = apply_write(&mut sm, normal(1, 3, dp.clone())).await;
-    assert_eq!(first_dp, WriteOutcome::DeletePrefix { revision: 3, deleted: 2 });
+    assert_eq!(first_dp, WriteOutcome::DeletePrefix { revision: rev(3), deleted: 2 });
     apply_write(&mut sm, put(1, 4, "p/3", b"c")).await;
     assert_eq!(apply_write(&mut sm, normal(1, 5, dp.clone())).await, first_dp);
     assert_eq!(get(&r, "p/3"), Some(kv("p/3", b"c", 4, 4, 1)));
@@ -425,8 +427,8 @@ async fn retried_prefix_deletes_and_txns_apply_once() {
         },
     );
     let first_txn = apply_write(&mut sm, normal(1, 6, t.clone())).await;
-    let results = vec![TxnOpResult::Put { revision: 6 }, TxnOpResult::Get(Some(kv("p/3", b"t", 4, 6, 2)))];
-    assert_eq!(first_txn, WriteOutcome::Txn { revision: 6, succeeded: true, results });
+    let results = vec![TxnOpResult::Put { revision: rev(6) }, TxnOpResult::Get(Some(kv("p/3", b"t", 4, 6, 2)))];
+    assert_eq!(first_txn, WriteOutcome::Txn { revision: rev(6), succeeded: true, results });
     assert_eq!(apply_write(&mut sm, normal(1, 7, t.clone())).await, first_txn);
     assert_eq!(get(&r, "p/3"), Some(kv("p/3", b"t", 4, 6, 2)), "applied once");
     // An older sequence number of the session is stale and changes nothing.
@@ -456,7 +458,7 @@ async fn prefix_deletes_and_txns_replay_to_the_same_state() {
         put(1, 4, "b/1", b"3"),
         txn(1, 5, vec![Compare::value("a/1", Equal, "1")], vec![TxnOp::put("a/3", "x"), TxnOp::delete("b/1")], vec![]),
         delete_prefix(1, 6, b"a/"),
-        txn(1, 7, vec![Compare::create_revision("a/1", Less, 1)], vec![TxnOp::put("c", "y")], vec![TxnOp::get("c")]),
+        txn(1, 7, vec![Compare::create_revision("a/1", Less, rev(1))], vec![TxnOp::put("c", "y")], vec![TxnOp::get("c")]),
         put(1, 8, "a/9", b"9"),
         delete_prefix(1, 9, b"zzz"),
         txn(1, 10, vec![Compare::value("c", Equal, "nope")], vec![], vec![TxnOp::put("c", "z"), TxnOp::get("a/9")]),
@@ -492,7 +494,7 @@ async fn one_tokens_sessions_push_out_only_its_own() {
     let mut sm = open_sm(dir.path());
     // Another token's session, older than everything the hostile token does.
     let victim = request(token_client(1, 1), 1, put_cmd("v", b"1"));
-    assert_eq!(apply_write(&mut sm, normal(1, 1, victim.clone())).await, WriteOutcome::Put { revision: 1 });
+    assert_eq!(apply_write(&mut sm, normal(1, 1, victim.clone())).await, WriteOutcome::Put { revision: rev(1) });
     // Token 2 opens more sessions than its share, 500 writes per entry.
     let total = MAX_SESSIONS_PER_TOKEN + 50;
     let mut index = 1;
@@ -505,7 +507,7 @@ async fn one_tokens_sessions_push_out_only_its_own() {
     let last_hostile_entry = index;
     // The other token's session is still known: its retry is answered, not applied again.
     index += 1;
-    assert_eq!(apply_write(&mut sm, normal(1, index, victim)).await, WriteOutcome::Put { revision: 1 });
+    assert_eq!(apply_write(&mut sm, normal(1, index, victim)).await, WriteOutcome::Put { revision: rev(1) });
     // Token 2 holds exactly its share; its newest session is known.
     let reader = sm.reader();
     let digest = reader.digest().unwrap();
@@ -514,19 +516,19 @@ async fn one_tokens_sessions_push_out_only_its_own() {
     let newest = request(token_client(2, total - 1), 1, put_cmd("h", b"y"));
     assert_eq!(
         apply_write(&mut sm, normal(1, index, newest)).await,
-        WriteOutcome::Put { revision: last_hostile_entry },
+        WriteOutcome::Put { revision: crate::api::write_revision(last_hostile_entry, (total as usize - 1) % 500) },
         "token 2's newest session is known (its retry is answered)"
     );
     // One of its first sessions was pushed out: a retry of it applies again (at this index).
     index += 1;
     let first = request(token_client(2, 0), 1, put_cmd("h", b"z"));
-    assert_eq!(apply_write(&mut sm, normal(1, index, first)).await, WriteOutcome::Put { revision: index });
+    assert_eq!(apply_write(&mut sm, normal(1, index, first)).await, WriteOutcome::Put { revision: rev(index) });
     drop((sm, reader));
     // Reopened (and counted again if the counts were missing), the same holds.
     let mut sm = open_sm(dir.path());
     index += 1;
     let victim = request(token_client(1, 1), 1, put_cmd("v", b"1"));
-    assert_eq!(apply_write(&mut sm, normal(1, index, victim)).await, WriteOutcome::Put { revision: 1 });
+    assert_eq!(apply_write(&mut sm, normal(1, index, victim)).await, WriteOutcome::Put { revision: rev(1) });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -536,9 +538,9 @@ async fn a_forgotten_per_shard_session_is_refused_past_its_first_write() {
     let mut sm = open_sm(dir.path());
     // A per-shard session's first write is applied, its next one too.
     let first = request(client(1), STRICT_SEQ_BASE + 1, put_cmd("a", b"1"));
-    assert_eq!(apply_write(&mut sm, normal(1, 1, first)).await, WriteOutcome::Put { revision: 1 });
+    assert_eq!(apply_write(&mut sm, normal(1, 1, first)).await, WriteOutcome::Put { revision: rev(1) });
     let second = request(client(1), STRICT_SEQ_BASE + 2, put_cmd("a", b"2"));
-    assert_eq!(apply_write(&mut sm, normal(1, 2, second)).await, WriteOutcome::Put { revision: 2 });
+    assert_eq!(apply_write(&mut sm, normal(1, 2, second)).await, WriteOutcome::Put { revision: rev(2) });
     // An unknown per-shard session past its first write: refused, nothing applied or recorded.
     let forgotten = request(client(2), STRICT_SEQ_BASE + 7, put_cmd("a", b"3"));
     assert_eq!(apply_write(&mut sm, normal(1, 3, forgotten.clone())).await, WriteOutcome::UnknownSession { seq: 7 });
@@ -546,5 +548,5 @@ async fn a_forgotten_per_shard_session_is_refused_past_its_first_write() {
     assert_eq!(apply_write(&mut sm, normal(1, 4, forgotten)).await, WriteOutcome::UnknownSession { seq: 7 });
     // Sessions numbered the old way (older clients, older logs) keep the old rule: applied.
     let old_style = request(client(3), 5, put_cmd("a", b"4"));
-    assert_eq!(apply_write(&mut sm, normal(1, 5, old_style)).await, WriteOutcome::Put { revision: 5 });
+    assert_eq!(apply_write(&mut sm, normal(1, 5, old_style)).await, WriteOutcome::Put { revision: rev(5) });
 }
