@@ -374,6 +374,14 @@ pub struct NodeConfig {
     pub log_format: LogFormat,
     #[serde(default)]
     pub http_addr: HttpAddr,
+    /// Where to serve etcd's v3 gRPC API (`--etcd-addr`); off unless given (docs/etcd.md).
+    #[serde(default)]
+    pub etcd_addr: Option<SocketAddr>,
+    /// PEM certificate chain and private key: the etcd API is served over TLS (both or neither).
+    #[serde(default)]
+    pub etcd_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub etcd_key: Option<PathBuf>,
 }
 
 impl Default for NodeConfig {
@@ -394,6 +402,9 @@ impl Default for NodeConfig {
             storage: StorageConfig::default(),
             log_format: LogFormat::Text,
             http_addr: HttpAddr::Auto,
+            etcd_addr: None,
+            etcd_cert: None,
+            etcd_key: None,
         }
     }
 }
@@ -486,6 +497,16 @@ pub struct NodeArgs {
     /// 127.0.0.1 at the --bind-addr port]
     #[arg(long, global = true, env = "ASPEN_HTTP_ADDR", value_name = "ADDR|off")]
     pub http_addr: Option<HttpAddr>,
+    /// Serve etcd's v3 gRPC API (etcdctl, etcd client libraries) on ADDR:PORT, e.g.
+    /// 127.0.0.1:2379. [default: off]
+    #[arg(long, global = true, env = "ASPEN_ETCD_ADDR", value_name = "ADDR:PORT")]
+    pub etcd_addr: Option<SocketAddr>,
+    /// PEM certificate chain for the etcd API's TLS (with --etcd-key).
+    #[arg(long, global = true, env = "ASPEN_ETCD_CERT", value_name = "FILE")]
+    pub etcd_cert: Option<PathBuf>,
+    /// PEM private key for the etcd API's TLS (with --etcd-cert).
+    #[arg(long, global = true, env = "ASPEN_ETCD_KEY", value_name = "FILE")]
+    pub etcd_key: Option<PathBuf>,
     /// Largest key in bytes. [default: 4096]
     #[arg(long, global = true, env = "ASPEN_MAX_KEY_BYTES")]
     pub max_key_bytes: Option<u64>,
@@ -533,6 +554,9 @@ struct FileConfig {
     storage: Option<FileStorage>,
     log_format: Option<LogFormat>,
     http_addr: Option<HttpAddr>,
+    etcd_addr: Option<SocketAddr>,
+    etcd_cert: Option<PathBuf>,
+    etcd_key: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default, Debug)]
@@ -636,6 +660,15 @@ impl NodeConfig {
         set(&mut cfg.limits.quota_bytes, args.quota_bytes);
         set(&mut cfg.log_format, args.log_format);
         set(&mut cfg.http_addr, args.http_addr);
+        if args.etcd_addr.is_some() {
+            cfg.etcd_addr = args.etcd_addr;
+        }
+        if args.etcd_cert.is_some() {
+            cfg.etcd_cert = args.etcd_cert.clone();
+        }
+        if args.etcd_key.is_some() {
+            cfg.etcd_key = args.etcd_key.clone();
+        }
         set(&mut cfg.limits.max_key_bytes, args.max_key_bytes);
         set(&mut cfg.limits.max_value_bytes, args.max_value_bytes);
         set(&mut cfg.limits.request_timeout_ms, args.request_timeout_ms);
@@ -667,6 +700,15 @@ impl NodeConfig {
         set(&mut self.no_init, f.no_init);
         set(&mut self.log_format, f.log_format);
         set(&mut self.http_addr, f.http_addr);
+        if f.etcd_addr.is_some() {
+            self.etcd_addr = f.etcd_addr;
+        }
+        if f.etcd_cert.is_some() {
+            self.etcd_cert = f.etcd_cert.clone();
+        }
+        if f.etcd_key.is_some() {
+            self.etcd_key = f.etcd_key.clone();
+        }
         set(&mut self.join, f.join.clone());
         if let Some(t) = &f.join_token {
             self.join_token = Some(t.trim().to_string());
@@ -732,6 +774,14 @@ impl NodeConfig {
         }
         for t in &self.join {
             crate::api::NodeTicket::decode(t).map_err(|e| invalid("join", format!("{e}")))?;
+        }
+        match (&self.etcd_cert, &self.etcd_key) {
+            (Some(_), None) => return Err(invalid("etcd_key", "etcd_cert is given: give its private key too")),
+            (None, Some(_)) => return Err(invalid("etcd_cert", "etcd_key is given: give its certificate too")),
+            (Some(_), Some(_)) if self.etcd_addr.is_none() => {
+                return Err(invalid("etcd_addr", "a TLS certificate is given for the etcd API, but no address to serve it on"))
+            }
+            _ => {}
         }
         let r = &self.raft;
         if r.heartbeat_interval_ms == 0 {

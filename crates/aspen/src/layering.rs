@@ -23,6 +23,7 @@ const RANKS: &[(&str, u8)] = &[
     ("raft", 3),
     ("client", 3),
     ("sharding", 4),
+    ("etcd", 4),
     ("cluster", 5),
 ];
 

@@ -38,6 +38,7 @@ pub mod auth;
 pub mod client;
 pub mod cluster;
 pub mod config;
+pub mod etcd;
 pub mod logging;
 pub mod metrics;
 pub mod raft;

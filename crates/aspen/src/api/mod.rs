@@ -8,6 +8,7 @@
 
 pub mod backup;
 pub mod frame;
+pub mod kv;
 pub mod lease;
 pub mod raft;
 pub mod raft_rpc;
@@ -20,6 +21,9 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 pub use frame::{FrameError, MAX_FRAME_BYTES};
+pub use kv::{
+    KeyRange, KeyRecord, KvCompare, KvCompareTarget, KvOp, KvOpResult, KvPut, KvTxn, RangePage, RangeQuery,
+};
 pub use lease::{format_lease_id, parse_lease_id, LeaseEntry, LeaseStatus};
 pub use ticket::{NodeTicket, TicketError};
 pub use watch::{EventKind, WatchEvent, WatchPosition, WatchRequest, WatchStart};
@@ -260,6 +264,10 @@ pub enum WriteCommand {
     /// Node to node, to the lease's home shard once every other shard dropped it: forget the
     /// revoked lease's record (its tombstone stays).
     LeaseForget { id: u64 },
+    /// An etcd-shaped txn (`api::kv`; the etcd API's puts, range deletes and txns), one write
+    /// of the shard its keys are in. `leases_checked`: the node asked the home shard of every
+    /// lease its puts attach to (as [`WriteCommand::PutLease`]'s `checked`; refused from clients).
+    KvTxn { txn: KvTxn, leases_checked: bool },
 }
 
 impl WriteCommand {
@@ -301,6 +309,7 @@ impl WriteCommand {
                     .sum();
                 compared + ops
             }
+            WriteCommand::KvTxn { txn, .. } => txn.bytes(),
         }
     }
 
@@ -320,6 +329,11 @@ impl WriteCommand {
             | WriteCommand::LeaseForget { .. } => Vec::new(),
             WriteCommand::Txn { compares, success, failure } => {
                 compares.iter().map(|c| c.key.as_slice()).chain(success.iter().chain(failure).map(TxnOp::key)).collect()
+            }
+            // Its single keys; its ranges cover this shard's keys in them (it is sent to each
+            // shard a range may reach as a shard write).
+            WriteCommand::KvTxn { txn, .. } => {
+                txn.spans().into_iter().filter(|(_, end)| end.is_none()).map(|(key, _)| key).collect()
             }
         }
     }
@@ -561,6 +575,18 @@ pub enum WriteOutcome {
     LeaseRevoked {
         revision: Revision,
         deleted: u64,
+    },
+    /// [`WriteCommand::KvTxn`]: which branch ran and what each of its ops did. `revision`: the
+    /// txn's (every key it wrote has it), or the shard's revision after it if it wrote nothing.
+    KvTxn {
+        revision: Revision,
+        succeeded: bool,
+        results: Vec<KvOpResult>,
+    },
+    /// A [`KvPut`] that keeps the current value or lease names a missing key: nothing applied.
+    KeyNotFound {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
     },
 }
 
@@ -905,6 +931,16 @@ pub enum ClientRequest {
     /// Clears every raised alarm (admin; `aspen-cli alarm disarm`); a node whose condition
     /// persists raises its alarm again within seconds. Answered with the alarms cleared.
     AlarmDisarm,
+    /// Node to node (the etcd API): a range read of one shard, with counts, limits, revision
+    /// filters and the revision it saw. Linearizable on the leader, or `Stale` anywhere.
+    ShardRange {
+        shard: ShardId,
+        query: RangeQuery,
+        consistency: ReadConsistency,
+    },
+    /// Node to node: the address this node serves the etcd API on, if it does (etcd's member
+    /// list names every member's client URLs).
+    EtcdEndpoint,
 }
 
 /// A raised alarm (recorded in shard 0, so every node refuses what it forbids).
@@ -1058,6 +1094,7 @@ impl ClientRequest {
                 | ClientRequest::ShardBackup { .. }
                 | ClientRequest::AlarmList
                 | ClientRequest::AlarmDisarm
+                | ClientRequest::ShardRange { .. }
         )
     }
 
@@ -1079,6 +1116,8 @@ impl ClientRequest {
                 | ClientRequest::LeaseInfo { .. }
                 | ClientRequest::ShardLeaseKeys { .. }
                 | ClientRequest::ShardLeases { .. }
+                | ClientRequest::ShardRange { .. }
+                | ClientRequest::EtcdEndpoint
         )
     }
 
@@ -1098,6 +1137,7 @@ impl ClientRequest {
                 WriteCommand::PutLease { .. } => "put_lease",
                 WriteCommand::LeaseDrop { .. } => "lease_drop",
                 WriteCommand::LeaseForget { .. } => "lease_forget",
+                WriteCommand::KvTxn { .. } => "kv_txn",
             },
             other => other.kind(),
         }
@@ -1145,6 +1185,8 @@ impl ClientRequest {
             ClientRequest::ShardBackup { .. } => "snapshot save",
             ClientRequest::AlarmList => "alarm list",
             ClientRequest::AlarmDisarm => "alarm disarm",
+            ClientRequest::ShardRange { .. } => "range",
+            ClientRequest::EtcdEndpoint => "etcd endpoint",
         }
     }
 
@@ -1190,7 +1232,9 @@ impl ClientRequest {
             | ClientRequest::LeaseList
             | ClientRequest::Watch(_)
             | ClientRequest::AlarmList
-            | ClientRequest::AlarmDisarm => false,
+            | ClientRequest::AlarmDisarm
+            | ClientRequest::EtcdEndpoint => false,
+            ClientRequest::ShardRange { consistency, .. } => *consistency == ReadConsistency::Linearizable,
         }
     }
 }
@@ -1277,6 +1321,10 @@ pub enum ClientResponse {
     /// [`ClientRequest::AlarmList`] (the raised alarms) and [`ClientRequest::AlarmDisarm`] (the
     /// alarms it cleared).
     Alarms(Vec<AlarmInfo>),
+    /// [`ClientRequest::ShardRange`].
+    Range(RangePage),
+    /// [`ClientRequest::EtcdEndpoint`]: `https://…` or `http://…`, if served.
+    EtcdEndpoint(Option<String>),
 }
 
 /// The typed errors a client can receive. Every variant says what the caller can do next.

@@ -21,7 +21,9 @@ use iroh::{PublicKey, SecretKey};
 
 pub use token::{Scope, TokenBody, TokenError, TokenKind};
 
-use crate::api::{is_reserved_key, ApiError, ClientRequest, ClusterId, NodeId, ScanRequest, TxnOp, WriteCommand};
+use crate::api::{
+    is_reserved_key, ApiError, ClientRequest, ClusterId, KeyRange, KvOp, KvTxn, NodeId, ScanRequest, TxnOp, WriteCommand,
+};
 
 /// What a node trusts when it verifies a token.
 #[derive(Debug, Default)]
@@ -166,6 +168,7 @@ pub fn check_not_reserved(request: &ClientRequest) -> Result<(), ApiError> {
         ClientRequest::Get { key, .. } => reserved(key),
         ClientRequest::Write { command, .. } => match command {
             WriteCommand::DeletePrefix { prefix } => reserved(prefix),
+            WriteCommand::KvTxn { txn, .. } => txn.spans().into_iter().any(|(key, _)| reserved(key)),
             c => c.keys().into_iter().any(reserved),
         },
         ClientRequest::Watch(w) => reserved(&w.key),
@@ -231,6 +234,7 @@ pub fn authorize(scope: &Scope, request: &ClientRequest) -> Result<(), ApiError>
                         )))
                     }
                 }
+                WriteCommand::KvTxn { txn, .. } => authorize_kv_txn(scope, txn),
                 WriteCommand::Txn { compares, success, failure } => {
                     // Compares and gets reveal what is stored: they need read.
                     let reads = compares.iter().map(|c| c.key.as_slice()).chain(
@@ -271,6 +275,85 @@ pub fn authorize(scope: &Scope, request: &ClientRequest) -> Result<(), ApiError>
     }
 }
 
+/// Whether `scope` covers every key of `range`.
+fn covers(scope: &Scope, range: &KeyRange) -> bool {
+    if range.is_single() {
+        scope.covers_key(&range.key)
+    } else {
+        scope.covers_range(&range.key, range.upper())
+    }
+}
+
+fn range_denied(range: &KeyRange) -> ApiError {
+    let what = match &range.end {
+        None => format!("key {:?} is", String::from_utf8_lossy(&range.key)),
+        Some(end) => format!(
+            "range [{:?}, {:?}) is not inside the token's prefixes",
+            String::from_utf8_lossy(&range.key),
+            String::from_utf8_lossy(end)
+        ),
+    };
+    if range.is_single() {
+        denied(format!("{what} outside the token's prefixes"))
+    } else {
+        denied(what)
+    }
+}
+
+/// Whether `scope` allows reading `range` (the etcd API's range reads and watches).
+pub fn authorize_range(scope: &Scope, range: &KeyRange) -> Result<(), ApiError> {
+    if !scope.read {
+        return Err(denied("a range read needs a token with read permission".into()));
+    }
+    if covers(scope, range) {
+        Ok(())
+    } else {
+        Err(range_denied(range))
+    }
+}
+
+/// Whether `scope` allows an etcd-shaped txn: compares, range reads and previous keys need read,
+/// puts and deletes write, on keys and ranges inside the token's prefixes (a read-only txn needs
+/// no write permission).
+pub fn authorize_kv_txn(scope: &Scope, txn: &KvTxn) -> Result<(), ApiError> {
+    let need = |ok: bool, perm: &str, what: &str| {
+        if ok {
+            Ok(())
+        } else {
+            Err(denied(format!("a txn's {what} needs a token with {perm} permission")))
+        }
+    };
+    let inside = |range: &KeyRange| if covers(scope, range) { Ok(()) } else { Err(range_denied(range)) };
+    for c in &txn.compares {
+        need(scope.read, "read", "compare")?;
+        inside(&c.range)?;
+    }
+    for op in txn.success.iter().chain(&txn.failure) {
+        match op {
+            KvOp::Range(q) => {
+                need(scope.read, "read", "range read")?;
+                inside(&q.range)?;
+            }
+            KvOp::Put(p) => {
+                need(scope.write, "write", "put")?;
+                if p.prev_kv || p.ignore_value {
+                    need(scope.read, "read", "put with the previous key")?;
+                }
+                inside(&KeyRange::single(p.key.clone()))?;
+            }
+            KvOp::DeleteRange { range, prev_kv } => {
+                need(scope.write, "write", "delete")?;
+                if *prev_kv {
+                    need(scope.read, "read", "delete with the previous keys")?;
+                }
+                inside(range)?;
+            }
+            KvOp::Txn(t) => authorize_kv_txn(scope, t)?,
+        }
+    }
+    Ok(())
+}
+
 fn check_scan_range(scope: &Scope, s: &ScanRequest) -> Result<(), ApiError> {
     if scope.prefixes.is_empty() {
         return Ok(());
@@ -298,7 +381,7 @@ fn check_scan_range(scope: &Scope, s: &ScanRequest) -> Result<(), ApiError> {
 /// and answer or disturb — another token's sessions, whatever ids it picks; its retries (same
 /// token, same id) keep finding their session on any node.
 pub fn bind_session(token_id: u64, request: &mut ClientRequest) {
-    if let ClientRequest::Write { session, .. } = request {
+    if let ClientRequest::Write { session, .. } | ClientRequest::ShardWrite { session, .. } = request {
         let mut h = blake3::Hasher::new_derive_key("aspen session of a token v1");
         h.update(&token_id.to_le_bytes());
         h.update(&session.client_id.0);

@@ -91,12 +91,23 @@ pub fn adds_data(command: &WriteCommand) -> bool {
         WriteCommand::Txn { success, failure, .. } => {
             success.iter().chain(failure).any(|op| matches!(op, TxnOp::Put { .. }))
         }
+        WriteCommand::KvTxn { txn, .. } => kv_txn_puts(txn),
         WriteCommand::Delete { .. }
         | WriteCommand::DeletePrefix { .. }
         | WriteCommand::LeaseRevoke { .. }
         | WriteCommand::LeaseDrop { .. }
         | WriteCommand::LeaseForget { .. } => false,
     }
+}
+
+/// Whether an etcd-shaped txn may put a key (either branch, nested txns included).
+fn kv_txn_puts(txn: &crate::api::KvTxn) -> bool {
+    use crate::api::KvOp;
+    txn.success.iter().chain(&txn.failure).any(|op| match op {
+        KvOp::Put(_) => true,
+        KvOp::Txn(t) => kv_txn_puts(t),
+        KvOp::Range(_) | KvOp::DeleteRange { .. } => false,
+    })
 }
 
 /// The space reserve of a data dir (see the module docs).

@@ -27,6 +27,7 @@ use crate::{
         supervisor::Supervisor,
     },
     config::{HttpAddr, NodeConfig},
+    etcd::{EtcdEndpoint, EtcdTls},
     raft::{
         network::SharedClusterId,
         node::{RaftNodeError, ShardFiles},
@@ -86,6 +87,8 @@ pub enum BootstrapError {
     JoinOtherCluster { path: std::path::PathBuf, recorded: ClusterId, ticket: ClusterId },
     #[error("--http-addr {addr}: {source}")]
     Http { addr: std::net::SocketAddr, source: std::io::Error },
+    #[error("--etcd-addr {addr}: {source}")]
+    Etcd { addr: std::net::SocketAddr, source: crate::etcd::EtcdServeError },
     /// SIGTERM/SIGINT (the `stop` token) arrived before the node served: it stopped cleanly.
     #[error("stopped before the node started serving")]
     Interrupted,
@@ -117,7 +120,8 @@ impl BootstrapError {
             | BootstrapError::NumShardsMismatch { .. }
             | BootstrapError::JoinOtherCluster { .. }
             | BootstrapError::NewerFormat { .. }
-            | BootstrapError::Http { .. } => true,
+            | BootstrapError::Http { .. }
+            | BootstrapError::Etcd { .. } => true,
             BootstrapError::Endpoint(e) => e.is_permanent(),
             BootstrapError::Metadata(e) => e.is_permanent(),
             BootstrapError::Journal { source, .. } => source.is_permanent(),
@@ -311,6 +315,8 @@ pub struct NodeHandle {
     space: tokio::task::JoinHandle<()>,
     /// The operator HTTP endpoint (`cluster::http`), unless it is off.
     http: Option<HttpEndpoint>,
+    /// The etcd API (`crate::etcd`), if `--etcd-addr` is given.
+    etcd: Option<EtcdEndpoint>,
 }
 
 impl NodeHandle {
@@ -368,6 +374,9 @@ impl NodeHandle {
         let _ = self.space.await;
         if let Some(http) = self.http {
             http.stop().await;
+        }
+        if let Some(etcd) = self.etcd {
+            etcd.stop().await;
         }
         if let Some(g) = &self.base.gossip_discovery {
             bounded(node, &mut stalled, "gossip shutdown".into(), SHUTDOWN_STEP_LIMIT, g.shutdown()).await;
@@ -482,6 +491,10 @@ fn join_tickets(config: &NodeConfig) -> Result<Vec<NodeTicket>, BootstrapError> 
 async fn start_node(config: NodeConfig, stop: CancellationToken) -> Result<NodeHandle, BootstrapError> {
     // First, so that an address that cannot be bound stops the start before anything opens.
     let http = bind_http(&config).await?;
+    let etcd = match config.etcd_addr {
+        Some(addr) => Some(EtcdEndpoint::bind(addr).await.map_err(|e| BootstrapError::Etcd { addr, source: e.into() })?),
+        None => None,
+    };
     let base = bootstrap_base_node(config).await?;
     let config = &base.config;
     let sharded = config.sharding.enabled;
@@ -565,6 +578,28 @@ async fn start_node(config: NodeConfig, stop: CancellationToken) -> Result<NodeH
         ),
         None => None,
     };
+    let etcd = match etcd {
+        Some(listener) => {
+            let addr = listener.local_addr().map_err(|e| BootstrapError::DataDir { path: config.data_dir.clone(), source: e })?;
+            let tls = match (&config.etcd_cert, &config.etcd_key) {
+                (Some(cert), Some(key)) => Some(EtcdTls { cert: cert.clone(), key: key.clone() }),
+                _ => None,
+            };
+            let served = EtcdEndpoint::serve(
+                listener,
+                tls.as_ref(),
+                service.clone(),
+                base.authority.clone(),
+                config.max_client_frame(),
+                base.shutdown_token.child_token(),
+            )
+            .map_err(|source| BootstrapError::Etcd { addr, source })?;
+            tracing::info!(url = %served.url, "serving the etcd API");
+            service.set_etcd_endpoint(served.url.clone());
+            Some(served)
+        }
+        None => None,
+    };
 
     let become_member = async {
         if base.identity.is_none() && !config.join.is_empty() {
@@ -617,7 +652,7 @@ async fn start_node(config: NodeConfig, stop: CancellationToken) -> Result<NodeH
     service.write_ticket_file().map_err(|source| BootstrapError::DataDir { path: config.data_dir.clone(), source })?;
     tracing::info!(node_id = config.node_id, shards = shards.len(), ticket = %service.ticket(), "node is serving");
     let supervisor = Supervisor::spawn(config.node_id, shards.clone(), base.shutdown_token.clone());
-    Ok(NodeHandle { base, shard0, shards, service, router, supervisor, follower, expiry, space, http })
+    Ok(NodeHandle { base, shard0, shards, service, router, supervisor, follower, expiry, space, http, etcd })
 }
 
 /// Joins the cluster named by the `--join` tickets: asks it (through any member; requests are

@@ -11,6 +11,7 @@ pub mod alarm;
 pub mod backup;
 pub mod bootstrap;
 pub mod claim;
+pub mod etcd_node;
 pub mod gossip;
 pub mod http;
 pub mod leases;

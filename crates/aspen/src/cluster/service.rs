@@ -71,6 +71,8 @@ pub struct NodeService {
     /// Why this node is short of space now, if it is (`cluster::alarm`; it refuses writes that
     /// add data at once, before its alarm is recorded).
     pub(super) space_low: RwLock<Option<String>>,
+    /// Where this node serves the etcd API (`--etcd-addr`), once it does: `http://…`/`https://…`.
+    etcd_endpoint: RwLock<Option<String>>,
 }
 
 impl NodeService {
@@ -123,7 +125,18 @@ impl NodeService {
             stored_bytes: Default::default(),
             data_file_bytes: Default::default(),
             space_low: Default::default(),
+            etcd_endpoint: Default::default(),
         }
+    }
+
+    /// Where this node serves the etcd API, if it does (etcd's member list shows it).
+    pub fn etcd_endpoint(&self) -> Option<String> {
+        self.etcd_endpoint.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Records where this node serves the etcd API.
+    pub fn set_etcd_endpoint(&self, url: String) {
+        *self.etcd_endpoint.write().unwrap_or_else(|p| p.into_inner()) = Some(url);
     }
 
     /// The node-wide metrics (requests, connections, token refusals, journal fsyncs).
@@ -294,7 +307,7 @@ impl NodeService {
             // waiting for a leader that will not come.
             return Err(ApiError::NotInitialized { node_id: self.node_id });
         }
-        if let ClientRequest::Write { command, .. } = &request {
+        if let ClientRequest::Write { command, .. } | ClientRequest::ShardWrite { command, .. } = &request {
             self.check_space(command)?;
         }
         match request {
@@ -332,6 +345,10 @@ impl NodeService {
                 validate::check_scan(&self.limits, &scan)?;
                 self.store.scan_shard_here(shard, &scan).await
             }
+            ClientRequest::ShardRange { shard, query, consistency } => {
+                self.store.local(shard)?.range(&query, consistency).await.map(ClientResponse::Range)
+            }
+            ClientRequest::EtcdEndpoint => Ok(ClientResponse::EtcdEndpoint(self.etcd_endpoint())),
             ClientRequest::ShardMembership { shard, change } => self.apply_shard_change(shard, change).await,
             ClientRequest::AlarmList => self.list_alarms().await,
             ClientRequest::AlarmDisarm => self.disarm_alarms().await,

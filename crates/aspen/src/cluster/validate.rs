@@ -3,7 +3,10 @@
 //! shard, and refused with a typed error (`InvalidRequest` or `TooLarge`) that names the limit.
 
 use crate::{
-    api::{lease, ApiError, BatchOp, CompareTarget, ScanRequest, TxnOp, WriteCommand, MAX_FRAME_BYTES},
+    api::{
+        lease, ApiError, BatchOp, CompareTarget, KeyRange, KvCompareTarget, KvOp, KvTxn, ScanRequest, TxnOp, WriteCommand,
+        MAX_FRAME_BYTES,
+    },
     config::LimitsConfig,
 };
 
@@ -100,7 +103,76 @@ pub fn check_write(limits: &LimitsConfig, command: &WriteCommand) -> Result<(), 
         WriteCommand::LeaseRevoke { id } | WriteCommand::LeaseDrop { id } | WriteCommand::LeaseForget { id } => {
             lease::check_lease_id(*id).map_err(ApiError::InvalidRequest)
         }
+        WriteCommand::KvTxn { txn, .. } => check_kv_txn(limits, txn),
     }
+}
+
+/// Most levels of txns nested in a txn's ops (etcd allows nesting; a bound keeps apply's
+/// recursion shallow).
+pub const MAX_TXN_DEPTH: usize = 8;
+
+/// An etcd-shaped txn: at least one compare or op, at most `max_batch_ops` compares and ops in
+/// all (nested ones included), at most [`MAX_TXN_DEPTH`] levels, keys and range ends within the
+/// key limit, values within theirs and at most four times the value limit in all, leases valid.
+pub fn check_kv_txn(limits: &LimitsConfig, txn: &KvTxn) -> Result<(), ApiError> {
+    let count = txn.size();
+    if count == 0 {
+        return Err(ApiError::InvalidRequest("a txn must hold at least one compare or operation".into()));
+    }
+    if count as u64 > limits.max_batch_ops {
+        return Err(ApiError::TooLarge {
+            what: "txn (compares and operations)".into(),
+            size: count as u64,
+            limit: limits.max_batch_ops,
+        });
+    }
+    let mut values = 0u64;
+    check_kv_txn_level(limits, txn, 1, &mut values)?;
+    let cap = limits.max_value_bytes * 4;
+    if values > cap {
+        return Err(ApiError::TooLarge { what: "txn values".into(), size: values, limit: cap });
+    }
+    Ok(())
+}
+
+fn check_kv_txn_level(limits: &LimitsConfig, txn: &KvTxn, depth: usize, values: &mut u64) -> Result<(), ApiError> {
+    if depth > MAX_TXN_DEPTH {
+        return Err(ApiError::InvalidRequest(format!("txns nest at most {MAX_TXN_DEPTH} levels deep")));
+    }
+    let range = |r: &KeyRange| -> Result<(), ApiError> {
+        if r.is_single() {
+            return check_key(limits, &r.key);
+        }
+        for k in [Some(&r.key), r.end.as_ref()].into_iter().flatten() {
+            if k.len() as u64 > limits.max_key_bytes {
+                return Err(ApiError::TooLarge { what: "key".into(), size: k.len() as u64, limit: limits.max_key_bytes });
+            }
+        }
+        Ok(())
+    };
+    for c in &txn.compares {
+        range(&c.range)?;
+        if let KvCompareTarget::Value(v) = &c.target {
+            check_value(limits, v)?;
+            *values += v.len() as u64;
+        }
+    }
+    for op in txn.success.iter().chain(&txn.failure) {
+        match op {
+            KvOp::Range(q) => range(&q.range)?,
+            KvOp::DeleteRange { range: r, .. } => range(r)?,
+            KvOp::Put(p) => {
+                check_key(limits, &p.key)?;
+                check_value(limits, &p.value)?;
+                *values += p.value.len() as u64;
+                if p.lease != 0 {
+                    lease::check_lease_id(p.lease).map_err(ApiError::InvalidRequest)?;
+                }
+            }
+            KvOp::Txn(t) => check_kv_txn_level(limits, t, depth + 1, values)?,
+        }
+    }
+    Ok(())
 }
 
 /// Checks a watched key, or prefix (which may be empty: every key).
@@ -121,7 +193,8 @@ pub fn check_client_write(limits: &LimitsConfig, command: &WriteCommand) -> Resu
     match command {
         WriteCommand::LeaseDrop { .. }
         | WriteCommand::LeaseForget { .. }
-        | WriteCommand::PutLease { checked: true, .. } => Err(ApiError::InvalidRequest(
+        | WriteCommand::PutLease { checked: true, .. }
+        | WriteCommand::KvTxn { leases_checked: true, .. } => Err(ApiError::InvalidRequest(
             "this lease operation is a node's step of a revocation or a put; send lease revoke or a put with the lease"
                 .into(),
         )),

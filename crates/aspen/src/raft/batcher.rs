@@ -90,10 +90,12 @@ fn command_bytes(command: &WriteCommand) -> usize {
 /// the key check cannot see which writes it conflicts with (a key's revision must stay unique).
 fn goes_alone(command: &WriteCommand) -> bool {
     // A lease's revocation deletes the keys attached to it, which it does not name either.
-    matches!(
-        command,
-        WriteCommand::DeletePrefix { .. } | WriteCommand::LeaseRevoke { .. } | WriteCommand::LeaseDrop { .. }
-    )
+    // So does an etcd-shaped txn with a range (a read or a delete of keys it does not name).
+    match command {
+        WriteCommand::DeletePrefix { .. } | WriteCommand::LeaseRevoke { .. } | WriteCommand::LeaseDrop { .. } => true,
+        WriteCommand::KvTxn { txn, .. } => txn.spans().iter().any(|(_, end)| end.is_some()),
+        _ => false,
+    }
 }
 
 /// The write queue of one shard; cloning shares it. The proposer task ends when every clone

@@ -560,6 +560,18 @@ impl RaftNode {
             .map_err(|e| ApiError::Internal(format!("scan shard {}: {e}", self.shard)))
     }
 
+    /// An etcd-shaped range read of this shard (`api::kv`), with the revision it saw.
+    pub async fn range(
+        &self,
+        query: &crate::api::RangeQuery,
+        consistency: ReadConsistency,
+    ) -> Result<crate::api::RangePage, ApiError> {
+        if consistency == ReadConsistency::Linearizable && !self.reads_broken() {
+            self.ensure_linearizable().await?;
+        }
+        self.reader.kv_range(query).map_err(|e| ApiError::Internal(format!("range read of shard {}: {e}", self.shard)))
+    }
+
     /// The deadlines of the leases whose home is this shard.
     pub fn lease_deadlines(&self) -> &LeaseDeadlines {
         &self.deadlines

@@ -107,6 +107,7 @@ pub fn plan(
             | ClientRequest::ShardLeaseKeys { .. }
             | ClientRequest::ShardLeases { .. }
             | ClientRequest::ShardBackup { .. }
+            | ClientRequest::ShardRange { .. }
     );
     if shard_bound {
         let shard = shard_of(router, request)?;
@@ -139,7 +140,8 @@ pub fn shard_of(router: &ShardRouter, request: &ClientRequest) -> Result<ShardId
         | ClientRequest::MoveLeaderAttempt { shard, .. }
         | ClientRequest::ShardLeaseKeys { shard, .. }
         | ClientRequest::ShardLeases { shard }
-        | ClientRequest::ShardBackup { shard, .. } => {
+        | ClientRequest::ShardBackup { shard, .. }
+        | ClientRequest::ShardRange { shard, .. } => {
             if *shard >= router.num_shards() {
                 return Err(ApiError::InvalidRequest(format!(
                     "shard {shard} does not exist (the cluster has {})",
@@ -181,13 +183,24 @@ pub fn write_shard(router: &ShardRouter, command: &WriteCommand) -> Result<Shard
             ))),
         };
     }
+    if let WriteCommand::KvTxn { txn, .. } = command {
+        if command.keys().is_empty() && router.num_shards() > 1 {
+            return Err(ApiError::InvalidRequest(format!(
+                "a txn of key ranges only may reach all {} shards: send it as a shard write naming one shard",
+                router.num_shards()
+            )));
+        }
+        if command.keys().is_empty() && !txn.spans().is_empty() {
+            return Ok(0);
+        }
+    }
     let mut shards: Vec<ShardId> = command.keys().iter().map(|k| router.shard_for_key(k)).collect();
     shards.sort_unstable();
     shards.dedup();
     match (shards.as_slice(), command) {
         ([one], _) => Ok(*one),
         ([], _) => Err(ApiError::InvalidRequest("a write must name at least one key".into())),
-        (many, WriteCommand::Txn { .. }) => Err(ApiError::InvalidRequest(format!(
+        (many, WriteCommand::Txn { .. } | WriteCommand::KvTxn { .. }) => Err(ApiError::InvalidRequest(format!(
             "txn keys span shards {}; a txn is atomic within one shard only",
             list_shards(many)
         ))),
@@ -478,7 +491,8 @@ impl ShardedKeyValueStore {
         session: WriteSession,
         command: WriteCommand,
     ) -> Result<WriteOutcome, ApiError> {
-        if !matches!(command, WriteCommand::DeletePrefix { .. } | WriteCommand::LeaseDrop { .. }) {
+        let ranges_only = matches!(&command, WriteCommand::KvTxn { .. }) && command.keys().is_empty();
+        if !ranges_only && !matches!(command, WriteCommand::DeletePrefix { .. } | WriteCommand::LeaseDrop { .. }) {
             let owner = self.write_shard(&command)?;
             if owner != shard {
                 return Err(ApiError::InvalidRequest(format!(

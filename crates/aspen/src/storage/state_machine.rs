@@ -110,7 +110,10 @@ pub const MAX_SESSIONS_PER_TOKEN: u64 = 10_000;
 const SESSION_NS: TableDefinition<u64, u64> = TableDefinition::new("session_ns");
 
 pub mod backup;
+mod kv;
 mod snapshot;
+
+pub use kv::MAX_RANGE_ANSWER_BYTES;
 
 pub use snapshot::IncomingSnapshot;
 
@@ -181,6 +184,11 @@ impl StateReader {
     }
 
     /// The current value of `key`, if present.
+    /// An etcd-shaped range read (`api::kv`), with the revision it saw.
+    pub fn kv_range(&self, query: &crate::api::RangeQuery) -> Result<crate::api::RangePage, StorageError> {
+        kv::read_range(&self.db, query)
+    }
+
     pub fn get(&self, key: &[u8]) -> Result<Option<KeyValue>, StorageError> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(KV)?;
@@ -1026,18 +1034,7 @@ fn apply_write(t: &mut WriteTables<'_, '_>, revision: u64, req: WriteRequest) ->
             None => WriteOutcome::LeaseRevoked { revision, deleted: 0 },
         },
         WriteCommand::PutLease { key, value, lease, checked } => {
-            let known = if t.lt()?.tombstones.get(lease)?.is_some() {
-                Some(false)
-            } else if let Some(rec) = lease_record(t, lease)? {
-                Some(!rec.revoking)
-            } else if checked || leases::has_keys(&t.lt()?.lease_keys, lease)? {
-                // Its home said it lives (`checked`), or a key here is attached to it: a
-                // revocation would have reached this shard (and left a tombstone) first.
-                Some(true)
-            } else {
-                None
-            };
-            match known {
+            match lease_known(t, lease, checked)? {
                 Some(true) => {
                     put(t, &key, value, revision, lease)?;
                     WriteOutcome::Put { revision }
@@ -1047,6 +1044,11 @@ fn apply_write(t: &mut WriteTables<'_, '_>, revision: u64, req: WriteRequest) ->
                 None => return Ok(WriteOutcome::LeaseUnchecked { id: lease }),
             }
         }
+        WriteCommand::KvTxn { txn, leases_checked } => match kv::apply_kv_txn(t, revision, txn, leases_checked)? {
+            // Not applied and not recorded, as a put's (above).
+            unchecked @ WriteOutcome::LeaseUnchecked { .. } => return Ok(unchecked),
+            outcome => outcome,
+        },
     };
     if sessionless {
         return Ok(outcome);
@@ -1062,6 +1064,22 @@ fn apply_write(t: &mut WriteTables<'_, '_>, revision: u64, req: WriteRequest) ->
     t.sessions.insert(client, postcard::to_stdvec(&record)?.as_slice())?;
     t.ages.insert((req.timestamp_ms, client), ())?;
     Ok(outcome)
+}
+
+/// Whether lease `id` lives as far as this shard can tell: `Some(false)` revoked or revoking,
+/// `Some(true)` live here (its home), attached to a key here, or `checked` (its home said it
+/// lives); `None`: this shard knows nothing of it.
+fn lease_known(t: &mut WriteTables<'_, '_>, id: u64, checked: bool) -> Result<Option<bool>, StorageError> {
+    Ok(if t.lt()?.tombstones.get(id)?.is_some() {
+        Some(false)
+    } else if let Some(rec) = lease_record(t, id)? {
+        Some(!rec.revoking)
+    } else if checked || leases::has_keys(&t.lt()?.lease_keys, id)? {
+        // A revocation would have reached this shard (and left a tombstone) first.
+        Some(true)
+    } else {
+        None
+    })
 }
 
 /// Lease `id`'s record, if this shard is its home.

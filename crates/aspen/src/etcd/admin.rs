@@ -1,0 +1,253 @@
+//! etcd's Cluster, Maintenance and Auth services (docs/design.md §18).
+//!
+//! Cluster: `MemberList` (every member, with the URL each serves the etcd API on); membership
+//! changes are Aspen's own (`aspen-cli cluster …`). Maintenance: `Status` (shard 0's Raft state),
+//! `Alarm` (Aspen's NOSPACE alarms), `Defragment` (nothing to do: redb reuses freed pages),
+//! `MoveLeader` (shard 0). Auth: `Authenticate` maps etcd's user and password onto Aspen tokens —
+//! user `token`, password an Aspen token — and answers with that token, which clients then send
+//! with every call; users and roles are Aspen's token scopes (`aspen-cli auth token create`).
+//! `Status`, `MemberList`, `AuthStatus` and `Authenticate` need no token, as in etcd.
+
+use std::sync::Arc;
+
+use futures::stream::BoxStream;
+use tonic::{Request, Response, Status};
+
+use super::{
+    gateway::{errors, status_of, EtcdNode, Gateway},
+    proto::etcdserverpb::{
+        alarm_request::AlarmAction, auth_server::Auth, cluster_server::Cluster, maintenance_server::Maintenance,
+        AlarmMember, AlarmRequest, AlarmResponse, AlarmType, AuthStatusRequest, AuthStatusResponse, AuthenticateRequest,
+        AuthenticateResponse, DefragmentRequest, DefragmentResponse, DowngradeRequest, DowngradeResponse, HashKvRequest,
+        HashKvResponse, HashRequest, HashResponse, Member, MemberListRequest, MemberListResponse, MoveLeaderRequest,
+        MoveLeaderResponse, SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
+        AuthDisableRequest, AuthDisableResponse, AuthEnableRequest, AuthEnableResponse, AuthRoleAddRequest, AuthRoleAddResponse, AuthRoleDeleteRequest, AuthRoleDeleteResponse, AuthRoleGetRequest, AuthRoleGetResponse, AuthRoleGrantPermissionRequest, AuthRoleGrantPermissionResponse, AuthRoleListRequest, AuthRoleListResponse, AuthRoleRevokePermissionRequest, AuthRoleRevokePermissionResponse, AuthUserAddRequest, AuthUserAddResponse, AuthUserChangePasswordRequest, AuthUserChangePasswordResponse, AuthUserDeleteRequest, AuthUserDeleteResponse, AuthUserGetRequest, AuthUserGetResponse, AuthUserGrantRoleRequest, AuthUserGrantRoleResponse, AuthUserListRequest, AuthUserListResponse, AuthUserRevokeRoleRequest, AuthUserRevokeRoleResponse,
+        MemberAddRequest, MemberAddResponse, MemberPromoteRequest, MemberPromoteResponse, MemberRemoveRequest, MemberRemoveResponse, MemberUpdateRequest, MemberUpdateResponse,
+    },
+};
+use crate::api::{ClientRequest, ClientResponse};
+
+/// The etcd version whose API this one answers as (clients read it from `Status`).
+pub const ETCD_API_VERSION: &str = "3.5.0";
+
+const USERS: &str = "Aspen has no users or roles: access is by token (aspen-cli auth token create); authenticate \
+                     with user name `token` and a token as password";
+
+fn membership(how: &str) -> String {
+    format!("Aspen changes its membership itself; use {how}")
+}
+
+/// etcd's Cluster service over a node.
+#[derive(Debug)]
+pub struct ClusterService<N: EtcdNode>(pub Arc<Gateway<N>>);
+
+#[tonic::async_trait]
+impl<N: EtcdNode> Cluster for ClusterService<N> {
+    async fn member_list(&self, _: Request<MemberListRequest>) -> Result<Response<MemberListResponse>, Status> {
+        let members = self.0.node.etcd_members().await;
+        Ok(Response::new(MemberListResponse {
+            header: self.0.header(0),
+            members: members
+                .into_iter()
+                .map(|m| Member {
+                    id: m.id,
+                    name: m.name,
+                    peer_ur_ls: m.peer_urls,
+                    client_ur_ls: m.client_urls,
+                    is_learner: m.is_learner,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn member_add(&self, _: Request<MemberAddRequest>) -> Result<Response<MemberAddResponse>, Status> {
+        Err(Status::unimplemented(membership("aspen-cli cluster add-learner TICKET (or aspen-node --join)")))
+    }
+
+    async fn member_remove(&self, _: Request<MemberRemoveRequest>) -> Result<Response<MemberRemoveResponse>, Status> {
+        Err(Status::unimplemented(membership("aspen-cli cluster remove NODE_ID")))
+    }
+
+    async fn member_update(&self, _: Request<MemberUpdateRequest>) -> Result<Response<MemberUpdateResponse>, Status> {
+        Err(Status::unimplemented(membership("nothing: a member's addresses come with its ticket")))
+    }
+
+    async fn member_promote(&self, _: Request<MemberPromoteRequest>) -> Result<Response<MemberPromoteResponse>, Status> {
+        Err(Status::unimplemented(membership("aspen-cli cluster promote NODE_ID")))
+    }
+}
+
+/// etcd's Maintenance service over a node.
+#[derive(Debug)]
+pub struct MaintenanceService<N: EtcdNode>(pub Arc<Gateway<N>>);
+
+type SnapshotStream = BoxStream<'static, Result<SnapshotResponse, Status>>;
+
+#[tonic::async_trait]
+impl<N: EtcdNode> Maintenance for MaintenanceService<N> {
+    async fn alarm(&self, request: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
+        let caller = self.0.caller(request.metadata())?;
+        let r = request.into_inner();
+        let asked = match AlarmAction::try_from(r.action) {
+            Ok(AlarmAction::Get) => ClientRequest::AlarmList,
+            Ok(AlarmAction::Deactivate) => ClientRequest::AlarmDisarm,
+            _ => return Err(Status::unimplemented("alarms are raised by the nodes themselves (NOSPACE)")),
+        };
+        caller.needs("alarm", |s| s.admin, "admin")?;
+        match self.0.ask(asked).await? {
+            ClientResponse::Alarms(alarms) => Ok(Response::new(AlarmResponse {
+                header: self.0.header(0),
+                alarms: alarms
+                    .into_iter()
+                    .map(|a| AlarmMember { member_id: a.node_id, alarm: AlarmType::Nospace as i32 })
+                    .collect(),
+            })),
+            other => Err(Status::internal(format!("alarms were answered with {other:?}"))),
+        }
+    }
+
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let s = self.0.node.etcd_status();
+        Ok(Response::new(StatusResponse {
+            header: self.0.header(crate::api::applied_revision(s.raft_applied_index)),
+            version: ETCD_API_VERSION.into(),
+            db_size: s.db_size as i64,
+            leader: s.leader,
+            raft_index: s.raft_index,
+            raft_term: s.raft_term,
+            raft_applied_index: s.raft_applied_index,
+            errors: s.alarms,
+            db_size_in_use: s.db_size as i64,
+            is_learner: s.is_learner,
+            storage_version: String::new(),
+            db_size_quota: s.quota_bytes as i64,
+            downgrade_info: None,
+        }))
+    }
+
+    async fn defragment(&self, request: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
+        let caller = self.0.caller(request.metadata())?;
+        caller.needs("defragment", |s| s.admin, "admin")?;
+        // Nothing to do: redb reuses the pages deletes free (docs/operations.md, "Space").
+        Ok(Response::new(DefragmentResponse { header: self.0.header(0) }))
+    }
+
+    async fn hash(&self, _: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        Err(Status::unimplemented("Aspen's replicas compare state digests instead: aspen-cli cluster status --json"))
+    }
+
+    async fn hash_kv(&self, _: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
+        Err(Status::unimplemented("Aspen's replicas compare state digests instead: aspen-cli cluster status --json"))
+    }
+
+    type SnapshotStream = SnapshotStream;
+
+    async fn snapshot(&self, _: Request<SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
+        Err(Status::unimplemented("save a backup with aspen-cli snapshot save FILE"))
+    }
+
+    async fn move_leader(&self, request: Request<MoveLeaderRequest>) -> Result<Response<MoveLeaderResponse>, Status> {
+        let caller = self.0.caller(request.metadata())?;
+        caller.needs("move-leader", |s| s.admin, "admin")?;
+        let node_id = request.into_inner().target_id;
+        self.0.node.handle(ClientRequest::MoveLeader { shard: 0, node_id }, 0).await.map_err(status_of)?;
+        Ok(Response::new(MoveLeaderResponse { header: self.0.header(0) }))
+    }
+
+    async fn downgrade(&self, _: Request<DowngradeRequest>) -> Result<Response<DowngradeResponse>, Status> {
+        Err(Status::unimplemented("Aspen has no cluster version to downgrade (docs/operations.md, \"Upgrades\")"))
+    }
+}
+
+/// etcd's Auth service over a node.
+#[derive(Debug)]
+pub struct AuthService<N: EtcdNode>(pub Arc<Gateway<N>>);
+
+#[tonic::async_trait]
+impl<N: EtcdNode> Auth for AuthService<N> {
+    async fn auth_status(&self, _: Request<AuthStatusRequest>) -> Result<Response<AuthStatusResponse>, Status> {
+        Ok(Response::new(AuthStatusResponse {
+            header: self.0.header(0),
+            enabled: self.0.enforcing(),
+            auth_revision: 0,
+        }))
+    }
+
+    async fn authenticate(&self, request: Request<AuthenticateRequest>) -> Result<Response<AuthenticateResponse>, Status> {
+        let r = request.into_inner();
+        if r.name.is_empty() {
+            return Err(Status::invalid_argument(errors::USER_EMPTY));
+        }
+        if r.name != "token" {
+            return Err(Status::invalid_argument(errors::AUTH_FAILED));
+        }
+        match self.0.verify(&r.password) {
+            Ok(v) if v.scope().is_some() => {
+                Ok(Response::new(AuthenticateResponse { header: self.0.header(0), token: r.password }))
+            }
+            Ok(_) => Err(Status::invalid_argument(errors::AUTH_FAILED)),
+            Err(crate::auth::TokenError::NotReady) => Err(Status::unavailable(errors::NO_LEADER)),
+            Err(_) => Err(Status::invalid_argument(errors::AUTH_FAILED)),
+        }
+    }
+
+    async fn auth_enable(&self, _: Request<AuthEnableRequest>) -> Result<Response<AuthEnableResponse>, Status> {
+        Err(Status::unimplemented(USERS))
+    }
+
+    async fn auth_disable(&self, _: Request<AuthDisableRequest>) -> Result<Response<AuthDisableResponse>, Status> {
+        Err(Status::unimplemented(USERS))
+    }
+
+    async fn user_add(&self, _: Request<AuthUserAddRequest>) -> Result<Response<AuthUserAddResponse>, Status> {
+        Err(Status::unimplemented(USERS))
+    }
+
+    async fn user_get(&self, _: Request<AuthUserGetRequest>) -> Result<Response<AuthUserGetResponse>, Status> {
+        Err(Status::unimplemented(USERS))
+    }
+
+    async fn user_list(&self, _: Request<AuthUserListRequest>) -> Result<Response<AuthUserListResponse>, Status> {
+        Err(Status::unimplemented(USERS))
+    }
+
+    async fn user_delete(&self, _: Request<AuthUserDeleteRequest>) -> Result<Response<AuthUserDeleteResponse>, Status> {
+        Err(Status::unimplemented(USERS))
+    }
+
+    async fn user_change_password(&self, _: Request<AuthUserChangePasswordRequest>) -> Result<Response<AuthUserChangePasswordResponse>, Status> {
+        Err(Status::unimplemented(USERS))
+    }
+
+    async fn user_grant_role(&self, _: Request<AuthUserGrantRoleRequest>) -> Result<Response<AuthUserGrantRoleResponse>, Status> {
+        Err(Status::unimplemented(USERS))
+    }
+
+    async fn user_revoke_role(&self, _: Request<AuthUserRevokeRoleRequest>) -> Result<Response<AuthUserRevokeRoleResponse>, Status> {
+        Err(Status::unimplemented(USERS))
+    }
+
+    async fn role_add(&self, _: Request<AuthRoleAddRequest>) -> Result<Response<AuthRoleAddResponse>, Status> {
+        Err(Status::unimplemented(USERS))
+    }
+
+    async fn role_get(&self, _: Request<AuthRoleGetRequest>) -> Result<Response<AuthRoleGetResponse>, Status> {
+        Err(Status::unimplemented(USERS))
+    }
+
+    async fn role_list(&self, _: Request<AuthRoleListRequest>) -> Result<Response<AuthRoleListResponse>, Status> {
+        Err(Status::unimplemented(USERS))
+    }
+
+    async fn role_delete(&self, _: Request<AuthRoleDeleteRequest>) -> Result<Response<AuthRoleDeleteResponse>, Status> {
+        Err(Status::unimplemented(USERS))
+    }
+
+    async fn role_grant_permission(&self, _: Request<AuthRoleGrantPermissionRequest>) -> Result<Response<AuthRoleGrantPermissionResponse>, Status> {
+        Err(Status::unimplemented(USERS))
+    }
+
+    async fn role_revoke_permission(&self, _: Request<AuthRoleRevokePermissionRequest>) -> Result<Response<AuthRoleRevokePermissionResponse>, Status> {
+        Err(Status::unimplemented(USERS))
+    }
+}

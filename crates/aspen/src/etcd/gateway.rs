@@ -1,0 +1,428 @@
+//! What every etcd service shares (docs/design.md §18): the node behind it, token checks,
+//! exactly-once write sessions, range reads merged over shards, and etcd's error texts.
+//!
+//! Owns: the mapping of etcd requests onto the node's own requests (`ClientService::handle`, in
+//! process: routing and forwarding to shard leaders happen there, as for the native protocol),
+//! and the checks the native client protocol does on its connections (tokens, scopes, reserved
+//! keys), which in-process requests skip.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use tonic::{metadata::MetadataMap, Status};
+
+use super::proto::{etcdserverpb::ResponseHeader, mvccpb};
+use crate::{
+    api::{
+        routing::ShardRouter, ApiError, ClientRequest, ClientResponse, Id128, KeyRange, KeyRecord, KvOpResult, KvTxn,
+        NodeId, RangePage, RangeQuery, ReadConsistency, Revision, ShardId, WriteCommand, WriteOutcome, WriteSession,
+        STRICT_SEQ_BASE,
+    },
+    auth::{self, Authority, Scope, Verified},
+    transport::ClientService,
+};
+
+/// What the etcd API needs of the node besides answering requests (implemented by
+/// `cluster::NodeService`).
+pub trait EtcdNode: ClientService {
+    fn node_id(&self) -> NodeId;
+    /// The cluster id as etcd shows it (its first 8 bytes; 0 before the node is a member).
+    fn etcd_cluster_id(&self) -> u64;
+    fn num_shards(&self) -> u32;
+    /// Every member, with the URL it serves the etcd API on (asked of each, briefly).
+    fn etcd_members(&self) -> impl std::future::Future<Output = Vec<EtcdMember>> + Send;
+    /// This node's status as etcd's `Status` shows it.
+    fn etcd_status(&self) -> EtcdStatus;
+}
+
+/// A member as etcd's `MemberList` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EtcdMember {
+    pub id: NodeId,
+    pub name: String,
+    pub peer_urls: Vec<String>,
+    pub client_urls: Vec<String>,
+    pub is_learner: bool,
+}
+
+/// This node as etcd's `Status` shows it (shard 0's Raft state).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EtcdStatus {
+    pub leader: NodeId,
+    pub raft_index: u64,
+    pub raft_term: u64,
+    pub raft_applied_index: u64,
+    pub db_size: u64,
+    /// `[limits] quota_bytes`.
+    pub quota_bytes: u64,
+    pub is_learner: bool,
+    pub alarms: Vec<String>,
+}
+
+/// etcd's error texts (Go clients map errors by them: `rpctypes`).
+pub mod errors {
+    pub const USER_EMPTY: &str = "etcdserver: user name is empty";
+    pub const AUTH_FAILED: &str = "etcdserver: authentication failed, invalid user ID or password";
+    pub const INVALID_AUTH_TOKEN: &str = "etcdserver: invalid auth token";
+    pub const PERMISSION_DENIED: &str = "etcdserver: permission denied";
+    pub const LEASE_NOT_FOUND: &str = "etcdserver: requested lease not found";
+    pub const LEASE_EXISTS: &str = "etcdserver: lease already exists";
+    pub const COMPACTED: &str = "etcdserver: mvcc: required revision has been compacted";
+    pub const FUTURE_REV: &str = "etcdserver: mvcc: required revision is a future revision";
+    pub const NO_SPACE: &str = "etcdserver: mvcc: database space exceeded";
+    pub const TIMEOUT: &str = "etcdserver: request timed out";
+    pub const NO_LEADER: &str = "etcdserver: no leader";
+    pub const KEY_NOT_FOUND: &str = "etcdserver: key not found";
+    pub const EMPTY_KEY: &str = "etcdserver: key is not provided";
+    pub const VALUE_PROVIDED: &str = "etcdserver: value is provided";
+    pub const LEASE_PROVIDED: &str = "etcdserver: lease is provided";
+    pub const TOO_MANY_OPS: &str = "etcdserver: too many operations in txn request";
+    pub const DUPLICATE_KEY: &str = "etcdserver: duplicate key given in txn request";
+    pub const REQUEST_TOO_LARGE: &str = "etcdserver: request is too large";
+    pub const TTL_TOO_LARGE: &str = "etcdserver: too large lease TTL";
+    pub const NOT_CAPABLE: &str = "etcdserver: not capable";
+}
+
+/// A node's error as etcd's client libraries expect it.
+pub fn status_of(e: ApiError) -> Status {
+    use errors::*;
+    match e {
+        ApiError::NotLeader { .. } => Status::unavailable(NO_LEADER),
+        ApiError::Timeout(_) => Status::unavailable(TIMEOUT),
+        ApiError::Unavailable(m) => Status::unavailable(format!("{NO_LEADER} ({m})")),
+        ApiError::NotInitialized { .. } => Status::unavailable(format!("{NO_LEADER} ({e})")),
+        ApiError::InvalidRequest(m) => Status::invalid_argument(m),
+        ApiError::TooLarge { .. } => Status::invalid_argument(format!("{REQUEST_TOO_LARGE} ({e})")),
+        ApiError::PermissionDenied(m) => Status::permission_denied(format!("{PERMISSION_DENIED} ({m})")),
+        ApiError::LeaseNotFound { .. } => Status::not_found(LEASE_NOT_FOUND),
+        ApiError::Compacted { .. } => Status::out_of_range(COMPACTED),
+        ApiError::NoSpace(_) => Status::resource_exhausted(NO_SPACE),
+        ApiError::Refused(m) => Status::failed_precondition(m),
+        ApiError::WatchCancelled(m) => Status::cancelled(m),
+        ApiError::UnsupportedVersion { .. } | ApiError::Internal(_) => Status::internal(e.to_string()),
+    }
+}
+
+/// A write whose outcome says it may or may not have been applied (a session the shard forgot).
+pub fn unknown_outcome(outcome: WriteOutcome) -> Status {
+    Status::unavailable(format!("{} (the write's outcome is unknown: {outcome:?})", errors::TIMEOUT))
+}
+
+fn unexpected(what: &str, answer: impl std::fmt::Debug) -> Status {
+    Status::internal(format!("the node answered {what} with {answer:?}"))
+}
+
+/// Who is calling: the token's id and scope (`None`: the node enforces no tokens yet — it is not
+/// a member of a cluster).
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub token_id: u64,
+    pub scope: Option<Scope>,
+}
+
+impl Caller {
+    /// Checks a range read against the scope.
+    pub fn may_read(&self, range: &KeyRange) -> Result<(), Status> {
+        match &self.scope {
+            Some(s) => auth::authorize_range(s, range).map_err(status_of),
+            None => Ok(()),
+        }
+    }
+
+    /// Checks a txn (puts, deletes, compares, ranges) against the scope.
+    pub fn may_run(&self, txn: &KvTxn) -> Result<(), Status> {
+        match &self.scope {
+            Some(s) => auth::authorize_kv_txn(s, txn).map_err(status_of),
+            None => Ok(()),
+        }
+    }
+
+    /// Checks a permission (`read`, `write`, `admin`) for an operation named `what`.
+    pub fn needs(&self, what: &str, perm: fn(&Scope) -> bool, name: &str) -> Result<(), Status> {
+        match &self.scope {
+            Some(s) if !perm(s) => Err(Status::permission_denied(format!(
+                "{} (a {what} needs a token with {name} permission)",
+                errors::PERMISSION_DENIED
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Most tokens whose verification is kept (a client presents the same token on every call).
+const TOKEN_CACHE: usize = 1024;
+
+/// The state every etcd service shares.
+#[derive(Debug)]
+pub struct Gateway<N: EtcdNode> {
+    pub node: Arc<N>,
+    authority: Arc<Authority>,
+    router: ShardRouter,
+    /// Write sessions not in use, by (token id, shard): each has at most one write in flight,
+    /// numbered per shard from [`STRICT_SEQ_BASE`] (`api::WriteSession`).
+    sessions: Mutex<HashMap<(u64, ShardId), Vec<WriteSession>>>,
+    tokens: Mutex<HashMap<String, Arc<Verified>>>,
+    /// Cancelled when the endpoint stops: streams (watches, keep-alives) end.
+    pub stop: tokio_util::sync::CancellationToken,
+}
+
+impl<N: EtcdNode> Gateway<N> {
+    pub fn new(node: Arc<N>, authority: Arc<Authority>, stop: tokio_util::sync::CancellationToken) -> Self {
+        let router = ShardRouter::new(node.num_shards());
+        Gateway { node, authority, router, sessions: Default::default(), tokens: Default::default(), stop }
+    }
+
+    /// Whether the node requires tokens (it is a member of a cluster).
+    pub fn enforcing(&self) -> bool {
+        self.authority.enforcing()
+    }
+
+    pub fn router(&self) -> &ShardRouter {
+        &self.router
+    }
+
+    /// A response header at `revision`.
+    pub fn header(&self, revision: Revision) -> Option<ResponseHeader> {
+        Some(ResponseHeader {
+            cluster_id: self.node.etcd_cluster_id(),
+            member_id: self.node.node_id(),
+            revision: revision_i64(revision),
+            raft_term: 0,
+        })
+    }
+
+    /// The caller of a request, from its `token` metadata (what etcd clients send after
+    /// `Authenticate`; `authorization` too). Refused as etcd refuses: no token while tokens
+    /// are required, or a bad one.
+    pub fn caller(&self, metadata: &MetadataMap) -> Result<Caller, Status> {
+        if !self.authority.enforcing() {
+            return Ok(Caller { token_id: 0, scope: None });
+        }
+        let token = ["token", "authorization"]
+            .iter()
+            .find_map(|k| metadata.get(*k).and_then(|v| v.to_str().ok()))
+            .map(|t| t.trim_start_matches("Bearer ").trim().to_string());
+        let Some(token) = token.filter(|t| !t.is_empty()) else {
+            return Err(Status::invalid_argument(errors::USER_EMPTY));
+        };
+        let verified = self.verify(&token).map_err(|e| match e {
+            auth::TokenError::NotReady => Status::unavailable(format!("{} ({e})", errors::NO_LEADER)),
+            other => Status::unauthenticated(format!("{} ({other})", errors::INVALID_AUTH_TOKEN)),
+        })?;
+        match verified.scope() {
+            Some(scope) => Ok(Caller { token_id: verified.body.id, scope: Some(scope.clone()) }),
+            None => Err(Status::permission_denied(format!(
+                "{} (a join token is for aspen-node --join-token, not for requests)",
+                errors::PERMISSION_DENIED
+            ))),
+        }
+    }
+
+    /// Verifies a token (once per token; expiry and revocation every time).
+    pub fn verify(&self, token: &str) -> Result<Arc<Verified>, auth::TokenError> {
+        let cached = self.tokens.lock().unwrap_or_else(|p| p.into_inner()).get(token).cloned();
+        if let Some(v) = cached {
+            self.authority.recheck(&v)?;
+            return Ok(v);
+        }
+        let v = Arc::new(self.authority.verify(token)?);
+        let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        if tokens.len() >= TOKEN_CACHE {
+            tokens.clear();
+        }
+        tokens.insert(token.to_string(), v.clone());
+        Ok(v)
+    }
+
+    /// Sends a request to the node (routed and forwarded there).
+    pub async fn ask(&self, request: ClientRequest) -> Result<ClientResponse, Status> {
+        self.node.handle(request, 0).await.map_err(status_of)
+    }
+
+    /// The shards a range may have keys in.
+    pub fn shards_of(&self, range: &KeyRange) -> Vec<ShardId> {
+        if range.is_single() {
+            vec![self.router.shard_for_key(&range.key)]
+        } else {
+            (0..self.router.num_shards()).collect()
+        }
+    }
+
+    /// Reads `query` from every shard its range reaches, merged in key order; `limit` keys at
+    /// most (0: all), `count` over every shard, `revision` the highest any shard saw.
+    pub async fn range(&self, query: RangeQuery, consistency: ReadConsistency) -> Result<RangePage, Status> {
+        let shards = self.shards_of(&query.range);
+        let reads = shards.iter().map(|shard| self.range_of_shard(*shard, query.clone(), consistency));
+        let pages = futures::future::try_join_all(reads).await?;
+        Ok(merge_pages(pages, query.limit))
+    }
+
+    /// Every page of one shard's part of `query` (a page stops at a quarter frame).
+    async fn range_of_shard(
+        &self,
+        shard: ShardId,
+        mut query: RangeQuery,
+        consistency: ReadConsistency,
+    ) -> Result<RangePage, Status> {
+        let mut all: Option<RangePage> = None;
+        loop {
+            let page = match self.ask(ClientRequest::ShardRange { shard, query: query.clone(), consistency }).await? {
+                ClientResponse::Range(p) => p,
+                other => return Err(unexpected("a range read", other)),
+            };
+            let acc = all.get_or_insert_with(|| RangePage {
+                kvs: Vec::new(),
+                count: page.count,
+                more: false,
+                revision: page.revision,
+            });
+            acc.kvs.extend(page.kvs);
+            acc.revision = acc.revision.max(page.revision);
+            let reached = query.limit > 0 && acc.kvs.len() as u64 >= query.limit;
+            match acc.kvs.last() {
+                Some(last) if page.more && !reached && !query.count_only => query.after = Some(last.key.clone()),
+                _ => {
+                    acc.more = acc.count > acc.kvs.len() as u64;
+                    break;
+                }
+            }
+        }
+        Ok(all.unwrap_or(RangePage { kvs: Vec::new(), count: 0, more: false, revision: 0 }))
+    }
+
+    /// The current revision of `shard` (as a linearizable read sees it).
+    pub async fn revision_of(&self, shard: ShardId) -> Result<Revision, Status> {
+        let mut q = RangeQuery::all(KeyRange::single(Vec::new()));
+        q.count_only = true;
+        let page = match self
+            .ask(ClientRequest::ShardRange { shard, query: q, consistency: ReadConsistency::Linearizable })
+            .await?
+        {
+            ClientResponse::Range(p) => p,
+            other => return Err(unexpected("a range read", other)),
+        };
+        Ok(page.revision)
+    }
+
+    /// Runs `txn` on `shard` as one write, exactly once (a session of the caller's token),
+    /// checking a lease this shard knows nothing of with its home shard first.
+    pub async fn write(
+        &self,
+        caller: &Caller,
+        shard: ShardId,
+        txn: KvTxn,
+    ) -> Result<(Revision, bool, Vec<KvOpResult>), Status> {
+        let mut leases_checked = false;
+        loop {
+            let command = WriteCommand::KvTxn { txn: txn.clone(), leases_checked };
+            return match self.write_command(caller, shard, false, command).await? {
+                WriteOutcome::KvTxn { revision, succeeded, results } => Ok((revision, succeeded, results)),
+                WriteOutcome::LeaseNotFound { .. } => Err(Status::not_found(errors::LEASE_NOT_FOUND)),
+                WriteOutcome::KeyNotFound { .. } => Err(Status::invalid_argument(errors::KEY_NOT_FOUND)),
+                WriteOutcome::LeaseUnchecked { id } if !leases_checked => {
+                    // Not applied nor recorded: ask the lease's home, resend as checked.
+                    match self.node.handle(ClientRequest::LeaseInfo { id }, 0).await {
+                        Ok(ClientResponse::LeaseStatus(_)) => {
+                            leases_checked = true;
+                            continue;
+                        }
+                        Err(ApiError::LeaseNotFound { .. }) => Err(Status::not_found(errors::LEASE_NOT_FOUND)),
+                        Err(e) => Err(status_of(e)),
+                        Ok(other) => Err(unexpected("a lease lookup", other)),
+                    }
+                }
+                other => Err(unknown_outcome(other)),
+            };
+        }
+    }
+
+    /// Sends one write of `shard` with a session of the caller's token (exactly once: the node
+    /// retries it with the same number). `routed`: sent as a plain write, which the node routes
+    /// and may coordinate (a lease revocation); else as a write of `shard`.
+    pub async fn write_command(
+        &self,
+        caller: &Caller,
+        shard: ShardId,
+        routed: bool,
+        command: WriteCommand,
+    ) -> Result<WriteOutcome, Status> {
+        let mut session = self.take_session(caller.token_id, shard);
+        session.seq += 1;
+        let mut request = if routed {
+            ClientRequest::Write { session, command }
+        } else {
+            ClientRequest::ShardWrite { shard, session, command }
+        };
+        if caller.scope.is_some() {
+            auth::bind_session(caller.token_id, &mut request);
+        }
+        let answer = self.ask(request).await;
+        // The next write of this session takes the next number, whatever happened.
+        self.give_back(caller.token_id, shard, session);
+        match answer? {
+            ClientResponse::Write(o) => Ok(o),
+            other => Err(unexpected("a write", other)),
+        }
+    }
+
+    fn take_session(&self, token_id: u64, shard: ShardId) -> WriteSession {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        sessions
+            .get_mut(&(token_id, shard))
+            .and_then(Vec::pop)
+            .unwrap_or(WriteSession { client_id: Id128::random(), seq: STRICT_SEQ_BASE })
+    }
+
+    fn give_back(&self, token_id: u64, shard: ShardId, session: WriteSession) {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner()).entry((token_id, shard)).or_default().push(session);
+    }
+}
+
+/// Merges shards' pages of one range in key order, keeping `limit` keys (0: all).
+pub fn merge_pages(pages: Vec<RangePage>, limit: u64) -> RangePage {
+    let count = pages.iter().map(|p| p.count).sum();
+    let revision = pages.iter().map(|p| p.revision).max().unwrap_or(0);
+    let mut kvs: Vec<KeyRecord> = pages.into_iter().flat_map(|p| p.kvs).collect();
+    kvs.sort_by(|a, b| a.key.cmp(&b.key));
+    if limit > 0 && kvs.len() as u64 > limit {
+        kvs.truncate(limit as usize);
+    }
+    let more = count > kvs.len() as u64;
+    RangePage { kvs, count, more, revision }
+}
+
+/// A revision as etcd's signed fields carry it.
+pub fn revision_i64(r: Revision) -> i64 {
+    i64::try_from(r).unwrap_or(i64::MAX)
+}
+
+/// A revision from etcd's signed fields (negative: 0).
+pub fn revision_u64(r: i64) -> Revision {
+    u64::try_from(r).unwrap_or(0)
+}
+
+/// A key as etcd shows it.
+pub fn kv_of(r: KeyRecord) -> mvccpb::KeyValue {
+    mvccpb::KeyValue {
+        key: r.key,
+        create_revision: revision_i64(r.create_revision),
+        mod_revision: revision_i64(r.mod_revision),
+        version: i64::try_from(r.version).unwrap_or(i64::MAX),
+        value: r.value,
+        lease: i64::try_from(r.lease).unwrap_or(0),
+    }
+}
+
+/// etcd's key range: `range_end` empty → the key alone; `"\0"` → every key from `key` on; else
+/// `[key, range_end)`. An empty key with `"\0"` is every key.
+pub fn key_range(key: Vec<u8>, range_end: Vec<u8>) -> KeyRange {
+    if range_end.is_empty() {
+        KeyRange { key, end: None }
+    } else if range_end == [0] {
+        KeyRange { key, end: Some(Vec::new()) }
+    } else {
+        KeyRange { key, end: Some(range_end) }
+    }
+}

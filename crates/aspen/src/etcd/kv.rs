@@ -1,0 +1,439 @@
+//! etcd's KV service: Range, Put, DeleteRange, Txn and Compact (docs/design.md §18), each
+//! turned into the node's range reads and `KvTxn` writes.
+//!
+//! A put or a single-key delete is a write of its key's shard; a range delete one write per
+//! shard the range may reach (each atomic in its shard); a txn one write of the one shard all
+//! its keys are in — a txn whose keys span shards is refused (`FAILED_PRECONDITION`, naming the
+//! shards). Reads at a past revision are refused: Aspen keeps one version of each key.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::{
+    gateway::{errors, key_range, kv_of, revision_u64, Caller, EtcdNode, Gateway},
+    proto::etcdserverpb::{
+        compare::{CompareResult, CompareTarget, TargetUnion},
+        kv_server::Kv,
+        range_request::{SortOrder, SortTarget},
+        request_op, response_op, CompactionRequest, CompactionResponse, Compare, DeleteRangeRequest,
+        DeleteRangeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, RequestOp, ResponseOp, TxnRequest,
+        TxnResponse,
+    },
+};
+use crate::api::{
+    is_reserved_key, CompareOp, KeyRange, KeyRecord, KvCompare, KvCompareTarget, KvOp, KvOpResult, KvPut, KvTxn,
+    RangePage, RangeQuery, ReadConsistency, Revision, ShardId,
+};
+
+/// etcd's KV service over a node.
+#[derive(Debug)]
+pub struct KvService<N: EtcdNode>(pub Arc<Gateway<N>>);
+
+fn reserved(key: &[u8]) -> Result<(), Status> {
+    if is_reserved_key(key) {
+        return Err(Status::invalid_argument("keys starting with \\x00aspen/ are reserved for the cluster"));
+    }
+    Ok(())
+}
+
+/// A range as etcd requests name it; refused if it is empty or starts in the reserved keys.
+fn request_range(key: Vec<u8>, range_end: Vec<u8>) -> Result<KeyRange, Status> {
+    if key.is_empty() && range_end.is_empty() {
+        return Err(Status::invalid_argument(errors::EMPTY_KEY));
+    }
+    reserved(&key)?;
+    Ok(key_range(key, range_end))
+}
+
+fn lease_of(lease: i64) -> Result<u64, Status> {
+    u64::try_from(lease).map_err(|_| Status::invalid_argument(format!("lease id {lease} is negative")))
+}
+
+/// How a range's keys are ordered in its answer: `None` for key order (what shards give).
+fn sorting(r: &RangeRequest) -> Option<(SortTarget, bool)> {
+    let target = SortTarget::try_from(r.sort_target).unwrap_or(SortTarget::Key);
+    let order = SortOrder::try_from(r.sort_order).unwrap_or(SortOrder::None);
+    match (target, order) {
+        (SortTarget::Key, SortOrder::None | SortOrder::Ascend) => None,
+        (t, SortOrder::Descend) => Some((t, true)),
+        (t, _) => Some((t, false)),
+    }
+}
+
+/// The node's query for an etcd range (a sorted range reads every key, then sorts and cuts).
+fn range_query(r: &RangeRequest) -> Result<RangeQuery, Status> {
+    if r.revision < 0 || r.limit < 0 {
+        return Err(Status::invalid_argument("negative revision or limit"));
+    }
+    let range = request_range(r.key.clone(), r.range_end.clone())?;
+    let limit = if sorting(r).is_none() { r.limit as u64 } else { 0 };
+    Ok(RangeQuery {
+        range,
+        limit,
+        keys_only: r.keys_only,
+        count_only: r.count_only,
+        min_mod_revision: revision_u64(r.min_mod_revision),
+        max_mod_revision: revision_u64(r.max_mod_revision),
+        min_create_revision: revision_u64(r.min_create_revision),
+        max_create_revision: revision_u64(r.max_create_revision),
+        after: None,
+    })
+}
+
+/// Sorts and cuts a page as `r` asks (key order and the limit are the shards' already).
+fn finish_range(r: &RangeRequest, mut page: RangePage) -> RangePage {
+    if let Some((target, descend)) = sorting(r) {
+        fn field(target: SortTarget, kv: &KeyRecord) -> (u64, &[u8]) {
+            match target {
+                SortTarget::Key => (0, kv.key.as_slice()),
+                SortTarget::Version => (kv.version, &[]),
+                SortTarget::Create => (kv.create_revision, &[]),
+                SortTarget::Mod => (kv.mod_revision, &[]),
+                SortTarget::Value => (0, kv.value.as_slice()),
+            }
+        }
+        page.kvs.sort_by(|a, b| field(target, a).cmp(&field(target, b)).then_with(|| a.key.cmp(&b.key)));
+        if descend {
+            page.kvs.reverse();
+        }
+        if r.limit > 0 && page.kvs.len() as u64 > r.limit as u64 {
+            page.kvs.truncate(r.limit as usize);
+        }
+        page.more = page.count > page.kvs.len() as u64;
+    }
+    page
+}
+
+/// A read at a past revision cannot be served: Aspen keeps one version of each key.
+fn check_read_revision(asked: i64, seen: Revision) -> Result<(), Status> {
+    let asked = revision_u64(asked);
+    if asked == 0 || asked == seen {
+        return Ok(());
+    }
+    if asked > seen {
+        return Err(Status::out_of_range(errors::FUTURE_REV));
+    }
+    Err(Status::unimplemented(format!(
+        "Aspen keeps one version of each key: a read at revision {asked} (the current revision is {seen}) is \
+         not supported; read without a revision"
+    )))
+}
+
+fn compare_of(c: Compare) -> Result<KvCompare, Status> {
+    let op = match CompareResult::try_from(c.result) {
+        Ok(CompareResult::Equal) => CompareOp::Equal,
+        Ok(CompareResult::Greater) => CompareOp::Greater,
+        Ok(CompareResult::Less) => CompareOp::Less,
+        Ok(CompareResult::NotEqual) => CompareOp::NotEqual,
+        Err(_) => return Err(Status::invalid_argument(format!("unknown compare result {}", c.result))),
+    };
+    let target = match (CompareTarget::try_from(c.target), c.target_union) {
+        (Ok(CompareTarget::Version), Some(TargetUnion::Version(v))) => KvCompareTarget::Version(revision_u64(v)),
+        (Ok(CompareTarget::Create), Some(TargetUnion::CreateRevision(v))) => {
+            KvCompareTarget::CreateRevision(revision_u64(v))
+        }
+        (Ok(CompareTarget::Mod), Some(TargetUnion::ModRevision(v))) => KvCompareTarget::ModRevision(revision_u64(v)),
+        (Ok(CompareTarget::Value), Some(TargetUnion::Value(v))) => KvCompareTarget::Value(v),
+        (Ok(CompareTarget::Lease), Some(TargetUnion::Lease(v))) => KvCompareTarget::Lease(revision_u64(v)),
+        // proto3 leaves a zero target out: a compare with 0.
+        (Ok(CompareTarget::Version), None) => KvCompareTarget::Version(0),
+        (Ok(CompareTarget::Create), None) => KvCompareTarget::CreateRevision(0),
+        (Ok(CompareTarget::Mod), None) => KvCompareTarget::ModRevision(0),
+        (Ok(CompareTarget::Value), None) => KvCompareTarget::Value(Vec::new()),
+        (Ok(CompareTarget::Lease), None) => KvCompareTarget::Lease(0),
+        (target, union) => {
+            return Err(Status::invalid_argument(format!("compare target {target:?} does not match {union:?}")))
+        }
+    };
+    Ok(KvCompare { range: request_range(c.key, c.range_end)?, op, target })
+}
+
+fn put_of(p: PutRequest) -> Result<KvPut, Status> {
+    if p.key.is_empty() {
+        return Err(Status::invalid_argument(errors::EMPTY_KEY));
+    }
+    reserved(&p.key)?;
+    if p.ignore_value && !p.value.is_empty() {
+        return Err(Status::invalid_argument(errors::VALUE_PROVIDED));
+    }
+    if p.ignore_lease && p.lease != 0 {
+        return Err(Status::invalid_argument(errors::LEASE_PROVIDED));
+    }
+    Ok(KvPut {
+        key: p.key,
+        value: p.value,
+        lease: lease_of(p.lease)?,
+        prev_kv: p.prev_kv,
+        ignore_value: p.ignore_value,
+        ignore_lease: p.ignore_lease,
+    })
+}
+
+fn op_of(op: RequestOp) -> Result<KvOp, Status> {
+    Ok(match op.request {
+        Some(request_op::Request::RequestRange(r)) => {
+            if r.revision != 0 {
+                return Err(Status::unimplemented(
+                    "Aspen keeps one version of each key: a range at a revision is not supported inside a txn",
+                ));
+            }
+            KvOp::Range(range_query(&r)?)
+        }
+        Some(request_op::Request::RequestPut(p)) => KvOp::Put(put_of(p)?),
+        Some(request_op::Request::RequestDeleteRange(d)) => {
+            KvOp::DeleteRange { range: request_range(d.key, d.range_end)?, prev_kv: d.prev_kv }
+        }
+        Some(request_op::Request::RequestTxn(t)) => KvOp::Txn(txn_of(t)?),
+        None => return Err(Status::invalid_argument("a txn operation names no request")),
+    })
+}
+
+fn txn_of(t: TxnRequest) -> Result<KvTxn, Status> {
+    let txn = KvTxn {
+        compares: t.compare.into_iter().map(compare_of).collect::<Result<_, _>>()?,
+        success: t.success.into_iter().map(op_of).collect::<Result<_, _>>()?,
+        failure: t.failure.into_iter().map(op_of).collect::<Result<_, _>>()?,
+    };
+    for branch in [&txn.success, &txn.failure] {
+        check_duplicates(branch)?;
+    }
+    Ok(txn)
+}
+
+/// etcd refuses a branch that writes one key twice (two puts, or a put into a deleted range).
+fn check_duplicates(branch: &[KvOp]) -> Result<(), Status> {
+    let mut puts = std::collections::BTreeSet::new();
+    for op in branch {
+        if let KvOp::Put(p) = op {
+            if !puts.insert(p.key.as_slice()) {
+                return Err(Status::invalid_argument(errors::DUPLICATE_KEY));
+            }
+        }
+    }
+    for op in branch {
+        if let KvOp::DeleteRange { range, .. } = op {
+            if puts.iter().any(|k| range.contains(k)) {
+                return Err(Status::invalid_argument(errors::DUPLICATE_KEY));
+            }
+        }
+    }
+    Ok(())
+}
+
+impl<N: EtcdNode> KvService<N> {
+    /// The one shard a txn's keys are in (every shard a range may reach counts).
+    fn txn_shard(&self, txn: &KvTxn) -> Result<ShardId, Status> {
+        let gw = &self.0;
+        let mut shards = std::collections::BTreeSet::new();
+        for (key, end) in txn.spans() {
+            let range = KeyRange { key: key.to_vec(), end: end.map(<[u8]>::to_vec) };
+            shards.extend(gw.shards_of(&range));
+        }
+        match shards.len() {
+            0 => Ok(0),
+            1 => Ok(*shards.first().unwrap_or(&0)),
+            _ => {
+                let list: Vec<String> = shards.iter().map(ToString::to_string).collect();
+                Err(Status::failed_precondition(format!(
+                    "a txn is atomic within one shard only; its keys are in shards {} (a key range reaches every \
+                     shard)",
+                    list.join(", ")
+                )))
+            }
+        }
+    }
+
+    /// Runs a txn (a put, a delete, or a client's txn) on its shard.
+    async fn run(&self, caller: &Caller, txn: KvTxn) -> Result<(Revision, bool, Vec<KvOpResult>), Status> {
+        caller.may_run(&txn)?;
+        let shard = self.txn_shard(&txn)?;
+        self.0.write(caller, shard, txn).await
+    }
+
+    /// The answers of a branch's ops (`ops`: the requests, for their sort orders).
+    fn responses(&self, ops: &[RequestOp], results: Vec<KvOpResult>, revision: Revision) -> Vec<ResponseOp> {
+        let gw = &self.0;
+        ops.iter()
+            .zip(results)
+            .map(|(op, result)| {
+                let response = match (result, &op.request) {
+                    (KvOpResult::Range(page), Some(request_op::Request::RequestRange(r))) => {
+                        let page = finish_range(r, page);
+                        response_op::Response::ResponseRange(RangeResponse {
+                            header: gw.header(revision),
+                            count: page.count as i64,
+                            more: page.more,
+                            kvs: page.kvs.into_iter().map(kv_of).collect(),
+                        })
+                    }
+                    (KvOpResult::Range(page), _) => response_op::Response::ResponseRange(RangeResponse {
+                        header: gw.header(revision),
+                        count: page.count as i64,
+                        more: page.more,
+                        kvs: page.kvs.into_iter().map(kv_of).collect(),
+                    }),
+                    (KvOpResult::Put { prev }, _) => response_op::Response::ResponsePut(PutResponse {
+                        header: gw.header(revision),
+                        prev_kv: prev.map(kv_of),
+                    }),
+                    (KvOpResult::DeleteRange { deleted, prev }, _) => {
+                        response_op::Response::ResponseDeleteRange(DeleteRangeResponse {
+                            header: gw.header(revision),
+                            deleted: deleted as i64,
+                            prev_kvs: prev.into_iter().map(kv_of).collect(),
+                        })
+                    }
+                    (KvOpResult::Txn { succeeded, results }, request) => {
+                        let inner = match request {
+                            Some(request_op::Request::RequestTxn(t)) => {
+                                if succeeded {
+                                    t.success.as_slice()
+                                } else {
+                                    t.failure.as_slice()
+                                }
+                            }
+                            _ => &[],
+                        };
+                        response_op::Response::ResponseTxn(TxnResponse {
+                            header: gw.header(revision),
+                            succeeded,
+                            responses: self.responses(inner, results, revision),
+                        })
+                    }
+                };
+                ResponseOp { response: Some(response) }
+            })
+            .collect()
+    }
+}
+
+#[tonic::async_trait]
+impl<N: EtcdNode> Kv for KvService<N> {
+    async fn range(&self, request: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
+        let gw = &self.0;
+        let caller = gw.caller(request.metadata())?;
+        let r = request.into_inner();
+        let query = range_query(&r)?;
+        caller.may_read(&query.range)?;
+        let consistency = if r.serializable { ReadConsistency::Stale } else { ReadConsistency::Linearizable };
+        let page = gw.range(query, consistency).await?;
+        check_read_revision(r.revision, page.revision)?;
+        let page = finish_range(&r, page);
+        Ok(Response::new(RangeResponse {
+            header: gw.header(page.revision),
+            count: page.count as i64,
+            more: page.more,
+            kvs: page.kvs.into_iter().map(kv_of).collect(),
+        }))
+    }
+
+    async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let caller = self.0.caller(request.metadata())?;
+        let put = put_of(request.into_inner())?;
+        let (revision, _, results) = self.run(&caller, KvTxn::op(KvOp::Put(put))).await?;
+        let prev_kv = match results.into_iter().next() {
+            Some(KvOpResult::Put { prev }) => prev.map(kv_of),
+            _ => None,
+        };
+        Ok(Response::new(PutResponse { header: self.0.header(revision), prev_kv }))
+    }
+
+    async fn delete_range(&self, request: Request<DeleteRangeRequest>) -> Result<Response<DeleteRangeResponse>, Status> {
+        let gw = &self.0;
+        let caller = gw.caller(request.metadata())?;
+        let d = request.into_inner();
+        let range = request_range(d.key, d.range_end)?;
+        let txn = KvTxn::op(KvOp::DeleteRange { range: range.clone(), prev_kv: d.prev_kv });
+        caller.may_run(&txn)?;
+        // Each shard the range may reach deletes its keys of it (atomically there).
+        let writes = gw.shards_of(&range).into_iter().map(|shard| gw.write(&caller, shard, txn.clone()));
+        let (mut revision, mut deleted, mut prev) = (0, 0u64, Vec::new());
+        for (rev, _, results) in futures::future::try_join_all(writes).await? {
+            revision = revision.max(rev);
+            if let Some(KvOpResult::DeleteRange { deleted: d, prev: p }) = results.into_iter().next() {
+                deleted += d;
+                prev.extend(p);
+            }
+        }
+        prev.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(Response::new(DeleteRangeResponse {
+            header: gw.header(revision),
+            deleted: deleted as i64,
+            prev_kvs: prev.into_iter().map(kv_of).collect(),
+        }))
+    }
+
+    async fn txn(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        let caller = self.0.caller(request.metadata())?;
+        let t = request.into_inner();
+        let txn = txn_of(t.clone())?;
+        let (revision, succeeded, results) = self.run(&caller, txn).await?;
+        let ops = if succeeded { &t.success } else { &t.failure };
+        Ok(Response::new(TxnResponse {
+            header: self.0.header(revision),
+            succeeded,
+            responses: self.responses(ops, results, revision),
+        }))
+    }
+
+    async fn compact(&self, request: Request<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {
+        let gw = &self.0;
+        let caller = gw.caller(request.metadata())?;
+        caller.needs("compaction", |s| s.write, "write")?;
+        let asked = revision_u64(request.into_inner().revision);
+        let mut current = 0;
+        for shard in 0..gw.router().num_shards() {
+            current = current.max(gw.revision_of(shard).await?);
+        }
+        if asked > current {
+            return Err(Status::out_of_range(errors::FUTURE_REV));
+        }
+        // Nothing to discard: Aspen keeps one version of each key, and its watch history is
+        // bounded by size (docs/design.md §17).
+        Ok(Response::new(CompactionResponse { header: gw.header(current) }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn etcd_ranges_map_to_key_ranges() {
+        assert_eq!(key_range(b"a".to_vec(), vec![]), KeyRange::single("a"));
+        assert_eq!(key_range(b"a".to_vec(), vec![0]).end, Some(vec![]));
+        assert!(key_range(b"a".to_vec(), vec![0]).contains(b"zzz"));
+        assert_eq!(key_range(b"a/".to_vec(), b"a0".to_vec()), KeyRange::prefix("a/"));
+        assert!(request_range(vec![], vec![]).is_err(), "an empty key names nothing");
+        assert!(request_range(b"\x00aspen/tokens".to_vec(), vec![]).is_err(), "reserved keys are refused");
+        assert!(request_range(vec![], vec![0]).is_ok(), "every key");
+    }
+
+    #[test]
+    fn a_branch_writing_one_key_twice_is_refused() {
+        let put = |k: &str| {
+            KvOp::Put(KvPut {
+                key: k.into(),
+                value: vec![],
+                lease: 0,
+                prev_kv: false,
+                ignore_value: false,
+                ignore_lease: false,
+            })
+        };
+        assert!(check_duplicates(&[put("a"), put("b")]).is_ok());
+        assert!(check_duplicates(&[put("a"), put("a")]).is_err());
+        let delete = KvOp::DeleteRange { range: KeyRange::prefix("a"), prev_kv: false };
+        assert!(check_duplicates(&[put("ab"), delete.clone()]).is_err());
+        assert!(check_duplicates(&[put("b"), delete]).is_ok());
+    }
+
+    #[test]
+    fn reads_at_past_revisions_are_refused_and_future_ones_out_of_range() {
+        assert!(check_read_revision(0, 5000).is_ok());
+        assert!(check_read_revision(5000, 5000).is_ok());
+        assert_eq!(check_read_revision(6000, 5000).unwrap_err().code(), tonic::Code::OutOfRange);
+        assert_eq!(check_read_revision(10, 5000).unwrap_err().code(), tonic::Code::Unimplemented);
+    }
+}

@@ -1,0 +1,102 @@
+//! The etcd API's gRPC endpoint: a tonic server on a TCP listener, with rustls TLS when a
+//! certificate and key are given (tokens travel in the clear otherwise).
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{server::TcpIncoming, Identity, Server, ServerTlsConfig};
+
+use super::{
+    admin::{AuthService, ClusterService, MaintenanceService},
+    gateway::{EtcdNode, Gateway},
+    kv::KvService,
+    lease::LeaseService,
+    proto::etcdserverpb::{
+        auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
+        maintenance_server::MaintenanceServer, watch_server::WatchServer,
+    },
+    watch::WatchService,
+};
+use crate::auth::Authority;
+
+/// A PEM certificate chain and private key for the endpoint's TLS.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EtcdTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Why the endpoint could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdServeError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A serving etcd endpoint.
+#[derive(Debug)]
+pub struct EtcdEndpoint {
+    /// `http://ADDR` or `https://ADDR`: what etcd clients are given.
+    pub url: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl EtcdEndpoint {
+    /// Binds `addr` (before the node serves anything, so a bad address stops the start).
+    pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+        TcpListener::bind(addr).await
+    }
+
+    /// Serves etcd's services for `node` on `listener` until `stop` is cancelled. Requests up to
+    /// `max_request_bytes` are read.
+    pub fn serve<N: EtcdNode>(
+        listener: TcpListener,
+        tls: Option<&EtcdTls>,
+        node: Arc<N>,
+        authority: Arc<Authority>,
+        max_request_bytes: usize,
+        stop: CancellationToken,
+    ) -> Result<Self, EtcdServeError> {
+        let addr = listener.local_addr()?;
+        let mut builder = Server::builder();
+        if let Some(tls) = tls {
+            let read = |path: &PathBuf| {
+                std::fs::read(path).map_err(|source| EtcdServeError::Read { path: path.clone(), source })
+            };
+            let identity = Identity::from_pem(read(&tls.cert)?, read(&tls.key)?);
+            builder = builder
+                .tls_config(ServerTlsConfig::new().identity(identity))
+                .map_err(|e| EtcdServeError::Tls(e.to_string()))?;
+        }
+        let gw = Arc::new(Gateway::new(node, authority, stop.clone()));
+        let router = builder
+            .add_service(KvServer::new(KvService(gw.clone())).max_decoding_message_size(max_request_bytes))
+            .add_service(WatchServer::new(WatchService(gw.clone())).max_decoding_message_size(max_request_bytes))
+            .add_service(LeaseServer::new(LeaseService(gw.clone())))
+            .add_service(ClusterServer::new(ClusterService(gw.clone())))
+            .add_service(MaintenanceServer::new(MaintenanceService(gw.clone())))
+            .add_service(AuthServer::new(AuthService(gw)));
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let task = tokio::spawn(async move {
+            if let Err(e) = router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()).await {
+                tracing::warn!("etcd endpoint on {addr}: {e}");
+            }
+        });
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        Ok(EtcdEndpoint { url: format!("{scheme}://{addr}"), task })
+    }
+
+    /// Stops the endpoint (its `stop` token must be cancelled already, which ends its streams):
+    /// waits a moment for calls in flight, then drops the rest.
+    pub async fn stop(mut self) {
+        if tokio::time::timeout(std::time::Duration::from_secs(2), &mut self.task).await.is_err() {
+            self.task.abort();
+            let _ = self.task.await;
+        }
+    }
+}

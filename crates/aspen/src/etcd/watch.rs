@@ -1,0 +1,297 @@
+//! etcd's Watch service: one bidirectional stream carries many watchers, created and cancelled
+//! by the client, each served by a watch of the node (docs/design.md §17, §18).
+//!
+//! A watcher's range becomes the node's key or prefix watch (a range that is neither watches the
+//! longest prefix its two ends share, and the events outside it are dropped here). A start
+//! revision is the node's `FromRevision` (one-shard clusters; a sharded cluster refuses it,
+//! since revisions are per shard). The node's progress frames become etcd's progress
+//! notifications for watchers that asked for them. A previous key carries only its value.
+
+use std::{collections::HashMap, sync::Arc};
+
+use futures::{stream::BoxStream, StreamExt};
+use tokio::{sync::mpsc, task::JoinHandle};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{
+    gateway::{errors, key_range, revision_i64, revision_u64, Caller, EtcdNode, Gateway},
+    proto::{
+        etcdserverpb::{
+            watch_create_request::FilterType, watch_request::RequestUnion, watch_server::Watch, WatchCreateRequest,
+            WatchRequest as EtcdWatchRequest, WatchResponse,
+        },
+        mvccpb::{self, event::EventType},
+    },
+};
+use crate::api::{
+    is_reserved_key, prefix_end, ApiError, ClientResponse, EventKind, KeyRange, WatchEvent, WatchRequest, WatchStart,
+};
+
+/// etcd's Watch service over a node.
+#[derive(Debug)]
+pub struct WatchService<N: EtcdNode>(pub Arc<Gateway<N>>);
+
+type Answers = mpsc::Sender<Result<WatchResponse, Status>>;
+
+/// etcd's id for a progress answer to a whole stream (`clientv3.InvalidWatchID`).
+const STREAM_PROGRESS_ID: i64 = -1;
+
+/// The node's watch for an etcd range: key, prefix.
+fn node_watch(range: &KeyRange) -> (Vec<u8>, bool) {
+    match &range.end {
+        None => (range.key.clone(), false),
+        Some(end) if prefix_end(&range.key).as_deref() == Some(end.as_slice()) => (range.key.clone(), true),
+        Some(end) if end.is_empty() => (Vec::new(), true),
+        Some(end) => {
+            let shared = range.key.iter().zip(end).take_while(|(a, b)| a == b).count();
+            (range.key[..shared].to_vec(), true)
+        }
+    }
+}
+
+fn event_of(e: WatchEvent, prev_kv: bool) -> mvccpb::Event {
+    let prev = match (prev_kv, e.prev_value) {
+        (true, Some(value)) => Some(mvccpb::KeyValue { key: e.key.clone(), value, ..Default::default() }),
+        _ => None,
+    };
+    let kind = match e.kind {
+        EventKind::Put => EventType::Put,
+        EventKind::Delete => EventType::Delete,
+    };
+    mvccpb::Event {
+        r#type: kind as i32,
+        kv: Some(mvccpb::KeyValue {
+            key: e.key,
+            create_revision: revision_i64(e.create_revision),
+            mod_revision: revision_i64(e.revision),
+            version: i64::try_from(e.version).unwrap_or(i64::MAX),
+            value: e.value,
+            lease: i64::try_from(e.lease).unwrap_or(0),
+        }),
+        prev_kv: prev,
+    }
+}
+
+impl<N: EtcdNode> WatchService<N> {
+    /// Serves one watcher until its node watch ends or it is cancelled (aborted).
+    async fn serve(gw: Arc<Gateway<N>>, id: i64, create: WatchCreateRequest, range: KeyRange, answers: Answers) {
+        let respond = |r: WatchResponse| {
+            let answers = answers.clone();
+            async move { answers.send(Ok(r)).await.is_ok() }
+        };
+        let cancel = |reason: String, compact: i64| WatchResponse {
+            header: gw.header(0),
+            watch_id: id,
+            canceled: true,
+            compact_revision: compact,
+            cancel_reason: reason,
+            ..Default::default()
+        };
+        let (key, prefix) = node_watch(&range);
+        let start = match revision_u64(create.start_revision) {
+            0 => WatchStart::Now,
+            r => WatchStart::FromRevision(r),
+        };
+        let no_put = create.filters.contains(&(FilterType::Noput as i32));
+        let no_delete = create.filters.contains(&(FilterType::Nodelete as i32));
+        let mut frames = match gw.node.watch(WatchRequest { key, prefix, prev_kv: create.prev_kv, start }).await {
+            Ok(frames) => frames,
+            Err(e) => {
+                let created = WatchResponse { header: gw.header(0), watch_id: id, created: true, ..Default::default() };
+                let _ = respond(created).await;
+                let _ = respond(ended(&cancel, e)).await;
+                return;
+            }
+        };
+        let mut created = false;
+        while let Some(frame) = frames.recv().await {
+            let answer = match frame {
+                Ok(ClientResponse::WatchCreated { positions }) => {
+                    created = true;
+                    let revision = positions.iter().map(|p| p.revision).max().unwrap_or(0);
+                    WatchResponse { header: gw.header(revision), watch_id: id, created: true, ..Default::default() }
+                }
+                Ok(ClientResponse::WatchEvents(events)) => {
+                    let revision = events.iter().map(|e| e.revision).max().unwrap_or(0);
+                    let events: Vec<mvccpb::Event> = events
+                        .into_iter()
+                        .filter(|e| range.contains(&e.key) && !is_reserved_key(&e.key))
+                        .filter(|e| match e.kind {
+                            EventKind::Put => !no_put,
+                            EventKind::Delete => !no_delete,
+                        })
+                        .map(|e| event_of(e, create.prev_kv))
+                        .collect();
+                    if events.is_empty() {
+                        continue;
+                    }
+                    WatchResponse { header: gw.header(revision), watch_id: id, events, ..Default::default() }
+                }
+                Ok(ClientResponse::WatchProgress { positions }) => {
+                    if !create.progress_notify {
+                        continue;
+                    }
+                    let revision = positions.iter().map(|p| p.revision).max().unwrap_or(0);
+                    WatchResponse { header: gw.header(revision), watch_id: id, ..Default::default() }
+                }
+                Ok(other) => cancel(format!("the node's watch sent {other:?}"), 0),
+                Err(e) => {
+                    if !created {
+                        let c = WatchResponse { header: gw.header(0), watch_id: id, created: true, ..Default::default() };
+                        let _ = respond(c).await;
+                    }
+                    let _ = respond(ended(&cancel, e)).await;
+                    return;
+                }
+            };
+            if !respond(answer).await {
+                return;
+            }
+        }
+        let _ = respond(cancel("the watch ended (the node is stopping); watch again".into(), 0)).await;
+    }
+}
+
+/// The answer that ends a watcher on the node's error `e`.
+fn ended(cancel: &impl Fn(String, i64) -> WatchResponse, e: ApiError) -> WatchResponse {
+    match e {
+        ApiError::Compacted { oldest, .. } => cancel(errors::COMPACTED.into(), revision_i64(oldest)),
+        ApiError::LeaseNotFound { .. } => cancel(errors::LEASE_NOT_FOUND.into(), 0),
+        other => cancel(other.to_string(), 0),
+    }
+}
+
+/// The watchers of one stream.
+struct Watchers {
+    tasks: HashMap<i64, JoinHandle<()>>,
+    next: i64,
+}
+
+impl Watchers {
+    fn stop_all(&mut self) {
+        for (_, t) in self.tasks.drain() {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for Watchers {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
+
+type WatchAnswers = BoxStream<'static, Result<WatchResponse, Status>>;
+
+#[tonic::async_trait]
+impl<N: EtcdNode> Watch for WatchService<N> {
+    type WatchStream = WatchAnswers;
+
+    async fn watch(&self, request: Request<Streaming<EtcdWatchRequest>>) -> Result<Response<Self::WatchStream>, Status> {
+        let caller = self.0.caller(request.metadata())?;
+        let mut incoming = request.into_inner();
+        let (answers, rx) = mpsc::channel::<Result<WatchResponse, Status>>(64);
+        let gw = self.0.clone();
+        tokio::spawn(async move {
+            let mut watchers = Watchers { tasks: HashMap::new(), next: 0 };
+            loop {
+                let item = tokio::select! {
+                    item = incoming.next() => item,
+                    _ = gw.stop.cancelled() => None,
+                };
+                let Some(Ok(request)) = item else { break };
+                watchers.tasks.retain(|_, t| !t.is_finished());
+                let answer = match request.request_union {
+                    Some(RequestUnion::CreateRequest(create)) => create_watcher(&gw, &caller, &mut watchers, create, &answers),
+                    Some(RequestUnion::CancelRequest(c)) => {
+                        if let Some(t) = watchers.tasks.remove(&c.watch_id) {
+                            t.abort();
+                        }
+                        Some(WatchResponse {
+                            header: gw.header(0),
+                            watch_id: c.watch_id,
+                            canceled: true,
+                            ..Default::default()
+                        })
+                    }
+                    Some(RequestUnion::ProgressRequest(_)) => {
+                        let mut revision = 0;
+                        for shard in 0..gw.router().num_shards() {
+                            revision = revision.max(gw.revision_of(shard).await.unwrap_or(0));
+                        }
+                        Some(WatchResponse { header: gw.header(revision), watch_id: STREAM_PROGRESS_ID, ..Default::default() })
+                    }
+                    None => None,
+                };
+                if let Some(a) = answer {
+                    if answers.send(Ok(a)).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            watchers.stop_all();
+        });
+        let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|a| (a, rx)) });
+        Ok(Response::new(stream.boxed()))
+    }
+}
+
+/// Starts a watcher; the answer to send at once if it cannot start.
+fn create_watcher<N: EtcdNode>(
+    gw: &Arc<Gateway<N>>,
+    caller: &Caller,
+    watchers: &mut Watchers,
+    create: WatchCreateRequest,
+    answers: &Answers,
+) -> Option<WatchResponse> {
+    let id = if create.watch_id != 0 {
+        create.watch_id
+    } else {
+        while watchers.tasks.contains_key(&watchers.next) {
+            watchers.next += 1;
+        }
+        watchers.next
+    };
+    let refuse = |reason: String| {
+        Some(WatchResponse {
+            header: gw.header(0),
+            watch_id: id,
+            created: true,
+            canceled: true,
+            cancel_reason: reason,
+            ..Default::default()
+        })
+    };
+    if watchers.tasks.contains_key(&id) {
+        return refuse(format!("watch id {id} is in use on this stream"));
+    }
+    if create.key.is_empty() && create.range_end.is_empty() {
+        return refuse(errors::EMPTY_KEY.into());
+    }
+    if is_reserved_key(&create.key) {
+        return refuse("keys starting with \\x00aspen/ are reserved for the cluster".into());
+    }
+    let range = key_range(create.key.clone(), create.range_end.clone());
+    if let Err(denied) = caller.may_read(&range) {
+        return refuse(denied.message().to_string());
+    }
+    let task = tokio::spawn(WatchService::serve(gw.clone(), id, create, range, answers.clone()));
+    watchers.tasks.insert(id, task);
+    if id == watchers.next {
+        watchers.next += 1;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_become_the_nodes_key_and_prefix_watches() {
+        assert_eq!(node_watch(&KeyRange::single("a")), (b"a".to_vec(), false));
+        assert_eq!(node_watch(&KeyRange::prefix("app/")), (b"app/".to_vec(), true));
+        assert_eq!(node_watch(&key_range(b"k".to_vec(), vec![0])), (vec![], true));
+        assert_eq!(node_watch(&key_range(b"foo1".to_vec(), b"foo5".to_vec())), (b"foo".to_vec(), true));
+    }
+}
