@@ -1,9 +1,10 @@
 //! Real `aspen-node` and `aspen-cli` processes on 127.0.0.1: a single node and every CLI
 //! command ([`single`]), three nodes with `kill -9` ([`cluster`]), four shards ([`sharded`]),
-//! `aspen-cli bench` ([`bench`]), leases and watches through the CLI ([`leases`], [`watch`]), what the nodes' logs say ([`logs`]) and the memory a hostile
-//! client cannot grow ([`memory`]), the operator HTTP endpoint ([`http`]), systemd readiness
-//! ([`systemd`]), backup and restore ([`backup`]) and NOSPACE alarms ([`quota`]). One test binary; the
-//! tests run one at a time.
+//! `aspen-cli bench` ([`bench`]), leases and watches through the CLI ([`leases`], [`watch`]),
+//! what the nodes' logs say ([`logs`]) and the memory a hostile client cannot grow
+//! ([`memory`]), the operator HTTP endpoint ([`http`]), systemd readiness ([`systemd`]),
+//! backup and restore ([`backup`]), NOSPACE alarms ([`quota`]) and the etcd API driven by
+//! etcdctl ([`etcd`]). One test binary; the tests run one at a time.
 
 #[path = "../support/mod.rs"]
 mod support;
@@ -11,6 +12,7 @@ mod support;
 mod backup;
 mod bench;
 mod cluster;
+mod etcd;
 mod first_hour;
 mod http;
 mod leases;

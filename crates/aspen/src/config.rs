@@ -779,7 +779,10 @@ impl NodeConfig {
             (Some(_), None) => return Err(invalid("etcd_key", "etcd_cert is given: give its private key too")),
             (None, Some(_)) => return Err(invalid("etcd_cert", "etcd_key is given: give its certificate too")),
             (Some(_), Some(_)) if self.etcd_addr.is_none() => {
-                return Err(invalid("etcd_addr", "a TLS certificate is given for the etcd API, but no address to serve it on"))
+                return Err(invalid(
+                    "etcd_addr",
+                    "a TLS certificate is given for the etcd API, but no address to serve it on",
+                ))
             }
             _ => {}
         }

@@ -227,15 +227,19 @@ impl KvTxn {
     /// Ops of both branches, nested ones included, and the compares.
     pub fn size(&self) -> usize {
         self.compares.len()
-            + self.success.iter().chain(&self.failure).map(|op| if let KvOp::Txn(t) = op { 1 + t.size() } else { 1 }).sum::<usize>()
+            + self
+                .success
+                .iter()
+                .chain(&self.failure)
+                .map(|op| if let KvOp::Txn(t) = op { 1 + t.size() } else { 1 })
+                .sum::<usize>()
     }
 
     /// Bytes of keys and values it carries.
     pub fn bytes(&self) -> usize {
         let range = |r: &KeyRange| r.key.len() + r.end.as_ref().map_or(0, Vec::len);
-        let compare = |c: &KvCompare| {
-            range(&c.range) + if let KvCompareTarget::Value(v) = &c.target { v.len() } else { 8 }
-        };
+        let compare =
+            |c: &KvCompare| range(&c.range) + if let KvCompareTarget::Value(v) = &c.target { v.len() } else { 8 };
         self.compares.iter().map(compare).sum::<usize>()
             + self
                 .success
@@ -256,8 +260,16 @@ impl KvTxn {
 pub enum KvOpResult {
     Range(RangePage),
     /// The key before the put, if asked for and present.
-    Put { prev: Option<KeyRecord> },
+    Put {
+        prev: Option<KeyRecord>,
+    },
     /// How many keys went, and (if asked for) each as it was.
-    DeleteRange { deleted: u64, prev: Vec<KeyRecord> },
-    Txn { succeeded: bool, results: Vec<KvOpResult> },
+    DeleteRange {
+        deleted: u64,
+        prev: Vec<KeyRecord>,
+    },
+    Txn {
+        succeeded: bool,
+        results: Vec<KvOpResult>,
+    },
 }

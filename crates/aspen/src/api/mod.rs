@@ -21,9 +21,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 pub use frame::{FrameError, MAX_FRAME_BYTES};
-pub use kv::{
-    KeyRange, KeyRecord, KvCompare, KvCompareTarget, KvOp, KvOpResult, KvPut, KvTxn, RangePage, RangeQuery,
-};
+pub use kv::{KeyRange, KeyRecord, KvCompare, KvCompareTarget, KvOp, KvOpResult, KvPut, KvTxn, RangePage, RangeQuery};
 pub use lease::{format_lease_id, parse_lease_id, LeaseEntry, LeaseStatus};
 pub use ticket::{NodeTicket, TicketError};
 pub use watch::{EventKind, WatchEvent, WatchPosition, WatchRequest, WatchStart};

@@ -22,7 +22,8 @@ use iroh::{PublicKey, SecretKey};
 pub use token::{Scope, TokenBody, TokenError, TokenKind};
 
 use crate::api::{
-    is_reserved_key, ApiError, ClientRequest, ClusterId, KeyRange, KvOp, KvTxn, NodeId, ScanRequest, TxnOp, WriteCommand,
+    is_reserved_key, ApiError, ClientRequest, ClusterId, KeyRange, KvOp, KvTxn, NodeId, ScanRequest, TxnOp,
+    WriteCommand,
 };
 
 /// What a node trusts when it verifies a token.

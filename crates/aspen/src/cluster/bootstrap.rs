@@ -492,7 +492,9 @@ async fn start_node(config: NodeConfig, stop: CancellationToken) -> Result<NodeH
     // First, so that an address that cannot be bound stops the start before anything opens.
     let http = bind_http(&config).await?;
     let etcd = match config.etcd_addr {
-        Some(addr) => Some(EtcdEndpoint::bind(addr).await.map_err(|e| BootstrapError::Etcd { addr, source: e.into() })?),
+        Some(addr) => {
+            Some(EtcdEndpoint::bind(addr).await.map_err(|e| BootstrapError::Etcd { addr, source: e.into() })?)
+        }
         None => None,
     };
     let base = bootstrap_base_node(config).await?;
@@ -580,7 +582,9 @@ async fn start_node(config: NodeConfig, stop: CancellationToken) -> Result<NodeH
     };
     let etcd = match etcd {
         Some(listener) => {
-            let addr = listener.local_addr().map_err(|e| BootstrapError::DataDir { path: config.data_dir.clone(), source: e })?;
+            let addr = listener
+                .local_addr()
+                .map_err(|e| BootstrapError::DataDir { path: config.data_dir.clone(), source: e })?;
             let tls = match (&config.etcd_cert, &config.etcd_key) {
                 (Some(cert), Some(key)) => Some(EtcdTls { cert: cert.clone(), key: key.clone() }),
                 _ => None,
@@ -595,7 +599,7 @@ async fn start_node(config: NodeConfig, stop: CancellationToken) -> Result<NodeH
             )
             .map_err(|source| BootstrapError::Etcd { addr, source })?;
             tracing::info!(url = %served.url, "serving the etcd API");
-            service.set_etcd_endpoint(served.url.clone());
+            service.set_etcd_endpoint(served.advertised.clone());
             Some(served)
         }
         None => None,

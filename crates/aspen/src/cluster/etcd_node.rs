@@ -38,7 +38,8 @@ impl EtcdNode for NodeService {
                 } else {
                     match member.endpoint_addr() {
                         Some(addr) => {
-                            match send_request(self.store.pool(), &addr, 1, ClientRequest::EtcdEndpoint, timeout).await {
+                            match send_request(self.store.pool(), &addr, 1, ClientRequest::EtcdEndpoint, timeout).await
+                            {
                                 Ok(Ok(ClientResponse::EtcdEndpoint(url))) => url,
                                 _ => None,
                             }
@@ -68,7 +69,12 @@ impl EtcdNode for NodeService {
             db_size: self.data_file_bytes.load(Ordering::Relaxed),
             quota_bytes: self.limits.quota_bytes,
             is_learner: s.learners.contains(&self.node_id),
-            alarms: self.alarms.list().into_iter().map(|a| format!("memberID:{} alarm:{}", a.node_id, a.alarm)).collect(),
+            alarms: self
+                .alarms
+                .list()
+                .into_iter()
+                .map(|a| format!("memberID:{} alarm:{}", a.node_id, a.alarm))
+                .collect(),
         }
     }
 }

@@ -4,8 +4,8 @@
 
 use crate::{
     api::{
-        lease, ApiError, BatchOp, CompareTarget, KeyRange, KvCompareTarget, KvOp, KvTxn, ScanRequest, TxnOp, WriteCommand,
-        MAX_FRAME_BYTES,
+        lease, ApiError, BatchOp, CompareTarget, KeyRange, KvCompareTarget, KvOp, KvTxn, ScanRequest, TxnOp,
+        WriteCommand, MAX_FRAME_BYTES,
     },
     config::LimitsConfig,
 };
@@ -145,7 +145,11 @@ fn check_kv_txn_level(limits: &LimitsConfig, txn: &KvTxn, depth: usize, values: 
         }
         for k in [Some(&r.key), r.end.as_ref()].into_iter().flatten() {
             if k.len() as u64 > limits.max_key_bytes {
-                return Err(ApiError::TooLarge { what: "key".into(), size: k.len() as u64, limit: limits.max_key_bytes });
+                return Err(ApiError::TooLarge {
+                    what: "key".into(),
+                    size: k.len() as u64,
+                    limit: limits.max_key_bytes,
+                });
             }
         }
         Ok(())

@@ -17,12 +17,19 @@ use super::{
     gateway::{errors, status_of, EtcdNode, Gateway},
     proto::etcdserverpb::{
         alarm_request::AlarmAction, auth_server::Auth, cluster_server::Cluster, maintenance_server::Maintenance,
-        AlarmMember, AlarmRequest, AlarmResponse, AlarmType, AuthStatusRequest, AuthStatusResponse, AuthenticateRequest,
-        AuthenticateResponse, DefragmentRequest, DefragmentResponse, DowngradeRequest, DowngradeResponse, HashKvRequest,
-        HashKvResponse, HashRequest, HashResponse, Member, MemberListRequest, MemberListResponse, MoveLeaderRequest,
-        MoveLeaderResponse, SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
-        AuthDisableRequest, AuthDisableResponse, AuthEnableRequest, AuthEnableResponse, AuthRoleAddRequest, AuthRoleAddResponse, AuthRoleDeleteRequest, AuthRoleDeleteResponse, AuthRoleGetRequest, AuthRoleGetResponse, AuthRoleGrantPermissionRequest, AuthRoleGrantPermissionResponse, AuthRoleListRequest, AuthRoleListResponse, AuthRoleRevokePermissionRequest, AuthRoleRevokePermissionResponse, AuthUserAddRequest, AuthUserAddResponse, AuthUserChangePasswordRequest, AuthUserChangePasswordResponse, AuthUserDeleteRequest, AuthUserDeleteResponse, AuthUserGetRequest, AuthUserGetResponse, AuthUserGrantRoleRequest, AuthUserGrantRoleResponse, AuthUserListRequest, AuthUserListResponse, AuthUserRevokeRoleRequest, AuthUserRevokeRoleResponse,
-        MemberAddRequest, MemberAddResponse, MemberPromoteRequest, MemberPromoteResponse, MemberRemoveRequest, MemberRemoveResponse, MemberUpdateRequest, MemberUpdateResponse,
+        AlarmMember, AlarmRequest, AlarmResponse, AlarmType, AuthDisableRequest, AuthDisableResponse,
+        AuthEnableRequest, AuthEnableResponse, AuthRoleAddRequest, AuthRoleAddResponse, AuthRoleDeleteRequest,
+        AuthRoleDeleteResponse, AuthRoleGetRequest, AuthRoleGetResponse, AuthRoleGrantPermissionRequest,
+        AuthRoleGrantPermissionResponse, AuthRoleListRequest, AuthRoleListResponse, AuthRoleRevokePermissionRequest,
+        AuthRoleRevokePermissionResponse, AuthStatusRequest, AuthStatusResponse, AuthUserAddRequest,
+        AuthUserAddResponse, AuthUserChangePasswordRequest, AuthUserChangePasswordResponse, AuthUserDeleteRequest,
+        AuthUserDeleteResponse, AuthUserGetRequest, AuthUserGetResponse, AuthUserGrantRoleRequest,
+        AuthUserGrantRoleResponse, AuthUserListRequest, AuthUserListResponse, AuthUserRevokeRoleRequest,
+        AuthUserRevokeRoleResponse, AuthenticateRequest, AuthenticateResponse, DefragmentRequest, DefragmentResponse,
+        DowngradeRequest, DowngradeResponse, HashKvRequest, HashKvResponse, HashRequest, HashResponse, Member,
+        MemberAddRequest, MemberAddResponse, MemberListRequest, MemberListResponse, MemberPromoteRequest,
+        MemberPromoteResponse, MemberRemoveRequest, MemberRemoveResponse, MemberUpdateRequest, MemberUpdateResponse,
+        MoveLeaderRequest, MoveLeaderResponse, SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
     },
 };
 use crate::api::{ClientRequest, ClientResponse};
@@ -72,7 +79,10 @@ impl<N: EtcdNode> Cluster for ClusterService<N> {
         Err(Status::unimplemented(membership("nothing: a member's addresses come with its ticket")))
     }
 
-    async fn member_promote(&self, _: Request<MemberPromoteRequest>) -> Result<Response<MemberPromoteResponse>, Status> {
+    async fn member_promote(
+        &self,
+        _: Request<MemberPromoteRequest>,
+    ) -> Result<Response<MemberPromoteResponse>, Status> {
         Err(Status::unimplemented(membership("aspen-cli cluster promote NODE_ID")))
     }
 }
@@ -173,7 +183,10 @@ impl<N: EtcdNode> Auth for AuthService<N> {
         }))
     }
 
-    async fn authenticate(&self, request: Request<AuthenticateRequest>) -> Result<Response<AuthenticateResponse>, Status> {
+    async fn authenticate(
+        &self,
+        request: Request<AuthenticateRequest>,
+    ) -> Result<Response<AuthenticateResponse>, Status> {
         let r = request.into_inner();
         if r.name.is_empty() {
             return Err(Status::invalid_argument(errors::USER_EMPTY));
@@ -215,15 +228,24 @@ impl<N: EtcdNode> Auth for AuthService<N> {
         Err(Status::unimplemented(USERS))
     }
 
-    async fn user_change_password(&self, _: Request<AuthUserChangePasswordRequest>) -> Result<Response<AuthUserChangePasswordResponse>, Status> {
+    async fn user_change_password(
+        &self,
+        _: Request<AuthUserChangePasswordRequest>,
+    ) -> Result<Response<AuthUserChangePasswordResponse>, Status> {
         Err(Status::unimplemented(USERS))
     }
 
-    async fn user_grant_role(&self, _: Request<AuthUserGrantRoleRequest>) -> Result<Response<AuthUserGrantRoleResponse>, Status> {
+    async fn user_grant_role(
+        &self,
+        _: Request<AuthUserGrantRoleRequest>,
+    ) -> Result<Response<AuthUserGrantRoleResponse>, Status> {
         Err(Status::unimplemented(USERS))
     }
 
-    async fn user_revoke_role(&self, _: Request<AuthUserRevokeRoleRequest>) -> Result<Response<AuthUserRevokeRoleResponse>, Status> {
+    async fn user_revoke_role(
+        &self,
+        _: Request<AuthUserRevokeRoleRequest>,
+    ) -> Result<Response<AuthUserRevokeRoleResponse>, Status> {
         Err(Status::unimplemented(USERS))
     }
 
@@ -243,11 +265,17 @@ impl<N: EtcdNode> Auth for AuthService<N> {
         Err(Status::unimplemented(USERS))
     }
 
-    async fn role_grant_permission(&self, _: Request<AuthRoleGrantPermissionRequest>) -> Result<Response<AuthRoleGrantPermissionResponse>, Status> {
+    async fn role_grant_permission(
+        &self,
+        _: Request<AuthRoleGrantPermissionRequest>,
+    ) -> Result<Response<AuthRoleGrantPermissionResponse>, Status> {
         Err(Status::unimplemented(USERS))
     }
 
-    async fn role_revoke_permission(&self, _: Request<AuthRoleRevokePermissionRequest>) -> Result<Response<AuthRoleRevokePermissionResponse>, Status> {
+    async fn role_revoke_permission(
+        &self,
+        _: Request<AuthRoleRevokePermissionRequest>,
+    ) -> Result<Response<AuthRoleRevokePermissionResponse>, Status> {
         Err(Status::unimplemented(USERS))
     }
 }

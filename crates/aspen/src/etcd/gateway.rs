@@ -314,15 +314,30 @@ impl<N: EtcdNode> Gateway<N> {
         shard: ShardId,
         txn: KvTxn,
     ) -> Result<(Revision, bool, Vec<KvOpResult>), Status> {
+        let session = self.next_session(caller.token_id, shard);
+        let result = self.write_txn(caller, shard, session, txn).await;
+        // The next write of this session takes the next number, whatever happened.
+        self.give_back(caller.token_id, shard, session);
+        result
+    }
+
+    async fn write_txn(
+        &self,
+        caller: &Caller,
+        shard: ShardId,
+        session: WriteSession,
+        txn: KvTxn,
+    ) -> Result<(Revision, bool, Vec<KvOpResult>), Status> {
         let mut leases_checked = false;
         loop {
             let command = WriteCommand::KvTxn { txn: txn.clone(), leases_checked };
-            return match self.write_command(caller, shard, false, command).await? {
+            return match self.send_write(caller, shard, session, false, command).await? {
                 WriteOutcome::KvTxn { revision, succeeded, results } => Ok((revision, succeeded, results)),
                 WriteOutcome::LeaseNotFound { .. } => Err(Status::not_found(errors::LEASE_NOT_FOUND)),
                 WriteOutcome::KeyNotFound { .. } => Err(Status::invalid_argument(errors::KEY_NOT_FOUND)),
                 WriteOutcome::LeaseUnchecked { id } if !leases_checked => {
-                    // Not applied nor recorded: ask the lease's home, resend as checked.
+                    // Neither applied nor recorded: ask the lease's home, then resend as checked
+                    // with the same session number.
                     match self.node.handle(ClientRequest::LeaseInfo { id }, 0).await {
                         Ok(ClientResponse::LeaseStatus(_)) => {
                             leases_checked = true;
@@ -348,8 +363,20 @@ impl<N: EtcdNode> Gateway<N> {
         routed: bool,
         command: WriteCommand,
     ) -> Result<WriteOutcome, Status> {
-        let mut session = self.take_session(caller.token_id, shard);
-        session.seq += 1;
+        let session = self.next_session(caller.token_id, shard);
+        let answer = self.send_write(caller, shard, session, routed, command).await;
+        self.give_back(caller.token_id, shard, session);
+        answer
+    }
+
+    async fn send_write(
+        &self,
+        caller: &Caller,
+        shard: ShardId,
+        session: WriteSession,
+        routed: bool,
+        command: WriteCommand,
+    ) -> Result<WriteOutcome, Status> {
         let mut request = if routed {
             ClientRequest::Write { session, command }
         } else {
@@ -358,13 +385,17 @@ impl<N: EtcdNode> Gateway<N> {
         if caller.scope.is_some() {
             auth::bind_session(caller.token_id, &mut request);
         }
-        let answer = self.ask(request).await;
-        // The next write of this session takes the next number, whatever happened.
-        self.give_back(caller.token_id, shard, session);
-        match answer? {
+        match self.ask(request).await? {
             ClientResponse::Write(o) => Ok(o),
             other => Err(unexpected("a write", other)),
         }
+    }
+
+    /// A session of the caller's token for `shard`, numbered for its next write.
+    fn next_session(&self, token_id: u64, shard: ShardId) -> WriteSession {
+        let mut session = self.take_session(token_id, shard);
+        session.seq += 1;
+        session
     }
 
     fn take_session(&self, token_id: u64, shard: ShardId) -> WriteSession {

@@ -339,7 +339,10 @@ impl<N: EtcdNode> Kv for KvService<N> {
         Ok(Response::new(PutResponse { header: self.0.header(revision), prev_kv }))
     }
 
-    async fn delete_range(&self, request: Request<DeleteRangeRequest>) -> Result<Response<DeleteRangeResponse>, Status> {
+    async fn delete_range(
+        &self,
+        request: Request<DeleteRangeRequest>,
+    ) -> Result<Response<DeleteRangeResponse>, Status> {
         let gw = &self.0;
         let caller = gw.caller(request.metadata())?;
         let d = request.into_inner();

@@ -81,7 +81,10 @@ impl<N: EtcdNode> Lease for LeaseService<N> {
         }))
     }
 
-    async fn lease_revoke(&self, request: Request<LeaseRevokeRequest>) -> Result<Response<LeaseRevokeResponse>, Status> {
+    async fn lease_revoke(
+        &self,
+        request: Request<LeaseRevokeRequest>,
+    ) -> Result<Response<LeaseRevokeResponse>, Status> {
         let caller = self.0.caller(request.metadata())?;
         caller.needs("lease revoke", |s| s.write, "write")?;
         let id = lease_id(request.into_inner().id)?;
@@ -134,7 +137,8 @@ impl<N: EtcdNode> Lease for LeaseService<N> {
         let caller = self.0.caller(request.metadata())?;
         caller.needs("lease time-to-live", |s| s.read, "read")?;
         let r = request.into_inner();
-        let gone = LeaseTimeToLiveResponse { header: self.0.header(0), id: r.id, ttl: -1, granted_ttl: 0, keys: vec![] };
+        let gone =
+            LeaseTimeToLiveResponse { header: self.0.header(0), id: r.id, ttl: -1, granted_ttl: 0, keys: vec![] };
         let Ok(id) = lease_id(r.id) else { return Ok(Response::new(gone)) };
         match self.0.node.handle(ClientRequest::LeaseTimeToLive { id, keys: r.keys }, 0).await {
             Ok(ClientResponse::LeaseStatus(s)) => Ok(Response::new(LeaseTimeToLiveResponse {
@@ -151,7 +155,10 @@ impl<N: EtcdNode> Lease for LeaseService<N> {
         }
     }
 
-    async fn lease_leases(&self, request: Request<LeaseLeasesRequest>) -> Result<Response<LeaseLeasesResponse>, Status> {
+    async fn lease_leases(
+        &self,
+        request: Request<LeaseLeasesRequest>,
+    ) -> Result<Response<LeaseLeasesResponse>, Status> {
         let caller = self.0.caller(request.metadata())?;
         caller.needs("lease list", |s| s.read, "read")?;
         match self.0.ask(ClientRequest::LeaseList).await? {

@@ -41,8 +41,12 @@ pub enum EtcdServeError {
 /// A serving etcd endpoint.
 #[derive(Debug)]
 pub struct EtcdEndpoint {
-    /// `http://ADDR` or `https://ADDR`: what etcd clients are given.
+    /// `http://ADDR` or `https://ADDR` (logged).
     pub url: String,
+    /// `ADDR:PORT`: what the member list shows as the member's client URL. Without a scheme:
+    /// etcdctl 3.4 dials a member's URL as it is, and an `:authority` of `http://…` is not
+    /// valid HTTP/2 (the server resets the stream); clients choose TLS by their own flags.
+    pub advertised: String,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -88,7 +92,7 @@ impl EtcdEndpoint {
             }
         });
         let scheme = if tls.is_some() { "https" } else { "http" };
-        Ok(EtcdEndpoint { url: format!("{scheme}://{addr}"), task })
+        Ok(EtcdEndpoint { url: format!("{scheme}://{addr}"), advertised: addr.to_string(), task })
     }
 
     /// Stops the endpoint (its `stop` token must be cancelled already, which ends its streams):

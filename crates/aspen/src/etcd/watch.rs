@@ -14,7 +14,7 @@ use tokio::{sync::mpsc, task::JoinHandle};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{
-    gateway::{errors, key_range, revision_i64, revision_u64, Caller, EtcdNode, Gateway},
+    gateway::{errors, key_range, revision_i64, revision_u64, status_of, Caller, EtcdNode, Gateway},
     proto::{
         etcdserverpb::{
             watch_create_request::FilterType, watch_request::RequestUnion, watch_server::Watch, WatchCreateRequest,
@@ -97,9 +97,9 @@ impl<N: EtcdNode> WatchService<N> {
         let mut frames = match gw.node.watch(WatchRequest { key, prefix, prev_kv: create.prev_kv, start }).await {
             Ok(frames) => frames,
             Err(e) => {
-                let created = WatchResponse { header: gw.header(0), watch_id: id, created: true, ..Default::default() };
-                let _ = respond(created).await;
-                let _ = respond(ended(&cancel, e)).await;
+                for a in refused(&gw, id, e) {
+                    let _ = answers.send(a).await;
+                }
                 return;
             }
         };
@@ -135,12 +135,14 @@ impl<N: EtcdNode> WatchService<N> {
                     WatchResponse { header: gw.header(revision), watch_id: id, ..Default::default() }
                 }
                 Ok(other) => cancel(format!("the node's watch sent {other:?}"), 0),
-                Err(e) => {
-                    if !created {
-                        let c = WatchResponse { header: gw.header(0), watch_id: id, created: true, ..Default::default() };
-                        let _ = respond(c).await;
+                Err(e) if !created => {
+                    for a in refused(&gw, id, e) {
+                        let _ = answers.send(a).await;
                     }
-                    let _ = respond(ended(&cancel, e)).await;
+                    return;
+                }
+                Err(e) => {
+                    let _ = answers.send(ended(&cancel, e)).await;
                     return;
                 }
             };
@@ -148,16 +150,40 @@ impl<N: EtcdNode> WatchService<N> {
                 return;
             }
         }
-        let _ = respond(cancel("the watch ended (the node is stopping); watch again".into(), 0)).await;
+        // The node stopped serving it: end the stream, so that the client resumes elsewhere.
+        let _ = answers.send(Err(Status::unavailable(format!("{} (the node's watch ended)", errors::NO_LEADER)))).await;
     }
 }
 
-/// The answer that ends a watcher on the node's error `e`.
-fn ended(cancel: &impl Fn(String, i64) -> WatchResponse, e: ApiError) -> WatchResponse {
+/// What ends a watcher that was created, on the node's error `e`: a compaction is etcd's
+/// compaction answer; anything else ends the whole stream with the error, so that etcd's
+/// clients resume their watches (on another member) after the last revision they saw.
+fn ended(cancel: &impl Fn(String, i64) -> WatchResponse, e: ApiError) -> Result<WatchResponse, Status> {
     match e {
-        ApiError::Compacted { oldest, .. } => cancel(errors::COMPACTED.into(), revision_i64(oldest)),
-        ApiError::LeaseNotFound { .. } => cancel(errors::LEASE_NOT_FOUND.into(), 0),
-        other => cancel(other.to_string(), 0),
+        ApiError::Compacted { oldest, .. } => Ok(cancel(errors::COMPACTED.into(), revision_i64(oldest))),
+        other => Err(status_of(other)),
+    }
+}
+
+/// The answers to a watch the node would not start: created and cancelled at once, with the
+/// reason (etcd's clients show it); a compaction as etcd reports one (created, then cancelled
+/// with the compaction revision, which clients hand to the caller as `ErrCompacted`).
+fn refused<N: EtcdNode>(gw: &Gateway<N>, id: i64, e: ApiError) -> Vec<Result<WatchResponse, Status>> {
+    let created = WatchResponse { header: gw.header(0), watch_id: id, created: true, ..Default::default() };
+    match e {
+        ApiError::Compacted { oldest, .. } => vec![
+            Ok(created),
+            Ok(WatchResponse {
+                header: gw.header(0),
+                watch_id: id,
+                canceled: true,
+                compact_revision: revision_i64(oldest),
+                cancel_reason: errors::COMPACTED.into(),
+                ..Default::default()
+            }),
+        ],
+        ApiError::Unavailable(_) | ApiError::NotLeader { .. } | ApiError::Timeout(_) => vec![Err(status_of(e))],
+        other => vec![Ok(WatchResponse { canceled: true, cancel_reason: other.to_string(), ..created })],
     }
 }
 
@@ -187,7 +213,10 @@ type WatchAnswers = BoxStream<'static, Result<WatchResponse, Status>>;
 impl<N: EtcdNode> Watch for WatchService<N> {
     type WatchStream = WatchAnswers;
 
-    async fn watch(&self, request: Request<Streaming<EtcdWatchRequest>>) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(
+        &self,
+        request: Request<Streaming<EtcdWatchRequest>>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
         let caller = self.0.caller(request.metadata())?;
         let mut incoming = request.into_inner();
         let (answers, rx) = mpsc::channel::<Result<WatchResponse, Status>>(64);
@@ -202,7 +231,9 @@ impl<N: EtcdNode> Watch for WatchService<N> {
                 let Some(Ok(request)) = item else { break };
                 watchers.tasks.retain(|_, t| !t.is_finished());
                 let answer = match request.request_union {
-                    Some(RequestUnion::CreateRequest(create)) => create_watcher(&gw, &caller, &mut watchers, create, &answers),
+                    Some(RequestUnion::CreateRequest(create)) => {
+                        create_watcher(&gw, &caller, &mut watchers, create, &answers)
+                    }
                     Some(RequestUnion::CancelRequest(c)) => {
                         if let Some(t) = watchers.tasks.remove(&c.watch_id) {
                             t.abort();
@@ -219,7 +250,11 @@ impl<N: EtcdNode> Watch for WatchService<N> {
                         for shard in 0..gw.router().num_shards() {
                             revision = revision.max(gw.revision_of(shard).await.unwrap_or(0));
                         }
-                        Some(WatchResponse { header: gw.header(revision), watch_id: STREAM_PROGRESS_ID, ..Default::default() })
+                        Some(WatchResponse {
+                            header: gw.header(revision),
+                            watch_id: STREAM_PROGRESS_ID,
+                            ..Default::default()
+                        })
                     }
                     None => None,
                 };

@@ -14,7 +14,9 @@ use redb::ReadableTable;
 
 use super::{decode_value, put, remove, StoredValue, WriteTables};
 use crate::{
-    api::{is_reserved_key, KeyRange, KeyRecord, KvOp, KvOpResult, KvTxn, RangePage, RangeQuery, Revision, WriteOutcome},
+    api::{
+        is_reserved_key, KeyRange, KeyRecord, KvOp, KvOpResult, KvTxn, RangePage, RangeQuery, Revision, WriteOutcome,
+    },
     storage::StorageError,
 };
 
@@ -176,16 +178,19 @@ where
 }
 
 /// Why a txn's path cannot apply: the outcome to answer with instead.
-fn refusal(t: &mut WriteTables<'_, '_>, txn: &KvTxn, path: &Path, checked: bool) -> Result<Option<WriteOutcome>, StorageError> {
+fn refusal(
+    t: &mut WriteTables<'_, '_>,
+    txn: &KvTxn,
+    path: &Path,
+    checked: bool,
+) -> Result<Option<WriteOutcome>, StorageError> {
     let branch = if path.succeeded { &txn.success } else { &txn.failure };
     let mut nested = path.nested.iter();
     for op in branch {
         match op {
             KvOp::Put(p) => {
-                if p.ignore_value || p.ignore_lease {
-                    if t.kv.get(p.key.as_slice())?.is_none() {
-                        return Ok(Some(WriteOutcome::KeyNotFound { key: p.key.clone() }));
-                    }
+                if (p.ignore_value || p.ignore_lease) && t.kv.get(p.key.as_slice())?.is_none() {
+                    return Ok(Some(WriteOutcome::KeyNotFound { key: p.key.clone() }));
                 }
                 if p.lease != 0 && !p.ignore_lease {
                     match super::lease_known(t, p.lease, checked)? {

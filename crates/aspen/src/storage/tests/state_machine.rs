@@ -50,9 +50,15 @@ async fn apply_put_delete_cas_batch() {
     assert_eq!(get(&r, "c"), None);
 
     // Delete reports whether the key existed; a put after a delete starts a new life.
-    assert_eq!(apply_write(&mut sm, delete(2, 10, "a")).await, WriteOutcome::Delete { revision: rev(10), deleted: true });
+    assert_eq!(
+        apply_write(&mut sm, delete(2, 10, "a")).await,
+        WriteOutcome::Delete { revision: rev(10), deleted: true }
+    );
     assert_eq!(get(&r, "a"), None);
-    assert_eq!(apply_write(&mut sm, delete(2, 11, "a")).await, WriteOutcome::Delete { revision: rev(11), deleted: false });
+    assert_eq!(
+        apply_write(&mut sm, delete(2, 11, "a")).await,
+        WriteOutcome::Delete { revision: rev(11), deleted: false }
+    );
     assert_eq!(apply_write(&mut sm, put(2, 12, "a", b"v5")).await, WriteOutcome::Put { revision: rev(12) });
     assert_eq!(get(&r, "a"), Some(kv("a", b"v5", 12, 12, 1)), "version and create_revision reset");
 
@@ -314,7 +320,10 @@ async fn txn_compares_follow_etcd_semantics() {
     // No compare at all: the success branch.
     let no_compare = txn(1, 42, vec![], vec![TxnOp::get("k")], vec![]);
     let results = vec![TxnOpResult::Get(Some(kv("k", b"v2", 1, 2, 2)))];
-    assert_eq!(apply_write(&mut sm, no_compare).await, WriteOutcome::Txn { revision: rev(42), succeeded: true, results });
+    assert_eq!(
+        apply_write(&mut sm, no_compare).await,
+        WriteOutcome::Txn { revision: rev(42), succeeded: true, results }
+    );
     assert_digest_recounts(&sm.reader());
 }
 
@@ -386,13 +395,15 @@ async fn txn_runs_one_branch_in_order_with_revisions_of_plain_writes() {
     // A txn put and a plain put count alike: create revision kept, mod revision and version move.
     assert_eq!(apply_write(&mut sm, put(1, 6, "k", b"v3")).await, WriteOutcome::Put { revision: rev(6) });
     let txn_put = txn(1, 7, vec![Compare::version("k", Equal, 3)], vec![TxnOp::put("k", "v4")], vec![]);
-    let outcome = WriteOutcome::Txn { revision: rev(7), succeeded: true, results: vec![TxnOpResult::Put { revision: rev(7) }] };
+    let outcome =
+        WriteOutcome::Txn { revision: rev(7), succeeded: true, results: vec![TxnOpResult::Put { revision: rev(7) }] };
     assert_eq!(apply_write(&mut sm, txn_put).await, outcome);
     assert_eq!(get(&r, "k"), Some(kv("k", b"v4", 1, 7, 4)));
     assert_eq!(apply_write(&mut sm, delete(1, 8, "k")).await, WriteOutcome::Delete { revision: rev(8), deleted: true });
     // A create-if-absent txn (version = 0) after the delete.
     let create = txn(1, 9, vec![Compare::version("k", Equal, 0)], vec![TxnOp::put("k", "new")], vec![TxnOp::get("k")]);
-    let outcome = WriteOutcome::Txn { revision: rev(9), succeeded: true, results: vec![TxnOpResult::Put { revision: rev(9) }] };
+    let outcome =
+        WriteOutcome::Txn { revision: rev(9), succeeded: true, results: vec![TxnOpResult::Put { revision: rev(9) }] };
     assert_eq!(apply_write(&mut sm, create).await, outcome);
     assert_eq!(get(&r, "k"), Some(kv("k", b"new", 9, 9, 1)));
     assert_digest_recounts(&r);
@@ -458,7 +469,13 @@ async fn prefix_deletes_and_txns_replay_to_the_same_state() {
         put(1, 4, "b/1", b"3"),
         txn(1, 5, vec![Compare::value("a/1", Equal, "1")], vec![TxnOp::put("a/3", "x"), TxnOp::delete("b/1")], vec![]),
         delete_prefix(1, 6, b"a/"),
-        txn(1, 7, vec![Compare::create_revision("a/1", Less, rev(1))], vec![TxnOp::put("c", "y")], vec![TxnOp::get("c")]),
+        txn(
+            1,
+            7,
+            vec![Compare::create_revision("a/1", Less, rev(1))],
+            vec![TxnOp::put("c", "y")],
+            vec![TxnOp::get("c")],
+        ),
         put(1, 8, "a/9", b"9"),
         delete_prefix(1, 9, b"zzz"),
         txn(1, 10, vec![Compare::value("c", Equal, "nope")], vec![], vec![TxnOp::put("c", "z"), TxnOp::get("a/9")]),

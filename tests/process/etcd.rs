@@ -1,0 +1,393 @@
+//! The etcd v3 API (`--etcd-addr`) driven by the real `etcdctl` (Debian's `etcd-client`, 3.4;
+//! scripts/test.sh installs it): a 3-node cluster of one shard and one of 4 shards, every
+//! scenario of docs/etcd.md's "Tested with etcdctl" — put/get (prefix, limit, keys only,
+//! sorting, `-w json`), del, txn, watch (`--rev`, `--prev-kv`), leases, member list, endpoint
+//! status and health, tokens as etcd users, and `etcdctl lock` (etcd's lock recipe: create
+//! revisions, txns with leases, watches of deletes) with concurrent lockers.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::TcpListener,
+    path::Path,
+    process::{Child, Command, Output, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use crate::support::{expect_code, start_processes, stderr, stdout, NodeProc, SHARD_FLAGS};
+
+/// A free TCP port on 127.0.0.1 (bound, then released).
+fn free_tcp_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+fn have_etcdctl() -> bool {
+    let found = Command::new("etcdctl").arg("version").output().is_ok_and(|o| o.status.success());
+    if !found {
+        eprintln!("skipped: etcdctl is not installed (scripts/test.sh installs Debian's etcd-client)");
+    }
+    found
+}
+
+/// Three nodes serving the etcd API (each its own port), with `extra` flags.
+fn start_cluster(root: &Path, extra: &[&str]) -> (Vec<NodeProc>, Vec<String>) {
+    let ports: Vec<u16> = (0..3).map(|_| free_tcp_port()).collect();
+    let nodes = start_processes(root, |id| {
+        let mut flags: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        flags.extend(["--etcd-addr".to_string(), format!("127.0.0.1:{}", ports[id as usize - 1])]);
+        flags
+    });
+    let endpoints = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    (nodes, endpoints)
+}
+
+/// `etcdctl` against `endpoints` as etcd user `token` with password `token` (none: no user).
+struct Etcdctl {
+    endpoints: String,
+    user: Option<String>,
+}
+
+impl Etcdctl {
+    fn new(endpoints: &[String], token: Option<&str>) -> Self {
+        Etcdctl { endpoints: endpoints.join(","), user: token.map(|t| format!("token:{t}")) }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("etcdctl");
+        cmd.env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.endpoints))
+            .args(["--dial-timeout=5s", "--command-timeout=20s"]);
+        if let Some(u) = &self.user {
+            cmd.arg(format!("--user={u}"));
+        }
+        cmd.args(args);
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command(args).stdin(Stdio::null()).output().expect("run etcdctl")
+    }
+
+    /// Runs and expects success; returns stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(o.status.success(), "etcdctl {args:?} failed: {}{}", stdout(&o), stderr(&o));
+        stdout(&o)
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.extend(["-w", "json"]);
+        let out = self.ok(&all);
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("etcdctl {args:?}: {e}: {out}"))
+    }
+
+    /// `etcdctl txn` with `script` on stdin (compares, blank line, success ops, blank, failure).
+    fn txn(&self, script: &str) -> Output {
+        use std::io::Write;
+        let mut child = self
+            .command(&["txn"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn etcdctl txn");
+        child.stdin.take().expect("stdin").write_all(script.as_bytes()).expect("write txn");
+        child.wait_with_output().expect("etcdctl txn")
+    }
+
+    /// A long-running `etcdctl` (a watch) whose output lines are collected as they come.
+    fn spawn(&self, args: &[&str]) -> Running {
+        let mut child = self.command(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        for pipe in [
+            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().expect("stderr")),
+        ] {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    lines.lock().unwrap().push(line);
+                }
+            });
+        }
+        Running { child, lines }
+    }
+}
+
+struct Running {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Running {
+    /// Waits until the output satisfies `done` (30 s at most); returns the lines.
+    fn wait_for(&self, what: &str, done: impl Fn(&[String]) -> bool) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let lines = self.lines.lock().unwrap().clone();
+            if done(&lines) {
+                return lines;
+            }
+            assert!(Instant::now() < deadline, "{what}: not seen within 30 s; output so far: {lines:#?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Standard base64 (how `-w json` shows keys and values).
+fn b64(s: &str) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in s.as_bytes().chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..4 {
+            out.push(if i <= chunk.len() { ABC[(n >> (18 - 6 * i) & 63) as usize] as char } else { '=' });
+        }
+    }
+    out
+}
+
+/// The header revision of a `-w json` answer.
+fn header_revision(v: &Value) -> u64 {
+    v["header"]["revision"].as_u64().unwrap_or_else(|| panic!("no header revision: {v}"))
+}
+
+/// Starts a watch and waits until it delivers (probe puts until one shows), so that what the
+/// test writes next is seen. Returns the running watch and the number of lines to skip.
+fn live_watch(e: &Etcdctl, prefix: &str, extra: &[&str]) -> (Running, usize) {
+    let mut args = vec!["watch", "--prefix", prefix];
+    args.extend(extra);
+    let w = e.spawn(&args);
+    let probe = format!("{prefix}probe");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        e.ok(&["put", &probe, "p"]);
+        std::thread::sleep(Duration::from_millis(300));
+        let lines = w.lines.lock().unwrap().clone();
+        if let Some(i) = lines.iter().rposition(|l| *l == "p") {
+            return (w, i + 1);
+        }
+        assert!(Instant::now() < deadline, "the watch never delivered: {lines:?}");
+    }
+}
+
+#[test]
+fn etcdctl_drives_a_three_node_cluster() {
+    if !have_etcdctl() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let (nodes, endpoints) = start_cluster(root.path(), &[]);
+    let token = nodes[0].admin_token();
+    // Node 2's endpoint alone: its writes and linearizable reads are forwarded to the leader.
+    let e = Etcdctl::new(&endpoints[1..2], Some(&token));
+
+    // Calls without a token, or with a bad one, are refused as etcd refuses them.
+    let anon = Etcdctl::new(&endpoints, None);
+    let o = anon.run(&["put", "k", "v"]);
+    assert!(!o.status.success() && stderr(&o).contains("user name is empty"), "{}", stderr(&o));
+    let o = Etcdctl::new(&endpoints, Some("not-a-token")).run(&["get", "k"]);
+    assert!(!o.status.success() && stderr(&o).contains("authentication failed"), "{}", stderr(&o));
+
+    // put / get, with etcd's revisions and versions.
+    for (k, v) in [("a/1", "v1"), ("a/2", "v2"), ("a/3", "v3")] {
+        assert_eq!(e.ok(&["put", k, v]).trim(), "OK");
+    }
+    let got = e.json(&["get", "a/1"]);
+    let kv = &got["kvs"][0];
+    assert_eq!(
+        (kv["value"].as_str(), kv["version"].as_u64(), got["count"].as_u64()),
+        (Some(b64("v1").as_str()), Some(1), Some(1)),
+        "{got}"
+    );
+    let first = kv["create_revision"].as_u64().unwrap();
+    assert_eq!(kv["mod_revision"].as_u64(), Some(first));
+    assert!(header_revision(&got) >= first, "{got}");
+    let put = e.json(&["put", "a/1", "v1b"]);
+    let again = e.json(&["get", "a/1"]);
+    let kv = &again["kvs"][0];
+    assert_eq!(kv["create_revision"].as_u64(), Some(first), "the create revision stays: {again}");
+    assert_eq!(kv["mod_revision"].as_u64(), Some(header_revision(&put)), "mod revision is the put's: {again}");
+    assert_eq!(kv["version"].as_u64(), Some(2));
+
+    // Prefix, limit, keys only, count only, sort order.
+    let page = e.json(&["get", "--prefix", "a/", "--limit", "2"]);
+    assert_eq!(
+        (page["count"].as_u64(), page["more"].as_bool(), page["kvs"].as_array().map(Vec::len)),
+        (Some(3), Some(true), Some(2)),
+        "{page}"
+    );
+    assert_eq!(
+        e.ok(&["get", "--prefix", "a/", "--keys-only"]).split_whitespace().collect::<Vec<_>>(),
+        ["a/1", "a/2", "a/3"]
+    );
+    assert_eq!(e.json(&["get", "--prefix", "a/", "--keys-only"])["count"].as_u64(), Some(3));
+    let newest = e.ok(&["get", "--prefix", "a/", "--sort-by", "MODIFY", "--order", "DESCEND", "--limit", "1"]);
+    assert_eq!(newest.lines().collect::<Vec<_>>(), ["a/1", "v1b"], "a/1 was written last");
+    let from = e.ok(&["get", "--from-key", "a/2", "--keys-only"]);
+    assert_eq!(from.split_whitespace().collect::<Vec<_>>(), ["a/2", "a/3"]);
+    // The previous key of a put; a read at a past revision is refused, not answered wrongly.
+    let prev = e.ok(&["put", "--prev-kv", "a/3", "v3b"]);
+    assert_eq!(prev.lines().collect::<Vec<_>>(), ["OK", "a/3", "v3"], "{prev}");
+    let o = e.run(&["get", "a/1", &format!("--rev={first}")]);
+    assert!(!o.status.success() && stderr(&o).contains("one version of each key"), "{}", stderr(&o));
+
+    // Txn: compares decide the branch; both branches' ops run atomically.
+    let o = e.txn("value(\"a/1\") = \"v1b\"\n\nput a/ok yes\nget a/2\n\nput a/bad no\n\n");
+    expect_code(&o, 0, "txn");
+    assert_eq!(stdout(&o).lines().collect::<Vec<_>>(), ["SUCCESS", "", "OK", "", "a/2", "v2"], "{}", stdout(&o));
+    let o = e.txn("mod(\"a/1\") < \"1\"\n\nput a/bad no\n\nput a/else yes\n\n");
+    assert_eq!(stdout(&o).lines().next(), Some("FAILURE"), "{}", stdout(&o));
+    assert_eq!(e.ok(&["get", "a/else", "--print-value-only"]).trim(), "yes");
+    assert!(e.ok(&["get", "a/bad"]).trim().is_empty(), "the branch that did not run wrote nothing");
+
+    // Watch from a revision, with previous values: history, then live events.
+    let start = header_revision(&e.json(&["put", "w/1", "one"]));
+    e.ok(&["put", "w/1", "uno"]);
+    let w = e.spawn(&["watch", "--prefix", "w/", "--prev-kv", &format!("--rev={start}")]);
+    e.ok(&["put", "w/2", "two"]);
+    e.ok(&["del", "w/1"]);
+    let lines = w.wait_for("the watch's events", |l| l.iter().any(|x| x == "DELETE"));
+    let want =
+        ["PUT", "w/1", "one", "PUT", "w/1", "one", "w/1", "uno", "PUT", "w/2", "two", "DELETE", "w/1", "uno", "w/1"];
+    assert_eq!(lines[..want.len()], want, "{lines:#?}");
+    drop(w);
+
+    // Deletes: one key, then a prefix.
+    assert_eq!(e.ok(&["del", "a/2"]).trim(), "1");
+    assert_eq!(e.ok(&["del", "--prefix", "a/"]).trim(), "4", "a/1, a/3, a/ok, a/else");
+    assert_eq!(e.json(&["get", "--prefix", "a/"])["count"].as_u64(), None, "nothing left (count 0 is left out)");
+
+    // Leases: grant, attach, time-to-live with keys, keep-alive, list, revoke.
+    let granted = e.ok(&["lease", "grant", "60"]);
+    let id = granted.split_whitespace().nth(1).unwrap_or_else(|| panic!("{granted}")).to_string();
+    e.ok(&["put", "--lease", &id, "leased/k", "v"]);
+    let ttl = e.ok(&["lease", "timetolive", &id, "--keys"]);
+    assert!(ttl.contains("granted with TTL(60s)") && ttl.contains("attached keys([leased/k])"), "{ttl}");
+    assert!(e.ok(&["lease", "keep-alive", "--once", &id]).contains("keepalived with TTL(60)"));
+    assert!(e.ok(&["lease", "list"]).contains(&id));
+    assert!(e.ok(&["lease", "revoke", &id]).contains("revoked"));
+    assert!(e.ok(&["get", "leased/k"]).trim().is_empty(), "the lease's key went with it");
+    assert!(e.ok(&["lease", "timetolive", &id]).contains("already expired"));
+    let o = e.run(&["put", "--lease", &id, "leased/k", "v"]);
+    assert!(!o.status.success() && stderr(&o).contains("requested lease not found"), "{}", stderr(&o));
+
+    // Members, status and health of every member (found through the member list).
+    let all = Etcdctl::new(&endpoints, Some(&token));
+    let members = all.json(&["member", "list"]);
+    let mut urls: Vec<String> = members["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["clientURLs"][0].as_str().unwrap().to_string())
+        .collect();
+    urls.sort();
+    let mut want = endpoints.clone();
+    want.sort();
+    assert_eq!(urls, want, "{members}");
+    let status = anon.json(&["endpoint", "status", "--cluster"]);
+    let rows = status.as_array().unwrap();
+    assert_eq!(rows.len(), 3, "{status}");
+    let leaders: Vec<u64> = rows.iter().map(|r| r["Status"]["leader"].as_u64().unwrap()).collect();
+    assert!(leaders.iter().all(|l| *l == leaders[0] && *l != 0), "one leader: {status}");
+    let health = all.run(&["endpoint", "health", "--cluster"]);
+    expect_code(&health, 0, "endpoint health");
+    assert_eq!(stdout(&health).matches("is healthy").count() + stderr(&health).matches("is healthy").count(), 3);
+
+    // A read-only token reads but cannot write.
+    let o = nodes[0].cli(&["--json", "auth", "token", "create", "--read"]);
+    let reader: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    let r = Etcdctl::new(&endpoints, reader["token"].as_str());
+    assert!(r.run(&["get", "w/2"]).status.success());
+    let o = r.run(&["put", "w/2", "x"]);
+    assert!(!o.status.success() && stderr(&o).contains("permission denied"), "{}", stderr(&o));
+
+    // etcd's lock recipe (etcdctl lock): concurrent lockers each add one to a counter.
+    e.ok(&["put", "counter", "0"]);
+    let script = format!(
+        "v=$(etcdctl --endpoints={ep} --user=token:{token} get counter --print-value-only); \
+         etcdctl --endpoints={ep} --user=token:{token} put counter $((v+1)) >/dev/null",
+        ep = endpoints.join(",")
+    );
+    let lockers: Vec<Child> = (0..5)
+        .map(|_| {
+            all.command(&["lock", "counter-lock", "--", "sh", "-c", &script])
+                .env("ETCDCTL_API", "3")
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("spawn etcdctl lock")
+        })
+        .collect();
+    for l in lockers {
+        let out = l.wait_with_output().expect("etcdctl lock");
+        assert!(out.status.success(), "a locker failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert_eq!(e.ok(&["get", "counter", "--print-value-only"]).trim(), "5", "each locker held the lock alone");
+}
+
+#[test]
+fn etcdctl_on_four_shards() {
+    if !have_etcdctl() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let (nodes, endpoints) = start_cluster(root.path(), &SHARD_FLAGS);
+    let token = nodes[0].admin_token();
+    let e = Etcdctl::new(&endpoints, Some(&token));
+
+    // Single keys anywhere; a prefix read merges every shard in key order, limits and counts.
+    let (w, skip) = live_watch(&e, "s/", &[]);
+    let keys: Vec<String> = (0..12).map(|i| format!("s/{i:02}")).collect();
+    for k in &keys {
+        e.ok(&["put", k, &format!("v{k}")]);
+    }
+    let mut want = vec!["s/probe".to_string()];
+    want.extend(keys.iter().cloned());
+    want.sort();
+    assert_eq!(e.ok(&["get", "--prefix", "s/", "--keys-only"]).split_whitespace().collect::<Vec<_>>(), want);
+    let page = e.json(&["get", "--prefix", "s/", "--limit", "5"]);
+    assert_eq!((page["count"].as_u64(), page["kvs"].as_array().map(Vec::len)), (Some(13), Some(5)), "{page}");
+    let lines = w.wait_for("a watch over every shard", |l| l.len() >= skip + keys.len() * 3);
+    let seen: Vec<&String> = lines[skip..].iter().filter(|l| l.starts_with("s/")).collect();
+    for k in &keys {
+        assert!(seen.contains(&k), "the watch saw every put: {k} missing from {lines:#?}");
+    }
+    drop(w);
+
+    // A txn within one key's shard runs; one whose keys span shards is refused, naming them.
+    let o = e.txn("version(\"s/00\") = \"1\"\n\nput s/00 again\n\n\n");
+    assert_eq!(stdout(&o).lines().next(), Some("SUCCESS"), "{}{}", stdout(&o), stderr(&o));
+    let o = e.txn("\n\nput s/00 x\nput s/01 y\nput s/02 z\nput s/03 w\nput s/04 v\n\n\n");
+    assert!(!o.status.success() && stderr(&o).contains("atomic within one shard only"), "{}", stderr(&o));
+    // A start revision names a position in one shard's history: refused when sharded.
+    let w = e.spawn(&["watch", "s/00", "--rev", "1"]);
+    w.wait_for("a refused start revision", |l| {
+        l.iter().any(|x| x.contains("watch was canceled") && x.contains("shard"))
+    });
+
+    // A lease's keys in every shard go with it (puts on shards that are not its home check
+    // it there first).
+    let granted = e.ok(&["lease", "grant", "60"]);
+    let id = granted.split_whitespace().nth(1).unwrap().to_string();
+    for k in &keys {
+        e.ok(&["put", "--lease", &id, &format!("l/{k}"), "v"]);
+    }
+    assert_eq!(e.json(&["get", "--prefix", "l/", "--keys-only"])["count"].as_u64(), Some(12));
+    e.ok(&["lease", "revoke", &id]);
+    assert_eq!(e.json(&["get", "--prefix", "l/", "--keys-only"])["count"].as_u64(), None, "every key went");
+
+    // A prefix delete reaches every shard.
+    assert_eq!(e.ok(&["del", "--prefix", "s/"]).trim(), "13");
+    assert_eq!(e.json(&["member", "list"])["members"].as_array().map(Vec::len), Some(3));
+    expect_code(&e.run(&["endpoint", "health", "--cluster"]), 0, "endpoint health");
+}
