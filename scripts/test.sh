@@ -7,7 +7,8 @@
 # - protoc (the etcd comparison tool's client is built with it), nftables + iproute2 (the network
 #   namespace tests; they skip without them), promtool (Debian's prometheus package: the /metrics
 #   test checks its output with it) and gdb (stacks in their post-mortems), with apt-get
-#   as root or through `sudo -n`. Without a way to install protoc it stops and says what to do.
+#   as root or through `sudo -n`; etcdctl (Debian's etcd-client) and openssl for the etcd API's
+#   tests. Without a way to install protoc it stops and says what to do.
 # Set ASPEN_TEST_NO_INSTALL=1 to install nothing (it then only checks); `--install-only` installs
 # and stops (.ci/run does that before clippy, which builds the same crates).
 set -euo pipefail
@@ -55,6 +56,13 @@ if ! command -v promtool >/dev/null 2>&1; then
   # Debian's prometheus package ships promtool; its service is not started here (no systemd).
   if [ "$install" = 0 ] || ! apt_install --no-install-recommends prometheus; then
     say "promtool missing: the /metrics test skips its format check"
+  fi
+fi
+if ! command -v etcdctl >/dev/null 2>&1 || ! command -v openssl >/dev/null 2>&1; then
+  # etcdctl (Debian's etcd-client, 3.4) drives the etcd API's tests; openssl makes their TLS
+  # certificate.
+  if [ "$install" = 0 ] || ! apt_install etcd-client openssl; then
+    say "etcdctl or openssl missing: the etcd API tests (tests/process/etcd.rs) skip"
   fi
 fi
 if ! command -v gdb >/dev/null 2>&1; then
