@@ -27,6 +27,8 @@ pub struct AspenCluster {
     /// Node 1's admin token (its data dir's `admin.token`).
     pub token: String,
     pub num_shards: u32,
+    /// `http://127.0.0.1:PORT` of each node's etcd API, when started with it.
+    pub etcd_endpoints: Vec<String>,
     // Field order matters: the processes stop before their cgroups and data dirs are removed.
     nodes: Vec<NodeProcess>,
     cgroups: Vec<Cgroup>,
@@ -55,6 +57,18 @@ impl AspenCluster {
         num_shards: u32,
         limiter: Option<&CpuLimiter>,
     ) -> Result<AspenCluster, String> {
+        Self::start_with(node_bin, n, num_shards, limiter, false).await
+    }
+
+    /// As [`AspenCluster::start`]; with `etcd_api`, every node also serves etcd's API
+    /// (`--etcd-addr` on a free port; [`AspenCluster::etcd_endpoints`]).
+    pub async fn start_with(
+        node_bin: &Path,
+        n: usize,
+        num_shards: u32,
+        limiter: Option<&CpuLimiter>,
+        etcd_api: bool,
+    ) -> Result<AspenCluster, String> {
         // ASPEN_COMPARE_KEEP=1 keeps the data dirs and logs (for a post-mortem).
         let dir = tempfile::Builder::new()
             .prefix("aspen-compare-aspen-")
@@ -66,6 +80,7 @@ impl AspenCluster {
             tickets: Vec::new(),
             token: String::new(),
             num_shards,
+            etcd_endpoints: Vec::new(),
             nodes: Vec::new(),
             cgroups: Vec::new(),
             _dir: dir,
@@ -81,6 +96,11 @@ impl AspenCluster {
             if num_shards > 1 {
                 spec.args
                     .extend(["--sharding-enabled", "--sharding-num-shards", &num_shards.to_string()].map(String::from));
+            }
+            if etcd_api {
+                let port = procs::free_tcp_ports(1)?[0];
+                spec.args.extend(["--etcd-addr".to_string(), format!("127.0.0.1:{port}")]);
+                cluster.etcd_endpoints.push(format!("http://127.0.0.1:{port}"));
             }
             if let Some(first) = cluster.tickets.first() {
                 spec.args.extend(["--join".to_string(), first.encode(), "--join-token".into(), join_token.clone()]);

@@ -63,7 +63,7 @@ struct Args {
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Op::Put, Op::Get], value_name = "OP,…")]
     ops: Vec<Op>,
     /// Systems to measure, in this order.
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [System::Etcd, System::Aspen, System::AspenSharded], value_name = "SYSTEM,…")]
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [System::Etcd, System::AspenEtcd, System::Aspen, System::AspenSharded], value_name = "SYSTEM,…")]
     systems: Vec<System>,
     /// Members (etcd) and nodes (Aspen) per cluster.
     #[arg(long, default_value_t = 3)]
@@ -200,6 +200,8 @@ impl fmt::Display for Op {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum System {
     Etcd,
+    /// Aspen (one shard) through its etcd API, driven by the same etcd client as etcd.
+    AspenEtcd,
     Aspen,
     AspenSharded,
 }
@@ -291,11 +293,12 @@ async fn run(args: Args) -> Result<(), RunError> {
             .systems
             .iter()
             .map(|s| match s {
-                System::Etcd => "etcd",
-                System::Aspen => "aspen",
-                System::AspenSharded => "aspen-sharded",
+                System::Etcd => Ok("etcd"),
+                System::Aspen => Ok("aspen"),
+                System::AspenSharded => Ok("aspen-sharded"),
+                System::AspenEtcd => Err("--grow measures etcd, aspen and aspen-sharded (not aspen-etcd)".to_string()),
             })
-            .collect();
+            .collect::<Result<_, _>>()?;
         let etcd = if args.systems.contains(&System::Etcd) { Some(find_etcd(args.etcd_bin.as_deref())?) } else { None };
         let node = if args.systems.iter().any(|s| *s != System::Etcd) {
             Some(find_node(args.node_bin.as_deref())?)
@@ -530,6 +533,21 @@ async fn measure_system(system: System, args: &Args, plan: &Plan, servers: &Serv
                     measure(&backend, name, true, cap, meter.as_ref(), plan, &mut rows).await;
                 }
                 Err(e) => fail_all(name, true, cap, plan, &e, &mut rows),
+            }
+        }
+        System::AspenEtcd => {
+            let node = servers.node.expect("resolved before measuring");
+            let name = "aspen (etcd API)";
+            eprintln!("aspen-compare: starting {} aspen-node processes serving the etcd API{each}", args.members);
+            match AspenCluster::start_with(node, args.members, 1, servers.limiter, true).await {
+                Ok(cluster) => {
+                    let meter = meter_or_warn(cluster.cpu_meter());
+                    kind = meter.as_ref().map(CpuMeter::describe);
+                    let backend =
+                        EtcdBackend::aspen(cluster.etcd_endpoints.clone(), servers.timeout, cluster.token.clone());
+                    measure(&backend, name, false, cap, meter.as_ref(), plan, &mut rows).await;
+                }
+                Err(e) => fail_all(name, false, cap, plan, &e, &mut rows),
             }
         }
         System::Aspen | System::AspenSharded => {
