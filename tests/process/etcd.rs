@@ -333,6 +333,14 @@ fn etcdctl_drives_a_three_node_cluster() {
         assert!(out.status.success(), "a locker failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     assert_eq!(e.ok(&["get", "counter", "--print-value-only"]).trim(), "5", "each locker held the lock alone");
+
+    // etcdctl snapshot save writes Aspen's backup file (aspen-node restore reads it).
+    let file = root.path().join("etcd-snapshot.db");
+    let saved = Etcdctl::new(&endpoints[..1], Some(&token)).ok(&["snapshot", "save", &file.display().to_string()]);
+    assert!(saved.contains("Snapshot saved"), "{saved}");
+    let o = nodes[0].cli(&["--json", "snapshot", "status", &file.display().to_string()]);
+    expect_code(&o, 0, "snapshot status of etcdctl's file");
+    assert!(stdout(&o).contains("\"num_shards\":1"), "{}", stdout(&o));
 }
 
 #[test]

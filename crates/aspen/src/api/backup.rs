@@ -131,22 +131,37 @@ pub fn read_header(r: &mut impl Read) -> Result<(BackupHeader, u64), BackupFileE
     Ok((header, len as u64))
 }
 
+/// The most bytes an etcd trailer adds after the body: zeros to a 512-byte boundary, then a
+/// SHA-256 (what etcdctl expects at the end of a snapshot; the etcd API's `Snapshot` appends it).
+pub const MAX_ETCD_TRAILER: u64 = 511 + 32;
+
 /// Reads the body from `r` (positioned after the header block) to its end and checks its length
-/// and hash against `header`.
+/// and hash against `header`. An etcd trailer after the body (zeros, then 32 bytes; at most
+/// [`MAX_ETCD_TRAILER`]) is passed over: the body's own hash covers the data.
 pub fn verify_body(r: &mut impl Read, header: &BackupHeader) -> Result<(), BackupFileError> {
     let mut hasher = blake3::Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut got = 0u64;
+    let mut trailer = Vec::new();
     loop {
         let n = r.read(&mut buf)?;
         if n == 0 {
             break;
         }
-        got += n as u64;
-        hasher.update(&buf[..n]);
+        let body_part = (header.body_bytes.saturating_sub(got)).min(n as u64) as usize;
+        hasher.update(&buf[..body_part]);
+        got += body_part as u64;
+        trailer.extend_from_slice(&buf[body_part..n]);
+        if trailer.len() as u64 > MAX_ETCD_TRAILER {
+            break;
+        }
     }
-    if got != header.body_bytes {
-        return Err(BackupFileError::Truncated { expected: header.body_bytes, got });
+    let trailer_ok = trailer.is_empty()
+        || (trailer.len() >= 32
+            && trailer.len() as u64 <= MAX_ETCD_TRAILER
+            && trailer[..trailer.len() - 32].iter().all(|b| *b == 0));
+    if got != header.body_bytes || !trailer_ok {
+        return Err(BackupFileError::Truncated { expected: header.body_bytes, got: got + trailer.len() as u64 });
     }
     if hasher.finalize().to_hex().as_str() != header.body_blake3 {
         return Err(BackupFileError::Checksum);
@@ -204,5 +219,24 @@ mod tests {
             Err(BackupFileError::NotABackup)
         ));
         assert!(matches!(read_header(&mut &b"short"[..]), Err(BackupFileError::NotABackup)));
+
+        // An etcd trailer (zeros to a 512-byte boundary, then 32 bytes) is passed over; other
+        // trailing bytes are not.
+        let mut etcd = file.clone();
+        etcd.resize(file.len().div_ceil(512) * 512, 0);
+        etcd.extend_from_slice(&[7u8; 32]);
+        let mut r = &etcd[..];
+        let (read, _) = read_header(&mut r).unwrap();
+        verify_body(&mut r, &read).unwrap();
+        let mut junk = file.clone();
+        junk.extend_from_slice(&[1u8; 40]);
+        let mut r = &junk[..];
+        let (read, _) = read_header(&mut r).unwrap();
+        assert!(matches!(verify_body(&mut r, &read), Err(BackupFileError::Truncated { .. })));
+        let mut long = file.clone();
+        long.extend_from_slice(&vec![0u8; 4096]);
+        let mut r = &long[..];
+        let (read, _) = read_header(&mut r).unwrap();
+        assert!(verify_body(&mut r, &read).is_err(), "more than a trailer");
     }
 }

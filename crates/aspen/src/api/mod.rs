@@ -1321,7 +1321,7 @@ pub enum ClientResponse {
     Alarms(Vec<AlarmInfo>),
     /// [`ClientRequest::ShardRange`].
     Range(RangePage),
-    /// [`ClientRequest::EtcdEndpoint`]: `https://…` or `http://…`, if served.
+    /// [`ClientRequest::EtcdEndpoint`]: `ADDR:PORT`, if served (no scheme: see `etcd::server`).
     EtcdEndpoint(Option<String>),
 }
 

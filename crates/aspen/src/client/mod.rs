@@ -15,7 +15,7 @@ use std::{
 
 use iroh::{address_lookup::MemoryLookup, endpoint::Connection, Endpoint};
 
-mod backup;
+pub mod backup;
 mod lease;
 mod watch;
 pub use backup::{SaveError, SaveProgress};

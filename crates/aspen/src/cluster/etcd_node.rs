@@ -59,6 +59,10 @@ impl EtcdNode for NodeService {
         futures::future::join_all(asks).await
     }
 
+    fn data_dir(&self) -> std::path::PathBuf {
+        self.data_dir.clone()
+    }
+
     fn etcd_status(&self) -> EtcdStatus {
         let Some(s) = self.store.shards().get(&0).map(RaftNode::status) else { return EtcdStatus::default() };
         EtcdStatus {

@@ -346,6 +346,13 @@ impl NodeService {
                 self.store.scan_shard_here(shard, &scan).await
             }
             ClientRequest::ShardRange { shard, query, consistency } => {
+                for k in [Some(&query.range.key), query.range.end.as_ref(), query.after.as_ref()].into_iter().flatten()
+                {
+                    if k.len() as u64 > self.limits.max_key_bytes {
+                        let (size, limit) = (k.len() as u64, self.limits.max_key_bytes);
+                        return Err(ApiError::TooLarge { what: "key".into(), size, limit });
+                    }
+                }
                 self.store.local(shard)?.range(&query, consistency).await.map(ClientResponse::Range)
             }
             ClientRequest::EtcdEndpoint => Ok(ClientResponse::EtcdEndpoint(self.etcd_endpoint())),

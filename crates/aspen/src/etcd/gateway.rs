@@ -35,6 +35,8 @@ pub trait EtcdNode: ClientService {
     fn etcd_members(&self) -> impl std::future::Future<Output = Vec<EtcdMember>> + Send;
     /// This node's status as etcd's `Status` shows it.
     fn etcd_status(&self) -> EtcdStatus;
+    /// The node's data dir (a `Snapshot` is staged there).
+    fn data_dir(&self) -> std::path::PathBuf;
 }
 
 /// A member as etcd's `MemberList` shows it.
@@ -85,22 +87,30 @@ pub mod errors {
     pub const NOT_CAPABLE: &str = "etcdserver: not capable";
 }
 
-/// A node's error as etcd's client libraries expect it.
+/// A node's error as etcd's client libraries expect it: etcd's exact text where etcd has a typed
+/// error for it (Go clients map errors by their text, `rpctypes`), with Aspen's detail logged.
 pub fn status_of(e: ApiError) -> Status {
     use errors::*;
-    match e {
-        ApiError::NotLeader { .. } => Status::unavailable(NO_LEADER),
-        ApiError::Timeout(_) => Status::unavailable(TIMEOUT),
-        ApiError::Unavailable(m) => Status::unavailable(format!("{NO_LEADER} ({m})")),
-        ApiError::NotInitialized { .. } => Status::unavailable(format!("{NO_LEADER} ({e})")),
-        ApiError::InvalidRequest(m) => Status::invalid_argument(m),
-        ApiError::TooLarge { .. } => Status::invalid_argument(format!("{REQUEST_TOO_LARGE} ({e})")),
-        ApiError::PermissionDenied(m) => Status::permission_denied(format!("{PERMISSION_DENIED} ({m})")),
-        ApiError::LeaseNotFound { .. } => Status::not_found(LEASE_NOT_FOUND),
-        ApiError::Compacted { .. } => Status::out_of_range(COMPACTED),
-        ApiError::NoSpace(_) => Status::resource_exhausted(NO_SPACE),
-        ApiError::Refused(m) => Status::failed_precondition(m),
-        ApiError::WatchCancelled(m) => Status::cancelled(m),
+    let typed = |code: tonic::Code, text: &str, e: &ApiError| {
+        tracing::debug!("etcd API: {text}: {e}");
+        Status::new(code, text)
+    };
+    match &e {
+        ApiError::NotLeader { .. } | ApiError::Unavailable(_) | ApiError::NotInitialized { .. } => {
+            typed(tonic::Code::Unavailable, NO_LEADER, &e)
+        }
+        ApiError::Timeout(_) => typed(tonic::Code::Unavailable, TIMEOUT, &e),
+        ApiError::TooLarge { what, .. } if what.starts_with("txn (") => {
+            typed(tonic::Code::InvalidArgument, TOO_MANY_OPS, &e)
+        }
+        ApiError::TooLarge { .. } => typed(tonic::Code::InvalidArgument, REQUEST_TOO_LARGE, &e),
+        ApiError::PermissionDenied(_) => typed(tonic::Code::PermissionDenied, PERMISSION_DENIED, &e),
+        ApiError::LeaseNotFound { .. } => typed(tonic::Code::NotFound, LEASE_NOT_FOUND, &e),
+        ApiError::Compacted { .. } => typed(tonic::Code::OutOfRange, COMPACTED, &e),
+        ApiError::NoSpace(_) => typed(tonic::Code::ResourceExhausted, NO_SPACE, &e),
+        ApiError::InvalidRequest(m) => Status::invalid_argument(m.clone()),
+        ApiError::Refused(m) => Status::failed_precondition(m.clone()),
+        ApiError::WatchCancelled(m) => Status::cancelled(m.clone()),
         ApiError::UnsupportedVersion { .. } | ApiError::Internal(_) => Status::internal(e.to_string()),
     }
 }
@@ -142,10 +152,10 @@ impl Caller {
     /// Checks a permission (`read`, `write`, `admin`) for an operation named `what`.
     pub fn needs(&self, what: &str, perm: fn(&Scope) -> bool, name: &str) -> Result<(), Status> {
         match &self.scope {
-            Some(s) if !perm(s) => Err(Status::permission_denied(format!(
-                "{} (a {what} needs a token with {name} permission)",
-                errors::PERMISSION_DENIED
-            ))),
+            Some(s) if !perm(s) => {
+                tracing::debug!("etcd API: a {what} needs a token with {name} permission");
+                Err(Status::permission_denied(errors::PERMISSION_DENIED))
+            }
             _ => Ok(()),
         }
     }
@@ -207,16 +217,17 @@ impl<N: EtcdNode> Gateway<N> {
         let Some(token) = token.filter(|t| !t.is_empty()) else {
             return Err(Status::invalid_argument(errors::USER_EMPTY));
         };
-        let verified = self.verify(&token).map_err(|e| match e {
-            auth::TokenError::NotReady => Status::unavailable(format!("{} ({e})", errors::NO_LEADER)),
-            other => Status::unauthenticated(format!("{} ({other})", errors::INVALID_AUTH_TOKEN)),
+        let verified = self.verify(&token).map_err(|e| {
+            tracing::debug!("etcd API: a token was refused: {e}");
+            match e {
+                auth::TokenError::NotReady => Status::unavailable(errors::NO_LEADER),
+                _ => Status::unauthenticated(errors::INVALID_AUTH_TOKEN),
+            }
         })?;
         match verified.scope() {
             Some(scope) => Ok(Caller { token_id: verified.body.id, scope: Some(scope.clone()) }),
-            None => Err(Status::permission_denied(format!(
-                "{} (a join token is for aspen-node --join-token, not for requests)",
-                errors::PERMISSION_DENIED
-            ))),
+            // A join token is for aspen-node --join-token, not for requests.
+            None => Err(Status::permission_denied(errors::PERMISSION_DENIED)),
         }
     }
 
@@ -256,7 +267,7 @@ impl<N: EtcdNode> Gateway<N> {
         let shards = self.shards_of(&query.range);
         let reads = shards.iter().map(|shard| self.range_of_shard(*shard, query.clone(), consistency));
         let pages = futures::future::try_join_all(reads).await?;
-        Ok(merge_pages(pages, query.limit))
+        Ok(merge_pages(pages, query.limit, query.count_only))
     }
 
     /// Every page of one shard's part of `query` (a page stops at a quarter frame).
@@ -284,7 +295,7 @@ impl<N: EtcdNode> Gateway<N> {
             match acc.kvs.last() {
                 Some(last) if page.more && !reached && !query.count_only => query.after = Some(last.key.clone()),
                 _ => {
-                    acc.more = acc.count > acc.kvs.len() as u64;
+                    acc.more = !query.count_only && acc.count > acc.kvs.len() as u64;
                     break;
                 }
             }
@@ -412,7 +423,7 @@ impl<N: EtcdNode> Gateway<N> {
 }
 
 /// Merges shards' pages of one range in key order, keeping `limit` keys (0: all).
-pub fn merge_pages(pages: Vec<RangePage>, limit: u64) -> RangePage {
+pub fn merge_pages(pages: Vec<RangePage>, limit: u64, count_only: bool) -> RangePage {
     let count = pages.iter().map(|p| p.count).sum();
     let revision = pages.iter().map(|p| p.revision).max().unwrap_or(0);
     let mut kvs: Vec<KeyRecord> = pages.into_iter().flat_map(|p| p.kvs).collect();
@@ -420,7 +431,7 @@ pub fn merge_pages(pages: Vec<RangePage>, limit: u64) -> RangePage {
     if limit > 0 && kvs.len() as u64 > limit {
         kvs.truncate(limit as usize);
     }
-    let more = count > kvs.len() as u64;
+    let more = !count_only && count > kvs.len() as u64;
     RangePage { kvs, count, more, revision }
 }
 

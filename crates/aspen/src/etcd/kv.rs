@@ -370,6 +370,18 @@ impl<N: EtcdNode> Kv for KvService<N> {
     async fn txn(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
         let caller = self.0.caller(request.metadata())?;
         let t = request.into_inner();
+        if t.compare.is_empty() && t.success.is_empty() && t.failure.is_empty() {
+            // Nothing to compare or run: etcd answers success at the current revision.
+            let mut revision = 0;
+            for shard in 0..self.0.router().num_shards() {
+                revision = revision.max(self.0.revision_of(shard).await?);
+            }
+            return Ok(Response::new(TxnResponse {
+                header: self.0.header(revision),
+                succeeded: true,
+                responses: vec![],
+            }));
+        }
         let txn = txn_of(t.clone())?;
         let (revision, succeeded, results) = self.run(&caller, txn).await?;
         let ops = if succeeded { &t.success } else { &t.failure };

@@ -77,6 +77,16 @@ impl EtcdEndpoint {
                 .tls_config(ServerTlsConfig::new().identity(identity))
                 .map_err(|e| EtcdServeError::Tls(e.to_string()))?;
         }
+        // Snapshots staged by a node that stopped while streaming them.
+        if let Ok(entries) = std::fs::read_dir(node.data_dir()) {
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                if name.starts_with(".") && name.contains(".etcd-snapshot-") {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
         let gw = Arc::new(Gateway::new(node, authority, stop.clone()));
         let router = builder
             .add_service(KvServer::new(KvService(gw.clone())).max_decoding_message_size(max_request_bytes))
