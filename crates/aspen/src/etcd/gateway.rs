@@ -117,7 +117,8 @@ pub fn status_of(e: ApiError) -> Status {
 
 /// A write whose outcome says it may or may not have been applied (a session the shard forgot).
 pub fn unknown_outcome(outcome: WriteOutcome) -> Status {
-    Status::unavailable(format!("{} (the write's outcome is unknown: {outcome:?})", errors::TIMEOUT))
+    tracing::debug!("etcd API: a write's outcome is unknown: {outcome:?}");
+    Status::unavailable(errors::TIMEOUT)
 }
 
 fn unexpected(what: &str, answer: impl std::fmt::Debug) -> Status {
