@@ -201,24 +201,44 @@ fn txn_of(t: TxnRequest) -> Result<KvTxn, Status> {
     Ok(txn)
 }
 
-/// etcd refuses a branch that writes one key twice (two puts, or a put into a deleted range).
+/// etcd refuses a branch that writes one key twice (two puts, or a put into a deleted range),
+/// nested txns included (`checkIntervals`): a nested txn's puts, of either branch, count as the
+/// enclosing branch's.
 fn check_duplicates(branch: &[KvOp]) -> Result<(), Status> {
+    branch_writes(branch).map(|_| ())
+}
+
+/// The keys a branch puts and the ranges it deletes (nested txns' included), or the refusal.
+fn branch_writes(branch: &[KvOp]) -> Result<(std::collections::BTreeSet<Vec<u8>>, Vec<KeyRange>), Status> {
+    let duplicate = || Status::invalid_argument(errors::DUPLICATE_KEY);
     let mut puts = std::collections::BTreeSet::new();
+    let mut deletes = Vec::new();
     for op in branch {
-        if let KvOp::Put(p) = op {
-            if !puts.insert(p.key.as_slice()) {
-                return Err(Status::invalid_argument(errors::DUPLICATE_KEY));
+        match op {
+            KvOp::Put(p) => {
+                if !puts.insert(p.key.clone()) {
+                    return Err(duplicate());
+                }
             }
+            KvOp::DeleteRange { range, .. } => deletes.push(range.clone()),
+            KvOp::Txn(t) => {
+                let (mut inner_puts, mut inner_deletes) = branch_writes(&t.success)?;
+                let (failure_puts, failure_deletes) = branch_writes(&t.failure)?;
+                inner_puts.extend(failure_puts);
+                inner_deletes.extend(failure_deletes);
+                if inner_puts.iter().any(|k| puts.contains(k)) {
+                    return Err(duplicate());
+                }
+                puts.extend(inner_puts);
+                deletes.extend(inner_deletes);
+            }
+            KvOp::Range(_) => {}
         }
     }
-    for op in branch {
-        if let KvOp::DeleteRange { range, .. } = op {
-            if puts.iter().any(|k| range.contains(k)) {
-                return Err(Status::invalid_argument(errors::DUPLICATE_KEY));
-            }
-        }
+    if puts.iter().any(|k| deletes.iter().any(|r| r.contains(k))) {
+        return Err(duplicate());
     }
-    Ok(())
+    Ok((puts, deletes))
 }
 
 impl<N: EtcdNode> KvService<N> {
@@ -441,7 +461,12 @@ mod tests {
         assert!(check_duplicates(&[put("a"), put("a")]).is_err());
         let delete = KvOp::DeleteRange { range: KeyRange::prefix("a"), prev_kv: false };
         assert!(check_duplicates(&[put("ab"), delete.clone()]).is_err());
-        assert!(check_duplicates(&[put("b"), delete]).is_ok());
+        assert!(check_duplicates(&[put("b"), delete.clone()]).is_ok());
+        // Nested txns count: a put there of a key the branch deletes, or puts too.
+        let nested = |ops: Vec<KvOp>| KvOp::Txn(KvTxn { compares: vec![], success: ops, failure: vec![] });
+        assert!(check_duplicates(&[delete.clone(), nested(vec![put("ab")])]).is_err());
+        assert!(check_duplicates(&[put("x"), nested(vec![put("x")])]).is_err());
+        assert!(check_duplicates(&[put("x"), nested(vec![put("y")])]).is_ok());
     }
 
     #[test]

@@ -177,20 +177,45 @@ where
     Ok(any || c.holds_for(None))
 }
 
-/// Why a txn's path cannot apply: the outcome to answer with instead.
+/// What the ops of a txn's path did to keys so far, as far as a later put that keeps a key's
+/// value or lease must know: keys put, and ranges deleted after them.
+#[derive(Default)]
+struct PathWrites {
+    put: std::collections::BTreeSet<Vec<u8>>,
+    deleted: Vec<KeyRange>,
+}
+
+/// Why a txn's path cannot apply: the outcome to answer with instead. A put that keeps the
+/// value or lease of its key needs the key to exist at that point of the path (before the txn,
+/// and not deleted by an op before it; or put by one).
 fn refusal(
     t: &mut WriteTables<'_, '_>,
     txn: &KvTxn,
     path: &Path,
     checked: bool,
 ) -> Result<Option<WriteOutcome>, StorageError> {
+    refusal_in(t, txn, path, checked, &mut PathWrites::default())
+}
+
+fn refusal_in(
+    t: &mut WriteTables<'_, '_>,
+    txn: &KvTxn,
+    path: &Path,
+    checked: bool,
+    writes: &mut PathWrites,
+) -> Result<Option<WriteOutcome>, StorageError> {
     let branch = if path.succeeded { &txn.success } else { &txn.failure };
     let mut nested = path.nested.iter();
     for op in branch {
         match op {
             KvOp::Put(p) => {
-                if (p.ignore_value || p.ignore_lease) && t.kv.get(p.key.as_slice())?.is_none() {
-                    return Ok(Some(WriteOutcome::KeyNotFound { key: p.key.clone() }));
+                if p.ignore_value || p.ignore_lease {
+                    let exists = writes.put.contains(&p.key)
+                        || (!writes.deleted.iter().any(|r| r.contains(&p.key))
+                            && t.kv.get(p.key.as_slice())?.is_some());
+                    if !exists {
+                        return Ok(Some(WriteOutcome::KeyNotFound { key: p.key.clone() }));
+                    }
                 }
                 if p.lease != 0 && !p.ignore_lease {
                     match super::lease_known(t, p.lease, checked)? {
@@ -199,14 +224,19 @@ fn refusal(
                         None => return Ok(Some(WriteOutcome::LeaseUnchecked { id: p.lease })),
                     }
                 }
+                writes.put.insert(p.key.clone());
+            }
+            KvOp::DeleteRange { range, .. } => {
+                writes.put.retain(|k| !range.contains(k));
+                writes.deleted.push(range.clone());
             }
             KvOp::Txn(inner) => {
                 let Some(p) = nested.next() else { return Err(StorageError::Corrupt("txn path out of step".into())) };
-                if let Some(r) = refusal(t, inner, p, checked)? {
+                if let Some(r) = refusal_in(t, inner, p, checked, writes)? {
                     return Ok(Some(r));
                 }
             }
-            KvOp::Range(_) | KvOp::DeleteRange { .. } => {}
+            KvOp::Range(_) => {}
         }
     }
     Ok(None)

@@ -10,7 +10,7 @@ use crate::api::{
     KvOpResult, KvPut, KvTxn, RangePage, RangeQuery, WatchEvent, RESERVED_PREFIX,
 };
 
-use CompareOp::{Equal, Greater, Less, NotEqual};
+use crate::api::CompareOp::{Equal, Greater, Less, NotEqual};
 
 /// A node's own step: no session to check or keep.
 const NODE: WriteSession = WriteSession { client_id: Id128([0; 16]), seq: 0 };
@@ -88,14 +88,7 @@ fn query(range: KeyRange) -> RangeQuery {
 }
 
 fn kput(key: &str, value: &str) -> KvPut {
-    KvPut {
-        key: key.into(),
-        value: value.into(),
-        lease: 0,
-        prev_kv: false,
-        ignore_value: false,
-        ignore_lease: false,
-    }
+    KvPut { key: key.into(), value: value.into(), lease: 0, prev_kv: false, ignore_value: false, ignore_lease: false }
 }
 
 fn put_op(key: &str, value: &str) -> KvOp {
@@ -131,7 +124,14 @@ fn value(v: &str) -> KvCompareTarget {
 }
 
 /// A key as the etcd API shows it; its revisions given as the log indexes of lone writes.
-fn record(key: impl AsRef<[u8]>, value: &[u8], create_index: u64, mod_index: u64, version: u64, lease: u64) -> KeyRecord {
+fn record(
+    key: impl AsRef<[u8]>,
+    value: &[u8],
+    create_index: u64,
+    mod_index: u64,
+    version: u64,
+    lease: u64,
+) -> KeyRecord {
     KeyRecord {
         key: key.as_ref().to_vec(),
         value: value.to_vec(),
@@ -274,6 +274,15 @@ async fn range_reads_single_keys_prefixes_from_keys_and_spans() {
     let empty = tempfile::tempdir().unwrap();
     let nothing = open_sm(empty.path());
     assert_eq!(read(&nothing.reader(), &query(from_key(""))), page(vec![], 0, false, applied_revision(0)));
+
+    // A prefix of 0xff bytes has no end: every key from it on.
+    apply(&mut sm, vec![raw(SEEDED + 2, b"\xff", b"1"), raw(SEEDED + 3, b"\xff\xff\x01", b"2")]).await;
+    let at = applied_revision(SEEDED + 3);
+    let ff = record(b"\xff", b"1", SEEDED + 2, SEEDED + 2, 1, 0);
+    let ffff = record(b"\xff\xff\x01", b"2", SEEDED + 3, SEEDED + 3, 1, 0);
+    assert_eq!(read(&r, &query(prefix(b"\xff".to_vec()))), page(vec![ff.clone(), ffff.clone()], 2, false, at));
+    assert_eq!(read(&r, &query(prefix(b"\xff\xff".to_vec()))), page(vec![ffff.clone()], 1, false, at));
+    assert_eq!(read(&r, &query(from_key("c"))), page(vec![seeded("c"), ff, ffff], 3, false, at));
     assert_digest_recounts(&r);
 }
 
@@ -384,15 +393,17 @@ async fn range_revision_filters_bound_mod_and_create_revisions() {
         page(vec![b.clone(), c.clone()], 2, false, at)
     );
     // Filters come before the limit and the count; paging counts what is left.
-    assert_eq!(
-        filtered(&|q| (q.min_mod_revision, q.limit) = (rev(3), 1)),
-        page(vec![a.clone()], 3, true, at)
-    );
+    assert_eq!(filtered(&|q| (q.min_mod_revision, q.limit) = (rev(3), 1)), page(vec![a.clone()], 3, true, at));
     assert_eq!(
         filtered(&|q| (q.min_mod_revision, q.after) = (rev(3), Some(b"a".to_vec()))),
         page(vec![c.clone(), d.clone()], 2, false, at)
     );
     assert_eq!(filtered(&|q| (q.min_create_revision, q.count_only) = (rev(2), true)), page(vec![], 3, false, at));
+    assert_eq!(
+        filtered(&|q| (q.max_mod_revision, q.limit) = (rev(3), 2)),
+        page(vec![b.clone(), c.clone()], 2, false, at),
+        "no `more` when no key after the limit passes the filters"
+    );
     assert_eq!(
         filtered(&|q| (q.max_mod_revision, q.keys_only) = (rev(2), true)),
         page(vec![key_only(b.clone())], 1, false, at)
@@ -484,7 +495,10 @@ async fn a_range_answer_is_cut_at_a_quarter_frame_and_read_on_in_pages() {
     // A key larger than what is left still comes when it is the page's first.
     let huge = vec![b'y'; MAX_RANGE_ANSWER_BYTES + 1];
     apply(&mut sm, vec![put(1, 6, "a-huge", &huge)]).await;
-    assert_eq!(read(&r, &query(from_key(""))), page(vec![record("a-huge", &huge, 6, 6, 1, 0)], 6, true, rev(6) + 1023));
+    assert_eq!(
+        read(&r, &query(from_key(""))),
+        page(vec![record("a-huge", &huge, 6, 6, 1, 0)], 6, true, applied_revision(6))
+    );
     apply(&mut sm, vec![delete(1, 7, "a-huge")]).await;
 
     // In a txn, every range and every list of deleted keys share one budget.
@@ -518,7 +532,10 @@ async fn puts_answer_the_previous_key_and_keep_the_value_or_the_lease() {
 
     // A new key, attached to the lease (granted on this shard, its home).
     let p = KvPut { lease: 7, prev_kv: true, ..kput("k", "v1") };
-    assert_eq!(apply_write(&mut sm, kv_txn(2, KvTxn::op(KvOp::Put(p)))).await, done(rev(2), true, vec![put_result(None)]));
+    assert_eq!(
+        apply_write(&mut sm, kv_txn(2, KvTxn::op(KvOp::Put(p)))).await,
+        done(rev(2), true, vec![put_result(None)])
+    );
     let v1 = record("k", b"v1", 2, 2, 1, 7);
     assert_eq!(current(&r), vec![v1.clone()]);
     assert_eq!(lease_keys(&r, 7), vec![b"k".to_vec()]);
@@ -535,7 +552,10 @@ async fn puts_answer_the_previous_key_and_keep_the_value_or_the_lease() {
 
     // The value kept, no lease: the key leaves its lease (etcd). No previous key unless asked.
     let p = KvPut { ignore_value: true, ..kput("k", "") };
-    assert_eq!(apply_write(&mut sm, kv_txn(4, KvTxn::op(KvOp::Put(p)))).await, done(rev(4), true, vec![put_result(None)]));
+    assert_eq!(
+        apply_write(&mut sm, kv_txn(4, KvTxn::op(KvOp::Put(p)))).await,
+        done(rev(4), true, vec![put_result(None)])
+    );
     let kept = record("k", b"v2", 2, 4, 3, 0);
     assert_eq!(current(&r), vec![kept.clone()]);
     assert!(lease_keys(&r, 7).is_empty());
@@ -569,7 +589,10 @@ async fn puts_answer_the_previous_key_and_keep_the_value_or_the_lease() {
     assert!(lease_keys(&r, 7).is_empty());
     // The previous key of a new one: none.
     let p = KvPut { prev_kv: true, ..kput("fresh", "f") };
-    assert_eq!(apply_write(&mut sm, kv_txn(8, KvTxn::op(KvOp::Put(p)))).await, done(rev(8), true, vec![put_result(None)]));
+    assert_eq!(
+        apply_write(&mut sm, kv_txn(8, KvTxn::op(KvOp::Put(p)))).await,
+        done(rev(8), true, vec![put_result(None)])
+    );
     // Two puts of one key in a txn: the second sees the first.
     let ops = vec![put_op("twice", "1"), KvOp::Put(KvPut { prev_kv: true, ..kput("twice", "2") })];
     assert_eq!(
@@ -577,6 +600,18 @@ async fn puts_answer_the_previous_key_and_keep_the_value_or_the_lease() {
         done(rev(9), true, vec![put_result(None), put_result(Some(record("twice", b"1", 9, 9, 1, 0)))])
     );
     assert_eq!(read(&r, &query(single("twice"))).kvs, vec![record("twice", b"2", 9, 9, 2, 0)]);
+
+    // From one lease to another.
+    apply(&mut sm, vec![grant(10, 9, 10)]).await;
+    apply_write(&mut sm, kv_txn(11, KvTxn::op(KvOp::Put(KvPut { lease: 7, ..kput("k", "v4") })))).await;
+    let p = KvPut { lease: 9, prev_kv: true, ignore_value: true, ..kput("k", "") };
+    assert_eq!(
+        apply_write(&mut sm, kv_txn(12, KvTxn::op(KvOp::Put(p)))).await,
+        done(rev(12), true, vec![put_result(Some(record("k", b"v4", 2, 11, 7, 7)))])
+    );
+    assert_eq!(current(&r), vec![record("k", b"v4", 2, 12, 8, 9)]);
+    assert!(lease_keys(&r, 7).is_empty());
+    assert_eq!(lease_keys(&r, 9), vec![b"k".to_vec()]);
     assert_digest_recounts(&r);
 }
 
@@ -694,11 +729,17 @@ async fn puts_with_a_lease_attach_or_are_refused() {
         apply_write(&mut sm, kv_txn_as(12, y, 1, leased("late", 8), true)).await,
         WriteOutcome::LeaseNotFound { id: 8 }
     );
-    assert_eq!(apply_write(&mut sm, kv_txn_as(13, y, 2, leased("late", 8), true)).await, WriteOutcome::LeaseNotFound { id: 8 });
+    assert_eq!(
+        apply_write(&mut sm, kv_txn_as(13, y, 2, leased("late", 8), true)).await,
+        WriteOutcome::LeaseNotFound { id: 8 }
+    );
     assert_eq!(get(&r, "late"), None);
 
     // Revoked while this shard is not its home: its keys go, checked or not it is refused.
-    assert_eq!(apply_write(&mut sm, lease_drop(14, 99)).await, WriteOutcome::LeaseRevoked { revision: rev(14), deleted: 2 });
+    assert_eq!(
+        apply_write(&mut sm, lease_drop(14, 99)).await,
+        WriteOutcome::LeaseRevoked { revision: rev(14), deleted: 2 }
+    );
     assert_eq!(
         apply_write(&mut sm, kv_txn_as(15, x, 3, leased("far", 99), true)).await,
         WriteOutcome::LeaseNotFound { id: 99 }
@@ -725,13 +766,22 @@ async fn delete_range_counts_and_lists_what_went() {
         apply_write(&mut sm, delete(8, single("ab"), true)).await,
         done(rev(8), true, vec![deleted(1, seeded_all(&["ab"]))])
     );
-    assert_eq!(apply_write(&mut sm, delete(9, single("ab"), true)).await, done(rev(9) - 1, true, vec![deleted(0, vec![])]));
+    assert_eq!(
+        apply_write(&mut sm, delete(9, single("ab"), true)).await,
+        done(rev(9) - 1, true, vec![deleted(0, vec![])])
+    );
     // [b, c): `b` only; records only if asked.
-    assert_eq!(apply_write(&mut sm, delete(10, span("b", "c"), false)).await, done(rev(10), true, vec![deleted(1, vec![])]));
+    assert_eq!(
+        apply_write(&mut sm, delete(10, span("b", "c"), false)).await,
+        done(rev(10), true, vec![deleted(1, vec![])])
+    );
     assert_eq!(get(&r, "b"), None);
     assert_eq!(get(&r, "c").map(|kv| kv.value), Some(b"c1".to_vec()));
     // A range holding no key.
-    assert_eq!(apply_write(&mut sm, delete(11, span("c", "a"), true)).await, done(rev(11) - 1, true, vec![deleted(0, vec![])]));
+    assert_eq!(
+        apply_write(&mut sm, delete(11, span("c", "a"), true)).await,
+        done(rev(11) - 1, true, vec![deleted(0, vec![])])
+    );
     // A prefix: in key order.
     assert_eq!(
         apply_write(&mut sm, delete(12, prefix("a"), true)).await,
@@ -751,8 +801,14 @@ async fn delete_range_counts_and_lists_what_went() {
         done(rev(17), true, vec![deleted(2, vec![seeded("c"), record("x", b"x1", 13, 13, 1, 0)])])
     );
     assert_eq!(all_keys(&r).into_iter().map(|kv| kv.key).collect::<Vec<_>>(), vec![reserved("token")]);
-    assert_eq!(apply_write(&mut sm, delete(18, prefix(""), true)).await, done(rev(18) - 1, true, vec![deleted(0, vec![])]));
-    assert_eq!(apply_write(&mut sm, delete(19, from_key("\x00"), true)).await, done(rev(19) - 1, true, vec![deleted(0, vec![])]));
+    assert_eq!(
+        apply_write(&mut sm, delete(18, prefix(""), true)).await,
+        done(rev(18) - 1, true, vec![deleted(0, vec![])])
+    );
+    assert_eq!(
+        apply_write(&mut sm, delete(19, from_key("\x00"), true)).await,
+        done(rev(19) - 1, true, vec![deleted(0, vec![])])
+    );
     assert_eq!(all_keys(&r).len(), 1);
     // The cluster's own delete starts among the reserved keys.
     assert_eq!(
@@ -771,7 +827,10 @@ async fn delete_range_counts_and_lists_what_went() {
     ];
     apply_write(&mut sm, kv_txn(22, txn_of(vec![], ops, vec![]))).await;
     assert_eq!(lease_keys(&r, 3), vec![b"l1".to_vec(), b"l2".to_vec(), b"l3".to_vec()]);
-    assert_eq!(apply_write(&mut sm, delete(23, span("l1", "l3"), false)).await, done(rev(23), true, vec![deleted(2, vec![])]));
+    assert_eq!(
+        apply_write(&mut sm, delete(23, span("l1", "l3"), false)).await,
+        done(rev(23), true, vec![deleted(2, vec![])])
+    );
     assert_eq!(lease_keys(&r, 3), vec![b"l3".to_vec()]);
     assert_eq!(
         apply_write(&mut sm, delete(24, single("l3"), true)).await,
@@ -840,7 +899,10 @@ async fn a_txns_changes_are_published_as_events_at_its_revision() {
     let at10 = |e: WatchEvent| WatchEvent { revision: rev(10), ..e };
     assert_eq!(
         batch.events,
-        vec![at10(event(EventKind::Delete, "a", "", Some("a2"), 0)), at10(event(EventKind::Delete, "d", "", Some("d1"), 1))]
+        vec![
+            at10(event(EventKind::Delete, "a", "", Some("a2"), 0)),
+            at10(event(EventKind::Delete, "d", "", Some("d1"), 1))
+        ]
     );
     assert_eq!(all_keys(&sm.reader()).len(), 1);
     assert_digest_recounts(&sm.reader());
@@ -1065,7 +1127,11 @@ async fn every_compare_sees_the_state_before_the_txn() {
         vec![],
         vec![
             KvOp::Put(KvPut { lease: 3, ..kput("l", "x") }),
-            nested(vec![cmp(single("l"), Equal, KvCompareTarget::Lease(0))], vec![put_op("unleased-before", "yes")], vec![]),
+            nested(
+                vec![cmp(single("l"), Equal, KvCompareTarget::Lease(0))],
+                vec![put_op("unleased-before", "yes")],
+                vec![],
+            ),
         ],
         vec![],
     );
@@ -1095,7 +1161,11 @@ async fn nested_txns_answer_in_shape_and_write_at_the_txns_revision() {
         vec![],
         vec![
             put_op("p1", "1"),
-            nested(vec![cmp(single("old"), Equal, version(1))], vec![put_op("p2", "2"), innermost], vec![put_op("never", "n")]),
+            nested(
+                vec![cmp(single("old"), Equal, version(1))],
+                vec![put_op("p2", "2"), innermost],
+                vec![put_op("never", "n")],
+            ),
             nested(vec![], vec![], vec![]),
             range_op(query(prefix("p"))),
         ],
@@ -1131,7 +1201,14 @@ async fn nested_txns_answer_in_shape_and_write_at_the_txns_revision() {
     // Several txns in one entry: each its own revision (its place in the entry), for each of
     // its writes, nested or not.
     let writes = vec![
-        request(client(1), 1, kv_txn_cmd(txn_of(vec![], vec![put_op("q1", "1"), nested(vec![], vec![put_op("q2", "2")], vec![])], vec![]), false)),
+        request(
+            client(1),
+            1,
+            kv_txn_cmd(
+                txn_of(vec![], vec![put_op("q1", "1"), nested(vec![], vec![put_op("q2", "2")], vec![])], vec![]),
+                false,
+            ),
+        ),
         request(client(2), 1, kv_txn_cmd(KvTxn::op(nested(vec![], vec![put_op("q3", "3")], vec![])), false)),
     ];
     let results = apply(&mut sm, vec![multi(3, writes)]).await;
@@ -1139,7 +1216,11 @@ async fn nested_txns_answer_in_shape_and_write_at_the_txns_revision() {
     assert_eq!(
         results,
         vec![ApplyResult(vec![
-            done(first, true, vec![put_result(None), KvOpResult::Txn { succeeded: true, results: vec![put_result(None)] }]),
+            done(
+                first,
+                true,
+                vec![put_result(None), KvOpResult::Txn { succeeded: true, results: vec![put_result(None)] }]
+            ),
             done(second, true, vec![KvOpResult::Txn { succeeded: true, results: vec![put_result(None)] }]),
         ])]
     );
@@ -1176,7 +1257,11 @@ async fn a_txn_that_changes_nothing_moves_neither_the_revision_nor_the_state() {
     let t = txn_of(
         vec![cmp(single("a"), Equal, version(9))],
         vec![put_op("never", "n")],
-        vec![del_op(single("missing"), true), del_op(prefix("zz"), true), nested(vec![], vec![del_op(span("c", "d"), false)], vec![])],
+        vec![
+            del_op(single("missing"), true),
+            del_op(prefix("zz"), true),
+            nested(vec![], vec![del_op(span("c", "d"), false)], vec![]),
+        ],
     );
     let results = vec![
         deleted(0, vec![]),
@@ -1212,7 +1297,11 @@ async fn a_txn_that_changes_nothing_moves_neither_the_revision_nor_the_state() {
         vec![ApplyResult(vec![
             done(write_revision(7, 0), true, vec![put_result(None)]),
             done(write_revision(7, 0), true, vec![KvOpResult::Range(page(vec![w], 1, false, write_revision(7, 1)))]),
-            done(write_revision(7, 1), true, vec![KvOpResult::Range(page(vec![a_rec], 1, false, write_revision(7, 2)))]),
+            done(
+                write_revision(7, 1),
+                true,
+                vec![KvOpResult::Range(page(vec![a_rec], 1, false, write_revision(7, 2)))]
+            ),
         ])]
     );
     assert_digest_recounts(&ra);
@@ -1243,11 +1332,15 @@ async fn retried_kv_txns_answer_their_first_outcome() {
 
     // The next write of the session fails its compare and reads `k`; its retry answers what it
     // read then, whatever `k` is now.
-    let second = done(rev(3) - 1, false, vec![KvOpResult::Range(page(vec![record("k", b"v1", 1, 1, 1, 0)], 1, false, rev(3)))]);
+    let second =
+        done(rev(3) - 1, false, vec![KvOpResult::Range(page(vec![record("k", b"v1", 1, 1, 1, 0)], 1, false, rev(3)))]);
     assert_eq!(apply_write(&mut sm, kv_txn_as(3, x, 2, create(), false)).await, second);
     apply(&mut sm, vec![put(1, 4, "k", b"v2")]).await;
     assert_eq!(apply_write(&mut sm, kv_txn_as(5, x, 2, create(), false)).await, second);
-    assert_eq!(apply_write(&mut sm, kv_txn_as(6, x, 1, create(), false)).await, WriteOutcome::StaleSequence { last_seq: 2 });
+    assert_eq!(
+        apply_write(&mut sm, kv_txn_as(6, x, 1, create(), false)).await,
+        WriteOutcome::StaleSequence { last_seq: 2 }
+    );
     assert_eq!(get(&r, "k"), Some(kv("k", b"v2", 1, 4, 2)));
 
     // A retry in the same apply call, and one in the same entry.
@@ -1320,15 +1413,29 @@ fn kv_txn_log() -> Vec<Entry> {
         lease_drop(14, 99),
         blank(1, 15),
         node_txn(16, KvTxn::op(range_op(query(from_key(RESERVED_PREFIX))))),
-        kv_txn(17, txn_of(vec![], vec![KvOp::Put(KvPut { ignore_lease: true, prev_kv: true, ..kput("token2", "x") })], vec![put_op("h", "h1")])),
-        kv_txn_as(18, z, 2, txn_of(vec![cmp(prefix(""), Equal, version(0))], vec![put_op("i", "i1")], vec![put_op("j", "j1")]), false),
+        kv_txn(
+            17,
+            txn_of(
+                vec![],
+                vec![KvOp::Put(KvPut { ignore_lease: true, prev_kv: true, ..kput("token2", "x") })],
+                vec![put_op("h", "h1")],
+            ),
+        ),
+        kv_txn_as(
+            18,
+            z,
+            2,
+            txn_of(vec![cmp(prefix(""), Equal, version(0))], vec![put_op("i", "i1")], vec![put_op("j", "j1")]),
+            false,
+        ),
     ]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_of_kv_txns_replays_to_the_same_state() {
     let log = kv_txn_log();
-    let (dir_a, dir_b, dir_c) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (dir_a, dir_b, dir_c) =
+        (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (mut a, mut b, mut c) = (open_sm(dir_a.path()), open_sm(dir_b.path()), open_sm(dir_c.path()));
     let mut one_by_one = Vec::new();
     for entry in log.clone() {
@@ -1365,7 +1472,11 @@ async fn a_log_of_kv_txns_replays_to_the_same_state() {
             vec![
                 deleted(
                     3,
-                    vec![record("a", b"a1", 3, 3, 1, 5), record("b", b"b1", 3, 3, 1, 0), record("far", b"v", 5, 5, 1, 99)]
+                    vec![
+                        record("a", b"a1", 3, 3, 1, 5),
+                        record("b", b"b1", 3, 3, 1, 0),
+                        record("far", b"v", 5, 5, 1, 99)
+                    ]
                 ),
                 KvOpResult::Txn { succeeded: true, results: vec![put_result(None)] },
             ]
@@ -1422,9 +1533,6 @@ fn token_at(index: u64) -> KeyRecord {
 /// A put that keeps the value of a key must find the key; one that a nested txn runs after the
 /// key was deleted earlier on the same path does not, and must not make up a value.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: a kept value (ignore_value) of a key deleted earlier in the same txn is checked against the \
-            state before the txn only, so the put recreates the key with an empty value instead of being \
-            refused with KeyNotFound (storage/state_machine/kv.rs `refusal`/`run`)"]
 async fn keeping_the_value_of_a_key_deleted_earlier_in_the_txn_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let mut sm = open_sm(dir.path());

@@ -196,6 +196,7 @@ fn copy_dir_files(from: &Path, names: &[&str]) -> TempDir {
 }
 
 mod digests;
+mod kv_txn;
 mod leases;
 mod log_store;
 mod own_appends;
