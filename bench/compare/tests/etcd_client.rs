@@ -16,8 +16,6 @@
 //! create revision, waiters watching the deletion of their predecessor) and an optimistic
 //! compare-and-swap loop on a mod revision.
 //!
-//! One test is ignored: it shows a bug (see its `ignore` reason).
-//!
 //! Nothing here asserts timings: every wait is a generous deadline on a condition.
 
 use std::{
@@ -1280,23 +1278,22 @@ cluster_test!(four_shards_leases, 4, leases);
 cluster_test!(four_shards_cas_loop_under_contention, 4, cas_loop);
 cluster_test!(four_shards_less_common_calls, 4, edges);
 
-/// etcd answers a read at the revision of the latest write (`WithRev(put.header.revision)`, as
-/// clients do to read "as of" their own write): nothing has changed since, so it is today's
-/// value. Aspen refuses it: the gateway accepts only the exact current revision, and a read's
-/// current revision is the applied entry's last (`index * 1024 + 1023`) while a write's is its
-/// place in the entry (`index * 1024 + place`), so a read at any write's revision is refused.
+/// A read at the revision of the latest write (`WithRev(put.header.revision)`, as clients do to
+/// read "as of" their own write) is answered, as etcd does: nothing changed since. Once the key
+/// changes, a read at the old revision is refused (Aspen keeps one version of each key), never
+/// answered with the newer value.
 async fn read_at_the_latest_write(c: &Cluster) {
     let mut kv = c.client().await;
     let put = kv.put("asof/k", "v", None).await.expect("put");
     let r = rev(put.header());
     let got = kv.get("asof/k", Some(GetOptions::new().with_revision(r))).await.expect("a read at the put's revision");
     assert_eq!((got.kvs()[0].value(), got.kvs()[0].mod_revision()), (&b"v"[..], r));
+    kv.put("asof/k", "v2", None).await.expect("second put");
+    let err = kv.get("asof/k", Some(GetOptions::new().with_revision(r))).await.expect_err("a read at a past revision");
+    assert!(err.to_string().contains("one version of each key"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: Range with revision = the revision of the shard's latest write (e.g. a put's header \
-            revision, nothing written since) is refused with UNIMPLEMENTED \"Aspen keeps one version of \
-            each key: a read at revision R (the current revision is R+1023)…\"; etcd returns the value"]
 async fn one_shard_read_at_the_revision_of_the_latest_write() {
     let cluster = Cluster::start(1).await;
     read_at_the_latest_write(&cluster).await;

@@ -289,9 +289,11 @@ impl<N: EtcdNode> Gateway<N> {
                 count: page.count,
                 more: false,
                 revision: page.revision,
+                last_change: page.last_change,
             });
             acc.kvs.extend(page.kvs);
             acc.revision = acc.revision.max(page.revision);
+            acc.last_change = later_change(acc.last_change, page.last_change);
             let reached = query.limit > 0 && acc.kvs.len() as u64 >= query.limit;
             match acc.kvs.last() {
                 Some(last) if page.more && !reached && !query.count_only => query.after = Some(last.key.clone()),
@@ -301,7 +303,7 @@ impl<N: EtcdNode> Gateway<N> {
                 }
             }
         }
-        Ok(all.unwrap_or(RangePage { kvs: Vec::new(), count: 0, more: false, revision: 0 }))
+        Ok(all.unwrap_or(RangePage { kvs: Vec::new(), count: 0, more: false, revision: 0, last_change: None }))
     }
 
     /// The current revision of `shard` (as a linearizable read sees it).
@@ -424,16 +426,22 @@ impl<N: EtcdNode> Gateway<N> {
 }
 
 /// Merges shards' pages of one range in key order, keeping `limit` keys (0: all).
+/// The later of two pages' last changes (unknown if either is).
+fn later_change(a: Option<Revision>, b: Option<Revision>) -> Option<Revision> {
+    Some(a?.max(b?))
+}
+
 pub fn merge_pages(pages: Vec<RangePage>, limit: u64, count_only: bool) -> RangePage {
     let count = pages.iter().map(|p| p.count).sum();
     let revision = pages.iter().map(|p| p.revision).max().unwrap_or(0);
+    let last_change = pages.iter().try_fold(0, |acc: Revision, p| p.last_change.map(|l| acc.max(l)));
     let mut kvs: Vec<KeyRecord> = pages.into_iter().flat_map(|p| p.kvs).collect();
     kvs.sort_by(|a, b| a.key.cmp(&b.key));
     if limit > 0 && kvs.len() as u64 > limit {
         kvs.truncate(limit as usize);
     }
     let more = !count_only && count > kvs.len() as u64;
-    RangePage { kvs, count, more, revision }
+    RangePage { kvs, count, more, revision, last_change }
 }
 
 /// A revision as etcd's signed fields carry it.

@@ -105,8 +105,10 @@ fn finish_range(r: &RangeRequest, mut page: RangePage) -> RangePage {
     page
 }
 
-/// A read at a past revision cannot be served: Aspen keeps one version of each key.
-fn check_read_revision(asked: i64, seen: Revision) -> Result<(), Status> {
+/// A read at revision `asked`: the state read is the state at `asked` if no change came after
+/// it (`last_change`, when the serving node knows it); else it cannot be served — Aspen keeps one
+/// version of each key.
+fn check_read_revision(asked: i64, seen: Revision, last_change: Option<Revision>) -> Result<(), Status> {
     let asked = revision_u64(asked);
     if asked == 0 || asked == seen {
         return Ok(());
@@ -114,9 +116,12 @@ fn check_read_revision(asked: i64, seen: Revision) -> Result<(), Status> {
     if asked > seen {
         return Err(Status::out_of_range(errors::FUTURE_REV));
     }
+    if last_change.is_some_and(|c| asked >= c) {
+        return Ok(());
+    }
     Err(Status::unimplemented(format!(
         "Aspen keeps one version of each key: a read at revision {asked} (the current revision is {seen}) is \
-         not supported; read without a revision"
+         not supported when keys changed since; read without a revision"
     )))
 }
 
@@ -338,7 +343,7 @@ impl<N: EtcdNode> Kv for KvService<N> {
         caller.may_read(&query.range)?;
         let consistency = if r.serializable { ReadConsistency::Stale } else { ReadConsistency::Linearizable };
         let page = gw.range(query, consistency).await?;
-        check_read_revision(r.revision, page.revision)?;
+        check_read_revision(r.revision, page.revision, page.last_change)?;
         let page = finish_range(&r, page);
         Ok(Response::new(RangeResponse {
             header: gw.header(page.revision),
@@ -471,9 +476,13 @@ mod tests {
 
     #[test]
     fn reads_at_past_revisions_are_refused_and_future_ones_out_of_range() {
-        assert!(check_read_revision(0, 5000).is_ok());
-        assert!(check_read_revision(5000, 5000).is_ok());
-        assert_eq!(check_read_revision(6000, 5000).unwrap_err().code(), tonic::Code::OutOfRange);
-        assert_eq!(check_read_revision(10, 5000).unwrap_err().code(), tonic::Code::Unimplemented);
+        assert!(check_read_revision(0, 5000, None).is_ok());
+        assert!(check_read_revision(5000, 5000, None).is_ok());
+        assert_eq!(check_read_revision(6000, 5000, None).unwrap_err().code(), tonic::Code::OutOfRange);
+        assert_eq!(check_read_revision(10, 5000, None).unwrap_err().code(), tonic::Code::Unimplemented);
+        // Nothing changed since revision 4100: a read at 4100..=5000 reads this state.
+        assert!(check_read_revision(4100, 5000, Some(4100)).is_ok());
+        assert!(check_read_revision(4500, 5000, Some(4100)).is_ok());
+        assert_eq!(check_read_revision(4099, 5000, Some(4100)).unwrap_err().code(), tonic::Code::Unimplemented);
     }
 }

@@ -569,7 +569,17 @@ impl RaftNode {
         if consistency == ReadConsistency::Linearizable && !self.reads_broken() {
             self.ensure_linearizable().await?;
         }
-        self.reader.kv_range(query).map_err(|e| ApiError::Internal(format!("range read of shard {}: {e}", self.shard)))
+        let mut page = self
+            .reader
+            .kv_range(query)
+            .map_err(|e| ApiError::Internal(format!("range read of shard {}: {e}", self.shard)))?;
+        // The watch hub published every change up to the state read: its last change is the
+        // state's (a later one, if it published more since, only makes the claim narrower).
+        let (published, last_change) = self.watch_hub.changes();
+        if published >= page.revision {
+            page.last_change = Some(last_change.min(page.revision));
+        }
+        Ok(page)
     }
 
     /// The deadlines of the leases whose home is this shard.

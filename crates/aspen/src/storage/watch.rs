@@ -38,6 +38,9 @@ struct History {
     complete_after: u64,
     /// The revision of the last applied entry published (events or not).
     applied: u64,
+    /// The revision of the last change published (or, before any, of the state the hub
+    /// started from: no change after it is unknown to it).
+    last_change: u64,
 }
 
 /// One shard's history and live feed on this node.
@@ -80,6 +83,7 @@ impl WatchHub {
                 bytes: 0,
                 complete_after: applied_revision(applied),
                 applied: applied_revision(applied),
+                last_change: applied_revision(applied),
             }),
             live,
         }
@@ -103,6 +107,7 @@ impl WatchHub {
                 continue;
             }
             let revision = applied_revision(index);
+            h.last_change = h.last_change.max(events.iter().map(|e| e.revision).max().unwrap_or(0));
             for e in &mut events {
                 e.shard = self.shard;
             }
@@ -135,7 +140,16 @@ impl WatchHub {
         h.bytes = 0;
         h.complete_after = applied;
         h.applied = applied;
+        h.last_change = applied;
         let _ = self.live.send(Arc::new(EventBatch { revision: applied, events: Vec::new(), gap: true }));
+    }
+
+    /// The revision of the last applied entry published, and of the last change among them:
+    /// the state at a revision after that change (and no later than the first) is the state now
+    /// (`etcd` reads at a revision).
+    pub fn changes(&self) -> (u64, u64) {
+        let h = self.lock();
+        (h.applied, h.last_change)
     }
 
     /// Watches following this shard's live feed on this node.
