@@ -1015,10 +1015,23 @@ pub enum ForwardedRequest {
         session: WriteSession,
         command: WriteCommand,
     },
+    /// A range read of one key (the etcd API's gets; a key range's answer may be large).
+    ShardRange {
+        shard: ShardId,
+        query: RangeQuery,
+        consistency: ReadConsistency,
+    },
+    /// An etcd-shaped txn of single keys (the etcd API's puts, deletes and txns of keys).
+    ShardWrite {
+        shard: ShardId,
+        session: WriteSession,
+        command: WriteCommand,
+    },
 }
 
 impl ForwardedRequest {
-    /// The batchable form of `request`, if it is a get or a write.
+    /// The batchable form of `request`, if it is a get or a write (or the etcd API's range read
+    /// or txn of single keys: their answers stay small).
     pub fn of(request: &ClientRequest) -> Option<Self> {
         match request {
             ClientRequest::Get { key, consistency } => {
@@ -1026,6 +1039,14 @@ impl ForwardedRequest {
             }
             ClientRequest::Write { session, command } => {
                 Some(ForwardedRequest::Write { session: *session, command: command.clone() })
+            }
+            ClientRequest::ShardRange { shard, query, consistency } if query.range.is_single() => {
+                Some(ForwardedRequest::ShardRange { shard: *shard, query: query.clone(), consistency: *consistency })
+            }
+            ClientRequest::ShardWrite { shard, session, command: command @ WriteCommand::KvTxn { txn, .. } }
+                if txn.spans().iter().all(|(_, end)| end.is_none()) =>
+            {
+                Some(ForwardedRequest::ShardWrite { shard: *shard, session: *session, command: command.clone() })
             }
             _ => None,
         }
@@ -1037,6 +1058,12 @@ impl From<ForwardedRequest> for ClientRequest {
         match r {
             ForwardedRequest::Get { key, consistency } => ClientRequest::Get { key, consistency },
             ForwardedRequest::Write { session, command } => ClientRequest::Write { session, command },
+            ForwardedRequest::ShardRange { shard, query, consistency } => {
+                ClientRequest::ShardRange { shard, query, consistency }
+            }
+            ForwardedRequest::ShardWrite { shard, session, command } => {
+                ClientRequest::ShardWrite { shard, session, command }
+            }
         }
     }
 }
@@ -1049,6 +1076,7 @@ pub type ForwardedAnswer = Result<ForwardedResponse, ApiError>;
 pub enum ForwardedResponse {
     Get(Option<KeyValue>),
     Write(WriteOutcome),
+    Range(RangePage),
 }
 
 impl ForwardedResponse {
@@ -1057,6 +1085,7 @@ impl ForwardedResponse {
         match result? {
             ClientResponse::Get(kv) => Ok(ForwardedResponse::Get(kv)),
             ClientResponse::Write(outcome) => Ok(ForwardedResponse::Write(outcome)),
+            ClientResponse::Range(page) => Ok(ForwardedResponse::Range(page)),
             other => Err(ApiError::Internal(format!("a forwarded get or write was answered with {other:?}"))),
         }
     }
@@ -1067,6 +1096,7 @@ impl From<ForwardedResponse> for ClientResponse {
         match r {
             ForwardedResponse::Get(kv) => ClientResponse::Get(kv),
             ForwardedResponse::Write(outcome) => ClientResponse::Write(outcome),
+            ForwardedResponse::Range(page) => ClientResponse::Range(page),
         }
     }
 }

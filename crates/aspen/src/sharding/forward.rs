@@ -240,9 +240,26 @@ fn answer_bytes(answer: &ForwardedAnswer) -> u64 {
                 _ => 16,
             })
             .sum(),
+        Ok(ForwardedResponse::Range(page)) => page.kvs.iter().map(|kv| kv.key.len() + kv.value.len() + 48).sum(),
+        Ok(ForwardedResponse::Write(WriteOutcome::KvTxn { results, .. })) => kv_results_bytes(results),
         _ => 0,
     };
     data as u64 + ITEM_OVERHEAD
+}
+
+/// The bytes of keys and values an etcd-shaped txn's answer carries.
+fn kv_results_bytes(results: &[crate::api::KvOpResult]) -> usize {
+    use crate::api::KvOpResult;
+    let kv = |kv: &crate::api::KeyRecord| kv.key.len() + kv.value.len() + 48;
+    results
+        .iter()
+        .map(|r| match r {
+            KvOpResult::Range(p) => p.kvs.iter().map(kv).sum(),
+            KvOpResult::Put { prev } => prev.as_ref().map_or(16, kv),
+            KvOpResult::DeleteRange { prev, .. } => prev.iter().map(kv).sum::<usize>() + 16,
+            KvOpResult::Txn { results, .. } => kv_results_bytes(results),
+        })
+        .sum()
 }
 
 /// Checks a forwarded batch before it is answered: at most [`MAX_ITEMS`] requests. `Err`
