@@ -1021,7 +1021,8 @@ pub enum ForwardedRequest {
         query: RangeQuery,
         consistency: ReadConsistency,
     },
-    /// An etcd-shaped txn of single keys (the etcd API's puts, deletes and txns of keys).
+    /// A put, a delete or an etcd-shaped txn of single keys, for a named shard (the etcd API's
+    /// writes of keys).
     ShardWrite {
         shard: ShardId,
         session: WriteSession,
@@ -1043,8 +1044,12 @@ impl ForwardedRequest {
             ClientRequest::ShardRange { shard, query, consistency } if query.range.is_single() => {
                 Some(ForwardedRequest::ShardRange { shard: *shard, query: query.clone(), consistency: *consistency })
             }
-            ClientRequest::ShardWrite { shard, session, command: command @ WriteCommand::KvTxn { txn, .. } }
-                if txn.spans().iter().all(|(_, end)| end.is_none()) =>
+            ClientRequest::ShardWrite { shard, session, command }
+                if match command {
+                    WriteCommand::KvTxn { txn, .. } => txn.spans().iter().all(|(_, end)| end.is_none()),
+                    WriteCommand::Put { .. } | WriteCommand::Delete { .. } => true,
+                    _ => false,
+                } =>
             {
                 Some(ForwardedRequest::ShardWrite { shard: *shard, session: *session, command: command.clone() })
             }

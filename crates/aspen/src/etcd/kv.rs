@@ -11,7 +11,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::{
-    gateway::{errors, key_range, kv_of, revision_u64, Caller, EtcdNode, Gateway},
+    gateway::{errors, key_range, kv_of, revision_u64, unknown_outcome, Caller, EtcdNode, Gateway},
     proto::etcdserverpb::{
         compare::{CompareResult, CompareTarget, TargetUnion},
         kv_server::Kv,
@@ -23,7 +23,7 @@ use super::{
 };
 use crate::api::{
     is_reserved_key, CompareOp, KeyRange, KeyRecord, KvCompare, KvCompareTarget, KvOp, KvOpResult, KvPut, KvTxn,
-    RangePage, RangeQuery, ReadConsistency, Revision, ShardId,
+    RangePage, RangeQuery, ReadConsistency, Revision, ShardId, WriteCommand, WriteOutcome,
 };
 
 /// etcd's KV service over a node.
@@ -356,6 +356,18 @@ impl<N: EtcdNode> Kv for KvService<N> {
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let caller = self.0.caller(request.metadata())?;
         let put = put_of(request.into_inner())?;
+        if !(put.prev_kv || put.ignore_value || put.ignore_lease) && put.lease == 0 {
+            // A plain put: the node's own put command (lighter to apply and to record).
+            caller.may_run(&KvTxn::op(KvOp::Put(put.clone())))?;
+            let shard = self.0.router().shard_for_key(&put.key);
+            let command = WriteCommand::Put { key: put.key, value: put.value };
+            return match self.0.write_command(&caller, shard, false, command).await? {
+                WriteOutcome::Put { revision } => {
+                    Ok(Response::new(PutResponse { header: self.0.header(revision), prev_kv: None }))
+                }
+                other => Err(unknown_outcome(other)),
+            };
+        }
         let (revision, _, results) = self.run(&caller, KvTxn::op(KvOp::Put(put))).await?;
         let prev_kv = match results.into_iter().next() {
             Some(KvOpResult::Put { prev }) => prev.map(kv_of),
