@@ -447,7 +447,7 @@ fn the_etcd_api_over_tls() {
     expect_code(&tls(&["put", "secret", "s3"]), 0, "put over TLS");
     assert_eq!(stdout(&tls(&["get", "secret", "--print-value-only"])).trim(), "s3");
     // A client that does not trust the certificate does not get through.
-    let o = Etcdctl::new(&[endpoint.clone()], Some(&token)).run(&[
+    let o = Etcdctl::new(std::slice::from_ref(&endpoint), Some(&token)).run(&[
         "get",
         "secret",
         "--dial-timeout=2s",

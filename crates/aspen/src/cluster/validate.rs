@@ -107,15 +107,8 @@ pub fn check_write(limits: &LimitsConfig, command: &WriteCommand) -> Result<(), 
     }
 }
 
-/// Most levels of txns nested in a txn's ops (etcd allows nesting; a bound keeps apply's
-/// recursion shallow).
-pub const MAX_TXN_DEPTH: usize = 8;
-
-/// An etcd-shaped txn: at least one compare or op, at most `max_batch_ops` compares and ops in
-/// all (nested ones included), at most [`MAX_TXN_DEPTH`] levels, keys and range ends within the
-/// key limit, values within theirs and at most four times the value limit in all, leases valid.
-pub fn check_kv_txn(limits: &LimitsConfig, txn: &KvTxn) -> Result<(), ApiError> {
-    let count = txn.size();
+/// A txn's compares and ops in all: at least one, at most `max_batch_ops`.
+fn check_txn_size(limits: &LimitsConfig, count: usize) -> Result<(), ApiError> {
     if count == 0 {
         return Err(ApiError::InvalidRequest("a txn must hold at least one compare or operation".into()));
     }
@@ -126,6 +119,19 @@ pub fn check_kv_txn(limits: &LimitsConfig, txn: &KvTxn) -> Result<(), ApiError> 
             limit: limits.max_batch_ops,
         });
     }
+    Ok(())
+}
+
+/// Most levels of txns nested in a txn's ops (etcd allows nesting; a bound keeps apply's
+/// recursion shallow).
+pub const MAX_TXN_DEPTH: usize = 8;
+
+/// An etcd-shaped txn: at least one compare or op, at most `max_batch_ops` compares and ops in
+/// all (nested ones included), at most [`MAX_TXN_DEPTH`] levels, keys and range ends within the
+/// key limit, values within theirs and at most four times the value limit in all, leases valid.
+pub fn check_kv_txn(limits: &LimitsConfig, txn: &KvTxn) -> Result<(), ApiError> {
+    let count = txn.size();
+    check_txn_size(limits, count)?;
     let mut values = 0u64;
     check_kv_txn_level(limits, txn, 1, &mut values)?;
     let cap = limits.max_value_bytes * 4;
@@ -216,16 +222,7 @@ fn check_txn(
     failure: &[TxnOp],
 ) -> Result<(), ApiError> {
     let count = compares.len() + success.len() + failure.len();
-    if count == 0 {
-        return Err(ApiError::InvalidRequest("a txn must hold at least one compare or operation".into()));
-    }
-    if count as u64 > limits.max_batch_ops {
-        return Err(ApiError::TooLarge {
-            what: "txn (compares and operations)".into(),
-            size: count as u64,
-            limit: limits.max_batch_ops,
-        });
-    }
+    check_txn_size(limits, count)?;
     let mut total = 0u64;
     for c in compares {
         check_key(limits, &c.key)?;
