@@ -2,7 +2,9 @@
 //! - `log_append`: [`RedbLogStore`] append of 1 / 16 / 256 entries (256-byte put values), each
 //!   append one fsync'd redb transaction, timed until openraft would be told it is durable;
 //! - `apply`: [`RedbStateMachine`] apply of 1 / 16 / 256 put entries (one redb commit without
-//!   fsync per call, as in the node).
+//!   fsync per call, as in the node);
+//! - `apply_command`: 16 entries of one write each, as a plain `Put` and as the etcd API's
+//!   one-op `KvTxn` put (what a put costs through each).
 //!
 //! Run with `cargo bench --bench storage`. Throughput is in entries per second.
 
@@ -10,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use aspen::{
     api::raft::{Entry, LogId, WriteRequest},
-    api::{Id128, WriteCommand, WriteSession},
+    api::{Id128, KvOp, KvPut, KvTxn, WriteCommand, WriteSession},
     storage::{RedbLogStore, RedbStateMachine},
 };
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -24,6 +26,12 @@ const VALUE_BYTES: usize = 256;
 
 /// A put of a 256-byte value at `index`, by a client session of its own.
 fn put_entry(index: u64) -> Entry {
+    entry(index, false)
+}
+
+/// A put of a 256-byte value at `index` (as a one-op `KvTxn` with `txn`), by a client session
+/// of its own.
+fn entry(index: u64, txn: bool) -> Entry {
     let mut id = [0xAB; 16];
     id[8..].copy_from_slice(&index.to_be_bytes());
     Entry {
@@ -31,9 +39,15 @@ fn put_entry(index: u64) -> Entry {
         payload: EntryPayload::Normal(
             WriteRequest {
                 session: WriteSession { client_id: Id128(id), seq: 1 },
-                command: WriteCommand::Put {
-                    key: format!("key/{index:010}").into_bytes(),
-                    value: vec![b'v'; VALUE_BYTES],
+                command: {
+                    let (key, value) = (format!("key/{index:010}").into_bytes(), vec![b'v'; VALUE_BYTES]);
+                    if txn {
+                        let put =
+                            KvPut { key, value, lease: 0, prev_kv: false, ignore_value: false, ignore_lease: false };
+                        WriteCommand::KvTxn { txn: KvTxn::op(KvOp::Put(put)), leases_checked: false }
+                    } else {
+                        WriteCommand::Put { key, value }
+                    }
                 },
                 timestamp_ms: 1_000,
             }
@@ -113,5 +127,37 @@ fn apply(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, log_append, apply);
+fn apply_command(c: &mut Criterion) {
+    const LEN: u64 = 16;
+    let rt = runtime();
+    let mut group = c.benchmark_group("apply_command");
+    group.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
+    for (name, txn) in [("put", false), ("kv_txn_put", true)] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut sm = RedbStateMachine::open(
+            &dir.path().join("state-machine.db"),
+            aspen::config::StorageConfig::default().cache_split(1).state_machine,
+        )
+        .expect("open state machine");
+        let mut next = 1u64;
+        group.throughput(Throughput::Elements(LEN));
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let entries: Vec<Entry> = (next..next + LEN).map(|i| entry(i, txn)).collect();
+                    next += LEN;
+                    let start = Instant::now();
+                    let results = rt.block_on(sm.apply(entries)).expect("apply");
+                    total += start.elapsed();
+                    assert_eq!(results.len() as u64, LEN);
+                }
+                total
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, log_append, apply, apply_command);
 criterion_main!(benches);
