@@ -377,11 +377,18 @@ fn etcdctl_on_four_shards() {
     assert_eq!(stdout(&o).lines().next(), Some("SUCCESS"), "{}{}", stdout(&o), stderr(&o));
     let o = e.txn("\n\nput s/00 x\nput s/01 y\nput s/02 z\nput s/03 w\nput s/04 v\n\n\n");
     assert!(!o.status.success() && stderr(&o).contains("atomic within one shard only"), "{}", stderr(&o));
-    // A start revision names a position in one shard's history: refused when sharded.
-    let w = e.spawn(&["watch", "s/00", "--rev", "1"]);
+    // A start revision names a position in one shard's history: refused for a prefix watch of
+    // every shard.
+    let w = e.spawn(&["watch", "--prefix", "s/", "--rev", "1"]);
     w.wait_for("a refused start revision", |l| {
         l.iter().any(|x| x.contains("watch was canceled") && x.contains("shard"))
     });
+    drop(w);
+    // A single key's watch covers one shard: it starts at a revision of that shard.
+    let from = header_revision(&e.json(&["put", "s/00", "from-here"]));
+    let w = e.spawn(&["watch", "s/00", &format!("--rev={from}")]);
+    w.wait_for("a key's watch from its shard's revision", |l| l.iter().any(|x| x == "from-here"));
+    drop(w);
 
     // A lease's keys in every shard go with it (puts on shards that are not its home check
     // it there first).

@@ -160,10 +160,11 @@ fn watch_streams_every_event_once_across_a_kill_9_of_its_node() {
     };
     assert_eq!(key_values(&rest), key_values(&got[25..]), "exactly the events after the token");
 
-    // A start revision names a position in one shard's history: refused when sharded (exit 2).
+    // A start revision names a position in one shard's history: refused for a prefix watch of
+    // every shard (exit 2).
     let o = Command::new("timeout")
         .args(["60", CLI_BIN, "--timeout", "20", "--ticket", &nodes[2].ticket().encode(), "--token", &token])
-        .args(["watch", "app/x", "--from-revision", "1"])
+        .args(["watch", "--prefix", "app/", "--from-revision", "1"])
         .output()
         .unwrap();
     expect_code(&o, 2, "--from-revision on a sharded cluster");

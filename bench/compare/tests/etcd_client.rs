@@ -756,8 +756,9 @@ async fn watch_every_shard(c: &Cluster) {
         }
     }
 
-    // A start revision: the watcher is created and cancelled, the reason naming shards.
-    ws.watch("s/00", Some(WatchOptions::new().with_start_revision(1))).await.expect("send a watch");
+    // A start revision of a prefix watch over every shard: the watcher is created and
+    // cancelled, the reason naming shards.
+    ws.watch("s/", Some(WatchOptions::new().with_prefix().with_start_revision(1))).await.expect("send a watch");
     loop {
         let m = next_message(&mut ws, "the refused watch's answer").await;
         if m.canceled() {

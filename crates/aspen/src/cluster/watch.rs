@@ -77,10 +77,12 @@ impl NodeService {
             let start = match &request.start {
                 WatchStart::Now => hub.now(),
                 WatchStart::FromRevision(r) => {
-                    if router.num_shards() > 1 {
+                    // A key's watch covers one shard: its revisions are that shard's.
+                    if shards.len() > 1 {
                         return Err(ApiError::InvalidRequest(
-                            "a start revision names a position in one shard's history; on a sharded cluster \
-                             resume with a token (--resume) instead"
+                            "a start revision names a position in one shard's history, and this prefix \
+                             watch covers every shard of a sharded cluster: watch a single key from a \
+                             revision, or resume with a token (--resume)"
                                 .into(),
                         ));
                     }
