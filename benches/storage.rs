@@ -56,10 +56,6 @@ fn entry(index: u64, txn: bool) -> Entry {
     }
 }
 
-fn batch(first: u64, len: u64) -> Vec<Entry> {
-    (first..first + len).map(put_entry).collect()
-}
-
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
 }
@@ -83,7 +79,7 @@ fn log_append(c: &mut Criterion) {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
-                    let entries = batch(next, len);
+                    let entries: Vec<Entry> = (next..next + len).map(put_entry).collect();
                     next += len;
                     let start = Instant::now();
                     rt.block_on(store.blocking_append(entries)).expect("append");
@@ -96,65 +92,57 @@ fn log_append(c: &mut Criterion) {
     group.finish();
 }
 
-fn apply(c: &mut Criterion) {
+/// A fresh state machine (the node's cache share for one shard).
+fn open_sm(dir: &tempfile::TempDir) -> RedbStateMachine {
+    RedbStateMachine::open(
+        &dir.path().join("state-machine.db"),
+        aspen::config::StorageConfig::default().cache_split(1).state_machine,
+    )
+    .expect("open state machine")
+}
+
+/// Times `sm.apply` of `len` entries made by `make` (log indexes from 1 on), per iteration.
+fn bench_apply(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    id: BenchmarkId,
+    len: u64,
+    make: impl Fn(u64) -> Entry,
+) {
     let rt = runtime();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut sm = open_sm(&dir);
+    let mut next = 1u64;
+    group.throughput(Throughput::Elements(len));
+    group.bench_function(id, |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let entries: Vec<Entry> = (next..next + len).map(&make).collect();
+                next += len;
+                let start = Instant::now();
+                let results = rt.block_on(sm.apply(entries)).expect("apply");
+                total += start.elapsed();
+                assert_eq!(results.len() as u64, len);
+            }
+            total
+        })
+    });
+}
+
+fn apply(c: &mut Criterion) {
     let mut group = c.benchmark_group("apply");
     group.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
     for len in BATCHES {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut sm = RedbStateMachine::open(
-            &dir.path().join("state-machine.db"),
-            aspen::config::StorageConfig::default().cache_split(1).state_machine,
-        )
-        .expect("open state machine");
-        let mut next = 1u64;
-        group.throughput(Throughput::Elements(len));
-        group.bench_function(BenchmarkId::from_parameter(len), |b| {
-            b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let entries = batch(next, len);
-                    next += len;
-                    let start = Instant::now();
-                    let results = rt.block_on(sm.apply(entries)).expect("apply");
-                    total += start.elapsed();
-                    assert_eq!(results.len() as u64, len);
-                }
-                total
-            })
-        });
+        bench_apply(&mut group, BenchmarkId::from_parameter(len), len, put_entry);
     }
     group.finish();
 }
 
 fn apply_command(c: &mut Criterion) {
-    const LEN: u64 = 16;
-    let rt = runtime();
     let mut group = c.benchmark_group("apply_command");
     group.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
     for (name, txn) in [("put", false), ("kv_txn_put", true)] {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut sm = RedbStateMachine::open(
-            &dir.path().join("state-machine.db"),
-            aspen::config::StorageConfig::default().cache_split(1).state_machine,
-        )
-        .expect("open state machine");
-        let mut next = 1u64;
-        group.throughput(Throughput::Elements(LEN));
-        group.bench_function(name, |b| {
-            b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let entries: Vec<Entry> = (next..next + LEN).map(|i| entry(i, txn)).collect();
-                    next += LEN;
-                    let start = Instant::now();
-                    let results = rt.block_on(sm.apply(entries)).expect("apply");
-                    total += start.elapsed();
-                    assert_eq!(results.len() as u64, LEN);
-                }
-                total
-            })
-        });
+        bench_apply(&mut group, BenchmarkId::from_parameter(name), 16, |i| entry(i, txn));
     }
     group.finish();
 }

@@ -219,15 +219,6 @@ impl KvTxn {
         out
     }
 
-    /// Whether any op of either branch writes (a put or a delete).
-    pub fn writes(&self) -> bool {
-        self.success.iter().chain(&self.failure).any(|op| match op {
-            KvOp::Range(_) => false,
-            KvOp::Put(_) | KvOp::DeleteRange { .. } => true,
-            KvOp::Txn(t) => t.writes(),
-        })
-    }
-
     /// Ops of both branches, nested ones included, and the compares.
     pub fn size(&self) -> usize {
         self.compares.len()

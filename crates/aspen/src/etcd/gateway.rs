@@ -84,7 +84,6 @@ pub mod errors {
     pub const DUPLICATE_KEY: &str = "etcdserver: duplicate key given in txn request";
     pub const REQUEST_TOO_LARGE: &str = "etcdserver: request is too large";
     pub const TTL_TOO_LARGE: &str = "etcdserver: too large lease TTL";
-    pub const NOT_CAPABLE: &str = "etcdserver: not capable";
 }
 
 /// A node's error as etcd's client libraries expect it: etcd's exact text where etcd has a typed
