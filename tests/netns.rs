@@ -117,12 +117,36 @@ fn link_names() -> Vec<String> {
         .collect()
 }
 
-/// Kills every process inside `ns` and deletes it.
+/// Kills every process inside `ns` and deletes it. A process that enters the namespace while
+/// it is being deleted (`ip netns exec` between listing and removal) would keep it alive
+/// unnamed, so after the removal every process still in a namespace with its inode is killed.
 fn delete_netns(ns: &str) {
+    use std::os::unix::fs::MetadataExt;
+    let inode = std::fs::metadata(format!("/run/netns/{ns}")).ok().map(|m| (m.dev(), m.ino()));
     for pid in ip(&["netns", "pids", ns]).unwrap_or_default().split_whitespace() {
         let _ = run("kill", &["-KILL", pid]);
     }
     let _ = ip(&["netns", "del", ns]);
+    let Some(inode) = inode else { return };
+    let Ok(procs) = std::fs::read_dir("/proc") else { return };
+    for entry in procs.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let in_ns = std::fs::metadata(entry.path().join("ns/net")).is_ok_and(|m| (m.dev(), m.ino()) == inode);
+        if in_ns {
+            let _ = run("kill", &["-KILL", &name]);
+        }
+    }
+}
+
+/// Waits (up to 10 s) until a process is inside `ns`, as a node's process would be.
+fn wait_until_occupied(ns: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline && ip(&["netns", "pids", ns]).unwrap_or_default().trim().is_empty() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Removes namespaces and links that earlier runs of this test left behind (their pid is gone).
@@ -783,6 +807,7 @@ fn netns_guard_cleans_up_after_panics_and_dead_runs() {
     let bridge = net.bridge.clone().unwrap();
     // A process inside a namespace, as a node would be.
     let mut sleeper = Command::new("ip").args(["netns", "exec", &names[1], "sleep", "600"]).spawn().unwrap();
+    wait_until_occupied(&names[1]);
     println!("injecting a panic (its message and backtrace below are expected)");
     let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
         let _net = net;
@@ -805,6 +830,7 @@ fn netns_guard_cleans_up_after_panics_and_dead_runs() {
     let dir = std::env::temp_dir().join(format!("{NS_PREFIX}{dead}x-data"));
     std::fs::create_dir_all(dir.join("node-1")).unwrap();
     let mut orphan = Command::new("ip").args(["netns", "exec", &ns, "sleep", "600"]).spawn().unwrap();
+    wait_until_occupied(&ns);
     cleanup_leftovers();
     assert!(!netns_names().contains(&ns), "leftover namespace removed");
     assert!(!link_names().contains(&link), "leftover link removed");
