@@ -1023,6 +1023,56 @@ async fn edges(c: &Cluster) {
     assert_eq!(keys_of(&kv.get("e/s/", Some(GetOptions::new().with_prefix())).await.unwrap()), ["e/s/c"]);
 }
 
+/// A progress request answers a revision no event of the stream at or before which is still to
+/// come: after a burst of acknowledged puts from several clients, every one of their events is
+/// on the stream before the progress answer, and a quiet watcher of the same stream does not
+/// hold the answer back. Headers carry the Raft term.
+async fn progress_after_a_burst(c: &Cluster) {
+    const PUTS: usize = 240;
+    let mut wc = c.client().await;
+    let (mut ws, busy) = watch(&mut wc, "pb/", WatchOptions::new().with_prefix()).await;
+    ws.watch("pq/quiet", None).await.expect("a quiet key's watch");
+    let m = next_message(&mut ws, "the quiet watch's created answer").await;
+    assert!(m.created(), "{m:?}");
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let endpoints = c.endpoints.clone();
+            let token = c.token.clone();
+            tokio::spawn(async move {
+                let options = ConnectOptions::new().with_user("token", token);
+                let mut kv = Client::connect([endpoints[w % endpoints.len()].clone()], Some(options)).await.unwrap();
+                let mut revs = Vec::new();
+                for i in (w..PUTS).step_by(4) {
+                    let put = kv.put(format!("pb/{i:03}"), "v", None).await.expect("put");
+                    let header = put.header().expect("a header");
+                    assert!(header.raft_term() > 0, "{header:?}");
+                    revs.push(header.revision());
+                }
+                revs
+            })
+        })
+        .collect();
+    let mut acked = Vec::new();
+    for w in writers {
+        acked.extend(w.await.expect("writer"));
+    }
+    ws.request_progress().await.expect("progress request");
+    let mut seen = BTreeSet::new();
+    let progress = loop {
+        let m = next_message(&mut ws, "events, then the progress answer").await;
+        if m.watch_id() == -1 {
+            break rev(m.header());
+        }
+        assert_eq!(m.watch_id(), busy, "only the busy watch has events: {m:?}");
+        seen.extend(events_of(&m).into_iter().map(|e| e.1));
+    };
+    assert_eq!(seen.len(), PUTS, "every acknowledged put's event came before the progress answer");
+    if c.shards == 1 {
+        let last = acked.iter().copied().max().unwrap_or(0);
+        assert!(progress >= last, "progress at {progress}, before the last acknowledged put {last}");
+    }
+}
+
 /// What the lockers of [`lock_recipe`] share: who holds the lock now, and when each held it.
 #[derive(Default)]
 struct LockLog {
@@ -1270,6 +1320,7 @@ cluster_test!(one_shard_leases, 1, leases);
 cluster_test!(one_shard_lock_recipe_under_contention, 1, lock_recipe);
 cluster_test!(one_shard_less_common_calls, 1, edges);
 cluster_test!(one_shard_cas_loop_under_contention, 1, cas_loop);
+cluster_test!(one_shard_progress_after_a_burst, 1, progress_after_a_burst);
 
 cluster_test!(four_shards_tokens_members_and_status, 4, auth_members_and_status);
 cluster_test!(four_shards_kv, 4, kv_semantics);
@@ -1278,6 +1329,7 @@ cluster_test!(four_shards_watch_every_shard, 4, watch_every_shard);
 cluster_test!(four_shards_leases, 4, leases);
 cluster_test!(four_shards_cas_loop_under_contention, 4, cas_loop);
 cluster_test!(four_shards_less_common_calls, 4, edges);
+cluster_test!(four_shards_progress_after_a_burst, 4, progress_after_a_burst);
 
 /// A read at the revision of the latest write (`WithRev(put.header.revision)`, as clients do to
 /// read "as of" their own write) is answered, as etcd does: nothing changed since. Once the key

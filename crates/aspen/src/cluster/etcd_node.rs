@@ -59,6 +59,18 @@ impl EtcdNode for NodeService {
         futures::future::join_all(asks).await
     }
 
+    fn raft_term(&self) -> u64 {
+        self.store.shards().get(&0).map_or(0, RaftNode::term)
+    }
+
+    async fn watch_asked(
+        &self,
+        request: crate::api::WatchRequest,
+        asked: tokio::sync::watch::Receiver<u64>,
+    ) -> Result<tokio::sync::mpsc::Receiver<crate::api::ClientResult>, crate::api::ApiError> {
+        self.start_watch_asked(request, Some(asked)).await
+    }
+
     fn data_dir(&self) -> std::path::PathBuf {
         self.data_dir.clone()
     }

@@ -13,7 +13,7 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 
 use super::{service::NodeService, validate};
 use crate::{
@@ -55,6 +55,19 @@ impl NodeService {
     /// Starts a watch: checks it, subscribes to every shard it covers on this node, and returns
     /// the frames to stream (the first is [`ClientResponse::WatchCreated`]).
     pub async fn start_watch(&self, request: WatchRequest) -> Result<mpsc::Receiver<ClientResult>, ApiError> {
+        self.start_watch_asked(request, None).await
+    }
+
+    /// [`Self::start_watch`], and each time `asked` changes, every shard task of the watch that
+    /// has handled all the shard's applied entries reports where it stands at once (a
+    /// [`ClientResponse::WatchProgress`], if it moved since it last told the client): what
+    /// etcd's progress requests need, which promise that no event at or before the revision
+    /// they answer is still to come.
+    pub async fn start_watch_asked(
+        &self,
+        request: WatchRequest,
+        asked: Option<watch::Receiver<u64>>,
+    ) -> Result<mpsc::Receiver<ClientResult>, ApiError> {
         if self.cluster_id() == crate::api::ClusterId::default() {
             return Err(ApiError::NotInitialized { node_id: self.node_id });
         }
@@ -100,7 +113,7 @@ impl NodeService {
         let _ = tx.try_send(Ok(ClientResponse::WatchCreated { positions }));
         let filter = Filter { key: request.key, prefix: request.prefix, prev_kv: request.prev_kv };
         for (sub, hub, node) in subscriptions {
-            tokio::spawn(follow_shard(sub, hub, node, filter.clone(), tx.clone()));
+            tokio::spawn(follow_shard(sub, hub, node, filter.clone(), tx.clone(), asked.clone()));
         }
         Ok(rx)
     }
@@ -126,6 +139,7 @@ async fn follow_shard(
     node: RaftNode,
     filter: Filter,
     tx: mpsc::Sender<ClientResult>,
+    mut asked: Option<watch::Receiver<u64>>,
 ) {
     let Subscription { backlog, mut live, start, max_lag } = sub;
     let shard = start.shard;
@@ -166,6 +180,33 @@ async fn follow_shard(
                     }
                 }
                 reported_at = tokio::time::Instant::now();
+                continue;
+            }
+            changed = async {
+                match asked.as_mut() {
+                    Some(a) => a.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            } => {
+                if !changed {
+                    // Nobody asks any more.
+                    asked = None;
+                    continue;
+                }
+                // Asked where it stands: known only once every batch received is handled (else
+                // the loop handles them first, and the asker asks again).
+                if let Some(p) = hub.progress(&live) {
+                    if at.precedes(p.revision, p.index) {
+                        at = p;
+                    }
+                    if reported != at {
+                        match send_progress(&tx, at, &live, max_lag).await {
+                            Sent::Ok => (reported, reported_at) = (at, tokio::time::Instant::now()),
+                            Sent::Gone => return,
+                            Sent::Lagged => return end(&tx, lagged(max_lag as u64)).await,
+                        }
+                    }
+                }
                 continue;
             }
         };

@@ -16,9 +16,9 @@ use tonic::{metadata::MetadataMap, Status};
 use super::proto::{etcdserverpb::ResponseHeader, mvccpb};
 use crate::{
     api::{
-        routing::ShardRouter, ApiError, ClientRequest, ClientResponse, Id128, KeyRange, KeyRecord, KvOpResult, KvTxn,
-        NodeId, RangePage, RangeQuery, ReadConsistency, Revision, ShardId, WriteCommand, WriteOutcome, WriteSession,
-        STRICT_SEQ_BASE,
+        routing::ShardRouter, ApiError, ClientRequest, ClientResponse, ClientResult, Id128, KeyRange, KeyRecord,
+        KvOpResult, KvTxn, NodeId, RangePage, RangeQuery, ReadConsistency, Revision, ShardId, WatchRequest,
+        WriteCommand, WriteOutcome, WriteSession, STRICT_SEQ_BASE,
     },
     auth::{self, Authority, Scope, Verified},
     transport::ClientService,
@@ -37,6 +37,15 @@ pub trait EtcdNode: ClientService {
     fn etcd_status(&self) -> EtcdStatus;
     /// The node's data dir (a `Snapshot` is staged there).
     fn data_dir(&self) -> std::path::PathBuf;
+    /// The Raft term of shard 0 on this node (etcd's `header.raft_term`).
+    fn raft_term(&self) -> u64;
+    /// A watch of the node whose shard tasks, each time `asked` changes, report where they
+    /// stand once they have handled every applied entry (`NodeService::start_watch_asked`).
+    fn watch_asked(
+        &self,
+        request: WatchRequest,
+        asked: tokio::sync::watch::Receiver<u64>,
+    ) -> impl std::future::Future<Output = Result<tokio::sync::mpsc::Receiver<ClientResult>, ApiError>> + Send;
 }
 
 /// A member as etcd's `MemberList` shows it.
@@ -199,7 +208,7 @@ impl<N: EtcdNode> Gateway<N> {
             cluster_id: self.node.etcd_cluster_id(),
             member_id: self.node.node_id(),
             revision: revision_i64(revision),
-            raft_term: 0,
+            raft_term: self.node.raft_term(),
         })
     }
 

@@ -6,11 +6,24 @@
 //! revision is the node's `FromRevision` (one-shard clusters; a sharded cluster refuses it,
 //! since revisions are per shard). The node's progress frames become etcd's progress
 //! notifications for watchers that asked for them. A previous key carries only its value.
+//!
+//! A progress request of the stream is answered with the revision every shard stood at when it
+//! came (a linearizable read), once every watcher of the stream has queued all its events up to
+//! there: each watcher keeps where its answers stand, and asks its node watch to report its
+//! position until it has moved past that revision (etcd's promise: no event at or before a
+//! progress answer's revision is still to come on the stream).
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use futures::{stream::BoxStream, StreamExt};
-use tokio::{sync::mpsc, task::JoinHandle};
+use tokio::{
+    sync::{mpsc, watch, Notify},
+    task::JoinHandle,
+};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{
@@ -24,7 +37,8 @@ use super::{
     },
 };
 use crate::api::{
-    is_reserved_key, prefix_end, ApiError, ClientResponse, EventKind, KeyRange, WatchEvent, WatchRequest, WatchStart,
+    is_reserved_key, prefix_end, ApiError, ClientResponse, EventKind, KeyRange, Revision, ShardId, WatchEvent,
+    WatchPosition, WatchRequest, WatchStart,
 };
 
 /// etcd's Watch service over a node.
@@ -35,6 +49,66 @@ type Answers = mpsc::Sender<Result<WatchResponse, Status>>;
 
 /// etcd's id for a progress answer to a whole stream (`clientv3.InvalidWatchID`).
 const STREAM_PROGRESS_ID: i64 = -1;
+/// How often a progress request asks the watchers still short of its revision again.
+const PROGRESS_ASK_EVERY: Duration = Duration::from_millis(20);
+
+/// Where one watcher's answers stand: per shard it covers, the position up to which its node
+/// watch's frames are handled and their answers queued on the stream (`None` until created).
+type Reached = Arc<Mutex<Option<Vec<WatchPosition>>>>;
+
+/// One watcher of a stream.
+struct Watcher {
+    task: JoinHandle<()>,
+    reached: Reached,
+    /// Bumped to have the node watch report where it stands.
+    asked: watch::Sender<u64>,
+}
+
+/// The watchers of one stream, shared by its request loop and its progress answers.
+#[derive(Default)]
+struct Stream {
+    watchers: Mutex<HashMap<i64, Watcher>>,
+    /// Notified whenever a watcher's position moves.
+    moved: Notify,
+}
+
+impl Stream {
+    fn watchers(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Watcher>> {
+        self.watchers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records that a watcher's answers reached `positions` (later positions of the same shard
+    /// replace earlier ones).
+    fn reach(&self, reached: &Reached, positions: &[WatchPosition]) {
+        if positions.is_empty() {
+            return;
+        }
+        {
+            let mut at = reached.lock().unwrap_or_else(|p| p.into_inner());
+            let at = at.get_or_insert_with(Vec::new);
+            for p in positions {
+                match at.iter_mut().find(|q| q.shard == p.shard) {
+                    Some(q) if *q < *p => *q = *p,
+                    Some(_) => {}
+                    None => at.push(*p),
+                }
+            }
+        }
+        self.moved.notify_waiters();
+    }
+}
+
+/// The last position of each shard among `events` (in order).
+fn last_positions(events: &[WatchEvent]) -> Vec<WatchPosition> {
+    let mut last: Vec<WatchPosition> = Vec::new();
+    for e in events {
+        match last.iter_mut().find(|p| p.shard == e.shard) {
+            Some(p) => *p = e.position(),
+            None => last.push(e.position()),
+        }
+    }
+    last
+}
 
 /// The node's watch for an etcd range: key, prefix.
 fn node_watch(range: &KeyRange) -> (Vec<u8>, bool) {
@@ -74,7 +148,17 @@ fn event_of(e: WatchEvent, prev_kv: bool) -> mvccpb::Event {
 
 impl<N: EtcdNode> WatchService<N> {
     /// Serves one watcher until its node watch ends or it is cancelled (aborted).
-    async fn serve(gw: Arc<Gateway<N>>, id: i64, create: WatchCreateRequest, range: KeyRange, answers: Answers) {
+    #[allow(clippy::too_many_arguments)]
+    async fn serve(
+        gw: Arc<Gateway<N>>,
+        id: i64,
+        create: WatchCreateRequest,
+        range: KeyRange,
+        answers: Answers,
+        stream: Arc<Stream>,
+        reached: Reached,
+        asked: watch::Receiver<u64>,
+    ) {
         let respond = |r: WatchResponse| {
             let answers = answers.clone();
             async move { answers.send(Ok(r)).await.is_ok() }
@@ -94,7 +178,8 @@ impl<N: EtcdNode> WatchService<N> {
         };
         let no_put = create.filters.contains(&(FilterType::Noput as i32));
         let no_delete = create.filters.contains(&(FilterType::Nodelete as i32));
-        let mut frames = match gw.node.watch(WatchRequest { key, prefix, prev_kv: create.prev_kv, start }).await {
+        let request = WatchRequest { key, prefix, prev_kv: create.prev_kv, start };
+        let mut frames = match gw.node.watch_asked(request, asked).await {
             Ok(frames) => frames,
             Err(e) => {
                 for a in refused(&gw, id, e) {
@@ -105,14 +190,22 @@ impl<N: EtcdNode> WatchService<N> {
         };
         let mut created = false;
         while let Some(frame) = frames.recv().await {
-            let answer = match frame {
+            // The answer to queue, if any, and the positions the watcher reaches once it is queued.
+            let (answer, positions) = match frame {
                 Ok(ClientResponse::WatchCreated { positions }) => {
                     created = true;
                     let revision = positions.iter().map(|p| p.revision).max().unwrap_or(0);
-                    WatchResponse { header: gw.header(revision), watch_id: id, created: true, ..Default::default() }
+                    let answer = WatchResponse {
+                        header: gw.header(revision),
+                        watch_id: id,
+                        created: true,
+                        ..Default::default()
+                    };
+                    (Some(answer), positions)
                 }
                 Ok(ClientResponse::WatchEvents(events)) => {
                     let revision = events.iter().map(|e| e.revision).max().unwrap_or(0);
+                    let positions = last_positions(&events);
                     let events: Vec<mvccpb::Event> = events
                         .into_iter()
                         .filter(|e| range.contains(&e.key) && !is_reserved_key(&e.key))
@@ -122,19 +215,24 @@ impl<N: EtcdNode> WatchService<N> {
                         })
                         .map(|e| event_of(e, create.prev_kv))
                         .collect();
-                    if events.is_empty() {
-                        continue;
-                    }
-                    WatchResponse { header: gw.header(revision), watch_id: id, events, ..Default::default() }
+                    let answer = (!events.is_empty()).then(|| WatchResponse {
+                        header: gw.header(revision),
+                        watch_id: id,
+                        events,
+                        ..Default::default()
+                    });
+                    (answer, positions)
                 }
                 Ok(ClientResponse::WatchProgress { positions }) => {
-                    if !create.progress_notify {
-                        continue;
-                    }
                     let revision = positions.iter().map(|p| p.revision).max().unwrap_or(0);
-                    WatchResponse { header: gw.header(revision), watch_id: id, ..Default::default() }
+                    let answer = create.progress_notify.then(|| WatchResponse {
+                        header: gw.header(revision),
+                        watch_id: id,
+                        ..Default::default()
+                    });
+                    (answer, positions)
                 }
-                Ok(other) => cancel(format!("the node's watch sent {other:?}"), 0),
+                Ok(other) => (Some(cancel(format!("the node's watch sent {other:?}"), 0)), Vec::new()),
                 Err(e) if !created => {
                     for a in refused(&gw, id, e) {
                         let _ = answers.send(a).await;
@@ -146,9 +244,12 @@ impl<N: EtcdNode> WatchService<N> {
                     return;
                 }
             };
-            if !respond(answer).await {
-                return;
+            if let Some(answer) = answer {
+                if !respond(answer).await {
+                    return;
+                }
             }
+            stream.reach(&reached, &positions);
         }
         // The node stopped serving it: end the stream, so that the client resumes elsewhere.
         let _ = answers.send(Err(Status::unavailable(format!("{} (the node's watch ended)", errors::NO_LEADER)))).await;
@@ -187,15 +288,20 @@ fn refused<N: EtcdNode>(gw: &Gateway<N>, id: i64, e: ApiError) -> Vec<Result<Wat
     }
 }
 
-/// The watchers of one stream.
+/// What a stream's request loop holds: its watchers, the next id to give, and the progress
+/// requests still being answered; dropping it stops them all.
 struct Watchers {
-    tasks: HashMap<i64, JoinHandle<()>>,
+    stream: Arc<Stream>,
     next: i64,
+    progress: Vec<JoinHandle<()>>,
 }
 
 impl Watchers {
     fn stop_all(&mut self) {
-        for (_, t) in self.tasks.drain() {
+        for (_, w) in self.stream.watchers().drain() {
+            w.task.abort();
+        }
+        for t in self.progress.drain(..) {
             t.abort();
         }
     }
@@ -205,6 +311,47 @@ impl Drop for Watchers {
     fn drop(&mut self) {
         self.stop_all();
     }
+}
+
+/// Answers a progress request of `stream`: the revision each shard stands at now, once every
+/// watcher still running has queued its answers up to it.
+async fn answer_progress<N: EtcdNode>(gw: Arc<Gateway<N>>, stream: Arc<Stream>, answers: Answers) {
+    let mut targets: Vec<(ShardId, Revision)> = Vec::new();
+    for shard in 0..gw.router().num_shards() {
+        loop {
+            match gw.revision_of(shard).await {
+                Ok(r) => break targets.push((shard, r)),
+                // No leader for now: the answer waits for one (the stream goes on meanwhile).
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+    let caught_up = |at: &[WatchPosition]| {
+        at.iter().all(|p| targets.iter().find(|(s, _)| *s == p.shard).is_none_or(|(_, r)| !p.precedes(*r, u32::MAX)))
+    };
+    loop {
+        let moved = stream.moved.notified();
+        tokio::pin!(moved);
+        moved.as_mut().enable();
+        let mut behind = 0;
+        for w in stream.watchers().values().filter(|w| !w.task.is_finished()) {
+            let reached = w.reached.lock().unwrap_or_else(|p| p.into_inner());
+            if !reached.as_deref().is_some_and(caught_up) {
+                behind += 1;
+                w.asked.send_modify(|n| *n += 1);
+            }
+        }
+        if behind == 0 {
+            break;
+        }
+        tokio::select! {
+            _ = moved => {}
+            _ = tokio::time::sleep(PROGRESS_ASK_EVERY) => {}
+        }
+    }
+    let revision = targets.iter().map(|(_, r)| *r).max().unwrap_or(0);
+    let answer = WatchResponse { header: gw.header(revision), watch_id: STREAM_PROGRESS_ID, ..Default::default() };
+    let _ = answers.send(Ok(answer)).await;
 }
 
 type WatchAnswers = BoxStream<'static, Result<WatchResponse, Status>>;
@@ -222,21 +369,22 @@ impl<N: EtcdNode> Watch for WatchService<N> {
         let (answers, rx) = mpsc::channel::<Result<WatchResponse, Status>>(64);
         let gw = self.0.clone();
         tokio::spawn(async move {
-            let mut watchers = Watchers { tasks: HashMap::new(), next: 0 };
+            let mut watchers = Watchers { stream: Arc::new(Stream::default()), next: 0, progress: Vec::new() };
             loop {
                 let item = tokio::select! {
                     item = incoming.next() => item,
                     _ = gw.stop.cancelled() => None,
                 };
                 let Some(Ok(request)) = item else { break };
-                watchers.tasks.retain(|_, t| !t.is_finished());
+                watchers.stream.watchers().retain(|_, w| !w.task.is_finished());
+                watchers.progress.retain(|t| !t.is_finished());
                 let answer = match request.request_union {
                     Some(RequestUnion::CreateRequest(create)) => {
                         create_watcher(&gw, &caller, &mut watchers, create, &answers)
                     }
                     Some(RequestUnion::CancelRequest(c)) => {
-                        if let Some(t) = watchers.tasks.remove(&c.watch_id) {
-                            t.abort();
+                        if let Some(w) = watchers.stream.watchers().remove(&c.watch_id) {
+                            w.task.abort();
                         }
                         Some(WatchResponse {
                             header: gw.header(0),
@@ -246,15 +394,9 @@ impl<N: EtcdNode> Watch for WatchService<N> {
                         })
                     }
                     Some(RequestUnion::ProgressRequest(_)) => {
-                        let mut revision = 0;
-                        for shard in 0..gw.router().num_shards() {
-                            revision = revision.max(gw.revision_of(shard).await.unwrap_or(0));
-                        }
-                        Some(WatchResponse {
-                            header: gw.header(revision),
-                            watch_id: STREAM_PROGRESS_ID,
-                            ..Default::default()
-                        })
+                        let task = answer_progress(gw.clone(), watchers.stream.clone(), answers.clone());
+                        watchers.progress.push(tokio::spawn(task));
+                        None
                     }
                     None => None,
                 };
@@ -279,10 +421,11 @@ fn create_watcher<N: EtcdNode>(
     create: WatchCreateRequest,
     answers: &Answers,
 ) -> Option<WatchResponse> {
+    let mut all = watchers.stream.watchers();
     let id = if create.watch_id != 0 {
         create.watch_id
     } else {
-        while watchers.tasks.contains_key(&watchers.next) {
+        while all.contains_key(&watchers.next) {
             watchers.next += 1;
         }
         watchers.next
@@ -297,7 +440,7 @@ fn create_watcher<N: EtcdNode>(
             ..Default::default()
         })
     };
-    if watchers.tasks.contains_key(&id) {
+    if all.contains_key(&id) {
         return refuse(format!("watch id {id} is in use on this stream"));
     }
     if create.key.is_empty() && create.range_end.is_empty() {
@@ -310,8 +453,12 @@ fn create_watcher<N: EtcdNode>(
     if let Err(denied) = caller.may_read(&range) {
         return refuse(denied.message().to_string());
     }
-    let task = tokio::spawn(WatchService::serve(gw.clone(), id, create, range, answers.clone()));
-    watchers.tasks.insert(id, task);
+    let reached = Reached::default();
+    let (asked, asked_rx) = watch::channel(0);
+    let stream = watchers.stream.clone();
+    let serve = WatchService::serve(gw.clone(), id, create, range, answers.clone(), stream, reached.clone(), asked_rx);
+    all.insert(id, Watcher { task: tokio::spawn(serve), reached, asked });
+    drop(all);
     if id == watchers.next {
         watchers.next += 1;
     }

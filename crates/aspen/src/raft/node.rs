@@ -592,6 +592,11 @@ impl RaftNode {
         &self.watch_hub
     }
 
+    /// The shard's current term as this node knows it.
+    pub fn term(&self) -> u64 {
+        self.raft.metrics().borrow().current_term
+    }
+
     /// The term this node leads the shard in, if it leads it.
     pub fn leading_term(&self) -> Option<u64> {
         let m = self.raft.metrics();
