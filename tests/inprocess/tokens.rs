@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 use aspen::{
     api::{
         ApiError, BatchOp, ClientRequest, ClientResponse, Compare, CompareOp, Id128, ReadConsistency, ScanRequest,
-        TxnOp, WriteCommand, WriteSession,
+        TxnOp, WatchRequest, WatchStart, WriteCommand, WriteSession,
     },
+    client::WatchItem,
     AspenClient, ClientError,
 };
 
@@ -198,8 +199,31 @@ async fn hostile_clients_are_refused_every_request_and_change_nothing() {
     for c in &clients {
         c.get("k0").await.expect("valid before the revocation");
     }
+    // A watch opened with the token is a stream that outlives its check: it ends too.
+    let watcher = std::sync::Arc::new(client(&nodes[0], Some(&t)).await);
+    let mut watch = watcher
+        .watch(WatchRequest { key: b"rv/".to_vec(), prefix: true, prev_kv: false, start: WatchStart::Now })
+        .await
+        .expect("a watch before the revocation");
+    assert!(matches!(watch.next().await, Some(Ok(WatchItem::Created(_)))));
     admin.revoke_token(info.id).await.unwrap();
     let revoked_at = Instant::now();
+    admin.put("rv/after", "x").await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match watch.next().await {
+                // Events written before the revocation reached this node may still come.
+                Some(Ok(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the watch ends after its token's revocation");
+    assert!(
+        matches!(ended, Some(Err(ClientError::Api(ApiError::PermissionDenied(ref m)))) if m.contains("revoked")),
+        "{ended:?}"
+    );
     for (i, c) in clients.iter().enumerate() {
         let deadline = Instant::now() + Duration::from_secs(30);
         while denied(&c.request(ClientRequest::NodeStatus).await).is_none() {

@@ -325,6 +325,42 @@ async fn auth_members_and_status(c: &Cluster) {
     assert!(grpc(&e).1.contains("permission denied"), "{e:?}");
     assert_eq!(all.get("auth/k", None).await.unwrap().kvs()[0].value(), b"v");
 
+    // Streams outlive their token's check: a watch and a keep-alive stream opened with a token
+    // end (invalid auth token) once it is revoked.
+    let admin = aspen::AspenClient::connect(vec![c.nodes[0].ticket()], PATIENCE).await.expect("native client");
+    let admin = admin.with_token(&c.token);
+    let (info, doomed) = admin.create_token(true, true, false, vec![], None).await.expect("create a token");
+    let options = ConnectOptions::new().with_user("token", doomed);
+    let mut holder = Client::connect(&c.endpoints, Some(options)).await.expect("connect with the token");
+    let (mut ws, _) = watch(&mut holder, "revoked/", WatchOptions::new().with_prefix()).await;
+    let lease = holder.lease_grant(60, None).await.expect("grant").id();
+    let (mut keeper, mut kept) = holder.lease_keep_alive(lease).await.expect("keep-alive stream");
+    keeper.keep_alive().await.expect("a keep-alive");
+    assert!(kept.message().await.expect("keep-alive answer").is_some_and(|k| k.ttl() > 0));
+    admin.revoke_token(info.id).await.expect("revoke");
+    let deadline = Instant::now() + PATIENCE;
+    let ended = loop {
+        match tokio::time::timeout(PATIENCE, ws.message()).await.expect("the watch ends") {
+            Ok(Some(_)) => assert!(Instant::now() < deadline, "the watch goes on after the revocation"),
+            Ok(None) => panic!("the watch ended without an error"),
+            Err(e) => break e,
+        }
+    };
+    assert!(grpc(&ended).1.contains("invalid auth token"), "{ended:?}");
+    let deadline = Instant::now() + PATIENCE;
+    let ended = loop {
+        let sent = keeper.keep_alive().await;
+        match kept.message().await {
+            Ok(Some(_)) if sent.is_ok() => {
+                assert!(Instant::now() < deadline, "keep-alives go on after the revocation");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => break e,
+            other => panic!("the keep-alive stream ended without an error: {other:?} (send: {sent:?})"),
+        }
+    };
+    assert!(grpc(&ended).1.contains("invalid auth token"), "{ended:?}");
+
     // MemberList (no token needed): three voters, each with its etcd address as client URL
     // (without a scheme). Each member is asked for its URL briefly: poll until all answer.
     let mut want_urls = c.endpoints.clone();

@@ -26,6 +26,10 @@ use crate::api::{
     WriteCommand,
 };
 
+/// How often a long-lived stream (a watch, a lease keep-alive stream) checks its token again:
+/// one that expired or was revoked ends the stream within this long.
+pub const STREAM_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// What a node trusts when it verifies a token.
 #[derive(Debug, Default)]
 struct Trust {
@@ -147,9 +151,7 @@ impl Authority {
         match &trust.key {
             Some((_, public)) if *public.as_bytes() == body.issuer_key => {}
             Some(_) => return Err(TokenError::UnknownIssuer(body.issuer)),
-            None => {
-                return Err(TokenError::Invalid("this node does not hold the cluster's signing key yet; retry".into()))
-            }
+            None => return Err(TokenError::NotReady),
         }
         if body.expired_at(token::unix_now()) {
             return Err(TokenError::Expired);

@@ -139,6 +139,9 @@ fn unexpected(what: &str, answer: impl std::fmt::Debug) -> Status {
 pub struct Caller {
     pub token_id: u64,
     pub scope: Option<Scope>,
+    /// The token as verified (`None` while tokens are not enforced): streams check it again
+    /// while they run ([`Gateway::recheck`]).
+    pub verified: Option<Arc<Verified>>,
 }
 
 impl Caller {
@@ -217,7 +220,7 @@ impl<N: EtcdNode> Gateway<N> {
     /// are required, or a bad one.
     pub fn caller(&self, metadata: &MetadataMap) -> Result<Caller, Status> {
         if !self.authority.enforcing() {
-            return Ok(Caller { token_id: 0, scope: None });
+            return Ok(Caller { token_id: 0, scope: None, verified: None });
         }
         let token = ["token", "authorization"]
             .iter()
@@ -234,9 +237,27 @@ impl<N: EtcdNode> Gateway<N> {
             }
         })?;
         match verified.scope() {
-            Some(scope) => Ok(Caller { token_id: verified.body.id, scope: Some(scope.clone()) }),
+            Some(scope) => {
+                Ok(Caller { token_id: verified.body.id, scope: Some(scope.clone()), verified: Some(verified.clone()) })
+            }
             // A join token is for aspen-node --join-token, not for requests.
             None => Err(Status::permission_denied(errors::PERMISSION_DENIED)),
+        }
+    }
+
+    /// Checks the caller's token again (expiry, revocation, the cluster's key): what a stream
+    /// does while it runs, every [`auth::STREAM_RECHECK`] or per message. Refused as a bad
+    /// token is refused at the start.
+    pub fn recheck(&self, caller: &Caller) -> Result<(), Status> {
+        let Some(v) = &caller.verified else { return Ok(()) };
+        match self.authority.recheck(v) {
+            Ok(()) => Ok(()),
+            // The node cannot check tokens for now: the stream goes on.
+            Err(e) if e.reason().is_none() => Ok(()),
+            Err(e) => {
+                tracing::debug!("etcd API: a stream's token is no longer valid: {e}");
+                Err(Status::unauthenticated(errors::INVALID_AUTH_TOKEN))
+            }
         }
     }
 

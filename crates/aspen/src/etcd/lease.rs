@@ -109,11 +109,15 @@ impl<N: EtcdNode> Lease for LeaseService<N> {
         caller.needs("lease keep-alive", |s| s.write, "write")?;
         let gateway = self.0.clone();
         let incoming = request.into_inner();
-        // One answer per request, in order (as etcd's server does per stream).
+        let caller = Arc::new(caller);
+        // One answer per request, in order (as etcd's server does per stream), each with the
+        // token checked again (one revoked or expired meanwhile ends the stream).
         let answers = incoming.then(move |item| {
             let gateway = gateway.clone();
+            let caller = caller.clone();
             async move {
                 let r = item?;
+                gateway.recheck(&caller)?;
                 let Ok(id) = lease_id(r.id) else {
                     return Ok(LeaseKeepAliveResponse { header: gateway.header(0), id: r.id, ttl: 0 });
                 };

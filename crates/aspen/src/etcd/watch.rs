@@ -36,9 +36,12 @@ use super::{
         mvccpb::{self, event::EventType},
     },
 };
-use crate::api::{
-    is_reserved_key, prefix_end, ApiError, ClientResponse, EventKind, KeyRange, Revision, ShardId, WatchEvent,
-    WatchPosition, WatchRequest, WatchStart,
+use crate::{
+    api::{
+        is_reserved_key, prefix_end, ApiError, ClientResponse, EventKind, KeyRange, Revision, ShardId, WatchEvent,
+        WatchPosition, WatchRequest, WatchStart,
+    },
+    auth,
 };
 
 /// etcd's Watch service over a node.
@@ -370,10 +373,20 @@ impl<N: EtcdNode> Watch for WatchService<N> {
         let gw = self.0.clone();
         tokio::spawn(async move {
             let mut watchers = Watchers { stream: Arc::new(Stream::default()), next: 0, progress: Vec::new() };
+            let mut recheck = tokio::time::interval(auth::STREAM_RECHECK);
+            recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 let item = tokio::select! {
                     item = incoming.next() => item,
                     _ = gw.stop.cancelled() => None,
+                    _ = recheck.tick() => {
+                        // A token revoked or expired while the stream runs ends it.
+                        if let Err(refused) = gw.recheck(&caller) {
+                            let _ = answers.send(Err(refused)).await;
+                            break;
+                        }
+                        continue;
+                    }
                 };
                 let Some(Ok(request)) = item else { break };
                 watchers.stream.watchers().retain(|_, w| !w.task.is_finished());

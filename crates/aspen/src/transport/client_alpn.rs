@@ -227,7 +227,9 @@ impl<S: ClientService> ProtocolHandler for ClientProtocolHandler<S> {
 }
 
 /// Streams a watch's frames until it ends or the client closes its side (the watch's tasks
-/// see the receiver go and stop). `deadline` bounds sending a refusal only.
+/// see the receiver go and stop). `deadline` bounds sending a refusal only. `token`: the token
+/// the watch was started with, checked again every [`auth::STREAM_RECHECK`] (expiry,
+/// revocation, a new cluster key): once it fails the watch ends with `PermissionDenied`.
 async fn serve_watch<S: ClientService>(
     service: &S,
     mut send: SendStream,
@@ -235,6 +237,7 @@ async fn serve_watch<S: ClientService>(
     request: WatchRequest,
     deadline: Duration,
     stopping: tokio_util::sync::CancellationToken,
+    token: Option<(Arc<Authority>, Arc<Verified>)>,
 ) {
     let mut frames = match service.watch(request).await {
         Ok(rx) => rx,
@@ -243,9 +246,24 @@ async fn serve_watch<S: ClientService>(
             return;
         }
     };
+    let mut recheck = tokio::time::interval(auth::STREAM_RECHECK);
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let frame = tokio::select! {
             frame = frames.recv() => frame,
+            _ = recheck.tick(), if token.is_some() => {
+                let Some((authority, verified)) = &token else { continue };
+                match authority.recheck(verified) {
+                    // Not ready: the node is catching up; the token may be fine.
+                    Ok(()) => continue,
+                    Err(e) if e.reason().is_none() => continue,
+                    Err(e) => {
+                        let ended = ApiError::PermissionDenied(format!("{e}: the watch ended"));
+                        let _ = tokio::time::timeout(deadline, reply(&mut send, &Err(ended))).await;
+                        return;
+                    }
+                }
+            }
             // The client closed or reset its side: it is gone.
             _ = drain_to_end(&mut recv, Duration::MAX) => return,
             // The node is stopping: say so (a client resumes on another member) and end.
@@ -441,10 +459,12 @@ async fn serve_stream<S: ClientService>(service: Arc<S>, mut send: SendStream, m
                     .transpose();
                 match checked {
                     Err(e) => Err(e),
-                    Ok(_) => {
-                        // Long-lived: its request bytes are not held while it runs.
+                    Ok(verified) => {
+                        // Long-lived: its request bytes are not held while it runs, and its
+                        // token is checked again while it does.
                         drop(_permits);
-                        serve_watch(&*service, send, recv, watch, deadline, stopping).await;
+                        let token = conn_auth.as_ref().zip(verified.flatten()).map(|(a, v)| (a.authority.clone(), v));
+                        serve_watch(&*service, send, recv, watch, deadline, stopping, token).await;
                         return;
                     }
                 }
