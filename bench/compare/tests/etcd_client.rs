@@ -976,6 +976,21 @@ async fn edges(c: &Cluster) {
         other => panic!("{other:?}"),
     };
     assert!(rev(r.header()) >= read, "a read-only txn's header {} is before what it read {read}", rev(r.header()));
+    // Read-only txns are reads: they add no log entry (on one shard, shard 0's log is theirs).
+    if c.shards == 1 {
+        let mut one = c.client_of(0).await;
+        let before = one.status().await.expect("status").raft_index();
+        for _ in 0..20 {
+            let ro = Txn::new()
+                .when([Compare::version(keys[1].as_str(), CompareOp::Greater, 0)])
+                .and_then([TxnOp::get(keys[1].as_str(), None)])
+                .or_else([TxnOp::get(keys[0].as_str(), None)]);
+            let r = one.txn(ro).await.expect("read-only txn");
+            assert!(r.succeeded() && matches!(r.op_responses().first(), Some(TxnOpResponse::Get(_))));
+        }
+        let after = one.status().await.expect("status").raft_index();
+        assert!(after < before + 10, "20 read-only txns took {} log entries", after - before);
+    }
 
     // Explicit lease ids; a taken one is refused; keep-alive of a revoked lease fails.
     let id = 0x5eed_0000_0000_0001 + i64::from(c.shards);

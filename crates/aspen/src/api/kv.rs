@@ -203,6 +203,16 @@ impl KvTxn {
         KvTxn { compares: Vec::new(), success: vec![op], failure: Vec::new() }
     }
 
+    /// Whether it writes nothing whichever branches run: only range reads, nested txns
+    /// included (the etcd API evaluates such a txn on a read, not through the log).
+    pub fn is_read_only(&self) -> bool {
+        self.success.iter().chain(&self.failure).all(|op| match op {
+            KvOp::Range(_) => true,
+            KvOp::Txn(t) => t.is_read_only(),
+            KvOp::Put(_) | KvOp::DeleteRange { .. } => false,
+        })
+    }
+
     /// Every key or range it names, as ([`KeyRange::key`], [`KeyRange::end`]): compares and
     /// both branches, nested txns included.
     pub fn spans(&self) -> Vec<(&[u8], Option<&[u8]>)> {

@@ -936,6 +936,15 @@ pub enum ClientRequest {
         query: RangeQuery,
         consistency: ReadConsistency,
     },
+    /// Node to node (the etcd API): an etcd-shaped txn that writes nothing (compares and range
+    /// reads only, [`KvTxn::is_read_only`]), evaluated on one read of one shard's state like
+    /// [`ClientRequest::ShardRange`] instead of going through the log. Answered with
+    /// [`ClientResponse::KvTxnRead`].
+    ShardTxnRead {
+        shard: ShardId,
+        txn: KvTxn,
+        consistency: ReadConsistency,
+    },
     /// Node to node: the address this node serves the etcd API on, if it does (etcd's member
     /// list names every member's client URLs).
     EtcdEndpoint,
@@ -1128,6 +1137,7 @@ impl ClientRequest {
                 | ClientRequest::AlarmList
                 | ClientRequest::AlarmDisarm
                 | ClientRequest::ShardRange { .. }
+                | ClientRequest::ShardTxnRead { .. }
         )
     }
 
@@ -1150,6 +1160,7 @@ impl ClientRequest {
                 | ClientRequest::ShardLeaseKeys { .. }
                 | ClientRequest::ShardLeases { .. }
                 | ClientRequest::ShardRange { .. }
+                | ClientRequest::ShardTxnRead { .. }
                 | ClientRequest::EtcdEndpoint
         )
     }
@@ -1219,6 +1230,7 @@ impl ClientRequest {
             ClientRequest::AlarmList => "alarm list",
             ClientRequest::AlarmDisarm => "alarm disarm",
             ClientRequest::ShardRange { .. } => "range",
+            ClientRequest::ShardTxnRead { .. } => "txn read",
             ClientRequest::EtcdEndpoint => "etcd endpoint",
         }
     }
@@ -1267,7 +1279,9 @@ impl ClientRequest {
             | ClientRequest::AlarmList
             | ClientRequest::AlarmDisarm
             | ClientRequest::EtcdEndpoint => false,
-            ClientRequest::ShardRange { consistency, .. } => *consistency == ReadConsistency::Linearizable,
+            ClientRequest::ShardRange { consistency, .. } | ClientRequest::ShardTxnRead { consistency, .. } => {
+                *consistency == ReadConsistency::Linearizable
+            }
         }
     }
 }
@@ -1356,6 +1370,13 @@ pub enum ClientResponse {
     Alarms(Vec<AlarmInfo>),
     /// [`ClientRequest::ShardRange`].
     Range(RangePage),
+    /// [`ClientRequest::ShardTxnRead`]: the revision of the state read, which branch ran, and
+    /// its ops' results.
+    KvTxnRead {
+        revision: Revision,
+        succeeded: bool,
+        results: Vec<KvOpResult>,
+    },
     /// [`ClientRequest::EtcdEndpoint`]: `ADDR:PORT`, if served (no scheme: see `etcd::server`).
     EtcdEndpoint(Option<String>),
 }

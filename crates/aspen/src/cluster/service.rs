@@ -355,6 +355,14 @@ impl NodeService {
                 }
                 self.store.local(shard)?.range(&query, consistency).await.map(ClientResponse::Range)
             }
+            ClientRequest::ShardTxnRead { shard, txn, consistency } => {
+                validate::check_kv_txn(&self.limits, &txn)?;
+                if !txn.is_read_only() {
+                    return Err(ApiError::InvalidRequest("a txn read holds range reads only".into()));
+                }
+                let (revision, succeeded, results) = self.store.local(shard)?.txn_read(txn, consistency).await?;
+                Ok(ClientResponse::KvTxnRead { revision, succeeded, results })
+            }
             ClientRequest::EtcdEndpoint => Ok(ClientResponse::EtcdEndpoint(self.etcd_endpoint())),
             ClientRequest::ShardMembership { shard, change } => self.apply_shard_change(shard, change).await,
             ClientRequest::AlarmList => self.list_alarms().await,

@@ -335,6 +335,16 @@ impl<N: EtcdNode> Gateway<N> {
         Ok(all.unwrap_or(RangePage { kvs: Vec::new(), count: 0, more: false, revision: 0, last_change: None }))
     }
 
+    /// Evaluates a txn that writes nothing on `shard`, linearizably, as a read (the revision
+    /// read, the branch taken, its results).
+    pub async fn read_txn(&self, shard: ShardId, txn: KvTxn) -> Result<(Revision, bool, Vec<KvOpResult>), Status> {
+        let consistency = ReadConsistency::Linearizable;
+        match self.ask(ClientRequest::ShardTxnRead { shard, txn, consistency }).await? {
+            ClientResponse::KvTxnRead { revision, succeeded, results } => Ok((revision, succeeded, results)),
+            other => Err(unexpected("a txn read", other)),
+        }
+    }
+
     /// The current revision of `shard` (as a linearizable read sees it).
     pub async fn revision_of(&self, shard: ShardId) -> Result<Revision, Status> {
         let mut q = RangeQuery::all(KeyRange::single(Vec::new()));

@@ -269,10 +269,14 @@ impl<N: EtcdNode> KvService<N> {
         }
     }
 
-    /// Runs a txn (a put, a delete, or a client's txn) on its shard.
+    /// Runs a txn (a put, a delete, or a client's txn) on its shard: one that writes nothing
+    /// as a linearizable read (no log entry, nothing kept in a session), any other as a write.
     async fn run(&self, caller: &Caller, txn: KvTxn) -> Result<(Revision, bool, Vec<KvOpResult>), Status> {
         caller.may_run(&txn)?;
         let shard = self.txn_shard(&txn)?;
+        if txn.is_read_only() {
+            return self.0.read_txn(shard, txn).await;
+        }
         self.0.write(caller, shard, txn).await
     }
 

@@ -582,6 +582,19 @@ impl RaftNode {
         Ok(page)
     }
 
+    /// A txn that writes nothing (`api::KvTxn::is_read_only`), evaluated like a range read:
+    /// after a ReadIndex round if linearizable, on one read of this replica's state.
+    pub async fn txn_read(
+        &self,
+        txn: crate::api::KvTxn,
+        consistency: ReadConsistency,
+    ) -> Result<(crate::api::Revision, bool, Vec<crate::api::KvOpResult>), ApiError> {
+        if consistency == ReadConsistency::Linearizable && !self.reads_broken() {
+            self.ensure_linearizable().await?;
+        }
+        self.reader.kv_txn_read(txn).map_err(|e| ApiError::Internal(format!("txn read of shard {}: {e}", self.shard)))
+    }
+
     /// The deadlines of the leases whose home is this shard.
     pub fn lease_deadlines(&self) -> &LeaseDeadlines {
         &self.deadlines

@@ -108,6 +108,7 @@ pub fn plan(
             | ClientRequest::ShardLeases { .. }
             | ClientRequest::ShardBackup { .. }
             | ClientRequest::ShardRange { .. }
+            | ClientRequest::ShardTxnRead { .. }
     );
     if shard_bound {
         let shard = shard_of(router, request)?;
@@ -141,7 +142,8 @@ pub fn shard_of(router: &ShardRouter, request: &ClientRequest) -> Result<ShardId
         | ClientRequest::ShardLeaseKeys { shard, .. }
         | ClientRequest::ShardLeases { shard }
         | ClientRequest::ShardBackup { shard, .. }
-        | ClientRequest::ShardRange { shard, .. } => {
+        | ClientRequest::ShardRange { shard, .. }
+        | ClientRequest::ShardTxnRead { shard, .. } => {
             if *shard >= router.num_shards() {
                 return Err(ApiError::InvalidRequest(format!(
                     "shard {shard} does not exist (the cluster has {})",

@@ -189,6 +189,15 @@ impl StateReader {
         kv::read_range(&self.db, query)
     }
 
+    /// An etcd-shaped txn that writes nothing, evaluated on one read of the state: the revision
+    /// read, the branch taken, and its results.
+    pub fn kv_txn_read(
+        &self,
+        txn: crate::api::KvTxn,
+    ) -> Result<(crate::api::Revision, bool, Vec<crate::api::KvOpResult>), StorageError> {
+        kv::read_txn(&self.db, txn)
+    }
+
     pub fn get(&self, key: &[u8]) -> Result<Option<KeyValue>, StorageError> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(KV)?;

@@ -361,6 +361,54 @@ fn delete_range(
     Ok((deleted, prev))
 }
 
+/// Evaluates a txn that writes nothing ([`KvTxn::is_read_only`]) on one read transaction of the
+/// state machine: its compares decide the branch as [`apply_kv_txn`] would, and its ranges
+/// read that state. Returns the applied revision (what etcd reports for a read-only txn: the
+/// store's current revision), the branch taken and the results.
+pub(super) fn read_txn(db: &redb::Database, txn: KvTxn) -> Result<(Revision, bool, Vec<KvOpResult>), StorageError> {
+    use redb::ReadableDatabase;
+    if !txn.is_read_only() {
+        return Err(StorageError::Corrupt("a txn that writes was sent to be read".into()));
+    }
+    let rtx = db.begin_read()?;
+    let applied: Option<super::LogId> = super::read_meta(&rtx.open_table(super::META)?, super::KEY_LAST_APPLIED)?;
+    let revision = crate::api::applied_revision(applied.map_or(0, |l| l.index));
+    let kv = rtx.open_table(super::KV)?;
+    let path = decide(&kv, &txn)?;
+    let mut budget = MAX_RANGE_ANSWER_BYTES;
+    let results = read_branch(&kv, txn, &path, revision, &mut budget)?;
+    Ok((revision, path.succeeded, results))
+}
+
+/// The results of a read-only txn's branch `path` (its ranges, nested txns' included).
+fn read_branch<T>(
+    kv: &T,
+    txn: KvTxn,
+    path: &Path,
+    revision: Revision,
+    budget: &mut usize,
+) -> Result<Vec<KvOpResult>, StorageError>
+where
+    T: ReadableTable<&'static [u8], &'static [u8]>,
+{
+    let branch = if path.succeeded { txn.success } else { txn.failure };
+    let mut nested = path.nested.iter();
+    let mut results = Vec::with_capacity(branch.len());
+    for op in branch {
+        results.push(match op {
+            KvOp::Range(q) => KvOpResult::Range(range_read(kv, &q, revision, budget)?),
+            KvOp::Txn(inner) => {
+                let Some(p) = nested.next() else { return Err(StorageError::Corrupt("txn path out of step".into())) };
+                KvOpResult::Txn { succeeded: p.succeeded, results: read_branch(kv, inner, p, revision, budget)? }
+            }
+            KvOp::Put(_) | KvOp::DeleteRange { .. } => {
+                return Err(StorageError::Corrupt("a txn that writes was sent to be read".into()))
+            }
+        });
+    }
+    Ok(results)
+}
+
 /// Reads `q` on a read transaction of the state machine, reporting the applied revision.
 pub(super) fn read_range(db: &redb::Database, q: &RangeQuery) -> Result<RangePage, StorageError> {
     use redb::ReadableDatabase;

@@ -1544,3 +1544,57 @@ async fn keeping_the_value_of_a_key_deleted_earlier_in_the_txn_is_refused() {
     assert_eq!(get(&r, "k"), Some(kv("k", b"v", 1, 1, 1)), "{outcome:?}");
     assert_eq!(outcome, WriteOutcome::KeyNotFound { key: b"k".to_vec() });
 }
+
+/// A txn that writes nothing, evaluated on a read of the state (the etcd API's read-only txns:
+/// no log entry), answers exactly what applying it as the next entry answers: the branch its
+/// compares pick, its ranges (nested ones too), and the revision the last entry left. One that
+/// writes is refused there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_txn_read_answers_what_applying_it_would() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = open_sm(dir.path());
+    let r = sm.reader();
+    seed(&mut sm).await;
+    let txns = vec![
+        txn_of(vec![cmp(single("a"), Equal, version(2))], vec![range_op(query(prefix("a")))], vec![]),
+        txn_of(
+            vec![cmp(single("a"), Equal, value("nope"))],
+            vec![range_op(query(single("b")))],
+            vec![range_op(query(from_key("ab"))), nested(vec![], vec![range_op(query(single("c")))], vec![])],
+        ),
+        txn_of(vec![cmp(prefix("a"), Greater, version(0))], vec![], vec![range_op(query(single("zz")))]),
+        txn_of(vec![], vec![range_op(query(span("ab", "c"))), range_op(query(prefix("")))], vec![]),
+    ];
+    let mut next = SEEDED + 1;
+    for t in txns {
+        assert!(t.is_read_only());
+        let (revision, succeeded, results) = r.kv_txn_read(t.clone()).expect("a txn read");
+        assert_eq!(revision, applied_revision(next - 1));
+        // Applied, a range inside reports the entry's revision; read, the state's (the etcd
+        // API answers every op with the txn's revision, so only the keys and counts matter).
+        let applied = match apply_write(&mut sm, node_txn(next, t.clone())).await {
+            WriteOutcome::KvTxn { revision, succeeded, results } => done(revision, succeeded, at_revision(results, 0)),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(applied, done(revision, succeeded, at_revision(results, 0)), "{t:?}");
+        next += 1;
+    }
+    let writes = txn_of(vec![], vec![range_op(query(single("a")))], vec![put_op("x", "y")]);
+    assert!(!writes.is_read_only());
+    assert!(r.kv_txn_read(writes).is_err(), "a txn that may write is not read");
+    assert_eq!(r.get(b"x").unwrap(), None);
+}
+
+/// `results` with every range page's revision set to `revision`.
+fn at_revision(results: Vec<KvOpResult>, revision: u64) -> Vec<KvOpResult> {
+    results
+        .into_iter()
+        .map(|r| match r {
+            KvOpResult::Range(p) => KvOpResult::Range(RangePage { revision, ..p }),
+            KvOpResult::Txn { succeeded, results } => {
+                KvOpResult::Txn { succeeded, results: at_revision(results, revision) }
+            }
+            other => other,
+        })
+        .collect()
+}
