@@ -1565,8 +1565,7 @@ async fn a_read_only_txn_read_answers_what_applying_it_would() {
         txn_of(vec![cmp(prefix("a"), Greater, version(0))], vec![], vec![range_op(query(single("zz")))]),
         txn_of(vec![], vec![range_op(query(span("ab", "c"))), range_op(query(prefix("")))], vec![]),
     ];
-    let mut next = SEEDED + 1;
-    for t in txns {
+    for (next, t) in (SEEDED + 1..).zip(txns) {
         assert!(t.is_read_only());
         let (revision, succeeded, results) = r.kv_txn_read(t.clone()).expect("a txn read");
         assert_eq!(revision, applied_revision(next - 1));
@@ -1577,7 +1576,6 @@ async fn a_read_only_txn_read_answers_what_applying_it_would() {
             other => panic!("{other:?}"),
         };
         assert_eq!(applied, done(revision, succeeded, at_revision(results, 0)), "{t:?}");
-        next += 1;
     }
     let writes = txn_of(vec![], vec![range_op(query(single("a")))], vec![put_op("x", "y")]);
     assert!(!writes.is_read_only());
