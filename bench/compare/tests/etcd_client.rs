@@ -703,10 +703,15 @@ async fn watch_from_a_revision(c: &Cluster) {
     let r_two = rev(kv.put("w/2", "two", None).await.expect("put").header());
     let r_del = rev(kv.delete("w/1", None).await.expect("delete").header());
     let mut events = Vec::new();
+    // Each previous key whole: (value, create revision, mod revision, version, lease).
+    let mut prevs = Vec::new();
     while !events.iter().any(|e: &Ev| e.0 == EventType::Delete) {
         let m = next_message(&mut ws, "the watch's events").await;
         assert!(m.watch_id() == id && !m.canceled(), "{m:?}");
         events.extend(events_of(&m));
+        for p in m.events().iter().filter_map(|e| e.prev_kv()) {
+            prevs.push((text(p.value()), p.create_revision(), p.mod_revision(), p.version(), p.lease()));
+        }
     }
     let s = |x: &str| x.to_string();
     let want: Vec<Ev> = vec![
@@ -716,6 +721,7 @@ async fn watch_from_a_revision(c: &Cluster) {
         (EventType::Delete, s("w/1"), s(""), 0, r_del, 0, Some(s("uno"))),
     ];
     assert_eq!(events, want);
+    assert_eq!(prevs, [(s("one"), r_one, r_one, 1, 0), (s("uno"), r_one, r_uno, 2, 0)]);
 
     // Cancel: acknowledged; the watcher sees nothing more, a new one on the stream does.
     ws.cancel(id).await.expect("cancel");

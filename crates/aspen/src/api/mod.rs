@@ -24,7 +24,7 @@ pub use frame::{FrameError, MAX_FRAME_BYTES};
 pub use kv::{KeyRange, KeyRecord, KvCompare, KvCompareTarget, KvOp, KvOpResult, KvPut, KvTxn, RangePage, RangeQuery};
 pub use lease::{format_lease_id, parse_lease_id, LeaseEntry, LeaseStatus};
 pub use ticket::{NodeTicket, TicketError};
-pub use watch::{EventKind, WatchEvent, WatchPosition, WatchRequest, WatchStart};
+pub use watch::{EventKind, PrevMeta, WatchEvent, WatchPosition, WatchRequest, WatchStart};
 
 /// ALPN of the client protocol (requests from `aspen-cli`, the Rust client and forwarding nodes).
 pub const CLIENT_ALPN: &[u8] = b"aspen-client";

@@ -75,6 +75,10 @@ pub struct WatchEvent {
     /// The value before, if the key existed and the watch asked for it.
     #[serde(with = "serde_bytes")]
     pub prev_value: Option<Vec<u8>>,
+    /// The rest of the key as it was, alongside `prev_value`: what the etcd API's `prev_kv`
+    /// shows. Kept in process only (the node's own watch protocol does not carry it).
+    #[serde(skip)]
+    pub prev_meta: Option<PrevMeta>,
     pub shard: ShardId,
     /// The write's revision (the key's mod revision).
     pub revision: u64,
@@ -87,6 +91,15 @@ pub struct WatchEvent {
     pub lease: u64,
 }
 
+/// A key's revisions, version and lease before an event changed it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrevMeta {
+    pub create_revision: u64,
+    pub mod_revision: u64,
+    pub version: u64,
+    pub lease: u64,
+}
+
 impl WatchEvent {
     pub fn position(&self) -> WatchPosition {
         WatchPosition { shard: self.shard, revision: self.revision, index: self.index }
@@ -94,7 +107,7 @@ impl WatchEvent {
 
     /// Bytes it holds (what history limits count).
     pub fn bytes(&self) -> usize {
-        self.key.len() + self.value.len() + self.prev_value.as_ref().map_or(0, Vec::len) + 64
+        self.key.len() + self.value.len() + self.prev_value.as_ref().map_or(0, Vec::len) + 96
     }
 }
 

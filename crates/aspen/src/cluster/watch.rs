@@ -356,6 +356,7 @@ async fn send_batches(
         let mut e = e.clone();
         if !filter.prev_kv {
             e.prev_value = None;
+            e.prev_meta = None;
         }
         bytes += e.bytes();
         frame.push(e);

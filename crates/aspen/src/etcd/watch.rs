@@ -5,7 +5,8 @@
 //! longest prefix its two ends share, and the events outside it are dropped here). A start
 //! revision is the node's `FromRevision` (one-shard clusters; a sharded cluster refuses it,
 //! since revisions are per shard). The node's progress frames become etcd's progress
-//! notifications for watchers that asked for them. A previous key carries only its value.
+//! notifications for watchers that asked for them. A previous key (`prev_kv`) is the key as it
+//! was: value, revisions, version and lease.
 //!
 //! A progress request of the stream is answered with the revision every shard stood at when it
 //! came (a linearizable read), once every watcher of the stream has queued all its events up to
@@ -128,7 +129,17 @@ fn node_watch(range: &KeyRange) -> (Vec<u8>, bool) {
 
 fn event_of(e: WatchEvent, prev_kv: bool) -> mvccpb::Event {
     let prev = match (prev_kv, e.prev_value) {
-        (true, Some(value)) => Some(mvccpb::KeyValue { key: e.key.clone(), value, ..Default::default() }),
+        (true, Some(value)) => {
+            let m = e.prev_meta.unwrap_or_default();
+            Some(mvccpb::KeyValue {
+                key: e.key.clone(),
+                value,
+                create_revision: revision_i64(m.create_revision),
+                mod_revision: revision_i64(m.mod_revision),
+                version: i64::try_from(m.version).unwrap_or(i64::MAX),
+                lease: i64::try_from(m.lease).unwrap_or(0),
+            })
+        }
         _ => None,
     };
     let kind = match e.kind {

@@ -841,23 +841,37 @@ impl<'t> WriteTables<'_, 't> {
 }
 
 impl WriteTables<'_, '_> {
-    /// Records an event of the entry being applied (when events are collected); `now`: the
-    /// key's create revision, version and lease after it (none for a delete).
+    /// Records an event of the entry being applied (when events are collected); `prev`: the
+    /// key as it was, if it existed; `now`: its create revision, version and lease after it
+    /// (none for a delete).
     fn event(
         &mut self,
         kind: EventKind,
         key: &[u8],
         value: Vec<u8>,
-        prev: Option<Vec<u8>>,
+        prev: Option<StoredValue>,
         now: Option<(u64, u64, u64)>,
         revision: u64,
     ) {
         let Some(events) = self.events.as_deref_mut() else { return };
+        let (prev_value, prev_meta) = match prev {
+            Some(p) => (
+                Some(p.value),
+                Some(crate::api::PrevMeta {
+                    create_revision: p.create_revision,
+                    mod_revision: p.mod_revision,
+                    version: p.version,
+                    lease: p.lease,
+                }),
+            ),
+            None => (None, None),
+        };
         events.push(WatchEvent {
             kind,
             key: key.to_vec(),
             value,
-            prev_value: prev,
+            prev_value,
+            prev_meta,
             shard: 0,
             revision,
             index: events.len() as u32,
@@ -1155,7 +1169,7 @@ fn put(t: &mut WriteTables<'_, '_>, key: &[u8], value: Vec<u8>, revision: u64, l
     if t.events.is_some() {
         // Encoded above: the value moves into the event, no copy.
         let StoredValue { value, create_revision, version, lease, .. } = stored;
-        t.event(EventKind::Put, key, value, old.map(|o| o.value), Some((create_revision, version, lease)), revision);
+        t.event(EventKind::Put, key, value, old, Some((create_revision, version, lease)), revision);
     }
     Ok(())
 }
@@ -1172,7 +1186,7 @@ fn remove(t: &mut WriteTables<'_, '_>, key: &[u8], revision: u64) -> Result<bool
             if o.lease != 0 {
                 t.lt()?.lease_keys.remove((o.lease, key))?;
             }
-            t.event(EventKind::Delete, key, Vec::new(), Some(o.value), None, revision);
+            t.event(EventKind::Delete, key, Vec::new(), Some(o), None, revision);
             Ok(true)
         }
         None => Ok(false),
@@ -1202,7 +1216,7 @@ fn remove_prefix(t: &mut WriteTables<'_, '_>, prefix: &[u8], revision: u64) -> R
             attached.push((old.lease, k.value().to_vec()));
         }
         if collect {
-            gone.push((k.value().to_vec(), old.value));
+            gone.push((k.value().to_vec(), old));
         }
         deleted += 1;
     }

@@ -201,6 +201,7 @@ mod tests {
             key: key.into(),
             value: b"v".to_vec(),
             prev_value: None,
+            prev_meta: None,
             shard: 0,
             revision: 0,
             index,

@@ -7,7 +7,7 @@
 use super::*;
 use crate::api::{
     applied_revision, write_revision, CompareOp, EventKind, KeyRange, KeyRecord, KvCompare, KvCompareTarget, KvOp,
-    KvOpResult, KvPut, KvTxn, RangePage, RangeQuery, WatchEvent, RESERVED_PREFIX,
+    KvOpResult, KvPut, KvTxn, PrevMeta, RangePage, RangeQuery, WatchEvent, RESERVED_PREFIX,
 };
 
 use crate::api::CompareOp::{Equal, Greater, Less, NotEqual};
@@ -848,11 +848,18 @@ async fn a_txns_changes_are_published_as_events_at_its_revision() {
     apply(&mut sm, vec![raw(4, &reserved("token"), b"t")]).await;
     let hub = sm.watch(0, 1000, 1 << 20, 64).unwrap();
     let mut sub = hub.subscribe(hub.now()).unwrap();
-    let event = |kind: EventKind, key: &str, value: &str, prev: Option<&str>, index: u32| WatchEvent {
+    // `prev`: the value before and its (create revision, mod revision, version, lease).
+    let event = |kind: EventKind, key: &str, value: &str, prev: Option<(&str, [u64; 4])>, index: u32| WatchEvent {
         kind,
         key: key.into(),
         value: value.into(),
-        prev_value: prev.map(Into::into),
+        prev_value: prev.map(|(v, _)| v.into()),
+        prev_meta: prev.map(|(_, [create_revision, mod_revision, version, lease])| PrevMeta {
+            create_revision,
+            mod_revision,
+            version,
+            lease,
+        }),
         shard: 0,
         revision: 0,
         index,
@@ -877,10 +884,10 @@ async fn a_txns_changes_are_published_as_events_at_its_revision() {
             create_revision: rev(1),
             version: 2,
             lease: 4,
-            ..event(EventKind::Put, "a", "a2", Some("a1"), 0)
+            ..event(EventKind::Put, "a", "a2", Some(("a1", [rev(1), rev(1), 1, 0])), 0)
         }),
-        at6(event(EventKind::Delete, "b", "", Some("b1"), 1)),
-        at6(event(EventKind::Delete, "c", "", Some("c1"), 2)),
+        at6(event(EventKind::Delete, "b", "", Some(("b1", [rev(2), rev(2), 1, 0])), 1)),
+        at6(event(EventKind::Delete, "c", "", Some(("c1", [rev(3), rev(3), 1, 0])), 2)),
         at6(WatchEvent { create_revision: rev(6), version: 1, ..event(EventKind::Put, "d", "d1", None, 3) }),
     ];
     assert_eq!(batch.events, expected);
@@ -900,8 +907,8 @@ async fn a_txns_changes_are_published_as_events_at_its_revision() {
     assert_eq!(
         batch.events,
         vec![
-            at10(event(EventKind::Delete, "a", "", Some("a2"), 0)),
-            at10(event(EventKind::Delete, "d", "", Some("d1"), 1))
+            at10(event(EventKind::Delete, "a", "", Some(("a2", [rev(1), rev(6), 2, 4])), 0)),
+            at10(event(EventKind::Delete, "d", "", Some(("d1", [rev(6), rev(6), 1, 0])), 1))
         ]
     );
     assert_eq!(all_keys(&sm.reader()).len(), 1);
