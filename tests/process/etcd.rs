@@ -443,6 +443,13 @@ fn the_etcd_api_over_tls() {
     assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stderr).contains("etcd_key"), "{}", String::from_utf8_lossy(&o.stderr));
     node.extra_args.extend(["--etcd-key".into(), key]);
+    // An advertised address with a scheme is refused too; a name is what the member list shows.
+    node.extra_args.extend(["--etcd-advertise-addr".into(), format!("https://localhost:{port}")]);
+    let o = node.command().stderr(Stdio::piped()).output().expect("run aspen-node");
+    assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("etcd_advertise_addr"));
+    node.extra_args.pop();
+    node.extra_args.push(format!("localhost:{port}"));
     node.start();
     let token = node.admin_token();
     let endpoint = format!("https://127.0.0.1:{port}");
@@ -452,6 +459,8 @@ fn the_etcd_api_over_tls() {
         cmd.stdin(Stdio::null()).output().expect("etcdctl")
     };
     expect_code(&tls(&["put", "secret", "s3"]), 0, "put over TLS");
+    let members = stdout(&tls(&["member", "list"]));
+    assert!(members.contains(&format!(", localhost:{port}")), "the advertised client URL: {members}");
     assert_eq!(stdout(&tls(&["get", "secret", "--print-value-only"])).trim(), "s3");
     // A client that does not trust the certificate does not get through.
     let o = Etcdctl::new(std::slice::from_ref(&endpoint), Some(&token)).run(&[

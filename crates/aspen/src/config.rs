@@ -105,6 +105,27 @@ impl Default for StorageConfig {
     }
 }
 
+/// Checks an advertised `HOST:PORT` (a name, an IPv4 address or a bracketed IPv6 address).
+fn check_host_port(a: &str) -> Result<(), String> {
+    if a.contains("://") {
+        return Err("give HOST:PORT without a scheme (clients choose TLS by their own flags)".into());
+    }
+    let Some((host, port)) = a.rsplit_once(':') else { return Err("give HOST:PORT".into()) };
+    if port.parse::<u16>().map_or(true, |p| p == 0) {
+        return Err(format!("{port:?} is not a port number (1-65535)"));
+    }
+    let bracketed = host.starts_with('[') && host.ends_with(']');
+    let host_ok = if bracketed {
+        host[1..host.len() - 1].parse::<std::net::Ipv6Addr>().is_ok()
+    } else {
+        !host.is_empty() && host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+    };
+    if !host_ok {
+        return Err(format!("{host:?} is not a host name or address (IPv6: [ADDR]:PORT)"));
+    }
+    Ok(())
+}
+
 /// How [`StorageConfig::cache_bytes`] is shared: the page cache of each database a node opens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CacheSplit {
@@ -382,6 +403,10 @@ pub struct NodeConfig {
     pub etcd_cert: Option<PathBuf>,
     #[serde(default)]
     pub etcd_key: Option<PathBuf>,
+    /// `HOST:PORT` the member list shows as this node's etcd client URL
+    /// (`--etcd-advertise-addr`; default: the bound address).
+    #[serde(default)]
+    pub etcd_advertise_addr: Option<String>,
 }
 
 impl Default for NodeConfig {
@@ -405,6 +430,7 @@ impl Default for NodeConfig {
             etcd_addr: None,
             etcd_cert: None,
             etcd_key: None,
+            etcd_advertise_addr: None,
         }
     }
 }
@@ -507,6 +533,11 @@ pub struct NodeArgs {
     /// PEM private key for the etcd API's TLS (with --etcd-cert).
     #[arg(long, global = true, env = "ASPEN_ETCD_KEY", value_name = "FILE")]
     pub etcd_key: Option<PathBuf>,
+    /// HOST:PORT that etcd's member list shows as this node's client URL, for clients that
+    /// find members through it (etcdctl --cluster, auto-sync), e.g. node1.example:2379.
+    /// [default: the --etcd-addr address as bound]
+    #[arg(long, global = true, env = "ASPEN_ETCD_ADVERTISE_ADDR", value_name = "HOST:PORT")]
+    pub etcd_advertise_addr: Option<String>,
     /// Largest key in bytes. [default: 4096]
     #[arg(long, global = true, env = "ASPEN_MAX_KEY_BYTES")]
     pub max_key_bytes: Option<u64>,
@@ -557,6 +588,7 @@ struct FileConfig {
     etcd_addr: Option<SocketAddr>,
     etcd_cert: Option<PathBuf>,
     etcd_key: Option<PathBuf>,
+    etcd_advertise_addr: Option<String>,
 }
 
 #[derive(Deserialize, Default, Debug)]
@@ -669,6 +701,9 @@ impl NodeConfig {
         if args.etcd_key.is_some() {
             cfg.etcd_key = args.etcd_key.clone();
         }
+        if args.etcd_advertise_addr.is_some() {
+            cfg.etcd_advertise_addr = args.etcd_advertise_addr.clone();
+        }
         set(&mut cfg.limits.max_key_bytes, args.max_key_bytes);
         set(&mut cfg.limits.max_value_bytes, args.max_value_bytes);
         set(&mut cfg.limits.request_timeout_ms, args.request_timeout_ms);
@@ -708,6 +743,9 @@ impl NodeConfig {
         }
         if f.etcd_key.is_some() {
             self.etcd_key = f.etcd_key.clone();
+        }
+        if f.etcd_advertise_addr.is_some() {
+            self.etcd_advertise_addr = f.etcd_advertise_addr.clone();
         }
         set(&mut self.join, f.join.clone());
         if let Some(t) = &f.join_token {
@@ -785,6 +823,12 @@ impl NodeConfig {
                 ))
             }
             _ => {}
+        }
+        if let Some(a) = &self.etcd_advertise_addr {
+            if self.etcd_addr.is_none() {
+                return Err(invalid("etcd_advertise_addr", "given, but no etcd_addr to serve the etcd API on"));
+            }
+            check_host_port(a).map_err(|why| invalid("etcd_advertise_addr", format!("{a:?}: {why}")))?;
         }
         let r = &self.raft;
         if r.heartbeat_interval_ms == 0 {
@@ -1060,5 +1104,21 @@ mod tests {
         assert_eq!(off.gossip, GossipConfig { enabled: false, interval_ms: 500 });
         let err = NodeConfig::from_toml_str("[gossip]\ninterval_ms = 5").unwrap_err().to_string();
         assert!(err.contains("gossip.interval_ms"), "{err}");
+    }
+
+    #[test]
+    fn the_etcd_advertised_address_is_host_and_port() {
+        let with = |a: &str| {
+            NodeConfig::from_toml_str(&format!("etcd_addr = \"127.0.0.1:2379\"\netcd_advertise_addr = \"{a}\""))
+        };
+        for good in ["node1.example:2379", "10.0.0.5:2379", "[::1]:2379", "localhost:1"] {
+            assert_eq!(with(good).unwrap().etcd_advertise_addr.as_deref(), Some(good));
+        }
+        for bad in ["http://node1:2379", "node1", "node1:0", "node1:http", ":2379", "a b:1", "[zz]:1"] {
+            let err = with(bad).unwrap_err().to_string();
+            assert!(err.contains("etcd_advertise_addr"), "{bad}: {err}");
+        }
+        let err = NodeConfig::from_toml_str("etcd_advertise_addr = \"n:1\"").unwrap_err().to_string();
+        assert!(err.contains("no etcd_addr"), "{err}");
     }
 }

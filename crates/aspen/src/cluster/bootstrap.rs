@@ -598,8 +598,14 @@ async fn start_node(config: NodeConfig, stop: CancellationToken) -> Result<NodeH
                 base.shutdown_token.child_token(),
             )
             .map_err(|source| BootstrapError::Etcd { addr, source })?;
-            tracing::info!(url = %served.url, "serving the etcd API");
-            service.set_etcd_endpoint(served.advertised.clone());
+            let advertised = config.etcd_advertise_addr.clone().unwrap_or_else(|| served.advertised.clone());
+            tracing::info!(url = %served.url, advertised = %advertised, "serving the etcd API");
+            if config.etcd_advertise_addr.is_none() && addr.ip().is_unspecified() {
+                tracing::warn!(
+                    "the etcd API is bound to {addr}: etcd's member list shows that address, which clients that find                      members through it (etcdctl --cluster, auto-sync) cannot dial; set --etcd-advertise-addr"
+                );
+            }
+            service.set_etcd_endpoint(advertised);
             Some(served)
         }
         None => None,
