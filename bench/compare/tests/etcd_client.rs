@@ -38,8 +38,8 @@ use aspen::{
 };
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, DeleteOptions, Error, EventType, GetOptions, GetResponse,
-    LeaseTimeToLiveOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse, WatchOptions, WatchResponse,
-    WatchStream,
+    LeaseTimeToLiveOptions, LockOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse, WatchOptions,
+    WatchResponse, WatchStream,
 };
 
 /// How long any one wait of these tests may take before it fails the test.
@@ -1130,6 +1130,78 @@ async fn progress_after_a_burst(c: &Cluster) {
     }
 }
 
+/// etcd's lock service (`Client::lock`/`unlock`, v3lock): lockers with leases of their own
+/// hold the lock one at a time, each once; one that gives up waiting leaves no
+/// key behind; a lock without a lease gets one; a lock's name is refused on several shards.
+async fn lock_service(c: &Cluster) {
+    const LOCKERS: usize = 5;
+    if c.shards > 1 {
+        let mut kv = c.client().await;
+        let e = kv.lock("svc-lock", None).await.expect_err("locks need one shard");
+        assert_eq!(grpc(&e).0, "FailedPrecondition", "{e:?}");
+        return;
+    }
+    let held = Arc::new(AtomicBool::new(false));
+    let order = Arc::new(Mutex::new(Vec::new()));
+    // The first holder keeps the lock until every other locker has queued.
+    let mut first = c.client().await;
+    let lease = first.lease_grant(30, None).await.expect("grant").id();
+    let mine = first.lock("svc-lock", Some(LockOptions::new().with_lease(lease))).await.expect("the first lock");
+    assert!(mine.key().starts_with(b"svc-lock/"), "{:?}", mine.key());
+    // The same lease asking again holds it already (etcd: one acquisition per lease).
+    let again = first.lock("svc-lock", Some(LockOptions::new().with_lease(lease))).await.expect("again");
+    assert_eq!(again.key(), mine.key());
+    let lockers: Vec<_> = (0..LOCKERS)
+        .map(|i| {
+            let (endpoints, token) = (c.endpoints.clone(), c.token.clone());
+            let (held, order) = (held.clone(), order.clone());
+            tokio::spawn(async move {
+                let options = ConnectOptions::new().with_user("token", token);
+                let mut kv = Client::connect([endpoints[i % endpoints.len()].clone()], Some(options)).await.unwrap();
+                let lease = kv.lease_grant(30, None).await.expect("grant").id();
+                let got = kv.lock("svc-lock", Some(LockOptions::new().with_lease(lease))).await.expect("lock");
+                assert!(!held.swap(true, Ordering::SeqCst), "locker {i} got the lock while another held it");
+                order.lock().unwrap().push(i);
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                held.store(false, Ordering::SeqCst);
+                kv.unlock(got.key()).await.expect("unlock");
+            })
+        })
+        .collect();
+    // Queued: one key per locker besides the holder's.
+    let deadline = Instant::now() + PATIENCE;
+    while first.get("svc-lock/", Some(GetOptions::new().with_prefix())).await.unwrap().count() < 1 + LOCKERS as i64 {
+        assert!(Instant::now() < deadline, "the lockers never queued");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // One more gives up waiting: its key goes, it never holds the lock.
+    let mut quitter = c.client().await;
+    let q_lease = quitter.lease_grant(30, None).await.expect("grant").id();
+    let waited = tokio::time::timeout(
+        Duration::from_millis(500),
+        quitter.lock("svc-lock", Some(LockOptions::new().with_lease(q_lease))),
+    )
+    .await;
+    assert!(waited.is_err(), "the lock was free while held: {waited:?}");
+    let q_key = format!("svc-lock/{q_lease:x}");
+    let deadline = Instant::now() + PATIENCE;
+    while first.get(q_key.as_str(), None).await.unwrap().count() > 0 {
+        assert!(Instant::now() < deadline, "a locker that gave up left its key");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    first.unlock(mine.key()).await.expect("unlock");
+    for l in lockers {
+        l.await.expect("a locker");
+    }
+    assert_eq!(order.lock().unwrap().len(), LOCKERS, "every locker held the lock once");
+    assert_eq!(first.get("svc-lock/", Some(GetOptions::new().with_prefix())).await.unwrap().count(), 0);
+    // Without a lease, the lock gets one of its own (etcd: a 60 s session lease).
+    let free = first.lock("svc-free", None).await.expect("a lock without a lease");
+    let got = first.get(free.key(), None).await.unwrap();
+    assert!(got.kvs().first().is_some_and(|kv| kv.lease() != 0), "{got:?}");
+    first.unlock(free.key()).await.expect("unlock");
+}
+
 /// What the lockers of [`lock_recipe`] share: who holds the lock now, and when each held it.
 #[derive(Default)]
 struct LockLog {
@@ -1378,6 +1450,7 @@ cluster_test!(one_shard_lock_recipe_under_contention, 1, lock_recipe);
 cluster_test!(one_shard_less_common_calls, 1, edges);
 cluster_test!(one_shard_cas_loop_under_contention, 1, cas_loop);
 cluster_test!(one_shard_progress_after_a_burst, 1, progress_after_a_burst);
+cluster_test!(one_shard_lock_service, 1, lock_service);
 
 cluster_test!(four_shards_tokens_members_and_status, 4, auth_members_and_status);
 cluster_test!(four_shards_kv, 4, kv_semantics);
@@ -1387,6 +1460,7 @@ cluster_test!(four_shards_leases, 4, leases);
 cluster_test!(four_shards_cas_loop_under_contention, 4, cas_loop);
 cluster_test!(four_shards_less_common_calls, 4, edges);
 cluster_test!(four_shards_progress_after_a_burst, 4, progress_after_a_burst);
+cluster_test!(four_shards_lock_service_is_refused, 4, lock_service);
 
 /// A read at the revision of the latest write (`WithRev(put.header.revision)`, as clients do to
 /// read "as of" their own write) is answered, as etcd does: nothing changed since. Once the key

@@ -2,11 +2,15 @@
 //! protobuf compiler written in Rust, so no system `protoc` is needed) and writes the prost
 //! messages and the tonic servers and clients into crates/aspen/src/etcd/proto. The generated
 //! files are checked in; run this (`scripts/gen-etcd-proto.sh`) after changing a .proto file.
+//! Its test (run by the suite) generates them afresh and fails if the checked-in files differ.
 
 use std::path::{Path, PathBuf};
 
 /// The .proto files, relative to the include root crates/aspen/proto.
-const PROTOS: &[&str] = &["etcd/mvccpb/kv.proto", "etcd/authpb/auth.proto", "etcd/etcdserverpb/rpc.proto"];
+const PROTOS: &[&str] =
+    &["etcd/mvccpb/kv.proto", "etcd/authpb/auth.proto", "etcd/etcdserverpb/rpc.proto", "etcd/v3lockpb/v3lock.proto"];
+/// The generated files, one per protobuf package.
+const PACKAGES: &[&str] = &["etcdserverpb", "mvccpb", "authpb", "v3lockpb"];
 
 fn main() {
     if let Err(e) = run() {
@@ -15,22 +19,58 @@ fn main() {
     }
 }
 
+/// The aspen crate's directory.
+fn aspen_dir() -> std::io::Result<PathBuf> {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../aspen").canonicalize()
+}
+
 fn run() -> Result<(), Box<dyn std::error::Error>> {
-    let aspen = Path::new(env!("CARGO_MANIFEST_DIR")).join("../aspen").canonicalize()?;
-    let include = aspen.join("proto");
-    let out_dir = aspen.join("src/etcd/proto");
+    let out_dir = aspen_dir()?.join("src/etcd/proto");
+    for file in generate(&out_dir)? {
+        println!("aspen-protogen: wrote {}", file.display());
+    }
+    Ok(())
+}
+
+/// Compiles the protos and writes one file per package into `out_dir`; returns their paths.
+fn generate(out_dir: &Path) -> Result<Vec<PathBuf>, Box<dyn std::error::Error>> {
+    let include = aspen_dir()?.join("proto");
     let files: Vec<PathBuf> = PROTOS.iter().map(|p| include.join(p)).collect();
-
     let fds = protox::compile(&files, [&include])?;
-    std::fs::create_dir_all(&out_dir)?;
-    tonic_prost_build::configure().build_server(true).build_client(true).out_dir(&out_dir).compile_fds(fds)?;
-
-    for package in ["etcdserverpb", "mvccpb", "authpb"] {
+    std::fs::create_dir_all(out_dir)?;
+    tonic_prost_build::configure().build_server(true).build_client(true).out_dir(out_dir).compile_fds(fds)?;
+    let mut written = Vec::new();
+    for package in PACKAGES {
         let file = out_dir.join(format!("{package}.rs"));
         if !file.is_file() {
             return Err(format!("expected {} to be generated", file.display()).into());
         }
-        println!("aspen-protogen: wrote {}", file.display());
+        written.push(file);
     }
-    Ok(())
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The checked-in code is what the protos generate (no hand edits, no stale files).
+    #[test]
+    fn the_checked_in_code_matches_the_protos() {
+        let out = std::env::temp_dir().join(format!("aspen-protogen-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&out);
+        let fresh = generate(&out).expect("generate");
+        let checked_in = aspen_dir().unwrap().join("src/etcd/proto");
+        for file in fresh {
+            let name = file.file_name().unwrap();
+            let want = std::fs::read(&file).unwrap();
+            let have = std::fs::read(checked_in.join(name)).unwrap_or_default();
+            assert!(
+                want == have,
+                "crates/aspen/src/etcd/proto/{} differs from what the protos generate: run scripts/gen-etcd-proto.sh",
+                name.to_string_lossy()
+            );
+        }
+        let _ = std::fs::remove_dir_all(&out);
+    }
 }

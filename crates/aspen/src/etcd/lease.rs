@@ -30,15 +30,32 @@ fn lease_id(id: i64) -> Result<u64, Status> {
     Ok(id)
 }
 
-impl<N: EtcdNode> LeaseService<N> {
-    /// Grants lease `id` (its home shard's write); `None`: the id is taken.
-    async fn grant(&self, caller: &Caller, id: u64, ttl: u64) -> Result<Option<(u64, u64, u64)>, Status> {
-        let home = self.0.router().shard_for_lease(id);
-        match self.0.write_command(caller, home, false, WriteCommand::LeaseGrant { id, ttl_secs: ttl }).await? {
+impl<N: EtcdNode> Gateway<N> {
+    /// Grants lease `id` (its home shard's write): (revision, id, TTL); `None`: the id is taken.
+    pub async fn grant(&self, caller: &Caller, id: u64, ttl: u64) -> Result<Option<(u64, u64, u64)>, Status> {
+        let home = self.router().shard_for_lease(id);
+        match self.write_command(caller, home, false, WriteCommand::LeaseGrant { id, ttl_secs: ttl }).await? {
             WriteOutcome::LeaseGranted { revision, id, ttl_secs } => Ok(Some((revision, id, ttl_secs))),
             WriteOutcome::LeaseExists { .. } => Ok(None),
             other => Err(unknown_outcome(other)),
         }
+    }
+
+    /// Grants a lease of a random id (a random 63-bit id is taken with negligible odds; three
+    /// tries): (revision, id, TTL).
+    pub async fn grant_random(&self, caller: &Caller, ttl: u64) -> Result<(u64, u64, u64), Status> {
+        for _ in 0..3 {
+            if let Some(g) = self.grant(caller, random_lease_id(), ttl).await? {
+                return Ok(g);
+            }
+        }
+        Err(Status::internal("three random lease ids in a row were taken"))
+    }
+
+    /// A lease of `ttl` seconds for the caller (a random id); its id.
+    pub async fn grant_lease(&self, caller: &Caller, ttl: u64) -> Result<u64, Status> {
+        caller.needs("lease grant", |s| s.write, "write")?;
+        Ok(self.grant_random(caller, ttl).await?.1)
     }
 }
 
@@ -57,20 +74,12 @@ impl<N: EtcdNode> Lease for LeaseService<N> {
         let ttl = r.ttl.max(1) as u64;
         let granted = if r.id != 0 {
             let id = u64::try_from(r.id).map_err(|_| Status::invalid_argument("a lease id must be positive"))?;
-            match self.grant(&caller, id, ttl).await? {
+            match self.0.grant(&caller, id, ttl).await? {
                 Some(g) => g,
                 None => return Err(Status::failed_precondition(errors::LEASE_EXISTS)),
             }
         } else {
-            // A random 63-bit id is taken with negligible odds; three tries.
-            let mut granted = None;
-            for _ in 0..3 {
-                if let Some(g) = self.grant(&caller, random_lease_id(), ttl).await? {
-                    granted = Some(g);
-                    break;
-                }
-            }
-            granted.ok_or_else(|| Status::internal("three random lease ids in a row were taken"))?
+            self.0.grant_random(&caller, ttl).await?
         };
         let (revision, id, ttl) = granted;
         Ok(Response::new(LeaseGrantResponse {

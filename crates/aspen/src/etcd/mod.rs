@@ -2,7 +2,7 @@
 //! etcd's client libraries work against Aspen.
 //!
 //! Owns: the gRPC endpoint (`--etcd-addr`, optional rustls TLS), the translation of etcd's KV,
-//! Watch, Lease, Cluster, Maintenance and Auth services onto the node's own requests
+//! Watch, Lease, Cluster, Maintenance, Auth and Lock services onto the node's own requests
 //! ([`gateway`]), and etcd's error texts. It depends on the node only through
 //! [`gateway::EtcdNode`] (implemented by `cluster::NodeService`), so requests take the same
 //! routes as the native protocol's: forwarded to shard leaders, checked against token scopes.
@@ -11,6 +11,7 @@ pub mod admin;
 pub mod gateway;
 pub mod kv;
 pub mod lease;
+pub mod lock;
 pub mod proto;
 pub mod server;
 pub mod watch;

@@ -12,10 +12,12 @@ use super::{
     gateway::{EtcdNode, Gateway},
     kv::KvService,
     lease::LeaseService,
+    lock::LockService,
     proto::etcdserverpb::{
         auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
         maintenance_server::MaintenanceServer, watch_server::WatchServer,
     },
+    proto::v3lockpb::lock_server::LockServer,
     watch::WatchService,
 };
 use crate::auth::Authority;
@@ -92,6 +94,7 @@ impl EtcdEndpoint {
             .add_service(KvServer::new(KvService(gw.clone())).max_decoding_message_size(max_request_bytes))
             .add_service(WatchServer::new(WatchService(gw.clone())).max_decoding_message_size(max_request_bytes))
             .add_service(LeaseServer::new(LeaseService(gw.clone())))
+            .add_service(LockServer::new(LockService(gw.clone())))
             .add_service(ClusterServer::new(ClusterService(gw.clone())))
             .add_service(MaintenanceServer::new(MaintenanceService(gw.clone())))
             .add_service(AuthServer::new(AuthService(gw)));

@@ -21,3 +21,9 @@ pub mod authpb;
 #[rustfmt::skip]
 #[allow(clippy::all, clippy::pedantic, missing_docs, rustdoc::all)]
 pub mod etcdserverpb;
+
+/// etcd's lock service: `Lock` and `Unlock` (package `v3lockpb`), with its tonic server
+/// (`lock_server::Lock`) and client.
+#[rustfmt::skip]
+#[allow(clippy::all, clippy::pedantic, missing_docs, rustdoc::all)]
+pub mod v3lockpb;

@@ -1,0 +1,195 @@
+//! etcd's v3lock service (`v3lockpb.Lock`): named locks held by keys attached to leases, as
+//! etcd's own server does them with its `concurrency.Mutex` recipe (docs/design.md §18).
+//!
+//! Lock: the caller's key `NAME/LEASE` (lower-case hex) is created with the lease unless it
+//! exists (then it is reused: the same lease asks again); the lock is the caller's once every key
+//! under `NAME/` created before it is gone — it waits on the youngest of those, watching it for
+//! its deletion, until none is left. If the caller goes away or anything fails while it waits,
+//! its key is deleted (so it does not block the queue); if its key went meanwhile (the lease
+//! expired), the lock is not held. Unlock deletes the key.
+//!
+//! Keys of one lock are ordered by their create revision, which is per shard: on a cluster of
+//! more than one shard the keys under `NAME/` are in different shards, so locks are refused
+//! there (`FAILED_PRECONDITION`).
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::{
+    gateway::{errors, status_of, Caller, EtcdNode, Gateway},
+    proto::v3lockpb::{lock_server::Lock, LockRequest, LockResponse, UnlockRequest, UnlockResponse},
+};
+use crate::api::{
+    is_reserved_key, ApiError, ClientResponse, CompareOp, EventKind, KeyRange, KvCompare, KvCompareTarget, KvOp,
+    KvOpResult, KvPut, KvTxn, RangeQuery, ReadConsistency, Revision, ShardId, WatchRequest, WatchStart,
+};
+
+/// The TTL of the lease a lock gets when the caller names none (etcd's session default).
+const DEFAULT_LOCK_TTL_SECS: u64 = 60;
+
+/// etcd's Lock service over a node.
+#[derive(Debug)]
+pub struct LockService<N: EtcdNode>(pub Arc<Gateway<N>>);
+
+/// The one shard a lock's keys live in, or the refusal on a sharded cluster.
+fn lock_shard<N: EtcdNode>(gw: &Gateway<N>) -> Result<ShardId, Status> {
+    if gw.router().num_shards() > 1 {
+        return Err(Status::failed_precondition(
+            "locks order their holders by create revision, which is per shard: they need a cluster of one shard",
+        ));
+    }
+    Ok(0)
+}
+
+/// Deletes the caller's queued key unless disarmed: a Lock call that ends before it holds the
+/// lock (the client went away, a failure) leaves no key behind to block the others.
+struct Queued<N: EtcdNode> {
+    gw: Arc<Gateway<N>>,
+    caller: Caller,
+    key: Vec<u8>,
+    armed: bool,
+}
+
+impl<N: EtcdNode> Drop for Queued<N> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let (gw, caller, key) = (self.gw.clone(), self.caller.clone(), std::mem::take(&mut self.key));
+        tokio::spawn(async move {
+            let delete = KvTxn::op(KvOp::DeleteRange { range: KeyRange::single(key), prev_kv: false });
+            if let Err(e) = gw.write(&caller, 0, delete).await {
+                tracing::debug!("etcd API: a lock's queued key was not deleted: {e}");
+            }
+        });
+    }
+}
+
+impl<N: EtcdNode> LockService<N> {
+    /// Waits until no key under `prefix` created before `mine` is left; the revision then.
+    async fn wait_for_earlier(&self, caller: &Caller, prefix: &[u8], mine: Revision) -> Result<Revision, Status> {
+        let gw = &self.0;
+        loop {
+            let mut q = RangeQuery::all(KeyRange::prefix(prefix.to_vec()));
+            q.keys_only = true;
+            q.max_create_revision = mine.saturating_sub(1);
+            let page = gw.range(q, ReadConsistency::Linearizable).await?;
+            let Some(youngest) = page.kvs.iter().max_by_key(|k| k.create_revision) else {
+                return Ok(page.revision);
+            };
+            // Wait for its deletion, from the state just read on (a deletion after it cannot be
+            // missed; one before it would have removed it from the read).
+            let request = WatchRequest {
+                key: youngest.key.clone(),
+                prefix: false,
+                prev_kv: false,
+                start: WatchStart::FromRevision(page.revision + 1),
+            };
+            let mut frames = match gw.node.watch(request).await {
+                Ok(frames) => frames,
+                // This node's history no longer reaches back to the read: read again.
+                Err(ApiError::Compacted { .. }) => continue,
+                Err(e) => return Err(status_of(e)),
+            };
+            loop {
+                match frames.recv().await {
+                    Some(Ok(ClientResponse::WatchEvents(events))) => {
+                        if events.iter().any(|e| e.kind == EventKind::Delete && e.key == youngest.key) {
+                            break;
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    // The watch lost its place (a snapshot, a slow reader): read again.
+                    Some(Err(ApiError::Compacted { .. } | ApiError::WatchCancelled(_))) => break,
+                    Some(Err(e)) => return Err(status_of(e)),
+                    None => return Err(Status::unavailable(errors::NO_LEADER)),
+                }
+            }
+            // Tokens expire and get revoked while locks wait.
+            gw.recheck(caller)?;
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl<N: EtcdNode> Lock for LockService<N> {
+    async fn lock(&self, request: Request<LockRequest>) -> Result<Response<LockResponse>, Status> {
+        let gw = &self.0;
+        let caller = gw.caller(request.metadata())?;
+        let r = request.into_inner();
+        if r.name.is_empty() {
+            return Err(Status::invalid_argument(errors::EMPTY_KEY));
+        }
+        if is_reserved_key(&r.name) {
+            return Err(Status::invalid_argument("keys starting with \\x00aspen/ are reserved for the cluster"));
+        }
+        let shard = lock_shard(gw)?;
+        let mut prefix = r.name;
+        prefix.push(b'/');
+        caller.may_read(&KeyRange::prefix(prefix.clone()))?;
+        let lease = match r.lease {
+            0 => gw.grant_lease(&caller, DEFAULT_LOCK_TTL_SECS).await?,
+            id => u64::try_from(id).map_err(|_| Status::not_found(errors::LEASE_NOT_FOUND))?,
+        };
+        let mut key = prefix.clone();
+        key.extend_from_slice(format!("{lease:x}").as_bytes());
+        // Queue: create the key with the lease unless it exists (then its create revision).
+        let create = KvTxn {
+            compares: vec![KvCompare {
+                range: KeyRange::single(key.clone()),
+                op: CompareOp::Equal,
+                target: KvCompareTarget::CreateRevision(0),
+            }],
+            success: vec![KvOp::Put(KvPut {
+                key: key.clone(),
+                value: Vec::new(),
+                lease,
+                prev_kv: false,
+                ignore_value: false,
+                ignore_lease: false,
+            })],
+            failure: vec![KvOp::Range(RangeQuery::all(KeyRange::single(key.clone())))],
+        };
+        caller.may_run(&create)?;
+        let (revision, created, results) = gw.write(&caller, shard, create).await?;
+        let mine = if created {
+            revision
+        } else {
+            match results.into_iter().next() {
+                Some(KvOpResult::Range(page)) => page.kvs.first().map(|k| k.create_revision).unwrap_or(revision),
+                _ => revision,
+            }
+        };
+        let mut queued = Queued { gw: gw.clone(), caller: caller.clone(), key: key.clone(), armed: true };
+        let at = self.wait_for_earlier(&caller, &prefix, mine).await?;
+        // Its key must still be there: a lease that expired while it waited took the key (and
+        // the place in the queue) with it.
+        let mut q = RangeQuery::all(KeyRange::single(key.clone()));
+        q.keys_only = true;
+        let page = gw.range(q, ReadConsistency::Linearizable).await?;
+        if page.kvs.first().map(|k| k.create_revision) != Some(mine) {
+            queued.armed = false;
+            return Err(Status::not_found(errors::LEASE_NOT_FOUND));
+        }
+        queued.armed = false;
+        Ok(Response::new(LockResponse { header: gw.header(at.max(page.revision)), key }))
+    }
+
+    async fn unlock(&self, request: Request<UnlockRequest>) -> Result<Response<UnlockResponse>, Status> {
+        let gw = &self.0;
+        let caller = gw.caller(request.metadata())?;
+        let key = request.into_inner().key;
+        if key.is_empty() {
+            return Err(Status::invalid_argument(errors::EMPTY_KEY));
+        }
+        if is_reserved_key(&key) {
+            return Err(Status::invalid_argument("keys starting with \\x00aspen/ are reserved for the cluster"));
+        }
+        let shard = lock_shard(gw)?;
+        let delete = KvTxn::op(KvOp::DeleteRange { range: KeyRange::single(key), prev_kv: false });
+        caller.may_run(&delete)?;
+        let (revision, _, _) = gw.write(&caller, shard, delete).await?;
+        Ok(Response::new(UnlockResponse { header: gw.header(revision) }))
+    }
+}
