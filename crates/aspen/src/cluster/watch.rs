@@ -193,18 +193,20 @@ async fn follow_shard(
                     asked = None;
                     continue;
                 }
-                // Asked where it stands: known only once every batch received is handled (else
-                // the loop handles them first, and the asker asks again).
+                // Asked where it stands: after every applied entry if it handled every batch it
+                // received, else as far as it got (the loop handles the rest, and the asker asks
+                // again until the position is far enough: under a stream of writes this watch
+                // does not match, that is how it learns it).
                 if let Some(p) = hub.progress(&live) {
                     if at.precedes(p.revision, p.index) {
                         at = p;
                     }
-                    if reported != at {
-                        match send_progress(&tx, at, &live, max_lag).await {
-                            Sent::Ok => (reported, reported_at) = (at, tokio::time::Instant::now()),
-                            Sent::Gone => return,
-                            Sent::Lagged => return end(&tx, lagged(max_lag as u64)).await,
-                        }
+                }
+                if reported != at {
+                    match send_progress(&tx, at, &live, max_lag).await {
+                        Sent::Ok => (reported, reported_at) = (at, tokio::time::Instant::now()),
+                        Sent::Gone => return,
+                        Sent::Lagged => return end(&tx, lagged(max_lag as u64)).await,
                     }
                 }
                 continue;

@@ -56,8 +56,10 @@ impl<N: EtcdNode> Drop for Queued<N> {
         if !self.armed {
             return;
         }
+        // Dropped as its runtime stops: the key goes with its lease then.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
         let (gw, caller, key) = (self.gw.clone(), self.caller.clone(), std::mem::take(&mut self.key));
-        tokio::spawn(async move {
+        runtime.spawn(async move {
             let delete = KvTxn::op(KvOp::DeleteRange { range: KeyRange::single(key), prev_kv: false });
             if let Err(e) = gw.write(&caller, 0, delete).await {
                 tracing::debug!("etcd API: a lock's queued key was not deleted: {e}");
