@@ -38,8 +38,8 @@ use aspen::{
 };
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, DeleteOptions, Error, EventType, GetOptions, GetResponse,
-    LeaseTimeToLiveOptions, LockOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse, WatchOptions,
-    WatchResponse, WatchStream,
+    LeaseTimeToLiveOptions, LockOptions, ProclaimOptions, PutOptions, ResignOptions, SortOrder, SortTarget, Txn, TxnOp,
+    TxnOpResponse, WatchOptions, WatchResponse, WatchStream,
 };
 
 /// How long any one wait of these tests may take before it fails the test.
@@ -1202,6 +1202,63 @@ async fn lock_service(c: &Cluster) {
     first.unlock(free.key()).await.expect("unlock");
 }
 
+/// The value of the next leader an observe stream reports.
+async fn next_observed(observed: &mut etcd_client::ObserveStream) -> String {
+    let m = tokio::time::timeout(PATIENCE, observed.message()).await.expect("an observation");
+    let m = m.expect("the observe stream").expect("goes on");
+    text(m.kv().expect("the leader's key").value())
+}
+
+/// etcd's election service (v3election): the first candidate leads, a second waits; proclaim
+/// changes the leader's value, observe streams each change, resign hands over; a former
+/// leader's key can neither proclaim nor resign; no candidate: no leader. Refused on several
+/// shards.
+async fn election_service(c: &Cluster) {
+    let mut a = c.client().await;
+    if c.shards > 1 {
+        let e = a.campaign("svc-elect", "a", 0).await.expect_err("elections need one shard");
+        assert_eq!(grpc(&e).0, "FailedPrecondition", "{e:?}");
+        return;
+    }
+    let lease_a = a.lease_grant(30, None).await.expect("grant").id();
+    let won = a.campaign("svc-elect", "a", lease_a).await.expect("campaign");
+    let key_a = won.leader().expect("a leader key").clone();
+    assert_eq!(key_a.key(), format!("svc-elect/{lease_a:x}").as_bytes());
+    let leader_value = |r: &etcd_client::LeaderResponse| text(r.kv().expect("the leader's key").value());
+    assert_eq!(leader_value(&a.leader("svc-elect").await.expect("leader")), "a");
+    let mut watcher = c.client().await;
+    let mut observed = watcher.observe("svc-elect").await.expect("observe");
+    assert_eq!(next_observed(&mut observed).await, "a");
+    // A second candidate waits while the first leads.
+    let (endpoints, token) = (c.endpoints.clone(), c.token.clone());
+    let second = tokio::spawn(async move {
+        let options = ConnectOptions::new().with_user("token", token);
+        let mut b = Client::connect(&endpoints, Some(options)).await.unwrap();
+        let lease_b = b.lease_grant(30, None).await.expect("grant").id();
+        let won = b.campaign("svc-elect", "b", lease_b).await.expect("campaign b");
+        (b, won.leader().expect("b's leader key").clone())
+    });
+    let deadline = Instant::now() + PATIENCE;
+    while a.get("svc-elect/", Some(GetOptions::new().with_prefix())).await.unwrap().count() < 2 {
+        assert!(Instant::now() < deadline, "the second candidate never queued");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!second.is_finished(), "the second candidate won while the first led");
+    a.proclaim("a2", Some(ProclaimOptions::new().with_leader(key_a.clone()))).await.expect("proclaim");
+    assert_eq!(next_observed(&mut observed).await, "a2");
+    a.resign(Some(ResignOptions::new().with_leader(key_a.clone()))).await.expect("resign");
+    let (mut b, key_b) = tokio::time::timeout(PATIENCE, second).await.expect("b leads").expect("b");
+    assert_eq!(next_observed(&mut observed).await, "b");
+    assert_eq!(leader_value(&b.leader("svc-elect").await.expect("leader")), "b");
+    let e = a.proclaim("stale", Some(ProclaimOptions::new().with_leader(key_a.clone()))).await.expect_err("stale");
+    assert!(grpc(&e).1.contains("not leader"), "{e:?}");
+    a.resign(Some(ResignOptions::new().with_leader(key_a))).await.expect("a resign that changes nothing");
+    assert_eq!(leader_value(&b.leader("svc-elect").await.expect("leader")), "b");
+    b.resign(Some(ResignOptions::new().with_leader(key_b))).await.expect("resign");
+    let e = b.leader("svc-elect").await.expect_err("no candidate, no leader");
+    assert!(grpc(&e).1.contains("no leader"), "{e:?}");
+}
+
 /// What the lockers of [`lock_recipe`] share: who holds the lock now, and when each held it.
 #[derive(Default)]
 struct LockLog {
@@ -1451,6 +1508,7 @@ cluster_test!(one_shard_less_common_calls, 1, edges);
 cluster_test!(one_shard_cas_loop_under_contention, 1, cas_loop);
 cluster_test!(one_shard_progress_after_a_burst, 1, progress_after_a_burst);
 cluster_test!(one_shard_lock_service, 1, lock_service);
+cluster_test!(one_shard_election_service, 1, election_service);
 
 cluster_test!(four_shards_tokens_members_and_status, 4, auth_members_and_status);
 cluster_test!(four_shards_kv, 4, kv_semantics);
@@ -1461,6 +1519,7 @@ cluster_test!(four_shards_cas_loop_under_contention, 4, cas_loop);
 cluster_test!(four_shards_less_common_calls, 4, edges);
 cluster_test!(four_shards_progress_after_a_burst, 4, progress_after_a_burst);
 cluster_test!(four_shards_lock_service_is_refused, 4, lock_service);
+cluster_test!(four_shards_election_service_is_refused, 4, election_service);
 
 /// A read at the revision of the latest write (`WithRev(put.header.revision)`, as clients do to
 /// read "as of" their own write) is answered, as etcd does: nothing changed since. Once the key

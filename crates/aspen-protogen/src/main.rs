@@ -7,10 +7,15 @@
 use std::path::{Path, PathBuf};
 
 /// The .proto files, relative to the include root crates/aspen/proto.
-const PROTOS: &[&str] =
-    &["etcd/mvccpb/kv.proto", "etcd/authpb/auth.proto", "etcd/etcdserverpb/rpc.proto", "etcd/v3lockpb/v3lock.proto"];
+const PROTOS: &[&str] = &[
+    "etcd/mvccpb/kv.proto",
+    "etcd/authpb/auth.proto",
+    "etcd/etcdserverpb/rpc.proto",
+    "etcd/v3lockpb/v3lock.proto",
+    "etcd/v3electionpb/v3election.proto",
+];
 /// The generated files, one per protobuf package.
-const PACKAGES: &[&str] = &["etcdserverpb", "mvccpb", "authpb", "v3lockpb"];
+const PACKAGES: &[&str] = &["etcdserverpb", "mvccpb", "authpb", "v3lockpb", "v3electionpb"];
 
 fn main() {
     if let Err(e) = run() {

@@ -32,23 +32,59 @@ const DEFAULT_LOCK_TTL_SECS: u64 = 60;
 #[derive(Debug)]
 pub struct LockService<N: EtcdNode>(pub Arc<Gateway<N>>);
 
-/// The one shard a lock's keys live in, or the refusal on a sharded cluster.
-fn lock_shard<N: EtcdNode>(gw: &Gateway<N>) -> Result<ShardId, Status> {
+/// The one shard a lock's (or an election's) keys live in, or the refusal on a sharded cluster.
+pub(super) fn lock_shard<N: EtcdNode>(gw: &Gateway<N>) -> Result<ShardId, Status> {
     if gw.router().num_shards() > 1 {
         return Err(Status::failed_precondition(
-            "locks order their holders by create revision, which is per shard: they need a cluster of one shard",
+            "locks and elections order their holders by create revision, which is per shard: they need a cluster \
+             of one shard",
         ));
     }
     Ok(0)
 }
 
+/// Checks a lock's or an election's name and gives its key prefix (`NAME/`).
+pub(super) fn name_prefix(caller: &Caller, name: Vec<u8>) -> Result<Vec<u8>, Status> {
+    if name.is_empty() {
+        return Err(Status::invalid_argument(errors::EMPTY_KEY));
+    }
+    if is_reserved_key(&name) {
+        return Err(Status::invalid_argument("keys starting with \\x00aspen/ are reserved for the cluster"));
+    }
+    let mut prefix = name;
+    prefix.push(b'/');
+    caller.may_read(&KeyRange::prefix(prefix.clone()))?;
+    Ok(prefix)
+}
+
+/// The txn that queues a candidate: puts `key` with `value` and `lease` unless it exists, else
+/// reads it.
+pub(super) fn queue_txn(key: &[u8], value: Vec<u8>, lease: u64) -> KvTxn {
+    KvTxn {
+        compares: vec![KvCompare {
+            range: KeyRange::single(key.to_vec()),
+            op: CompareOp::Equal,
+            target: KvCompareTarget::CreateRevision(0),
+        }],
+        success: vec![KvOp::Put(KvPut {
+            key: key.to_vec(),
+            value,
+            lease,
+            prev_kv: false,
+            ignore_value: false,
+            ignore_lease: false,
+        })],
+        failure: vec![KvOp::Range(RangeQuery::all(KeyRange::single(key.to_vec())))],
+    }
+}
+
 /// Deletes the caller's queued key unless disarmed: a Lock call that ends before it holds the
 /// lock (the client went away, a failure) leaves no key behind to block the others.
-struct Queued<N: EtcdNode> {
-    gw: Arc<Gateway<N>>,
-    caller: Caller,
-    key: Vec<u8>,
-    armed: bool,
+pub(super) struct Queued<N: EtcdNode> {
+    pub gw: Arc<Gateway<N>>,
+    pub caller: Caller,
+    pub key: Vec<u8>,
+    pub armed: bool,
 }
 
 impl<N: EtcdNode> Drop for Queued<N> {
@@ -68,49 +104,51 @@ impl<N: EtcdNode> Drop for Queued<N> {
     }
 }
 
-impl<N: EtcdNode> LockService<N> {
-    /// Waits until no key under `prefix` created before `mine` is left; the revision then.
-    async fn wait_for_earlier(&self, caller: &Caller, prefix: &[u8], mine: Revision) -> Result<Revision, Status> {
-        let gw = &self.0;
+/// Waits until no key under `prefix` created before `mine` is left; the revision then.
+pub(super) async fn wait_for_earlier<N: EtcdNode>(
+    gw: &Gateway<N>,
+    caller: &Caller,
+    prefix: &[u8],
+    mine: Revision,
+) -> Result<Revision, Status> {
+    loop {
+        let mut q = RangeQuery::all(KeyRange::prefix(prefix.to_vec()));
+        q.keys_only = true;
+        q.max_create_revision = mine.saturating_sub(1);
+        let page = gw.range(q, ReadConsistency::Linearizable).await?;
+        let Some(youngest) = page.kvs.iter().max_by_key(|k| k.create_revision) else {
+            return Ok(page.revision);
+        };
+        // Wait for its deletion, from the state just read on (a deletion after it cannot be
+        // missed; one before it would have removed it from the read).
+        let request = WatchRequest {
+            key: youngest.key.clone(),
+            prefix: false,
+            prev_kv: false,
+            start: WatchStart::FromRevision(page.revision + 1),
+        };
+        let mut frames = match gw.node.watch(request).await {
+            Ok(frames) => frames,
+            // This node's history no longer reaches back to the read: read again.
+            Err(ApiError::Compacted { .. }) => continue,
+            Err(e) => return Err(status_of(e)),
+        };
         loop {
-            let mut q = RangeQuery::all(KeyRange::prefix(prefix.to_vec()));
-            q.keys_only = true;
-            q.max_create_revision = mine.saturating_sub(1);
-            let page = gw.range(q, ReadConsistency::Linearizable).await?;
-            let Some(youngest) = page.kvs.iter().max_by_key(|k| k.create_revision) else {
-                return Ok(page.revision);
-            };
-            // Wait for its deletion, from the state just read on (a deletion after it cannot be
-            // missed; one before it would have removed it from the read).
-            let request = WatchRequest {
-                key: youngest.key.clone(),
-                prefix: false,
-                prev_kv: false,
-                start: WatchStart::FromRevision(page.revision + 1),
-            };
-            let mut frames = match gw.node.watch(request).await {
-                Ok(frames) => frames,
-                // This node's history no longer reaches back to the read: read again.
-                Err(ApiError::Compacted { .. }) => continue,
-                Err(e) => return Err(status_of(e)),
-            };
-            loop {
-                match frames.recv().await {
-                    Some(Ok(ClientResponse::WatchEvents(events))) => {
-                        if events.iter().any(|e| e.kind == EventKind::Delete && e.key == youngest.key) {
-                            break;
-                        }
+            match frames.recv().await {
+                Some(Ok(ClientResponse::WatchEvents(events))) => {
+                    if events.iter().any(|e| e.kind == EventKind::Delete && e.key == youngest.key) {
+                        break;
                     }
-                    Some(Ok(_)) => {}
-                    // The watch lost its place (a snapshot, a slow reader): read again.
-                    Some(Err(ApiError::Compacted { .. } | ApiError::WatchCancelled(_))) => break,
-                    Some(Err(e)) => return Err(status_of(e)),
-                    None => return Err(Status::unavailable(errors::NO_LEADER)),
                 }
+                Some(Ok(_)) => {}
+                // The watch lost its place (a snapshot, a slow reader): read again.
+                Some(Err(ApiError::Compacted { .. } | ApiError::WatchCancelled(_))) => break,
+                Some(Err(e)) => return Err(status_of(e)),
+                None => return Err(Status::unavailable(errors::NO_LEADER)),
             }
-            // Tokens expire and get revoked while locks wait.
-            gw.recheck(caller)?;
         }
+        // Tokens expire and get revoked while locks wait.
+        gw.recheck(caller)?;
     }
 }
 
@@ -120,16 +158,8 @@ impl<N: EtcdNode> Lock for LockService<N> {
         let gw = &self.0;
         let caller = gw.caller(request.metadata())?;
         let r = request.into_inner();
-        if r.name.is_empty() {
-            return Err(Status::invalid_argument(errors::EMPTY_KEY));
-        }
-        if is_reserved_key(&r.name) {
-            return Err(Status::invalid_argument("keys starting with \\x00aspen/ are reserved for the cluster"));
-        }
         let shard = lock_shard(gw)?;
-        let mut prefix = r.name;
-        prefix.push(b'/');
-        caller.may_read(&KeyRange::prefix(prefix.clone()))?;
+        let prefix = name_prefix(&caller, r.name)?;
         let lease = match r.lease {
             0 => gw.grant_lease(&caller, DEFAULT_LOCK_TTL_SECS).await?,
             id => u64::try_from(id).map_err(|_| Status::not_found(errors::LEASE_NOT_FOUND))?,
@@ -137,22 +167,7 @@ impl<N: EtcdNode> Lock for LockService<N> {
         let mut key = prefix.clone();
         key.extend_from_slice(format!("{lease:x}").as_bytes());
         // Queue: create the key with the lease unless it exists (then its create revision).
-        let create = KvTxn {
-            compares: vec![KvCompare {
-                range: KeyRange::single(key.clone()),
-                op: CompareOp::Equal,
-                target: KvCompareTarget::CreateRevision(0),
-            }],
-            success: vec![KvOp::Put(KvPut {
-                key: key.clone(),
-                value: Vec::new(),
-                lease,
-                prev_kv: false,
-                ignore_value: false,
-                ignore_lease: false,
-            })],
-            failure: vec![KvOp::Range(RangeQuery::all(KeyRange::single(key.clone())))],
-        };
+        let create = queue_txn(&key, Vec::new(), lease);
         caller.may_run(&create)?;
         let (revision, created, results) = gw.write(&caller, shard, create).await?;
         let mine = if created {
@@ -164,7 +179,7 @@ impl<N: EtcdNode> Lock for LockService<N> {
             }
         };
         let mut queued = Queued { gw: gw.clone(), caller: caller.clone(), key: key.clone(), armed: true };
-        let at = self.wait_for_earlier(&caller, &prefix, mine).await?;
+        let at = wait_for_earlier(gw, &caller, &prefix, mine).await?;
         // Its key must still be there: a lease that expired while it waited took the key (and
         // the place in the queue) with it.
         let mut q = RangeQuery::all(KeyRange::single(key.clone()));

@@ -2,12 +2,13 @@
 //! etcd's client libraries work against Aspen.
 //!
 //! Owns: the gRPC endpoint (`--etcd-addr`, optional rustls TLS), the translation of etcd's KV,
-//! Watch, Lease, Cluster, Maintenance, Auth and Lock services onto the node's own requests
+//! Watch, Lease, Cluster, Maintenance, Auth, Lock and Election services onto the node's own requests
 //! ([`gateway`]), and etcd's error texts. It depends on the node only through
 //! [`gateway::EtcdNode`] (implemented by `cluster::NodeService`), so requests take the same
 //! routes as the native protocol's: forwarded to shard leaders, checked against token scopes.
 
 pub mod admin;
+pub mod election;
 pub mod gateway;
 pub mod kv;
 pub mod lease;

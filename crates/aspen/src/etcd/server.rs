@@ -9,6 +9,7 @@ use tonic::transport::{server::TcpIncoming, Identity, Server, ServerTlsConfig};
 
 use super::{
     admin::{AuthService, ClusterService, MaintenanceService},
+    election::ElectionService,
     gateway::{EtcdNode, Gateway},
     kv::KvService,
     lease::LeaseService,
@@ -17,7 +18,7 @@ use super::{
         auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
         maintenance_server::MaintenanceServer, watch_server::WatchServer,
     },
-    proto::v3lockpb::lock_server::LockServer,
+    proto::{v3electionpb::election_server::ElectionServer, v3lockpb::lock_server::LockServer},
     watch::WatchService,
 };
 use crate::auth::Authority;
@@ -95,6 +96,7 @@ impl EtcdEndpoint {
             .add_service(WatchServer::new(WatchService(gw.clone())).max_decoding_message_size(max_request_bytes))
             .add_service(LeaseServer::new(LeaseService(gw.clone())))
             .add_service(LockServer::new(LockService(gw.clone())))
+            .add_service(ElectionServer::new(ElectionService(gw.clone())))
             .add_service(ClusterServer::new(ClusterService(gw.clone())))
             .add_service(MaintenanceServer::new(MaintenanceService(gw.clone())))
             .add_service(AuthServer::new(AuthService(gw)));

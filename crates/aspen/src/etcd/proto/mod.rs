@@ -27,3 +27,9 @@ pub mod etcdserverpb;
 #[rustfmt::skip]
 #[allow(clippy::all, clippy::pedantic, missing_docs, rustdoc::all)]
 pub mod v3lockpb;
+
+/// etcd's election service: `Campaign`, `Proclaim`, `Leader`, `Observe` and `Resign` (package
+/// `v3electionpb`), with its tonic server (`election_server::Election`) and client.
+#[rustfmt::skip]
+#[allow(clippy::all, clippy::pedantic, missing_docs, rustdoc::all)]
+pub mod v3electionpb;

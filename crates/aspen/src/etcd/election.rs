@@ -1,0 +1,241 @@
+//! etcd's v3election service (`v3electionpb.Election`): named elections whose candidates are
+//! keys attached to leases, as etcd's own server runs them with its `concurrency.Election`
+//! recipe (docs/design.md §18).
+//!
+//! Campaign puts the candidate's key `NAME/LEASE` (lower-case hex) with its value unless it
+//! exists (the same lease campaigning again: its value is proclaimed), then waits as a lock
+//! does ([`super::lock`]) until no key under `NAME/` created before it is left: the oldest key
+//! leads. Proclaim and Resign act only while the leader key's create revision is still the one
+//! Campaign answered. Leader is the oldest key; Observe streams it, and again whenever its value
+//! changes or another key takes over. One shard only, as for locks.
+
+use std::sync::Arc;
+
+use futures::{stream::BoxStream, StreamExt};
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status};
+
+use super::{
+    gateway::{errors, kv_of, revision_i64, status_of, Caller, EtcdNode, Gateway},
+    lock::{lock_shard, name_prefix, queue_txn, wait_for_earlier, Queued},
+    proto::v3electionpb::{
+        election_server::Election, CampaignRequest, CampaignResponse, LeaderKey, LeaderRequest, LeaderResponse,
+        ProclaimRequest, ProclaimResponse, ResignRequest, ResignResponse,
+    },
+};
+use crate::api::{
+    ApiError, ClientResponse, CompareOp, EventKind, KeyRange, KeyRecord, KvCompare, KvCompareTarget, KvOp, KvOpResult,
+    KvPut, KvTxn, RangeQuery, ReadConsistency, Revision, WatchRequest, WatchStart,
+};
+
+/// The TTL of the lease a campaign gets when the caller names none (etcd's session default).
+const DEFAULT_CAMPAIGN_TTL_SECS: u64 = 60;
+
+/// etcd's error for a proclamation by a candidate that does not lead (`ErrElectionNotLeader`).
+const NOT_LEADER: &str = "election: not leader";
+/// etcd's error when an election has no leader (`ErrGRPCElectionNoLeader`).
+const NO_LEADER: &str = "etcdserver: election: no leader";
+
+/// etcd's Election service over a node.
+#[derive(Debug)]
+pub struct ElectionService<N: EtcdNode>(pub Arc<Gateway<N>>);
+
+/// The leader of the election under `prefix` (its oldest key), with the revision read.
+async fn leader_of<N: EtcdNode>(gw: &Gateway<N>, prefix: &[u8]) -> Result<(Option<KeyRecord>, Revision), Status> {
+    let page = gw.range(RangeQuery::all(KeyRange::prefix(prefix.to_vec())), ReadConsistency::Linearizable).await?;
+    let leader = page.kvs.into_iter().min_by_key(|k| k.create_revision);
+    Ok((leader, page.revision))
+}
+
+/// The key a leader key names, checked against its election and the caller's scope.
+fn leader_key(caller: &Caller, leader: Option<LeaderKey>) -> Result<LeaderKey, Status> {
+    let leader = leader.ok_or_else(|| Status::invalid_argument("\"leader\" field must be provided"))?;
+    let prefix = name_prefix(caller, leader.name.clone())?;
+    if !leader.key.starts_with(&prefix) {
+        return Err(Status::invalid_argument("the leader key is not a key of its election"));
+    }
+    Ok(leader)
+}
+
+/// A txn on `leader`'s key that runs `op` only while the key is the one Campaign answered.
+fn while_leading(leader: &LeaderKey, op: KvOp) -> KvTxn {
+    KvTxn {
+        compares: vec![KvCompare {
+            range: KeyRange::single(leader.key.clone()),
+            op: CompareOp::Equal,
+            target: KvCompareTarget::CreateRevision(u64::try_from(leader.rev).unwrap_or(0)),
+        }],
+        success: vec![op],
+        failure: Vec::new(),
+    }
+}
+
+/// Streams the leader of the election under `prefix`: now, then each time its value changes or
+/// another key leads; ends when the client goes, the endpoint stops, or on an error.
+async fn observe<N: EtcdNode>(gw: Arc<Gateway<N>>, prefix: Vec<u8>, tx: mpsc::Sender<Result<LeaderResponse, Status>>) {
+    let mut sent: Option<(Vec<u8>, Revision)> = None;
+    let fail = |e: Status| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send(Err(e)).await;
+        }
+    };
+    loop {
+        let (leader, read) = match leader_of(&gw, &prefix).await {
+            Ok(l) => l,
+            Err(e) => return fail(e).await,
+        };
+        // Watch the leader's key (its changes) or, with no leader, the whole election (its
+        // first candidate), from the state just read on.
+        let (key, is_prefix) = match &leader {
+            Some(l) => (l.key.clone(), false),
+            None => (prefix.clone(), true),
+        };
+        if let Some(l) = leader {
+            if sent.as_ref() != Some(&(l.key.clone(), l.mod_revision)) {
+                sent = Some((l.key.clone(), l.mod_revision));
+                let answer = LeaderResponse { header: gw.header(read), kv: Some(kv_of(l)) };
+                if tx.send(Ok(answer)).await.is_err() {
+                    return;
+                }
+            }
+        }
+        let request =
+            WatchRequest { key, prefix: is_prefix, prev_kv: false, start: WatchStart::FromRevision(read + 1) };
+        let mut frames = match gw.node.watch(request).await {
+            Ok(f) => f,
+            Err(ApiError::Compacted { .. }) => continue,
+            Err(e) => return fail(status_of(e)).await,
+        };
+        loop {
+            let frame = tokio::select! {
+                frame = frames.recv() => frame,
+                _ = tx.closed() => return,
+                _ = gw.stop.cancelled() => return,
+            };
+            match frame {
+                // Any change there: read the leader again (a new value, a new leader, a first
+                // candidate).
+                Some(Ok(ClientResponse::WatchEvents(events)))
+                    if events.iter().any(|e| e.kind == EventKind::Delete || e.kind == EventKind::Put) =>
+                {
+                    break
+                }
+                Some(Ok(_)) => {}
+                Some(Err(ApiError::Compacted { .. } | ApiError::WatchCancelled(_))) => break,
+                Some(Err(e)) => return fail(status_of(e)).await,
+                None => return fail(Status::unavailable(errors::NO_LEADER)).await,
+            }
+        }
+    }
+}
+
+type ObserveStream = BoxStream<'static, Result<LeaderResponse, Status>>;
+
+#[tonic::async_trait]
+impl<N: EtcdNode> Election for ElectionService<N> {
+    async fn campaign(&self, request: Request<CampaignRequest>) -> Result<Response<CampaignResponse>, Status> {
+        let gw = &self.0;
+        let caller = gw.caller(request.metadata())?;
+        let r = request.into_inner();
+        let shard = lock_shard(gw)?;
+        let prefix = name_prefix(&caller, r.name.clone())?;
+        let lease = match r.lease {
+            0 => gw.grant_lease(&caller, DEFAULT_CAMPAIGN_TTL_SECS).await?,
+            id => u64::try_from(id).map_err(|_| Status::not_found(errors::LEASE_NOT_FOUND))?,
+        };
+        let mut key = prefix.clone();
+        key.extend_from_slice(format!("{lease:x}").as_bytes());
+        let create = queue_txn(&key, r.value.clone(), lease);
+        caller.may_run(&create)?;
+        let (revision, created, results) = gw.write(&caller, shard, create).await?;
+        let mine = if created {
+            revision
+        } else {
+            let existing = match results.into_iter().next() {
+                Some(KvOpResult::Range(page)) => page.kvs.into_iter().next(),
+                _ => None,
+            };
+            let Some(existing) = existing else { return Err(Status::unavailable(errors::NO_LEADER)) };
+            if existing.value != r.value {
+                // The same lease campaigning again with another value: proclaim it.
+                let put = KvOp::Put(KvPut {
+                    key: key.clone(),
+                    value: r.value.clone(),
+                    lease,
+                    prev_kv: false,
+                    ignore_value: false,
+                    ignore_lease: false,
+                });
+                gw.write(&caller, shard, KvTxn::op(put)).await?;
+            }
+            existing.create_revision
+        };
+        let mut queued = Queued { gw: gw.clone(), caller: caller.clone(), key: key.clone(), armed: true };
+        let at = wait_for_earlier(gw, &caller, &prefix, mine).await?;
+        queued.armed = false;
+        let leader = LeaderKey { name: r.name, key, rev: revision_i64(mine), lease: lease as i64 };
+        Ok(Response::new(CampaignResponse { header: gw.header(at), leader: Some(leader) }))
+    }
+
+    async fn proclaim(&self, request: Request<ProclaimRequest>) -> Result<Response<ProclaimResponse>, Status> {
+        let gw = &self.0;
+        let caller = gw.caller(request.metadata())?;
+        let r = request.into_inner();
+        let shard = lock_shard(gw)?;
+        let leader = leader_key(&caller, r.leader)?;
+        let put = KvOp::Put(KvPut {
+            key: leader.key.clone(),
+            value: r.value,
+            lease: u64::try_from(leader.lease).unwrap_or(0),
+            prev_kv: false,
+            ignore_value: false,
+            ignore_lease: false,
+        });
+        let txn = while_leading(&leader, put);
+        caller.may_run(&txn)?;
+        let (revision, leading, _) = gw.write(&caller, shard, txn).await?;
+        if !leading {
+            return Err(Status::failed_precondition(NOT_LEADER));
+        }
+        Ok(Response::new(ProclaimResponse { header: gw.header(revision) }))
+    }
+
+    async fn leader(&self, request: Request<LeaderRequest>) -> Result<Response<LeaderResponse>, Status> {
+        let gw = &self.0;
+        let caller = gw.caller(request.metadata())?;
+        lock_shard(gw)?;
+        let prefix = name_prefix(&caller, request.into_inner().name)?;
+        match leader_of(gw, &prefix).await? {
+            (Some(l), read) => Ok(Response::new(LeaderResponse { header: gw.header(read), kv: Some(kv_of(l)) })),
+            (None, _) => Err(Status::unavailable(NO_LEADER)),
+        }
+    }
+
+    type ObserveStream = ObserveStream;
+
+    async fn observe(&self, request: Request<LeaderRequest>) -> Result<Response<Self::ObserveStream>, Status> {
+        let gw = &self.0;
+        let caller = gw.caller(request.metadata())?;
+        lock_shard(gw)?;
+        let prefix = name_prefix(&caller, request.into_inner().name)?;
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(observe(gw.clone(), prefix, tx));
+        let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|a| (a, rx)) });
+        Ok(Response::new(stream.boxed()))
+    }
+
+    async fn resign(&self, request: Request<ResignRequest>) -> Result<Response<ResignResponse>, Status> {
+        let gw = &self.0;
+        let caller = gw.caller(request.metadata())?;
+        let r = request.into_inner();
+        let shard = lock_shard(gw)?;
+        let leader = leader_key(&caller, r.leader)?;
+        let txn =
+            while_leading(&leader, KvOp::DeleteRange { range: KeyRange::single(leader.key.clone()), prev_kv: false });
+        caller.may_run(&txn)?;
+        // A candidate that no longer leads has nothing to give up (etcd: no error).
+        let (revision, _, _) = gw.write(&caller, shard, txn).await?;
+        Ok(Response::new(ResignResponse { header: gw.header(revision) }))
+    }
+}
