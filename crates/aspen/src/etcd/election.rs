@@ -17,19 +17,16 @@ use tonic::{Request, Response, Status};
 
 use super::{
     gateway::{errors, kv_of, revision_i64, status_of, Caller, EtcdNode, Gateway},
-    lock::{lock_shard, name_prefix, queue_txn, wait_for_earlier, Queued},
+    lock::{enqueue, lock_shard, name_prefix, wait_for_earlier, Candidate, Queued},
     proto::v3electionpb::{
         election_server::Election, CampaignRequest, CampaignResponse, LeaderKey, LeaderRequest, LeaderResponse,
         ProclaimRequest, ProclaimResponse, ResignRequest, ResignResponse,
     },
 };
 use crate::api::{
-    ApiError, ClientResponse, CompareOp, EventKind, KeyRange, KeyRecord, KvCompare, KvCompareTarget, KvOp, KvOpResult,
-    KvPut, KvTxn, RangeQuery, ReadConsistency, Revision, WatchRequest, WatchStart,
+    ApiError, ClientResponse, CompareOp, EventKind, KeyRange, KeyRecord, KvCompare, KvCompareTarget, KvOp, KvPut,
+    KvTxn, RangeQuery, ReadConsistency, Revision, WatchRequest, WatchStart,
 };
-
-/// The TTL of the lease a campaign gets when the caller names none (etcd's session default).
-const DEFAULT_CAMPAIGN_TTL_SECS: u64 = 60;
 
 /// etcd's error for a proclamation by a candidate that does not lead (`ErrElectionNotLeader`).
 const NOT_LEADER: &str = "election: not leader";
@@ -140,37 +137,20 @@ impl<N: EtcdNode> Election for ElectionService<N> {
         let r = request.into_inner();
         let shard = lock_shard(gw)?;
         let prefix = name_prefix(&caller, r.name.clone())?;
-        let lease = match r.lease {
-            0 => gw.grant_lease(&caller, DEFAULT_CAMPAIGN_TTL_SECS).await?,
-            id => u64::try_from(id).map_err(|_| Status::not_found(errors::LEASE_NOT_FOUND))?,
-        };
-        let mut key = prefix.clone();
-        key.extend_from_slice(format!("{lease:x}").as_bytes());
-        let create = queue_txn(&key, r.value.clone(), lease);
-        caller.may_run(&create)?;
-        let (revision, created, results) = gw.write(&caller, shard, create).await?;
-        let mine = if created {
-            revision
-        } else {
-            let existing = match results.into_iter().next() {
-                Some(KvOpResult::Range(page)) => page.kvs.into_iter().next(),
-                _ => None,
-            };
-            let Some(existing) = existing else { return Err(Status::unavailable(errors::NO_LEADER)) };
-            if existing.value != r.value {
-                // The same lease campaigning again with another value: proclaim it.
-                let put = KvOp::Put(KvPut {
-                    key: key.clone(),
-                    value: r.value.clone(),
-                    lease,
-                    prev_kv: false,
-                    ignore_value: false,
-                    ignore_lease: false,
-                });
-                gw.write(&caller, shard, KvTxn::op(put)).await?;
-            }
-            existing.create_revision
-        };
+        let Candidate { key, lease, mine, existing } =
+            enqueue(gw, &caller, shard, &prefix, r.lease, r.value.clone()).await?;
+        if existing.is_some_and(|v| v != r.value) {
+            // The same lease campaigning again with another value: proclaim it.
+            let put = KvOp::Put(KvPut {
+                key: key.clone(),
+                value: r.value.clone(),
+                lease,
+                prev_kv: false,
+                ignore_value: false,
+                ignore_lease: false,
+            });
+            gw.write(&caller, shard, KvTxn::op(put)).await?;
+        }
         let mut queued = Queued { gw: gw.clone(), caller: caller.clone(), key: key.clone(), armed: true };
         let at = wait_for_earlier(gw, &caller, &prefix, mine).await?;
         queued.armed = false;

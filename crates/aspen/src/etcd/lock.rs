@@ -25,8 +25,9 @@ use crate::api::{
     KvOpResult, KvPut, KvTxn, RangeQuery, ReadConsistency, Revision, ShardId, WatchRequest, WatchStart,
 };
 
-/// The TTL of the lease a lock gets when the caller names none (etcd's session default).
-const DEFAULT_LOCK_TTL_SECS: u64 = 60;
+/// The TTL of the lease a lock or a campaign gets when the caller names none (etcd's session
+/// default).
+const SESSION_TTL_SECS: u64 = 60;
 
 /// etcd's Lock service over a node.
 #[derive(Debug)]
@@ -57,9 +58,52 @@ pub(super) fn name_prefix(caller: &Caller, name: Vec<u8>) -> Result<Vec<u8>, Sta
     Ok(prefix)
 }
 
+/// A queued locker or candidate.
+pub(super) struct Candidate {
+    /// `NAME/LEASE`.
+    pub key: Vec<u8>,
+    pub lease: u64,
+    /// Its key's create revision: its place in the queue.
+    pub mine: Revision,
+    /// The key's value if it was there already (the same lease asking again).
+    pub existing: Option<Vec<u8>>,
+}
+
+/// Queues the caller under `prefix` with `lease` (0: a new lease of [`SESSION_TTL_SECS`]): puts
+/// its key `NAME/LEASE` with `value` unless it exists.
+pub(super) async fn enqueue<N: EtcdNode>(
+    gw: &Gateway<N>,
+    caller: &Caller,
+    shard: ShardId,
+    prefix: &[u8],
+    lease: i64,
+    value: Vec<u8>,
+) -> Result<Candidate, Status> {
+    let lease = match lease {
+        0 => gw.grant_lease(caller, SESSION_TTL_SECS).await?,
+        id => u64::try_from(id).map_err(|_| Status::not_found(errors::LEASE_NOT_FOUND))?,
+    };
+    let mut key = prefix.to_vec();
+    key.extend_from_slice(format!("{lease:x}").as_bytes());
+    let create = queue_txn(&key, value, lease);
+    caller.may_run(&create)?;
+    let (revision, created, results) = gw.write(caller, shard, create).await?;
+    if created {
+        return Ok(Candidate { key, lease, mine: revision, existing: None });
+    }
+    // The txn read the key in the same state its compare saw it in: it is there.
+    match results.into_iter().next() {
+        Some(KvOpResult::Range(page)) => match page.kvs.into_iter().next() {
+            Some(k) => Ok(Candidate { key, lease, mine: k.create_revision, existing: Some(k.value) }),
+            None => Err(Status::internal("a queued key was neither created nor found")),
+        },
+        _ => Err(Status::internal("a queued key was neither created nor found")),
+    }
+}
+
 /// The txn that queues a candidate: puts `key` with `value` and `lease` unless it exists, else
 /// reads it.
-pub(super) fn queue_txn(key: &[u8], value: Vec<u8>, lease: u64) -> KvTxn {
+fn queue_txn(key: &[u8], value: Vec<u8>, lease: u64) -> KvTxn {
     KvTxn {
         compares: vec![KvCompare {
             range: KeyRange::single(key.to_vec()),
@@ -160,24 +204,7 @@ impl<N: EtcdNode> Lock for LockService<N> {
         let r = request.into_inner();
         let shard = lock_shard(gw)?;
         let prefix = name_prefix(&caller, r.name)?;
-        let lease = match r.lease {
-            0 => gw.grant_lease(&caller, DEFAULT_LOCK_TTL_SECS).await?,
-            id => u64::try_from(id).map_err(|_| Status::not_found(errors::LEASE_NOT_FOUND))?,
-        };
-        let mut key = prefix.clone();
-        key.extend_from_slice(format!("{lease:x}").as_bytes());
-        // Queue: create the key with the lease unless it exists (then its create revision).
-        let create = queue_txn(&key, Vec::new(), lease);
-        caller.may_run(&create)?;
-        let (revision, created, results) = gw.write(&caller, shard, create).await?;
-        let mine = if created {
-            revision
-        } else {
-            match results.into_iter().next() {
-                Some(KvOpResult::Range(page)) => page.kvs.first().map(|k| k.create_revision).unwrap_or(revision),
-                _ => revision,
-            }
-        };
+        let Candidate { key, mine, .. } = enqueue(gw, &caller, shard, &prefix, r.lease, Vec::new()).await?;
         let mut queued = Queued { gw: gw.clone(), caller: caller.clone(), key: key.clone(), armed: true };
         let at = wait_for_earlier(gw, &caller, &prefix, mine).await?;
         // Its key must still be there: a lease that expired while it waited took the key (and
