@@ -199,6 +199,7 @@ fn client_results() -> Vec<ClientResult> {
             key: b"k".to_vec(),
             value: b"v".to_vec(),
             prev_value: Some(b"u".to_vec()),
+            prev_meta: None,
             shard: 0,
             revision: 10,
             index: 1,
