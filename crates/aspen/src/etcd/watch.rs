@@ -28,7 +28,7 @@ use tokio::{
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{
-    gateway::{errors, key_range, revision_i64, revision_u64, status_of, Caller, EtcdNode, Gateway},
+    gateway::{errors, key_range, kv_of, revision_i64, revision_u64, status_of, Caller, EtcdNode, Gateway},
     proto::{
         etcdserverpb::{
             watch_create_request::FilterType, watch_request::RequestUnion, watch_server::Watch, WatchCreateRequest,
@@ -39,8 +39,8 @@ use super::{
 };
 use crate::{
     api::{
-        is_reserved_key, prefix_end, ApiError, ClientResponse, EventKind, KeyRange, Revision, ShardId, WatchEvent,
-        WatchPosition, WatchRequest, WatchStart,
+        is_reserved_key, prefix_end, ApiError, ClientResponse, EventKind, KeyRange, KeyRecord, Revision, ShardId,
+        WatchEvent, WatchPosition, WatchRequest, WatchStart,
     },
     auth,
 };
@@ -59,6 +59,14 @@ const PROGRESS_ASK_EVERY: Duration = Duration::from_millis(20);
 /// Where one watcher's answers stand: per shard it covers, the position up to which its node
 /// watch's frames are handled and their answers queued on the stream (`None` until created).
 type Reached = Arc<Mutex<Option<Vec<WatchPosition>>>>;
+
+/// What a watcher's task keeps up to date for its stream's progress answers.
+struct Tracked {
+    stream: Arc<Stream>,
+    reached: Reached,
+    /// Changed when a progress request wants the node watch to report where it stands.
+    asked: watch::Receiver<u64>,
+}
 
 /// One watcher of a stream.
 struct Watcher {
@@ -131,14 +139,14 @@ fn event_of(e: WatchEvent, prev_kv: bool) -> mvccpb::Event {
     let prev = match (prev_kv, e.prev_value) {
         (true, Some(value)) => {
             let m = e.prev_meta.unwrap_or_default();
-            Some(mvccpb::KeyValue {
+            Some(kv_of(KeyRecord {
                 key: e.key.clone(),
                 value,
-                create_revision: revision_i64(m.create_revision),
-                mod_revision: revision_i64(m.mod_revision),
-                version: i64::try_from(m.version).unwrap_or(i64::MAX),
-                lease: i64::try_from(m.lease).unwrap_or(0),
-            })
+                create_revision: m.create_revision,
+                mod_revision: m.mod_revision,
+                version: m.version,
+                lease: m.lease,
+            }))
         }
         _ => None,
     };
@@ -146,33 +154,29 @@ fn event_of(e: WatchEvent, prev_kv: bool) -> mvccpb::Event {
         EventKind::Put => EventType::Put,
         EventKind::Delete => EventType::Delete,
     };
-    mvccpb::Event {
-        r#type: kind as i32,
-        kv: Some(mvccpb::KeyValue {
-            key: e.key,
-            create_revision: revision_i64(e.create_revision),
-            mod_revision: revision_i64(e.revision),
-            version: i64::try_from(e.version).unwrap_or(i64::MAX),
-            value: e.value,
-            lease: i64::try_from(e.lease).unwrap_or(0),
-        }),
-        prev_kv: prev,
-    }
+    let kv = KeyRecord {
+        key: e.key,
+        value: e.value,
+        create_revision: e.create_revision,
+        mod_revision: e.revision,
+        version: e.version,
+        lease: e.lease,
+    };
+    mvccpb::Event { r#type: kind as i32, kv: Some(kv_of(kv)), prev_kv: prev }
 }
 
 impl<N: EtcdNode> WatchService<N> {
-    /// Serves one watcher until its node watch ends or it is cancelled (aborted).
-    #[allow(clippy::too_many_arguments)]
+    /// Serves one watcher until its node watch ends or it is cancelled (aborted), recording in
+    /// `tracked` where its answers stand.
     async fn serve(
         gw: Arc<Gateway<N>>,
         id: i64,
         create: WatchCreateRequest,
         range: KeyRange,
         answers: Answers,
-        stream: Arc<Stream>,
-        reached: Reached,
-        asked: watch::Receiver<u64>,
+        tracked: Tracked,
     ) {
+        let Tracked { stream, reached, asked } = tracked;
         let respond = |r: WatchResponse| {
             let answers = answers.clone();
             async move { answers.send(Ok(r)).await.is_ok() }
@@ -479,8 +483,8 @@ fn create_watcher<N: EtcdNode>(
     }
     let reached = Reached::default();
     let (asked, asked_rx) = watch::channel(0);
-    let stream = watchers.stream.clone();
-    let serve = WatchService::serve(gw.clone(), id, create, range, answers.clone(), stream, reached.clone(), asked_rx);
+    let tracked = Tracked { stream: watchers.stream.clone(), reached: reached.clone(), asked: asked_rx };
+    let serve = WatchService::serve(gw.clone(), id, create, range, answers.clone(), tracked);
     all.insert(id, Watcher { task: tokio::spawn(serve), reached, asked });
     drop(all);
     if id == watchers.next {
