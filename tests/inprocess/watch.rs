@@ -2,7 +2,8 @@
 //! deletes, prefix deletes, lease revocations) arrives once, in order, with previous values;
 //! a watch resumes on another node exactly after its last event; a start older than the
 //! history fails as compacted; a watcher that stops reading is cancelled while writes go on; a
-//! watch served by a node removed from the cluster moves to a member.
+//! watch served by a node removed from the cluster moves to a member; a stopping node tells its
+//! watches where they stand, so they resume on a member that restarted a moment ago.
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -229,4 +230,111 @@ async fn a_watch_served_by_a_removed_node_moves_to_a_member() {
     let keys: std::collections::BTreeSet<Vec<u8>> = after.iter().map(|e| e.key.clone()).collect();
     assert_eq!(keys.len(), 8, "each write after the removal once: {after:?}");
     assert!(keys.iter().all(|k| k.starts_with(b"m/after/")), "{after:?}");
+}
+
+/// A node that stops gracefully first tells each watch it serves where it stands in every shard,
+/// then says it is shutting down. A watch of a quiet key otherwise learns its shard's progress
+/// only every couple of seconds, and a rolling restart moves faster than that: its next server,
+/// restarted a moment ago, may keep history only from its restart, and resuming from the last
+/// event would be refused as compacted on every member (a fault scenario saw exactly that).
+/// Without the final report the raw stream's check fails whenever the writes and the stop take
+/// less than those two seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stopping_node_tells_its_watches_where_they_stand() {
+    use aspen::api::{
+        frame::{decode, encode_frame, read_frame_len, read_frame_payload},
+        ClientEnvelope, ClientRequest, ClientResponse, ClientResult, CLIENT_ALPN, CLIENT_PROTOCOL_VERSION,
+        MAX_FRAME_BYTES,
+    };
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = start_three((1..=3).map(|id| config(root.path(), id)).collect()).await;
+    wait_shards_converged(&[&nodes[0], &nodes[1], &nodes[2]], 60).await;
+    let writer = nodes[0].client().await;
+    let router = ShardRouter::new(4);
+    let shard = router.shard_for_key(b"q/k");
+    let request = WatchRequest { key: b"q/k".to_vec(), prefix: false, prev_kv: false, start: WatchStart::Now };
+
+    // The same watch through node 2 twice: on a raw stream, to see its frames, and through the
+    // client, which resumes it elsewhere.
+    let ep = aspen::transport::endpoint::bind_endpoint(
+        std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        None,
+        iroh::address_lookup::MemoryLookup::new(),
+    )
+    .await
+    .unwrap();
+    let conn = ep.connect(nodes[1].ticket().endpoint_addr(), CLIENT_ALPN).await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let envelope = ClientEnvelope {
+        version: CLIENT_PROTOCOL_VERSION,
+        hops: 0,
+        request: ClientRequest::Watch(request.clone()),
+        token: Some(nodes[1].admin_token()),
+    };
+    send.write_all(&encode_frame(&envelope).unwrap()).await.unwrap();
+    // Read as they come: the connection closes right after the stop, losing what was not read.
+    let (frames_tx, mut frames) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let Ok(size) = read_frame_len(&mut recv, MAX_FRAME_BYTES).await else { return };
+            let Ok(payload) = read_frame_payload(&mut recv, size).await else { return };
+            if frames_tx.send(decode::<ClientResult>(&payload).expect("a frame")).is_err() {
+                return;
+            }
+        }
+    });
+    let mut next_frame = async || -> ClientResult {
+        tokio::time::timeout(Duration::from_secs(60), frames.recv())
+            .await
+            .expect("a frame within 60 s")
+            .expect("a frame before the stream ended")
+    };
+    assert!(matches!(next_frame().await, Ok(ClientResponse::WatchCreated { .. })));
+    let watcher = Arc::new(nodes[1].client().await);
+    let mut watch = watcher.watch(request.clone()).await.unwrap();
+
+    writer.put("q/k", "1").await.unwrap();
+    assert!(matches!(next_frame().await, Ok(ClientResponse::WatchEvents(e)) if e.len() == 1));
+    take_events(&mut watch, 1).await;
+    // Writes to other keys of the shard: the watched key stays quiet.
+    let others: Vec<String> = (0..)
+        .map(|i| format!("q/other/{i}"))
+        .filter(|k| router.shard_for_key(k.as_bytes()) == shard)
+        .take(20)
+        .collect();
+    let mut last = 0;
+    for k in &others {
+        last = writer.put(k.clone(), "x").await.unwrap();
+    }
+
+    // As an operator's rolling restart would: node 2 has applied them.
+    wait_until(60, "node 2 applied the writes", || {
+        nodes[1].handle().shards[&shard].status().last_applied >= aspen::api::revision_entry(last)
+    })
+    .await;
+    nodes[1].stop().await;
+    // The raw stream: where the watch stands (past those writes), then the reason it ends.
+    let mut told = None;
+    loop {
+        match next_frame().await {
+            Ok(ClientResponse::WatchProgress { positions }) => told = positions.into_iter().find(|p| p.shard == shard),
+            Err(ApiError::Unavailable(why)) => {
+                assert!(why.contains("shutting down"), "{why}");
+                break;
+            }
+            other => panic!("unexpected frame {other:?}"),
+        }
+    }
+    let told = told.expect("the stopping node said where the watch stands");
+    assert!(told.revision >= last, "told where it stood, past the writes to other keys ({last}): {told:?}");
+
+    // The client's watch resumed on another member: the next write arrives, once.
+    writer.put("q/k", "2").await.unwrap();
+    let next = take_events(&mut watch, 1).await;
+    assert_eq!((next[0].key.as_slice(), next[0].value.as_slice()), (&b"q/k"[..], &b"2"[..]));
+    assert!(watch.positions().iter().any(|p| p.shard == shard && p.revision > last), "{:?}", watch.positions());
+    nodes[1].restart().await;
+    writer.put("q/k", "3").await.unwrap();
+    let next = take_events(&mut watch, 1).await;
+    assert_eq!(next[0].value, b"3", "each write once: {next:?}");
 }

@@ -68,7 +68,8 @@ impl EtcdNode for NodeService {
         request: crate::api::WatchRequest,
         asked: tokio::sync::watch::Receiver<u64>,
     ) -> Result<tokio::sync::mpsc::Receiver<crate::api::ClientResult>, crate::api::ApiError> {
-        self.start_watch_asked(request, Some(asked)).await
+        let asks = super::watch::WatchAsks { position: Some(asked), ..Default::default() };
+        self.start_watch_asked(request, asks).await
     }
 
     fn data_dir(&self) -> std::path::PathBuf {

@@ -446,8 +446,9 @@ impl ClientService for NodeService {
     async fn watch(
         &self,
         request: crate::api::WatchRequest,
+        finish: tokio_util::sync::CancellationToken,
     ) -> Result<tokio::sync::mpsc::Receiver<ClientResult>, ApiError> {
-        self.start_watch(request).await
+        self.start_watch_asked(request, super::watch::WatchAsks { position: None, finish }).await
     }
 
     async fn handle(&self, request: ClientRequest, hops: u8) -> ClientResult {

@@ -14,6 +14,7 @@
 use std::sync::Arc;
 
 use tokio::sync::{broadcast, mpsc, watch};
+use tokio_util::sync::CancellationToken;
 
 use super::{service::NodeService, validate};
 use crate::{
@@ -51,22 +52,33 @@ impl Filter {
     }
 }
 
+/// What the one serving a watch may ask of its shard tasks while the watch runs.
+#[derive(Clone, Debug, Default)]
+pub struct WatchAsks {
+    /// Each time it changes, every shard task of the watch that has handled all the shard's
+    /// applied entries reports where it stands at once (a [`ClientResponse::WatchProgress`], if
+    /// it moved since it last told the client): what etcd's progress requests need, which
+    /// promise that no event at or before the revision they answer is still to come.
+    pub position: Option<watch::Receiver<u64>>,
+    /// Once cancelled (the node is stopping), every shard task reports where it stands (if it
+    /// moved) and ends; the frames end once all have. A client resumes on another member from
+    /// there, so a watch whose keys were quiet does not resume from a position older than that
+    /// member's history (one restarted a moment ago keeps history only from its restart).
+    pub finish: CancellationToken,
+}
+
 impl NodeService {
     /// Starts a watch: checks it, subscribes to every shard it covers on this node, and returns
     /// the frames to stream (the first is [`ClientResponse::WatchCreated`]).
     pub async fn start_watch(&self, request: WatchRequest) -> Result<mpsc::Receiver<ClientResult>, ApiError> {
-        self.start_watch_asked(request, None).await
+        self.start_watch_asked(request, WatchAsks::default()).await
     }
 
-    /// [`Self::start_watch`], and each time `asked` changes, every shard task of the watch that
-    /// has handled all the shard's applied entries reports where it stands at once (a
-    /// [`ClientResponse::WatchProgress`], if it moved since it last told the client): what
-    /// etcd's progress requests need, which promise that no event at or before the revision
-    /// they answer is still to come.
+    /// [`Self::start_watch`], answering what `asks` asks while it runs.
     pub async fn start_watch_asked(
         &self,
         request: WatchRequest,
-        asked: Option<watch::Receiver<u64>>,
+        asks: WatchAsks,
     ) -> Result<mpsc::Receiver<ClientResult>, ApiError> {
         if self.cluster_id() == crate::api::ClusterId::default() {
             return Err(ApiError::NotInitialized { node_id: self.node_id });
@@ -113,7 +125,7 @@ impl NodeService {
         let _ = tx.try_send(Ok(ClientResponse::WatchCreated { positions }));
         let filter = Filter { key: request.key, prefix: request.prefix, prev_kv: request.prev_kv };
         for (sub, hub, node) in subscriptions {
-            tokio::spawn(follow_shard(sub, hub, node, filter.clone(), tx.clone(), asked.clone()));
+            tokio::spawn(follow_shard(sub, hub, node, filter.clone(), tx.clone(), asks.clone()));
         }
         Ok(rx)
     }
@@ -139,8 +151,9 @@ async fn follow_shard(
     node: RaftNode,
     filter: Filter,
     tx: mpsc::Sender<ClientResult>,
-    mut asked: Option<watch::Receiver<u64>>,
+    asks: WatchAsks,
 ) {
+    let WatchAsks { position: mut asked, finish } = asks;
     let Subscription { backlog, mut live, start, max_lag } = sub;
     let shard = start.shard;
     let mut at = start;
@@ -162,6 +175,19 @@ async fn follow_shard(
         let first = tokio::select! {
             next = live.recv() => next,
             _ = tx.closed() => return,
+            _ = finish.cancelled() => {
+                // Where it stands: after every applied entry if it handled every batch it
+                // received, else as far as it got (the client resumes from there).
+                if let Some(p) = hub.progress(&live) {
+                    if at.precedes(p.revision, p.index) {
+                        at = p;
+                    }
+                }
+                if reported != at {
+                    let _ = send_progress(&tx, at, &live, max_lag).await;
+                }
+                return;
+            }
             _ = tokio::time::sleep_until(reported_at + PROGRESS_EVERY) => {
                 if let Some(why) = node.cut_off() {
                     return end(&tx, ApiError::Unavailable(format!("{why}; resume the watch on another member"))).await;

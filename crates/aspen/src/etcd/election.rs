@@ -99,7 +99,7 @@ async fn observe<N: EtcdNode>(gw: Arc<Gateway<N>>, prefix: Vec<u8>, tx: mpsc::Se
         }
         let request =
             WatchRequest { key, prefix: is_prefix, prev_kv: false, start: WatchStart::FromRevision(read + 1) };
-        let mut frames = match gw.node.watch(request).await {
+        let mut frames = match gw.node.watch(request, Default::default()).await {
             Ok(f) => f,
             Err(ApiError::Compacted { .. }) => continue,
             Err(e) => return fail(status_of(e)).await,

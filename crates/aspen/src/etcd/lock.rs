@@ -171,7 +171,7 @@ pub(super) async fn wait_for_earlier<N: EtcdNode>(
             prev_kv: false,
             start: WatchStart::FromRevision(page.revision + 1),
         };
-        let mut frames = match gw.node.watch(request).await {
+        let mut frames = match gw.node.watch(request, Default::default()).await {
             Ok(frames) => frames,
             // This node's history no longer reaches back to the read: read again.
             Err(ApiError::Compacted { .. }) => continue,

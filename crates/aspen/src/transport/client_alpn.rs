@@ -50,12 +50,17 @@ pub trait ClientService: Send + Sync + std::fmt::Debug + 'static {
     fn handle(&self, request: ClientRequest, hops: u8) -> impl Future<Output = ClientResult> + Send;
 
     /// Starts a watch: the frames to stream back, until the receiver ends (or yields an error,
-    /// which ends the stream).
+    /// which ends the stream). Once `finish` is cancelled (the node is stopping) the watch
+    /// reports where it stands in every shard and its frames end.
     fn watch(
         &self,
         request: WatchRequest,
+        finish: tokio_util::sync::CancellationToken,
     ) -> impl Future<Output = Result<tokio::sync::mpsc::Receiver<ClientResult>, ApiError>> + Send;
 }
+
+/// How long a stopping node's watch streams take to pass on where they stand before they end.
+const WATCH_FINISH: Duration = Duration::from_secs(2);
 
 /// QUIC error code used when this node resets a stream whose frame it will not read.
 const STREAM_REFUSED: u32 = 1;
@@ -239,7 +244,7 @@ async fn serve_watch<S: ClientService>(
     stopping: tokio_util::sync::CancellationToken,
     token: Option<(Arc<Authority>, Arc<Verified>)>,
 ) {
-    let mut frames = match service.watch(request).await {
+    let mut frames = match service.watch(request, stopping.clone()).await {
         Ok(rx) => rx,
         Err(e) => {
             let _ = tokio::time::timeout(deadline, reply(&mut send, &Err(e))).await;
@@ -266,13 +271,25 @@ async fn serve_watch<S: ClientService>(
             }
             // The client closed or reset its side: it is gone.
             _ = drain_to_end(&mut recv, Duration::MAX) => return,
-            // The node is stopping: say so (a client resumes on another member) and end.
+            // The node is stopping: pass on where the watch stands in each shard (its shard
+            // tasks report it and end), say so, and end: the client resumes on another member.
             _ = stopping.cancelled() => {
+                let last_positions = async {
+                    while let Some(Ok(frame)) = frames.recv().await {
+                        let Ok(bytes) = encode_frame(&ClientResult::Ok(frame)) else { return };
+                        if send.write_all(&bytes).await.is_err() {
+                            return;
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(WATCH_FINISH, last_positions).await;
                 let _ = tokio::time::timeout(
                     Duration::from_secs(1),
                     reply(&mut send, &Err(ApiError::Unavailable("the node is shutting down".into()))),
                 )
                 .await;
+                // Until the client has it all: the endpoint closes next, dropping unsent data.
+                let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
                 return;
             }
         };
