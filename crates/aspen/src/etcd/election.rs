@@ -7,7 +7,8 @@
 //! does ([`super::lock`]) until no key under `NAME/` created before it is left: the oldest key
 //! leads. Proclaim and Resign act only while the leader key's create revision is still the one
 //! Campaign answered. Leader is the oldest key; Observe streams it, and again whenever its value
-//! changes or another key takes over. One shard only, as for locks.
+//! changes or another key takes over. On a sharded cluster the candidates' keys live in the
+//! election's home shard, as a lock's do ([`super::lock`]).
 
 use std::sync::Arc;
 
@@ -17,7 +18,7 @@ use tonic::{Request, Response, Status};
 
 use super::{
     gateway::{errors, kv_of, revision_i64, status_of, Caller, EtcdNode, Gateway},
-    lock::{enqueue, lock_shard, name_prefix, wait_for_earlier, Candidate, Queued},
+    lock::{enqueue, home_shard, name_prefix, wait_for_earlier, Candidate, Queued},
     proto::v3electionpb::{
         election_server::Election, CampaignRequest, CampaignResponse, LeaderKey, LeaderRequest, LeaderResponse,
         ProclaimRequest, ProclaimResponse, ResignRequest, ResignResponse,
@@ -37,9 +38,11 @@ const NO_LEADER: &str = "etcdserver: election: no leader";
 #[derive(Debug)]
 pub struct ElectionService<N: EtcdNode>(pub Arc<Gateway<N>>);
 
-/// The leader of the election under `prefix` (its oldest key), with the revision read.
+/// The leader of the election under `prefix` (its oldest key in the home shard), with the
+/// revision of that shard read.
 async fn leader_of<N: EtcdNode>(gw: &Gateway<N>, prefix: &[u8]) -> Result<(Option<KeyRecord>, Revision), Status> {
-    let page = gw.range(RangeQuery::all(KeyRange::prefix(prefix.to_vec())), ReadConsistency::Linearizable).await?;
+    let query = RangeQuery::all(KeyRange::prefix(prefix.to_vec()));
+    let page = gw.range_of_shard(home_shard(gw, prefix), query, ReadConsistency::Linearizable).await?;
     let leader = page.kvs.into_iter().min_by_key(|k| k.create_revision);
     Ok((leader, page.revision))
 }
@@ -97,13 +100,23 @@ async fn observe<N: EtcdNode>(gw: Arc<Gateway<N>>, prefix: Vec<u8>, tx: mpsc::Se
                 }
             }
         }
-        let request =
-            WatchRequest { key, prefix: is_prefix, prev_kv: false, start: WatchStart::FromRevision(read + 1) };
+        // A prefix watch of a sharded cluster covers every shard and cannot start at one
+        // shard's revision: it starts now, and a second read sees a candidate that came first.
+        let sharded_prefix = is_prefix && gw.router().num_shards() > 1;
+        let start = if sharded_prefix { WatchStart::Now } else { WatchStart::FromRevision(read + 1) };
+        let request = WatchRequest { key, prefix: is_prefix, prev_kv: false, start };
         let mut frames = match gw.node.watch(request, Default::default()).await {
             Ok(f) => f,
             Err(ApiError::Compacted { .. }) => continue,
             Err(e) => return fail(status_of(e)).await,
         };
+        if sharded_prefix {
+            match leader_of(&gw, &prefix).await {
+                Ok((Some(_), _)) => continue,
+                Ok((None, _)) => {}
+                Err(e) => return fail(e).await,
+            }
+        }
         loop {
             let frame = tokio::select! {
                 frame = frames.recv() => frame,
@@ -135,8 +148,8 @@ impl<N: EtcdNode> Election for ElectionService<N> {
         let gw = &self.0;
         let caller = gw.caller(request.metadata())?;
         let r = request.into_inner();
-        let shard = lock_shard(gw)?;
         let prefix = name_prefix(&caller, r.name.clone())?;
+        let shard = home_shard(gw, &prefix);
         let Candidate { key, lease, mine, existing } =
             enqueue(gw, &caller, shard, &prefix, r.lease, r.value.clone()).await?;
         if existing.is_some_and(|v| v != r.value) {
@@ -151,8 +164,8 @@ impl<N: EtcdNode> Election for ElectionService<N> {
             });
             gw.write(&caller, shard, KvTxn::op(put)).await?;
         }
-        let mut queued = Queued { gw: gw.clone(), caller: caller.clone(), key: key.clone(), armed: true };
-        let at = wait_for_earlier(gw, &caller, &prefix, mine).await?;
+        let mut queued = Queued { gw: gw.clone(), caller: caller.clone(), shard, key: key.clone(), armed: true };
+        let at = wait_for_earlier(gw, &caller, shard, &prefix, mine).await?;
         queued.armed = false;
         let leader = LeaderKey { name: r.name, key, rev: revision_i64(mine), lease: lease as i64 };
         Ok(Response::new(CampaignResponse { header: gw.header(at), leader: Some(leader) }))
@@ -162,8 +175,8 @@ impl<N: EtcdNode> Election for ElectionService<N> {
         let gw = &self.0;
         let caller = gw.caller(request.metadata())?;
         let r = request.into_inner();
-        let shard = lock_shard(gw)?;
         let leader = leader_key(&caller, r.leader)?;
+        let shard = gw.router().shard_for_key(&leader.key);
         let put = KvOp::Put(KvPut {
             key: leader.key.clone(),
             value: r.value,
@@ -184,7 +197,6 @@ impl<N: EtcdNode> Election for ElectionService<N> {
     async fn leader(&self, request: Request<LeaderRequest>) -> Result<Response<LeaderResponse>, Status> {
         let gw = &self.0;
         let caller = gw.caller(request.metadata())?;
-        lock_shard(gw)?;
         let prefix = name_prefix(&caller, request.into_inner().name)?;
         match leader_of(gw, &prefix).await? {
             (Some(l), read) => Ok(Response::new(LeaderResponse { header: gw.header(read), kv: Some(kv_of(l)) })),
@@ -197,7 +209,6 @@ impl<N: EtcdNode> Election for ElectionService<N> {
     async fn observe(&self, request: Request<LeaderRequest>) -> Result<Response<Self::ObserveStream>, Status> {
         let gw = &self.0;
         let caller = gw.caller(request.metadata())?;
-        lock_shard(gw)?;
         let prefix = name_prefix(&caller, request.into_inner().name)?;
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(observe(gw.clone(), prefix, tx));
@@ -209,8 +220,8 @@ impl<N: EtcdNode> Election for ElectionService<N> {
         let gw = &self.0;
         let caller = gw.caller(request.metadata())?;
         let r = request.into_inner();
-        let shard = lock_shard(gw)?;
         let leader = leader_key(&caller, r.leader)?;
+        let shard = gw.router().shard_for_key(&leader.key);
         let txn =
             while_leading(&leader, KvOp::DeleteRange { range: KeyRange::single(leader.key.clone()), prev_kv: false });
         caller.may_run(&txn)?;

@@ -301,7 +301,7 @@ impl<N: EtcdNode> Gateway<N> {
     }
 
     /// Every page of one shard's part of `query` (a page stops at a quarter frame).
-    async fn range_of_shard(
+    pub async fn range_of_shard(
         &self,
         shard: ShardId,
         mut query: RangeQuery,

@@ -8,9 +8,11 @@
 //! its key is deleted (so it does not block the queue); if its key went meanwhile (the lease
 //! expired), the lock is not held. Unlock deletes the key.
 //!
-//! Keys of one lock are ordered by their create revision, which is per shard: on a cluster of
-//! more than one shard the keys under `NAME/` are in different shards, so locks are refused
-//! there (`FAILED_PRECONDITION`).
+//! Keys of one lock are ordered by their create revision, which is per shard, so a lock's queue
+//! lives in one shard, its *home*: the shard of `NAME/`. On a cluster of several shards a
+//! caller's key is `NAME/LEASE` if that key is in the home shard, else `NAME/LEASE/N` with the
+//! smallest `N` (decimal) that puts it there; only keys under `NAME/` in the home shard take part
+//! in the queue. On one shard every key is `NAME/LEASE`, as etcd's.
 
 use std::sync::Arc;
 
@@ -21,8 +23,9 @@ use super::{
     proto::v3lockpb::{lock_server::Lock, LockRequest, LockResponse, UnlockRequest, UnlockResponse},
 };
 use crate::api::{
-    is_reserved_key, ApiError, ClientResponse, CompareOp, EventKind, KeyRange, KvCompare, KvCompareTarget, KvOp,
-    KvOpResult, KvPut, KvTxn, RangeQuery, ReadConsistency, Revision, ShardId, WatchRequest, WatchStart,
+    is_reserved_key, routing::ShardRouter, ApiError, ClientResponse, CompareOp, EventKind, KeyRange, KvCompare,
+    KvCompareTarget, KvOp, KvOpResult, KvPut, KvTxn, RangeQuery, ReadConsistency, Revision, ShardId, WatchRequest,
+    WatchStart,
 };
 
 /// The TTL of the lease a lock or a campaign gets when the caller names none (etcd's session
@@ -33,15 +36,30 @@ const SESSION_TTL_SECS: u64 = 60;
 #[derive(Debug)]
 pub struct LockService<N: EtcdNode>(pub Arc<Gateway<N>>);
 
-/// The one shard a lock's (or an election's) keys live in, or the refusal on a sharded cluster.
-pub(super) fn lock_shard<N: EtcdNode>(gw: &Gateway<N>) -> Result<ShardId, Status> {
-    if gw.router().num_shards() > 1 {
-        return Err(Status::failed_precondition(
-            "locks and elections order their holders by create revision, which is per shard: they need a cluster \
-             of one shard",
-        ));
+/// The shard a lock's (or an election's) queue lives in: the shard of its prefix `NAME/`.
+pub(super) fn home_shard<N: EtcdNode>(gw: &Gateway<N>, prefix: &[u8]) -> ShardId {
+    gw.router().shard_for_key(prefix)
+}
+
+/// The caller's key in the queue under `prefix`: `NAME/LEASE`, or on a sharded cluster
+/// `NAME/LEASE/N` with the smallest `N` that puts it in the home shard (the same lease always
+/// gets the same key).
+pub(super) fn queue_key(router: &ShardRouter, prefix: &[u8], lease: u64) -> Vec<u8> {
+    let home = router.shard_for_key(prefix);
+    let mut key = prefix.to_vec();
+    key.extend_from_slice(format!("{lease:x}").as_bytes());
+    if router.shard_for_key(&key) == home {
+        return key;
     }
-    Ok(0)
+    // Each suffix lands home with probability 1 / num_shards: one of the first few does.
+    (0u64..)
+        .map(|n| {
+            let mut k = key.clone();
+            k.extend_from_slice(format!("/{n}").as_bytes());
+            k
+        })
+        .find(|k| router.shard_for_key(k) == home)
+        .unwrap_or(key)
 }
 
 /// Checks a lock's or an election's name and gives its key prefix (`NAME/`).
@@ -70,7 +88,7 @@ pub(super) struct Candidate {
 }
 
 /// Queues the caller under `prefix` with `lease` (0: a new lease of [`SESSION_TTL_SECS`]): puts
-/// its key `NAME/LEASE` with `value` unless it exists.
+/// its key ([`queue_key`]) with `value` in the home `shard` unless it exists.
 pub(super) async fn enqueue<N: EtcdNode>(
     gw: &Gateway<N>,
     caller: &Caller,
@@ -83,8 +101,7 @@ pub(super) async fn enqueue<N: EtcdNode>(
         0 => gw.grant_lease(caller, SESSION_TTL_SECS).await?,
         id => u64::try_from(id).map_err(|_| Status::not_found(errors::LEASE_NOT_FOUND))?,
     };
-    let mut key = prefix.to_vec();
-    key.extend_from_slice(format!("{lease:x}").as_bytes());
+    let key = queue_key(gw.router(), prefix, lease);
     let create = queue_txn(&key, value, lease);
     caller.may_run(&create)?;
     let (revision, created, results) = gw.write(caller, shard, create).await?;
@@ -127,6 +144,8 @@ fn queue_txn(key: &[u8], value: Vec<u8>, lease: u64) -> KvTxn {
 pub(super) struct Queued<N: EtcdNode> {
     pub gw: Arc<Gateway<N>>,
     pub caller: Caller,
+    /// The key's (home) shard.
+    pub shard: ShardId,
     pub key: Vec<u8>,
     pub armed: bool,
 }
@@ -138,20 +157,23 @@ impl<N: EtcdNode> Drop for Queued<N> {
         }
         // Dropped as its runtime stops: the key goes with its lease then.
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-        let (gw, caller, key) = (self.gw.clone(), self.caller.clone(), std::mem::take(&mut self.key));
+        let (gw, caller, shard, key) =
+            (self.gw.clone(), self.caller.clone(), self.shard, std::mem::take(&mut self.key));
         runtime.spawn(async move {
             let delete = KvTxn::op(KvOp::DeleteRange { range: KeyRange::single(key), prev_kv: false });
-            if let Err(e) = gw.write(&caller, 0, delete).await {
+            if let Err(e) = gw.write(&caller, shard, delete).await {
                 tracing::debug!("etcd API: a lock's queued key was not deleted: {e}");
             }
         });
     }
 }
 
-/// Waits until no key under `prefix` created before `mine` is left; the revision then.
+/// Waits until no key under `prefix` in the home `shard` created before `mine` is left; that
+/// shard's revision then.
 pub(super) async fn wait_for_earlier<N: EtcdNode>(
     gw: &Gateway<N>,
     caller: &Caller,
+    shard: ShardId,
     prefix: &[u8],
     mine: Revision,
 ) -> Result<Revision, Status> {
@@ -159,7 +181,7 @@ pub(super) async fn wait_for_earlier<N: EtcdNode>(
         let mut q = RangeQuery::all(KeyRange::prefix(prefix.to_vec()));
         q.keys_only = true;
         q.max_create_revision = mine.saturating_sub(1);
-        let page = gw.range(q, ReadConsistency::Linearizable).await?;
+        let page = gw.range_of_shard(shard, q, ReadConsistency::Linearizable).await?;
         let Some(youngest) = page.kvs.iter().max_by_key(|k| k.create_revision) else {
             return Ok(page.revision);
         };
@@ -202,16 +224,16 @@ impl<N: EtcdNode> Lock for LockService<N> {
         let gw = &self.0;
         let caller = gw.caller(request.metadata())?;
         let r = request.into_inner();
-        let shard = lock_shard(gw)?;
         let prefix = name_prefix(&caller, r.name)?;
+        let shard = home_shard(gw, &prefix);
         let Candidate { key, mine, .. } = enqueue(gw, &caller, shard, &prefix, r.lease, Vec::new()).await?;
-        let mut queued = Queued { gw: gw.clone(), caller: caller.clone(), key: key.clone(), armed: true };
-        let at = wait_for_earlier(gw, &caller, &prefix, mine).await?;
+        let mut queued = Queued { gw: gw.clone(), caller: caller.clone(), shard, key: key.clone(), armed: true };
+        let at = wait_for_earlier(gw, &caller, shard, &prefix, mine).await?;
         // Its key must still be there: a lease that expired while it waited took the key (and
         // the place in the queue) with it.
         let mut q = RangeQuery::all(KeyRange::single(key.clone()));
         q.keys_only = true;
-        let page = gw.range(q, ReadConsistency::Linearizable).await?;
+        let page = gw.range_of_shard(shard, q, ReadConsistency::Linearizable).await?;
         if page.kvs.first().map(|k| k.create_revision) != Some(mine) {
             queued.armed = false;
             return Err(Status::not_found(errors::LEASE_NOT_FOUND));
@@ -230,10 +252,31 @@ impl<N: EtcdNode> Lock for LockService<N> {
         if is_reserved_key(&key) {
             return Err(Status::invalid_argument("keys starting with \\x00aspen/ are reserved for the cluster"));
         }
-        let shard = lock_shard(gw)?;
+        let shard = gw.router().shard_for_key(&key);
         let delete = KvTxn::op(KvOp::DeleteRange { range: KeyRange::single(key), prev_kv: false });
         caller.may_run(&delete)?;
         let (revision, _, _) = gw.write(&caller, shard, delete).await?;
         Ok(Response::new(UnlockResponse { header: gw.header(revision) }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_queue_key_lives_in_its_names_shard_and_stays_the_same() {
+        let one = ShardRouter::new(1);
+        assert_eq!(queue_key(&one, b"job/", 0x1f), b"job/1f", "one shard: etcd's NAME/LEASE");
+        let four = ShardRouter::new(4);
+        let mut suffixed = 0;
+        for lease in 1..200u64 {
+            let key = queue_key(&four, b"job/", lease);
+            assert_eq!(four.shard_for_key(&key), four.shard_for_key(b"job/"), "{key:?}");
+            assert!(key.starts_with(format!("job/{lease:x}").as_bytes()), "{key:?}");
+            assert_eq!(key, queue_key(&four, b"job/", lease), "the same lease, the same key");
+            suffixed += usize::from(key.len() > format!("job/{lease:x}").len());
+        }
+        assert!(suffixed > 0, "some leases' plain keys are in other shards");
     }
 }
