@@ -1512,6 +1512,38 @@ cluster_test!(one_shard_progress_after_a_burst, 1, progress_after_a_burst);
 cluster_test!(one_shard_lock_service, 1, lock_service);
 cluster_test!(one_shard_election_service, 1, election_service);
 
+/// gRPC's health service, as etcd serves it (no token): SERVING on every member; an unknown
+/// service NOT_FOUND; once the other two members stop, the last one's shards have no quorum and
+/// it says NOT_SERVING — to a Check and on a Watch stream opened while it served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_shard_grpc_health() {
+    use aspen::etcd::proto::health::{
+        health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+    };
+    let mut cluster = Cluster::start(1).await;
+    let whole = || HealthCheckRequest { service: String::new() };
+    for endpoint in &cluster.endpoints {
+        let mut health = HealthClient::connect(format!("http://{endpoint}")).await.expect("connect");
+        let r = health.check(whole()).await.expect("check").into_inner();
+        assert_eq!(r.status(), ServingStatus::Serving, "{endpoint}");
+        let unknown = HealthCheckRequest { service: "etcdserverpb.KV".into() };
+        let e = health.check(unknown).await.expect_err("an unknown service");
+        assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+    }
+    let mut health = HealthClient::connect(format!("http://{}", cluster.endpoints[0])).await.expect("connect");
+    let mut watch = health.watch(whole()).await.expect("watch").into_inner();
+    let first = tokio::time::timeout(PATIENCE, watch.message()).await.expect("a first status");
+    assert_eq!(first.expect("the stream").expect("a status").status(), ServingStatus::Serving);
+    for node in cluster.nodes.drain(1..) {
+        node.shutdown_reporting().await;
+    }
+    let next = tokio::time::timeout(PATIENCE, watch.message()).await.expect("a change within 60 s");
+    assert_eq!(next.expect("the stream").expect("a status").status(), ServingStatus::NotServing);
+    let r = health.check(whole()).await.expect("check").into_inner();
+    assert_eq!(r.status(), ServingStatus::NotServing);
+    cluster.stop().await;
+}
+
 cluster_test!(four_shards_tokens_members_and_status, 4, auth_members_and_status);
 cluster_test!(four_shards_kv, 4, kv_semantics);
 cluster_test!(four_shards_txn, 4, txns);

@@ -1,4 +1,4 @@
-//! Generates the Rust code of etcd v3's gRPC API: compiles crates/aspen/proto with protox (a
+//! Generates the Rust code of etcd v3's gRPC API (and gRPC's health service): compiles crates/aspen/proto with protox (a
 //! protobuf compiler written in Rust, so no system `protoc` is needed) and writes the prost
 //! messages and the tonic servers and clients into crates/aspen/src/etcd/proto. The generated
 //! files are checked in; run this (`scripts/gen-etcd-proto.sh`) after changing a .proto file.
@@ -13,9 +13,10 @@ const PROTOS: &[&str] = &[
     "etcd/etcdserverpb/rpc.proto",
     "etcd/v3lockpb/v3lock.proto",
     "etcd/v3electionpb/v3election.proto",
+    "grpc/health/v1/health.proto",
 ];
 /// The generated files, one per protobuf package.
-const PACKAGES: &[&str] = &["etcdserverpb", "mvccpb", "authpb", "v3lockpb", "v3electionpb"];
+const PACKAGES: &[&str] = &["etcdserverpb", "mvccpb", "authpb", "v3lockpb", "v3electionpb", "grpc.health.v1"];
 
 fn main() {
     if let Err(e) = run() {

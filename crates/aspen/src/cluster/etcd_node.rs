@@ -63,6 +63,11 @@ impl EtcdNode for NodeService {
         self.store.shards().get(&0).map_or(0, RaftNode::term)
     }
 
+    fn serving(&self) -> bool {
+        let shards = self.store.shards();
+        !shards.is_empty() && shards.values().all(|s| s.readiness().is_ok())
+    }
+
     async fn watch_asked(
         &self,
         request: crate::api::WatchRequest,

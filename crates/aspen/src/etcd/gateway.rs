@@ -39,6 +39,9 @@ pub trait EtcdNode: ClientService {
     fn data_dir(&self) -> std::path::PathBuf;
     /// The Raft term of shard 0 on this node (etcd's `header.raft_term`).
     fn raft_term(&self) -> u64;
+    /// Whether this node can serve: every shard it hosts is ready (a member with a leader that
+    /// was heard from lately: `RaftNode::readiness`, as `GET /ready`). gRPC health's SERVING.
+    fn serving(&self) -> bool;
     /// A watch of the node whose shard tasks, each time `asked` changes, report where they
     /// stand once they have handled every applied entry (`NodeService::start_watch_asked`).
     fn watch_asked(

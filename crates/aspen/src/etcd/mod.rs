@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod election;
 pub mod gateway;
+pub mod health;
 pub mod kv;
 pub mod lease;
 pub mod lock;

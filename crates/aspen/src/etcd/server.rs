@@ -11,6 +11,7 @@ use super::{
     admin::{AuthService, ClusterService, MaintenanceService},
     election::ElectionService,
     gateway::{EtcdNode, Gateway},
+    health::HealthService,
     kv::KvService,
     lease::LeaseService,
     lock::LockService,
@@ -18,7 +19,10 @@ use super::{
         auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
         maintenance_server::MaintenanceServer, watch_server::WatchServer,
     },
-    proto::{v3electionpb::election_server::ElectionServer, v3lockpb::lock_server::LockServer},
+    proto::{
+        health::health_server::HealthServer, v3electionpb::election_server::ElectionServer,
+        v3lockpb::lock_server::LockServer,
+    },
     watch::WatchService,
 };
 use crate::auth::Authority;
@@ -97,6 +101,7 @@ impl EtcdEndpoint {
             .add_service(LeaseServer::new(LeaseService(gw.clone())))
             .add_service(LockServer::new(LockService(gw.clone())))
             .add_service(ElectionServer::new(ElectionService(gw.clone())))
+            .add_service(HealthServer::new(HealthService(gw.clone())))
             .add_service(ClusterServer::new(ClusterService(gw.clone())))
             .add_service(MaintenanceServer::new(MaintenanceService(gw.clone())))
             .add_service(AuthServer::new(AuthService(gw)));

@@ -33,3 +33,10 @@ pub mod v3lockpb;
 #[rustfmt::skip]
 #[allow(clippy::all, clippy::pedantic, missing_docs, rustdoc::all)]
 pub mod v3electionpb;
+
+/// gRPC's health checking service: `Check` and `Watch` (package `grpc.health.v1`), with its tonic
+/// server (`health_server::Health`) and client.
+#[rustfmt::skip]
+#[allow(clippy::all, clippy::pedantic, missing_docs, rustdoc::all)]
+#[path = "grpc.health.v1.rs"]
+pub mod health;
