@@ -64,8 +64,11 @@ impl EtcdNode for NodeService {
     }
 
     fn serving(&self) -> bool {
+        // What `GET /ready` checks: initialized, and every hosted shard ready.
         let shards = self.store.shards();
-        !shards.is_empty() && shards.values().all(|s| s.readiness().is_ok())
+        self.cluster_id() != crate::api::ClusterId::default()
+            && !shards.is_empty()
+            && shards.values().all(|s| s.readiness().is_ok())
     }
 
     async fn watch_asked(

@@ -178,11 +178,7 @@ async fn follow_shard(
             _ = finish.cancelled() => {
                 // Where it stands: after every applied entry if it handled every batch it
                 // received, else as far as it got (the client resumes from there).
-                if let Some(p) = hub.progress(&live) {
-                    if at.precedes(p.revision, p.index) {
-                        at = p;
-                    }
-                }
+                catch_up(&hub, &live, &mut at);
                 if reported != at {
                     let _ = send_progress(&tx, at, &live, max_lag).await;
                 }
@@ -193,11 +189,7 @@ async fn follow_shard(
                     return end(&tx, ApiError::Unavailable(format!("{why}; resume the watch on another member"))).await;
                 }
                 // Idle: everything applied so far is handled (entries without events included).
-                if let Some(p) = hub.progress(&live) {
-                    if at.precedes(p.revision, p.index) {
-                        at = p;
-                    }
-                }
+                catch_up(&hub, &live, &mut at);
                 if reported != at {
                     match send_progress(&tx, at, &live, max_lag).await {
                         Sent::Ok => reported = at,
@@ -223,11 +215,7 @@ async fn follow_shard(
                 // received, else as far as it got (the loop handles the rest, and the asker asks
                 // again until the position is far enough: under a stream of writes this watch
                 // does not match, that is how it learns it).
-                if let Some(p) = hub.progress(&live) {
-                    if at.precedes(p.revision, p.index) {
-                        at = p;
-                    }
-                }
+                catch_up(&hub, &live, &mut at);
                 if reported != at {
                     match send_progress(&tx, at, &live, max_lag).await {
                         Sent::Ok => (reported, reported_at) = (at, tokio::time::Instant::now()),
@@ -303,6 +291,16 @@ async fn follow_shard(
             }
         };
         return end(&tx, error).await;
+    }
+}
+
+/// Moves `at` past every applied entry of the shard if the task handled every batch it received
+/// (entries without events included): where a quiet or busy-elsewhere watch stands.
+fn catch_up(hub: &WatchHub, live: &broadcast::Receiver<Arc<EventBatch>>, at: &mut WatchPosition) {
+    if let Some(p) = hub.progress(live) {
+        if at.precedes(p.revision, p.index) {
+            *at = p;
+        }
     }
 }
 

@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use futures::{stream::BoxStream, StreamExt};
+use futures::stream::BoxStream;
 use tonic::{Request, Response, Status};
 
 use super::{
@@ -203,8 +203,7 @@ impl<N: EtcdNode> Maintenance for MaintenanceService<N> {
             tail.extend_from_slice(&hash.finalize());
             let _ = tx.blocking_send(Ok(piece(tail, total)));
         });
-        let pieces = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|p| (p, rx)) });
-        Ok(Response::new(pieces.boxed()))
+        Ok(Response::new(super::gateway::stream_of(rx)))
     }
 
     async fn move_leader(&self, request: Request<MoveLeaderRequest>) -> Result<Response<MoveLeaderResponse>, Status> {

@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use futures::{stream::BoxStream, StreamExt};
+use futures::stream::BoxStream;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
@@ -212,8 +212,7 @@ impl<N: EtcdNode> Election for ElectionService<N> {
         let prefix = name_prefix(&caller, request.into_inner().name)?;
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(observe(gw.clone(), prefix, tx));
-        let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|a| (a, rx)) });
-        Ok(Response::new(stream.boxed()))
+        Ok(Response::new(super::gateway::stream_of(rx)))
     }
 
     async fn resign(&self, request: Request<ResignRequest>) -> Result<Response<ResignResponse>, Status> {

@@ -486,6 +486,12 @@ pub fn merge_pages(pages: Vec<RangePage>, limit: u64, count_only: bool) -> Range
     RangePage { kvs, count, more, revision, last_change }
 }
 
+/// A server-streaming answer fed by a task through `rx`: it ends when the task drops its sender.
+pub fn stream_of<T: Send + 'static>(rx: tokio::sync::mpsc::Receiver<T>) -> futures::stream::BoxStream<'static, T> {
+    use futures::StreamExt;
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|a| (a, rx)) }).boxed()
+}
+
 /// A revision as etcd's signed fields carry it.
 pub fn revision_i64(r: Revision) -> i64 {
     i64::try_from(r).unwrap_or(i64::MAX)

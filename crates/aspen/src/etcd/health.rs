@@ -7,7 +7,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use futures::{stream::BoxStream, StreamExt};
+use futures::stream::BoxStream;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
@@ -73,7 +73,6 @@ impl<N: EtcdNode> Health for HealthService<N> {
                 }
             }
         });
-        let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|a| (a, rx)) });
-        Ok(Response::new(stream.boxed()))
+        Ok(Response::new(super::gateway::stream_of(rx)))
     }
 }

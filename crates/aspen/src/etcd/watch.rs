@@ -436,8 +436,7 @@ impl<N: EtcdNode> Watch for WatchService<N> {
             }
             watchers.stop_all();
         });
-        let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|a| (a, rx)) });
-        Ok(Response::new(stream.boxed()))
+        Ok(Response::new(super::gateway::stream_of(rx)))
     }
 }
 
