@@ -236,11 +236,18 @@ fn etcdctl_drives_a_three_node_cluster() {
     assert_eq!(newest.lines().collect::<Vec<_>>(), ["a/1", "v1b"], "a/1 was written last");
     let from = e.ok(&["get", "--from-key", "a/2", "--keys-only"]);
     assert_eq!(from.split_whitespace().collect::<Vec<_>>(), ["a/2", "a/3"]);
-    // The previous key of a put; a read at a past revision is refused, not answered wrongly.
+    // The previous key of a put; reads at past revisions see the keys as they were then (from
+    // the serving node's watch history); before it, etcd's compaction error.
     let prev = e.ok(&["put", "--prev-kv", "a/3", "v3b"]);
     assert_eq!(prev.lines().collect::<Vec<_>>(), ["OK", "a/3", "v3"], "{prev}");
-    let o = e.run(&["get", "a/1", &format!("--rev={first}")]);
-    assert!(!o.status.success() && stderr(&o).contains("one version of each key"), "{}", stderr(&o));
+    let then = e.json(&["get", "a/1", &format!("--rev={first}")]);
+    let kv = &then["kvs"][0];
+    assert_eq!((kv["value"].as_str(), kv["version"].as_u64()), (Some(b64("v1").as_str()), Some(1)), "{then}");
+    assert!(header_revision(&then) > first, "the header carries the current revision: {then}");
+    let then = e.ok(&["get", "--prefix", "a/", &format!("--rev={first}")]);
+    assert_eq!(then.lines().collect::<Vec<_>>(), ["a/1", "v1"], "only a/1 existed at its first put");
+    let o = e.run(&["get", "a/1", "--rev=1"]);
+    assert!(!o.status.success() && stderr(&o).contains("required revision has been compacted"), "{}", stderr(&o));
 
     // Txn: compares decide the branch; both branches' ops run atomically.
     let o = e.txn("value(\"a/1\") = \"v1b\"\n\nput a/ok yes\nget a/2\n\nput a/bad no\n\n");
@@ -389,6 +396,9 @@ fn etcdctl_on_four_shards() {
     let w = e.spawn(&["watch", "s/00", &format!("--rev={from}")]);
     w.wait_for("a key's watch from its shard's revision", |l| l.iter().any(|x| x == "from-here"));
     drop(w);
+    // So does a read of one key at a revision: its shard's.
+    e.ok(&["put", "s/00", "later"]);
+    assert_eq!(e.ok(&["get", "s/00", "--print-value-only", &format!("--rev={from}")]).trim(), "from-here");
 
     // A lease's keys in every shard go with it (puts on shards that are not its home check
     // it there first).

@@ -520,9 +520,10 @@ async fn kv_semantics(c: &Cluster) {
         assert_eq!(keys_of(&sorted_create), keys);
         let newest = kv.get("kv/", Some(by_mod(1))).await.expect("sorted get, limit 1");
         assert_eq!((keys_of(&newest), newest.count(), newest.more()), (vec!["kv/00".to_string()], 12, true));
-        // A read at a past revision is refused, not answered with today's value.
-        let e = kv.get("kv/00", Some(GetOptions::new().with_revision(created[0]))).await.expect_err("past rev");
-        assert!(grpc(&e).1.contains("one version of each key"), "{e:?}");
+        // A read at a past revision sees the key as it was then, not today's value.
+        let then = kv.get("kv/00", Some(GetOptions::new().with_revision(created[0]))).await.expect("past rev");
+        let k0 = &then.kvs()[0];
+        assert_eq!((k0.value(), k0.version(), k0.mod_revision()), (&b"v0"[..], 1, created[0]));
     }
     let by_key_desc = GetOptions::new().with_prefix().with_keys_only().with_sort(SortTarget::Key, SortOrder::Descend);
     let desc = kv.get("kv/", Some(by_key_desc)).await.expect("sorted by key");
@@ -1554,25 +1555,61 @@ cluster_test!(four_shards_less_common_calls, 4, edges);
 cluster_test!(four_shards_progress_after_a_burst, 4, progress_after_a_burst);
 cluster_test!(four_shards_lock_service, 4, lock_service);
 cluster_test!(four_shards_election_service, 4, election_service);
+cluster_test!(four_shards_reads_at_past_revisions, 4, reads_at_past_revisions);
 
-/// A read at the revision of the latest write (`WithRev(put.header.revision)`, as clients do to
-/// read "as of" their own write) is answered, as etcd does: nothing changed since. Once the key
-/// changes, a read at the old revision is refused (Aspen keeps one version of each key), never
-/// answered with the newer value.
-async fn read_at_the_latest_write(c: &Cluster) {
+/// Reads at a revision see the keys as they were then, as in etcd: a read "as of" one's own
+/// write (`WithRev(put.header.revision)`), a key's every earlier version while the serving
+/// node's watch history holds the changes since (deleted keys included), a range with a limit
+/// and a count; revisions before that history get etcd's compaction error, later ones the
+/// future-revision error. With several shards a key's revisions are its shard's, and a range
+/// that reaches every shard cannot be read at a revision.
+async fn reads_at_past_revisions(c: &Cluster) {
     let mut kv = c.client().await;
-    let put = kv.put("asof/k", "v", None).await.expect("put");
-    let r = rev(put.header());
-    let got = kv.get("asof/k", Some(GetOptions::new().with_revision(r))).await.expect("a read at the put's revision");
-    assert_eq!((got.kvs()[0].value(), got.kvs()[0].mod_revision()), (&b"v"[..], r));
-    kv.put("asof/k", "v2", None).await.expect("second put");
-    let err = kv.get("asof/k", Some(GetOptions::new().with_revision(r))).await.expect_err("a read at a past revision");
-    assert!(err.to_string().contains("one version of each key"), "{err}");
+    let at = |r: i64| Some(GetOptions::new().with_revision(r));
+    let value_at = |got: &GetResponse| got.kvs().first().map(|k| (k.value().to_vec(), k.version()));
+    for key in c.one_key_per_shard("asof/") {
+        let key = key.as_str();
+        let p1 = rev(kv.put(key, "v1", None).await.expect("put").header());
+        let got = kv.get(key, at(p1)).await.expect("a read at the put's revision");
+        assert_eq!((got.kvs()[0].value(), got.kvs()[0].mod_revision()), (&b"v1"[..], p1));
+        let p2 = rev(kv.put(key, "v2", None).await.expect("second put").header());
+        let p3 = rev(kv.delete(key, None).await.expect("delete").header());
+        kv.put(key, "v3", None).await.expect("put after the delete");
+        for (r, want) in [
+            (p1, Some((b"v1".to_vec(), 1))),
+            (p2, Some((b"v2".to_vec(), 2))),
+            (p3 - 1, Some((b"v2".to_vec(), 2))),
+            (p3, None),
+        ] {
+            let got = kv.get(key, at(r)).await.unwrap_or_else(|e| panic!("{key} at {r}: {e}"));
+            assert_eq!(value_at(&got), want, "{key} at revision {r}");
+            assert!(rev(got.header()) > p3, "the header carries the current revision");
+        }
+        let now = kv.get(key, None).await.expect("get");
+        assert_eq!(value_at(&now), Some((b"v3".to_vec(), 1)), "a key put again starts over");
+        let err = kv.get(key, at(1)).await.expect_err("a revision before the history");
+        assert!(err.to_string().contains("required revision has been compacted"), "{err}");
+        let err = kv.get(key, at(rev(now.header()) + 1_000_000)).await.expect_err("a future revision");
+        assert!(err.to_string().contains("required revision is a future revision"), "{err}");
+    }
+    // A range at a revision: keys created, changed and deleted since are undone.
+    for k in ["r/a", "r/b", "r/c"] {
+        kv.put(k, "1", None).await.expect("put");
+    }
+    let then = rev(kv.get("r/", Some(GetOptions::new().with_prefix())).await.expect("get").header());
+    kv.put("r/b", "2", None).await.expect("put");
+    kv.delete("r/a", None).await.expect("delete");
+    kv.put("r/0", "new", None).await.expect("put");
+    let page = kv.get("r/", Some(GetOptions::new().with_prefix().with_revision(then).with_limit(2))).await;
+    if c.shards == 1 {
+        let page = page.expect("a range at a revision");
+        let got: Vec<(&[u8], &[u8])> = page.kvs().iter().map(|k| (k.key(), k.value())).collect();
+        assert_eq!(got, [(&b"r/a"[..], &b"1"[..]), (b"r/b", b"1")], "the first two keys as they were");
+        assert_eq!((page.count(), page.more()), (3, true));
+    } else {
+        let err = page.expect_err("a range of every shard at a revision");
+        assert!(err.to_string().contains("several shards cannot be read at a revision"), "{err}");
+    }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_shard_read_at_the_revision_of_the_latest_write() {
-    let cluster = Cluster::start(1).await;
-    read_at_the_latest_write(&cluster).await;
-    cluster.stop().await;
-}
+cluster_test!(one_shard_reads_at_past_revisions, 1, reads_at_past_revisions);

@@ -122,10 +122,6 @@ pub struct RangePage {
     pub more: bool,
     /// The shard's revision the read saw (`api::applied_revision` of its applied index).
     pub revision: Revision,
-    /// The revision of the shard's last change at or before the state read, when the serving
-    /// node knows it (it saw every change since it started): a read "at" any revision from this
-    /// one to `revision` is a read of this state.
-    pub last_change: Option<Revision>,
 }
 
 /// Which field of the keys of a range a [`KvCompare`] reads, and its target.

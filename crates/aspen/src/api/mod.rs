@@ -948,6 +948,16 @@ pub enum ClientRequest {
     /// Node to node: the address this node serves the etcd API on, if it does (etcd's member
     /// list names every member's client URLs).
     EtcdEndpoint,
+    /// Node to node (the etcd API): [`ClientRequest::ShardRange`] at a past revision of the
+    /// shard, answered from the state now and the serving node's watch history (`storage::past`):
+    /// `Compacted` if that history no longer reaches back to it. Answered with
+    /// [`ClientResponse::Range`], whose revision is the state read's.
+    ShardRangeAt {
+        shard: ShardId,
+        query: RangeQuery,
+        consistency: ReadConsistency,
+        revision: Revision,
+    },
 }
 
 /// A raised alarm (recorded in shard 0, so every node refuses what it forbids).
@@ -1137,6 +1147,7 @@ impl ClientRequest {
                 | ClientRequest::AlarmList
                 | ClientRequest::AlarmDisarm
                 | ClientRequest::ShardRange { .. }
+                | ClientRequest::ShardRangeAt { .. }
                 | ClientRequest::ShardTxnRead { .. }
         )
     }
@@ -1160,6 +1171,7 @@ impl ClientRequest {
                 | ClientRequest::ShardLeaseKeys { .. }
                 | ClientRequest::ShardLeases { .. }
                 | ClientRequest::ShardRange { .. }
+                | ClientRequest::ShardRangeAt { .. }
                 | ClientRequest::ShardTxnRead { .. }
                 | ClientRequest::EtcdEndpoint
         )
@@ -1230,6 +1242,7 @@ impl ClientRequest {
             ClientRequest::AlarmList => "alarm list",
             ClientRequest::AlarmDisarm => "alarm disarm",
             ClientRequest::ShardRange { .. } => "range",
+            ClientRequest::ShardRangeAt { .. } => "range at revision",
             ClientRequest::ShardTxnRead { .. } => "txn read",
             ClientRequest::EtcdEndpoint => "etcd endpoint",
         }
@@ -1279,9 +1292,9 @@ impl ClientRequest {
             | ClientRequest::AlarmList
             | ClientRequest::AlarmDisarm
             | ClientRequest::EtcdEndpoint => false,
-            ClientRequest::ShardRange { consistency, .. } | ClientRequest::ShardTxnRead { consistency, .. } => {
-                *consistency == ReadConsistency::Linearizable
-            }
+            ClientRequest::ShardRange { consistency, .. }
+            | ClientRequest::ShardRangeAt { consistency, .. }
+            | ClientRequest::ShardTxnRead { consistency, .. } => *consistency == ReadConsistency::Linearizable,
         }
     }
 }

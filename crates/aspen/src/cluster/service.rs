@@ -301,6 +301,17 @@ impl NodeService {
     }
 
     /// Answers a request on this node, without forwarding (routing has brought it here).
+    /// A range read's keys are within the key size limit (range, end, `after`).
+    fn check_range_keys(&self, query: &crate::api::RangeQuery) -> Result<(), ApiError> {
+        for k in [Some(&query.range.key), query.range.end.as_ref(), query.after.as_ref()].into_iter().flatten() {
+            if k.len() as u64 > self.limits.max_key_bytes {
+                let (size, limit) = (k.len() as u64, self.limits.max_key_bytes);
+                return Err(ApiError::TooLarge { what: "key".into(), size, limit });
+            }
+        }
+        Ok(())
+    }
+
     async fn handle_local(&self, request: ClientRequest) -> ClientResult {
         if request.needs_data() && self.cluster_id() == ClusterId::default() {
             // A `--no-init` node (or one still joining) has no data: say so at once instead of
@@ -346,14 +357,12 @@ impl NodeService {
                 self.store.scan_shard_here(shard, &scan).await
             }
             ClientRequest::ShardRange { shard, query, consistency } => {
-                for k in [Some(&query.range.key), query.range.end.as_ref(), query.after.as_ref()].into_iter().flatten()
-                {
-                    if k.len() as u64 > self.limits.max_key_bytes {
-                        let (size, limit) = (k.len() as u64, self.limits.max_key_bytes);
-                        return Err(ApiError::TooLarge { what: "key".into(), size, limit });
-                    }
-                }
+                self.check_range_keys(&query)?;
                 self.store.local(shard)?.range(&query, consistency).await.map(ClientResponse::Range)
+            }
+            ClientRequest::ShardRangeAt { shard, query, consistency, revision } => {
+                self.check_range_keys(&query)?;
+                self.store.local(shard)?.range_at(&query, consistency, revision).await.map(ClientResponse::Range)
             }
             ClientRequest::ShardTxnRead { shard, txn, consistency } => {
                 validate::check_kv_txn(&self.limits, &txn)?;

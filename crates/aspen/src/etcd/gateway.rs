@@ -303,16 +303,48 @@ impl<N: EtcdNode> Gateway<N> {
         Ok(merge_pages(pages, query.limit, query.count_only))
     }
 
+    /// `query` at revision `at` of its shard, if its range is in one shard (a single key, or
+    /// any range of a one-shard cluster; else `None`: a revision is a position in one shard's
+    /// history): the keys as they were at `at`, served from the state now and the serving
+    /// node's watch history (`storage::past`; older than that history: etcd's compaction error).
+    /// The answer's revision is the state read's: `at` after it is a future revision.
+    pub async fn range_at(
+        &self,
+        query: RangeQuery,
+        consistency: ReadConsistency,
+        at: Revision,
+    ) -> Result<Option<RangePage>, Status> {
+        match self.shards_of(&query.range)[..] {
+            [shard] => self.pages_of_shard(shard, query, consistency, Some(at)).await.map(Some),
+            _ => Ok(None),
+        }
+    }
+
     /// Every page of one shard's part of `query` (a page stops at a quarter frame).
     pub async fn range_of_shard(
         &self,
         shard: ShardId,
+        query: RangeQuery,
+        consistency: ReadConsistency,
+    ) -> Result<RangePage, Status> {
+        self.pages_of_shard(shard, query, consistency, None).await
+    }
+
+    /// Every page of one shard's part of `query`, now or at revision `at`.
+    async fn pages_of_shard(
+        &self,
+        shard: ShardId,
         mut query: RangeQuery,
         consistency: ReadConsistency,
+        at: Option<Revision>,
     ) -> Result<RangePage, Status> {
         let mut all: Option<RangePage> = None;
         loop {
-            let page = match self.ask(ClientRequest::ShardRange { shard, query: query.clone(), consistency }).await? {
+            let request = match at {
+                None => ClientRequest::ShardRange { shard, query: query.clone(), consistency },
+                Some(revision) => ClientRequest::ShardRangeAt { shard, query: query.clone(), consistency, revision },
+            };
+            let page = match self.ask(request).await? {
                 ClientResponse::Range(p) => p,
                 other => return Err(unexpected("a range read", other)),
             };
@@ -321,11 +353,9 @@ impl<N: EtcdNode> Gateway<N> {
                 count: page.count,
                 more: false,
                 revision: page.revision,
-                last_change: page.last_change,
             });
             acc.kvs.extend(page.kvs);
             acc.revision = acc.revision.max(page.revision);
-            acc.last_change = later_change(acc.last_change, page.last_change);
             let reached = query.limit > 0 && acc.kvs.len() as u64 >= query.limit;
             match acc.kvs.last() {
                 Some(last) if page.more && !reached && !query.count_only => query.after = Some(last.key.clone()),
@@ -335,7 +365,7 @@ impl<N: EtcdNode> Gateway<N> {
                 }
             }
         }
-        Ok(all.unwrap_or(RangePage { kvs: Vec::new(), count: 0, more: false, revision: 0, last_change: None }))
+        Ok(all.unwrap_or(RangePage { kvs: Vec::new(), count: 0, more: false, revision: 0 }))
     }
 
     /// Evaluates a txn that writes nothing on `shard`, linearizably, as a read (the revision
@@ -468,22 +498,16 @@ impl<N: EtcdNode> Gateway<N> {
 }
 
 /// Merges shards' pages of one range in key order, keeping `limit` keys (0: all).
-/// The later of two pages' last changes (unknown if either is).
-fn later_change(a: Option<Revision>, b: Option<Revision>) -> Option<Revision> {
-    Some(a?.max(b?))
-}
-
 pub fn merge_pages(pages: Vec<RangePage>, limit: u64, count_only: bool) -> RangePage {
     let count = pages.iter().map(|p| p.count).sum();
     let revision = pages.iter().map(|p| p.revision).max().unwrap_or(0);
-    let last_change = pages.iter().try_fold(0, |acc: Revision, p| p.last_change.map(|l| acc.max(l)));
     let mut kvs: Vec<KeyRecord> = pages.into_iter().flat_map(|p| p.kvs).collect();
     kvs.sort_by(|a, b| a.key.cmp(&b.key));
     if limit > 0 && kvs.len() as u64 > limit {
         kvs.truncate(limit as usize);
     }
     let more = !count_only && count > kvs.len() as u64;
-    RangePage { kvs, count, more, revision, last_change }
+    RangePage { kvs, count, more, revision }
 }
 
 /// A server-streaming answer fed by a task through `rx`: it ends when the task drops its sender.

@@ -569,17 +569,93 @@ impl RaftNode {
         if consistency == ReadConsistency::Linearizable && !self.reads_broken() {
             self.ensure_linearizable().await?;
         }
-        let mut page = self
-            .reader
-            .kv_range(query)
-            .map_err(|e| ApiError::Internal(format!("range read of shard {}: {e}", self.shard)))?;
-        // The watch hub published every change up to the state read: its last change is the
-        // state's (a later one, if it published more since, only makes the claim narrower).
-        let (published, last_change) = self.watch_hub.changes();
-        if published >= page.revision {
-            page.last_change = Some(last_change.min(page.revision));
+        self.reader.kv_range(query).map_err(|e| ApiError::Internal(format!("range read of shard {}: {e}", self.shard)))
+    }
+
+    /// [`Self::range`] at revision `at` of this shard: the state read now with every change after
+    /// `at` undone from this node's watch history (`storage::past`); [`ApiError::Compacted`] if
+    /// the history no longer holds them all. At or after the state read: the state read (a
+    /// future revision is the caller's to refuse: the answer's revision tells it).
+    pub async fn range_at(
+        &self,
+        query: &crate::api::RangeQuery,
+        consistency: ReadConsistency,
+        at: crate::api::Revision,
+    ) -> Result<crate::api::RangePage, ApiError> {
+        use crate::storage::past::Undo;
+        if consistency == ReadConsistency::Linearizable && !self.reads_broken() {
+            self.ensure_linearizable().await?;
         }
-        Ok(page)
+        let read = |q: &crate::api::RangeQuery| {
+            self.reader.kv_range(q).map_err(|e| ApiError::Internal(format!("range read of shard {}: {e}", self.shard)))
+        };
+        // Each changed key may hide one key of the page at `at`: read that many more (again if
+        // more changes came between the reads; after a few tries, without a limit).
+        let mut extra = 0usize;
+        let mut query = query.clone();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut raw = query.clone();
+            if raw.limit > 0 {
+                raw.limit = if attempt <= 4 { raw.limit.saturating_add(extra as u64) } else { 0 };
+            }
+            let now = read(&raw)?;
+            if at >= now.revision {
+                return Ok(now);
+            }
+            // Nothing changed in the shard after `at` (as far back as this node saw every
+            // change, since it started or installed a snapshot): the state now is the state then.
+            // A change published after the read only makes this claim narrower.
+            let (published, last_change) = self.watch_hub.changes();
+            if published >= now.revision && last_change <= at {
+                return Ok(now);
+            }
+            let batches = self.history_through(at, now.revision).await?;
+            let undo = Undo::new(&batches, &query, at, now.revision);
+            if raw.limit > 0 && undo.len() > extra {
+                extra = undo.len();
+                continue;
+            }
+            let cut = now.more;
+            let last = now.kvs.last().map(|kv| kv.key.clone());
+            let page = undo.apply(&query, now);
+            match last {
+                // Every key of this page changed and none existed at `at`: read on after it.
+                Some(last) if cut && page.kvs.is_empty() && !query.count_only => {
+                    let count = page.count;
+                    query.after = Some(last);
+                    let mut next = Box::pin(self.range_at(&query, ReadConsistency::Stale, at)).await?;
+                    next.count = count;
+                    return Ok(next);
+                }
+                _ => return Ok(page),
+            }
+        }
+    }
+
+    /// The watch history's batches with changes after `at`, once it holds every change up to
+    /// `through` (it is published right after the state machine commits, so a read can run a
+    /// moment ahead of it).
+    async fn history_through(
+        &self,
+        at: crate::api::Revision,
+        through: crate::api::Revision,
+    ) -> Result<Vec<Arc<crate::storage::watch::EventBatch>>, ApiError> {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let (batches, published) = self.watch_hub.changes_after(at)?;
+            if published >= through {
+                return Ok(batches);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ApiError::Unavailable(format!(
+                    "shard {}: the watch history is behind the state read (revision {published} < {through})",
+                    self.shard
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
     }
 
     /// A txn that writes nothing (`api::KvTxn::is_read_only`), evaluated like a range read:

@@ -108,6 +108,7 @@ pub fn plan(
             | ClientRequest::ShardLeases { .. }
             | ClientRequest::ShardBackup { .. }
             | ClientRequest::ShardRange { .. }
+            | ClientRequest::ShardRangeAt { .. }
             | ClientRequest::ShardTxnRead { .. }
     );
     if shard_bound {
@@ -143,6 +144,7 @@ pub fn shard_of(router: &ShardRouter, request: &ClientRequest) -> Result<ShardId
         | ClientRequest::ShardLeases { shard }
         | ClientRequest::ShardBackup { shard, .. }
         | ClientRequest::ShardRange { shard, .. }
+        | ClientRequest::ShardRangeAt { shard, .. }
         | ClientRequest::ShardTxnRead { shard, .. } => {
             if *shard >= router.num_shards() {
                 return Err(ApiError::InvalidRequest(format!(

@@ -14,6 +14,7 @@ pub mod journal;
 pub mod leases;
 pub mod log_store;
 pub mod metadata;
+pub mod past;
 pub mod scan;
 pub mod shared_journal;
 pub mod space;

@@ -175,6 +175,19 @@ impl WatchHub {
         Ok(Subscription { backlog, live: self.live.subscribe(), start: after, max_lag: self.max_lag })
     }
 
+    /// Every retained batch with an event after `revision`, and the revision of the last
+    /// applied entry published ([`Self::changes`]): [`ApiError::Compacted`] if the history no
+    /// longer holds every event after `revision` (what a read at that revision undoes,
+    /// `storage::past`).
+    pub fn changes_after(&self, revision: u64) -> Result<(Vec<Arc<EventBatch>>, u64), ApiError> {
+        let h = self.lock();
+        if revision < h.complete_after {
+            return Err(ApiError::Compacted { shard: self.shard, oldest: h.complete_after + 1 });
+        }
+        let batches = h.batches.iter().filter(|b| b.revision > revision).cloned().collect();
+        Ok((batches, h.applied))
+    }
+
     /// Where a watch fed by `live` stands if it has handled every batch it received: after
     /// the last applied index, when `live` holds nothing more (checked under the lock that
     /// publishing takes, so no batch at or before that index can still be on its way).

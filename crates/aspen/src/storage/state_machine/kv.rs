@@ -68,7 +68,7 @@ pub(crate) fn range_read<T>(
 where
     T: ReadableTable<&'static [u8], &'static [u8]>,
 {
-    let mut page = RangePage { kvs: Vec::new(), count: 0, more: false, revision, last_change: None };
+    let mut page = RangePage { kvs: Vec::new(), count: 0, more: false, revision };
     if q.range.is_empty() || (q.range.is_single() && q.after.is_some()) {
         return Ok(page);
     }

@@ -149,7 +149,7 @@ fn key_only(mut kr: KeyRecord) -> KeyRecord {
 }
 
 fn page(kvs: Vec<KeyRecord>, count: u64, more: bool, revision: u64) -> RangePage {
-    RangePage { kvs, count, more, revision, last_change: None }
+    RangePage { kvs, count, more, revision }
 }
 
 fn read(r: &StateReader, q: &RangeQuery) -> RangePage {
