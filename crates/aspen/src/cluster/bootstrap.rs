@@ -43,6 +43,7 @@ use crate::{
         client_alpn::{Origin, RequestMemory},
         endpoint::{bind_endpoint_gated, listening_addrs, load_or_create_key, EndpointError},
         gate::PeerGate,
+        shutdowns::Shutdowns,
         ClientProtocolHandler, ConnectionPool, PeerBook,
     },
 };
@@ -306,6 +307,8 @@ pub struct NodeHandle {
     pub shards: BTreeMap<ShardId, RaftNode>,
     pub service: Arc<NodeService>,
     router: Router,
+    /// Which of the router's protocol handlers are still stopping (named when a stop stalls).
+    shutdowns: Shutdowns,
     supervisor: Supervisor,
     /// Follows shard 0's token records (`cluster::tokens`); holds the service until stopped.
     follower: tokio::task::JoinHandle<()>,
@@ -382,27 +385,39 @@ impl NodeHandle {
             bounded(node, &mut stalled, "gossip shutdown".into(), SHUTDOWN_STEP_LIMIT, g.shutdown()).await;
         }
         let drain = self.base.config.limits.request_timeout() + SHUTDOWN_STEP_LIMIT;
-        close_serving_parts(node, &mut stalled, &self.router, drain, &self.base.endpoint, &self.shards).await;
+        let serving = Serving {
+            router: &self.router,
+            shutdowns: &self.shutdowns,
+            endpoint: &self.base.endpoint,
+            shards: &self.shards,
+        };
+        close_serving_parts(node, &mut stalled, serving, drain).await;
         stalled
     }
 }
 
+/// What a node serves with, as its stop closes it.
+struct Serving<'a> {
+    router: &'a Router,
+    shutdowns: &'a Shutdowns,
+    endpoint: &'a Endpoint,
+    shards: &'a BTreeMap<ShardId, RaftNode>,
+}
+
 /// The last steps of every stop, each bounded: the router (draining client requests for up to
 /// `drain`), the endpoint, then each shard's Raft (the databases close with their last handle).
-async fn close_serving_parts(
-    node: u64,
-    stalled: &mut Vec<String>,
-    router: &Router,
-    drain: Duration,
-    endpoint: &Endpoint,
-    shards: &BTreeMap<ShardId, RaftNode>,
-) {
-    let router = async {
+async fn close_serving_parts(node: u64, stalled: &mut Vec<String>, serving: Serving<'_>, drain: Duration) {
+    let Serving { router, shutdowns, endpoint, shards } = serving;
+    let stop = async {
         if let Err(e) = router.shutdown().await {
             tracing::warn!("router shutdown: {e}");
         }
     };
-    bounded(node, stalled, "router shutdown (draining requests)".into(), drain, router).await;
+    if tokio::time::timeout(drain, stop).await.is_err() {
+        let name = format!("router shutdown (draining requests): {}", shutdowns.describe());
+        tracing::error!(node, "shutdown: {name}: not finished within {drain:?}; going on without it");
+        stalled.push(name);
+    }
     bounded(node, stalled, "endpoint close".into(), SHUTDOWN_STEP_LIMIT, endpoint.close()).await;
     for (id, shard) in shards {
         bounded(node, stalled, format!("raft shutdown of shard {id}"), SHUTDOWN_STEP_LIMIT, shard.shutdown()).await;
@@ -560,16 +575,18 @@ async fn start_node(config: NodeConfig, stop: CancellationToken) -> Result<NodeH
     .with_metrics(metrics.clone());
     let raft_handler =
         |wire| RaftProtocolHandler::new(registry.clone(), base.cluster_id.clone(), wire).with_metrics(metrics.clone());
+    // Each handler's shutdown is recorded: a stop that stalls names what holds it.
+    let shutdowns = Shutdowns::default();
     let mut builder = Router::builder(base.endpoint.clone())
-        .accept(CLIENT_ALPN, client_handler)
-        .accept(PEER_ALPN, peer_handler)
-        .accept(RAFT_ALPN, raft_handler(RaftWire::Legacy))
-        .accept(RAFT_MUX_ALPN, raft_handler(RaftWire::Mux));
+        .accept(CLIENT_ALPN, shutdowns.track("aspen-client", client_handler))
+        .accept(PEER_ALPN, shutdowns.track("aspen-peer", peer_handler))
+        .accept(RAFT_ALPN, shutdowns.track("raft-rpc", raft_handler(RaftWire::Legacy)))
+        .accept(RAFT_MUX_ALPN, shutdowns.track("raft-mux", raft_handler(RaftWire::Mux)));
     if sharded {
-        builder = builder.accept(RAFT_SHARDED_ALPN, raft_handler(RaftWire::Sharded));
+        builder = builder.accept(RAFT_SHARDED_ALPN, shutdowns.track("raft-shard", raft_handler(RaftWire::Sharded)));
     }
     if let Some(g) = &base.gossip_discovery {
-        builder = builder.accept(iroh_gossip::ALPN, g.protocol());
+        builder = builder.accept(iroh_gossip::ALPN, shutdowns.track("iroh-gossip", g.protocol()));
     }
     let router = builder.spawn();
     // Probes see the node from here on: alive, and not ready until it is a member that serves.
@@ -628,7 +645,8 @@ async fn start_node(config: NodeConfig, stop: CancellationToken) -> Result<NodeH
         // Close what was opened (endpoint, Raft cores, databases) before reporting.
         base.shutdown_token.cancel();
         let mut stalled = Vec::new();
-        close_serving_parts(config.node_id, &mut stalled, &router, SHUTDOWN_STEP_LIMIT, &base.endpoint, &shards).await;
+        let serving = Serving { router: &router, shutdowns: &shutdowns, endpoint: &base.endpoint, shards: &shards };
+        close_serving_parts(config.node_id, &mut stalled, serving, SHUTDOWN_STEP_LIMIT).await;
         return Err(e);
     }
     if let Some(g) = &base.gossip_discovery {
@@ -662,7 +680,7 @@ async fn start_node(config: NodeConfig, stop: CancellationToken) -> Result<NodeH
     service.write_ticket_file().map_err(|source| BootstrapError::DataDir { path: config.data_dir.clone(), source })?;
     tracing::info!(node_id = config.node_id, shards = shards.len(), ticket = %service.ticket(), "node is serving");
     let supervisor = Supervisor::spawn(config.node_id, shards.clone(), base.shutdown_token.clone());
-    Ok(NodeHandle { base, shard0, shards, service, router, supervisor, follower, expiry, space, http, etcd })
+    Ok(NodeHandle { base, shard0, shards, service, router, shutdowns, supervisor, follower, expiry, space, http, etcd })
 }
 
 /// Joins the cluster named by the `--join` tickets: asks it (through any member; requests are

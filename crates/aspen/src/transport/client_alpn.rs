@@ -226,7 +226,12 @@ impl<S: ClientService> ProtocolHandler for ClientProtocolHandler<S> {
         self.tracker.close();
         self.stopping.cancel();
         if tokio::time::timeout(self.drain_timeout, self.tracker.wait()).await.is_err() {
-            tracing::warn!("client requests still running after {:?}; stopping anyway", self.drain_timeout);
+            tracing::warn!(
+                open = self.tracker.len(),
+                "{:?} requests still running after {:?}; stopping anyway",
+                self.origin,
+                self.drain_timeout
+            );
         }
     }
 }

@@ -5,7 +5,8 @@
 //! connections to peers and the peer address book ([`pool`]), whether each peer answers and the
 //! log lines when one stops or starts answering ([`reachability`]), the raft mux stream that carries
 //! every shard's small Raft RPCs to a peer ([`mux`]), one request/answer exchange with a peer
-//! on the peer ALPN ([`request`]), who may connect to which ALPN ([`gate`]), the server side of the client ALPN ([`client_alpn`]) and
+//! on the peer ALPN ([`request`]), who may connect to which ALPN ([`gate`]), the server side of the client ALPN ([`client_alpn`]), which
+//! protocol handlers are still stopping ([`shutdowns`]) and
 //! the fault-injection hooks tests use ([`fault`]). Every failure is a [`TransportError`].
 //!
 //! Never: decide what a message means (the Raft layer and the client service do), or retry
@@ -19,6 +20,7 @@ pub mod mux;
 pub mod pool;
 pub mod reachability;
 pub mod request;
+pub mod shutdowns;
 
 use std::time::Duration;
 
