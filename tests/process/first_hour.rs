@@ -120,9 +120,11 @@ fn a_join_needs_a_valid_join_token() {
     ];
     for (i, (extra, why)) in cases.iter().enumerate() {
         let node = NodeProc::new(root.path(), 10 + i as u64);
+        // No HTTP endpoint: its default port (the node's UDP port number, on TCP) may be taken by
+        // another program's connection, and the warning would be a second line.
         let out = node
             .command()
-            .args(["--join", &ticket])
+            .args(["--http-addr", "off", "--join", &ticket])
             .args(*extra)
             .stderr(std::process::Stdio::piped())
             .output()
@@ -150,7 +152,11 @@ fn join_on_an_initialized_data_dir() {
     let own = node.ticket().encode();
     assert!(node.terminate().success());
 
-    let out = node.command().arg("--join").arg(other.ticket().encode()).stderr(std::process::Stdio::piped()).output();
+    let out = node
+        .command()
+        .args(["--http-addr", "off", "--join", &other.ticket().encode()])
+        .stderr(std::process::Stdio::piped())
+        .output();
     let out = out.unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     let err = stderr(&out);
