@@ -1519,7 +1519,7 @@ cluster_test!(one_shard_election_service, 1, election_service);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_shard_grpc_health() {
     use aspen::etcd::proto::health::{
-        health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+        health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest, HealthCheckResponse,
     };
     let mut cluster = Cluster::start(1).await;
     let whole = || HealthCheckRequest { service: String::new() };
@@ -1531,6 +1531,37 @@ async fn one_shard_grpc_health() {
         let e = health.check(unknown).await.expect_err("an unknown service");
         assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
     }
+    // etcd's plain HTTP endpoints on the same port.
+    for endpoint in &cluster.endpoints {
+        for path in ["/health", "/health?serializable=true", "/health?exclude=NOSPACE"] {
+            let (status, body) = http_get(endpoint, path).await;
+            assert_eq!(status, 200, "{endpoint}{path}: {body}");
+            let health: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+            assert_eq!(health["health"], "true", "{endpoint}{path}: {body}");
+        }
+    }
+    let (status, body) = http_get(&cluster.endpoints[1], "/version").await;
+    let version: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(
+        (status, version["etcdserver"].as_str(), version["etcdcluster"].as_str()),
+        (200, Some("3.5.0"), Some("3.5.0"))
+    );
+    let (status, body) = http_get(&cluster.endpoints[2], "/metrics").await;
+    assert!(status == 200 && body.contains("# TYPE aspen_"), "{status}: {body}");
+    assert_eq!(http_get(&cluster.endpoints[0], "/no/such/page").await.0, 404);
+    // A gRPC call of a service the node does not serve: UNIMPLEMENTED, as before the HTTP routes.
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", cluster.endpoints[0]))
+        .expect("URL")
+        .connect()
+        .await
+        .expect("connect");
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("ready");
+    let codec = tonic_prost::ProstCodec::<HealthCheckRequest, HealthCheckResponse>::default();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/no.such.Service/Call");
+    let e = grpc.unary(tonic::Request::new(whole()), path, codec).await.expect_err("an unknown service");
+    assert_eq!(e.code(), tonic::Code::Unimplemented, "{e:?}");
+
     let mut health = HealthClient::connect(format!("http://{}", cluster.endpoints[0])).await.expect("connect");
     let mut watch = health.watch(whole()).await.expect("watch").into_inner();
     let first = tokio::time::timeout(PATIENCE, watch.message()).await.expect("a first status");
@@ -1542,7 +1573,27 @@ async fn one_shard_grpc_health() {
     assert_eq!(next.expect("the stream").expect("a status").status(), ServingStatus::NotServing);
     let r = health.check(whole()).await.expect("check").into_inner();
     assert_eq!(r.status(), ServingStatus::NotServing);
+    for path in ["/health", "/health?serializable=true"] {
+        let (status, body) = http_get(&cluster.endpoints[0], path).await;
+        let health: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        assert_eq!((status, health["health"].as_str()), (503, Some("false")), "{path}: {body}");
+        assert_eq!(health["reason"], "RAFT NO LEADER", "{path}: {body}");
+    }
     cluster.stop().await;
+}
+
+/// One plain HTTP/1.1 GET: the status code and the body.
+async fn http_get(endpoint: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(endpoint).await.expect("connect");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {endpoint}\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes()).await.expect("send");
+    let mut answer = Vec::new();
+    tokio::time::timeout(PATIENCE, s.read_to_end(&mut answer)).await.expect("an answer").expect("read");
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let status = answer.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = answer.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
 }
 
 cluster_test!(four_shards_tokens_members_and_status, 4, auth_members_and_status);

@@ -71,6 +71,10 @@ impl EtcdNode for NodeService {
             && shards.values().all(|s| s.readiness().is_ok())
     }
 
+    fn metrics_text(&self) -> String {
+        super::scrape::render(self)
+    }
+
     async fn watch_asked(
         &self,
         request: crate::api::WatchRequest,

@@ -42,6 +42,8 @@ pub trait EtcdNode: ClientService {
     /// Whether this node can serve: every shard it hosts is ready (a member with a leader that
     /// was heard from lately: `RaftNode::readiness`, as `GET /ready`). gRPC health's SERVING.
     fn serving(&self) -> bool;
+    /// The node's metrics, as `GET /metrics` on its HTTP endpoint renders them (Prometheus text).
+    fn metrics_text(&self) -> String;
     /// A watch of the node whose shard tasks, each time `asked` changes, report where they
     /// stand once they have handled every applied entry (`NodeService::start_watch_asked`).
     fn watch_asked(

@@ -11,6 +11,7 @@ pub mod admin;
 pub mod election;
 pub mod gateway;
 pub mod health;
+pub mod http;
 pub mod kv;
 pub mod lease;
 pub mod lock;

@@ -1,11 +1,15 @@
 //! The etcd API's gRPC endpoint: a tonic server on a TCP listener, with rustls TLS when a
-//! certificate and key are given (tokens travel in the clear otherwise).
+//! certificate and key are given (tokens travel in the clear otherwise), and etcd's plain HTTP
+//! endpoints beside it (`etcd::http`).
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{server::TcpIncoming, Identity, Server, ServerTlsConfig};
+use tonic::{
+    service::Routes,
+    transport::{server::TcpIncoming, Identity, Server, ServerTlsConfig},
+};
 
 use super::{
     admin::{AuthService, ClusterService, MaintenanceService},
@@ -95,7 +99,9 @@ impl EtcdEndpoint {
             }
         }
         let gw = Arc::new(Gateway::new(node, authority, stop.clone()));
-        let router = builder
+        // etcd's HTTP endpoints (/health, /version, /metrics) beside the gRPC services: HTTP/1.1
+        // is accepted too (gRPC is HTTP/2 either way).
+        let routes = Routes::from(super::http::routes(gw.clone()))
             .add_service(KvServer::new(KvService(gw.clone())).max_decoding_message_size(max_request_bytes))
             .add_service(WatchServer::new(WatchService(gw.clone())).max_decoding_message_size(max_request_bytes))
             .add_service(LeaseServer::new(LeaseService(gw.clone())))
@@ -105,6 +111,7 @@ impl EtcdEndpoint {
             .add_service(ClusterServer::new(ClusterService(gw.clone())))
             .add_service(MaintenanceServer::new(MaintenanceService(gw.clone())))
             .add_service(AuthServer::new(AuthService(gw)));
+        let router = builder.accept_http1(true).add_routes(routes);
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let task = tokio::spawn(async move {
             if let Err(e) = router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()).await {
