@@ -64,11 +64,7 @@ impl EtcdNode for NodeService {
     }
 
     fn serving(&self) -> bool {
-        // What `GET /ready` checks: initialized, and every hosted shard ready.
-        let shards = self.store.shards();
-        self.cluster_id() != crate::api::ClusterId::default()
-            && !shards.is_empty()
-            && shards.values().all(|s| s.readiness().is_ok())
+        self.readiness().ready()
     }
 
     fn metrics_text(&self) -> String {

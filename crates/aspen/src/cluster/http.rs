@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::service::NodeService;
-use crate::api::{ClusterId, NodeId, ShardId};
+use crate::api::{NodeId, ShardId};
 
 /// The endpoint, serving until its shutdown token is cancelled.
 #[derive(Debug)]
@@ -92,18 +92,14 @@ struct Readiness {
 }
 
 async fn ready(State(service): State<Arc<NodeService>>) -> impl IntoResponse {
-    let node_reason =
-        (service.cluster_id() == ClusterId::default()).then(|| "not initialized: no cluster yet".to_string());
-    let shards: Vec<ShardReadiness> = service
-        .store
-        .shards()
-        .iter()
-        .map(|(shard, node)| {
-            let reason = node.readiness().err();
-            ShardReadiness { shard: *shard, ready: reason.is_none(), reason }
-        })
+    let found = service.readiness();
+    let ready = found.ready();
+    let node_reason = found.node;
+    let shards: Vec<ShardReadiness> = found
+        .shards
+        .into_iter()
+        .map(|(shard, reason)| ShardReadiness { shard, ready: reason.is_none(), reason })
         .collect();
-    let ready = node_reason.is_none() && shards.iter().all(|s| s.ready);
     let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let alarms = service.alarms.list();
     (code, Json(Readiness { ready, node_id: service.node_id, reason: node_reason, shards, alarms }))

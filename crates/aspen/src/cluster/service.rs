@@ -75,6 +75,22 @@ pub struct NodeService {
     etcd_endpoint: RwLock<Option<String>>,
 }
 
+/// What [`NodeService::readiness`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeReadiness {
+    /// Why the node as a whole cannot serve (it belongs to no cluster yet).
+    pub node: Option<String>,
+    /// Each hosted shard, with its reason if it is not ready.
+    pub shards: Vec<(crate::api::ShardId, Option<String>)>,
+}
+
+impl NodeReadiness {
+    /// Ready: a member of a cluster, and every hosted shard ready (there is always one: shard 0).
+    pub fn ready(&self) -> bool {
+        self.node.is_none() && !self.shards.is_empty() && self.shards.iter().all(|(_, reason)| reason.is_none())
+    }
+}
+
 impl NodeService {
     /// The service of the node `base` describes, over its `shards`, recording into `metrics`.
     pub fn new(
@@ -289,6 +305,15 @@ impl NodeService {
             shards: self.store.shards().values().map(RaftNode::status).collect(),
             nodes: reports,
         })
+    }
+
+    /// Whether this node can serve — what `GET /ready`, gRPC health and the etcd port's
+    /// `/health` report: why not, if it belongs to no cluster yet, and each hosted shard's
+    /// reason it is not ready (`RaftNode::readiness`), in shard order.
+    pub fn readiness(&self) -> NodeReadiness {
+        let node = (self.cluster_id() == ClusterId::default()).then(|| "not initialized: no cluster yet".to_string());
+        let shards = self.store.shards().iter().map(|(shard, raft)| (*shard, raft.readiness().err())).collect();
+        NodeReadiness { node, shards }
     }
 
     pub(super) fn cluster_id(&self) -> ClusterId {
