@@ -104,10 +104,16 @@ impl Cluster {
     /// with its ticket and a join token. Returns once every node's etcd endpoint takes writes
     /// in every shard.
     async fn start(shards: u32) -> Cluster {
+        Self::start_with(shards, |_| {}).await
+    }
+
+    /// [`Self::start`] with every node's config changed by `tweak` first.
+    async fn start_with(shards: u32, tweak: impl Fn(&mut NodeConfig)) -> Cluster {
         let root = tempfile::tempdir().expect("temp dir");
         let ports = aspen_testkit::free_tcp_ports(3).expect("free TCP ports");
         let mut configs: Vec<NodeConfig> =
             (1..=3u64).map(|id| node_config(root.path(), id, ports[id as usize - 1], shards)).collect();
+        configs.iter_mut().for_each(&tweak);
         let n1 = boot(configs[0].clone()).await;
         for c in &mut configs[1..] {
             c.join = vec![n1.ticket().encode()];
@@ -1664,3 +1670,26 @@ async fn reads_at_past_revisions(c: &Cluster) {
 }
 
 cluster_test!(one_shard_reads_at_past_revisions, 1, reads_at_past_revisions);
+
+/// With a watch history of 8 events, a read at a revision whose later changes it no longer holds
+/// gets etcd's compaction error — unless the key read last changed at or before that revision
+/// (it was the same then).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_shard_reads_past_a_short_history() {
+    let cluster = Cluster::start_with(1, |c| c.watch.history_entries = 8).await;
+    let mut kv = cluster.client().await;
+    let at = |r: i64| Some(GetOptions::new().with_revision(r));
+    let old = rev(kv.put("short/old", "v", None).await.expect("put").header());
+    let moved = rev(kv.put("short/moved", "1", None).await.expect("put").header());
+    kv.put("short/moved", "2", None).await.expect("put");
+    for i in 0..20 {
+        kv.put(format!("short/fill/{i}"), "x", None).await.expect("put");
+    }
+    let got = kv.get("short/old", at(old)).await.expect("a key unchanged since the revision");
+    assert_eq!((got.kvs()[0].value(), got.kvs()[0].mod_revision()), (&b"v"[..], old));
+    let err = kv.get("short/moved", at(moved)).await.expect_err("a key changed after the history's start");
+    assert!(err.to_string().contains("required revision has been compacted"), "{err}");
+    let err = kv.get("short/", Some(GetOptions::new().with_prefix().with_revision(old))).await.expect_err("a range");
+    assert!(err.to_string().contains("required revision has been compacted"), "{err}");
+    cluster.stop().await;
+}

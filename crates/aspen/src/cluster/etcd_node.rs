@@ -94,12 +94,7 @@ impl EtcdNode for NodeService {
             db_size: self.data_file_bytes.load(Ordering::Relaxed),
             quota_bytes: self.limits.quota_bytes,
             is_learner: s.learners.contains(&self.node_id),
-            alarms: self
-                .alarms
-                .list()
-                .into_iter()
-                .map(|a| format!("memberID:{} alarm:{}", a.node_id, a.alarm))
-                .collect(),
+            alarms: self.alarms.list().into_iter().map(|a| (a.node_id, a.alarm)).collect(),
         }
     }
 }

@@ -325,7 +325,6 @@ impl NodeService {
         self.store.route(request, hops, self)
     }
 
-    /// Answers a request on this node, without forwarding (routing has brought it here).
     /// A range read's keys are within the key size limit (range, end, `after`).
     fn check_range_keys(&self, query: &crate::api::RangeQuery) -> Result<(), ApiError> {
         for k in [Some(&query.range.key), query.range.end.as_ref(), query.after.as_ref()].into_iter().flatten() {
@@ -337,6 +336,7 @@ impl NodeService {
         Ok(())
     }
 
+    /// Answers a request on this node, without forwarding (routing has brought it here).
     async fn handle_local(&self, request: ClientRequest) -> ClientResult {
         if request.needs_data() && self.cluster_id() == ClusterId::default() {
             // A `--no-init` node (or one still joining) has no data: say so at once instead of

@@ -126,7 +126,7 @@ impl<N: EtcdNode> Maintenance for MaintenanceService<N> {
             raft_index: s.raft_index,
             raft_term: s.raft_term,
             raft_applied_index: s.raft_applied_index,
-            errors: s.alarms,
+            errors: s.alarms.iter().map(|(member, alarm)| format!("memberID:{member} alarm:{alarm}")).collect(),
             db_size_in_use: s.db_size as i64,
             is_learner: s.is_learner,
             storage_version: String::new(),

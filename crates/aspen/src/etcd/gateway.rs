@@ -74,7 +74,8 @@ pub struct EtcdStatus {
     /// `[limits] quota_bytes`.
     pub quota_bytes: u64,
     pub is_learner: bool,
-    pub alarms: Vec<String>,
+    /// The raised alarms: the member that raised each, and its name (`NOSPACE`).
+    pub alarms: Vec<(NodeId, String)>,
 }
 
 /// etcd's error texts (Go clients map errors by them: `rpctypes`).
@@ -316,10 +317,11 @@ impl<N: EtcdNode> Gateway<N> {
         consistency: ReadConsistency,
         at: Revision,
     ) -> Result<Option<RangePage>, Status> {
-        match self.shards_of(&query.range)[..] {
-            [shard] => self.pages_of_shard(shard, query, consistency, Some(at)).await.map(Some),
-            _ => Ok(None),
-        }
+        let [shard] = self.shards_of(&query.range)[..] else { return Ok(None) };
+        let (limit, count_only) = (query.limit, query.count_only);
+        let page = self.pages_of_shard(shard, query, consistency, Some(at)).await?;
+        // Pages read on after one cut short by its size each hold up to `limit` keys.
+        Ok(Some(merge_pages(vec![page], limit, count_only)))
     }
 
     /// Every page of one shard's part of `query` (a page stops at a quarter frame).
@@ -350,6 +352,11 @@ impl<N: EtcdNode> Gateway<N> {
                 ClientResponse::Range(p) => p,
                 other => return Err(unexpected("a range read", other)),
             };
+            // A page read before `at` is the state then, not at `at` (a replica behind it, a
+            // serializable read): every page must have reached it.
+            if at.is_some_and(|at| at > page.revision) {
+                return Err(Status::out_of_range(errors::FUTURE_REV));
+            }
             let acc = all.get_or_insert_with(|| RangePage {
                 kvs: Vec::new(),
                 count: page.count,

@@ -1,7 +1,9 @@
 //! etcd's plain HTTP endpoints on the etcd API's port, as etcd serves them on its client URLs
 //! for load balancers, probes and scrapers (docs/etcd.md, "HTTP endpoints"): `GET /health`,
 //! `GET /version`, `GET /metrics`, no token (as etcd). Served beside the gRPC services on the
-//! same listener (HTTP/1.1 or HTTP/2, TLS as the listener has it).
+//! same listener: HTTP/1.1 or HTTP/2 in the clear; over TLS the listener offers only `h2` by
+//! ALPN (tonic's TLS), so a client must offer HTTP/2 or no ALPN at all — one offering only
+//! `http/1.1` is refused in the handshake.
 //!
 //! `/health` is etcd 3.5's check: healthy (200 `{"health":"true","reason":""}`) unless an alarm
 //! is raised (`?exclude=NOSPACE` ignores that one), a shard this node hosts has no leader it
@@ -9,7 +11,7 @@
 //! `?serializable=true` — a linearizable read of shard 0 through this node fails within the
 //! request timeout; then 503 with `"health":"false"` and etcd's reason text.
 
-use std::{collections::HashMap, sync::Arc};
+use std::sync::Arc;
 
 use axum::{
     extract::{Query, State},
@@ -50,10 +52,10 @@ async fn elsewhere(request: axum::extract::Request) -> axum::response::Response 
         .into_response()
 }
 
-/// The checks before the read: a raised alarm not in `exclude` (comma-separated names), then a
-/// node that is not serving.
-fn verdict(alarms: &[String], exclude: Option<&str>, serving: bool) -> Option<String> {
-    let excluded: Vec<&str> = exclude.map(|e| e.split(',').map(str::trim).collect()).unwrap_or_default();
+/// The checks before the read: a raised alarm (its name) not excluded (each `exclude` value may
+/// list several, comma-separated), then a node that is not serving.
+fn verdict(alarms: &[String], exclude: &[&str], serving: bool) -> Option<String> {
+    let excluded: Vec<&str> = exclude.iter().flat_map(|e| e.split(',')).map(str::trim).collect();
     if let Some(alarm) = alarms.iter().find(|a| !excluded.contains(&a.as_str())) {
         return Some(format!("ALARM {alarm}"));
     }
@@ -61,12 +63,16 @@ fn verdict(alarms: &[String], exclude: Option<&str>, serving: bool) -> Option<St
 }
 
 /// Why this node is not healthy, in etcd's words; `None`: healthy.
-async fn unhealthy<N: EtcdNode>(gw: &Gateway<N>, params: &HashMap<String, String>) -> Option<String> {
-    let alarms = gw.node.etcd_status().alarms;
-    if let Some(reason) = verdict(&alarms, params.get("exclude").map(String::as_str), gw.node.serving()) {
+async fn unhealthy<N: EtcdNode>(gw: &Gateway<N>, params: &[(String, String)]) -> Option<String> {
+    fn values<'a>(params: &'a [(String, String)], name: &'a str) -> impl Iterator<Item = &'a str> {
+        params.iter().filter(move |(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+    let alarms: Vec<String> = gw.node.etcd_status().alarms.into_iter().map(|(_, alarm)| alarm).collect();
+    let exclude: Vec<&str> = values(params, "exclude").collect();
+    if let Some(reason) = verdict(&alarms, &exclude, gw.node.serving()) {
         return Some(reason);
     }
-    if params.get("serializable").map(String::as_str) != Some("true") {
+    if !values(params, "serializable").any(|v| v == "true") {
         if let Err(e) = gw.revision_of(0).await {
             return Some(format!("QGET ERROR:{}", e.message()));
         }
@@ -76,7 +82,7 @@ async fn unhealthy<N: EtcdNode>(gw: &Gateway<N>, params: &HashMap<String, String
 
 async fn health<N: EtcdNode>(
     State(gw): State<Arc<Gateway<N>>>,
-    Query(params): Query<HashMap<String, String>>,
+    Query(params): Query<Vec<(String, String)>>,
 ) -> impl IntoResponse {
     match unhealthy(&gw, &params).await {
         None => (StatusCode::OK, Json(serde_json::json!({ "health": "true", "reason": "" }))),
@@ -102,11 +108,12 @@ mod tests {
     #[test]
     fn an_alarm_makes_a_node_unhealthy_unless_excluded() {
         let nospace = vec!["NOSPACE".to_string()];
-        assert_eq!(verdict(&[], None, true), None);
-        assert_eq!(verdict(&nospace, None, true).as_deref(), Some("ALARM NOSPACE"));
-        assert_eq!(verdict(&nospace, Some("NOSPACE"), true), None);
-        assert_eq!(verdict(&nospace, Some("CORRUPT, NOSPACE"), true), None);
-        assert_eq!(verdict(&nospace, Some("NOSPACE"), false).as_deref(), Some("RAFT NO LEADER"));
-        assert_eq!(verdict(&[], None, false).as_deref(), Some("RAFT NO LEADER"));
+        assert_eq!(verdict(&[], &[], true), None);
+        assert_eq!(verdict(&nospace, &[], true).as_deref(), Some("ALARM NOSPACE"));
+        assert_eq!(verdict(&nospace, &["NOSPACE"], true), None);
+        assert_eq!(verdict(&nospace, &["CORRUPT, NOSPACE"], true), None);
+        assert_eq!(verdict(&nospace, &["CORRUPT", "NOSPACE"], true), None);
+        assert_eq!(verdict(&nospace, &["NOSPACE"], false).as_deref(), Some("RAFT NO LEADER"));
+        assert_eq!(verdict(&[], &[], false).as_deref(), Some("RAFT NO LEADER"));
     }
 }

@@ -4,7 +4,8 @@
 //! A put or a single-key delete is a write of its key's shard; a range delete one write per
 //! shard the range may reach (each atomic in its shard); a txn one write of the one shard all
 //! its keys are in — a txn whose keys span shards is refused (`FAILED_PRECONDITION`, naming the
-//! shards). Reads at a past revision are refused: Aspen keeps one version of each key.
+//! shards). A range at a past revision of one shard is read from the state now and the serving
+//! node's watch history (`storage::past`); a range over several shards at a revision is refused.
 
 use std::sync::Arc;
 
@@ -165,7 +166,7 @@ fn op_of(op: RequestOp) -> Result<KvOp, Status> {
         Some(request_op::Request::RequestRange(r)) => {
             if r.revision != 0 {
                 return Err(Status::unimplemented(
-                    "Aspen keeps one version of each key: a range at a revision is not supported inside a txn",
+                    "a range at a revision is not supported inside a txn (a txn reads the current state); read it with a Range",
                 ));
             }
             KvOp::Range(range_query(&r)?)

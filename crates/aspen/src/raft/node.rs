@@ -574,8 +574,9 @@ impl RaftNode {
 
     /// [`Self::range`] at revision `at` of this shard: the state read now with every change after
     /// `at` undone from this node's watch history (`storage::past`); [`ApiError::Compacted`] if
-    /// the history no longer holds them all. At or after the state read: the state read (a
-    /// future revision is the caller's to refuse: the answer's revision tells it).
+    /// the history no longer holds them all (unless nothing in the shard changed since `at`, or
+    /// the range is one key that last changed at or before it). At or after the state read: the
+    /// state read (a future revision is the caller's to refuse: the answer's revision tells it).
     pub async fn range_at(
         &self,
         query: &crate::api::RangeQuery,
@@ -611,9 +612,19 @@ impl RaftNode {
             if published >= now.revision && last_change <= at {
                 return Ok(now);
             }
-            let batches = self.history_through(at, now.revision).await?;
+            let batches = match self.history_through(at, now.revision).await {
+                Ok(batches) => batches,
+                // Older than the history, but one key that exists now and last changed at or
+                // before `at` was the same then.
+                Err(ApiError::Compacted { .. })
+                    if query.range.is_single() && now.kvs.first().is_some_and(|kv| kv.mod_revision <= at) =>
+                {
+                    return Ok(now);
+                }
+                Err(e) => return Err(e),
+            };
             let undo = Undo::new(&batches, &query, at, now.revision);
-            if raw.limit > 0 && undo.len() > extra {
+            if raw.limit > 0 && !query.count_only && undo.len() > extra {
                 extra = undo.len();
                 continue;
             }
