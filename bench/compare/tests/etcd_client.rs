@@ -1588,6 +1588,45 @@ async fn one_shard_grpc_health() {
     cluster.stop().await;
 }
 
+/// `GET /health` on the etcd port while a NOSPACE alarm is raised (node 3's 1 MiB quota): 503
+/// `ALARM NOSPACE` on every member, 200 with `?exclude=NOSPACE`; `Status` names the alarm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_shard_http_health_and_an_alarm() {
+    let cluster = Cluster::start_with(1, |c| {
+        if c.node_id == 3 {
+            c.limits.quota_bytes = 1024 * 1024;
+        }
+    })
+    .await;
+    let mut kv = cluster.client().await;
+    let value = "v".repeat(64 * 1024);
+    for i in 0..24 {
+        if let Err(e) = kv.put(format!("big/{i:03}"), value.as_str(), None).await {
+            assert!(e.to_string().contains("database space exceeded"), "{e}");
+            break;
+        }
+    }
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (status, body) = http_get(&cluster.endpoints[0], "/health").await;
+        if status == 503 && body.contains("ALARM NOSPACE") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no NOSPACE alarm on /health: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for endpoint in &cluster.endpoints {
+        let (status, body) = http_get(endpoint, "/health").await;
+        let health: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        assert_eq!((status, health["reason"].as_str()), (503, Some("ALARM NOSPACE")), "{endpoint}: {body}");
+        let (status, body) = http_get(endpoint, "/health?exclude=NOSPACE").await;
+        assert_eq!(status, 200, "{endpoint}: {body}");
+    }
+    let status = kv.status().await.expect("status");
+    assert!(status.errors().iter().any(|e| e == "memberID:3 alarm:NOSPACE"), "{:?}", status.errors());
+    cluster.stop().await;
+}
+
 /// One plain HTTP/1.1 GET: the status code and the body.
 async fn http_get(endpoint: &str, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
