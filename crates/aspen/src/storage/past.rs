@@ -275,7 +275,9 @@ mod tests {
     #[test]
     fn a_read_at_a_revision_sees_the_state_of_that_revision() {
         let mut m = Model::new();
-        let keys = ["a", "b", "c", "d", "e"];
+        // A reserved key too: a client's range never shows it.
+        let reserved = format!("{}k", String::from_utf8_lossy(crate::api::RESERVED_PREFIX));
+        let keys = ["a", "b", "c", "d", "e", reserved.as_str()];
         // A deterministic mix of creates, updates and deletes (and deletes of absent keys).
         let mut x: u64 = 7;
         for _ in 0..60 {
@@ -287,12 +289,18 @@ mod tests {
         let ranges =
             [KeyRange::prefix(""), KeyRange::single("c"), KeyRange { key: b"b".to_vec(), end: Some(b"e".to_vec()) }];
         for range in ranges {
-            for limit in [0, 1, 2, 10] {
+            for (limit, after) in [(0, None), (1, None), (2, None), (10, None), (0, Some("b")), (2, Some("a"))] {
                 for at in 0..=m.revision {
                     let mut q = query(range.clone(), limit);
+                    q.after = after.map(|a: &str| a.as_bytes().to_vec());
                     let got = m.read_at(&q, at);
                     let (kvs, count) = m.expected(&q, at);
-                    assert_eq!((&got.kvs, got.count), (&kvs, count), "range {range:?} limit {limit} at {at}");
+                    assert_eq!(
+                        (&got.kvs, got.count),
+                        (&kvs, count),
+                        "range {range:?} limit {limit} after {after:?} at {at}"
+                    );
+                    assert!(got.kvs.iter().all(|kv| !is_reserved_key(&kv.key)), "a reserved key shown");
                     assert_eq!(got.more, count > got.kvs.len() as u64, "more: range {range:?} limit {limit} at {at}");
                     assert_eq!(got.revision, m.revision, "the header keeps the current revision");
                     q.keys_only = true;
