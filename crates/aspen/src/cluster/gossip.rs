@@ -256,11 +256,22 @@ impl iroh::protocol::ProtocolHandler for GossipProtocol {
     }
 
     async fn shutdown(&self) {
-        if let Err(e) = self.0.shutdown().await {
-            tracing::debug!("gossip shutdown (already stopped): {e}");
+        // Stopped already by `GossipDiscovery::shutdown` in a node's stop, this returns at once.
+        // Bounded: in tests it has been seen (session 23, `transport::shutdowns` named it) to wait
+        // out the router's whole drain limit (request timeout + 30 s) on a stop, cause not found;
+        // the router closes the endpoint next, which ends gossip's connections anyway.
+        match tokio::time::timeout(GOSSIP_HANDLER_STOP, self.0.shutdown()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!("gossip shutdown (already stopped): {e}"),
+            Err(_) => {
+                tracing::warn!("gossip did not stop within {GOSSIP_HANDLER_STOP:?}; closing the endpoint without it")
+            }
         }
     }
 }
+
+/// Longest the router waits for gossip's own shutdown.
+const GOSSIP_HANDLER_STOP: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What the announce task needs from the node.
 #[derive(Clone, Debug)]
