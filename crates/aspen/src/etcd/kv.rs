@@ -332,17 +332,13 @@ impl<N: EtcdNode> Kv for KvService<N> {
         let query = range_query(&r)?;
         caller.may_read(&query.range)?;
         let consistency = if r.serializable { ReadConsistency::Stale } else { ReadConsistency::Linearizable };
-        let at = match r.revision {
-            0 => None,
-            rev => gw.range_at(query.clone(), consistency, revision_u64(rev)).await?,
-        };
-        let page = match at {
-            Some(page) if revision_u64(r.revision) > page.revision => {
-                return Err(Status::out_of_range(errors::FUTURE_REV));
-            }
-            Some(page) => page,
-            None if r.revision != 0 => return Err(Status::unimplemented(SEVERAL_SHARDS_AT_A_REVISION)),
-            None => gw.range(query, consistency).await?,
+        // At a revision: one shard's (a future one is refused for every page read).
+        let page = match r.revision {
+            0 => gw.range(query, consistency).await?,
+            rev => match gw.range_at(query, consistency, revision_u64(rev)).await? {
+                Some(page) => page,
+                None => return Err(Status::unimplemented(SEVERAL_SHARDS_AT_A_REVISION)),
+            },
         };
         let page = finish_range(&r, page);
         Ok(Response::new(RangeResponse {
