@@ -18,10 +18,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aspen_bench::{AspenBackend, BenchConfig, Stop, Workload};
+use aspen_bench::{AspenBackend, BenchBackend, BenchConfig, BenchError, Stop, Workload};
 
 use crate::{
     aspen_cluster::AspenCluster,
+    cpu::{self, CpuMeter},
     etcd::{EtcdBackend, EtcdCluster},
 };
 
@@ -40,6 +41,9 @@ pub struct GrowPlan {
     pub catch_up_mb: Option<u64>,
     /// etcd's `--quota-backend-bytes`.
     pub etcd_quota: u64,
+    /// Measured windows of puts after each step (`--rounds`): the step reports the window with
+    /// the median puts/s, and the range over all of them.
+    pub windows: usize,
 }
 
 const PREFIX: &str = "grow/";
@@ -80,9 +84,22 @@ struct Step {
     members: usize,
     load_mb_per_s: f64,
     puts_per_sec: f64,
+    /// Lowest and highest puts/s over the step's windows.
+    puts_range: (f64, f64),
     p99_ms: f64,
     errors: u64,
+    /// The servers' CPU time per put in the median window (µs), if it could be read.
+    cpu_us_per_put: Option<f64>,
     servers: Vec<Usage>,
+}
+
+/// One measured window of puts.
+#[derive(Clone, Debug, PartialEq)]
+struct Window {
+    puts_per_sec: f64,
+    p99_ms: f64,
+    errors: u64,
+    cpu_us_per_put: Option<f64>,
 }
 
 struct CatchUp {
@@ -105,6 +122,55 @@ impl Target {
             Target::Aspen(c, _) => c.servers(),
         }
     }
+
+    fn cpu_meter(&self) -> Result<CpuMeter, String> {
+        match self {
+            Target::Etcd(c, _) => c.cpu_meter(),
+            Target::Aspen(c, _) => c.cpu_meter(),
+        }
+    }
+}
+
+/// A step's windows (at least one) as the step reports them: the window with the median puts/s
+/// (the upper one of an even count), the lowest and highest puts/s, and every window's errors.
+fn summarize(mut windows: Vec<Window>) -> (Window, (f64, f64), u64) {
+    windows.sort_by(|a, b| a.puts_per_sec.total_cmp(&b.puts_per_sec));
+    let lowest = windows.first().map_or(0.0, |w| w.puts_per_sec);
+    let highest = windows.last().map_or(0.0, |w| w.puts_per_sec);
+    let errors = windows.iter().map(|w| w.errors).sum();
+    let median = windows.swap_remove(windows.len() / 2);
+    (median, (lowest, highest), errors)
+}
+
+/// One window of puts on `backend` (warm-up, then `config`'s duration), with the servers' CPU
+/// time over the measured part when `meter` is given.
+async fn measure<B: BenchBackend>(
+    backend: &B,
+    config: &BenchConfig,
+    meter: Option<&CpuMeter>,
+) -> Result<Window, BenchError> {
+    let (report, cpu) = match meter {
+        Some(meter) => {
+            let (report, window) = cpu::run_measured(backend, config, None, meter).await;
+            let report = report?;
+            let cpu = match window {
+                Some(Ok(w)) => w.us_per_op(report.ok),
+                Some(Err(e)) => {
+                    eprintln!("aspen-compare --grow: warning: cannot read the servers' CPU time: {e}");
+                    None
+                }
+                None => None,
+            };
+            (report, cpu)
+        }
+        None => (aspen_bench::run(backend, config, None).await?, None),
+    };
+    Ok(Window {
+        puts_per_sec: report.throughput_ops_per_sec,
+        p99_ms: report.latency_us.p99 as f64 / 1000.0,
+        errors: report.errors,
+        cpu_us_per_put: cpu,
+    })
 }
 
 /// Runs the plan for each system (`"etcd"`, `"aspen"`, `"aspen-sharded"`); returns the report.
@@ -153,20 +219,36 @@ pub async fn run(
             let load_secs = started.elapsed().as_secs_f64();
             let load_mb = wrote as f64 * (PREFIX.len() + 8 + plan.value_size) as f64 / 1e6;
             loaded = keys;
-            let report = match &target {
-                Target::Etcd(_, b) => aspen_bench::run(b, &config, None).await,
-                Target::Aspen(_, b) => aspen_bench::run(b, &config, None).await,
+            // Built afresh each step: a node that joined counts from then on.
+            let meter = match target.cpu_meter() {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    eprintln!("aspen-compare --grow: warning: cannot read the servers' CPU time: {e}");
+                    None
+                }
+            };
+            let mut windows = Vec::with_capacity(plan.windows.max(1));
+            for _ in 0..plan.windows.max(1) {
+                windows.push(
+                    match &target {
+                        Target::Etcd(_, b) => measure(b, &config, meter.as_ref()).await,
+                        Target::Aspen(_, b) => measure(b, &config, meter.as_ref()).await,
+                    }
+                    .map_err(|e| format!("{label}: puts at {size_mb} MB: {e}"))?,
+                );
             }
-            .map_err(|e| format!("{label}: puts at {size_mb} MB: {e}"))?;
+            let (median, puts_range, errors) = summarize(windows);
             let servers: Vec<Usage> = target.servers().iter().map(|(pid, dir)| usage(*pid, dir)).collect();
             let step = Step {
                 system: label.clone(),
                 size_mb,
                 members: servers.len(),
                 load_mb_per_s: load_mb / load_secs.max(1e-3),
-                puts_per_sec: report.throughput_ops_per_sec,
-                p99_ms: report.latency_us.p99 as f64 / 1000.0,
-                errors: report.errors,
+                puts_per_sec: median.puts_per_sec,
+                puts_range,
+                p99_ms: median.p99_ms,
+                errors,
+                cpu_us_per_put: median.cpu_us_per_put,
                 servers,
             };
             eprintln!("aspen-compare --grow: {}", step_line(&step));
@@ -216,7 +298,7 @@ fn range(values: impl Iterator<Item = u64>) -> String {
 }
 
 /// A step's figures, in the table's column order (system first).
-fn cells(s: &Step) -> [String; 11] {
+fn cells(s: &Step) -> [String; 13] {
     let disk_max = s.servers.iter().map(|u| u.disk).max().unwrap_or(0);
     [
         s.system.clone(),
@@ -224,6 +306,8 @@ fn cells(s: &Step) -> [String; 11] {
         s.members.to_string(),
         format!("{:.1}", s.load_mb_per_s),
         format!("{:.0}", s.puts_per_sec),
+        format!("{:.0}–{:.0}", s.puts_range.0, s.puts_range.1),
+        s.cpu_us_per_put.map_or_else(|| "—".into(), |c| format!("{c:.0}")),
         format!("{:.1}", s.p99_ms),
         s.errors.to_string(),
         range(s.servers.iter().map(|u| u.peak_rss)),
@@ -236,21 +320,25 @@ fn cells(s: &Step) -> [String; 11] {
 fn step_line(s: &Step) -> String {
     let c = cells(s);
     format!(
-        "{} at {} MB: load {} MB/s, {} puts/s, p99 {} ms, peak RSS {} MB, RSS {} MB, data dir {} MB",
-        c[0], c[1], c[3], c[4], c[5], c[7], c[8], c[9]
+        "{} at {} MB: load {} MB/s, {} puts/s ({}), cpu {} µs/put, p99 {} ms, peak RSS {} MB, RSS {} MB, data dir {} MB",
+        c[0], c[1], c[3], c[4], c[5], c[6], c[7], c[9], c[10], c[11]
     )
 }
 
 fn report(plan: &GrowPlan, steps: &[Step], catch_ups: &[CatchUp]) -> String {
     let mut out = format!(
-        "{}-byte values, {} clients putting for {:.0} s after each load step ({:.0} s warm-up); peak RSS = `VmHWM` \
-         since the process started; data dir = allocated blocks; per server, min–max over the members.\n\n| system \
-         | live data MB | members | load MB/s | puts/s | put p99 ms | errors | peak RSS MB | RSS now MB | data dir MB | \
-         data dir ÷ live |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "{}-byte values, {} clients putting for {:.0} s after each load step ({:.0} s warm-up), {} window(s) per \
+         step: puts/s, cpu and p99 are the window with the median puts/s, the range is over all windows (errors: \
+         their sum); cpu µs/put = the servers' CPU time (user + system, every process) over the window ÷ its puts; \
+         peak RSS = `VmHWM` since the process started; data dir = allocated blocks; per server, min–max over the \
+         members.\n\n| system | live data MB | members | load MB/s | puts/s | puts/s range | cpu µs/put | put p99 ms | \
+         errors | peak RSS MB | RSS now MB | data dir MB | data dir ÷ live |\n|---|---|---|---|---|---|---|---|---|---|\
+         ---|---|---|\n",
         plan.value_size,
         plan.clients,
         plan.duration.as_secs_f64(),
-        plan.warmup.as_secs_f64()
+        plan.warmup.as_secs_f64(),
+        plan.windows.max(1)
     );
     for s in steps {
         out.push_str(&format!("| {} |\n", cells(s).join(" | ")));
@@ -302,4 +390,47 @@ fn allocated(dir: &Path) -> u64 {
             Err(_) => 0,
         })
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn window(puts_per_sec: f64, cpu: Option<f64>, errors: u64) -> Window {
+        Window { puts_per_sec, p99_ms: puts_per_sec / 1000.0, errors, cpu_us_per_put: cpu }
+    }
+
+    #[test]
+    fn a_step_reports_its_median_window_and_the_range() {
+        let (median, range, errors) =
+            summarize(vec![window(5000.0, Some(300.0), 1), window(3000.0, Some(400.0), 0), window(4000.0, None, 2)]);
+        assert_eq!(median, window(4000.0, None, 2));
+        assert_eq!(range, (3000.0, 5000.0));
+        assert_eq!(errors, 3);
+        let (one, range, _) = summarize(vec![window(4200.0, Some(250.0), 0)]);
+        assert_eq!(one.cpu_us_per_put, Some(250.0));
+        assert_eq!(range, (4200.0, 4200.0));
+    }
+
+    #[test]
+    fn the_table_row_shows_range_and_cpu() {
+        let step = Step {
+            system: "aspen (1 shard)".into(),
+            size_mb: 100,
+            members: 3,
+            load_mb_per_s: 15.04,
+            puts_per_sec: 6976.4,
+            puts_range: (6657.2, 7228.0),
+            p99_ms: 22.04,
+            errors: 0,
+            cpu_us_per_put: Some(221.3),
+            servers: vec![Usage { peak_rss: 355_000_000, rss: 302_000_000, disk: 613_000_000 }],
+        };
+        assert_eq!(
+            cells(&step).join(" | "),
+            "aspen (1 shard) | 100 | 3 | 15.0 | 6976 | 6657–7228 | 221 | 22.0 | 0 | 355 | 302 | 613 | 6.13"
+        );
+        let unmeasured = Step { cpu_us_per_put: None, ..step };
+        assert_eq!(cells(&unmeasured)[6], "—");
+    }
 }

@@ -97,7 +97,8 @@ struct Args {
     #[arg(long, value_name = "PATH")]
     node_bin: Option<PathBuf>,
     /// Measure every row this many times, each round starting every system afresh (rounds
-    /// interleave the systems in time); each row reports its median round and the range.
+    /// interleave the systems in time); each row reports its median round and the range. With
+    /// --grow: measured windows of puts after each load step (median window and range).
     #[arg(long, default_value_t = 1, value_name = "N")]
     rounds: usize,
     /// Print ops/s every second while a row runs.
@@ -273,8 +274,10 @@ async fn run(args: Args) -> Result<(), RunError> {
             return Err(RunError::Other("--sizes must be positive and increasing".into()));
         }
         let clients = *args.clients.last().unwrap_or(&64);
-        if clients == 0 || args.members == 0 || args.shards < 2 {
-            return Err(RunError::Other("--clients, --members must be positive and --shards at least 2".into()));
+        if clients == 0 || args.members == 0 || args.shards < 2 || args.rounds == 0 {
+            return Err(RunError::Other(
+                "--clients, --members and --rounds must be positive and --shards at least 2".into(),
+            ));
         }
         let value_size = if args.value_size == 256 { 1024 } else { args.value_size };
         let plan = grow::GrowPlan {
@@ -288,6 +291,7 @@ async fn run(args: Args) -> Result<(), RunError> {
             timeout: seconds("timeout", args.timeout, false)?,
             catch_up_mb: (args.catch_up_mb > 0).then_some(args.catch_up_mb),
             etcd_quota: args.etcd_quota,
+            windows: args.rounds,
         };
         let names: Vec<&str> = args
             .systems
