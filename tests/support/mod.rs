@@ -276,8 +276,8 @@ impl InProcNode {
 
     /// Shuts the node down gracefully; a shutdown that does not end fails the test here, naming
     /// the node. Each shutdown step is bounded (`NodeHandle::shutdown_reporting`), so a stop
-    /// ends even when a step stalls; a stalled step — rare: iroh-gossip's handler stop, now
-    /// bounded (docs/design.md §12) — is printed here (`--no-capture` shows it) and appended to
+    /// ends even when a step stalls; a stalled step — rare: iroh-gossip's stop, now
+    /// bounded and off the router's path (docs/design.md §12) — is printed here (`--no-capture` shows it) and appended to
     /// `$TMPDIR/aspen-shutdown-stalls.log` rather than failing the test.
     pub async fn stop(&mut self) {
         if let Some(h) = self.handle.take() {

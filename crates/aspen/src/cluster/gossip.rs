@@ -237,11 +237,29 @@ impl GossipDiscovery {
         if let Some(task) = self.task.lock().unwrap_or_else(|p| p.into_inner()).take() {
             task.abort();
         }
-        if let Err(e) = self.gossip.shutdown().await {
-            tracing::debug!("gossip shutdown: {e}");
+        // Graceful (the actor tells its neighbours it leaves) but bounded: a wedged actor only
+        // moves again once the endpoint closes its connections, which comes later in a stop.
+        match tokio::time::timeout(GOSSIP_STOP, self.gossip.shutdown()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!("gossip shutdown: {e}"),
+            Err(_) => tracing::warn!(
+                "gossip did not stop within {GOSSIP_STOP:?} (its actor waits on a peer connection); the endpoint's \
+                 close ends it"
+            ),
         }
     }
 }
+
+/// Longest a node's stop waits for gossip's graceful shutdown.
+///
+/// iroh-gossip 0.101's actor hands each message for a peer to that connection's send loop over a
+/// bounded channel and awaits room in it (`net.rs`, `active_send_tx.send(..).await`). If the send
+/// loop has ended on an error while the connection stays open (keep-alives hold it), nothing
+/// reads that channel again: after 64 more messages to the peer the whole actor waits there for
+/// good, never reading its command channel, so `Gossip::shutdown` waits until the connection
+/// closes (upstream n0-computer/iroh-gossip#47, no released fix). The connection closes when the
+/// endpoint does, which is why neither shutdown below may hold the stop up (docs/design.md §12).
+const GOSSIP_STOP: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The gossip instance as the router's protocol handler. The router stops it when it shuts down,
 /// and [`GossipDiscovery::shutdown`] may have stopped it already (a node's shutdown does, first);
@@ -256,22 +274,25 @@ impl iroh::protocol::ProtocolHandler for GossipProtocol {
     }
 
     async fn shutdown(&self) {
-        // Stopped already by `GossipDiscovery::shutdown` in a node's stop, this returns at once.
-        // Bounded: in tests it has been seen (session 23, `transport::shutdowns` named it) to wait
-        // out the router's whole drain limit (request timeout + 30 s) on a stop, cause not found;
-        // the router closes the endpoint next, which ends gossip's connections anyway.
-        match tokio::time::timeout(GOSSIP_HANDLER_STOP, self.0.shutdown()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::debug!("gossip shutdown (already stopped): {e}"),
-            Err(_) => {
-                tracing::warn!("gossip did not stop within {GOSSIP_HANDLER_STOP:?}; closing the endpoint without it")
+        // Stopped already by `GossipDiscovery::shutdown` in a node's stop, this returns at once;
+        // but a wedged actor (see [`GOSSIP_STOP`]) moves only once the endpoint closes, which
+        // the router does after every handler's shutdown has returned. So the router does not
+        // wait for it: the call goes on in the background and ends with the endpoint's close.
+        // (Session 23: awaited here, it held a stop for the router's whole drain limit.)
+        let gossip = self.0.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(GOSSIP_AFTER_CLOSE, gossip.shutdown()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!("gossip shutdown (already stopped): {e}"),
+                Err(_) => tracing::warn!("gossip did not stop within {GOSSIP_AFTER_CLOSE:?} of the router's shutdown"),
             }
-        }
+        });
     }
 }
 
-/// Longest the router waits for gossip's own shutdown.
-const GOSSIP_HANDLER_STOP: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long the background shutdown of the router's gossip handler may take (the endpoint closes
+/// meanwhile, which ends a wedged actor's wait).
+const GOSSIP_AFTER_CLOSE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// What the announce task needs from the node.
 #[derive(Clone, Debug)]
