@@ -74,6 +74,12 @@ impl Cluster {
             c.sharding.num_shards = self.shards;
         }
         c.limits.request_timeout_ms = 8_000;
+        // The watch checker's watch must be able to resume where it broke, after a member's
+        // removal and the fail-over that follows, however many writes happened meanwhile: the
+        // default history (10,000 events per node, a quarter per shard with 4 shards) rolled
+        // over under this load on a fast machine, and the resumed watch ended "compacted".
+        c.watch.history_entries = 1_000_000;
+        c.watch.history_bytes = 256 * 1024 * 1024;
         c
     }
 
