@@ -220,13 +220,7 @@ pub async fn run(
             let load_mb = wrote as f64 * (PREFIX.len() + 8 + plan.value_size) as f64 / 1e6;
             loaded = keys;
             // Built afresh each step: a node that joined counts from then on.
-            let meter = match target.cpu_meter() {
-                Ok(m) => Some(m),
-                Err(e) => {
-                    eprintln!("aspen-compare --grow: warning: cannot read the servers' CPU time: {e}");
-                    None
-                }
-            };
+            let meter = crate::meter_or_warn(target.cpu_meter());
             let mut windows = Vec::with_capacity(plan.windows.max(1));
             for _ in 0..plan.windows.max(1) {
                 windows.push(

@@ -262,9 +262,8 @@ impl GossipDiscovery {
 const GOSSIP_STOP: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The gossip instance as the router's protocol handler. The router stops it when it shuts down,
-/// and [`GossipDiscovery::shutdown`] may have stopped it already (a node's shutdown does, first);
-/// iroh-gossip's own handler then logs a warning (`error while shutting down gossip:
-/// ActorDropped`) on every clean stop. Stopping a stopped instance is fine here.
+/// and [`GossipDiscovery::shutdown`] has usually stopped it already (a node's shutdown does,
+/// first): stopping a stopped instance is fine here (`ActorDropped`, logged at debug).
 #[derive(Debug, Clone)]
 pub struct GossipProtocol(Gossip);
 
