@@ -958,6 +958,32 @@ pub enum ClientRequest {
         consistency: ReadConsistency,
         revision: Revision,
     },
+    /// Defragment the state machines of node `node_id` (`None`: of the node receiving it), one
+    /// shard after another (admin; `aspen-cli defrag`, etcd's `Maintenance/Defragment`): each
+    /// file is rewritten in key order and swapped in; that node's writes to the shard wait
+    /// meanwhile (docs/design.md §6.6). Answered with [`ClientResponse::Defragmented`].
+    Defragment {
+        node_id: Option<NodeId>,
+    },
+}
+
+/// What a defragmentation did on one node ([`ClientRequest::Defragment`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DefragReport {
+    pub node_id: NodeId,
+    pub shards: Vec<ShardDefrag>,
+}
+
+/// One shard's state machine file, before and after its defragmentation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardDefrag {
+    pub shard: ShardId,
+    pub before_bytes: u64,
+    pub after_bytes: u64,
+    /// Keys copied.
+    pub keys: u64,
+    /// How long the shard's writes on that node waited.
+    pub millis: u64,
 }
 
 /// A raised alarm (recorded in shard 0, so every node refuses what it forbids).
@@ -1146,6 +1172,7 @@ impl ClientRequest {
                 | ClientRequest::ShardBackup { .. }
                 | ClientRequest::AlarmList
                 | ClientRequest::AlarmDisarm
+                | ClientRequest::Defragment { .. }
                 | ClientRequest::ShardRange { .. }
                 | ClientRequest::ShardRangeAt { .. }
                 | ClientRequest::ShardTxnRead { .. }
@@ -1245,6 +1272,7 @@ impl ClientRequest {
             ClientRequest::ShardRangeAt { .. } => "range at revision",
             ClientRequest::ShardTxnRead { .. } => "txn read",
             ClientRequest::EtcdEndpoint => "etcd endpoint",
+            ClientRequest::Defragment { .. } => "defrag",
         }
     }
 
@@ -1291,6 +1319,7 @@ impl ClientRequest {
             | ClientRequest::Watch(_)
             | ClientRequest::AlarmList
             | ClientRequest::AlarmDisarm
+            | ClientRequest::Defragment { .. }
             | ClientRequest::EtcdEndpoint => false,
             ClientRequest::ShardRange { consistency, .. }
             | ClientRequest::ShardRangeAt { consistency, .. }
@@ -1392,6 +1421,8 @@ pub enum ClientResponse {
     },
     /// [`ClientRequest::EtcdEndpoint`]: `ADDR:PORT`, if served (no scheme: see `etcd::server`).
     EtcdEndpoint(Option<String>),
+    /// [`ClientRequest::Defragment`].
+    Defragmented(DefragReport),
 }
 
 /// The typed errors a client can receive. Every variant says what the caller can do next.

@@ -25,9 +25,9 @@ pub use watch::{WatchItem, WatchStream};
 use crate::{
     api::{
         frame::{encode_frame, read_frame},
-        ApiError, BatchOp, ClientEnvelope, ClientRequest, ClientResponse, ClientResult, ClusterStatus, Id128, KeyValue,
-        NodeId, NodeTicket, ReadConsistency, Revision, ScanPage, ScanRequest, ShardId, ShardStatus, TokenInfo,
-        WriteCommand, WriteOutcome, WriteSession, CLIENT_ALPN, CLIENT_PROTOCOL_VERSION, MAX_FRAME_BYTES,
+        ApiError, BatchOp, ClientEnvelope, ClientRequest, ClientResponse, ClientResult, ClusterStatus, DefragReport,
+        Id128, KeyValue, NodeId, NodeTicket, ReadConsistency, Revision, ScanPage, ScanRequest, ShardId, ShardStatus,
+        TokenInfo, WriteCommand, WriteOutcome, WriteSession, CLIENT_ALPN, CLIENT_PROTOCOL_VERSION, MAX_FRAME_BYTES,
         STRICT_SEQ_BASE,
     },
     transport::endpoint::bind_endpoint,
@@ -608,6 +608,15 @@ impl AspenClient {
     pub async fn cluster_status(&self) -> Result<ClusterStatus, ClientError> {
         match self.request(ClientRequest::ClusterStatus).await? {
             ClientResponse::ClusterStatus(s) => Ok(s),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Defragments the state machines of node `node_id` (`None`: the node that answers), one
+    /// shard after another, waiting up to `timeout` (admin; docs/operations.md, "Defragmenting").
+    pub async fn defragment(&self, node_id: Option<NodeId>, timeout: Duration) -> Result<DefragReport, ClientError> {
+        match self.request_within(ClientRequest::Defragment { node_id }, timeout).await? {
+            ClientResponse::Defragmented(r) => Ok(r),
             other => Err(unexpected(other)),
         }
     }

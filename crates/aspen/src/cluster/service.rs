@@ -17,8 +17,8 @@ use std::{
 use super::validate;
 use crate::{
     api::{
-        ApiError, ClientRequest, ClientResponse, ClientResult, ClusterId, ClusterStatus, ForwardedResponse, NodeId,
-        NodeReport, NodeStatus, NodeTicket, ShardStatus, WriteCommand,
+        ApiError, ClientRequest, ClientResponse, ClientResult, ClusterId, ClusterStatus, DefragReport,
+        ForwardedResponse, NodeId, NodeReport, NodeStatus, NodeTicket, ShardDefrag, ShardStatus, WriteCommand,
     },
     config::LimitsConfig,
     raft::{network::SharedClusterId, MemberNode, RaftNode},
@@ -29,6 +29,9 @@ use crate::{
     storage::metadata::{ClusterIdentity, MetadataStore},
     transport::{endpoint::write_file_atomic, request::send_request, ClientService},
 };
+
+/// How long a node waits for another to defragment its shards (minutes for many GB).
+pub const DEFRAG_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// Serves client requests for one node.
 #[derive(Debug)]
@@ -271,6 +274,44 @@ impl NodeService {
         self.metadata.identity().map_err(|e| ApiError::Internal(format!("metadata: {e}")))
     }
 
+    /// Defragments the state machines of node `node_id` (this node if `None` or ours), one
+    /// shard after another; another node's are asked of it.
+    async fn defragment(&self, node_id: Option<NodeId>) -> Result<DefragReport, ApiError> {
+        if let Some(id) = node_id.filter(|id| *id != self.node_id) {
+            let member = self
+                .store
+                .known_nodes()
+                .remove(&id)
+                .ok_or_else(|| ApiError::InvalidRequest(format!("node {id} is not a member of this cluster")))?;
+            let addr = member
+                .endpoint_addr()
+                .ok_or_else(|| ApiError::Unavailable(format!("node {id} has no valid address")))?;
+            let request = ClientRequest::Defragment { node_id: None };
+            return match send_request(self.store.pool(), &addr, 1, request, DEFRAG_TIMEOUT).await {
+                Ok(Ok(ClientResponse::Defragmented(report))) => Ok(report),
+                Ok(Ok(other)) => Err(ApiError::Internal(format!("node {id} answered a defrag with {other:?}"))),
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(ApiError::Unavailable(format!("node {id}: {e}"))),
+            };
+        }
+        let mut shards = Vec::new();
+        for (shard, node) in self.store.shards() {
+            let reader = node.reader().clone();
+            let done = tokio::task::spawn_blocking(move || reader.defragment())
+                .await
+                .map_err(|e| ApiError::Internal(format!("shard {shard}: defrag task: {e}")))?
+                .map_err(|e| ApiError::Internal(format!("shard {shard}: defrag: {e}")))?;
+            shards.push(ShardDefrag {
+                shard: *shard,
+                before_bytes: done.before_bytes,
+                after_bytes: done.after_bytes,
+                keys: done.keys,
+                millis: (done.secs * 1000.0) as u64,
+            });
+        }
+        Ok(DefragReport { node_id: self.node_id, shards })
+    }
+
     /// Asks every member for its own view, concurrently, with a short timeout each.
     async fn cluster_status(&self) -> Result<ClusterStatus, ApiError> {
         let (cluster_id, cluster_name) = match self.identity()? {
@@ -399,6 +440,7 @@ impl NodeService {
             }
             ClientRequest::EtcdEndpoint => Ok(ClientResponse::EtcdEndpoint(self.etcd_endpoint())),
             ClientRequest::ShardMembership { shard, change } => self.apply_shard_change(shard, change).await,
+            ClientRequest::Defragment { node_id } => self.defragment(node_id).await.map(ClientResponse::Defragmented),
             ClientRequest::AlarmList => self.list_alarms().await,
             ClientRequest::AlarmDisarm => self.disarm_alarms().await,
             ClientRequest::ShardBackup { shard, session, offset } => {

@@ -2,7 +2,7 @@
 //!
 //! Cluster: `MemberList` (every member, with the URL each serves the etcd API on); membership
 //! changes are Aspen's own (`aspen-cli cluster …`). Maintenance: `Status` (shard 0's Raft state),
-//! `Alarm` (Aspen's NOSPACE alarms), `Defragment` (nothing to do: redb reuses freed pages),
+//! `Alarm` (Aspen's NOSPACE alarms), `Defragment` (this node's state machine files rewritten in key order, `aspen-cli defrag`),
 //! `MoveLeader` (shard 0). Auth: `Authenticate` maps etcd's user and password onto Aspen tokens —
 //! user `token`, password an Aspen token — and answers with that token, which clients then send
 //! with every call; users and roles are Aspen's token scopes (`aspen-cli auth token create`).
@@ -138,8 +138,11 @@ impl<N: EtcdNode> Maintenance for MaintenanceService<N> {
     async fn defragment(&self, request: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
         let caller = self.0.caller(request.metadata())?;
         caller.needs("defragment", |s| s.admin, "admin")?;
-        // Nothing to do: redb reuses the pages deletes free (docs/operations.md, "Space").
-        Ok(Response::new(DefragmentResponse { header: self.0.header(0) }))
+        // Like etcd's: the member answering, every shard it hosts.
+        match self.0.ask(ClientRequest::Defragment { node_id: None }).await? {
+            ClientResponse::Defragmented(_) => Ok(Response::new(DefragmentResponse { header: self.0.header(0) })),
+            other => Err(Status::internal(format!("a defrag was answered with {other:?}"))),
+        }
     }
 
     async fn hash(&self, _: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {

@@ -110,8 +110,12 @@ pub const MAX_SESSIONS_PER_TOKEN: u64 = 10_000;
 const SESSION_NS: TableDefinition<u64, u64> = TableDefinition::new("session_ns");
 
 pub mod backup;
+mod db_file;
 mod kv;
 mod snapshot;
+
+pub use db_file::Defragmented;
+use db_file::SmDb;
 
 pub use kv::MAX_RANGE_ANSWER_BYTES;
 
@@ -173,7 +177,7 @@ struct SessionRecord {
 /// Read access to a shard's applied state, shared with the request path.
 #[derive(Clone, Debug)]
 pub struct StateReader {
-    db: Arc<redb::Database>,
+    db: Arc<SmDb>,
 }
 
 impl StateReader {
@@ -183,10 +187,20 @@ impl StateReader {
         IncomingSnapshot::begin(self.db.clone(), meta)
     }
 
-    /// The current value of `key`, if present.
+    /// Rewrites this replica's state machine file in key order and swaps it in (blocking): the
+    /// shard's writes on this node wait meanwhile, reads do not (docs/design.md §6.6).
+    pub fn defragment(&self) -> Result<Defragmented, StorageError> {
+        db_file::defragment(&self.db)
+    }
+
+    /// The size of the state machine's file (`None`: not on a file).
+    pub fn file_bytes(&self) -> Result<Option<u64>, StorageError> {
+        self.db.file_bytes()
+    }
+
     /// An etcd-shaped range read (`api::kv`), with the revision it saw.
     pub fn kv_range(&self, query: &crate::api::RangeQuery) -> Result<crate::api::RangePage, StorageError> {
-        kv::read_range(&self.db, query)
+        kv::read_range(&self.db.db(), query)
     }
 
     /// An etcd-shaped txn that writes nothing, evaluated on one read of the state: the revision
@@ -195,7 +209,7 @@ impl StateReader {
         &self,
         txn: crate::api::KvTxn,
     ) -> Result<(crate::api::Revision, bool, Vec<crate::api::KvOpResult>), StorageError> {
-        kv::read_txn(&self.db, txn)
+        kv::read_txn(&self.db.db(), txn)
     }
 
     pub fn get(&self, key: &[u8]) -> Result<Option<KeyValue>, StorageError> {
@@ -502,7 +516,7 @@ fn read_meta<T: serde::de::DeserializeOwned>(
 /// The redb-backed state machine of one shard.
 #[derive(Debug)]
 pub struct RedbStateMachine {
-    db: Arc<redb::Database>,
+    db: Arc<SmDb>,
     /// Where snapshot temp files are made.
     dir: PathBuf,
     /// When set, an entry is applied only once the Raft log holds it durably.
@@ -522,17 +536,18 @@ impl RedbStateMachine {
     /// snapshots are kept beside it.
     pub fn open(path: &Path, cache_bytes: usize) -> Result<Self, StorageError> {
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
-        Self::from_db(open_db(path, cache_bytes)?, dir)
+        db_file::remove_leftover(path)?;
+        Self::from_db(open_db(path, cache_bytes)?, dir, Some((path.to_path_buf(), cache_bytes)))
     }
 
     /// Opens or creates the state machine on any redb storage backend (tests put it on a
     /// simulated disk); the snapshot file is kept in `snapshot_dir` on the real file system.
     pub fn open_with_backend(backend: impl redb::StorageBackend, snapshot_dir: &Path) -> Result<Self, StorageError> {
         std::fs::create_dir_all(snapshot_dir)?;
-        Self::from_db(open_db_with_backend(backend)?, snapshot_dir.to_path_buf())
+        Self::from_db(open_db_with_backend(backend)?, snapshot_dir.to_path_buf(), None)
     }
 
-    fn from_db(db: redb::Database, dir: PathBuf) -> Result<Self, StorageError> {
+    fn from_db(db: redb::Database, dir: PathBuf, file: Option<(PathBuf, usize)>) -> Result<Self, StorageError> {
         snapshot::remove_leftovers(&dir)?;
         let txn = begin_write(&db, Durability::Immediate)?;
         // A transfer a crash interrupted starts over.
@@ -558,7 +573,7 @@ impl RedbStateMachine {
         }
         txn.commit()?;
         let sm = RedbStateMachine {
-            db: Arc::new(db),
+            db: Arc::new(SmDb::new(db, file)),
             dir,
             log: None,
             deadlines: Default::default(),
@@ -674,9 +689,17 @@ impl RedbStateMachine {
         Ok(postcard::to_stdvec(&(last_applied, membership, data, ages, digest.digest))?)
     }
 
+    /// Adds a table the state machine does not know (as a newer version might have left).
+    pub(crate) fn add_foreign_table(&self, name: &str) -> Result<(), StorageError> {
+        let txn = begin_write(&self.db.writer(), Durability::Immediate)?;
+        txn.open_table(TableDefinition::<u64, u64>::new(name))?.insert(1, 2)?;
+        txn.commit()?;
+        Ok(())
+    }
+
     /// Removes the stored digest sum, as in a database written before digests existed.
     pub(crate) fn forget_digest_sum(&self) -> Result<(), StorageError> {
-        let txn = begin_write(&self.db, Durability::Immediate)?;
+        let txn = begin_write(&self.db.writer(), Durability::Immediate)?;
         txn.open_table(META)?.remove(KEY_DIGEST_SUM)?;
         txn.commit()?;
         Ok(())
@@ -1297,7 +1320,7 @@ async fn blocking<T: Send + 'static>(
 /// is the snapshot; docs/design.md §6.4).
 #[derive(Debug)]
 pub struct SnapshotBuilder {
-    db: Arc<redb::Database>,
+    db: Arc<SmDb>,
     dir: PathBuf,
     metrics: Arc<crate::metrics::ShardMetrics>,
 }
@@ -1334,9 +1357,10 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             // Read first, then make durable: `apply` runs concurrently, and a durable commit
             // persists every earlier commit, so everything this read sees is on disk before
             // openraft may purge the log behind the snapshot.
-            let read = db.begin_read()?;
-            let txn = begin_write(&db, Durability::Immediate)?;
-            txn.commit()?;
+            let writer = db.writer();
+            let read = writer.begin_read()?;
+            begin_write(&writer, Durability::Immediate)?.commit()?;
+            drop(writer);
             lazy_snapshot(read, dir, true, metrics)?
                 .ok_or_else(|| StorageError::Task("no snapshot of an empty state".into()))
         })
@@ -1385,13 +1409,21 @@ impl RaftStateMachine<TypeConfig> for RedbStateMachine {
         }
         let collect = self.hub.is_some();
         let started = std::time::Instant::now();
-        let (results, applied) = if writes_in(&entries) <= INLINE_APPLY_WRITES {
-            // A few writes: a non-durable commit of tens of microseconds, cheaper to run here than
-            // the round trip to a blocking thread it would otherwise wait for on every write.
-            apply_entries(&self.db, entries, collect)
+        // A few writes: a non-durable commit of tens of microseconds, cheaper to run here than
+        // the round trip to a blocking thread it would otherwise wait for on every write (unless
+        // a defragmentation holds the writes: then wait for it there).
+        let mut entries = entries;
+        let inline = if writes_in(&entries) <= INLINE_APPLY_WRITES {
+            self.db.try_writer().map(|writer| apply_entries(&writer, std::mem::take(&mut entries), collect))
         } else {
-            let db = self.db.clone();
-            blocking(move || apply_entries(&db, entries, collect)).await
+            None
+        };
+        let (results, applied) = match inline {
+            Some(done) => done,
+            None => {
+                let db = self.db.clone();
+                blocking(move || apply_entries(&db.writer(), entries, collect)).await
+            }
         }
         .map_err(|e| sm_err(ErrorVerb::Write, e))?;
         self.metrics.apply.observe_since(started);
@@ -1425,7 +1457,7 @@ impl RaftStateMachine<TypeConfig> for RedbStateMachine {
             let id = meta.snapshot_id.clone();
             let leases = if let Some(transfer) = snapshot.as_staged() {
                 // Received by the node's network into the staging tables already.
-                blocking(move || snapshot::install_staged(&db, &meta, transfer)).await?
+                blocking(move || snapshot::install_staged(&db.writer(), &meta, transfer)).await?
             } else {
                 let file = snapshot.into_std().await?;
                 blocking(move || snapshot::install_file(&db, &meta, file)).await?

@@ -130,10 +130,11 @@ pub fn restore_stream(
         incoming.push(&buf[..n])?;
     }
     let transfer = incoming.finish()?;
-    snapshot::install_staged(&sm.db, &meta, transfer)?;
+    snapshot::install_staged(&sm.db.writer(), &meta, transfer)?;
 
     // The new cluster's membership, and none of the old cluster's records.
-    let txn = begin_write(&sm.db, Durability::Immediate)?;
+    let writer = sm.db.writer();
+    let txn = begin_write(&writer, Durability::Immediate)?;
     {
         let mut kv = txn.open_table(KV)?;
         let mut m = txn.open_table(META)?;
@@ -153,6 +154,7 @@ pub fn restore_stream(
         m.insert(KEY_MEMBERSHIP, postcard::to_stdvec(&membership(&last_applied))?.as_slice())?;
     }
     txn.commit()?;
+    drop(writer);
     let data_digest = sm.reader().data_digest()?;
     Ok(Restored { last_applied, data_digest })
 }

@@ -206,7 +206,7 @@ fn split_u64<'a>(bytes: &'a [u8], what: &str) -> Result<(u64, &'a [u8]), Storage
 /// unless the stream is whole, in order, of `meta`'s log id and membership, and matches its hash.
 /// Returns the leases it holds.
 pub(super) fn install_file(
-    db: &Arc<redb::Database>,
+    db: &Arc<SmDb>,
     meta: &SnapshotMeta,
     mut file: std::fs::File,
 ) -> Result<Vec<(u64, LeaseRecord)>, StorageError> {
@@ -221,22 +221,23 @@ pub(super) fn install_file(
         incoming.push(&buf[..n])?;
     }
     let transfer = incoming.finish()?;
-    install_staged(db, meta, transfer)
+    install_staged(&db.writer(), meta, transfer)
 }
 
 /// Tables a snapshot being received is written into, each beside the live table it replaces.
-const STAGING_KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("staging.kv");
-const STAGING_SESSIONS: TableDefinition<u128, &[u8]> = TableDefinition::new("staging.sessions");
-const STAGING_SESSION_AGE: TableDefinition<(u64, u128), ()> = TableDefinition::new("staging.session_age");
-const STAGING_LEASES: TableDefinition<u64, &[u8]> = TableDefinition::new("staging.leases");
-const STAGING_LEASE_KEYS: TableDefinition<(u64, &[u8]), ()> = TableDefinition::new("staging.lease_keys");
-const STAGING_TOMBSTONES: TableDefinition<u64, u64> = TableDefinition::new("staging.lease_tombstones");
-const STAGING_TOMBSTONE_AGE: TableDefinition<(u64, u64), ()> = TableDefinition::new("staging.lease_tombstone_age");
+pub(super) const STAGING_KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("staging.kv");
+pub(super) const STAGING_SESSIONS: TableDefinition<u128, &[u8]> = TableDefinition::new("staging.sessions");
+pub(super) const STAGING_SESSION_AGE: TableDefinition<(u64, u128), ()> = TableDefinition::new("staging.session_age");
+pub(super) const STAGING_LEASES: TableDefinition<u64, &[u8]> = TableDefinition::new("staging.leases");
+pub(super) const STAGING_LEASE_KEYS: TableDefinition<(u64, &[u8]), ()> = TableDefinition::new("staging.lease_keys");
+pub(super) const STAGING_TOMBSTONES: TableDefinition<u64, u64> = TableDefinition::new("staging.lease_tombstones");
+pub(super) const STAGING_TOMBSTONE_AGE: TableDefinition<(u64, u64), ()> =
+    TableDefinition::new("staging.lease_tombstone_age");
 /// The transfer the staging tables hold (`transfer`), and once it is whole and checked
 /// (`complete`): its applied log id, membership, clock and digest sum.
-const STAGING_META: TableDefinition<&str, &[u8]> = TableDefinition::new("staging.meta");
-const STAGED_TRANSFER: &str = "transfer";
-const STAGED_COMPLETE: &str = "complete";
+pub(super) const STAGING_META: TableDefinition<&str, &[u8]> = TableDefinition::new("staging.meta");
+pub(super) const STAGED_TRANSFER: &str = "transfer";
+pub(super) const STAGED_COMPLETE: &str = "complete";
 /// Bytes staged per write transaction when a file is installed.
 const STAGE_BYTES: usize = 8 << 20;
 
@@ -273,7 +274,7 @@ enum Parse {
 /// [`install_staged`] moves the staged ones in place. A new transfer, or a restart, deletes
 /// what an unfinished one staged.
 pub struct IncomingSnapshot {
-    db: Arc<redb::Database>,
+    db: Arc<SmDb>,
     meta: SnapshotMeta,
     transfer: u64,
     /// Received bytes not yet parsed (the start of a record that continues in the next chunk).
@@ -301,9 +302,10 @@ impl std::fmt::Debug for IncomingSnapshot {
 
 impl IncomingSnapshot {
     /// Starts receiving the snapshot `meta` into `db`'s staging tables (emptied first). Blocking.
-    pub fn begin(db: Arc<redb::Database>, meta: SnapshotMeta) -> Result<Self, StorageError> {
+    pub(crate) fn begin(db: Arc<SmDb>, meta: SnapshotMeta) -> Result<Self, StorageError> {
         let transfer = rand::random::<u64>();
-        let txn = begin_write(&db, Durability::None)?;
+        let writer = db.writer();
+        let txn = begin_write(&writer, Durability::None)?;
         drop_staging(&txn)?;
         txn.open_table(STAGING_KV)?;
         txn.open_table(STAGING_SESSIONS)?;
@@ -314,6 +316,7 @@ impl IncomingSnapshot {
         txn.open_table(STAGING_TOMBSTONE_AGE)?;
         txn.open_table(STAGING_META)?.insert(STAGED_TRANSFER, transfer.to_le_bytes().as_slice())?;
         txn.commit()?;
+        drop(writer);
         Ok(IncomingSnapshot {
             db,
             meta,
@@ -346,9 +349,12 @@ impl IncomingSnapshot {
     pub fn push(&mut self, data: &[u8]) -> Result<(), StorageError> {
         self.bytes += data.len() as u64;
         self.pending.extend_from_slice(data);
-        let txn = begin_write(&self.db, Durability::None)?;
+        let db = self.db.clone();
+        let writer = db.writer();
+        let txn = begin_write(&writer, Durability::None)?;
         let consumed = self.stage_records(&txn)?;
         txn.commit()?;
+        drop(writer);
         self.hash.update(&self.pending[..consumed]);
         self.pending.drain(..consumed);
         if self.parse == Parse::Hash && self.pending.len() > 32 {
@@ -482,7 +488,8 @@ impl IncomingSnapshot {
             self.clock_ms,
             self.sum.to_bytes().as_slice(),
         ))?;
-        let txn = begin_write(&self.db, Durability::None)?;
+        let writer = self.db.writer();
+        let txn = begin_write(&writer, Durability::None)?;
         txn.open_table(STAGING_META)?.insert(STAGED_COMPLETE, complete.as_slice())?;
         txn.commit()?;
         Ok(self.transfer)

@@ -195,6 +195,7 @@ fn copy_dir_files(from: &Path, names: &[&str]) -> TempDir {
     to
 }
 
+mod defrag;
 mod digests;
 mod kv_txn;
 mod leases;

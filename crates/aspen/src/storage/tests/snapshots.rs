@@ -409,6 +409,25 @@ async fn a_stream_staged_in_any_pieces_installs_only_when_whole() {
     assert_eq!(sm_c.reader().digest().unwrap(), sm_a.reader().digest().unwrap());
 }
 
+/// A defragmentation in the middle of a transfer (docs/design.md §6.6) carries what was staged
+/// into the new file: the transfer goes on and installs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_goes_on_across_a_defragmentation() {
+    let (_dir_a, sm_a, meta, data) = populated_snapshot().await;
+    let (_dir_b, mut sm_b, before) = other_state("only-in-b").await;
+    let mut incoming = sm_b.reader().receive_snapshot(meta.clone()).unwrap();
+    incoming.push(&data[..data.len() / 2]).unwrap();
+    let reader = sm_b.reader();
+    tokio::task::spawn_blocking(move || reader.defragment()).await.unwrap().unwrap();
+    assert_eq!(sm_b.fingerprint().unwrap(), before);
+    incoming.push(&data[data.len() / 2..]).unwrap();
+    let transfer = incoming.finish().unwrap();
+    sm_b.install_snapshot(&meta, Box::new(SnapshotData::staged(transfer))).await.unwrap();
+    assert_eq!(sm_b.reader().digest().unwrap(), sm_a.reader().digest().unwrap());
+    assert_eq!(all_keys(&sm_b.reader()), all_keys(&sm_a.reader()));
+    assert_digest_recounts(&sm_b.reader());
+}
+
 /// A crash in the middle of a transfer (the staged part made durable by a later commit) leaves
 /// the old state, and the reopened state machine drops what was staged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
