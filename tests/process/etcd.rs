@@ -348,6 +348,14 @@ fn etcdctl_drives_a_three_node_cluster() {
     let o = nodes[0].cli(&["--json", "snapshot", "status", &file.display().to_string()]);
     expect_code(&o, 0, "snapshot status of etcdctl's file");
     assert!(stdout(&o).contains("\"num_shards\":1"), "{}", stdout(&o));
+
+    // etcdctl defrag rewrites every member's state machine files (admin only); the data stays.
+    let o = r.run(&["defrag"]);
+    assert!(!o.status.success() && stderr(&o).contains("permission denied"), "{}", stderr(&o));
+    let done = all.ok(&["defrag", "--cluster"]);
+    assert_eq!(done.matches("Finished defragmenting etcd member[").count(), 3, "{done}");
+    assert_eq!(e.ok(&["get", "counter", "--print-value-only"]).trim(), "5");
+    e.ok(&["put", "after-defrag", "yes"]);
 }
 
 #[test]

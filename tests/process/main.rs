@@ -3,7 +3,7 @@
 //! `aspen-cli bench` ([`bench`]), leases and watches through the CLI ([`leases`], [`watch`]),
 //! what the nodes' logs say ([`logs`]) and the memory a hostile client cannot grow
 //! ([`memory`]), the operator HTTP endpoint ([`http`]), systemd readiness ([`systemd`]),
-//! backup and restore ([`backup`]), NOSPACE alarms ([`quota`]) and the etcd API driven by
+//! backup and restore ([`backup`]), NOSPACE alarms ([`quota`]), `defrag` ([`defrag`]) and the etcd API driven by
 //! etcdctl ([`etcd`]). One test binary; the tests run one at a time.
 
 #[path = "../support/mod.rs"]
@@ -12,6 +12,7 @@ mod support;
 mod backup;
 mod bench;
 mod cluster;
+mod defrag;
 mod etcd;
 mod first_hour;
 mod http;

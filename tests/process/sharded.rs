@@ -12,14 +12,14 @@ use aspen::{api::ReadConsistency, AspenClient};
 
 const SHARD_FLAGS: [&str; 3] = ["--sharding-enabled", "--sharding-num-shards", "4"];
 
-fn status_json(node: &NodeProc) -> Option<serde_json::Value> {
+pub(crate) fn status_json(node: &NodeProc) -> Option<serde_json::Value> {
     let o = crate::support::cli_with_timeout(node, 5, &["--json", "cluster", "status"]);
     o.status.success().then(|| serde_json::from_str(stdout(&o).trim()).ok()).flatten()
 }
 
 /// True when every node reports 4 shards, each shard has one leader agreed by all, 3 voters,
 /// the same last applied index on every node, and the same state digest at the same index.
-fn converged(status: &serde_json::Value) -> bool {
+pub(crate) fn converged(status: &serde_json::Value) -> bool {
     let nodes = status["nodes"].as_array().cloned().unwrap_or_default();
     if nodes.len() != 3 || nodes.iter().any(|n| n["shards"].as_array().map(|s| s.len()) != Some(4)) {
         return false;

@@ -206,6 +206,21 @@ impl AspenCluster {
         self.wait_converged(Duration::from_secs(60)).await
     }
 
+    /// Defragments every node's state machines, one node after another (`aspen-cli defrag
+    /// --cluster`).
+    pub async fn defragment(&self) -> Result<(), String> {
+        let client = self.client().await?;
+        let mut result = Ok(());
+        for node_id in 1..=self.nodes.len() as u64 {
+            if let Err(e) = client.defragment(Some(node_id), Duration::from_secs(3600)).await {
+                result = Err(format!("defrag of node {node_id}: {e}"));
+                break;
+            }
+        }
+        client.close().await;
+        result
+    }
+
     async fn client(&self) -> Result<AspenClient, String> {
         AspenClient::connect(self.tickets.clone(), Duration::from_secs(10))
             .await

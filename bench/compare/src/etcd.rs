@@ -127,6 +127,17 @@ impl EtcdCluster {
         }
     }
 
+    /// Defragments every member, one after another (`etcdctl defrag --cluster`).
+    pub async fn defragment(&self) -> Result<(), String> {
+        for endpoint in &self.endpoints {
+            let options = ConnectOptions::new().with_timeout(Duration::from_secs(3600));
+            let mut client =
+                Client::connect([endpoint], Some(options)).await.map_err(|e| format!("{endpoint}: {e}"))?;
+            client.defragment().await.map_err(|e| format!("defrag of {endpoint}: {e}"))?;
+        }
+        Ok(())
+    }
+
     async fn check_ready(&self) -> Result<(), String> {
         let mut leaders = Vec::new();
         for endpoint in &self.endpoints {

@@ -8,6 +8,11 @@
 //! each server's peak resident memory since it started (`VmHWM`) and its resident memory now,
 //! and each server's data dir size (allocated blocks) over the live data.
 //!
+//! With `--defrag`: after each load step, before its puts, every member is defragmented (Aspen:
+//! `aspen-cli defrag --cluster`; etcd: Defragment, member by member); each server's data dir
+//! before and after it and the time it took are reported, and the step's puts run on the
+//! defragmented files.
+//!
 //! Aspen only: after the first step of at least `--catch-up-mb`, one more node joins and catches
 //! up — by snapshot, since the leaders purged their logs long before — and the time, the rate
 //! (live data / time) and its peak memory are reported. It then stays a member (later steps run
@@ -44,6 +49,8 @@ pub struct GrowPlan {
     /// Measured windows of puts after each step (`--rounds`): the step reports the window with
     /// the median puts/s, and the range over all of them.
     pub windows: usize,
+    /// Defragment every member after each load step, before its puts.
+    pub defrag: bool,
 }
 
 const PREFIX: &str = "grow/";
@@ -78,6 +85,7 @@ struct Usage {
     disk: u64,
 }
 
+#[derive(Clone)]
 struct Step {
     system: String,
     size_mb: u64,
@@ -91,6 +99,9 @@ struct Step {
     /// The servers' CPU time per put in the median window (µs), if it could be read.
     cpu_us_per_put: Option<f64>,
     servers: Vec<Usage>,
+    /// With `--defrag`: each server's data dir before it, its time (every member, one after
+    /// another), and each data dir after it.
+    defrag: Option<Defrag>,
 }
 
 /// One measured window of puts.
@@ -100,6 +111,13 @@ struct Window {
     p99_ms: f64,
     errors: u64,
     cpu_us_per_put: Option<f64>,
+}
+
+#[derive(Clone, Debug)]
+struct Defrag {
+    before: Vec<u64>,
+    secs: f64,
+    after: Vec<u64>,
 }
 
 struct CatchUp {
@@ -128,6 +146,19 @@ impl Target {
             Target::Etcd(c, _) => c.cpu_meter(),
             Target::Aspen(c, _) => c.cpu_meter(),
         }
+    }
+
+    /// Defragments every member; returns each data dir before and after and the time it took.
+    async fn defragment(&self) -> Result<Defrag, String> {
+        let dirs = || self.servers().iter().map(|(_, dir)| allocated(dir)).collect::<Vec<u64>>();
+        let before = dirs();
+        let started = Instant::now();
+        match self {
+            Target::Etcd(c, _) => c.defragment().await?,
+            Target::Aspen(c, _) => c.defragment().await?,
+        }
+        let secs = started.elapsed().as_secs_f64();
+        Ok(Defrag { before, secs, after: dirs() })
     }
 }
 
@@ -219,6 +250,19 @@ pub async fn run(
             let load_secs = started.elapsed().as_secs_f64();
             let load_mb = wrote as f64 * (PREFIX.len() + 8 + plan.value_size) as f64 / 1e6;
             loaded = keys;
+            let defrag = if plan.defrag {
+                let d = target.defragment().await.map_err(|e| format!("{label}: at {size_mb} MB: {e}"))?;
+                eprintln!(
+                    "aspen-compare --grow: {label} at {size_mb} MB: defragmented every member in {:.1} s: data dir {} \
+                     -> {} MB",
+                    d.secs,
+                    range(d.before.iter().copied()),
+                    range(d.after.iter().copied())
+                );
+                Some(d)
+            } else {
+                None
+            };
             // Built afresh each step: a node that joined counts from then on.
             let meter = crate::meter_or_warn(target.cpu_meter());
             let mut windows = Vec::with_capacity(plan.windows.max(1));
@@ -244,6 +288,7 @@ pub async fn run(
                 errors,
                 cpu_us_per_put: median.cpu_us_per_put,
                 servers,
+                defrag,
             };
             eprintln!("aspen-compare --grow: {}", step_line(&step));
             steps.push(step);
@@ -311,12 +356,32 @@ fn cells(s: &Step) -> [String; 13] {
     ]
 }
 
+/// A step's defragmentation figures: the data dirs before, its time, the data dirs after, and the
+/// largest after over the live data.
+fn defrag_cells(s: &Step) -> Option<[String; 4]> {
+    let d = s.defrag.as_ref()?;
+    let max = d.after.iter().copied().max().unwrap_or(0);
+    Some([
+        range(d.before.iter().copied()),
+        format!("{:.1}", d.secs),
+        range(d.after.iter().copied()),
+        format!("{:.2}", max as f64 / (s.size_mb as f64 * 1e6)),
+    ])
+}
+
 fn step_line(s: &Step) -> String {
     let c = cells(s);
-    format!(
+    let mut line = format!(
         "{} at {} MB: load {} MB/s, {} puts/s ({}), cpu {} µs/put, p99 {} ms, peak RSS {} MB, RSS {} MB, data dir {} MB",
         c[0], c[1], c[3], c[4], c[5], c[6], c[7], c[9], c[10], c[11]
-    )
+    );
+    if let Some(d) = defrag_cells(s) {
+        line.push_str(&format!(
+            "; defragmented before the puts: {} -> {} MB ({} × live) in {} s",
+            d[0], d[2], d[3], d[1]
+        ));
+    }
+    line
 }
 
 fn report(plan: &GrowPlan, steps: &[Step], catch_ups: &[CatchUp]) -> String {
@@ -336,6 +401,18 @@ fn report(plan: &GrowPlan, steps: &[Step], catch_ups: &[CatchUp]) -> String {
     );
     for s in steps {
         out.push_str(&format!("| {} |\n", cells(s).join(" | ")));
+    }
+    if steps.iter().any(|s| s.defrag.is_some()) {
+        out.push_str(
+            "\nAfter each load step, before its puts, every member defragmented (one after another; data dir per \
+             server, min–max):\n\n| system | live data MB | data dir before MB | defrag s | data dir after MB | after ÷ \
+             live |\n|---|---|---|---|---|---|\n",
+        );
+        for s in steps {
+            if let Some(d) = defrag_cells(s) {
+                out.push_str(&format!("| {} | {} | {} |\n", s.system, s.size_mb, d.join(" | ")));
+            }
+        }
     }
     if !catch_ups.is_empty() {
         out.push_str(
@@ -419,11 +496,18 @@ mod tests {
             errors: 0,
             cpu_us_per_put: Some(221.3),
             servers: vec![Usage { peak_rss: 355_000_000, rss: 302_000_000, disk: 613_000_000 }],
+            defrag: None,
         };
         assert_eq!(
             cells(&step).join(" | "),
             "aspen (1 shard) | 100 | 3 | 15.0 | 6976 | 6657–7228 | 221 | 22.0 | 0 | 355 | 302 | 613 | 6.13"
         );
+        assert!(!step_line(&step).contains("defrag"));
+        let d = Defrag { before: vec![200_000_000, 210_000_000], secs: 12.34, after: vec![150_000_000, 143_000_000] };
+        let defragmented = Step { defrag: Some(d), ..step.clone() };
+        assert_eq!(defrag_cells(&defragmented).unwrap().join(" | "), "200–210 | 12.3 | 143–150 | 1.50");
+        assert!(step_line(&defragmented)
+            .ends_with("; defragmented before the puts: 200–210 -> 143–150 MB (1.50 × live) in 12.3 s"));
         let unmeasured = Step { cpu_us_per_put: None, ..step };
         assert_eq!(cells(&unmeasured)[6], "—");
     }

@@ -140,6 +140,11 @@ struct Args {
     /// --grow: a node joins (Aspen) after the first step of at least this many MB; 0: none.
     #[arg(long, default_value_t = 1000, value_name = "MB")]
     catch_up_mb: u64,
+    /// --grow: after each load step, before its puts, defragment every member (`aspen-cli
+    /// defrag --cluster`; etcd's Defragment, member by member) and report the data dirs before
+    /// and after it and its time.
+    #[arg(long)]
+    defrag: bool,
     /// --grow: etcd's --quota-backend-bytes.
     #[arg(long, default_value_t = 16 << 30, value_name = "BYTES")]
     etcd_quota: u64,
@@ -292,6 +297,7 @@ async fn run(args: Args) -> Result<(), RunError> {
             catch_up_mb: (args.catch_up_mb > 0).then_some(args.catch_up_mb),
             etcd_quota: args.etcd_quota,
             windows: args.rounds,
+            defrag: args.defrag,
         };
         let names: Vec<&str> = args
             .systems

@@ -54,7 +54,7 @@ use openraft::{
     storage::RaftStateMachine, EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftLogId, RaftSnapshotBuilder,
     Snapshot,
 };
-use redb::{Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -115,7 +115,7 @@ mod kv;
 mod snapshot;
 
 pub use db_file::Defragmented;
-use db_file::SmDb;
+use db_file::{SmDb, SmRead};
 
 pub use kv::MAX_RANGE_ANSWER_BYTES;
 
@@ -1328,7 +1328,7 @@ pub struct SnapshotBuilder {
 /// A snapshot of the state `txn` sees, its stream written only if someone reads it; `None` if
 /// nothing was ever applied, unless `even_empty`.
 fn lazy_snapshot(
-    txn: redb::ReadTransaction,
+    txn: SmRead,
     dir: PathBuf,
     even_empty: bool,
     metrics: Arc<crate::metrics::ShardMetrics>,
@@ -1358,7 +1358,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             // persists every earlier commit, so everything this read sees is on disk before
             // openraft may purge the log behind the snapshot.
             let writer = db.writer();
-            let read = writer.begin_read()?;
+            let read = db.begin_read()?;
             begin_write(&writer, Durability::Immediate)?.commit()?;
             drop(writer);
             lazy_snapshot(read, dir, true, metrics)?

@@ -16,7 +16,7 @@ const DATA_DIGEST_CONTEXT: &str = "aspen data digest v1";
 
 /// One consistent read of a shard's state, to be written as a backup stream.
 pub struct BackupSource {
-    txn: redb::ReadTransaction,
+    txn: SmRead,
     last_applied: Option<LogId>,
 }
 
@@ -50,7 +50,8 @@ impl StateReader {
 
     /// The digest of the data this replica holds (O(n): reads every key, lease and tombstone).
     pub fn data_digest(&self) -> Result<[u8; 32], StorageError> {
-        data_digest_of(&self.db.begin_read()?)
+        let read = self.db.begin_read()?;
+        data_digest_of(&read)
     }
 }
 

@@ -40,8 +40,13 @@ use super::{
 };
 use crate::storage::{begin_write, space::free_bytes, sync_dir_of, StorageError};
 
-/// Bytes of keys and values copied per write transaction of a defragmentation.
-const COPY_CHUNK_BYTES: usize = 32 << 20;
+/// Bytes of keys and values copied per write transaction of a defragmentation (as a snapshot
+/// is staged, §6.4).
+const COPY_CHUNK_BYTES: usize = 8 << 20;
+/// The copy's page cache while it is written (it is reopened with the shard's share before it
+/// takes the old file's place): the old file's cache is still held, and the node's memory
+/// budget counts one.
+const COPY_CACHE_BYTES: usize = 16 << 20;
 
 /// The state machine's database, replaceable while the node runs.
 #[derive(Debug)]
@@ -51,6 +56,23 @@ pub(crate) struct SmDb {
     writes: RwLock<()>,
     /// The file and its page cache (`None`: not on a file, e.g. on a simulated disk in tests).
     file: Option<(PathBuf, usize)>,
+}
+
+/// A read transaction with its database: redb fails the reads of a transaction whose database
+/// was dropped ("Database has been closed"), and a defragmentation drops the handle to the old
+/// file, so every read that may outlive a call (a snapshot being sent, a backup) keeps its own.
+pub(crate) struct SmRead {
+    // Dropped first.
+    txn: redb::ReadTransaction,
+    _db: Arc<redb::Database>,
+}
+
+impl std::ops::Deref for SmRead {
+    type Target = redb::ReadTransaction;
+
+    fn deref(&self) -> &redb::ReadTransaction {
+        &self.txn
+    }
 }
 
 /// A write transaction's hold on the database: no defragmentation starts while it lives.
@@ -77,9 +99,11 @@ impl SmDb {
         self.current.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
-    /// A read transaction on the database now.
-    pub(crate) fn begin_read(&self) -> Result<redb::ReadTransaction, StorageError> {
-        Ok(self.db().begin_read()?)
+    /// A read transaction on the database now; it keeps that database open (a read of a file a
+    /// defragmentation replaced goes on on the old file).
+    pub(crate) fn begin_read(&self) -> Result<SmRead, StorageError> {
+        let db = self.db();
+        Ok(SmRead { txn: db.begin_read()?, _db: db })
     }
 
     /// The database for a write transaction, held until the writer drops (blocks while a
@@ -153,8 +177,8 @@ pub(crate) fn defragment(sm: &SmDb) -> Result<Defragmented, StorageError> {
     let tmp = defrag_path(path);
     remove_leftover(path)?;
     let copied = (|| {
-        let new = redb::Database::builder().set_cache_size(*cache_bytes).create(&tmp)?;
-        let read = old.begin_read()?;
+        let new = redb::Database::builder().set_cache_size(COPY_CACHE_BYTES.min(*cache_bytes)).create(&tmp)?;
+        let read = sm.begin_read()?;
         if read.list_multimap_tables()?.next().is_some() {
             return Err(StorageError::Corrupt("a multimap table in the state machine: not defragmented".into()));
         }
@@ -168,6 +192,8 @@ pub(crate) fn defragment(sm: &SmDb) -> Result<Defragmented, StorageError> {
         };
         // One durable commit makes every chunk durable.
         begin_write(&new, Durability::Immediate)?.commit()?;
+        drop(new);
+        let new = redb::Database::builder().set_cache_size(*cache_bytes).create(&tmp)?;
         Ok((new, keys))
     })();
     let (new, keys) = match copied {

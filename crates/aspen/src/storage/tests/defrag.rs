@@ -47,6 +47,8 @@ async fn defragmenting_shrinks_a_scattered_file_and_keeps_the_state() {
     let before = sm.fingerprint().unwrap();
     let digest = sm.reader().digest().unwrap();
     let len_before = file_len(dir.path());
+    // A snapshot taken before (its read holds the old file) is still read whole after.
+    let held = sm.get_current_snapshot().await.unwrap().unwrap();
 
     let reader = sm.reader();
     let done = tokio::task::spawn_blocking(move || reader.defragment()).await.unwrap().unwrap();
@@ -62,6 +64,9 @@ async fn defragmenting_shrinks_a_scattered_file_and_keeps_the_state() {
     assert!(!defrag_leftover(dir.path()).exists());
     assert!(sm.fingerprint().unwrap() == before, "the same state, digest recount included");
     assert_eq!(sm.reader().digest().unwrap(), digest);
+    let now = sm.get_current_snapshot().await.unwrap().unwrap();
+    assert_eq!(held.meta, now.meta);
+    assert!(snapshot_bytes(held).await == snapshot_bytes(now).await, "the same state streams the same bytes");
 
     // The shard goes on: writes land in the new file, and survive a reopen.
     apply(&mut sm, vec![put(1, next, "after", b"defrag"), delete(1, next + 1, &scattered(0))]).await;
