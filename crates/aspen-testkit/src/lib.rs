@@ -304,8 +304,8 @@ pub fn clean_env(cmd: &mut Command) {
     }
 }
 
-/// A free UDP port on 127.0.0.1 (bound and released; good enough for serial tests). Panics if
-/// the machine has none (a test cannot go on without one).
+/// A free UDP port on 127.0.0.1 whose TCP port is free too (bound and released; good enough
+/// for serial tests). Panics if the machine has none (a test cannot go on without one).
 pub fn free_port() -> u16 {
     match free_udp_addrs(1) {
         Ok(addrs) => addrs[0].port(),
@@ -313,13 +313,26 @@ pub fn free_port() -> u16 {
     }
 }
 
-/// `n` distinct free UDP addresses on 127.0.0.1 (all bound at once, then released).
+/// `n` distinct free UDP addresses on 127.0.0.1 (all bound at once, then released), each with
+/// its TCP port free as well: a node serves its HTTP endpoint on the TCP port of its bind
+/// address unless told otherwise, and a UDP port says nothing about the TCP port of the same
+/// number (another test's outgoing connection may hold it: a node then started without
+/// `/metrics`).
 pub fn free_udp_addrs(n: usize) -> Result<Vec<SocketAddr>, String> {
-    let sockets: Vec<UdpSocket> = (0..n)
-        .map(|_| UdpSocket::bind("127.0.0.1:0"))
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("cannot find a free UDP port: {e}"))?;
-    sockets.iter().map(|s| s.local_addr().map_err(|e| e.to_string())).collect()
+    let mut held: Vec<(UdpSocket, TcpListener)> = Vec::with_capacity(n);
+    let mut tries = 0;
+    while held.len() < n {
+        tries += 1;
+        if tries > 100 * n + 100 {
+            return Err(format!("cannot find {n} free ports (UDP and TCP) on 127.0.0.1"));
+        }
+        let udp = UdpSocket::bind("127.0.0.1:0").map_err(|e| format!("cannot find a free UDP port: {e}"))?;
+        let port = udp.local_addr().map_err(|e| e.to_string())?.port();
+        if let Ok(tcp) = TcpListener::bind(("127.0.0.1", port)) {
+            held.push((udp, tcp));
+        }
+    }
+    held.iter().map(|(s, _)| s.local_addr().map_err(|e| e.to_string())).collect()
 }
 
 /// `n` distinct free TCP ports on 127.0.0.1 (all bound at once, then released).
