@@ -3,7 +3,8 @@
 //! Owns: the key space (value, create/mod revision, version per key) and how each write command
 //! changes it (put, delete, CAS, batch, prefix delete, txn with its compares; docs/design.md
 //! §6.3), the client session table for exactly-once writes, `last_applied`, the last
-//! membership, and the current snapshot file.
+//! membership, and the current snapshot file. Every read and write reaches the file through
+//! `db_file`'s handle, which a defragmentation swaps (§6.6).
 //!
 //! Durability: applies commit with `Durability::None` — allowed only because the Raft log is
 //! durable and openraft re-applies the log after the durable `last_applied` on restart.
@@ -191,11 +192,6 @@ impl StateReader {
     /// shard's writes on this node wait meanwhile, reads do not (docs/design.md §6.6).
     pub fn defragment(&self) -> Result<Defragmented, StorageError> {
         db_file::defragment(&self.db)
-    }
-
-    /// The size of the state machine's file (`None`: not on a file).
-    pub fn file_bytes(&self) -> Result<Option<u64>, StorageError> {
-        self.db.file_bytes()
     }
 
     /// An etcd-shaped range read (`api::kv`), with the revision it saw.

@@ -113,14 +113,6 @@ impl SmDb {
         Writer { _gate: gate, db: self.db() }
     }
 
-    /// The size of the file now (`None`: not on a file).
-    pub(crate) fn file_bytes(&self) -> Result<Option<u64>, StorageError> {
-        match &self.file {
-            Some((path, _)) => Ok(Some(fs::metadata(path)?.len())),
-            None => Ok(None),
-        }
-    }
-
     /// [`Self::writer`] if no defragmentation runs or waits (for the async path).
     pub(crate) fn try_writer(&self) -> Option<Writer<'_>> {
         let gate = self.writes.try_read().ok()?;
