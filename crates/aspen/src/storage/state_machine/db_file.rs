@@ -156,7 +156,6 @@ pub(crate) fn defragment(sm: &SmDb) -> Result<Defragmented, StorageError> {
     };
     let started = Instant::now();
     let _exclusive = sm.writes.write().unwrap_or_else(PoisonError::into_inner);
-    let old = sm.db();
     let before_bytes = fs::metadata(path)?.len();
     let dir = path.parent().unwrap_or(Path::new("."));
     let free = free_bytes(dir)?;
@@ -202,7 +201,6 @@ pub(crate) fn defragment(sm: &SmDb) -> Result<Defragmented, StorageError> {
     }
     // The path names the copy now: from here on every write must go to it.
     *sm.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(new);
-    drop(old);
     sync_dir_of(path)?;
     let after_bytes = fs::metadata(path)?.len();
     let secs = started.elapsed().as_secs_f64();
