@@ -1,6 +1,8 @@
 //! Generates the Rust code of etcd v3's gRPC API (and gRPC's health service): compiles crates/aspen/proto with protox (a
 //! protobuf compiler written in Rust, so no system `protoc` is needed) and writes the prost
-//! messages and the tonic servers and clients into crates/aspen/src/etcd/proto. The generated
+//! messages and the tonic servers and clients into crates/aspen/src/etcd/proto, with serde
+//! implementations of etcd's messages in proto3's JSON mapping (pbjson: `PACKAGE.serde.rs`, for
+//! the JSON gateway, field names as in the .proto files, as etcd's gateway writes them). The generated
 //! files are checked in; run this (`scripts/gen-etcd-proto.sh`) after changing a .proto file.
 //! Its test (run by the suite) generates them afresh and fails if the checked-in files differ.
 
@@ -17,6 +19,9 @@ const PROTOS: &[&str] = &[
 ];
 /// The generated files, one per protobuf package.
 const PACKAGES: &[&str] = &["etcdserverpb", "mvccpb", "authpb", "v3lockpb", "v3electionpb", "grpc.health.v1"];
+/// The packages that also get serde implementations (`PACKAGE.serde.rs`): everything the JSON
+/// gateway speaks (not gRPC's health service, which it does not serve).
+const JSON_PACKAGES: &[&str] = &["etcdserverpb", "mvccpb", "authpb", "v3lockpb", "v3electionpb"];
 
 fn main() {
     if let Err(e) = run() {
@@ -43,11 +48,21 @@ fn generate(out_dir: &Path) -> Result<Vec<PathBuf>, Box<dyn std::error::Error>> 
     let include = aspen_dir()?.join("proto");
     let files: Vec<PathBuf> = PROTOS.iter().map(|p| include.join(p)).collect();
     let fds = protox::compile(&files, [&include])?;
+    let descriptors = prost::Message::encode_to_vec(&fds);
     std::fs::create_dir_all(out_dir)?;
     tonic_prost_build::configure().build_server(true).build_client(true).out_dir(out_dir).compile_fds(fds)?;
+    // Unknown fields are ignored on input, as etcd's gateway (grpc-gateway 1) does.
+    let prefixes: Vec<String> = JSON_PACKAGES.iter().map(|p| format!(".{p}")).collect();
+    pbjson_build::Builder::new()
+        .register_descriptors(&descriptors)?
+        .out_dir(out_dir)
+        .preserve_proto_field_names()
+        .ignore_unknown_fields()
+        .build(&prefixes)?;
     let mut written = Vec::new();
-    for package in PACKAGES {
-        let file = out_dir.join(format!("{package}.rs"));
+    let names = PACKAGES.iter().map(|p| format!("{p}.rs")).chain(JSON_PACKAGES.iter().map(|p| format!("{p}.serde.rs")));
+    for name in names {
+        let file = out_dir.join(name);
         if !file.is_file() {
             return Err(format!("expected {} to be generated", file.display()).into());
         }

@@ -1,6 +1,7 @@
 //! etcd's plain HTTP endpoints on the etcd API's port, as etcd serves them on its client URLs
 //! for load balancers, probes and scrapers (docs/etcd.md, "HTTP endpoints"): `GET /health`,
-//! `GET /version`, `GET /metrics`, no token (as etcd). Served beside the gRPC services on the
+//! `GET /version`, `GET /metrics`, no token (as etcd), and the JSON gateway's `POST /v3/…`
+//! (`etcd::json`). Served beside the gRPC services on the
 //! same listener: HTTP/1.1 or HTTP/2 in the clear; over TLS the listener offers only `h2` by
 //! ALPN (tonic's TLS), so a client must offer HTTP/2 or no ALPN at all — one offering only
 //! `http/1.1` is refused in the handshake.
@@ -27,13 +28,15 @@ use super::{
 };
 
 /// The HTTP routes, over `gw`.
-pub fn routes<N: EtcdNode>(gw: Arc<Gateway<N>>) -> Router {
+/// With etcd's JSON gateway (`POST /v3/…`, `etcd::json`) for messages up to `max_request_bytes`.
+pub fn routes<N: EtcdNode>(gw: Arc<Gateway<N>>, max_request_bytes: usize) -> Router {
     Router::new()
         .route("/health", get(health::<N>))
         .route("/version", get(version))
         .route("/metrics", get(metrics::<N>))
+        .with_state(gw.clone())
+        .merge(super::json::routes(gw, max_request_bytes))
         .fallback(elsewhere)
-        .with_state(gw)
 }
 
 /// Anything else: a gRPC call of a service this server does not have gets gRPC's UNIMPLEMENTED
@@ -48,7 +51,7 @@ async fn elsewhere(request: axum::extract::Request) -> axum::response::Response 
         let unknown = format!("unknown service or method {}", request.uri().path());
         return tonic::Status::unimplemented(unknown).into_http();
     }
-    (StatusCode::NOT_FOUND, Json(serde_json::json!({ "error": "not found: GET /health, /version or /metrics" })))
+    (StatusCode::NOT_FOUND, Json(serde_json::json!({ "error": "not found: GET /health, /version, /metrics, or POST /v3/… (the JSON gateway)" })))
         .into_response()
 }
 

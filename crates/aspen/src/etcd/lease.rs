@@ -59,6 +59,41 @@ impl<N: EtcdNode> Gateway<N> {
     }
 }
 
+impl<N: EtcdNode> LeaseService<N> {
+    /// Serves one stream of keep-alives for `caller` (a gRPC stream, or the JSON gateway's),
+    /// whose `write` permission is checked already.
+    pub(crate) fn keep_alive(
+        &self,
+        caller: Caller,
+        incoming: impl futures::Stream<Item = Result<LeaseKeepAliveRequest, Status>> + Send + 'static,
+    ) -> KeepAliveStream {
+        let gateway = self.0.clone();
+        let caller = Arc::new(caller);
+        // One answer per request, in order (as etcd's server does per stream), each with the
+        // token checked again (one revoked or expired meanwhile ends the stream).
+        let answers = incoming.then(move |item| {
+            let gateway = gateway.clone();
+            let caller = caller.clone();
+            async move {
+                let r = item?;
+                gateway.recheck(&caller)?;
+                let Ok(id) = lease_id(r.id) else {
+                    return Ok(LeaseKeepAliveResponse { header: gateway.header(0), id: r.id, ttl: 0 });
+                };
+                let ttl = match gateway.node.handle(ClientRequest::LeaseKeepAlive { id }, 0).await {
+                    Ok(ClientResponse::LeaseKeepAlive { ttl_secs, .. }) => ttl_secs as i64,
+                    // etcd answers a lease that is gone with TTL 0 (clients then stop).
+                    Err(ApiError::LeaseNotFound { .. }) => 0,
+                    Err(e) => return Err(status_of(e)),
+                    Ok(other) => return Err(Status::internal(format!("a keep-alive was answered with {other:?}"))),
+                };
+                Ok(LeaseKeepAliveResponse { header: gateway.header(0), id: r.id, ttl })
+            }
+        });
+        answers.take_until(self.0.stop.clone().cancelled_owned()).boxed()
+    }
+}
+
 type KeepAliveStream = BoxStream<'static, Result<LeaseKeepAliveResponse, Status>>;
 
 #[tonic::async_trait]
@@ -116,31 +151,7 @@ impl<N: EtcdNode> Lease for LeaseService<N> {
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
         let caller = self.0.caller(request.metadata())?;
         caller.needs("lease keep-alive", |s| s.write, "write")?;
-        let gateway = self.0.clone();
-        let incoming = request.into_inner();
-        let caller = Arc::new(caller);
-        // One answer per request, in order (as etcd's server does per stream), each with the
-        // token checked again (one revoked or expired meanwhile ends the stream).
-        let answers = incoming.then(move |item| {
-            let gateway = gateway.clone();
-            let caller = caller.clone();
-            async move {
-                let r = item?;
-                gateway.recheck(&caller)?;
-                let Ok(id) = lease_id(r.id) else {
-                    return Ok(LeaseKeepAliveResponse { header: gateway.header(0), id: r.id, ttl: 0 });
-                };
-                let ttl = match gateway.node.handle(ClientRequest::LeaseKeepAlive { id }, 0).await {
-                    Ok(ClientResponse::LeaseKeepAlive { ttl_secs, .. }) => ttl_secs as i64,
-                    // etcd answers a lease that is gone with TTL 0 (clients then stop).
-                    Err(ApiError::LeaseNotFound { .. }) => 0,
-                    Err(e) => return Err(status_of(e)),
-                    Ok(other) => return Err(Status::internal(format!("a keep-alive was answered with {other:?}"))),
-                };
-                Ok(LeaseKeepAliveResponse { header: gateway.header(0), id: r.id, ttl })
-            }
-        });
-        Ok(Response::new(answers.take_until(self.0.stop.clone().cancelled_owned()).boxed()))
+        Ok(Response::new(self.keep_alive(caller, request.into_inner())))
     }
 
     async fn lease_time_to_live(

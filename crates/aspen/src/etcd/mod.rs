@@ -1,7 +1,8 @@
 //! The etcd v3 gRPC API (docs/design.md §18; docs/etcd.md for what is supported): etcdctl and
 //! etcd's client libraries work against Aspen.
 //!
-//! Owns: the gRPC endpoint (`--etcd-addr`, optional rustls TLS), the translation of etcd's KV,
+//! Owns: the gRPC endpoint (`--etcd-addr`, optional rustls TLS) with etcd's HTTP endpoints and
+//! JSON gateway beside it ([`http`], [`json`]), the translation of etcd's KV,
 //! Watch, Lease, Cluster, Maintenance, Auth, Lock and Election services onto the node's own requests
 //! ([`gateway`]), and etcd's error texts. It depends on the node only through
 //! [`gateway::EtcdNode`] (implemented by `cluster::NodeService`), so requests take the same
@@ -12,6 +13,7 @@ pub mod election;
 pub mod gateway;
 pub mod health;
 pub mod http;
+pub mod json;
 pub mod kv;
 pub mod lease;
 pub mod lock;

@@ -383,7 +383,18 @@ impl<N: EtcdNode> Watch for WatchService<N> {
         request: Request<Streaming<EtcdWatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let caller = self.0.caller(request.metadata())?;
-        let mut incoming = request.into_inner();
+        Ok(Response::new(self.serve_stream(caller, request.into_inner())))
+    }
+}
+
+impl<N: EtcdNode> WatchService<N> {
+    /// Serves one stream of watch requests for `caller` (a gRPC stream, or the JSON gateway's):
+    /// its answers, until `incoming` ends or fails, the node stops, or the caller's token does.
+    pub(crate) fn serve_stream(
+        &self,
+        caller: Caller,
+        mut incoming: impl futures::Stream<Item = Result<EtcdWatchRequest, Status>> + Send + Unpin + 'static,
+    ) -> WatchAnswers {
         let (answers, rx) = mpsc::channel::<Result<WatchResponse, Status>>(64);
         let gw = self.0.clone();
         tokio::spawn(async move {
@@ -394,6 +405,8 @@ impl<N: EtcdNode> Watch for WatchService<N> {
                 let item = tokio::select! {
                     item = incoming.next() => item,
                     _ = gw.stop.cancelled() => None,
+                    // The client went away (nobody reads the answers any more).
+                    _ = answers.closed() => None,
                     _ = recheck.tick() => {
                         // A token revoked or expired while the stream runs ends it.
                         if let Err(refused) = gw.recheck(&caller) {
@@ -436,7 +449,7 @@ impl<N: EtcdNode> Watch for WatchService<N> {
             }
             watchers.stop_all();
         });
-        Ok(Response::new(super::gateway::stream_of(rx)))
+        super::gateway::stream_of(rx)
     }
 }
 
