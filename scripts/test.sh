@@ -58,11 +58,11 @@ if ! command -v promtool >/dev/null 2>&1; then
     say "promtool missing: the /metrics test skips its format check"
   fi
 fi
-if ! command -v etcdctl >/dev/null 2>&1 || ! command -v openssl >/dev/null 2>&1; then
+if ! command -v etcdctl >/dev/null 2>&1 || ! command -v openssl >/dev/null 2>&1 || ! command -v curl >/dev/null 2>&1; then
   # etcdctl (Debian's etcd-client, 3.4) drives the etcd API's tests; openssl makes their TLS
-  # certificate.
-  if [ "$install" = 0 ] || ! apt_install etcd-client openssl; then
-    say "etcdctl or openssl missing: the etcd API tests (tests/process/etcd.rs) skip"
+  # certificate; curl drives its JSON gateway.
+  if [ "$install" = 0 ] || ! apt_install etcd-client openssl curl; then
+    say "etcdctl, openssl or curl missing: the etcd API tests (tests/process/etcd.rs, etcd_json.rs) skip"
   fi
 fi
 if ! command -v gdb >/dev/null 2>&1; then

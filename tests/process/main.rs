@@ -4,7 +4,7 @@
 //! what the nodes' logs say ([`logs`]) and the memory a hostile client cannot grow
 //! ([`memory`]), the operator HTTP endpoint ([`http`]), systemd readiness ([`systemd`]),
 //! backup and restore ([`backup`]), NOSPACE alarms ([`quota`]), `defrag` ([`defrag`]) and the etcd API driven by
-//! etcdctl ([`etcd`]). One test binary; the tests run one at a time.
+//! etcdctl ([`etcd`]) and by curl through its JSON gateway ([`etcd_json`]). One test binary; the tests run one at a time.
 
 #[path = "../support/mod.rs"]
 mod support;
@@ -14,6 +14,7 @@ mod bench;
 mod cluster;
 mod defrag;
 mod etcd;
+mod etcd_json;
 mod first_hour;
 mod http;
 mod leases;
