@@ -488,4 +488,39 @@ fn the_etcd_api_over_tls() {
         "--command-timeout=4s",
     ]);
     assert!(!o.status.success(), "an untrusted certificate was accepted: {}", stdout(&o));
+
+    // HTTP over the same TLS port, HTTP/1.1 (ALPN offers it too) and HTTP/2: etcd's /health and
+    // the JSON gateway. Plain HTTP is not spoken there.
+    let curl = |args: &[&str]| {
+        let o = Command::new("curl")
+            .args(["-sS", "--max-time", "20", "--cacert", &cert, "-w", "\n%{http_code} %{http_version}"])
+            .args(args)
+            .output()
+            .expect("run curl");
+        stdout(&o).trim().to_string()
+    };
+    if Command::new("curl").arg("--version").output().is_ok_and(|o| o.status.success()) {
+        for (version, value) in [("--http1.1", "h1"), ("--http2", "h2")] {
+            let health = curl(&[version, &format!("{endpoint}/health")]);
+            let want = if version == "--http1.1" { "200 1.1" } else { "200 2" };
+            assert!(health.starts_with(r#"{"health":"true""#) && health.ends_with(want), "{version}: {health}");
+            let put = curl(&[
+                version,
+                "-H",
+                &format!("Authorization: {token}"),
+                "-X",
+                "POST",
+                &format!("{endpoint}/v3/kv/put"),
+                "-d",
+                &format!(r#"{{"key":"{}","value":"{}"}}"#, b64("over-tls"), b64(value)),
+            ]);
+            assert!(put.ends_with(want), "{version}: {put}");
+            assert_eq!(stdout(&tls(&["get", "over-tls", "--print-value-only"])).trim(), value);
+        }
+        let plain = Command::new("curl")
+            .args(["-sS", "--max-time", "5", &format!("http://127.0.0.1:{port}/health")])
+            .output()
+            .expect("run curl");
+        assert!(!plain.status.success(), "plain HTTP answered on the TLS port: {}", stdout(&plain));
+    }
 }

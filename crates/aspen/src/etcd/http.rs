@@ -1,10 +1,8 @@
 //! etcd's plain HTTP endpoints on the etcd API's port, as etcd serves them on its client URLs
 //! for load balancers, probes and scrapers (docs/etcd.md, "HTTP endpoints"): `GET /health`,
 //! `GET /version`, `GET /metrics`, no token (as etcd), and the JSON gateway's `POST /v3/…`
-//! (`etcd::json`). Served beside the gRPC services on the
-//! same listener: HTTP/1.1 or HTTP/2 in the clear; over TLS the listener offers only `h2` by
-//! ALPN (tonic's TLS), so a client must offer HTTP/2 or no ALPN at all — one offering only
-//! `http/1.1` is refused in the handshake.
+//! (`etcd::json`). Served beside the gRPC services on the same listener: HTTP/1.1 or HTTP/2, in
+//! the clear or over TLS (whose ALPN offers both: `etcd::server`).
 //!
 //! `/health` is etcd 3.5's check: healthy (200 `{"health":"true","reason":""}`) unless an alarm
 //! is raised (`?exclude=NOSPACE` ignores that one), a shard this node hosts has no leader it

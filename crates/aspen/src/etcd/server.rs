@@ -1,15 +1,20 @@
 //! The etcd API's gRPC endpoint: a tonic server on a TCP listener, with rustls TLS when a
 //! certificate and key are given (tokens travel in the clear otherwise), and etcd's plain HTTP
-//! endpoints beside it (`etcd::http`).
+//! endpoints and JSON gateway beside it (`etcd::http`, `etcd::json`).
+//!
+//! TLS is this module's own acceptor rather than tonic's, which offers only `h2` by ALPN and so
+//! refuses clients that offer only `http/1.1` (curl `--http1.1`, Python's HTTP clients, probes):
+//! it offers both, and the server tells the protocols apart by the connection's first bytes (as
+//! on a plain connection). Handshakes run in their own tasks, bounded in time, so a slow or
+//! silent client holds up no one else.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
-use tokio::net::TcpListener;
+use futures::Stream;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::{rustls, server::TlsStream, TlsAcceptor};
 use tokio_util::sync::CancellationToken;
-use tonic::{
-    service::Routes,
-    transport::{server::TcpIncoming, Identity, Server, ServerTlsConfig},
-};
+use tonic::{service::Routes, transport::server::TcpIncoming};
 
 use super::{
     admin::{AuthService, ClusterService, MaintenanceService},
@@ -78,16 +83,7 @@ impl EtcdEndpoint {
         stop: CancellationToken,
     ) -> Result<Self, EtcdServeError> {
         let addr = listener.local_addr()?;
-        let mut builder = Server::builder();
-        if let Some(tls) = tls {
-            let read = |path: &PathBuf| {
-                std::fs::read(path).map_err(|source| EtcdServeError::Read { path: path.clone(), source })
-            };
-            let identity = Identity::from_pem(read(&tls.cert)?, read(&tls.key)?);
-            builder = builder
-                .tls_config(ServerTlsConfig::new().identity(identity))
-                .map_err(|e| EtcdServeError::Tls(e.to_string()))?;
-        }
+        let acceptor = tls.map(acceptor).transpose()?;
         // Snapshots staged by a node that stopped while streaming them.
         if let Ok(entries) = std::fs::read_dir(node.data_dir()) {
             for entry in entries.flatten() {
@@ -112,14 +108,26 @@ impl EtcdEndpoint {
             .add_service(ClusterServer::new(ClusterService(gw.clone())))
             .add_service(MaintenanceServer::new(MaintenanceService(gw.clone())))
             .add_service(AuthServer::new(AuthService(gw)));
-        let router = builder.accept_http1(true).add_routes(routes);
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-        let task = tokio::spawn(async move {
-            if let Err(e) = router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()).await {
-                tracing::warn!("etcd endpoint on {addr}: {e}");
+        let router = tonic::transport::Server::builder().accept_http1(true).add_routes(routes);
+        let scheme = if acceptor.is_some() { "https" } else { "http" };
+        let task = match acceptor {
+            None => {
+                let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+                tokio::spawn(async move {
+                    if let Err(e) = router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()).await {
+                        tracing::warn!("etcd endpoint on {addr}: {e}");
+                    }
+                })
             }
-        });
-        let scheme = if tls.is_some() { "https" } else { "http" };
+            Some(acceptor) => {
+                let incoming = tls_incoming(listener, acceptor, stop.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()).await {
+                        tracing::warn!("etcd endpoint on {addr}: {e}");
+                    }
+                })
+            }
+        };
         Ok(EtcdEndpoint { url: format!("{scheme}://{addr}"), advertised: addr.to_string(), task })
     }
 
@@ -131,4 +139,73 @@ impl EtcdEndpoint {
             let _ = self.task.await;
         }
     }
+}
+
+/// How long a client has to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The TLS acceptor for `tls`'s certificate chain and key (PEM): TLS 1.2 and 1.3, no client
+/// certificates, ALPN `h2` then `http/1.1`.
+fn acceptor(tls: &EtcdTls) -> Result<TlsAcceptor, EtcdServeError> {
+    use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+    let read =
+        |path: &PathBuf| std::fs::read(path).map_err(|source| EtcdServeError::Read { path: path.clone(), source });
+    let chain = CertificateDer::pem_slice_iter(&read(&tls.cert)?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| EtcdServeError::Tls(format!("{}: not a PEM certificate chain: {e}", tls.cert.display())))?;
+    if chain.is_empty() {
+        return Err(EtcdServeError::Tls(format!("{}: no certificate in it", tls.cert.display())));
+    }
+    let key = PrivateKeyDer::from_pem_slice(&read(&tls.key)?)
+        .map_err(|e| EtcdServeError::Tls(format!("{}: no usable PEM private key in it: {e}", tls.key.display())))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| EtcdServeError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| EtcdServeError::Tls(e.to_string()))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// The TLS connections of `listener`, each handshake in a task of its own (at most
+/// [`HANDSHAKE_TIMEOUT`]); failed handshakes are logged at debug level and dropped. Ends when
+/// `stop` is cancelled.
+fn tls_incoming(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    stop: CancellationToken,
+) -> impl Stream<Item = std::io::Result<TlsStream<TcpStream>>> + Send + 'static {
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<TlsStream<TcpStream>>>(64);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = tx.closed() => return,
+                _ = stop.cancelled() => return,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a moment rather than spin.
+                    tracing::warn!("etcd endpoint: accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(conn)) => {
+                        let _ = tx.send(Ok(conn)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!("etcd endpoint: TLS handshake with {peer}: {e}"),
+                    Err(_) => tracing::debug!("etcd endpoint: TLS handshake with {peer} timed out"),
+                }
+            });
+        }
+    });
+    super::gateway::stream_of(rx)
 }
