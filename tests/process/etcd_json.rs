@@ -68,6 +68,19 @@ impl Gateway {
         (code.parse().unwrap(), v)
     }
 
+    /// POSTs the contents of `file` to `path`: the HTTP status and the JSON answer.
+    fn post_file(&self, path: &str, file: &std::path::Path) -> (u16, Value) {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "--max-time", "60", "-X", "POST", "-w", "\n%{http_code}"]).arg(format!("{}{path}", self.url));
+        if let Some(t) = &self.token {
+            cmd.args(["-H", &format!("Authorization: {t}")]);
+        }
+        let o = cmd.arg("--data-binary").arg(format!("@{}", file.display())).output().expect("run curl");
+        let out = stdout(&o);
+        let (json, code) = out.trim_end().rsplit_once('\n').unwrap_or_else(|| panic!("POST {path}: {out:?}"));
+        (code.parse().unwrap(), serde_json::from_str(json).unwrap_or_else(|e| panic!("POST {path}: {e}: {json}")))
+    }
+
     /// POSTs `body` to `path` and expects 200: the answer.
     fn ok(&self, path: &str, body: Value) -> Value {
         let (code, v) = self.post(path, body);
@@ -312,6 +325,15 @@ fn curl_drives_the_json_gateway() {
     assert_eq!((code, v["code"].as_i64()), (501, Some(12)), "{v}");
     let (code, _) = e.post("/v3/kv/nothing", json!({}));
     assert_eq!(code, 404);
+    // A value over the node's limit, and a body over the gateway's: etcd's "request is too large".
+    for mib in [3, 9] {
+        let body = json!({"key": b64("big"), "value": b64(&"x".repeat(mib << 20))});
+        let file = root.path().join("big.json");
+        std::fs::write(&file, body.to_string()).unwrap();
+        let (code, v) = e.post_file("/v3/kv/put", &file);
+        assert_eq!((code, v["error"].as_str()), (400, Some("etcdserver: request is too large")), "{mib} MiB: {v}");
+    }
+    assert!(e.ok("/v3/kv/range", json!({"key": b64("big")})).get("kvs").is_none(), "nothing was written");
     let o = nodes[0].cli(&["--json", "auth", "token", "create", "--read"]);
     let reader: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
     let r = Gateway { url, token: Some(reader["token"].as_str().unwrap().to_string()) };

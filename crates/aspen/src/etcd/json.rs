@@ -22,7 +22,7 @@ use std::{convert::Infallible, future::Future, sync::Arc};
 
 use axum::{
     body::{Body, Bytes},
-    extract::{DefaultBodyLimit, State},
+    extract::{rejection::BytesRejection, DefaultBodyLimit, State},
     http::{header, HeaderMap, StatusCode},
     response::{IntoResponse, Response},
     routing::post,
@@ -35,7 +35,7 @@ use tonic::{Code, Status};
 use super::{
     admin::{AuthService, ClusterService, MaintenanceService},
     election::ElectionService,
-    gateway::{EtcdNode, Gateway},
+    gateway::{errors, EtcdNode, Gateway},
     kv::KvService,
     lease::LeaseService,
     lock::LockService,
@@ -105,16 +105,21 @@ fn request_of<T>(headers: &HeaderMap, message: T) -> tonic::Request<T> {
     request
 }
 
-/// One request message from a whole body (an empty body is the empty message).
-fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Status> {
-    let body = if body.iter().all(u8::is_ascii_whitespace) { b"{}".as_slice() } else { body };
+/// One request message from a whole body (an empty body is the empty message). A body over the
+/// limit is etcd's "request is too large".
+fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, Status> {
+    let body = body.map_err(|rejection| match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => Status::invalid_argument(errors::REQUEST_TOO_LARGE),
+        _ => Status::invalid_argument(format!("cannot read the request: {}", rejection.body_text())),
+    })?;
+    let body = if body.iter().all(u8::is_ascii_whitespace) { b"{}".as_slice() } else { &body[..] };
     serde_json::from_slice(body).map_err(|e| Status::invalid_argument(format!("the request is not valid JSON: {e}")))
 }
 
 /// Serves a unary RPC: parses the body, calls `call`, answers its response or error.
 async fn unary<Req, Resp, Fut>(
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
     call: impl FnOnce(tonic::Request<Req>) -> Fut,
 ) -> Response
 where
@@ -122,7 +127,7 @@ where
     Resp: Serialize,
     Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
 {
-    let message = match parse::<Req>(&body) {
+    let message = match parse::<Req>(body) {
         Ok(m) => m,
         Err(e) => return failed(&e),
     };
@@ -261,7 +266,7 @@ macro_rules! unary_route {
     ($router:expr, $path:literal, $service:ident, $method:ident) => {
         $router.route(
             $path,
-            post(|State(gw): Gw<N>, headers: HeaderMap, body: Bytes| async move {
+            post(|State(gw): Gw<N>, headers: HeaderMap, body: Result<Bytes, BytesRejection>| async move {
                 unary(headers, body, |request| async move { $service(gw).$method(request).await }).await
             }),
         )
@@ -273,8 +278,8 @@ macro_rules! stream_route {
     ($router:expr, $path:literal, $service:ident, $method:ident) => {
         $router.route(
             $path,
-            post(|State(gw): Gw<N>, headers: HeaderMap, body: Bytes| async move {
-                match parse(&body) {
+            post(|State(gw): Gw<N>, headers: HeaderMap, body: Result<Bytes, BytesRejection>| async move {
+                match parse(body) {
                     Ok(message) => stream_answer($service(gw).$method(request_of(&headers, message)).await),
                     Err(e) => failed(&e),
                 }
@@ -371,24 +376,28 @@ mod tests {
         compare, request_op, Compare, PutRequest, RangeRequest, RequestOp, TxnRequest, WatchRequest,
     };
 
+    fn read<T: DeserializeOwned>(body: &[u8]) -> Result<T, Status> {
+        parse(Ok(Bytes::copy_from_slice(body)))
+    }
+
     #[test]
     fn messages_read_as_etcd_writes_them_in_both_field_spellings() {
         // etcd's documentation's own example, and the same in lowerCamelCase with numbers.
         let r: RangeRequest =
-            parse(br#"{"key": "Zm9v", "range_end": "Zm9w", "limit": "5", "sort_order": "DESCEND"}"#).unwrap();
+            read(br#"{"key": "Zm9v", "range_end": "Zm9w", "limit": "5", "sort_order": "DESCEND"}"#).unwrap();
         assert_eq!((r.key.as_slice(), r.range_end.as_slice(), r.limit, r.sort_order), (&b"foo"[..], &b"fop"[..], 5, 2));
         let r: RangeRequest =
-            parse(br#"{"key": "Zm9v", "rangeEnd": "Zm9w", "limit": 5, "sortOrder": 2, "whatever": 1}"#).unwrap();
+            read(br#"{"key": "Zm9v", "rangeEnd": "Zm9w", "limit": 5, "sortOrder": 2, "whatever": 1}"#).unwrap();
         assert_eq!((r.range_end.as_slice(), r.limit, r.sort_order), (&b"fop"[..], 5, 2));
-        let t: TxnRequest = parse(
+        let t: TxnRequest = read(
             br#"{"compare":[{"key":"Zm9v","result":"EQUAL","target":"VALUE","value":"YmFy"}],
                  "success":[{"request_put":{"key":"Zm9v","value":"YmF6"}}]}"#,
         )
         .unwrap();
         assert_eq!(t.compare[0].target_union, Some(compare::TargetUnion::Value(b"bar".to_vec())));
         assert!(matches!(&t.success[0].request, Some(request_op::Request::RequestPut(p)) if p.value == b"baz"));
-        assert!(parse::<PutRequest>(b"").is_ok(), "an empty body is the empty message");
-        let bad = parse::<PutRequest>(br#"{"key": "not base64!"}"#).unwrap_err();
+        assert!(read::<PutRequest>(b"").is_ok(), "an empty body is the empty message");
+        let bad = read::<PutRequest>(br#"{"key": "not base64!"}"#).unwrap_err();
         assert_eq!(bad.code(), Code::InvalidArgument);
         let _ = (Compare::default(), RequestOp::default());
     }
