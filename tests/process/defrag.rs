@@ -2,11 +2,13 @@
 //! with four shards loaded by concurrent clients in random key order; `defrag --cluster`
 //! rewrites every member's state machine files smaller, one node after another, while the
 //! cluster keeps its data (replicas converge to the same digests) and takes writes; the JSON
-//! report matches the files on disk; bad flags exit 2; a non-admin token is refused (exit 4).
+//! report matches the files on disk and the nodes' metrics count it; bad flags exit 2; a
+//! non-admin token is refused (exit 4).
 
 use std::time::{Duration, Instant};
 
 use crate::{
+    quota::http_get,
     sharded::{converged, status_json},
     support::{expect_code, stderr, stdout, NodeProc},
 };
@@ -75,6 +77,26 @@ fn defrag_shrinks_every_members_state_machines_and_keeps_the_data() {
             (b + s["before_bytes"].as_u64().unwrap(), a + s["after_bytes"].as_u64().unwrap())
         });
         eprintln!("defrag of node {}: state machines {b} -> {a} bytes ({keys} keys)", node.node_id);
+        // The node's metrics count it, per shard, with the bytes given back.
+        let (code, text) = http_get(std::net::SocketAddr::from(([127, 0, 0, 1], node.bind.port())), "/metrics");
+        assert_eq!(code, 200);
+        let sample = |name: &str, shard: u64| -> u64 {
+            let prefix = format!("{name}{{shard=\"{shard}\"}} ");
+            let line =
+                text.lines().find(|l| l.starts_with(&prefix)).unwrap_or_else(|| panic!("no {prefix} in /metrics"));
+            line[prefix.len()..].parse::<f64>().unwrap() as u64
+        };
+        for s in shards {
+            let shard = s["shard"].as_u64().unwrap();
+            let gave = s["before_bytes"].as_u64().unwrap() - s["after_bytes"].as_u64().unwrap();
+            assert_eq!(sample("aspen_defrags_total", shard), 1, "node {} shard {shard}", node.node_id);
+            assert_eq!(
+                sample("aspen_defrag_reclaimed_bytes_total", shard),
+                gave,
+                "node {} shard {shard}",
+                node.node_id
+            );
+        }
     }
 
     // Same data: the same digests at the same indexes as before, on every replica.

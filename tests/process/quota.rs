@@ -27,7 +27,7 @@ fn wait_for_alarm(node: &NodeProc, secs: u64) -> serde_json::Value {
     }
 }
 
-fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+pub(crate) fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(10)))

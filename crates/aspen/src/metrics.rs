@@ -346,6 +346,9 @@ pub struct ShardMetrics {
     pub snapshot_bytes_sent: Counter,
     /// How many batches behind the live feed a watch was when it sent a frame.
     pub watch_lag: Histogram,
+    /// Defragmentations of this replica's state machine file, and the bytes they gave back.
+    pub defrags: Counter,
+    pub defrag_reclaimed_bytes: Counter,
 }
 
 impl Default for ShardMetrics {
@@ -359,6 +362,8 @@ impl Default for ShardMetrics {
             snapshots_installed: Counter::default(),
             snapshot_bytes_sent: Counter::default(),
             watch_lag: Histogram::counts(),
+            defrags: Counter::default(),
+            defrag_reclaimed_bytes: Counter::default(),
         }
     }
 }

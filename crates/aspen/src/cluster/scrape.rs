@@ -130,6 +130,16 @@ fn shard_families(out: &mut Exposition, shards: &[ShardSample]) {
     counter(out, shards, "aspen_snapshot_sent_bytes_total", "Bytes of snapshot streams this replica wrote.", |s| {
         s.metrics.snapshot_bytes_sent.get()
     });
+    counter(out, shards, "aspen_defrags_total", "Defragmentations of this replica's state machine file.", |s| {
+        s.metrics.defrags.get()
+    });
+    counter(
+        out,
+        shards,
+        "aspen_defrag_reclaimed_bytes_total",
+        "Bytes by which defragmentations shrank this replica's state machine file.",
+        |s| s.metrics.defrag_reclaimed_bytes.get(),
+    );
     counter(out, shards, "aspen_raft_proposals_total", "Log entries the write batcher proposed (as leader).", |s| {
         s.metrics.proposals.get()
     });

@@ -301,6 +301,8 @@ impl NodeService {
                 .await
                 .map_err(|e| ApiError::Internal(format!("shard {shard}: defrag task: {e}")))?
                 .map_err(|e| ApiError::Internal(format!("shard {shard}: defrag: {e}")))?;
+            node.metrics().defrags.inc();
+            node.metrics().defrag_reclaimed_bytes.add(done.before_bytes.saturating_sub(done.after_bytes));
             shards.push(ShardDefrag {
                 shard: *shard,
                 before_bytes: done.before_bytes,

@@ -168,3 +168,63 @@ async fn a_crash_leaves_the_old_file_or_the_whole_copy() {
     assert!(open_sm(crashed.path()).fingerprint().unwrap() == before);
     assert!(sm.fingerprint().unwrap() == before);
 }
+
+/// A tmpfs of `mib` MiB mounted at `dir`, unmounted when dropped; `None` where this process may
+/// not mount (not root).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, mib: u64) -> Option<Tmpfs> {
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(dir)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        mounted.then(|| Tmpfs(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Without room on the file system for the copy (as large as the file), a defragmentation is
+/// refused before it writes anything, and the shard goes on; with room, it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_defragmentation_without_room_for_the_copy_is_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let Some(_disk) = Tmpfs::mount(root.path(), 48) else {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let dir = root.path();
+    let mut sm = open_sm(dir);
+    let next = load(&mut sm).await;
+    let before = sm.fingerprint().unwrap();
+    let len = file_len(dir);
+    // Leave half the file's size free.
+    let free = crate::storage::space::free_bytes(dir).unwrap();
+    let filler = dir.join("filler");
+    std::fs::write(&filler, vec![1u8; (free - len / 2) as usize]).unwrap();
+    let left = crate::storage::space::free_bytes(dir).unwrap();
+    assert!(left < len, "{left} bytes free, the file is {len}");
+
+    let reader = sm.reader();
+    let err = tokio::task::spawn_blocking(move || reader.defragment()).await.unwrap().unwrap_err();
+    assert!(err.to_string().contains("free bytes for the copy"), "{err}");
+    assert_eq!(file_len(dir), len);
+    assert!(!defrag_leftover(dir).exists());
+    assert!(sm.fingerprint().unwrap() == before);
+    apply(&mut sm, vec![put(1, next, "still", b"writable")]).await;
+    assert_eq!(get(&sm.reader(), "still").map(|k| k.value), Some(b"writable".to_vec()));
+
+    std::fs::remove_file(&filler).unwrap();
+    let reader = sm.reader();
+    let done = tokio::task::spawn_blocking(move || reader.defragment()).await.unwrap().unwrap();
+    assert!(done.after_bytes < done.before_bytes, "{done:?}");
+    assert_eq!(get(&sm.reader(), "still").map(|k| k.value), Some(b"writable".to_vec()));
+    drop(sm);
+}
