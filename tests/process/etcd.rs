@@ -157,6 +157,11 @@ fn b64(s: &str) -> String {
     out
 }
 
+/// The header revision of one member's row of `endpoint hashkv -w json`.
+fn header_revision_of_hashkv(row: &Value) -> u64 {
+    row["HashKV"]["header"]["revision"].as_u64().unwrap_or_else(|| panic!("no header revision: {row}"))
+}
+
 /// The header revision of a `-w json` answer.
 fn header_revision(v: &Value) -> u64 {
     v["header"]["revision"].as_u64().unwrap_or_else(|| panic!("no header revision: {v}"))
@@ -310,6 +315,29 @@ fn etcdctl_drives_a_three_node_cluster() {
     let health = all.run(&["endpoint", "health", "--cluster"]);
     expect_code(&health, 0, "endpoint health");
     assert_eq!(stdout(&health).matches("is healthy").count() + stderr(&health).matches("is healthy").count(), 3);
+    // `endpoint hashkv`: members that applied the same entries answer the same hash (of their
+    // state digests); a write changes it; a future revision is refused.
+    let hashes = |what: &str| -> (u64, u64) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let v = all.json(&["endpoint", "hashkv", "--cluster"]);
+            let rows = v.as_array().unwrap();
+            assert_eq!(rows.len(), 3, "{v}");
+            let hs: Vec<u64> = rows.iter().map(|r| r["HashKV"]["hash"].as_u64().unwrap_or(0)).collect();
+            let revs: Vec<u64> = rows.iter().map(header_revision_of_hashkv).collect();
+            if hs.iter().all(|h| *h == hs[0]) && revs.iter().all(|r| *r == revs[0]) {
+                return (hs[0], revs[0]);
+            }
+            assert!(Instant::now() < deadline, "{what}: the members' hashes never agreed: {v}");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    };
+    let (h1, r1) = hashes("hashkv");
+    e.ok(&["put", "hashed", "1"]);
+    let (h2, r2) = hashes("hashkv after a put");
+    assert!(h2 != h1 && r2 > r1, "{h1}@{r1} then {h2}@{r2}");
+    let o = all.run(&["endpoint", "hashkv", &format!("--rev={}", r2 + 1_000_000)]);
+    assert!(!o.status.success() && stderr(&o).contains("future revision"), "{}", stderr(&o));
 
     // A read-only token reads but cannot write.
     let o = nodes[0].cli(&["--json", "auth", "token", "create", "--read"]);
@@ -317,6 +345,8 @@ fn etcdctl_drives_a_three_node_cluster() {
     let r = Etcdctl::new(&endpoints, reader["token"].as_str());
     assert!(r.run(&["get", "w/2"]).status.success());
     let o = r.run(&["put", "w/2", "x"]);
+    assert!(!o.status.success() && stderr(&o).contains("permission denied"), "{}", stderr(&o));
+    let o = r.run(&["endpoint", "hashkv"]);
     assert!(!o.status.success() && stderr(&o).contains("permission denied"), "{}", stderr(&o));
 
     // etcd's lock recipe (etcdctl lock): concurrent lockers each add one to a counter.

@@ -84,6 +84,10 @@ impl EtcdNode for NodeService {
         self.data_dir.clone()
     }
 
+    fn state_digests(&self) -> Vec<(crate::api::ShardId, crate::api::StateDigest)> {
+        self.store.shards().iter().filter_map(|(shard, node)| Some((*shard, node.digest()?))).collect()
+    }
+
     fn etcd_status(&self) -> EtcdStatus {
         let Some(s) = self.store.shards().get(&0).map(RaftNode::status) else { return EtcdStatus::default() };
         EtcdStatus {

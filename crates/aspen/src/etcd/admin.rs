@@ -3,7 +3,7 @@
 //! Cluster: `MemberList` (every member, with the URL each serves the etcd API on); membership
 //! changes are Aspen's own (`aspen-cli cluster …`). Maintenance: `Status` (shard 0's Raft state),
 //! `Alarm` (Aspen's NOSPACE alarms), `Defragment` (this node's state machine files rewritten in key order, `aspen-cli defrag`),
-//! `MoveLeader` (shard 0). Auth: `Authenticate` maps etcd's user and password onto Aspen tokens —
+//! `MoveLeader` (shard 0), `Hash`/`HashKV` (the member's state digests, hashed). Auth: `Authenticate` maps etcd's user and password onto Aspen tokens —
 //! user `token`, password an Aspen token — and answers with that token, which clients then send
 //! with every call; users and roles are Aspen's token scopes (`aspen-cli auth token create`).
 //! `Status`, `MemberList`, `AuthStatus` and `Authenticate` need no token, as in etcd.
@@ -32,7 +32,7 @@ use super::{
         MoveLeaderRequest, MoveLeaderResponse, SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
     },
 };
-use crate::api::{ClientRequest, ClientResponse};
+use crate::api::{applied_revision, ClientRequest, ClientResponse, Revision, ShardId, StateDigest};
 
 /// The etcd version whose API this one answers as (clients read it from `Status`).
 pub const ETCD_API_VERSION: &str = "3.5.0";
@@ -42,6 +42,28 @@ const USERS: &str = "Aspen has no users or roles: access is by token (aspen-cli 
 
 fn membership(how: &str) -> String {
     format!("Aspen changes its membership itself; use {how}")
+}
+
+/// `Hash` and `HashKV`: a 32-bit hash of the state digests of every shard this member hosts, as
+/// applied here (docs/design.md §6.3: replicas that applied the same entries have the same
+/// digest), and the revision they describe (the highest of the shards'). Members that host the
+/// same shards and have applied the same entries answer the same hash.
+fn state_hash(digests: &[(ShardId, StateDigest)]) -> Result<(u32, Revision), Status> {
+    if digests.is_empty() {
+        return Err(Status::unavailable(errors::NO_LEADER));
+    }
+    let mut sorted = digests.to_vec();
+    sorted.sort_by_key(|(shard, _)| *shard);
+    let mut h = blake3::Hasher::new_derive_key("aspen etcd HashKV v1");
+    for (shard, d) in &sorted {
+        h.update(&shard.to_le_bytes());
+        h.update(&d.applied_index.to_le_bytes());
+        h.update(&d.digest);
+    }
+    let bytes = h.finalize();
+    let hash = u32::from_le_bytes(bytes.as_bytes()[..4].try_into().unwrap_or_default());
+    let revision = sorted.iter().map(|(_, d)| applied_revision(d.applied_index)).max().unwrap_or(0);
+    Ok((hash, revision))
 }
 
 /// etcd's Cluster service over a node.
@@ -145,12 +167,33 @@ impl<N: EtcdNode> Maintenance for MaintenanceService<N> {
         }
     }
 
-    async fn hash(&self, _: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
-        Err(Status::unimplemented("Aspen's replicas compare state digests instead: aspen-cli cluster status --json"))
+    async fn hash(&self, request: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        let caller = self.0.caller(request.metadata())?;
+        caller.needs("hash", |s| s.admin, "admin")?;
+        let (hash, revision) = state_hash(&self.0.node.state_digests())?;
+        Ok(Response::new(HashResponse { header: self.0.header(revision), hash }))
     }
 
-    async fn hash_kv(&self, _: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
-        Err(Status::unimplemented("Aspen's replicas compare state digests instead: aspen-cli cluster status --json"))
+    async fn hash_kv(&self, request: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
+        let caller = self.0.caller(request.metadata())?;
+        caller.needs("hash", |s| s.admin, "admin")?;
+        let asked = request.get_ref().revision;
+        let (hash, revision) = state_hash(&self.0.node.state_digests())?;
+        let at = super::gateway::revision_i64(revision);
+        if asked > at {
+            return Err(Status::out_of_range(errors::FUTURE_REV));
+        }
+        if asked > 0 && asked < at {
+            return Err(Status::unimplemented(format!(
+                "Aspen hashes a member's state as it stands (revision {at} here), not at a past revision: ask for revision 0"
+            )));
+        }
+        Ok(Response::new(HashKvResponse {
+            header: self.0.header(revision),
+            hash,
+            compact_revision: 0,
+            hash_revision: at,
+        }))
     }
 
     type SnapshotStream = SnapshotStream;

@@ -35,6 +35,8 @@ pub trait EtcdNode: ClientService {
     fn etcd_members(&self) -> impl std::future::Future<Output = Vec<EtcdMember>> + Send;
     /// This node's status as etcd's `Status` shows it.
     fn etcd_status(&self) -> EtcdStatus;
+    /// The state digest of every shard this node hosts, as applied here (`Hash`, `HashKV`).
+    fn state_digests(&self) -> Vec<(ShardId, crate::api::StateDigest)>;
     /// The node's data dir (a `Snapshot` is staged there).
     fn data_dir(&self) -> std::path::PathBuf;
     /// The Raft term of shard 0 on this node (etcd's `header.raft_term`).
