@@ -519,6 +519,12 @@ fn the_etcd_api_over_tls() {
     ]);
     assert!(!o.status.success(), "an untrusted certificate was accepted: {}", stdout(&o));
 
+    // Clients that connect and never start their handshake hold up no one else.
+    let silent: Vec<std::net::TcpStream> =
+        (0..32).map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect")).collect();
+    assert_eq!(stdout(&tls(&["get", "secret", "--print-value-only"])).trim(), "s3");
+    drop(silent);
+
     // HTTP over the same TLS port, HTTP/1.1 (ALPN offers it too) and HTTP/2: etcd's /health and
     // the JSON gateway. Plain HTTP is not spoken there.
     let curl = |args: &[&str]| {

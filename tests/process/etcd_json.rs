@@ -325,6 +325,14 @@ fn curl_drives_the_json_gateway() {
     assert_eq!((code, v["code"].as_i64()), (501, Some(12)), "{v}");
     let (code, _) = e.post("/v3/kv/nothing", json!({}));
     assert_eq!(code, 404);
+    // A stream that fails before its first answer answers the failure's status, with
+    // grpc-gateway's error line.
+    let (code, v) = e.post("/v3/lease/keepalive", json!("not a request"));
+    assert_eq!(
+        (code, v["error"]["grpc_code"].as_i64(), v["error"]["http_code"].as_i64()),
+        (400, Some(3), Some(400)),
+        "{v}"
+    );
     // A value over the node's limit, and a body over the gateway's: etcd's "request is too large".
     for mib in [3, 9] {
         let body = json!({"key": b64("big"), "value": b64(&"x".repeat(mib << 20))});

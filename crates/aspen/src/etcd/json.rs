@@ -138,12 +138,19 @@ where
 }
 
 /// A server stream's answer: one line per message (`{"result": …}`); a failure ends it with a
-/// line `{"error": {…}}` (grpc-gateway 1's stream error).
-fn streamed<T, S>(messages: S) -> Response
+/// line `{"error": {…}}` (grpc-gateway 1's stream error). As grpc-gateway, the HTTP status is
+/// sent with the first message: a stream that fails before any answers the failure's status.
+async fn streamed<T, S>(messages: S) -> Response
 where
     T: Serialize + Send + 'static,
     S: Stream<Item = Result<T, Status>> + Send + 'static,
 {
+    let mut messages = Box::pin(messages.peekable());
+    if let Some(Err(status)) = messages.as_mut().peek().await {
+        let mut line = stream_error(status);
+        line.push(b'\n');
+        return (http_status(status.code()), [(header::CONTENT_TYPE, "application/json")], line).into_response();
+    }
     let lines = messages.scan(false, |failed, item| {
         if *failed {
             return futures::future::ready(None);
@@ -186,13 +193,13 @@ fn stream_error(status: &Status) -> Vec<u8> {
 }
 
 /// A server stream's RPC result: its messages, or the error it failed with at once.
-fn stream_answer<T, S>(result: Result<tonic::Response<S>, Status>) -> Response
+async fn stream_answer<T, S>(result: Result<tonic::Response<S>, Status>) -> Response
 where
     T: Serialize + Send + 'static,
     S: Stream<Item = Result<T, Status>> + Send + 'static,
 {
     match result {
-        Ok(response) => streamed(response.into_inner()),
+        Ok(response) => streamed(response.into_inner()).await,
         Err(status) => failed(&status),
     }
 }
@@ -280,7 +287,7 @@ macro_rules! stream_route {
             $path,
             post(|State(gw): Gw<N>, headers: HeaderMap, body: Result<Bytes, BytesRejection>| async move {
                 match parse(body) {
-                    Ok(message) => stream_answer($service(gw).$method(request_of(&headers, message)).await),
+                    Ok(message) => stream_answer($service(gw).$method(request_of(&headers, message)).await).await,
                     Err(e) => failed(&e),
                 }
             }),
@@ -307,7 +314,7 @@ pub fn routes<N: EtcdNode>(gw: Arc<Gateway<N>>, max_request_bytes: usize) -> Rou
             };
             // The watch goes on after the body ends (as etcd's), until the client goes away.
             let requests = messages(body, limit).chain(stream::pending());
-            streamed(WatchService(gw).serve_stream(caller, requests))
+            streamed(WatchService(gw).serve_stream(caller, requests)).await
         }),
     );
     let r = unary_route!(r, "/v3/lease/grant", LeaseService, lease_grant);
@@ -323,7 +330,7 @@ pub fn routes<N: EtcdNode>(gw: Arc<Gateway<N>>, max_request_bytes: usize) -> Rou
             if let Err(e) = caller.needs("lease keep-alive", |s| s.write, "write") {
                 return failed(&e);
             }
-            streamed(LeaseService(gw).keep_alive(caller, messages(body, limit)))
+            streamed(LeaseService(gw).keep_alive(caller, messages(body, limit))).await
         }),
     );
     let r = unary_route!(r, "/v3/lease/timetolive", LeaseService, lease_time_to_live);
@@ -451,6 +458,33 @@ mod tests {
         rx: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>,
     ) -> impl Stream<Item = Result<Bytes, std::io::Error>> {
         stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) })
+    }
+
+    async fn body_text(response: Response) -> String {
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_stream_answers_json_lines_and_its_first_failure_sets_the_status() {
+        let header = |revision| crate::etcd::proto::etcdserverpb::ResponseHeader { revision, ..Default::default() };
+        let items =
+            vec![Ok(header(1)), Ok(header(2)), Err(Status::unavailable("etcdserver: no leader")), Ok(header(3))];
+        let response = streamed(stream::iter(items)).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let text = body_text(response).await;
+        let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines.len(), 3, "nothing after the failure: {text}");
+        assert_eq!(lines[1], serde_json::json!({"result": {"revision": "2"}}));
+        assert_eq!(lines[2]["error"]["grpc_code"], 14);
+        assert_eq!(lines[2]["error"]["http_code"], 503);
+        assert_eq!(lines[2]["error"]["message"], "etcdserver: no leader");
+
+        let failing = vec![Err::<crate::etcd::proto::etcdserverpb::ResponseHeader, _>(Status::permission_denied("no"))];
+        let response = streamed(stream::iter(failing)).await;
+        assert_eq!(response.status(), StatusCode::FORBIDDEN);
+        let v: serde_json::Value = serde_json::from_str(body_text(response).await.trim()).unwrap();
+        assert_eq!(v["error"]["grpc_code"], 7);
     }
 
     #[test]

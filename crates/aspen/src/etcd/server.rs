@@ -143,6 +143,9 @@ impl EtcdEndpoint {
 
 /// How long a client has to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes under way at once; more connections wait in the listen backlog (so clients that
+/// open connections and send nothing cannot grow the node's memory without bound).
+const MAX_HANDSHAKES: usize = 256;
 
 /// The TLS acceptor for `tls`'s certificate chain and key (PEM): TLS 1.2 and 1.3, no client
 /// certificates, ALPN `h2` then `http/1.1`.
@@ -170,21 +173,26 @@ fn acceptor(tls: &EtcdTls) -> Result<TlsAcceptor, EtcdServeError> {
 }
 
 /// The TLS connections of `listener`, each handshake in a task of its own (at most
-/// [`HANDSHAKE_TIMEOUT`]); failed handshakes are logged at debug level and dropped. Ends when
-/// `stop` is cancelled.
+/// [`HANDSHAKE_TIMEOUT`], [`MAX_HANDSHAKES`] at once); failed handshakes are logged at debug
+/// level and dropped. Ends when `stop` is cancelled.
 fn tls_incoming(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     stop: CancellationToken,
 ) -> impl Stream<Item = std::io::Result<TlsStream<TcpStream>>> + Send + 'static {
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<TlsStream<TcpStream>>>(64);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
-                a = listener.accept() => a,
+                a = async {
+                    let slot = slots.clone().acquire_owned().await;
+                    (listener.accept().await, slot)
+                } => a,
                 _ = tx.closed() => return,
                 _ = stop.cancelled() => return,
             };
+            let (accepted, Ok(slot)) = accepted else { return };
             let (tcp, peer) = match accepted {
                 Ok(a) => a,
                 Err(e) => {
@@ -197,6 +205,7 @@ fn tls_incoming(
             let _ = tcp.set_nodelay(true);
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
+                let _slot = slot;
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(conn)) => {
                         let _ = tx.send(Ok(conn)).await;
