@@ -96,8 +96,7 @@ impl EtcdEndpoint {
         }
         let gw = Arc::new(Gateway::new(node, authority, stop.clone()));
         // etcd's HTTP endpoints (/health, /version, /metrics, the JSON gateway's /v3/…) beside the
-        // gRPC services: HTTP/1.1
-        // is accepted too (gRPC is HTTP/2 either way).
+        // gRPC services: HTTP/1.1 is accepted too (gRPC is HTTP/2 either way).
         let routes = Routes::from(super::http::routes(gw.clone(), max_request_bytes))
             .add_service(KvServer::new(KvService(gw.clone())).max_decoding_message_size(max_request_bytes))
             .add_service(WatchServer::new(WatchService(gw.clone())).max_decoding_message_size(max_request_bytes))
