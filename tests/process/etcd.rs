@@ -100,7 +100,20 @@ impl Etcdctl {
 
     /// A long-running `etcdctl` (a watch) whose output lines are collected as they come.
     fn spawn(&self, args: &[&str]) -> Running {
-        let mut child = self.command(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+        Running::spawn(self.command(args))
+    }
+}
+
+/// A running command whose stdout and stderr lines are collected as they come (killed when
+/// dropped).
+pub(crate) struct Running {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Running {
+    pub(crate) fn spawn(mut cmd: Command) -> Running {
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
         let lines = Arc::new(Mutex::new(Vec::new()));
         for pipe in [
             Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
@@ -115,16 +128,9 @@ impl Etcdctl {
         }
         Running { child, lines }
     }
-}
 
-struct Running {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl Running {
     /// Waits until the output satisfies `done` (30 s at most); returns the lines.
-    fn wait_for(&self, what: &str, done: impl Fn(&[String]) -> bool) -> Vec<String> {
+    pub(crate) fn wait_for(&self, what: &str, done: impl Fn(&[String]) -> bool) -> Vec<String> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let lines = self.lines.lock().unwrap().clone();
@@ -145,7 +151,7 @@ impl Drop for Running {
 }
 
 /// Standard base64 (how `-w json` shows keys and values).
-fn b64(s: &str) -> String {
+pub(crate) fn b64(s: &str) -> String {
     const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in s.as_bytes().chunks(3) {

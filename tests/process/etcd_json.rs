@@ -7,15 +7,16 @@
 //! and the errors: etcd's texts with grpc-gateway's HTTP statuses and codes.
 
 use std::{
-    io::{BufRead, BufReader},
-    process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use serde_json::{json, Value};
 
-use crate::support::{start_processes, stdout};
+use crate::{
+    etcd::{b64, Running},
+    support::{start_processes, stdout},
+};
 
 fn have_curl() -> bool {
     let found = Command::new("curl").arg("--version").output().is_ok_and(|o| o.status.success());
@@ -23,19 +24,6 @@ fn have_curl() -> bool {
         eprintln!("skipped: curl is not installed (scripts/test.sh installs it)");
     }
     found
-}
-
-/// Standard base64, as the gateway writes bytes.
-fn b64(s: &str) -> String {
-    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in s.as_bytes().chunks(3) {
-        let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
-        for i in 0..4 {
-            out.push(if i <= chunk.len() { ABC[(n >> (18 - 6 * i) & 63) as usize] as char } else { '=' });
-        }
-    }
-    out
 }
 
 /// A 64-bit number as the gateway writes it (a string).
@@ -89,47 +77,31 @@ impl Gateway {
     }
 
     /// A streaming call (`curl -N`) whose answer lines are collected as they come.
-    fn spawn(&self, path: &str, body: Value) -> Lines {
-        let mut child = self.command(path, &body).arg("-N").stdout(Stdio::piped()).spawn().expect("spawn curl");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let out = child.stdout.take().expect("stdout");
-        let collected = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                let v: Value =
-                    serde_json::from_str(&line).unwrap_or_else(|e| panic!("a line that is not JSON: {e}: {line}"));
-                collected.lock().unwrap().push(v);
-            }
-        });
-        Lines { child, lines }
+    fn spawn(&self, path: &str, body: Value) -> Streaming {
+        let mut cmd = self.command(path, &body);
+        cmd.arg("-N");
+        Streaming(Running::spawn(cmd))
     }
 }
 
-struct Lines {
-    child: Child,
-    lines: Arc<Mutex<Vec<Value>>>,
-}
+/// A streaming call's answer: its JSON lines.
+struct Streaming(Running);
 
-impl Lines {
-    /// Waits (30 s at most) until the lines satisfy `done`; returns them.
+impl Streaming {
+    /// Waits (30 s at most) until the JSON lines satisfy `done`; returns them.
     fn wait_for(&self, what: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let lines = self.lines.lock().unwrap().clone();
-            if done(&lines) {
-                return lines;
-            }
-            assert!(Instant::now() < deadline, "{what}: not seen within 30 s; lines so far: {lines:#?}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let lines = self.0.wait_for(what, |l| done(&json_lines(l)));
+        json_lines(&lines)
     }
 }
 
-impl Drop for Lines {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The lines that are JSON objects (curl's own messages on stderr are not).
+fn json_lines(lines: &[String]) -> Vec<Value> {
+    lines
+        .iter()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
 }
 
 /// The events of a watch's answer lines, as (type, key, value, previous value).
