@@ -323,13 +323,13 @@ pub fn routes<N: EtcdNode>(gw: Arc<Gateway<N>>, max_request_bytes: usize) -> Rou
     let r = r.route(
         "/v3/lease/keepalive",
         post(move |State(gw): Gw<N>, headers: HeaderMap, body: Body| async move {
-            let caller = match gw.caller(request_of(&headers, ()).metadata()) {
+            let caller = match gw
+                .caller(request_of(&headers, ()).metadata())
+                .and_then(|c| c.needs("lease keep-alive", |s| s.write, "write").map(|()| c))
+            {
                 Ok(c) => c,
                 Err(e) => return failed(&e),
             };
-            if let Err(e) = caller.needs("lease keep-alive", |s| s.write, "write") {
-                return failed(&e);
-            }
             streamed(LeaseService(gw).keep_alive(caller, messages(body, limit))).await
         }),
     );
