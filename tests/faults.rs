@@ -392,10 +392,22 @@ async fn run_scenario(scenario: Scenario, size: usize, shards: u32, seed: u64) {
         lease_client.put_with_lease(k.clone(), "held", lease).await.expect("put with the lease");
     }
     let keeper = lease_client.keep_alive(lease, ttl);
+    // The keeper's states with when they came (a lost lease then shows whether renewals were
+    // failing for a whole TTL, or the lease went while they were acknowledged).
+    let started = Instant::now();
+    let keeper_log = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut states = keeper.watch();
+    let log_states = keeper_log.clone();
+    let state_logger = tokio::spawn(async move {
+        while states.changed().await.is_ok() {
+            let state = states.borrow_and_update().clone();
+            log_states.lock().unwrap().push(format!("{:.1}s {state:?}", started.elapsed().as_secs_f64()));
+        }
+    });
     let workload = Workload::start(tickets, cluster.token(), 6, rng.random()).await;
     sleep_ms(1500).await;
     let what = inject(&mut cluster, scenario, &mut rng).await;
-    println!("faults: {what}");
+    println!("faults: {what} (done at {:.1}s)", started.elapsed().as_secs_f64());
     fault::heal(&cluster.endpoints());
     sleep_ms(2000).await;
     let acked_during = workload.acked();
@@ -422,9 +434,15 @@ async fn run_scenario(scenario: Scenario, size: usize, shards: u32, seed: u64) {
     // The lease lived through the faults; revoked now, its keys go everywhere.
     for k in &lease_keys {
         let v = reader.get(k.clone()).await.expect("read a leased key");
-        assert!(v.is_some(), "{k} of a kept-alive lease is gone after the faults (seed {seed}): {:?}", keeper.state());
+        assert!(
+            v.is_some(),
+            "{k} of a kept-alive lease is gone after the faults (seed {seed}): {:?}; the keeper's states: {:?}",
+            keeper.state(),
+            keeper_log.lock().unwrap()
+        );
     }
     drop(keeper);
+    state_logger.abort();
     assert_eq!(reader.revoke_lease(lease).await.expect("revoke"), lease_keys.len() as u64, "seed {seed}");
     for k in &lease_keys {
         assert_eq!(reader.get(k.clone()).await.expect("read"), None, "{k} after the revoke (seed {seed})");
