@@ -81,6 +81,68 @@ async fn requests_end_their_streams_cleanly() {
     client.close().await;
 }
 
+/// A member that takes a client's requests and answers none (a removed node, one cut off from
+/// the leaders, a wedged one) costs the client one timed-out request, not all of them: the next
+/// request goes to another member. (It used to go to the same member again, until the connection
+/// broke: a lease kept alive through such a member expired.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_never_answers_costs_one_timeout_not_every_request() {
+    use aspen::api::{NodeTicket, CLIENT_ALPN};
+    use iroh::{
+        endpoint::Connection,
+        protocol::{AcceptError, ProtocolHandler, Router},
+    };
+
+    /// Reads every request and never answers; holds its streams until the client gives up.
+    #[derive(Debug, Clone, Default)]
+    struct Silent(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+    impl ProtocolHandler for Silent {
+        async fn accept(&self, connection: Connection) -> Result<(), AcceptError> {
+            let mut held = Vec::new();
+            while let Ok((send, mut recv)) = connection.accept_bi().await {
+                let _ = recv.read_to_end(1 << 20).await;
+                self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                held.push(send);
+            }
+            Ok(())
+        }
+    }
+
+    let root = tempfile::tempdir().unwrap();
+    let node = InProcNode::start(InProcNode::config(root.path(), 1)).await;
+    let real = node.ticket();
+    let silent_ep = crate::support::raw_endpoint().await;
+    let requests_taken = Silent::default();
+    let _router = Router::builder(silent_ep.clone()).accept(CLIENT_ALPN, requests_taken.clone()).spawn();
+    let silent = NodeTicket {
+        cluster_id: real.cluster_id,
+        node_id: 2,
+        endpoint_id: silent_ep.id(),
+        addrs: aspen::transport::endpoint::listening_addrs(&silent_ep, "127.0.0.1:0".parse().unwrap()),
+    };
+    // The client knows only the silent member at first (so its connection goes there), then
+    // learns of the other one.
+    let client = aspen::AspenClient::connect(vec![silent], std::time::Duration::from_secs(4))
+        .await
+        .expect("client")
+        .with_token(node.admin_token());
+    client.add_tickets([real]);
+    match client.cluster_status().await {
+        Err(aspen::client::ClientError::Timeout(_)) => {}
+        other => panic!(
+            "a request through a member that never answers ({} requests reached it): {other:?}",
+            requests_taken.0.load(std::sync::atomic::Ordering::SeqCst)
+        ),
+    }
+    assert!(requests_taken.0.load(std::sync::atomic::Ordering::SeqCst) >= 1, "the silent member got the request");
+    // Every later request is answered, by the other member.
+    for i in 0..5 {
+        client.put(format!("answered/{i}"), "v").await.unwrap_or_else(|e| panic!("put {i} after the timeout: {e}"));
+        assert!(client.get(format!("answered/{i}")).await.expect("get").is_some());
+    }
+    client.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_nodes_replicate_fail_over_and_catch_up_by_snapshot() {
     let root = tempfile::tempdir().unwrap();

@@ -15,7 +15,7 @@ use aspen::{
         MembershipChange, NodeTicket, ReadConsistency, ScanRequest, WriteCommand, WriteSession,
         CLIENT_PROTOCOL_VERSION, PEER_ALPN, RAFT_ALPN, RAFT_MUX_ALPN, RAFT_SHARDED_ALPN,
     },
-    transport::gate::is_refusal,
+    transport::{client_alpn::ClientService, gate::is_refusal},
     ClientError,
 };
 use iroh::{
@@ -277,6 +277,21 @@ async fn a_removed_member_is_told_to_stop_and_refused_from_then_on() {
     for n in &nodes[..2] {
         assert!(!n.handle().removed().is_cancelled(), "node {} is still a member", n.config.node_id);
     }
+    // Until it stops, it answers requests for data at once as unavailable (it hosts no shard and
+    // cannot forward), so that its clients ask another member instead of waiting out a timeout.
+    let get = ClientRequest::Get { key: b"before".to_vec(), consistency: ReadConsistency::Linearizable };
+    let answer = tokio::time::timeout(Duration::from_secs(60), nodes[2].handle().service.handle(get, 0)).await;
+    match answer {
+        Ok(Err(ApiError::Unavailable(msg))) if msg.contains("removed from the cluster") => {}
+        other => panic!("a get asked of the removed node: {other:?}"),
+    }
+    let via_removed = aspen::AspenClient::connect(vec![nodes[2].ticket()], Duration::from_secs(30))
+        .await
+        .expect("client")
+        .with_token(nodes[0].admin_token());
+    let got = via_removed.get("before").await.expect("a get by a client of the removed node");
+    assert_eq!(got.map(|kv| kv.value), Some(b"1".to_vec()), "answered by another member");
+    via_removed.close().await;
     client.put("after", "2").await.unwrap();
     client.close().await;
     for n in &mut nodes {

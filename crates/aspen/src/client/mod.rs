@@ -2,7 +2,8 @@
 //!
 //! Owns: an ephemeral, offline-safe iroh endpoint (its own, or a [`ClientEndpoint`] several
 //! clients share, each still with its own connection); the list of member tickets it may talk to;
-//! one cached connection (re-dialled, or failed over to another member, when it breaks); and a
+//! one cached connection (re-dialled, or failed over to another member, when it breaks or a
+//! request through it got no answer in time); and a
 //! pool of write sessions for exactly-once writes. A session has at most one write in flight, and
 //! every retry of that write — after a timeout, a broken connection or a failover — carries the
 //! same client id and sequence number, so the cluster applies it at most once.
@@ -371,7 +372,14 @@ impl AspenClient {
             _ => {}
         }
         match answer {
-            Err(_) => Attempt::Done(Err(ClientError::Timeout(timeout))),
+            // No answer in the whole time: the next request starts at another member. A member
+            // that takes requests and answers none (removed from the cluster, cut off from the
+            // shards' leaders, wedged) would otherwise get every request of this client until
+            // its connection broke — a lease kept alive through it would expire meanwhile.
+            Err(_) => {
+                self.fail_over(i).await;
+                Attempt::Done(Err(ClientError::Timeout(timeout)))
+            }
             Ok(Err(e)) => {
                 self.fail_over(i).await;
                 Attempt::Retry(e)

@@ -363,6 +363,19 @@ impl NodeService {
         *self.cluster_id.read().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// A node removed from the cluster hosts no shard any more, and the members refuse its
+    /// connections (so it cannot forward either): a request for data is answered at once with
+    /// `Unavailable`, which sends clients to another member, instead of waiting out its timeout.
+    pub(super) fn refuse_if_removed(&self) -> Result<(), ApiError> {
+        if self.removed.is_cancelled() {
+            return Err(ApiError::Unavailable(format!(
+                "node {} was removed from the cluster: ask another member",
+                self.node_id
+            )));
+        }
+        Ok(())
+    }
+
     /// Routes a request from here (answered here, or forwarded).
     pub(super) fn route(&self, request: ClientRequest, hops: u8) -> BoxedResult<'_> {
         self.store.route(request, hops, self)
@@ -530,6 +543,9 @@ impl ClientService for NodeService {
     }
 
     async fn handle(&self, request: ClientRequest, hops: u8) -> ClientResult {
+        if request.needs_data() || matches!(request, ClientRequest::Forwarded { .. }) {
+            self.refuse_if_removed()?;
+        }
         match request {
             ClientRequest::Forwarded { requests } => {
                 check_forwarded(&requests)?;

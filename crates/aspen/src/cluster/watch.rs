@@ -83,6 +83,7 @@ impl NodeService {
         if self.cluster_id() == crate::api::ClusterId::default() {
             return Err(ApiError::NotInitialized { node_id: self.node_id });
         }
+        self.refuse_if_removed()?;
         validate::check_key_or_prefix(&self.limits, &request.key, request.prefix)?;
         let router = *self.store.router();
         let shards: Vec<ShardId> = if request.prefix && router.num_shards() > 1 {
