@@ -496,6 +496,24 @@ fn the_etcd_api_over_tls() {
     let o = node.command().stderr(Stdio::piped()).output().expect("run aspen-node");
     assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stderr).contains("etcd_key"), "{}", String::from_utf8_lossy(&o.stderr));
+    // A file that holds no certificate: exit 2 naming it, before the node opened anything (no
+    // ERROR from an endpoint dropped unclosed).
+    let garbage = root.path().join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate\n").unwrap();
+    let first = std::mem::take(&mut node.extra_args);
+    node.extra_args = vec![
+        "--etcd-addr".into(),
+        format!("127.0.0.1:{port}"),
+        "--etcd-cert".into(),
+        garbage.display().to_string(),
+        "--etcd-key".into(),
+        key.clone(),
+    ];
+    let o = node.command().stderr(Stdio::piped()).output().expect("run aspen-node");
+    let said = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{said}");
+    assert!(said.contains("garbage.pem: no certificate in it") && !said.contains("ERROR"), "{said}");
+    node.extra_args = first;
     node.extra_args.extend(["--etcd-key".into(), key]);
     // An advertised address with a scheme is refused too; a name is what the member list shows.
     node.extra_args.extend(["--etcd-advertise-addr".into(), format!("https://localhost:{port}")]);

@@ -503,23 +503,18 @@ fn join_tickets(config: &NodeConfig) -> Result<Vec<NodeTicket>, BootstrapError> 
     Ok(tickets)
 }
 
-async fn start_node(config: NodeConfig, stop: CancellationToken) -> Result<NodeHandle, BootstrapError> {
-    // First, so that an address that cannot be bound stops the start before anything opens.
-    let http = bind_http(&config).await?;
-    let etcd = match config.etcd_addr {
-        Some(addr) => {
-            Some(EtcdEndpoint::bind(addr).await.map_err(|e| BootstrapError::Etcd { addr, source: e.into() })?)
-        }
-        None => None,
-    };
-    let base = bootstrap_base_node(config).await?;
+/// Opens the node's journal and the Raft node of every shard it hosts (into `shards`, so that
+/// the caller can close those opened before a failure).
+async fn open_shards(
+    base: &BaseNodeResources,
+    shards: &mut BTreeMap<ShardId, RaftNode>,
+) -> Result<SharedJournal, BootstrapError> {
     let config = &base.config;
     let sharded = config.sharding.enabled;
     // One journal for every shard's new log entries: one fsync for all of them.
     let journal_path = config.data_dir.join(shared_journal::FILE_NAME);
     let journal = SharedJournal::open_file(&journal_path)
         .map_err(|source| BootstrapError::Journal { path: journal_path.clone(), source })?;
-    let mut shards = BTreeMap::new();
     for shard in config.sharding.local_shard_ids() {
         // Sharded nodes send every shard's Raft traffic on `raft-shard` with its own prefix;
         // a non-sharded node uses the base factory (legacy `raft-rpc`, shard 0).
@@ -542,7 +537,47 @@ async fn start_node(config: NodeConfig, stop: CancellationToken) -> Result<NodeH
     // their own logs, so that they do not hold the journal's room.
     log_store::settle_unclaimed(&journal, &config.data_dir, config.raft.max_append_bytes)
         .map_err(|source| BootstrapError::Journal { path: journal_path.clone(), source })?;
-    let shard0 = shards.get(&0).cloned().ok_or_else(|| BootstrapError::Sharding("every node hosts shard 0".into()))?;
+    Ok(journal)
+}
+
+async fn start_node(config: NodeConfig, stop: CancellationToken) -> Result<NodeHandle, BootstrapError> {
+    // First, so that an address that cannot be bound stops the start before anything opens.
+    let http = bind_http(&config).await?;
+    let etcd = match config.etcd_addr {
+        Some(addr) => {
+            let listener =
+                EtcdEndpoint::bind(addr).await.map_err(|e| BootstrapError::Etcd { addr, source: e.into() })?;
+            // The certificate and key too: read and checked before the node opens anything.
+            let tls = match (&config.etcd_cert, &config.etcd_key) {
+                (Some(cert), Some(key)) => Some(
+                    crate::etcd::server::acceptor(&EtcdTls { cert: cert.clone(), key: key.clone() })
+                        .map_err(|source| BootstrapError::Etcd { addr, source })?,
+                ),
+                _ => None,
+            };
+            Some((listener, tls))
+        }
+        None => None,
+    };
+    let base = bootstrap_base_node(config).await?;
+    let config = &base.config;
+    let sharded = config.sharding.enabled;
+    let mut shards = BTreeMap::new();
+    let opened = open_shards(&base, &mut shards).await.and_then(|journal| {
+        let shard0 = shards.get(&0).cloned();
+        Ok((journal, shard0.ok_or_else(|| BootstrapError::Sharding("every node hosts shard 0".into()))?))
+    });
+    let (journal, shard0) = match opened {
+        Ok(opened) => opened,
+        Err(e) => {
+            // Close what was opened (the shards so far, the endpoint) before reporting.
+            for shard in shards.values() {
+                let _ = tokio::time::timeout(SHUTDOWN_STEP_LIMIT, shard.shutdown()).await;
+            }
+            let _ = tokio::time::timeout(SHUTDOWN_STEP_LIMIT, base.endpoint.close()).await;
+            return Err(e);
+        }
+    };
     // Before any protocol is served: from here on, only members reach the members-only ALPNs.
     base.admission.start(config.node_id, &shard0, base.shutdown_token.child_token());
     base.admission.check_periodically(
@@ -598,17 +633,13 @@ async fn start_node(config: NodeConfig, stop: CancellationToken) -> Result<NodeH
         None => None,
     };
     let etcd = match etcd {
-        Some(listener) => {
+        Some((listener, tls)) => {
             let addr = listener
                 .local_addr()
                 .map_err(|e| BootstrapError::DataDir { path: config.data_dir.clone(), source: e })?;
-            let tls = match (&config.etcd_cert, &config.etcd_key) {
-                (Some(cert), Some(key)) => Some(EtcdTls { cert: cert.clone(), key: key.clone() }),
-                _ => None,
-            };
             let served = EtcdEndpoint::serve(
                 listener,
-                tls.as_ref(),
+                tls,
                 service.clone(),
                 base.authority.clone(),
                 config.max_client_frame(),

@@ -76,14 +76,14 @@ impl EtcdEndpoint {
     /// `max_request_bytes` are read.
     pub fn serve<N: EtcdNode>(
         listener: TcpListener,
-        tls: Option<&EtcdTls>,
+        tls: Option<TlsAcceptor>,
         node: Arc<N>,
         authority: Arc<Authority>,
         max_request_bytes: usize,
         stop: CancellationToken,
     ) -> Result<Self, EtcdServeError> {
         let addr = listener.local_addr()?;
-        let acceptor = tls.map(acceptor).transpose()?;
+        let acceptor = tls;
         // Snapshots staged by a node that stopped while streaming them.
         if let Ok(entries) = std::fs::read_dir(node.data_dir()) {
             for entry in entries.flatten() {
@@ -147,8 +147,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_HANDSHAKES: usize = 256;
 
 /// The TLS acceptor for `tls`'s certificate chain and key (PEM): TLS 1.2 and 1.3, no client
-/// certificates, ALPN `h2` then `http/1.1`.
-fn acceptor(tls: &EtcdTls) -> Result<TlsAcceptor, EtcdServeError> {
+/// certificates, ALPN `h2` then `http/1.1`. Built before the node opens anything, so that a bad
+/// file stops the start cleanly.
+pub fn acceptor(tls: &EtcdTls) -> Result<TlsAcceptor, EtcdServeError> {
     use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
     let read =
         |path: &PathBuf| std::fs::read(path).map_err(|source| EtcdServeError::Read { path: path.clone(), source });
