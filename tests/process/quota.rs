@@ -216,6 +216,16 @@ fn a_full_disk_raises_the_alarm_and_a_restart_on_it_serves_reads() {
         assert_eq!(stdout(&node.cli(&["get", key])).trim_end(), value, "{key} after a restart on a full disk");
     }
     expect_code(&node.cli(&["put", "more", "x"]), 3, "put on a full disk");
+    // A defragmentation needs room for its copy: refused (exit 3, `no_space`), nothing changed.
+    let o = node.cli(&["defrag"]);
+    expect_code(&o, 3, "defrag on a full disk");
+    assert!(
+        stderr(&o).contains("defrag refused, nothing changed") && stderr(&o).contains("free bytes"),
+        "{}",
+        stderr(&o)
+    );
+    let o = node.cli(&["--json", "defrag"]);
+    assert!(stdout(&o).contains("\"no_space\"") || stderr(&o).contains("\"no_space\""), "{}{}", stdout(&o), stderr(&o));
 
     // Space freed, alarm disarmed: writes resume.
     std::fs::remove_file(filler).unwrap();

@@ -300,7 +300,13 @@ impl NodeService {
             let done = tokio::task::spawn_blocking(move || reader.defragment())
                 .await
                 .map_err(|e| ApiError::Internal(format!("shard {shard}: defrag task: {e}")))?
-                .map_err(|e| ApiError::Internal(format!("shard {shard}: defrag: {e}")))?;
+                .map_err(|e| match e {
+                    // A resource to free, not a fault: `no_space` (aspen-cli exit 3), nothing changed.
+                    crate::storage::StorageError::NoRoom(m) => {
+                        ApiError::NoSpace(format!("shard {shard}: defrag refused, nothing changed: {m}"))
+                    }
+                    e => ApiError::Internal(format!("shard {shard}: defrag: {e}")),
+                })?;
             node.metrics().defrags.inc();
             node.metrics().defrag_reclaimed_bytes.add(done.before_bytes.saturating_sub(done.after_bytes));
             shards.push(ShardDefrag {

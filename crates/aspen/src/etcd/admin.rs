@@ -32,7 +32,7 @@ use super::{
         MoveLeaderRequest, MoveLeaderResponse, SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
     },
 };
-use crate::api::{applied_revision, ClientRequest, ClientResponse, Revision, ShardId, StateDigest};
+use crate::api::{applied_revision, ApiError, ClientRequest, ClientResponse, Revision, ShardId, StateDigest};
 
 /// The etcd version whose API this one answers as (clients read it from `Status`).
 pub const ETCD_API_VERSION: &str = "3.5.0";
@@ -161,9 +161,12 @@ impl<N: EtcdNode> Maintenance for MaintenanceService<N> {
         let caller = self.0.caller(request.metadata())?;
         caller.needs("defragment", |s| s.admin, "admin")?;
         // Like etcd's: the member answering, every shard it hosts.
-        match self.0.ask(ClientRequest::Defragment { node_id: None }).await? {
-            ClientResponse::Defragmented(_) => Ok(Response::new(DefragmentResponse { header: self.0.header(0) })),
-            other => Err(Status::internal(format!("a defrag was answered with {other:?}"))),
+        match self.0.node.handle(ClientRequest::Defragment { node_id: None }, 0).await {
+            Ok(ClientResponse::Defragmented(_)) => Ok(Response::new(DefragmentResponse { header: self.0.header(0) })),
+            Ok(other) => Err(Status::internal(format!("a defrag was answered with {other:?}"))),
+            // Not etcd's "database space exceeded" (that is the NOSPACE alarm's): the node's words.
+            Err(ApiError::NoSpace(m)) => Err(Status::resource_exhausted(m)),
+            Err(e) => Err(super::gateway::status_of(e)),
         }
     }
 

@@ -54,6 +54,9 @@ pub enum StorageError {
     LogWriterStopped,
     #[error("corrupt data: {0}")]
     Corrupt(String),
+    /// The file system lacks room for what was asked (a defragmentation's copy); nothing changed.
+    #[error("not enough disk space: {0}")]
+    NoRoom(String),
 }
 
 impl StorageError {

@@ -160,7 +160,7 @@ pub(crate) fn defragment(sm: &SmDb) -> Result<Defragmented, StorageError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let free = free_bytes(dir)?;
     if free < before_bytes {
-        return Err(StorageError::Task(format!(
+        return Err(StorageError::NoRoom(format!(
             "defragmenting {} needs up to {before_bytes} free bytes for the copy; {free} are free",
             path.display()
         )));
