@@ -564,6 +564,9 @@ fn the_etcd_api_over_tls() {
             let health = curl(&[version, &format!("{endpoint}/health")]);
             let want = if version == "--http1.1" { "200 1.1" } else { "200 2" };
             assert!(health.starts_with(r#"{"health":"true""#) && health.ends_with(want), "{version}: {health}");
+            let versions = curl(&[version, &format!("{endpoint}/version")]);
+            let etcd_s = r#"{"etcdserver":"3.5.0","etcdcluster":"3.5.0"}"#;
+            assert_eq!(versions, format!("{etcd_s}\n{want}"), "{version}: etcd's /version, its keys in etcd's order");
             let put = curl(&[
                 version,
                 "-H",

@@ -94,8 +94,15 @@ async fn health<N: EtcdNode>(
     }
 }
 
+/// etcd's `/version` body, its keys in etcd's order.
+#[derive(serde::Serialize)]
+struct Versions {
+    etcdserver: &'static str,
+    etcdcluster: &'static str,
+}
+
 async fn version() -> impl IntoResponse {
-    Json(serde_json::json!({ "etcdserver": ETCD_API_VERSION, "etcdcluster": ETCD_API_VERSION }))
+    Json(Versions { etcdserver: ETCD_API_VERSION, etcdcluster: ETCD_API_VERSION })
 }
 
 async fn metrics<N: EtcdNode>(State(gw): State<Arc<Gateway<N>>>) -> impl IntoResponse {
