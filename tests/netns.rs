@@ -371,6 +371,12 @@ impl Net {
             if let (Some(pid), true) = (pid, p.proc.is_running()) {
                 out += &stacks(pid);
             }
+            // A panic's message and where it happened (a backtrace pushes them out of the tail).
+            let log = std::fs::read_to_string(&node.log).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            for (i, _) in lines.iter().enumerate().filter(|(_, l)| l.contains("panicked at")).take(3) {
+                out += &format!("panic in the log:\n{}\n", lines[i..(i + 12).min(lines.len())].join("\n"));
+            }
             out += &format!("log tail:\n{}\n", p.proc.log_tail(25));
         }
         out
@@ -409,7 +415,13 @@ impl Net {
         if let Some(root) = self.root.take() {
             if std::thread::panicking() {
                 // The whole logs and data dirs, for the post-mortem (a temp dir: the OS cleans it).
-                eprintln!("--- logs and data kept in {}", root.keep().display());
+                // Renamed out of the `aspen-nt<pid>` pattern, so a later run's clean-up of dead
+                // runs' leftovers does not remove it.
+                let kept = root.keep();
+                let name = kept.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let safe = kept.with_file_name(format!("kept-{name}"));
+                let shown = if std::fs::rename(&kept, &safe).is_ok() { safe } else { kept };
+                eprintln!("--- logs and data kept in {}", shown.display());
             }
         }
     }
