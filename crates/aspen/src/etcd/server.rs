@@ -73,17 +73,16 @@ impl EtcdEndpoint {
     }
 
     /// Serves etcd's services for `node` on `listener` until `stop` is cancelled. Requests up to
-    /// `max_request_bytes` are read.
+    /// `max_request_bytes` are read; with `acceptor` ([`acceptor`]), over TLS.
     pub fn serve<N: EtcdNode>(
         listener: TcpListener,
-        tls: Option<TlsAcceptor>,
+        acceptor: Option<TlsAcceptor>,
         node: Arc<N>,
         authority: Arc<Authority>,
         max_request_bytes: usize,
         stop: CancellationToken,
     ) -> Result<Self, EtcdServeError> {
         let addr = listener.local_addr()?;
-        let acceptor = tls;
         // Snapshots staged by a node that stopped while streaming them.
         if let Ok(entries) = std::fs::read_dir(node.data_dir()) {
             for entry in entries.flatten() {
