@@ -272,13 +272,25 @@ async fn a_stopping_node_tells_its_watches_where_they_stand() {
         token: Some(nodes[1].admin_token()),
     };
     send.write_all(&encode_frame(&envelope).unwrap()).await.unwrap();
-    // Read as they come: the connection closes right after the stop, losing what was not read.
+    // Read as they come, and end our side after an error frame (the watch's last), as a client
+    // does: the stopping node waits for that before it closes the connection, which would
+    // discard what we had not read yet.
     let (frames_tx, mut frames) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         loop {
-            let Ok(size) = read_frame_len(&mut recv, MAX_FRAME_BYTES).await else { return };
-            let Ok(payload) = read_frame_payload(&mut recv, size).await else { return };
-            if frames_tx.send(decode::<ClientResult>(&payload).expect("a frame")).is_err() {
+            let read = async {
+                let size = read_frame_len(&mut recv, MAX_FRAME_BYTES).await?;
+                read_frame_payload(&mut recv, size).await
+            };
+            let frame = match read.await {
+                Ok(payload) => decode::<ClientResult>(&payload).map_err(|e| format!("an undecodable frame: {e}")),
+                Err(e) => Err(format!("the stream ended: {e}")),
+            };
+            let last = !matches!(frame, Ok(Ok(_)));
+            if last {
+                let _ = send.finish();
+            }
+            if frames_tx.send(frame).is_err() || last {
                 return;
             }
         }
@@ -287,7 +299,8 @@ async fn a_stopping_node_tells_its_watches_where_they_stand() {
         tokio::time::timeout(Duration::from_secs(60), frames.recv())
             .await
             .expect("a frame within 60 s")
-            .expect("a frame before the stream ended")
+            .expect("the reader sends every frame and why the stream ended")
+            .unwrap_or_else(|why| panic!("a frame before the stream ended: {why}"))
     };
     assert!(matches!(next_frame().await, Ok(ClientResponse::WatchCreated { .. })));
     let watcher = Arc::new(nodes[1].client().await);

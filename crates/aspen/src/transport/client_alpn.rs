@@ -293,8 +293,14 @@ async fn serve_watch<S: ClientService>(
                     reply(&mut send, &Err(ApiError::Unavailable("the node is shutting down".into()))),
                 )
                 .await;
-                // Until the client has it all: the endpoint closes next, dropping unsent data.
-                let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+                // Until the client has it all: it ends its side of the stream once it has read
+                // the last frame. The endpoint closes next, and a closed connection discards
+                // what its peer has not read yet, acknowledged or not.
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    let _ = send.stopped().await;
+                    drain_to_end(&mut recv, Duration::MAX).await;
+                })
+                .await;
                 return;
             }
         };
