@@ -401,3 +401,60 @@ async fn client_connections_beyond_the_limit_are_refused_and_members_still_get_i
         n.stop().await;
     }
 }
+
+/// A membership change asked of a node whose replica of shard 0 lags (it has not yet received
+/// the entry that added the member) is decided by shard 0's leader, not refused as "not a
+/// member" (seen in the membership fault scenario: `cluster remove` refused once right after a
+/// promotion). An id that is no member is still refused, by the leader.
+#[cfg(feature = "fault-injection")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_change_asked_of_a_lagging_replica_is_decided_by_the_leader() {
+    use aspen::transport::fault::{self, Rule};
+    let root = tempfile::tempdir().unwrap();
+    // Long election timeouts: the lagging replica hears no leader while the test runs.
+    let mut nodes = three_nodes(root.path(), |c| {
+        c.raft.election_timeout_min_ms = 8_000;
+        c.raft.election_timeout_max_ms = 12_000;
+    })
+    .await;
+    let leader_id = nodes[0].handle().shard0.status().leader.expect("shard 0 has a leader");
+    let leader = &nodes[leader_id as usize - 1];
+    let lagging = nodes.iter().find(|n| n.config.node_id != leader_id).expect("a follower");
+    let endpoint = |n: &InProcNode| n.handle().base.endpoint.id();
+    // Shard 0's Raft traffic from the leader to one follower is lost from now on; requests
+    // between the nodes (forwarding) still travel.
+    fault::set(endpoint(leader), endpoint(lagging), Some(0), Rule::PARTITION);
+    let learner = raw_endpoint().await;
+    const LEARNER_ID: u64 = 77;
+    let member = aspen::raft::MemberNode { endpoint_id: *learner.id().as_bytes(), addrs: learner.bound_sockets() };
+    leader
+        .handle()
+        .shard0
+        .raft()
+        .add_learner(shard_raft_id(0, LEARNER_ID), member, false)
+        .await
+        .expect("add a learner");
+    let listed = |n: &InProcNode| n.handle().shard0.status().learners.contains(&LEARNER_ID);
+    assert!(listed(leader), "the leader lists the learner");
+    assert!(!listed(lagging), "the lagging replica has not heard of the learner");
+
+    let ask = |node_id| lagging.handle().service.handle(ClientRequest::Remove { node_id }, 0);
+    match tokio::time::timeout(Duration::from_secs(60), ask(LEARNER_ID)).await.expect("an answer") {
+        Ok(aspen::api::ClientResponse::Membership(status)) => {
+            assert!(!status.learners.contains(&LEARNER_ID), "removed: {status:?}")
+        }
+        other => panic!("remove {LEARNER_ID} asked of node {}: {other:?}", lagging.config.node_id),
+    }
+    assert!(!listed(leader), "the leader no longer lists the learner");
+    match tokio::time::timeout(Duration::from_secs(60), ask(78)).await.expect("an answer") {
+        Err(ApiError::InvalidRequest(msg)) => assert!(msg.contains("node 78 is not a member"), "{msg}"),
+        other => panic!("remove 78 (never a member): {other:?}"),
+    }
+    fault::heal(&[endpoint(leader), endpoint(lagging)]);
+    wait_shards_converged(&nodes.iter().collect::<Vec<_>>(), 60).await;
+    assert!(!listed(lagging), "after healing, the lagging replica has the leader's membership");
+    learner.close().await;
+    for n in &mut nodes {
+        n.stop().await;
+    }
+}

@@ -434,7 +434,12 @@ impl NodeService {
     pub(super) async fn change_member_everywhere(&self, node_id: NodeId, change: MembershipChange) -> ClientResult {
         check_node_id(node_id)?;
         let _guard = self.membership_lock.lock().await;
-        if self.store.primary()?.member(shard_raft_id(0, node_id)).is_none() {
+        let primary = self.store.primary()?;
+        if primary.member(shard_raft_id(0, node_id)).is_none() {
+            // This replica of shard 0 may lag (a learner added a moment ago through another
+            // node): its leader knows the latest membership, so a node that does not lead shard
+            // 0 answers `NotLeader` and the request is forwarded there (`route_to_leader`).
+            primary.refer_to_leader()?;
             return Err(ApiError::InvalidRequest(format!("node {node_id} is not a member; add it first")));
         }
         // Shard 0's membership says who is a member, so a removal leaves it for last: if the

@@ -405,6 +405,12 @@ impl RaftNode {
     /// `NotLeader` at once when this node follows a known leader: a request for the leader
     /// goes to it without a trip through this node's write queue and Raft core (which would
     /// answer the same). A node that leads, or knows no leader, lets Raft decide.
+    /// `NotLeader` naming the shard's leader if another node is known to lead it; `Ok` if this
+    /// node leads it or no leader is known. For answers only the leader's view makes exact.
+    pub fn refer_to_leader(&self) -> Result<(), ApiError> {
+        self.not_leader()
+    }
+
     fn not_leader(&self) -> Result<(), ApiError> {
         let metrics = self.raft.metrics();
         let m = metrics.borrow();
