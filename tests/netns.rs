@@ -200,7 +200,18 @@ struct Node {
     log: PathBuf,
     args: Vec<String>,
     running: Option<NodeProcess>,
+    /// The log's length when the node was last started (what the current run wrote follows).
+    log_from: usize,
 }
+
+/// A frame of the one known way a node dies here that is not Aspen's: noq-proto 1.4.0 (iroh's
+/// QUIC) builds the packet that closes a connection by writing the (PATH_)ACK frames of every
+/// path first without checking that they fit (n0-computer/noq#367), can run out of room under
+/// heavy loss and panics; its connection's destructor then finds the lock that panic poisoned
+/// and the process aborts. Seen about one run in six of the sharded scenario (its 20–35 % loss).
+/// A node that died of exactly that is restarted, as systemd would (`Restart=on-failure`), the
+/// run goes on and says so; any other death still fails it.
+const NOQ_CLOSE_PACKET_ABORT: &str = "noq_proto::connection::packet_builder::PacketBuilder::write_frame";
 
 impl Node {
     fn spawn(&mut self) {
@@ -210,6 +221,7 @@ impl Node {
         spec.wrapper = ["ip", "netns", "exec", &self.ns].map(Into::into).to_vec();
         spec.args = ["--request-timeout-ms", "8000"].map(String::from).to_vec();
         spec.args.extend(self.args.iter().cloned());
+        self.log_from = std::fs::metadata(&self.log).map(|m| m.len() as usize).unwrap_or(0);
         let output = ProcOutput::File { path: self.log.clone(), append: true };
         let node = NodeProcess::start(spec, &output, OnDrop::Kill).expect("spawn ip netns exec aspen-node");
         self.running = Some(node);
@@ -242,12 +254,31 @@ impl Node {
         self.running.as_ref().expect("node running").proc.signal(signal).expect("kill");
     }
 
+    /// Whether the node exited since it was last started, and its first panic since then is
+    /// [`NOQ_CLOSE_PACKET_ABORT`] (in the panic's backtrace).
+    fn died_of_known_noq_abort(&mut self) -> bool {
+        let Some(p) = self.running.as_mut() else { return false };
+        if p.proc.exited().is_none() {
+            return false;
+        }
+        let log = std::fs::read(&self.log).unwrap_or_default();
+        first_panic_is_known_noq_abort(&String::from_utf8_lossy(&log[self.log_from.min(log.len())..]))
+    }
+
     /// `kill -9` (also works on a stopped process).
     fn kill(&mut self) {
         if let Some(mut n) = self.running.take() {
             n.proc.kill();
         }
     }
+}
+
+/// Whether the first panic in `log` has [`NOQ_CLOSE_PACKET_ABORT`] in its backtrace.
+fn first_panic_is_known_noq_abort(log: &str) -> bool {
+    let lines: Vec<&str> = log.lines().collect();
+    let Some(first) = lines.iter().position(|l| l.contains("panicked at")) else { return false };
+    let backtrace = lines[first + 1..].iter().take_while(|l| !l.contains("panicked at")).take(60);
+    backtrace.into_iter().any(|l| l.contains(NOQ_CLOSE_PACKET_ABORT))
 }
 
 /// The namespaces, bridge, veths and node processes of one test; [`Drop`] removes them all.
@@ -258,6 +289,8 @@ struct Net {
     bridge: Option<String>,
     veths: Vec<String>,
     nodes: Vec<Node>,
+    /// Nodes restarted after the known noq abort ([`NOQ_CLOSE_PACKET_ABORT`]), as said in the output.
+    restarts: Vec<String>,
     root: Option<tempfile::TempDir>,
 }
 
@@ -275,6 +308,7 @@ impl Net {
             bridge: None,
             veths: Vec::new(),
             nodes: Vec::new(),
+            restarts: Vec::new(),
             root: Some(tempfile::Builder::new().prefix(&format!("{name}-")).tempdir().expect("tempdir")),
         };
         let first = format!("{name}-n1");
@@ -327,6 +361,7 @@ impl Net {
             log: root.join(format!("node-{}.log", i + 1)),
             args,
             running: None,
+            log_from: 0,
         });
     }
 
@@ -380,6 +415,24 @@ impl Net {
             out += &format!("log tail:\n{}\n", p.proc.log_tail(25));
         }
         out
+    }
+
+    /// Restarts every node that died of the known noq abort ([`NOQ_CLOSE_PACKET_ABORT`]) and
+    /// records it.
+    async fn restart_known_aborts(&mut self) {
+        for node in &mut self.nodes {
+            if node.died_of_known_noq_abort() {
+                let what = format!(
+                    "node {} aborted in noq's close-packet builder (n0-computer/noq#367), restarted as systemd would",
+                    node.id
+                );
+                eprintln!("netns: {what}; its log: {}", node.log.display());
+                self.restarts.push(what);
+                node.running = None;
+                node.spawn();
+                node.wait_ready().await;
+            }
+        }
     }
 
     fn heal_firewalls(&self) {
@@ -514,6 +567,7 @@ async fn wait_converged(net: &mut Net, tickets: &[NodeTicket], shards: u32, secs
     let deadline = Instant::now() + Duration::from_secs(secs);
     let mut last = None;
     while Instant::now() < deadline {
+        net.restart_known_aborts().await;
         if let Some(st) = cluster_status(&admin).await {
             if converged(&st, shards) {
                 admin.close().await;
@@ -604,6 +658,7 @@ async fn inject(net: &mut Net, tickets: &[NodeTicket], rng: &mut StdRng) -> Vec<
     order.shuffle(rng);
     let mut log = Vec::new();
     for fault in order {
+        net.restart_known_aborts().await;
         // Half the time the victim is the leader of shard 0, else any node.
         let random_node = rng.random_range(0..NODES);
         let prefer_leader = rng.random_bool(0.5);
@@ -655,6 +710,7 @@ async fn inject(net: &mut Net, tickets: &[NodeTicket], rng: &mut StdRng) -> Vec<
         net.heal_firewalls();
         sleep_ms(rng.random_range(1000..2500)).await;
     }
+    net.restart_known_aborts().await;
     log
 }
 
@@ -797,6 +853,9 @@ async fn run_netns_scenario(tag: char, shards: u32) {
         report.states_explored,
         started.elapsed()
     );
+    if !net.restarts.is_empty() {
+        println!("known upstream aborts (seed {seed}): {}", net.restarts.join("; "));
+    }
     assert!(acked > 0, "the workload made progress (seed {seed})");
 }
 
@@ -862,4 +921,29 @@ fn exits_soon(child: &mut Child) -> bool {
     let _ = child.kill();
     let _ = child.wait();
     false
+}
+
+/// Only the known noq abort is forgiven: its first panic must be in noq's packet builder.
+#[test]
+fn only_the_known_noq_abort_is_restarted() {
+    let noq = "2026-12-05T15:06:16Z  WARN openraft: heartbeat error\n\
+thread 'tokio-rt-worker' (24900) panicked at bytes-1.12.2/src/lib.rs:207:5:\n\
+advance out of bounds: the len is 0 but advancing by 4\n\
+stack backtrace:\n\
+   3: <noq_proto::varint::VarInt as noq_proto::coding::Encodable>::encode\n\
+   5: noq_proto::connection::packet_builder::PacketBuilder::write_frame\n\
+   6: noq_proto::connection::Connection::poll_transmit_path_space\n\
+thread 'tokio-rt-worker' (24900) panicked at noq-1.4.0/src/mutex.rs:138:42:\n\
+called `Result::unwrap()` on an `Err` value: PoisonError { .. }\n\
+thread 'tokio-rt-worker' (24900) panicked at core/src/panicking.rs:233:5:\n\
+panic in a destructor during cleanup\n";
+    assert!(first_panic_is_known_noq_abort(noq));
+    // Aspen's own panic first (noq's frames only in a later one): not forgiven.
+    let ours = "thread 'tokio-rt-worker' panicked at crates/aspen/src/raft/node.rs:10:5:\n\
+index out of bounds\n\
+   1: aspen::raft::node::RaftNode::write\n\
+thread 'tokio-rt-worker' panicked at noq-1.4.0/src/mutex.rs:138:42:\n\
+   5: noq_proto::connection::packet_builder::PacketBuilder::write_frame\n";
+    assert!(!first_panic_is_known_noq_abort(ours));
+    assert!(!first_panic_is_known_noq_abort("killed by signal 9, no panic\n"));
 }
