@@ -593,3 +593,37 @@ async fn hostile_input_on_every_alpn_while_a_client_writes() {
     ep.close().await;
     node.shutdown().await;
 }
+
+/// An apply that fails inside the state machine (redb panics on a damaged page; here a put of
+/// the fault-injection key that panics the same way) stops that shard on the node, loudly: the
+/// write is answered `unavailable` with the reason, status names it (role Shutdown, the health
+/// that `/ready` reports) — and the process and its other answers go on (before, the shard hung: writes
+/// timed out and status said "ok").
+#[cfg(feature = "fault-injection")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_apply_stops_its_shard_loudly_not_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path()).await;
+    let admin = node.admin_token().expect("admin.token");
+    let client = AspenClient::connect(vec![node.ticket()], Duration::from_secs(10)).await.unwrap().with_token(&admin);
+    client.put("before", "1").await.expect("put");
+    let poison = aspen::storage::state_machine::PANIC_IN_APPLY_KEY.to_vec();
+    match client.put(poison, "x").await {
+        Err(ClientError::Api(ApiError::Unavailable(msg))) => {
+            assert!(msg.contains("applying entries failed"), "{msg}")
+        }
+        other => panic!("the put whose apply fails: {other:?}"),
+    }
+    let st = node.shard0.status();
+    assert_eq!(st.role, "Shutdown", "{st:?}");
+    assert!(format!("{:?}", st.health).contains("applying entries failed"), "{:?}", st.health);
+    // The process answers on: status, and a clear error for data of the stopped shard.
+    let status = client.cluster_status().await.expect("cluster status");
+    assert_eq!(status.nodes.len(), 1);
+    match client.get("before").await {
+        Err(ClientError::Api(ApiError::Unavailable(_))) => {}
+        other => panic!("a read of the stopped shard: {other:?}"),
+    }
+    client.close().await;
+    node.shutdown().await;
+}

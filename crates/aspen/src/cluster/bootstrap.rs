@@ -57,7 +57,9 @@ pub enum BootstrapError {
     Endpoint(#[from] EndpointError),
     #[error("metadata store: {0}")]
     Metadata(StorageError),
-    #[error("log journal {path}: {source}")]
+    #[error("metadata store {}: {source}{}", path.display(), crate::raft::node::damaged_hint(source))]
+    MetadataOpen { path: std::path::PathBuf, source: StorageError },
+    #[error("log journal {}: {source}{}", path.display(), crate::raft::node::damaged_hint(source))]
     Journal { path: std::path::PathBuf, source: StorageError },
     #[error(
         "data dir {path} belongs to node {recorded}, but this node was started as node {configured}; \
@@ -124,9 +126,10 @@ impl BootstrapError {
             | BootstrapError::Http { .. }
             | BootstrapError::Etcd { .. } => true,
             BootstrapError::Endpoint(e) => e.is_permanent(),
-            BootstrapError::Metadata(e) => e.is_permanent(),
+            BootstrapError::Metadata(e) | BootstrapError::MetadataOpen { source: e, .. } => e.is_permanent(),
             BootstrapError::Journal { source, .. } => source.is_permanent(),
-            BootstrapError::Shard(RaftNodeError::Storage { source, .. }) => source.is_permanent(),
+            BootstrapError::Shard(RaftNodeError::Storage { source, .. })
+            | BootstrapError::Shard(RaftNodeError::Open { source, .. }) => source.is_permanent(),
             BootstrapError::Shard(RaftNodeError::Config { .. }) => true,
             BootstrapError::Shard(_) | BootstrapError::Init(_) | BootstrapError::Interrupted => false,
         }
@@ -216,8 +219,10 @@ pub async fn bootstrap_base_node(config: NodeConfig) -> Result<BaseNodeResources
     SpaceReserve::new(&dir, config.storage.reserve_bytes).at_start();
     let secret_key = load_or_create_key(&dir)?;
     let cache = config.storage.cache_split(config.sharding.local_shard_ids().len());
-    let metadata_store =
-        Arc::new(MetadataStore::open(&dir.join("metadata.db"), cache.metadata).map_err(BootstrapError::Metadata)?);
+    let metadata_store = Arc::new(
+        crate::storage::open_guarded(|| MetadataStore::open(&dir.join("metadata.db"), cache.metadata))
+            .map_err(|source| BootstrapError::MetadataOpen { path: dir.join("metadata.db"), source })?,
+    );
     settle_storage_format(&dir, &metadata_store)?;
     let identity = metadata_store.identity().map_err(BootstrapError::Metadata)?;
     if let Some(id) = &identity {
@@ -513,7 +518,7 @@ async fn open_shards(
     let sharded = config.sharding.enabled;
     // One journal for every shard's new log entries: one fsync for all of them.
     let journal_path = config.data_dir.join(shared_journal::FILE_NAME);
-    let journal = SharedJournal::open_file(&journal_path)
+    let journal = crate::storage::open_guarded(|| SharedJournal::open_file(&journal_path))
         .map_err(|source| BootstrapError::Journal { path: journal_path.clone(), source })?;
     for shard in config.sharding.local_shard_ids() {
         // Sharded nodes send every shard's Raft traffic on `raft-shard` with its own prefix;

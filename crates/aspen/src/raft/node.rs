@@ -48,10 +48,22 @@ use crate::{
 pub enum RaftNodeError {
     #[error("storage of shard {shard}: {source}")]
     Storage { shard: ShardId, source: StorageError },
+    /// One of the shard's files could not be opened (damaged, unreadable, locked).
+    #[error("shard {shard}: {}: {source}{}", path.display(), damaged_hint(source))]
+    Open { shard: ShardId, path: std::path::PathBuf, source: StorageError },
     #[error("raft config of shard {shard}: {message}")]
     Config { shard: ShardId, message: String },
     #[error("raft of shard {shard} failed to start: {message}")]
     Start { shard: ShardId, message: String },
+}
+
+/// What to do about a file that is not a readable database: said after the error.
+pub(crate) fn damaged_hint(source: &StorageError) -> &'static str {
+    if source.is_damaged() {
+        " (the file is damaged: replace this member — docs/operations.md, \"A damaged data dir\")"
+    } else {
+        ""
+    }
 }
 
 /// One shard's Raft group member on this node.
@@ -207,20 +219,23 @@ impl RaftNode {
         // Database writes wait for room on the disk rather than fail (`storage::space`): a
         // quarter of the reserve stays free (`cluster::alarm` raises NOSPACE at all of it).
         let gate = SpaceGate::new(&node.data_dir, node.storage.reserve_bytes / 4);
-        let log =
-            RedbLogStore::open_shared(&dir.join("raft-log.db"), journal, shard, raft_cfg.max_append_bytes, cache.log)
-                .map_err(|source| RaftNodeError::Storage { shard, source })?
-                .overlap_own_appends(raft_id)
-                .wait_for_space(gate.clone());
+        let log_path = dir.join("raft-log.db");
+        let log = crate::storage::open_guarded(|| {
+            RedbLogStore::open_shared(&log_path, journal, shard, raft_cfg.max_append_bytes, cache.log)
+        })
+        .map_err(|source| RaftNodeError::Open { shard, path: log_path, source })?
+        .overlap_own_appends(raft_id)
+        .wait_for_space(gate.clone());
         let metrics = Arc::new(ShardMetrics::default());
-        let mut sm = RedbStateMachine::open(&dir.join("state-machine.db"), cache.state_machine)
-            .map_err(|source| RaftNodeError::Storage { shard, source })?
+        let sm_path = dir.join("state-machine.db");
+        let mut sm = crate::storage::open_guarded(|| RedbStateMachine::open(&sm_path, cache.state_machine))
+            .map_err(|source| RaftNodeError::Open { shard, path: sm_path.clone(), source })?
             .wait_for_log(log.durable())
             .with_metrics(metrics.clone())
             .wait_for_space(gate);
-        let watch_hub = sm
-            .watch(shard, history_entries, history_bytes, watch.max_lag as usize)
-            .map_err(|source| RaftNodeError::Storage { shard, source })?;
+        let watch_hub =
+            crate::storage::open_guarded(|| sm.watch(shard, history_entries, history_bytes, watch.max_lag as usize))
+                .map_err(|source| RaftNodeError::Open { shard, path: sm_path, source })?;
         let network = network.cap_commit_at(log.durable());
         let reader = sm.reader();
         let deadlines = sm.deadlines();

@@ -737,6 +737,11 @@ struct Applied {
 
 /// Applies a batch of entries in one transaction. Returns one result per entry, and what else
 /// changed ([`Applied`]; events only if `collect_events`).
+/// Fault injection only: a put of this key panics inside the apply, as redb does on a damaged
+/// page, so that tests can check what a failing apply does to the shard.
+#[cfg(feature = "fault-injection")]
+pub const PANIC_IN_APPLY_KEY: &[u8] = b"\0aspen-fault:panic-in-apply";
+
 fn apply_entries(
     db: &redb::Database,
     entries: Vec<Entry>,
@@ -773,6 +778,11 @@ fn apply_entries(
                     let mut outcomes = Vec::with_capacity(writes.len());
                     let mut events = Vec::new();
                     for (place, req) in writes.into_iter().enumerate() {
+                        #[cfg(feature = "fault-injection")]
+                        if matches!(&req.command, crate::api::WriteCommand::Put { key, .. } if key == PANIC_IN_APPLY_KEY)
+                        {
+                            panic!("injected: a put of the key that fails its apply (a stand-in for a damaged page)");
+                        }
                         clock = clock.max(req.timestamp_ms);
                         // Expire per write (not per apply call): replicas hand entries to apply
                         // in different groups, and every replica must make the same dedup
@@ -1410,7 +1420,10 @@ impl RaftStateMachine<TypeConfig> for RedbStateMachine {
         // a defragmentation holds the writes: then wait for it there).
         let mut entries = entries;
         let inline = if writes_in(&entries) <= INLINE_APPLY_WRITES {
-            self.db.try_writer().map(|writer| apply_entries(&writer, std::mem::take(&mut entries), collect))
+            self.db.try_writer().map(|writer| {
+                let entries = std::mem::take(&mut entries);
+                super::catch_storage_panic("applying entries", || apply_entries(&writer, entries, collect))
+            })
         } else {
             None
         };
@@ -1418,7 +1431,10 @@ impl RaftStateMachine<TypeConfig> for RedbStateMachine {
             Some(done) => done,
             None => {
                 let db = self.db.clone();
-                blocking(move || apply_entries(&db.writer(), entries, collect)).await
+                blocking(move || {
+                    super::catch_storage_panic("applying entries", || apply_entries(&db.writer(), entries, collect))
+                })
+                .await
             }
         }
         .map_err(|e| sm_err(ErrorVerb::Write, e))?;
