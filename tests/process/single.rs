@@ -285,6 +285,8 @@ fn data_dirs_of_newer_formats_are_refused_and_older_ones_upgraded() {
 fn a_damaged_file_in_the_data_dir_stops_the_start_naming_it() {
     let root = tempfile::tempdir().unwrap();
     let mut node = NodeProc::new(root.path(), 1);
+    // Sharded: a damaged shard 2 fails after shards 0 and 1 opened, which must be closed again.
+    node.extra_args = ["--sharding-enabled", "--sharding-num-shards", "4"].map(String::from).to_vec();
     node.start();
     for i in 0..200 {
         expect_code(&node.cli(&["put", &format!("k{i:03}"), &"v".repeat(300)]), 0, "put");
@@ -301,9 +303,9 @@ fn a_damaged_file_in_the_data_dir_stops_the_start_naming_it() {
         (path, original)
     };
     let cases = [
-        ("shard-0/state-machine.db", 0, 512),
-        ("shard-0/state-machine.db", 3 * 4096, 4 * 4096),
-        ("shard-0/raft-log.db", 2 * 4096, 4 * 4096),
+        ("shard-2/state-machine.db", 0, 512),
+        ("shard-2/state-machine.db", 3 * 4096, 4 * 4096),
+        ("shard-3/raft-log.db", 2 * 4096, 4 * 4096),
         ("metadata.db", 0, 512),
         ("node-log.journal", 0, 512),
     ];
@@ -311,6 +313,7 @@ fn a_damaged_file_in_the_data_dir_stops_the_start_naming_it() {
         let (path, original) = damage(file, at, len);
         let out = std::process::Command::new(crate::support::NODE_BIN)
             .args(["--node-id", "1", "--bind-addr", &node.bind.to_string()])
+            .args(&node.extra_args)
             .arg("--data-dir")
             .arg(&node.data_dir)
             .env_remove("ASPEN_TICKET")
