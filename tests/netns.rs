@@ -218,7 +218,8 @@ impl Node {
         assert!(self.running.is_none(), "node {} already running", self.id);
         let mut spec = NodeSpec::new(NODE_BIN, Path::new(""), self.id, self.addr);
         spec.data_dir = self.data_dir.clone();
-        spec.wrapper = ["ip", "netns", "exec", &self.ns].map(Into::into).to_vec();
+        // Backtraces in the log (the post-mortem, and recognising the known noq abort).
+        spec.wrapper = ["ip", "netns", "exec", &self.ns, "env", "RUST_BACKTRACE=1"].map(Into::into).to_vec();
         spec.args = ["--request-timeout-ms", "8000"].map(String::from).to_vec();
         spec.args.extend(self.args.iter().cloned());
         self.log_from = std::fs::metadata(&self.log).map(|m| m.len() as usize).unwrap_or(0);
@@ -254,15 +255,15 @@ impl Node {
         self.running.as_ref().expect("node running").proc.signal(signal).expect("kill");
     }
 
-    /// Whether the node exited since it was last started, and its first panic since then is
+    /// `None` while the node runs (or the test stopped it); else its exit status and whether it
+    /// is the known noq abort: SIGABRT, and the first panic since it was last started is
     /// [`NOQ_CLOSE_PACKET_ABORT`] (in the panic's backtrace).
-    fn died_of_known_noq_abort(&mut self) -> bool {
-        let Some(p) = self.running.as_mut() else { return false };
-        if p.proc.exited().is_none() {
-            return false;
-        }
+    fn death(&mut self) -> Option<(String, bool)> {
+        let status = self.running.as_mut()?.proc.exited()?;
         let log = std::fs::read(&self.log).unwrap_or_default();
-        first_panic_is_known_noq_abort(&String::from_utf8_lossy(&log[self.log_from.min(log.len())..]))
+        let known = status.contains("SIGABRT")
+            && first_panic_is_known_noq_abort(&String::from_utf8_lossy(&log[self.log_from.min(log.len())..]));
+        Some((status, known))
     }
 
     /// `kill -9` (also works on a stopped process).
@@ -418,20 +419,24 @@ impl Net {
     }
 
     /// Restarts every node that died of the known noq abort ([`NOQ_CLOSE_PACKET_ABORT`]) and
-    /// records it.
+    /// records it; a node that died of anything else fails the test at once, with its
+    /// post-mortem.
     async fn restart_known_aborts(&mut self) {
-        for node in &mut self.nodes {
-            if node.died_of_known_noq_abort() {
-                let what = format!(
-                    "node {} aborted in noq's close-packet builder (n0-computer/noq#367), restarted as systemd would",
-                    node.id
-                );
-                eprintln!("netns: {what}; its log: {}", node.log.display());
-                self.restarts.push(what);
-                node.running = None;
-                node.spawn();
-                node.wait_ready().await;
+        for i in 0..self.nodes.len() {
+            let Some((status, known)) = self.nodes[i].death() else { continue };
+            let id = self.nodes[i].id;
+            if !known {
+                panic!("node {id} died ({status}):\n{}", self.post_mortem(&[id]));
             }
+            let node = &mut self.nodes[i];
+            let what = format!(
+                "node {id} aborted in noq's close-packet builder (n0-computer/noq#367), restarted as systemd would"
+            );
+            eprintln!("netns: {what}; its log: {}", node.log.display());
+            self.restarts.push(what);
+            node.running = None;
+            node.spawn();
+            node.wait_ready().await;
         }
     }
 

@@ -597,33 +597,52 @@ async fn hostile_input_on_every_alpn_while_a_client_writes() {
 /// An apply that fails inside the state machine (redb panics on a damaged page; here a put of
 /// the fault-injection key that panics the same way) stops that shard on the node, loudly: the
 /// write is answered `unavailable` with the reason, status names it (role Shutdown, the health
-/// that `/ready` reports) — and the process and its other answers go on (before, the shard hung: writes
-/// timed out and status said "ok").
+/// that `/ready` reports) — and the node's other shard and its other answers go on (before,
+/// the shard hung: writes timed out and status said "ok").
 #[cfg(feature = "fault-injection")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_apply_stops_its_shard_loudly_not_the_node() {
     let dir = tempfile::tempdir().unwrap();
-    let node = start_node(dir.path()).await;
+    let mut config = NodeConfig {
+        data_dir: dir.path().to_path_buf(),
+        bind_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        ..Default::default()
+    };
+    config.sharding.enabled = true;
+    config.sharding.num_shards = 2;
+    config.limits.request_timeout_ms = 10_000;
+    let node = bootstrap_sharded_node(config).await.expect("node starts");
     let admin = node.admin_token().expect("admin.token");
-    let client = AspenClient::connect(vec![node.ticket()], Duration::from_secs(10)).await.unwrap().with_token(&admin);
-    client.put("before", "1").await.expect("put");
+    let client = AspenClient::connect(vec![node.ticket()], Duration::from_secs(20)).await.unwrap().with_token(&admin);
     let poison = aspen::storage::state_machine::PANIC_IN_APPLY_KEY.to_vec();
+    let router = aspen::sharding::ShardRouter::new(2);
+    let poisoned = router.shard_for_key(&poison);
+    // A key of each shard, written before.
+    let keys: Vec<String> = (0..64).map(|i| format!("k{i}")).collect();
+    let of = |shard| keys.iter().find(|k| router.shard_for_key(k.as_bytes()) == shard).unwrap().clone();
+    let (stopped_key, other_key) = (of(poisoned), of(1 - poisoned));
+    client.put(stopped_key.clone(), "1").await.expect("put");
+    client.put(other_key.clone(), "1").await.expect("put");
+
     match client.put(poison, "x").await {
         Err(ClientError::Api(ApiError::Unavailable(msg))) => {
-            assert!(msg.contains("applying entries failed"), "{msg}")
+            assert!(msg.contains("applying entries panicked"), "{msg}")
         }
         other => panic!("the put whose apply fails: {other:?}"),
     }
-    let st = node.shard0.status();
+    let st = node.shards[&poisoned].status();
     assert_eq!(st.role, "Shutdown", "{st:?}");
-    assert!(format!("{:?}", st.health).contains("applying entries failed"), "{:?}", st.health);
-    // The process answers on: status, and a clear error for data of the stopped shard.
-    let status = client.cluster_status().await.expect("cluster status");
-    assert_eq!(status.nodes.len(), 1);
-    match client.get("before").await {
+    assert!(format!("{:?}", st.health).contains("applying entries panicked"), "{:?}", st.health);
+    match client.get(stopped_key.clone()).await {
         Err(ClientError::Api(ApiError::Unavailable(_))) => {}
         other => panic!("a read of the stopped shard: {other:?}"),
     }
+    // The other shard serves on, and so does the node.
+    assert_eq!(node.shards[&(1 - poisoned)].status().role, "Leader");
+    client.put(other_key.clone(), "2").await.expect("a put to the other shard");
+    assert_eq!(client.get(other_key).await.expect("get").map(|kv| kv.value), Some(b"2".to_vec()));
+    let status = client.cluster_status().await.expect("cluster status");
+    assert_eq!(status.nodes.len(), 1);
     client.close().await;
     node.shutdown().await;
 }

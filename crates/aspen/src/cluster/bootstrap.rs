@@ -219,12 +219,14 @@ pub async fn bootstrap_base_node(config: NodeConfig) -> Result<BaseNodeResources
     SpaceReserve::new(&dir, config.storage.reserve_bytes).at_start();
     let secret_key = load_or_create_key(&dir)?;
     let cache = config.storage.cache_split(config.sharding.local_shard_ids().len());
+    // Opened and first read with redb's panics on damaged pages caught (`storage::open_guarded`).
+    let metadata_path = dir.join("metadata.db");
+    let metadata_err = |source| BootstrapError::MetadataOpen { path: metadata_path.clone(), source };
     let metadata_store = Arc::new(
-        crate::storage::open_guarded(|| MetadataStore::open(&dir.join("metadata.db"), cache.metadata))
-            .map_err(|source| BootstrapError::MetadataOpen { path: dir.join("metadata.db"), source })?,
+        crate::storage::open_guarded(|| MetadataStore::open(&metadata_path, cache.metadata)).map_err(metadata_err)?,
     );
-    settle_storage_format(&dir, &metadata_store)?;
-    let identity = metadata_store.identity().map_err(BootstrapError::Metadata)?;
+    crate::storage::open_guarded(|| Ok(settle_storage_format(&dir, &metadata_store))).map_err(metadata_err)??;
+    let identity = crate::storage::open_guarded(|| metadata_store.identity()).map_err(metadata_err)?;
     if let Some(id) = &identity {
         if id.node_id != config.node_id {
             return Err(BootstrapError::NodeIdMismatch { path: dir, recorded: id.node_id, configured: config.node_id });

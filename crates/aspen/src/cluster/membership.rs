@@ -438,7 +438,8 @@ impl NodeService {
         if primary.member(shard_raft_id(0, node_id)).is_none() {
             // This replica of shard 0 may lag (a learner added a moment ago through another
             // node): its leader knows the latest membership, so a node that does not lead shard
-            // 0 answers `NotLeader` and the request is forwarded there (`route_to_leader`).
+            // 0 answers `NotLeader` and the request is forwarded there (`route_to_leader`), or
+            // `Unavailable` while no leader is known.
             primary.refer_to_leader()?;
             return Err(ApiError::InvalidRequest(format!("node {node_id} is not a member; add it first")));
         }

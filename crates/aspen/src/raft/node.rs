@@ -61,6 +61,8 @@ pub enum RaftNodeError {
 pub(crate) fn damaged_hint(source: &StorageError) -> &'static str {
     if source.is_damaged() {
         " (the file is damaged: replace this member — docs/operations.md, \"A damaged data dir\")"
+    } else if matches!(source, StorageError::Panicked(_)) {
+        " (the file may be damaged, or this is a bug: docs/operations.md, \"A damaged data dir\")"
     } else {
         ""
     }
@@ -240,9 +242,25 @@ impl RaftNode {
         let reader = sm.reader();
         let deadlines = sm.deadlines();
         let log_sizes = log.clone();
-        let raft = Raft::new(raft_id, Arc::new(config), network, log, sm)
-            .await
-            .map_err(|e| RaftNodeError::Start { shard, message: e.to_string() })?;
+        // Raft reads the log and the state machine as it starts: redb's panics on a damaged page
+        // are caught as in the opens above.
+        let raft = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(Raft::new(
+            raft_id,
+            Arc::new(config),
+            network,
+            log,
+            sm,
+        )))
+        .await
+        .map_err(|panic| RaftNodeError::Open {
+            shard,
+            path: dir.to_path_buf(),
+            source: StorageError::Panicked(format!(
+                "starting Raft panicked: {}",
+                crate::storage::panic_message(&*panic)
+            )),
+        })?
+        .map_err(|e| RaftNodeError::Start { shard, message: e.to_string() })?;
         let size_stop = tokio_util::sync::CancellationToken::new();
         let commits = Arc::new(CommitSamples::default());
         let size_task = tokio::spawn(snapshot_by_size(
@@ -417,15 +435,25 @@ impl RaftNode {
         }
     }
 
+    /// For answers only the leader's view makes exact: `Ok` if this node leads the shard;
+    /// `NotLeader` naming the leader if another node is known to lead it; `Unavailable` if no
+    /// leader is known (the caller retries, or its client asks another member).
+    pub fn refer_to_leader(&self) -> Result<(), ApiError> {
+        self.not_leader()?;
+        let m = self.raft.metrics().borrow().clone();
+        if m.state == openraft::ServerState::Leader {
+            return Ok(());
+        }
+        Err(ApiError::Unavailable(format!(
+            "shard {} has no leader known to node {}",
+            self.shard,
+            split_raft_id(self.raft_id).1
+        )))
+    }
+
     /// `NotLeader` at once when this node follows a known leader: a request for the leader
     /// goes to it without a trip through this node's write queue and Raft core (which would
     /// answer the same). A node that leads, or knows no leader, lets Raft decide.
-    /// `NotLeader` naming the shard's leader if another node is known to lead it; `Ok` if this
-    /// node leads it or no leader is known. For answers only the leader's view makes exact.
-    pub fn refer_to_leader(&self) -> Result<(), ApiError> {
-        self.not_leader()
-    }
-
     fn not_leader(&self) -> Result<(), ApiError> {
         let metrics = self.raft.metrics();
         let m = metrics.borrow();

@@ -54,6 +54,10 @@ pub enum StorageError {
     LogWriterStopped,
     #[error("corrupt data: {0}")]
     Corrupt(String),
+    /// Reading or writing a store panicked (redb does on some damaged pages; or a bug):
+    /// [`catch_storage_panic`].
+    #[error("{0}")]
+    Panicked(String),
     /// The file system lacks room for what was asked (a defragmentation's copy); nothing changed.
     #[error("not enough disk space: {0}")]
     NoRoom(String),
@@ -72,14 +76,16 @@ impl StorageError {
 
     /// Whether the store cannot be opened or written however often it is retried: another
     /// process has the database open (a second node on the same data dir), the files are not
-    /// readable or writable, or they are damaged ([`Self::is_damaged`]) or of an unknown format.
+    /// readable or writable, or they are damaged ([`Self::is_damaged`]), of an unknown format, or
+    /// reading them panicked ([`StorageError::Panicked`]).
     pub fn is_permanent(&self) -> bool {
         let io_permanent = |e: &std::io::Error| {
             matches!(e.kind(), std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem)
         };
         match self {
             StorageError::Redb(redb::Error::DatabaseAlreadyOpen)
-            | StorageError::Redb(redb::Error::UpgradeRequired(_)) => true,
+            | StorageError::Redb(redb::Error::UpgradeRequired(_))
+            | StorageError::Panicked(_) => true,
             _ if self.is_damaged() => true,
             StorageError::Redb(redb::Error::Io(e)) | StorageError::Io(e) => io_permanent(e),
             StorageError::LogWrite(e) => e.is_permanent(),
@@ -135,7 +141,7 @@ pub(crate) fn open_db(path: &std::path::Path, cache_bytes: usize) -> Result<redb
 }
 
 /// Runs `open` (opening a store at start-up) and turns a panic inside it into
-/// [`StorageError::Corrupt`]: redb panics ("unreachable", "invalid page type") instead of
+/// [`StorageError::Panicked`]: redb panics ("unreachable", "invalid page type") instead of
 /// returning an error when a page of a file is damaged, and a node must not crash-loop on a bad
 /// file but stop with a message naming it (exit 2). The panic's own message still goes to stderr
 /// through the panic hook. Only for opening: whatever the closure built is dropped.
@@ -143,21 +149,23 @@ pub fn open_guarded<T>(open: impl FnOnce() -> Result<T, StorageError>) -> Result
     catch_storage_panic("reading the file", open)
 }
 
-/// Runs `f` and turns a panic inside it (redb's, on a damaged page) into
-/// [`StorageError::Corrupt`] "`doing` failed: <the panic's message>". For work after which the
+/// Runs `f` and turns a panic inside it (redb's, on a damaged page — or a bug) into
+/// [`StorageError::Panicked`] "`doing` panicked: <the panic's message>". For work after which the
 /// store is not used again: opening it, or applying entries (a failed apply stops the shard).
 pub fn catch_storage_panic<T>(doing: &str, f: impl FnOnce() -> Result<T, StorageError>) -> Result<T, StorageError> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(result) => result,
-        Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a panic".into());
-            Err(StorageError::Corrupt(format!("{doing} failed: {what}")))
-        }
+        Err(panic) => Err(StorageError::Panicked(format!("{doing} panicked: {}", panic_message(&*panic)))),
     }
+}
+
+/// The message a caught panic carried.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into())
 }
 
 /// The name a new database is built under before it is renamed into place.

@@ -735,13 +735,13 @@ struct Applied {
     last_index: u64,
 }
 
-/// Applies a batch of entries in one transaction. Returns one result per entry, and what else
-/// changed ([`Applied`]; events only if `collect_events`).
 /// Fault injection only: a put of this key panics inside the apply, as redb does on a damaged
 /// page, so that tests can check what a failing apply does to the shard.
 #[cfg(feature = "fault-injection")]
 pub const PANIC_IN_APPLY_KEY: &[u8] = b"\0aspen-fault:panic-in-apply";
 
+/// Applies a batch of entries in one transaction. Returns one result per entry, and what else
+/// changed ([`Applied`]; events only if `collect_events`).
 fn apply_entries(
     db: &redb::Database,
     entries: Vec<Entry>,
