@@ -208,7 +208,7 @@ struct Node {
 /// QUIC) builds the packet that closes a connection by writing the (PATH_)ACK frames of every
 /// path first without checking that they fit (n0-computer/noq#367), can run out of room under
 /// heavy loss and panics; its connection's destructor then finds the lock that panic poisoned
-/// and the process aborts. Seen about one run in six of the sharded scenario (its 20–35 % loss).
+/// and the process aborts. Seen in 2 of about 40 runs of the sharded scenario (its 20–35 % loss).
 /// A node that died of exactly that is restarted, as systemd would (`Restart=on-failure`), the
 /// run goes on and says so; any other death still fails it.
 const NOQ_CLOSE_PACKET_ABORT: &str = "noq_proto::connection::packet_builder::PacketBuilder::write_frame";
