@@ -50,6 +50,19 @@ async fn start_node(dir: &std::path::Path) -> aspen::cluster::NodeHandle {
     bootstrap_node(config).await.expect("node starts")
 }
 
+/// A one-node cluster with two shards in `dir`, requests timing out after `request_timeout_ms`.
+async fn start_two_shard_node(dir: &std::path::Path, request_timeout_ms: u64) -> aspen::cluster::NodeHandle {
+    let mut config = NodeConfig {
+        data_dir: dir.to_path_buf(),
+        bind_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        ..Default::default()
+    };
+    config.sharding.enabled = true;
+    config.sharding.num_shards = 2;
+    config.limits.request_timeout_ms = request_timeout_ms;
+    bootstrap_sharded_node(config).await.expect("sharded node starts")
+}
+
 /// Sends raw bytes on a new stream and returns what came back: `Ok(Some(result))` for a
 /// response frame, `Ok(None)` if the stream was closed without one.
 async fn raw_exchange(conn: &Connection, bytes: &[u8]) -> Option<ClientResult> {
@@ -477,15 +490,7 @@ async fn hostile_input_on_every_alpn_while_a_client_writes() {
     println!("hostile input seed: {seed} (rerun with ASPEN_BAD_INPUT_SEED={seed})");
 
     let dir = tempfile::tempdir().unwrap();
-    let mut config = NodeConfig {
-        data_dir: dir.path().to_path_buf(),
-        bind_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        ..Default::default()
-    };
-    config.sharding.enabled = true;
-    config.sharding.num_shards = 2;
-    config.limits.request_timeout_ms = 20_000;
-    let node = bootstrap_sharded_node(config).await.expect("sharded node starts");
+    let node = start_two_shard_node(dir.path(), 20_000).await;
     let ticket = node.ticket();
     let cluster_id = node.cluster_id();
     assert!(node.base.gossip_discovery.is_some(), "gossip is on by default");
@@ -603,15 +608,7 @@ async fn hostile_input_on_every_alpn_while_a_client_writes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_apply_stops_its_shard_loudly_not_the_node() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = NodeConfig {
-        data_dir: dir.path().to_path_buf(),
-        bind_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        ..Default::default()
-    };
-    config.sharding.enabled = true;
-    config.sharding.num_shards = 2;
-    config.limits.request_timeout_ms = 10_000;
-    let node = bootstrap_sharded_node(config).await.expect("node starts");
+    let node = start_two_shard_node(dir.path(), 10_000).await;
     let admin = node.admin_token().expect("admin.token");
     let client = AspenClient::connect(vec![node.ticket()], Duration::from_secs(20)).await.unwrap().with_token(&admin);
     let poison = aspen::storage::state_machine::PANIC_IN_APPLY_KEY.to_vec();
