@@ -31,7 +31,7 @@ use iroh::EndpointId;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use support::{
     wait_until,
-    workload::{check_watch, key, WatchRecorder, Workload, KEYS},
+    workload::{check_watch, key, watch_failure_report, WatchRecorder, Workload, KEYS},
     InProcNode,
 };
 
@@ -428,7 +428,8 @@ async fn run_scenario(scenario: Scenario, size: usize, shards: u32, seed: u64) {
     // The watch saw every acknowledged write exactly once, in order, and nothing else.
     let events = watch.finish(&reader, shards, 120).await.unwrap_or_else(|e| panic!("watch (seed {seed}): {e}"));
     if let Err(e) = check_watch(&events, &history, &finals) {
-        panic!("scenario {scenario:?} shards {shards} seed {seed}: watch: {e}");
+        let report = watch_failure_report(&format!("faults-{shards}-{seed}"), &events, &history);
+        panic!("scenario {scenario:?} shards {shards} seed {seed}: watch: {e}\n{report}");
     }
     let watched = events.len();
     // The lease lived through the faults; revoked now, its keys go everywhere.

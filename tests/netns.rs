@@ -39,7 +39,7 @@ use aspen_checker::{CheckConfig, Op, OpResult};
 use aspen_testkit::{NodeProcess, NodeSpec, OnDrop, Output as ProcOutput, SIGCONT, SIGSTOP};
 use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 use support::{
-    workload::{check_watch, key, WatchRecorder, Workload, KEYS},
+    workload::{check_watch, key, watch_failure_report, WatchRecorder, Workload, KEYS},
     NODE_BIN,
 };
 
@@ -820,7 +820,8 @@ async fn run_netns_scenario(tag: char, shards: u32) {
     }
     let events = watch.finish(&reader, shards, 120).await.unwrap_or_else(|e| panic!("watch (seed {seed}): {e}"));
     if let Err(e) = check_watch(&events, &history, &finals) {
-        panic!("netns shards {shards} seed {seed}: watch: {e}");
+        let report = watch_failure_report(&format!("netns-{shards}-{seed}"), &events, &history);
+        panic!("netns shards {shards} seed {seed}: watch: {e}\n{report}");
     }
     println!("{} watch events, complete", events.len());
     reader.close().await;

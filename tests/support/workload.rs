@@ -240,6 +240,25 @@ impl WatchRecorder {
     }
 }
 
+/// What to print when [`check_watch`] failed: whether the history itself is linearizable (a
+/// write missing from the watch could also be a write lost from the data) and where the
+/// history (JSON) and the watch's events (one per line) were written for a closer look.
+pub fn watch_failure_report(name: &str, events: &[aspen::api::WatchEvent], history: &History) -> String {
+    let verdict = match history.check(&aspen_checker::CheckConfig::default()) {
+        Ok(report) => report.result.to_string(),
+        Err(e) => format!("history not checkable: {e}"),
+    };
+    let dir = std::env::temp_dir();
+    let (hist, evs) = (dir.join(format!("aspen-{name}-history.json")), dir.join(format!("aspen-{name}-watch.txt")));
+    let _ = std::fs::write(&hist, history.to_json().unwrap_or_default());
+    let _ = std::fs::write(&evs, events.iter().map(|e| format!("{e:?}\n")).collect::<String>());
+    format!(
+        "linearizability of the history: {verdict}; history in {}, watch events in {}",
+        hist.display(),
+        evs.display()
+    )
+}
+
 /// Checks a watch's events against the recorded history of the workload it watched and the
 /// final value of each key: no event twice, each shard's in order; every acknowledged put and
 /// swap appears exactly once, every event is a write that was sent (acknowledged or of unknown
