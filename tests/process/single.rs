@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use crate::support::{expect_code, stderr, stdout, NodeProc, NODE_BIN};
+use crate::support::{expect_code, stderr, stdout, NodeProc, NODE_BIN, SHARD_FLAGS};
 use aspen::{api::ReadConsistency, AspenClient};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -286,7 +286,7 @@ fn a_damaged_file_in_the_data_dir_stops_the_start_naming_it() {
     let root = tempfile::tempdir().unwrap();
     let mut node = NodeProc::new(root.path(), 1);
     // Sharded: a damaged shard 2 fails after shards 0 and 1 opened, which must be closed again.
-    node.extra_args = ["--sharding-enabled", "--sharding-num-shards", "4"].map(String::from).to_vec();
+    node.extra_args = SHARD_FLAGS.map(String::from).to_vec();
     node.start();
     for i in 0..200 {
         expect_code(&node.cli(&["put", &format!("k{i:03}"), &"v".repeat(300)]), 0, "put");

@@ -57,9 +57,9 @@ pub enum BootstrapError {
     Endpoint(#[from] EndpointError),
     #[error("metadata store: {0}")]
     Metadata(StorageError),
-    #[error("metadata store {}: {source}{}", path.display(), crate::raft::node::damaged_hint(source))]
+    #[error("metadata store {}: {source}{}", path.display(), source.damage_hint())]
     MetadataOpen { path: std::path::PathBuf, source: StorageError },
-    #[error("log journal {}: {source}{}", path.display(), crate::raft::node::damaged_hint(source))]
+    #[error("log journal {}: {source}{}", path.display(), source.damage_hint())]
     Journal { path: std::path::PathBuf, source: StorageError },
     #[error(
         "data dir {path} belongs to node {recorded}, but this node was started as node {configured}; \

@@ -49,23 +49,12 @@ pub enum RaftNodeError {
     #[error("storage of shard {shard}: {source}")]
     Storage { shard: ShardId, source: StorageError },
     /// One of the shard's files could not be opened (damaged, unreadable, locked).
-    #[error("shard {shard}: {}: {source}{}", path.display(), damaged_hint(source))]
+    #[error("shard {shard}: {}: {source}{}", path.display(), source.damage_hint())]
     Open { shard: ShardId, path: std::path::PathBuf, source: StorageError },
     #[error("raft config of shard {shard}: {message}")]
     Config { shard: ShardId, message: String },
     #[error("raft of shard {shard} failed to start: {message}")]
     Start { shard: ShardId, message: String },
-}
-
-/// What to do about a file that is not a readable database: said after the error.
-pub(crate) fn damaged_hint(source: &StorageError) -> &'static str {
-    if source.is_damaged() {
-        " (the file is damaged: replace this member — docs/operations.md, \"A damaged data dir\")"
-    } else if matches!(source, StorageError::Panicked(_)) {
-        " (the file may be damaged, or this is a bug: docs/operations.md, \"A damaged data dir\")"
-    } else {
-        ""
-    }
 }
 
 /// One shard's Raft group member on this node.

@@ -74,6 +74,18 @@ impl StorageError {
         }
     }
 
+    /// What to do about a file that is not a readable database, said after the error that
+    /// names it (empty for other errors).
+    pub fn damage_hint(&self) -> &'static str {
+        if self.is_damaged() {
+            " (the file is damaged: replace this member — docs/operations.md, \"A damaged data dir\")"
+        } else if matches!(self, StorageError::Panicked(_)) {
+            " (the file may be damaged, or this is a bug: docs/operations.md, \"A damaged data dir\")"
+        } else {
+            ""
+        }
+    }
+
     /// Whether the store cannot be opened or written however often it is retried: another
     /// process has the database open (a second node on the same data dir), the files are not
     /// readable or writable, or they are damaged ([`Self::is_damaged`]), of an unknown format, or
