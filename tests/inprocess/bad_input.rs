@@ -643,3 +643,59 @@ async fn a_failing_apply_stops_its_shard_loudly_not_the_node() {
     client.close().await;
     node.shutdown().await;
 }
+
+/// An apply that is stuck (a hung disk; here the fault-injection key whose apply waits) shows
+/// in `cluster status` as it does in `/ready` — the shard's health names how far it applied and
+/// what was committed a second ago — however few entries wait behind it (before, status counted
+/// the entries not applied and said "ok" below 10,000); once the apply goes on, the write is
+/// acknowledged and the shard is healthy again.
+#[cfg(feature = "fault-injection")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_apply_shows_in_status_however_few_entries_wait() {
+    use aspen::storage::state_machine::{STALL_APPLY, STALL_APPLY_KEY};
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_two_shard_node(dir.path(), 120_000).await;
+    let admin = node.admin_token().expect("admin.token");
+    let client =
+        Arc::new(AspenClient::connect(vec![node.ticket()], Duration::from_secs(120)).await.unwrap().with_token(&admin));
+    let stalled = aspen::sharding::ShardRouter::new(2).shard_for_key(STALL_APPLY_KEY);
+    let health_of = |status: &aspen::api::ClusterStatus, shard: ShardId| {
+        status.shards.iter().find(|s| s.shard == shard).map(|s| s.health.clone()).expect("the shard in status")
+    };
+    let before = client.cluster_status().await.expect("status");
+    assert!(health_of(&before, stalled).healthy, "{before:?}");
+
+    STALL_APPLY.store(true, Ordering::SeqCst);
+    let writer = client.clone();
+    let put = tokio::spawn(async move { writer.put(STALL_APPLY_KEY.to_vec(), "x").await });
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let seen = loop {
+        let status = client.cluster_status().await.expect("status while the apply is stuck");
+        let h = health_of(&status, stalled);
+        if !h.healthy {
+            break (h, status);
+        }
+        assert!(std::time::Instant::now() < deadline, "the stuck apply never showed in status: {status:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let (h, status) = seen;
+    assert!(h.reason.contains("committed a second ago"), "{h:?}");
+    assert!(h.apply_lag < 10, "few entries wait behind the stuck one: {h:?}");
+    assert!(health_of(&status, 1 - stalled).healthy, "the other shard is fine: {status:?}");
+    assert!(node.shards[&stalled].readiness().is_err(), "/ready says so too");
+    assert!(!put.is_finished(), "the write waits for its apply");
+
+    STALL_APPLY.store(false, Ordering::SeqCst);
+    put.await.unwrap().expect("the write is acknowledged once its apply goes on");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = client.cluster_status().await.expect("status");
+        if health_of(&status, stalled).healthy {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the shard never turned healthy again: {status:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(node.shards[&stalled].readiness().is_ok());
+    node.shutdown().await;
+}

@@ -740,6 +740,16 @@ struct Applied {
 #[cfg(feature = "fault-injection")]
 pub const PANIC_IN_APPLY_KEY: &[u8] = b"\0aspen-fault:panic-in-apply";
 
+/// Fault injection only: the apply of an entry holding a put of this key waits while
+/// [`STALL_APPLY`] is set, as an apply stuck on a slow or hung disk would, so that tests can check
+/// how a stuck apply is reported.
+#[cfg(feature = "fault-injection")]
+pub const STALL_APPLY_KEY: &[u8] = b"\0aspen-fault:stall-apply";
+
+/// Fault injection only: see [`STALL_APPLY_KEY`].
+#[cfg(feature = "fault-injection")]
+pub static STALL_APPLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Applies a batch of entries in one transaction. Returns one result per entry, and what else
 /// changed ([`Applied`]; events only if `collect_events`).
 fn apply_entries(
@@ -1412,6 +1422,15 @@ impl RaftStateMachine<TypeConfig> for RedbStateMachine {
                 })
                 .sum();
             gate.wait(bytes as u64, "applying committed entries").await;
+        }
+        #[cfg(feature = "fault-injection")]
+        if entries.iter().any(|e| {
+            matches!(&e.payload, EntryPayload::Normal(WriteBatch(reqs))
+                if reqs.iter().any(|r| matches!(&r.command, crate::api::WriteCommand::Put { key, .. } if key == STALL_APPLY_KEY)))
+        }) {
+            while STALL_APPLY.load(std::sync::atomic::Ordering::SeqCst) {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
         }
         let collect = self.hub.is_some();
         let started = std::time::Instant::now();
