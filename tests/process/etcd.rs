@@ -428,6 +428,10 @@ fn etcdctl_on_four_shards() {
     assert_eq!(stdout(&o).lines().next(), Some("SUCCESS"), "{}{}", stdout(&o), stderr(&o));
     let o = e.txn("\n\nput s/00 x\nput s/01 y\nput s/02 z\nput s/03 w\nput s/04 v\n\n\n");
     assert!(!o.status.success() && stderr(&o).contains("atomic within one shard only"), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("key range"), "single keys: no range to blame: {}", stderr(&o));
+    // A range inside counts as every shard, and the refusal says so.
+    let o = e.txn("\n\nput s/00 x\nget s/ --prefix\n\n\n");
+    assert!(!o.status.success() && stderr(&o).contains("a key range reaches every shard"), "{}", stderr(&o));
     // A start revision names a position in one shard's history: refused for a prefix watch of
     // every shard.
     let w = e.spawn(&["watch", "--prefix", "s/", "--rev", "1"]);

@@ -237,8 +237,10 @@ impl<N: EtcdNode> KvService<N> {
     fn txn_shard(&self, txn: &KvTxn) -> Result<ShardId, Status> {
         let gw = &self.0;
         let mut shards = std::collections::BTreeSet::new();
+        let mut ranged = false;
         for (key, end) in txn.spans() {
             let range = KeyRange { key: key.to_vec(), end: end.map(<[u8]>::to_vec) };
+            ranged |= !range.is_single();
             shards.extend(gw.shards_of(&range));
         }
         match shards.len() {
@@ -246,9 +248,10 @@ impl<N: EtcdNode> KvService<N> {
             1 => Ok(*shards.first().unwrap_or(&0)),
             _ => {
                 let list: Vec<String> = shards.iter().map(ToString::to_string).collect();
+                // Said only when a range is why: a range counts as every shard.
+                let why = if ranged { " (a key range reaches every shard)" } else { "" };
                 Err(Status::failed_precondition(format!(
-                    "a txn is atomic within one shard only; its keys are in shards {} (a key range reaches every \
-                     shard)",
+                    "a txn is atomic within one shard only; its keys are in shards {}{why}",
                     list.join(", ")
                 )))
             }
