@@ -699,3 +699,37 @@ async fn a_stuck_apply_shows_in_status_however_few_entries_wait() {
     assert!(node.shards[&stalled].readiness().is_ok());
     node.shutdown().await;
 }
+
+/// A read that fails inside the state machine (redb panics on some damaged pages; here a get of
+/// the fault-injection key that panics the same way) answers `unavailable` naming the file —
+/// a client with other members asks them — and the node, the shard and every other read go
+/// on (before, the panic ended the request's task and the client saw its stream break).
+#[cfg(feature = "fault-injection")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_read_answers_unavailable_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_two_shard_node(dir.path(), 10_000).await;
+    let admin = node.admin_token().expect("admin.token");
+    let client = AspenClient::connect(vec![node.ticket()], Duration::from_secs(20)).await.unwrap().with_token(&admin);
+    let poison = aspen::storage::state_machine::PANIC_IN_READ_KEY.to_vec();
+    let shard = aspen::sharding::ShardRouter::new(2).shard_for_key(&poison);
+    client.put("k", "v").await.expect("put");
+    for consistency in [ReadConsistency::Linearizable, ReadConsistency::Stale] {
+        match client.get_with(poison.clone(), consistency).await {
+            Err(ClientError::Api(ApiError::Unavailable(msg))) => {
+                assert!(msg.contains("panicked") && msg.contains("state-machine.db"), "{msg}");
+                assert!(msg.contains(&format!("shard {shard}")), "{msg}");
+            }
+            other => panic!("a read that fails in the state machine ({consistency:?}): {other:?}"),
+        }
+    }
+    // Everything else serves on: other reads, writes, the shard's health.
+    assert_eq!(client.get("k").await.expect("get").map(|kv| kv.value), Some(b"v".to_vec()));
+    client.put("k", "w").await.expect("put after");
+    assert_eq!(client.get("k").await.expect("get").map(|kv| kv.value), Some(b"w".to_vec()));
+    let st = node.shards[&shard].status();
+    assert_eq!(st.role, "Leader", "{st:?}");
+    assert!(st.health.healthy, "{st:?}");
+    client.close().await;
+    node.shutdown().await;
+}

@@ -558,7 +558,7 @@ impl RaftNode {
     /// every write acknowledged before the call is in it.
     pub async fn begin_backup(&self) -> Result<BackupSource, ApiError> {
         self.ensure_linearizable().await?;
-        self.reader.backup().map_err(|e| self.storage_err(e))
+        self.read_state("backup read", || self.reader.backup())
     }
 
     /// Reads one key.
@@ -566,7 +566,7 @@ impl RaftNode {
         if consistency == ReadConsistency::Linearizable && !self.reads_broken() {
             self.ensure_linearizable().await?;
         }
-        self.reader.get(key).map_err(|e| ApiError::Internal(format!("read shard {}: {e}", self.shard)))
+        self.read_state("read", || self.reader.get(key))
     }
 
     /// Fault injection only: a deliberately wrong read mode in which this replica answers
@@ -594,8 +594,7 @@ impl RaftNode {
         if req.consistency == ReadConsistency::Linearizable {
             self.ensure_linearizable().await?;
         }
-        scan_local(&self.reader, req, page_limit, max_bytes)
-            .map_err(|e| ApiError::Internal(format!("scan shard {}: {e}", self.shard)))
+        self.read_state("scan", || scan_local(&self.reader, req, page_limit, max_bytes))
     }
 
     /// An etcd-shaped range read of this shard (`api::kv`), with the revision it saw.
@@ -607,7 +606,7 @@ impl RaftNode {
         if consistency == ReadConsistency::Linearizable && !self.reads_broken() {
             self.ensure_linearizable().await?;
         }
-        self.reader.kv_range(query).map_err(|e| ApiError::Internal(format!("range read of shard {}: {e}", self.shard)))
+        self.read_state("range read", || self.reader.kv_range(query))
     }
 
     /// [`Self::range`] at revision `at` of this shard: the state read now with every change after
@@ -625,9 +624,7 @@ impl RaftNode {
         if consistency == ReadConsistency::Linearizable && !self.reads_broken() {
             self.ensure_linearizable().await?;
         }
-        let read = |q: &crate::api::RangeQuery| {
-            self.reader.kv_range(q).map_err(|e| ApiError::Internal(format!("range read of shard {}: {e}", self.shard)))
-        };
+        let read = |q: &crate::api::RangeQuery| self.read_state("range read", || self.reader.kv_range(q));
         // Each changed key may hide one key of the page at `at`: read that many more (again if
         // more changes came between the reads; after a few tries, without a limit).
         let mut extra = 0usize;
@@ -717,7 +714,7 @@ impl RaftNode {
         if consistency == ReadConsistency::Linearizable && !self.reads_broken() {
             self.ensure_linearizable().await?;
         }
-        self.reader.kv_txn_read(txn).map_err(|e| ApiError::Internal(format!("txn read of shard {}: {e}", self.shard)))
+        self.read_state("txn read", || self.reader.kv_txn_read(txn))
     }
 
     /// The deadlines of the leases whose home is this shard.
@@ -749,7 +746,7 @@ impl RaftNode {
         let term = self
             .leading_term()
             .ok_or_else(|| ApiError::Unavailable(format!("node lost the leadership of shard {}", self.shard)))?;
-        let live = self.reader.lease(id).map_err(|e| self.storage_err(e))?.is_some_and(|r| !r.revoking);
+        let live = self.read_state("lease read", || self.reader.lease(id))?.is_some_and(|r| !r.revoking);
         if !live {
             return Err(ApiError::LeaseNotFound { id });
         }
@@ -776,13 +773,13 @@ impl RaftNode {
     /// This shard's keys attached to lease `id` (linearizable).
     pub async fn lease_keys(&self, id: u64) -> Result<Vec<Vec<u8>>, ApiError> {
         self.ensure_linearizable().await?;
-        self.reader.lease_keys(id).map_err(|e| self.storage_err(e))
+        self.read_state("lease keys read", || self.reader.lease_keys(id))
     }
 
     /// The live leases whose home is this shard (linearizable).
     pub async fn leases(&self) -> Result<Vec<LeaseEntry>, ApiError> {
         self.ensure_linearizable().await?;
-        let all = self.reader.leases().map_err(|e| self.storage_err(e))?;
+        let all = self.read_state("leases read", || self.reader.leases())?;
         Ok(all
             .into_iter()
             .filter(|(_, r)| !r.revoking)
@@ -790,8 +787,33 @@ impl RaftNode {
             .collect())
     }
 
-    fn storage_err(&self, e: crate::storage::StorageError) -> ApiError {
-        ApiError::Internal(format!("read shard {}: {e}", self.shard))
+    /// Runs `read` of this replica's state machine (`what`: what it reads). A panic inside it —
+    /// redb panics on some damaged pages instead of returning an error, or a bug — is caught and
+    /// logged, and answers `Unavailable` naming the file, so that the client asks another member
+    /// (whose copy is its own) instead of seeing its stream break; any other failure is
+    /// `Internal`.
+    fn read_state<T>(
+        &self,
+        what: &str,
+        read: impl FnOnce() -> Result<T, crate::storage::StorageError>,
+    ) -> Result<T, ApiError> {
+        match crate::storage::catch_storage_panic(what, read) {
+            Ok(v) => Ok(v),
+            Err(crate::storage::StorageError::Panicked(msg)) => {
+                let file =
+                    self.reader.file_path().map_or_else(|| "its state machine".into(), |p| p.display().to_string());
+                tracing::error!(
+                    shard = self.shard,
+                    file,
+                    "{msg}: the file may be damaged (docs/operations.md, \"A damaged data dir\"), or this is a bug"
+                );
+                Err(ApiError::Unavailable(format!(
+                    "shard {}: {msg} on this node ({file} may be damaged); ask another member",
+                    self.shard
+                )))
+            }
+            Err(e) => Err(ApiError::Internal(format!("{what} of shard {}: {e}", self.shard))),
+        }
     }
 
     /// Handles one chunk of a snapshot the shard's leader sends this node (docs/design.md §6.4).
@@ -964,7 +986,7 @@ impl RaftNode {
     /// The digest of this replica's state machine at the index it has applied (one read
     /// transaction, O(1)); `None` (logged) if the state machine cannot be read.
     pub fn digest(&self) -> Option<StateDigest> {
-        match self.reader.digest() {
+        match self.read_state("state digest read", || self.reader.digest()) {
             Ok(d) => Some(d),
             Err(e) => {
                 tracing::warn!(shard = self.shard, "state digest: {e}");

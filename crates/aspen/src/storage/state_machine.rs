@@ -188,6 +188,11 @@ impl StateReader {
         IncomingSnapshot::begin(self.db.clone(), meta)
     }
 
+    /// The state machine's file (`None`: not on a file, e.g. a simulated disk in tests).
+    pub fn file_path(&self) -> Option<&Path> {
+        self.db.file_path()
+    }
+
     /// Rewrites this replica's state machine file in key order and swaps it in (blocking): the
     /// shard's writes on this node wait meanwhile, reads do not (docs/design.md §6.6).
     pub fn defragment(&self) -> Result<Defragmented, StorageError> {
@@ -209,6 +214,10 @@ impl StateReader {
     }
 
     pub fn get(&self, key: &[u8]) -> Result<Option<KeyValue>, StorageError> {
+        #[cfg(feature = "fault-injection")]
+        if key == PANIC_IN_READ_KEY {
+            panic!("injected: a read of the key that fails (a stand-in for a damaged page)");
+        }
         let txn = self.db.begin_read()?;
         let table = txn.open_table(KV)?;
         match table.get(key)? {
@@ -739,6 +748,11 @@ struct Applied {
 /// page, so that tests can check what a failing apply does to the shard.
 #[cfg(feature = "fault-injection")]
 pub const PANIC_IN_APPLY_KEY: &[u8] = b"\0aspen-fault:panic-in-apply";
+
+/// Fault injection only: a read of this key panics inside the state machine's read, as redb does
+/// on a damaged page, so that tests can check what a failing read does.
+#[cfg(feature = "fault-injection")]
+pub const PANIC_IN_READ_KEY: &[u8] = b"\0aspen-fault:panic-in-read";
 
 /// Fault injection only: the apply of an entry holding a put of this key waits while
 /// [`STALL_APPLY`] is set, as an apply stuck on a slow or hung disk would, so that tests can check

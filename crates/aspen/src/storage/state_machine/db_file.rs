@@ -90,6 +90,11 @@ impl std::ops::Deref for Writer<'_> {
 }
 
 impl SmDb {
+    /// The file (`None`: not on a file).
+    pub(crate) fn file_path(&self) -> Option<&Path> {
+        self.file.as_ref().map(|(p, _)| p.as_path())
+    }
+
     pub(crate) fn new(db: redb::Database, file: Option<(PathBuf, usize)>) -> Self {
         SmDb { current: RwLock::new(Arc::new(db)), writes: RwLock::new(()), file }
     }
