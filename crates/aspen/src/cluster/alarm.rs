@@ -206,7 +206,11 @@ impl NodeService {
             continuation: None,
             consistency: ReadConsistency::Stale,
         };
-        let page = crate::storage::scan::scan_local(shard0.reader(), &req, 10_000, usize::MAX / 2).ok()?;
+        // A failed read (a panic included) is "unknown": the alarm task must not end.
+        let page = crate::storage::catch_storage_panic("reading the alarms", || {
+            crate::storage::scan::scan_local(shard0.reader(), &req, 10_000, usize::MAX / 2)
+        })
+        .ok()?;
         Some(page.entries.iter().filter_map(|kv| postcard::from_bytes(&kv.value).ok()).collect())
     }
 

@@ -139,7 +139,12 @@ impl NodeService {
     /// The cluster's signing key in this node's replica of shard 0, if it is there.
     fn local_cluster_key(&self) -> Option<iroh::SecretKey> {
         let shard0 = self.store.local(0).ok()?;
-        let kv = shard0.reader().get(&reserved_key(CLUSTER_KEY)).ok()??;
+        // A failed read (a panic included: redb's on a damaged page) is "not there yet": this
+        // runs in the task that follows shard 0, which must not end.
+        let kv = crate::storage::catch_storage_panic("reading the cluster key", || {
+            shard0.reader().get(&reserved_key(CLUSTER_KEY))
+        })
+        .ok()??;
         let bytes: [u8; 32] = kv.value.as_slice().try_into().ok()?;
         Some(iroh::SecretKey::from_bytes(&bytes))
     }
@@ -333,7 +338,10 @@ impl NodeService {
             continuation: None,
             consistency: ReadConsistency::Stale,
         };
-        let page = crate::storage::scan::scan_local(shard0.reader(), &req, MAX_REVOCATIONS, usize::MAX / 2).ok()?;
+        let page = crate::storage::catch_storage_panic("reading the revoked tokens", || {
+            crate::storage::scan::scan_local(shard0.reader(), &req, MAX_REVOCATIONS, usize::MAX / 2)
+        })
+        .ok()?;
         Some(page.entries.iter().filter_map(|kv| id_of(&kv.key)).collect())
     }
 
