@@ -117,6 +117,12 @@ fn cli_commands_and_exit_codes() {
     assert!(status.success(), "SIGTERM exit status {status}");
     let o = crate::support::cli_with_timeout(&node, 2, &["get", "greeting"]);
     expect_code(&o, 3, "get from a stopped node");
+    // One line that names who did not answer; no ERROR from iroh about the client's endpoint
+    // (its close gives up on the dead peer and drops it).
+    let err = stderr(&o);
+    assert!(err.contains("could not reach any node: ") && err.contains("node 1"), "{err}");
+    assert!(!err.contains("ERROR") && !err.contains("no tickets"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
 }
 
 #[test]

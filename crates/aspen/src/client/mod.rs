@@ -259,9 +259,23 @@ impl AspenClient {
         start: usize,
         deadline: Instant,
     ) -> Result<(usize, Connection), String> {
+        if tickets.is_empty() {
+            return Err("no tickets".into());
+        }
         let mut dials = tokio::task::JoinSet::new();
         let mut next = 0usize;
-        let mut last_err = String::from("no tickets");
+        // Until a dial fails, what a timeout says: who was dialled and did not answer.
+        let mut last_err = String::new();
+        let no_answer = |dialled: usize| {
+            let who: Vec<String> = (0..dialled)
+                .map(|k| {
+                    let t = &tickets[(start + k) % tickets.len()];
+                    let addrs: Vec<String> = t.addrs.iter().map(ToString::to_string).collect();
+                    format!("node {} ({})", t.node_id, addrs.join(", "))
+                })
+                .collect();
+            format!("no answer from {}", who.join(", "))
+        };
         loop {
             if next < tickets.len() {
                 let i = (start + next) % tickets.len();
@@ -274,7 +288,8 @@ impl AspenClient {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(format!("{last_err}; connect timed out"));
+                let why = if last_err.is_empty() { no_answer(next) } else { last_err };
+                return Err(format!("{why}; connect timed out"));
             }
             // Wait for an outcome; start the next dial after the stagger if nothing came.
             let wait = if next < tickets.len() { left.min(DIAL_STAGGER) } else { left };
@@ -288,7 +303,8 @@ impl AspenClient {
                     }
                 }
                 Err(_) if next >= tickets.len() => {
-                    return Err(format!("{last_err}; connect timed out"));
+                    let why = if last_err.is_empty() { no_answer(next) } else { last_err };
+                    return Err(format!("{why}; connect timed out"));
                 }
                 Err(_) => {}
             }
