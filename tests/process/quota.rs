@@ -227,11 +227,14 @@ fn a_full_disk_raises_the_alarm_and_a_restart_on_it_serves_reads() {
     let o = node.cli(&["--json", "defrag"]);
     assert!(stdout(&o).contains("\"no_space\"") || stderr(&o).contains("\"no_space\""), "{}{}", stdout(&o), stderr(&o));
 
-    // Space freed, alarm disarmed: writes resume.
+    // Space freed, alarm disarmed: writes resume. Deletes alone free no disk space (the files
+    // keep their size; a busy machine raises the alarm late, with the disk fuller, and the
+    // disarmed alarm would rightly come back): a defragmentation gives the room back.
     std::fs::remove_file(filler).unwrap();
-    for key in acked.iter().skip(1).take(acked.len() / 2) {
+    for key in acked.iter().skip(1) {
         expect_code(&node.cli(&["delete", key]), 0, "delete");
     }
+    expect_code(&node.cli(&["defrag"]), 0, "defrag once space is freed");
     expect_code(&node.cli(&["alarm", "disarm"]), 0, "alarm disarm");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
