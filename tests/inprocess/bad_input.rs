@@ -63,6 +63,12 @@ async fn start_two_shard_node(dir: &std::path::Path, request_timeout_ms: u64) ->
     bootstrap_sharded_node(config).await.expect("sharded node starts")
 }
 
+/// A client of `node` with its admin token, giving each request `timeout_secs`.
+async fn admin_client(node: &aspen::cluster::NodeHandle, timeout_secs: u64) -> AspenClient {
+    let admin = node.admin_token().expect("admin.token");
+    AspenClient::connect(vec![node.ticket()], Duration::from_secs(timeout_secs)).await.unwrap().with_token(&admin)
+}
+
 /// Sends raw bytes on a new stream and returns what came back: `Ok(Some(result))` for a
 /// response frame, `Ok(None)` if the stream was closed without one.
 async fn raw_exchange(conn: &Connection, bytes: &[u8]) -> Option<ClientResult> {
@@ -609,8 +615,7 @@ async fn hostile_input_on_every_alpn_while_a_client_writes() {
 async fn a_failing_apply_stops_its_shard_loudly_not_the_node() {
     let dir = tempfile::tempdir().unwrap();
     let node = start_two_shard_node(dir.path(), 10_000).await;
-    let admin = node.admin_token().expect("admin.token");
-    let client = AspenClient::connect(vec![node.ticket()], Duration::from_secs(20)).await.unwrap().with_token(&admin);
+    let client = admin_client(&node, 20).await;
     let poison = aspen::storage::state_machine::PANIC_IN_APPLY_KEY.to_vec();
     let router = aspen::sharding::ShardRouter::new(2);
     let poisoned = router.shard_for_key(&poison);
@@ -655,9 +660,7 @@ async fn a_stuck_apply_shows_in_status_however_few_entries_wait() {
     use aspen::storage::state_machine::{STALL_APPLY, STALL_APPLY_KEY};
     let dir = tempfile::tempdir().unwrap();
     let node = start_two_shard_node(dir.path(), 120_000).await;
-    let admin = node.admin_token().expect("admin.token");
-    let client =
-        Arc::new(AspenClient::connect(vec![node.ticket()], Duration::from_secs(120)).await.unwrap().with_token(&admin));
+    let client = Arc::new(admin_client(&node, 120).await);
     let stalled = aspen::sharding::ShardRouter::new(2).shard_for_key(STALL_APPLY_KEY);
     let health_of = |status: &aspen::api::ClusterStatus, shard: ShardId| {
         status.shards.iter().find(|s| s.shard == shard).map(|s| s.health.clone()).expect("the shard in status")
@@ -709,8 +712,7 @@ async fn a_stuck_apply_shows_in_status_however_few_entries_wait() {
 async fn a_failing_read_answers_unavailable_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let node = start_two_shard_node(dir.path(), 10_000).await;
-    let admin = node.admin_token().expect("admin.token");
-    let client = AspenClient::connect(vec![node.ticket()], Duration::from_secs(20)).await.unwrap().with_token(&admin);
+    let client = admin_client(&node, 20).await;
     let poison = aspen::storage::state_machine::PANIC_IN_READ_KEY.to_vec();
     let shard = aspen::sharding::ShardRouter::new(2).shard_for_key(&poison);
     client.put("k", "v").await.expect("put");

@@ -266,7 +266,11 @@ impl AspenClient {
         let mut next = 0usize;
         // Until a dial fails, what a timeout says: who was dialled and did not answer.
         let mut last_err = String::new();
-        let no_answer = |dialled: usize| {
+        // What a timeout after `dialled` dials says.
+        let timed_out = |last_err: String, dialled: usize| {
+            if !last_err.is_empty() {
+                return format!("{last_err}; connect timed out");
+            }
             let who: Vec<String> = (0..dialled)
                 .map(|k| {
                     let t = &tickets[(start + k) % tickets.len()];
@@ -274,7 +278,7 @@ impl AspenClient {
                     format!("node {} ({})", t.node_id, addrs.join(", "))
                 })
                 .collect();
-            format!("no answer from {}", who.join(", "))
+            format!("no answer from {}; connect timed out", who.join(", "))
         };
         loop {
             if next < tickets.len() {
@@ -288,8 +292,7 @@ impl AspenClient {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                let why = if last_err.is_empty() { no_answer(next) } else { last_err };
-                return Err(format!("{why}; connect timed out"));
+                return Err(timed_out(last_err, next));
             }
             // Wait for an outcome; start the next dial after the stagger if nothing came.
             let wait = if next < tickets.len() { left.min(DIAL_STAGGER) } else { left };
@@ -303,8 +306,7 @@ impl AspenClient {
                     }
                 }
                 Err(_) if next >= tickets.len() => {
-                    let why = if last_err.is_empty() { no_answer(next) } else { last_err };
-                    return Err(format!("{why}; connect timed out"));
+                    return Err(timed_out(last_err, next));
                 }
                 Err(_) => {}
             }
