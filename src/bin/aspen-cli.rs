@@ -181,9 +181,9 @@ enum Command {
     /// Defragment (admin): rewrite each shard's state machine file on a node in key order and
     /// swap it in, so that it takes no more room than its data needs (etcdctl's `defrag`).
     /// That node's writes to a shard wait while the shard is copied (reads go on); do one node
-    /// at a time. Needs free disk space for the copy (up to the file's size). Prints one line
-    /// per shard: node, shard, bytes before and after, keys, seconds. Waits up to an hour per
-    /// node (not `--timeout`).
+    /// at a time. Needs free disk space for the copy (up to the file's size; the data it holds,
+    /// with slack, is enough). Prints one line per shard: node, shard, bytes before and after,
+    /// keys, seconds. Waits up to an hour per node (not `--timeout`).
     Defrag {
         /// The node to defragment (default: the node that answers).
         #[arg(long, value_name = "NODE_ID", conflicts_with = "cluster")]

@@ -154,7 +154,8 @@ pub struct Defragmented {
 
 /// Rewrites the state machine's file in key order and swaps it in (blocking; writes to the
 /// shard on this node wait meanwhile, reads do not). Fails, changing nothing, if the file
-/// system lacks room for the copy (as large as the old file, at most).
+/// system lacks room for the copy (as large as the old file at most; as the data it holds, with
+/// slack, when less is free).
 pub(crate) fn defragment(sm: &SmDb) -> Result<Defragmented, StorageError> {
     let Some((path, cache_bytes)) = &sm.file else {
         return Err(StorageError::Task("this state machine is not on a file: nothing to defragment".into()));
@@ -165,10 +166,15 @@ pub(crate) fn defragment(sm: &SmDb) -> Result<Defragmented, StorageError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let free = free_bytes(dir)?;
     if free < before_bytes {
-        return Err(StorageError::NoRoom(format!(
-            "defragmenting {} needs up to {before_bytes} free bytes for the copy; {free} are free",
-            path.display()
-        )));
+        // Not room for a copy as large as the file: enough for one of the data the file holds?
+        // (After deletes — a full disk's remedy — that is much less than the file.)
+        let need = copy_bytes_needed(&sm.db(), before_bytes)?;
+        if free < need {
+            return Err(StorageError::NoRoom(format!(
+                "defragmenting {} needs up to {need} free bytes for the copy; {free} are free",
+                path.display()
+            )));
+        }
     }
     let tmp = defrag_path(path);
     remove_leftover(path)?;
@@ -196,7 +202,17 @@ pub(crate) fn defragment(sm: &SmDb) -> Result<Defragmented, StorageError> {
         Ok(c) => c,
         Err(e) => {
             let _ = fs::remove_file(&tmp);
-            return Err(e);
+            let full = |io: &std::io::Error| io.kind() == std::io::ErrorKind::StorageFull;
+            return Err(match e {
+                StorageError::Redb(redb::Error::Io(ref io)) | StorageError::Io(ref io) if full(io) => {
+                    StorageError::NoRoom(format!(
+                        "defragmenting {}: the disk filled up during the copy (removed); {} bytes are free now",
+                        path.display(),
+                        free_bytes(dir).unwrap_or(0)
+                    ))
+                }
+                e => e,
+            });
         }
     };
     if let Err(e) = fs::rename(&tmp, path) {
@@ -211,6 +227,18 @@ pub(crate) fn defragment(sm: &SmDb) -> Result<Defragmented, StorageError> {
     let secs = started.elapsed().as_secs_f64();
     tracing::info!(file = %path.display(), before_bytes, after_bytes, keys, secs, "state machine defragmented");
     Ok(Defragmented { before_bytes, after_bytes, keys, secs })
+}
+
+/// Free space a copy of `db` (a file of `file_bytes`) needs at most: the pages in use — the
+/// file less its free and fragmented bytes, as redb counts them (reads every page of the
+/// trees) — plus a quarter for the copy's own page slack and 1 MiB, never more than the file.
+/// Call it with writes held off (it opens a write transaction, then aborts it).
+fn copy_bytes_needed(db: &redb::Database, file_bytes: u64) -> Result<u64, StorageError> {
+    let txn = begin_write(db, Durability::None)?;
+    let stats = txn.stats()?;
+    txn.abort()?;
+    let used = (stats.allocated_pages() * stats.page_size() as u64).saturating_sub(stats.fragmented_bytes());
+    Ok(used.saturating_add(used / 4).saturating_add(1 << 20).min(file_bytes))
 }
 
 /// Copies table `name` from `read` into `to`, in key order, if it is one the state machine

@@ -191,8 +191,9 @@ impl Drop for Tmpfs {
     }
 }
 
-/// Without room on the file system for the copy (as large as the file), a defragmentation is
-/// refused before it writes anything, and the shard goes on; with room, it runs.
+/// Without room on the file system for the copy (less than the data the file holds), a
+/// defragmentation is refused before it writes anything, and the shard goes on; with room, it
+/// runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_defragmentation_without_room_for_the_copy_is_refused() {
     let root = tempfile::tempdir().unwrap();
@@ -205,12 +206,12 @@ async fn a_defragmentation_without_room_for_the_copy_is_refused() {
     let next = load(&mut sm).await;
     let before = sm.fingerprint().unwrap();
     let len = file_len(dir);
-    // Leave half the file's size free.
+    // Leave a quarter of the file's size free (less than the data it holds).
     let free = crate::storage::space::free_bytes(dir).unwrap();
     let filler = dir.join("filler");
-    std::fs::write(&filler, vec![1u8; (free - len / 2) as usize]).unwrap();
+    std::fs::write(&filler, vec![1u8; (free - len / 4) as usize]).unwrap();
     let left = crate::storage::space::free_bytes(dir).unwrap();
-    assert!(left < len, "{left} bytes free, the file is {len}");
+    assert!(left < len / 3, "{left} bytes free, the file is {len}");
 
     let reader = sm.reader();
     let err = tokio::task::spawn_blocking(move || reader.defragment()).await.unwrap().unwrap_err();
@@ -229,5 +230,45 @@ async fn a_defragmentation_without_room_for_the_copy_is_refused() {
     let done = tokio::task::spawn_blocking(move || reader.defragment()).await.unwrap().unwrap();
     assert!(done.after_bytes < done.before_bytes, "{done:?}");
     assert_eq!(get(&sm.reader(), "still").map(|k| k.value), Some(b"writable".to_vec()));
+    drop(sm);
+}
+
+/// After deletes (what an operator does on a full disk) the copy is only as large as the data
+/// left: a defragmentation runs with less free space than the file's size, and gives the room
+/// back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_deletes_a_defragmentation_needs_room_only_for_the_data_left() {
+    let root = tempfile::tempdir().unwrap();
+    let Some(_disk) = Tmpfs::mount(root.path(), 48) else {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let dir = root.path();
+    let mut sm = open_sm(dir);
+    let mut next = load(&mut sm).await;
+    // Delete nine keys in ten.
+    let doomed: Vec<u64> = (0..KEYS).filter(|i| i % 10 != 0).collect();
+    for chunk in doomed.chunks(PER_ENTRY as usize) {
+        apply(&mut sm, vec![batch(1, next, chunk.iter().map(|&i| bdel(&format!("key-{i:08}"))).collect())]).await;
+        next += 1;
+    }
+    let before = sm.fingerprint().unwrap();
+    let len = file_len(dir);
+    // Leave half the file's size free: not room for a copy as large as the file.
+    let free = crate::storage::space::free_bytes(dir).unwrap();
+    let filler = dir.join("filler");
+    std::fs::write(&filler, vec![1u8; (free - len / 2) as usize]).unwrap();
+    assert!(crate::storage::space::free_bytes(dir).unwrap() < len);
+
+    let reader = sm.reader();
+    let done = tokio::task::spawn_blocking(move || reader.defragment()).await.unwrap().unwrap();
+    assert_eq!(done.keys, KEYS / 10);
+    assert!(done.after_bytes < len / 2, "{done:?}");
+    assert!(!defrag_leftover(dir).exists());
+    assert!(sm.fingerprint().unwrap() == before, "the same state");
+    apply(&mut sm, vec![put(1, next, "still", b"writable")]).await;
+    assert_eq!(get(&sm.reader(), "still").map(|k| k.value), Some(b"writable".to_vec()));
+    assert_eq!(get(&sm.reader(), "key-00000010").map(|k| k.value), Some(vec![7u8; 1024]));
+    assert_eq!(get(&sm.reader(), "key-00000011"), None);
     drop(sm);
 }
