@@ -7,8 +7,8 @@
 # - protoc (the etcd comparison tool's client is built with it), nftables + iproute2 (the network
 #   namespace tests; they skip without them), promtool (Debian's prometheus package: the /metrics
 #   test checks its output with it) and gdb (stacks in their post-mortems), with apt-get
-#   as root or through `sudo -n`; etcdctl (Debian's etcd-client) and openssl for the etcd API's
-#   tests. Without a way to install protoc it stops and says what to do.
+#   as root or through `sudo -n`; etcdctl (Debian's etcd-client), etcd (etcd-server) and openssl
+#   for the etcd API's tests. Without a way to install protoc it stops and says what to do.
 # Set ASPEN_TEST_NO_INSTALL=1 to install nothing (it then only checks); `--install-only` installs
 # and stops (.ci/run does that before clippy, which builds the same crates).
 set -euo pipefail
@@ -63,6 +63,14 @@ if ! command -v etcdctl >/dev/null 2>&1 || ! command -v openssl >/dev/null 2>&1 
   # certificate; curl drives its JSON gateway.
   if [ "$install" = 0 ] || ! apt_install etcd-client openssl curl; then
     say "etcdctl, openssl or curl missing: the etcd API tests (tests/process/etcd.rs, etcd_json.rs) skip"
+  fi
+fi
+if ! command -v etcd >/dev/null 2>&1; then
+  # etcd itself (Debian's etcd-server, 3.4): the differential test runs the same operations on it
+  # and on Aspen's etcd API (bench/compare/tests/etcd_client/differential.rs). Its service is not
+  # started here (no systemd).
+  if [ "$install" = 0 ] || ! apt_install etcd-server; then
+    say "etcd missing: the differential test against etcd skips"
   fi
 fi
 if ! command -v gdb >/dev/null 2>&1; then

@@ -735,3 +735,31 @@ async fn a_failing_read_answers_unavailable_naming_the_file() {
     client.close().await;
     node.shutdown().await;
 }
+
+/// A backup whose read of the state machine fails (the fault-injection key, stored, panics the
+/// stream that reaches it as a damaged page would) fails with that reason and the hint, not
+/// "the backup's writer stopped"; once the key is gone the same node saves a whole backup.
+#[cfg(feature = "fault-injection")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_whose_read_fails_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_two_shard_node(dir.path(), 10_000).await;
+    let client = admin_client(&node, 20).await;
+    let poison = aspen::storage::state_machine::PANIC_IN_READ_KEY.to_vec();
+    client.put(poison.clone(), "x").await.expect("put");
+    client.put("k", "v").await.expect("put");
+    let path = dir.path().join("backup.aspen");
+    match client.save_backup(&path, |_| {}).await {
+        Err(aspen::client::backup::SaveError::Client(ClientError::Api(ApiError::Internal(msg)))) => {
+            assert!(msg.contains("panicked") && msg.contains("damaged"), "{msg}");
+        }
+        other => panic!("a backup whose read fails: {other:?}"),
+    }
+    assert!(!path.exists(), "no backup file from a failed save");
+    client.delete(poison).await.expect("delete");
+    let header = client.save_backup(&path, |_| {}).await.expect("a backup once the key is gone");
+    assert_eq!(header.num_shards, 2);
+    assert!(path.exists());
+    client.close().await;
+    node.shutdown().await;
+}

@@ -42,6 +42,9 @@ use etcd_client::{
     TxnOpResponse, WatchOptions, WatchResponse, WatchStream,
 };
 
+#[path = "etcd_client/differential.rs"]
+mod differential;
+
 /// How long any one wait of these tests may take before it fails the test.
 const PATIENCE: Duration = Duration::from_secs(60);
 

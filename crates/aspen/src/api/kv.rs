@@ -116,9 +116,11 @@ impl RangeQuery {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RangePage {
     pub kvs: Vec<KeyRecord>,
-    /// Keys of the range that pass the filters (after `after`, if given), whatever the limit.
+    /// Keys of the range (after `after`, if given), whatever the limit — and, as etcd counts,
+    /// whatever the revision filters.
     pub count: u64,
-    /// More keys follow the last one returned (the limit, or the answer's size, cut it).
+    /// More keys that pass the filters follow the last one returned (the limit, or the answer's
+    /// size, cut it).
     pub more: bool,
     /// The shard's revision the read saw (`api::applied_revision` of its applied index).
     pub revision: Revision,

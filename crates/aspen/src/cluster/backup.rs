@@ -243,7 +243,10 @@ fn write_pieces(source: BackupSource, tx: tokio::sync::mpsc::Sender<Piece>) {
         }
     }
     let mut out = Chunks { tx: &tx, buf: Vec::with_capacity(CHUNK_BYTES) };
-    let written = source.write(&mut out).and_then(|digest| {
+    // redb panics on some damaged pages: the session then fails with that (and the hint),
+    // rather than with "the backup's writer stopped".
+    let written = crate::storage::catch_storage_panic("reading the state machine", || {
+        let digest = source.write(&mut out)?;
         if !out.buf.is_empty() {
             out.send()?;
         }
@@ -251,7 +254,12 @@ fn write_pieces(source: BackupSource, tx: tokio::sync::mpsc::Sender<Piece>) {
     });
     let last = match written {
         Ok(digest) => Piece::Done(digest),
-        Err(e) => Piece::Failed(e.to_string()),
+        Err(e) => {
+            if matches!(e, crate::storage::StorageError::Panicked(_)) {
+                tracing::error!(error = %e, "a backup's read of the state machine panicked");
+            }
+            Piece::Failed(format!("{e}{}", e.damage_hint()))
+        }
     };
     let _ = tx.blocking_send(last);
 }

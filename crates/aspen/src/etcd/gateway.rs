@@ -371,7 +371,8 @@ impl<N: EtcdNode> Gateway<N> {
             match acc.kvs.last() {
                 Some(last) if page.more && !reached && !query.count_only => query.after = Some(last.key.clone()),
                 _ => {
-                    acc.more = !query.count_only && acc.count > acc.kvs.len() as u64;
+                    let over = query.limit > 0 && acc.kvs.len() as u64 > query.limit;
+                    acc.more = !query.count_only && (page.more || over);
                     break;
                 }
             }
@@ -512,12 +513,13 @@ impl<N: EtcdNode> Gateway<N> {
 pub fn merge_pages(pages: Vec<RangePage>, limit: u64, count_only: bool) -> RangePage {
     let count = pages.iter().map(|p| p.count).sum();
     let revision = pages.iter().map(|p| p.revision).max().unwrap_or(0);
+    let mut more = !count_only && pages.iter().any(|p| p.more);
     let mut kvs: Vec<KeyRecord> = pages.into_iter().flat_map(|p| p.kvs).collect();
     kvs.sort_by(|a, b| a.key.cmp(&b.key));
     if limit > 0 && kvs.len() as u64 > limit {
         kvs.truncate(limit as usize);
+        more = !count_only;
     }
-    let more = !count_only && count > kvs.len() as u64;
     RangePage { kvs, count, more, revision }
 }
 

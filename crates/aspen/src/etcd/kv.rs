@@ -62,17 +62,32 @@ fn sorting(r: &RangeRequest) -> Option<(SortTarget, bool)> {
     }
 }
 
-/// The node's query for an etcd range (a sorted range reads every key, then sorts and cuts).
+/// The node's query for an etcd range (a sorted range reads the keys etcd would, then sorts and
+/// cuts them: `finish_range`).
 fn range_query(r: &RangeRequest) -> Result<RangeQuery, Status> {
     if r.revision < 0 || r.limit < 0 {
         return Err(Status::invalid_argument("negative revision or limit"));
     }
     let range = request_range(r.key.clone(), r.range_end.clone())?;
-    let limit = if sorting(r).is_none() { r.limit as u64 } else { 0 };
+    let sort = sorting(r);
+    // What etcd reads before it sorts and cuts: every key if an order is asked for or a
+    // revision filter is set; else the first `limit` + 1 in key order when it sorts anyway (a
+    // target other than the key with no order sorts ascending — those keys only, as etcd does).
+    let order_asked = SortOrder::try_from(r.sort_order).is_ok_and(|o| o != SortOrder::None);
+    let filtered =
+        r.min_mod_revision > 0 || r.max_mod_revision > 0 || r.min_create_revision > 0 || r.max_create_revision > 0;
+    let limit = match sort {
+        _ if r.limit == 0 => 0,
+        None => r.limit as u64,
+        Some(_) if order_asked || filtered => 0,
+        Some(_) => r.limit as u64 + 1,
+    };
+    // Sorted by value, keys only: the values are read to sort by, then left out (finish_range).
+    let by_value = matches!(sort, Some((SortTarget::Value, _)));
     Ok(RangeQuery {
         range,
         limit,
-        keys_only: r.keys_only,
+        keys_only: r.keys_only && !by_value,
         count_only: r.count_only,
         min_mod_revision: revision_u64(r.min_mod_revision),
         max_mod_revision: revision_u64(r.max_mod_revision),
@@ -94,14 +109,19 @@ fn finish_range(r: &RangeRequest, mut page: RangePage) -> RangePage {
                 SortTarget::Value => (0, kv.value.as_slice()),
             }
         }
-        page.kvs.sort_by(|a, b| field(target, a).cmp(&field(target, b)).then_with(|| a.key.cmp(&b.key)));
-        if descend {
-            page.kvs.reverse();
-        }
-        if r.limit > 0 && page.kvs.len() as u64 > r.limit as u64 {
+        // Ties stay in key order, descending too (etcd's sort keeps them so).
+        page.kvs.sort_by(|a, b| {
+            let by_field = field(target, a).cmp(&field(target, b));
+            if descend { by_field.reverse() } else { by_field }.then_with(|| a.key.cmp(&b.key))
+        });
+        // Every key that passed the filters was read: more if the limit cuts them.
+        page.more = r.limit > 0 && page.kvs.len() as u64 > r.limit as u64;
+        if page.more {
             page.kvs.truncate(r.limit as usize);
         }
-        page.more = page.count > page.kvs.len() as u64;
+        if r.keys_only {
+            page.kvs.iter_mut().for_each(|kv| kv.value = Vec::new());
+        }
     }
     page
 }
@@ -192,9 +212,13 @@ fn txn_of(t: TxnRequest) -> Result<KvTxn, Status> {
     Ok(txn)
 }
 
-/// etcd refuses a branch that writes one key twice (two puts, or a put into a deleted range),
-/// nested txns included (`checkIntervals`): a nested txn's puts, of either branch, count as the
-/// enclosing branch's.
+/// etcd refuses a branch that writes one key twice — two puts, or a put into a deleted range —
+/// nested txns included; this is its check (`checkIntervals`), rule for rule, so that what etcd
+/// takes Aspen takes: a nested txn's puts may not repeat a put of an earlier nested txn or fall
+/// in a delete of the branch or of an earlier nested txn (its two branches may put the same
+/// key: only one runs); the branch's own puts may not repeat any put or fall in any delete. A
+/// delete to the end of the keyspace (`range_end` `"\0"`) is not seen by etcd's check (its
+/// interval is empty there), so it is not here either.
 fn check_duplicates(branch: &[KvOp]) -> Result<(), Status> {
     branch_writes(branch).map(|_| ())
 }
@@ -202,32 +226,36 @@ fn check_duplicates(branch: &[KvOp]) -> Result<(), Status> {
 /// The keys a branch puts and the ranges it deletes (nested txns' included), or the refusal.
 fn branch_writes(branch: &[KvOp]) -> Result<(std::collections::BTreeSet<Vec<u8>>, Vec<KeyRange>), Status> {
     let duplicate = || Status::invalid_argument(errors::DUPLICATE_KEY);
+    let seen_by_etcd = |r: &KeyRange| r.end.as_ref().is_none_or(|end| !end.is_empty());
+    let mut deletes: Vec<KeyRange> = branch
+        .iter()
+        .filter_map(|op| match op {
+            KvOp::DeleteRange { range, .. } if seen_by_etcd(range) => Some(range.clone()),
+            _ => None,
+        })
+        .collect();
     let mut puts = std::collections::BTreeSet::new();
-    let mut deletes = Vec::new();
     for op in branch {
-        match op {
-            KvOp::Put(p) => {
-                if !puts.insert(p.key.clone()) {
-                    return Err(duplicate());
-                }
-            }
-            KvOp::DeleteRange { range, .. } => deletes.push(range.clone()),
-            KvOp::Txn(t) => {
-                let (mut inner_puts, mut inner_deletes) = branch_writes(&t.success)?;
-                let (failure_puts, failure_deletes) = branch_writes(&t.failure)?;
-                inner_puts.extend(failure_puts);
-                inner_deletes.extend(failure_deletes);
-                if inner_puts.iter().any(|k| puts.contains(k)) {
-                    return Err(duplicate());
-                }
-                puts.extend(inner_puts);
-                deletes.extend(inner_deletes);
-            }
-            KvOp::Range(_) => {}
+        let KvOp::Txn(t) = op else { continue };
+        let (then_puts, then_deletes) = branch_writes(&t.success)?;
+        let (else_puts, else_deletes) = branch_writes(&t.failure)?;
+        let deleted = |k: &Vec<u8>| deletes.iter().any(|r| r.contains(k));
+        if then_puts.iter().any(|k| puts.contains(k) || deleted(k))
+            || else_puts.iter().any(|k| (puts.contains(k) && !then_puts.contains(k)) || deleted(k))
+        {
+            return Err(duplicate());
         }
+        puts.extend(then_puts);
+        puts.extend(else_puts);
+        deletes.extend(then_deletes);
+        deletes.extend(else_deletes);
     }
-    if puts.iter().any(|k| deletes.iter().any(|r| r.contains(k))) {
-        return Err(duplicate());
+    for op in branch {
+        let KvOp::Put(p) = op else { continue };
+        if puts.contains(&p.key) || deletes.iter().any(|r| r.contains(&p.key)) {
+            return Err(duplicate());
+        }
+        puts.insert(p.key.clone());
     }
     Ok((puts, deletes))
 }
@@ -483,5 +511,15 @@ mod tests {
         assert!(check_duplicates(&[delete.clone(), nested(vec![put("ab")])]).is_err());
         assert!(check_duplicates(&[put("x"), nested(vec![put("x")])]).is_err());
         assert!(check_duplicates(&[put("x"), nested(vec![put("y")])]).is_ok());
+        // As etcd: a nested txn may put in one branch what it deletes in the other; a later
+        // nested txn may delete what an earlier one put; a delete to the end of the keyspace
+        // is not counted.
+        let both = |success: Vec<KvOp>, failure: Vec<KvOp>| KvOp::Txn(KvTxn { compares: vec![], success, failure });
+        assert!(check_duplicates(&[both(vec![put("ab")], vec![delete.clone()])]).is_ok());
+        assert!(check_duplicates(&[both(vec![put("x")], vec![put("x")])]).is_ok());
+        assert!(check_duplicates(&[nested(vec![put("ab")]), nested(vec![delete.clone()])]).is_ok());
+        assert!(check_duplicates(&[nested(vec![delete.clone()]), nested(vec![put("ab")])]).is_err());
+        let to_the_end = KvOp::DeleteRange { range: key_range(b"a".to_vec(), vec![0]), prev_kv: false };
+        assert!(check_duplicates(&[put("b"), to_the_end]).is_ok());
     }
 }

@@ -750,7 +750,8 @@ struct Applied {
 pub const PANIC_IN_APPLY_KEY: &[u8] = b"\0aspen-fault:panic-in-apply";
 
 /// Fault injection only: a read of this key panics inside the state machine's read, as redb does
-/// on a damaged page, so that tests can check what a failing read does.
+/// on a damaged page, so that tests can check what a failing read does (a get of it, and a
+/// snapshot or backup stream that reaches it).
 #[cfg(feature = "fault-injection")]
 pub const PANIC_IN_READ_KEY: &[u8] = b"\0aspen-fault:panic-in-read";
 

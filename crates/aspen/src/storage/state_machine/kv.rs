@@ -84,12 +84,13 @@ where
         if skip_reserved && is_reserved_key(key) {
             continue;
         }
-        let kr = record(key, decode_value(v.value())?);
-        if !q.admits(&kr) {
-            continue;
-        }
+        // etcd's count: every key of the range, whatever the revision filters say.
         page.count += 1;
         if q.count_only || full {
+            continue;
+        }
+        let kr = record(key, decode_value(v.value())?);
+        if !q.admits(&kr) {
             continue;
         }
         if q.limit > 0 && page.kvs.len() as u64 >= q.limit {

@@ -170,6 +170,10 @@ fn write_stream(txn: &redb::ReadTransaction, out: &mut impl Write) -> Result<(),
     for item in txn.open_table(KV)?.iter()? {
         let (k, v) = item?;
         let key = k.value();
+        #[cfg(feature = "fault-injection")]
+        if key == super::PANIC_IN_READ_KEY {
+            panic!("injected: a read of the key that fails (a stand-in for a damaged page)");
+        }
         // As stored (a record written before leases existed too: install reads both formats).
         record(out, TAG_KV, &[&(key.len() as u32).to_le_bytes(), key, v.value()])?;
     }

@@ -374,39 +374,40 @@ async fn range_revision_filters_bound_mod_and_create_revisions() {
         read(&r, &q)
     };
 
-    assert_eq!(filtered(&|q| q.min_mod_revision = rev(3)), page(vec![a.clone(), c.clone(), d.clone()], 3, false, at));
-    assert_eq!(filtered(&|q| q.min_mod_revision = rev(3) + 1), page(vec![a.clone(), d.clone()], 2, false, at));
-    assert_eq!(filtered(&|q| q.max_mod_revision = rev(3)), page(vec![b.clone(), c.clone()], 2, false, at));
+    assert_eq!(filtered(&|q| q.min_mod_revision = rev(3)), page(vec![a.clone(), c.clone(), d.clone()], 4, false, at));
+    assert_eq!(filtered(&|q| q.min_mod_revision = rev(3) + 1), page(vec![a.clone(), d.clone()], 4, false, at));
+    assert_eq!(filtered(&|q| q.max_mod_revision = rev(3)), page(vec![b.clone(), c.clone()], 4, false, at));
     assert_eq!(
         filtered(&|q| (q.min_mod_revision, q.max_mod_revision) = (rev(4), rev(4))),
-        page(vec![a.clone()], 1, false, at),
+        page(vec![a.clone()], 4, false, at),
         "bounds are inclusive"
     );
-    assert_eq!(filtered(&|q| q.min_mod_revision = rev(6)), page(vec![], 0, false, at));
+    assert_eq!(filtered(&|q| q.min_mod_revision = rev(6)), page(vec![], 4, false, at));
     assert_eq!(
         filtered(&|q| q.min_create_revision = rev(2)),
-        page(vec![b.clone(), c.clone(), d.clone()], 3, false, at)
+        page(vec![b.clone(), c.clone(), d.clone()], 4, false, at)
     );
-    assert_eq!(filtered(&|q| q.max_create_revision = rev(1)), page(vec![a.clone()], 1, false, at));
+    assert_eq!(filtered(&|q| q.max_create_revision = rev(1)), page(vec![a.clone()], 4, false, at));
     assert_eq!(
         filtered(&|q| (q.min_create_revision, q.max_mod_revision) = (rev(2), rev(3))),
-        page(vec![b.clone(), c.clone()], 2, false, at)
+        page(vec![b.clone(), c.clone()], 4, false, at)
     );
-    // Filters come before the limit and the count; paging counts what is left.
-    assert_eq!(filtered(&|q| (q.min_mod_revision, q.limit) = (rev(3), 1)), page(vec![a.clone()], 3, true, at));
+    // Filters come before the limit, not the count (etcd's count is of every key in the
+    // range); paging counts what is left.
+    assert_eq!(filtered(&|q| (q.min_mod_revision, q.limit) = (rev(3), 1)), page(vec![a.clone()], 4, true, at));
     assert_eq!(
         filtered(&|q| (q.min_mod_revision, q.after) = (rev(3), Some(b"a".to_vec()))),
-        page(vec![c.clone(), d.clone()], 2, false, at)
+        page(vec![c.clone(), d.clone()], 3, false, at)
     );
-    assert_eq!(filtered(&|q| (q.min_create_revision, q.count_only) = (rev(2), true)), page(vec![], 3, false, at));
+    assert_eq!(filtered(&|q| (q.min_create_revision, q.count_only) = (rev(2), true)), page(vec![], 4, false, at));
     assert_eq!(
         filtered(&|q| (q.max_mod_revision, q.limit) = (rev(3), 2)),
-        page(vec![b.clone(), c.clone()], 2, false, at),
+        page(vec![b.clone(), c.clone()], 4, false, at),
         "no `more` when no key after the limit passes the filters"
     );
     assert_eq!(
         filtered(&|q| (q.max_mod_revision, q.keys_only) = (rev(2), true)),
-        page(vec![key_only(b.clone())], 1, false, at)
+        page(vec![key_only(b.clone())], 4, false, at)
     );
 
     // Inside a txn alike.
@@ -414,7 +415,7 @@ async fn range_revision_filters_bound_mod_and_create_revisions() {
     q.min_create_revision = rev(2);
     q.max_create_revision = rev(3);
     let outcome = apply_write(&mut sm, kv_txn(6, KvTxn::op(range_op(q)))).await;
-    let results = vec![KvOpResult::Range(page(vec![b, c], 2, false, rev(6)))];
+    let results = vec![KvOpResult::Range(page(vec![b, c], 4, false, rev(6)))];
     assert_eq!(outcome, done(rev(6) - 1, true, results));
     assert_digest_recounts(&r);
 }
