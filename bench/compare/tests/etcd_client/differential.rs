@@ -152,7 +152,9 @@ fn gen_op(rng: &mut Rng, writes: usize, depth: usize) -> Op {
             key: rng.pick(KEYS),
             value: rng.pick(VALUES),
             prev_kv: rng.chance(40),
-            ignore_value: rng.chance(8),
+            // Not in txns: etcd 3.4 crashes on a txn whose ignore_value put follows a delete of
+            // its key to the end of the keyspace (found by this test; Aspen refuses the txn).
+            ignore_value: !in_txn && rng.chance(8),
         },
         3 | 4 => Op::Get(gen_get(rng, writes, in_txn)),
         5 => Op::Delete { keys: gen_keys(rng), prev_kv: rng.chance(50) },
@@ -386,6 +388,33 @@ impl Side {
     }
 }
 
+impl Side {
+    /// The events a watch of `key` with `options` sees, up to the sentinel key's (revisions as
+    /// the writes they name).
+    async fn watch_events(&mut self, key: &str, options: WatchOptions) -> Vec<String> {
+        let (mut ws, _) = watch(&mut self.client, key, options).await;
+        let mut out = Vec::new();
+        loop {
+            let m = next_message(&mut ws, &format!("{}'s watch of {key}", self.name)).await;
+            if m.canceled() {
+                out.push(format!("canceled: {}", m.cancel_reason()));
+                return out;
+            }
+            for e in m.events() {
+                let kv = e.kv().expect("an event's key");
+                let prev = e.prev_kv().map_or("-".into(), |p| self.kv(p));
+                out.push(format!("{:?} {} prev={prev}", e.event_type(), self.kv(kv)));
+                if kv.key() == SENTINEL.as_bytes() {
+                    return out;
+                }
+            }
+        }
+    }
+}
+
+/// The last key written, whose event ends the watches of [`compare_runs`].
+const SENTINEL: &str = "zz/~end";
+
 /// An operation's answer as the client gave it.
 enum Raw {
     Put(etcd_client::PutResponse),
@@ -528,7 +557,49 @@ async fn compare_runs(etcd: &Etcd, aspen: &Cluster, seed: u64, ops: usize) {
     let (e, _) = etcd_side.run(&Op::Get(all.clone())).await;
     let (a, _) = aspen_side.run(&Op::Get(all)).await;
     assert_eq!(etcd_side.answer(&e), aspen_side.answer(&a), "seed {seed}: the end states differ");
+
     eprintln!("seed {seed}: {ops} operations, {} writes, every answer the same", etcd_side.revisions.len());
+
+    // Watches from past revisions see the same events: every write since the first, with the
+    // previous keys; and from the middle on, puts only, of a range.
+    let sentinel = Op::Put { key: SENTINEL, value: "end", prev_kv: false, ignore_value: false };
+    let (_, etcd_rev) = etcd_side.run(&sentinel).await;
+    let (_, aspen_rev) = aspen_side.run(&sentinel).await;
+    let n = etcd_side.revisions.len();
+    for (side, r) in [(&mut etcd_side, etcd_rev), (&mut aspen_side, aspen_rev)] {
+        side.revisions.push(r);
+        side.numbers.insert(r, n);
+    }
+    let middle = Rev::Write(n / 2);
+    for (key, end, start, prev_kv, no_delete) in
+        [("zz/", None, Rev::Write(0), true, false), ("zz/b/", Some("zz/~z"), middle, false, true)]
+    {
+        let mut events = Vec::new();
+        for side in [&mut etcd_side, &mut aspen_side] {
+            let mut o = WatchOptions::new().with_start_revision(side.rev(start));
+            o = match end {
+                None => o.with_prefix(),
+                Some(end) => o.with_range(end),
+            };
+            if prev_kv {
+                o = o.with_prev_key();
+            }
+            if no_delete {
+                o = o.with_filters([etcd_client::WatchFilterType::NoDelete]);
+            }
+            events.push(side.watch_events(key, o).await);
+        }
+        let (e, a) = (&events[0], &events[1]);
+        if let Some(i) = (0..e.len().max(a.len())).find(|&i| e.get(i) != a.get(i)) {
+            panic!(
+                "seed {seed}: the watch of {key} from {start:?} differs at event {i} of {}:\n  etcd: {:?}\n  aspen: {:?}",
+                e.len(),
+                e.get(i),
+                a.get(i)
+            );
+        }
+        eprintln!("seed {seed}: the watch of {key} from {start:?}: {} events, the same", e.len());
+    }
 }
 
 /// Random KV operations and txns give the same answers from Aspen's etcd API (3 nodes, 1

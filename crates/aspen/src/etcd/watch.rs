@@ -136,7 +136,10 @@ fn node_watch(range: &KeyRange) -> (Vec<u8>, bool) {
 }
 
 fn event_of(e: WatchEvent, prev_kv: bool) -> mvccpb::Event {
-    let prev = match (prev_kv, e.prev_value) {
+    // As etcd: a put that creates the key (its create revision is the event's) has no previous
+    // key, even if the txn deleted one first.
+    let creates = e.kind == EventKind::Put && e.create_revision == e.revision;
+    let prev = match (prev_kv && !creates, e.prev_value) {
         (true, Some(value)) => {
             let m = e.prev_meta.unwrap_or_default();
             Some(kv_of(KeyRecord {

@@ -258,11 +258,50 @@ pub(super) fn apply_kv_txn(
     }
     let mut budget = MAX_RANGE_ANSWER_BYTES;
     let mut wrote = false;
+    let first_event = t.events.as_ref().map_or(0, |e| e.len());
+    let writes_twice = writes(&txn) > 1;
     let results = run(t, revision, txn, &path, &mut budget, &mut wrote)?;
+    if writes_twice {
+        if let Some(events) = t.events.as_deref_mut() {
+            prev_before_the_txn(&mut events[first_event..]);
+        }
+    }
     // A txn that changed nothing reports the shard's revision before it (etcd: a read-only txn
     // does not move the revision): at or after every earlier write, before every later one.
     let revision = if wrote { revision } else { revision.saturating_sub(1) };
     Ok(WriteOutcome::KvTxn { revision, succeeded: path.succeeded, results })
+}
+
+/// Write ops of a txn, both branches and nested txns included.
+fn writes(txn: &KvTxn) -> usize {
+    txn.success
+        .iter()
+        .chain(&txn.failure)
+        .map(|op| match op {
+            KvOp::Put(_) | KvOp::DeleteRange { .. } => 1,
+            KvOp::Txn(t) => writes(t),
+            KvOp::Range(_) => 0,
+        })
+        .sum()
+}
+
+/// A key a txn writes twice (deleted, then put again) has two events of the txn's revision:
+/// each carries the key as it was before the txn, as etcd's do (an event's previous key is the
+/// key at the revision before it), not as the txn's earlier op left it.
+fn prev_before_the_txn(events: &mut [crate::api::WatchEvent]) {
+    let mut first: std::collections::HashMap<Vec<u8>, usize> = std::collections::HashMap::new();
+    for i in 0..events.len() {
+        match first.get(&events[i].key) {
+            Some(&j) => {
+                let (prev_value, prev_meta) = (events[j].prev_value.clone(), events[j].prev_meta);
+                events[i].prev_value = prev_value;
+                events[i].prev_meta = prev_meta;
+            }
+            None => {
+                first.insert(events[i].key.clone(), i);
+            }
+        }
+    }
 }
 
 fn run(

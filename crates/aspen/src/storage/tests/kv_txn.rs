@@ -913,6 +913,23 @@ async fn a_txns_changes_are_published_as_events_at_its_revision() {
         ]
     );
     assert_eq!(all_keys(&sm.reader()).len(), 1);
+
+    // A key deleted and put again in one txn: both events carry the key as it was before the
+    // txn (etcd's previous key is the one at the revision before), not the delete's outcome.
+    apply(&mut sm, vec![put(1, 11, "e", b"e1")]).await;
+    let _ = sub.live.try_recv();
+    let ops = vec![nested(vec![], vec![del_op(from_key("e"), false)], vec![]), put_op("e", "e2")];
+    apply_write(&mut sm, kv_txn(12, txn_of(vec![], ops, vec![]))).await;
+    let batch = sub.live.try_recv().expect("the txn's events");
+    let at12 = |e: WatchEvent| WatchEvent { revision: rev(12), ..e };
+    let before = Some(("e1", [rev(11), rev(11), 1, 0]));
+    assert_eq!(
+        batch.events,
+        vec![
+            at12(event(EventKind::Delete, "e", "", before, 0)),
+            at12(WatchEvent { create_revision: rev(12), version: 1, ..event(EventKind::Put, "e", "e2", before, 1) }),
+        ]
+    );
     assert_digest_recounts(&sm.reader());
 }
 
