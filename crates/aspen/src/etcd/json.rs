@@ -50,13 +50,15 @@ use super::{
     watch::WatchService,
 };
 
-/// The HTTP status grpc-gateway 1 answers a gRPC code with (`runtime.HTTPStatusFromCode`).
+/// The HTTP status grpc-gateway 1 answers a gRPC code with (`runtime.HTTPStatusFromCode`, as
+/// etcd 3.4's gateway answers: FAILED_PRECONDITION is 412 there, later grpc-gateways say 400).
 pub fn http_status(code: Code) -> StatusCode {
     match code {
         Code::Ok => StatusCode::OK,
         Code::Cancelled => StatusCode::REQUEST_TIMEOUT,
         Code::Unknown | Code::Internal | Code::DataLoss => StatusCode::INTERNAL_SERVER_ERROR,
-        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => StatusCode::BAD_REQUEST,
+        Code::InvalidArgument | Code::OutOfRange => StatusCode::BAD_REQUEST,
+        Code::FailedPrecondition => StatusCode::PRECONDITION_FAILED,
         Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
         Code::NotFound => StatusCode::NOT_FOUND,
         Code::AlreadyExists | Code::Aborted => StatusCode::CONFLICT,
@@ -490,7 +492,7 @@ mod tests {
     #[test]
     fn grpc_codes_become_grpc_gateways_http_statuses() {
         assert_eq!(http_status(Code::InvalidArgument), StatusCode::BAD_REQUEST);
-        assert_eq!(http_status(Code::FailedPrecondition), StatusCode::BAD_REQUEST);
+        assert_eq!(http_status(Code::FailedPrecondition), StatusCode::PRECONDITION_FAILED);
         assert_eq!(http_status(Code::Unauthenticated), StatusCode::UNAUTHORIZED);
         assert_eq!(http_status(Code::PermissionDenied), StatusCode::FORBIDDEN);
         assert_eq!(http_status(Code::Unimplemented), StatusCode::NOT_IMPLEMENTED);
