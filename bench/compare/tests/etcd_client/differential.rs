@@ -231,10 +231,7 @@ impl Gen {
                     value: rng.pick(VALUES),
                     prev_kv: rng.chance(40),
                     ignore_value,
-                    // Not with ignore_value: on a missing key with a lease that is gone, etcd's
-                    // put says "lease not found" first, its txn "key not found" first; Aspen says
-                    // the latter for both (docs/etcd.md, "Known differences").
-                    lease: if !ignore_value && rng.chance(25) { rng.pick(&self.leases) } else { 0 },
+                    lease: if rng.chance(25) { rng.pick(&self.leases) } else { 0 },
                     ignore_lease: !in_txn && rng.chance(5),
                 }
             }

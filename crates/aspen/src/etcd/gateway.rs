@@ -451,6 +451,16 @@ impl<N: EtcdNode> Gateway<N> {
         }
     }
 
+    /// Whether lease `id` is live (its home shard's leader says, after a ReadIndex round).
+    pub async fn lease_exists(&self, id: u64) -> Result<bool, Status> {
+        match self.node.handle(ClientRequest::LeaseInfo { id }, 0).await {
+            Ok(ClientResponse::LeaseStatus(_)) => Ok(true),
+            Err(ApiError::LeaseNotFound { .. }) => Ok(false),
+            Err(e) => Err(status_of(e)),
+            Ok(other) => Err(unexpected("a lease lookup", other)),
+        }
+    }
+
     /// Sends one write of `shard` with a session of the caller's token (exactly once: the node
     /// retries it with the same number). `routed`: sent as a plain write, which the node routes
     /// and may coordinate (a lease revocation); else as a write of `shard`.

@@ -395,7 +395,16 @@ impl<N: EtcdNode> Kv for KvService<N> {
                 other => Err(unknown_outcome(other)),
             };
         }
-        let (revision, _, results) = self.run(&caller, KvTxn::op(KvOp::Put(put))).await?;
+        let lease = put.lease;
+        let (revision, _, results) = match self.run(&caller, KvTxn::op(KvOp::Put(put))).await {
+            // etcd's Put checks the lease before the key an ignore flag needs (its Txn the
+            // other way round, as the state machine does): a missing key with a lease that is
+            // gone says "lease not found".
+            Err(e) if e.message() == errors::KEY_NOT_FOUND && lease != 0 && !self.0.lease_exists(lease).await? => {
+                return Err(Status::not_found(errors::LEASE_NOT_FOUND));
+            }
+            other => other?,
+        };
         let prev_kv = match results.into_iter().next() {
             Some(KvOpResult::Put { prev }) => prev.map(kv_of),
             _ => None,
