@@ -539,24 +539,82 @@ impl Side {
     /// The events a watch of `key` with `options` sees, up to the sentinel key's (revisions as
     /// the writes they name).
     async fn watch_events(&mut self, key: &str, options: WatchOptions) -> Vec<String> {
+        let events = self.open_watch(key, options, false).await.await.expect("the watch's task");
+        self.events(&events)
+    }
+
+    /// Opens a watch and drains it on a task of its own (a watcher that is not read falls
+    /// behind) up to the sentinel key's event and then a progress answer (on several shards,
+    /// events of other shards may follow the sentinel's; none at or before the progress answer's
+    /// revision comes after it); the task answers the events as they came.
+    async fn open_watch(
+        &mut self,
+        key: &str,
+        options: WatchOptions,
+        from_now: bool,
+    ) -> tokio::task::JoinHandle<Vec<RawEvent>> {
         let (mut ws, _) = watch(&mut self.client, key, options).await;
-        let mut out = Vec::new();
-        loop {
-            let m = next_message(&mut ws, &format!("{}'s watch of {key}", self.name)).await;
-            if m.canceled() {
-                out.push(format!("canceled: {}", m.cancel_reason()));
-                return out;
-            }
-            for e in m.events() {
-                let kv = e.kv().expect("an event's key");
-                let prev = e.prev_kv().map_or("-".into(), |p| self.kv(p));
-                out.push(format!("{:?} {} prev={prev}", e.event_type(), self.kv(kv)));
-                if kv.key() == SENTINEL.as_bytes() {
+        let what = format!("{}'s watch of {key}", self.name);
+        if from_now {
+            // A watch from now starts where the member serving it stands, which may be behind
+            // writes acknowledged before (a follower's): what comes before a progress answer is
+            // from before it was opened.
+            ws.request_progress().await.expect("a progress request");
+            while next_message(&mut ws, &what).await.watch_id() != -1 {}
+        }
+        tokio::spawn(async move {
+            let mut out = Vec::new();
+            loop {
+                let m = next_message(&mut ws, &what).await;
+                if m.canceled() {
+                    out.push(RawEvent::Canceled(m.cancel_reason().to_string()));
                     return out;
                 }
+                let mut end = false;
+                for e in m.events() {
+                    let kv = e.kv().expect("an event's key").clone();
+                    end |= kv.key() == SENTINEL.as_bytes();
+                    out.push(RawEvent::Event(e.event_type(), kv, e.prev_kv().cloned()));
+                }
+                if end {
+                    break;
+                }
             }
-        }
+            ws.request_progress().await.expect("a progress request");
+            loop {
+                let m = next_message(&mut ws, &what).await;
+                if m.watch_id() == -1 {
+                    return out;
+                }
+                for e in m.events() {
+                    out.push(RawEvent::Event(
+                        e.event_type(),
+                        e.kv().expect("an event's key").clone(),
+                        e.prev_kv().cloned(),
+                    ));
+                }
+            }
+        })
     }
+
+    fn events(&self, events: &[RawEvent]) -> Vec<String> {
+        events
+            .iter()
+            .map(|e| match e {
+                RawEvent::Canceled(why) => format!("canceled: {why}"),
+                RawEvent::Event(kind, kv, prev) => {
+                    let prev = prev.as_ref().map_or("-".into(), |p| self.kv(p));
+                    format!("{kind:?} {} prev={prev}", self.kv(kv))
+                }
+            })
+            .collect()
+    }
+}
+
+/// A watch's answer as it came.
+enum RawEvent {
+    Event(EventType, etcd_client::KeyValue, Option<etcd_client::KeyValue>),
+    Canceled(String),
 }
 
 /// The last key written, whose event ends the watches of [`compare_runs`].
@@ -667,6 +725,14 @@ async fn compare_runs(etcd: &Etcd, aspen: &Cluster, seed: u64, ops: usize) {
         let r = etcd_side.client.get("zz/", Some(GetOptions::new().with_prefix())).await.expect("read");
         rev(r.header())
     };
+    // Live watches, opened before the operations (the path most watchers take): the prefix
+    // with previous keys; every key from one on (on 4 shards too: from now on, every shard).
+    let mut live = Vec::new();
+    for side in [&mut etcd_side, &mut aspen_side] {
+        let prefix = side.open_watch("zz/", WatchOptions::new().with_prefix().with_prev_key(), true).await;
+        let from_key = side.open_watch("zz/c", WatchOptions::new().with_from_key(), true).await;
+        live.push([prefix, from_key]);
+    }
     let mut gen = Gen::new(seed, aspen.shards);
     let mut done: Vec<String> = Vec::new();
     for i in 0..ops {
@@ -715,13 +781,8 @@ async fn compare_runs(etcd: &Etcd, aspen: &Cluster, seed: u64, ops: usize) {
     assert_eq!(etcd_side.answer(&e), aspen_side.answer(&a), "seed {seed}: the end states differ");
 
     eprintln!("seed {seed}: {ops} operations, {} writes, every answer the same", etcd_side.revisions.len());
-    if sharded {
-        // A watch from a revision over several shards is refused (revisions are per shard).
-        return;
-    }
 
-    // Watches from past revisions see the same events: every write since the first, with the
-    // previous keys; and from the middle on, puts only, of a range.
+    // The sentinel ends every watch; the live ones saw the same events.
     let sentinel =
         Op::Put { key: SENTINEL, value: "end", prev_kv: false, ignore_value: false, lease: 0, ignore_lease: false };
     let (_, etcd_rev) = etcd_side.run(&sentinel).await;
@@ -731,6 +792,40 @@ async fn compare_runs(etcd: &Etcd, aspen: &Cluster, seed: u64, ops: usize) {
         side.revisions.push(r);
         side.numbers.insert(r, n);
     }
+    let [aspen_live, etcd_live] = [live.pop().expect("aspen's"), live.pop().expect("etcd's")];
+    for ((what, etcd_task), aspen_task) in
+        ["zz/ (live, prev_kv)", "from zz/c (live)"].into_iter().zip(etcd_live).zip(aspen_live)
+    {
+        let waited = |t: tokio::task::JoinHandle<Vec<RawEvent>>| async move {
+            tokio::time::timeout(PATIENCE, t).await.expect("the sentinel's event in time").expect("the watch's task")
+        };
+        let (mut e, mut a) = (etcd_side.events(&waited(etcd_task).await), aspen_side.events(&waited(aspen_task).await));
+        if sharded {
+            // Events of different shards come in no one order: compare each key's in order.
+            let key = |ev: &String| ev.split(['=', ' ']).nth(1).unwrap_or_default().to_string();
+            e.sort_by_key(key);
+            a.sort_by_key(key);
+        }
+        if let Some(i) = (0..e.len().max(a.len())).find(|&i| e.get(i) != a.get(i)) {
+            let around = |v: &[String]| v[i.saturating_sub(3)..(i + 3).min(v.len())].join("\n    ");
+            panic!(
+                "seed {seed}: the watch of {what} differs at event {i} of {}:\n  etcd: {:?}\n  aspen: {:?}\n  etcd around it:\n    {}\n  aspen around it:\n    {}",
+                e.len(),
+                e.get(i),
+                a.get(i),
+                around(&e),
+                around(&a)
+            );
+        }
+        eprintln!("seed {seed}: the watch of {what}: {} events, the same", e.len());
+    }
+    if sharded {
+        // A watch from a revision over several shards is refused (revisions are per shard).
+        return;
+    }
+
+    // Watches from past revisions see the same events: every write since the first, with the
+    // previous keys; and from the middle on, puts only, of a range.
     let middle = Rev::Write(n / 2);
     for (key, end, start, prev_kv, no_delete) in
         [("zz/", None, Rev::Write(0), true, false), ("zz/b/", Some("zz/~z"), middle, false, true)]
