@@ -862,17 +862,7 @@ async fn compare_runs(etcd: &Etcd, aspen: &Cluster, seed: u64, ops: usize) {
 /// shard) as from etcd itself (skipped, with one line, without an `etcd` binary on PATH).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_shard_answers_as_etcd_does() {
-    let Some(binary) = etcd_binary() else {
-        eprintln!("skipped: no etcd on PATH (Debian: apt-get install etcd-server)");
-        return;
-    };
-    let (seeds, ops) = seeds_and_ops(DEFAULT_SEEDS);
-    let etcd = Etcd::start(&binary).await;
-    let cluster = Cluster::start(1).await;
-    for seed in seeds {
-        compare_runs(&etcd, &cluster, seed, ops).await;
-    }
-    cluster.stop().await;
+    differential(1, DEFAULT_SEEDS, false).await;
 }
 
 /// The same on 4 shards, where what the etcd API allows there is compared: txns with their keys
@@ -881,17 +871,7 @@ async fn one_shard_answers_as_etcd_does() {
 /// a revision (refused over several shards).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_shards_answer_as_etcd_does() {
-    let Some(binary) = etcd_binary() else {
-        eprintln!("skipped: no etcd on PATH (Debian: apt-get install etcd-server)");
-        return;
-    };
-    let (seeds, ops) = seeds_and_ops(&[101]);
-    let etcd = Etcd::start(&binary).await;
-    let cluster = Cluster::start(4).await;
-    for seed in seeds {
-        compare_runs(&etcd, &cluster, seed, ops).await;
-    }
-    cluster.stop().await;
+    differential(4, &[101], false).await;
 }
 
 /// The seeds (`ASPEN_DIFF_SEEDS`, else `default`) and operations per seed (`ASPEN_DIFF_OPS`).
@@ -1229,19 +1209,30 @@ async fn compare_json_runs(etcd: &Etcd, aspen: &Cluster, seed: u64, ops: usize) 
 /// `POST /v3/…` with curl (skipped, with one line, without etcd or curl).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_shard_json_gateway_answers_as_etcd_does() {
+    differential(1, &[201], true).await;
+}
+
+/// Starts an etcd and an Aspen cluster of `shards` and compares them over the seeds
+/// ([`seeds_and_ops`]), through gRPC or the JSON gateway (skipped, with one line, without etcd,
+/// or without curl for the gateway).
+async fn differential(shards: u32, default_seeds: &[u64], json: bool) {
     let Some(binary) = etcd_binary() else {
         eprintln!("skipped: no etcd on PATH (Debian: apt-get install etcd-server)");
         return;
     };
-    if std::process::Command::new("curl").arg("--version").output().is_err() {
+    if json && std::process::Command::new("curl").arg("--version").output().is_err() {
         eprintln!("skipped: no curl");
         return;
     }
-    let (seeds, ops) = seeds_and_ops(&[201]);
+    let (seeds, ops) = seeds_and_ops(default_seeds);
     let etcd = Etcd::start(&binary).await;
-    let cluster = Cluster::start(1).await;
+    let cluster = Cluster::start(shards).await;
     for seed in seeds {
-        compare_json_runs(&etcd, &cluster, seed, ops).await;
+        if json {
+            compare_json_runs(&etcd, &cluster, seed, ops).await;
+        } else {
+            compare_runs(&etcd, &cluster, seed, ops).await;
+        }
     }
     cluster.stop().await;
 }
