@@ -114,11 +114,13 @@ fn finish_range(r: &RangeRequest, mut page: RangePage) -> RangePage {
             let by_field = field(target, a).cmp(&field(target, b));
             if descend { by_field.reverse() } else { by_field }.then_with(|| a.key.cmp(&b.key))
         });
-        // Every key that passed the filters was read: more if the limit cuts them.
-        page.more = r.limit > 0 && page.kvs.len() as u64 > r.limit as u64;
-        if page.more {
+        // The keys etcd would read were read, unless a byte budget cut them (a range in a txn:
+        // `more` from the read then); more also if the limit cuts them.
+        let cut = r.limit > 0 && page.kvs.len() as u64 > r.limit as u64;
+        if cut {
             page.kvs.truncate(r.limit as usize);
         }
+        page.more = (page.more || cut) && !r.count_only;
         if r.keys_only {
             page.kvs.iter_mut().for_each(|kv| kv.value = Vec::new());
         }
@@ -496,6 +498,35 @@ mod tests {
         assert!(request_range(vec![], vec![]).is_err(), "an empty key names nothing");
         assert!(request_range(b"\x00aspen/tokens".to_vec(), vec![]).is_err(), "reserved keys are refused");
         assert!(request_range(vec![], vec![0]).is_ok(), "every key");
+    }
+
+    /// A sorted range inside a txn is read once, under the txn's byte budget: when the budget
+    /// cut it, `more` says so (the limit alone would not).
+    #[test]
+    fn a_sorted_range_cut_by_the_byte_budget_says_more() {
+        let r = RangeRequest {
+            key: b"a".to_vec(),
+            range_end: vec![0],
+            sort_order: SortOrder::Descend as i32,
+            sort_target: SortTarget::Value as i32,
+            ..Default::default()
+        };
+        let kv = |k: &str| KeyRecord {
+            key: k.into(),
+            value: b"v".to_vec(),
+            create_revision: 1,
+            mod_revision: 1,
+            version: 1,
+            lease: 0,
+        };
+        let page = RangePage { kvs: vec![kv("a"), kv("b")], count: 5, more: true, revision: 9 };
+        assert!(finish_range(&r, page.clone()).more, "cut by the budget");
+        assert!(!finish_range(&r, RangePage { more: false, ..page.clone() }).more, "every key read");
+        let limited = RangeRequest { limit: 1, ..r.clone() };
+        let out = finish_range(&limited, RangePage { more: false, ..page.clone() });
+        assert!(out.more && out.kvs.len() == 1, "cut by the limit: {out:?}");
+        let counted = RangeRequest { count_only: true, ..r };
+        assert!(!finish_range(&counted, RangePage { kvs: vec![], ..page }).more, "count only");
     }
 
     #[test]

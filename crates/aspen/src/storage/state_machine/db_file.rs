@@ -202,7 +202,9 @@ pub(crate) fn defragment(sm: &SmDb) -> Result<Defragmented, StorageError> {
         Ok(c) => c,
         Err(e) => {
             let _ = fs::remove_file(&tmp);
-            let full = |io: &std::io::Error| io.kind() == std::io::ErrorKind::StorageFull;
+            let full = |io: &std::io::Error| {
+                matches!(io.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded)
+            };
             return Err(match e {
                 StorageError::Redb(redb::Error::Io(ref io)) | StorageError::Io(ref io) if full(io) => {
                     StorageError::NoRoom(format!(
@@ -229,16 +231,17 @@ pub(crate) fn defragment(sm: &SmDb) -> Result<Defragmented, StorageError> {
     Ok(Defragmented { before_bytes, after_bytes, keys, secs })
 }
 
-/// Free space a copy of `db` (a file of `file_bytes`) needs at most: the pages in use — the
-/// file less its free and fragmented bytes, as redb counts them (reads every page of the
-/// trees) — plus a quarter for the copy's own page slack and 1 MiB, never more than the file.
-/// Call it with writes held off (it opens a write transaction, then aborts it).
+/// Free space a copy of `db` (a file of `file_bytes`) needs at most: the pages it has allocated
+/// (free pages, which deletes leave, are not; a copy packs its pages at least as well as the
+/// file's) plus a quarter and 4 MiB of slack, so that the copy never runs the disk down to its
+/// last bytes; never more than the file. Call it with writes held off (it opens a write
+/// transaction, then aborts it).
 fn copy_bytes_needed(db: &redb::Database, file_bytes: u64) -> Result<u64, StorageError> {
     let txn = begin_write(db, Durability::None)?;
     let stats = txn.stats()?;
     txn.abort()?;
-    let used = (stats.allocated_pages() * stats.page_size() as u64).saturating_sub(stats.fragmented_bytes());
-    Ok(used.saturating_add(used / 4).saturating_add(1 << 20).min(file_bytes))
+    let used = stats.allocated_pages().saturating_mul(stats.page_size() as u64);
+    Ok(used.saturating_add(used / 4).saturating_add(4 << 20).min(file_bytes))
 }
 
 /// Copies table `name` from `read` into `to`, in key order, if it is one the state machine

@@ -254,10 +254,19 @@ async fn after_deletes_a_defragmentation_needs_room_only_for_the_data_left() {
     }
     let before = sm.fingerprint().unwrap();
     let len = file_len(dir);
-    // Leave half the file's size free: not room for a copy as large as the file.
     let free = crate::storage::space::free_bytes(dir).unwrap();
     let filler = dir.join("filler");
-    std::fs::write(&filler, vec![1u8; (free - len / 2) as usize]).unwrap();
+    // 2 MiB free: less than the data left with its slack — refused, nothing written.
+    std::fs::write(&filler, vec![1u8; (free - (2 << 20)) as usize]).unwrap();
+    let reader = sm.reader();
+    let err = tokio::task::spawn_blocking(move || reader.defragment()).await.unwrap().unwrap_err();
+    assert!(matches!(err, crate::storage::StorageError::NoRoom(_)), "{err}");
+    assert_eq!(file_len(dir), len);
+    // 1 MiB less than the file's size free: not room for a copy as large as the file, but for
+    // the data left (a tenth of it, with its slack).
+    std::fs::remove_file(&filler).unwrap();
+    let free = crate::storage::space::free_bytes(dir).unwrap();
+    std::fs::write(&filler, vec![1u8; (free - (len - (1 << 20))) as usize]).unwrap();
     assert!(crate::storage::space::free_bytes(dir).unwrap() < len);
 
     let reader = sm.reader();
