@@ -185,6 +185,17 @@ impl Tmpfs {
     }
 }
 
+/// A temporary directory on a 48 MiB tmpfs of its own (`None`, said in one line, where this
+/// process may not mount one).
+fn small_disk() -> Option<(tempfile::TempDir, Tmpfs)> {
+    let root = tempfile::tempdir().unwrap();
+    let Some(disk) = Tmpfs::mount(root.path(), 48) else {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return None;
+    };
+    Some((root, disk))
+}
+
 impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
@@ -196,11 +207,7 @@ impl Drop for Tmpfs {
 /// runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_defragmentation_without_room_for_the_copy_is_refused() {
-    let root = tempfile::tempdir().unwrap();
-    let Some(_disk) = Tmpfs::mount(root.path(), 48) else {
-        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
-        return;
-    };
+    let Some((root, _disk)) = small_disk() else { return };
     let dir = root.path();
     let mut sm = open_sm(dir);
     let next = load(&mut sm).await;
@@ -238,11 +245,7 @@ async fn a_defragmentation_without_room_for_the_copy_is_refused() {
 /// back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_deletes_a_defragmentation_needs_room_only_for_the_data_left() {
-    let root = tempfile::tempdir().unwrap();
-    let Some(_disk) = Tmpfs::mount(root.path(), 48) else {
-        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
-        return;
-    };
+    let Some((root, _disk)) = small_disk() else { return };
     let dir = root.path();
     let mut sm = open_sm(dir);
     let mut next = load(&mut sm).await;
