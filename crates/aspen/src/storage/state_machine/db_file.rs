@@ -168,7 +168,7 @@ pub(crate) fn defragment(sm: &SmDb) -> Result<Defragmented, StorageError> {
     if free < before_bytes {
         // Not room for a copy as large as the file: enough for one of the data the file holds?
         // (After deletes — a full disk's remedy — that is much less than the file.)
-        let need = copy_bytes_needed(&sm.db(), before_bytes)?;
+        let need = copy_bytes_needed(sm, before_bytes)?;
         if free < need {
             return Err(StorageError::NoRoom(format!(
                 "defragmenting {} needs up to {need} free bytes for the copy; {free} are free",
@@ -231,16 +231,19 @@ pub(crate) fn defragment(sm: &SmDb) -> Result<Defragmented, StorageError> {
     Ok(Defragmented { before_bytes, after_bytes, keys, secs })
 }
 
-/// Free space a copy of `db` (a file of `file_bytes`) needs at most: the pages it has allocated
-/// (free pages, which deletes leave, are not; a copy packs its pages at least as well as the
-/// file's) plus a quarter and 4 MiB of slack, so that the copy never runs the disk down to its
-/// last bytes; never more than the file. Call it with writes held off (it opens a write
-/// transaction, then aborts it).
-fn copy_bytes_needed(db: &redb::Database, file_bytes: u64) -> Result<u64, StorageError> {
-    let txn = begin_write(db, Durability::None)?;
-    let stats = txn.stats()?;
-    txn.abort()?;
-    let used = stats.allocated_pages().saturating_mul(stats.page_size() as u64);
+/// Free space a copy of `sm` (a file of `file_bytes`) needs at most: what its tables' trees
+/// take — stored bytes, tree metadata and the waste inside their pages, as redb counts them
+/// (reads every page of the trees; the copy packs its pages at least as well) — plus a quarter
+/// and 4 MiB of slack, so that the copy never runs the disk down to its last bytes; never more
+/// than the file. Pages that deletes freed are not counted, whether redb has reused them yet or
+/// not (its allocation counts keep freed pages until a durable commit no reader holds back).
+fn copy_bytes_needed(sm: &SmDb, file_bytes: u64) -> Result<u64, StorageError> {
+    let read = sm.begin_read()?;
+    let mut used = 0u64;
+    for table in read.list_tables()? {
+        let stats = read.open_untyped_table(table)?.stats()?;
+        used = used.saturating_add(stats.stored_bytes() + stats.metadata_bytes() + stats.fragmented_bytes());
+    }
     Ok(used.saturating_add(used / 4).saturating_add(4 << 20).min(file_bytes))
 }
 
