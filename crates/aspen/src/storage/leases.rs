@@ -19,7 +19,7 @@
 
 use std::{
     collections::{BTreeSet, HashMap},
-    sync::Mutex,
+    sync::{LazyLock, Mutex},
     time::{Duration, Instant},
 };
 
@@ -56,7 +56,8 @@ pub struct LeaseRecord {
 
 /// The digest item of a lease record.
 pub(super) fn lease_item_hash(id: u64, rec: &LeaseRecord) -> [u8; 32] {
-    let mut h = blake3::Hasher::new_derive_key(DIGEST_LEASE_CONTEXT);
+    static HASHER: LazyLock<blake3::Hasher> = LazyLock::new(|| blake3::Hasher::new_derive_key(DIGEST_LEASE_CONTEXT));
+    let mut h = HASHER.clone();
     h.update(&id.to_le_bytes());
     h.update(&rec.ttl_secs.to_le_bytes());
     h.update(&[rec.revoking as u8]);
@@ -65,7 +66,9 @@ pub(super) fn lease_item_hash(id: u64, rec: &LeaseRecord) -> [u8; 32] {
 
 /// The digest item of a tombstone.
 pub(super) fn tombstone_item_hash(id: u64, clock_ms: u64) -> [u8; 32] {
-    let mut h = blake3::Hasher::new_derive_key(DIGEST_TOMBSTONE_CONTEXT);
+    static HASHER: LazyLock<blake3::Hasher> =
+        LazyLock::new(|| blake3::Hasher::new_derive_key(DIGEST_TOMBSTONE_CONTEXT));
+    let mut h = HASHER.clone();
     h.update(&id.to_le_bytes());
     h.update(&clock_ms.to_le_bytes());
     *h.finalize().as_bytes()
