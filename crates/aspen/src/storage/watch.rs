@@ -81,7 +81,11 @@ impl WatchHub {
                 batches: VecDeque::new(),
                 events: 0,
                 bytes: 0,
-                complete_after: applied_revision(applied),
+                // Nothing applied yet: no event can come before the history's first (entry 0
+                // holds none), so it is complete from the start — a watch or read from
+                // revision 1 on a shard this node has followed since its beginning is served,
+                // as etcd serves it on a new cluster.
+                complete_after: if applied == 0 { 0 } else { applied_revision(applied) },
                 applied: applied_revision(applied),
                 last_change: applied_revision(applied),
             }),
@@ -256,5 +260,25 @@ mod tests {
         assert!(live.try_recv().unwrap().gap);
         assert!(hub.subscribe(WatchPosition::after_revision(2, r(14))).is_err());
         assert!(hub.subscribe(hub.now()).is_ok());
+    }
+
+    #[test]
+    fn a_shard_followed_from_its_beginning_serves_every_revision() {
+        let r = applied_revision;
+        let hub = WatchHub::new(0, 0, 100, usize::MAX, 16);
+        hub.publish(vec![(1, vec![ev("a", 0)]), (2, vec![ev("b", 0)])], 2);
+        // From revision 1 (after revision 0): every event since the shard began.
+        let s = hub.subscribe(WatchPosition::after_revision(0, 0)).expect("from the beginning");
+        let revs: Vec<u64> = s.backlog.iter().map(|b| b.revision).collect();
+        assert_eq!(revs, [r(1), r(2)]);
+        let (batches, _) = hub.changes_after(1).expect("a read at revision 1");
+        assert_eq!(batches.len(), 2, "a read at revision 1 undoes every change");
+        // Once the bound drops the first entry's events, its start is gone.
+        let small = WatchHub::new(0, 0, 1, usize::MAX, 16);
+        small.publish(vec![(1, vec![ev("a", 0)]), (2, vec![ev("b", 0)])], 2);
+        assert!(matches!(
+            small.subscribe(WatchPosition::after_revision(0, 0)),
+            Err(ApiError::Compacted { oldest, .. }) if oldest == r(1) + 1
+        ));
     }
 }
