@@ -719,27 +719,38 @@ impl RedbStateMachine {
 }
 
 /// Most client writes an `apply` call runs on the async task itself; bigger batches go to a
-/// blocking thread.
-const INLINE_APPLY_WRITES: usize = 8;
+/// blocking thread. The hand-off to a blocking thread and back (two wake-ups and thread
+/// switches per apply) cost more than the apply of a few dozen writes: at 64 clients, where an
+/// entry holds ~20 writes, running them here took 6–11 % off a put's server CPU (benches/
+/// RESULTS.md, Session 32). It was 8 before the write batcher made entries of ~20 writes.
+const INLINE_APPLY_WRITES: usize = 64;
+/// Most bytes of keys and values an `apply` call runs on the async task itself: large values
+/// take long enough to copy that they go to a blocking thread whatever their number.
+const INLINE_APPLY_BYTES: usize = 256 * 1024;
 
-/// The client writes in `entries`, a prefix delete counting as more than run inline (it may
-/// delete any number of keys).
-fn writes_in(entries: &[Entry]) -> usize {
-    entries
-        .iter()
-        .map(|e| match &e.payload {
-            EntryPayload::Normal(WriteBatch(writes)) => writes
-                .iter()
-                .map(|w| match w.command {
-                    WriteCommand::DeletePrefix { .. }
-                    | WriteCommand::LeaseRevoke { .. }
-                    | WriteCommand::LeaseDrop { .. } => INLINE_APPLY_WRITES + 1,
-                    _ => 1,
-                })
-                .sum(),
-            _ => 1,
-        })
-        .sum()
+/// The client writes in `entries` (a prefix delete or a lease revocation counting as more than
+/// run inline: it may delete any number of keys) and their keys' and values' bytes.
+fn writes_in(entries: &[Entry]) -> (usize, usize) {
+    let mut writes = 0;
+    let mut bytes = 0;
+    for e in entries {
+        match &e.payload {
+            EntryPayload::Normal(WriteBatch(reqs)) => {
+                for w in reqs {
+                    writes += match w.command {
+                        WriteCommand::DeletePrefix { .. }
+                        | WriteCommand::LeaseRevoke { .. }
+                        | WriteCommand::LeaseDrop { .. } => INLINE_APPLY_WRITES + 1,
+                        WriteCommand::Batch { ref ops } => ops.len(),
+                        _ => 1,
+                    };
+                    bytes += w.command.payload_bytes();
+                }
+            }
+            _ => writes += 1,
+        }
+    }
+    (writes, bytes)
 }
 
 /// What an apply changed besides its results, for after it committed: leases (for
@@ -1456,11 +1467,12 @@ impl RaftStateMachine<TypeConfig> for RedbStateMachine {
         }
         let collect = self.hub.is_some();
         let started = std::time::Instant::now();
-        // A few writes: a non-durable commit of tens of microseconds, cheaper to run here than
-        // the round trip to a blocking thread it would otherwise wait for on every write (unless
-        // a defragmentation holds the writes: then wait for it there).
+        // Up to a few dozen small writes: a non-durable commit of well under a millisecond,
+        // cheaper to run here than the round trip to a blocking thread (unless a
+        // defragmentation holds the writes: then wait for it there).
         let mut entries = entries;
-        let inline = if writes_in(&entries) <= INLINE_APPLY_WRITES {
+        let (writes, bytes) = writes_in(&entries);
+        let inline = if writes <= INLINE_APPLY_WRITES && bytes <= INLINE_APPLY_BYTES {
             self.db.try_writer().map(|writer| {
                 let entries = std::mem::take(&mut entries);
                 super::catch_storage_panic("applying entries", || apply_entries(&writer, entries, collect))
