@@ -1666,8 +1666,8 @@ cluster_test!(four_shards_reads_at_past_revisions, 4, reads_at_past_revisions);
 /// write (`WithRev(put.header.revision)`), a key's every earlier version while the serving
 /// node's watch history holds the changes since (deleted keys included; on these new clusters
 /// that is every change, revision 1 included), a range with a limit and a count; later
-/// revisions get the future-revision error. With several shards a key's revisions are its shard's, and a range
-/// that reaches every shard cannot be read at a revision.
+/// revisions get the future-revision error. With several shards a key's revisions are its
+/// shard's, and a range that reaches every shard cannot be read at a revision.
 async fn reads_at_past_revisions(c: &Cluster) {
     let mut kv = c.client().await;
     let at = |r: i64| Some(GetOptions::new().with_revision(r));

@@ -26,6 +26,18 @@ pub use lease::{format_lease_id, parse_lease_id, LeaseEntry, LeaseStatus};
 pub use ticket::{NodeTicket, TicketError};
 pub use watch::{EventKind, PrevMeta, WatchEvent, WatchPosition, WatchRequest, WatchStart};
 
+/// A BLAKE3 hasher in derive-key mode for the context string `$context`, made once per call
+/// site and cloned: `Hasher::new_derive_key` hashes its context on every call, which for the
+/// small items of the state digest is a large share of the work. Same output.
+macro_rules! derive_key_hasher {
+    ($context:expr) => {{
+        static HASHER: std::sync::LazyLock<blake3::Hasher> =
+            std::sync::LazyLock::new(|| blake3::Hasher::new_derive_key($context));
+        HASHER.clone()
+    }};
+}
+pub(crate) use derive_key_hasher;
+
 /// ALPN of the client protocol (requests from `aspen-cli`, the Rust client and forwarding nodes).
 pub const CLIENT_ALPN: &[u8] = b"aspen-client";
 /// ALPN of the legacy, unprefixed Raft protocol (shard 0 only).

@@ -385,10 +385,7 @@ fn check_scan_range(scope: &Scope, s: &ScanRequest) -> Result<(), ApiError> {
 /// token, same id) keep finding their session on any node.
 pub fn bind_session(token_id: u64, request: &mut ClientRequest) {
     if let ClientRequest::Write { session, .. } | ClientRequest::ShardWrite { session, .. } = request {
-        // Made once: `new_derive_key` hashes the context on every call.
-        static HASHER: std::sync::LazyLock<blake3::Hasher> =
-            std::sync::LazyLock::new(|| blake3::Hasher::new_derive_key("aspen session of a token v1"));
-        let mut h = HASHER.clone();
+        let mut h = crate::api::derive_key_hasher!("aspen session of a token v1");
         h.update(&token_id.to_le_bytes());
         h.update(&session.client_id.0);
         let mut id = [0u8; 16];

@@ -19,7 +19,7 @@
 
 use std::{
     collections::{BTreeSet, HashMap},
-    sync::{LazyLock, Mutex},
+    sync::Mutex,
     time::{Duration, Instant},
 };
 
@@ -56,8 +56,7 @@ pub struct LeaseRecord {
 
 /// The digest item of a lease record.
 pub(super) fn lease_item_hash(id: u64, rec: &LeaseRecord) -> [u8; 32] {
-    static HASHER: LazyLock<blake3::Hasher> = LazyLock::new(|| blake3::Hasher::new_derive_key(DIGEST_LEASE_CONTEXT));
-    let mut h = HASHER.clone();
+    let mut h = crate::api::derive_key_hasher!(DIGEST_LEASE_CONTEXT);
     h.update(&id.to_le_bytes());
     h.update(&rec.ttl_secs.to_le_bytes());
     h.update(&[rec.revoking as u8]);
@@ -66,9 +65,7 @@ pub(super) fn lease_item_hash(id: u64, rec: &LeaseRecord) -> [u8; 32] {
 
 /// The digest item of a tombstone.
 pub(super) fn tombstone_item_hash(id: u64, clock_ms: u64) -> [u8; 32] {
-    static HASHER: LazyLock<blake3::Hasher> =
-        LazyLock::new(|| blake3::Hasher::new_derive_key(DIGEST_TOMBSTONE_CONTEXT));
-    let mut h = HASHER.clone();
+    let mut h = crate::api::derive_key_hasher!(DIGEST_TOMBSTONE_CONTEXT);
     h.update(&id.to_le_bytes());
     h.update(&clock_ms.to_le_bytes());
     *h.finalize().as_bytes()

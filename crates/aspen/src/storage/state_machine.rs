@@ -48,7 +48,7 @@
 use std::{
     ops::Bound,
     path::{Path, PathBuf},
-    sync::{Arc, LazyLock},
+    sync::Arc,
 };
 
 use openraft::{
@@ -94,13 +94,6 @@ const KEY_DIGEST_SUM: &str = "digest_sum";
 const DIGEST_CONTEXT: &str = "aspen state digest v1";
 const DIGEST_KV_CONTEXT: &str = "aspen state digest v1 kv";
 const DIGEST_SESSION_CONTEXT: &str = "aspen state digest v1 session";
-
-/// Hashers in derive-key mode, made once: `new_derive_key` hashes its context string on every
-/// call, a sixth of a key's item hash and half of a session's; a clone of the made hasher gives
-/// the same output without it.
-static KV_HASHER: LazyLock<blake3::Hasher> = LazyLock::new(|| blake3::Hasher::new_derive_key(DIGEST_KV_CONTEXT));
-static SESSION_HASHER: LazyLock<blake3::Hasher> =
-    LazyLock::new(|| blake3::Hasher::new_derive_key(DIGEST_SESSION_CONTEXT));
 
 /// Room on the disk an apply asks for per write beyond its keys and values (`storage::space`):
 /// its session record, revisions, index entries.
@@ -419,7 +412,7 @@ fn update_len_prefixed(h: &mut blake3::Hasher, bytes: &[u8]) {
 
 /// The item hash of one key (see the module docs).
 fn kv_item_hash(key: &[u8], v: &StoredValue) -> [u8; 32] {
-    let mut h = KV_HASHER.clone();
+    let mut h = crate::api::derive_key_hasher!(DIGEST_KV_CONTEXT);
     update_len_prefixed(&mut h, key);
     update_len_prefixed(&mut h, &v.value);
     h.update(&v.create_revision.to_le_bytes());
@@ -434,7 +427,7 @@ fn kv_item_hash(key: &[u8], v: &StoredValue) -> [u8; 32] {
 
 /// The item hash of one client session (see the module docs).
 fn session_item_hash(client: u128, rec: &SessionRecord) -> Result<[u8; 32], StorageError> {
-    let mut h = SESSION_HASHER.clone();
+    let mut h = crate::api::derive_key_hasher!(DIGEST_SESSION_CONTEXT);
     h.update(&client.to_be_bytes());
     h.update(&rec.seq.to_le_bytes());
     h.update(&rec.last_seen_ms.to_le_bytes());
